@@ -1,0 +1,196 @@
+"""Read a COCO-format folder into (image, target) samples, and map its category ids to model labels."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from pycocotools.coco import COCO
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from utils import UserError
+
+# The layout of each --dataset: split name -> (image folder, annotation file), relative to --data-path.
+DATASET_LAYOUTS = {
+    "coco": {
+        "train": ("train2017", "annotations/instances_train2017.json"),
+        "val": ("val2017", "annotations/instances_val2017.json"),
+    },
+}
+
+
+@cache
+def coco_category_names() -> dict[int, str]:
+    """COCO's own 80 categories, id -> name, as torchvision's COCO weights number them."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    names = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    return {i: name for i, name in enumerate(names) if name not in ("__background__", "N/A")}
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    """The annotation file's category ids and names, and the model labels they train as (0 is background).
+
+    COCO's own categories keep their ids as labels (91 classes, so torchvision's COCO weights fit); any other
+    category set is numbered 1..K in id order.
+    """
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+    keep_ids: bool
+
+    @classmethod
+    def from_categories(cls, categories: list[dict], dataset: str) -> CategoryMap:
+        ordered = sorted(categories, key=lambda c: c["id"])
+        own = {c["id"]: c["name"] for c in ordered}
+        keep_ids = dataset == "coco" and own.items() <= coco_category_names().items()
+        return cls(tuple(own), tuple(own.values()), keep_ids)
+
+    @property
+    def num_classes(self) -> int:
+        return 91 if self.keep_ids else len(self.ids) + 1
+
+    def label(self, category_id: int) -> int:
+        return category_id if self.keep_ids else self.ids.index(category_id) + 1
+
+    def category_id(self, label: int) -> int:
+        return label if self.keep_ids else self.ids[label - 1]
+
+    def name(self, label: int) -> str:
+        return dict(zip(self.ids, self.names)).get(self.category_id(label), str(label))
+
+    def as_list(self) -> list[dict]:
+        """Plain data for checkpoints: [{'id': ..., 'name': ...}, ...]."""
+        return [{"id": i, "name": n} for i, n in zip(self.ids, self.names)]
+
+
+def split_paths(data_path: str | Path, dataset: str, split: str) -> tuple[Path, Path]:
+    """The image folder and annotation file of a split, checked to exist."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f"--data-path {root} is not a folder; point it at a COCO-layout folder "
+                        f"(annotations/, train2017/, val2017/) or make one with tools/make_coco_dataset.py")
+    image_dir, ann_file = (root / p for p in DATASET_LAYOUTS[dataset][split])
+    if not ann_file.is_file():
+        raise UserError(f"annotation file {ann_file} is missing; --data-path must hold the COCO layout "
+                        f"({DATASET_LAYOUTS[dataset][split][1]} and {DATASET_LAYOUTS[dataset][split][0]}/)")
+    if not image_dir.is_dir():
+        raise UserError(f"image folder {image_dir} is missing; --data-path must hold the COCO layout")
+    return image_dir, ann_file
+
+
+def load_coco(ann_file: Path) -> COCO:
+    """A pycocotools COCO index of an annotation file, checked for what every later step relies on."""
+    try:
+        data = json.loads(ann_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"annotation file {ann_file} is not readable JSON ({e}); re-export or re-download it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"annotation file {ann_file} holds no COCO object; it must be a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"annotation file {ann_file} has no '{key}' list; a COCO instances file needs "
+                            f"'images', 'annotations' and 'categories'")
+    image_ids = {img["id"] for img in data["images"]}
+    category_ids = {cat["id"] for cat in data["categories"]}
+    for ann in data["annotations"]:
+        if ann["image_id"] not in image_ids:
+            raise UserError(f"{ann_file}: annotation {ann['id']} points at image id {ann['image_id']}, which "
+                            f"is not in 'images'; remove the annotation or add the image")
+        if ann["category_id"] not in category_ids:
+            raise UserError(f"{ann_file}: annotation {ann['id']} has category id {ann['category_id']}, which "
+                            f"is not in 'categories'; remove the annotation or add the category")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
+        coco.createIndex()
+    return coco
+
+
+def _is_trainable(ann: dict) -> bool:
+    """Crowd regions and boxes without extent give the model nothing to learn from."""
+    x, y, w, h = ann["bbox"]
+    return not ann.get("iscrowd", 0) and w > 1 and h > 1
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Samples of (uint8 CHW RGB image, target) from a COCO index; targets hold labels, not category ids.
+
+    With train=True, images without a usable annotation are left out and crowd regions are dropped from the
+    targets, as the Mask R-CNN recipe trains.
+    """
+
+    def __init__(self, image_dir: Path, coco: COCO, category_map: CategoryMap, transforms=None,
+                 train: bool = False) -> None:
+        self.image_dir = Path(image_dir)
+        self.coco = coco
+        self.category_map = category_map
+        self.transforms = transforms
+        ids = sorted(coco.imgs)
+        if train:
+            ids = [i for i in ids if any(_is_trainable(a) for a in coco.imgToAnns[i])]
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def aspect_ratios(self) -> list[float]:
+        """Width / height of each sample, from the annotation file (no image is opened)."""
+        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
+
+    def load_image(self, image_id: int) -> torch.Tensor:
+        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+
+    def load_target(self, image_id: int) -> dict[str, torch.Tensor]:
+        info = self.coco.imgs[image_id]
+        height, width = info["height"], info["width"]
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(min=0, max=width)
+        boxes[:, 1::2].clamp_(min=0, max=height)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        anns = [a for a, k in zip(anns, keep.tolist()) if k]
+        if anns:
+            masks = torch.stack([torch.from_numpy(self.coco.annToMask(a)) for a in anns])
+        else:
+            masks = torch.zeros((0, height, width), dtype=torch.uint8)
+        return {
+            "boxes": boxes[keep],
+            "labels": torch.tensor([self.category_map.label(a["category_id"]) for a in anns], dtype=torch.int64),
+            "masks": masks,
+            "image_id": image_id,
+            "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
+            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+        }
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id = self.ids[index]
+        image, target = self.load_image(image_id), self.load_target(image_id)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
+                  category_map: CategoryMap | None = None) -> CocoDetection:
+    """The dataset of one split; its category map comes from the file unless one is given (e.g. from a
+    checkpoint), in which case the file must use the same categories."""
+    image_dir, ann_file = split_paths(data_path, dataset, split)
+    coco = load_coco(ann_file)
+    file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset)
+    if category_map is not None and set(file_map.ids) - set(category_map.ids):
+        raise UserError(f"{ann_file} has categories {sorted(set(file_map.ids) - set(category_map.ids))} that the "
+                        f"model was not trained on; evaluate with a matching annotation file")
+    ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train")
+    if len(ds) == 0:
+        what = "annotated image" if split == "train" else "image"
+        raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")
+    return ds

@@ -1,0 +1,43 @@
+"""Batches of images with similar aspect ratio, so that padding to the batch's largest image wastes little."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch.utils.data
+
+
+def create_aspect_ratio_groups(aspect_ratios: Sequence[float], k: int = 3) -> list[int]:
+    """Group id of each aspect ratio: 2k bins spaced evenly in log2 between 1/2 and 2, plus the two tails."""
+    edges = [2 ** (i / k - 1) for i in range(2 * k + 1)]
+    return [bisect.bisect_right(edges, r) for r in aspect_ratios]
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches drawn from sampler's order, each from one group; what is left at the end is batched mixed.
+
+    Every index of the sampler appears exactly once, so an epoch has ceil(len(sampler) / batch_size) batches.
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler, group_ids: Sequence[int], batch_size: int) -> None:
+        self.sampler = sampler
+        self.group_ids = group_ids
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        pending: dict[int, list[int]] = defaultdict(list)
+        for index in self.sampler:
+            group = pending[self.group_ids[index]]
+            group.append(index)
+            if len(group) == self.batch_size:
+                yield group.copy()
+                group.clear()
+        leftover = [i for group in pending.values() for i in group]
+        for start in range(0, len(leftover), self.batch_size):
+            yield leftover[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)

@@ -1,0 +1,69 @@
+"""Our scoring equals pycocotools' COCOeval on the same detections, with the file's category ids."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.cocoeval import COCOeval
+
+from coco_eval import METRIC_NAMES, CocoEvaluator
+from coco_utils import build_dataset
+
+
+def _noisy_outputs(ds, seed=0):
+    """Predictions built from ground truth with jitter, dropped instances and wrong labels."""
+    rng = np.random.default_rng(seed)
+    outputs = {}
+    for index in range(len(ds)):
+        _, target = ds[index]
+        n = len(target["boxes"])
+        keep = torch.from_numpy(rng.random(n) < 0.8)
+        boxes = target["boxes"][keep] + torch.from_numpy(rng.normal(0, 2, (int(keep.sum()), 4))).float()
+        labels = target["labels"][keep].clone()
+        flip = torch.from_numpy(rng.random(len(labels)) < 0.2)
+        labels[flip] = labels[flip] % (ds.category_map.num_classes - 1) + 1
+        masks = target["masks"][keep, None].float() * 0.9
+        scores = torch.from_numpy(rng.random(len(labels))).float()
+        outputs[target["image_id"]] = {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks}
+    return outputs
+
+
+def test_ap_equals_pycocotools_on_the_written_predictions(dataset, tmp_path, capsys):
+    ds = build_dataset(dataset, "coco", "val", None)
+    evaluator = CocoEvaluator(ds.coco, ds.category_map)
+    evaluator.update(_noisy_outputs(ds))
+    metrics = evaluator.summarize()
+    assert "IoU metric: segm" in capsys.readouterr().out
+    paths = evaluator.write_results(tmp_path)
+    for iou_type, path in zip(("bbox", "segm"), paths):
+        records = json.loads(path.read_text())
+        assert {r["category_id"] for r in records} <= {c["id"] for c in ds.coco.dataset["categories"]}
+        reference = COCOeval(copy.deepcopy(ds.coco), ds.coco.loadRes(str(path)), iou_type)
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+        assert [metrics[iou_type][m] for m in METRIC_NAMES] == pytest.approx(list(reference.stats), abs=1e-12)
+        assert 0.2 < metrics[iou_type]["AP"] < 1.0
+
+
+def test_no_detections_scores_zero(dataset):
+    ds = build_dataset(dataset, "coco", "val", None)
+    evaluator = CocoEvaluator(ds.coco, ds.category_map)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+             "masks": torch.zeros(0, 1, 8, 8)}
+    evaluator.update({image_id: empty for image_id in ds.ids})
+    metrics = evaluator.summarize()
+    assert metrics["bbox"]["AP"] == 0.0 and metrics["segm"]["AP"] == 0.0
+
+
+def test_an_image_seen_twice_counts_once(dataset):
+    ds = build_dataset(dataset, "coco", "val", None)
+    once, twice = CocoEvaluator(ds.coco, ds.category_map), CocoEvaluator(ds.coco, ds.category_map)
+    outputs = _noisy_outputs(ds, seed=3)
+    once.update(outputs)
+    first = next(iter(outputs))
+    twice.update(outputs)
+    twice.update({first: outputs[first]})
+    assert once.results("segm") == twice.results("segm")

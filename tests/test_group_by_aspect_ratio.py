@@ -1,0 +1,25 @@
+"""Aspect-ratio batching: every index once, full batches from one group."""
+
+import math
+import random
+
+from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
+
+
+def test_groups_split_portrait_square_landscape():
+    groups = create_aspect_ratio_groups([0.3, 0.75, 1.0, 1.33, 4.0], k=3)
+    assert groups == sorted(groups) and len(set(groups)) == 5
+
+
+def test_every_index_once_and_full_batches_homogeneous():
+    rng = random.Random(0)
+    ratios = [rng.choice([0.6, 1.0, 1.5]) for _ in range(53)]
+    groups = create_aspect_ratio_groups(ratios, k=3)
+    order = list(range(53))
+    rng.shuffle(order)
+    sampler = GroupedBatchSampler(order, groups, batch_size=4)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(53))
+    assert len(batches) == len(sampler) == math.ceil(53 / 4)
+    leftover_batches = math.ceil(len(set(groups)) * 3 / 4)  # at most batch_size - 1 left over per group
+    assert all(len({groups[i] for i in b}) == 1 for b in batches[:-leftover_batches])

@@ -1,0 +1,55 @@
+"""The generator writes what real COCO has, in a form pycocotools reads."""
+
+import json
+
+import numpy as np
+from PIL import Image
+from pycocotools.coco import COCO
+
+from tools.make_coco_dataset import CATEGORIES, DatasetSpec, generate_dataset, main
+
+
+def test_layout_and_oddities(dataset):
+    for split in ("train", "val"):
+        assert (dataset / f"{split}2017").is_dir()
+        coco = COCO(str(dataset / "annotations" / f"instances_{split}2017.json"))
+        for info in coco.imgs.values():
+            with Image.open(dataset / f"{split}2017" / info["file_name"]) as im:
+                assert im.size == (info["width"], info["height"])
+    data = json.loads((dataset / "annotations" / "instances_train2017.json").read_text())
+    ids = [c["id"] for c in data["categories"]]
+    assert ids != list(range(1, len(ids) + 1)), "category ids must have gaps like COCO's"
+    anns = data["annotations"]
+    crowd = [a for a in anns if a["iscrowd"]]
+    assert crowd and all(isinstance(a["segmentation"]["counts"], list) for a in crowd), "uncompressed RLE"
+    assert any(len(a["segmentation"]) == 2 for a in anns if not a["iscrowd"]), "multi-part polygons"
+    assert any(a["bbox"][2] == 0 or a["bbox"][3] == 0 for a in anns), "degenerate boxes"
+    annotated = {a["image_id"] for a in anns}
+    assert any(img["id"] not in annotated for img in data["images"]), "images without annotations"
+    modes = {Image.open(dataset / "train2017" / img["file_name"]).mode for img in data["images"]}
+    assert modes == {"RGB", "L"}, "grayscale JPEGs among colour ones"
+
+
+def test_crowd_rle_matches_its_area(dataset):
+    coco = COCO(str(dataset / "annotations" / "instances_train2017.json"))
+    for ann in coco.anns.values():
+        if ann["iscrowd"]:
+            assert coco.annToMask(ann).sum() == ann["area"]
+
+
+def test_same_seed_same_dataset(tmp_path):
+    spec = DatasetSpec(train_images=3, val_images=1, seed=5)
+    a = generate_dataset(tmp_path / "a", spec)
+    b = generate_dataset(tmp_path / "b", spec)
+    for name in ("instances_train2017.json", "instances_val2017.json"):
+        assert (a / "annotations" / name).read_text() == (b / "annotations" / name).read_text()
+
+
+def test_cli_sizes(tmp_path):
+    main([str(tmp_path), "--train-images", "2", "--val-images", "1", "--size", "64", "--instances", "2"])
+    data = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())
+    assert len(data["images"]) == 2
+    assert all(img["width"] == img["height"] == 64 for img in data["images"])
+    assert {c["id"] for c in data["categories"]} == {c["id"] for c in CATEGORIES}
+    pixels = np.asarray(Image.open(tmp_path / "train2017" / data["images"][0]["file_name"]))
+    assert pixels.std() > 5, "textured background, not a flat colour"

@@ -1,0 +1,250 @@
+"""Write a COCO-2017-layout instance segmentation dataset of coloured shapes on textured backgrounds.
+
+The result has what real COCO has and what loaders trip over: non-contiguous category ids, polygons and
+multi-part polygons, crowd regions stored as uncompressed RLE, images without annotations, grayscale JPEGs
+and degenerate boxes.
+
+    python3 tools/make_coco_dataset.py ./datasets/shapes --train-images 200 --val-images 50 --size 160
+    python3 tools/make_coco_dataset.py ./datasets/coco-like --coco-like
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+# Ids are spread out on purpose: COCO's own ids have gaps, and code that assumes 1..K breaks on them.
+CATEGORIES = [
+    {"id": 3, "name": "square", "supercategory": "shape"},
+    {"id": 7, "name": "disc", "supercategory": "shape"},
+    {"id": 12, "name": "triangle", "supercategory": "shape"},
+    {"id": 25, "name": "domino", "supercategory": "shape"},
+]
+
+
+@dataclass
+class DatasetSpec:
+    """What to generate; sizes are in pixels, counts per split."""
+
+    train_images: int = 64
+    val_images: int = 16
+    min_size: int = 160
+    max_size: int = 160
+    instances: int = 3
+    seed: int = 0
+    crowd_share: float = 0.1
+    empty_share: float = 0.05
+    gray_share: float = 0.05
+    degenerate_share: float = 0.03
+
+
+def _shape_polygons(name: str, cx: float, cy: float, r: float, angle: float) -> list[list[float]]:
+    """Polygons (one per part) of a shape of radius r centred at (cx, cy)."""
+
+    def ring(n: int, radius: float, phase: float, center: tuple[float, float]) -> list[float]:
+        pts = []
+        for k in range(n):
+            t = phase + 2 * math.pi * k / n
+            pts += [center[0] + radius * math.cos(t), center[1] + radius * math.sin(t)]
+        return pts
+
+    if name == "square":
+        return [ring(4, r, angle + math.pi / 4, (cx, cy))]
+    if name == "disc":
+        return [ring(24, r, angle, (cx, cy))]
+    if name == "triangle":
+        return [ring(3, r, angle - math.pi / 2, (cx, cy))]
+    # domino: two squares side by side with a gap, one instance in two parts
+    dx, dy = math.cos(angle) * r * 0.55, math.sin(angle) * r * 0.55
+    return [ring(4, r * 0.45, angle + math.pi / 4, (cx - dx, cy - dy)),
+            ring(4, r * 0.45, angle + math.pi / 4, (cx + dx, cy + dy))]
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A smooth colour field with fine grain, so that shapes are not found by a flat-colour threshold."""
+    coarse = rng.uniform(60, 200, size=(4, 5, 3)).astype(np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    grain = rng.normal(0, 12, size=(height, width, 1))
+    return Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8))
+
+
+def _polygon_area_and_bbox(polygons: list[list[float]], width: int, height: int) -> tuple[float, list[float]]:
+    rles = mask_utils.frPyObjects(polygons, height, width)
+    rle = mask_utils.merge(rles)
+    xs = [v for p in polygons for v in p[0::2]]
+    ys = [v for p in polygons for v in p[1::2]]
+    x0, y0 = max(0.0, min(xs)), max(0.0, min(ys))
+    x1, y1 = min(float(width), max(xs)), min(float(height), max(ys))
+    return float(mask_utils.area(rle)), [x0, y0, x1 - x0, y1 - y0]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE: run lengths over the column-major pixels, starting with a run of zeros."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        counts = [0] + counts
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def _place(rng: np.random.Generator, width: int, height: int, radius: float,
+           taken: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """A centre whose disc of the given radius stays inside the image and clear of the shapes already placed."""
+    for _ in range(30):
+        cx = rng.uniform(radius + 1, width - radius - 1)
+        cy = rng.uniform(radius + 1, height - radius - 1)
+        if all(math.hypot(cx - x, cy - y) > radius + r + 2 for x, y, r in taken):
+            return cx, cy
+    return None
+
+
+def _color(rng: np.random.Generator) -> tuple[int, int, int]:
+    c = rng.uniform(0, 255, size=3)
+    c[rng.integers(3)] = rng.choice([20.0, 235.0])  # one channel pushed to an extreme keeps shapes visible
+    return tuple(int(v) for v in c)
+
+
+def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_ids: list[int]
+                ) -> tuple[Image.Image, list[dict]]:
+    width = int(rng.integers(spec.min_size, spec.max_size + 1))
+    height = int(rng.integers(spec.min_size, spec.max_size + 1))
+    image = _background(rng, width, height)
+    draw = ImageDraw.Draw(image)
+    anns: list[dict] = []
+    taken: list[tuple[float, float, float]] = []
+
+    def add(category_id: int, segmentation, area: float, bbox: list[float], iscrowd: int) -> None:
+        ann_ids[0] += 1
+        anns.append({"id": ann_ids[0], "image_id": image_id, "category_id": category_id,
+                     "segmentation": segmentation, "area": area,
+                     "bbox": [round(v, 2) for v in bbox], "iscrowd": iscrowd})
+
+    if rng.random() < spec.empty_share:
+        return image, anns
+
+    short = min(width, height)
+    count = max(1, int(rng.poisson(spec.instances)))
+    for _ in range(count):
+        radius = float(rng.uniform(0.08, 0.2) * short)
+        center = _place(rng, width, height, radius, taken)
+        if center is None:
+            continue
+        taken.append((center[0], center[1], radius))
+        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        polygons = _shape_polygons(category["name"], *center, radius, float(rng.uniform(0, 2 * math.pi)))
+        polygons = [[round(v, 2) for v in p] for p in polygons]
+        fill = _color(rng)
+        for p in polygons:
+            draw.polygon(p, fill=fill)
+        area, bbox = _polygon_area_and_bbox(polygons, width, height)
+        add(category["id"], polygons, area, bbox, 0)
+
+    if rng.random() < spec.crowd_share:
+        _add_crowd(rng, image, width, height, taken, add)
+
+    if rng.random() < spec.degenerate_share:
+        # A zero-height sliver, as real COCO has a few of: loaders must drop it from training targets.
+        x, y = float(rng.uniform(1, width / 2)), float(rng.integers(1, height - 1))
+        line = [x, y, x + 10.0, y, x + 20.0, y]
+        add(CATEGORIES[0]["id"], [line], 0.0, [x, y, 20.0, 0.0], 0)
+    return image, anns
+
+
+def _add_crowd(rng: np.random.Generator, image: Image.Image, width: int, height: int,
+               taken: list[tuple[float, float, float]], add) -> None:
+    """A cluster of small shapes of one category, annotated as a single crowd region in uncompressed RLE."""
+    radius = 0.18 * min(width, height)
+    center = _place(rng, width, height, radius, taken)
+    if center is None:
+        return
+    taken.append((center[0], center[1], radius))
+    category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    layer = Image.new("L", (width, height), 0)
+    layer_draw = ImageDraw.Draw(layer)
+    draw = ImageDraw.Draw(image)
+    fill = _color(rng)
+    for _ in range(6):
+        px = center[0] + rng.uniform(-0.6, 0.6) * radius
+        py = center[1] + rng.uniform(-0.6, 0.6) * radius
+        for p in _shape_polygons(category["name"], px, py, radius * 0.3, float(rng.uniform(0, 6.3))):
+            draw.polygon(p, fill=fill)
+            layer_draw.polygon(p, fill=1)
+    mask = np.asarray(layer, dtype=np.uint8)
+    ys, xs = np.nonzero(mask)
+    bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+    add(category["id"], _uncompressed_rle(mask), float(mask.sum()), bbox, 1)
+
+
+def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_image_id: int) -> dict:
+    folder = root / f"{split}2017"
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    ann_ids = [first_image_id * 100]
+    for index in range(count):
+        rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1, index])
+        image_id = first_image_id + index * 7  # gaps, like COCO's ids
+        image, anns = _make_image(rng, spec, image_id, ann_ids)
+        if rng.random() < spec.gray_share:
+            image = image.convert("L")
+        file_name = f"{image_id:012d}.jpg"
+        image.save(folder / file_name, quality=90)
+        images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
+        annotations += anns
+    return {
+        "info": {"description": "generated shapes", "version": "1.0", "year": 2017},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": CATEGORIES,
+    }
+
+
+def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:
+    """Write `root/{train2017,val2017}` and `root/annotations/instances_{train,val}2017.json`."""
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, count, first_id in (("train", spec.train_images, 1000), ("val", spec.val_images, 500000)):
+        data = _write_split(root, split, count, spec, first_id)
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", help="folder to write the dataset into")
+    parser.add_argument("--train-images", type=int, default=None, help="images in train2017 (default 64)")
+    parser.add_argument("--val-images", type=int, default=None, help="images in val2017 (default 16)")
+    parser.add_argument("--size", type=int, default=None, help="fixed side length in pixels (default 160)")
+    parser.add_argument("--min-size", type=int, default=None, help="smallest side length when sizes vary")
+    parser.add_argument("--max-size", type=int, default=None, help="largest side length when sizes vary")
+    parser.add_argument("--instances", type=int, default=None, help="mean shapes per image (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coco-like", action="store_true",
+                        help="COCO-like defaults for benchmarks: 500 val images, ~640x480, ~7 instances")
+    args = parser.parse_args(argv)
+
+    spec = DatasetSpec(train_images=500, val_images=500, min_size=440, max_size=640, instances=7) \
+        if args.coco_like else DatasetSpec()
+    spec.seed = args.seed
+    for field, value in (("train_images", args.train_images), ("val_images", args.val_images),
+                         ("min_size", args.size), ("max_size", args.size), ("min_size", args.min_size),
+                         ("max_size", args.max_size), ("instances", args.instances)):
+        if value is not None:
+            setattr(spec, field, value)
+    if spec.min_size > spec.max_size or spec.min_size < 32:
+        parser.error("sizes must satisfy 32 <= --min-size <= --max-size")
+    root = generate_dataset(args.root, spec)
+    print(f"wrote {spec.train_images} train and {spec.val_images} val images to {root}")
+
+
+if __name__ == "__main__":
+    main()

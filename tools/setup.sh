@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Make .venv with everything the project needs, at the versions it is tested with. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    -r requirements.txt -r requirements-dev.txt -c constraints.txt

@@ -1,0 +1,320 @@
+r"""Train and evaluate Mask R-CNN on COCO or any COCO-format dataset, on one device or many.
+
+Single device:
+    python3 train.py --data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn \
+        --lr 0.001 --batch-size 4
+Mixed precision:
+    python3 train.py ... --batch-size 1 --amp
+Several processes (one per GPU):
+    python3 -m torch.distributed.launch --nproc_per_node=8 --use_env train.py ... --wd 0.000001
+Evaluate a checkpoint (COCO box and mask mAP):
+    python3 train.py ... --test-only --resume output/checkpoint.pth
+
+The learning rate of torchvision's recipe is 0.02 for 8 GPUs x 2 images; scale it linearly with the total
+batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.data
+
+import presets
+import utils
+from checkpoint import load_file, save_atomic
+from coco_eval import CocoEvaluator
+from coco_utils import DATASET_LAYOUTS, CategoryMap, build_dataset
+from engine import evaluate, train_one_epoch
+from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
+from models import DEFAULT_BACKBONE_WEIGHTS, MODELS, build_model, load_model_weights
+from utils import UserError
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--data-path", default="./datasets/coco", help="dataset root with annotations/, train2017/, val2017/")
+    add("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS), help="dataset layout")
+    add("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, help="model to train")
+    add("--device", default="cuda", help="cuda or cpu; without CUDA the run falls back to the CPU")
+    add("-b", "--batch-size", default=2, type=int, help="images per device; total = batch size x processes")
+    add("--epochs", default=26, type=int, help="number of epochs to run")
+    add("-j", "--workers", default=4, type=int, help="data loading worker processes per device")
+    add("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer")
+    add("--lr", default=0.02, type=float,
+        help="learning rate: 0.02 suits 8 devices x 2 images; scale linearly with the total batch")
+    add("--momentum", default=0.9, type=float, help="SGD momentum")
+    add("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay", help="weight decay")
+    add("--norm-weight-decay", default=None, type=float,
+        help="weight decay for normalization layers (default: same as --wd)")
+    add("--lr-scheduler", default="multisteplr", choices=("multisteplr", "cosineannealinglr"),
+        help="how the learning rate falls over epochs")
+    add("--lr-step-size", default=None, type=int,
+        help="multisteplr: divide the lr every this many epochs (used when --lr-steps is not given)")
+    add("--lr-steps", default=None, nargs="+", type=int,
+        help="multisteplr: epochs at which the lr is multiplied by --lr-gamma (default: 16 22)")
+    add("--lr-gamma", default=0.1, type=float, help="multisteplr: factor at each step")
+    add("--print-freq", default=20, type=int, help="print a progress line every this many iterations")
+    add("--output-dir", default=".", help="where checkpoints and predictions go")
+    add("--resume", default="", help="checkpoint to resume from, or 'auto' for --output-dir/checkpoint.pth")
+    add("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch", help="first epoch number")
+    add("--aspect-ratio-group-factor", default=3, type=int,
+        help="batch images of similar aspect ratio in 2k+2 groups; -1 turns grouping off")
+    add("--rpn-score-thresh", default=None, type=float, help="RPN score threshold at inference")
+    add("--trainable-backbone-layers", default=None, type=int,
+        help="ResNet stages to train, 0-5 (default: 3 with pretrained weights, 5 from scratch)")
+    add("--data-augmentation", default="hflip", choices=presets.TRAIN_AUGMENTATIONS,
+        help="training augmentation policy")
+    add("--sync-bn", action="store_true", help="synchronise batch norm statistics across processes")
+    add("--test-only", action="store_true", help="evaluate only (with --resume or --weights)")
+    add("--use-deterministic-algorithms", action="store_true", help="only deterministic kernels")
+    add("--world-size", default=1, type=int, help="number of processes (set by the launcher)")
+    add("--dist-url", default="env://", help="how processes find each other")
+    add("--dist-backend", default=None, choices=("nccl", "gloo"), help="default: nccl on CUDA, gloo on CPU")
+    add("--dist-timeout", default=300, type=int, help="seconds a process waits for the others before failing")
+    add("--local-rank", "--local_rank", default=None, type=int, dest="local_rank",
+        help="set by torch.distributed.launch without --use_env")
+    add("--weights", default=None,
+        help="whole-model weights: a torchvision name (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a .pth path")
+    add("--weights-backbone", default=DEFAULT_BACKBONE_WEIGHTS,
+        help="backbone weights: a torchvision name read from the torch hub cache, a .pth path, or none")
+    add("--amp", action="store_true", help="mixed precision (autocast; a gradient scaler for float16)")
+    add("--amp-dtype", default=None, choices=sorted(AMP_DTYPES),
+        help="autocast type with --amp (default: float16 on CUDA, bfloat16 on CPU); bfloat16 needs no "
+             "scaler and is the better choice on Ampere and Hopper GPUs")
+    add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
+    add("--min-size", default=800, type=int, help="the model resizes each image's short side to this")
+    add("--max-size", default=1333, type=int, help="... keeping its long side at most this")
+    add("--num-classes", default=None, type=int,
+        help="classes including background (default: 91 for COCO's own categories, else categories + 1)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject values that would fail later, or silently do the wrong thing."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers} must be 0 or more")
+    if args.epochs < 1 and not args.test_only:
+        raise UserError(f"--epochs {args.epochs} must be at least 1")
+    if args.lr_steps is not None and any(b <= a for a, b in zip(args.lr_steps, args.lr_steps[1:])):
+        raise UserError(f"--lr-steps {' '.join(map(str, args.lr_steps))} must be increasing")
+    if args.lr_step_size is not None and args.lr_step_size < 1:
+        raise UserError(f"--lr-step-size {args.lr_step_size} must be at least 1")
+    if args.weights_backbone and args.weights_backbone.lower() == "none":
+        args.weights_backbone = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        utils.print_once("CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def lr_milestones(args: argparse.Namespace) -> list[int]:
+    if args.lr_steps is not None:
+        return args.lr_steps
+    if args.lr_step_size is not None:
+        return list(range(args.lr_step_size, args.epochs, args.lr_step_size))
+    return [16, 22]
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD or AdamW; normalization layers get --norm-weight-decay when it is set."""
+    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    norm_params, other_params = [], []
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        (norm_params if isinstance(module, norm_types) else other_params).extend(params)
+    if args.norm_weight_decay is None:
+        groups = [{"params": other_params + norm_params, "weight_decay": args.weight_decay}]
+    else:
+        groups = [{"params": other_params, "weight_decay": args.weight_decay},
+                  {"params": norm_params, "weight_decay": args.norm_weight_decay}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def make_loaders(args: argparse.Namespace, train_set, val_set) -> tuple:
+    """Training loader (shuffled, shard per process, aspect-ratio batches) and evaluation loader."""
+    world, rank = utils.get_world_size(), utils.get_rank()
+    loader_kwargs = {"num_workers": args.workers, "collate_fn": utils.collate_fn,
+                     "pin_memory": args.device.type == "cuda", "persistent_workers": args.workers > 0}
+    train_loader = None
+    if train_set is not None:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=args.seed)
+        if args.aspect_ratio_group_factor >= 0:
+            groups = create_aspect_ratio_groups(train_set.aspect_ratios(), k=args.aspect_ratio_group_factor)
+            batch_sampler = GroupedBatchSampler(sampler, groups, args.batch_size)
+        else:
+            batch_sampler = torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True)
+        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, **loader_kwargs)
+    val_sampler = torch.utils.data.DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=val_sampler, **loader_kwargs)
+    return train_loader, val_loader
+
+
+def resolve_resume(args: argparse.Namespace) -> str:
+    """The checkpoint to resume from: --resume as given, or for 'auto' the run's own if it exists."""
+    if args.resume != "auto":
+        return args.resume
+    path = Path(args.output_dir) / "checkpoint.pth"
+    return str(path) if path.is_file() else ""
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose a folder you can write to"
+                        ) from None
+    return out
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_args(args)
+    args.device = pick_device(args.device)
+    utils.init_distributed_mode(args)
+    if args.distributed and args.device.type == "cuda":
+        args.device = torch.device("cuda", args.gpu)
+    device = args.device
+    utils.print_once(args)
+    output_dir = prepare_output_dir(args.output_dir) if utils.is_main_process() else Path(args.output_dir)
+
+    utils.seed_everything(args.seed)
+    if args.use_deterministic_algorithms:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+
+    amp_dtype = None
+    if args.amp:
+        amp_dtype = AMP_DTYPES[args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+        if device.type == "cpu" and amp_dtype == torch.float16:
+            utils.print_once("--amp on the CPU: float16 autocast is slow there, using bfloat16")
+            amp_dtype = torch.bfloat16
+
+    # What the model was trained on travels with the checkpoint; a fresh run reads it from the train file.
+    resume = resolve_resume(args)
+    checkpoint = load_file(resume, "--resume") if resume else None
+    category_map = None
+    if checkpoint is not None:
+        category_map = CategoryMap.from_categories(checkpoint["categories"], args.dataset)
+
+    utils.print_once("Loading data")
+    train_set = None
+    if not args.test_only:
+        train_set = build_dataset(args.data_path, args.dataset, "train",
+                                  presets.DetectionPresetTrain(args.data_augmentation), category_map)
+        category_map = train_set.category_map
+    val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map)
+    category_map = val_set.category_map
+    train_loader, val_loader = make_loaders(args, train_set, val_set)
+
+    num_classes = args.num_classes or (checkpoint["num_classes"] if checkpoint else category_map.num_classes)
+    if num_classes < category_map.num_classes:
+        raise UserError(f"--num-classes {num_classes} is too small: the categories need "
+                        f"{category_map.num_classes} (largest label + 1, background included)")
+
+    utils.print_once(f"Creating model {args.model} with {num_classes} classes")
+    model_kwargs = {"min_size": args.min_size, "max_size": args.max_size}
+    if args.rpn_score_thresh is not None:
+        model_kwargs["rpn_score_thresh"] = args.rpn_score_thresh
+    model = build_model(args.model, num_classes, args.weights, args.weights_backbone,
+                        args.trainable_backbone_layers, **model_kwargs)
+    model.to(device)
+    if args.distributed and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+
+    optimizer = make_optimizer(model_without_ddp, args)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if args.lr_scheduler == "multisteplr":
+        lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(args), args.lr_gamma)
+    else:
+        lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+
+    if checkpoint is not None:
+        load_model_weights(model_without_ddp, checkpoint["model"], f"--resume {resume}")
+        if not args.test_only:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+        utils.print_once(f"Resumed from {resume} (epoch {checkpoint['epoch']})")
+
+    evaluator = CocoEvaluator(val_set.coco, category_map)
+    if args.test_only:
+        metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
+        if utils.is_main_process():
+            for path in evaluator.write_results(output_dir):
+                print(f"Wrote {path}")
+        return metrics
+
+    utils.print_once("Start training")
+    start_time = time.time()
+    metrics: dict = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        train_loader.batch_sampler.sampler.set_epoch(epoch)
+        train_one_epoch(model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype)
+        lr_scheduler.step()
+        if utils.is_main_process():
+            state = {
+                "model": model_without_ddp.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch,
+                "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
+                "categories": category_map.as_list(),
+                "num_classes": num_classes,
+            }
+            save_atomic(state, output_dir / f"model_{epoch}.pth")
+            save_atomic(state, output_dir / "checkpoint.pth")
+        evaluator = CocoEvaluator(val_set.coco, category_map)
+        metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
+        if utils.is_main_process():
+            evaluator.write_results(output_dir)
+
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    utils.print_once(f"Training time {total}")
+    return metrics
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: bad input becomes one line on stderr and exit status 2, not a traceback."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
