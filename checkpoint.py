@@ -41,3 +41,36 @@ def load_file(path: str | Path, flag: str) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{flag} {path} is not a readable checkpoint (truncated or not a torch file: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+
+
+def rng_state() -> dict:
+    """The random generators' state, so that a resumed run draws what the uninterrupted one would have."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict, output_dir: Path, also_as: str | None = None) -> Path:
+    """Write state to output_dir/checkpoint.pth (and output_dir/also_as); a failed write is one clear error
+    that leaves the previous files as they were."""
+    paths = [output_dir / "checkpoint.pth"] + ([output_dir / also_as] if also_as else [])
+    for path in reversed(paths):  # checkpoint.pth last: --resume auto sees it only once the rest is written
+        try:
+            save_atomic(state, path)
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact. "
+                            f"Free space in --output-dir or choose another") from None
+    return paths[0]
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary files of saves that a kill interrupted; they are never read."""
+    for tmp in output_dir.glob(".*.pth.*.tmp"):
+        tmp.unlink(missing_ok=True)

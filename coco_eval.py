@@ -90,14 +90,20 @@ class CocoEvaluator:
     def results(self, iou_type: str) -> list[dict]:
         return [r for image_id in sorted(self.per_image) for r in self.per_image[image_id][iou_type]]
 
-    def summarize(self) -> dict[str, dict[str, float]]:
-        """Score each IoU type; returns {iou_type: {metric name: value}}."""
+    def summarize(self) -> dict[str, dict]:
+        """Score each IoU type and print its table and AP per category.
+
+        Returns {iou_type: {metric name: value, ..., "per_category": {category name: AP}}}.
+        """
         metrics = {}
         for iou_type in self.iou_types:
             print(f"IoU metric: {iou_type}")
             evaluator = score(self.coco_gt, self.results(iou_type), iou_type, list(self.per_image))
             metrics[iou_type] = dict(zip(METRIC_NAMES, (float(v) for v in evaluator.stats)))
+            metrics[iou_type]["per_category"] = per_category_ap(evaluator)
+        print(format_per_category(metrics))
         return metrics
+
 
     def write_results(self, output_dir: str | Path) -> list[Path]:
         """predictions_{iou_type}.json in COCO results format, as the evaluation server takes them."""
@@ -109,3 +115,27 @@ class CocoEvaluator:
             tmp.replace(path)
             paths.append(path)
         return paths
+
+
+def per_category_ap(evaluator: COCOeval) -> dict[str, float]:
+    """AP at IoU 0.50:0.95, all areas, 100 detections, of each category that has ground truth."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category]
+    result = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k]
+        values = values[values > -1]
+        if values.size:
+            result[evaluator.cocoGt.cats[category_id]["name"]] = float(values.mean())
+    return result
+
+
+def format_per_category(metrics: dict[str, dict]) -> str:
+    """A table of AP per category, one column per IoU type."""
+    iou_types = list(metrics)
+    names = sorted({n for m in metrics.values() for n in m["per_category"]})
+    width = max([len("category")] + [len(n) for n in names])
+    lines = ["AP per category", f"{'category':<{width}}  " + "  ".join(f"{t:>6}" for t in iou_types)]
+    for name in names:
+        cells = [metrics[t]["per_category"].get(name) for t in iou_types]
+        lines.append(f"{name:<{width}}  " + "  ".join("   n/a" if c is None else f"{c:6.3f}" for c in cells))
+    return "\n".join(lines)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -119,19 +121,44 @@ def _is_trainable(ann: dict) -> bool:
     return not ann.get("iscrowd", 0) and w > 1 and h > 1
 
 
+class SampleError(Exception):
+    """A sample that cannot be used (missing or unreadable image, size differing from the JSON)."""
+
+
+def _repaired_annotation(ann: dict, where: str, faults: list[str]) -> dict | None:
+    """The annotation with what cannot be drawn removed (None if nothing is left); each repair noted."""
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ann["bbox"]):
+        faults.append(f"{where} annotation {ann['id']}: box {ann['bbox']} is not finite; instance dropped")
+        return None
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if len(polygons) < len(segmentation):
+            faults.append(f"{where} annotation {ann['id']}: polygon with fewer than 3 points removed")
+        if not polygons:
+            return None
+        ann = {**ann, "segmentation": polygons}
+    return ann
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Samples of (uint8 CHW RGB image, target) from a COCO index; targets hold labels, not category ids.
 
     With train=True, images without a usable annotation are left out and crowd regions are dropped from the
-    targets, as the Mask R-CNN recipe trains.
+    targets, as the Mask R-CNN recipe trains. A sample that cannot be read is replaced by the next readable
+    one, so batches keep their size; target["faults"] says what was skipped or repaired, for the loop to log.
+    Random augmentation is seeded by (seed, epoch, index): the same sample gets the same augmentation
+    whichever worker loads it and whether or not the run was resumed.
     """
 
     def __init__(self, image_dir: Path, coco: COCO, category_map: CategoryMap, transforms=None,
-                 train: bool = False) -> None:
+                 train: bool = False, seed: int = 0) -> None:
         self.image_dir = Path(image_dir)
         self.coco = coco
         self.category_map = category_map
         self.transforms = transforms
+        self.seed = seed
+        self.epoch = 0
         ids = sorted(coco.imgs)
         if train:
             ids = [i for i in ids if any(_is_trainable(a) for a in coco.imgToAnns[i])]
@@ -144,14 +171,29 @@ class CocoDetection(torch.utils.data.Dataset):
         """Width / height of each sample, from the annotation file (no image is opened)."""
         return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
 
-    def load_image(self, image_id: int) -> torch.Tensor:
-        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.coco.imgs[image_id]["file_name"]
 
-    def load_target(self, image_id: int) -> dict[str, torch.Tensor]:
+    def load_image(self, image_id: int) -> torch.Tensor:
+        path = self.image_path(image_id)
+        try:
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except (OSError, RuntimeError) as e:
+            detail = re.sub(r"^\w+, \S+:\d+, ", "", str(e).strip())  # drop torchvision's source location
+            reason = "missing" if not path.exists() else f"unreadable ({detail[:100]})"
+            raise SampleError(f"{path}: image {reason}") from None
+        info = self.coco.imgs[image_id]
+        if tuple(image.shape[1:]) != (info["height"], info["width"]):
+            raise SampleError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but the JSON says "
+                              f"{info['width']}x{info['height']}")
+        return image
+
+    def load_target(self, image_id: int, faults: list[str]) -> dict:
         info = self.coco.imgs[image_id]
         height, width = info["height"], info["width"]
+        where = info["file_name"]
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        anns = [r for r in (_repaired_annotation(a, where, faults) for a in anns) if r is not None]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(min=0, max=width)
@@ -172,15 +214,57 @@ class CocoDetection(torch.utils.data.Dataset):
         }
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image_id = self.ids[index]
-        image, target = self.load_image(image_id), self.load_target(image_id)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        faults: list[str] = []
+        for attempt in range(len(self.ids)):
+            image_id = self.ids[(index + attempt) % len(self.ids)]
+            try:
+                image = self.load_image(image_id)
+            except SampleError as e:
+                faults.append(f"{e}; sample skipped")
+                continue
+            target = self.load_target(image_id, faults)
+            if self.transforms is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+                    image, target = self.transforms(image, target)
+            target["faults"] = faults
+            return image, target
+        raise UserError(f"no image of {self.image_dir} can be read; check --data-path")
+
+
+class FaultLog:
+    """Prints each per-sample fault once per run, counts skipped samples, and stops the run when more than
+    max_share of an epoch's samples had to be skipped."""
+
+    def __init__(self, max_share: float) -> None:
+        self.max_share = max_share
+        self.seen: set[str] = set()
+        self.skipped = 0
+        self.repaired = 0
+
+    def start_epoch(self) -> None:
+        self.skipped = self.repaired = 0
+
+    def add(self, faults: list[str], samples_in_epoch: int) -> None:
+        for fault in faults:
+            if fault.endswith("sample skipped"):
+                self.skipped += 1
+            else:
+                self.repaired += 1
+            if fault not in self.seen:
+                self.seen.add(fault)
+                print(f"data: {fault}", flush=True)
+        if self.skipped > self.max_share * samples_in_epoch:
+            raise UserError(f"{self.skipped} of {samples_in_epoch} samples could not be read this epoch, more "
+                            f"than --max-bad-samples {self.max_share:g} allows; fix the files named above or "
+                            f"raise --max-bad-samples")
+
+    def summary(self) -> str:
+        return f"{self.skipped} samples skipped, {self.repaired} annotations repaired"
 
 
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
-                  category_map: CategoryMap | None = None) -> CocoDetection:
+                  category_map: CategoryMap | None = None, seed: int = 0) -> CocoDetection:
     """The dataset of one split; its category map comes from the file unless one is given (e.g. from a
     checkpoint), in which case the file must use the same categories."""
     image_dir, ann_file = split_paths(data_path, dataset, split)
@@ -189,7 +273,7 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
     if category_map is not None and set(file_map.ids) - set(category_map.ids):
         raise UserError(f"{ann_file} has categories {sorted(set(file_map.ids) - set(category_map.ids))} that the "
                         f"model was not trained on; evaluate with a matching annotation file")
-    ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train")
+    ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train", seed=seed)
     if len(ds) == 0:
         what = "annotated image" if split == "train" else "image"
         raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")

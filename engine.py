@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
 import utils
 from coco_eval import CocoEvaluator
+from coco_utils import FaultLog
 
 
 def to_device(images, targets, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
@@ -17,6 +20,11 @@ def to_device(images, targets, device: torch.device) -> tuple[list[torch.Tensor]
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
                for t in targets]
     return images, targets
+
+
+def pop_faults(targets) -> list[str]:
+    """The per-sample faults the dataset attached to a batch's targets, removed from them."""
+    return [f for t in targets for f in t.pop("faults", [])]
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -33,27 +41,61 @@ def warmup_factor(iteration: int, warmup_iters: int, start_factor: float = 0.001
     return start_factor + (1 - start_factor) * iteration / warmup_iters
 
 
-def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: int, print_freq: int,
-                    scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None
-                    ) -> dict[str, float]:
-    """One pass over data_loader; the first epoch warms the learning rate up over min(1000, steps - 1) steps.
+@dataclass
+class TrainOptions:
+    """How train_one_epoch steps, besides the model, optimizer and data."""
 
-    Returns the epoch's average of each loss.
+    print_freq: int = 20
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    clip_grad_norm: float | None = None
+    faults: FaultLog = field(default_factory=lambda: FaultLog(max_share=0.01))
+    stop_requested: Callable[[], bool] = lambda: False
+    on_log: Callable[[dict], None] | None = None
+
+
+@dataclass
+class EpochResult:
+    steps_done: int
+    finished: bool
+    losses: dict[str, float]
+
+
+def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: int, options: TrainOptions,
+                    start_step: int = 0) -> EpochResult:
+    """Steps over data_loader (which yields the epoch's batches from start_step on) until it ends or a stop
+    is requested on any rank; the step in progress always completes.
+
+    The first epoch warms the learning rate up over min(1000, steps - 1) steps, counted from the epoch's
+    start, so a run resumed mid-epoch gets the same rates as one that was not interrupted.
     """
     model.train()
     logger = utils.MetricLogger()
     logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    warmup_iters = min(1000, len(data_loader) - 1) if epoch == 0 else 0
+    steps_in_epoch = start_step + len(data_loader)
+    warmup_iters = min(1000, steps_in_epoch - 1) if epoch == 0 else 0
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     images_per_step = data_loader.batch_sampler.batch_size * utils.get_world_size()
+    samples_in_epoch = steps_in_epoch * data_loader.batch_sampler.batch_size
+    options.faults.start_epoch()
 
-    for step, (images, targets) in enumerate(logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]",
-                                                              images_per_step)):
+    def log(record: dict) -> None:
+        if options.on_log is not None:
+            options.on_log({"type": "train", "epoch": epoch, **record})
+
+    step = start_step
+    batches = logger.log_every(data_loader, options.print_freq, f"Epoch: [{epoch}]", images_per_step,
+                               start=start_step, total=steps_in_epoch, on_log=log)
+    for images, targets in batches:
+        # Checked before the step rather than after it, so that the last step done has been logged.
+        if utils.any_rank(options.stop_requested()):
+            break
+        options.faults.add(pop_faults(targets), samples_in_epoch)
         factor = warmup_factor(step, warmup_iters)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * factor
         images, targets = to_device(images, targets, device)
-        with autocast(device, amp_dtype):
+        with autocast(device, options.amp_dtype):
             loss_dict = model(images, targets)
             losses = sum(loss_dict.values())
 
@@ -61,37 +103,54 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
         loss_value = sum(loss_dict_reduced.values()).item()
         if not math.isfinite(loss_value):
             shown = {k: round(v.item(), 4) for k, v in loss_dict_reduced.items()}
-            raise utils.UserError(f"loss is {loss_value} at epoch {epoch} step {step} {shown}; training stopped "
-                                  f"and the last checkpoint is kept: lower --lr, or check the data")
+            raise utils.UserError(
+                f"loss is {loss_value} at epoch {epoch} step {step} {shown}; training stopped and the last "
+                f"checkpoint is kept. Likely fixes: a lower --lr, --clip-grad-norm 10, --amp-dtype bfloat16 "
+                f"instead of float16, or a look at the data")
 
         optimizer.zero_grad(set_to_none=True)
+        scaler = options.scaler
         if scaler is not None:
             scaler.scale(losses).backward()
+            if options.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
             losses.backward()
+            if options.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
             optimizer.step()
         logger.update(loss=loss_value, **{k: v.item() for k, v in loss_dict_reduced.items()})
         logger.update(lr=optimizer.param_groups[0]["lr"])
+        step += 1
 
+    # The optimizer's state is saved with base rates, so a resumed run warms up from the same point.
     for group, base_lr in zip(optimizer.param_groups, base_lrs):
         group["lr"] = base_lr
-    return {name: meter.global_avg for name, meter in logger.meters.items() if name != "lr"}
+    if options.faults.skipped or options.faults.repaired:
+        utils.print_once(f"Epoch: [{epoch}] data faults: {options.faults.summary()}")
+    losses = {name: meter.global_avg for name, meter in logger.meters.items() if name != "lr"}
+    return EpochResult(steps_done=step, finished=step == steps_in_epoch, losses=losses)
 
 
 @torch.inference_mode()
 def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator, print_freq: int = 20,
-             amp_dtype: torch.dtype | None = None) -> dict[str, dict[str, float]]:
-    """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables."""
+             amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None) -> dict:
+    """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and
+    gets the metrics, other ranks an empty dict."""
     model.eval()
     logger = utils.MetricLogger()
-    images_per_step = data_loader.batch_sampler.batch_size if data_loader.batch_sampler else 1
+    faults = faults or FaultLog(max_share=1.0)
+    faults.start_epoch()
+    images_per_step = data_loader.batch_sampler.batch_size
     for images, targets in logger.log_every(data_loader, print_freq, "Test:", images_per_step):
+        faults.add(pop_faults(targets), len(data_loader.dataset))
         images, _ = to_device(images, [], device)
         with autocast(device, amp_dtype):
             outputs = model(images)
-        outputs = [{k: v.float().cpu() for k, v in out.items()} for out in outputs]
+        outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()} for out in outputs]
         evaluator.update({t["image_id"]: out for t, out in zip(targets, outputs)})
     evaluator.synchronize_between_processes()
     if not utils.is_main_process():

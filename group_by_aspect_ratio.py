@@ -1,8 +1,10 @@
-"""Batches of images with similar aspect ratio, so that padding to the batch's largest image wastes little."""
+"""Batch samplers: batches of similar aspect ratio, so that padding to the largest image wastes little, and
+epochs that can resume part-way."""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -41,3 +43,23 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """A batch sampler over a DistributedSampler whose epoch can start part-way, after the batches already
+    trained on: the order of an epoch depends only on the seed and the epoch number, so it can be replayed."""
+
+    def __init__(self, batch_sampler) -> None:
+        self.batch_sampler = batch_sampler
+        self.batch_size = batch_sampler.batch_size
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.batch_sampler.sampler.set_epoch(epoch)
+        self.skip = start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) - self.skip

@@ -47,19 +47,20 @@ def resolve_weights(spec: str, flag: str) -> Path:
     return path
 
 
-def load_model_weights(model: nn.Module, state: dict, source: str) -> list[str]:
-    """Load a state dict; class heads of another size are left at their fresh values and named in the result.
+def load_model_weights(model: nn.Module, state: dict, source: str, new_class_heads: bool = False) -> list[str]:
+    """Load a state dict; any missing, unexpected or differently shaped tensor is an error naming the first.
 
-    Any other missing, unexpected or differently shaped tensor is an error naming the first such key.
+    With new_class_heads (fine-tuning on other categories), class heads of another size keep their fresh
+    values instead, and are named in the result.
     """
     own = model.state_dict()
     reinitialised = []
     for key, value in own.items():
-        if key not in state:
+        if key not in state and not key.endswith("num_batches_tracked"):
             raise UserError(f"{source} does not fit this model: it has no tensor {key}; "
                             f"check --model and that the file is a checkpoint of it")
-        if state[key].shape != value.shape:
-            if key.startswith(CLASS_HEAD_PREFIXES):
+        if key in state and state[key].shape != value.shape:
+            if new_class_heads and key.startswith(CLASS_HEAD_PREFIXES):
                 reinitialised.append(key)
                 continue
             raise UserError(f"{source} does not fit this model: {key} has shape {tuple(state[key].shape)}, the "
@@ -82,12 +83,14 @@ def _state_dict_of(path: Path, flag: str) -> dict:
 
 
 def build_model(name: str, num_classes: int, weights: str | None, weights_backbone: str | None,
-                trainable_backbone_layers: int | None, **model_kwargs) -> nn.Module:
+                trainable_backbone_layers: int | None, pretrained_layout: bool = False, **model_kwargs
+                ) -> nn.Module:
     """Mask R-CNN with a ResNet-50 FPN backbone, laid out exactly as torchvision's builder lays it out.
 
     weights (a whole model) wins over weights_backbone (ImageNet ResNet-50); both are read from local files.
     A pretrained backbone gets frozen batch norm and, by default, its 3 last stages trainable; a backbone from
-    scratch trains all 5 stages with ordinary batch norm, as torchvision does.
+    scratch trains all 5 stages with ordinary batch norm, as torchvision does. pretrained_layout gives the
+    pretrained layout without reading any weights (for a checkpoint that will overwrite them).
     """
     if name not in MODELS:
         raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
@@ -95,7 +98,7 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     if weights is None and weights_backbone is not None:
         backbone_state = _state_dict_of(resolve_weights(weights_backbone, "--weights-backbone"),
                                         "--weights-backbone")
-    pretrained = weights is not None or backbone_state is not None
+    pretrained = pretrained_layout or weights is not None or backbone_state is not None
     if trainable_backbone_layers is None:
         trainable_backbone_layers = 3 if pretrained else 5
     if not 0 <= trainable_backbone_layers <= 5:
@@ -108,7 +111,7 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     model = MaskRCNN(backbone, num_classes=num_classes, **model_kwargs)
     if weights is not None:
         state = _state_dict_of(resolve_weights(weights, "--weights"), "--weights")
-        fresh = load_model_weights(model, state, f"--weights {weights}")
+        fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=True)
         if fresh:
             print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)")
     return model

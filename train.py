@@ -27,20 +27,29 @@ import torch.utils.data
 
 import presets
 import utils
-from checkpoint import load_file, save_atomic
+from checkpoint import load_file, remove_stale_temporaries, restore_rng, rng_state, save_checkpoint
 from coco_eval import CocoEvaluator
-from coco_utils import DATASET_LAYOUTS, CategoryMap, build_dataset
-from engine import evaluate, train_one_epoch
-from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
+from coco_utils import DATASET_LAYOUTS, CategoryMap, FaultLog, build_dataset
+from engine import TrainOptions, evaluate, train_one_epoch
+from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
+from metrics import MetricsWriter
 from models import DEFAULT_BACKBONE_WEIGHTS, MODELS, build_model, load_model_weights
+from preemption import StopRequest, ignore_stop_signals
 from utils import UserError
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line that points at --help, like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, add_help=add_help,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--data-path", default="./datasets/coco", help="dataset root with annotations/, train2017/, val2017/")
     add("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS), help="dataset layout")
@@ -56,6 +65,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay", help="weight decay")
     add("--norm-weight-decay", default=None, type=float,
         help="weight decay for normalization layers (default: same as --wd)")
+    add("--clip-grad-norm", default=None, type=float,
+        help="clip the gradient norm to this (default: no clipping); steadies training from scratch")
     add("--lr-scheduler", default="multisteplr", choices=("multisteplr", "cosineannealinglr"),
         help="how the learning rate falls over epochs")
     add("--lr-step-size", default=None, type=int,
@@ -96,6 +107,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--max-size", default=1333, type=int, help="... keeping its long side at most this")
     add("--num-classes", default=None, type=int,
         help="classes including background (default: 91 for COCO's own categories, else categories + 1)")
+    add("--max-bad-samples", default=0.01, type=float,
+        help="share of an epoch's images that may be unreadable (skipped) before the run stops")
+    add("--debug", action="store_true", help="show the traceback of input errors")
     return parser
 
 
@@ -111,6 +125,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr-steps {' '.join(map(str, args.lr_steps))} must be increasing")
     if args.lr_step_size is not None and args.lr_step_size < 1:
         raise UserError(f"--lr-step-size {args.lr_step_size} must be at least 1")
+    if args.lr_steps is not None and args.lr_steps[-1] >= args.epochs and not args.test_only:
+        print(f"warning: --lr-steps {args.lr_steps[-1]} is not before --epochs {args.epochs}; that step never "
+              f"happens", file=sys.stderr)
+    if not 0 <= args.max_bad_samples <= 1:
+        raise UserError(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
+    if args.print_freq < 1:
+        raise UserError(f"--print-freq {args.print_freq} must be at least 1")
     if args.weights_backbone and args.weights_backbone.lower() == "none":
         args.weights_backbone = None
 
@@ -150,8 +171,11 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
 def make_loaders(args: argparse.Namespace, train_set, val_set) -> tuple:
     """Training loader (shuffled, shard per process, aspect-ratio batches) and evaluation loader."""
     world, rank = utils.get_world_size(), utils.get_rank()
+    # Workers restart each epoch so that they see the dataset's epoch (augmentation seeds); they ignore stop
+    # signals, which the main process handles; the loader's own generator leaves the global one to the model.
     loader_kwargs = {"num_workers": args.workers, "collate_fn": utils.collate_fn,
-                     "pin_memory": args.device.type == "cuda", "persistent_workers": args.workers > 0}
+                     "pin_memory": args.device.type == "cuda", "worker_init_fn": ignore_stop_signals,
+                     "generator": torch.Generator().manual_seed(args.seed)}
     train_loader = None
     if train_set is not None:
         sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
@@ -161,6 +185,10 @@ def make_loaders(args: argparse.Namespace, train_set, val_set) -> tuple:
             batch_sampler = GroupedBatchSampler(sampler, groups, args.batch_size)
         else:
             batch_sampler = torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True)
+        if len(batch_sampler) == 0:
+            raise UserError(f"--batch-size {args.batch_size} x {world} processes is more than the "
+                            f"{len(train_set)} training images; lower --batch-size")
+        batch_sampler = ResumableBatchSampler(batch_sampler)
         train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, **loader_kwargs)
     val_sampler = torch.utils.data.DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=val_sampler, **loader_kwargs)
@@ -175,8 +203,19 @@ def resolve_resume(args: argparse.Namespace) -> str:
     return str(path) if path.is_file() else ""
 
 
-def prepare_output_dir(path: str) -> Path:
-    out = Path(path)
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, checked to hold what resuming reads."""
+    checkpoint = load_file(path, "--resume")
+    if not isinstance(checkpoint, dict):
+        checkpoint = {}
+    missing = [k for k in ("model", "epoch", "categories", "num_classes") if k not in checkpoint]
+    if missing:
+        raise UserError(f"--resume {path} is not a checkpoint of this script (no '{missing[0]}'); for plain "
+                        f"model weights use --weights")
+    return checkpoint
+
+
+def prepare_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -185,7 +224,6 @@ def prepare_output_dir(path: str) -> Path:
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose a folder you can write to"
                         ) from None
-    return out
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -196,23 +234,25 @@ def main(args: argparse.Namespace) -> dict:
         args.device = torch.device("cuda", args.gpu)
     device = args.device
     utils.print_once(args)
-    output_dir = prepare_output_dir(args.output_dir) if utils.is_main_process() else Path(args.output_dir)
+    output_dir = Path(args.output_dir)
+    if utils.is_main_process():
+        prepare_output_dir(output_dir)
+        remove_stale_temporaries(output_dir)
+    metrics_log = MetricsWriter(output_dir, enabled=utils.is_main_process())
 
     utils.seed_everything(args.seed)
     if args.use_deterministic_algorithms:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
 
+    # float16 (with a gradient scaler) is the seed's mixed precision on GPUs; the CPU's autocast is bfloat16.
     amp_dtype = None
     if args.amp:
         amp_dtype = AMP_DTYPES[args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
-        if device.type == "cpu" and amp_dtype == torch.float16:
-            utils.print_once("--amp on the CPU: float16 autocast is slow there, using bfloat16")
-            amp_dtype = torch.bfloat16
 
     # What the model was trained on travels with the checkpoint; a fresh run reads it from the train file.
     resume = resolve_resume(args)
-    checkpoint = load_file(resume, "--resume") if resume else None
+    checkpoint = load_checkpoint(resume) if resume else None
     category_map = None
     if checkpoint is not None:
         category_map = CategoryMap.from_categories(checkpoint["categories"], args.dataset)
@@ -221,7 +261,7 @@ def main(args: argparse.Namespace) -> dict:
     train_set = None
     if not args.test_only:
         train_set = build_dataset(args.data_path, args.dataset, "train",
-                                  presets.DetectionPresetTrain(args.data_augmentation), category_map)
+                                  presets.DetectionPresetTrain(args.data_augmentation), category_map, args.seed)
         category_map = train_set.category_map
     val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map)
     category_map = val_set.category_map
@@ -236,8 +276,14 @@ def main(args: argparse.Namespace) -> dict:
     model_kwargs = {"min_size": args.min_size, "max_size": args.max_size}
     if args.rpn_score_thresh is not None:
         model_kwargs["rpn_score_thresh"] = args.rpn_score_thresh
-    model = build_model(args.model, num_classes, args.weights, args.weights_backbone,
-                        args.trainable_backbone_layers, **model_kwargs)
+    if checkpoint is None:
+        model = build_model(args.model, num_classes, args.weights, args.weights_backbone,
+                            args.trainable_backbone_layers, **model_kwargs)
+    else:  # laid out as the checkpoint's run was, with no weights file read: the checkpoint has them all
+        saved = checkpoint["args"]
+        model = build_model(args.model, num_classes, None, None, saved.get("trainable_backbone_layers"),
+                            pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")),
+                            **model_kwargs)
     model.to(device)
     if args.distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -254,6 +300,9 @@ def main(args: argparse.Namespace) -> dict:
     else:
         lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
 
+    # A checkpoint saved at the end of epoch E resumes at E + 1; one saved on a stop signal part-way through
+    # epoch E resumes at E, after the steps it had done.
+    start_step = 0
     if checkpoint is not None:
         load_model_weights(model_without_ddp, checkpoint["model"], f"--resume {resume}")
         if not args.test_only:
@@ -261,41 +310,68 @@ def main(args: argparse.Namespace) -> dict:
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if scaler is not None and checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-        utils.print_once(f"Resumed from {resume} (epoch {checkpoint['epoch']})")
+            if checkpoint.get("rng"):
+                restore_rng(checkpoint["rng"])
+            step = checkpoint.get("step")
+            args.start_epoch, start_step = (checkpoint["epoch"] + 1, 0) if step is None else (checkpoint["epoch"],
+                                                                                              step)
+            metrics_log.truncate_after(checkpoint["epoch"], step)
+        where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
+        utils.print_once(f"Resumed from {resume} ({where})")
 
-    evaluator = CocoEvaluator(val_set.coco, category_map)
     if args.test_only:
+        evaluator = CocoEvaluator(val_set.coco, category_map)
         metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
         if utils.is_main_process():
             for path in evaluator.write_results(output_dir):
                 print(f"Wrote {path}")
         return metrics
 
+    stop = StopRequest().install()
+    options = TrainOptions(print_freq=args.print_freq, scaler=scaler, amp_dtype=amp_dtype,
+                           clip_grad_norm=args.clip_grad_norm, faults=FaultLog(args.max_bad_samples),
+                           stop_requested=lambda: stop.requested, on_log=metrics_log.write)
+
+    def training_state(epoch: int, step: int | None) -> dict:
+        """Everything a run needs to continue; plain data that torch.load(weights_only=True) reads."""
+        return {
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "step": step,
+            "rng": rng_state(),
+            "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
+            "categories": category_map.as_list(),
+            "num_classes": num_classes,
+        }
+
     utils.print_once("Start training")
     start_time = time.time()
     metrics: dict = {}
     for epoch in range(args.start_epoch, args.epochs):
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
-        train_one_epoch(model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype)
+        train_set.epoch = epoch
+        train_loader.batch_sampler.set_epoch(epoch, start_step)
+        result = train_one_epoch(model, optimizer, train_loader, device, epoch, options, start_step)
+        start_step = 0
+        if not result.finished:
+            if utils.is_main_process():
+                path = save_checkpoint(training_state(epoch, result.steps_done), output_dir)
+                print(f"Stopped by {stop.signal_name} at epoch {epoch} step {result.steps_done}; saved {path}. "
+                      f"Run the same command with --resume auto to continue.", flush=True)
+            sys.exit(stop.exit_code)
         lr_scheduler.step()
         if utils.is_main_process():
-            state = {
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
-                "categories": category_map.as_list(),
-                "num_classes": num_classes,
-            }
-            save_atomic(state, output_dir / f"model_{epoch}.pth")
-            save_atomic(state, output_dir / "checkpoint.pth")
+            save_checkpoint(training_state(epoch, None), output_dir, also_as=f"model_{epoch}.pth")
+        if stop.requested:
+            utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
+            sys.exit(stop.exit_code)
         evaluator = CocoEvaluator(val_set.coco, category_map)
         metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
         if utils.is_main_process():
             evaluator.write_results(output_dir)
+            metrics_log.write({"type": "eval", "epoch": epoch, "time": round(time.time(), 3), **metrics})
 
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     utils.print_once(f"Training time {total}")
@@ -303,16 +379,16 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: bad input becomes one line on stderr and exit status 2, not a traceback."""
+    """Entry point: bad input becomes one line on stderr and exit status 2, not a traceback (--debug shows
+    it)."""
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
     except UserError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -7,7 +7,7 @@ import os
 import random
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -81,6 +81,15 @@ def reduce_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(zip(names, stacked))
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when flag is true on at least one (all ranks must take the same branch)."""
+    if get_world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def print_once(*args, **kwargs) -> None:
     """print on rank 0 only, so that a job of N processes does not say everything N times."""
     if is_main_process():
@@ -152,9 +161,11 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def log_every(self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 1,
-                  start: int = 0, total: int | None = None) -> Iterator:
-        """Yield from iterable; every print_freq steps print progress, ETA, averages and images/s."""
-        total = len(iterable) if total is None else total
+                  start: int = 0, total: int | None = None, on_log: Callable[[dict], None] | None = None
+                  ) -> Iterator:
+        """Yield from iterable; every print_freq steps print progress, ETA, averages and images/s, and hand
+        on_log the step's own values (step counts from 1; start is where a resumed epoch picks up)."""
+        total = start + len(iterable) if total is None else total
         step_time = SmoothedValue(fmt="{avg:.3f}")
         data_time = SmoothedValue(fmt="{avg:.3f}")
         width = len(str(total))
@@ -173,6 +184,10 @@ class MetricLogger:
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
                 print_once(self.delimiter.join(parts))
+                if on_log is not None:
+                    on_log({"step": i, "time": round(time.time(), 3), "images_per_s": round(rate, 3),
+                            "step_time": round(step_time.value, 4), "data_time": round(data_time.value, 4),
+                            **{name: meter.value for name, meter in self.meters.items()}})
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - started))
         print_once(f"{header} total time: {elapsed} ({(time.time() - started) / max(i - start, 1):.3f} s / it)")

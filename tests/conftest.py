@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,9 +24,28 @@ SMALL = ["--min-size", "96", "--max-size", "96", "--device", "cpu", "-j", "0", "
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A generated COCO-layout dataset with every oddity the generator makes, at 96 px."""
-    spec = DatasetSpec(train_images=24, val_images=6, min_size=80, max_size=112, instances=3, seed=1,
+    spec = DatasetSpec(train_images=24, val_images=7, min_size=80, max_size=112, instances=3, seed=1,
                        crowd_share=0.3, empty_share=0.1, gray_share=0.2, degenerate_share=0.3)
     return generate_dataset(tmp_path_factory.mktemp("shapes"), spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Eight training images at 64 px: for runs that are started, stopped and resumed many times."""
+    spec = DatasetSpec(train_images=8, val_images=2, min_size=64, max_size=64, instances=2, seed=2,
+                       crowd_share=0.0, empty_share=0.0, gray_share=0.0, degenerate_share=0.0)
+    return generate_dataset(tmp_path_factory.mktemp("tiny"), spec)
+
+
+# A short from-scratch run on tiny_dataset: 4 steps an epoch.
+TINY = ["--min-size", "64", "--max-size", "64", "--device", "cpu", "-j", "0", "--print-freq", "1", "-b", "2",
+        "--weights-backbone", "none", "--lr", "0.01", "--clip-grad-norm", "10"]
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +59,21 @@ def torch_home(tmp_path_factory) -> Path:
     return home
 
 
-def run_cli(script: str, *args: str, torch_home: Path | None = None, timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a script of the repo in a subprocess, as a user would, and capture what it prints."""
+def cli_env(torch_home: Path | None = None, env: dict | None = None) -> dict:
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     if torch_home is not None:
         full_env["TORCH_HOME"] = str(torch_home)
+    return full_env
+
+
+def run_cli(script: str, *args: str, torch_home: Path | None = None, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a script of the repo in a subprocess, as a user would, and capture what it prints."""
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=ROOT)
+                          timeout=timeout, env=cli_env(torch_home, env), cwd=ROOT)
+
+
+def start_cli(script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a script of the repo in the background; its output goes to a pipe."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cli_env(None, env), cwd=ROOT)

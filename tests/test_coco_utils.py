@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from coco_utils import CategoryMap, build_dataset, coco_category_names, load_coco
+from coco_utils import CategoryMap, FaultLog, build_dataset, coco_category_names, load_coco
 from presets import DetectionPresetEval
 from utils import UserError
 
@@ -88,3 +88,71 @@ def test_missing_data_path(tmp_path):
 def test_load_coco_indexes_quietly(dataset, capsys):
     coco = load_coco(dataset / "annotations" / "instances_val2017.json")
     assert coco.imgs and capsys.readouterr().out == ""
+
+
+def _copy_dataset(dataset, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(dataset, root)
+    return root
+
+
+def test_unreadable_images_are_replaced_and_reported(dataset, tmp_path):
+    root = _copy_dataset(dataset, tmp_path)
+    ds = build_dataset(root, "coco", "train", None)
+    first, second = (ds.image_path(ds.ids[i]) for i in (0, 1))
+    first.write_bytes(first.read_bytes()[:200])
+    second.unlink()
+    image, target = ds[0]
+    assert target["image_id"] == ds.ids[2], "the next readable sample stands in"
+    assert len(target["faults"]) == 2
+    assert "truncated" in target["faults"][0] and "missing" in target["faults"][1]
+    assert all(f.endswith("sample skipped") for f in target["faults"])
+
+
+def test_size_differing_from_json_is_skipped(dataset, tmp_path):
+    root = _copy_dataset(dataset, tmp_path)
+    ds = build_dataset(root, "coco", "val", None)
+    ds.coco.imgs[ds.ids[0]]["width"] += 3
+    _, target = ds[0]
+    assert target["image_id"] == ds.ids[1] and "but the JSON says" in target["faults"][0]
+
+
+def test_bad_polygons_and_boxes_are_repaired(dataset):
+    ds = build_dataset(dataset, "coco", "train", None)
+    image_id = ds.ids[0]
+    anns = [a for a in ds.coco.imgToAnns[image_id] if not a["iscrowd"] and a["bbox"][3] > 1]
+    assert len(anns) >= 2
+    anns[0]["segmentation"] = anns[0]["segmentation"] + [[1.0, 1.0, 2.0, 2.0]]
+    anns[1]["bbox"] = [float("nan")] * 4
+    try:
+        _, target = ds[0]
+    finally:
+        anns[0]["segmentation"].pop()
+    faults = target["faults"]
+    assert any("fewer than 3 points" in f and str(anns[0]["id"]) in f for f in faults)
+    assert any("not finite" in f and str(anns[1]["id"]) in f for f in faults)
+    assert not torch.isnan(target["boxes"]).any()
+    assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
+
+
+def test_fault_log_prints_once_and_enforces_the_share(capsys):
+    log = FaultLog(max_share=0.1)
+    log.start_epoch()
+    log.add(["a.jpg: image missing; sample skipped"], samples_in_epoch=20)
+    log.add(["a.jpg: image missing; sample skipped", "b.jpg annotation 3: polygon ... removed"], 20)
+    assert capsys.readouterr().out.count("a.jpg") == 1
+    assert (log.skipped, log.repaired) == (2, 1)
+    with pytest.raises(UserError, match="3 of 20 samples could not be read"):
+        log.add(["c.jpg: image missing; sample skipped"], 20)
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(dataset):
+    from presets import DetectionPresetTrain
+
+    ds = build_dataset(dataset, "coco", "train", DetectionPresetTrain("hflip"), seed=3)
+    flips = [torch.equal(ds[i][0], ds.load_image(ds.ids[i])) for i in range(8)]
+    torch.manual_seed(123)  # the global generator does not decide
+    assert flips == [torch.equal(ds[i][0], ds.load_image(ds.ids[i])) for i in range(8)]
+    assert 0 < sum(flips) < 8
+    ds.epoch = 1
+    assert flips != [torch.equal(ds[i][0], ds.load_image(ds.ids[i])) for i in range(8)]

@@ -1,13 +1,15 @@
 """The real CLI in a subprocess, on a generated dataset: train, checkpoint, resume, evaluate, fail clearly."""
 
 import json
+import pickle
 import re
+import shutil
 
 import pytest
 import torch
 import torchvision
 
-from conftest import SMALL, run_cli
+from conftest import SMALL, TINY, run_cli
 from tools.make_coco_dataset import CATEGORIES
 
 TRAIN_FLAGS = ["--epochs", "1", "-b", "4", "--lr", "0.01", *SMALL]
@@ -91,20 +93,129 @@ def test_help_lists_every_flag():
         assert later not in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, trained):
+    """Files that --resume and --weights must refuse, by name."""
+    folder = tmp_path_factory.mktemp("bad_files")
+    good = (trained[0] / "checkpoint.pth").read_bytes()
+    (folder / "truncated.pth").write_bytes(good[: len(good) // 3])
+    (folder / "text.pth").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pth")
+    return folder
+
+
+BAD_INPUTS = [
     (["--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"], "resnet50-0676ba61.pth is missing"),
+    (["--model", "no_such_model"], "invalid choice: 'no_such_model'"),
     (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--workers", "-1"], "--workers -1 must be 0 or more"),
     (["--lr-steps", "8", "4"], "must be increasing"),
-    (["--num-classes", "3", "--weights-backbone", "none"], "--num-classes 3 is too small"),
+    (["--num-classes", "3"], "--num-classes 3 is too small"),
     (["--resume", "/nowhere/checkpoint.pth"], "no such file"),
-])
-def test_bad_input_is_one_line_without_traceback(dataset, tmp_path, args, message):
-    result = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path), *SMALL, *args,
-                     env={"TORCH_HOME": str(tmp_path / "empty_home")})
-    assert result.returncode == 2
+    (["--resume", "{bad}/truncated.pth"], "not a readable checkpoint"),
+    (["--resume", "{bad}/text.pth"], "not a readable checkpoint"),
+    (["--resume", "{bad}/foreign.pth"], "is not a checkpoint of this script (no 'model')"),
+    (["--resume", "{run}/checkpoint.pth", "--num-classes", "9"], "roi_heads.box_predictor.cls_score.weight has"),
+    (["--weights", "{bad}/foreign.pth"], "holds no state dict of tensors"),
+    (["--weights", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"], "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth is missing"),
+    (["--output-dir", "/proc/no_writing_here"], "is not writable"),
+    (["--max-bad-samples", "2"], "must be a share between 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_without_traceback(dataset, trained, bad_files, tmp_path, args, message):
+    args = [a.format(bad=bad_files, run=trained[0]) for a in args]
+    result = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path), *SMALL,
+                     "--weights-backbone", "none", *args, env={"TORCH_HOME": str(tmp_path / "empty_home")})
+    assert result.returncode == 2, result.stdout[-2000:]
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+    assert result.stderr.strip().splitlines()[-1] == error_lines[0]
+
+
+def test_debug_shows_the_traceback(dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL, "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_lr_steps_past_the_last_epoch_warn(dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL, "--lr-steps", "30", "--epochs", "2")
+    assert "warning: --lr-steps 30 is not before --epochs 2" in result.stderr
+    assert "is not a folder" in result.stderr, "a warning, then the run goes on (to the next problem)"
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--weights"])
+def test_malicious_pickle_is_refused_and_runs_nothing(dataset, tmp_path, flag):
+    marker = tmp_path / "created_by_pickle"
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": _Payload(str(marker))}, f)
+    result = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path), *SMALL,
+                     "--weights-backbone", "none", flag, str(tmp_path / "evil.pth"))
+    assert result.returncode == 2 and "was refused" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_empty_training_set_is_clear(dataset, tmp_path):
+    root = tmp_path / "empty"
+    shutil.copytree(dataset, root)
+    ann_file = root / "annotations" / "instances_train2017.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["iscrowd"]]
+    ann_file.write_text(json.dumps(data))
+    result = run_cli("train.py", "--data-path", str(root), *SMALL, "--weights-backbone", "none")
+    assert result.returncode == 2 and "has no usable annotated image" in result.stderr
+
+
+def test_unreadable_images_are_counted_and_limited(dataset, tmp_path):
+    root = tmp_path / "faulty"
+    shutil.copytree(dataset, root)
+    images = sorted((root / "train2017").glob("*.jpg"))
+    images[0].write_bytes(images[0].read_bytes()[:300])
+    images[1].unlink()
+    args = ["--data-path", str(root), "--output-dir", str(tmp_path / "out"), *TRAIN_FLAGS,
+            "--weights-backbone", "none"]
+    result = run_cli("train.py", *args, "--max-bad-samples", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"data: {images[0]}: image unreadable") == 1
+    assert result.stdout.count(f"data: {images[1]}: image missing") == 1
+    assert "data faults: 2 samples skipped" in result.stdout
+
+    result = run_cli("train.py", *args)
+    assert result.returncode == 2
+    assert "could not be read this epoch, more than --max-bad-samples 0.01" in result.stderr
+
+
+def test_cpu_amp_runs_bfloat16(tiny_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "1", "--amp")
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["scaler"] is None, "bfloat16 needs no gradient scaler"
+
+
+def test_float16_scaler_state_survives_resume(tiny_dataset, tmp_path):
+    args = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY, "--amp",
+            "--amp-dtype", "float16"]
+    result = run_cli("train.py", *args, "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["scaler"]["scale"] > 0
+    checkpoint["scaler"]["scale"] = 1234.0
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    result = run_cli("train.py", *args, "--epochs", "2", "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    scale = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["scaler"]["scale"]
+    assert scale in [1234.0 / 2**k for k in range(5)], "the resumed scaler went on from the saved scale"
 
 
 def test_missing_data_path_is_clear(tmp_path):

@@ -1,0 +1,40 @@
+"""Turn SIGTERM and SIGINT into a request to stop after the current training step, so a checkpoint can be
+written; a second SIGINT stops at once."""
+
+from __future__ import annotations
+
+import signal
+
+
+class StopRequest:
+    """Installs the handlers; `signal_name` is set once a stop was asked for."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def install(self) -> StopRequest:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"{self.signal_name} received: stopping after this step and saving a checkpoint", flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a process ended by that signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + signal.Signals[self.signal_name].value if self.signal_name else 0
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """worker_init_fn for data loader workers: the main process decides when to stop, and the workers must
+    keep serving it until then (a terminal's Ctrl-C reaches every process of the group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
