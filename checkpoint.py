@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -32,12 +33,17 @@ def load_file(path: str | Path, flag: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file; check the path")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
+        raise UserError(f"{flag} {path} is not a readable checkpoint (not a file written by torch.save)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise UserError(f"{flag} {path} was refused: it holds more than tensors and plain data ({first}); "
-                        f"only load files you trust, re-saved as plain state dicts") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise UserError(f"{flag} {path} was refused: it holds more than tensors and plain data "
+                        f"({detail.group(1).strip() if detail else 'unsupported content'}); only load files "
+                        f"you trust, re-saved as plain state dicts") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{flag} {path} is not a readable checkpoint (truncated or not a torch file: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
@@ -74,3 +80,13 @@ def remove_stale_temporaries(output_dir: Path) -> None:
     """Temporary files of saves that a kill interrupted; they are never read."""
     for tmp in output_dir.glob(".*.pth.*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def prune_epoch_files(output_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest keep_last model_{epoch}.pth files (model_best.pth is a file of its own)."""
+    files = sorted(output_dir.glob("model_*.pth"), key=lambda p: int(p.stem.split("_")[1])
+                   if p.stem.split("_")[1].isdigit() else -1)
+    doomed = [p for p in files if p.stem.split("_")[1].isdigit()][:-keep_last] if keep_last > 0 else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed

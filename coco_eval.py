@@ -6,6 +6,8 @@ import contextlib
 import copy
 import io
 import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +19,30 @@ from pycocotools.cocoeval import COCOeval
 import utils
 from coco_utils import CategoryMap
 
-# The order of COCOeval.stats, named.
+# The order of COCOeval.stats, named, and what each line of the standard summary says of it:
+# (precision or recall, IoU range, object size, detections per image).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_SUMMARY_ROWS = [("AP", "0.50:0.95", "all", 100), ("AP", "0.50", "all", 100), ("AP", "0.75", "all", 100),
+                 ("AP", "0.50:0.95", "small", 100), ("AP", "0.50:0.95", "medium", 100),
+                 ("AP", "0.50:0.95", "large", 100), ("AR", "0.50:0.95", "all", 1), ("AR", "0.50:0.95", "all", 10),
+                 ("AR", "0.50:0.95", "all", 100), ("AR", "0.50:0.95", "small", 100),
+                 ("AR", "0.50:0.95", "medium", 100), ("AR", "0.50:0.95", "large", 100)]
+
+
+def format_summary(stats) -> str:
+    """The 12 lines COCO tools print for a stats vector, whichever back end computed it."""
+    kinds = {"AP": "Average Precision  (AP)", "AR": "Average Recall     (AR)"}
+    return "\n".join(f" {kinds[kind]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = {value:0.3f}"
+                     for (kind, iou, area, dets), value in zip(_SUMMARY_ROWS, stats))
 
 
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map: CategoryMap,
                     iou_types: tuple[str, ...]) -> dict[str, list[dict]]:
-    """One image's model output as COCO result records per IoU type, with the file's category ids."""
+    """One image's model output as COCO result records per IoU type, with the file's category ids.
+
+    Masks are the model's probabilities (N, 1, H, W) or already thresholded (N, H, W) booleans; the latter
+    encode without a copy when their memory is column-major (see binarize_masks).
+    """
     boxes = output["boxes"].tolist()
     scores = output["scores"].tolist()
     category_ids = [category_map.category_id(label) for label in output["labels"].tolist()]
@@ -34,8 +53,12 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
             for (x0, y0, x1, y1), s, c in zip(boxes, scores, category_ids)
         ]
     if "segm" in iou_types:
-        masks = (output["masks"][:, 0] > 0.5).numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
+        masks = output["masks"]
+        if masks.dtype != torch.bool:
+            masks = masks[:, 0] > 0.5
+        rles = []
+        if len(masks):
+            rles = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0)).view(np.uint8))
         results["segm"] = [
             {"image_id": image_id, "category_id": c, "segmentation": {"size": r["size"],
                                                                      "counts": r["counts"].decode("ascii")},
@@ -45,49 +68,103 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
     return results
 
 
-def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]) -> COCOeval:
-    """Run COCOeval on result records over the given images; prints the standard 12-line summary."""
-    if results:
+def binarize_masks(probabilities: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) mask probabilities to (N, H, W) booleans laid out column by column in memory, on the
+    device they are on: a quarter of the bytes to copy, and what RLE encoding reads without a copy."""
+    return (probabilities[:, 0] > 0.5).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+BACKENDS = ("auto", "pycocotools", "faster")
+
+
+def resolve_backend(name: str) -> str:
+    """'auto' is faster-coco-eval (C++ COCOeval) when it is installed, else pycocotools."""
+    if name != "auto":
+        return name
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        return "pycocotools"
+    return "faster"
+
+
+def _empty_results(coco_gt: COCO, coco_class: type) -> COCO:
+    """A results index with no detections (loadRes cannot take an empty list): everything scores zero."""
+    coco_dt = coco_class()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                       "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
+
+
+def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], backend: str = "pycocotools"):
+    """Run COCOeval (pycocotools', or faster-coco-eval's C++ one) on result records over the given images;
+    prints the standard 12-line summary and returns the evaluator (stats, eval["precision"])."""
+    if backend == "faster":
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+
+        gt = FasterCOCO()
+        gt.dataset = coco_gt.dataset
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds fields to the records it is given
-    else:  # pycocotools' loadRes cannot take an empty list; no detections scores zero, not a crash
-        coco_dt = COCO()
-        coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                           "annotations": []}
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt.createIndex()
-    evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+            gt.createIndex()
+        coco_class, evaluator_class, kwargs = FasterCOCO, COCOeval_faster, {"print_function": print}
+    else:
+        gt, coco_class, evaluator_class, kwargs = coco_gt, COCO, COCOeval, {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes adds fields to the records it is given
+        coco_dt = gt.loadRes(copy.deepcopy(results)) if results else _empty_results(gt, coco_class)
+    evaluator = evaluator_class(gt, coco_dt, iouType=iou_type, **kwargs)
     evaluator.params.imgIds = sorted(image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
-    evaluator.summarize()
+        evaluator.summarize()
+    print(format_summary(evaluator.stats[:12]))
     return evaluator
 
 
 class CocoEvaluator:
-    """Gathers COCO result records per image during evaluation and scores them once at the end."""
+    """Gathers COCO result records per image during evaluation and scores them once at the end.
 
-    def __init__(self, coco_gt: COCO, category_map: CategoryMap, iou_types: tuple[str, ...] = ("bbox", "segm")
-                 ) -> None:
+    Encoding runs on a background thread: it overlaps with the next forward pass, which releases the GIL.
+    """
+
+    def __init__(self, coco_gt: COCO, category_map: CategoryMap, iou_types: tuple[str, ...] = ("bbox", "segm"),
+                 backend: str = "pycocotools") -> None:
         self.coco_gt = coco_gt
         self.category_map = category_map
         self.iou_types = iou_types
+        self.backend = resolve_backend(backend)
         self.per_image: dict[int, dict[str, list[dict]]] = {}
+        self._pending: dict[int, Future] = {}
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rle")
+        self.timings = {"encode_wait": 0.0, "score": 0.0}
 
     def update(self, outputs: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Add model outputs (on the CPU) keyed by image id."""
+        """Add model outputs (on the CPU) keyed by image id; they are encoded in the background."""
         for image_id, output in outputs.items():
-            self.per_image[image_id] = to_coco_results(image_id, output, self.category_map, self.iou_types)
+            self._pending[image_id] = self._encoder.submit(to_coco_results, image_id, output, self.category_map,
+                                                           self.iou_types)
+
+    def _collect(self) -> None:
+        started = time.perf_counter()
+        for image_id, future in self._pending.items():
+            self.per_image[image_id] = future.result()
+        self._pending.clear()
+        self.timings["encode_wait"] += time.perf_counter() - started
 
     def synchronize_between_processes(self) -> None:
         """Merge every rank's records; an image seen by two ranks (sampler padding) counts once."""
+        self._collect()
         merged: dict[int, dict[str, list[dict]]] = {}
         for part in utils.all_gather_object(self.per_image):
             merged.update(part)
         self.per_image = merged
 
     def results(self, iou_type: str) -> list[dict]:
+        self._collect()
         return [r for image_id in sorted(self.per_image) for r in self.per_image[image_id][iou_type]]
 
     def summarize(self) -> dict[str, dict]:
@@ -95,15 +172,16 @@ class CocoEvaluator:
 
         Returns {iou_type: {metric name: value, ..., "per_category": {category name: AP}}}.
         """
+        started = time.perf_counter()
         metrics = {}
         for iou_type in self.iou_types:
             print(f"IoU metric: {iou_type}")
-            evaluator = score(self.coco_gt, self.results(iou_type), iou_type, list(self.per_image))
-            metrics[iou_type] = dict(zip(METRIC_NAMES, (float(v) for v in evaluator.stats)))
-            metrics[iou_type]["per_category"] = per_category_ap(evaluator)
+            evaluator = score(self.coco_gt, self.results(iou_type), iou_type, list(self.per_image), self.backend)
+            metrics[iou_type] = dict(zip(METRIC_NAMES, (float(v) for v in evaluator.stats[:12])))
+            metrics[iou_type]["per_category"] = per_category_ap(evaluator, self.coco_gt)
         print(format_per_category(metrics))
+        self.timings["score"] += time.perf_counter() - started
         return metrics
-
 
     def write_results(self, output_dir: str | Path) -> list[Path]:
         """predictions_{iou_type}.json in COCO results format, as the evaluation server takes them."""
@@ -117,7 +195,7 @@ class CocoEvaluator:
         return paths
 
 
-def per_category_ap(evaluator: COCOeval) -> dict[str, float]:
+def per_category_ap(evaluator, coco_gt: COCO) -> dict[str, float]:
     """AP at IoU 0.50:0.95, all areas, 100 detections, of each category that has ground truth."""
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category]
     result = {}
@@ -125,7 +203,7 @@ def per_category_ap(evaluator: COCOeval) -> dict[str, float]:
         values = precision[:, :, k]
         values = values[values > -1]
         if values.size:
-            result[evaluator.cocoGt.cats[category_id]["name"]] = float(values.mean())
+            result[coco_gt.cats[category_id]["name"]] = float(values.mean())
     return result
 
 

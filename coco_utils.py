@@ -6,14 +6,15 @@ import contextlib
 import io
 import json
 import math
-import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+import pycocotools.mask as mask_utils
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from utils import UserError
 
@@ -87,6 +88,79 @@ def split_paths(data_path: str | Path, dataset: str, split: str) -> tuple[Path, 
     return image_dir, ann_file
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One problem in a dataset: an error breaks a run, a warning is something the loader repairs or skips."""
+
+    level: str
+    kind: str
+    message: str
+
+
+def _duplicates(values: list) -> list:
+    seen, repeated = set(), []
+    for v in values:
+        if v in seen:
+            repeated.append(v)
+        seen.add(v)
+    return repeated
+
+
+def annotation_findings(data: dict) -> list[Finding]:
+    """What is wrong in a COCO instances file's content, errors first (no image file is opened)."""
+    errors, warnings = [], []
+    for key in ("images", "annotations", "categories"):
+        repeated = _duplicates([item.get("id") for item in data[key]])
+        if repeated:
+            errors.append(Finding("error", f"duplicate {key[:-1]} id",
+                                  f"{len(repeated)} {key} reuse an id (first: {repeated[0]})"))
+    images = {img["id"]: img for img in data["images"]}
+    category_ids = {cat["id"] for cat in data["categories"]}
+    annotated = set()
+    for ann in data["annotations"]:
+        ann_id, image = ann.get("id"), images.get(ann.get("image_id"))
+        if image is None:
+            errors.append(Finding("error", "unknown image id", f"annotation {ann_id} points at image id "
+                                  f"{ann.get('image_id')}, which is not in 'images'"))
+            continue
+        if ann.get("category_id") not in category_ids:
+            errors.append(Finding("error", "unknown category id", f"annotation {ann_id} has category id "
+                                  f"{ann.get('category_id')}, which is not in 'categories'"))
+            continue
+        annotated.add(image["id"])
+        where = f"{image.get('file_name')} annotation {ann_id}"
+        warnings += _annotation_warnings(ann, image, where)
+    empty = [img for img in data["images"] if img["id"] not in annotated]
+    if empty:
+        warnings.append(Finding("warning", "image without annotations",
+                                f"{len(empty)} images have no annotations (first: {empty[0].get('file_name')}); "
+                                f"training leaves them out"))
+    return errors + warnings
+
+
+def _annotation_warnings(ann: dict, image: dict, where: str) -> list[Finding]:
+    found = []
+    bbox = ann.get("bbox", [])
+    if len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        found.append(Finding("warning", "box not finite", f"{where}: box {bbox} is not 4 finite numbers"))
+    else:
+        x, y, w, h = bbox
+        if w <= 1 or h <= 1:
+            found.append(Finding("warning", "empty box", f"{where}: box {bbox} has no extent"))
+        elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
+            found.append(Finding("warning", "box outside image", f"{where}: box {bbox} leaves the "
+                                 f"{image['width']}x{image['height']} image"))
+    segmentation = ann.get("segmentation")
+    if ann.get("iscrowd"):
+        if not (isinstance(segmentation, dict) and "counts" in segmentation and
+                list(segmentation.get("size", [])) == [image["height"], image["width"]]):
+            found.append(Finding("warning", "crowd format", f"{where}: crowd region is not RLE of the image's "
+                                 f"size; COCO crowd regions are RLE {{'counts', 'size': [h, w]}}"))
+    elif isinstance(segmentation, list) and any(len(p) < 6 for p in segmentation):
+        found.append(Finding("warning", "polygon under 3 points", f"{where}: polygon with fewer than 3 points"))
+    return found
+
+
 def load_coco(ann_file: Path) -> COCO:
     """A pycocotools COCO index of an annotation file, checked for what every later step relies on."""
     try:
@@ -99,15 +173,10 @@ def load_coco(ann_file: Path) -> COCO:
         if not isinstance(data.get(key), list):
             raise UserError(f"annotation file {ann_file} has no '{key}' list; a COCO instances file needs "
                             f"'images', 'annotations' and 'categories'")
-    image_ids = {img["id"] for img in data["images"]}
-    category_ids = {cat["id"] for cat in data["categories"]}
-    for ann in data["annotations"]:
-        if ann["image_id"] not in image_ids:
-            raise UserError(f"{ann_file}: annotation {ann['id']} points at image id {ann['image_id']}, which "
-                            f"is not in 'images'; remove the annotation or add the image")
-        if ann["category_id"] not in category_ids:
-            raise UserError(f"{ann_file}: annotation {ann['id']} has category id {ann['category_id']}, which "
-                            f"is not in 'categories'; remove the annotation or add the category")
+    for finding in annotation_findings(data):
+        if finding.level == "error":
+            raise UserError(f"{ann_file}: {finding.message}; fix the file (tools/check_dataset.py lists every "
+                            f"problem)")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
@@ -123,6 +192,35 @@ def _is_trainable(ann: dict) -> bool:
 
 class SampleError(Exception):
     """A sample that cannot be used (missing or unreadable image, size differing from the JSON)."""
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """An image file as a uint8 CHW RGB tensor (grayscale and palette images converted)."""
+    try:
+        with Image.open(path) as img:
+            pixels = np.array(img.convert("RGB"))
+    except (OSError, ValueError) as e:
+        reason = "missing" if not Path(path).exists() else f"unreadable ({str(e).strip()[:100]})"
+        raise SampleError(f"{path}: image {reason}") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def instance_masks(anns: list[dict], height: int, width: int) -> torch.Tensor:
+    """(N, H, W) uint8 masks of annotations (polygons, or RLE compressed or not), as COCO.annToMask draws
+    them, decoded in one call into one buffer."""
+    if not anns:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    rles = []
+    for ann in anns:
+        segmentation = ann["segmentation"]
+        if isinstance(segmentation, list):
+            rles.append(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
+        elif isinstance(segmentation["counts"], list):
+            rles.append(mask_utils.frPyObjects(segmentation, height, width))
+        else:
+            rles.append(segmentation)
+    # decode gives (H, W, N) in column-major order; the permuted view needs no copy
+    return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
 
 
 def _repaired_annotation(ann: dict, where: str, faults: list[str]) -> dict | None:
@@ -176,12 +274,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def load_image(self, image_id: int) -> torch.Tensor:
         path = self.image_path(image_id)
-        try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except (OSError, RuntimeError) as e:
-            detail = re.sub(r"^\w+, \S+:\d+, ", "", str(e).strip())  # drop torchvision's source location
-            reason = "missing" if not path.exists() else f"unreadable ({detail[:100]})"
-            raise SampleError(f"{path}: image {reason}") from None
+        image = read_rgb(path)
         info = self.coco.imgs[image_id]
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
             raise SampleError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but the JSON says "
@@ -200,10 +293,7 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 1::2].clamp_(min=0, max=height)
         keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
         anns = [a for a, k in zip(anns, keep.tolist()) if k]
-        if anns:
-            masks = torch.stack([torch.from_numpy(self.coco.annToMask(a)) for a in anns])
-        else:
-            masks = torch.zeros((0, height, width), dtype=torch.uint8)
+        masks = instance_masks(anns, height, width)
         return {
             "boxes": boxes[keep],
             "labels": torch.tensor([self.category_map.label(a["category_id"]) for a in anns], dtype=torch.int64),
@@ -233,24 +323,28 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 class FaultLog:
-    """Prints each per-sample fault once per run, counts skipped samples, and stops the run when more than
-    max_share of an epoch's samples had to be skipped."""
+    """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and stops the run
+    when more than max_share of an epoch's samples could not be read."""
 
     def __init__(self, max_share: float) -> None:
         self.max_share = max_share
         self.seen: set[str] = set()
-        self.skipped = 0
-        self.repaired = 0
+        self.epoch_faults: set[str] = set()
 
     def start_epoch(self) -> None:
-        self.skipped = self.repaired = 0
+        self.epoch_faults = set()
+
+    @property
+    def skipped(self) -> int:
+        return sum(f.endswith("sample skipped") for f in self.epoch_faults)
+
+    @property
+    def repaired(self) -> int:
+        return len(self.epoch_faults) - self.skipped
 
     def add(self, faults: list[str], samples_in_epoch: int) -> None:
         for fault in faults:
-            if fault.endswith("sample skipped"):
-                self.skipped += 1
-            else:
-                self.repaired += 1
+            self.epoch_faults.add(fault)
             if fault not in self.seen:
                 self.seen.add(fault)
                 print(f"data: {fault}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 import utils
-from coco_eval import CocoEvaluator
+from coco_eval import CocoEvaluator, binarize_masks
 from coco_utils import FaultLog
 
 
@@ -46,6 +47,7 @@ class TrainOptions:
     """How train_one_epoch steps, besides the model, optimizer and data."""
 
     print_freq: int = 20
+    epochs: int = 1
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
     clip_grad_norm: float | None = None
@@ -81,14 +83,38 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
 
     def log(record: dict) -> None:
         if options.on_log is not None:
-            options.on_log({"type": "train", "epoch": epoch, **record})
+            global_step = epoch * steps_in_epoch + record["step"]
+            options.on_log({"type": "train", "epoch": epoch, "global_step": global_step, **record})
 
+    # Losses stay on the device until a progress line needs them: reading one is a host sync, and a step
+    # needs none of its own. A non-finite loss is found there too, and named with its own step.
+    pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        names = list(pending[0][1])
+        values = torch.stack([torch.stack([d[k] for k in names]) for _, d in pending]).cpu().tolist()
+        for (at, _), row in zip(pending, values):
+            total = sum(row)
+            if not math.isfinite(total):
+                shown = {k: round(v, 4) for k, v in zip(names, row)}
+                raise utils.UserError(
+                    f"loss is {total} at epoch {epoch} step {at} {shown}; training stopped and the last "
+                    f"checkpoint is kept. Likely fixes: a lower --lr, --clip-grad-norm 10, --amp-dtype bfloat16 "
+                    f"instead of float16, or a look at the data")
+            logger.update(loss=total, **dict(zip(names, row)))
+        pending.clear()
+
+    # One process checks for a stop request at every step for free; several agree on it at progress lines.
+    check_every = 1 if utils.get_world_size() == 1 else options.print_freq
     step = start_step
     batches = logger.log_every(data_loader, options.print_freq, f"Epoch: [{epoch}]", images_per_step,
-                               start=start_step, total=steps_in_epoch, on_log=log)
+                               start=start_step, total=steps_in_epoch, on_log=log,
+                               steps_after=(options.epochs - epoch - 1) * steps_in_epoch)
     for images, targets in batches:
         # Checked before the step rather than after it, so that the last step done has been logged.
-        if utils.any_rank(options.stop_requested()):
+        if step % check_every == 0 and utils.any_rank(options.stop_requested()):
             break
         options.faults.add(pop_faults(targets), samples_in_epoch)
         factor = warmup_factor(step, warmup_iters)
@@ -98,15 +124,7 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
         with autocast(device, options.amp_dtype):
             loss_dict = model(images, targets)
             losses = sum(loss_dict.values())
-
-        loss_dict_reduced = utils.reduce_dict({k: v.detach().float() for k, v in loss_dict.items()})
-        loss_value = sum(loss_dict_reduced.values()).item()
-        if not math.isfinite(loss_value):
-            shown = {k: round(v.item(), 4) for k, v in loss_dict_reduced.items()}
-            raise utils.UserError(
-                f"loss is {loss_value} at epoch {epoch} step {step} {shown}; training stopped and the last "
-                f"checkpoint is kept. Likely fixes: a lower --lr, --clip-grad-norm 10, --amp-dtype bfloat16 "
-                f"instead of float16, or a look at the data")
+        pending.append((step, utils.reduce_dict({k: v.detach().float() for k, v in loss_dict.items()})))
 
         optimizer.zero_grad(set_to_none=True)
         scaler = options.scaler
@@ -122,9 +140,11 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
             if options.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
             optimizer.step()
-        logger.update(loss=loss_value, **{k: v.item() for k, v in loss_dict_reduced.items()})
         logger.update(lr=optimizer.param_groups[0]["lr"])
         step += 1
+        if step % options.print_freq == 0 or step == steps_in_epoch:
+            flush()
+    flush()
 
     # The optimizer's state is saved with base rates, so a resumed run warms up from the same point.
     for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -138,21 +158,36 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
 @torch.inference_mode()
 def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator, print_freq: int = 20,
              amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None) -> dict:
-    """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and
-    gets the metrics, other ranks an empty dict."""
+    """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and a
+    line of where the time went, and gets the metrics; other ranks get an empty dict."""
     model.eval()
     logger = utils.MetricLogger()
     faults = faults or FaultLog(max_share=1.0)
     faults.start_epoch()
     images_per_step = data_loader.batch_sampler.batch_size
+    started = time.perf_counter()
+    model_seconds = 0.0
     for images, targets in logger.log_every(data_loader, print_freq, "Test:", images_per_step):
         faults.add(pop_faults(targets), len(data_loader.dataset))
+        step_started = time.perf_counter()
         images, _ = to_device(images, [], device)
         with autocast(device, amp_dtype):
             outputs = model(images)
-        outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()} for out in outputs]
+        outputs = [{k: binarize_masks(v) if k == "masks" else v.float() if v.is_floating_point() else v
+                    for k, v in out.items()} for out in outputs]
+        outputs = [{k: v.to("cpu", non_blocking=True) for k, v in out.items()} for out in outputs]
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the non-blocking copies must land first
+        model_seconds += time.perf_counter() - step_started
         evaluator.update({t["image_id"]: out for t, out in zip(targets, outputs)})
+    loop_seconds = time.perf_counter() - started
     evaluator.synchronize_between_processes()
     if not utils.is_main_process():
         return {}
-    return evaluator.summarize()
+    metrics = evaluator.summarize()
+    times = evaluator.timings
+    utils.print_once(f"Evaluation of {len(evaluator.per_image)} images: {time.perf_counter() - started:.1f} s "
+                     f"(model {model_seconds:.1f} s, data and the rest of the loop {loop_seconds - model_seconds:.1f}"
+                     f" s, waiting for mask encoding {times['encode_wait']:.1f} s, COCOeval ({evaluator.backend}) "
+                     f"{times['score']:.1f} s)")
+    return metrics

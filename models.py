@@ -115,3 +115,15 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
         if fresh:
             print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)")
     return model
+
+
+def build_from_checkpoint(checkpoint: dict, source: str, **model_kwargs) -> nn.Module:
+    """The model of one of train.py's checkpoints, laid out as its run was, with the checkpoint's weights
+    (no other weights file is read)."""
+    saved = checkpoint["args"]
+    model = build_model(saved.get("model", MODELS[0]), checkpoint["num_classes"], None, None,
+                        saved.get("trainable_backbone_layers"),
+                        pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")),
+                        **model_kwargs)
+    load_model_weights(model, checkpoint["model"], source)
+    return model

@@ -27,15 +27,25 @@ import torch.utils.data
 
 import presets
 import utils
-from checkpoint import load_file, remove_stale_temporaries, restore_rng, rng_state, save_checkpoint
-from coco_eval import CocoEvaluator
+from checkpoint import (
+    load_file,
+    prune_epoch_files,
+    remove_stale_temporaries,
+    restore_rng,
+    rng_state,
+    save_atomic,
+    save_checkpoint,
+)
+from coco_eval import BACKENDS, CocoEvaluator
 from coco_utils import DATASET_LAYOUTS, CategoryMap, FaultLog, build_dataset
-from engine import TrainOptions, evaluate, train_one_epoch
+from dataset_check import check_before_training
+from engine import TrainOptions, autocast, evaluate, to_device, train_one_epoch
 from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
 from metrics import MetricsWriter
-from models import DEFAULT_BACKBONE_WEIGHTS, MODELS, build_model, load_model_weights
+from models import DEFAULT_BACKBONE_WEIGHTS, MODELS, build_from_checkpoint, build_model
 from preemption import StopRequest, ignore_stop_signals
 from utils import UserError
+from visualize import plot_curves, save_jpeg, side_by_side
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -105,10 +115,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
     add("--min-size", default=800, type=int, help="the model resizes each image's short side to this")
     add("--max-size", default=1333, type=int, help="... keeping its long side at most this")
+    add("--rois-per-image", default=512, type=int,
+        help="region proposals sampled per image to train the box and mask heads (torchvision: 512); fewer "
+             "make steps much cheaper when images hold few objects")
     add("--num-classes", default=None, type=int,
         help="classes including background (default: 91 for COCO's own categories, else categories + 1)")
+    add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
+    add("--vis-images", default=4, type=int,
+        help="validation images drawn with their predictions after each evaluation (0: none)")
+    add("--keep-last", default=None, type=int,
+        help="keep only the newest K model_{epoch}.pth files (model_best.pth and checkpoint.pth stay)")
+    add("--eval-batch-size", default=1, type=int,
+        help="images per device at evaluation (1 gives torchvision's exact numbers; more is faster on GPUs)")
+    add("--coco-backend", default="auto", choices=BACKENDS,
+        help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
+    add("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
     add("--max-bad-samples", default=0.01, type=float,
         help="share of an epoch's images that may be unreadable (skipped) before the run stops")
+    add("--skip-data-check", action="store_true", help="start without looking up every image file first")
     add("--debug", action="store_true", help="show the traceback of input errors")
     return parser
 
@@ -130,6 +154,10 @@ def check_args(args: argparse.Namespace) -> None:
               f"happens", file=sys.stderr)
     if not 0 <= args.max_bad_samples <= 1:
         raise UserError(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
+    if args.rois_per_image < 1:
+        raise UserError(f"--rois-per-image {args.rois_per_image} must be at least 1")
+    if args.eval_batch_size < 1:
+        raise UserError(f"--eval-batch-size {args.eval_batch_size} must be at least 1")
     if args.print_freq < 1:
         raise UserError(f"--print-freq {args.print_freq} must be at least 1")
     if args.weights_backbone and args.weights_backbone.lower() == "none":
@@ -191,8 +219,30 @@ def make_loaders(args: argparse.Namespace, train_set, val_set) -> tuple:
         batch_sampler = ResumableBatchSampler(batch_sampler)
         train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, **loader_kwargs)
     val_sampler = torch.utils.data.DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=val_sampler, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler,
+                                             **loader_kwargs)
     return train_loader, val_loader
+
+
+def primary_ap(metrics: dict) -> float:
+    """What model_best.pth is chosen by: mask AP, or box AP for models without masks."""
+    return metrics["segm"]["AP"] if "segm" in metrics else metrics["bbox"]["AP"]
+
+
+def prediction_pictures(model, dataset, indices: list[int], device: torch.device,
+                        amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Ground truth beside prediction for the given samples of dataset, by image id."""
+    model.eval()
+    pictures = {}
+    with torch.inference_mode():
+        for index in indices:
+            image, target = dataset[index]
+            images, _ = to_device([image], [], device)
+            with autocast(device, amp_dtype):
+                output = model(images)[0]
+            output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
+            pictures[str(target["image_id"])] = side_by_side(image, target, output, dataset.category_map)
+    return pictures
 
 
 def resolve_resume(args: argparse.Namespace) -> str:
@@ -238,7 +288,7 @@ def main(args: argparse.Namespace) -> dict:
     if utils.is_main_process():
         prepare_output_dir(output_dir)
         remove_stale_temporaries(output_dir)
-    metrics_log = MetricsWriter(output_dir, enabled=utils.is_main_process())
+    metrics_log = MetricsWriter(output_dir, enabled=utils.is_main_process(), tensorboard=not args.no_tensorboard)
 
     utils.seed_everything(args.seed)
     if args.use_deterministic_algorithms:
@@ -265,6 +315,10 @@ def main(args: argparse.Namespace) -> dict:
         category_map = train_set.category_map
     val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map)
     category_map = val_set.category_map
+    if not args.skip_data_check:
+        for split, ds in (("train", train_set), ("val", val_set)):
+            if ds is not None:
+                check_before_training(ds.image_dir, list(ds.coco.imgs.values()), split, args.max_bad_samples)
     train_loader, val_loader = make_loaders(args, train_set, val_set)
 
     num_classes = args.num_classes or (checkpoint["num_classes"] if checkpoint else category_map.num_classes)
@@ -273,18 +327,22 @@ def main(args: argparse.Namespace) -> dict:
                         f"{category_map.num_classes} (largest label + 1, background included)")
 
     utils.print_once(f"Creating model {args.model} with {num_classes} classes")
-    model_kwargs = {"min_size": args.min_size, "max_size": args.max_size}
+    model_kwargs = {"min_size": args.min_size, "max_size": args.max_size,
+                    "box_batch_size_per_image": args.rois_per_image}
     if args.rpn_score_thresh is not None:
         model_kwargs["rpn_score_thresh"] = args.rpn_score_thresh
     if checkpoint is None:
         model = build_model(args.model, num_classes, args.weights, args.weights_backbone,
                             args.trainable_backbone_layers, **model_kwargs)
-    else:  # laid out as the checkpoint's run was, with no weights file read: the checkpoint has them all
-        saved = checkpoint["args"]
-        model = build_model(args.model, num_classes, None, None, saved.get("trainable_backbone_layers"),
-                            pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")),
-                            **model_kwargs)
+    else:  # no weights file is read: the checkpoint has them all
+        if checkpoint["num_classes"] != num_classes:
+            raise UserError(f"--num-classes {num_classes} differs from the {checkpoint['num_classes']} classes "
+                            f"of --resume {resume}; leave --num-classes out to resume")
+        model = build_from_checkpoint({**checkpoint, "args": {**checkpoint["args"], "model": args.model}},
+                                      f"--resume {resume}", **model_kwargs)
     model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
@@ -304,7 +362,6 @@ def main(args: argparse.Namespace) -> dict:
     # epoch E resumes at E, after the steps it had done.
     start_step = 0
     if checkpoint is not None:
-        load_model_weights(model_without_ddp, checkpoint["model"], f"--resume {resume}")
         if not args.test_only:
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -315,12 +372,15 @@ def main(args: argparse.Namespace) -> dict:
             step = checkpoint.get("step")
             args.start_epoch, start_step = (checkpoint["epoch"] + 1, 0) if step is None else (checkpoint["epoch"],
                                                                                               step)
-            metrics_log.truncate_after(checkpoint["epoch"], step)
+            steps_per_epoch = len(train_loader.batch_sampler.batch_sampler)
+            metrics_log.truncate_after(checkpoint["epoch"], step,
+                                       checkpoint["epoch"] * steps_per_epoch + (steps_per_epoch if step is None
+                                                                                else step))
         where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
         utils.print_once(f"Resumed from {resume} ({where})")
 
     if args.test_only:
-        evaluator = CocoEvaluator(val_set.coco, category_map)
+        evaluator = CocoEvaluator(val_set.coco, category_map, backend=args.coco_backend)
         metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
         if utils.is_main_process():
             for path in evaluator.write_results(output_dir):
@@ -328,7 +388,7 @@ def main(args: argparse.Namespace) -> dict:
         return metrics
 
     stop = StopRequest().install()
-    options = TrainOptions(print_freq=args.print_freq, scaler=scaler, amp_dtype=amp_dtype,
+    options = TrainOptions(print_freq=args.print_freq, epochs=args.epochs, scaler=scaler, amp_dtype=amp_dtype,
                            clip_grad_norm=args.clip_grad_norm, faults=FaultLog(args.max_bad_samples),
                            stop_requested=lambda: stop.requested, on_log=metrics_log.write)
 
@@ -349,6 +409,9 @@ def main(args: argparse.Namespace) -> dict:
 
     utils.print_once("Start training")
     start_time = time.time()
+    steps_per_epoch = len(train_loader.batch_sampler.batch_sampler)
+    best_ap = max((primary_ap(r) for r in metrics_log.records("eval")), default=None)
+    vis_indices = list(range(min(args.vis_images, len(val_set))))
     metrics: dict = {}
     for epoch in range(args.start_epoch, args.epochs):
         train_set.epoch = epoch
@@ -362,17 +425,34 @@ def main(args: argparse.Namespace) -> dict:
                       f"Run the same command with --resume auto to continue.", flush=True)
             sys.exit(stop.exit_code)
         lr_scheduler.step()
+        state = training_state(epoch, None)
         if utils.is_main_process():
-            save_checkpoint(training_state(epoch, None), output_dir, also_as=f"model_{epoch}.pth")
+            save_checkpoint(state, output_dir, also_as=f"model_{epoch}.pth")
+            if args.keep_last:
+                prune_epoch_files(output_dir, args.keep_last)
         if stop.requested:
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
             sys.exit(stop.exit_code)
-        evaluator = CocoEvaluator(val_set.coco, category_map)
-        metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
-        if utils.is_main_process():
-            evaluator.write_results(output_dir)
-            metrics_log.write({"type": "eval", "epoch": epoch, "time": round(time.time(), 3), **metrics})
 
+        evaluator = CocoEvaluator(val_set.coco, category_map, backend=args.coco_backend)
+        metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
+        if not utils.is_main_process():
+            continue
+        global_step = (epoch + 1) * steps_per_epoch
+        evaluator.write_results(output_dir)
+        metrics_log.write({"type": "eval", "epoch": epoch, "global_step": global_step,
+                           "time": round(time.time(), 3), **metrics})
+        if best_ap is None or primary_ap(metrics) > best_ap:
+            best_ap = primary_ap(metrics)
+            save_atomic(state, output_dir / "model_best.pth")
+            print(f"New best AP {best_ap:.4f}: saved {output_dir / 'model_best.pth'}")
+        plot_curves(metrics_log.records("train"), metrics_log.records("eval"), output_dir / "curves.png")
+        pictures = prediction_pictures(model_without_ddp, val_set, vis_indices, device, amp_dtype)
+        for name, picture in pictures.items():
+            save_jpeg(picture, output_dir / "predictions" / f"epoch_{epoch}" / f"{name}.jpg")
+        metrics_log.add_pictures(pictures, global_step)
+
+    metrics_log.close()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     utils.print_once(f"Training time {total}")
     return metrics

@@ -161,10 +161,13 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def log_every(self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 1,
-                  start: int = 0, total: int | None = None, on_log: Callable[[dict], None] | None = None
-                  ) -> Iterator:
+                  start: int = 0, total: int | None = None, on_log: Callable[[dict], None] | None = None,
+                  steps_after: int = 0) -> Iterator:
         """Yield from iterable; every print_freq steps print progress, ETA, averages and images/s, and hand
-        on_log the step's own values (step counts from 1; start is where a resumed epoch picks up)."""
+        on_log the step's own values (step counts from 1; start is where a resumed epoch picks up).
+
+        steps_after, the steps still to come in later epochs, adds an ETA of the whole run.
+        """
         total = start + len(iterable) if total is None else total
         step_time = SmoothedValue(fmt="{avg:.3f}")
         data_time = SmoothedValue(fmt="{avg:.3f}")
@@ -179,6 +182,9 @@ class MetricLogger:
             if i % print_freq == 0 or i == total:
                 eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i)))
                 rate = images_per_step / max(step_time.avg, 1e-9)
+                if steps_after:
+                    run_eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i + steps_after)))
+                    eta = f"{eta} (run {run_eta})"
                 parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", str(self),
                          f"img/s: {rate:.1f}", f"time: {step_time}", f"data: {data_time}"]
                 if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -37,6 +37,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("tiny"), spec)
 
 
+@pytest.fixture(scope="session")
+def micro_dataset(tmp_path_factory) -> Path:
+    """Two training images and one validation image of 32 px: one step an epoch, for slow modes."""
+    spec = DatasetSpec(train_images=2, val_images=1, min_size=32, max_size=32, instances=1, seed=6,
+                       radius=(0.2, 0.3), crowd_share=0.0, empty_share=0.0, gray_share=0.0, degenerate_share=0.0)
+    return generate_dataset(tmp_path_factory.mktemp("micro"), spec)
+
+
 # A short from-scratch run on tiny_dataset: 4 steps an epoch.
 TINY = ["--min-size", "64", "--max-size", "64", "--device", "cpu", "-j", "0", "--print-freq", "1", "-b", "2",
         "--weights-backbone", "none", "--lr", "0.01", "--clip-grad-norm", "10"]

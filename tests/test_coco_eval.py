@@ -8,7 +8,7 @@ import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from coco_eval import METRIC_NAMES, CocoEvaluator
+from coco_eval import METRIC_NAMES, CocoEvaluator, binarize_masks, to_coco_results
 from coco_utils import build_dataset
 
 
@@ -32,7 +32,7 @@ def _noisy_outputs(ds, seed=0):
 
 def test_ap_equals_pycocotools_on_the_written_predictions(dataset, tmp_path, capsys):
     ds = build_dataset(dataset, "coco", "val", None)
-    evaluator = CocoEvaluator(ds.coco, ds.category_map)
+    evaluator = CocoEvaluator(ds.coco, ds.category_map, backend="pycocotools")
     evaluator.update(_noisy_outputs(ds))
     metrics = evaluator.summarize()
     assert "IoU metric: segm" in capsys.readouterr().out
@@ -67,3 +67,28 @@ def test_an_image_seen_twice_counts_once(dataset):
     twice.update(outputs)
     twice.update({first: outputs[first]})
     assert once.results("segm") == twice.results("segm")
+
+
+def test_faster_backend_gives_the_same_numbers(dataset, capsys):
+    pytest.importorskip("faster_coco_eval")
+    ds = build_dataset(dataset, "coco", "val", None)
+    outputs = _noisy_outputs(ds, seed=5)
+    results = {}
+    for backend in ("pycocotools", "faster"):
+        evaluator = CocoEvaluator(ds.coco, ds.category_map, backend=backend)
+        evaluator.update(outputs)
+        results[backend] = evaluator.summarize()
+    for iou_type in ("bbox", "segm"):
+        ours, theirs = results["faster"][iou_type], results["pycocotools"][iou_type]
+        assert [ours[m] for m in METRIC_NAMES] == pytest.approx([theirs[m] for m in METRIC_NAMES], abs=1e-4)
+        assert ours["per_category"] == pytest.approx(theirs["per_category"], abs=1e-4)
+
+
+def test_binarized_masks_encode_like_probabilities(dataset):
+    ds = build_dataset(dataset, "coco", "val", None)
+    output = _noisy_outputs(ds)[ds.ids[0]]
+    output["masks"] = output["masks"] * torch.rand_like(output["masks"]) * 1.2
+    as_probabilities = to_coco_results(1, output, ds.category_map, ("segm",))
+    as_booleans = to_coco_results(1, {**output, "masks": binarize_masks(output["masks"])}, ds.category_map,
+                                  ("segm",))
+    assert as_probabilities == as_booleans and as_booleans["segm"]

@@ -53,3 +53,13 @@ def test_cli_sizes(tmp_path):
     assert {c["id"] for c in data["categories"]} == {c["id"] for c in CATEGORIES}
     pixels = np.asarray(Image.open(tmp_path / "train2017" / data["images"][0]["file_name"]))
     assert pixels.std() > 5, "textured background, not a flat colour"
+
+
+def test_coco_named_categories_read_as_coco(tmp_path):
+    from coco_utils import CategoryMap
+
+    root = generate_dataset(tmp_path, DatasetSpec(train_images=2, val_images=1, seed=3, coco_categories=True))
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    cmap = CategoryMap.from_categories(data["categories"], "coco")
+    assert cmap.keep_ids and cmap.num_classes == 91
+    assert {a["category_id"] for a in data["annotations"]} <= {72, 37, 38, 84}

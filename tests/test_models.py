@@ -18,7 +18,7 @@ def test_backbone_weights_come_from_the_hub_cache(torch_home, monkeypatch):
     expected = torch.load(path, weights_only=True)["layer4.2.conv3.weight"]
     assert torch.equal(model.backbone.body.layer4[2].conv3.weight, expected)
     assert isinstance(model.backbone.body.bn1, torchvision.ops.FrozenBatchNorm2d)
-    trainable = {n.split(".")[2] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    trainable = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
     assert trainable == {"layer2", "layer3", "layer4"}
 
 

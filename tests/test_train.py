@@ -8,11 +8,13 @@ import shutil
 import pytest
 import torch
 import torchvision
+from PIL import Image
+from pycocotools.coco import COCO
 
-from conftest import SMALL, TINY, run_cli
+from conftest import SMALL, TINY, read_metrics, run_cli
 from tools.make_coco_dataset import CATEGORIES
 
-TRAIN_FLAGS = ["--epochs", "1", "-b", "4", "--lr", "0.01", *SMALL]
+TRAIN_FLAGS = ["--epochs", "1", "-b", "4", "--lr", "0.01", "--clip-grad-norm", "10", *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +117,9 @@ BAD_INPUTS = [
     (["--resume", "{bad}/truncated.pth"], "not a readable checkpoint"),
     (["--resume", "{bad}/text.pth"], "not a readable checkpoint"),
     (["--resume", "{bad}/foreign.pth"], "is not a checkpoint of this script (no 'model')"),
-    (["--resume", "{run}/checkpoint.pth", "--num-classes", "9"], "roi_heads.box_predictor.cls_score.weight has"),
-    (["--weights", "{bad}/foreign.pth"], "holds no state dict of tensors"),
+    (["--resume", "{run}/checkpoint.pth", "--num-classes", "9"], "differs from the 5 classes"),
+    (["--weights", "{bad}/foreign.pth"], "does not fit this model: it has no tensor backbone.body.conv1.weight"),
+    (["--weights", "{bad}/text.pth"], "not a readable checkpoint (not a file written by torch.save)"),
     (["--weights", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"], "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth is missing"),
     (["--output-dir", "/proc/no_writing_here"], "is not writable"),
     (["--max-bad-samples", "2"], "must be a share between 0 and 1"),
@@ -203,13 +206,13 @@ def test_cpu_amp_runs_bfloat16(tiny_dataset, tmp_path):
     assert checkpoint["scaler"] is None, "bfloat16 needs no gradient scaler"
 
 
-def test_float16_scaler_state_survives_resume(tiny_dataset, tmp_path):
-    args = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY, "--amp",
-            "--amp-dtype", "float16"]
+def test_float16_scaler_state_survives_resume(micro_dataset, tmp_path):
+    args = ["--data-path", str(micro_dataset), "--output-dir", str(tmp_path), *TINY, "--min-size", "32",
+            "--max-size", "32", "--amp", "--amp-dtype", "float16", "--vis-images", "0", "--no-tensorboard"]
     result = run_cli("train.py", *args, "--epochs", "1")
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert checkpoint["scaler"]["scale"] > 0
+    assert checkpoint["scaler"]["scale"] > 0, "float16 trains with a gradient scaler, on the CPU too"
     checkpoint["scaler"]["scale"] = 1234.0
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     result = run_cli("train.py", *args, "--epochs", "2", "--resume", "auto")
@@ -221,3 +224,66 @@ def test_float16_scaler_state_survives_resume(tiny_dataset, tmp_path):
 def test_missing_data_path_is_clear(tmp_path):
     result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL)
     assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metrics_file_holds_step_and_evaluation_records(trained):
+    out, _ = trained
+    records = read_metrics(out)
+    steps = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert {"loss", "loss_mask", "lr", "images_per_s", "time", "global_step"} <= set(steps[0])
+    (evaluation,) = [r for r in records if r["type"] == "eval"]
+    for iou_type in ("bbox", "segm"):
+        assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"} <= set(
+            evaluation[iou_type])
+        assert set(evaluation[iou_type]["per_category"]) <= {c["name"] for c in CATEGORIES}
+
+
+def test_tensorboard_events_hold_the_loss_scalars(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = trained
+    events = EventAccumulator(str(out), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/loss_mask", "train/lr", "eval/segm/AP"} <= set(tags["scalars"])
+    assert len(events.Scalars("train/loss")) == len([r for r in read_metrics(out) if r["type"] == "train"])
+    assert any(tag.startswith("predictions/") for tag in tags["images"])
+
+
+def test_curves_prediction_pictures_and_best_model(trained, dataset):
+    out, result = trained
+    with Image.open(out / "curves.png") as img:
+        assert img.format == "PNG" and img.size == (1200, 320)
+    pictures = sorted((out / "predictions" / "epoch_0").glob("*.jpg"))
+    assert len(pictures) == 4
+    val = json.loads((dataset / "annotations" / "instances_val2017.json").read_text())
+    scales = {str(img["id"]): -(-320 // min(img["width"], img["height"])) for img in val["images"]}
+    sizes = {i: (2 * img["width"] * scales[i] + 8, img["height"] * scales[i])
+             for i, img in ((str(img["id"]), img) for img in val["images"])}
+    for picture in pictures:
+        with Image.open(picture) as img:
+            assert img.format == "JPEG" and img.size == sizes[picture.stem]
+    assert (out / "model_best.pth").is_file() and "New best AP" in result.stdout
+    assert "AP per category" in result.stdout
+
+
+def test_keep_last_prunes_old_epoch_files(tiny_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "3", "--keep-last", "1", "--no-tensorboard", "--vis-images", "0")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_2.pth", "model_best.pth"]
+    assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "predictions").exists()
+
+
+def test_predict_on_a_folder(trained, dataset, tmp_path):
+    out, _ = trained
+    result = run_cli("tools/predict.py", "--checkpoint", str(out / "checkpoint.pth"), str(dataset / "val2017"),
+                     "--output-dir", str(tmp_path), "--device", "cpu", "--score-thresh", "0.0", "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    images = sorted((dataset / "val2017").glob("*.jpg"))
+    assert sorted(p.name for p in tmp_path.glob("*.jpg")) == [p.name for p in images]
+    gt = COCO(str(dataset / "annotations" / "instances_val2017.json"))
+    detections = gt.loadRes(str(tmp_path / "predictions.json"))
+    assert len(detections.anns) > 0
+    assert {a["category_id"] for a in detections.anns.values()} <= {c["id"] for c in CATEGORIES}

@@ -27,6 +27,9 @@ CATEGORIES = [
     {"id": 12, "name": "triangle", "supercategory": "shape"},
     {"id": 25, "name": "domino", "supercategory": "shape"},
 ]
+# The same shapes under COCO's own ids and names, for a dataset that COCO-trained tools (91 classes, labels =
+# category ids) read as COCO: used to run torchvision's reference beside ours on the same data.
+COCO_NAMED = {"square": (72, "tv"), "disc": (37, "sports ball"), "triangle": (38, "kite"), "domino": (84, "book")}
 
 
 @dataclass
@@ -38,11 +41,13 @@ class DatasetSpec:
     min_size: int = 160
     max_size: int = 160
     instances: int = 3
+    radius: tuple[float, float] = (0.08, 0.2)  # shape size, as a share of the image's short side
     seed: int = 0
     crowd_share: float = 0.1
     empty_share: float = 0.05
     gray_share: float = 0.05
     degenerate_share: float = 0.03
+    coco_categories: bool = False
 
 
 def _shape_polygons(name: str, cx: float, cy: float, r: float, angle: float) -> list[list[float]]:
@@ -113,6 +118,14 @@ def _color(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in c)
 
 
+def categories(spec: DatasetSpec) -> list[dict]:
+    """The dataset's categories: the shapes' own ids, or COCO's ids and names for them."""
+    if not spec.coco_categories:
+        return CATEGORIES
+    return [{"id": COCO_NAMED[c["name"]][0], "name": COCO_NAMED[c["name"]][1], "supercategory": "shape",
+             "shape": c["name"]} for c in CATEGORIES]
+
+
 def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_ids: list[int]
                 ) -> tuple[Image.Image, list[dict]]:
     width = int(rng.integers(spec.min_size, spec.max_size + 1))
@@ -134,13 +147,14 @@ def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_
     short = min(width, height)
     count = max(1, int(rng.poisson(spec.instances)))
     for _ in range(count):
-        radius = float(rng.uniform(0.08, 0.2) * short)
+        radius = float(rng.uniform(*spec.radius) * short)
         center = _place(rng, width, height, radius, taken)
         if center is None:
             continue
         taken.append((center[0], center[1], radius))
-        category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-        polygons = _shape_polygons(category["name"], *center, radius, float(rng.uniform(0, 2 * math.pi)))
+        category = categories(spec)[int(rng.integers(len(CATEGORIES)))]
+        polygons = _shape_polygons(category.get("shape", category["name"]), *center, radius,
+                                   float(rng.uniform(0, 2 * math.pi)))
         polygons = [[round(v, 2) for v in p] for p in polygons]
         fill = _color(rng)
         for p in polygons:
@@ -149,25 +163,25 @@ def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_
         add(category["id"], polygons, area, bbox, 0)
 
     if rng.random() < spec.crowd_share:
-        _add_crowd(rng, image, width, height, taken, add)
+        _add_crowd(rng, image, width, height, taken, add, categories(spec))
 
     if rng.random() < spec.degenerate_share:
         # A zero-height sliver, as real COCO has a few of: loaders must drop it from training targets.
         x, y = float(rng.uniform(1, width / 2)), float(rng.integers(1, height - 1))
         line = [x, y, x + 10.0, y, x + 20.0, y]
-        add(CATEGORIES[0]["id"], [line], 0.0, [x, y, 20.0, 0.0], 0)
+        add(categories(spec)[0]["id"], [line], 0.0, [x, y, 20.0, 0.0], 0)
     return image, anns
 
 
 def _add_crowd(rng: np.random.Generator, image: Image.Image, width: int, height: int,
-               taken: list[tuple[float, float, float]], add) -> None:
+               taken: list[tuple[float, float, float]], add, category_list: list[dict]) -> None:
     """A cluster of small shapes of one category, annotated as a single crowd region in uncompressed RLE."""
     radius = 0.18 * min(width, height)
     center = _place(rng, width, height, radius, taken)
     if center is None:
         return
     taken.append((center[0], center[1], radius))
-    category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    category = category_list[int(rng.integers(len(category_list)))]
     layer = Image.new("L", (width, height), 0)
     layer_draw = ImageDraw.Draw(layer)
     draw = ImageDraw.Draw(image)
@@ -175,7 +189,8 @@ def _add_crowd(rng: np.random.Generator, image: Image.Image, width: int, height:
     for _ in range(6):
         px = center[0] + rng.uniform(-0.6, 0.6) * radius
         py = center[1] + rng.uniform(-0.6, 0.6) * radius
-        for p in _shape_polygons(category["name"], px, py, radius * 0.3, float(rng.uniform(0, 6.3))):
+        for p in _shape_polygons(category.get("shape", category["name"]), px, py, radius * 0.3,
+                                 float(rng.uniform(0, 6.3))):
             draw.polygon(p, fill=fill)
             layer_draw.polygon(p, fill=1)
     mask = np.asarray(layer, dtype=np.uint8)
@@ -204,7 +219,7 @@ def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_im
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": CATEGORIES,
+        "categories": categories(spec),
     }
 
 
@@ -228,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-size", type=int, default=None, help="largest side length when sizes vary")
     parser.add_argument("--instances", type=int, default=None, help="mean shapes per image (default 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coco-categories", action="store_true",
+                        help="name the shapes with COCO's ids and names (tv, sports ball, kite, book)")
     parser.add_argument("--coco-like", action="store_true",
                         help="COCO-like defaults for benchmarks: 500 val images, ~640x480, ~7 instances")
     args = parser.parse_args(argv)
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = DatasetSpec(train_images=500, val_images=500, min_size=440, max_size=640, instances=7) \
         if args.coco_like else DatasetSpec()
     spec.seed = args.seed
+    spec.coco_categories = args.coco_categories
     for field, value in (("train_images", args.train_images), ("val_images", args.val_images),
                          ("min_size", args.size), ("max_size", args.size), ("min_size", args.min_size),
                          ("max_size", args.max_size), ("instances", args.instances)):

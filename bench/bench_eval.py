@@ -1,0 +1,72 @@
+"""Evaluation wall time: `train.py --test-only` on a checkpoint, ours and (with --reference) torchvision's
+reference side by side on the same data and machine, with the AP each prints and our time breakdown (model,
+data, mask encoding, COCOeval).
+
+    python3 bench/bench_eval.py --data-path ./datasets/coco-like --checkpoint output/checkpoint.pth \
+        [--reference /path/to/vision/references/detection] [-- extra flags for our train.py]
+
+Both commands run as a user would run them, in fresh processes, so start-up is counted for both. Prints one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import ROOT, emit, environment  # noqa: E402
+
+AP_LINE = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = (-?[\d.]+)")
+BREAKDOWN = re.compile(r"Evaluation of \d+ images: .*")
+
+
+def timed(command: list[str], cwd: Path, output_dir: Path) -> dict:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    box_ap, mask_ap = (float(v) for v in AP_LINE.findall(result.stdout)[:2])
+    found = {"wall_s": round(seconds, 2), "box_AP": box_ap, "mask_AP": mask_ap}
+    breakdown = BREAKDOWN.search(result.stdout)
+    if breakdown:
+        found["breakdown"] = breakdown.group(0)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", required=True)
+    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint of a 91-class model")
+    parser.add_argument("--reference", help="folder of torchvision's references/detection to run as well")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--output-dir", default="/tmp/bench_eval")
+    parser.add_argument("extra", nargs="*", help="more flags for our train.py (after --)")
+    args = parser.parse_args()
+    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    common = ["--data-path", str(Path(args.data_path).resolve()), "--dataset", "coco", "--model",
+              "maskrcnn_resnet50_fpn", "--device", device.type, "--test-only", "--resume",
+              str(Path(args.checkpoint).resolve()), "-j", str(args.workers)]
+    out = Path(args.output_dir)
+    result = {"benchmark": "eval", "environment": environment(device), "settings": vars(args)}
+    result["ours"] = timed([sys.executable, str(ROOT / "train.py"), *common, "--output-dir", str(out / "ours"),
+                            *args.extra], ROOT, out / "ours")
+    if args.reference:
+        reference = Path(args.reference).resolve()
+        result["reference"] = timed([sys.executable, str(reference / "train.py"), *common, "--output-dir",
+                                     str(out / "reference")], reference, out / "reference")
+        result["wall_ratio"] = round(result["ours"]["wall_s"] / result["reference"]["wall_s"], 3)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

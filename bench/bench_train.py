@@ -1,0 +1,141 @@
+"""Training throughput: images/s of the whole training loop (data loader, forward, backward, optimizer step)
+at a given image size and batch, past a warm-up, with peak GPU memory and whether every loss was finite.
+
+    python3 bench/bench_train.py --data-path ./datasets/coco-like --device cuda --batch-size 4 --amp
+    python3 bench/bench_train.py --data-path ... --reference /path/to/vision/references/detection
+
+Steps are timed between successive forward calls, so the figure is what a run sees, data waits included;
+with --reference the same is measured for torchvision's reference loop, data pipeline and model builder.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from common import emit, environment, use_implementation  # noqa: E402
+
+
+class StepClock:
+    """Forward hooks that time the gaps between forward calls and check each loss dict for finite values."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.flags: list[torch.Tensor] = []
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after)
+
+    def _before(self, module, inputs) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def _after(self, module, inputs, output) -> None:
+        if isinstance(output, dict):  # kept on the device: checking now would add a sync to every step
+            self.flags.append(torch.stack([v.detach().float() for v in output.values()]).isfinite().all())
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.stack(self.flags).all()) if self.flags else True
+
+
+def run_ours(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
+    import presets
+    import utils
+    from coco_utils import build_dataset
+    from engine import TrainOptions, train_one_epoch
+    from models import build_model
+
+    dataset = build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip"))
+    dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
+                                         num_workers=args.workers, collate_fn=utils.collate_fn,
+                                         pin_memory=device.type == "cuda")
+    model = build_model("maskrcnn_resnet50_fpn", 91, None, args.weights_backbone, None,
+                        min_size=args.min_size, max_size=args.max_size).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if args.amp else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    clock = StepClock(model, device)
+    options = TrainOptions(print_freq=10**9, scaler=scaler, amp_dtype=amp_dtype)
+    train_one_epoch(model, optimizer, loader, device, epoch=1, options=options)
+    return model, clock
+
+
+def run_reference(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
+    import coco_utils
+    import presets
+    import utils
+    from engine import train_one_epoch
+
+    dataset = coco_utils.get_coco(args.data_path, "train", presets.DetectionPresetTrain(data_augmentation="hflip"))
+    dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
+                                         num_workers=args.workers, collate_fn=utils.collate_fn)
+    weights_backbone = None if args.weights_backbone is None else "ResNet50_Weights.IMAGENET1K_V1"
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=weights_backbone, num_classes=91, min_size=args.min_size,
+        max_size=args.max_size).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.cuda.amp.GradScaler() if args.amp else None
+    clock = StepClock(model, device)
+    train_one_epoch(model, optimizer, loader, device, epoch=1, print_freq=10**9, scaler=scaler)
+    return model, clock
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", required=True)
+    parser.add_argument("--reference", help="folder of torchvision's references/detection to measure instead")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--min-size", type=int, default=800)
+    parser.add_argument("--max-size", type=int, default=1333)
+    parser.add_argument("--steps", type=int, default=20, help="steps timed, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
+                        help="ours only; the reference's --amp is float16")
+    parser.add_argument("--channels-last", action="store_true", help="ours only")
+    parser.add_argument("--weights-backbone", default=None,
+                        help="ResNet50_Weights.IMAGENET1K_V1 for the pretrained layout (hub cache); default none")
+    args = parser.parse_args()
+    use_implementation(args.reference)
+    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    total = args.warmup + args.steps + 1
+    model, clock = (run_reference if args.reference else run_ours)(args, device, total)
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])][args.warmup:]
+    seconds = sum(gaps)
+    result = {
+        "benchmark": "train", "implementation": "reference" if args.reference else "ours",
+        "environment": environment(device), "settings": vars(args),
+        "steps_timed": len(gaps), "seconds": round(seconds, 3),
+        "step_ms": round(1000 * seconds / max(len(gaps), 1), 1),
+        "images_per_s": round(len(gaps) * args.batch_size / seconds, 2) if seconds else None,
+        "losses_finite": clock.finite,
+    }
+    if device.type == "cuda":
+        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

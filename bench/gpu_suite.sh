@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU checks behind the README's Performance section, in one go, each step bounded in time:
+#   bash bench/gpu_suite.sh OUT_DIR [REFERENCE_DIR]
+# REFERENCE_DIR is torchvision's references/detection, measured beside ours where given. Each benchmark's
+# JSON line is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/*.log.
+set -u
+out=${1:?usage: gpu_suite.sh OUT_DIR [REFERENCE_DIR]}
+ref=${2:-}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS command...: run, log, never stop the suite
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}" >>"$out/steps.jsonl"
+  grep -h '^{"benchmark"' "$out/$name.log" >>"$out/results.jsonl" || true
+}
+
+# ImageNet weights cannot be downloaded here: a ResNet-50 of random weights under torchvision's file name lets
+# the seed's commands run exactly as written (speed and memory do not depend on the values).
+export TORCH_HOME=${TORCH_HOME:-/tmp/torch_home}
+mkdir -p "$TORCH_HOME/hub/checkpoints"
+$py -c "import torch, torchvision, sys; torch.save(torchvision.models.resnet50().state_dict(), sys.argv[1])" \
+    "$TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth"
+
+# A small set for the seed's commands, and a COCO-like one (~640x480, ~7 shapes) for the benchmarks; both use
+# COCO's own category ids so that torchvision's reference (91 classes, labels = ids) reads them too.
+$py tools/make_coco_dataset.py datasets/coco --coco-categories --coco-like --train-images 64 --val-images 16 >/dev/null
+$py tools/make_coco_dataset.py /tmp/cocolike --coco-categories --coco-like --train-images 400 --val-images 500 >/dev/null
+
+seed=(--data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn)
+step seed_single 120 $py train.py "${seed[@]}" --lr 0.001 --batch-size 4 --epochs 1 --output-dir /tmp/o1 --print-freq 4
+step seed_amp 120 $py train.py "${seed[@]}" --lr 0.001 --batch-size 1 --amp --epochs 1 --output-dir /tmp/o2 --print-freq 16
+step seed_ddp1 120 $py -m torch.distributed.launch --nproc_per_node=1 --use_env train.py "${seed[@]}" \
+    --wd 0.000001 --lr 0.001 --batch-size 4 --epochs 1 --output-dir /tmp/o3 --print-freq 4
+
+bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8)
+step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
+step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
+step train_bf16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16
+step train_bf16_cl 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16 --channels-last
+[ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
+
+step data_loader 90 $py bench/bench_data.py --data-path /tmp/cocolike --samples 400 --loader-workers 8
+[ -n "$ref" ] && step ref_data_loader 90 $py bench/bench_data.py --data-path /tmp/cocolike --samples 400 \
+    --loader-workers 8 --reference "$ref"
+
+# A 91-class model in the layout both builders make without ImageNet weights, trained briefly: its many
+# low-score detections are the worst case for evaluation. Its own epoch-end evaluation is ours at batch 1.
+step eval_model 180 $py train.py --data-path /tmp/cocolike --weights-backbone none --epochs 1 --batch-size 8 \
+    --lr 0.02 --clip-grad-norm 10 --amp --amp-dtype bfloat16 -j 8 --output-dir /tmp/evalmodel --print-freq 10
+step eval_side_by_side 240 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
+    --workers 8 ${ref:+--reference "$ref"}
+step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
+    --workers 8 -- --eval-batch-size 8
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+cat "$out/steps.jsonl"

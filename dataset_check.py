@@ -1,0 +1,126 @@
+"""Check a COCO-format folder before a run: the annotation files' content and the image files behind them."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from coco_utils import DATASET_LAYOUTS, Finding, annotation_findings
+from utils import UserError
+
+
+@dataclass
+class SplitReport:
+    """What was found in one split."""
+
+    split: str
+    images: int = 0
+    annotations: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    class_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+
+def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | None:
+    """Why an image cannot be used, or None: missing, unreadable, or of another size than the JSON says."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as img:
+            if img.size != (width, height):
+                return f"is {img.size[0]}x{img.size[1]} but the JSON says {width}x{height}"
+            if decode:
+                img.load()
+    except (OSError, ValueError) as e:
+        return f"unreadable ({str(e).strip()[:100]})"
+    return None
+
+
+def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_bad_share: float = 0.01,
+                workers: int = 8) -> SplitReport:
+    """Check one split's annotation file and images (decoded fully unless decode is False)."""
+    image_dir, ann_file = (root / p for p in DATASET_LAYOUTS[dataset][split])
+    report = SplitReport(split)
+    try:
+        data = json.loads(ann_file.read_text())
+        if not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+            raise ValueError("it needs 'images', 'annotations' and 'categories' lists")
+    except (OSError, ValueError, AttributeError) as e:
+        report.findings.append(Finding("error", "annotation file", f"{ann_file} is not a readable COCO "
+                                       f"instances file ({str(e)[:120]})"))
+        return report
+    report.images, report.annotations = len(data["images"]), len(data["annotations"])
+    report.findings += annotation_findings(data)
+    names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
+    counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
+    report.class_counts = {names[i]: counts.get(i, 0) for i in sorted(names)}
+
+    report.findings = image_findings(image_dir, data["images"], decode, max_bad_share, workers) + report.findings
+    return report
+
+
+def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max_bad_share: float = 0.01,
+                   workers: int = 8) -> list[Finding]:
+    """Images that cannot be used: one summary (an error when more than max_bad_share of them, else a
+    warning), then a warning for each further one. Without decode, files are only looked up."""
+
+    def problem(img: dict) -> tuple[dict, str | None]:
+        path = image_dir / img["file_name"]
+        if not decode:
+            return img, None if path.is_file() else "missing"
+        return img, _image_problem(path, img["width"], img["height"], decode)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        bad = [(img, why) for img, why in pool.map(problem, images) if why]
+    if not bad:
+        return []
+    level = "error" if len(bad) > max_bad_share * max(len(images), 1) else "warning"
+    kinds = Counter(why.split(" (")[0] if why.startswith("unreadable") else why.split(" ")[0] for _, why in bad)
+    first = f"{image_dir / bad[0][0]['file_name']} {bad[0][1]}"
+    summary = Finding(level, "unusable image", f"{len(bad)} of {len(images)} images cannot be used "
+                      f"({dict(kinds)}); first: {first}")
+    return [summary] + [Finding("warning", "unusable image", f"{image_dir / img['file_name']}: {why}")
+                        for img, why in bad[1:]]
+
+
+def format_report(reports: list[SplitReport], limit: int = 5) -> str:
+    """A human report: counts, then findings grouped by kind (the first few of each), then class balance."""
+    lines = []
+    for report in reports:
+        lines.append(f"{report.split}: {report.images} images, {report.annotations} annotations, "
+                     f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+        by_kind: dict[tuple[str, str], list[Finding]] = {}
+        for finding in report.findings:
+            by_kind.setdefault((finding.level, finding.kind), []).append(finding)
+        for (level, kind), found in by_kind.items():
+            lines.append(f"  {level.upper()} {kind} ({len(found)}):")
+            lines += [f"    {f.message}" for f in found[:limit]]
+            if len(found) > limit:
+                lines.append(f"    ... and {len(found) - limit} more")
+        if report.class_counts:
+            total = max(sum(report.class_counts.values()), 1)
+            balance = ", ".join(f"{n} {c} ({100 * c / total:.0f}%)" for n, c in report.class_counts.items())
+            lines.append(f"  instances per category: {balance}")
+    return "\n".join(lines)
+
+
+def check_before_training(image_dir: Path, images: list[dict], split: str, max_bad_share: float) -> None:
+    """The fast check every run does at its start (the annotation file was checked as it was read): stops
+    when more images are missing than the run would tolerate, with a pointer to the full report."""
+    errors = [f for f in image_findings(image_dir, images, decode=False, max_bad_share=max_bad_share)
+              if f.level == "error"]
+    if errors:
+        raise UserError(f"{split} data: {errors[0].message}; see python3 tools/check_dataset.py for the full "
+                        f"report, or --skip-data-check to start anyway")

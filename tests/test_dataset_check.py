@@ -1,0 +1,96 @@
+"""check_dataset finds each kind of planted fault, and passes a clean dataset."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+from tools.check_dataset import main as check_main
+from tools.make_coco_dataset import DatasetSpec, generate_dataset
+
+
+def check(capsys, *args):
+    """tools/check_dataset.py's main in this process: (exit status, printed report)."""
+    status = check_main([str(a) for a in args])
+    return status, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    spec = DatasetSpec(train_images=10, val_images=4, min_size=64, max_size=64, seed=4, crowd_share=0.3,
+                       empty_share=0.0, degenerate_share=0.0)
+    return generate_dataset(tmp_path_factory.mktemp("clean"), spec)
+
+
+def test_clean_dataset_passes_strict(clean):
+    result = run_cli("tools/check_dataset.py", str(clean), "--strict")
+    assert result.returncode == 0, result.stdout
+    assert "OK: 0 errors, 0 warnings" in result.stdout
+    assert "instances per category: square" in result.stdout
+
+
+def _plant(clean, tmp_path, edit):
+    root = tmp_path / "faulty"
+    shutil.copytree(clean, root)
+    path = root / "annotations" / "instances_train2017.json"
+    data = json.loads(path.read_text())
+    edit(root, data)
+    path.write_text(json.dumps(data))
+    return root
+
+
+def _first_polygon_ann(data):
+    return next(a for a in data["annotations"] if not a["iscrowd"])
+
+
+FAULTS = {
+    "missing image": (lambda root, d: (root / "train2017" / d["images"][0]["file_name"]).unlink(),
+                      "ERROR unusable image", "missing"),
+    "unreadable image": (lambda root, d: (root / "train2017" / d["images"][1]["file_name"]).write_bytes(b"x" * 50),
+                         "ERROR unusable image", "unreadable"),
+    "size differs": (lambda root, d: d["images"][2].update(width=65), "ERROR unusable image",
+                     "but the JSON says 65x64"),
+    "short polygon": (lambda root, d: _first_polygon_ann(d)["segmentation"].append([1, 1, 2, 2]),
+                      "WARNING polygon under 3 points", "fewer than 3 points"),
+    "box outside": (lambda root, d: _first_polygon_ann(d).update(bbox=[50, 50, 40, 40]),
+                    "WARNING box outside image", "leaves the 64x64 image"),
+    "empty box": (lambda root, d: _first_polygon_ann(d).update(bbox=[5, 5, 0, 3]), "WARNING empty box",
+                  "has no extent"),
+    "unknown image id": (lambda root, d: _first_polygon_ann(d).update(image_id=777), "ERROR unknown image id",
+                         "image id 777"),
+    "unknown category id": (lambda root, d: _first_polygon_ann(d).update(category_id=99),
+                            "ERROR unknown category id", "category id 99"),
+    "duplicate ids": (lambda root, d: d["annotations"][1].update(id=d["annotations"][0]["id"]),
+                      "ERROR duplicate annotation id", "reuse an id"),
+    "crowd format": (lambda root, d: next(a for a in d["annotations"] if a["iscrowd"]).update(
+        segmentation=[[1, 1, 5, 1, 5, 5]]), "WARNING crowd format", "not RLE"),
+    "image without annotations": (lambda root, d: d.update(annotations=[
+        a for a in d["annotations"] if a["image_id"] != d["images"][3]["id"]]),
+        "WARNING image without annotations", "1 images have no annotations"),
+    "unreadable json": (lambda root, d: d.clear(), "ERROR annotation file", "not a readable COCO"),
+}
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+def test_each_planted_fault_is_found(clean, tmp_path, capsys, kind):
+    edit, heading, detail = FAULTS[kind]
+    root = _plant(clean, tmp_path, edit)
+    status, report = check(capsys, root, "--splits", "train", "--max-bad-samples", "0.05")
+    assert heading in report and detail in report, report
+    errors = heading.startswith("ERROR")
+    assert status == (1 if errors else 0), report
+    if not errors:
+        assert check(capsys, root, "--splits", "train", "--strict")[0] == 1
+
+
+def test_a_few_bad_images_are_a_warning_under_the_limit(clean, tmp_path, capsys):
+    root = _plant(clean, tmp_path, FAULTS["missing image"][0])
+    status, report = check(capsys, root, "--splits", "train", "--max-bad-samples", "0.2")
+    assert status == 0 and "WARNING unusable image" in report
+
+
+def test_training_stops_early_on_missing_images(clean, tmp_path):
+    root = _plant(clean, tmp_path, FAULTS["missing image"][0])
+    result = run_cli("train.py", "--data-path", str(root), "--device", "cpu", "--weights-backbone", "none")
+    assert result.returncode == 2 and "train data: 1 of 10 images cannot be used" in result.stderr

@@ -1,0 +1,45 @@
+"""Check a COCO-format dataset folder before training and print a report.
+
+    python3 tools/check_dataset.py ./datasets/coco [--splits train val] [--no-decode] [--strict]
+
+Errors are faults that would break a run (unreadable annotation files, unknown or duplicate ids, more missing
+or unreadable images than --max-bad-samples allows): exit status 1. Warnings are faults the loader repairs or
+skips (degenerate boxes, short polygons, a few bad images): exit status 0, or 1 with --strict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coco_utils import DATASET_LAYOUTS  # noqa: E402
+from dataset_check import check_split, format_report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_path", help="dataset root (as train.py's --data-path)")
+    parser.add_argument("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS))
+    parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    parser.add_argument("--no-decode", action="store_true", help="only look the images up; do not decode them")
+    parser.add_argument("--max-bad-samples", type=float, default=0.01,
+                        help="share of unusable images that is still a warning (as train.py's flag)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    parser.add_argument("--workers", type=int, default=8, help="threads that read images")
+    args = parser.parse_args(argv)
+
+    reports = [check_split(Path(args.data_path), args.dataset, split, decode=not args.no_decode,
+                           max_bad_share=args.max_bad_samples, workers=args.workers) for split in args.splits]
+    print(format_report(reports))
+    errors = sum(len(r.errors) for r in reports)
+    warnings = sum(len(r.warnings) for r in reports)
+    verdict = "FAILED" if errors or (args.strict and warnings) else "OK"
+    print(f"{verdict}: {errors} errors, {warnings} warnings")
+    return 1 if verdict == "FAILED" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Run a trained model on images: pictures with masks, boxes and labels, and one COCO-results JSON.
+
+    python3 tools/predict.py --checkpoint output/model_best.pth path/to/images/ --output-dir predictions
+    python3 tools/predict.py --weights MaskRCNN_ResNet50_FPN_Weights.COCO_V1 'photos/*.jpg' --score-thresh 0.7
+
+Inputs are image files, folders or glob patterns. Image ids in the JSON come from --annotations (a COCO file
+naming the images), else from COCO-style numeric file names (000000000139.jpg is 139), else 1, 2, ... in
+file-name order; category ids are the training file's own. predictions.json holds instance segmentation
+results (a mask as RLE and a score per detection), which pycocotools' loadRes reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint import load_file  # noqa: E402
+from coco_eval import to_coco_results  # noqa: E402
+from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
+from engine import to_device  # noqa: E402
+from models import MODELS, build_from_checkpoint, build_model  # noqa: E402
+from utils import UserError  # noqa: E402
+from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """The image files named by paths, folders (not recursive) and glob patterns, sorted, each once."""
+    found: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found |= {p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        elif path.is_file():
+            found.add(path)
+        else:
+            found |= {Path(p) for p in glob.glob(item) if Path(p).suffix.lower() in IMAGE_SUFFIXES}
+    if not found:
+        raise UserError(f"no images found in {' '.join(inputs)}; give image files, folders or glob patterns")
+    return sorted(found)
+
+
+def image_ids(paths: list[Path], annotations: str | None) -> list[int]:
+    if annotations:
+        by_name = {img["file_name"]: img["id"] for img in json.loads(Path(annotations).read_text())["images"]}
+        missing = [p.name for p in paths if p.name not in by_name]
+        if missing:
+            raise UserError(f"--annotations {annotations} does not list {missing[0]}; give the matching file")
+        return [by_name[p.name] for p in paths]
+    if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
+        return [int(p.stem) for p in paths]
+    return list(range(1, len(paths) + 1))
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap]:
+    """The model and its categories, from one of train.py's checkpoints or from whole-model weights."""
+    sizes = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
+    if args.checkpoint:
+        checkpoint = load_file(args.checkpoint, "--checkpoint")
+        if not isinstance(checkpoint, dict) or "categories" not in checkpoint:
+            raise UserError(f"--checkpoint {args.checkpoint} is not a train.py checkpoint; use --weights for "
+                            f"plain weights")
+        saved = checkpoint["args"]
+        sizes = {"min_size": saved.get("min_size", 800), "max_size": saved.get("max_size", 1333), **sizes}
+        model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **sizes)
+        return model, CategoryMap.from_categories(checkpoint["categories"], saved.get("dataset", "coco"))
+    cats = [{"id": i, "name": n} for i, n in coco_category_names().items()]
+    category_map = CategoryMap.from_categories(cats, "coco")
+    model = build_model(args.model, category_map.num_classes, args.weights, None, None, **sizes)
+    return model, category_map
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint written by train.py (model_best.pth, checkpoint.pth)")
+    source.add_argument("--weights", help="COCO weights: a torchvision name read from the hub cache, or a .pth")
+    parser.add_argument("--model", default=MODELS[0], choices=MODELS, help="with --weights: the model")
+    parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="draw and keep detections above this")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu (cuda falls back to the CPU)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else 800")
+    parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else 1333")
+    parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
+    args = parser.parse_args(argv)
+    try:
+        return predict(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def predict(args: argparse.Namespace) -> int:
+    device = torch.device(args.device if torch.cuda.is_available() or args.device == "cpu" else "cpu")
+    paths = find_images(args.inputs)
+    ids = image_ids(paths, args.annotations)
+    model, category_map = load_model(args)
+    model.to(device).eval()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: list[dict] = []
+    started = time.time()
+    for start in range(0, len(paths), args.batch_size):
+        batch = list(zip(paths[start:start + args.batch_size], ids[start:start + args.batch_size]))
+        try:
+            images = [read_rgb(path) for path, _ in batch]
+        except SampleError as e:
+            raise UserError(str(e)) from None
+        with torch.inference_mode():
+            outputs = model(to_device(images, [], device)[0])
+        for (path, image_id), image, output in zip(batch, images, outputs):
+            output = {k: v.cpu() for k, v in output.items()}
+            keep = output["scores"] >= args.score_thresh
+            output = {k: v[keep] for k, v in output.items()}
+            results += to_coco_results(image_id, output, category_map, ("segm",))["segm"]
+            labels = output["labels"].tolist()
+            names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
+            picture = draw_instances(image, output["boxes"], names, output["masks"][:, 0] > 0.5,
+                                     [PALETTE[i % len(PALETTE)] for i in labels])
+            save_jpeg(picture, out / f"{path.stem}.jpg")
+        done = min(start + args.batch_size, len(paths))
+        rate = done / max(time.time() - started, 1e-9)
+        print(f"\r[{done}/{len(paths)}] {rate:.1f} img/s", end="", flush=True)
+    print()
+    (out / "predictions.json").write_text(json.dumps(results))
+    print(f"Wrote {len(paths)} pictures and {len(results)} detections to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

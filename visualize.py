@@ -1,0 +1,96 @@
+"""Pictures of a run: ground truth beside prediction for a few images, and curves of losses, lr and AP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from coco_utils import CategoryMap
+
+MIN_PICTURE_SIDE = 320
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
+
+
+def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], masks: torch.Tensor | None,
+                   colors: list[tuple[int, int, int]]) -> torch.Tensor:
+    """uint8 CHW image with the instances' masks filled in and their boxes and labels drawn over."""
+    if len(boxes) == 0:
+        return image
+    if masks is not None and len(masks):
+        image = draw_segmentation_masks(image, masks.bool(), alpha=0.45, colors=colors)
+    return draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2)
+
+
+def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: CategoryMap,
+                 score_thresh: float = 0.5) -> torch.Tensor:
+    """Ground truth on the left, prediction (scores of at least score_thresh) on the right, one CHW image
+    (enlarged by a whole factor when the image is smaller than MIN_PICTURE_SIDE)."""
+
+    def color(label: int) -> tuple[int, int, int]:
+        return PALETTE[label % len(PALETTE)]
+
+    # Small images are drawn enlarged, so that labels stay legible.
+    scale = max(1, -(-MIN_PICTURE_SIDE // min(image.shape[1:])))
+    if scale > 1:
+        image = image.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        target = {**target, "boxes": target["boxes"] * scale}
+        if target.get("masks") is not None:
+            target["masks"] = target["masks"].repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        output = {**output, "boxes": output["boxes"] * scale}
+        if "masks" in output:
+            output["masks"] = output["masks"].repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+
+    gt_labels = target["labels"].tolist()
+    left = draw_instances(image, target["boxes"], [category_map.name(i) for i in gt_labels],
+                          target.get("masks"), [color(i) for i in gt_labels])
+    keep = output["scores"] >= score_thresh
+    labels = output["labels"][keep].tolist()
+    names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"][keep].tolist())]
+    masks = output["masks"][keep][:, 0] > 0.5 if "masks" in output else None
+    right = draw_instances(image, output["boxes"][keep], names, masks, [color(i) for i in labels])
+    gap = torch.full((3, image.shape[1], 8), 255, dtype=torch.uint8)
+    return torch.cat([left, gap, right], dim=2)
+
+
+def save_jpeg(picture: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(path, quality=90)
+
+
+def plot_curves(train: list[dict], evals: list[dict], out_path: Path) -> Path | None:
+    """curves.png from metrics.jsonl's training and evaluation records: losses and lr over steps, box and
+    mask AP over epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    if not train:
+        return None
+    steps = [r["global_step"] for r in train]
+    loss_names = sorted(k for k in train[-1] if k.startswith("loss"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=80)
+    for name in loss_names:
+        axes[0].plot(steps, [r.get(name) for r in train], label=name, linewidth=1)
+    axes[0].set(title="training losses", xlabel="step", yscale="log")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(steps, [r["lr"] for r in train], color="tab:purple")
+    axes[1].set(title="learning rate", xlabel="step")
+    for iou_type, label in (("bbox", "box AP"), ("segm", "mask AP")):
+        points = [(r["epoch"], r[iou_type]["AP"]) for r in evals if iou_type in r]
+        if points:
+            axes[2].plot(*zip(*points), marker="o", label=label)
+    axes[2].set(title="COCO AP (0.50:0.95)", xlabel="epoch")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
