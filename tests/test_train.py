@@ -194,6 +194,8 @@ def test_unreadable_images_are_counted_and_limited(dataset, tmp_path):
     assert "data faults: 2 samples skipped" in result.stdout
 
     result = run_cli("train.py", *args)
+    assert result.returncode == 2 and "train data: 1 of 24 images cannot be used" in result.stderr, "start check"
+    result = run_cli("train.py", *args, "--skip-data-check")
     assert result.returncode == 2
     assert "could not be read this epoch, more than --max-bad-samples 0.01" in result.stderr
 
