@@ -198,7 +198,7 @@ def read_rgb(path: Path) -> torch.Tensor:
     """An image file as a uint8 CHW RGB tensor (grayscale and palette images converted)."""
     try:
         with Image.open(path) as img:
-            pixels = np.array(img.convert("RGB"))
+            pixels = np.array(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, ValueError) as e:
         reason = "missing" if not Path(path).exists() else f"unreadable ({str(e).strip()[:100]})"
         raise SampleError(f"{path}: image {reason}") from None
@@ -243,8 +243,11 @@ class CocoDetection(torch.utils.data.Dataset):
     """Samples of (uint8 CHW RGB image, target) from a COCO index; targets hold labels, not category ids.
 
     With train=True, images without a usable annotation are left out and crowd regions are dropped from the
-    targets, as the Mask R-CNN recipe trains. A sample that cannot be read is replaced by the next readable
-    one, so batches keep their size; target["faults"] says what was skipped or repaired, for the loop to log.
+    targets, as the Mask R-CNN recipe trains. Evaluation samples carry no masks: scoring reads the annotation
+    file, so decoding them would be wasted work (load_target draws them when asked).
+
+    A sample that cannot be read is replaced by the next readable one, so batches keep their size;
+    target["faults"] says what was skipped or repaired, for the loop to log.
     Random augmentation is seeded by (seed, epoch, index): the same sample gets the same augmentation
     whichever worker loads it and whether or not the run was resumed.
     """
@@ -257,6 +260,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
+        self.with_masks = train
         ids = sorted(coco.imgs)
         if train:
             ids = [i for i in ids if any(_is_trainable(a) for a in coco.imgToAnns[i])]
@@ -281,7 +285,9 @@ class CocoDetection(torch.utils.data.Dataset):
                               f"{info['width']}x{info['height']}")
         return image
 
-    def load_target(self, image_id: int, faults: list[str]) -> dict:
+    def load_target(self, image_id: int, faults: list[str], with_masks: bool = True) -> dict:
+        """The image's instances; without masks (evaluation scores against the annotation file, not these)
+        the masks are left out, which saves most of the work."""
         info = self.coco.imgs[image_id]
         height, width = info["height"], info["width"]
         where = info["file_name"]
@@ -293,15 +299,17 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 1::2].clamp_(min=0, max=height)
         keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
         anns = [a for a, k in zip(anns, keep.tolist()) if k]
-        masks = instance_masks(anns, height, width)
-        return {
+        masks = instance_masks(anns, height, width) if with_masks else None
+        target = {
             "boxes": boxes[keep],
             "labels": torch.tensor([self.category_map.label(a["category_id"]) for a in anns], dtype=torch.int64),
-            "masks": masks,
             "image_id": image_id,
             "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
             "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
         }
+        if masks is not None:
+            target["masks"] = masks
+        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         faults: list[str] = []
@@ -312,7 +320,7 @@ class CocoDetection(torch.utils.data.Dataset):
             except SampleError as e:
                 faults.append(f"{e}; sample skipped")
                 continue
-            target = self.load_target(image_id, faults)
+            target = self.load_target(image_id, faults, self.with_masks)
             if self.transforms is not None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)

@@ -37,7 +37,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from coco_eval import BACKENDS, CocoEvaluator
-from coco_utils import DATASET_LAYOUTS, CategoryMap, FaultLog, build_dataset
+from coco_utils import DATASET_LAYOUTS, CategoryMap, FaultLog, SampleError, build_dataset
 from dataset_check import check_before_training
 from engine import TrainOptions, autocast, evaluate, to_device, train_one_epoch
 from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
@@ -236,12 +236,16 @@ def prediction_pictures(model, dataset, indices: list[int], device: torch.device
     pictures = {}
     with torch.inference_mode():
         for index in indices:
-            image, target = dataset[index]
+            image_id = dataset.ids[index]
+            try:
+                image, target = dataset.load_image(image_id), dataset.load_target(image_id, [])
+            except SampleError:
+                continue  # already reported by the evaluation that just ran
             images, _ = to_device([image], [], device)
             with autocast(device, amp_dtype):
                 output = model(images)[0]
             output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
-            pictures[str(target["image_id"])] = side_by_side(image, target, output, dataset.category_map)
+            pictures[str(image_id)] = side_by_side(image, target, output, dataset.category_map)
     return pictures
 
 

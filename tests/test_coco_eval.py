@@ -16,8 +16,8 @@ def _noisy_outputs(ds, seed=0):
     """Predictions built from ground truth with jitter, dropped instances and wrong labels."""
     rng = np.random.default_rng(seed)
     outputs = {}
-    for index in range(len(ds)):
-        _, target = ds[index]
+    for image_id in ds.ids:
+        target = ds.load_target(image_id, [])
         n = len(target["boxes"])
         keep = torch.from_numpy(rng.random(n) < 0.8)
         boxes = target["boxes"][keep] + torch.from_numpy(rng.normal(0, 2, (int(keep.sum()), 4))).float()
