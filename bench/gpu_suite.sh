@@ -44,7 +44,8 @@ step seed_amp 90 $py train.py "${seed[@]}" --lr 0.001 --batch-size 1 --amp --epo
 step seed_ddp1 90 $py -m torch.distributed.launch --nproc_per_node=1 --use_env train.py "${seed[@]}" \
     --wd 0.000001 --lr 0.001 --batch-size 4 --epochs 1 --output-dir /tmp/o3 --print-freq 4
 
-bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8)
+bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8
+    --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
 step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
 step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
 step train_bf16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16
