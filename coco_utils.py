@@ -219,8 +219,8 @@ def instance_masks(anns: list[dict], height: int, width: int) -> torch.Tensor:
             rles.append(mask_utils.frPyObjects(segmentation, height, width))
         else:
             rles.append(segmentation)
-    # decode gives (H, W, N) in column-major order; the permuted view needs no copy
-    return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
+    # decode gives (H, W, N) in column-major order; the model's kernels want (N, H, W) row-major
+    return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).contiguous()
 
 
 def _repaired_annotation(ann: dict, where: str, faults: list[str]) -> dict | None:
