@@ -219,8 +219,9 @@ def instance_masks(anns: list[dict], height: int, width: int) -> torch.Tensor:
             rles.append(mask_utils.frPyObjects(segmentation, height, width))
         else:
             rles.append(segmentation)
-    # decode gives (H, W, N) in column-major order; the model's kernels want (N, H, W) row-major
-    return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).contiguous()
+    # decode gives (H, W, N) in column-major order: the (N, H, W) view of it costs nothing, while making it
+    # row-major here would cost as much as the decoding; the engine does that on the device (to_device)
+    return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
 
 
 def _repaired_annotation(ann: dict, where: str, faults: list[str]) -> dict | None:
@@ -322,9 +323,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             target = self.load_target(image_id, faults, self.with_masks)
             if self.transforms is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
-                    image, target = self.transforms(image, target)
+                generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+                image, target = self.transforms(image, target, generator)
             target["faults"] = faults
             return image, target
         raise UserError(f"no image of {self.image_dir} can be read; check --data-path")

@@ -16,10 +16,14 @@ from coco_utils import FaultLog
 
 
 def to_device(images, targets, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Move a batch to the device; uint8 images become floats in [0, 1] there, not in the loader."""
+    """Move a batch to the device; uint8 images become floats in [0, 1] there, and masks (column-major from
+    the loader) become row-major there, where that is cheap, rather than in the loader."""
     images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
                for t in targets]
+    for target in targets:
+        if "masks" in target:
+            target["masks"] = target["masks"].contiguous()
     return images, targets
 
 

@@ -19,12 +19,12 @@ class DetectionPresetTrain:
             raise ValueError(f"unknown data augmentation {data_augmentation!r}; choose from {TRAIN_AUGMENTATIONS}")
         self.transforms = T.Compose([T.RandomHorizontalFlip(hflip_prob)])
 
-    def __call__(self, image, target):
-        return self.transforms(image, target)
+    def __call__(self, image, target, generator=None):
+        return self.transforms(image, target, generator)
 
 
 class DetectionPresetEval:
     """Evaluation leaves samples as they are: the model resizes and normalises them itself."""
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, generator=None):
         return image, target

@@ -1,4 +1,8 @@
-"""Joint transforms of an image tensor and its target: boxes and masks move with the pixels."""
+"""Joint transforms of an image tensor and its target: boxes and masks move with the pixels.
+
+Random transforms draw from the generator they are given (the dataset seeds one per sample), so that a
+sample's augmentation does not depend on which process loads it or on what else used the global generator.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ class Compose:
     def __init__(self, transforms: list) -> None:
         self.transforms = transforms
 
-    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    def __call__(self, image: torch.Tensor, target: dict, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, dict]:
         for t in self.transforms:
-            image, target = t(image, target)
+            image, target = t(image, target, generator)
         return image, target
 
 
@@ -23,8 +28,9 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5) -> None:
         self.p = p
 
-    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        if torch.rand(1).item() >= self.p:
+    def __call__(self, image: torch.Tensor, target: dict, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, dict]:
+        if torch.rand(1, generator=generator).item() >= self.p:
             return image, target
         width = image.shape[-1]
         image = image.flip(-1)
