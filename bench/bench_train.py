@@ -47,6 +47,15 @@ class StepClock:
         return bool(torch.stack(self.flags).all()) if self.flags else True
 
 
+def torchvision_model(args) -> torch.nn.Module:
+    """torchvision's own builder, seeded: the starting weights of both implementations' runs."""
+    torch.manual_seed(0)
+    weights_backbone = None if args.weights_backbone is None else "ResNet50_Weights.IMAGENET1K_V1"
+    return torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=weights_backbone, num_classes=91, min_size=args.min_size,
+        max_size=args.max_size)
+
+
 def run_ours(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
     import presets
     import utils
@@ -60,7 +69,11 @@ def run_ours(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
                                          num_workers=args.workers, collate_fn=utils.collate_fn,
                                          pin_memory=device.type == "cuda")
     model = build_model("maskrcnn_resnet50_fpn", 91, None, args.weights_backbone, None,
-                        min_size=args.min_size, max_size=args.max_size).to(device)
+                        min_size=args.min_size, max_size=args.max_size)
+    # The same starting weights as the reference's run: how many proposals the heads train on, and so the
+    # cost of a step, depends on them.
+    model.load_state_dict(torchvision_model(args).state_dict())
+    model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if args.amp else None
@@ -83,10 +96,7 @@ def run_reference(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]
     dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
                                          num_workers=args.workers, collate_fn=utils.collate_fn)
-    weights_backbone = None if args.weights_backbone is None else "ResNet50_Weights.IMAGENET1K_V1"
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=weights_backbone, num_classes=91, min_size=args.min_size,
-        max_size=args.max_size).to(device)
+    model = torchvision_model(args).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.cuda.amp.GradScaler() if args.amp else None
