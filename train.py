@@ -348,7 +348,11 @@ def main(args: argparse.Namespace) -> dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            utils.print_once("--sync-bn: torch synchronises batch norm on GPUs only; on the CPU each process "
+                             "keeps its own statistics")
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -43,8 +43,9 @@ def test_seed_command_form_trains_and_rank0_writes(ddp_run):
 
 def test_ranks_train_on_different_images(dataset, tmp_path):
     result = launch("tests/ddp_probe.py", "--data-path", str(dataset), "--output-dir", str(tmp_path / "out"),
-                    *FLAGS, "--seed", "3", use_env=False, env={"PROBE_DIR": str(tmp_path)})
+                    *FLAGS, "--seed", "3", "--sync-bn", use_env=False, env={"PROBE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "--sync-bn: torch synchronises batch norm on GPUs only" in result.stdout
     seen = [{i for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines() for i in json.loads(line)}
             for r in (0, 1)]
     assert seen[0] and seen[1]
