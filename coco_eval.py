@@ -158,6 +158,7 @@ class CocoEvaluator:
     def synchronize_between_processes(self) -> None:
         """Merge every rank's records; an image seen by two ranks (sampler padding) counts once."""
         self._collect()
+        self._encoder.shutdown()  # every image is in: its thread would otherwise idle for the rest of the run
         merged: dict[int, dict[str, list[dict]]] = {}
         for part in utils.all_gather_object(self.per_image):
             merged.update(part)

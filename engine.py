@@ -64,7 +64,6 @@ class TrainOptions:
 class EpochResult:
     steps_done: int
     finished: bool
-    losses: dict[str, float]
 
 
 def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: int, options: TrainOptions,
@@ -155,8 +154,7 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
         group["lr"] = base_lr
     if options.faults.skipped or options.faults.repaired:
         utils.print_once(f"Epoch: [{epoch}] data faults: {options.faults.summary()}")
-    losses = {name: meter.global_avg for name, meter in logger.meters.items() if name != "lr"}
-    return EpochResult(steps_done=step, finished=step == steps_in_epoch, losses=losses)
+    return EpochResult(steps_done=step, finished=step == steps_in_epoch)
 
 
 @torch.inference_mode()
