@@ -13,6 +13,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
 from checkpoint import load_file
+from mask_paste import use_device_paste
 from utils import UserError
 
 MODELS = ("maskrcnn_resnet50_fpn",)
@@ -108,7 +109,7 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     if backbone_state is not None:
         load_model_weights(resnet, backbone_state, f"--weights-backbone {weights_backbone}")
     backbone = _resnet_fpn_extractor(resnet, trainable_backbone_layers)
-    model = MaskRCNN(backbone, num_classes=num_classes, **model_kwargs)
+    model = use_device_paste(MaskRCNN(backbone, num_classes=num_classes, **model_kwargs))
     if weights is not None:
         state = _state_dict_of(resolve_weights(weights, "--weights"), "--weights")
         fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=True)
