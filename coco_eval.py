@@ -22,6 +22,10 @@ from coco_utils import CategoryMap
 # The order of COCOeval.stats, named, and what each line of the standard summary says of it:
 # (precision or recall, IoU range, object size, detections per image).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+KEYPOINT_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+_KEYPOINT_ROWS = [(kind, iou, area, 20) for kind in ("AP", "AR")
+                  for iou, area in (("0.50:0.95", "all"), ("0.50", "all"), ("0.75", "all"), ("0.50:0.95", "medium"),
+                                    ("0.50:0.95", "large"))]
 _SUMMARY_ROWS = [("AP", "0.50:0.95", "all", 100), ("AP", "0.50", "all", 100), ("AP", "0.75", "all", 100),
                  ("AP", "0.50:0.95", "small", 100), ("AP", "0.50:0.95", "medium", 100),
                  ("AP", "0.50:0.95", "large", 100), ("AR", "0.50:0.95", "all", 1), ("AR", "0.50:0.95", "all", 10),
@@ -29,11 +33,16 @@ _SUMMARY_ROWS = [("AP", "0.50:0.95", "all", 100), ("AP", "0.50", "all", 100), ("
                  ("AR", "0.50:0.95", "medium", 100), ("AR", "0.50:0.95", "large", 100)]
 
 
-def format_summary(stats) -> str:
-    """The 12 lines COCO tools print for a stats vector, whichever back end computed it."""
+def format_summary(stats, iou_type: str = "bbox") -> str:
+    """The lines COCO tools print for a stats vector (12, or 10 for keypoints), whichever back end computed it."""
     kinds = {"AP": "Average Precision  (AP)", "AR": "Average Recall     (AR)"}
+    rows = _KEYPOINT_ROWS if iou_type == "keypoints" else _SUMMARY_ROWS
     return "\n".join(f" {kinds[kind]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = {value:0.3f}"
-                     for (kind, iou, area, dets), value in zip(_SUMMARY_ROWS, stats))
+                     for (kind, iou, area, dets), value in zip(rows, stats))
+
+
+def metric_names(iou_type: str) -> tuple[str, ...]:
+    return KEYPOINT_METRIC_NAMES if iou_type == "keypoints" else METRIC_NAMES
 
 
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map: CategoryMap,
@@ -41,7 +50,8 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
     """One image's model output as COCO result records per IoU type, with the file's category ids.
 
     Masks are the model's probabilities (N, 1, H, W) or already thresholded (N, H, W) booleans; the latter
-    encode without a copy when their memory is column-major (see binarize_masks).
+    encode without a copy when their memory is column-major (see binarize_masks). Keypoints (N, K, 3) become
+    COCO's flat [x, y, v, ...] lists.
     """
     boxes = output["boxes"].tolist()
     scores = output["scores"].tolist()
@@ -51,6 +61,11 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
         results["bbox"] = [
             {"image_id": image_id, "category_id": c, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s}
             for (x0, y0, x1, y1), s, c in zip(boxes, scores, category_ids)
+        ]
+    if "keypoints" in iou_types:
+        results["keypoints"] = [
+            {"image_id": image_id, "category_id": c, "keypoints": k, "score": s}
+            for k, s, c in zip(output["keypoints"].flatten(1).tolist(), scores, category_ids)
         ]
     if "segm" in iou_types:
         masks = output["masks"]
@@ -121,7 +136,7 @@ def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    print(format_summary(evaluator.stats[:12]))
+    print(format_summary(evaluator.stats, iou_type))
     return evaluator
 
 
@@ -178,7 +193,7 @@ class CocoEvaluator:
         for iou_type in self.iou_types:
             print(f"IoU metric: {iou_type}")
             evaluator = score(self.coco_gt, self.results(iou_type), iou_type, list(self.per_image), self.backend)
-            metrics[iou_type] = dict(zip(METRIC_NAMES, (float(v) for v in evaluator.stats[:12])))
+            metrics[iou_type] = dict(zip(metric_names(iou_type), (float(v) for v in evaluator.stats)))
             metrics[iou_type]["per_category"] = per_category_ap(evaluator, self.coco_gt)
         print(format_per_category(metrics))
         self.timings["score"] += time.perf_counter() - started
@@ -197,7 +212,7 @@ class CocoEvaluator:
 
 
 def per_category_ap(evaluator, coco_gt: COCO) -> dict[str, float]:
-    """AP at IoU 0.50:0.95, all areas, 100 detections, of each category that has ground truth."""
+    """AP at IoU 0.50:0.95, all areas, the most detections, of each category that has ground truth."""
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category]
     result = {}
     for k, category_id in enumerate(evaluator.params.catIds):

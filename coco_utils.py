@@ -24,7 +24,27 @@ DATASET_LAYOUTS = {
         "train": ("train2017", "annotations/instances_train2017.json"),
         "val": ("val2017", "annotations/instances_val2017.json"),
     },
+    "coco_kp": {
+        "train": ("train2017", "annotations/person_keypoints_train2017.json"),
+        "val": ("val2017", "annotations/person_keypoints_val2017.json"),
+    },
 }
+# The Keypoint R-CNN recipe trains on images with at least this many labelled keypoints in all.
+MIN_KEYPOINTS_PER_IMAGE = 10
+
+
+@cache
+def coco_keypoint_names() -> tuple[str, ...]:
+    """COCO's 17 person keypoints, in order, as torchvision's keypoint weights name them."""
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+    return tuple(KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.meta["keypoint_names"])
+
+
+def flip_order(names: tuple[str, ...]) -> list[int]:
+    """For each keypoint, the one it becomes in a mirror image: left and right swap, the rest stay."""
+    swapped = [n.replace("left", "\0").replace("right", "left").replace("\0", "right") for n in names]
+    return [names.index(n) if n in names else i for i, n in enumerate(swapped)]
 
 
 @cache
@@ -190,6 +210,10 @@ def _is_trainable(ann: dict) -> bool:
     return not ann.get("iscrowd", 0) and w > 1 and h > 1
 
 
+def _labelled_keypoints(anns: list[dict]) -> int:
+    return sum(v > 0 for a in anns if not a.get("iscrowd", 0) for v in a.get("keypoints", [])[2::3])
+
+
 class SampleError(Exception):
     """A sample that cannot be used (missing or unreadable image, size differing from the JSON)."""
 
@@ -254,17 +278,20 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir: Path, coco: COCO, category_map: CategoryMap, transforms=None,
-                 train: bool = False, seed: int = 0) -> None:
+                 train: bool = False, seed: int = 0, keypoints: bool = False) -> None:
         self.image_dir = Path(image_dir)
         self.coco = coco
         self.category_map = category_map
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
-        self.with_masks = train
+        self.with_masks = train and not keypoints
+        self.with_keypoints = keypoints
         ids = sorted(coco.imgs)
         if train:
             ids = [i for i in ids if any(_is_trainable(a) for a in coco.imgToAnns[i])]
+        if train and keypoints:
+            ids = [i for i in ids if _labelled_keypoints(coco.imgToAnns[i]) >= MIN_KEYPOINTS_PER_IMAGE]
         self.ids = ids
 
     def __len__(self) -> int:
@@ -310,6 +337,9 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         if masks is not None:
             target["masks"] = masks
+        if self.with_keypoints:
+            points = [a.get("keypoints") or [0.0] * 3 * len(coco_keypoint_names()) for a in anns]
+            target["keypoints"] = torch.tensor(points, dtype=torch.float32).reshape(len(anns), -1, 3)
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
@@ -365,17 +395,31 @@ class FaultLog:
         return f"{self.skipped} samples skipped, {self.repaired} annotations repaired"
 
 
+def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
+    """coco_kp trains and scores COCO's 17 person keypoints (their OKS sigmas are COCO's): one category with
+    those keypoints, in that order."""
+    names = coco_keypoint_names()
+    if len(categories) != 1 or tuple(categories[0].get("keypoints", ())) != names:
+        found = [(c.get("name"), len(c.get("keypoints", ()))) for c in categories]
+        raise UserError(f"{ann_file}: --dataset coco_kp needs one category with COCO's 17 person keypoints "
+                        f"({', '.join(names[:3])}, ...), found (name, keypoints) {found}; use a COCO "
+                        f"person_keypoints file or tools/make_coco_dataset.py --keypoints")
+
+
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
                   category_map: CategoryMap | None = None, seed: int = 0) -> CocoDetection:
     """The dataset of one split; its category map comes from the file unless one is given (e.g. from a
     checkpoint), in which case the file must use the same categories."""
     image_dir, ann_file = split_paths(data_path, dataset, split)
     coco = load_coco(ann_file)
+    if dataset == "coco_kp":
+        check_person_keypoints(coco.dataset["categories"], ann_file)
     file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset)
     if category_map is not None and set(file_map.ids) - set(category_map.ids):
         raise UserError(f"{ann_file} has categories {sorted(set(file_map.ids) - set(category_map.ids))} that the "
                         f"model was not trained on; evaluate with a matching annotation file")
-    ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train", seed=seed)
+    ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train", seed=seed,
+                       keypoints=dataset == "coco_kp")
     if len(ds) == 0:
         what = "annotated image" if split == "train" else "image"
         raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")

@@ -37,12 +37,20 @@ from checkpoint import (
     save_checkpoint,
 )
 from coco_eval import BACKENDS, CocoEvaluator
-from coco_utils import DATASET_LAYOUTS, CategoryMap, FaultLog, SampleError, build_dataset
+from coco_utils import (
+    DATASET_LAYOUTS,
+    CategoryMap,
+    FaultLog,
+    SampleError,
+    build_dataset,
+    coco_keypoint_names,
+    flip_order,
+)
 from dataset_check import check_before_training
 from engine import TrainOptions, autocast, evaluate, to_device, train_one_epoch
 from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
 from metrics import MetricsWriter
-from models import DEFAULT_BACKBONE_WEIGHTS, MODELS, build_from_checkpoint, build_model
+from models import MODELS, build_from_checkpoint, build_model, default_backbone_weights, iou_types, model_options
 from preemption import StopRequest, ignore_stop_signals
 from utils import UserError
 from visualize import plot_curves, save_jpeg, side_by_side
@@ -63,7 +71,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data-path", default="./datasets/coco", help="dataset root with annotations/, train2017/, val2017/")
     add("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS), help="dataset layout")
-    add("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, help="model to train")
+    add("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
+        help=f"torchvision detection model: {', '.join(MODELS)}")
     add("--device", default="cuda", help="cuda or cpu; without CUDA the run falls back to the CPU")
     add("-b", "--batch-size", default=2, type=int, help="images per device; total = batch size x processes")
     add("--epochs", default=26, type=int, help="number of epochs to run")
@@ -94,7 +103,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--trainable-backbone-layers", default=None, type=int,
         help="ResNet stages to train, 0-5 (default: 3 with pretrained weights, 5 from scratch)")
     add("--data-augmentation", default="hflip", choices=presets.TRAIN_AUGMENTATIONS,
-        help="training augmentation policy")
+        help="training augmentation policy: hflip, lsj (large-scale jitter to 1024x1024), multiscale (short side "
+             "480-800), ssd or ssdlite (photometric distortion, zoom out, IoU crop)")
+    add("--use-copypaste", action="store_true",
+        help="Simple Copy-Paste between the images of a batch (needs --data-augmentation lsj and masks)")
+    add("--use-v2", action="store_true", help="augment with torchvision.transforms.v2 and tv_tensors")
+    add("--backend", default="tensor", type=str.lower, choices=presets.BACKENDS,
+        help="image type the augmentation works on: tensor (fastest here), pil, or tv_tensor (with --use-v2)")
     add("--sync-bn", action="store_true", help="synchronise batch norm statistics across processes")
     add("--test-only", action="store_true", help="evaluate only (with --resume or --weights)")
     add("--use-deterministic-algorithms", action="store_true", help="only deterministic kernels")
@@ -106,18 +121,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="set by torch.distributed.launch without --use_env")
     add("--weights", default=None,
         help="whole-model weights: a torchvision name (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a .pth path")
-    add("--weights-backbone", default=DEFAULT_BACKBONE_WEIGHTS,
-        help="backbone weights: a torchvision name read from the torch hub cache, a .pth path, or none")
+    add("--weights-backbone", default="default",
+        help="backbone weights: a torchvision name read from the torch hub cache, a .pth path, or none; default: "
+             "the ImageNet weights torchvision's recipe uses for the model (ResNet50_Weights.IMAGENET1K_V1, "
+             "MobileNet_V3_Large_Weights.IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_FEATURES)")
     add("--amp", action="store_true", help="mixed precision (autocast; a gradient scaler for float16)")
     add("--amp-dtype", default=None, choices=sorted(AMP_DTYPES),
         help="autocast type with --amp (default: float16 on CUDA, bfloat16 on CPU); bfloat16 needs no "
              "scaler and is the better choice on Ampere and Hopper GPUs")
     add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
-    add("--min-size", default=800, type=int, help="the model resizes each image's short side to this")
-    add("--max-size", default=1333, type=int, help="... keeping its long side at most this")
-    add("--rois-per-image", default=512, type=int,
-        help="region proposals sampled per image to train the box and mask heads (torchvision: 512); fewer "
-             "make steps much cheaper when images hold few objects")
+    add("--min-size", default=None, type=int,
+        help="the model resizes each image's short side to this (default: the model's, 800 for R-CNNs)")
+    add("--max-size", default=None, type=int, help="... keeping its long side at most this (default: 1333)")
+    add("--rois-per-image", default=None, type=int,
+        help="R-CNNs: region proposals sampled per image to train the box and mask heads (default: 512); "
+             "fewer make steps much cheaper when images hold few objects")
     add("--num-classes", default=None, type=int,
         help="classes including background (default: 91 for COCO's own categories, else categories + 1)")
     add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
@@ -130,6 +148,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--coco-backend", default="auto", choices=BACKENDS,
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
     add("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    add("--cudnn-benchmark", action="store_true",
+        help="let cuDNN time its kernels for each new input shape (pays when image sizes repeat)")
     add("--max-bad-samples", default=0.01, type=float,
         help="share of an epoch's images that may be unreadable (skipped) before the run stops")
     add("--skip-data-check", action="store_true", help="start without looking up every image file first")
@@ -154,14 +174,28 @@ def check_args(args: argparse.Namespace) -> None:
               f"happens", file=sys.stderr)
     if not 0 <= args.max_bad_samples <= 1:
         raise UserError(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
-    if args.rois_per_image < 1:
+    if args.rois_per_image is not None and args.rois_per_image < 1:
         raise UserError(f"--rois-per-image {args.rois_per_image} must be at least 1")
     if args.eval_batch_size < 1:
         raise UserError(f"--eval-batch-size {args.eval_batch_size} must be at least 1")
+    if args.backend == "tv_tensor" and not args.use_v2:
+        raise UserError("--backend tv_tensor works with torchvision.transforms.v2 only; add --use-v2")
+    if args.use_copypaste and (args.data_augmentation != "lsj" or not args.model.startswith("maskrcnn")):
+        raise UserError("--use-copypaste pastes instances by their masks onto lsj's fixed-size images; use it "
+                        "with --data-augmentation lsj and a maskrcnn model")
+    if args.model.startswith("keypointrcnn") and args.dataset != "coco_kp":
+        raise UserError(f"--model {args.model} learns keypoints; use --dataset coco_kp")
+    if args.dataset == "coco_kp" and args.use_v2:
+        raise UserError("--use-v2 cannot flip keypoints' left and right; leave --use-v2 out for coco_kp")
     if args.print_freq < 1:
         raise UserError(f"--print-freq {args.print_freq} must be at least 1")
-    if args.weights_backbone and args.weights_backbone.lower() == "none":
+    if args.weights_backbone.lower() == "none":
         args.weights_backbone = None
+    elif args.weights_backbone == "default":
+        args.weights_backbone = default_backbone_weights(args.model)
+    if args.trainable_backbone_layers is not None and args.weights is None and args.weights_backbone is None:
+        raise UserError("--trainable-backbone-layers applies to pretrained weights; from scratch every backbone "
+                        "stage trains, so leave it out or give --weights-backbone")
 
 
 def pick_device(name: str) -> torch.device:
@@ -217,7 +251,9 @@ def make_loaders(args: argparse.Namespace, train_set, val_set) -> tuple:
             raise UserError(f"--batch-size {args.batch_size} x {world} processes is more than the "
                             f"{len(train_set)} training images; lower --batch-size")
         batch_sampler = ResumableBatchSampler(batch_sampler)
-        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, **loader_kwargs)
+        collate = presets.CopyPasteCollate(train_set) if args.use_copypaste else utils.collate_fn
+        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler,
+                                                   **{**loader_kwargs, "collate_fn": collate})
     val_sampler = torch.utils.data.DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler,
                                              **loader_kwargs)
@@ -225,8 +261,8 @@ def make_loaders(args: argparse.Namespace, train_set, val_set) -> tuple:
 
 
 def primary_ap(metrics: dict) -> float:
-    """What model_best.pth is chosen by: mask AP, or box AP for models without masks."""
-    return metrics["segm"]["AP"] if "segm" in metrics else metrics["bbox"]["AP"]
+    """What model_best.pth is chosen by: mask or keypoint AP, or box AP for models that give neither."""
+    return next(metrics[kind]["AP"] for kind in ("segm", "keypoints", "bbox") if kind in metrics)
 
 
 def prediction_pictures(model, dataset, indices: list[int], device: torch.device,
@@ -296,8 +332,8 @@ def main(args: argparse.Namespace) -> dict:
 
     utils.seed_everything(args.seed)
     if args.use_deterministic_algorithms:
-        torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.use_deterministic_algorithms
 
     # float16 (with a gradient scaler) is the seed's mixed precision on GPUs; the CPU's autocast is bfloat16.
     amp_dtype = None
@@ -314,8 +350,10 @@ def main(args: argparse.Namespace) -> dict:
     utils.print_once("Loading data")
     train_set = None
     if not args.test_only:
-        train_set = build_dataset(args.data_path, args.dataset, "train",
-                                  presets.DetectionPresetTrain(args.data_augmentation), category_map, args.seed)
+        keypoint_flip = flip_order(coco_keypoint_names()) if args.dataset == "coco_kp" else None
+        augmentation = presets.DetectionPresetTrain(args.data_augmentation, backend=args.backend,
+                                                    use_v2=args.use_v2, keypoint_flip=keypoint_flip)
+        train_set = build_dataset(args.data_path, args.dataset, "train", augmentation, category_map, args.seed)
         category_map = train_set.category_map
     val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map)
     category_map = val_set.category_map
@@ -331,10 +369,11 @@ def main(args: argparse.Namespace) -> dict:
                         f"{category_map.num_classes} (largest label + 1, background included)")
 
     utils.print_once(f"Creating model {args.model} with {num_classes} classes")
-    model_kwargs = {"min_size": args.min_size, "max_size": args.max_size,
-                    "box_batch_size_per_image": args.rois_per_image}
-    if args.rpn_score_thresh is not None:
-        model_kwargs["rpn_score_thresh"] = args.rpn_score_thresh
+    model_kwargs = model_options(args.model, min_size=args.min_size, max_size=args.max_size,
+                                 box_batch_size_per_image=args.rois_per_image,
+                                 rpn_score_thresh=args.rpn_score_thresh)
+    if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:
+        model_kwargs["_skip_resize"] = True  # in training only: evaluation images are resized by the model
     if checkpoint is None:
         model = build_model(args.model, num_classes, args.weights, args.weights_backbone,
                             args.trainable_backbone_layers, **model_kwargs)
@@ -388,7 +427,7 @@ def main(args: argparse.Namespace) -> dict:
         utils.print_once(f"Resumed from {resume} ({where})")
 
     if args.test_only:
-        evaluator = CocoEvaluator(val_set.coco, category_map, backend=args.coco_backend)
+        evaluator = CocoEvaluator(val_set.coco, category_map, iou_types(args.model), args.coco_backend)
         metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
         if utils.is_main_process():
             for path in evaluator.write_results(output_dir):
@@ -442,7 +481,7 @@ def main(args: argparse.Namespace) -> dict:
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
             sys.exit(stop.exit_code)
 
-        evaluator = CocoEvaluator(val_set.coco, category_map, backend=args.coco_backend)
+        evaluator = CocoEvaluator(val_set.coco, category_map, iou_types(args.model), args.coco_backend)
         metrics = evaluate(model, val_loader, device, evaluator, args.print_freq, amp_dtype)
         if not utils.is_main_process():
             continue

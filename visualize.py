@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from coco_utils import CategoryMap
 
@@ -16,13 +16,19 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 
 def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], masks: torch.Tensor | None,
-                   colors: list[tuple[int, int, int]]) -> torch.Tensor:
-    """uint8 CHW image with the instances' masks filled in and their boxes and labels drawn over."""
+                   colors: list[tuple[int, int, int]], keypoints: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 CHW image with the instances' masks filled in (probabilities (N, 1, H, W) are cut at 0.5) and
+    their boxes, labels and visible keypoints drawn over."""
     if len(boxes) == 0:
         return image
     if masks is not None and len(masks):
-        image = draw_segmentation_masks(image, masks.bool(), alpha=0.45, colors=colors)
-    return draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2)
+        masks = masks[:, 0] > 0.5 if masks.dim() == 4 else masks.bool()
+        image = draw_segmentation_masks(image, masks, alpha=0.45, colors=colors)
+    image = draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2)
+    if keypoints is not None and len(keypoints):
+        image = draw_keypoints(image, keypoints[..., :2], visibility=keypoints[..., 2] > 0, colors="white",
+                               radius=2)
+    return image
 
 
 def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: CategoryMap,
@@ -41,17 +47,21 @@ def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: 
         if target.get("masks") is not None:
             target["masks"] = target["masks"].repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         output = {**output, "boxes": output["boxes"] * scale}
+        for points in (target, output):
+            if points.get("keypoints") is not None:
+                points["keypoints"] = points["keypoints"] * torch.tensor([scale, scale, 1.0])
         if "masks" in output:
             output["masks"] = output["masks"].repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
     gt_labels = target["labels"].tolist()
     left = draw_instances(image, target["boxes"], [category_map.name(i) for i in gt_labels],
-                          target.get("masks"), [color(i) for i in gt_labels])
+                          target.get("masks"), [color(i) for i in gt_labels], target.get("keypoints"))
     keep = output["scores"] >= score_thresh
     labels = output["labels"][keep].tolist()
     names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"][keep].tolist())]
-    masks = output["masks"][keep][:, 0] > 0.5 if "masks" in output else None
-    right = draw_instances(image, output["boxes"][keep], names, masks, [color(i) for i in labels])
+    masks = output["masks"][keep] if "masks" in output else None
+    points = output["keypoints"][keep] if "keypoints" in output else None
+    right = draw_instances(image, output["boxes"][keep], names, masks, [color(i) for i in labels], points)
     gap = torch.full((3, image.shape[1], 8), 255, dtype=torch.uint8)
     return torch.cat([left, gap, right], dim=2)
 
@@ -80,7 +90,7 @@ def plot_curves(train: list[dict], evals: list[dict], out_path: Path) -> Path | 
     axes[0].legend(fontsize=7)
     axes[1].plot(steps, [r["lr"] for r in train], color="tab:purple")
     axes[1].set(title="learning rate", xlabel="step")
-    for iou_type, label in (("bbox", "box AP"), ("segm", "mask AP")):
+    for iou_type, label in (("bbox", "box AP"), ("segm", "mask AP"), ("keypoints", "keypoint AP")):
         points = [(r["epoch"], r[iou_type]["AP"]) for r in evals if iou_type in r]
         if points:
             axes[2].plot(*zip(*points), marker="o", label=label)

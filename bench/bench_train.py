@@ -122,12 +122,14 @@ def main() -> None:
     parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                         help="ours only; the reference's --amp is float16")
     parser.add_argument("--channels-last", action="store_true", help="ours only")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its kernels per input shape")
     parser.add_argument("--weights-backbone", default=None,
                         help="ResNet50_Weights.IMAGENET1K_V1 for the pretrained layout (hub cache); default none")
     args = parser.parse_args()
     use_implementation(args.reference)
     device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -35,21 +35,9 @@ $py -c "import torch, torchvision, sys; torch.save(torchvision.models.resnet50()
 
 # A small set for the seed's commands, and a COCO-like one (~640x480, ~7 shapes) for the benchmarks; both use
 # COCO's own category ids so that torchvision's reference (91 classes, labels = ids) reads them too.
-$py tools/make_coco_dataset.py datasets/coco --coco-categories --coco-like --train-images 64 --val-images 16 >/dev/null
-$py tools/make_coco_dataset.py /tmp/cocolike --coco-categories --coco-like --train-images 400 --val-images 500 >/dev/null
-
-seed=(--data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn)
-step seed_single 90 $py train.py "${seed[@]}" --lr 0.001 --batch-size 4 --epochs 1 --output-dir /tmp/o1 --print-freq 4
-step seed_amp 90 $py train.py "${seed[@]}" --lr 0.001 --batch-size 1 --amp --epochs 1 --output-dir /tmp/o2 --print-freq 16
-step seed_ddp1 90 $py -m torch.distributed.launch --nproc_per_node=1 --use_env train.py "${seed[@]}" \
-    --wd 0.000001 --lr 0.001 --batch-size 4 --epochs 1 --output-dir /tmp/o3 --print-freq 4
-
-bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8
-    --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
-step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
-step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
-step train_bf16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16
-[ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
+$py tools/make_coco_dataset.py datasets/coco --coco-categories --coco-like --train-images 64 --val-images 16 >/dev/null &
+$py tools/make_coco_dataset.py /tmp/cocolike --coco-categories --coco-like --train-images 200 --val-images 500 >/dev/null
+wait
 
 # A 91-class model in the layout both builders make without ImageNet weights, trained briefly: its many
 # low-score detections are the worst case for evaluation. Its own epoch-end evaluation is ours at batch 1.
@@ -58,11 +46,18 @@ step eval_model 150 $py train.py --data-path /tmp/cocolike --weights-backbone no
 step eval_side_by_side 240 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
     --workers 8 ${ref:+--reference "$ref"}
 
-step data_loader 60 $py bench/bench_data.py --data-path /tmp/cocolike --samples 400 --loader-workers 8
-[ -n "$ref" ] && step ref_data_loader 60 $py bench/bench_data.py --data-path /tmp/cocolike --samples 400 \
-    --loader-workers 8 --reference "$ref"
+bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8
+    --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
+step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
+[ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
+step train_fp16_cudnn 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16 --cudnn-benchmark
 step train_bf16_cl 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16 --channels-last
 step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
     --workers 8 -- --eval-batch-size 8
+
+seed=(--data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn)
+step seed_amp 90 $py train.py "${seed[@]}" --lr 0.001 --batch-size 1 --amp --epochs 1 --output-dir /tmp/o2 --print-freq 16
+step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
+[ -n "$ref" ] && step ref_train_fp32 90 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
 cat "$out/steps.jsonl"

@@ -45,6 +45,15 @@ def micro_dataset(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("micro"), spec)
 
 
+@pytest.fixture(scope="session")
+def keypoint_dataset(tmp_path_factory) -> Path:
+    """Stick figures with COCO's 17 person keypoints (and crowds, occluded and unlabelled joints), at 96 px."""
+    spec = DatasetSpec(train_images=8, val_images=2, min_size=80, max_size=112, instances=3, seed=5,
+                       radius=(0.25, 0.4), crowd_share=0.3, empty_share=0.0, gray_share=0.2, degenerate_share=0.0,
+                       keypoints=True)
+    return generate_dataset(tmp_path_factory.mktemp("figures"), spec)
+
+
 # A short from-scratch run on tiny_dataset: 4 steps an epoch.
 TINY = ["--min-size", "64", "--max-size", "64", "--device", "cpu", "-j", "0", "--print-freq", "1", "-b", "2",
         "--weights-backbone", "none", "--lr", "0.01", "--clip-grad-norm", "10"]

@@ -4,7 +4,18 @@ import pytest
 import torch
 import torchvision
 
-from models import build_model, hub_cache_path, load_model_weights, resolve_weights
+from models import (
+    MODELS,
+    backbone_weights_class,
+    build_model,
+    default_backbone_weights,
+    family,
+    hub_cache_path,
+    iou_types,
+    load_model_weights,
+    model_options,
+    resolve_weights,
+)
 from utils import UserError
 
 SMALL = {"min_size": 64, "max_size": 64}
@@ -69,3 +80,96 @@ def test_mismatch_names_first_key():
 def test_unknown_model():
     with pytest.raises(UserError, match="--model nope"):
         build_model("nope", 5, None, None, None)
+
+
+@pytest.fixture(scope="module")
+def batches(dataset, keypoint_dataset):
+    """A training batch of two samples and one evaluation sample, of the shapes and of the figures."""
+    from coco_utils import build_dataset
+
+    found = {}
+    for name, root, kind in (("shapes", dataset, "coco"), ("figures", keypoint_dataset, "coco_kp")):
+        train = build_dataset(root, kind, "train", None)
+        val = build_dataset(root, kind, "val", None, train.category_map)
+        found[name] = ([train[i] for i in range(2)], val, train.category_map)
+    return found
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
+    from coco_eval import CocoEvaluator
+    from engine import evaluate, to_device
+
+    samples, val, category_map = batches["figures" if name.startswith("keypoint") else "shapes"]
+    torch.manual_seed(0)
+    model = build_model(name, category_map.num_classes, None, None, None,
+                        **model_options(name, min_size=96 if family(name) != "ssd" else None,
+                                        max_size=128 if family(name) != "ssd" else None))
+    images, targets = to_device([s[0] for s in samples], [s[1] for s in samples], torch.device("cpu"))
+    for target in targets:
+        target.pop("faults")
+    model.train()
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001)
+    sum(losses.values()).backward()
+    optimizer.step()
+
+    one = torch.utils.data.Subset(val, [0])
+    loader = torch.utils.data.DataLoader(one, batch_size=1, collate_fn=lambda b: tuple(zip(*b)))
+    loader.dataset.coco = val.coco  # the evaluator reads the ground truth of the images it saw
+    metrics = evaluate(model, loader, torch.device("cpu"), CocoEvaluator(val.coco, category_map, iou_types(name)))
+    assert list(metrics) == list(iou_types(name))
+    printed = capsys.readouterr().out
+    for iou_type in iou_types(name):
+        assert f"IoU metric: {iou_type}" in printed
+
+
+def test_each_family_takes_only_its_options():
+    assert model_options("maskrcnn_resnet50_fpn", min_size=96, rpn_score_thresh=None) == {"min_size": 96}
+    with pytest.raises(UserError, match="--min-size does not apply to --model ssd300_vgg16"):
+        model_options("ssd300_vgg16", min_size=96)
+    with pytest.raises(UserError, match="--rois-per-image does not apply to --model fcos_resnet50_fpn"):
+        model_options("fcos_resnet50_fpn", box_batch_size_per_image=64)
+    assert iou_types("keypointrcnn_resnet50_fpn") == ("bbox", "keypoints")
+    assert iou_types("retinanet_resnet50_fpn_v2") == ("bbox",)
+
+
+def test_every_default_backbone_fits_its_builder():
+    for name in MODELS:
+        weights = torchvision.models.get_weight(default_backbone_weights(name))
+        assert isinstance(weights, backbone_weights_class(name)), name
+
+
+def test_mobilenet_backbone_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.get_weight(default_backbone_weights("fasterrcnn_mobilenet_v3_large_320_fpn"))
+    torch.manual_seed(1)
+    state = torchvision.models.mobilenet_v3_large().state_dict()
+    hub_cache_path(weights.url).parent.mkdir(parents=True)
+    torch.save(state, hub_cache_path(weights.url))
+    model = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 3, None, str(weights), None)
+    assert torch.equal(model.backbone.body["0"][0].weight, state["features.0.0.weight"])
+    assert isinstance(model.backbone.body["0"][1], torchvision.ops.FrozenBatchNorm2d)
+
+
+def test_coco_weights_by_name_for_another_family(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    name = "RetinaNet_ResNet50_FPN_Weights.COCO_V1"
+    with pytest.raises(UserError, match="retinanet_resnet50_fpn_coco-eeacb38b.pth is missing"):
+        build_model("retinanet_resnet50_fpn", 91, name, None, None)
+    torch.manual_seed(2)
+    source = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+    path = hub_cache_path(torchvision.models.get_weight(name).url)
+    path.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), path)
+    model = build_model("retinanet_resnet50_fpn", 91, name, None, None)
+    assert torch.equal(model.head.classification_head.cls_logits.weight,
+                       source.head.classification_head.cls_logits.weight)
+    fine_tuned = build_model("retinanet_resnet50_fpn", 4, name, None, None)
+    assert fine_tuned.head.classification_head.cls_logits.out_channels == 4 * 9
+
+
+def test_backbone_weights_of_another_kind_are_refused():
+    with pytest.raises(UserError, match="IMAGENET1K_V1 does not fit the model, which takes VGG16_Weights"):
+        build_model("ssd300_vgg16", 3, None, "ResNet50_Weights.IMAGENET1K_V1", None)

@@ -12,6 +12,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import SMALL, TINY, read_metrics, run_cli
+from models import MODELS
+from presets import BACKENDS, TRAIN_AUGMENTATIONS
 from tools.make_coco_dataset import CATEGORIES
 
 TRAIN_FLAGS = ["--epochs", "1", "-b", "4", "--lr", "0.01", "--clip-grad-norm", "10", *SMALL]
@@ -88,11 +90,13 @@ def test_help_lists_every_flag():
              "--lr-gamma --print-freq --output-dir --resume --start-epoch --start_epoch "
              "--aspect-ratio-group-factor --rpn-score-thresh --trainable-backbone-layers --data-augmentation "
              "--sync-bn --test-only --use-deterministic-algorithms --world-size --dist-url --weights "
-             "--weights-backbone --amp --local-rank --local_rank --seed --min-size --max-size --num-classes")
+             "--weights-backbone --amp --local-rank --local_rank --seed --min-size --max-size --num-classes "
+             "--use-copypaste --use-v2 --backend")
     for flag in flags.split():
         assert re.search(rf"(^|[\s,]){re.escape(flag)}[\s,]", result.stdout), flag
-    for later in ("coco_kp", "lsj", "copypaste", "fasterrcnn"):
-        assert later not in result.stdout
+    text = " ".join(result.stdout.split())
+    for choice in (*MODELS, "coco_kp", *TRAIN_AUGMENTATIONS, *BACKENDS):
+        assert choice in text, choice
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +127,14 @@ BAD_INPUTS = [
     (["--weights", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"], "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth is missing"),
     (["--output-dir", "/proc/no_writing_here"], "is not writable"),
     (["--max-bad-samples", "2"], "must be a share between 0 and 1"),
+    (["--backend", "tv_tensor"], "works with torchvision.transforms.v2 only; add --use-v2"),
+    (["--use-copypaste"], "use it with --data-augmentation lsj and a maskrcnn model"),
+    (["--model", "keypointrcnn_resnet50_fpn"], "use --dataset coco_kp"),
+    (["--dataset", "coco_kp"], "person_keypoints_train2017.json is missing"),
+    (["--model", "ssd300_vgg16"], "--min-size does not apply to --model ssd300_vgg16; leave it out"),
+    (["--weights-backbone", "VGG16_Weights.IMAGENET1K_FEATURES"], "does not fit the model, which takes "
+                                                                  "ResNet50_Weights"),
+    (["--trainable-backbone-layers", "2"], "--trainable-backbone-layers applies to pretrained weights"),
 ]
 
 
@@ -289,3 +301,36 @@ def test_predict_on_a_folder(trained, dataset, tmp_path):
     detections = gt.loadRes(str(tmp_path / "predictions.json"))
     assert len(detections.anns) > 0
     assert {a["category_id"] for a in detections.anns.values()} <= {c["id"] for c in CATEGORIES}
+
+
+def test_keypoint_rcnn_trains_and_prints_the_keypoint_table(keypoint_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(keypoint_dataset), "--dataset", "coco_kp", "--model",
+                     "keypointrcnn_resnet50_fpn", "--output-dir", str(tmp_path), *TRAIN_FLAGS,
+                     "--weights-backbone", "none", "-b", "2", "--vis-images", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("IoU metric: keypoints")[1].splitlines()[1:11]
+    assert [line.split("@[")[0].split()[0] for line in table] == ["Average"] * 10
+    assert all("maxDets= 20" in line for line in table)
+    records = read_metrics(tmp_path)
+    assert set(records[-1]) >= {"bbox", "keypoints"} and "loss_keypoint" in records[0]
+    coco = COCO(str(keypoint_dataset / "annotations" / "person_keypoints_val2017.json"))
+    predictions = json.loads((tmp_path / "predictions_keypoints.json").read_text())
+    assert predictions and len(predictions[0]["keypoints"]) == 17 * 3
+    coco.loadRes(predictions)
+
+
+def test_lsj_with_copy_paste_trains(micro_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(micro_dataset), "--output-dir", str(tmp_path), *SMALL,
+                     "--min-size", "32", "--max-size", "32", "--weights-backbone", "none", "--epochs", "1",
+                     "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--data-augmentation", "lsj",
+                     "--use-copypaste", "--vis-images", "0", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IoU metric: segm" in result.stdout
+
+
+def test_transforms_v2_on_tv_tensors_trains(tiny_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "1", "--use-v2", "--backend", "tv_tensor", "--data-augmentation", "ssd",
+                     "--vis-images", "0", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IoU metric: segm" in result.stdout

@@ -2,10 +2,12 @@
 
 The result has what real COCO has and what loaders trip over: non-contiguous category ids, polygons and
 multi-part polygons, crowd regions stored as uncompressed RLE, images without annotations, grayscale JPEGs
-and degenerate boxes.
+and degenerate boxes. With --keypoints the shapes are stick figures of one category, person, whose 17 joints
+are COCO's person keypoints (some occluded, some unlabelled), written as person_keypoints_*.json as well.
 
     python3 tools/make_coco_dataset.py ./datasets/shapes --train-images 200 --val-images 50 --size 160
     python3 tools/make_coco_dataset.py ./datasets/coco-like --coco-like
+    python3 tools/make_coco_dataset.py ./datasets/figures --keypoints
 """
 
 from __future__ import annotations
@@ -31,6 +33,25 @@ CATEGORIES = [
 # category ids) read as COCO: used to run torchvision's reference beside ours on the same data.
 COCO_NAMED = {"square": (72, "tv"), "disc": (37, "sports ball"), "triangle": (38, "kite"), "domino": (84, "book")}
 
+# A figure's joints in COCO's keypoint order, in a frame where the figure spans [-1, 1] both ways; the
+# person's left side is drawn on the image's right, as for someone facing the camera.
+FIGURE_JOINTS = {
+    "nose": (0.0, -0.8), "left_eye": (0.12, -0.9), "right_eye": (-0.12, -0.9), "left_ear": (0.25, -0.82),
+    "right_ear": (-0.25, -0.82), "left_shoulder": (0.4, -0.5), "right_shoulder": (-0.4, -0.5),
+    "left_elbow": (0.6, -0.15), "right_elbow": (-0.6, -0.15), "left_wrist": (0.75, 0.2),
+    "right_wrist": (-0.75, 0.2), "left_hip": (0.25, 0.15), "right_hip": (-0.25, 0.15), "left_knee": (0.3, 0.55),
+    "right_knee": (-0.3, 0.55), "left_ankle": (0.35, 0.95), "right_ankle": (-0.35, 0.95),
+}
+# The silhouette, as joints in drawing order round the figure.
+FIGURE_OUTLINE = ["left_eye", "left_ear", "left_shoulder", "left_elbow", "left_wrist", "left_hip", "left_knee",
+                  "left_ankle", "right_ankle", "right_knee", "right_hip", "right_wrist", "right_elbow",
+                  "right_shoulder", "right_ear", "right_eye"]
+# COCO's skeleton: 1-based keypoint index pairs.
+SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9], [8, 10],
+            [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7]]
+PERSON = {"id": 1, "name": "person", "supercategory": "person", "shape": "figure",
+          "keypoints": list(FIGURE_JOINTS), "skeleton": SKELETON}
+
 
 @dataclass
 class DatasetSpec:
@@ -48,10 +69,20 @@ class DatasetSpec:
     gray_share: float = 0.05
     degenerate_share: float = 0.03
     coco_categories: bool = False
+    keypoints: bool = False
+    occluded_share: float = 0.1  # keypoints: joints marked occluded (v=1), and as many left unlabelled (v=0)
+
+
+def _figure_joints(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """The joints of an upright figure of half-height r centred at (cx, cy), in COCO's keypoint order."""
+    return [(cx + x * r * 0.6, cy + y * r) for x, y in FIGURE_JOINTS.values()]
 
 
 def _shape_polygons(name: str, cx: float, cy: float, r: float, angle: float) -> list[list[float]]:
     """Polygons (one per part) of a shape of radius r centred at (cx, cy)."""
+    if name == "figure":
+        joints = dict(zip(FIGURE_JOINTS, _figure_joints(cx, cy, r)))
+        return [[v for joint in FIGURE_OUTLINE for v in joints[joint]]]
 
     def ring(n: int, radius: float, phase: float, center: tuple[float, float]) -> list[float]:
         pts = []
@@ -119,7 +150,9 @@ def _color(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def categories(spec: DatasetSpec) -> list[dict]:
-    """The dataset's categories: the shapes' own ids, or COCO's ids and names for them."""
+    """The dataset's categories: the shapes' own ids, COCO's ids and names for them, or COCO's person."""
+    if spec.keypoints:
+        return [PERSON]
     if not spec.coco_categories:
         return CATEGORIES
     return [{"id": COCO_NAMED[c["name"]][0], "name": COCO_NAMED[c["name"]][1], "supercategory": "shape",
@@ -135,11 +168,15 @@ def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_
     anns: list[dict] = []
     taken: list[tuple[float, float, float]] = []
 
-    def add(category_id: int, segmentation, area: float, bbox: list[float], iscrowd: int) -> None:
+    def add(category_id: int, segmentation, area: float, bbox: list[float], iscrowd: int,
+            keypoints: list[float] | None = None) -> None:
         ann_ids[0] += 1
         anns.append({"id": ann_ids[0], "image_id": image_id, "category_id": category_id,
                      "segmentation": segmentation, "area": area,
                      "bbox": [round(v, 2) for v in bbox], "iscrowd": iscrowd})
+        if spec.keypoints:
+            keypoints = keypoints or [0] * 3 * len(FIGURE_JOINTS)
+            anns[-1].update(keypoints=keypoints, num_keypoints=sum(v > 0 for v in keypoints[2::3]))
 
     if rng.random() < spec.empty_share:
         return image, anns
@@ -152,7 +189,7 @@ def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_
         if center is None:
             continue
         taken.append((center[0], center[1], radius))
-        category = categories(spec)[int(rng.integers(len(CATEGORIES)))]
+        category = categories(spec)[int(rng.integers(len(categories(spec))))]
         polygons = _shape_polygons(category.get("shape", category["name"]), *center, radius,
                                    float(rng.uniform(0, 2 * math.pi)))
         polygons = [[round(v, 2) for v in p] for p in polygons]
@@ -160,7 +197,8 @@ def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_
         for p in polygons:
             draw.polygon(p, fill=fill)
         area, bbox = _polygon_area_and_bbox(polygons, width, height)
-        add(category["id"], polygons, area, bbox, 0)
+        keypoints = _draw_joints(rng, draw, spec, *center, radius) if spec.keypoints else None
+        add(category["id"], polygons, area, bbox, 0, keypoints)
 
     if rng.random() < spec.crowd_share:
         _add_crowd(rng, image, width, height, taken, add, categories(spec))
@@ -171,6 +209,25 @@ def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_
         line = [x, y, x + 10.0, y, x + 20.0, y]
         add(categories(spec)[0]["id"], [line], 0.0, [x, y, 20.0, 0.0], 0)
     return image, anns
+
+
+def _draw_joints(rng: np.random.Generator, draw: ImageDraw.ImageDraw, spec: DatasetSpec, cx: float, cy: float,
+                 r: float) -> list[float]:
+    """Draw a figure's bones and joints over its silhouette; its COCO keypoints [x, y, v, ...], with some
+    joints marked occluded (v=1) and some left unlabelled (v=0, x=y=0)."""
+    joints = _figure_joints(cx, cy, r)
+    bone = _color(rng)
+    for a, b in SKELETON:
+        draw.line([joints[a - 1], joints[b - 1]], fill=bone, width=max(1, int(r / 12)))
+    keypoints = []
+    for x, y in joints:
+        draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(255, 255, 255))
+        roll = rng.random()
+        if roll < spec.occluded_share:
+            keypoints += [0, 0, 0]
+        else:
+            keypoints += [round(x, 2), round(y, 2), 1 if roll < 2 * spec.occluded_share else 2]
+    return keypoints
 
 
 def _add_crowd(rng: np.random.Generator, image: Image.Image, width: int, height: int,
@@ -224,11 +281,17 @@ def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_im
 
 
 def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:
-    """Write `root/{train2017,val2017}` and `root/annotations/instances_{train,val}2017.json`."""
+    """Write `root/{train2017,val2017}` and `root/annotations/instances_{train,val}2017.json` (with keypoints,
+    also `person_keypoints_{train,val}2017.json`)."""
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, count, first_id in (("train", spec.train_images, 1000), ("val", spec.val_images, 500000)):
         data = _write_split(root, split, count, spec, first_id)
+        if spec.keypoints:
+            (root / "annotations" / f"person_keypoints_{split}2017.json").write_text(json.dumps(data))
+            drop = ("keypoints", "num_keypoints", "skeleton", "shape")
+            data = {**data, "annotations": [{k: v for k, v in a.items() if k not in drop} for a in data["annotations"]],
+                    "categories": [{k: v for k, v in c.items() if k not in drop} for c in data["categories"]]}
         (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
     return root
 
@@ -245,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--coco-categories", action="store_true",
                         help="name the shapes with COCO's ids and names (tv, sports ball, kite, book)")
+    parser.add_argument("--keypoints", action="store_true",
+                        help="stick figures with COCO's 17 person keypoints (for --dataset coco_kp)")
     parser.add_argument("--coco-like", action="store_true",
                         help="COCO-like defaults for benchmarks: 500 val images, ~640x480, ~7 instances")
     args = parser.parse_args(argv)
@@ -253,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.coco_like else DatasetSpec()
     spec.seed = args.seed
     spec.coco_categories = args.coco_categories
+    spec.keypoints = args.keypoints
     for field, value in (("train_images", args.train_images), ("val_images", args.val_images),
                          ("min_size", args.size), ("max_size", args.size), ("min_size", args.min_size),
                          ("max_size", args.max_size), ("instances", args.instances)):

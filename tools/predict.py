@@ -26,7 +26,7 @@ from checkpoint import load_file  # noqa: E402
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from engine import to_device  # noqa: E402
-from models import MODELS, build_from_checkpoint, build_model  # noqa: E402
+from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
 from utils import UserError  # noqa: E402
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
@@ -61,22 +61,24 @@ def image_ids(paths: list[Path], annotations: str | None) -> list[int]:
     return list(range(1, len(paths) + 1))
 
 
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap]:
-    """The model and its categories, from one of train.py's checkpoints or from whole-model weights."""
-    sizes = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, str]:
+    """The model, its categories and its name, from one of train.py's checkpoints or whole-model weights."""
+    sizes = {"min_size": args.min_size, "max_size": args.max_size}
     if args.checkpoint:
         checkpoint = load_file(args.checkpoint, "--checkpoint")
         if not isinstance(checkpoint, dict) or "categories" not in checkpoint:
             raise UserError(f"--checkpoint {args.checkpoint} is not a train.py checkpoint; use --weights for "
                             f"plain weights")
         saved = checkpoint["args"]
-        sizes = {"min_size": saved.get("min_size", 800), "max_size": saved.get("max_size", 1333), **sizes}
-        model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **sizes)
-        return model, CategoryMap.from_categories(checkpoint["categories"], saved.get("dataset", "coco"))
+        sizes = {k: saved.get(k) if v is None else v for k, v in sizes.items()}
+        name = saved.get("model", "maskrcnn_resnet50_fpn")
+        model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **model_options(name, **sizes))
+        return model, CategoryMap.from_categories(checkpoint["categories"], saved.get("dataset", "coco")), name
     cats = [{"id": i, "name": n} for i, n in coco_category_names().items()]
     category_map = CategoryMap.from_categories(cats, "coco")
-    model = build_model(args.model, category_map.num_classes, args.weights, None, None, **sizes)
-    return model, category_map
+    model = build_model(args.model, category_map.num_classes, args.weights, None, None,
+                        **model_options(args.model, **sizes))
+    return model, category_map, args.model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint written by train.py (model_best.pth, checkpoint.pth)")
     source.add_argument("--weights", help="COCO weights: a torchvision name read from the hub cache, or a .pth")
-    parser.add_argument("--model", default=MODELS[0], choices=MODELS, help="with --weights: the model")
+    parser.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
+                        help=f"with --weights: the model ({', '.join(MODELS)})")
     parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="draw and keep detections above this")
     parser.add_argument("--device", default="cuda", help="cuda or cpu (cuda falls back to the CPU)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else 800")
-    parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else 1333")
+    parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
+    parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
     args = parser.parse_args(argv)
     try:
@@ -105,7 +108,8 @@ def predict(args: argparse.Namespace) -> int:
     device = torch.device(args.device if torch.cuda.is_available() or args.device == "cpu" else "cpu")
     paths = find_images(args.inputs)
     ids = image_ids(paths, args.annotations)
-    model, category_map = load_model(args)
+    model, category_map, name = load_model(args)
+    kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
     model.to(device).eval()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,11 +128,11 @@ def predict(args: argparse.Namespace) -> int:
             output = {k: v.cpu() for k, v in output.items()}
             keep = output["scores"] >= args.score_thresh
             output = {k: v[keep] for k, v in output.items()}
-            results += to_coco_results(image_id, output, category_map, ("segm",))["segm"]
+            results += to_coco_results(image_id, output, category_map, (kind,))[kind]
             labels = output["labels"].tolist()
             names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
-            picture = draw_instances(image, output["boxes"], names, output["masks"][:, 0] > 0.5,
-                                     [PALETTE[i % len(PALETTE)] for i in labels])
+            picture = draw_instances(image, output["boxes"], names, output.get("masks"),
+                                     [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
             save_jpeg(picture, out / f"{path.stem}.jpg")
         done = min(start + args.batch_size, len(paths))
         rate = done / max(time.time() - started, 1e-9)

@@ -1,0 +1,117 @@
+"""Every augmentation policy, on every backend, keeps targets true to the pixels: a property test over
+generated samples (boxes in the image, masks on their boxes, keypoints on their instances, per-instance fields
+of one length), plus copy-paste and the seeding of torchvision.transforms.v2."""
+
+import pytest
+import torch
+
+import presets
+import transforms as T
+from coco_utils import build_dataset, coco_keypoint_names, flip_order
+
+FLIP = flip_order(coco_keypoint_names())
+
+
+@pytest.fixture(scope="module")
+def samples(keypoint_dataset):
+    """(image, target) pairs with masks and keypoints, straight from the files."""
+    ds = build_dataset(keypoint_dataset, "coco_kp", "train", None)
+    return [(ds.load_image(i), ds.load_target(i, [], with_masks=True)) for i in ds.ids]
+
+
+def check_target(image, target, with_keypoints: bool = True) -> None:
+    assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.shape[0] == 3
+    height, width = image.shape[-2:]
+    count = len(target["boxes"])
+    for key in T.PER_INSTANCE:
+        if key in target:
+            assert len(target[key]) == count, key
+    boxes = target["boxes"]
+    assert ((boxes[:, 0::2] >= 0) & (boxes[:, 0::2] <= width)).all()
+    assert ((boxes[:, 1::2] >= 0) & (boxes[:, 1::2] <= height)).all()
+    assert ((boxes[:, 2:] > boxes[:, :2]).all(1)).all(), "every box has extent"
+    assert target["masks"].shape[-2:] == (height, width)
+    # Each mask lies within its box; the slack is for edge pixels of a polygon, magnified by upscaling.
+    nonempty = target["masks"].flatten(1).bool().any(1)
+    tight = T.boxes_of_masks(target["masks"])[nonempty]
+    slack = 2 + 0.15 * (boxes[nonempty, 2:] - boxes[nonempty, :2]).repeat(1, 2)
+    assert (tight[:, :2] >= boxes[nonempty, :2] - slack[:, :2]).all()
+    assert (tight[:, 2:] <= boxes[nonempty, 2:] + slack[:, 2:]).all()
+    if with_keypoints:
+        points = target["keypoints"]
+        labelled = points[..., 2] > 0
+        assert set(points[..., 2].unique().tolist()) <= {0.0, 1.0, 2.0}
+        assert (points[~labelled] == 0).all(), "unlabelled keypoints stay all zero"
+        low, high = boxes[:, None, :2] - 0.02, boxes[:, None, 2:] + 0.02
+        inside = ((points[..., :2] >= low) & (points[..., :2] <= high)).all(-1)
+        assert inside[labelled].all(), "labelled keypoints lie on their own instance"
+
+
+@pytest.mark.parametrize("policy", presets.TRAIN_AUGMENTATIONS)
+@pytest.mark.parametrize("backend", ["tensor", "pil"])
+def test_own_policies_keep_targets_true(samples, policy, backend):
+    preset = presets.DetectionPresetTrain(policy, backend=backend, keypoint_flip=FLIP)
+    labelled_before = sum(int((t["keypoints"][..., 2] > 0).sum()) for _, t in samples)
+    labelled_after = 0
+    for seed in range(3):
+        for index, (image, target) in enumerate(samples):
+            out_image, out = preset(image, target, torch.Generator().manual_seed(seed * 100 + index))
+            check_target(out_image, out)
+            labelled_after += int((out["keypoints"][..., 2] > 0).sum())
+    assert 0 < labelled_after <= 3 * labelled_before, "cropping may drop keypoints, never make them up"
+
+
+@pytest.mark.parametrize("policy", presets.TRAIN_AUGMENTATIONS)
+@pytest.mark.parametrize("backend", presets.BACKENDS)
+def test_v2_policies_keep_targets_true(samples, policy, backend):
+    preset = presets.DetectionPresetTrain(policy, backend=backend, use_v2=True)
+    for index, (image, target) in enumerate(samples[:4]):
+        target = {k: v for k, v in target.items() if k != "keypoints"}
+        out_image, out = preset(image, target, torch.Generator().manual_seed(index))
+        assert type(out["boxes"]) is torch.Tensor and type(out["masks"]) is torch.Tensor
+        check_target(out_image, out, with_keypoints=False)
+
+
+def test_v2_draws_from_the_sample_generator_only(samples):
+    preset = presets.DetectionPresetTrain("ssd", use_v2=True)
+    image, target = samples[0]
+    target = {k: v for k, v in target.items() if k != "keypoints"}
+    first = preset(image, target, torch.Generator().manual_seed(3))
+    torch.manual_seed(12345)
+    again = preset(image, target, torch.Generator().manual_seed(3))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1]["boxes"], again[1]["boxes"])
+    state = torch.get_rng_state()
+    preset(image, target, torch.Generator().manual_seed(4))
+    assert torch.equal(state, torch.get_rng_state()), "the global generator is left as it was"
+
+
+def test_policies_that_resize_give_their_sizes(samples):
+    image, target = samples[0]
+    lsj = presets.DetectionPresetTrain("lsj")
+    assert lsj(image, target, torch.Generator().manual_seed(0))[0].shape[-2:] == (1024, 1024)
+    multiscale = presets.DetectionPresetTrain("multiscale")
+    sides = {min(multiscale(image, target, torch.Generator().manual_seed(s))[0].shape[-2:]) for s in range(8)}
+    assert sides <= set(presets.MULTISCALE_SIZES) and len(sides) > 1
+
+
+def test_bad_backend_is_refused():
+    with pytest.raises(ValueError, match="tv_tensor with use_v2"):
+        presets.DetectionPresetTrain("hflip", backend="tv_tensor")
+
+
+def test_copy_paste_moves_pixels_masks_and_boxes_together(samples):
+    lsj = presets.DetectionPresetTrain("lsj", keypoint_flip=FLIP)
+    (image, target), (source, source_target) = (lsj(*s, torch.Generator().manual_seed(i))
+                                                for i, s in enumerate(samples[:2]))
+    for t in (target, source_target):
+        t.pop("keypoints")
+    out_image, out = T.copy_paste(image, target, source, source_target, torch.Generator().manual_seed(0),
+                                  blend=False)
+    check_target(out_image, out, with_keypoints=False)
+    assert any(torch.equal(out["masks"][-1], m) for m in source_target["masks"]), "the last instance is pasted"
+    cover = out["masks"][-1].bool()
+    assert torch.equal(out_image[:, cover], source[:, cover]), "pasted pixels come from the source"
+    old = out["masks"][: len(out["masks"]) - 1]
+    assert torch.equal(T.boxes_of_masks(out["masks"]), out["boxes"])
+    if len(old):
+        assert not (old.bool() & cover).any(), "a pasted instance covers what was under it"
