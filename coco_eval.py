@@ -8,6 +8,7 @@ import io
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,8 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
                     iou_types: tuple[str, ...]) -> dict[str, list[dict]]:
     """One image's model output as COCO result records per IoU type, with the file's category ids.
 
-    Masks are the model's probabilities (N, 1, H, W) or already thresholded (N, H, W) booleans; the latter
-    encode without a copy when their memory is column-major (see binarize_masks). Keypoints (N, K, 3) become
+    Masks are the model's probabilities (N, 1, H, W), already thresholded (N, H, W) booleans (which encode
+    without a copy when their memory is column-major, see binarize_masks) or RunLengths. Keypoints (N, K, 3) become
     COCO's flat [x, y, v, ...] lists.
     """
     boxes = output["boxes"].tolist()
@@ -69,10 +70,15 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
         ]
     if "segm" in iou_types:
         masks = output["masks"]
-        if masks.dtype != torch.bool:
-            masks = masks[:, 0] > 0.5
         rles = []
-        if len(masks):
+        if isinstance(masks, RunLengths):
+            if masks.counts:
+                height, width = masks.size
+                rles = mask_utils.frPyObjects([{"counts": c, "size": [height, width]} for c in masks.counts],
+                                              height, width)
+        elif len(masks):
+            if masks.dtype != torch.bool:
+                masks = masks[:, 0] > 0.5
             rles = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0)).view(np.uint8))
         results["segm"] = [
             {"image_id": image_id, "category_id": c, "segmentation": {"size": r["size"],
@@ -81,6 +87,32 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
             for r, s, c in zip(rles, scores, category_ids)
         ]
     return results
+
+
+@dataclass
+class RunLengths:
+    """Masks as COCO's uncompressed RLE: per mask, run lengths over its pixels in column-major order,
+    starting with a run of zeros; size is (height, width)."""
+
+    counts: list[np.ndarray]
+    size: tuple[int, int]
+
+
+def run_lengths(probabilities: torch.Tensor) -> RunLengths:
+    """(N, 1, H, W) mask probabilities cut at 0.5 and run-length encoded where they are (on a GPU: only the
+    run boundaries, a few thousand numbers per image, come back to the host instead of N x H x W bytes)."""
+    count, _, height, width = probabilities.shape
+    flat = (probabilities[:, 0] > 0.5).transpose(1, 2).reshape(count, height * width)
+    changes = (flat[:, 1:] != flat[:, :-1]).nonzero()
+    starts_set = flat[:, 0].cpu().numpy()
+    which, where = (changes[:, 0].cpu().numpy(), (changes[:, 1] + 1).cpu().numpy())
+    splits = np.searchsorted(which, np.arange(1, count))
+    counts = []
+    for first_set, boundaries in zip(starts_set, np.split(where, splits)):
+        edges = np.concatenate([[0], boundaries, [height * width]])
+        runs = np.diff(edges).astype(np.uint32)
+        counts.append(np.concatenate([[0], runs]).astype(np.uint32) if first_set else runs)
+    return RunLengths(counts, (height, width))
 
 
 def binarize_masks(probabilities: torch.Tensor) -> torch.Tensor:

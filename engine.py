@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 import utils
-from coco_eval import CocoEvaluator, binarize_masks
+from coco_eval import CocoEvaluator, binarize_masks, run_lengths
 from coco_utils import FaultLog
 
 
@@ -157,6 +157,15 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
     return EpochResult(steps_done=step, finished=step == steps_in_epoch)
 
 
+def compact_masks(probabilities: torch.Tensor):
+    """What evaluation keeps of the pasted masks: on a GPU their run lengths, computed there (a few thousand
+    numbers per image to copy back, and no encoding work for the host); on the CPU booleans laid out for
+    pycocotools' encoder, which runs on the evaluator's background thread."""
+    if probabilities.is_cuda:
+        return run_lengths(probabilities)
+    return binarize_masks(probabilities)
+
+
 @torch.inference_mode()
 def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator, print_freq: int = 20,
              amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None) -> dict:
@@ -175,9 +184,10 @@ def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator,
         images, _ = to_device(images, [], device)
         with autocast(device, amp_dtype):
             outputs = model(images)
-        outputs = [{k: binarize_masks(v) if k == "masks" else v.float() if v.is_floating_point() else v
+        outputs = [{k: compact_masks(v) if k == "masks" else v.float() if v.is_floating_point() else v
                     for k, v in out.items()} for out in outputs]
-        outputs = [{k: v.to("cpu", non_blocking=True) for k, v in out.items()} for out in outputs]
+        outputs = [{k: v.to("cpu", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+                   for out in outputs]
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the non-blocking copies must land first
         model_seconds += time.perf_counter() - step_started

@@ -155,9 +155,12 @@ def _weights_read_by(reader: Callable[[WeightsEnum], dict]) -> Iterator[None]:
 
 
 def _fresh_state(weights: WeightsEnum) -> dict:
-    """The state dict of a newly made network of the kind a weights enum is for: the pretrained layout
-    without reading the file (the weights that matter come from elsewhere)."""
-    return torchvision.models.get_model(type(weights).__name__.removesuffix("_Weights").lower()).state_dict()
+    """A state dict of the network a weights enum is for, of the right shapes and no particular values: the
+    pretrained layout without reading the file (the weights that matter come from elsewhere). Made on the
+    meta device, so no time goes into initialising values that are overwritten."""
+    with torch.device("meta"):
+        network = torchvision.models.get_model(type(weights).__name__.removesuffix("_Weights").lower())
+    return network.to_empty(device="cpu").state_dict()
 
 
 def build_model(name: str, num_classes: int, weights: str | None, weights_backbone: str | None,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from coco_eval import METRIC_NAMES, CocoEvaluator, binarize_masks, to_coco_results
+from coco_eval import METRIC_NAMES, CocoEvaluator, binarize_masks, run_lengths, to_coco_results
 from coco_utils import build_dataset
 
 
@@ -84,11 +84,16 @@ def test_faster_backend_gives_the_same_numbers(dataset, capsys):
         assert ours["per_category"] == pytest.approx(theirs["per_category"], abs=1e-4)
 
 
-def test_binarized_masks_encode_like_probabilities(dataset):
+def test_binarized_masks_and_run_lengths_encode_like_probabilities(dataset):
     ds = build_dataset(dataset, "coco", "val", None)
     output = _noisy_outputs(ds)[ds.ids[0]]
     output["masks"] = output["masks"] * torch.rand_like(output["masks"]) * 1.2
+    output["masks"][0] = 1.0  # a mask whose first pixel is set: its runs start with an empty one
     as_probabilities = to_coco_results(1, output, ds.category_map, ("segm",))
     as_booleans = to_coco_results(1, {**output, "masks": binarize_masks(output["masks"])}, ds.category_map,
                                   ("segm",))
-    assert as_probabilities == as_booleans and as_booleans["segm"]
+    as_runs = to_coco_results(1, {**output, "masks": run_lengths(output["masks"])}, ds.category_map, ("segm",))
+    assert as_probabilities == as_booleans == as_runs and as_booleans["segm"]
+    empty = {k: v[:0] for k, v in output.items()}
+    assert to_coco_results(1, {**empty, "masks": run_lengths(empty["masks"])}, ds.category_map, ("segm",)) == {
+        "segm": []}
