@@ -149,7 +149,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
     add("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
     add("--cudnn-benchmark", action="store_true",
-        help="let cuDNN time its kernels for each new input shape (pays when image sizes repeat)")
+        help="let cuDNN time its kernels for each new input shape: for fixed-size inputs (SSD); R-CNN heads "
+             "change shape every step, which makes it much slower")
     add("--max-bad-samples", default=0.01, type=float,
         help="share of an epoch's images that may be unreadable (skipped) before the run stops")
     add("--skip-data-check", action="store_true", help="start without looking up every image file first")

@@ -45,6 +45,12 @@ def check_target(image, target, with_keypoints: bool = True) -> None:
         low, high = boxes[:, None, :2] - 0.02, boxes[:, None, 2:] + 0.02
         inside = ((points[..., :2] >= low) & (points[..., :2] <= high)).all(-1)
         assert inside[labelled].all(), "labelled keypoints lie on their own instance"
+        # The generator draws a person's left side on the image's right; a flip that swaps the sides keeps
+        # it there, one that did not would put every left joint left of its right twin.
+        left = [i for i, name in enumerate(coco_keypoint_names()) if name.startswith("left")]
+        right = [FLIP[i] for i in left]
+        both = labelled[:, left] & labelled[:, right]
+        assert (points[:, left, 0] > points[:, right, 0])[both].all(), "left and right keypoints swapped"
 
 
 @pytest.mark.parametrize("policy", presets.TRAIN_AUGMENTATIONS)
