@@ -268,8 +268,9 @@ class CocoDetection(torch.utils.data.Dataset):
     """Samples of (uint8 CHW RGB image, target) from a COCO index; targets hold labels, not category ids.
 
     With train=True, images without a usable annotation are left out and crowd regions are dropped from the
-    targets, as the Mask R-CNN recipe trains. Evaluation samples carry no masks: scoring reads the annotation
-    file, so decoding them would be wasted work (load_target draws them when asked).
+    targets, as the Mask R-CNN recipe trains; masks are decoded for training when the model learns them
+    (masks=True). Evaluation samples carry no masks: scoring reads the annotation file, so decoding them
+    would be wasted work (load_target draws them when asked). keypoints=True adds COCO person keypoints.
 
     A sample that cannot be read is replaced by the next readable one, so batches keep their size;
     target["faults"] says what was skipped or repaired, for the loop to log.
@@ -278,14 +279,14 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir: Path, coco: COCO, category_map: CategoryMap, transforms=None,
-                 train: bool = False, seed: int = 0, keypoints: bool = False) -> None:
+                 train: bool = False, seed: int = 0, masks: bool = True, keypoints: bool = False) -> None:
         self.image_dir = Path(image_dir)
         self.coco = coco
         self.category_map = category_map
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
-        self.with_masks = train and not keypoints
+        self.with_masks = train and masks
         self.with_keypoints = keypoints
         ids = sorted(coco.imgs)
         if train:
@@ -407,9 +408,10 @@ def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
 
 
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
-                  category_map: CategoryMap | None = None, seed: int = 0) -> CocoDetection:
+                  category_map: CategoryMap | None = None, seed: int = 0, masks: bool = True) -> CocoDetection:
     """The dataset of one split; its category map comes from the file unless one is given (e.g. from a
-    checkpoint), in which case the file must use the same categories."""
+    checkpoint), in which case the file must use the same categories. masks=False leaves training masks
+    undecoded, for models that do not learn them."""
     image_dir, ann_file = split_paths(data_path, dataset, split)
     coco = load_coco(ann_file)
     if dataset == "coco_kp":
@@ -419,7 +421,7 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
         raise UserError(f"{ann_file} has categories {sorted(set(file_map.ids) - set(category_map.ids))} that the "
                         f"model was not trained on; evaluate with a matching annotation file")
     ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train", seed=seed,
-                       keypoints=dataset == "coco_kp")
+                       masks=masks, keypoints=dataset == "coco_kp")
     if len(ds) == 0:
         what = "annotated image" if split == "train" else "image"
         raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")

@@ -354,7 +354,9 @@ def main(args: argparse.Namespace) -> dict:
         keypoint_flip = flip_order(coco_keypoint_names()) if args.dataset == "coco_kp" else None
         augmentation = presets.DetectionPresetTrain(args.data_augmentation, backend=args.backend,
                                                     use_v2=args.use_v2, keypoint_flip=keypoint_flip)
-        train_set = build_dataset(args.data_path, args.dataset, "train", augmentation, category_map, args.seed)
+        # Decoding masks is most of a sample's loading; only models that learn masks need them.
+        train_set = build_dataset(args.data_path, args.dataset, "train", augmentation, category_map, args.seed,
+                                  masks="segm" in iou_types(args.model))
         category_map = train_set.category_map
     val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map)
     category_map = val_set.category_map

@@ -39,6 +39,25 @@ def test_train_split_skips_images_without_usable_annotations(dataset):
     assert len(val) == len(val.coco.imgs)
 
 
+def test_masks_only_for_models_that_learn_them(dataset):
+    with_masks = build_dataset(dataset, "coco", "train", None)
+    without = build_dataset(dataset, "coco", "train", None, masks=False)
+    assert "masks" in with_masks[0][1] and "masks" not in without[0][1]
+    assert torch.equal(with_masks[0][1]["boxes"], without[0][1]["boxes"])
+
+
+def test_keypoint_targets_follow_their_instances(keypoint_dataset):
+    ds = build_dataset(keypoint_dataset, "coco_kp", "train", None)
+    assert ds.category_map.num_classes == 2
+    for index in range(len(ds)):
+        target = ds[index][1]
+        anns = [a for a in ds.coco.imgToAnns[target["image_id"]] if not a["iscrowd"]]
+        assert target["keypoints"].shape == (len(anns), 17, 3)
+        expected = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(-1, 17, 3)
+        assert torch.equal(target["keypoints"], expected)
+        assert (target["keypoints"][..., 2] > 0).sum() >= 10, "the recipe's minimum of labelled keypoints"
+
+
 def test_category_map_contiguous_for_other_categories():
     cmap = CategoryMap.from_categories([{"id": 25, "name": "b"}, {"id": 3, "name": "a"}], "coco")
     assert cmap.num_classes == 3

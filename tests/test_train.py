@@ -334,3 +334,17 @@ def test_transforms_v2_on_tv_tensors_trains(tiny_dataset, tmp_path):
                      "--vis-images", "0", "--no-tensorboard")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "IoU metric: segm" in result.stdout
+
+
+def test_box_only_model_trains_without_masks(tiny_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "1", "--model", "fasterrcnn_mobilenet_v3_large_320_fpn", "--data-augmentation",
+                     "ssdlite", "--vis-images", "1", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IoU metric: bbox" in result.stdout and "IoU metric: segm" not in result.stdout
+    assert (tmp_path / "predictions_bbox.json").is_file() and not (tmp_path / "predictions_segm.json").exists()
+    assert (tmp_path / "model_best.pth").is_file()
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
