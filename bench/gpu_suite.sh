@@ -3,6 +3,7 @@
 #   bash bench/gpu_suite.sh OUT_DIR [REFERENCE_DIR]
 # REFERENCE_DIR is torchvision's references/detection, measured beside ours where given. Each benchmark's
 # JSON line is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/*.log.
+# Wheels in .whl/ (pycocotools, faster-coco-eval, for a machine without them) are installed first.
 set -u
 out=${1:?usage: gpu_suite.sh OUT_DIR [REFERENCE_DIR]}
 ref=${2:-}
@@ -10,6 +11,10 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-540} ))  # the whole suite ends by then; later steps are skipped
 step() {  # step NAME SECONDS command...: run, log, never stop the suite
@@ -50,7 +55,6 @@ bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5
     --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
 step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
 [ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
-step train_fp16_cudnn 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16 --cudnn-benchmark
 step train_bf16_cl 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16 --channels-last
 step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
     --workers 8 -- --eval-batch-size 8
