@@ -21,6 +21,17 @@ from tools.make_coco_dataset import DatasetSpec, generate_dataset  # noqa: E402
 SMALL = ["--min-size", "96", "--max-size", "96", "--device", "cpu", "-j", "0", "--print-freq", "1"]
 
 
+@pytest.fixture(autouse=True)
+def drop_checkpoints_after_test(request):
+    """A one-epoch CLI run leaves about 1 GB of checkpoints in the test's tmp_path, which pytest keeps for
+    its last runs; nothing reads them once the test is over, so they go (the rest of the folder stays)."""
+    yield
+    folder = request.node.funcargs.get("tmp_path")
+    if folder is not None:
+        for path in Path(folder).rglob("*.pth"):
+            path.unlink()
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A generated COCO-layout dataset with every oddity the generator makes, at 96 px."""
