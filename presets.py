@@ -45,7 +45,6 @@ class DetectionPresetTrain:
             raise ValueError(f"unknown data augmentation {data_augmentation!r}; choose from {TRAIN_AUGMENTATIONS}")
         if backend not in BACKENDS or (backend == "tv_tensor" and not use_v2):
             raise ValueError(f"backend {backend!r}: choose pil or tensor, or tv_tensor with use_v2")
-        self.use_v2 = use_v2
         if use_v2:
             self.transforms = _V2Policy(data_augmentation, hflip_prob, backend)
             return

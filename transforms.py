@@ -21,6 +21,7 @@ PER_INSTANCE = ("boxes", "labels", "masks", "keypoints", "area", "iscrowd")
 
 
 def uniform(generator: torch.Generator | None, low: float = 0.0, high: float = 1.0) -> float:
+    """A number drawn uniformly from [low, high) with the given generator."""
     return low + (high - low) * torch.rand(1, generator=generator).item()
 
 
