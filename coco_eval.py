@@ -104,14 +104,14 @@ def run_lengths(probabilities: torch.Tensor) -> RunLengths:
     count, _, height, width = probabilities.shape
     flat = (probabilities[:, 0] > 0.5).transpose(1, 2).reshape(count, height * width)
     changes = (flat[:, 1:] != flat[:, :-1]).nonzero()
-    starts_set = flat[:, 0].cpu().numpy()
-    which, where = (changes[:, 0].cpu().numpy(), (changes[:, 1] + 1).cpu().numpy())
-    splits = np.searchsorted(which, np.arange(1, count))
+    # One copy to the host: each mask's first pixel, then (mask, position) of every change.
+    packed = torch.cat([flat[:, 0].long(), changes.flatten()]).cpu().numpy()
+    first_set, changes = packed[:count].astype(bool), packed[count:].reshape(-1, 2)
+    per_mask = np.split(changes[:, 1] + 1, np.searchsorted(changes[:, 0], np.arange(1, count)))
     counts = []
-    for first_set, boundaries in zip(starts_set, np.split(where, splits)):
-        edges = np.concatenate([[0], boundaries, [height * width]])
-        runs = np.diff(edges).astype(np.uint32)
-        counts.append(np.concatenate([[0], runs]).astype(np.uint32) if first_set else runs)
+    for starts_set, boundaries in zip(first_set, per_mask):
+        runs = np.diff(boundaries, prepend=0, append=height * width).astype(np.uint32)
+        counts.append(np.insert(runs, 0, 0) if starts_set else runs)
     return RunLengths(counts, (height, width))
 
 

@@ -31,8 +31,6 @@ FAMILY_OPTIONS = {
     "fcos": ("min_size", "max_size"),
     "ssd": (),
 }
-
-
 OPTION_FLAGS = {"min_size": "--min-size", "max_size": "--max-size", "rpn_score_thresh": "--rpn-score-thresh",
                 "box_batch_size_per_image": "--rois-per-image"}
 
@@ -195,9 +193,12 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     except (TypeError, ValueError) as e:
         flag = "--weights-backbone" if "weights" in str(e).lower() else "--trainable-backbone-layers"
         raise UserError(f"{flag} does not fit --model {name}: {str(e).splitlines()[0]}") from None
-    except RuntimeError as e:
+    except RuntimeError as e:  # the builder's load_state_dict of a backbone file of another layout
+        if weights_backbone is None:
+            raise
+        first_problem = str(e).strip().splitlines()[-1].strip().split(", ")[0]  # the kind and its first key
         raise UserError(f"--weights-backbone {weights_backbone} does not fit the backbone of {name}: "
-                        f"{str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()}") from None
+                        f"{first_problem}") from None
     if weights is not None:
         state = _state_dict_of(resolve_weights(weights, "--weights"), "--weights")
         fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=True)

@@ -50,7 +50,7 @@ class DetectionPresetTrain:
             return
         steps = _own_policy(data_augmentation, hflip_prob, keypoint_flip)
         if backend == "pil":
-            steps = [T.ToPIL(), *steps, T.ToTensor()]
+            steps = [T.TensorToPIL(), *steps, T.PILToTensor()]
         self.transforms = T.Compose(steps)
 
     def __call__(self, image: torch.Tensor, target: dict, generator: torch.Generator | None = None):

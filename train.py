@@ -101,7 +101,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="batch images of similar aspect ratio in 2k+2 groups; -1 turns grouping off")
     add("--rpn-score-thresh", default=None, type=float, help="RPN score threshold at inference")
     add("--trainable-backbone-layers", default=None, type=int,
-        help="ResNet stages to train, 0-5 (default: 3 with pretrained weights, 5 from scratch)")
+        help="backbone stages to train with pretrained weights (0-5 for ResNet and VGG, 0-6 for MobileNet; "
+             "default: 3)")
     add("--data-augmentation", default="hflip", choices=presets.TRAIN_AUGMENTATIONS,
         help="training augmentation policy: hflip, lsj (large-scale jitter to 1024x1024), multiscale (short side "
              "480-800), ssd or ssdlite (photometric distortion, zoom out, IoU crop)")
@@ -181,13 +182,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--eval-batch-size {args.eval_batch_size} must be at least 1")
     if args.backend == "tv_tensor" and not args.use_v2:
         raise UserError("--backend tv_tensor works with torchvision.transforms.v2 only; add --use-v2")
-    if args.use_copypaste and (args.data_augmentation != "lsj" or not args.model.startswith("maskrcnn")):
+    if args.use_copypaste and (args.data_augmentation != "lsj" or "segm" not in iou_types(args.model)):
         raise UserError("--use-copypaste pastes instances by their masks onto lsj's fixed-size images; use it "
                         "with --data-augmentation lsj and a maskrcnn model")
-    if args.model.startswith("keypointrcnn") and args.dataset != "coco_kp":
+    if "keypoints" in iou_types(args.model) and args.dataset != "coco_kp":
         raise UserError(f"--model {args.model} learns keypoints; use --dataset coco_kp")
     if args.dataset == "coco_kp" and args.use_v2:
         raise UserError("--use-v2 cannot flip keypoints' left and right; leave --use-v2 out for coco_kp")
+    if args.cudnn_benchmark and args.use_deterministic_algorithms:
+        raise UserError("--cudnn-benchmark picks kernels by timing them, which --use-deterministic-algorithms "
+                        "rules out; give one of the two")
     if args.print_freq < 1:
         raise UserError(f"--print-freq {args.print_freq} must be at least 1")
     if args.weights_backbone.lower() == "none":
@@ -334,7 +338,7 @@ def main(args: argparse.Namespace) -> dict:
     utils.seed_everything(args.seed)
     if args.use_deterministic_algorithms:
         torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.use_deterministic_algorithms
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     # float16 (with a gradient scaler) is the seed's mixed precision on GPUs; the CPU's autocast is bfloat16.
     amp_dtype = None

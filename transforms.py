@@ -112,14 +112,14 @@ class Compose:
         return image, target
 
 
-class ToTensor:
+class PILToTensor:
     """PIL image to uint8 CHW tensor (a tensor passes unchanged)."""
 
     def __call__(self, image, target: dict, generator: torch.Generator | None = None) -> tuple:
         return (F.pil_to_tensor(image) if isinstance(image, Image.Image) else image), target
 
 
-class ToPIL:
+class TensorToPIL:
     """uint8 CHW tensor to PIL image, for transforms to run on PIL images (--backend pil)."""
 
     def __call__(self, image, target: dict, generator: torch.Generator | None = None) -> tuple:
@@ -213,7 +213,7 @@ class RandomPhotometricDistort:
         self.contrast, self.saturation, self.hue, self.brightness, self.p = contrast, saturation, hue, brightness, p
 
     def __call__(self, image, target: dict, generator: torch.Generator | None = None) -> tuple:
-        draws = torch.rand(7, generator=generator).tolist()
+        draws = torch.rand(6, generator=generator).tolist()
         if draws[0] < self.p:
             image = F.adjust_brightness(image, uniform(generator, *self.brightness))
         contrast_first = draws[1] < 0.5
@@ -295,12 +295,16 @@ class RandomIoUCrop:
 
 def boxes_of_masks(masks: torch.Tensor) -> torch.Tensor:
     """(N, 4) boxes that just hold each (N, H, W) mask's pixels (zeros for an empty mask)."""
-    boxes = torch.zeros((len(masks), 4), dtype=torch.float32)
-    for i, mask in enumerate(masks):
-        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
-        if len(rows):
-            boxes[i] = torch.tensor([cols[0, 0], rows[0, 0], cols[-1, 0] + 1, rows[-1, 0] + 1])
-    return boxes
+    rows, cols = masks.bool().any(2), masks.bool().any(1)  # (N, H), (N, W): lines with a pixel
+
+    def first_and_end(lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = lines.to(torch.uint8).argmax(1)
+        end = lines.shape[1] - lines.flip(1).to(torch.uint8).argmax(1)
+        return first, end
+
+    (y0, y1), (x0, x1) = first_and_end(rows), first_and_end(cols)
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    return boxes * rows.any(1, keepdim=True)
 
 
 def copy_paste(image: torch.Tensor, target: dict, source: torch.Tensor, source_target: dict,

@@ -135,10 +135,20 @@ def test_each_family_takes_only_its_options():
     assert iou_types("retinanet_resnet50_fpn_v2") == ("bbox",)
 
 
-def test_every_default_backbone_fits_its_builder():
+def test_default_backbones_are_those_of_torchvision_recipes():
     for name in MODELS:
-        weights = torchvision.models.get_weight(default_backbone_weights(name))
-        assert isinstance(weights, backbone_weights_class(name)), name
+        expected = ("VGG16_Weights.IMAGENET1K_FEATURES" if "vgg16" in name else
+                    "MobileNet_V3_Large_Weights.IMAGENET1K_V1" if "mobilenet" in name else
+                    "ResNet50_Weights.IMAGENET1K_V1")
+        assert default_backbone_weights(name) == expected, name
+        assert isinstance(torchvision.models.get_weight(expected), backbone_weights_class(name)), name
+
+
+def test_backbone_file_of_another_network_names_the_first_stray_key(tmp_path):
+    torch.save(torchvision.models.mobilenet_v3_large().state_dict(), tmp_path / "mobilenet.pth")
+    stray = r'does not fit the backbone of maskrcnn_resnet50_fpn: .*"features\.0\.0\.weight"$'
+    with pytest.raises(UserError, match=stray):
+        build_model("maskrcnn_resnet50_fpn", 3, None, str(tmp_path / "mobilenet.pth"), None)
 
 
 def test_mobilenet_backbone_from_the_hub_cache(tmp_path, monkeypatch):

@@ -135,6 +135,7 @@ BAD_INPUTS = [
     (["--weights-backbone", "VGG16_Weights.IMAGENET1K_FEATURES"], "does not fit the model, which takes "
                                                                   "ResNet50_Weights"),
     (["--trainable-backbone-layers", "2"], "--trainable-backbone-layers applies to pretrained weights"),
+    (["--cudnn-benchmark", "--use-deterministic-algorithms"], "give one of the two"),
 ]
 
 
