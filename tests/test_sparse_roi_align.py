@@ -1,0 +1,110 @@
+"""RoIAlign as a sparse product pools and back-propagates as torchvision's MultiScaleRoIAlign does."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+
+from models import build_model
+from sparse_roi_align import SparseMultiScaleRoIAlign, use_sparse_roi_align
+
+IMAGE_SHAPES = [(128, 192), (120, 170)]
+
+
+def pyramid(dtype: torch.dtype = torch.float32) -> OrderedDict:
+    """An FPN-like batch of 2: strides 4 to 32 and a pooled level the poolers leave out."""
+    generator = torch.Generator().manual_seed(0)
+    maps = OrderedDict((str(level), torch.randn((2, 6, 128 // 4 // 2**level, 192 // 4 // 2**level),
+                                                generator=generator, dtype=dtype).requires_grad_())
+                       for level in range(4))
+    maps["pool"] = torch.randn((2, 6, 2, 3), generator=generator, dtype=dtype)
+    return maps
+
+
+def random_boxes(count: int, seed: int) -> torch.Tensor:
+    """Boxes of every pyramid level, some hanging off the image, some under a pixel wide."""
+    generator = torch.Generator().manual_seed(seed)
+    corner = torch.rand((count, 2), generator=generator) * torch.tensor([210.0, 140.0]) - 10
+    extent = torch.rand((count, 2), generator=generator) ** 3 * 250 + 0.05
+    return torch.cat([corner, corner + extent], 1)
+
+
+@pytest.mark.parametrize("names,output_size", [(["0", "1", "2", "3"], 7), (["0", "1", "2", "3"], (14, 14)),
+                                               (["0"], 5), (["1", "2"], (4, 6))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pooling_and_gradient_match_torchvision(names, output_size, dtype):
+    maps = pyramid(dtype)
+    boxes = [random_boxes(60, 1).to(dtype), random_boxes(45, 2).to(dtype)]
+    # A canonical scale for these small images, so that every level pools some boxes.
+    theirs = MultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
+    ours = SparseMultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
+    assert ours.shape == theirs.shape == (105, 6, *theirs.shape[-2:])
+    assert ours.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
+    upstream = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    inputs = [maps[name] for name in names]
+    for ours_grad, their_grad in zip(torch.autograd.grad(ours, inputs, upstream),
+                                     torch.autograd.grad(theirs, inputs, upstream)):
+        assert their_grad.abs().sum() > 0
+        torch.testing.assert_close(ours_grad, their_grad, atol=tolerance, rtol=tolerance)
+
+
+def test_images_without_boxes():
+    maps = pyramid()
+    pooler = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    assert pooler(maps, [torch.zeros((0, 4)), torch.zeros((0, 4))], IMAGE_SHAPES).shape == (0, 6, 7, 7)
+    pooled = pooler(maps, [torch.zeros((0, 4)), random_boxes(3, 4)], IMAGE_SHAPES)
+    expected = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(maps, [torch.zeros((0, 4)), random_boxes(3, 4)],
+                                                             IMAGE_SHAPES)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+    pooled.sum().backward()
+
+
+@pytest.mark.parametrize("dtype,names,sampling_ratio", [(torch.bfloat16, ["0", "1", "2", "3"], 2),
+                                                       (torch.float32, ["0", "1", "2", "3"], 0),
+                                                       (torch.float32, ["1", "3"], 2)])
+def test_other_cases_pool_with_torchvision(dtype, names, sampling_ratio):
+    """Half-precision maps (under autocast), the adaptive sampling ratio and a pyramid with a level left out
+    go to torchvision's kernel: bit for bit its result."""
+    maps = pyramid(dtype)
+    boxes = [random_boxes(20, 5).to(dtype), random_boxes(10, 6).to(dtype)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        theirs = MultiScaleRoIAlign(names, 7, sampling_ratio, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
+        ours = SparseMultiScaleRoIAlign(names, 7, sampling_ratio, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
+def test_models_pool_sparsely_with_their_own_settings(name):
+    model = build_model(name, 2, None, None, None, min_size=64, max_size=64)
+    poolers = [getattr(model.roi_heads, n) for n in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool")
+               if getattr(model.roi_heads, n, None) is not None]
+    assert len(poolers) == 2 and all(type(p) is SparseMultiScaleRoIAlign for p in poolers)
+    plain = torch.nn.Module()
+    plain.roi_heads = torch.nn.Module()
+    plain.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "2"], (3, 5), 1, canonical_scale=112,
+                                                      canonical_level=3)
+    swapped = use_sparse_roi_align(plain).roi_heads.box_roi_pool
+    assert type(swapped) is SparseMultiScaleRoIAlign
+    assert (swapped.featmap_names, swapped.output_size, swapped.sampling_ratio, swapped.canonical_scale,
+            swapped.canonical_level) == (["0", "2"], (3, 5), 1, 112, 3)
+
+
+def test_training_losses_equal_torchvision_pooling():
+    """One Mask R-CNN training step's losses with the sparse poolers and with torchvision's."""
+    torch.manual_seed(0)
+    model = build_model("maskrcnn_resnet50_fpn", 3, None, None, None, min_size=96, max_size=96).train()
+    images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros((1, 90, 120), dtype=torch.uint8)},
+               {"boxes": torch.tensor([[5.0, 20.0, 70.0, 90.0], [30.0, 5.0, 50.0, 30.0]]),
+                "labels": torch.tensor([2, 1]), "masks": torch.ones((2, 100, 80), dtype=torch.uint8)}]
+    losses = []
+    for pooler_class in (SparseMultiScaleRoIAlign, MultiScaleRoIAlign):
+        model.roi_heads.box_roi_pool.__class__ = pooler_class
+        model.roi_heads.mask_roi_pool.__class__ = pooler_class
+        torch.manual_seed(1)
+        losses.append(torch.stack(list(model(images, targets).values())))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
