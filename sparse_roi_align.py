@@ -15,7 +15,8 @@ import warnings
 import torch
 from torchvision.ops import MultiScaleRoIAlign, box_area
 
-# torchvision's level rule (FPN paper, eq. 1): a 224x224 region pools from level 4.
+# Added before rounding a box's level down, as torchvision does, so that a side of exactly 224 * 2^k lands on
+# its own level whatever log2's rounding.
 _LEVEL_EPS = 1e-6
 
 
@@ -96,7 +97,7 @@ def _region_levels(boxes: torch.Tensor, scales: list[float], canonical_scale: in
     side = torch.sqrt(box_area(boxes))
     level = torch.floor(canonical_level + torch.log2(side / canonical_scale) + torch.tensor(_LEVEL_EPS,
                                                                                           dtype=side.dtype))
-    return (level.clamp(min=first, max=last).to(torch.int64) - first).to(torch.int64)
+    return level.clamp(min=first, max=last).to(torch.int64) - first
 
 
 def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor],
