@@ -139,7 +139,8 @@ def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor]
 
     pixels = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features])
     pooled = _SparseProduct.apply(pixels, row_starts, columns, weights, rows)
-    return pooled.view(regions, bins_y, bins_x, channels).permute(0, 3, 1, 2)
+    # Contiguous, as torchvision's pooling gives it: the heads after it reshape with view.
+    return pooled.view(regions, bins_y, bins_x, channels).permute(0, 3, 1, 2).contiguous()
 
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):

@@ -40,7 +40,7 @@ def test_pooling_and_gradient_match_torchvision(names, output_size, dtype):
     theirs = MultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
     ours = SparseMultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
     assert ours.shape == theirs.shape == (105, 6, *theirs.shape[-2:])
-    assert ours.dtype == dtype
+    assert ours.dtype == dtype and ours.is_contiguous()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
     upstream = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
