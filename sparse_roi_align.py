@@ -33,7 +33,9 @@ def _axis_samples(start: torch.Tensor, extent: torch.Tensor, bins: int, ratio: i
     last = (size - 1)[:, None]
     inside = (position >= -1.0) & (position <= size[:, None].to(start.dtype))
     position = position.clamp(min=0)
-    low = position.to(torch.int64)
+    # Clamped again as integers: a diverged run's NaN or infinite box must not index outside the maps (its
+    # weights stay NaN, so its loss shows it).
+    low = position.to(torch.int64).clamp(min=0)
     at_edge = low >= last
     low = torch.where(at_edge, last, low)
     position = torch.where(at_edge, low.to(start.dtype), position)
@@ -97,7 +99,7 @@ def _region_levels(boxes: torch.Tensor, scales: list[float], canonical_scale: in
     side = torch.sqrt(box_area(boxes))
     level = torch.floor(canonical_level + torch.log2(side / canonical_scale) + torch.tensor(_LEVEL_EPS,
                                                                                           dtype=side.dtype))
-    return level.clamp(min=first, max=last).to(torch.int64) - first
+    return level.nan_to_num(nan=first).clamp(min=first, max=last).to(torch.int64) - first
 
 
 def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor],

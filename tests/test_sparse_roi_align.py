@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from models import build_model
-from sparse_roi_align import SparseMultiScaleRoIAlign, use_sparse_roi_align
+from sparse_roi_align import SparseMultiScaleRoIAlign, _axis_samples, use_sparse_roi_align
 
 IMAGE_SHAPES = [(128, 192), (120, 170)]
 
@@ -60,6 +60,23 @@ def test_images_without_boxes():
                                                              IMAGE_SHAPES)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
     pooled.sum().backward()
+
+
+def test_boxes_of_a_diverged_run_pool_to_nan_without_reading_outside_the_maps():
+    maps = pyramid()
+    good = random_boxes(6, 7)
+    bad = torch.tensor([[float("nan"), 1.0, 20.0, 30.0], [0.0, 0.0, float("inf"), 40.0],
+                        [float("-inf"), float("nan"), 5.0, float("inf")]])
+    pooled = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(maps, [torch.cat([good, bad]), good],
+                                                                  IMAGE_SHAPES)
+    expected = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(maps, [good, good], IMAGE_SHAPES)
+    torch.testing.assert_close(torch.cat([pooled[:6], pooled[9:]]), expected, atol=1e-5, rtol=1e-5)
+    assert pooled[6:9].isnan().any(dim=(1, 2, 3)).all()
+    start = torch.tensor([float("nan"), float("inf"), float("-inf"), 3.0])
+    size = torch.tensor([1, 5, 5, 5])
+    low, high, _, _ = _axis_samples(start, torch.full((4,), 2.0), 7, 2, size)
+    for index in (low, high):
+        assert ((index >= 0) & (index < size[:, None])).all()
 
 
 @pytest.mark.parametrize("dtype,names,sampling_ratio", [(torch.bfloat16, ["0", "1", "2", "3"], 2),
