@@ -102,12 +102,12 @@ def _region_levels(boxes: torch.Tensor, scales: list[float], canonical_scale: in
     return level.nan_to_num(nan=first).clamp(min=first, max=last).to(torch.int64) - first
 
 
-def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor],
-                         image_shapes: list[tuple[int, int]], output_size: tuple[int, int], sampling_ratio: int,
-                         canonical_scale: int = 224, canonical_level: int = 4) -> torch.Tensor:
-    """(R, C, *output_size) pooled features of every image's boxes, equal to torchvision's MultiScaleRoIAlign
-    (aligned=False, sampling_ratio > 0) to float rounding."""
-    scales = _level_scales(features, image_shapes)
+def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], scales: list[float],
+                         output_size: tuple[int, int], sampling_ratio: int, canonical_scale: int = 224,
+                         canonical_level: int = 4) -> torch.Tensor:
+    """(R, C, *output_size) pooled features of every image's boxes from consecutive pyramid levels of the
+    given scales, equal to torchvision's MultiScaleRoIAlign (aligned=False, sampling_ratio > 0) to float
+    rounding."""
     channels, device, dtype = features[0].shape[1], features[0].device, features[0].dtype
     all_boxes = torch.cat(boxes)
     image = torch.cat([torch.full((len(b),), i, dtype=torch.int64, device=device) for i, b in enumerate(boxes)])
@@ -155,10 +155,12 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         features = [v for k, v in x.items() if k in self.featmap_names]
         first = features[0]
         if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64) \
-                or self.sampling_ratio <= 0 \
-                or not _is_whole_pyramid(_level_scales(features, image_shapes)):
+                or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
-        return multiscale_roi_align(features, [b.to(first.dtype) for b in boxes], image_shapes, self.output_size,
+        scales = _level_scales(features, image_shapes)
+        if not _is_whole_pyramid(scales):
+            return super().forward(x, boxes, image_shapes)
+        return multiscale_roi_align(features, [b.to(first.dtype) for b in boxes], scales, self.output_size,
                                     self.sampling_ratio, self.canonical_scale, self.canonical_level)
 
 

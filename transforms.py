@@ -295,7 +295,8 @@ class RandomIoUCrop:
 
 def boxes_of_masks(masks: torch.Tensor) -> torch.Tensor:
     """(N, 4) boxes that just hold each (N, H, W) mask's pixels (zeros for an empty mask)."""
-    rows, cols = masks.bool().any(2), masks.bool().any(1)  # (N, H), (N, W): lines with a pixel
+    present = masks.bool()
+    rows, cols = present.any(2), present.any(1)  # (N, H), (N, W): lines with a pixel
 
     def first_and_end(lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         first = lines.to(torch.uint8).argmax(1)
