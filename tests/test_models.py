@@ -99,6 +99,7 @@ def batches(dataset, keypoint_dataset):
 def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
     from coco_eval import CocoEvaluator
     from engine import evaluate, to_device
+    from inference import inference_copy
 
     samples, val, category_map = batches["figures" if name.startswith("keypoint") else "shapes"]
     torch.manual_seed(0)
@@ -118,7 +119,8 @@ def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
     one = torch.utils.data.Subset(val, [0])
     loader = torch.utils.data.DataLoader(one, batch_size=1, collate_fn=lambda b: tuple(zip(*b)))
     loader.dataset.coco = val.coco  # the evaluator reads the ground truth of the images it saw
-    metrics = evaluate(model, loader, torch.device("cpu"), CocoEvaluator(val.coco, category_map, iou_types(name)))
+    evaluator = CocoEvaluator(val.coco, category_map, iou_types(name))
+    metrics = evaluate(inference_copy(model, channels_last=True), loader, torch.device("cpu"), evaluator)
     assert list(metrics) == list(iou_types(name))
     printed = capsys.readouterr().out
     for iou_type in iou_types(name):
