@@ -56,12 +56,6 @@ def fold_batch_norms(model: nn.Module) -> int:
     return folded
 
 
-def channels_last_pays(device: torch.device) -> bool:
-    """Whether evaluation should use channels-last whatever --channels-last says: on a CPU its convolutions
-    were 12-23% faster in our runs; on GPUs it depends on the precision, so the flag decides there."""
-    return device.type == "cpu"
-
-
 def inference_copy(model: nn.Module, channels_last: bool) -> nn.Module:
     """A copy of model for evaluation: eval mode, no gradients, batch norms folded, and channels-last if asked."""
     clone = copy.deepcopy(model).eval().requires_grad_(False)

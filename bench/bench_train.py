@@ -74,6 +74,7 @@ def run_ours(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
     # cost of a step, depends on them.
     model.load_state_dict(torchvision_model(args).state_dict())
     model.to(device)
+    args.channels_last = utils.use_channels_last(args.channels_last, device)  # the settings printed say which
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if args.amp else None
@@ -81,7 +82,8 @@ def run_ours(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     clock = StepClock(model, device)
-    options = TrainOptions(print_freq=10**9, scaler=scaler, amp_dtype=amp_dtype)
+    # Epoch 1 of 2, as the reference's loop is called: past the warm-up, and no run ETA below zero.
+    options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=amp_dtype)
     train_one_epoch(model, optimizer, loader, device, epoch=1, options=options)
     return model, clock
 
@@ -121,7 +123,8 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                         help="ours only; the reference's --amp is float16")
-    parser.add_argument("--channels-last", action="store_true", help="ours only")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="ours only; default as train.py's: on for CPUs")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its kernels per input shape")
     parser.add_argument("--weights-backbone", default=None,
                         help="ResNet50_Weights.IMAGENET1K_V1 for the pretrained layout (hub cache); default none")

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from inference import channels_last_pays, fold_batch_norms, inference_copy
+from inference import fold_batch_norms, inference_copy
 from models import build_model
 
 
@@ -89,8 +89,3 @@ def test_copy_for_inference_leaves_the_training_model_alone():
     assert not any(p.requires_grad for p in copy.parameters())
     assert copy.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-
-
-def test_channels_last_is_chosen_on_the_cpu_only():
-    assert channels_last_pays(torch.device("cpu"))
-    assert not channels_last_pays(torch.device("cuda"))

@@ -41,6 +41,8 @@ def test_training_writes_loadable_checkpoints(trained, torch_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     model = torchvision.models.detection.maskrcnn_resnet50_fpn(num_classes=len(CATEGORIES) + 1)
     model.load_state_dict(checkpoint["model"])  # torchvision's own builder takes it unchanged
+    conv = checkpoint["model"]["backbone.body.layer2.0.conv2.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous(), "the CPU default"
 
 
 def test_epoch_end_evaluation_prints_both_tables(trained):
@@ -213,12 +215,13 @@ def test_unreadable_images_are_counted_and_limited(dataset, tmp_path):
     assert "could not be read this epoch, more than --max-bad-samples 0.01" in result.stderr
 
 
-def test_cpu_amp_runs_bfloat16(tiny_dataset, tmp_path):
+def test_cpu_amp_runs_bfloat16_in_the_layout_asked_for(tiny_dataset, tmp_path):
     result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
-                     "--epochs", "1", "--amp")
+                     "--epochs", "1", "--amp", "--no-channels-last")
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["scaler"] is None, "bfloat16 needs no gradient scaler"
+    assert checkpoint["model"]["backbone.body.layer2.0.conv2.weight"].is_contiguous()
 
 
 def test_float16_scaler_state_survives_resume(micro_dataset, tmp_path):
