@@ -205,7 +205,20 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
         fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=True)
         if fresh:
             print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)")
-    return use_sparse_roi_align(use_device_paste(model))
+    return use_sparse_roi_align(use_device_paste(contiguous_keypoint_logits(model)))
+
+
+def _contiguous(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous()
+
+
+def contiguous_keypoint_logits(model: nn.Module) -> nn.Module:
+    """Make a Keypoint R-CNN's heatmap logits contiguous: torchvision's keypoint loss flattens them with view,
+    which fails on the channels-last tensors a channels-last model gives."""
+    predictor = getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None)
+    if predictor is not None:
+        predictor.register_forward_hook(_contiguous)
+    return model
 
 
 def build_from_checkpoint(checkpoint: dict, source: str, **model_kwargs) -> nn.Module:

@@ -109,7 +109,7 @@ def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
     images, targets = to_device([s[0] for s in samples], [s[1] for s in samples], torch.device("cpu"))
     for target in targets:
         target.pop("faults")
-    model.train()
+    model.to(memory_format=torch.channels_last).train()  # the CPU default of train.py
     losses = model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values()), losses
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001)
