@@ -151,7 +151,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels-last memory format for the convolutions (default: on for CPUs, where training steps were "
-             "7-22%% and evaluation 12-23%% faster with it in our runs at 320-1333 px; off for GPUs)")
+             "7-20%% and evaluation 12-23%% faster with it in our runs at 320-1333 px; off for GPUs)")
     add("--cudnn-benchmark", action="store_true",
         help="let cuDNN time its kernels for each new input shape: for fixed-size inputs (SSD); R-CNN heads "
              "change shape every step, which makes it much slower")
@@ -497,6 +497,9 @@ def main(args: argparse.Namespace) -> dict:
         evaluator = CocoEvaluator(val_set.coco, category_map, iou_types(args.model), args.coco_backend)
         eval_model = inference_copy(model_without_ddp, channels_last)
         metrics = evaluate(eval_model, val_loader, device, evaluator, args.print_freq, amp_dtype)
+        pictures = (prediction_pictures(eval_model, val_set, vis_indices, device, amp_dtype)
+                    if utils.is_main_process() else {})
+        del eval_model  # its memory is free again before the next epoch trains
         if not utils.is_main_process():
             continue
         global_step = (epoch + 1) * steps_per_epoch
@@ -508,7 +511,6 @@ def main(args: argparse.Namespace) -> dict:
             save_atomic(state, output_dir / "model_best.pth")
             print(f"New best AP {best_ap:.4f}: saved {output_dir / 'model_best.pth'}")
         plot_curves(metrics_log.records("train"), metrics_log.records("eval"), output_dir / "curves.png")
-        pictures = prediction_pictures(eval_model, val_set, vis_indices, device, amp_dtype)
         for name, picture in pictures.items():
             save_jpeg(picture, output_dir / "predictions" / f"epoch_{epoch}" / f"{name}.jpg")
         metrics_log.add_pictures(pictures, global_step)
