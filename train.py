@@ -406,7 +406,8 @@ def main(args: argparse.Namespace) -> dict:
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+            model, device_ids=[args.gpu] if device.type == "cuda" else None,
+            broadcast_buffers=utils.buffers_change_in_training(model))
         model_without_ddp = model.module
 
     optimizer = make_optimizer(model_without_ddp, args)

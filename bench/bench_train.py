@@ -6,12 +6,16 @@ at a given image size and batch, past a warm-up, with peak GPU memory and whethe
 
 Steps are timed between successive forward calls, so the figure is what a run sees, data waits included;
 with --reference the same is measured for torchvision's reference loop, data pipeline and model builder.
-Prints one JSON object.
+--count-ops counts instead the operators a timed step dispatches (forward, backward, optimizer) and those
+that wait for the device's results: where a GPU step is bound by the host, these are its cost, and they can
+be counted on any device. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -21,13 +25,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from common import emit, environment, use_implementation  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+# Operators whose result size or value the host must read before it can go on: each waits for the device.
+HOST_SYNCS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.masked_select.default",
+                        "aten.is_nonzero.default", "aten._unique2.default", "aten.unique_consecutive.default",
+                        "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.equal.default"})
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the operators dispatched while active (backward's as well: the mode travels with autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active:
+            self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class StepClock:
-    """Forward hooks that time the gaps between forward calls and check each loss dict for finite values."""
+    """Forward hooks that time the gaps between forward calls and check each loss dict for finite values;
+    with a counter, they switch it on at the first step past the warm-up."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, warmup: int,
+                 counter: OperatorCounter | None = None) -> None:
         self.device = device
+        self.warmup = warmup
+        self.counter = counter
         self.times: list[float] = []
         self.flags: list[torch.Tensor] = []
         model.register_forward_pre_hook(self._before)
@@ -37,6 +65,8 @@ class StepClock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter())
+        if self.counter is not None:
+            self.counter.active = len(self.times) > self.warmup
 
     def _after(self, module, inputs, output) -> None:
         if isinstance(output, dict):  # kept on the device: checking now would add a sync to every step
@@ -56,7 +86,7 @@ def torchvision_model(args) -> torch.nn.Module:
         max_size=args.max_size)
 
 
-def run_ours(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
+def run_ours(args, device, steps: int, counter: OperatorCounter | None) -> tuple[torch.nn.Module, StepClock]:
     import presets
     import utils
     from coco_utils import build_dataset
@@ -81,14 +111,15 @@ def run_ours(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    clock = StepClock(model, device)
+    clock = StepClock(model, device, args.warmup, counter)
     # Epoch 1 of 2, as the reference's loop is called: past the warm-up, and no run ETA below zero.
     options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=amp_dtype)
     train_one_epoch(model, optimizer, loader, device, epoch=1, options=options)
     return model, clock
 
 
-def run_reference(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]:
+def run_reference(args, device, steps: int, counter: OperatorCounter | None
+                  ) -> tuple[torch.nn.Module, StepClock]:
     import coco_utils
     import presets
     import utils
@@ -102,7 +133,7 @@ def run_reference(args, device, steps: int) -> tuple[torch.nn.Module, StepClock]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.cuda.amp.GradScaler() if args.amp else None
-    clock = StepClock(model, device)
+    clock = StepClock(model, device, args.warmup, counter)
     train_one_epoch(model, optimizer, loader, device, epoch=1, print_freq=10**9, scaler=scaler)
     return model, clock
 
@@ -126,6 +157,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for CPUs")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its kernels per input shape")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the operators of each step past the warm-up (the timings then include the "
+                        "counting, and mean little)")
     parser.add_argument("--weights-backbone", default=None,
                         help="ResNet50_Weights.IMAGENET1K_V1 for the pretrained layout (hub cache); default none")
     args = parser.parse_args()
@@ -137,7 +171,9 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
     total = args.warmup + args.steps + 1
-    model, clock = (run_reference if args.reference else run_ours)(args, device, total)
+    counter = OperatorCounter() if args.count_ops else None
+    with counter or contextlib.nullcontext():
+        model, clock = (run_reference if args.reference else run_ours)(args, device, total, counter)
     gaps = [b - a for a, b in zip(clock.times, clock.times[1:])][args.warmup:]
     seconds = sum(gaps)
     result = {
@@ -148,6 +184,11 @@ def main() -> None:
         "images_per_s": round(len(gaps) * args.batch_size / seconds, 2) if seconds else None,
         "losses_finite": clock.finite,
     }
+    if counter is not None:  # the steps counted: each timed one and the last, whose forward closes the timing
+        counted = args.steps + 1
+        result["operators_per_step"] = round(sum(counter.counts.values()) / counted, 1)
+        result["host_syncs_per_step"] = round(sum(n for op, n in counter.counts.items() if op in HOST_SYNCS)
+                                              / counted, 1)
     if device.type == "cuda":
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     emit(result)

@@ -10,16 +10,16 @@ import pytest
 
 from conftest import ROOT, SMALL, cli_env
 
-FLAGS = [*SMALL, "--epochs", "1", "-b", "2", "--lr", "0.01", "--weights-backbone", "none",
-         "--clip-grad-norm", "10", "--dist-timeout", "60"]
+FLAGS = [*SMALL, "--epochs", "1", "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--dist-timeout", "60"]
+FROM_SCRATCH = ["--weights-backbone", "none"]  # batch norms that train, and buffers that DDP broadcasts
 
 
-def launch(script, *args, nproc=2, use_env=True, env=None, timeout=420):
+def launch(script, *args, nproc=2, use_env=True, env=None, timeout=420, torch_home=None):
     """python3 -m torch.distributed.launch --nproc_per_node=N [--use_env] script args (the README's form)."""
     command = [sys.executable, "-m", "torch.distributed.launch", f"--nproc_per_node={nproc}",
                *(["--use_env"] if use_env else []), str(ROOT / script), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=cli_env(None, env))
+                          env=cli_env(torch_home, env))
 
 
 def coco_table(stdout):
@@ -27,9 +27,10 @@ def coco_table(stdout):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(dataset, tmp_path_factory):
+def ddp_run(dataset, torch_home, tmp_path_factory):
+    """The seed's form with ImageNet weights from the hub cache: frozen batch norms, no buffers broadcast."""
     out = tmp_path_factory.mktemp("ddp")
-    result = launch("train.py", "--data-path", str(dataset), "--output-dir", str(out), *FLAGS)
+    result = launch("train.py", "--data-path", str(dataset), "--output-dir", str(out), *FLAGS, torch_home=torch_home)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
@@ -43,7 +44,7 @@ def test_seed_command_form_trains_and_rank0_writes(ddp_run):
 
 def test_ranks_train_on_different_images(dataset, tmp_path):
     result = launch("tests/ddp_probe.py", "--data-path", str(dataset), "--output-dir", str(tmp_path / "out"),
-                    *FLAGS, "--seed", "3", "--sync-bn", use_env=False, env={"PROBE_DIR": str(tmp_path)})
+                    *FLAGS, *FROM_SCRATCH, "--seed", "3", "--sync-bn", use_env=False, env={"PROBE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "--sync-bn: torch synchronises batch norm on GPUs only" in result.stdout
     seen = [{i for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines() for i in json.loads(line)}
@@ -71,6 +72,6 @@ def test_two_process_evaluation_equals_one_process(ddp_run, dataset, tmp_path):
 
 def test_a_failing_rank_ends_the_job(dataset, tmp_path):
     result = launch("tests/ddp_probe.py", "--data-path", str(dataset), "--output-dir", str(tmp_path / "out"),
-                    *FLAGS, env={"PROBE_DIR": str(tmp_path), "PROBE_FAIL_RANK": "1"}, timeout=240)
+                    *FLAGS, *FROM_SCRATCH, env={"PROBE_DIR": str(tmp_path), "PROBE_FAIL_RANK": "1"}, timeout=240)
     assert result.returncode != 0
     assert "rank 1 fails on purpose" in result.stdout + result.stderr

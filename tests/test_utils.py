@@ -1,9 +1,18 @@
 import torch
 
-from utils import use_channels_last
+from models import build_model
+from utils import buffers_change_in_training, use_channels_last
 
 
 def test_channels_last_by_default_on_the_cpu_only_and_as_asked_otherwise():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert use_channels_last(None, cpu) and not use_channels_last(None, cuda)
     assert use_channels_last(True, cuda) and not use_channels_last(False, cpu)
+
+
+def test_only_the_frozen_norms_buffers_never_change_in_training():
+    pretrained_layout = build_model("maskrcnn_resnet50_fpn", 5, None, None, None, pretrained_layout=True)
+    assert not buffers_change_in_training(pretrained_layout)
+    assert buffers_change_in_training(build_model("maskrcnn_resnet50_fpn", 5, None, None, None))
+    pretrained_layout.roi_heads.register_buffer("count", torch.zeros(1))
+    assert buffers_change_in_training(pretrained_layout)
