@@ -1,5 +1,6 @@
 """Training throughput: images/s of the whole training loop (data loader, forward, backward, optimizer step)
-at a given image size and batch, past a warm-up, with peak GPU memory and whether every loss was finite.
+at a given image size and batch, past a warm-up, with peak memory (the process's, and the GPU's) and whether
+every loss was finite.
 
     python3 bench/bench_train.py --data-path ./datasets/coco-like --device cuda --batch-size 4 --amp
     python3 bench/bench_train.py --data-path ... --reference /path/to/vision/references/detection
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import resource
 import sys
 import time
 from pathlib import Path
@@ -189,6 +191,8 @@ def main() -> None:
         result["operators_per_step"] = round(sum(counter.counts.values()) / counted, 1)
         result["host_syncs_per_step"] = round(sum(n for op, n in counter.counts.items() if op in HOST_SYNCS)
                                               / counted, 1)
+    # The whole process's peak (model, optimizer, data with --workers 0): on the CPU, the training's memory.
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     if device.type == "cuda":
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     emit(result)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from models import build_model
+from models import MODELS, build_model
 from norm_folding import (
     FoldedFrozenBatchNorm2d,
     FrozenNormConv2d,
@@ -166,3 +166,13 @@ def test_evaluation_fold_of_a_training_folded_model():
     assert not norms(folded.backbone)
     assert not any(isinstance(m, FrozenNormConv2d) for m in folded.modules())
     assert_close(expected, got)
+
+
+def test_every_frozen_norm_of_every_builder_is_folded():
+    folded = {}
+    for name in MODELS:
+        model = build_model(name, 5, None, None, None, pretrained_layout=True)
+        assert not any(type(m) is FrozenBatchNorm2d for m in model.modules()), name
+        folded[name] = sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in model.modules())
+    assert folded["maskrcnn_resnet50_fpn"] == folded["retinanet_resnet50_fpn"] == folded["fcos_resnet50_fpn"] == 53
+    assert folded["fasterrcnn_mobilenet_v3_large_fpn"] == 46
