@@ -146,22 +146,25 @@ def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor]
 
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's MultiScaleRoIAlign, pooling by multiscale_roi_align where that is faster and exact:
-    float32/64 maps on the CPU, a fixed sampling ratio and consecutive levels;
-    elsewhere torchvision's own kernels."""
+    """torchvision's MultiScaleRoIAlign, pooling by multiscale_roi_align where that is faster and exact: maps on
+    the CPU, a fixed sampling ratio and consecutive levels; elsewhere torchvision's own kernels. Half-precision
+    maps (autocast) pool in float32 and come back in their own precision, as torchvision's kernel does them."""
 
     def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:
         features = [v for k, v in x.items() if k in self.featmap_names]
         first = features[0]
-        if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64) \
-                or self.sampling_ratio <= 0:
+        if first.device.type != "cpu" or not first.is_floating_point() or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
         scales = _level_scales(features, image_shapes)
         if not _is_whole_pyramid(scales):
             return super().forward(x, boxes, image_shapes)
-        return multiscale_roi_align(features, [b.to(first.dtype) for b in boxes], scales, self.output_size,
-                                    self.sampling_ratio, self.canonical_scale, self.canonical_level)
+        dtype = first.dtype if first.dtype == torch.float64 else torch.float32
+        with torch.autocast("cpu", enabled=False):  # the products stay in float32 under autocast too
+            pooled = multiscale_roi_align([f.to(dtype) for f in features], [b.to(dtype) for b in boxes], scales,
+                                          self.output_size, self.sampling_ratio, self.canonical_scale,
+                                          self.canonical_level)
+        return pooled.to(first.dtype)
 
 
 def use_sparse_roi_align(model: torch.nn.Module) -> torch.nn.Module:

@@ -56,8 +56,6 @@ from preemption import StopRequest, ignore_stop_signals
 from utils import UserError
 from visualize import plot_curves, save_jpeg, side_by_side
 
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line that points at --help, like every other input error."""
@@ -128,7 +126,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
              "the ImageNet weights torchvision's recipe uses for the model (ResNet50_Weights.IMAGENET1K_V1, "
              "MobileNet_V3_Large_Weights.IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_FEATURES)")
     add("--amp", action="store_true", help="mixed precision (autocast; a gradient scaler for float16)")
-    add("--amp-dtype", default=None, choices=sorted(AMP_DTYPES),
+    add("--amp-dtype", default=None, choices=sorted(utils.AMP_DTYPES),
         help="autocast type with --amp (default: float16 on CUDA, bfloat16 on CPU); bfloat16 needs no "
              "scaler and is the better choice on Ampere and Hopper GPUs")
     add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
@@ -343,10 +341,7 @@ def main(args: argparse.Namespace) -> dict:
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
-    # float16 (with a gradient scaler) is the seed's mixed precision on GPUs; the CPU's autocast is bfloat16.
-    amp_dtype = None
-    if args.amp:
-        amp_dtype = AMP_DTYPES[args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")]
+    amp_dtype = utils.amp_dtype(args.amp_dtype, device) if args.amp else None
 
     # What the model was trained on travels with the checkpoint; a fresh run reads it from the train file.
     resume = resolve_resume(args)

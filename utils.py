@@ -110,6 +110,15 @@ def use_channels_last(flag: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if flag is None else flag
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The autocast type of --amp: as --amp-dtype names it, else float16 on GPUs (the seed's mixed precision,
+    with a gradient scaler) and bfloat16 on the CPU (where float16 convolutions are many times slower)."""
+    return AMP_DTYPES[name or ("float16" if device.type == "cuda" else "bfloat16")]
+
+
 def buffers_change_in_training(model: torch.nn.Module) -> bool:
     """Whether any buffer of model can change as it trains: not when all belong to frozen batch norms (the
     pretrained layout), and then DDP need not broadcast them from rank 0 before every forward."""

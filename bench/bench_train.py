@@ -109,7 +109,9 @@ def run_ours(args, device, steps: int, counter: OperatorCounter | None) -> tuple
     args.channels_last = utils.use_channels_last(args.channels_last, device)  # the settings printed say which
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if args.amp else None
+    amp_dtype = utils.amp_dtype(args.amp_dtype, device) if args.amp else None
+    if amp_dtype is not None:
+        args.amp_dtype = str(amp_dtype).removeprefix("torch.")  # the settings printed say which
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
@@ -154,8 +156,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.001, help="the seed's rate; higher can diverge in a few "
                         "steps from random weights, which ends the measurement")
     parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
-                        help="ours only; the reference's --amp is float16")
+    parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"),
+                        help="ours only, default as train.py's: float16 on GPUs, bfloat16 on the CPU; the "
+                        "reference's --amp is float16 on GPUs and does nothing on the CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for CPUs")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its kernels per input shape")
