@@ -146,9 +146,10 @@ def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor]
 
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's MultiScaleRoIAlign, pooling by multiscale_roi_align where that is faster and exact: maps on
-    the CPU, a fixed sampling ratio and consecutive levels; elsewhere torchvision's own kernels. Half-precision
-    maps (autocast) pool in float32 and come back in their own precision, as torchvision's kernel does them."""
+    """torchvision's MultiScaleRoIAlign, pooling by multiscale_roi_align where that is faster and equal to float
+    rounding: maps on the CPU, a fixed sampling ratio and consecutive levels; elsewhere torchvision's own kernels.
+    Half-precision maps (autocast) pool in float32 and come back in their own precision, as torchvision's kernel
+    does them."""
 
     def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:
