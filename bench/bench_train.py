@@ -7,9 +7,11 @@ every loss was finite.
 
 Steps are timed between successive forward calls, so the figure is what a run sees, data waits included;
 with --reference the same is measured for torchvision's reference loop, data pipeline and model builder.
---count-ops counts instead the operators a timed step dispatches (forward, backward, optimizer) and those
-that wait for the device's results: where a GPU step is bound by the host, these are its cost, and they can
-be counted on any device. Prints one JSON object.
+The time spent waiting for the data loader is reported apart. --count-ops counts instead the operators a
+timed step dispatches (forward, backward, optimizer) and those that wait for the device's results: where a
+GPU step is bound by the host, these are its cost, and they can be counted on any device. --profile DIR
+records the timed steps with torch's profiler and writes their operator tables and a trace there.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,15 +52,41 @@ class OperatorCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class TimedLoader:
+    """A data loader whose iteration adds the time spent waiting for each batch to `.wait`."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+        self.waits: list[float] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.waits.append(time.perf_counter() - start)
+            yield batch
+
+
 class StepClock:
     """Forward hooks that time the gaps between forward calls and check each loss dict for finite values;
-    with a counter, they switch it on at the first step past the warm-up."""
+    with a counter, they switch it on at the first step past the warm-up, as they start a profiler."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, warmup: int,
-                 counter: OperatorCounter | None = None) -> None:
+                 counter: OperatorCounter | None = None, profiler: torch.profiler.profile | None = None) -> None:
         self.device = device
         self.warmup = warmup
         self.counter = counter
+        self.profiler = profiler
         self.times: list[float] = []
         self.flags: list[torch.Tensor] = []
         model.register_forward_pre_hook(self._before)
@@ -69,6 +98,8 @@ class StepClock:
         self.times.append(time.perf_counter())
         if self.counter is not None:
             self.counter.active = len(self.times) > self.warmup
+        if self.profiler is not None and len(self.times) == self.warmup + 1:
+            self.profiler.start()
 
     def _after(self, module, inputs, output) -> None:
         if isinstance(output, dict):  # kept on the device: checking now would add a sync to every step
@@ -88,7 +119,8 @@ def torchvision_model(args) -> torch.nn.Module:
         max_size=args.max_size)
 
 
-def run_ours(args, device, steps: int, counter: OperatorCounter | None) -> tuple[torch.nn.Module, StepClock]:
+def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], StepClock]
+             ) -> tuple[StepClock, TimedLoader]:
     import presets
     import utils
     from coco_utils import build_dataset
@@ -100,6 +132,7 @@ def run_ours(args, device, steps: int, counter: OperatorCounter | None) -> tuple
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
                                          num_workers=args.workers, collate_fn=utils.collate_fn,
                                          pin_memory=device.type == "cuda")
+    loader = TimedLoader(loader)
     model = build_model("maskrcnn_resnet50_fpn", 91, None, args.weights_backbone, None,
                         min_size=args.min_size, max_size=args.max_size)
     # The same starting weights as the reference's run: how many proposals the heads train on, and so the
@@ -115,15 +148,15 @@ def run_ours(args, device, steps: int, counter: OperatorCounter | None) -> tuple
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    clock = StepClock(model, device, args.warmup, counter)
+    clock = make_clock(model)
     # Epoch 1 of 2, as the reference's loop is called: past the warm-up, and no run ETA below zero.
     options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=amp_dtype)
     train_one_epoch(model, optimizer, loader, device, epoch=1, options=options)
-    return model, clock
+    return clock, loader
 
 
-def run_reference(args, device, steps: int, counter: OperatorCounter | None
-                  ) -> tuple[torch.nn.Module, StepClock]:
+def run_reference(args, device, steps: int, make_clock: Callable[[torch.nn.Module], StepClock]
+                  ) -> tuple[StepClock, TimedLoader]:
     import coco_utils
     import presets
     import utils
@@ -133,13 +166,29 @@ def run_reference(args, device, steps: int, counter: OperatorCounter | None
     dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
                                          num_workers=args.workers, collate_fn=utils.collate_fn)
+    loader = TimedLoader(loader)
     model = torchvision_model(args).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.cuda.amp.GradScaler() if args.amp else None
-    clock = StepClock(model, device, args.warmup, counter)
+    clock = make_clock(model)
     train_one_epoch(model, optimizer, loader, device, epoch=1, print_freq=10**9, scaler=scaler)
-    return model, clock
+    return clock, loader
+
+
+def write_profile(profiler: torch.profiler.profile, folder: Path, implementation: str, steps: int) -> dict:
+    """Writes the profiled steps' operator tables (by host time, and by device time where there is a device)
+    and their trace to folder; returns the per-step totals of both."""
+    folder.mkdir(parents=True, exist_ok=True)
+    averages = profiler.key_averages()
+    sorts = ["self_cpu_time_total"] + (["self_device_time_total"] if profiler.activities != {
+        torch.profiler.ProfilerActivity.CPU} else [])
+    tables = [f"{steps} steps; sorted by {key}\n{averages.table(sort_by=key, row_limit=60, max_name_column_width=70)}"
+              for key in sorts]
+    (folder / f"profile_{implementation}.txt").write_text("\n\n".join(tables))
+    profiler.export_chrome_trace(str(folder / f"trace_{implementation}.json.gz"))
+    return {"host_ms_per_step": round(sum(a.self_cpu_time_total for a in averages) / 1000 / steps, 1),
+            "device_ms_per_step": round(sum(a.self_device_time_total for a in averages) / 1000 / steps, 1)}
 
 
 def main() -> None:
@@ -165,6 +214,8 @@ def main() -> None:
     parser.add_argument("--count-ops", action="store_true",
                         help="count the operators of each step past the warm-up (the timings then include the "
                         "counting, and mean little)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record the timed steps with torch's profiler; write its tables and trace to DIR")
     parser.add_argument("--weights-backbone", default=None,
                         help="ResNet50_Weights.IMAGENET1K_V1 for the pretrained layout (hub cache); default none")
     args = parser.parse_args()
@@ -177,20 +228,34 @@ def main() -> None:
 
     total = args.warmup + args.steps + 1
     counter = OperatorCounter() if args.count_ops else None
+    profiler = None
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities)
+    implementation = "reference" if args.reference else "ours"
     with counter or contextlib.nullcontext():
-        model, clock = (run_reference if args.reference else run_ours)(args, device, total, counter)
+        clock, loader = (run_reference if args.reference else run_ours)(
+            args, device, total, lambda model: StepClock(model, device, args.warmup, counter, profiler))
     gaps = [b - a for a, b in zip(clock.times, clock.times[1:])][args.warmup:]
     seconds = sum(gaps)
+    # The wait for batch i + 1 falls in the gap timed from step i's forward.
+    data_wait = sum(loader.waits[args.warmup + 1:args.warmup + 1 + len(gaps)])
     result = {
-        "benchmark": "train", "implementation": "reference" if args.reference else "ours",
+        "benchmark": "train", "implementation": implementation,
         "environment": environment(device), "settings": vars(args),
         "steps_timed": len(gaps), "seconds": round(seconds, 3),
         "step_ms": round(1000 * seconds / max(len(gaps), 1), 1),
+        "data_wait_ms": round(1000 * data_wait / max(len(gaps), 1), 1),
         "images_per_s": round(len(gaps) * args.batch_size / seconds, 2) if seconds else None,
         "losses_finite": clock.finite,
     }
-    if counter is not None:  # the steps counted: each timed one and the last, whose forward closes the timing
-        counted = args.steps + 1
+    counted = args.steps + 1  # the steps counted or profiled: each timed one and the last, whose forward ends it
+    if profiler is not None:
+        profiler.stop()
+        result["profile"] = write_profile(profiler, Path(args.profile), implementation, counted)
+    if counter is not None:
         result["operators_per_step"] = round(sum(counter.counts.values()) / counted, 1)
         result["host_syncs_per_step"] = round(sum(n for op, n in counter.counts.items() if op in HOST_SYNCS)
                                               / counted, 1)

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks behind the README's Performance section, in one go, each step bounded in time:
-#   bash bench/gpu_suite.sh OUT_DIR [REFERENCE_DIR]
+#   bash bench/gpu_suite.sh OUT_DIR [REFERENCE_DIR] [all|train|eval]
 # REFERENCE_DIR is torchvision's references/detection, measured beside ours where given. Each benchmark's
-# JSON line is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/*.log.
+# JSON line is appended to OUT_DIR/results.jsonl, each command's output kept in OUT_DIR/logs.tar.gz, and the
+# training profiles (operator tables and traces of a few steps, both implementations) written to OUT_DIR.
+# train or eval runs only that half (one lease may not hold both).
 # Wheels in .whl/ (pycocotools, faster-coco-eval, for a machine without them) are installed first.
 set -u
-out=${1:?usage: gpu_suite.sh OUT_DIR [REFERENCE_DIR]}
+out=${1:?usage: gpu_suite.sh OUT_DIR [REFERENCE_DIR] [all|train|eval]}
 ref=${2:-}
-mkdir -p "$out"
+part=${3:-all}
+logs=$out/logs
+mkdir -p "$out" "$logs"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -25,10 +29,10 @@ step() {  # step NAME SECONDS command...: run, log, never stop the suite
     echo "{\"step\": \"$name\", \"rc\": \"skipped\"}" >>"$out/steps.jsonl"; return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
   echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}" >>"$out/steps.jsonl"
-  grep -h '^{"benchmark"' "$out/$name.log" >>"$out/results.jsonl" || true
+  grep -h '^{"benchmark"' "$logs/$name.log" >>"$out/results.jsonl" || true
 }
 
 # ImageNet weights cannot be downloaded here: a ResNet-50 of random weights under torchvision's file name lets
@@ -40,28 +44,43 @@ $py -c "import torch, torchvision, sys; torch.save(torchvision.models.resnet50()
 
 # A small set for the seed's commands, and a COCO-like one (~640x480, ~7 shapes) for the benchmarks; both use
 # COCO's own category ids so that torchvision's reference (91 classes, labels = ids) reads them too.
-$py tools/make_coco_dataset.py datasets/coco --coco-categories --coco-like --train-images 64 --val-images 16 >/dev/null &
-$py tools/make_coco_dataset.py /tmp/cocolike --coco-categories --coco-like --train-images 200 --val-images 500 >/dev/null
+[ "$part" = all ] && $py tools/make_coco_dataset.py datasets/coco --coco-categories --coco-like --train-images 64 \
+    --val-images 16 >/dev/null &
+val_images=500
+[ "$part" = train ] && val_images=16
+$py tools/make_coco_dataset.py /tmp/cocolike --coco-categories --coco-like --train-images 200 \
+    --val-images $val_images >/dev/null
 wait
 
-# A 91-class model in the layout both builders make without ImageNet weights, trained briefly: its many
-# low-score detections are the worst case for evaluation. Its own epoch-end evaluation is ours at batch 1.
-step eval_model 150 $py train.py --data-path /tmp/cocolike --weights-backbone none --epochs 1 --batch-size 8 \
-    --lr 0.02 --clip-grad-norm 10 --amp --amp-dtype bfloat16 -j 8 --output-dir /tmp/evalmodel --print-freq 10
-step eval_side_by_side 240 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
-    --workers 8 ${ref:+--reference "$ref"}
+if [ "$part" != train ]; then
+  # A 91-class model in the layout both builders make without ImageNet weights, trained briefly: its many
+  # low-score detections are the worst case for evaluation. Its own epoch-end evaluation is ours at batch 1.
+  step eval_model 150 $py train.py --data-path /tmp/cocolike --weights-backbone none --epochs 1 --batch-size 8 \
+      --lr 0.02 --clip-grad-norm 10 --amp --amp-dtype bfloat16 -j 8 --output-dir /tmp/evalmodel --print-freq 10
+  step eval_side_by_side 240 $py bench/bench_eval.py --data-path /tmp/cocolike \
+      --checkpoint /tmp/evalmodel/checkpoint.pth --workers 8 ${ref:+--reference "$ref"}
+  step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
+      --workers 8 -- --eval-batch-size 8
+fi
 
-bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8
-    --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
-step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
-[ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
-step train_bf16_cl 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16 --channels-last
-step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
-    --workers 8 -- --eval-batch-size 8
+if [ "$part" != eval ]; then
+  bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8
+      --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
+  step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
+  [ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
+  pt=("${bt[@]}" --steps 4 --warmup 4 --amp --profile "$out")
+  step profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --amp-dtype float16
+  [ -n "$ref" ] && step ref_profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --reference "$ref"
+  step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
+  [ -n "$ref" ] && step ref_train_fp32 90 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
+  step train_bf16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16
+fi
 
-seed=(--data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn)
-step seed_amp 90 $py train.py "${seed[@]}" --lr 0.001 --batch-size 1 --amp --epochs 1 --output-dir /tmp/o2 --print-freq 16
-step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
-[ -n "$ref" ] && step ref_train_fp32 90 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+if [ "$part" = all ]; then
+  seed=(--data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn)
+  step seed_amp 90 $py train.py "${seed[@]}" --lr 0.001 --batch-size 1 --amp --epochs 1 --output-dir /tmp/o2 \
+      --print-freq 16
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$logs/gpu.txt" 2>&1
+tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -r "$logs"
 cat "$out/steps.jsonl"
