@@ -110,6 +110,12 @@ def use_channels_last(flag: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if flag is None else flag
 
 
+def use_shape_buckets(flag: bool | None, device: torch.device) -> bool:
+    """Whether batches are padded to recurring shapes (shape_buckets.py): as --shape-buckets/--no-shape-buckets
+    say, else on GPUs, where a new shape costs cuDNN plans, and not on the CPU, where padding costs arithmetic."""
+    return device.type == "cuda" if flag is None else flag
+
+
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -126,6 +126,7 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     from coco_utils import build_dataset
     from engine import TrainOptions, train_one_epoch
     from models import build_model
+    from shape_buckets import pad_to_shape_buckets
 
     dataset = build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip"))
     dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
@@ -142,6 +143,9 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     args.channels_last = utils.use_channels_last(args.channels_last, device)  # the settings printed say which
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    args.shape_buckets = utils.use_shape_buckets(args.shape_buckets, device)
+    if args.shape_buckets:
+        pad_to_shape_buckets(model)
     amp_dtype = utils.amp_dtype(args.amp_dtype, device) if args.amp else None
     if amp_dtype is not None:
         args.amp_dtype = str(amp_dtype).removeprefix("torch.")  # the settings printed say which
@@ -210,6 +214,8 @@ def main() -> None:
                         "reference's --amp is float16 on GPUs and does nothing on the CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for CPUs")
+    parser.add_argument("--shape-buckets", action=argparse.BooleanOptionalAction, default=None,
+                        help="ours only; default as train.py's: on for GPUs")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its kernels per input shape")
     parser.add_argument("--count-ops", action="store_true",
                         help="count the operators of each step past the warm-up (the timings then include the "

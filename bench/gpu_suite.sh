@@ -48,10 +48,26 @@ $py -c "import torch, torchvision, sys; torch.save(torchvision.models.resnet50()
     --val-images 16 >/dev/null &
 val_images=500
 [ "$part" = train ] && val_images=16
+# And one whose images all have one size (480 x 480): every batch the same shape, as cuDNN's plan cache sees
+# a long run whose batch shapes have all been seen.
+[ "$part" != eval ] && $py tools/make_coco_dataset.py /tmp/oneshape --coco-categories --coco-like --size 480 \
+    --train-images 120 --val-images 4 >/dev/null &
 $py tools/make_coco_dataset.py /tmp/cocolike --coco-categories --coco-like --train-images 200 \
     --val-images $val_images >/dev/null
 wait
 
+# In order of importance: the steps left when the time is up are skipped.
+bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8
+    --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
+one=("${bt[@]}" --data-path /tmp/oneshape)
+pt=("${bt[@]}" --steps 4 --warmup 4 --amp --profile "$out")
+if [ "$part" != eval ]; then
+  step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
+  [ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
+  step train_fp16_unbucketed 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16 --no-shape-buckets
+  step oneshape_fp16 90 $py bench/bench_train.py "${one[@]}" --amp --amp-dtype float16
+  [ -n "$ref" ] && step ref_oneshape_fp16 90 $py bench/bench_train.py "${one[@]}" --amp --reference "$ref"
+fi
 if [ "$part" != train ]; then
   # A 91-class model in the layout both builders make without ImageNet weights, trained briefly: its many
   # low-score detections are the worst case for evaluation. Its own epoch-end evaluation is ours at batch 1.
@@ -59,23 +75,22 @@ if [ "$part" != train ]; then
       --lr 0.02 --clip-grad-norm 10 --amp --amp-dtype bfloat16 -j 8 --output-dir /tmp/evalmodel --print-freq 10
   step eval_side_by_side 240 $py bench/bench_eval.py --data-path /tmp/cocolike \
       --checkpoint /tmp/evalmodel/checkpoint.pth --workers 8 ${ref:+--reference "$ref"}
+  step eval_unbucketed 120 $py bench/bench_eval.py --data-path /tmp/cocolike \
+      --checkpoint /tmp/evalmodel/checkpoint.pth --workers 8 -- --no-shape-buckets
+fi
+if [ "$part" != eval ]; then
+  step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
+  [ -n "$ref" ] && step ref_train_fp32 90 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
+  step profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --amp-dtype float16
+  step train_bf16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16
+fi
+if [ "$part" != train ]; then
   step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
       --workers 8 -- --eval-batch-size 8
 fi
-
 if [ "$part" != eval ]; then
-  bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5 --workers 8
-      --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
-  step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
-  [ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
-  pt=("${bt[@]}" --steps 4 --warmup 4 --amp --profile "$out")
-  step profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --amp-dtype float16
   [ -n "$ref" ] && step ref_profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --reference "$ref"
-  step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
-  [ -n "$ref" ] && step ref_train_fp32 90 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
-  step train_bf16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16
 fi
-
 if [ "$part" = all ]; then
   seed=(--data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn)
   step seed_amp 90 $py train.py "${seed[@]}" --lr 0.001 --batch-size 1 --amp --epochs 1 --output-dir /tmp/o2 \

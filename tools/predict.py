@@ -28,7 +28,8 @@ from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  
 from engine import to_device  # noqa: E402
 from inference import inference_copy  # noqa: E402
 from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
-from utils import UserError, use_channels_last  # noqa: E402
+from shape_buckets import pad_to_shape_buckets  # noqa: E402
+from utils import UserError, use_channels_last, use_shape_buckets  # noqa: E402
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -111,6 +112,8 @@ def predict(args: argparse.Namespace) -> int:
     ids = image_ids(paths, args.annotations)
     model, category_map, name = load_model(args)
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
+    if use_shape_buckets(None, device):
+        pad_to_shape_buckets(model)
     model = inference_copy(model.to(device), use_channels_last(None, device))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
