@@ -1,15 +1,16 @@
-"""Pad image batches and region batches to a few sizes, so that the convolutions see shapes they have seen.
+"""Pad training batches and region batches to a few sizes, so that the convolutions see shapes they have seen.
 
 cuDNN builds an execution plan for every new input shape of a convolution and keeps it for the next time. On
-an H200 that took 1.5-5 ms of host time per convolution, where running one took well under 0.2 ms: a Mask
-R-CNN training step at batch 4 whose batch shape was new spent about 250 ms building plans for ~40 ms of GPU
-work (measured with bench/bench_train.py --profile). Images of assorted sizes give almost every batch a new
-shape (the model pads each batch only to a multiple of 32), and the mask head sees a new number of regions
-every step. Here each side of a batch is padded further, to the next rung of a ladder of sizes
-(min_size x 1.125^k, rounded up to 32), and the regions given to a mask or keypoint head to a multiple of 32,
-so a few dozen shapes recur. The region padding changes no number (each region is computed on its own); the
-image padding changes features near the right and bottom edges as any padding does, and costs on average
-~6% more pixels per side, which a GPU step bound by its host does not feel and a CPU step would: GPUs only.
+an H200 that took 1-5 ms of host time per convolution, where running one took well under 0.2 ms: a Mask R-CNN
+training step at batch 4 whose batch shape was new spent about 300 ms in those convolutions, for ~40 ms of GPU work
+(bench/bench_train.py --profile). Images of assorted sizes give almost every training batch a new shape (the
+model pads each batch only to a multiple of 32), and the mask head sees a new number of regions every step.
+Here each side of a training batch is padded further, to the next rung of a ladder of sizes (min_size x
+1.125^k, rounded up to 32), and the regions given to a mask or keypoint head to a multiple of 32, so a few
+dozen shapes recur. The region padding changes no number (each region is computed on its own), so it stays
+on in evaluation; the image padding changes features near the right and bottom edges, as any padding does,
+and adds ~6% of pixels per side, so evaluation keeps the model's own padding (at batch 1, one image's own
+shape: few distinct ones, and torchvision's exact numbers). GPUs only: on a CPU the pixels cost more.
 """
 
 from __future__ import annotations
@@ -41,14 +42,16 @@ def bucket_length(length: int, anchor: int, cap: int) -> int:
 
 
 class BatchPadding:
-    """A forward hook for the model's transform: pads its batched images on the right and bottom to the
-    ladder's sizes (the image sizes it reports stay the images' own)."""
+    """A forward hook for the model's transform: in training, pads its batched images on the right and bottom
+    to the ladder's sizes (the image sizes it reports stay the images' own)."""
 
     def __init__(self, anchor: int, cap: int) -> None:
         self.anchor = anchor
         self.cap = cap
 
     def __call__(self, module: nn.Module, inputs, output: tuple[ImageList, list | None]):
+        if not module.training:
+            return output
         images, targets = output
         height, width = images.tensors.shape[-2:]
         padded_height = bucket_length(height, self.anchor, self.cap)
@@ -77,8 +80,9 @@ class RegionPadding:
 
 
 def pad_to_shape_buckets(model: nn.Module) -> nn.Module:
-    """Pad model's image batches (unless its images have a fixed size, as SSD's) and the regions of its mask
-    and keypoint heads to recurring sizes, with hooks: no parameter, buffer or state-dict key changes."""
+    """Pad model's training image batches (unless its images have a fixed size, as SSD's) and the regions of
+    its mask and keypoint heads to recurring sizes, with hooks: no parameter, buffer or state-dict key
+    changes."""
     transform = model.transform
     if transform.fixed_size is None:
         cap = _round_up(transform.max_size, SIZE_MULTIPLE)

@@ -41,7 +41,19 @@ def small_model(min_size: int = 96, max_size: int = 160, **options):
                        **options)
 
 
-def test_evaluation_pads_images_and_regions_and_predicts_for_the_images_given():
+def test_training_batches_are_padded_to_the_ladder_and_keep_their_image_sizes():
+    transform = pad_to_shape_buckets(small_model(320, 480)).transform.train()
+    images = [torch.rand(3, 160, 215), torch.rand(3, 100, 110)]
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])} for _ in images]
+    batch, _ = transform(images, targets)
+    # Resized to 320 x 430 and 320 x 352, padded to 320 x 448 by the model, then to the ladder's 320 x 480.
+    assert tuple(batch.tensors.shape) == (2, 3, 320, 480)
+    assert batch.image_sizes == [(320, 430), (320, 352)]
+    assert batch.tensors[0, :, :, 430:].abs().max() == 0 and batch.tensors[1, :, :, 352:].abs().max() == 0
+    assert tuple(transform.eval()(images)[0].tensors.shape[-2:]) == (320, 448), "evaluation: the model's own"
+
+
+def test_evaluation_pads_regions_only_and_predicts_exactly_the_same():
     model = small_model(320, 480, box_score_thresh=0.0).eval()
     padded = pad_to_shape_buckets(copy.deepcopy(model))
     images = [torch.rand(3, 160, 215), torch.rand(3, 100, 110)]
@@ -49,14 +61,12 @@ def test_evaluation_pads_images_and_regions_and_predicts_for_the_images_given():
     with torch.inference_mode():
         plain = model(images)
         ours = padded(images)
-    # Resized to 320 x 430 and 320 x 352, padded to 320 x 448 by the model, then to the ladder's 320 x 480.
-    assert tuple(shapes["images"][-2:]) == (320, 480)
+    assert tuple(shapes["images"][-2:]) == (320, 448)
     detections = sum(len(p["boxes"]) for p in ours)
     assert detections > 0 and shapes["regions"] % 32 == 0 and shapes["regions"] > detections
     assert shapes["logits"] == detections  # the padding is cut off before the predictions are made
-    for image, a, b in zip(images, ours, plain):
-        assert a["masks"].shape[1:] == b["masks"].shape[1:] == (1, *image.shape[1:])
-        assert (a["boxes"][:, 2] <= image.shape[2]).all() and (a["boxes"][:, 3] <= image.shape[1]).all()
+    for a, b in zip(ours, plain):
+        assert all(torch.equal(a[key], b[key]) for key in ("boxes", "scores", "labels", "masks"))
 
 
 def test_region_padding_changes_no_number_in_training():
@@ -83,9 +93,14 @@ def test_region_padding_changes_no_number_in_training():
 
 
 def test_copies_keep_their_own_hooks():
-    model = pad_to_shape_buckets(small_model(320, 480, box_score_thresh=0.0).eval())
+    model = pad_to_shape_buckets(small_model(box_score_thresh=0.0).eval())
     clone = copy.deepcopy(model)
     shapes = seen_shapes(clone)
     with torch.inference_mode():
-        clone([torch.rand(3, 160, 215)])
-    assert tuple(shapes["images"][-2:]) == (320, 480)
+        detections = len(clone([torch.rand(3, 100, 130)])[0]["boxes"])
+    assert shapes["regions"] == 32 * max(1, -(-detections // 32)) and shapes["logits"] == detections
+
+    def padding_of(network):
+        return next(iter(network.roi_heads.mask_head._forward_pre_hooks.values())).__self__
+
+    assert padding_of(clone).regions == detections and padding_of(model).regions == 0
