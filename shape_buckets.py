@@ -72,8 +72,13 @@ class RegionPadding:
     def pad(self, module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
         (features,) = inputs
         self.regions = len(features)
-        missing = _round_up(max(self.regions, 1), REGION_MULTIPLE) - self.regions
-        return (torch.cat([features, features.new_zeros((missing, *features.shape[1:]))]),)
+        padded = features.new_zeros((_round_up(max(self.regions, 1), REGION_MULTIPLE), *features.shape[1:]))
+        # In the features' own memory layout: a channels-last model's convolutions would otherwise convert it.
+        if features.dim() == 4 and not features.is_contiguous() and features.is_contiguous(
+                memory_format=torch.channels_last):
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        padded[:self.regions] = features
+        return (padded,)
 
     def cut(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         return output[:self.regions]

@@ -2,10 +2,11 @@
 
 import copy
 
+import pytest
 import torch
 
-from models import build_model
-from shape_buckets import bucket_length, pad_to_shape_buckets
+from models import MODELS, build_model
+from shape_buckets import RegionPadding, bucket_length, pad_to_shape_buckets
 
 
 def test_ladder_of_the_800_1333_recipe():
@@ -104,3 +105,25 @@ def test_copies_keep_their_own_hooks():
         return next(iter(network.roi_heads.mask_head._forward_pre_hooks.values())).__self__
 
     assert padding_of(clone).regions == detections and padding_of(model).regions == 0
+
+
+def test_region_padding_keeps_the_channels_last_layout():
+    features = torch.rand(5, 8, 14, 14).to(memory_format=torch.channels_last)
+    (padded,) = RegionPadding().pad(None, (features,))
+    assert padded.shape == (32, 8, 14, 14) and padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded[:5], features) and padded[5:].abs().max() == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_builder_takes_the_hooks(name):
+    model = pad_to_shape_buckets(build_model(name, 3, None, None, None)).train()
+    batch, _ = model.transform([torch.rand(3, 200, 331)], [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]),
+                                                           "labels": torch.tensor([1])}])
+    transform = model.transform
+    if transform.fixed_size is None:  # each side is a rung of the model's ladder
+        anchor, cap = max(transform.min_size), -(-transform.max_size // 32) * 32
+        assert all(bucket_length(side, anchor, cap) == side and side % 32 == 0 for side in batch.tensors.shape[-2:])
+        assert batch.tensors.shape[-2] == anchor and batch.tensors.shape[-1] > batch.image_sizes[0][1]
+    heads = [getattr(model.roi_heads, f"{kind}_head") for kind in ("mask", "keypoint")
+             if getattr(getattr(model, "roi_heads", None), f"{kind}_head", None) is not None]
+    assert all(len(head._forward_pre_hooks) == 1 for head in heads)
