@@ -1,13 +1,14 @@
 """Pad training batches and region batches to a few sizes, so that the convolutions see shapes they have seen.
 
 cuDNN builds an execution plan for every new input shape of a convolution and keeps it for the next time. On
-an H200 that took 1-5 ms of host time per convolution, where running one took well under 0.2 ms: a Mask R-CNN
-training step at batch 4 whose batch shape was new spent about 300 ms in those convolutions, for ~40 ms of GPU work
-(bench/bench_train.py --profile). Images of assorted sizes give almost every training batch a new shape (the
+an H200 that took 1-5 ms of host time per convolution, where running one took well under 0.2 ms: a Mask
+R-CNN training step at batch 4 whose batch shape was new spent about 300 ms in those convolutions, for ~40 ms
+of GPU work (bench/bench_train.py --profile). Images of assorted sizes give almost every training batch a new shape (the
 model pads each batch only to a multiple of 32), and the mask head sees a new number of regions every step.
 Here each side of a training batch is padded further, to the next rung of a ladder of sizes (min_size x
 1.125^k, rounded up to 32), and the regions given to a mask or keypoint head to a multiple of 32, so a few
-dozen shapes recur. The region padding changes no number (each region is computed on its own), so it stays
+dozen shapes recur. The region padding changes no number (each region is computed on its own; a head with
+batch norm, whose training statistics would see the empty regions, is padded in evaluation only); it stays
 on in evaluation; the image padding changes features near the right and bottom edges, as any padding does,
 and adds ~6% of pixels per side, so evaluation keeps the model's own padding (at batch 1, one image's own
 shape: few distinct ones, and torchvision's exact numbers). GPUs only: on a CPU the pixels cost more.
@@ -64,14 +65,18 @@ class BatchPadding:
 
 class RegionPadding:
     """Hooks around a region head and its predictor: the head's input is padded with empty regions to a
-    multiple of 32 and the predictor's output cut back to the regions given."""
+    multiple of 32 and the predictor's output cut back to the regions given. Not in training for a head
+    with batch norm, whose batch statistics would count the empty regions."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_statistics: bool = False) -> None:
+        self.batch_statistics = batch_statistics
         self.regions = 0
 
-    def pad(self, module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    def pad(self, module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor] | None:
         (features,) = inputs
         self.regions = len(features)
+        if self.batch_statistics and module.training:
+            return None
         padded = features.new_zeros((_round_up(max(self.regions, 1), REGION_MULTIPLE), *features.shape[1:]))
         # In the features' own memory layout: a channels-last model's convolutions would otherwise convert it.
         if features.dim() == 4 and not features.is_contiguous() and features.is_contiguous(
@@ -96,7 +101,7 @@ def pad_to_shape_buckets(model: nn.Module) -> nn.Module:
     for kind in ("mask", "keypoint"):
         head = getattr(roi_heads, f"{kind}_head", None) if roi_heads is not None else None
         if head is not None:
-            padding = RegionPadding()
+            padding = RegionPadding(any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules()))
             head.register_forward_pre_hook(padding.pad)
             getattr(roi_heads, f"{kind}_predictor").register_forward_hook(padding.cut)
     return model

@@ -152,8 +152,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="channels-last memory format for the convolutions (default: on for CPUs, where training steps were "
              "7-20%% and evaluation 12-23%% faster with it in our runs at 320-1333 px; off for GPUs)")
     add("--shape-buckets", action=argparse.BooleanOptionalAction, default=None,
-        help="pad each batch to one of a few shapes so that cuDNN reuses its plans (default: on for GPUs, where "
-             "a new batch shape cost about 300 ms a training step in our runs; off for CPUs)")
+        help="pad training batches to a few shapes and head regions to multiples of 32, so that cuDNN reuses its "
+             "plans (default: on for GPUs, where a new batch shape cost about 300 ms a training step in our runs; "
+             "off for CPUs)")
     add("--cudnn-benchmark", action="store_true",
         help="let cuDNN time its kernels for each new input shape: for fixed-size inputs (SSD); R-CNN heads "
              "change shape every step, which makes it much slower")

@@ -53,7 +53,7 @@ class OperatorCounter(TorchDispatchMode):
 
 
 class TimedLoader:
-    """A data loader whose iteration adds the time spent waiting for each batch to `.wait`."""
+    """A data loader whose iteration records in .waits the time spent waiting for each batch."""
 
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
         self.loader = loader

@@ -114,6 +114,17 @@ def test_region_padding_keeps_the_channels_last_layout():
     assert torch.equal(padded[:5], features) and padded[5:].abs().max() == 0
 
 
+def test_a_head_with_batch_norm_is_padded_in_evaluation_only():
+    model = pad_to_shape_buckets(build_model("maskrcnn_resnet50_fpn_v2", 3, None, None, None))
+    head = model.roi_heads.mask_head
+    seen = []
+    head[0].register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    features = torch.rand(5, 256, 14, 14)
+    head.train()(features)
+    head.eval()(features)
+    assert seen == [5, 32]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_every_builder_takes_the_hooks(name):
     model = pad_to_shape_buckets(build_model(name, 3, None, None, None)).train()
@@ -123,7 +134,7 @@ def test_every_builder_takes_the_hooks(name):
     if transform.fixed_size is None:  # each side is a rung of the model's ladder
         anchor, cap = max(transform.min_size), -(-transform.max_size // 32) * 32
         assert all(bucket_length(side, anchor, cap) == side and side % 32 == 0 for side in batch.tensors.shape[-2:])
-        assert batch.tensors.shape[-2] == anchor and batch.tensors.shape[-1] > batch.image_sizes[0][1]
+        assert batch.tensors.shape[-1] > batch.image_sizes[0][1]  # padded past the model's own 32
     heads = [getattr(model.roi_heads, f"{kind}_head") for kind in ("mask", "keypoint")
              if getattr(getattr(model, "roi_heads", None), f"{kind}_head", None) is not None]
     assert all(len(head._forward_pre_hooks) == 1 for head in heads)
