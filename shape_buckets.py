@@ -7,11 +7,12 @@ of GPU work (bench/bench_train.py --profile). Images of assorted sizes give almo
 model pads each batch only to a multiple of 32), and the mask head sees a new number of regions every step.
 Here each side of a training batch is padded further, to the next rung of a ladder of sizes (min_size x
 1.125^k, rounded up to 32), and the regions given to a mask or keypoint head to a multiple of 32, so a few
-dozen shapes recur. The region padding changes no number (each region is computed on its own; a head with
-batch norm, whose training statistics would see the empty regions, is padded in evaluation only); it stays
-on in evaluation; the image padding changes features near the right and bottom edges, as any padding does,
-and adds ~6% of pixels per side, so evaluation keeps the model's own padding (at batch 1, one image's own
-shape: few distinct ones, and torchvision's exact numbers). GPUs only: on a CPU the pixels cost more.
+dozen shapes recur. Each region is computed on its own, so the region padding changes numbers by float
+rounding at most (cuDNN may pick other kernels for another batch size), and it stays on in evaluation; a head
+with batch norm, whose training statistics would count the empty regions, is padded in evaluation only. The
+image padding changes features near the right and bottom edges, as any padding does, and adds ~6% of pixels
+per side, so evaluation keeps the model's own padding (at batch 1, one image's own shape: few distinct ones,
+and torchvision's numbers). GPUs only: on a CPU the extra pixels cost more than the plans.
 """
 
 from __future__ import annotations
