@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
+from anchor_cache import cache_anchors
 from checkpoint import load_file
 from mask_paste import use_device_paste
 from norm_folding import fold_frozen_norms
@@ -206,7 +207,7 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
         fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=True)
         if fresh:
             print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)")
-    return use_sparse_roi_align(use_device_paste(contiguous_keypoint_logits(fold_frozen_norms(model))))
+    return use_sparse_roi_align(use_device_paste(contiguous_keypoint_logits(cache_anchors(fold_frozen_norms(model)))))
 
 
 def _contiguous(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
