@@ -100,7 +100,7 @@ def pad_to_shape_buckets(model: nn.Module) -> nn.Module:
         transform.register_forward_hook(BatchPadding(max(transform.min_size), cap))
     roi_heads = getattr(model, "roi_heads", None)
     for kind in ("mask", "keypoint"):
-        head = getattr(roi_heads, f"{kind}_head", None) if roi_heads is not None else None
+        head = getattr(roi_heads, f"{kind}_head", None)
         if head is not None:
             padding = RegionPadding(any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules()))
             head.register_forward_pre_hook(padding.pad)
