@@ -88,6 +88,10 @@ if [ "$part" != train ]; then
   step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
       --workers 8 -- --eval-batch-size 8
 fi
+if [ "$part" != train ] && [ -n "$ref" ]; then
+  step eval_parity 240 $py bench/eval_parity.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
+      --reference "$ref" --workers 8
+fi
 if [ "$part" != eval ]; then
   [ -n "$ref" ] && step ref_profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --reference "$ref"
 fi
