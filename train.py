@@ -154,7 +154,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--shape-buckets", action=argparse.BooleanOptionalAction, default=None,
         help="pad training batches to a few shapes and head regions to multiples of 32, so that cuDNN reuses its "
              "plans (default: on for GPUs, where a new batch shape cost about 300 ms a training step in our runs; "
-             "off for CPUs)")
+             "off for CPUs, where it made steps 3-6%% slower)")
     add("--cudnn-benchmark", action="store_true",
         help="let cuDNN time its kernels for each new input shape: for fixed-size inputs (SSD); R-CNN heads "
              "change shape every step, which makes it much slower")
