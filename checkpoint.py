@@ -1,31 +1,103 @@
-"""Write checkpoints atomically and read checkpoints and weights files safely (tensors and plain data only)."""
+"""What a checkpoint holds (TrainingState), written atomically, and checkpoints and weights files read safely
+(tensors and plain data only)."""
 
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
+from torch import nn
 
-from utils import UserError
+from errors import UserError
+
+# Read once, at import, while no other thread can create files under the briefly changed mask.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+if TYPE_CHECKING:
+    from coco_utils import CategoryMap
+    from ema import ModelEma
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The first operating-system error along an exception's chain (torch's zip writer raises a RuntimeError
+    on exit after the OSError of a failed write)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__ or error.__cause__
+    return error
+
+
+def _cause(error: OSError) -> str:
+    """Why a write failed, in words."""
+    known = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only filesystem"}
+    return known.get(error.errno, (error.strerror or str(error)).lower())
+
+
+CHECKPOINT_REMEDY = "the previous checkpoint is intact. Free space in --output-dir or choose another"
+
+
+@contextmanager
+def _writing(path: Path, remedy: str = CHECKPOINT_REMEDY) -> Iterator[None]:
+    """A failed write to path (full disk, no permission, ...) becomes a UserError naming the file, the cause and
+    what to do; an error that is not the filesystem's is left to show whole."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        os_error = _os_error(e)
+        if os_error is None:
+            raise
+        raise UserError(f"could not write {path}: {_cause(os_error)}; {remedy}") from None
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: str = CHECKPOINT_REMEDY) -> None:
+    """Write a file by write(file) so that path is always either the old complete file or the new complete one.
+    A failed write raises a UserError naming the file, the cause and the remedy, and leaves no temporary file."""
+    path = Path(path)
+    tmp = None
+    try:
+        with _writing(path, remedy):
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's file is private; these are files like any other
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def save_atomic(state: dict, path: str | Path) -> None:
-    """Write state to path so that path is always either the old complete file or the new complete one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """torch.save of state to path, atomically (write_atomic)."""
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def share_file(source: Path, target: Path) -> None:
+    """Make target name source's bytes: a hard link where the filesystem allows one (no bytes written), else a
+    copy; target is replaced atomically either way."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with _writing(target):
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_file(path: str | Path, flag: str) -> dict:
@@ -38,7 +110,10 @@ def load_file(path: str | Path, flag: str) -> dict:
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
         raise UserError(f"{flag} {path} is not a readable checkpoint (not a file written by torch.save)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torchvision's reference saves its arguments as a Namespace, which is plain data: that class and no
+        # other joins what weights_only reads.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
         raise UserError(f"{flag} {path} was refused: it holds more than tensors and plain data "
@@ -47,6 +122,128 @@ def load_file(path: str | Path, flag: str) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{flag} {path} is not a readable checkpoint (truncated or not a torch file: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+
+
+# The class heads: the only tensors whose shapes depend on the number of classes (or keypoints).
+CLASS_HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
+                       "roi_heads.keypoint_predictor.", "head.classification_head.")
+def load_model_weights(model: nn.Module, state: dict, source: str, new_class_heads: bool = False) -> list[str]:
+    """Load a state dict; any missing, unexpected or differently shaped tensor is an error naming the first.
+
+    With new_class_heads (fine-tuning on other categories), class heads of another size keep their fresh
+    values instead, and are named in the result.
+    """
+    own = model.state_dict()
+    reinitialised = []
+    for key, value in own.items():
+        if key not in state and not key.endswith("num_batches_tracked"):
+            raise UserError(f"{source} does not fit this model: it has no tensor {key}; "
+                            f"check --model and that the file is a checkpoint of it")
+        if key in state and state[key].shape != value.shape:
+            if new_class_heads and key.startswith(CLASS_HEAD_PREFIXES):
+                reinitialised.append(key)
+                continue
+            raise UserError(f"{source} does not fit this model: {key} has shape {tuple(state[key].shape)}, the "
+                            f"model needs {tuple(value.shape)}; check --model and --num-classes")
+    # Frozen batch norm keeps no batch counter, so files saved with ordinary batch norm carry a spare one.
+    unexpected = sorted(k for k in set(state) - set(own) if not k.endswith("num_batches_tracked"))
+    if unexpected:
+        raise UserError(f"{source} does not fit this model: unexpected tensor {unexpected[0]}; check --model")
+    model.load_state_dict({k: v for k, v in state.items() if k not in reinitialised}, strict=False)
+    return reinitialised
+
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to continue, saved and restored as one: the model (unwrapped from DDP), its
+    moving average (--model-ema), optimizer, schedule, gradient scaler, random generators, the run's arguments
+    and categories, and where it stands.
+
+    epoch is the epoch of the last save; step is the number of steps done in it when saved mid-epoch, None when
+    the epoch was complete; stopped_early says that --patience ended the run. A checkpoint is plain data that
+    torch.load(weights_only=True) reads.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    args: argparse.Namespace
+    category_map: CategoryMap
+    num_classes: int
+    ema: ModelEma | None = None
+    epoch: int = -1
+    step: int | None = None
+    stopped_early: bool = False
+
+    def weights_dict(self) -> dict:
+        """What evaluation and prediction need (model_best.pth holds this): the weights, their moving average,
+        the categories and the run's arguments; no optimizer."""
+        return {
+            "model": self.model.state_dict(),
+            **({"model_ema": self.ema.state_dict()} if self.ema is not None else {}),
+            "epoch": self.epoch,
+            "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(self.args).items()},
+            "categories": self.category_map.as_list(),
+            "labels_are_category_ids": self.category_map.keep_ids,
+            "num_classes": self.num_classes,
+        }
+
+    def state_dict(self) -> dict:
+        """Everything, to continue the run (checkpoint.pth, model_{epoch}.pth)."""
+        return {
+            **self.weights_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "rng": rng_state(),
+            **({"stopped_early": True} if self.stopped_early else {}),
+        }
+
+    def load_state_dict(self, checkpoint: dict, source: str, weights_only: bool = False) -> None:
+        """Take a checkpoint's weights (and their average, when both keep one), and unless weights_only,
+        everything else needed to continue the run."""
+        load_model_weights(self.model, checkpoint["model"], source)
+        if self.ema is not None and "model_ema" in checkpoint:
+            load_model_weights(self.ema.module, checkpoint["model_ema"]["model"], f"{source} (model_ema)")
+            self.ema.updates = checkpoint["model_ema"]["updates"]
+        if weights_only:
+            return
+        if "optimizer" not in checkpoint:
+            raise UserError(f"{source} holds weights only, no optimizer state to continue training from (a "
+                            f"model_best.pth); to fine-tune from it, pass it to --weights instead")
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint.get("rng"):
+            restore_rng(checkpoint["rng"])
+        self.epoch, self.step = checkpoint["epoch"], checkpoint.get("step")
+
+    @property
+    def resume_at(self) -> tuple[int, int]:
+        """(epoch, step) where training goes on: after a complete epoch E at E + 1, after a stop part-way
+        through E at E, after the steps it had done."""
+        return (self.epoch + 1, 0) if self.step is None else (self.epoch, self.step)
+
+
+def is_reference_checkpoint(content) -> bool:
+    """Whether a file's content is a checkpoint of torchvision's references/detection/train.py: the model,
+    optimizer and schedule, the run's arguments as a Namespace, and no category list."""
+    return (isinstance(content, dict) and isinstance(content.get("args"), argparse.Namespace)
+            and "model" in content and "categories" not in content)
+
+
+def from_reference_checkpoint(content: dict) -> dict:
+    """A checkpoint of torchvision's reference in this project's form. The reference trains with the files'
+    category ids as labels and keeps no category list, so the categories come from the dataset's files; the
+    class count is the box head's (91 for COCO where there is none to read)."""
+    args = vars(content["args"])
+    head = content["model"].get("roi_heads.box_predictor.cls_score.weight")
+    num_classes = len(head) if head is not None else (2 if args.get("dataset") == "coco_kp" else 91)
+    return {**content, "args": dict(args), "categories": None, "num_classes": num_classes, "step": None,
+            "labels_are_category_ids": True, "from_reference": True}
 
 
 def rng_state() -> dict:
@@ -64,16 +261,15 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(state: dict, output_dir: Path, also_as: str | None = None) -> Path:
-    """Write state to output_dir/checkpoint.pth (and output_dir/also_as); a failed write is one clear error
-    that leaves the previous files as they were."""
-    paths = [output_dir / "checkpoint.pth"] + ([output_dir / also_as] if also_as else [])
-    for path in reversed(paths):  # checkpoint.pth last: --resume auto sees it only once the rest is written
-        try:
-            save_atomic(state, path)
-        except OSError as e:
-            raise UserError(f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact. "
-                            f"Free space in --output-dir or choose another") from None
-    return paths[0]
+    """Write state to output_dir/checkpoint.pth, and name the same bytes output_dir/also_as (an epoch's file);
+    a failed write is one clear error that leaves the previous files as they were."""
+    path = output_dir / "checkpoint.pth"
+    if also_as is None:
+        save_atomic(state, path)
+    else:  # checkpoint.pth last: --resume auto sees it only once the rest is written
+        save_atomic(state, output_dir / also_as)
+        share_file(output_dir / also_as, path)
+    return path
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:

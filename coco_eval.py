@@ -7,8 +7,9 @@ import copy
 import io
 import json
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,39 +55,93 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
     without a copy when their memory is column-major, see binarize_masks) or RunLengths. Keypoints (N, K, 3) become
     COCO's flat [x, y, v, ...] lists.
     """
-    boxes = output["boxes"].tolist()
-    scores = output["scores"].tolist()
-    category_ids = [category_map.category_id(label) for label in output["labels"].tolist()]
-    results: dict[str, list[dict]] = {}
-    if "bbox" in iou_types:
-        results["bbox"] = [
-            {"image_id": image_id, "category_id": c, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s}
-            for (x0, y0, x1, y1), s, c in zip(boxes, scores, category_ids)
-        ]
+    encoded = encode(image_id, output, category_map, iou_types)
+    return {iou_type: encoded.records(iou_type) for iou_type in ("bbox", "keypoints", "segm") if iou_type in iou_types}
+
+
+@dataclass
+class EncodedImage:
+    """One image's detections as the evaluator keeps them from encoding to scoring: arrays and compressed RLE
+    strings. COCO result records (dicts of Python floats and strings) take about four times the memory; they are
+    built from this per IoU type only while that type is scored or written."""
+
+    image_id: int
+    boxes: np.ndarray  # (N, 4) x0, y0, x1, y1, as the model gave them
+    scores: np.ndarray  # (N,)
+    category_ids: np.ndarray  # (N,) the file's ids
+    mask_size: tuple[int, int] = (0, 0)  # (height, width)
+    rles: list[bytes] | None = None  # each mask's compressed RLE counts, when segm is scored
+    keypoints: np.ndarray | None = None  # (N, K * 3) x, y, v, ..., when keypoints are scored
+    left_out: dict[int, int] = field(default_factory=dict)  # label: detections whose label is no category
+
+    def records(self, iou_type: str) -> list[dict]:
+        """COCO result records of one IoU type (new dicts on every call: loadRes may add fields to them)."""
+        scores, category_ids = self.scores.tolist(), self.category_ids.tolist()
+        if iou_type == "bbox":
+            return [{"image_id": self.image_id, "category_id": c, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s}
+                    for (x0, y0, x1, y1), s, c in zip(self.boxes.tolist(), scores, category_ids)]
+        if iou_type == "keypoints" and self.keypoints is not None:
+            return [{"image_id": self.image_id, "category_id": c, "keypoints": k, "score": s}
+                    for k, s, c in zip(self.keypoints.tolist(), scores, category_ids)]
+        if iou_type == "segm" and self.rles is not None:
+            height, width = self.mask_size
+            return [{"image_id": self.image_id, "category_id": c,
+                     "segmentation": {"size": [height, width], "counts": r.decode("ascii")}, "score": s}
+                    for r, s, c in zip(self.rles, scores, category_ids)]
+        raise KeyError(iou_type)
+
+    __getitem__ = records  # per_image[image_id][iou_type] reads as it did when per_image held the records
+
+
+def _host_array(values: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array of its own: a view would keep the tensor's whole storage alive."""
+    values = values.detach().cpu()
+    if values.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds each of its values exactly
+        values = values.float()
+    return values.numpy().copy()
+
+
+def _detections(output: dict, keep: list[bool]) -> dict:
+    """The output with only the detections where keep is True (masks as tensors or RunLengths)."""
+    mask = torch.tensor(keep, dtype=torch.bool)
+    kept = {k: v[mask] if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+    if isinstance(output.get("masks"), RunLengths):
+        runs = output["masks"]
+        kept["masks"] = RunLengths([c for c, k in zip(runs.counts, keep) if k], runs.size)
+    return kept
+
+
+def encode(image_id: int, output: dict[str, torch.Tensor], category_map: CategoryMap,
+           iou_types: tuple[str, ...]) -> EncodedImage:
+    """One image's model output in the form the evaluator keeps (masks as in to_coco_results); nothing of the
+    output tensors is referenced afterwards."""
+    labels = output["labels"].tolist()
+    category_ids = [category_map.category_id(label) for label in labels]
+    known = [c is not None for c in category_ids]
+    left_out = dict(Counter(label for label, k in zip(labels, known) if not k))
+    if left_out:  # a model with more classes than the files have categories: those labels predict nothing
+        output, category_ids = _detections(output, known), [c for c in category_ids if c is not None]
+    encoded = EncodedImage(image_id, _host_array(output["boxes"]), _host_array(output["scores"]),
+                           np.array(category_ids, dtype=np.int64), left_out=left_out)
     if "keypoints" in iou_types:
-        results["keypoints"] = [
-            {"image_id": image_id, "category_id": c, "keypoints": k, "score": s}
-            for k, s, c in zip(output["keypoints"].flatten(1).tolist(), scores, category_ids)
-        ]
+        encoded.keypoints = _host_array(output["keypoints"].flatten(1))
     if "segm" in iou_types:
         masks = output["masks"]
         rles = []
         if isinstance(masks, RunLengths):
+            encoded.mask_size = masks.size
             if masks.counts:
                 height, width = masks.size
                 rles = mask_utils.frPyObjects([{"counts": c, "size": [height, width]} for c in masks.counts],
                                               height, width)
-        elif len(masks):
-            if masks.dtype != torch.bool:
-                masks = masks[:, 0] > 0.5
-            rles = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0)).view(np.uint8))
-        results["segm"] = [
-            {"image_id": image_id, "category_id": c, "segmentation": {"size": r["size"],
-                                                                     "counts": r["counts"].decode("ascii")},
-             "score": s}
-            for r, s, c in zip(rles, scores, category_ids)
-        ]
-    return results
+        else:
+            encoded.mask_size = tuple(masks.shape[-2:])
+            if len(masks):
+                if masks.dtype != torch.bool:
+                    masks = masks[:, 0] > 0.5
+                rles = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0)).view(np.uint8))
+        encoded.rles = [r["counts"] for r in rles]
+    return encoded
 
 
 @dataclass
@@ -121,7 +176,7 @@ def binarize_masks(probabilities: torch.Tensor) -> torch.Tensor:
     return (probabilities[:, 0] > 0.5).transpose(1, 2).contiguous().transpose(1, 2)
 
 
-BACKENDS = ("auto", "pycocotools", "faster")
+COCOEVAL_BACKENDS = ("auto", "pycocotools", "faster")
 
 
 def resolve_backend(name: str) -> str:
@@ -145,9 +200,13 @@ def _empty_results(coco_gt: COCO, coco_class: type) -> COCO:
     return coco_dt
 
 
-def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], backend: str = "pycocotools"):
+def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], backend: str = "pycocotools",
+          copy_results: bool = True):
     """Run COCOeval (pycocotools', or faster-coco-eval's C++ one) on result records over the given images;
-    prints the standard 12-line summary and returns the evaluator (stats, eval["precision"])."""
+    prints the standard 12-line summary and returns the evaluator (stats, eval["precision"]).
+
+    loadRes adds fields to the records it is given, so they are copied first unless copy_results is False (for
+    records made for this call alone: at COCO scale the copy is hundreds of MB)."""
     if backend == "faster":
         from faster_coco_eval import COCO as FasterCOCO
         from faster_coco_eval import COCOeval_faster
@@ -160,8 +219,9 @@ def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int
     else:
         gt, coco_class, evaluator_class, kwargs = coco_gt, COCO, COCOeval, {}
     with contextlib.redirect_stdout(io.StringIO()):
-        # loadRes adds fields to the records it is given
-        coco_dt = gt.loadRes(copy.deepcopy(results)) if results else _empty_results(gt, coco_class)
+        if results and copy_results:
+            results = copy.deepcopy(results)
+        coco_dt = gt.loadRes(results) if results else _empty_results(gt, coco_class)
     evaluator = evaluator_class(gt, coco_dt, iouType=iou_type, **kwargs)
     evaluator.params.imgIds = sorted(image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -173,7 +233,7 @@ def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int
 
 
 class CocoEvaluator:
-    """Gathers COCO result records per image during evaluation and scores them once at the end.
+    """Gathers each image's detections during evaluation, encoded compactly, and scores them once at the end.
 
     Encoding runs on a background thread: it overlaps with the next forward pass, which releases the GIL.
     """
@@ -184,36 +244,43 @@ class CocoEvaluator:
         self.category_map = category_map
         self.iou_types = iou_types
         self.backend = resolve_backend(backend)
-        self.per_image: dict[int, dict[str, list[dict]]] = {}
+        self.per_image: dict[int, EncodedImage] = {}
         self._pending: dict[int, Future] = {}
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rle")
         self.timings = {"encode_wait": 0.0, "score": 0.0}
 
     def update(self, outputs: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Add model outputs (on the CPU) keyed by image id; they are encoded in the background."""
+        """Add model outputs (on the CPU) keyed by image id; they are encoded in the background, and nothing of
+        the output tensors is kept once they are."""
         for image_id, output in outputs.items():
-            self._pending[image_id] = self._encoder.submit(to_coco_results, image_id, output, self.category_map,
+            self._pending[image_id] = self._encoder.submit(encode, image_id, output, self.category_map,
                                                            self.iou_types)
+        self._collect(wait=False)
 
-    def _collect(self) -> None:
+    def _collect(self, wait: bool = True) -> None:
+        """Move encoded images from their futures to per_image: all of them, or (wait=False) those done so far."""
         started = time.perf_counter()
-        for image_id, future in self._pending.items():
+        for image_id, future in list(self._pending.items()):
+            if not wait and not future.done():
+                break
             self.per_image[image_id] = future.result()
-        self._pending.clear()
-        self.timings["encode_wait"] += time.perf_counter() - started
+            del self._pending[image_id]
+        if wait:
+            self.timings["encode_wait"] += time.perf_counter() - started
 
     def synchronize_between_processes(self) -> None:
-        """Merge every rank's records; an image seen by two ranks (sampler padding) counts once."""
+        """Merge every rank's images; an image seen by two ranks (sampler padding) counts once."""
         self._collect()
         self._encoder.shutdown()  # every image is in: its thread would otherwise idle for the rest of the run
-        merged: dict[int, dict[str, list[dict]]] = {}
+        merged: dict[int, EncodedImage] = {}
         for part in utils.all_gather_object(self.per_image):
             merged.update(part)
         self.per_image = merged
 
     def results(self, iou_type: str) -> list[dict]:
+        """COCO result records of one IoU type over all images, by image id (new dicts on every call)."""
         self._collect()
-        return [r for image_id in sorted(self.per_image) for r in self.per_image[image_id][iou_type]]
+        return [r for image_id in sorted(self.per_image) for r in self.per_image[image_id].records(iou_type)]
 
     def summarize(self) -> dict[str, dict]:
         """Score each IoU type and print its table and AP per category.
@@ -221,15 +288,30 @@ class CocoEvaluator:
         Returns {iou_type: {metric name: value, ..., "per_category": {category name: AP}}}.
         """
         started = time.perf_counter()
+        self._collect()
+        self._say_what_was_left_out()
         metrics = {}
         for iou_type in self.iou_types:
             print(f"IoU metric: {iou_type}")
-            evaluator = score(self.coco_gt, self.results(iou_type), iou_type, list(self.per_image), self.backend)
+            # The records are made for this call alone, so COCOeval may keep them without a copy.
+            evaluator = score(self.coco_gt, self.results(iou_type), iou_type, list(self.per_image), self.backend,
+                              copy_results=False)
             metrics[iou_type] = dict(zip(metric_names(iou_type), (float(v) for v in evaluator.stats)))
             metrics[iou_type]["per_category"] = per_category_ap(evaluator, self.coco_gt)
+            del evaluator  # with its records, before the next IoU type's are made
         print(format_per_category(metrics))
         self.timings["score"] += time.perf_counter() - started
         return metrics
+
+    def _say_what_was_left_out(self) -> None:
+        """Once per evaluation: the detections whose label is no category of the files (not written, not scored)."""
+        left_out: Counter = Counter()
+        for encoded in self.per_image.values():
+            left_out.update(encoded.left_out)
+        if left_out:
+            labels = ", ".join(f"label {label}: {n}" for label, n in sorted(left_out.items()))
+            print(f"{sum(left_out.values())} detections had labels that are no category of the annotation file "
+                  f"({labels}) and were left out; the model has more classes than the file has categories")
 
     def write_results(self, output_dir: str | Path) -> list[Path]:
         """predictions_{iou_type}.json in COCO results format, as the evaluation server takes them."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
+import pickle
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from utils import UserError
+from annotations import annotation_findings, collection_paused, image_path_problem, read_annotation_file
+from errors import UserError
 
 # The layout of each --dataset: split name -> (image folder, annotation file), relative to --data-path.
 DATASET_LAYOUTS = {
@@ -69,10 +70,12 @@ class CategoryMap:
     keep_ids: bool
 
     @classmethod
-    def from_categories(cls, categories: list[dict], dataset: str) -> CategoryMap:
+    def from_categories(cls, categories: list[dict], dataset: str, keep_ids: bool | None = None) -> CategoryMap:
+        """The map of a category list; keep_ids None decides by the names (COCO's own keep their ids)."""
         ordered = sorted(categories, key=lambda c: c["id"])
         own = {c["id"]: c["name"] for c in ordered}
-        keep_ids = dataset == "coco" and own.items() <= coco_category_names().items()
+        if keep_ids is None:
+            keep_ids = dataset == "coco" and own.items() <= coco_category_names().items()
         return cls(tuple(own), tuple(own.values()), keep_ids)
 
     @property
@@ -82,8 +85,16 @@ class CategoryMap:
     def label(self, category_id: int) -> int:
         return category_id if self.keep_ids else self.ids.index(category_id) + 1
 
-    def category_id(self, label: int) -> int:
-        return label if self.keep_ids else self.ids[label - 1]
+    def category_id(self, label: int) -> int | None:
+        """The file's id of a model label; None for a label that is no category (a model with more classes than
+        the files have categories)."""
+        if self.keep_ids:
+            return label if label in self.ids else None
+        return self.ids[label - 1] if 1 <= label <= len(self.ids) else None
+
+    def known(self, labels: torch.Tensor) -> torch.Tensor:
+        """Which of a tensor of labels are categories."""
+        return torch.tensor([self.category_id(label) is not None for label in labels.tolist()], dtype=torch.bool)
 
     def name(self, label: int) -> str:
         return dict(zip(self.ids, self.names)).get(self.category_id(label), str(label))
@@ -108,110 +119,19 @@ def split_paths(data_path: str | Path, dataset: str, split: str) -> tuple[Path, 
     return image_dir, ann_file
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One problem in a dataset: an error breaks a run, a warning is something the loader repairs or skips."""
-
-    level: str
-    kind: str
-    message: str
-
-
-def _duplicates(values: list) -> list:
-    seen, repeated = set(), []
-    for v in values:
-        if v in seen:
-            repeated.append(v)
-        seen.add(v)
-    return repeated
-
-
-def annotation_findings(data: dict) -> list[Finding]:
-    """What is wrong in a COCO instances file's content, errors first (no image file is opened)."""
-    errors, warnings = [], []
-    for key in ("images", "annotations", "categories"):
-        repeated = _duplicates([item.get("id") for item in data[key]])
-        if repeated:
-            errors.append(Finding("error", f"duplicate {key[:-1]} id",
-                                  f"{len(repeated)} {key} reuse an id (first: {repeated[0]})"))
-    images = {img["id"]: img for img in data["images"]}
-    category_ids = {cat["id"] for cat in data["categories"]}
-    annotated = set()
-    for ann in data["annotations"]:
-        ann_id, image = ann.get("id"), images.get(ann.get("image_id"))
-        if image is None:
-            errors.append(Finding("error", "unknown image id", f"annotation {ann_id} points at image id "
-                                  f"{ann.get('image_id')}, which is not in 'images'"))
-            continue
-        if ann.get("category_id") not in category_ids:
-            errors.append(Finding("error", "unknown category id", f"annotation {ann_id} has category id "
-                                  f"{ann.get('category_id')}, which is not in 'categories'"))
-            continue
-        annotated.add(image["id"])
-        where = f"{image.get('file_name')} annotation {ann_id}"
-        warnings += _annotation_warnings(ann, image, where)
-    empty = [img for img in data["images"] if img["id"] not in annotated]
-    if empty:
-        warnings.append(Finding("warning", "image without annotations",
-                                f"{len(empty)} images have no annotations (first: {empty[0].get('file_name')}); "
-                                f"training leaves them out"))
-    return errors + warnings
-
-
-def _annotation_warnings(ann: dict, image: dict, where: str) -> list[Finding]:
-    found = []
-    bbox = ann.get("bbox", [])
-    if len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-        found.append(Finding("warning", "box not finite", f"{where}: box {bbox} is not 4 finite numbers"))
-    else:
-        x, y, w, h = bbox
-        if w <= 1 or h <= 1:
-            found.append(Finding("warning", "empty box", f"{where}: box {bbox} has no extent"))
-        elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
-            found.append(Finding("warning", "box outside image", f"{where}: box {bbox} leaves the "
-                                 f"{image['width']}x{image['height']} image"))
-    segmentation = ann.get("segmentation")
-    if ann.get("iscrowd"):
-        if not (isinstance(segmentation, dict) and "counts" in segmentation and
-                list(segmentation.get("size", [])) == [image["height"], image["width"]]):
-            found.append(Finding("warning", "crowd format", f"{where}: crowd region is not RLE of the image's "
-                                 f"size; COCO crowd regions are RLE {{'counts', 'size': [h, w]}}"))
-    elif isinstance(segmentation, list) and any(len(p) < 6 for p in segmentation):
-        found.append(Finding("warning", "polygon under 3 points", f"{where}: polygon with fewer than 3 points"))
-    return found
-
-
 def load_coco(ann_file: Path) -> COCO:
     """A pycocotools COCO index of an annotation file, checked for what every later step relies on."""
-    try:
-        data = json.loads(ann_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"annotation file {ann_file} is not readable JSON ({e}); re-export or re-download it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"annotation file {ann_file} holds no COCO object; it must be a JSON object")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise UserError(f"annotation file {ann_file} has no '{key}' list; a COCO instances file needs "
-                            f"'images', 'annotations' and 'categories'")
-    for finding in annotation_findings(data):
-        if finding.level == "error":
-            raise UserError(f"{ann_file}: {finding.message}; fix the file (tools/check_dataset.py lists every "
-                            f"problem)")
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
-        coco.createIndex()
+    with collection_paused():  # millions of objects, no cycles: the collector's passes would cost seconds
+        data = read_annotation_file(ann_file)
+        for finding in annotation_findings(data):
+            if finding.level == "error":
+                raise UserError(f"{ann_file}: {finding.message}; fix the file (tools/check_dataset.py lists every "
+                                f"problem)")
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
+            coco.createIndex()
     return coco
-
-
-def _is_trainable(ann: dict) -> bool:
-    """Crowd regions and boxes without extent give the model nothing to learn from."""
-    x, y, w, h = ann["bbox"]
-    return not ann.get("iscrowd", 0) and w > 1 and h > 1
-
-
-def _labelled_keypoints(anns: list[dict]) -> int:
-    return sum(v > 0 for a in anns if not a.get("iscrowd", 0) for v in a.get("keypoints", [])[2::3])
 
 
 class SampleError(Exception):
@@ -248,27 +168,55 @@ def instance_masks(anns: list[dict], height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
 
 
-def _repaired_annotation(ann: dict, where: str, faults: list[str]) -> dict | None:
-    """The annotation with what cannot be drawn removed (None if nothing is left); each repair noted."""
+def _repaired_polygons(polygons: list[list[float]], where: str, faults: list[str]) -> list[list[float]]:
+    """The polygons that can be drawn: an odd coordinate at the end dropped, those under 3 points removed."""
+    even = [p[:len(p) - len(p) % 2] for p in polygons]
+    if any(len(p) % 2 for p in polygons):
+        faults.append(f"{where}: polygon with an odd number of coordinates; its last coordinate dropped")
+    kept = [p for p in even if len(p) >= 6]
+    if len(kept) < len(even):
+        faults.append(f"{where}: polygon with fewer than 3 points removed")
+    return kept
+
+
+def _repaired_annotation(ann: dict, where: str, faults: list[str], with_masks: bool) -> dict | None:
+    """The annotation with what cannot be used removed (None if nothing is left); each repair noted. Without
+    masks, the outline does not matter."""
+    where = f"{where} annotation {ann['id']}"
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ann["bbox"]):
-        faults.append(f"{where} annotation {ann['id']}: box {ann['bbox']} is not finite; instance dropped")
+        faults.append(f"{where}: box {ann['bbox']} is not finite; instance dropped")
         return None
-    segmentation = ann["segmentation"]
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if len(p) >= 6]
-        if len(polygons) < len(segmentation):
-            faults.append(f"{where} annotation {ann['id']}: polygon with fewer than 3 points removed")
-        if not polygons:
-            return None
-        ann = {**ann, "segmentation": polygons}
+    segmentation = ann.get("segmentation")
+    if not with_masks:
+        return ann
+    if isinstance(segmentation, list) and segmentation:
+        segmentation = _repaired_polygons(segmentation, where, faults)
+        ann = {**ann, "segmentation": segmentation}
+    if not segmentation:
+        # An empty mask inside a real box would teach the mask head that the object is background.
+        faults.append(f"{where}: no segmentation to learn a mask from; instance dropped")
+        return None
     return ann
+
+
+def _counts_for_training(ann: dict) -> bool:
+    """The recipe's filter: an image trains if any of its annotations, crowd regions included, has a box with
+    extent (crowd regions then leave the targets, so such an image trains as background)."""
+    x, y, w, h = ann["bbox"]
+    return not (w <= 1 or h <= 1)
+
+
+def _labelled_keypoints(anns: list[dict]) -> int:
+    """Labelled keypoints of all of an image's annotations, crowd regions included, as the recipe counts them."""
+    return sum(v > 0 for a in anns for v in a.get("keypoints", [])[2::3])
 
 
 class CocoDetection(torch.utils.data.Dataset):
     """Samples of (uint8 CHW RGB image, target) from a COCO index; targets hold labels, not category ids.
 
-    With train=True, images without a usable annotation are left out and crowd regions are dropped from the
-    targets, as the Mask R-CNN recipe trains; masks are decoded for training when the model learns them
+    With train=True, images are kept as torchvision's recipe keeps them (some annotation, crowd regions included,
+    with a box of extent) and crowd regions are dropped from the targets, so an image of crowds alone trains as
+    background; masks are decoded for training when the model learns them
     (masks=True). Evaluation samples carry no masks: scoring reads the annotation file, so decoding them
     would be wasted work (load_target draws them when asked). keypoints=True adds COCO person keypoints.
 
@@ -276,6 +224,9 @@ class CocoDetection(torch.utils.data.Dataset):
     target["faults"] says what was skipped or repaired, for the loop to log.
     Random augmentation is seeded by (seed, epoch, index): the same sample gets the same augmentation
     whichever worker loads it and whether or not the run was resumed.
+
+    Samples are read from the COCO index (.coco, whose edits they see) until compact() moves what they need
+    into a few NumPy arrays, as data.py does before its loaders start workers.
     """
 
     def __init__(self, image_dir: Path, coco: COCO, category_map: CategoryMap, transforms=None,
@@ -290,38 +241,79 @@ class CocoDetection(torch.utils.data.Dataset):
         self.with_keypoints = keypoints
         ids = sorted(coco.imgs)
         if train:
-            ids = [i for i in ids if any(_is_trainable(a) for a in coco.imgToAnns[i])]
+            ids = [i for i in ids if any(_counts_for_training(a) for a in coco.imgToAnns[i])]
         if train and keypoints:
             ids = [i for i in ids if _labelled_keypoints(coco.imgToAnns[i]) >= MIN_KEYPOINTS_PER_IMAGE]
         self.ids = ids
+        self._compact: CompactRecords | None = None
+
+    def compact(self, release_index: bool = False) -> None:
+        """Read samples from compact arrays from now on: per sample its file name, size and annotations (crowd
+        regions aside), pickled into one byte buffer, and the ids as a NumPy array. Loader workers forked
+        afterwards touch no Python object per image, so they copy none of the index's pages (a COCO index is
+        millions of objects, which workers copy page by page as they touch their reference counts). Edits to
+        .coco no longer reach samples; release_index also frees the index (.coco becomes None), for a split
+        that nothing else reads."""
+        if self._compact is not None:
+            return
+        self._compact = CompactRecords.of(self.coco, self.ids)
+        self.ids = np.asarray(self.ids)
+        if release_index:
+            self.coco = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_categories(self) -> list[set[int]]:
+        """The categories of each sample's instances (crowd regions aside), from the annotation file."""
+        if self._compact is not None:
+            return self._compact.image_categories()
+        return [{a["category_id"] for a in self.coco.imgToAnns[i] if not a.get("iscrowd", 0)} for i in self.ids]
+
     def aspect_ratios(self) -> list[float]:
         """Width / height of each sample, from the annotation file (no image is opened)."""
+        if self._compact is not None:
+            return self._compact.aspect_ratios()
         return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
 
+    def _record(self, image_id) -> tuple[str, int, int, list[dict]]:
+        """An image's file name, height, width and annotations: from the compact arrays once there are some."""
+        if self._compact is not None:
+            return self._compact.record(self._compact.position(self.ids, image_id))
+        info = self.coco.imgs[image_id]
+        return info["file_name"], info["height"], info["width"], self.coco.imgToAnns[image_id]
+
     def image_path(self, image_id: int) -> Path:
-        return self.image_dir / self.coco.imgs[image_id]["file_name"]
+        """Where an image's file is: always inside the image folder (a name that would leave it is refused)."""
+        return self._path(image_id, self._record(image_id)[0])
+
+    def _path(self, image_id: int, file_name: str) -> Path:
+        problem = image_path_problem(file_name)
+        if problem:
+            raise SampleError(f"image {image_id}: file_name {file_name!r} {problem}")
+        return self.image_dir / file_name
 
     def load_image(self, image_id: int) -> torch.Tensor:
-        path = self.image_path(image_id)
+        return self._image(image_id, self._record(image_id))
+
+    def _image(self, image_id: int, record: tuple) -> torch.Tensor:
+        file_name, height, width, _ = record
+        path = self._path(image_id, file_name)
         image = read_rgb(path)
-        info = self.coco.imgs[image_id]
-        if tuple(image.shape[1:]) != (info["height"], info["width"]):
+        if tuple(image.shape[1:]) != (height, width):
             raise SampleError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but the JSON says "
-                              f"{info['width']}x{info['height']}")
+                              f"{width}x{height}")
         return image
 
     def load_target(self, image_id: int, faults: list[str], with_masks: bool = True) -> dict:
         """The image's instances; without masks (evaluation scores against the annotation file, not these)
         the masks are left out, which saves most of the work."""
-        info = self.coco.imgs[image_id]
-        height, width = info["height"], info["width"]
-        where = info["file_name"]
-        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        anns = [r for r in (_repaired_annotation(a, where, faults) for a in anns) if r is not None]
+        return self._target(_plain(image_id), self._record(image_id), faults, with_masks)
+
+    def _target(self, image_id: int, record: tuple, faults: list[str], with_masks: bool) -> dict:
+        where, height, width, anns = record
+        anns = [a for a in anns if not a.get("iscrowd", 0)]
+        anns = [r for r in (_repaired_annotation(a, where, faults, with_masks) for a in anns) if r is not None]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(min=0, max=width)
@@ -346,13 +338,14 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         faults: list[str] = []
         for attempt in range(len(self.ids)):
-            image_id = self.ids[(index + attempt) % len(self.ids)]
+            image_id = _plain(self.ids[(index + attempt) % len(self.ids)])
+            record = self._record(image_id)
             try:
-                image = self.load_image(image_id)
+                image = self._image(image_id, record)
             except SampleError as e:
                 faults.append(f"{e}; sample skipped")
                 continue
-            target = self.load_target(image_id, faults, self.with_masks)
+            target = self._target(image_id, record, faults, self.with_masks)
             if self.transforms is not None:
                 generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
                 image, target = self.transforms(image, target, generator)
@@ -361,39 +354,60 @@ class CocoDetection(torch.utils.data.Dataset):
         raise UserError(f"no image of {self.image_dir} can be read; check --data-path")
 
 
-class FaultLog:
-    """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and stops the run
-    when more than max_share of an epoch's samples could not be read."""
+def _plain(image_id):
+    """An image id as the annotation file has it (a Python int, not a NumPy one from the compact ids)."""
+    return image_id.item() if isinstance(image_id, np.generic) else image_id
 
-    def __init__(self, max_share: float) -> None:
-        self.max_share = max_share
-        self.seen: set[str] = set()
-        self.epoch_faults: set[str] = set()
 
-    def start_epoch(self) -> None:
-        self.epoch_faults = set()
+@dataclass(frozen=True)
+class CompactRecords:
+    """What samples read, per image in the dataset's order, as NumPy arrays instead of Python objects: the
+    pickled (file name, height, width, annotations without crowd regions) in one byte buffer with its offsets,
+    the sizes, and the categories of each image's instances (for repeat-factor sampling)."""
 
-    @property
-    def skipped(self) -> int:
-        return sum(f.endswith("sample skipped") for f in self.epoch_faults)
+    buffer: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    categories: np.ndarray
+    category_offsets: np.ndarray
 
-    @property
-    def repaired(self) -> int:
-        return len(self.epoch_faults) - self.skipped
+    @classmethod
+    def of(cls, coco: COCO, ids: list) -> CompactRecords:
+        """The records of the given images of a COCO index."""
+        stream, offsets, sizes, categories, counts = io.BytesIO(), [0], [], [], []
+        pickler = pickle.Pickler(stream, protocol=pickle.HIGHEST_PROTOCOL)
+        with collection_paused():
+            for image_id in ids:
+                info = coco.imgs[image_id]
+                anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+                pickler.dump((info["file_name"], info["height"], info["width"], anns))
+                pickler.clear_memo()  # each record decodes on its own
+                offsets.append(stream.tell())
+                sizes.append((info["height"], info["width"]))
+                categories += [a["category_id"] for a in anns]
+                counts.append(len(anns))
+        # The buffer is the stream's own memory (no copy of the largest array); nothing writes to it again.
+        return cls(np.frombuffer(stream.getbuffer(), dtype=np.uint8), np.asarray(offsets), np.asarray(sizes),
+                   np.asarray(categories), np.concatenate([[0], np.cumsum(counts)]))
 
-    def add(self, faults: list[str], samples_in_epoch: int) -> None:
-        for fault in faults:
-            self.epoch_faults.add(fault)
-            if fault not in self.seen:
-                self.seen.add(fault)
-                print(f"data: {fault}", flush=True)
-        if self.skipped > self.max_share * samples_in_epoch:
-            raise UserError(f"{self.skipped} of {samples_in_epoch} samples could not be read this epoch, more "
-                            f"than --max-bad-samples {self.max_share:g} allows; fix the files named above or "
-                            f"raise --max-bad-samples")
+    @staticmethod
+    def position(ids: np.ndarray, image_id) -> int:
+        """Where an image is in the (sorted) ids."""
+        position = int(np.searchsorted(ids, image_id))
+        if position == len(ids) or ids[position] != image_id:
+            raise KeyError(image_id)
+        return position
 
-    def summary(self) -> str:
-        return f"{self.skipped} samples skipped, {self.repaired} annotations repaired"
+    def record(self, position: int) -> tuple[str, int, int, list[dict]]:
+        return pickle.loads(self.buffer[self.offsets[position]:self.offsets[position + 1]])
+
+    def aspect_ratios(self) -> list[float]:
+        return (self.sizes[:, 1] / self.sizes[:, 0]).tolist() if len(self.sizes) else []
+
+    def image_categories(self) -> list[set[int]]:
+        starts, ends = self.category_offsets[:-1].tolist(), self.category_offsets[1:].tolist()
+        flat = self.categories.tolist()
+        return [set(flat[a:b]) for a, b in zip(starts, ends)]
 
 
 def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
@@ -408,15 +422,16 @@ def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
 
 
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
-                  category_map: CategoryMap | None = None, seed: int = 0, masks: bool = True) -> CocoDetection:
+                  category_map: CategoryMap | None = None, seed: int = 0, masks: bool = True,
+                  keep_ids: bool | None = None) -> CocoDetection:
     """The dataset of one split; its category map comes from the file unless one is given (e.g. from a
     checkpoint), in which case the file must use the same categories. masks=False leaves training masks
-    undecoded, for models that do not learn them."""
+    undecoded, for models that do not learn them; keep_ids True makes the file's ids the labels."""
     image_dir, ann_file = split_paths(data_path, dataset, split)
     coco = load_coco(ann_file)
     if dataset == "coco_kp":
         check_person_keypoints(coco.dataset["categories"], ann_file)
-    file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset)
+    file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset, keep_ids)
     if category_map is not None and set(file_map.ids) - set(category_map.ids):
         raise UserError(f"{ann_file} has categories {sorted(set(file_map.ids) - set(category_map.ids))} that the "
                         f"model was not trained on; evaluate with a matching annotation file")

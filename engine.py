@@ -1,10 +1,10 @@
-"""The training and evaluation loops."""
+"""The training and evaluation loops, and the pieces each step is made of."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -12,7 +12,14 @@ import torch
 
 import utils
 from coco_eval import CocoEvaluator, binarize_masks, run_lengths
-from coco_utils import FaultLog
+from devices import autocast
+from errors import UserError
+from metrics import ConsoleWriter, LogSchedule, Record, StepMeters
+
+# With several processes, ranks agree on a stop request every this many steps (one all-reduce each time); a
+# single process checks at every step for free.
+STOP_AGREEMENT_STEPS = 10
+WARMUP_STEPS = 1000
 
 
 def to_device(images, targets, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
@@ -32,11 +39,39 @@ def pop_faults(targets) -> list[str]:
     return [f for t in targets for f in t.pop("faults", [])]
 
 
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """Mixed-precision context when amp_dtype is set, else a no-op."""
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+class FaultLog:
+    """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and stops the run
+    when more than max_share of an epoch's samples could not be read."""
+
+    def __init__(self, max_share: float) -> None:
+        self.max_share = max_share
+        self.seen: set[str] = set()
+        self.epoch_faults: set[str] = set()
+
+    def start_epoch(self) -> None:
+        self.epoch_faults = set()
+
+    @property
+    def skipped(self) -> int:
+        return sum(f.endswith("sample skipped") for f in self.epoch_faults)
+
+    @property
+    def repaired(self) -> int:
+        return len(self.epoch_faults) - self.skipped
+
+    def add(self, faults: list[str], samples_in_epoch: int) -> None:
+        for fault in faults:
+            self.epoch_faults.add(fault)
+            if fault not in self.seen:
+                self.seen.add(fault)
+                print(f"data: {fault}", flush=True)
+        if self.skipped > self.max_share * samples_in_epoch:
+            raise UserError(f"{self.skipped} of {samples_in_epoch} samples could not be read this epoch, more "
+                            f"than --max-bad-samples {self.max_share:g} allows; fix the files named above or "
+                            f"raise --max-bad-samples")
+
+    def summary(self) -> str:
+        return f"{self.skipped} samples skipped, {self.repaired} annotations repaired"
 
 
 def warmup_factor(iteration: int, warmup_iters: int, start_factor: float = 0.001) -> float:
@@ -44,6 +79,65 @@ def warmup_factor(iteration: int, warmup_iters: int, start_factor: float = 0.001
     if iteration >= warmup_iters:
         return 1.0
     return start_factor + (1 - start_factor) * iteration / warmup_iters
+
+
+class Warmup:
+    """The first epoch's learning-rate warm-up over min(1000, steps - 1) steps, counted from the epoch's start,
+    so a run resumed mid-epoch gets the rates an uninterrupted one gets. The optimizer keeps its base rates
+    outside the epoch (they are what a checkpoint saves)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epoch: int, steps_in_epoch: int) -> None:
+        self.optimizer = optimizer
+        self.steps = min(WARMUP_STEPS, steps_in_epoch - 1) if epoch == 0 else 0
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    def set_lr(self, step: int) -> None:
+        factor = warmup_factor(step, self.steps)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+
+    def restore(self) -> None:
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr
+
+
+class PendingLosses:
+    """Loss values kept on the device until a logged step reads them: reading one is a host sync, and a step
+    needs none of its own. A non-finite loss is found then, and named with its own step."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def add(self, step: int, loss_dict: dict[str, torch.Tensor]) -> None:
+        self.pending.append((step, utils.reduce_dict({k: v.detach().float() for k, v in loss_dict.items()})))
+
+    def read(self) -> list[dict[str, float]]:
+        """Each pending step's losses, with their total as "loss", in step order; raises on a non-finite one."""
+        if not self.pending:
+            return []
+        names = list(self.pending[0][1])
+        values = torch.stack([torch.stack([d[k] for k in names]) for _, d in self.pending]).cpu().tolist()
+        rows = []
+        for (step, _), row in zip(self.pending, values):
+            total = sum(row)
+            if not math.isfinite(total):
+                shown = {k: round(v, 4) for k, v in zip(names, row)}
+                raise UserError(
+                    f"loss is {total} at epoch {self.epoch} step {step} {shown}; training stopped and the last "
+                    f"checkpoint is kept. Likely fixes: a lower --lr, --clip-grad-norm 10, --amp-dtype bfloat16 "
+                    f"instead of float16, or a look at the data")
+            rows.append({"loss": total, **dict(zip(names, row))})
+        self.pending.clear()
+        return rows
+
+
+def stop_agreed(step: int, requested: bool) -> bool:
+    """Whether every rank stops before this step: ranks agree (all take the same branch) every
+    STOP_AGREEMENT_STEPS steps; one process needs no agreement."""
+    if utils.get_world_size() == 1:
+        return requested
+    return step % STOP_AGREEMENT_STEPS == 0 and utils.any_rank(requested)
 
 
 @dataclass
@@ -55,9 +149,69 @@ class TrainOptions:
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
     clip_grad_norm: float | None = None
+    grad_accum_steps: int = 1
     faults: FaultLog = field(default_factory=lambda: FaultLog(max_share=0.01))
     stop_requested: Callable[[], bool] = lambda: False
-    on_log: Callable[[dict], None] | None = None
+    on_record: Callable[[Record], None] = ConsoleWriter().write
+    after_step: Callable[[int], None] | None = None  # called with the steps done after each optimizer step
+
+
+def accumulated(batches: Iterable, count: int) -> Iterator[list]:
+    """Consecutive groups of `count` batches, one group per optimizer step; a last, incomplete group is left
+    out, so every step sees as many batches."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == count:
+            yield group
+            group = []
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Gradients of loss added to the parameters', through the gradient scaler when there is one."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def update(model, optimizer: torch.optim.Optimizer, options: TrainOptions) -> None:
+    """One optimizer step from the gradients gathered: unscaled and clipped if asked, through the scaler."""
+    scaler = options.scaler
+    if options.clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def training_step(model, optimizer: torch.optim.Optimizer, batches: list, device: torch.device,
+                  options: TrainOptions) -> dict[str, torch.Tensor]:
+    """One optimizer step over its batches (gradients accumulated, each batch's loss weighing 1 / batches);
+    returns the mean of the batches' losses, on the device."""
+    optimizer.zero_grad(set_to_none=True)
+    mean: dict[str, torch.Tensor] = {}
+    for i, (images, targets) in enumerate(batches):
+        images, targets = to_device(images, targets, device)
+        # Under DDP, gradients are averaged over the processes with the last batch only (the earlier ones'
+        # travel with it); no_sync must hold over the forward as well as the backward.
+        skip_sync = i < len(batches) - 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        with model.no_sync() if skip_sync else nullcontext():
+            with autocast(device, options.amp_dtype):
+                loss_dict = model(images, targets)
+            backward(sum(loss_dict.values()) / len(batches), options.scaler)
+        for name, value in loss_dict.items():
+            mean[name] = mean.get(name, 0) + value.detach().float() / len(batches)
+    update(model, optimizer, options)
+    return mean
+
+
+def optimizer_step(model, optimizer: torch.optim.Optimizer, losses: torch.Tensor, options: TrainOptions) -> None:
+    """Backward and update for a loss already computed: gradients through the scaler, clipped if asked."""
+    optimizer.zero_grad(set_to_none=True)
+    backward(losses, options.scaler)
+    update(model, optimizer, options)
 
 
 @dataclass
@@ -68,93 +222,64 @@ class EpochResult:
 
 def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: int, options: TrainOptions,
                     start_step: int = 0) -> EpochResult:
-    """Steps over data_loader (which yields the epoch's batches from start_step on) until it ends or a stop
-    is requested on any rank; the step in progress always completes.
-
-    The first epoch warms the learning rate up over min(1000, steps - 1) steps, counted from the epoch's
-    start, so a run resumed mid-epoch gets the same rates as one that was not interrupted.
-    """
+    """Optimizer steps over data_loader (which yields the epoch's batches from start_step's on) until it ends or
+    a stop is requested on any rank; the step in progress always completes. Logged steps become records, whose
+    global step is the loader's batch sampler's clock."""
     model.train()
-    logger = utils.MetricLogger()
-    logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    steps_in_epoch = start_step + len(data_loader)
-    warmup_iters = min(1000, steps_in_epoch - 1) if epoch == 0 else 0
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    images_per_step = data_loader.batch_sampler.batch_size * utils.get_world_size()
-    samples_in_epoch = steps_in_epoch * data_loader.batch_sampler.batch_size
+    clock, accumulation = data_loader.batch_sampler, options.grad_accum_steps
+    steps_in_epoch = start_step + len(data_loader) // accumulation
+    images_per_step = clock.batch_size * accumulation * utils.get_world_size()
+    meters = StepMeters(f"Epoch: [{epoch}]", start_step, steps_in_epoch, images_per_step)
+    schedule = LogSchedule(options.print_freq, steps_in_epoch)
+    losses, warmup = PendingLosses(epoch), Warmup(optimizer, epoch, steps_in_epoch)
     options.faults.start_epoch()
-
-    def log(record: dict) -> None:
-        if options.on_log is not None:
-            global_step = epoch * steps_in_epoch + record["step"]
-            options.on_log({"type": "train", "epoch": epoch, "global_step": global_step, **record})
-
-    # Losses stay on the device until a progress line needs them: reading one is a host sync, and a step
-    # needs none of its own. A non-finite loss is found there too, and named with its own step.
-    pending: list[tuple[int, dict[str, torch.Tensor]]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        names = list(pending[0][1])
-        values = torch.stack([torch.stack([d[k] for k in names]) for _, d in pending]).cpu().tolist()
-        for (at, _), row in zip(pending, values):
-            total = sum(row)
-            if not math.isfinite(total):
-                shown = {k: round(v, 4) for k, v in zip(names, row)}
-                raise utils.UserError(
-                    f"loss is {total} at epoch {epoch} step {at} {shown}; training stopped and the last "
-                    f"checkpoint is kept. Likely fixes: a lower --lr, --clip-grad-norm 10, --amp-dtype bfloat16 "
-                    f"instead of float16, or a look at the data")
-            logger.update(loss=total, **dict(zip(names, row)))
-        pending.clear()
-
-    # One process checks for a stop request at every step for free; several agree on it at progress lines.
-    check_every = 1 if utils.get_world_size() == 1 else options.print_freq
     step = start_step
-    batches = logger.log_every(data_loader, options.print_freq, f"Epoch: [{epoch}]", images_per_step,
-                               start=start_step, total=steps_in_epoch, on_log=log,
-                               steps_after=(options.epochs - epoch - 1) * steps_in_epoch)
-    for images, targets in batches:
+    for batches in meters.timed(accumulated(data_loader, accumulation)):
         # Checked before the step rather than after it, so that the last step done has been logged.
-        if step % check_every == 0 and utils.any_rank(options.stop_requested()):
+        if stop_agreed(step, options.stop_requested()):
             break
-        options.faults.add(pop_faults(targets), samples_in_epoch)
-        factor = warmup_factor(step, warmup_iters)
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base_lr * factor
-        images, targets = to_device(images, targets, device)
-        with autocast(device, options.amp_dtype):
-            loss_dict = model(images, targets)
-            losses = sum(loss_dict.values())
-        pending.append((step, utils.reduce_dict({k: v.detach().float() for k, v in loss_dict.items()})))
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler = options.scaler
-        if scaler is not None:
-            scaler.scale(losses).backward()
-            if options.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            losses.backward()
-            if options.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
-            optimizer.step()
-        logger.update(lr=optimizer.param_groups[0]["lr"])
+        for _, targets in batches:
+            options.faults.add(pop_faults(targets), steps_in_epoch * images_per_step // utils.get_world_size())
+        warmup.set_lr(step)
+        losses.add(step, training_step(model, optimizer, batches, device, options))
+        meters.update(lr=optimizer.param_groups[0]["lr"])
+        meters.step_done()
         step += 1
-        if step % options.print_freq == 0 or step == steps_in_epoch:
-            flush()
-    flush()
-
-    # The optimizer's state is saved with base rates, so a resumed run warms up from the same point.
-    for group, base_lr in zip(optimizer.param_groups, base_lrs):
-        group["lr"] = base_lr
+        if options.after_step is not None:
+            options.after_step(step)
+        if schedule.is_logged(step):
+            for row in losses.read():
+                meters.update(**row)
+            steps_after = sum(clock.steps(e) for e in range(epoch + 1, options.epochs))
+            options.on_record(meters.record("train", epoch, step, clock.global_step(epoch, step), steps_after))
+    losses.read()  # a stop between logged steps: their losses are still checked
+    warmup.restore()
+    utils.print_once(meters.summary(step - start_step))
     if options.faults.skipped or options.faults.repaired:
         utils.print_once(f"Epoch: [{epoch}] data faults: {options.faults.summary()}")
     return EpochResult(steps_done=step, finished=step == steps_in_epoch)
+
+
+@torch.no_grad()
+def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """The model's mean losses over data_loader's batches and every rank's share, changing nothing: no
+    gradient, batch norm statistics left as they are (its layers in eval mode), and the random generators
+    (which the heads' sampling draws from) restored afterwards."""
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.eval()
+    totals: dict[str, torch.Tensor] = {}
+    with utils.random_state_kept(device):
+        for images, targets in data_loader:
+            pop_faults(targets)
+            images, targets = to_device(images, targets, device)
+            with autocast(device, amp_dtype):
+                loss_dict = model(images, targets)
+            for name, value in {"loss": sum(loss_dict.values()), **loss_dict}.items():
+                totals[name] = totals.get(name, 0) + value.float()
+    batches = max(len(data_loader), 1)
+    return {k: float(v) / batches for k, v in utils.reduce_dict(dict(sorted(totals.items()))).items()}
 
 
 def compact_masks(probabilities: torch.Tensor):
@@ -166,32 +291,42 @@ def compact_masks(probabilities: torch.Tensor):
     return binarize_masks(probabilities)
 
 
+def predict_batch(model, images, device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:
+    """The model's outputs for a batch, on the CPU, with masks compacted and floats in float32."""
+    images, _ = to_device(images, [], device)
+    with autocast(device, amp_dtype):
+        outputs = model(images)
+    outputs = [{k: compact_masks(v) if k == "masks" else v.float() if v.is_floating_point() else v
+                for k, v in out.items()} for out in outputs]
+    outputs = [{k: v.to("cpu", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+               for out in outputs]
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the non-blocking copies must land first
+    return outputs
+
+
 @torch.inference_mode()
 def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator, print_freq: int = 20,
              amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None) -> dict:
     """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and a
     line of where the time went, and gets the metrics; other ranks get an empty dict."""
     model.eval()
-    logger = utils.MetricLogger()
     faults = faults or FaultLog(max_share=1.0)
     faults.start_epoch()
-    images_per_step = data_loader.batch_sampler.batch_size
+    meters = StepMeters("Test:", 0, len(data_loader), data_loader.batch_sampler.batch_size)
+    schedule, console = LogSchedule(print_freq, len(data_loader)), ConsoleWriter()
     started = time.perf_counter()
     model_seconds = 0.0
-    for images, targets in logger.log_every(data_loader, print_freq, "Test:", images_per_step):
+    for step, (images, targets) in enumerate(meters.timed(data_loader), start=1):
         faults.add(pop_faults(targets), len(data_loader.dataset))
         step_started = time.perf_counter()
-        images, _ = to_device(images, [], device)
-        with autocast(device, amp_dtype):
-            outputs = model(images)
-        outputs = [{k: compact_masks(v) if k == "masks" else v.float() if v.is_floating_point() else v
-                    for k, v in out.items()} for out in outputs]
-        outputs = [{k: v.to("cpu", non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-                   for out in outputs]
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # the non-blocking copies must land first
+        outputs = predict_batch(model, images, device, amp_dtype)
         model_seconds += time.perf_counter() - step_started
         evaluator.update({t["image_id"]: out for t, out in zip(targets, outputs)})
+        meters.step_done()
+        if schedule.is_logged(step):
+            console.write(meters.record("test", 0, step, step))
+    utils.print_once(meters.summary(len(data_loader)))
     loop_seconds = time.perf_counter() - started
     evaluator.synchronize_between_processes()
     if not utils.is_main_process():

@@ -46,17 +46,42 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
-    """A batch sampler over a DistributedSampler whose epoch can start part-way, after the batches already
-    trained on: the order of an epoch depends only on the seed and the epoch number, so it can be replayed."""
+    """The batches of a training epoch, which can start part-way (after the steps already trained on: the order
+    of an epoch depends only on the seed and the epoch number, so it can be replayed), and the run's clock: how
+    many optimizer steps each epoch has (accumulation_steps batches each; a last, incomplete group is left out)
+    and how many came before."""
 
-    def __init__(self, batch_sampler) -> None:
+    def __init__(self, batch_sampler, accumulation_steps: int = 1) -> None:
         self.batch_sampler = batch_sampler
         self.batch_size = batch_sampler.batch_size
+        self.accumulation_steps = accumulation_steps
         self.skip = 0
 
+    @property
+    def sampler(self):
+        return self.batch_sampler.sampler
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.batch_sampler.sampler.set_epoch(epoch)
-        self.skip = start_step
+        self.sampler.set_epoch(epoch)
+        self.skip = start_step * self.accumulation_steps
+
+    def batches(self, epoch: int) -> int:
+        """Batches in an epoch: the batch sampler's count for that epoch's number of samples."""
+        length = getattr(self.sampler, "length", None)
+        samples = length(epoch) if length is not None else len(self.sampler)
+        if getattr(self.batch_sampler, "drop_last", False):
+            return samples // self.batch_size
+        return math.ceil(samples / self.batch_size)
+
+    def steps(self, epoch: int) -> int:
+        """Optimizer steps in an epoch."""
+        return self.batches(epoch) // self.accumulation_steps
+
+    def global_step(self, epoch: int, step: int) -> int:
+        """Optimizer steps since the run began, after `step` steps of `epoch`: the x axis of every record."""
+        if getattr(self.sampler, "length", None) is None:  # every epoch alike
+            return epoch * self.steps(epoch) + step
+        return sum(self.steps(e) for e in range(epoch)) + step
 
     def __iter__(self) -> Iterator[list[int]]:
         return itertools.islice(iter(self.batch_sampler), self.skip, None)

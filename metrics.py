@@ -1,13 +1,180 @@
-"""What a run records in --output-dir: metrics.jsonl (one JSON object per logged training step and per
-evaluation) and TensorBoard event files with the same scalars and a few prediction pictures."""
+"""Metrics of a run: collected once per logged step as one record, and rendered by writers.
+
+The training loop collects (StepMeters, LogSchedule); writers show what it collected: ConsoleWriter (the
+progress line), JsonlWriter (metrics.jsonl, one JSON object per logged training step and per evaluation) and
+TensorBoardWriter (the same scalars and a few prediction pictures).
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from utils import print_once
+
+
+class SmoothedValue:
+    """A series' running average over a window and over the whole run."""
+
+    def __init__(self, window_size: int = 20) -> None:
+        self.window: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> None:
+        self.window.append(value)
+        self.count += 1
+        self.total += value
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window)) if self.window else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.window)) if self.window else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.window[-1] if self.window else 0.0
+
+
+@dataclass(frozen=True)
+class LogSchedule:
+    """Which steps are logged: every `every` steps, and the last of the epoch. The one place that decides."""
+
+    every: int
+    total: int
+
+    def is_logged(self, step: int) -> bool:
+        """Whether the state after `step` steps (counted from 1) is logged."""
+        return step % self.every == 0 or step == self.total
+
+
+@dataclass
+class Progress:
+    """Where a loop is and how fast it goes: what the console line shows besides the record's values."""
+
+    header: str
+    step: int
+    total: int
+    eta_seconds: float
+    run_eta_seconds: float | None
+    images_per_s: float
+    step_time: float
+    data_time: float
+    averages: dict[str, tuple[float, float]] = field(default_factory=dict)  # name: (median, mean of the run)
+
+
+@dataclass
+class Record:
+    """What one logged step or evaluation produced. `values` are the numbers (metrics.jsonl's and TensorBoard's);
+    `progress` is for the console."""
+
+    kind: str  # "train", "eval", or "test" (evaluation progress: console only)
+    epoch: int
+    global_step: int
+    values: dict
+    step: int | None = None
+    progress: Progress | None = None
+
+    def as_json(self) -> dict:
+        where = {"type": self.kind, "epoch": self.epoch} | ({"step": self.step} if self.step is not None else {})
+        return {**where, "global_step": self.global_step, **self.values}
+
+
+class StepMeters:
+    """Times the steps of a loop and keeps running averages of the values each step gives."""
+
+    def __init__(self, header: str, start: int, total: int, images_per_step: int) -> None:
+        self.header, self.start, self.total = header, start, total
+        self.images_per_step = images_per_step
+        self.step_time, self.data_time = SmoothedValue(), SmoothedValue()
+        self.values: dict[str, SmoothedValue] = {}
+        self.started = self._step_started = time.time()
+
+    def timed(self, iterable: Iterable) -> Iterator:
+        """Yield from iterable, timing the wait for each item; the loop calls step_done when the item's work ends."""
+        self._step_started = time.time()
+        for item in iterable:
+            self.data_time.update(time.time() - self._step_started)
+            yield item
+
+    def step_done(self) -> None:
+        """A step (its wait for data included) has ended: its time counts, and the next one starts."""
+        now = time.time()
+        self.step_time.update(now - self._step_started)
+        self._step_started = now
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            self.values.setdefault(name, SmoothedValue()).update(float(value))
+
+    def progress(self, step: int, steps_after: int = 0) -> Progress:
+        """The progress after `step` steps; steps_after (steps of later epochs) adds an ETA of the whole run."""
+        per_step = self.step_time.global_avg
+        return Progress(self.header, step, self.total, per_step * (self.total - step),
+                        per_step * (self.total - step + steps_after) if steps_after else None,
+                        self.images_per_step / max(self.step_time.avg, 1e-9), self.step_time.avg,
+                        self.data_time.avg, {k: (v.median, v.global_avg) for k, v in self.values.items()})
+
+    def record(self, kind: str, epoch: int, step: int, global_step: int, steps_after: int = 0) -> Record:
+        """The record of the state after `step` steps: each value's latest, the rate and times of the step."""
+        progress = self.progress(step, steps_after)
+        values = {"time": round(time.time(), 3), "images_per_s": round(progress.images_per_s, 3),
+                  "step_time": round(self.step_time.value, 4), "data_time": round(self.data_time.value, 4),
+                  **{name: meter.value for name, meter in self.values.items()}}
+        return Record(kind, epoch, global_step, values, step, progress)
+
+    def summary(self, steps_done: int) -> str:
+        elapsed = time.time() - self.started
+        return (f"{self.header} total time: {datetime.timedelta(seconds=int(elapsed))} "
+                f"({elapsed / max(steps_done, 1):.3f} s / it)")
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class ConsoleWriter:
+    """The progress line of training and evaluation steps, and the validation losses, on rank 0."""
+
+    def write(self, record: Record) -> None:
+        if record.kind == "val":
+            losses = "  ".join(f"{k}: {v:.4f}" for k, v in record.values.items() if k.startswith("loss"))
+            print_once(f"Validation after epoch {record.epoch}: {losses}")
+        progress = record.progress
+        if progress is None:
+            return
+        eta = _duration(progress.eta_seconds)
+        if progress.run_eta_seconds is not None:
+            eta += f" (run {_duration(progress.run_eta_seconds)})"
+        width = len(str(progress.total))
+        parts = [f"{progress.header} [{progress.step:{width}d}/{progress.total}]", f"eta: {eta}"]
+        parts += [f"lr: {record.values['lr']:.6f}"] if "lr" in record.values else []
+        parts += [f"{name}: {median:.4f} ({mean:.4f})" for name, (median, mean) in progress.averages.items()
+                  if name != "lr"]
+        parts += [f"img/s: {progress.images_per_s:.1f}", f"time: {progress.step_time:.3f}",
+                  f"data: {progress.data_time:.3f}"]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+        print_once("  ".join(parts))
+
+    def close(self) -> None:
+        pass
 
 
 def _finite(value):
@@ -19,36 +186,36 @@ def _finite(value):
     return value
 
 
-def _scalars(record: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a record, nested names joined with '/', for TensorBoard."""
+def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a record's values, nested names joined with '/', for TensorBoard."""
     found = {}
-    for key, value in record.items():
-        if key in ("type", "epoch", "step", "global_step", "time"):
+    for key, value in values.items():
+        if key == "time":
             continue
         if isinstance(value, dict):
             found.update(_scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and value is not None:
+        elif isinstance(value, (int, float)):
             found[f"{prefix}{key}"] = float(value)
     return found
 
 
-class MetricsWriter:
-    """Appends records to metrics.jsonl and TensorBoard. A resumed run first drops what was logged past its
-    checkpoint, so that each step and each evaluation is recorded once."""
+def _keeps(record: dict, epoch: int, step: int | None) -> bool:
+    """Whether a metrics.jsonl record was logged no later than the checkpoint at (epoch, step)."""
+    if "step" not in record:  # an epoch's evaluation or validation losses, logged after it ended
+        return record["epoch"] < epoch or (record["epoch"] == epoch and step is None)
+    return record["epoch"] < epoch or (record["epoch"] == epoch and (step is None or record["step"] <= step))
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = False) -> None:
-        self.output_dir = Path(output_dir)
-        self.path = self.output_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.use_tensorboard = tensorboard and enabled
-        self._board = None
-        self._purge_step: int | None = None
 
-    def truncate_after(self, epoch: int, step: int | None, global_step: int) -> None:
-        """Keep what was logged up to the checkpoint at (epoch, step) (step None: the epoch ended), which is
-        global_step steps into the run."""
-        self._purge_step = global_step + 1
-        if not self.enabled or not self.path.is_file():
+class JsonlWriter:
+    """Appends training and evaluation records to metrics.jsonl. A resumed run first drops what was logged past
+    its checkpoint, so that each step and each evaluation is recorded once."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+
+    def truncate_after(self, epoch: int, step: int | None) -> None:
+        """Keep what was logged up to the checkpoint at (epoch, step) (step None: the epoch ended)."""
+        if not self.path.is_file():
             return
         kept = []
         for line in self.path.read_text().splitlines():
@@ -56,12 +223,7 @@ class MetricsWriter:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if record.get("type") == "eval":
-                keep = record["epoch"] < epoch or (record["epoch"] == epoch and step is None)
-            else:
-                keep = record["epoch"] < epoch or (record["epoch"] == epoch and (step is None or
-                                                                                 record["step"] <= step))
-            if keep:
+            if _keeps(record, epoch, step):
                 kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -69,36 +231,78 @@ class MetricsWriter:
 
     def records(self, kind: str) -> list[dict]:
         """The records of one type ("train" or "eval") logged so far."""
-        if not self.enabled or not self.path.is_file():
+        if not self.path.is_file():
             return []
         records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         return [r for r in records if r.get("type") == kind]
 
+    def write(self, record: Record) -> None:
+        if record.kind != "test":
+            with self.path.open("a") as f:
+                f.write(json.dumps(_finite(record.as_json())) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardWriter:
+    """The records' scalars and prediction pictures as TensorBoard events, opened on first use; a resumed run
+    purges the events past its checkpoint's step."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.purge_step: int | None = None
+        self._board = None
+
     @property
     def board(self):
-        """The TensorBoard writer, opened on first use (a resumed run purges events past its checkpoint)."""
-        if self._board is None and self.use_tensorboard:
+        if self._board is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._board = SummaryWriter(str(self.output_dir), purge_step=self._purge_step)
+            self._board = SummaryWriter(str(self.output_dir), purge_step=self.purge_step)
         return self._board
 
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(_finite(record)) + "\n")
-        if self.board is not None:
-            group = record["type"]
-            for name, value in _scalars(record).items():
-                self.board.add_scalar(f"{group}/{name}", value, record["global_step"])
+    def write(self, record: Record) -> None:
+        if record.kind != "test":
+            for name, value in _scalars(record.values).items():
+                self.board.add_scalar(f"{record.kind}/{name}", value, record.global_step)
 
     def add_pictures(self, pictures: dict[str, torch.Tensor], global_step: int) -> None:
         """uint8 CHW pictures, by name."""
-        if self.board is not None:
-            for name, picture in pictures.items():
-                self.board.add_image(f"predictions/{name}", picture, global_step)
+        for name, picture in pictures.items():
+            self.board.add_image(f"predictions/{name}", picture, global_step)
 
     def close(self) -> None:
         if self._board is not None:
             self._board.close()
+
+
+class Writers:
+    """Every writer of a run, written to together; on ranks other than 0 there are none."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.jsonl = JsonlWriter(output_dir) if enabled else None
+        self.tensorboard = TensorBoardWriter(output_dir) if enabled and tensorboard else None
+        self.all = [w for w in (ConsoleWriter() if enabled else None, self.jsonl, self.tensorboard) if w]
+
+    def write(self, record: Record) -> None:
+        for writer in self.all:
+            writer.write(record)
+
+    def resume_after(self, epoch: int, step: int | None, global_step: int) -> None:
+        """Drop what was logged past the checkpoint at (epoch, step), which is global_step steps into the run."""
+        if self.jsonl is not None:
+            self.jsonl.truncate_after(epoch, step)
+        if self.tensorboard is not None:
+            self.tensorboard.purge_step = global_step + 1
+
+    def records(self, kind: str) -> list[dict]:
+        return self.jsonl.records(kind) if self.jsonl is not None else []
+
+    def add_pictures(self, pictures: dict[str, torch.Tensor], global_step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_pictures(pictures, global_step)
+
+    def close(self) -> None:
+        for writer in self.all:
+            writer.close()

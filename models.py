@@ -1,9 +1,10 @@
 """Build any torchvision detection model by name, reading every weights file from local files only: the torch
-hub cache or a path."""
+hub cache or a path. The models are torchvision's own; speedups/ changes how they run."""
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import typing
 from collections.abc import Callable, Iterator
@@ -15,18 +16,12 @@ import torchvision
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
-from anchor_cache import cache_anchors
-from checkpoint import load_file
-from mask_paste import use_device_paste
-from norm_folding import fold_frozen_norms
-from sparse_roi_align import use_sparse_roi_align
-from utils import UserError
+from checkpoint import load_file, load_model_weights
+from errors import UserError
 
 MODELS = tuple(torchvision.models.list_models(module=torchvision.models.detection))
+COCO_CLASSES = 91
 DEFAULT_BACKBONE_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V1"
-# The class heads: the only tensors whose shapes depend on the number of classes (or keypoints).
-CLASS_HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
-                       "roi_heads.keypoint_predictor.", "head.classification_head.")
 # Which of train.py's model options each family of builders takes; SSD's input size is fixed.
 FAMILY_OPTIONS = {
     "rcnn": ("min_size", "max_size", "rpn_score_thresh", "box_batch_size_per_image"),
@@ -108,49 +103,36 @@ def resolve_weights(spec: str, flag: str, kind: type[WeightsEnum] | None = None)
     return path
 
 
-def load_model_weights(model: nn.Module, state: dict, source: str, new_class_heads: bool = False) -> list[str]:
-    """Load a state dict; any missing, unexpected or differently shaped tensor is an error naming the first.
-
-    With new_class_heads (fine-tuning on other categories), class heads of another size keep their fresh
-    values instead, and are named in the result.
-    """
-    own = model.state_dict()
-    reinitialised = []
-    for key, value in own.items():
-        if key not in state and not key.endswith("num_batches_tracked"):
-            raise UserError(f"{source} does not fit this model: it has no tensor {key}; "
-                            f"check --model and that the file is a checkpoint of it")
-        if key in state and state[key].shape != value.shape:
-            if new_class_heads and key.startswith(CLASS_HEAD_PREFIXES):
-                reinitialised.append(key)
-                continue
-            raise UserError(f"{source} does not fit this model: {key} has shape {tuple(state[key].shape)}, the "
-                            f"model needs {tuple(value.shape)}; check --model and --num-classes")
-    # Frozen batch norm keeps no batch counter, so files saved with ordinary batch norm carry a spare one.
-    unexpected = sorted(k for k in set(state) - set(own) if not k.endswith("num_batches_tracked"))
-    if unexpected:
-        raise UserError(f"{source} does not fit this model: unexpected tensor {unexpected[0]}; check --model")
-    model.load_state_dict({k: v for k, v in state.items() if k not in reinitialised}, strict=False)
-    return reinitialised
+def evaluated_state(checkpoint: dict) -> dict:
+    """The weights a checkpoint is evaluated and used with: their moving average when it keeps one."""
+    return checkpoint["model_ema"]["model"] if "model_ema" in checkpoint else checkpoint["model"]
 
 
 def _state_dict_of(path: Path, flag: str) -> dict:
-    """A file's state dict: a plain one, or the 'model' entry of one of our checkpoints."""
+    """A file's state dict: a plain one, or the weights of one of our checkpoints (their moving average when it
+    keeps one)."""
     content = load_file(path, flag)
-    state = content.get("model", content) if isinstance(content, dict) else None
+    state = (evaluated_state(content) if "model" in content else content) if isinstance(content, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag} {path} holds no state dict of tensors; give a weights file or a checkpoint")
     return state
 
 
 @contextmanager
-def _weights_read_by(reader: Callable[[WeightsEnum], dict]) -> Iterator[None]:
+def _weights_read_by(reader: Callable[[WeightsEnum], dict]) -> Iterator[list[WeightsEnum]]:
     """torchvision's builders fetch every weights enum through WeightsEnum.get_state_dict, which downloads when
-    the hub cache lacks the file; while this is active they get reader(enum) instead."""
+    the hub cache lacks the file; while this is active they get reader(enum) instead. Yields the list of enums
+    read, so the caller can check that the builder did read through it."""
     original = WeightsEnum.get_state_dict
-    WeightsEnum.get_state_dict = lambda self, *args, **kwargs: reader(self)
+    reads: list[WeightsEnum] = []
+
+    def read(self, *args, **kwargs) -> dict:
+        reads.append(self)
+        return reader(self)
+
+    WeightsEnum.get_state_dict = read
     try:
-        yield
+        yield reads
     finally:
         WeightsEnum.get_state_dict = original
 
@@ -164,34 +146,27 @@ def _fresh_state(weights: WeightsEnum) -> dict:
     return network.to_empty(device="cpu").state_dict()
 
 
-def build_model(name: str, num_classes: int, weights: str | None, weights_backbone: str | None,
-                trainable_backbone_layers: int | None, pretrained_layout: bool = False, **model_kwargs
-                ) -> nn.Module:
-    """A torchvision detection model laid out exactly as its builder lays it out, with weights from local files.
-
-    weights (a whole model: a torchvision name or a path) wins over weights_backbone (ImageNet weights of the
-    backbone). A pretrained model gets the builder's pretrained layout (frozen batch norm where it uses it, 3
-    trainable backbone stages by default); from scratch, every stage trains. pretrained_layout gives the
-    pretrained layout without reading any weights (for a checkpoint that will overwrite them).
-    """
-    if name not in MODELS:
-        raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
+def _backbone_weights(name: str, weights: str | None, weights_backbone: str | None, pretrained_layout: bool
+                      ) -> tuple[WeightsEnum | None, Callable[[WeightsEnum], dict]]:
+    """The weights enum to hand torchvision's builder (None: no pretrained layout) and what reading it gives:
+    the file --weights-backbone names, or (for a layout whose values come from elsewhere) a fresh state dict."""
     backbone_enum = torchvision.models.get_weight(default_backbone_weights(name))
-    reader = _fresh_state
     if weights is None and weights_backbone is not None:
         source = resolve_weights(weights_backbone, "--weights-backbone", backbone_weights_class(name))
         if not _is_path(weights_backbone):
             backbone_enum = torchvision.models.get_weight(weights_backbone)
+        return backbone_enum, lambda _: _state_dict_of(source, "--weights-backbone")
+    if weights is None and not pretrained_layout:
+        return None, _fresh_state
+    return backbone_enum, _fresh_state
 
-        def reader(_: WeightsEnum) -> dict:
-            return _state_dict_of(source, "--weights-backbone")
-    elif weights is None and not pretrained_layout:
-        backbone_enum = None
-    kwargs = dict(model_kwargs, num_classes=num_classes)
-    if trainable_backbone_layers is not None:
-        kwargs["trainable_backbone_layers"] = trainable_backbone_layers
+
+def _run_builder(name: str, backbone_enum: WeightsEnum | None, reader: Callable[[WeightsEnum], dict],
+                 weights_backbone: str | None, **kwargs) -> nn.Module:
+    """torchvision's builder with weights read by reader; its errors about the flags become one clear line, and
+    a builder that bypasses the reader (a backbone file the user named would be ignored) is an error."""
     try:
-        with _weights_read_by(reader):
+        with _weights_read_by(reader) as reads:
             model = torchvision.models.get_model(name, weights=None, weights_backbone=backbone_enum, **kwargs)
     except (TypeError, ValueError) as e:
         flag = "--weights-backbone" if "weights" in str(e).lower() else "--trainable-backbone-layers"
@@ -202,34 +177,66 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
         first_problem = str(e).strip().splitlines()[-1].strip().split(", ")[0]  # the kind and its first key
         raise UserError(f"--weights-backbone {weights_backbone} does not fit the backbone of {name}: "
                         f"{first_problem}") from None
+    if weights_backbone is not None and not reads:
+        raise UserError(f"torchvision {torchvision.__version__}'s {name} builder did not read its backbone weights "
+                        f"through WeightsEnum.get_state_dict, so --weights-backbone {weights_backbone} would be "
+                        f"ignored; use the torchvision version in constraints.txt")
+    return model
+
+
+def init_mask_logits(model: nn.Module, num_classes: int) -> bool:
+    """Start a Mask R-CNN's fresh mask logits at the scale torchvision gives COCO's 91 classes, whatever the class
+    count. torchvision initialises the last mask layer by its fan-out, so the logits' scale grows as 1/sqrt of the
+    class count, and a few-class model starts with a far larger mask loss. Nothing changes at 91 classes. Returns
+    whether it re-initialised them (it checks that the new scale took)."""
+    logits = getattr(getattr(getattr(model, "roi_heads", None), "mask_predictor", None), "mask_fcn_logits", None)
+    if not isinstance(logits, nn.Conv2d) or num_classes == COCO_CLASSES:
+        return False
+    std = math.sqrt(2 / (COCO_CLASSES * logits.kernel_size[0] * logits.kernel_size[1]))  # fan-out of 91 classes
+    with torch.no_grad():
+        nn.init.normal_(logits.weight, std=std)  # the bias's default scale does not depend on the class count
+    if not 0.5 < float(logits.weight.std()) / std < 2:
+        raise RuntimeError("the mask logits' new initialisation did not take")
+    return True
+
+
+def build_model(name: str, num_classes: int, weights: str | None, weights_backbone: str | None,
+                trainable_backbone_layers: int | None, pretrained_layout: bool = False, mask_init: bool = False,
+                **model_kwargs) -> nn.Module:
+    """A torchvision detection model laid out exactly as its builder lays it out, with weights from local files.
+
+    weights (a whole model: a torchvision name or a path) wins over weights_backbone (ImageNet weights of the
+    backbone). A pretrained model gets the builder's pretrained layout (frozen batch norm where it uses it, 3
+    trainable backbone stages by default); from scratch, every stage trains. pretrained_layout gives the
+    pretrained layout without reading any weights (for a checkpoint that will overwrite them). mask_init starts
+    fresh mask logits at a scale that does not depend on the class count (init_mask_logits).
+    """
+    if name not in MODELS:
+        raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
+    backbone_enum, reader = _backbone_weights(name, weights, weights_backbone, pretrained_layout)
+    kwargs = dict(model_kwargs, num_classes=num_classes)
+    if trainable_backbone_layers is not None:
+        kwargs["trainable_backbone_layers"] = trainable_backbone_layers
+    model = _run_builder(name, backbone_enum, reader, weights_backbone if weights is None else None, **kwargs)
+    fresh_heads = True
     if weights is not None:
         state = _state_dict_of(resolve_weights(weights, "--weights"), "--weights")
         fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=True)
+        fresh_heads = bool(fresh)
         if fresh:
             print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)")
-    return use_sparse_roi_align(use_device_paste(contiguous_keypoint_logits(cache_anchors(fold_frozen_norms(model)))))
-
-
-def _contiguous(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-    return output.contiguous()
-
-
-def contiguous_keypoint_logits(model: nn.Module) -> nn.Module:
-    """Make a Keypoint R-CNN's heatmap logits contiguous: torchvision's keypoint loss flattens them with view,
-    which fails on the channels-last tensors a channels-last model gives."""
-    predictor = getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None)
-    if predictor is not None:
-        predictor.register_forward_hook(_contiguous)
+    if mask_init and fresh_heads:
+        init_mask_logits(model, num_classes)
     return model
 
 
 def build_from_checkpoint(checkpoint: dict, source: str, **model_kwargs) -> nn.Module:
-    """The model of one of train.py's checkpoints, laid out as its run was, with the checkpoint's weights
-    (no other weights file is read)."""
+    """The model of one of train.py's checkpoints, laid out as its run was, with the weights it is evaluated
+    with (no other weights file is read)."""
     saved = checkpoint["args"]
     model = build_model(saved.get("model", "maskrcnn_resnet50_fpn"), checkpoint["num_classes"], None, None,
                         saved.get("trainable_backbone_layers"),
                         pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")),
                         **model_kwargs)
-    load_model_weights(model, checkpoint["model"], source)
+    load_model_weights(model, evaluated_state(checkpoint), source)
     return model

@@ -15,7 +15,7 @@ import transforms as T
 import utils
 
 TRAIN_AUGMENTATIONS = ("hflip", "lsj", "multiscale", "ssd", "ssdlite")
-BACKENDS = ("pil", "tensor", "tv_tensor")
+IMAGE_BACKENDS = ("pil", "tensor", "tv_tensor")
 # ImageNet's mean colour in 0-255: padding of this colour normalises to about zero.
 MEAN_FILL = (123.0, 117.0, 104.0)
 LSJ_SIZE = (1024, 1024)
@@ -43,7 +43,7 @@ class DetectionPresetTrain:
                  use_v2: bool = False, keypoint_flip: list[int] | None = None) -> None:
         if data_augmentation not in TRAIN_AUGMENTATIONS:
             raise ValueError(f"unknown data augmentation {data_augmentation!r}; choose from {TRAIN_AUGMENTATIONS}")
-        if backend not in BACKENDS or (backend == "tv_tensor" and not use_v2):
+        if backend not in IMAGE_BACKENDS or (backend == "tv_tensor" and not use_v2):
             raise ValueError(f"backend {backend!r}: choose pil or tensor, or tv_tensor with use_v2")
         if use_v2:
             self.transforms = _V2Policy(data_augmentation, hflip_prob, backend)

@@ -20,41 +20,36 @@ import argparse
 import datetime
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.utils.data
 
 import presets
+import speedups
 import utils
 from checkpoint import (
+    TrainingState,
+    from_reference_checkpoint,
+    is_reference_checkpoint,
     load_file,
     prune_epoch_files,
     remove_stale_temporaries,
-    restore_rng,
-    rng_state,
     save_atomic,
     save_checkpoint,
 )
-from coco_eval import BACKENDS, CocoEvaluator
-from coco_utils import (
-    DATASET_LAYOUTS,
-    CategoryMap,
-    FaultLog,
-    SampleError,
-    build_dataset,
-    coco_keypoint_names,
-    flip_order,
-)
-from dataset_check import check_before_training
-from engine import TrainOptions, autocast, evaluate, to_device, train_one_epoch
-from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
-from inference import inference_copy
-from metrics import MetricsWriter
-from models import MODELS, build_from_checkpoint, build_model, default_backbone_weights, iou_types, model_options
-from preemption import StopRequest, ignore_stop_signals
-from shape_buckets import pad_to_shape_buckets
-from utils import UserError
+from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
+from coco_utils import DATASET_LAYOUTS, SampleError
+from data import Data, load_data
+from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
+from ema import ModelEma
+from engine import FaultLog, TrainOptions, evaluate, to_device, train_one_epoch, validation_losses
+from errors import UserError
+from metrics import Record, Writers
+from models import MODELS, build_model, default_backbone_weights, iou_types, model_options
+from optimization import make_lr_scheduler, make_optimizer, scale_learning_rate
+from preemption import StopRequest
 from visualize import plot_curves, save_jpeg, side_by_side
 
 
@@ -109,7 +104,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--use-copypaste", action="store_true",
         help="Simple Copy-Paste between the images of a batch (needs --data-augmentation lsj and masks)")
     add("--use-v2", action="store_true", help="augment with torchvision.transforms.v2 and tv_tensors")
-    add("--backend", default="tensor", type=str.lower, choices=presets.BACKENDS,
+    add("--backend", default="tensor", type=str.lower, choices=presets.IMAGE_BACKENDS,
         help="image type the augmentation works on: tensor (fastest here), pil, or tv_tensor (with --use-v2)")
     add("--sync-bn", action="store_true", help="synchronise batch norm statistics across processes")
     add("--test-only", action="store_true", help="evaluate only (with --resume or --weights)")
@@ -127,7 +122,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
              "the ImageNet weights torchvision's recipe uses for the model (ResNet50_Weights.IMAGENET1K_V1, "
              "MobileNet_V3_Large_Weights.IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_FEATURES)")
     add("--amp", action="store_true", help="mixed precision (autocast; a gradient scaler for float16)")
-    add("--amp-dtype", default=None, choices=sorted(utils.AMP_DTYPES),
+    add("--amp-dtype", default=None, choices=sorted(AMP_DTYPES),
         help="autocast type with --amp (default: float16 on CUDA, bfloat16 on CPU); bfloat16 needs no "
              "scaler and is the better choice on Ampere and Hopper GPUs")
     add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
@@ -146,46 +141,80 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="keep only the newest K model_{epoch}.pth files (model_best.pth and checkpoint.pth stay)")
     add("--eval-batch-size", default=1, type=int,
         help="images per device at evaluation (1 gives torchvision's exact numbers; more is faster on GPUs)")
-    add("--coco-backend", default="auto", choices=BACKENDS,
+    add("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
+    add("--no-speedups", action="store_true",
+        help="run torchvision's plain model: none of speedups/'s changes (channels-last and shape buckets "
+             "included); the numbers agree to float rounding, see docs/ARCHITECTURE.md")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-        help="channels-last memory format for the convolutions (default: on for CPUs, where training steps were "
-             "7-20%% and evaluation 12-23%% faster with it in our runs at 320-1333 px; off for GPUs)")
+        help="channels-last memory format for the convolutions (default: on for CPUs, where it is faster; off for "
+             "GPUs; see docs/PERFORMANCE.md)")
     add("--shape-buckets", action=argparse.BooleanOptionalAction, default=None,
         help="pad training batches to a few shapes and head regions to multiples of 32, so that cuDNN reuses its "
-             "plans (default: on for GPUs, where a new batch shape cost about 300 ms a training step in our runs; "
-             "off for CPUs, where it made steps 3-6%% slower)")
+             "plans (default: on for GPUs; off for CPUs, where it only adds arithmetic; see docs/PERFORMANCE.md)")
     add("--cudnn-benchmark", action="store_true",
         help="let cuDNN time its kernels for each new input shape: for fixed-size inputs (SSD); R-CNN heads "
              "change shape every step, which makes it much slower")
     add("--max-bad-samples", default=0.01, type=float,
         help="share of an epoch's images that may be unreadable (skipped) before the run stops")
     add("--skip-data-check", action="store_true", help="start without looking up every image file first")
+    add("--grad-accum-steps", default=1, type=int,
+        help="batches whose gradients add up before each optimizer step: the effective batch is --batch-size x "
+             "processes x this (warm-up, schedule and --print-freq count optimizer steps)")
+    add("--auto-scale-lr", default=None, type=int, metavar="B",
+        help="scale --lr by the effective batch / B (B: the batch --lr was given for; torchvision's recipe: 0.02 "
+             "for 16)")
+    add("--model-ema", action="store_true",
+        help="keep an exponential moving average of the weights; evaluation and model_best.pth use it (the raw "
+             "weights' AP is logged too)")
+    add("--model-ema-decay", default=0.9998, type=float,
+        help="the average's decay per update, ramped up over the first updates")
+    add("--model-ema-steps", default=1, type=int, help="optimizer steps between updates of the average")
+    add("--val-loss", action="store_true",
+        help="the losses on the validation set after each epoch (nothing in the model changes), logged beside the "
+             "training losses")
+    add("--patience", default=None, type=int, metavar="K",
+        help="stop when the primary AP (mask, keypoint or box) has not improved for K evaluations")
+    add("--repeat-factor-threshold", default=None, type=float, metavar="T",
+        help="repeat-factor sampling for long-tailed data (LVIS): an image repeats by the largest max(1, "
+             "sqrt(T / f)) of its categories, f the share of training images with the category (try 0.001)")
+    add("--torchvision-mask-init", action="store_true",
+        help="keep torchvision's initialisation of fresh mask logits, whose scale grows as the classes get fewer "
+             "(by default they start at the scale torchvision gives COCO's 91 classes)")
     add("--debug", action="store_true", help="show the traceback of input errors")
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Reject values that would fail later, or silently do the wrong thing."""
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Reject counts, shares and rates out of range."""
     if args.workers < 0:
         raise UserError(f"--workers {args.workers} must be 0 or more")
     if args.epochs < 1 and not args.test_only:
         raise UserError(f"--epochs {args.epochs} must be at least 1")
+    for flag in ("batch_size", "rois_per_image", "eval_batch_size", "print_freq", "lr_step_size",
+                 "grad_accum_steps", "model_ema_steps", "patience", "auto_scale_lr"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    for flag, low, high in (("max_bad_samples", 0, 1), ("model_ema_decay", 0, 1), ("repeat_factor_threshold", 0, 1)):
+        value = getattr(args, flag)
+        if value is not None and not low <= value <= high:
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be a share between {low} and {high}")
+    check_schedule(args)
+
+
+def check_schedule(args: argparse.Namespace) -> None:
+    """Reject learning-rate steps out of order; warn of steps after the last epoch."""
     if args.lr_steps is not None and any(b <= a for a, b in zip(args.lr_steps, args.lr_steps[1:])):
         raise UserError(f"--lr-steps {' '.join(map(str, args.lr_steps))} must be increasing")
-    if args.lr_step_size is not None and args.lr_step_size < 1:
-        raise UserError(f"--lr-step-size {args.lr_step_size} must be at least 1")
     if args.lr_steps is not None and args.lr_steps[-1] >= args.epochs and not args.test_only:
         print(f"warning: --lr-steps {args.lr_steps[-1]} is not before --epochs {args.epochs}; that step never "
               f"happens", file=sys.stderr)
-    if not 0 <= args.max_bad_samples <= 1:
-        raise UserError(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
-    if args.rois_per_image is not None and args.rois_per_image < 1:
-        raise UserError(f"--rois-per-image {args.rois_per_image} must be at least 1")
-    if args.eval_batch_size < 1:
-        raise UserError(f"--eval-batch-size {args.eval_batch_size} must be at least 1")
+
+
+def check_combinations(args: argparse.Namespace) -> None:
+    """Reject flags that do not go together."""
     if args.backend == "tv_tensor" and not args.use_v2:
         raise UserError("--backend tv_tensor works with torchvision.transforms.v2 only; add --use-v2")
     if args.use_copypaste and (args.data_augmentation != "lsj" or "segm" not in iou_types(args.model)):
@@ -198,8 +227,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.cudnn_benchmark and args.use_deterministic_algorithms:
         raise UserError("--cudnn-benchmark picks kernels by timing them, which --use-deterministic-algorithms "
                         "rules out; give one of the two")
-    if args.print_freq < 1:
-        raise UserError(f"--print-freq {args.print_freq} must be at least 1")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject values that would fail later, or silently do the wrong thing; resolve the backbone weights."""
+    check_numbers(args)
+    check_combinations(args)
+    speedups.SpeedupConfig.from_args(args)  # --no-speedups with a flag it would override is an error
     if args.weights_backbone.lower() == "none":
         args.weights_backbone = None
     elif args.weights_backbone == "default":
@@ -207,68 +241,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.trainable_backbone_layers is not None and args.weights is None and args.weights_backbone is None:
         raise UserError("--trainable-backbone-layers applies to pretrained weights; from scratch every backbone "
                         "stage trains, so leave it out or give --weights-backbone")
-
-
-def pick_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        utils.print_once("CUDA is not available: running on the CPU")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def lr_milestones(args: argparse.Namespace) -> list[int]:
-    if args.lr_steps is not None:
-        return args.lr_steps
-    if args.lr_step_size is not None:
-        return list(range(args.lr_step_size, args.epochs, args.lr_step_size))
-    return [16, 22]
-
-
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD or AdamW; normalization layers get --norm-weight-decay when it is set."""
-    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
-    norm_params, other_params = [], []
-    for module in model.modules():
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        (norm_params if isinstance(module, norm_types) else other_params).extend(params)
-    if args.norm_weight_decay is None:
-        groups = [{"params": other_params + norm_params, "weight_decay": args.weight_decay}]
-    else:
-        groups = [{"params": other_params, "weight_decay": args.weight_decay},
-                  {"params": norm_params, "weight_decay": args.norm_weight_decay}]
-    if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=args.lr)
-
-
-def make_loaders(args: argparse.Namespace, train_set, val_set) -> tuple:
-    """Training loader (shuffled, shard per process, aspect-ratio batches) and evaluation loader."""
-    world, rank = utils.get_world_size(), utils.get_rank()
-    # Workers restart each epoch so that they see the dataset's epoch (augmentation seeds); they ignore stop
-    # signals, which the main process handles; the loader's own generator leaves the global one to the model.
-    loader_kwargs = {"num_workers": args.workers, "collate_fn": utils.collate_fn,
-                     "pin_memory": args.device.type == "cuda", "worker_init_fn": ignore_stop_signals,
-                     "generator": torch.Generator().manual_seed(args.seed)}
-    train_loader = None
-    if train_set is not None:
-        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=args.seed)
-        if args.aspect_ratio_group_factor >= 0:
-            groups = create_aspect_ratio_groups(train_set.aspect_ratios(), k=args.aspect_ratio_group_factor)
-            batch_sampler = GroupedBatchSampler(sampler, groups, args.batch_size)
-        else:
-            batch_sampler = torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True)
-        if len(batch_sampler) == 0:
-            raise UserError(f"--batch-size {args.batch_size} x {world} processes is more than the "
-                            f"{len(train_set)} training images; lower --batch-size")
-        batch_sampler = ResumableBatchSampler(batch_sampler)
-        collate = presets.CopyPasteCollate(train_set) if args.use_copypaste else utils.collate_fn
-        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler,
-                                                   **{**loader_kwargs, "collate_fn": collate})
-    val_sampler = torch.utils.data.DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler,
-                                             **loader_kwargs)
-    return train_loader, val_loader
 
 
 def primary_ap(metrics: dict) -> float:
@@ -305,8 +277,11 @@ def resolve_resume(args: argparse.Namespace) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by this script, checked to hold what resuming reads."""
+    """A checkpoint written by this script (or by torchvision's reference), checked to hold what resuming
+    reads."""
     checkpoint = load_file(path, "--resume")
+    if is_reference_checkpoint(checkpoint):
+        checkpoint = from_reference_checkpoint(checkpoint)
     if not isinstance(checkpoint, dict):
         checkpoint = {}
     missing = [k for k in ("model", "epoch", "categories", "num_classes") if k not in checkpoint]
@@ -325,216 +300,328 @@ def prepare_output_dir(out: Path) -> None:
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose a folder you can write to"
                         ) from None
+    remove_stale_temporaries(out)
 
 
-def main(args: argparse.Namespace) -> dict:
+# ------------------------------------------------------------------------------------------------ the stages
+
+@dataclass
+class Run:
+    """What every stage of a run shares: its arguments, device, precision, output folder, writers and speed-ups."""
+
+    args: argparse.Namespace
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    output_dir: Path
+    is_main: bool
+    writers: Writers
+    speedups: speedups.SpeedupConfig
+
+    def save(self, state: TrainingState, also_as: str | None = None) -> Path | None:
+        """checkpoint.pth (and also_as, the same bytes) in the output folder, from rank 0; None elsewhere."""
+        return save_checkpoint(state.state_dict(), self.output_dir, also_as) if self.is_main else None
+
+
+def start_run(args: argparse.Namespace) -> Run:
+    """Check the arguments, join the other processes, prepare the output folder, seed and set the kernels."""
     check_args(args)
     args.device = pick_device(args.device)
     utils.init_distributed_mode(args)
     if args.distributed and args.device.type == "cuda":
         args.device = torch.device("cuda", args.gpu)
-    device = args.device
     utils.print_once(args)
+    scale_learning_rate(args)
+    is_main = utils.is_main_process()
     output_dir = Path(args.output_dir)
-    if utils.is_main_process():
+    if is_main:
         prepare_output_dir(output_dir)
-        remove_stale_temporaries(output_dir)
-    metrics_log = MetricsWriter(output_dir, enabled=utils.is_main_process(), tensorboard=not args.no_tensorboard)
-
     utils.seed_everything(args.seed)
     if args.use_deterministic_algorithms:
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    precision = amp_dtype(args.amp_dtype, args.device) if args.amp else None
+    writers = Writers(output_dir, enabled=is_main, tensorboard=not args.no_tensorboard)
+    return Run(args, args.device, precision, output_dir, is_main, writers, speedups.SpeedupConfig.from_args(args))
 
-    amp_dtype = utils.amp_dtype(args.amp_dtype, device) if args.amp else None
 
-    # What the model was trained on travels with the checkpoint; a fresh run reads it from the train file.
-    resume = resolve_resume(args)
-    checkpoint = load_checkpoint(resume) if resume else None
-    category_map = None
-    if checkpoint is not None:
-        category_map = CategoryMap.from_categories(checkpoint["categories"], args.dataset)
+def read_resume_checkpoint(args: argparse.Namespace) -> tuple[dict | None, str]:
+    """The checkpoint --resume names (or finds, for 'auto'), and its path; (None, "") for a fresh run."""
+    path = resolve_resume(args)
+    return (load_checkpoint(path), path) if path else (None, "")
 
-    utils.print_once("Loading data")
-    train_set = None
-    if not args.test_only:
-        keypoint_flip = flip_order(coco_keypoint_names()) if args.dataset == "coco_kp" else None
-        augmentation = presets.DetectionPresetTrain(args.data_augmentation, backend=args.backend,
-                                                    use_v2=args.use_v2, keypoint_flip=keypoint_flip)
-        # Decoding masks is most of a sample's loading; only models that learn masks need them.
-        train_set = build_dataset(args.data_path, args.dataset, "train", augmentation, category_map, args.seed,
-                                  masks="segm" in iou_types(args.model))
-        category_map = train_set.category_map
-    val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map)
-    category_map = val_set.category_map
-    if not args.skip_data_check:
-        for split, ds in (("train", train_set), ("val", val_set)):
-            if ds is not None:
-                check_before_training(ds.image_dir, list(ds.coco.imgs.values()), split, args.max_bad_samples)
-    train_loader, val_loader = make_loaders(args, train_set, val_set)
 
-    num_classes = args.num_classes or (checkpoint["num_classes"] if checkpoint else category_map.num_classes)
-    if num_classes < category_map.num_classes:
+def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None, resume: str) -> int:
+    """--num-classes, else the checkpoint's, else what the categories need; checked against both."""
+    num_classes = args.num_classes or (checkpoint["num_classes"] if checkpoint else data.category_map.num_classes)
+    if num_classes < data.category_map.num_classes:
         raise UserError(f"--num-classes {num_classes} is too small: the categories need "
-                        f"{category_map.num_classes} (largest label + 1, background included)")
+                        f"{data.category_map.num_classes} (largest label + 1, background included)")
+    if checkpoint is not None and checkpoint["num_classes"] != num_classes:
+        raise UserError(f"--num-classes {num_classes} differs from the {checkpoint['num_classes']} classes "
+                        f"of --resume {resume}; leave --num-classes out to resume")
+    return num_classes
 
+
+def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:
+    """torchvision's model, with its weights read from local files; for a checkpoint, laid out as its run was
+    and not read from anywhere (the checkpoint has every weight)."""
     utils.print_once(f"Creating model {args.model} with {num_classes} classes")
-    model_kwargs = model_options(args.model, min_size=args.min_size, max_size=args.max_size,
-                                 box_batch_size_per_image=args.rois_per_image,
-                                 rpn_score_thresh=args.rpn_score_thresh)
+    options = model_options(args.model, min_size=args.min_size, max_size=args.max_size,
+                            box_batch_size_per_image=args.rois_per_image, rpn_score_thresh=args.rpn_score_thresh)
     if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:
-        model_kwargs["_skip_resize"] = True  # in training only: evaluation images are resized by the model
+        options["_skip_resize"] = True  # in training only: evaluation images are resized by the model
     if checkpoint is None:
-        model = build_model(args.model, num_classes, args.weights, args.weights_backbone,
-                            args.trainable_backbone_layers, **model_kwargs)
-    else:  # no weights file is read: the checkpoint has them all
-        if checkpoint["num_classes"] != num_classes:
-            raise UserError(f"--num-classes {num_classes} differs from the {checkpoint['num_classes']} classes "
-                            f"of --resume {resume}; leave --num-classes out to resume")
-        model = build_from_checkpoint({**checkpoint, "args": {**checkpoint["args"], "model": args.model}},
-                                      f"--resume {resume}", **model_kwargs)
-    model.to(device)
-    channels_last = utils.use_channels_last(args.channels_last, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if utils.use_shape_buckets(args.shape_buckets, device):
-        pad_to_shape_buckets(model)
+        return build_model(args.model, num_classes, args.weights, args.weights_backbone,
+                           args.trainable_backbone_layers, mask_init=not args.torchvision_mask_init, **options)
+    saved = checkpoint["args"]
+    return build_model(args.model, num_classes, None, None, saved.get("trainable_backbone_layers"),
+                       pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")), **options)
+
+
+def wrap_for_devices(run: Run, model: torch.nn.Module) -> torch.nn.Module:
+    """The model on its device with the speed-ups, synchronised batch norm and DDP where the run asks."""
+    args = run.args
+    model = speedups.for_training(model.to(run.device), run.device, run.speedups)
     if args.distributed and args.sync_bn:
-        if device.type == "cuda":
+        if run.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             utils.print_once("--sync-bn: torch synchronises batch norm on GPUs only; on the CPU each process "
                              "keeps its own statistics")
-    model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None,
+            model, device_ids=[args.gpu] if run.device.type == "cuda" else None,
             broadcast_buffers=utils.buffers_change_in_training(model))
-        model_without_ddp = model.module
+    return model
 
-    optimizer = make_optimizer(model_without_ddp, args)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    if args.lr_scheduler == "multisteplr":
-        lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(args), args.lr_gamma)
-    else:
-        lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
 
-    # A checkpoint saved at the end of epoch E resumes at E + 1; one saved on a stop signal part-way through
-    # epoch E resumes at E, after the steps it had done.
-    start_step = 0
-    if checkpoint is not None:
-        if not args.test_only:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if scaler is not None and checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-            if checkpoint.get("rng"):
-                restore_rng(checkpoint["rng"])
-            step = checkpoint.get("step")
-            args.start_epoch, start_step = (checkpoint["epoch"] + 1, 0) if step is None else (checkpoint["epoch"],
-                                                                                              step)
-            steps_per_epoch = len(train_loader.batch_sampler.batch_sampler)
-            metrics_log.truncate_after(checkpoint["epoch"], step,
-                                       checkpoint["epoch"] * steps_per_epoch + (steps_per_epoch if step is None
-                                                                                else step))
-        where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
-        utils.print_once(f"Resumed from {resume} ({where})")
+def create_training_state(run: Run, model: torch.nn.Module, data: Data, num_classes: int,
+                          checkpoint: dict | None) -> TrainingState:
+    """The optimizer, schedule, scaler and weight average for the model (unwrapped from DDP), with the run's
+    description; the optimizer's parameters in the order of the checkpoint's writer."""
+    args = run.args
+    optimizer = make_optimizer(model, args, reference_order=bool(checkpoint and checkpoint.get("from_reference")))
+    # An average to evaluate: asked for, or (to evaluate only) kept by the checkpoint.
+    average = args.model_ema or bool(args.test_only and checkpoint and "model_ema" in checkpoint)
+    ema = ModelEma(model, args.model_ema_decay) if average else None
+    return TrainingState(model, optimizer, make_lr_scheduler(optimizer, args), grad_scaler(run.device, run.amp_dtype),
+                         args, data.category_map, num_classes, ema)
 
-    # Evaluation runs a folded copy of the model, unwrapped from DDP (whose forward would broadcast buffers).
-    if args.test_only:
-        evaluator = CocoEvaluator(val_set.coco, category_map, iou_types(args.model), args.coco_backend)
-        metrics = evaluate(inference_copy(model_without_ddp, channels_last), val_loader, device, evaluator,
-                           args.print_freq, amp_dtype)
-        if utils.is_main_process():
-            for path in evaluator.write_results(output_dir):
-                print(f"Wrote {path}")
-        return metrics
 
-    stop = StopRequest().install()
-    options = TrainOptions(print_freq=args.print_freq, epochs=args.epochs, scaler=scaler, amp_dtype=amp_dtype,
-                           clip_grad_norm=args.clip_grad_norm, faults=FaultLog(args.max_bad_samples),
-                           stop_requested=lambda: stop.requested, on_log=metrics_log.write)
+def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data) -> None:
+    """Continue from the checkpoint: weights, and for training the optimizer, schedule, scaler, generators and
+    position; what was logged past it is dropped."""
+    state.load_state_dict(checkpoint, f"--resume {resume}", weights_only=run.args.test_only)
+    if not run.args.test_only:
+        epoch, step = checkpoint["epoch"], checkpoint.get("step")
+        clock = data.train_loader.batch_sampler
+        run.writers.resume_after(epoch, step, clock.global_step(epoch, clock.steps(epoch) if step is None else step))
+    where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
+    averaged = " with the weights' moving average" if state.ema is not None and "model_ema" in checkpoint else ""
+    utils.print_once(f"Resumed from {resume} ({where}){averaged}")
+    if checkpoint.get("from_reference"):
+        utils.print_once(f"{resume} is a checkpoint of torchvision's references/detection: categories from the "
+                         f"dataset's files, whose ids are its labels ({state.num_classes} classes)")
 
-    def training_state(epoch: int, step: int | None) -> dict:
-        """Everything a run needs to continue; plain data that torch.load(weights_only=True) reads."""
-        return {
-            "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "step": step,
-            "rng": rng_state(),
-            "args": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()},
-            "categories": category_map.as_list(),
-            "num_classes": num_classes,
-        }
 
+def already_stopped(resume: str, checkpoint: dict) -> dict:
+    utils.print_once(f"--resume {resume}: this run stopped early at epoch {checkpoint['epoch']} (--patience), so "
+                     f"there is nothing to continue; model_best.pth beside it holds its best weights")
+    return {}
+
+
+def run_evaluation(run: Run, data: Data, model: torch.nn.Module) -> tuple[CocoEvaluator, dict, torch.nn.Module]:
+    """COCO evaluation of the model's inference copy over every rank's share of the validation set."""
+    evaluator = CocoEvaluator(data.val_set.coco, data.category_map, iou_types(run.args.model),
+                              run.args.coco_backend)
+    eval_model = speedups.for_inference(model, run.device, run.speedups)
+    metrics = evaluate(eval_model, data.val_loader, run.device, evaluator, run.args.print_freq, run.amp_dtype)
+    return evaluator, metrics, eval_model
+
+
+def evaluated_weights(state: TrainingState) -> torch.nn.Module:
+    """The weights evaluation, model_best.pth's choice and prediction use: the moving average when there is one."""
+    return state.ema.module if state.ema is not None else state.model
+
+
+def evaluate_only(run: Run, data: Data, state: TrainingState) -> dict:
+    if state.ema is not None:
+        utils.print_once("Evaluating the weights' moving average (model_ema)")
+    evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state))
+    if run.is_main:
+        for path in evaluator.write_results(run.output_dir):
+            print(f"Wrote {path}")
+    return metrics
+
+
+def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> None:
+    path = run.save(state)
+    if path is not None:
+        print(f"Stopped by {stop.signal_name} at epoch {state.epoch} step {state.step}; saved {path}. "
+              f"Run the same command with --resume auto to continue.", flush=True)
+    sys.exit(stop.exit_code)
+
+
+def save_epoch(run: Run, state: TrainingState, epoch: int) -> None:
+    """End of an epoch: the schedule steps, checkpoint.pth and model_{epoch}.pth are written (old ones pruned)."""
+    state.lr_scheduler.step()
+    state.epoch, state.step = epoch, None
+    if run.save(state, also_as=f"model_{epoch}.pth") is not None and run.args.keep_last:
+        prune_epoch_files(run.output_dir, run.args.keep_last)
+
+
+class BestModel:
+    """model_best.pth: the weights of the evaluation with the best primary AP so far (counting a resumed run's),
+    and how many evaluations have passed without a better one."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        history = [primary_ap(r) for r in run.writers.records("eval")]
+        self.best = max(history, default=None)
+        self.since_best = len(history) - 1 - history.index(self.best) if history else 0
+
+    def update(self, metrics: dict, state: TrainingState) -> None:
+        if self.best is None or primary_ap(metrics) > self.best:
+            self.best, self.since_best = primary_ap(metrics), 0
+            save_atomic(state.weights_dict(), self.run.output_dir / "model_best.pth")
+            print(f"New best AP {self.best:.4f}: saved {self.run.output_dir / 'model_best.pth'}")
+        else:
+            self.since_best += 1
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        """Whether --patience evaluations have passed without improvement (decided on rank 0, for every rank)."""
+        return patience is not None and utils.any_rank(self.since_best >= patience)
+
+
+def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int, at: int) -> None:
+    """--val-loss: the validation set's losses, as a record of their own."""
+    losses = validation_losses(state.model, data.val_loss_loader, run.device, run.amp_dtype)
+    run.writers.write(Record("val", epoch, at, {"time": round(time.time(), 3), **losses}))
+
+
+def report_evaluation(run: Run, data: Data, state: TrainingState, epoch: int, metrics: dict, at: int) -> None:
+    """After an evaluation, on rank 0: the record, model_best.pth, the curves and the prediction pictures."""
+    run.writers.write(Record("eval", epoch, at, {"time": round(time.time(), 3), **metrics}))
+    plot_curves(run.writers.records("train"), run.writers.records("eval"), run.output_dir / "curves.png",
+                run.writers.records("val"))
+    vis_indices = list(range(min(run.args.vis_images, len(data.val_set))))
+    eval_model = speedups.for_inference(evaluated_weights(state), run.device, run.speedups)
+    pictures = prediction_pictures(eval_model, data.val_set, vis_indices, run.device, run.amp_dtype)
+    for name, picture in pictures.items():
+        save_jpeg(picture, run.output_dir / "predictions" / f"epoch_{epoch}" / f"{name}.jpg")
+    run.writers.add_pictures(pictures, at)
+
+
+def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel) -> dict:
+    """After an epoch: the validation losses (--val-loss), then the evaluation of the weights (the moving
+    average's, and the raw ones' beside it), its predictions JSON, record, model_best.pth and pictures."""
+    at = data.train_loader.batch_sampler.global_step(epoch + 1, 0)
+    if data.val_loss_loader is not None:
+        log_validation_losses(run, data, state, epoch, at)
+    raw = {}
+    if state.ema is not None:
+        utils.print_once("Evaluating the raw weights (without the moving average)")
+        raw = {"raw": run_evaluation(run, data, state.model)[1]}
+        utils.print_once("Evaluating the weights' moving average (model_ema)")
+    evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state))
+    if run.is_main:
+        evaluator.write_results(run.output_dir)
+        best.update(metrics, state)
+        report_evaluation(run, data, state, epoch, {**metrics, **raw}, at)
+    return metrics
+
+
+def stop_early(run: Run, state: TrainingState, best: BestModel) -> None:
+    """--patience ran out: say so, and mark the checkpoint so that --resume auto knows."""
+    utils.print_once(f"Stopping early: the primary AP has not improved on {best.best:.4f} for "
+                     f"{run.args.patience} evaluations (--patience); model_best.pth holds the best weights")
+    state.stopped_early = True
+    run.save(state)
+
+
+def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) -> dict:
+    """The epochs from where the state stands: train, save, evaluate; a stop signal saves and exits."""
     utils.print_once("Start training")
-    start_time = time.time()
-    steps_per_epoch = len(train_loader.batch_sampler.batch_sampler)
-    best_ap = max((primary_ap(r) for r in metrics_log.records("eval")), default=None)
-    vis_indices = list(range(min(args.vis_images, len(val_set))))
-    metrics: dict = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        train_set.epoch = epoch
-        train_loader.batch_sampler.set_epoch(epoch, start_step)
-        result = train_one_epoch(model, optimizer, train_loader, device, epoch, options, start_step)
+    started = time.time()
+    stop = StopRequest().install()
+    args = run.args
+    options = TrainOptions(print_freq=args.print_freq, epochs=args.epochs, scaler=state.scaler,
+                           amp_dtype=run.amp_dtype, clip_grad_norm=args.clip_grad_norm,
+                           grad_accum_steps=args.grad_accum_steps, faults=FaultLog(args.max_bad_samples),
+                           stop_requested=lambda: stop.requested, on_record=run.writers.write,
+                           after_step=average_weights(state, args.model_ema_steps))
+    best, metrics = BestModel(run), {}
+    start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
+    for epoch in range(start_epoch, args.epochs):
+        data.train_set.epoch = epoch
+        data.train_loader.batch_sampler.set_epoch(epoch, start_step)
+        result = train_one_epoch(model, state.optimizer, data.train_loader, run.device, epoch, options, start_step)
         start_step = 0
         if not result.finished:
-            if utils.is_main_process():
-                path = save_checkpoint(training_state(epoch, result.steps_done), output_dir)
-                print(f"Stopped by {stop.signal_name} at epoch {epoch} step {result.steps_done}; saved {path}. "
-                      f"Run the same command with --resume auto to continue.", flush=True)
-            sys.exit(stop.exit_code)
-        lr_scheduler.step()
-        state = training_state(epoch, None)
-        if utils.is_main_process():
-            save_checkpoint(state, output_dir, also_as=f"model_{epoch}.pth")
-            if args.keep_last:
-                prune_epoch_files(output_dir, args.keep_last)
+            state.epoch, state.step = epoch, result.steps_done
+            stop_mid_epoch(run, state, stop)
+        save_epoch(run, state, epoch)
         if stop.requested:
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
             sys.exit(stop.exit_code)
-
-        evaluator = CocoEvaluator(val_set.coco, category_map, iou_types(args.model), args.coco_backend)
-        eval_model = inference_copy(model_without_ddp, channels_last)
-        metrics = evaluate(eval_model, val_loader, device, evaluator, args.print_freq, amp_dtype)
-        pictures = (prediction_pictures(eval_model, val_set, vis_indices, device, amp_dtype)
-                    if utils.is_main_process() else {})
-        del eval_model  # its memory is free again before the next epoch trains
-        if not utils.is_main_process():
-            continue
-        global_step = (epoch + 1) * steps_per_epoch
-        evaluator.write_results(output_dir)
-        metrics_log.write({"type": "eval", "epoch": epoch, "global_step": global_step,
-                           "time": round(time.time(), 3), **metrics})
-        if best_ap is None or primary_ap(metrics) > best_ap:
-            best_ap = primary_ap(metrics)
-            save_atomic(state, output_dir / "model_best.pth")
-            print(f"New best AP {best_ap:.4f}: saved {output_dir / 'model_best.pth'}")
-        plot_curves(metrics_log.records("train"), metrics_log.records("eval"), output_dir / "curves.png")
-        for name, picture in pictures.items():
-            save_jpeg(picture, output_dir / "predictions" / f"epoch_{epoch}" / f"{name}.jpg")
-        metrics_log.add_pictures(pictures, global_step)
-
-    metrics_log.close()
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
-    utils.print_once(f"Training time {total}")
+        with utils.random_state_kept(run.device):  # a resumed run's next epoch draws what this one's would
+            metrics = evaluate_epoch(run, data, state, epoch, best)
+        if best.out_of_patience(args.patience):
+            stop_early(run, state, best)
+            break
+    run.writers.close()
+    utils.print_once(f"Training time {datetime.timedelta(seconds=int(time.time() - started))}")
     return metrics
+
+
+def average_weights(state: TrainingState, every: int):
+    """What runs after each optimizer step: the moving average's update every `every` steps (None without one)."""
+    if state.ema is None:
+        return None
+
+    def after_step(step: int) -> None:
+        if step % every == 0:
+            state.ema.update(state.model)
+
+    return after_step
+
+
+def main(args: argparse.Namespace) -> dict:
+    """The recipe: set up, read the data, build the model and its training state, resume, then evaluate only
+    or train."""
+    run = start_run(args)
+    checkpoint, resume = read_resume_checkpoint(args)
+    if checkpoint is not None and checkpoint.get("stopped_early") and not args.test_only:
+        return already_stopped(resume, checkpoint)
+    data = load_data(args, checkpoint)
+    num_classes = class_count(args, data, checkpoint, resume)
+    model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
+    state = create_training_state(run, getattr(model, "module", model), data, num_classes, checkpoint)
+    if checkpoint is not None:
+        restore(run, state, checkpoint, resume, data)
+    if args.test_only:
+        return evaluate_only(run, data, state)
+    return train(run, data, model, state)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one line on stderr and exit status 2, not a traceback (--debug shows
-    it)."""
+    it); a process of a distributed job that loses its peers says which in one line."""
     args = get_args_parser().parse_args(argv)
     try:
+        utils.check_versions()
         main(args)
     except UserError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch.distributed.DistError is one
+        explanation = utils.explain_lost_peer(e, args.dist_timeout)
+        if explanation is None or args.debug:
+            raise
+        print(f"error: {explanation}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Distributed set-up, logging of running averages, and the small helpers every module shares."""
+"""Distributed set-up and the small helpers every module shares."""
 
 from __future__ import annotations
 
@@ -6,17 +6,28 @@ import datetime
 import os
 import random
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from errors import UserError
 
-class UserError(Exception):
-    """A problem with the user's input: train.py prints its message as one line and exits non-zero."""
+# The oldest torch and torchvision this project has run on (the GPU machine's); speedups/ and models.py rely on
+# details of torchvision's detection code that older releases may lack.
+MIN_VERSIONS = {"torch": (2, 11), "torchvision": (0, 26)}
+
+
+def check_versions() -> None:
+    """One clear error when the installed torch or torchvision is older than the project has run on."""
+    for module in (torch, torchvision):
+        found = tuple(int(part) for part in module.__version__.split("+")[0].split(".")[:2])
+        needed = MIN_VERSIONS[module.__name__]
+        if found < needed:
+            raise UserError(f"{module.__name__} {module.__version__} is older than {'.'.join(map(str, needed))}, "
+                            f"the oldest this project runs on; install the versions in constraints.txt")
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -91,6 +102,40 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+# What the process groups' errors say when a peer is gone or silent (gloo and NCCL wordings).
+_LOST_PEER = ("timed out", "timeout", "connection reset", "connection closed", "pair closure", "broken pipe",
+              "connection refused", "watchdog")
+
+
+def silent_ranks(wait: float = 5.0) -> list[int] | None:
+    """After a collective failed: the ranks that do not answer a roll call in the job's key-value store within
+    `wait` seconds (every rank still running answers when its own collective fails). None when the store cannot
+    be reached (it lives in the launcher with torchrun, in rank 0's process with a bare env:// start)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"roll_call/{get_rank()}", "here")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(get_world_size()) if not store.check([f"roll_call/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, ValueError, AttributeError, dist.DistError):
+        return None
+
+
+def explain_lost_peer(error: BaseException, timeout: int) -> str | None:
+    """One line for a collective that failed because another process died or stopped answering, naming the
+    silent ranks where a roll call finds them; None for any other error."""
+    if get_world_size() == 1 or not any(word in str(error).lower() for word in _LOST_PEER):
+        return None
+    silent = silent_ranks()
+    who = (f"rank {', '.join(map(str, silent))} stopped answering" if silent else
+           "another process stopped answering or ended")
+    return (f"rank {get_rank()}: {who} (no reply within --dist-timeout {timeout} s, or its connection closed); "
+            f"the job stops. Once the cause is found, the same command with --resume auto continues")
+
+
 def print_once(*args, **kwargs) -> None:
     """print on rank 0 only, so that a job of N processes does not say everything N times."""
     if is_main_process():
@@ -103,26 +148,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def use_channels_last(flag: bool | None, device: torch.device) -> bool:
-    """The memory format of the convolutions: as --channels-last/--no-channels-last say, else channels-last on a
-    CPU (in our runs at 320-1333 px, 7-20% faster training steps and 12-23% faster evaluation; slower only at
-    toy sizes like 96 px) and the usual layout on GPUs, where it depends on the precision."""
-    return device.type == "cpu" if flag is None else flag
-
-
-def use_shape_buckets(flag: bool | None, device: torch.device) -> bool:
-    """Whether batches are padded to recurring shapes (shape_buckets.py): as --shape-buckets/--no-shape-buckets
-    say, else on GPUs, where a new shape costs cuDNN plans, and not on the CPU, where padding costs arithmetic."""
-    return device.type == "cuda" if flag is None else flag
-
-
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def amp_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The autocast type of --amp: as --amp-dtype names it, else float16 on GPUs (the seed's mixed precision,
-    with a gradient scaler) and bfloat16 on the CPU (where float16 convolutions are many times slower)."""
-    return AMP_DTYPES[name or ("float16" if device.type == "cuda" else "bfloat16")]
+def random_state_kept(device: torch.device):
+    """A block whose draws from torch's generators (CPU, and the device's) leave them as they were, so that
+    the training's random sequence does not depend on what runs between its steps (evaluation, validation)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def buffers_change_in_training(model: torch.nn.Module) -> bool:
@@ -135,95 +164,3 @@ def buffers_change_in_training(model: torch.nn.Module) -> bool:
 def collate_fn(batch: list) -> tuple:
     """Detection batches stay lists: images differ in size and targets in instance count."""
     return tuple(zip(*batch))
-
-
-# ---------------------------------------------------------------------------------------------- logging
-
-class SmoothedValue:
-    """A series' running average over a window and over the whole run."""
-
-    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})") -> None:
-        self.window: deque = deque(maxlen=window_size)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.window.append(value)
-        self.count += n
-        self.total += value * n
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.window)) if self.window else 0.0
-
-    @property
-    def avg(self) -> float:
-        return float(np.mean(self.window)) if self.window else 0.0
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / max(self.count, 1)
-
-    @property
-    def value(self) -> float:
-        return self.window[-1] if self.window else 0.0
-
-    def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
-
-
-class MetricLogger:
-    """Running averages of named values, printed every print_freq iterations with ETA and throughput."""
-
-    def __init__(self, delimiter: str = "  ") -> None:
-        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
-        self.delimiter = delimiter
-
-    def update(self, **values: float) -> None:
-        for name, value in values.items():
-            self.meters[name].update(float(value))
-
-    def add_meter(self, name: str, meter: SmoothedValue) -> None:
-        self.meters[name] = meter
-
-    def __str__(self) -> str:
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
-
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", images_per_step: int = 1,
-                  start: int = 0, total: int | None = None, on_log: Callable[[dict], None] | None = None,
-                  steps_after: int = 0) -> Iterator:
-        """Yield from iterable; every print_freq steps print progress, ETA, averages and images/s, and hand
-        on_log the step's own values (step counts from 1; start is where a resumed epoch picks up).
-
-        steps_after, the steps still to come in later epochs, adds an ETA of the whole run.
-        """
-        total = start + len(iterable) if total is None else total
-        step_time = SmoothedValue(fmt="{avg:.3f}")
-        data_time = SmoothedValue(fmt="{avg:.3f}")
-        width = len(str(total))
-        started = end = time.time()
-        i = start
-        for obj in iterable:
-            data_time.update(time.time() - end)
-            yield obj
-            step_time.update(time.time() - end)
-            i += 1
-            if i % print_freq == 0 or i == total:
-                eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i)))
-                rate = images_per_step / max(step_time.avg, 1e-9)
-                if steps_after:
-                    run_eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i + steps_after)))
-                    eta = f"{eta} (run {run_eta})"
-                parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", str(self),
-                         f"img/s: {rate:.1f}", f"time: {step_time}", f"data: {data_time}"]
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
-                print_once(self.delimiter.join(parts))
-                if on_log is not None:
-                    on_log({"step": i, "time": round(time.time(), 3), "images_per_s": round(rate, 3),
-                            "step_time": round(step_time.value, 4), "data_time": round(data_time.value, 4),
-                            **{name: meter.value for name, meter in self.meters.items()}})
-            end = time.time()
-        elapsed = datetime.timedelta(seconds=int(time.time() - started))
-        print_once(f"{header} total time: {elapsed} ({(time.time() - started) / max(i - start, 1):.3f} s / it)")

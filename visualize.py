@@ -2,29 +2,64 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from coco_utils import CategoryMap
 
 MIN_PICTURE_SIDE = 320
+# Label text height as a share of the picture's shorter side, within bounds that stay legible.
+FONT_SHARE, MIN_FONT, MAX_FONT = 0.035, 11, 28
+TRUTH_ALPHA, PREDICTION_ALPHA = 0.3, 0.45  # ground truth lighter, so the image shows through
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
 
 
+@cache
+def font_path() -> str | None:
+    """DejaVu Sans, which matplotlib ships, for labels that scale; None (torchvision's small bitmap font) when
+    matplotlib cannot find it."""
+    from matplotlib import font_manager
+
+    try:
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+    except ValueError:
+        return None
+
+
+def font_size(image: torch.Tensor) -> int:
+    return int(min(MAX_FONT, max(MIN_FONT, round(FONT_SHARE * min(image.shape[1:])))))
+
+
+def caption(image: torch.Tensor, text: str) -> torch.Tensor:
+    """The image with text written at its bottom left (box labels sit at the tops of boxes), light on dark."""
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.truetype(font_path(), font_size(image)) if font_path() else ImageFont.load_default()
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    origin = (4, picture.height - bottom - 4)
+    draw.rectangle((0, origin[1] - 2, right + 8, picture.height), fill=(0, 0, 0))
+    draw.text(origin, text, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+
+
 def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], masks: torch.Tensor | None,
-                   colors: list[tuple[int, int, int]], keypoints: torch.Tensor | None = None) -> torch.Tensor:
+                   colors: list[tuple[int, int, int]], keypoints: torch.Tensor | None = None,
+                   alpha: float = PREDICTION_ALPHA) -> torch.Tensor:
     """uint8 CHW image with the instances' masks filled in (probabilities (N, 1, H, W) are cut at 0.5) and
-    their boxes, labels and visible keypoints drawn over."""
+    their boxes, labels (in a font sized to the image) and visible keypoints drawn over."""
     if len(boxes) == 0:
         return image
     if masks is not None and len(masks):
         masks = masks[:, 0] > 0.5 if masks.dim() == 4 else masks.bool()
-        image = draw_segmentation_masks(image, masks, alpha=0.45, colors=colors)
-    image = draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2)
+        image = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
+    image = draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2, font=font_path(),
+                                font_size=font_size(image))
     if keypoints is not None and len(keypoints):
         image = draw_keypoints(image, keypoints[..., :2], visibility=keypoints[..., 2] > 0, colors="white",
                                radius=2)
@@ -33,8 +68,8 @@ def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], 
 
 def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: CategoryMap,
                  score_thresh: float = 0.5) -> torch.Tensor:
-    """Ground truth on the left, prediction (scores of at least score_thresh) on the right, one CHW image
-    (enlarged by a whole factor when the image is smaller than MIN_PICTURE_SIDE)."""
+    """Ground truth on the left, prediction (scores of at least score_thresh, written on it) on the right, one
+    CHW image (enlarged by a whole factor when the image is smaller than MIN_PICTURE_SIDE)."""
 
     def color(label: int) -> tuple[int, int, int]:
         return PALETTE[label % len(PALETTE)]
@@ -55,15 +90,15 @@ def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: 
 
     gt_labels = target["labels"].tolist()
     left = draw_instances(image, target["boxes"], [category_map.name(i) for i in gt_labels],
-                          target.get("masks"), [color(i) for i in gt_labels], target.get("keypoints"))
-    keep = output["scores"] >= score_thresh
+                          target.get("masks"), [color(i) for i in gt_labels], target.get("keypoints"), TRUTH_ALPHA)
+    keep = (output["scores"] >= score_thresh) & category_map.known(output["labels"])
     labels = output["labels"][keep].tolist()
     names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"][keep].tolist())]
     masks = output["masks"][keep] if "masks" in output else None
     points = output["keypoints"][keep] if "keypoints" in output else None
     right = draw_instances(image, output["boxes"][keep], names, masks, [color(i) for i in labels], points)
     gap = torch.full((3, image.shape[1], 8), 255, dtype=torch.uint8)
-    return torch.cat([left, gap, right], dim=2)
+    return torch.cat([caption(left, "ground truth"), gap, caption(right, f"score >= {score_thresh:.2f}")], dim=2)
 
 
 def save_jpeg(picture: torch.Tensor, path: Path) -> None:
@@ -71,9 +106,9 @@ def save_jpeg(picture: torch.Tensor, path: Path) -> None:
     Image.fromarray(picture.permute(1, 2, 0).numpy()).save(path, quality=90)
 
 
-def plot_curves(train: list[dict], evals: list[dict], out_path: Path) -> Path | None:
-    """curves.png from metrics.jsonl's training and evaluation records: losses and lr over steps, box and
-    mask AP over epochs."""
+def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[dict] = ()) -> Path | None:
+    """curves.png from metrics.jsonl's training, evaluation and validation-loss records: losses (training as
+    lines, validation as dots) and lr over steps, box and mask AP over epochs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -85,8 +120,11 @@ def plot_curves(train: list[dict], evals: list[dict], out_path: Path) -> Path | 
     loss_names = sorted(k for k in train[-1] if k.startswith("loss"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=80)
     for name in loss_names:
-        axes[0].plot(steps, [r.get(name) for r in train], label=name, linewidth=1)
-    axes[0].set(title="training losses", xlabel="step", yscale="log")
+        (line,) = axes[0].plot(steps, [r.get(name) for r in train], label=name, linewidth=1)
+        points = [(r["global_step"], r[name]) for r in val if r.get(name) is not None]
+        if points:
+            axes[0].plot(*zip(*points), "o--", color=line.get_color(), markersize=4, linewidth=0.8)
+    axes[0].set(title="losses (dots: validation)" if val else "training losses", xlabel="step", yscale="log")
     axes[0].legend(fontsize=7)
     axes[1].plot(steps, [r["lr"] for r in train], color="tab:purple")
     axes[1].set(title="learning rate", xlabel="step")

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-from common import emit, environment, use_implementation  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from common import emit, environment, use_implementation  # noqa: E402
 
 # Operators whose result size or value the host must read before it can go on: each waits for the device.
 HOST_SYNCS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.masked_select.default",
@@ -122,11 +123,12 @@ def torchvision_model(args) -> torch.nn.Module:
 def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], StepClock]
              ) -> tuple[StepClock, TimedLoader]:
     import presets
+    import speedups
     import utils
     from coco_utils import build_dataset
+    from devices import amp_dtype, grad_scaler
     from engine import TrainOptions, train_one_epoch
     from models import build_model
-    from shape_buckets import pad_to_shape_buckets
 
     dataset = build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip"))
     dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
@@ -139,22 +141,19 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     # The same starting weights as the reference's run: how many proposals the heads train on, and so the
     # cost of a step, depends on them.
     model.load_state_dict(torchvision_model(args).state_dict())
-    model.to(device)
-    args.channels_last = utils.use_channels_last(args.channels_last, device)  # the settings printed say which
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    args.shape_buckets = utils.use_shape_buckets(args.shape_buckets, device)
-    if args.shape_buckets:
-        pad_to_shape_buckets(model)
-    amp_dtype = utils.amp_dtype(args.amp_dtype, device) if args.amp else None
-    if amp_dtype is not None:
-        args.amp_dtype = str(amp_dtype).removeprefix("torch.")  # the settings printed say which
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    config = speedups.SpeedupConfig(not args.no_speedups, args.channels_last, args.shape_buckets)
+    model = speedups.for_training(model.to(device), device, config)
+    # The settings printed say which were used.
+    args.channels_last, args.shape_buckets = config.use_channels_last(device), config.use_shape_buckets(device)
+    precision = amp_dtype(args.amp_dtype, device) if args.amp else None
+    if precision is not None:
+        args.amp_dtype = str(precision).removeprefix("torch.")
+    scaler = grad_scaler(device, precision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     clock = make_clock(model)
     # Epoch 1 of 2, as the reference's loop is called: past the warm-up, and no run ETA below zero.
-    options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=amp_dtype)
+    options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=precision)
     train_one_epoch(model, optimizer, loader, device, epoch=1, options=options)
     return clock, loader
 
@@ -212,6 +211,7 @@ def main() -> None:
     parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"),
                         help="ours only, default as train.py's: float16 on GPUs, bfloat16 on the CPU; the "
                         "reference's --amp is float16 on GPUs and does nothing on the CPU")
+    parser.add_argument("--no-speedups", action="store_true", help="ours only: torchvision's plain model")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for CPUs")
     parser.add_argument("--shape-buckets", action=argparse.BooleanOptionalAction, default=None,

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+
 from common import ROOT, emit, environment, use_implementation  # noqa: E402
 
 RESULT = "PARITY "
@@ -28,22 +29,19 @@ RESULT = "PARITY "
 
 def stats_of_ours(args, device: torch.device) -> dict[str, list[float]]:
     import presets
+    import speedups
     import utils
     from coco_eval import CocoEvaluator, metric_names
     from coco_utils import build_dataset
     from engine import evaluate
-    from inference import inference_copy
     from models import build_from_checkpoint
-    from shape_buckets import pad_to_shape_buckets
 
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     val = build_dataset(args.data_path, "coco", "val", presets.DetectionPresetEval(), None)
     model = build_from_checkpoint(checkpoint, args.checkpoint, min_size=args.min_size, max_size=args.max_size)
-    if utils.use_shape_buckets(None, device):
-        pad_to_shape_buckets(model)
     loader = torch.utils.data.DataLoader(val, batch_size=1, num_workers=args.workers, collate_fn=utils.collate_fn)
     evaluator = CocoEvaluator(val.coco, val.category_map, ("bbox", "segm"), "auto")
-    model = inference_copy(model.to(device), utils.use_channels_last(None, device))
+    model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig())
     metrics = evaluate(model, loader, device, evaluator)
     return {iou_type: [metrics[iou_type][name] for name in metric_names(iou_type)] for iou_type in ("bbox", "segm")}
 

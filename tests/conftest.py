@@ -65,6 +65,14 @@ def keypoint_dataset(tmp_path_factory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("figures"), spec)
 
 
+def with_speedups(model: torch.nn.Module, channels_last: bool = False, shape_buckets: bool = False):
+    """model with the training speed-ups, as train.py applies them on the CPU (layout and buckets as asked)."""
+    import speedups
+
+    config = speedups.SpeedupConfig(True, channels_last, shape_buckets)
+    return speedups.for_training(model, torch.device("cpu"), config)
+
+
 # A short from-scratch run on tiny_dataset: 4 steps an epoch.
 TINY = ["--min-size", "64", "--max-size", "64", "--device", "cpu", "-j", "0", "--print-freq", "1", "-b", "2",
         "--weights-backbone", "none", "--lr", "0.01", "--clip-grad-norm", "10"]

@@ -1,9 +1,13 @@
 """train.py's entry point with a probe for the distributed tests: each rank records the image ids of its
-training batches in $PROBE_DIR/rank{R}.jsonl, and rank $PROBE_FAIL_RANK, if set, fails on its second step."""
+training batches in $PROBE_DIR/rank{R}.jsonl; on its second step, rank $PROBE_FAIL_RANK raises, rank
+$PROBE_KILL_RANK is killed (SIGKILL) and rank $PROBE_STOP_RANK stops (SIGSTOP), each after writing the time
+and its process id to $PROBE_DIR/rank{R}.gone."""
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -15,15 +19,24 @@ _to_device = engine.to_device
 _steps = 0
 
 
+def _leave(rank: int, sig: signal.Signals) -> None:
+    (Path(os.environ["PROBE_DIR"]) / f"rank{rank}.gone").write_text(f"{time.time()} {os.getpid()}")
+    os.kill(os.getpid(), sig)
+
+
 def _probed_to_device(images, targets, device):
     global _steps
     if targets:  # training batches; evaluation moves images alone
         _steps += 1
-        rank = int(os.environ.get("RANK", "0"))
+        rank = str(int(os.environ.get("RANK", "0")))
         with open(Path(os.environ["PROBE_DIR"]) / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps([t["image_id"] for t in targets]) + "\n")
-        if os.environ.get("PROBE_FAIL_RANK") == str(rank) and _steps == 2:
+        if _steps == 2 and os.environ.get("PROBE_FAIL_RANK") == rank:
             raise RuntimeError(f"probe: rank {rank} fails on purpose")
+        if _steps == 2 and os.environ.get("PROBE_KILL_RANK") == rank:
+            _leave(int(rank), signal.SIGKILL)
+        if _steps == 2 and os.environ.get("PROBE_STOP_RANK") == rank:
+            _leave(int(rank), signal.SIGSTOP)
     return _to_device(images, targets, device)
 
 

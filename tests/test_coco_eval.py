@@ -97,3 +97,30 @@ def test_binarized_masks_and_run_lengths_encode_like_probabilities(dataset):
     empty = {k: v[:0] for k, v in output.items()}
     assert to_coco_results(1, {**empty, "masks": run_lengths(empty["masks"])}, ds.category_map, ("segm",)) == {
         "segm": []}
+
+
+def test_labels_without_a_category_are_dropped_and_counted_once(dataset, capsys):
+    """A model with more classes than the dataset's categories (--num-classes 91 on a custom set): its extra
+    labels become no prediction, the count is said once, and the AP is that of the other detections."""
+    ds = build_dataset(dataset, "coco", "val", None)
+    outputs = _noisy_outputs(ds, seed=7)
+    stray_label = ds.category_map.num_classes + 3
+    with_strays = {}
+    for image_id, output in outputs.items():
+        extra = {"boxes": output["boxes"][:2] + 1, "labels": torch.full((min(2, len(output["labels"])),),
+                                                                         stray_label),
+                 "scores": torch.full((min(2, len(output["labels"])),), 0.99), "masks": output["masks"][:2]}
+        with_strays[image_id] = {k: torch.cat([output[k], extra[k]]) for k in output}
+    strays = sum(min(2, len(o["labels"])) for o in outputs.values())
+    results = {}
+    for name, given in (("clean", outputs), ("strays", with_strays)):
+        evaluator = CocoEvaluator(ds.coco, ds.category_map, backend="pycocotools")
+        evaluator.update(given)
+        results[name] = evaluator.summarize()
+        printed = capsys.readouterr().out
+        assert ("left out" in printed) == (name == "strays")
+    assert printed.count(f"{strays} detections") == 1 and f"label {stray_label}" in printed
+    assert results["strays"]["bbox"]["AP"] == results["clean"]["bbox"]["AP"]
+    assert results["strays"]["segm"]["AP"] == results["clean"]["segm"]["AP"]
+    records = to_coco_results(1, with_strays[ds.ids[0]], ds.category_map, ("bbox",))["bbox"]
+    assert len(records) == len(outputs[ds.ids[0]]["labels"])

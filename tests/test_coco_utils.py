@@ -1,14 +1,15 @@
 """Loading COCO-format folders: targets, category mapping and clear errors on bad files."""
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
-from coco_utils import CategoryMap, FaultLog, build_dataset, coco_category_names, load_coco
+from coco_utils import CategoryMap, SampleError, build_dataset, coco_category_names, instance_masks, load_coco
+from errors import UserError
 from presets import DetectionPresetEval
-from utils import UserError
 
 
 def test_training_masks_equal_ann_to_mask(dataset):
@@ -154,20 +155,6 @@ def test_bad_polygons_and_boxes_are_repaired(dataset):
     assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
 
 
-def test_fault_log_prints_once_and_enforces_the_share(capsys):
-    log = FaultLog(max_share=0.1)
-    log.start_epoch()
-    log.add(["a.jpg: image missing; sample skipped"], samples_in_epoch=20)
-    log.add(["a.jpg: image missing; sample skipped", "b.jpg annotation 3: polygon ... removed"], 20)
-    assert capsys.readouterr().out.count("a.jpg") == 1
-    assert (log.skipped, log.repaired) == (1, 1), "a sample met twice in an epoch counts once"
-    log.add(["c.jpg: image missing; sample skipped"], 20)
-    with pytest.raises(UserError, match="3 of 20 samples could not be read"):
-        log.add(["d.jpg: image missing; sample skipped"], 20)
-    log.start_epoch()
-    assert (log.skipped, log.repaired) == (0, 0)
-
-
 def test_augmentation_depends_on_seed_epoch_and_index_only(dataset):
     from presets import DetectionPresetTrain
 
@@ -178,3 +165,139 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(dataset):
     assert 0 < sum(flips) < 8
     ds.epoch = 1
     assert flips != [torch.equal(ds[i][0], ds.load_image(ds.ids[i])) for i in range(8)]
+
+
+def _edited_copy(dataset, tmp_path, split, edit):
+    """A copy of the dataset's annotation file, edited, beside the original images (linked, as a dataset root
+    made with ln -s is)."""
+    root = tmp_path / "edited"
+    shutil.copytree(dataset / "annotations", root / "annotations")
+    for folder in ("train2017", "val2017"):
+        (root / folder).symlink_to(dataset / folder)
+    path = root / "annotations" / f"instances_{split}2017.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return root
+
+
+def _recipe_keeps(anns):
+    """torchvision's recipe trains on an image when it has annotations (crowd regions count) and not all of
+    their boxes are without extent (a side of 1 pixel or less)."""
+    return bool(anns) and not all(a["bbox"][2] <= 1 or a["bbox"][3] <= 1 for a in anns)
+
+
+def _recipe_filter_of_the_reference(coco):
+    """The image ids torchvision's reference keeps, by its own code, where $TORCHVISION_REFERENCE names its
+    references/detection folder; None elsewhere."""
+    import importlib.util
+    import os
+    import types
+
+    folder = os.environ.get("TORCHVISION_REFERENCE")
+    if not folder:
+        return None
+    spec = importlib.util.spec_from_file_location("reference_coco_utils", f"{folder}/coco_utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fake = types.SimpleNamespace(ids=sorted(coco.imgs), coco=coco)
+    return [fake.ids[i] for i in module._coco_remove_images_without_annotations(fake).indices]
+
+
+def test_training_images_are_those_the_recipe_keeps(dataset, tmp_path):
+    chosen = {}
+
+    def edit(data):
+        by_image = {}
+        for ann in data["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        crowded = [i for i, anns in by_image.items() if any(a["iscrowd"] for a in anns)]
+        plain = [i for i in by_image if i not in crowded]
+        chosen.update(crowd_only=crowded[0], degenerate_only=plain[0], degenerate_and_crowd=crowded[1],
+                      empty=plain[1])
+        for ann in data["annotations"]:
+            if ann["image_id"] in (chosen["degenerate_only"], chosen["degenerate_and_crowd"]) and not ann["iscrowd"]:
+                ann["bbox"][3] = 0.5
+        data["annotations"] = [a for a in data["annotations"] if not (
+            (a["image_id"] == chosen["crowd_only"] and not a["iscrowd"]) or a["image_id"] == chosen["empty"])]
+
+    ds = build_dataset(_edited_copy(dataset, tmp_path, "train", edit), "coco", "train", None)
+    expected = [i for i in sorted(ds.coco.imgs) if _recipe_keeps(ds.coco.imgToAnns[i])]
+    assert ds.ids == expected
+    assert chosen["crowd_only"] in ds.ids and chosen["degenerate_and_crowd"] in ds.ids
+    assert chosen["empty"] not in ds.ids and chosen["degenerate_only"] not in ds.ids
+    _, target = ds[ds.ids.index(chosen["crowd_only"])]
+    assert target["image_id"] == chosen["crowd_only"] and len(target["boxes"]) == len(target["masks"]) == 0
+    reference = _recipe_filter_of_the_reference(ds.coco)
+    if reference is not None:
+        assert ds.ids == reference
+
+
+@pytest.mark.parametrize("file_name", ["../../x.jpg", "/etc/hostname", "a/../../x.jpg"])
+def test_image_paths_outside_the_image_folder_are_a_dataset_error(dataset, tmp_path, file_name):
+    def edit(data):
+        data["images"][0]["file_name"] = file_name
+
+    root = _edited_copy(dataset, tmp_path, "train", edit)
+    with pytest.raises(UserError, match=f"file_name '{re.escape(file_name)}' leaves the image folder"):
+        build_dataset(root, "coco", "train", None)
+
+
+def test_the_loader_itself_reads_nothing_outside_the_image_folder(dataset):
+    ds = build_dataset(dataset, "coco", "val", None)
+    ds.coco.imgs[ds.ids[0]] = {**ds.coco.imgs[ds.ids[0]], "file_name": "../train2017/" + "x.jpg"}
+    _, target = ds[0]
+    assert target["image_id"] == ds.ids[1]
+    assert "leaves the image folder; sample skipped" in target["faults"][0]
+
+
+def test_instances_without_an_outline_are_dropped_and_odd_polygons_repaired(dataset):
+    ds = build_dataset(dataset, "coco", "train", None)
+    image_id = ds.ids[0]
+    info = ds.coco.imgs[image_id]
+    anns = [a for a in ds.coco.imgToAnns[image_id] if not a["iscrowd"] and a["bbox"][3] > 1]
+    saved = [a["segmentation"] for a in anns]
+    polygon_mask = instance_masks([{**anns[1], "segmentation": saved[1][:1]}], info["height"], info["width"])[0]
+    anns[0]["segmentation"] = []
+    anns[1]["segmentation"] = [saved[1][0] + [3.0]]  # a stray coordinate
+    try:
+        _, target = ds[0]
+        _, boxes_only = build_dataset(dataset, "coco", "train", None, masks=False)[0]
+    finally:
+        anns[0]["segmentation"], anns[1]["segmentation"] = saved[0], saved[1]
+    faults = target["faults"]
+    assert any(f"annotation {anns[0]['id']}: no segmentation" in f and "instance dropped" in f for f in faults)
+    assert any(f"annotation {anns[1]['id']}: polygon with an odd number of coordinates" in f for f in faults)
+    assert len(target["boxes"]) == len(target["masks"]) == len(boxes_only["boxes"]) - 1, "a box-only model keeps it"
+    assert any(torch.equal(mask, polygon_mask) for mask in target["masks"]), "the polygon without its stray value"
+
+
+def _samples(ds) -> list:
+    return [ds[index] for index in range(len(ds))]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_compacted_datasets_give_the_same_samples(dataset, split):
+    plain = build_dataset(dataset, "coco", split, DetectionPresetEval())
+    compacted = build_dataset(dataset, "coco", split, DetectionPresetEval())
+    expected_categories = plain.image_categories()
+    compacted.compact(release_index=True)
+    assert compacted.coco is None, "the index is released for loader workers"
+    assert compacted.aspect_ratios() == plain.aspect_ratios()
+    assert compacted.image_categories() == expected_categories
+    assert [int(i) for i in compacted.ids] == plain.ids
+    for (image, target), (image_c, target_c) in zip(_samples(plain), _samples(compacted), strict=True):
+        assert torch.equal(image, image_c)
+        assert target.keys() == target_c.keys()
+        for key, value in target.items():
+            assert torch.equal(value, target_c[key]) if isinstance(value, torch.Tensor) else value == target_c[key]
+        assert type(target_c["image_id"]) is int
+
+
+def test_compacted_dataset_still_refuses_paths_outside_its_folder(dataset):
+    ds = build_dataset(dataset, "coco", "val", None)
+    first = ds.ids[0]
+    ds.coco.imgs[first]["file_name"] = "../" + ds.coco.imgs[first]["file_name"]  # past the start-of-run check
+    ds.compact()
+    with pytest.raises(SampleError, match="file_name"):
+        ds.image_path(first)

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from conftest import run_cli
+from dataset_check import missing_files
 from tools.check_dataset import main as check_main
 from tools.make_coco_dataset import DatasetSpec, generate_dataset
 
@@ -69,6 +70,12 @@ FAULTS = {
         a for a in d["annotations"] if a["image_id"] != d["images"][3]["id"]]),
         "WARNING image without annotations", "1 images have no annotations"),
     "unreadable json": (lambda root, d: d.clear(), "ERROR annotation file", "not a readable COCO"),
+    "image path outside the folder": (lambda root, d: d["images"][2].update(file_name="../../etc/x.jpg"),
+                                      "ERROR image path", "'../../etc/x.jpg' leaves the image folder"),
+    "no segmentation": (lambda root, d: _first_polygon_ann(d).update(segmentation=[]),
+                        "WARNING no segmentation", "instance without a segmentation"),
+    "odd polygon": (lambda root, d: _first_polygon_ann(d)["segmentation"][0].append(5.0),
+                    "WARNING odd polygon", "odd number of coordinates"),
 }
 
 
@@ -94,3 +101,13 @@ def test_training_stops_early_on_missing_images(clean, tmp_path):
     root = _plant(clean, tmp_path, FAULTS["missing image"][0])
     result = run_cli("train.py", "--data-path", str(root), "--device", "cpu", "--weights-backbone", "none")
     assert result.returncode == 2 and "train data: 1 of 10 images cannot be used" in result.stderr
+
+
+def test_missing_files_answer_as_is_file_does(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "sub/b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()
+    names = {"a.jpg", "sub/b.jpg", "./a.jpg", "sub/./b.jpg", "gone.jpg", "sub/gone.jpg", "none/c.jpg", "folder.jpg"}
+    assert missing_files(tmp_path, names) == {n for n in names if not (tmp_path / n).is_file()}
+    assert missing_files(tmp_path, names) == {"gone.jpg", "sub/gone.jpg", "none/c.jpg", "folder.jpg"}

@@ -1,14 +1,21 @@
 """Several processes on the CPU with gloo, launched as the README says: sharded data, one writer, evaluation
-merged over ranks exactly, and a failing rank that ends the whole job."""
+merged over ranks exactly, two launchers as two nodes, and the failure modes: a failing, a killed and a stopped
+rank each end the whole job."""
 
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import torch
 
-from conftest import ROOT, SMALL, cli_env
+from conftest import ROOT, SMALL, TINY, cli_env
 
 FLAGS = [*SMALL, "--epochs", "1", "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--dist-timeout", "60"]
 FROM_SCRATCH = ["--weights-backbone", "none"]  # batch norms that train, and buffers that DDP broadcasts
@@ -75,3 +82,75 @@ def test_a_failing_rank_ends_the_job(dataset, tmp_path):
                     *FLAGS, *FROM_SCRATCH, env={"PROBE_DIR": str(tmp_path), "PROBE_FAIL_RANK": "1"}, timeout=240)
     assert result.returncode != 0
     assert "rank 1 fails on purpose" in result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+SHORT = [*TINY, "--epochs", "1", "--vis-images", "0", "--no-tensorboard"]
+
+
+def test_two_launchers_train_together_as_two_nodes(tiny_dataset, tmp_path):
+    """torchrun --nnodes 2 on one machine, c10d rendezvous on the loopback: the stand-in for two machines."""
+    out = tmp_path / "out"
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+               "--local-addr=127.0.0.1", str(ROOT / "train.py"), "--data-path", str(tiny_dataset), "--output-dir",
+               str(out), *SHORT, "--dist-timeout", "120"]
+    launchers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                  env=cli_env(env=LOOPBACK)) for _ in range(2)]
+    outputs = [launcher.communicate(timeout=420)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "".join(outputs).count("Start training") == 1, "rank 0 alone prints"
+    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.pth", "model_0.pth", "model_best.pth"]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+
+def test_a_killed_worker_ends_the_job_well_within_the_timeout(tiny_dataset, tmp_path):
+    result = launch("tests/ddp_probe.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path / "out"),
+                    *SHORT, "--dist-timeout", "120", env={"PROBE_DIR": str(tmp_path), "PROBE_KILL_RANK": "1"},
+                    timeout=300)
+    ended = time.time()
+    killed = float((tmp_path / "rank1.gone").read_text().split()[0])
+    assert result.returncode != 0
+    assert ended - killed < 40, f"the job took {ended - killed:.0f} s to end after the kill"
+
+
+def test_a_stopped_worker_is_named_within_the_timeout(tiny_dataset, tmp_path):
+    """A worker that hangs (SIGSTOP): the other gives up after --dist-timeout and says which rank went silent."""
+    command = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env",
+               str(ROOT / "tests" / "ddp_probe.py"), "--data-path", str(tiny_dataset), "--output-dir",
+               str(tmp_path / "out"), *SHORT, "--dist-timeout", "20"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               env=cli_env(env={"PROBE_DIR": str(tmp_path), "PROBE_STOP_RANK": "1"}),
+                               start_new_session=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and reader.is_alive() and not any("stopped answering" in x for x in lines):
+            time.sleep(0.2)
+        named_at = time.time()
+    finally:
+        # The launcher's workers live in sessions of their own: the stopped one is ended by its process id
+        # rather than after the launcher's 30 s of grace.
+        gone = tmp_path / "rank1.gone"
+        if gone.exists():
+            os.kill(int(gone.read_text().split()[1]), signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+    stopped = float((tmp_path / "rank1.gone").read_text().split()[0])
+    (line,) = [line for line in lines if "stopped answering" in line]
+    assert line.startswith("error: rank 0: rank 1 stopped answering (no reply within --dist-timeout 20 s"), line
+    assert named_at - stopped < 20 + 15, f"named {named_at - stopped:.0f} s after the stop"

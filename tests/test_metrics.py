@@ -1,40 +1,78 @@
-"""metrics.jsonl: records appended, and cut back to a checkpoint's position on resume."""
+"""Records collected once and written by writers: metrics.jsonl appended and cut back to a checkpoint's
+position on resume, the console line, the one rule for which steps are logged."""
 
 import json
 
-from metrics import MetricsWriter
+from metrics import ConsoleWriter, JsonlWriter, LogSchedule, Record, StepMeters, Writers
 
 
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _train(epoch, step, **values):
+    return Record("train", epoch, epoch * 3 + step, values, step)
+
+
 def test_records_are_appended_with_nan_as_null(tmp_path):
-    writer = MetricsWriter(tmp_path)
-    writer.write({"type": "train", "epoch": 0, "step": 1, "loss": float("nan")})
-    writer.write({"type": "eval", "epoch": 0, "bbox": {"AP": 0.5}})
+    writer = JsonlWriter(tmp_path)
+    writer.write(_train(0, 1, loss=float("nan")))
+    writer.write(Record("eval", 0, 3, {"bbox": {"AP": 0.5}}))
     assert _records(tmp_path / "metrics.jsonl") == [
-        {"type": "train", "epoch": 0, "step": 1, "loss": None}, {"type": "eval", "epoch": 0, "bbox": {"AP": 0.5}}]
+        {"type": "train", "epoch": 0, "step": 1, "global_step": 1, "loss": None},
+        {"type": "eval", "epoch": 0, "global_step": 3, "bbox": {"AP": 0.5}}]
 
 
 def test_truncate_after_keeps_what_the_checkpoint_covers(tmp_path):
-    writer = MetricsWriter(tmp_path)
+    writer = JsonlWriter(tmp_path)
     for epoch in range(2):
         for step in (1, 2, 3):
-            writer.write({"type": "train", "epoch": epoch, "step": step})
-        writer.write({"type": "eval", "epoch": epoch})
+            writer.write(_train(epoch, step))
+        writer.write(Record("eval", epoch, 3 * epoch + 3, {}))
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"type": "train", "epo')  # a line cut short by a kill
-    writer.truncate_after(1, 2, global_step=5)
+    writer.truncate_after(1, 2)
     kept = [(r["type"], r["epoch"], r.get("step")) for r in _records(tmp_path / "metrics.jsonl")]
     assert kept == [("train", 0, 1), ("train", 0, 2), ("train", 0, 3), ("eval", 0, None),
                     ("train", 1, 1), ("train", 1, 2)]
-    writer.truncate_after(0, None, global_step=3)
+    writer.truncate_after(0, None)
     assert [r["epoch"] for r in _records(tmp_path / "metrics.jsonl")] == [0, 0, 0, 0]
 
 
-def test_disabled_writer_writes_nothing(tmp_path):
-    writer = MetricsWriter(tmp_path, enabled=False)
-    writer.write({"type": "train", "epoch": 0, "step": 1})
-    writer.truncate_after(0, None, global_step=3)
+def test_disabled_writer_writes_nothing(tmp_path, capsys):
+    writers = Writers(tmp_path, enabled=False)
+    writers.write(_train(0, 1))
+    writers.resume_after(0, None, global_step=3)
+    assert not (tmp_path / "metrics.jsonl").exists() and capsys.readouterr().out == ""
+    assert writers.records("train") == []
+
+
+def test_logged_steps_are_every_nth_and_the_last():
+    schedule = LogSchedule(every=4, total=10)
+    assert [s for s in range(1, 11) if schedule.is_logged(s)] == [4, 8, 10]
+
+
+def test_one_record_feeds_the_console_and_the_file(tmp_path, capsys):
+    meters = StepMeters("Epoch: [0]", 0, 10, images_per_step=4)
+    for _ in meters.timed(range(2)):
+        meters.update(lr=0.01, loss=2.0, loss_mask=0.5)
+        meters.step_done()
+    record = meters.record("train", 0, 2, 2, steps_after=10)
+    writers = Writers(tmp_path, tensorboard=False)
+    writers.write(record)
+    line = capsys.readouterr().out
+    assert line.startswith("Epoch: [0] [ 2/10]  eta: ") and "(run " in line
+    assert "lr: 0.010000  loss: 2.0000 (2.0000)  loss_mask: 0.5000 (0.5000)  img/s: " in line
+    (written,) = writers.records("train")
+    assert written["loss"] == 2.0 and written["lr"] == 0.01 and written["global_step"] == 2
+    assert {"time", "images_per_s", "step_time", "data_time"} <= set(written)
+
+
+def test_evaluation_progress_reaches_the_console_only(tmp_path, capsys):
+    writers = Writers(tmp_path, tensorboard=False)
+    meters = StepMeters("Test:", 0, 3, 1)
+    writers.write(meters.record("test", 0, 1, 1))
+    assert capsys.readouterr().out.startswith("Test: [1/3]")
     assert not (tmp_path / "metrics.jsonl").exists()
+    ConsoleWriter().write(Record("eval", 0, 1, {"bbox": {"AP": 0.1}}))
+    assert capsys.readouterr().out == ""

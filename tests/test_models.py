@@ -1,9 +1,13 @@
 """Model building and offline weight loading from the torch hub cache or a path."""
 
+import math
+
 import pytest
 import torch
 import torchvision
 
+from checkpoint import load_model_weights
+from errors import UserError
 from models import (
     MODELS,
     backbone_weights_class,
@@ -12,11 +16,9 @@ from models import (
     family,
     hub_cache_path,
     iou_types,
-    load_model_weights,
     model_options,
     resolve_weights,
 )
-from utils import UserError
 
 SMALL = {"min_size": 64, "max_size": 64}
 
@@ -97,9 +99,10 @@ def batches(dataset, keypoint_dataset):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
+    import speedups
     from coco_eval import CocoEvaluator
+    from conftest import with_speedups
     from engine import evaluate, to_device
-    from inference import inference_copy
 
     samples, val, category_map = batches["figures" if name.startswith("keypoint") else "shapes"]
     torch.manual_seed(0)
@@ -109,7 +112,7 @@ def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
     images, targets = to_device([s[0] for s in samples], [s[1] for s in samples], torch.device("cpu"))
     for target in targets:
         target.pop("faults")
-    model.to(memory_format=torch.channels_last).train()  # the CPU default of train.py
+    model = with_speedups(model, channels_last=True).train()  # as train.py prepares it on the CPU
     losses = model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values()), losses
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001)
@@ -120,7 +123,8 @@ def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
     loader = torch.utils.data.DataLoader(one, batch_size=1, collate_fn=lambda b: tuple(zip(*b)))
     loader.dataset.coco = val.coco  # the evaluator reads the ground truth of the images it saw
     evaluator = CocoEvaluator(val.coco, category_map, iou_types(name))
-    metrics = evaluate(inference_copy(model, channels_last=True), loader, torch.device("cpu"), evaluator)
+    eval_model = speedups.for_inference(model, torch.device("cpu"), speedups.SpeedupConfig(channels_last=True))
+    metrics = evaluate(eval_model, loader, torch.device("cpu"), evaluator)
     assert list(metrics) == list(iou_types(name))
     printed = capsys.readouterr().out
     for iou_type in iou_types(name):
@@ -185,3 +189,37 @@ def test_coco_weights_by_name_for_another_family(tmp_path, monkeypatch):
 def test_backbone_weights_of_another_kind_are_refused():
     with pytest.raises(UserError, match="IMAGENET1K_V1 does not fit the model, which takes VGG16_Weights"):
         build_model("ssd300_vgg16", 3, None, "ResNet50_Weights.IMAGENET1K_V1", None)
+
+
+def test_a_builder_that_reads_no_weights_through_the_reader_is_a_clear_error(torch_home, monkeypatch):
+    """Should a torchvision builder stop fetching backbone weights through WeightsEnum.get_state_dict, the file
+    the user named would be ignored without a word: the guard says so instead."""
+    import models
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    builder = torchvision.models.get_model
+
+    def fetching_another_way(name, **kwargs):
+        return builder(name, **{**kwargs, "weights_backbone": None})
+
+    monkeypatch.setattr(models.torchvision.models, "get_model", fetching_another_way)
+    with pytest.raises(UserError, match="did not read its backbone weights through WeightsEnum.get_state_dict, "
+                                        "so --weights-backbone ResNet50_Weights.IMAGENET1K_V1 would be ignored"):
+        build_model("maskrcnn_resnet50_fpn", 5, None, "ResNet50_Weights.IMAGENET1K_V1", None, **SMALL)
+
+
+def test_fresh_mask_logits_start_at_one_scale_whatever_the_class_count():
+    target = math.sqrt(2 / 91)  # torchvision's fan-out rule for COCO's 91 classes
+    for classes in (3, 5, 30):
+        torch.manual_seed(0)
+        model = build_model("maskrcnn_resnet50_fpn", classes, None, None, None, mask_init=True, **SMALL)
+        assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.std().item() == pytest.approx(target, rel=0.1)
+    torch.manual_seed(0)
+    plain = build_model("maskrcnn_resnet50_fpn", 5, None, None, None, **SMALL)
+    assert plain.roi_heads.mask_predictor.mask_fcn_logits.weight.std().item() == pytest.approx(
+        math.sqrt(2 / 5), rel=0.1), "torchvision's own, without mask_init"
+    models = []
+    for mask_init in (False, True):
+        torch.manual_seed(0)
+        models.append(build_model("maskrcnn_resnet50_fpn", 91, None, None, None, mask_init=mask_init, **SMALL))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))

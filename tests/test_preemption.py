@@ -8,7 +8,8 @@ import torch
 
 from conftest import TINY, read_metrics, run_cli, start_cli
 
-FLAGS = [*TINY, "--epochs", "2", "--use-deterministic-algorithms", "--seed", "7"]
+FLAGS = [*TINY, "--epochs", "2", "--use-deterministic-algorithms", "--seed", "7", "--vis-images", "0",
+         "--no-tensorboard"]
 
 
 def _train_records(output_dir):
@@ -27,28 +28,71 @@ def _stop_at(process, output_dir, epoch, step, sig):
     return output
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_resumed_run_matches_uninterrupted_run(tiny_dataset, tmp_path, sig):
-    straight = tmp_path / "straight"
-    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(straight), *FLAGS)
-    assert result.returncode == 0, result.stderr
-    expected = _train_records(straight)
+def test_a_stop_signal_saves_the_position_and_the_resumed_run_replays_the_rest(tiny_dataset, tmp_path, uninterrupted):
+    """Ctrl-C here; SIGTERM in the test below, which also compares the final weights."""
+    expected = uninterrupted["records"]
     assert len(expected) == 8
-
-    stopped = tmp_path / "stopped"
-    args = ["--data-path", str(tiny_dataset), "--output-dir", str(stopped), *FLAGS, "--resume", "auto"]
+    args = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *FLAGS, "--resume", "auto"]
     process = start_cli("train.py", *args)
-    output = _stop_at(process, stopped, epoch=0, step=2, sig=sig)
-    assert process.returncode == 128 + sig.value, output
-    assert f"Stopped by {sig.name} at epoch 0 step" in output
-    checkpoint = torch.load(stopped / "checkpoint.pth", weights_only=True)
+    output = _stop_at(process, tmp_path, epoch=0, step=2, sig=signal.SIGINT)
+    assert process.returncode == 128 + signal.SIGINT.value, output
+    assert "Stopped by SIGINT at epoch 0 step" in output
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 0 and 2 <= checkpoint["step"] < 4
-    assert not (stopped / "model_0.pth").exists(), "only complete epochs get a model_{epoch}.pth"
+    assert not (tmp_path / "model_0.pth").exists(), "only complete epochs get a model_{epoch}.pth"
 
     result = run_cli("train.py", *args)
     assert result.returncode == 0, result.stderr
-    assert f"Resumed from {stopped / 'checkpoint.pth'} (epoch 0 step {checkpoint['step']})" in result.stdout
-    resumed = _train_records(stopped)
+    assert f"Resumed from {tmp_path / 'checkpoint.pth'} (epoch 0 step {checkpoint['step']})" in result.stdout
+    resumed = _train_records(tmp_path)
     assert [r[:2] for r in resumed] == [r[:2] for r in expected], "each step logged once"
     assert [r[3] for r in resumed] == [r[3] for r in expected], "same learning rates"
     assert [r[2] for r in resumed] == pytest.approx([r[2] for r in expected], rel=1e-5), "same losses"
+
+
+def _final_weights(output_dir):
+    return torch.load(output_dir / "checkpoint.pth", weights_only=True)["model"]
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def _wait_for(process, output_dir, epoch, step):
+    """Until the run has logged (epoch, step); then SIGKILL it, as a lost machine would end it."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if any((r["epoch"], r["step"]) >= (epoch, step) for r in read_metrics(output_dir) if r["type"] == "train"):
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.communicate()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(out), *FLAGS)
+    assert result.returncode == 0, result.stderr
+    weights = _final_weights(out)
+    for path in out.glob("*.pth"):
+        path.unlink()
+    return {"weights": weights, "records": _train_records(out)}
+
+
+@pytest.mark.parametrize("how", ["SIGKILL after an epoch", "SIGTERM mid-epoch"])
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights_to_the_bit(tiny_dataset, tmp_path, uninterrupted,
+                                                                             how):
+    args = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *FLAGS, "--resume", "auto"]
+    process = start_cli("train.py", *args)
+    if how.startswith("SIGKILL"):
+        _wait_for(process, tmp_path, epoch=1, step=2)  # the last checkpoint is epoch 0's
+        assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] is None
+    else:
+        _stop_at(process, tmp_path, epoch=0, step=2, sig=signal.SIGTERM)
+        assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] is not None
+    result = run_cli("train.py", *args)
+    assert result.returncode == 0, result.stderr
+    difference = _largest_difference(uninterrupted["weights"], _final_weights(tmp_path))
+    print(f"{how}: largest difference of the final weights from the uninterrupted run's: {difference}")
+    assert difference == 0.0

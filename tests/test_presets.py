@@ -68,7 +68,7 @@ def test_own_policies_keep_targets_true(samples, policy, backend):
 
 
 @pytest.mark.parametrize("policy", presets.TRAIN_AUGMENTATIONS)
-@pytest.mark.parametrize("backend", presets.BACKENDS)
+@pytest.mark.parametrize("backend", presets.IMAGE_BACKENDS)
 def test_v2_policies_keep_targets_true(samples, policy, backend):
     preset = presets.DetectionPresetTrain(policy, backend=backend, use_v2=True)
     for index, (image, target) in enumerate(samples[:4]):

@@ -31,3 +31,27 @@ def test_curves_png(tmp_path):
     path = plot_curves(train, evals, tmp_path / "curves.png")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (1200, 320)
+
+
+def test_labels_without_a_category_are_not_drawn():
+    image = torch.full((3, 320, 320), 128, dtype=torch.uint8)
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    output = {"boxes": torch.tensor([[10.0, 10.0, 100.0, 100.0]]), "labels": torch.tensor([9]),
+              "scores": torch.tensor([0.99])}
+    cmap = CategoryMap.from_categories([{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}], "other")
+    picture = side_by_side(image, target, output, cmap)
+    assert torch.equal(picture[:, :280, 328:], image[:, :280]), "label 9 of a 3-class map is no category"
+
+
+def test_labels_in_a_font_sized_to_the_picture_and_the_threshold_written(tmp_path):
+    from visualize import font_path, font_size
+
+    assert font_path() and font_path().endswith(".ttf"), "matplotlib's DejaVu Sans"
+    assert font_size(torch.zeros(3, 320, 480)) == 11 and font_size(torch.zeros(3, 640, 800)) == 22
+    image = torch.full((3, 320, 320), 128, dtype=torch.uint8)
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    output = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    cmap = CategoryMap.from_categories([{"id": 3, "name": "square"}], "other")
+    low, high = (side_by_side(image, target, output, cmap, score_thresh=t) for t in (0.3, 0.7))
+    assert not torch.equal(low[:, 300:, 328:], high[:, 300:, 328:]), "the threshold is written on the picture"
+    assert torch.equal(low[:, :, :320], high[:, :, :320])

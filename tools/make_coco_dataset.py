@@ -159,8 +159,9 @@ def categories(spec: DatasetSpec) -> list[dict]:
              "shape": c["name"]} for c in CATEGORIES]
 
 
-def _make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_ids: list[int]
-                ) -> tuple[Image.Image, list[dict]]:
+def make_image(rng: np.random.Generator, spec: DatasetSpec, image_id: int, ann_ids: list[int]
+               ) -> tuple[Image.Image, list[dict]]:
+    """One generated image and its annotations (ids counted on from ann_ids[0], which it advances)."""
     width = int(rng.integers(spec.min_size, spec.max_size + 1))
     height = int(rng.integers(spec.min_size, spec.max_size + 1))
     image = _background(rng, width, height)
@@ -264,7 +265,7 @@ def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_im
     for index in range(count):
         rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1, index])
         image_id = first_image_id + index * 7  # gaps, like COCO's ids
-        image, anns = _make_image(rng, spec, image_id, ann_ids)
+        image, anns = make_image(rng, spec, image_id, ann_ids)
         if rng.random() < spec.gray_share:
             image = image.convert("L")
         file_name = f"{image_id:012d}.jpg"

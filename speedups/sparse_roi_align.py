@@ -1,10 +1,12 @@
 """RoIAlign on the CPU as one sparse matrix product over every pyramid level.
 
-torchvision's CPU roi_align adds each sample's gradient into the feature map one value at a time on one
-thread: in a CPU training step of Mask R-CNN that backward pass alone is about a fifth of the step. Each pooled
-value is a fixed weighted sum of at most 4 x sampling_ratio^2 feature values, so pooling every region is
-W @ F, with F the pyramid's pixels stacked one row per pixel and W a sparse matrix (one row per output bin)
-built with torchvision's sampling rule; the gradient is W^T @ G. Both products run on every core.
+What it changes: an R-CNN's region poolers (MultiScaleRoIAlign) become SparseMultiScaleRoIAlign, which on the
+CPU pools by a sparse product instead of torchvision's roi_align kernel, whose backward adds each sample's
+gradient into the feature map one value at a time on one thread. Each pooled value is a fixed weighted sum of at
+most 4 x sampling_ratio^2 feature values, so pooling every region is W @ F, with F the pyramid's pixels stacked
+one row per pixel and W a sparse matrix (one row per output bin) built with torchvision's sampling rule; the
+gradient is W^T @ G. Both products run on every core. On GPUs torchvision's own kernels run. It relies on
+MultiScaleRoIAlign's settings and level rule; `self_check` compares pooling and gradients with torchvision's.
 """
 
 from __future__ import annotations
@@ -166,6 +168,27 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
                                           self.output_size, self.sampling_ratio, self.canonical_scale,
                                           self.canonical_level)
         return pooled.to(first.dtype)
+
+
+def self_check() -> str | None:
+    """None when a small pooling and its gradient equal torchvision's MultiScaleRoIAlign's."""
+    generator = torch.Generator().manual_seed(0)
+    maps = {str(k): torch.rand((1, 3, 32 // 2**k, 48 // 2**k), generator=generator, requires_grad=True)
+            for k in range(3)}
+    corners = torch.rand((6, 2), generator=generator) * 40
+    boxes = [torch.cat([corners, corners + 2 + torch.rand((6, 2), generator=generator) * 60], 1)]
+    try:
+        plain = MultiScaleRoIAlign(list(maps), 4, 2, canonical_scale=16)
+        sparse = SparseMultiScaleRoIAlign(plain.featmap_names, plain.output_size, plain.sampling_ratio,
+                                          canonical_scale=plain.canonical_scale,
+                                          canonical_level=plain.canonical_level)
+        pooled = [pooler(maps, boxes, [(128, 192)]) for pooler in (plain, sparse)]
+        grads = [torch.autograd.grad(p.square().sum(), list(maps.values())) for p in pooled]
+    except (AttributeError, TypeError, RuntimeError, ValueError) as e:
+        return f"torchvision's MultiScaleRoIAlign changed ({type(e).__name__}: {e})"
+    if not torch.allclose(*pooled, atol=1e-5) or not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads)):
+        return "pooling differs from torchvision's MultiScaleRoIAlign"
+    return None
 
 
 def use_sparse_roi_align(model: torch.nn.Module) -> torch.nn.Module:

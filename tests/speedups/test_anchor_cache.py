@@ -5,8 +5,9 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from anchor_cache import CACHE_SIZE, CachedAnchorGenerator, cache_anchors
+from conftest import with_speedups
 from models import build_model
+from speedups.anchor_cache import CACHE_SIZE, CachedAnchorGenerator, cache_anchors
 
 
 def pyramid(height: int, width: int, dtype=torch.float32):
@@ -55,6 +56,6 @@ def test_inference_mode_anchors_stay_out_of_training():
 
 @pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
 def test_builders_get_the_cache(name):
-    model = build_model(name, 3, None, None, None)
+    model = with_speedups(build_model(name, 3, None, None, None))
     assert any(isinstance(m, CachedAnchorGenerator) for m in model.modules())
     assert not any(type(m) is AnchorGenerator for m in model.modules())

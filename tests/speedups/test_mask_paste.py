@@ -3,8 +3,9 @@
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from mask_paste import DevicePasteTransform, paste_masks
+from conftest import with_speedups
 from models import build_model
+from speedups.mask_paste import DevicePasteTransform, paste_masks
 
 
 def random_detections(generator: torch.Generator, count: int, height: int, width: int):
@@ -33,7 +34,7 @@ def test_paste_matches_torchvision():
 def test_paste_in_chunks_equals_one_chunk(monkeypatch):
     masks, boxes = random_detections(torch.Generator().manual_seed(1), 10, 50, 60)
     whole = paste_masks(masks, boxes, (50, 60))
-    monkeypatch.setattr("mask_paste._ELEMENTS_PER_CHUNK", 3 * 50 * 60)
+    monkeypatch.setattr("speedups.mask_paste._ELEMENTS_PER_CHUNK", 3 * 50 * 60)
     assert torch.equal(paste_masks(masks, boxes, (50, 60)), whole)
 
 
@@ -43,8 +44,8 @@ def test_no_detections():
 
 def test_model_predictions_equal_torchvision_paste():
     torch.manual_seed(0)
-    model = build_model("maskrcnn_resnet50_fpn", 5, None, None, None, min_size=64, max_size=64,
-                        box_score_thresh=0.0).eval()
+    model = with_speedups(build_model("maskrcnn_resnet50_fpn", 5, None, None, None, min_size=64, max_size=64,
+                        box_score_thresh=0.0)).eval()
     assert isinstance(model.transform, DevicePasteTransform)
     images = [torch.rand(3, 70, 90), torch.rand(3, 50, 40)]
     with torch.inference_mode():

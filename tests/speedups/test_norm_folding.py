@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from conftest import with_speedups
 from models import MODELS, build_model
-from norm_folding import (
+from speedups.norm_folding import (
     FoldedFrozenBatchNorm2d,
     FrozenNormConv2d,
     fold_batch_norms,
@@ -86,7 +87,8 @@ def pretrained_layout_pair(name: str) -> tuple[nn.Module, nn.Module]:
     """A pretrained-layout model as built (frozen norms folded for training) with random statistics, and a
     copy with the plain convolution-then-norm modules of torchvision, both in training mode."""
     torch.manual_seed(0)
-    folded = with_random_statistics(build_model(name, 5, None, None, None, pretrained_layout=True)).train()
+    folded = with_random_statistics(with_speedups(build_model(name, 5, None, None, None, pretrained_layout=True)))
+    folded.train()
     return folded, unfold_frozen_norms(copy.deepcopy(folded))
 
 
@@ -113,7 +115,7 @@ def test_training_fold_gives_the_same_features_and_gradients(name, pairs):
 
 def test_training_fold_keeps_parameters_buffers_and_state_dict_keys():
     torch.manual_seed(0)
-    model = build_model("maskrcnn_resnet50_fpn", 5, None, None, None, pretrained_layout=True)
+    model = with_speedups(build_model("maskrcnn_resnet50_fpn", 5, None, None, None, pretrained_layout=True))
     parameters = list(model.parameters())
     state = model.state_dict()
     unfold_frozen_norms(model)
@@ -171,7 +173,7 @@ def test_evaluation_fold_of_a_training_folded_model():
 def test_every_frozen_norm_of_every_builder_is_folded():
     folded = {}
     for name in MODELS:
-        model = build_model(name, 5, None, None, None, pretrained_layout=True)
+        model = with_speedups(build_model(name, 5, None, None, None, pretrained_layout=True))
         assert not any(type(m) is FrozenBatchNorm2d for m in model.modules()), name
         folded[name] = sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in model.modules())
     assert folded["maskrcnn_resnet50_fpn"] == folded["retinanet_resnet50_fpn"] == folded["fcos_resnet50_fpn"] == 53

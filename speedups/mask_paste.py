@@ -1,17 +1,19 @@
 """Paste the model's small per-detection masks into full-size images in a few batched steps on the device.
 
-torchvision pastes one detection at a time, and reads each box back to the host to size its resize: with 100
-detections per image that is hundreds of small kernels and host syncs per image, most of a GPU evaluation.
-Bilinear resizing is separable, so each detection's resized-and-placed mask is Wy @ mask @ Wx^T with two
-sparse weight matrices built from the same integer box and sampling rule that torchvision uses; one batched
-matrix product does every detection of a chunk at once, and the numbers agree with torchvision's to float
-rounding.
+What it changes: at inference, the model's transform pastes masks with `paste_masks` instead of torchvision's
+paste_masks_in_image, which pastes one detection at a time and reads each box back to the host to size its
+resize (with 100 detections per image, hundreds of small kernels and host syncs per image). Bilinear resizing is
+separable, so each detection's resized-and-placed mask is Wy @ mask @ Wx^T with two sparse weight matrices built
+from the same integer box and sampling rule that torchvision uses; one batched matrix product does every
+detection of a chunk at once, and the numbers agree with torchvision's to float rounding. It relies on
+GeneralizedRCNNTransform's settings and postprocess, and on torchvision's expand_boxes and expand_masks;
+`self_check` compares a paste with torchvision's.
 """
 
 from __future__ import annotations
 
 import torch
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 # Detections pasted per matrix product: bounds the (chunk, H, W) float buffer to ~256 MB at 800x1333.
@@ -69,6 +71,27 @@ class DevicePasteTransform(GeneralizedRCNNTransform):
             if masks is not None:
                 prediction["masks"] = paste_masks(masks, prediction["boxes"], size)
         return result
+
+
+_TRANSFORM_SETTINGS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size",
+                       "_skip_resize")
+
+
+def self_check() -> str | None:
+    """None when the transform has the settings copied over and a small paste equals torchvision's."""
+    transform = GeneralizedRCNNTransform(64, 64, [0.5] * 3, [0.2] * 3)
+    missing = [name for name in _TRANSFORM_SETTINGS if not hasattr(transform, name)]
+    if missing:
+        return f"torchvision's GeneralizedRCNNTransform has no {missing[0]}"
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand((5, 1, 28, 28), generator=generator)
+    corners = torch.rand((5, 2), generator=generator) * 30
+    boxes = torch.cat([corners, corners + 1 + torch.rand((5, 2), generator=generator) * 30], 1)
+    try:
+        difference = (paste_masks(masks, boxes, (50, 60)) - paste_masks_in_image(masks, boxes, (50, 60))).abs()
+    except (TypeError, RuntimeError, ValueError) as e:
+        return f"torchvision's mask pasting changed ({type(e).__name__}: {e})"
+    return None if difference.max() < 1e-4 else "pasted masks differ from torchvision's paste_masks_in_image"
 
 
 def use_device_paste(model: torch.nn.Module) -> torch.nn.Module:

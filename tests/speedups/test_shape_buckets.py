@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import MODELS, build_model
-from shape_buckets import RegionPadding, bucket_length, pad_to_shape_buckets
+from speedups.shape_buckets import RegionPadding, bucket_length, pad_to_shape_buckets
 
 
 def test_ladder_of_the_800_1333_recipe():

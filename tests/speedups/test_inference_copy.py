@@ -4,9 +4,12 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from inference import inference_copy
+import speedups
+from conftest import with_speedups
 from models import build_model
-from norm_folding import FrozenNormConv2d
+from speedups.norm_folding import FrozenNormConv2d
+
+CPU = torch.device("cpu")
 
 
 def norms(module: nn.Module) -> list[nn.Module]:
@@ -19,7 +22,7 @@ def test_copy_for_inference_leaves_the_training_model_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = [p.requires_grad for p in model.parameters()]
 
-    copy = inference_copy(model, channels_last=True)
+    copy = speedups.for_inference(model, CPU, speedups.SpeedupConfig(channels_last=True))
 
     assert model.training and len(norms(model)) == 53
     assert [p.requires_grad for p in model.parameters()] == trainable
@@ -28,12 +31,19 @@ def test_copy_for_inference_leaves_the_training_model_alone():
     assert not any(p.requires_grad for p in copy.parameters())
     assert copy.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not speedups.applied(model) and "batch norms folded for inference" in speedups.applied(copy)
 
 
 def test_copy_for_inference_keeps_the_training_models_folded_frozen_norms():
-    model = build_model("maskrcnn_resnet50_fpn", 5, None, None, None, pretrained_layout=True)
-    copy = inference_copy(model, channels_last=False)
+    model = with_speedups(build_model("maskrcnn_resnet50_fpn", 5, None, None, None, pretrained_layout=True))
+    copy = speedups.for_inference(model, CPU, speedups.SpeedupConfig(channels_last=False))
     assert sum(isinstance(m, FrozenNormConv2d) for m in model.modules()) == 53
     assert model.backbone.body.conv1.frozen_norm is model.backbone.body.bn1
     assert not norms(copy.backbone)
     assert not any(isinstance(m, FrozenNormConv2d) for m in copy.modules())
+
+
+def test_without_speedups_the_model_itself_runs():
+    model = build_model("maskrcnn_resnet50_fpn", 5, None, None, None).train()
+    assert speedups.for_inference(model, CPU, speedups.PLAIN) is model and not model.training
+    assert speedups.for_training(model, CPU, speedups.PLAIN) is model and not speedups.applied(model)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
+from conftest import with_speedups
 from models import build_model
-from sparse_roi_align import SparseMultiScaleRoIAlign, _axis_samples, use_sparse_roi_align
+from speedups.sparse_roi_align import SparseMultiScaleRoIAlign, _axis_samples, use_sparse_roi_align
 
 IMAGE_SHAPES = [(128, 192), (120, 170)]
 
@@ -111,7 +112,7 @@ def test_half_precision_maps_pool_in_float32_as_torchvision_does_under_autocast(
 
 @pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
 def test_models_pool_sparsely_with_their_own_settings(name):
-    model = build_model(name, 2, None, None, None, min_size=64, max_size=64)
+    model = with_speedups(build_model(name, 2, None, None, None, min_size=64, max_size=64))
     poolers = [getattr(model.roi_heads, n) for n in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool")
                if getattr(model.roi_heads, n, None) is not None]
     assert len(poolers) == 2 and all(type(p) is SparseMultiScaleRoIAlign for p in poolers)
@@ -128,7 +129,8 @@ def test_models_pool_sparsely_with_their_own_settings(name):
 def test_training_losses_equal_torchvision_pooling():
     """One Mask R-CNN training step's losses with the sparse poolers and with torchvision's."""
     torch.manual_seed(0)
-    model = build_model("maskrcnn_resnet50_fpn", 3, None, None, None, min_size=96, max_size=96).train()
+    model = build_model("maskrcnn_resnet50_fpn", 3, None, None, None, min_size=96, max_size=96)
+    model = with_speedups(model).train()
     images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
                 "masks": torch.zeros((1, 90, 120), dtype=torch.uint8)},

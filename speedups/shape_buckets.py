@@ -1,19 +1,17 @@
 """Pad training batches and region batches to a few sizes, so that the convolutions see shapes they have seen.
 
-cuDNN builds an execution plan for every new input shape of a convolution and keeps it for the next time. On
-an H200 that took 1-5 ms of host time per convolution, where running one took well under 0.2 ms: a Mask
-R-CNN training step at batch 4 whose batch shape was new spent about 300 ms in those convolutions, for ~40 ms
-of GPU work (bench/bench_train.py --profile). Images of assorted sizes give almost every training batch a new shape (the
-model pads each batch only to a multiple of 32), and the mask head sees a new number of regions every step.
-Here each side of a training batch is padded further, to the next rung of a ladder of sizes (min_size x
-1.125^k, rounded up to 32), and the regions given to a mask or keypoint head to a multiple of 32, so a few
-dozen shapes recur. Each region is computed on its own, so the region padding changes numbers by float
-rounding at most (cuDNN may pick other kernels for another batch size), and it stays on in evaluation; a head
-with batch norm, whose training statistics would count the empty regions, is padded in evaluation only. The
-image padding changes features near the right and bottom edges, as any padding does, and adds up to one rung
-(12.5%) of pixels per side, so evaluation keeps the model's own padding (at batch 1, one image's own shape: few
-distinct ones, and torchvision's numbers). GPUs only by default: a CPU step is all arithmetic, and the padding
-made it 3-6% slower (320-512 px, batch 2, bench_train.py, two runs each way).
+What it changes: cuDNN builds an execution plan for every new input shape of a convolution, which costs far more
+host time than running it. Images of assorted sizes give almost every training batch a new shape (the model pads
+each batch only to a multiple of 32), and the mask head sees a new number of regions every step. Here each side
+of a training batch is padded further, to the next rung of a ladder of sizes (min_size x 1.125^k, rounded up to
+32), and the regions given to a mask or keypoint head to a multiple of 32, so a few dozen shapes recur. Each
+region is computed on its own, so the region padding changes numbers by float rounding at most (cuDNN may pick
+other kernels for another batch size), and it stays on in evaluation; a head with batch norm, whose training
+statistics would count the empty regions, is padded in evaluation only. The image padding changes features near
+the right and bottom edges, as any padding does, and adds up to one rung (12.5%) of pixels per side, so
+evaluation keeps the model's own padding. GPUs only by default: on a CPU the padding is only extra arithmetic.
+It relies on the transform's forward giving (ImageList, targets) and on the heads' module names; `self_check`
+verifies the first on a small transform.
 """
 
 from __future__ import annotations
@@ -89,6 +87,21 @@ class RegionPadding:
 
     def cut(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         return output[:self.regions]
+
+
+def self_check() -> str | None:
+    """None when torchvision's transform gives (ImageList, targets) with the settings the ladder reads."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    transform = GeneralizedRCNNTransform(64, 96, [0.5] * 3, [0.2] * 3)
+    try:
+        images, targets = transform([torch.zeros(3, 40, 50)])
+        settings = (transform.min_size, transform.max_size, transform.fixed_size)
+    except (AttributeError, TypeError, ValueError) as e:
+        return f"torchvision's GeneralizedRCNNTransform changed ({type(e).__name__}: {e})"
+    if not isinstance(images, ImageList) or targets is not None or not isinstance(settings[0], (tuple, list)):
+        return "torchvision's GeneralizedRCNNTransform no longer gives (ImageList, targets)"
+    return None
 
 
 def pad_to_shape_buckets(model: nn.Module) -> nn.Module:

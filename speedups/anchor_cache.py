@@ -1,11 +1,10 @@
 """Anchors built once per batch shape and kept, rather than built again at every forward.
 
-torchvision's AnchorGenerator builds the anchors of every pyramid level at each call (a Mask R-CNN training
-step at batch 4 dispatched 2026 operators with it and 1953 with this cache, counted by bench_train.py
---count-ops), though they depend only on the batch's padded size, the feature maps' sizes, their type and
-device. Where shapes recur (every step, with shape_buckets.py's padding)
-the same few anchor sets come back: here the most recent ones are kept, and every image of a batch gets the
-same tensor, as it gets equal ones from torchvision.
+What it changes: torchvision's AnchorGenerator builds the anchors of every pyramid level at each call, though
+they depend only on the batch's padded size, the feature maps' sizes, their type and device. Where shapes recur
+(every step, with shape_buckets.py's padding) the same few anchor sets come back: the most recent ones are kept
+per generator, and every image of a batch gets the same tensor, as it gets equal ones from torchvision. It relies
+on AnchorGenerator.forward(image_list, feature_maps) giving one equal tensor per image; `self_check` verifies it.
 """
 
 from __future__ import annotations
@@ -39,6 +38,22 @@ class CachedAnchorGenerator(AnchorGenerator):
         else:
             cache.move_to_end(key)
         return [anchors] * len(image_list.image_sizes)
+
+
+def self_check() -> str | None:
+    """None when a cached generator gives torchvision's anchors for a small batch, twice."""
+    sizes, ratios = ((16,), (32,)), ((0.5, 1.0, 2.0),) * 2
+    images = ImageList(torch.zeros(2, 3, 64, 96), [(64, 90), (50, 96)])
+    features = [torch.zeros(2, 4, 16, 24), torch.zeros(2, 4, 8, 12)]
+    try:
+        expected = AnchorGenerator(sizes, ratios)(images, features)
+        cached = cache_anchors(nn.Sequential(AnchorGenerator(sizes, ratios)))[0]
+        for got in (cached(images, features), cached(images, features)):
+            if len(got) != len(expected) or any(not torch.equal(a, b) for a, b in zip(got, expected)):
+                return "torchvision's AnchorGenerator no longer gives one equal set of anchors per image"
+    except (AttributeError, TypeError, RuntimeError, ValueError) as e:
+        return f"torchvision's AnchorGenerator changed ({type(e).__name__}: {e})"
+    return None
 
 
 def cache_anchors(model: nn.Module) -> nn.Module:

@@ -1,0 +1,174 @@
+"""COCO annotation files: read and checked for structure, and what is wrong in their content, as findings."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from errors import UserError
+
+
+@contextlib.contextmanager
+def collection_paused():
+    """The cyclic garbage collector off for a block that makes millions of objects and no cycles (parsing a
+    COCO file, indexing it): its passes over the growing heap took half of a COCO-sized parse."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def read_annotation_file(ann_file: Path) -> dict:
+    """The JSON content of a COCO instances file, checked to hold 'images', 'annotations' and 'categories'."""
+    try:
+        with collection_paused():
+            data = json.loads(Path(ann_file).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"annotation file {ann_file} is not readable JSON ({e}); re-export or re-download it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"annotation file {ann_file} holds no COCO object; it must be a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"annotation file {ann_file} has no '{key}' list; a COCO instances file needs "
+                            f"'images', 'annotations' and 'categories'")
+    return data
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem in a dataset: an error breaks a run, a warning is something the loader repairs or skips."""
+
+    level: str
+    kind: str
+    message: str
+
+
+def _duplicates(values: list) -> list:
+    seen, repeated = set(), []
+    for v in values:
+        if v in seen:
+            repeated.append(v)
+        seen.add(v)
+    return repeated
+
+
+def image_path_problem(file_name) -> str | None:
+    """Why an image's file_name cannot be read from inside its split's image folder, or None. Checked on the
+    name alone, so that folders reached through symbolic links (a dataset root linked in) keep working."""
+    if not isinstance(file_name, str) or not file_name:
+        return "is not a file name"
+    if os.path.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == os.pardir:
+        return "leaves the image folder"
+    return None
+
+
+def _id_errors(data: dict) -> list[Finding]:
+    """Ids used twice, and images whose file lies outside the image folder."""
+    errors = []
+    for key in ("images", "annotations", "categories"):
+        repeated = _duplicates([item.get("id") for item in data[key]])
+        if repeated:
+            errors.append(Finding("error", f"duplicate {key[:-1]} id",
+                                  f"{len(repeated)} {key} reuse an id (first: {repeated[0]})"))
+    for image in data["images"]:
+        problem = image_path_problem(image.get("file_name"))
+        if problem:
+            errors.append(Finding("error", "image path", f"image {image.get('id')}: file_name "
+                                  f"{image.get('file_name')!r} {problem}; file names are relative to the split's "
+                                  f"image folder"))
+    return errors
+
+
+def annotation_findings(data: dict) -> list[Finding]:
+    """What is wrong in a COCO instances file's content, errors first (no image file is opened)."""
+    errors, warnings = _id_errors(data), []
+    images = {img["id"]: img for img in data["images"]}
+    category_ids = {cat["id"] for cat in data["categories"]}
+    annotated = set()
+    # A COCO-sized file has 860k instances: this loop is most of the check, so each one costs a few lookups
+    # and the messages (their "where") are made only for the instances that have something to say.
+    for ann in data["annotations"]:
+        image = images.get(ann.get("image_id"))
+        if image is None:
+            errors.append(Finding("error", "unknown image id", f"annotation {ann.get('id')} points at image id "
+                                  f"{ann.get('image_id')}, which is not in 'images'"))
+        elif ann.get("category_id") not in category_ids:
+            errors.append(Finding("error", "unknown category id", f"annotation {ann.get('id')} has category id "
+                                  f"{ann.get('category_id')}, which is not in 'categories'"))
+        else:
+            annotated.add(image["id"])
+            found = _box_warnings(ann, image)
+            found += _segmentation_warnings(ann, image)
+            if found:
+                warnings += found
+    empty = [img for img in data["images"] if img["id"] not in annotated]
+    if empty:
+        warnings.append(Finding("warning", "image without annotations",
+                                f"{len(empty)} images have no annotations (first: {empty[0].get('file_name')}); "
+                                f"training leaves them out"))
+    return errors + warnings
+
+
+def _where(ann: dict, image: dict) -> str:
+    return f"{image.get('file_name')} annotation {ann.get('id')}"
+
+
+def _four_finite(bbox) -> bool:
+    """Whether a box is 4 finite numbers (bools count, as isinstance says), without a loop per value."""
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return False
+    x, y, w, h = bbox
+    try:
+        return math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)
+    except (TypeError, OverflowError):  # a string, null or list; an integer too large for a float
+        return False
+
+
+def _box_warnings(ann: dict, image: dict) -> list[Finding]:
+    bbox = ann.get("bbox", [])
+    if not _four_finite(bbox):
+        return [Finding("warning", "box not finite", f"{_where(ann, image)}: box {bbox} is not 4 finite numbers")]
+    x, y, w, h = bbox
+    if w <= 1 or h <= 1:
+        return [Finding("warning", "empty box", f"{_where(ann, image)}: box {bbox} has no extent")]
+    if x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
+        return [Finding("warning", "box outside image", f"{_where(ann, image)}: box {bbox} leaves the "
+                        f"{image['width']}x{image['height']} image")]
+    return []
+
+
+def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
+    """Crowd regions not in COCO's RLE form; instances with no outline, or polygons the loader repairs."""
+    segmentation = ann.get("segmentation")
+    if ann.get("iscrowd"):
+        if not (isinstance(segmentation, dict) and "counts" in segmentation and
+                list(segmentation.get("size", [])) == [image["height"], image["width"]]):
+            return [Finding("warning", "crowd format", f"{_where(ann, image)}: crowd region is not RLE of the "
+                            f"image's size; COCO crowd regions are RLE {{'counts', 'size': [h, w]}}")]
+        return []
+    if not segmentation:
+        return [Finding("warning", "no segmentation", f"{_where(ann, image)}: instance without a segmentation; "
+                        f"models that learn masks leave it out")]
+    if not isinstance(segmentation, list):
+        return []
+    odd = short = False
+    for polygon in segmentation:
+        length = len(polygon)
+        odd = odd or length % 2 == 1
+        short = short or length - length % 2 < 6
+    found = []
+    if odd:
+        found.append(Finding("warning", "odd polygon", f"{_where(ann, image)}: polygon with an odd number of "
+                             f"coordinates; its last coordinate is dropped"))
+    if short:
+        found.append(Finding("warning", "polygon under 3 points", f"{_where(ann, image)}: polygon with fewer "
+                             f"than 3 points"))
+    return found

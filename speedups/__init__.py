@@ -1,0 +1,134 @@
+"""Every change this project makes to how torchvision's detection models run, behind two entry points.
+
+`for_training(model, device, config)` prepares the model that trains (in place); `for_inference(model, device,
+config)` gives the model that evaluation, prediction and export run. Each speed-up keeps the numbers of
+torchvision's plain model to float rounding (the tests compare both ways), keeps the state-dict keys, and is
+applied in the fixed order of TRAINING below. Before one is applied, it runs a small self-check against the
+installed torchvision's own code; when torchvision has changed what the speed-up relies on, that speed-up is
+left off with one printed line and torchvision's behaviour stays. `--no-speedups` (config.enabled False) gives
+torchvision's plain model: none of them, channels-last and shape buckets included. Measured effects are in
+docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
+
+from errors import UserError
+from utils import print_once
+
+from . import anchor_cache, channels_last, mask_paste, norm_folding, shape_buckets, sparse_roi_align
+
+
+@dataclass(frozen=True)
+class SpeedupConfig:
+    """What the command line asked for: all speed-ups or none, and the two whose default depends on the device
+    (None: by device)."""
+
+    enabled: bool = True
+    channels_last: bool | None = None
+    shape_buckets: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.enabled and (self.channels_last or self.shape_buckets):
+            flag = "--channels-last" if self.channels_last else "--shape-buckets"
+            raise UserError(f"--no-speedups runs torchvision's plain model, which {flag} would change; give one "
+                            f"of the two")
+
+    def use_channels_last(self, device: torch.device) -> bool:
+        """Channels-last convolutions: on CPUs (oneDNN's own layout) unless asked otherwise; off on GPUs, where
+        it pays only in some precisions."""
+        if not self.enabled:
+            return False
+        return device.type == "cpu" if self.channels_last is None else self.channels_last
+
+    def use_shape_buckets(self, device: torch.device) -> bool:
+        """Batches padded to recurring shapes: on GPUs (cuDNN plans per shape) unless asked otherwise; off on
+        CPUs, where the padding is only extra arithmetic."""
+        if not self.enabled:
+            return False
+        return device.type == "cuda" if self.shape_buckets is None else self.shape_buckets
+
+    @classmethod
+    def from_args(cls, args) -> SpeedupConfig:
+        return cls(not args.no_speedups, args.channels_last, args.shape_buckets)
+
+
+PLAIN = SpeedupConfig(enabled=False)
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """One change to torchvision's model: `self_check()` says why it cannot run on this torchvision (None when
+    it can), `apply(model)` makes the change in place."""
+
+    name: str
+    self_check: Callable[[], str | None]
+    apply: Callable[[nn.Module], object]
+
+
+# The order they are applied in: norms folded before anything copies or wraps the convolutions; module swaps
+# before the layout change; hooks last, on the final modules.
+TRAINING = (
+    Speedup("frozen norms folded into convolutions", norm_folding.self_check, norm_folding.fold_frozen_norms),
+    Speedup("anchors kept per shape", anchor_cache.self_check, anchor_cache.cache_anchors),
+    Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align),
+    Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
+)
+CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channels_last.to_channels_last)
+SHAPE_BUCKETS = Speedup("shape buckets", shape_buckets.self_check, shape_buckets.pad_to_shape_buckets)
+INFERENCE_FOLD = Speedup("batch norms folded for inference", norm_folding.self_check, norm_folding.fold_batch_norms)
+
+_APPLIED = "_speedups_applied"  # names of the speed-ups a model carries, set on the model
+
+
+@cache
+def _problem(speedup: Speedup) -> str | None:
+    """The self-check's finding, once per process; a speed-up that fails it is announced once."""
+    with torch.inference_mode(False), torch.autocast("cpu", enabled=False):  # whatever the caller's mode
+        problem = speedup.self_check()
+    if problem:
+        print_once(f"speed-up off ({speedup.name}): {problem}; torchvision's own code runs instead")
+    return problem
+
+
+def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
+    applied = model.__dict__.setdefault(_APPLIED, [])
+    for speedup in speedups:
+        if speedup.name not in applied and _problem(speedup) is None:
+            speedup.apply(model)
+            applied.append(speedup.name)
+
+
+def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
+    """The model prepared to train on device, in place (its parameters already there): every speed-up the
+    config allows, in TRAINING's order, then channels-last and shape buckets where the config says."""
+    if not config.enabled:
+        return model
+    chosen = TRAINING + ((CHANNELS_LAST,) if config.use_channels_last(device) else ())
+    _apply(model, chosen + ((SHAPE_BUCKETS,) if config.use_shape_buckets(device) else ()))
+    return model
+
+
+def for_inference(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
+    """The model evaluation and prediction run: a copy in eval mode, without gradients, with the speed-ups the
+    config allows (those the model does not carry yet added to the copy) and every batch norm folded into the
+    convolution before it. The model given is left as it is. Without speed-ups, the model itself in eval mode."""
+    if not config.enabled:
+        return model.eval()
+    clone = for_training(copy.deepcopy(model), device, config).eval().requires_grad_(False)
+    _apply(clone, (INFERENCE_FOLD,))
+    if config.use_channels_last(device):
+        clone.to(memory_format=torch.channels_last)  # the folded weights are new tensors
+    return clone
+
+
+def applied(model: nn.Module) -> list[str]:
+    """The names of the speed-ups a model carries (a copy of it carries the same)."""
+    return list(model.__dict__.get(_APPLIED, []))

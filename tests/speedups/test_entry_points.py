@@ -1,0 +1,111 @@
+"""The speed-up layer's entry points: torchvision's plain model and ours agree to float rounding in training and
+evaluation, the device defaults, and a speed-up whose torchvision coupling broke is left off, said once."""
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import speedups
+from errors import UserError
+from models import build_model
+
+CPU = torch.device("cpu")
+
+
+def test_layout_and_buckets_follow_the_device_unless_asked_and_none_without_speedups():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    default = speedups.SpeedupConfig()
+    assert default.use_channels_last(cpu) and not default.use_channels_last(cuda)
+    assert default.use_shape_buckets(cuda) and not default.use_shape_buckets(cpu)
+    asked = speedups.SpeedupConfig(channels_last=True, shape_buckets=False)
+    assert asked.use_channels_last(cuda) and not asked.use_shape_buckets(cuda)
+    assert not speedups.PLAIN.use_channels_last(cpu) and not speedups.PLAIN.use_shape_buckets(cuda)
+    with pytest.raises(UserError, match="--no-speedups .* --channels-last would change; give one of the two"):
+        speedups.SpeedupConfig(enabled=False, channels_last=True)
+
+
+def test_every_speedup_passes_its_self_check_on_this_torchvision():
+    for speedup in (*speedups.TRAINING, speedups.CHANNELS_LAST, speedups.SHAPE_BUCKETS, speedups.INFERENCE_FOLD):
+        assert speedup.self_check() is None, speedup.name
+
+
+def pair(shape_buckets: bool, **options):
+    """torchvision's plain model and the same weights with the speed-ups (channels-last too, and shape buckets
+    if asked), pretrained layout: frozen norms with statistics far from the identity."""
+    torch.manual_seed(0)
+    plain = build_model("maskrcnn_resnet50_fpn", 4, None, None, None, pretrained_layout=True, min_size=96,
+                        max_size=128, **options)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.reset_parameters()
+        if isinstance(module, FrozenBatchNorm2d):  # the pretrained layout is built without reading values
+            for name, low, high in (("weight", 0.5, 1.5), ("bias", -0.2, 0.2), ("running_mean", -0.2, 0.2),
+                                    ("running_var", 0.5, 2.0)):
+                getattr(module, name).uniform_(low, high)
+    fast = speedups.for_training(copy.deepcopy(plain), CPU, speedups.SpeedupConfig(True, True, shape_buckets))
+    assert len(speedups.applied(fast)) == 5 + shape_buckets
+    return plain, fast
+
+
+def test_a_training_step_gives_torchvisions_losses_and_gradients():
+    # Shape buckets pad training images, which changes features near their edges: off, as on CPUs by default.
+    plain, fast = pair(shape_buckets=False)
+    images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros((1, 90, 120), dtype=torch.uint8)},
+               {"boxes": torch.tensor([[5.0, 20.0, 70.0, 90.0], [30.0, 5.0, 50.0, 30.0]]),
+                "labels": torch.tensor([2, 3]), "masks": torch.ones((2, 100, 80), dtype=torch.uint8)}]
+    results = []
+    for model in (plain, fast):
+        torch.manual_seed(1)  # the same proposal sampling
+        losses = model.train()(images, targets)
+        sum(losses.values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in losses.items()}, grads))
+    (plain_losses, plain_grads), (fast_losses, fast_grads) = results
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-5)
+    assert list(fast_grads) == list(plain_grads)
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(fast_grads[name] / scale, grad / scale, rtol=0, atol=2e-3, msg=name)
+
+
+def test_evaluation_gives_torchvisions_predictions():
+    plain, fast = pair(shape_buckets=True, box_score_thresh=0.0)
+    images = [torch.rand(3, 90, 120), torch.rand(3, 70, 100)]
+    with torch.inference_mode():
+        expected = speedups.for_inference(plain, CPU, speedups.PLAIN)(images)
+        got = speedups.for_inference(fast, CPU, speedups.SpeedupConfig(True, True, True))(images)
+    for theirs, ours in zip(expected, got):
+        assert len(theirs["boxes"]) > 10
+        torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(ours["scores"], theirs["scores"], rtol=0, atol=1e-4)
+        assert torch.equal(ours["labels"], theirs["labels"])
+        assert (ours["masks"] - theirs["masks"]).abs().max() < 1e-3
+
+
+def test_a_broken_coupling_leaves_torchvisions_behaviour_and_says_so_once(monkeypatch, capsys):
+    """A torchvision whose AnchorGenerator gave each image its own, different anchors would make the cache
+    wrong: the self-check finds it, and the generator is left as torchvision's."""
+    original = AnchorGenerator.forward
+
+    def per_image_anchors(self, image_list, feature_maps):
+        return [a + i for i, a in enumerate(original(self, image_list, feature_maps))]
+
+    monkeypatch.setattr(AnchorGenerator, "forward", per_image_anchors)
+    speedups._problem.cache_clear()
+    try:
+        models = [build_model("retinanet_resnet50_fpn", 3, None, None, None) for _ in range(2)]
+        for model in models:
+            speedups.for_training(model, CPU, speedups.SpeedupConfig(channels_last=False))
+    finally:
+        speedups._problem.cache_clear()
+    printed = capsys.readouterr().out
+    assert printed.count("speed-up off (anchors kept per shape): torchvision's AnchorGenerator no longer gives "
+                         "one equal set of anchors per image; torchvision's own code runs instead") == 1
+    assert all(type(m.anchor_generator) is AnchorGenerator for m in models)
+    assert "anchors kept per shape" not in speedups.applied(models[0])
+    assert "frozen norms folded into convolutions" in speedups.applied(models[0])

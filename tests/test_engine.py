@@ -1,0 +1,243 @@
+"""The training loop's pieces, in this process on a tiny model: warm-up, logged records, the non-finite loss
+message, the fault limit, a mid-epoch stop and its continuation, and the gradient scaler's path."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import engine
+from engine import FaultLog, PendingLosses, TrainOptions, Warmup, optimizer_step, train_one_epoch, warmup_factor
+from errors import UserError
+from group_by_aspect_ratio import ResumableBatchSampler
+
+CPU = torch.device("cpu")
+
+
+class TinyDetector(nn.Module):
+    """A 'detector' of one weight whose losses depend on the images' mean; nan when an image id is poisoned."""
+
+    def __init__(self, poisoned: int | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([1.5]))
+        self.poisoned = poisoned
+
+    def forward(self, images, targets):
+        mean = torch.stack([image.mean() for image in images]).mean() + 0.1
+        loss_a = (self.weight * mean).sum()
+        if any(t["image_id"] == self.poisoned for t in targets):
+            loss_a = loss_a * float("nan")
+        return {"loss_a": loss_a, "loss_b": (self.weight.square() * mean).sum()}
+
+
+class Samples(torch.utils.data.Dataset):
+    """Small uint8 images with targets; the images listed in `faulty` carry a skipped-sample fault."""
+
+    def __init__(self, count: int, faulty: tuple[int, ...] = ()) -> None:
+        self.count, self.faulty = count, faulty
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        image = torch.full((3, 4, 4), 10 * index, dtype=torch.uint8)
+        faults = [f"{index}.jpg: image missing; sample skipped"] if index in self.faulty else []
+        return image, {"image_id": index, "faults": faults}
+
+
+def loader(count: int = 10, batch_size: int = 2, skip: int = 0, accumulation: int = 1, **kwargs
+           ) -> torch.utils.data.DataLoader:
+    """Batches in order, as train.py's resumable batch sampler gives them; the first `skip` batches left out, as
+    a resumed epoch's are."""
+    batches = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(count)), batch_size, False)
+    resumable = ResumableBatchSampler(batches, accumulation)
+    resumable.skip = skip
+    return torch.utils.data.DataLoader(Samples(count, **kwargs), batch_sampler=resumable,
+                                       collate_fn=lambda b: tuple(zip(*b)))
+
+
+def train(model, data, epoch=0, start_step=0, **options):
+    records = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = TrainOptions(print_freq=options.pop("print_freq", 1), on_record=records.append, **options)
+    result = train_one_epoch(model, optimizer, data, CPU, epoch, options, start_step)
+    return result, records, optimizer
+
+
+def test_warmup_factor_rises_linearly_to_one():
+    assert warmup_factor(0, 10) == pytest.approx(0.001)
+    assert warmup_factor(5, 10) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert warmup_factor(10, 10) == warmup_factor(50, 10) == 1.0
+
+
+def test_first_epoch_warms_up_over_its_steps_and_the_optimizer_keeps_base_rates():
+    result, records, optimizer = train(TinyDetector(), loader(10))
+    assert result.finished and result.steps_done == 5
+    assert [r.values["lr"] for r in records] == pytest.approx([0.1 * warmup_factor(s, 4) for s in range(5)])
+    assert optimizer.param_groups[0]["lr"] == 0.1, "saved with the base rate"
+    _, later, _ = train(TinyDetector(), loader(10), epoch=1)
+    assert {r.values["lr"] for r in later} == {0.1}, "no warm-up after the first epoch"
+    warmup = Warmup(optimizer, epoch=0, steps_in_epoch=3000)
+    assert warmup.steps == engine.WARMUP_STEPS
+
+
+def test_records_are_the_logged_steps_with_their_losses():
+    _, records, _ = train(TinyDetector(), loader(10), epoch=2, print_freq=2)
+    assert [(r.kind, r.epoch, r.step, r.global_step) for r in records] == [
+        ("train", 2, 2, 12), ("train", 2, 4, 14), ("train", 2, 5, 15)]
+    values = records[-1].values
+    assert values["loss"] == pytest.approx(values["loss_a"] + values["loss_b"])
+    assert math.isfinite(values["images_per_s"])
+
+
+def test_a_non_finite_loss_names_its_step_and_the_fixes():
+    with pytest.raises(UserError) as error:
+        train(TinyDetector(poisoned=5), loader(10), print_freq=3)
+    message = str(error.value)
+    assert message.startswith("loss is nan at epoch 0 step 2 {'loss_a': nan, 'loss_b': ")
+    assert "--clip-grad-norm 10" in message and "last checkpoint is kept" in message
+
+
+def test_non_finite_losses_are_read_together_at_logged_steps():
+    pending = PendingLosses(epoch=0)
+    pending.add(0, {"a": torch.tensor(1.0), "b": torch.tensor(2.0)})
+    pending.add(1, {"a": torch.tensor(3.0), "b": torch.tensor(float("inf"))})
+    with pytest.raises(UserError, match="loss is inf at epoch 0 step 1"):
+        pending.read()
+
+
+def test_fault_log_prints_once_and_enforces_the_share(capsys):
+    log = FaultLog(max_share=0.1)
+    log.start_epoch()
+    log.add(["a.jpg: image missing; sample skipped"], samples_in_epoch=20)
+    log.add(["a.jpg: image missing; sample skipped", "b.jpg annotation 3: polygon ... removed"], 20)
+    assert capsys.readouterr().out.count("a.jpg") == 1
+    assert (log.skipped, log.repaired) == (1, 1), "a sample met twice in an epoch counts once"
+    log.add(["c.jpg: image missing; sample skipped"], 20)
+    with pytest.raises(UserError, match="3 of 20 samples could not be read"):
+        log.add(["d.jpg: image missing; sample skipped"], 20)
+    log.start_epoch()
+    assert (log.skipped, log.repaired) == (0, 0)
+
+
+def test_the_loop_stops_the_run_past_the_fault_limit(capsys):
+    result, _, _ = train(TinyDetector(), loader(10, faulty=(3,)), faults=FaultLog(0.1))
+    assert result.finished and "data faults: 1 samples skipped" in capsys.readouterr().out
+    with pytest.raises(UserError, match="2 of 10 samples could not be read this epoch"):
+        train(TinyDetector(), loader(10, faulty=(3, 7)), faults=FaultLog(0.1))
+
+
+def test_a_stop_request_ends_the_epoch_after_the_step_in_progress_and_the_rest_continues():
+    straight_model = TinyDetector()
+    _, straight, _ = train(straight_model, loader(10))
+    requests = iter([False, False, True])
+    stopped_model = TinyDetector()
+    result, first, optimizer = train(stopped_model, loader(10), stop_requested=lambda: next(requests))
+    assert (result.steps_done, result.finished) == (2, False)
+    assert [r.step for r in first] == [1, 2], "the steps done were all logged"
+    records = []
+    options = TrainOptions(print_freq=1, on_record=records.append)
+    result = train_one_epoch(stopped_model, optimizer, loader(10, skip=2), CPU, 0, options, start_step=2)
+    assert (result.steps_done, result.finished) == (5, True)
+    resumed = first + records
+    assert [r.step for r in resumed] == [r.step for r in straight]
+    assert [r.values["lr"] for r in resumed] == pytest.approx([r.values["lr"] for r in straight])
+    assert torch.allclose(stopped_model.weight, straight_model.weight)
+
+
+def test_ranks_agree_on_a_stop_on_their_own_cadence(monkeypatch):
+    monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(engine.utils, "any_rank", lambda flag: flag)
+    agreed = [step for step in range(25) if engine.stop_agreed(step, True)]
+    assert agreed == list(range(0, 25, engine.STOP_AGREEMENT_STEPS))
+
+
+def test_the_scaler_path_unscales_before_clipping_and_updates_once():
+    updates = {}
+    for name, scaler in (("plain", None), ("scaled", torch.amp.GradScaler("cpu", init_scale=2.0**10))):
+        torch.manual_seed(0)
+        model = TinyDetector()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = sum(model([torch.ones(3, 2, 2)], [{"image_id": 0}]).values())
+        optimizer_step(model, optimizer, losses, TrainOptions(scaler=scaler, clip_grad_norm=0.05))
+        updates[name] = model.weight.detach().clone()
+        if scaler is not None:
+            assert scaler.get_scale() == 2.0**10, "a finite step keeps the scale"
+    assert torch.allclose(updates["plain"], updates["scaled"])
+    assert torch.allclose(updates["plain"], torch.tensor([1.5 - 0.1 * 0.05]), atol=1e-6), "clipped to 0.05"
+
+
+class LinearDetector(nn.Module):
+    """A detector whose loss is the mean over its batch's images of a linear function: the gradient of a batch
+    of 4 is the mean of two batches of 2's, as with models without training-mode batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([0.5, -0.25]))
+
+    def forward(self, images, targets):
+        features = torch.stack([torch.stack([image.mean(), image.std()]) for image in images])
+        return {"loss_linear": (features @ self.weight).square().mean()}
+
+
+def test_two_accumulated_batches_of_two_step_as_one_of_four():
+    weights = {}
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = LinearDetector()
+        data = loader(count=16, batch_size=batch_size, accumulation=accumulation)
+        result, records, _ = train(model, data, epoch=1, grad_accum_steps=accumulation)
+        assert result.steps_done == 4 and [r.step for r in records] == [1, 2, 3, 4]
+        assert records[0].progress.images_per_s > 0
+        weights[batch_size] = model.weight.detach().clone()
+    torch.testing.assert_close(weights[2], weights[4], rtol=1e-6, atol=1e-7)
+
+
+def test_an_accumulated_epoch_stops_and_resumes_on_an_optimizer_step():
+    straight_model = LinearDetector()
+    _, straight, _ = train(straight_model, loader(count=16, batch_size=2, accumulation=2), grad_accum_steps=2)
+    requests = iter([False, True])
+    model = LinearDetector()
+    data = loader(count=16, batch_size=2, accumulation=2)
+    result, first, optimizer = train(model, data, grad_accum_steps=2, stop_requested=lambda: next(requests))
+    assert (result.steps_done, result.finished) == (1, False)
+    records = []
+    options = TrainOptions(print_freq=1, on_record=records.append, grad_accum_steps=2)
+    resumed_data = loader(count=16, batch_size=2, accumulation=2, skip=2)  # one step of two batches done
+    result = train_one_epoch(model, optimizer, resumed_data, CPU, 0, options, start_step=1)
+    assert (result.steps_done, result.finished) == (4, True)
+    assert [r.step for r in first + records] == [r.step for r in straight]
+    assert [r.values["lr"] for r in first + records] == pytest.approx([r.values["lr"] for r in straight])
+    torch.testing.assert_close(model.weight, straight_model.weight)
+
+
+def test_the_weight_average_is_updated_after_every_nth_optimizer_step():
+    steps = []
+    train(LinearDetector(), loader(count=16, batch_size=2), after_step=steps.append)
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+class NormedDetector(nn.Module):
+    """A detector with batch norm in training mode and a random draw in its forward, as R-CNN heads sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(2)
+        self.weight = nn.Parameter(torch.tensor([0.5, -0.25]))
+
+    def forward(self, images, targets):
+        features = self.norm(torch.stack([torch.stack([image.mean(), image.std()]) for image in images]))
+        noise = torch.rand(1)
+        return {"loss_a": (features @ self.weight).square().mean() + 0 * noise.sum(), "loss_b": noise.sum()}
+
+
+def test_validation_losses_change_no_parameter_buffer_or_random_state():
+    model = NormedDetector()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    generator_state = torch.get_rng_state()
+    losses = engine.validation_losses(model, loader(count=6, batch_size=3), CPU, None)
+    assert set(losses) == {"loss", "loss_a", "loss_b"}
+    assert losses["loss"] == pytest.approx(losses["loss_a"] + losses["loss_b"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "no batch norm statistic moved"
+    assert torch.equal(torch.get_rng_state(), generator_state), "the heads' draws leave the run's generator as it was"
+    assert all(p.grad is None for p in model.parameters())
