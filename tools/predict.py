@@ -2,6 +2,7 @@
 
     python3 tools/predict.py --checkpoint output/model_best.pth path/to/images/ --output-dir predictions
     python3 tools/predict.py --weights MaskRCNN_ResNet50_FPN_Weights.COCO_V1 'photos/*.jpg' --score-thresh 0.7
+    python3 tools/predict.py --onnx model.onnx photos/    # a model exported by tools/export.py, on onnxruntime
 
 Inputs are image files, folders or glob patterns. Image ids in the JSON come from --annotations (a COCO file
 naming the images), else from COCO-style numeric file names (000000000139.jpg is 139), else 1, 2, ... in
@@ -22,14 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import deploy  # noqa: E402
+import speedups  # noqa: E402
 from checkpoint import load_file  # noqa: E402
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from engine import to_device  # noqa: E402
-from inference import inference_copy  # noqa: E402
+from errors import UserError  # noqa: E402
 from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
-from shape_buckets import pad_to_shape_buckets  # noqa: E402
-from utils import UserError, use_channels_last, use_shape_buckets  # noqa: E402
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -75,7 +76,11 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, 
         sizes = {k: saved.get(k) if v is None else v for k, v in sizes.items()}
         name = saved.get("model", "maskrcnn_resnet50_fpn")
         model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **model_options(name, **sizes))
-        return model, CategoryMap.from_categories(checkpoint["categories"], saved.get("dataset", "coco")), name
+        if "model_ema" in checkpoint:
+            print(f"--checkpoint {args.checkpoint}: predicting with the weights' moving average (model_ema)")
+        categories = CategoryMap.from_categories(checkpoint["categories"], saved.get("dataset", "coco"),
+                                                 checkpoint.get("labels_are_category_ids"))
+        return model, categories, name
     cats = [{"id": i, "name": n} for i, n in coco_category_names().items()]
     category_map = CategoryMap.from_categories(cats, "coco")
     model = build_model(args.model, category_map.num_classes, args.weights, None, None,
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint written by train.py (model_best.pth, checkpoint.pth)")
     source.add_argument("--weights", help="COCO weights: a torchvision name read from the hub cache, or a .pth")
+    source.add_argument("--onnx", help="a model exported by tools/export.py, run by onnxruntime on the CPU")
     parser.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
                         help=f"with --weights: the model ({', '.join(MODELS)})")
     parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
+    parser.add_argument("--no-speedups", action="store_true", help="run torchvision's plain model (as train.py)")
     args = parser.parse_args(argv)
     try:
         return predict(args)
@@ -110,15 +117,18 @@ def predict(args: argparse.Namespace) -> int:
     device = torch.device(args.device if torch.cuda.is_available() or args.device == "cpu" else "cpu")
     paths = find_images(args.inputs)
     ids = image_ids(paths, args.annotations)
-    model, category_map, name = load_model(args)
+    if args.onnx:  # categories from the file's metadata; onnxruntime runs on the CPU
+        model = deploy.OnnxModel(args.onnx)
+        category_map, name = model.category_map, model.name
+    else:
+        model, category_map, name = load_model(args)
+        model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig(enabled=not args.no_speedups))
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
-    if use_shape_buckets(None, device):
-        pad_to_shape_buckets(model)
-    model = inference_copy(model.to(device), use_channels_last(None, device))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     results: list[dict] = []
+    dropped = 0
     started = time.time()
     for start in range(0, len(paths), args.batch_size):
         batch = list(zip(paths[start:start + args.batch_size], ids[start:start + args.batch_size]))
@@ -130,7 +140,9 @@ def predict(args: argparse.Namespace) -> int:
             outputs = model(to_device(images, [], device)[0])
         for (path, image_id), image, output in zip(batch, images, outputs):
             output = {k: v.cpu() for k, v in output.items()}
-            keep = output["scores"] >= args.score_thresh
+            known = category_map.known(output["labels"])
+            dropped += int((~known).sum())
+            keep = (output["scores"] >= args.score_thresh) & known
             output = {k: v[keep] for k, v in output.items()}
             results += to_coco_results(image_id, output, category_map, (kind,))[kind]
             labels = output["labels"].tolist()
@@ -142,6 +154,9 @@ def predict(args: argparse.Namespace) -> int:
         rate = done / max(time.time() - started, 1e-9)
         print(f"\r[{done}/{len(paths)}] {rate:.1f} img/s", end="", flush=True)
     print()
+    if dropped:
+        print(f"{dropped} detections had labels that are no category of the model's ({len(category_map.ids)} "
+              f"categories) and were left out")
     (out / "predictions.json").write_text(json.dumps(results))
     print(f"Wrote {len(paths)} pictures and {len(results)} detections to {out}")
     return 0

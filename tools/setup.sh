@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    -r requirements.txt -r requirements-dev.txt -c constraints.txt
+    -r requirements.txt -r requirements-dev.txt -r requirements-export.txt -c constraints.txt

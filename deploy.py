@@ -1,0 +1,324 @@
+"""Export a trained detector to ONNX with its own pre- and post-processing inside the graph, run the result with
+onnxruntime, and compare it with the PyTorch model. onnx and onnxruntime (requirements-export.txt) are imported
+only here and only when used, so training never needs them."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import re
+import time
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import box_iou
+
+from checkpoint import write_atomic
+from coco_utils import CategoryMap
+from errors import UserError
+from models import family, iou_types
+
+# The families whose export is checked by the tests; the others (RetinaNet, FCOS, SSD) are exported when torch can.
+TESTED_FAMILIES = "Faster R-CNN, Mask R-CNN and Keypoint R-CNN"
+OUTPUTS = {"bbox": ("boxes", "labels", "scores"), "segm": ("masks",), "keypoints": ("keypoints", "keypoints_scores")}
+OPSET = 17  # torchvision's RoIAlign (aligned) exports at 16 or more
+# The TorchScript-based exporter comes first: with torch 2.14.1 the dynamo-based one (torch.export) stops, after
+# minutes, at torchvision's batched_nms, whose output size depends on the data (GuardOnDataDependentSymNode at
+# torchvision/ops/boxes.py:86 or :103, seen with Mask and Faster R-CNN; every family runs that NMS). Tracing works
+# because torchvision's detection code has ONNX paths of its own (NMS, RoIAlign, mask pasting, keypoint decoding),
+# so no graph surgery is needed.
+EXPORTERS = ("torchscript", "dynamo")
+# Largest differences the verification accepts between onnxruntime and PyTorch, per matched detection.
+TOLERANCES = {"box": 0.5, "score": 0.01, "mask_iou": 0.9, "keypoint": 2.0}
+MASK_BAND = 0.01  # mask pixels this close to the 0.5 cut are left out of the IoU
+MATCH_IOU = 0.5  # boxes of one label overlapping this much are the same detection
+INSTALL_HINT = "install the export set: .venv/bin/pip install -r requirements-export.txt -c constraints.txt"
+
+
+def output_names(name: str) -> tuple[str, ...]:
+    """The graph's outputs, in order: boxes, labels, scores, then masks or keypoints where the model gives them."""
+    return tuple(out for iou_type in iou_types(name) for out in OUTPUTS[iou_type])
+
+
+class ImageInGraph(nn.Module):
+    """torchvision's model on one CHW image (uint8 0-255 or float 0-1) returning its outputs as a tuple in
+    output_names order: what the ONNX graph computes, resizing, normalisation and mask pasting included."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if image.dtype == torch.uint8:  # known when tracing: the graph holds one of the two branches
+            image = image.float() / 255
+        output = self.model([image])[0]
+        return tuple(output[n] for n in self.names)
+
+
+def require(module: str):
+    """An optional module of the export set, or one line saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{module} is not installed; {INSTALL_HINT}") from None
+
+
+def _torchscript_proto(wrapper: ImageInGraph, sample: torch.Tensor, opset: int):
+    """The graph from torch's TorchScript-based exporter (tracing, with torchvision's own ONNX paths for NMS,
+    RoIAlign, mask pasting and keypoint decoding), as an onnx ModelProto."""
+    onnx = require("onnx")
+    axes = {"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in wrapper.names}}
+    if "masks" in wrapper.names:
+        axes["masks"].update({2: "height", 3: "width"})
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # tracer and deprecation warnings about torchvision's code, not the user's
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (sample,), buffer, dynamo=False, opset_version=opset, input_names=["image"],
+                          output_names=list(wrapper.names), dynamic_axes=axes)
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _dynamo_proto(wrapper: ImageInGraph, sample: torch.Tensor, opset: int):
+    """The graph from torch's torch.export-based exporter, as an onnx ModelProto."""
+    require("onnxscript")
+    dim = torch.export.Dim.DYNAMIC
+    # torch.export prints whole graphs while it tries; the user gets the outcome, in one line if it fails.
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (sample,), dynamo=True, opset_version=max(opset, 18),
+                                    input_names=["image"], output_names=list(wrapper.names),
+                                    dynamic_shapes={"image": {1: dim, 2: dim}}, verbose=False)
+    return program.model_proto
+
+
+def _summary(error: Exception) -> str:
+    """An exporter's error in one line: torch.onnx's own summary (the error and the line of code that caused it)
+    where it wrote one, else the first line."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    summary = next((line for line in lines if line.startswith("<class '")), None)
+    if summary is None:
+        return (lines[0] if lines else type(error).__name__)[:300]
+    cause = next((line for line in lines if line.startswith("Caused by:")), "")
+    kind, _, message = summary.partition("'>: ")
+    return f"{kind.split('.')[-1]}: {message[:200]} {cause}".strip()
+
+
+def export(model: nn.Module, name: str, sample: torch.Tensor, path: Path, metadata: dict[str, str],
+           exporter: str = "torchscript", opset: int = OPSET) -> float:
+    """Write model (torchvision's own, in eval mode) to path as ONNX, traced on sample, with metadata; the
+    seconds the export took. A failed export is one line naming what is supported."""
+    wrapper = ImageInGraph(model.eval(), output_names(name)).eval()
+    started = time.perf_counter()
+    try:
+        with torch.no_grad():
+            proto = (_dynamo_proto if exporter == "dynamo" else _torchscript_proto)(wrapper, sample, opset)
+    except UserError:
+        raise
+    except Exception as e:  # the exporters fail in many types; each is the same news for the user
+        other = "" if exporter == "torchscript" else "; try --exporter torchscript"
+        raise UserError(f"torch {torch.__version__}'s {exporter} exporter could not export {name}: {_summary(e)} "
+                        f"(export is tested for {TESTED_FAMILIES}){other}") from None
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    data = proto.SerializeToString()
+    write_atomic(path, lambda f: f.write(data), remedy="choose another --output")
+    return time.perf_counter() - started
+
+
+def metadata(name: str, category_map: CategoryMap, model: nn.Module, input_dtype: str, exporter: str
+             ) -> dict[str, str]:
+    """What travels in the ONNX file: the categories (ids and names, and how labels map to them), the model and
+    its sizes, the input and outputs, and the versions that made it."""
+    transform = getattr(model, "transform", None)
+    return {
+        "model": name,
+        "categories": json.dumps(category_map.as_list()),
+        "labels_are_category_ids": json.dumps(category_map.keep_ids),
+        "input": f"image: {input_dtype} CHW RGB, {'0-255' if input_dtype == 'uint8' else '0-1'}, any height and "
+                 f"width",
+        "input_dtype": input_dtype,
+        "outputs": json.dumps(output_names(name)),
+        "min_size": json.dumps(list(getattr(transform, "min_size", ()))),
+        "max_size": json.dumps(getattr(transform, "max_size", None)),
+        "exporter": f"torch {torch.__version__} {exporter}, torchvision {torchvision.__version__}",
+    }
+
+
+class OnnxModel:
+    """An exported model run by onnxruntime on the CPU, called as torchvision's model in eval mode is: a list of
+    CHW images (uint8, or float in 0-1) in, a list of dicts of tensors out. Its categories come from the file."""
+
+    def __init__(self, path: str | Path):
+        ort = require("onnxruntime")
+        if not Path(path).is_file():
+            raise UserError(f"--onnx {path}: no such file; give a file written by tools/export.py")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types for missing, truncated and foreign files
+            raise UserError(f"--onnx {path} could not be loaded by onnxruntime ({str(e).strip()[:200]}); give a "
+                            f"file written by tools/export.py") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if not {"model", "categories", "input_dtype"} <= meta.keys():
+            raise UserError(f"--onnx {path} carries no model and category metadata; export it with tools/export.py")
+        self.name = meta["model"]
+        self.category_map = CategoryMap.from_categories(json.loads(meta["categories"]), "coco",
+                                                        json.loads(meta.get("labels_are_category_ids", "null")))
+        self.uint8 = meta["input_dtype"] == "uint8"
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [self.run_one(image) for image in images]
+
+    def run_one(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        image = image.cpu()
+        if self.uint8 and image.is_floating_point():  # images from a 0-1 pipeline: back to their bytes
+            image = image.mul(255).round_().to(torch.uint8)
+        elif not self.uint8 and not image.is_floating_point():
+            image = image.float().div_(255)
+        outputs = self.session.run(None, {"image": image.contiguous().numpy()})
+        return {n: torch.from_numpy(v) for n, v in zip(self.names, outputs)}
+
+
+@dataclass
+class Comparison:
+    """One image run both ways: its detections at or above the threshold on each side, those of them without a
+    counterpart in the other runtime, and the largest differences over the matched pairs (None where none)."""
+
+    image: str
+    torch_count: int
+    onnx_count: int
+    unmatched: int = 0
+    matched: int = 0  # pairs with at least one side at or above the threshold: the differences are over these
+    size: tuple[int, int] = (0, 0)
+    box: float | None = None
+    score: float | None = None
+    mask_iou: float | None = None  # the smallest IoU of two matched masks (cut at 0.5)
+    keypoint: float | None = None
+
+    def problems(self) -> list[str]:
+        """What is beyond TOLERANCES, in words."""
+        found = [f"{self.unmatched} detections without a counterpart"] if self.unmatched else []
+        for key, text in (("box", "box coordinates differ by {:.3g} px"), ("score", "scores differ by {:.3g}"),
+                          ("keypoint", "keypoints differ by {:.3g} px")):
+            value = getattr(self, key)
+            if value is not None and value > TOLERANCES[key]:
+                found.append(text.format(value) + f" (tolerance {TOLERANCES[key]})")
+        if self.mask_iou is not None and self.mask_iou < TOLERANCES["mask_iou"]:
+            found.append(f"a mask IoU of {self.mask_iou:.3f} (tolerance {TOLERANCES['mask_iou']})")
+        return [f"{self.image}: {p}" for p in found]
+
+
+def match(a: dict, b: dict) -> list[tuple[int, int]]:
+    """Pairs (i, j): each of a's detections, in a's score order, with the one of b not yet taken that has the same
+    label and the highest box IoU, where that is at least MATCH_IOU."""
+    if not len(a["boxes"]) or not len(b["boxes"]):
+        return []
+    iou = box_iou(a["boxes"], b["boxes"])
+    iou[a["labels"][:, None] != b["labels"][None, :]] = 0
+    pairs = []
+    for i in a["scores"].argsort(descending=True).tolist():
+        j = int(iou[i].argmax())
+        if iou[i, j] >= MATCH_IOU:
+            pairs.append((i, j))
+            iou[:, j] = 0
+    return pairs
+
+
+def mask_iou(expected: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """IoU of masks (N, H, W) cut at 0.5, over the pixels that PyTorch puts at least MASK_BAND away from the cut
+    (float rounding alone can put the others on either side); 1 where both are empty."""
+    decided = (expected - 0.5).abs() >= MASK_BAND
+    e, a = (expected > 0.5) & decided, (actual > 0.5) & decided
+    union = (e | a).flatten(1).sum(1)
+    return torch.where(union > 0, (e & a).flatten(1).sum(1) / union.clamp(min=1), 1.0)
+
+
+def compare(image: str, expected: dict, actual: dict, score_thresh: float) -> Comparison:
+    """PyTorch's output (expected) against onnxruntime's (actual) for one image. Every detection at or above
+    score_thresh on either side must have a counterpart (one just under the threshold on the other side counts),
+    and the differences are measured over these pairs. Under the threshold, near-equal scores of overlapping
+    boxes (a blank image, an untrained model) let float rounding pick other survivors of NMS, so those
+    detections are not compared."""
+    above_e, above_a = expected["scores"] >= score_thresh, actual["scores"] >= score_thresh
+    pairs = [(i, j) for i, j in match(expected, actual) if above_e[i] or above_a[j]]
+    i, j = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
+    alone_e, alone_a = above_e.clone(), above_a.clone()
+    alone_e[i], alone_a[j] = False, False
+    result = Comparison(image, int(above_e.sum()), int(above_a.sum()), int(alone_e.sum() + alone_a.sum()),
+                        matched=len(pairs))
+    if not pairs:
+        return result
+    result.box = (expected["boxes"][i] - actual["boxes"][j]).abs().max().item()
+    result.score = (expected["scores"][i] - actual["scores"][j]).abs().max().item()
+    if "masks" in expected:
+        result.mask_iou = mask_iou(expected["masks"][i, 0], actual["masks"][j, 0]).min().item()
+    if "keypoints" in expected:
+        result.keypoint = (expected["keypoints"][i, :, :2] - actual["keypoints"][j, :, :2]).abs().max().item()
+    return result
+
+
+def verify(model: nn.Module, onnx_model: OnnxModel, images: list[tuple[str, torch.Tensor]], score_thresh: float
+           ) -> list[Comparison]:
+    """Each (label, uint8 CHW image) through the PyTorch model and the ONNX one, compared."""
+    comparisons = []
+    for label, image in images:
+        with torch.inference_mode():
+            expected = model.eval()([image.float() / 255])[0]
+        comparison = compare(label, expected, onnx_model.run_one(image), score_thresh)
+        comparison.size = tuple(image.shape[-2:])
+        comparisons.append(comparison)
+    return comparisons
+
+
+def _cell(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+def report(comparisons: list[Comparison], score_thresh: float) -> list[str]:
+    """The verification as printed: a line per image, then the largest differences against the tolerances."""
+    lines = [f"{'image':<26} {'size':>10} {f'>= {score_thresh:g} torch/onnx':>20} {'matched':>7} {'box px':>8} "
+             f"{'score':>9} {'mask IoU':>8} {'kpt px':>7}"]
+    for c in comparisons:
+        lines.append(f"{c.image:<26} {c.size[0]:>4}x{c.size[1]:<5} {f'{c.torch_count}/{c.onnx_count}':>20} "
+                     f"{c.matched:>7} {_cell(c.box, '8.4f')} {_cell(c.score, '9.2e')} {_cell(c.mask_iou, '8.4f')} "
+                     f"{_cell(c.keypoint, '7.3f')}")
+    largest = {key: [getattr(c, key) for c in comparisons if getattr(c, key) is not None] for key in TOLERANCES}
+    parts = [f"box coordinates {max(largest['box']):.4f} px (tolerance {TOLERANCES['box']})"] if largest["box"] else []
+    if largest["score"]:
+        parts.append(f"scores {max(largest['score']):.2e} ({TOLERANCES['score']})")
+    if largest["mask_iou"]:
+        parts.append(f"smallest mask IoU {min(largest['mask_iou']):.4f} (at least {TOLERANCES['mask_iou']})")
+    if largest["keypoint"]:
+        parts.append(f"keypoints {max(largest['keypoint']):.3f} px ({TOLERANCES['keypoint']})")
+    lines.append("largest differences: " + (", ".join(parts) if parts else f"none compared: no detection at or above "
+                                            f"{score_thresh:g} on any image (a lower --score-thresh compares more)"))
+    return lines
+
+
+def benchmark(runs: dict[str, object], image: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Images per second of each runtime (a callable on a list of images) on one image, the runtimes taking
+    turns round by round so that a busy machine slows them alike; the median round of each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for run in runs.values():  # one warm-up each: first-call allocations and kernels' choices
+            run([image])
+        for _ in range(rounds):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run([image])
+                times[name].append(time.perf_counter() - started)
+    return {name: 1.0 / sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def supported_note(name: str) -> str | None:
+    """A line about a model family whose export the tests do not check, or None."""
+    if family(name) == "rcnn":
+        return None
+    return (f"note: {name} is exported if torch can; the tests check the export of {TESTED_FAMILIES}, and the "
+            f"verification below says whether this one holds")

@@ -1,0 +1,247 @@
+"""tools/export.py and deploy.py: ONNX export of checkpoints and weights, its check against PyTorch with
+onnxruntime, predict.py --onnx, and the comparison's own logic. Models are random, at 64 px."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import onnx
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+import deploy
+from conftest import ROOT, run_cli
+from errors import UserError
+from models import build_model
+from tools import export
+from tools.make_coco_dataset import CATEGORIES
+
+SIZES = {"min_size": 64, "max_size": 96}
+FEW = 3  # detections per image of the Mask and Keypoint R-CNN models
+
+
+def largest_feature(model: torch.nn.Module, image: torch.Tensor) -> float:
+    """The largest sum of box-head features over the model's regions of one image."""
+    sums = []
+    hook = model.roi_heads.box_head.register_forward_hook(lambda module, args, out: sums.append(out.sum(1)))
+    with torch.inference_mode():
+        model([image.float() / 255])
+    hook.remove()
+    return sums[0].max().item()
+
+
+def detecting_shapes(model: torch.nn.Module, name: str) -> None:
+    """Random weights detect everything, blank images included. Here class 1 scores a region by its box-head
+    features, which are small on a blank image: so the generated shapes have detections and the blank image
+    none at all, the case ONNX graphs have failed on (pytorch/vision#2251)."""
+    model.roi_heads.detections_per_img = FEW
+    images = dict(export.check_images(argparse.Namespace(data_path=None), name, *export.trained_size(model)))
+    shapes = largest_feature(model, images["generated (export sample)"])
+    blank = largest_feature(model, images["blank gray"])
+    assert shapes > 1.5 * blank, "the blank image no longer differs from the shapes for the random model"
+    slope = 8 / (shapes - blank)
+    with torch.no_grad():
+        classifier = model.roi_heads.box_predictor.cls_score
+        classifier.weight.zero_()
+        classifier.bias.fill_(-20.0)  # the other classes never
+        classifier.bias[0] = 0.0  # background
+        classifier.weight[1] = slope
+        classifier.bias[1] = -slope * (shapes + blank) / 2  # logit +4 on the shapes, -4 on the blank image
+
+
+def write_checkpoint(path, name: str, categories: list[dict]) -> None:
+    """A checkpoint as train.py writes it (what export and predict read) of a random model that detects shapes."""
+    torch.manual_seed(0)
+    model = build_model(name, len(categories) + 1, None, None, None, **SIZES).eval()
+    detecting_shapes(model, name)
+    torch.save({"model": model.state_dict(), "args": {"model": name, "dataset": "coco", **SIZES},
+                "categories": categories, "num_classes": len(categories) + 1, "labels_are_category_ids": False},
+               path)
+
+
+def export_few(*argv: str) -> tuple[int, str]:
+    """export.main in this process, with at most FEW detections per image: the mask and keypoint heads cost about
+    1 and 4 GFLOP per detection, so torchvision's 100 take minutes on a CPU, and the graph is the same. Its exit
+    status and what it printed."""
+    real_load = export.load_model
+
+    def load_few(args):
+        model, category_map, name = real_load(args)
+        model.roi_heads.detections_per_img = FEW
+        return model, category_map, name
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(printed), redirect_stderr(printed):
+        patch.setattr(export, "load_model", load_few)
+        status = export.main(list(argv))
+    return status, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mask_export(tmp_path_factory):
+    """A Mask R-CNN checkpoint exported by tools/export.py: (the ONNX file, exit status, what it printed)."""
+    folder = tmp_path_factory.mktemp("export")
+    categories = [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
+    write_checkpoint(folder / "model_best.pth", "maskrcnn_resnet50_fpn", categories)
+    status, printed = export_few("--checkpoint", str(folder / "model_best.pth"), "--output",
+                                 str(folder / "model.onnx"))
+    (folder / "model_best.pth").unlink()
+    yield folder / "model.onnx", status, printed
+    (folder / "model.onnx").unlink(missing_ok=True)
+
+
+def table_row(stdout: str, image: str) -> list[str]:
+    return next(line for line in stdout.splitlines() if line.startswith(image)).split()
+
+
+def test_mask_rcnn_export_verifies(mask_export):
+    path, status, printed = mask_export
+    assert status == 0, printed
+    assert "verification passed" in printed
+    assert "checked an image of another size than the export's sample: generated, portrait" in printed
+    assert "checked an image without detections above the threshold: blank gray" in printed
+    for image in ("generated (export sample)", "generated, portrait"):
+        counts, mask_iou = table_row(printed, image)[-6], table_row(printed, image)[-2]
+        assert int(counts.split("/")[0]) > 0 and float(mask_iou) >= deploy.TOLERANCES["mask_iou"], printed
+    assert table_row(printed, "blank gray")[3:5] == ["0/0", "0"]  # nothing detected at all
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert json.loads(meta["categories"]) == [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
+    assert json.loads(meta["outputs"]) == ["boxes", "labels", "scores", "masks"]
+    assert meta["input_dtype"] == "uint8"
+
+
+def test_onnx_model_outputs(mask_export):
+    """Dynamic height and width, masks pasted at image size, and an empty output where nothing is detected."""
+    model = deploy.OnnxModel(mask_export[0])
+    assert model.name == "maskrcnn_resnet50_fpn" and model.category_map.category_id(1) == CATEGORIES[0]["id"]
+    shapes = model.run_one(export.shapes_image(72, 100, 3, False))
+    assert shapes["masks"].shape[1:] == (1, 72, 100) and len(shapes["boxes"]) > 0
+    blank = model([torch.full((3, 40, 56), 0.5)])[0]  # floats in 0-1 are taken too
+    assert blank["boxes"].shape == (0, 4) and blank["masks"].shape == (0, 1, 40, 56)
+
+
+def test_predict_with_onnx(mask_export, tiny_dataset, tmp_path):
+    out = tmp_path / "predictions"
+    result = run_cli("tools/predict.py", "--onnx", str(mask_export[0]), str(tiny_dataset / "val2017"),
+                     "--output-dir", str(out), "--score-thresh", "0.05")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list(out.glob("*.jpg"))) == len(list((tiny_dataset / "val2017").glob("*.jpg")))
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions and {p["category_id"] for p in predictions} <= {c["id"] for c in CATEGORIES}
+    gt = COCO(str(tiny_dataset / "annotations" / "instances_val2017.json"))
+    assert len(gt.loadRes(predictions).getAnnIds()) == len(predictions)
+
+
+def test_faster_rcnn_weights_export(tmp_path):
+    name, weights = "fasterrcnn_resnet50_fpn", tmp_path / "faster.pth"
+    torch.manual_seed(0)
+    model = build_model(name, 91, None, None, None, **SIZES).eval()
+    detecting_shapes(model, name)
+    torch.save(model.state_dict(), weights)
+    result = run_cli("tools/export.py", "--weights", str(weights), "--model", name, "--min-size", "64", "--max-size",
+                     "96", "--output", str(tmp_path / "faster.onnx"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verification passed" in result.stdout
+    assert int(table_row(result.stdout, "generated (export sample)")[-6].split("/")[0]) > 0, result.stdout
+    model = deploy.OnnxModel(tmp_path / "faster.onnx")
+    assert [o.name for o in model.session.get_outputs()] == ["boxes", "labels", "scores"]
+    assert model.category_map.keep_ids and model.category_map.name(1) == "person"  # COCO's own
+    (tmp_path / "faster.onnx").unlink()  # pytest keeps its last runs' folders; this file is 167 MB
+
+
+def test_keypoint_rcnn_export(tmp_path):
+    write_checkpoint(tmp_path / "kp.pth", "keypointrcnn_resnet50_fpn", [{"id": 1, "name": "person"}])
+    status, printed = export_few("--checkpoint", str(tmp_path / "kp.pth"), "--output", str(tmp_path / "kp.onnx"),
+                                 "--input-dtype", "float32")
+    assert status == 0, printed
+    row = table_row(printed, "generated (export sample)")
+    assert row[-1] != "-" and float(row[-1]) <= deploy.TOLERANCES["keypoint"], printed  # keypoints compared
+    model = deploy.OnnxModel(tmp_path / "kp.onnx")
+    assert model.names == ["boxes", "labels", "scores", "keypoints", "keypoints_scores"]
+    assert model.session.get_inputs()[0].type == "tensor(float)"
+    (tmp_path / "kp.onnx").unlink()
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert export.main(["--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    assert export.main(["--weights", "x.pth", "--output", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert export.main(["--weights", "x.pth", "--opset", "11"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert "no such file" in lines[0] and "does not exist" in lines[1] and "16 or more" in lines[2]
+
+
+def test_failed_export_is_one_line(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Failed to export the model\n\n## Exception summary\n\n<class 'torch.fx.Guard'>: no guard"
+                           "\nCaused by: (boxes.py:86 in batched_nms)\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    model = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 2, None, None, None, **SIZES)
+    with pytest.raises(UserError) as error:
+        deploy.export(model, "fasterrcnn_mobilenet_v3_large_320_fpn", torch.zeros(3, 64, 64, dtype=torch.uint8),
+                      tmp_path / "m.onnx", {})
+    message = str(error.value)
+    assert "\n" not in message and "Guard: no guard Caused by: (boxes.py:86 in batched_nms)" in message
+    assert "Mask R-CNN" in message and not list(tmp_path.iterdir())
+
+
+def test_foreign_onnx_file_is_refused(tmp_path):
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["image"], ["boxes"])], "plain",
+                                   [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.UINT8, [3, 4, 4])],
+                                   [onnx.helper.make_tensor_value_info("boxes", onnx.TensorProto.UINT8, [3, 4, 4])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "p.onnx")
+    with pytest.raises(UserError, match="no model and category metadata"):
+        deploy.OnnxModel(tmp_path / "p.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(UserError, match="could not be loaded"):
+        deploy.OnnxModel(tmp_path / "junk.onnx")
+
+
+def detections(boxes, scores, labels) -> dict:
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels)}
+
+
+def test_compare_matches_across_the_threshold_and_flags_differences():
+    expected = detections([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.501], [1, 2])
+    close = detections([[20, 20, 40.01, 40], [0, 0, 10, 10]], [0.499, 0.9], [2, 1])  # order and threshold differ
+    assert deploy.compare("a", expected, close, 0.5).problems() == []
+    shifted = detections([[0, 0, 12, 10], [20, 20, 40, 40]], [0.9, 0.501], [1, 2])
+    assert "box coordinates differ by 2 px" in deploy.compare("a", expected, shifted, 0.5).problems()[0]
+    relabelled = detections([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.501], [1, 3])
+    assert deploy.compare("a", expected, relabelled, 0.5).problems() == ["a: 2 detections without a counterpart"]
+    low = deploy.compare("a", detections([[0, 0, 10, 10]], [0.1], [1]), detections([[0, 0, 10, 19]], [0.1], [1]), 0.5)
+    assert low.matched == 0 and low.problems() == [], "under the threshold on both sides nothing is compared"
+
+
+def test_mask_iou_leaves_out_pixels_at_the_cut():
+    expected = torch.tensor([[[0.9, 0.9, 0.5001, 0.1]]])
+    assert deploy.mask_iou(expected, torch.tensor([[[0.9, 0.9, 0.4999, 0.1]]])).item() == 1.0
+    assert deploy.mask_iou(expected, torch.tensor([[[0.9, 0.1, 0.5, 0.1]]])).item() == 0.5
+
+
+def test_write_atomic_failure_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="could not write"):
+        deploy.write_atomic(b"x", tmp_path / "missing" / "m.onnx")
+    deploy.write_atomic(b"x", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"x" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_training_does_not_import_the_export_set():
+    """Only deploy.py imports onnx and onnxruntime, and only inside the functions that use them."""
+    optional = {"onnx", "onnxruntime", "onnxscript"}
+    for path in ROOT.glob("**/*.py"):
+        parts = path.relative_to(ROOT).parts
+        if parts[0] in ("tests", "datasets", "output") or parts[0].startswith("."):
+            continue
+        tree = ast.parse(path.read_text())
+        nodes = tree.body if path.name == "deploy.py" else list(ast.walk(tree))
+        imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & optional, f"{path} imports {imported & optional}"

@@ -1,0 +1,182 @@
+"""Export a trained detector to ONNX, then check the file against the PyTorch model with onnxruntime.
+
+    python3 tools/export.py --checkpoint output/model_best.pth --output model.onnx
+    python3 tools/export.py --weights MaskRCNN_ResNet50_FPN_Weights.COCO_V1 --output maskrcnn.onnx --data-path data/
+
+The ONNX model takes one image, `image`: uint8 (3, H, W) RGB of any height and width (float32 in 0-1 with
+--input-dtype float32). The model's own resizing, normalisation and post-processing are inside the graph, so it
+returns what torchvision's model returns for that image, in its pixels: boxes (N, 4) x0 y0 x1 y1, labels (N,),
+scores (N,), and for Mask R-CNN masks (N, 1, H, W) probabilities pasted at image size, for Keypoint R-CNN
+keypoints (N, K, 3) and keypoints_scores (N, K). The category ids and names are in the file's metadata.
+
+The check runs both models on a few images (from --data-path, else generated): the export's sample, one of
+another size and a blank one, with no detection above --score-thresh expected. It prints the largest
+differences per image and exits 1 when they are beyond the tolerances it states.
+
+Limits, with torch 2.14.1 and torchvision 0.29.1: torch's dynamo-based exporter stops at torchvision's NMS
+(a shape that depends on the data), so the TorchScript-based exporter is the default (--exporter dynamo tries the
+other). One image per call. Images with no detection give empty outputs (masks (0, 1, H, W)), which works. The
+export is tested for Faster R-CNN, Mask R-CNN and Keypoint R-CNN; other families are exported when torch can
+and the check says whether the result holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import deploy  # noqa: E402
+import speedups  # noqa: E402
+from coco_utils import SampleError, read_rgb  # noqa: E402
+from errors import UserError  # noqa: E402
+from models import MODELS  # noqa: E402
+from tools.make_coco_dataset import DatasetSpec, make_image  # noqa: E402
+from tools.predict import find_images, load_model  # noqa: E402
+
+DATA_IMAGES = 3  # images taken from --data-path
+BLANK_GRAY = 128
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    tol = deploy.TOLERANCES
+    epilog = (f"tolerances per matched detection: box coordinates {tol['box']} px, scores {tol['score']}, mask IoU "
+              f"at least {tol['mask_iou']} (pixels within {deploy.MASK_BAND} of the 0.5 cut left out), keypoints "
+              f"{tol['keypoint']} px")
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint written by train.py (model_best.pth, checkpoint.pth)")
+    source.add_argument("--weights", help="COCO weights: a torchvision name read from the hub cache, or a .pth")
+    parser.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
+                        help=f"with --weights: the model ({', '.join(MODELS)})")
+    parser.add_argument("--output", default="model.onnx", help="the ONNX file to write")
+    parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
+    parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
+    parser.add_argument("--input-dtype", default="uint8", choices=("uint8", "float32"),
+                        help="what the graph takes: uint8 0-255 (default) or float32 0-1")
+    parser.add_argument("--data-path", help="check on images from here (a COCO-layout root's val2017/, or a "
+                                            "folder of images) instead of generated ones")
+    parser.add_argument("--score-thresh", type=float, default=0.5,
+                        help="detections at or above this must match between the two runtimes")
+    parser.add_argument("--exporter", default="torchscript", choices=deploy.EXPORTERS,
+                        help="torch's exporter; dynamo fails on torchvision's detectors with torch 2.14.1")
+    parser.add_argument("--opset", type=int, default=deploy.OPSET, help="ONNX opset (16 or more)")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="ROUNDS",
+                        help="also time onnxruntime and PyTorch, taking turns, on the sample at the trained size")
+    return parser.parse_args(argv)
+
+
+def trained_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(height, width) of a 4:3 landscape image at the size the model resizes to."""
+    transform = model.transform
+    height = transform.min_size[-1]
+    return height, min(round(height * 4 / 3), transform.max_size)
+
+
+def shapes_image(height: int, width: int, seed: int, keypoints: bool) -> torch.Tensor:
+    """A generated image of coloured shapes (stick figures for keypoints), as tools/make_coco_dataset.py draws."""
+    side = max(height, width)
+    spec = DatasetSpec(min_size=side, max_size=side, crowd_share=0.0, empty_share=0.0, degenerate_share=0.0,
+                       keypoints=keypoints)
+    image, _ = make_image(np.random.default_rng([seed, 7]), spec, 1, [0])
+    return torch.from_numpy(np.asarray(image.crop((0, 0, width, height))).copy()).permute(2, 0, 1)
+
+
+def data_images(data_path: str) -> list[tuple[str, torch.Tensor]]:
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f"--data-path {data_path} is not a folder; give a COCO-layout root or a folder of images")
+    folder = root / "val2017" if (root / "val2017").is_dir() else root
+    try:
+        return [(path.name, read_rgb(path)) for path in find_images([str(folder)])[:DATA_IMAGES]]
+    except SampleError as e:
+        raise UserError(f"--data-path: {e}") from None
+
+
+def check_images(args: argparse.Namespace, name: str, height: int, width: int) -> list[tuple[str, torch.Tensor]]:
+    """The export's sample (at the trained size), images of other sizes, and a blank one, as (label, image)."""
+    keypoints = name.startswith("keypointrcnn")
+    sample = ("generated (export sample)", shapes_image(height, width, 0, keypoints))
+    if args.data_path:
+        others = data_images(args.data_path)
+    else:
+        tall = (round(height * 1.25), round(height * 0.75))
+        others = [("generated, portrait", shapes_image(*tall, 1, keypoints))]
+    blank = ("blank gray", torch.full((3, round(height * 0.8), height), BLANK_GRAY, dtype=torch.uint8))
+    return [sample, *others, blank]
+
+
+def coverage(comparisons: list[deploy.Comparison]) -> list[str]:
+    """Whether the check covered an image of another size than the sample and one without detections."""
+    sample = comparisons[0].size
+    other = next((c for c in comparisons if c.size != sample), None)
+    empty = next((c for c in comparisons if c.torch_count == 0), None)
+    lines = [f"checked an image of another size than the export's sample: {other.image} ({other.size[0]}x"
+             f"{other.size[1]})" if other else "note: every image had the sample's size"]
+    lines.append(f"checked an image without detections above the threshold: {empty.image}" if empty else
+                 "note: every image had detections above the threshold; the empty output was not checked")
+    return lines
+
+
+def run_benchmark(model: torch.nn.Module, onnx_model: deploy.OnnxModel, image: torch.Tensor, rounds: int) -> None:
+    fast = speedups.for_inference(model, torch.device("cpu"), speedups.SpeedupConfig())
+    runs = {"onnxruntime": onnx_model,
+            "PyTorch (torchvision's model)": lambda images: model([i.float() / 255 for i in images]),
+            "PyTorch (with speedups/)": lambda images: fast([i.float() / 255 for i in images])}
+    rates = deploy.benchmark(runs, image, rounds)
+    print(f"speed at {image.shape[1]}x{image.shape[2]}, median of {rounds} rounds taking turns, "
+          f"{torch.get_num_threads()} torch threads:")
+    base = rates["PyTorch (torchvision's model)"]
+    for runtime, rate in rates.items():
+        print(f"  {runtime:<30} {rate:8.3g} images/s  {1 / rate:7.2f} s/image  {rate / base:5.2f}x torchvision's")
+
+
+def export_and_check(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if args.opset < 16:
+        raise UserError(f"--opset {args.opset} is too old for torchvision's RoIAlign; give 16 or more")
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: folder {output.parent} does not exist; create it or choose another")
+    for module in ("onnx", "onnxruntime"):  # before minutes of work, not after
+        deploy.require(module)
+    model, category_map, name = load_model(args)
+    model.eval()
+    if note := deploy.supported_note(name):
+        print(note)
+    images = check_images(args, name, *trained_size(model))
+    meta = deploy.metadata(name, category_map, model, args.input_dtype, args.exporter)
+    sample = images[0][1] if args.input_dtype == "uint8" else images[0][1].float() / 255
+    seconds = deploy.export(model, name, sample, output, meta, args.exporter, args.opset)
+    print(f"exported {name} to {output} ({output.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s with torch "
+          f"{torch.__version__}'s {args.exporter} exporter, opset {args.opset}; "
+          f"{len(category_map.ids)} categories in its metadata")
+    onnx_model = deploy.OnnxModel(output)
+    comparisons = deploy.verify(model, onnx_model, images, args.score_thresh)
+    print("\n".join(deploy.report(comparisons, args.score_thresh) + coverage(comparisons)))
+    if args.benchmark:
+        run_benchmark(model, onnx_model, images[0][1], args.benchmark)
+    problems = [p for c in comparisons for p in c.problems()]
+    if problems:
+        print(f"verification FAILED ({output} is kept for inspection): {'; '.join(problems[:3])}", file=sys.stderr)
+        return 1
+    print("verification passed: onnxruntime gives PyTorch's detections within the tolerances")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return export_and_check(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
