@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks behind the README's Performance section, in one go, each step bounded in time:
-#   bash bench/gpu_suite.sh OUT_DIR [REFERENCE_DIR] [all|train|eval]
+#   bash bench/gpu_suite.sh OUT_DIR [REFERENCE_DIR] [all|train|eval|table]
 # REFERENCE_DIR is torchvision's references/detection, measured beside ours where given. Each benchmark's
 # JSON line is appended to OUT_DIR/results.jsonl, each command's output kept in OUT_DIR/logs.tar.gz, and the
 # training profiles (operator tables and traces of a few steps, both implementations) written to OUT_DIR.
-# train or eval runs only that half (one lease may not hold both).
+# train or eval runs only that half (one lease may not hold both); table, in a call of its own, measures
+# images/s and peak memory at batch 2, 8 and 16 per GPU (4 is in train), fp32 and --amp, ours and the reference.
 # Wheels in .whl/ (pycocotools, faster-coco-eval, for a machine without them) are installed first.
 set -u
-out=${1:?usage: gpu_suite.sh OUT_DIR [REFERENCE_DIR] [all|train|eval]}
+out=${1:?usage: gpu_suite.sh OUT_DIR [REFERENCE_DIR] [all|train|eval|table]}
 ref=${2:-}
 part=${3:-all}
 logs=$out/logs
@@ -47,10 +48,10 @@ $py -c "import torch, torchvision, sys; torch.save(torchvision.models.resnet50()
 [ "$part" = all ] && $py tools/make_coco_dataset.py datasets/coco --coco-categories --coco-like --train-images 64 \
     --val-images 16 >/dev/null &
 val_images=500
-[ "$part" = train ] && val_images=16
+[ "$part" = train ] || [ "$part" = table ] && val_images=16
 # And one whose images all have one size (480 x 480): every batch the same shape, as cuDNN's plan cache sees
 # a long run whose batch shapes have all been seen.
-[ "$part" != eval ] && $py tools/make_coco_dataset.py /tmp/oneshape --coco-categories --coco-like --size 480 \
+[ "$part" = all ] || [ "$part" = train ] && $py tools/make_coco_dataset.py /tmp/oneshape --coco-categories --coco-like --size 480 \
     --train-images 120 --val-images 4 >/dev/null &
 $py tools/make_coco_dataset.py /tmp/cocolike --coco-categories --coco-like --train-images 200 \
     --val-images $val_images >/dev/null
@@ -61,14 +62,23 @@ bt=(--data-path /tmp/cocolike --device cuda --batch-size 4 --steps 20 --warmup 5
     --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
 one=("${bt[@]}" --data-path /tmp/oneshape)
 pt=("${bt[@]}" --steps 4 --warmup 4 --amp --profile "$out")
-if [ "$part" != eval ]; then
+if [ "$part" = table ]; then
+  for batch in 2 8 16; do
+    tb=("${bt[@]}" --batch-size $batch --steps 8 --warmup 3)
+    step table_b${batch}_fp16 75 $py bench/bench_train.py "${tb[@]}" --amp --amp-dtype float16
+    [ -n "$ref" ] && step ref_table_b${batch}_fp16 75 $py bench/bench_train.py "${tb[@]}" --amp --reference "$ref"
+    step table_b${batch}_fp32 75 $py bench/bench_train.py "${tb[@]}"
+    [ -n "$ref" ] && step ref_table_b${batch}_fp32 75 $py bench/bench_train.py "${tb[@]}" --reference "$ref"
+  done
+fi
+if [ "$part" = all ] || [ "$part" = train ]; then
   step train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16
   [ -n "$ref" ] && step ref_train_fp16 90 $py bench/bench_train.py "${bt[@]}" --amp --reference "$ref"
   step train_fp16_unbucketed 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype float16 --no-shape-buckets
   step oneshape_fp16 90 $py bench/bench_train.py "${one[@]}" --amp --amp-dtype float16
   [ -n "$ref" ] && step ref_oneshape_fp16 90 $py bench/bench_train.py "${one[@]}" --amp --reference "$ref"
 fi
-if [ "$part" != train ]; then
+if [ "$part" = all ] || [ "$part" = eval ]; then
   # A 91-class model in the layout both builders make without ImageNet weights, trained briefly: its many
   # low-score detections are the worst case for evaluation. Its own epoch-end evaluation is ours at batch 1.
   step eval_model 150 $py train.py --data-path /tmp/cocolike --weights-backbone none --epochs 1 --batch-size 8 \
@@ -78,21 +88,21 @@ if [ "$part" != train ]; then
   step eval_unbucketed 120 $py bench/bench_eval.py --data-path /tmp/cocolike \
       --checkpoint /tmp/evalmodel/checkpoint.pth --workers 8 -- --no-shape-buckets
 fi
-if [ "$part" != eval ]; then
+if [ "$part" = all ] || [ "$part" = train ]; then
   step train_fp32 90 $py bench/bench_train.py "${bt[@]}"
   [ -n "$ref" ] && step ref_train_fp32 90 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
   step profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --amp-dtype float16
   step train_bf16 90 $py bench/bench_train.py "${bt[@]}" --amp --amp-dtype bfloat16
 fi
-if [ "$part" != train ]; then
+if [ "$part" = all ] || [ "$part" = eval ]; then
   step eval_batched 120 $py bench/bench_eval.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
       --workers 8 -- --eval-batch-size 8
 fi
-if [ "$part" != train ] && [ -n "$ref" ]; then
+if { [ "$part" = all ] || [ "$part" = eval ]; } && [ -n "$ref" ]; then
   step eval_parity 240 $py bench/eval_parity.py --data-path /tmp/cocolike --checkpoint /tmp/evalmodel/checkpoint.pth \
       --reference "$ref" --workers 8
 fi
-if [ "$part" != eval ]; then
+if [ "$part" = all ] || [ "$part" = train ]; then
   [ -n "$ref" ] && step ref_profile_fp16 90 $py bench/bench_train.py "${pt[@]}" --reference "$ref"
 fi
 if [ "$part" = all ]; then

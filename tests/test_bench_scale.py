@@ -1,0 +1,48 @@
+"""bench/bench_scale.py runs end to end at a small size, beside torchvision's reference where a checkout of its
+references/detection is found ($TORCHVISION_REFERENCE, or /work/ref/references/detection), and prints the
+figures it promises; it leaves no dataset behind unless asked to keep it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def _reference() -> Path | None:
+    folder = Path(os.environ.get("TORCHVISION_REFERENCE", "/work/ref/references/detection"))
+    return folder if (folder / "train.py").is_file() else None
+
+
+def _check(figures: dict, workers: int, samples: int) -> None:
+    assert "error" not in figures, figures.get("error")
+    assert figures["start_to_first_batch_s"] >= figures["start_to_loaders_s"] > 0
+    memory = figures["memory"]
+    assert memory["samples_loaded"] == workers * samples
+    assert len(memory["workers"]) == workers
+    assert all(w["uss_mb"] > 0 and w["pss_anon_mb"] > 0 for w in memory["workers"])
+    assert memory["workers_uss_mb"] == round(sum(w["uss_mb"] for w in memory["workers"]), 1)
+
+
+def test_bench_runs_at_a_small_size(tmp_path):
+    reference = _reference()
+    root = tmp_path / "scale"
+    command = [sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--images", "40", "--workers", "2",
+               "--samples-per-worker", "4", "--root", str(root)]
+    if reference:
+        command += ["--reference", str(reference)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["benchmark"] == "scale" and not root.exists()
+    assert printed["dataset"]["train"]["images"] == 40 and printed["dataset"]["train"]["instances"] > 40
+    _check(printed["ours"], 2, 4)
+    assert 0 < printed["ours"]["training_samples"] <= 40
+    if reference:
+        _check(printed["reference"], 2, 4)
+        assert printed["reference"]["training_samples"] == printed["ours"]["training_samples"]
+        assert set(printed["comparison"]) >= {"start_up_ratio", "workers_uss_ratio", "growth_pss_anon_ratio"}
