@@ -195,7 +195,7 @@ def init_mask_logits(model: nn.Module, num_classes: int) -> bool:
     std = math.sqrt(2 / (COCO_CLASSES * logits.kernel_size[0] * logits.kernel_size[1]))  # fan-out of 91 classes
     with torch.no_grad():
         nn.init.normal_(logits.weight, std=std)  # the bias's default scale does not depend on the class count
-    if not 0.5 < float(logits.weight.std()) / std < 2:
+    if not 0.5 < float(logits.weight.detach().std()) / std < 2:
         raise RuntimeError("the mask logits' new initialisation did not take")
     return True
 

@@ -26,6 +26,7 @@ def _check(figures: dict, workers: int, samples: int) -> None:
     assert len(memory["workers"]) == workers
     assert all(w["uss_mb"] > 0 and w["pss_anon_mb"] > 0 for w in memory["workers"])
     assert memory["workers_uss_mb"] == round(sum(w["uss_mb"] for w in memory["workers"]), 1)
+    assert len(memory["workers_after_first_batches"]) == workers
 
 
 def test_bench_runs_at_a_small_size(tmp_path):
@@ -45,4 +46,5 @@ def test_bench_runs_at_a_small_size(tmp_path):
     if reference:
         _check(printed["reference"], 2, 4)
         assert printed["reference"]["training_samples"] == printed["ours"]["training_samples"]
-        assert set(printed["comparison"]) >= {"start_up_ratio", "workers_uss_ratio", "growth_pss_anon_ratio"}
+        assert set(printed["comparison"]) >= {"start_up_ratio", "workers_uss_ratio", "growth_pss_anon_ratio",
+                                              "workers_uss_growth_ratio"}

@@ -17,10 +17,6 @@ import torch
 
 from conftest import ROOT, SMALL, TINY, cli_env
 
-# torch.distributed.launch's default port is one per machine: these tests run one after another, on one of
-# pytest-xdist's workers.
-pytestmark = pytest.mark.xdist_group("distributed")
-
 FLAGS = [*SMALL, "--epochs", "1", "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--dist-timeout", "60"]
 FROM_SCRATCH = ["--weights-backbone", "none"]  # batch norms that train, and buffers that DDP broadcasts
 
