@@ -128,13 +128,16 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     from coco_utils import build_dataset
     from devices import amp_dtype, grad_scaler
     from engine import TrainOptions, train_one_epoch
+    from group_by_aspect_ratio import ResumableBatchSampler
     from models import build_model
 
     dataset = build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip"))
     dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
-                                         num_workers=args.workers, collate_fn=utils.collate_fn,
-                                         pin_memory=device.type == "cuda")
+    # In order, as the reference's run below; the loop reads the run's clock from the batch sampler.
+    batches = ResumableBatchSampler(torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset),
+                                                                  args.batch_size, drop_last=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
+                                         collate_fn=utils.collate_fn, pin_memory=device.type == "cuda")
     loader = TimedLoader(loader)
     model = build_model("maskrcnn_resnet50_fpn", 91, None, args.weights_backbone, None,
                         min_size=args.min_size, max_size=args.max_size)
