@@ -365,18 +365,25 @@ def measure(implementation: str, args: argparse.Namespace) -> dict:
     return {**json.loads(lines[-1][len(RESULT):]), **state}
 
 
+def ratio(ours: float, reference: float, digits: int = 4) -> float | None:
+    """ours / reference, or None where the reference measured nothing (tiny runs can grow by 0 MB)."""
+    return round(ours / reference, digits) if reference > 0 else None
+
+
 def compare(ours: dict, reference: dict) -> dict:
     """The targets: start-up no slower than the reference's; worker memory growth at most a tenth of its."""
     if "error" in ours or "error" in reference:
         return {}
-    start = ours["start_to_first_batch_s"] / reference["start_to_first_batch_s"]
-    workers = ours["memory"]["workers_uss_mb"] / reference["memory"]["workers_uss_mb"]
-    growth = ours["memory"]["growth_pss_anon_mb"] / reference["memory"]["growth_pss_anon_mb"]
-    loading = ours["memory"]["workers_uss_growth_mb"] / reference["memory"]["workers_uss_growth_mb"]
-    return {"start_up_ratio": round(start, 3), "workers_uss_ratio": round(workers, 4),
-            "growth_pss_anon_ratio": round(growth, 4), "workers_uss_growth_ratio": round(loading, 4),
-            "start_up_target_met": start <= 1.0,
-            "worker_memory_target_met": workers <= 0.1 and growth <= 0.1}
+    memory, reference_memory = ours["memory"], reference["memory"]
+    start = ratio(ours["start_to_first_batch_s"], reference["start_to_first_batch_s"], 3)
+    workers = ratio(memory["workers_uss_mb"], reference_memory["workers_uss_mb"])
+    growth = ratio(memory["growth_pss_anon_mb"], reference_memory["growth_pss_anon_mb"])
+    loading = ratio(memory["workers_uss_growth_mb"], reference_memory["workers_uss_growth_mb"])
+    return {"start_up_ratio": start, "workers_uss_ratio": workers,
+            "growth_pss_anon_ratio": growth, "workers_uss_growth_ratio": loading,
+            "start_up_target_met": start is not None and start <= 1.0,
+            "worker_memory_target_met": None if workers is None or growth is None
+            else workers <= 0.1 and growth <= 0.1}
 
 
 def main(argv: list[str] | None = None) -> None:

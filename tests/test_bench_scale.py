@@ -4,6 +4,7 @@ figures it promises; it leaves no dataset behind unless asked to keep it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -48,3 +49,20 @@ def test_bench_runs_at_a_small_size(tmp_path):
         assert printed["reference"]["training_samples"] == printed["ours"]["training_samples"]
         assert set(printed["comparison"]) >= {"start_up_ratio", "workers_uss_ratio", "growth_pss_anon_ratio",
                                               "workers_uss_growth_ratio"}
+
+
+def _figures(start: float, uss: float, growth: float, loading: float) -> dict:
+    return {"start_to_first_batch_s": start, "memory": {"workers_uss_mb": uss, "growth_pss_anon_mb": growth,
+                                                        "workers_uss_growth_mb": loading}}
+
+
+def test_compare_gives_ratios_and_none_where_the_reference_measured_nothing():
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "bench_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    met = bench.compare(_figures(5, 10, 1, 2), _figures(10, 200, 20, 4))
+    assert met == {"start_up_ratio": 0.5, "workers_uss_ratio": 0.05, "growth_pss_anon_ratio": 0.05,
+                   "workers_uss_growth_ratio": 0.5, "start_up_target_met": True, "worker_memory_target_met": True}
+    tiny = bench.compare(_figures(5, 10, 1, 2), _figures(4, 50, 0, 0))
+    assert tiny["workers_uss_growth_ratio"] is None and tiny["growth_pss_anon_ratio"] is None
+    assert tiny["worker_memory_target_met"] is None and tiny["start_up_target_met"] is False
