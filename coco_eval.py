@@ -51,8 +51,7 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map
                     iou_types: tuple[str, ...]) -> dict[str, list[dict]]:
     """One image's model output as COCO result records per IoU type, with the file's category ids.
 
-    Masks are the model's probabilities (N, 1, H, W), already thresholded (N, H, W) booleans (which encode
-    without a copy when their memory is column-major, see binarize_masks) or RunLengths. Keypoints (N, K, 3) become
+    Masks are the model's probabilities (N, 1, H, W) or RunLengths made of them. Keypoints (N, K, 3) become
     COCO's flat [x, y, v, ...] lists.
     """
     encoded = encode(image_id, output, category_map, iou_types)
@@ -127,19 +126,12 @@ def encode(image_id: int, output: dict[str, torch.Tensor], category_map: Categor
         encoded.keypoints = _host_array(output["keypoints"].flatten(1))
     if "segm" in iou_types:
         masks = output["masks"]
-        rles = []
-        if isinstance(masks, RunLengths):
-            encoded.mask_size = masks.size
-            if masks.counts:
-                height, width = masks.size
-                rles = mask_utils.frPyObjects([{"counts": c, "size": [height, width]} for c in masks.counts],
-                                              height, width)
-        else:
-            encoded.mask_size = tuple(masks.shape[-2:])
-            if len(masks):
-                if masks.dtype != torch.bool:
-                    masks = masks[:, 0] > 0.5
-                rles = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0)).view(np.uint8))
+        if not isinstance(masks, RunLengths):
+            masks = windowed_run_lengths(masks.cpu())
+        encoded.mask_size = masks.size
+        height, width = masks.size
+        rles = mask_utils.frPyObjects([{"counts": c, "size": [height, width]} for c in masks.counts],
+                                      height, width) if masks.counts else []
         encoded.rles = [r["counts"] for r in rles]
     return encoded
 
@@ -170,10 +162,46 @@ def run_lengths(probabilities: torch.Tensor) -> RunLengths:
     return RunLengths(counts, (height, width))
 
 
-def binarize_masks(probabilities: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) mask probabilities to (N, H, W) booleans laid out column by column in memory, on the
-    device they are on: a quarter of the bytes to copy, and what RLE encoding reads without a copy."""
-    return (probabilities[:, 0] > 0.5).transpose(1, 2).contiguous().transpose(1, 2)
+def windowed_run_lengths(probabilities: torch.Tensor) -> RunLengths:
+    """(N, 1, H, W) CPU mask probabilities cut at 0.5 and run-length encoded, each inside the smallest window
+    that holds all its pixels above 0.5: a detection's mask is mostly zeros, and thresholding every pixel of
+    every mask would cost more than the rest of evaluation."""
+    count, _, height, width = probabilities.shape
+    probabilities = probabilities[:, 0]
+    # A NaN maximum keeps its row or column in the window, where the comparison itself leaves NaN unset.
+    columns_set = ~(probabilities.amax(dim=1) <= 0.5).numpy()
+    rows_set = ~(probabilities.amax(dim=2) <= 0.5).numpy()
+    counts = []
+    for k in range(count):
+        columns, rows = np.flatnonzero(columns_set[k]), np.flatnonzero(rows_set[k])
+        if len(columns) == 0 or len(rows) == 0:
+            counts.append(np.array([height * width], dtype=np.uint32))
+            continue
+        left, top = int(columns[0]), int(rows[0])
+        window = probabilities[k, top:rows[-1] + 1, left:columns[-1] + 1] > 0.5
+        counts.append(_window_runs(window.T.numpy(), top, left, height, width))
+    return RunLengths(counts, (height, width))
+
+
+def _window_runs(columns: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """COCO run lengths of a height x width mask that is set only inside a window, given column by column
+    (window width, window height) with its top-left pixel at (top, left)."""
+    window_height = columns.shape[1]
+    padded = np.zeros((columns.shape[0], window_height + 2), dtype=bool)  # unset pixels above and below
+    padded[:, 1:-1] = columns
+    column, row = np.divmod(np.flatnonzero(padded[:, 1:] != padded[:, :-1]), window_height + 1)
+    # Where each run starts or ends, in the whole image's column-major order.
+    boundaries = (left + column) * height + top + row
+    # A window as tall as the image: a column that ends set meets the next one that starts set, one run.
+    joined = boundaries[1:] == boundaries[:-1]
+    if joined.any():
+        keep = np.ones(len(boundaries), dtype=bool)
+        keep[1:] &= ~joined
+        keep[:-1] &= ~joined
+        boundaries = boundaries[keep]
+    if len(boundaries) and boundaries[-1] == height * width:  # the last pixel is set: no empty run after it
+        boundaries = boundaries[:-1]
+    return np.diff(boundaries, prepend=0, append=height * width).astype(np.uint32)
 
 
 COCOEVAL_BACKENDS = ("auto", "pycocotools", "faster")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 import utils
-from coco_eval import CocoEvaluator, binarize_masks, run_lengths
+from coco_eval import CocoEvaluator, RunLengths, run_lengths, windowed_run_lengths
 from devices import autocast
 from errors import UserError
 from metrics import ConsoleWriter, LogSchedule, Record, StepMeters
@@ -282,13 +282,13 @@ def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch
     return {k: float(v) / batches for k, v in utils.reduce_dict(dict(sorted(totals.items()))).items()}
 
 
-def compact_masks(probabilities: torch.Tensor):
-    """What evaluation keeps of the pasted masks: on a GPU their run lengths, computed there (a few thousand
-    numbers per image to copy back, and no encoding work for the host); on the CPU booleans laid out for
-    pycocotools' encoder, which runs on the evaluator's background thread."""
+def compact_masks(probabilities: torch.Tensor) -> RunLengths:
+    """What evaluation keeps of the pasted masks: their run lengths, made on the device the masks are on (on
+    a GPU only a few thousand numbers per image come back to the host; on the CPU only the pixels inside
+    each mask's window are thresholded)."""
     if probabilities.is_cuda:
         return run_lengths(probabilities)
-    return binarize_masks(probabilities)
+    return windowed_run_lengths(probabilities)
 
 
 def predict_batch(model, images, device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:

@@ -106,7 +106,7 @@ class DetectionMaker:
         # The probabilities go into one buffer, cleared where the previous image wrote: zeroing a fresh
         # 100 x 480 x 640 float tensor per image would cost more than either evaluator's work. It is safe to
         # reuse because neither evaluator holds the float masks after update returns: ours gets them
-        # thresholded (as engine.compact_masks does), the reference thresholds them inside update.
+        # run-length encoded (as engine.compact_masks does), the reference thresholds them inside update.
         self._buffer = torch.zeros(0)
         self._written: list[tuple[int, int, int, int, int]] = []
 
@@ -233,14 +233,15 @@ def feed(evaluator, make_detections, image_ids: list[int], clock: dict, prepare)
 def evaluate_ours(args, coco_gt, image_ids: list[int], clock: dict) -> dict[str, list[float]] | None:
     """Our CocoEvaluator as engine.evaluate drives it on the CPU; the 24 numbers on rank 0, None elsewhere."""
     import utils
-    from coco_eval import CocoEvaluator, binarize_masks, metric_names
+    from coco_eval import CocoEvaluator, metric_names
     from coco_utils import CategoryMap
+    from engine import compact_masks
 
     evaluator = CocoEvaluator(coco_gt, CategoryMap.from_categories(coco_gt.dataset["categories"], "coco"),
                               IOU_TYPES, args.backend)
-    # What engine.compact_masks does to CPU masks, then update: both are the evaluation's work.
+    # What engine.evaluate does to CPU masks (compact_masks), then update: both are the evaluation's work.
     feed(evaluator, DetectionMaker(coco_gt, args.detections, args.seed), image_ids, clock,
-         lambda output: {**output, "masks": binarize_masks(output["masks"])})
+         lambda output: {**output, "masks": compact_masks(output["masks"])})
     started = time.perf_counter()
     evaluator.synchronize_between_processes()
     clock["synchronize_s"] = time.perf_counter() - started
@@ -282,7 +283,8 @@ def rank_main(args) -> None:
     from pycocotools.coco import COCO
 
     # The evaluator's modules load before the clock starts, as they would with a model to evaluate.
-    for module in ("coco_eval", "utils") if args.side == "reference" else ("coco_eval", "coco_utils", "utils"):
+    ours = ("coco_eval", "coco_utils", "engine", "utils")
+    for module in ("coco_eval", "utils") if args.side == "reference" else ours:
         importlib.import_module(module)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

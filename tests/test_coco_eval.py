@@ -4,11 +4,19 @@ import copy
 import json
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 from pycocotools.cocoeval import COCOeval
 
-from coco_eval import METRIC_NAMES, CocoEvaluator, binarize_masks, run_lengths, to_coco_results
+from coco_eval import (
+    METRIC_NAMES,
+    CocoEvaluator,
+    RunLengths,
+    run_lengths,
+    to_coco_results,
+    windowed_run_lengths,
+)
 from coco_utils import build_dataset
 
 
@@ -84,19 +92,46 @@ def test_faster_backend_gives_the_same_numbers(dataset, capsys):
         assert ours["per_category"] == pytest.approx(theirs["per_category"], abs=1e-4)
 
 
-def test_binarized_masks_and_run_lengths_encode_like_probabilities(dataset):
+def test_run_lengths_both_ways_encode_like_probabilities(dataset):
     ds = build_dataset(dataset, "coco", "val", None)
     output = _noisy_outputs(ds)[ds.ids[0]]
     output["masks"] = output["masks"] * torch.rand_like(output["masks"]) * 1.2
     output["masks"][0] = 1.0  # a mask whose first pixel is set: its runs start with an empty one
     as_probabilities = to_coco_results(1, output, ds.category_map, ("segm",))
-    as_booleans = to_coco_results(1, {**output, "masks": binarize_masks(output["masks"])}, ds.category_map,
-                                  ("segm",))
     as_runs = to_coco_results(1, {**output, "masks": run_lengths(output["masks"])}, ds.category_map, ("segm",))
-    assert as_probabilities == as_booleans == as_runs and as_booleans["segm"]
+    as_windows = to_coco_results(1, {**output, "masks": windowed_run_lengths(output["masks"])}, ds.category_map,
+                                 ("segm",))
+    assert as_probabilities == as_runs == as_windows and as_runs["segm"]
     empty = {k: v[:0] for k, v in output.items()}
     assert to_coco_results(1, {**empty, "masks": run_lengths(empty["masks"])}, ds.category_map, ("segm",)) == {
         "segm": []}
+
+
+def _pycocotools_counts(probabilities: torch.Tensor) -> list[bytes]:
+    """pycocotools' own encoding of every pixel, thresholded at 0.5: what the windows must reproduce."""
+    masks = (probabilities[:, 0] > 0.5).numpy().transpose(1, 2, 0)
+    return [r["counts"] for r in mask_utils.encode(np.asfortranarray(masks).view(np.uint8))]
+
+
+def _compressed(runs: RunLengths) -> list[bytes]:
+    height, width = runs.size
+    return [r["counts"] for r in mask_utils.frPyObjects([{"counts": c, "size": [height, width]}
+                                                           for c in runs.counts], height, width)]
+
+
+def test_windowed_run_lengths_equal_pycocotools_on_edges_empty_masks_and_nan():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        height, width = torch.randint(1, 12, (2,), generator=generator).tolist()
+        masks = torch.rand(5, 1, height, width, generator=generator) ** (0.2 + 5 * trial / 300)
+        if trial % 3 == 0:  # empty columns on the left, or an empty mask
+            masks[:, :, :, : trial % (width + 1)] = 0
+        if trial % 7 == 0:
+            masks[1, 0, 0, 0] = float("nan")
+            masks[2] = float("nan")
+        if trial % 5 == 0:  # windows as tall as the image, with set pixels meeting across columns
+            masks[3, 0, :, :] = 0.9
+        assert _compressed(windowed_run_lengths(masks)) == _pycocotools_counts(masks), trial
 
 
 def test_labels_without_a_category_are_dropped_and_counted_once(dataset, capsys):
