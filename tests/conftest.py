@@ -15,6 +15,11 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Two pytest-xdist workers share the cores, and each may run a CLI in a subprocess: one thread per process,
+# else the thread pools of two processes contend for the same cores and both slow down.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 from tools.make_coco_dataset import DatasetSpec, generate_dataset  # noqa: E402
 
 # Small enough that a CPU training step takes about a second.
@@ -72,6 +77,9 @@ def with_speedups(model: torch.nn.Module, channels_last: bool = False, shape_buc
     config = speedups.SpeedupConfig(True, channels_last, shape_buckets)
     return speedups.for_training(model, torch.device("cpu"), config)
 
+
+# One epoch of the 96 px dataset at batch 4 from the ImageNet backbone: the CLI tests' usual run.
+TRAIN_FLAGS = ["--epochs", "1", "-b", "4", "--lr", "0.01", "--clip-grad-norm", "10", *SMALL]
 
 # A short from-scratch run on tiny_dataset: 4 steps an epoch.
 TINY = ["--min-size", "64", "--max-size", "64", "--device", "cpu", "-j", "0", "--print-freq", "1", "-b", "2",

@@ -13,12 +13,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import train
-from conftest import SMALL, TINY, read_metrics, run_cli
+from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
 from models import MODELS
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
 from tools.make_coco_dataset import CATEGORIES
-
-TRAIN_FLAGS = ["--epochs", "1", "-b", "4", "--lr", "0.01", "--clip-grad-norm", "10", *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +70,6 @@ def test_resume_continues_at_next_epoch(trained, dataset, torch_home, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Epoch: [1]" in result.stdout and "Epoch: [0]" not in result.stdout
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
-
-
-def test_from_scratch_custom_ids_predictions_carry_file_ids(dataset, tmp_path):
-    result = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path),
-                     "--weights-backbone", "none", *TRAIN_FLAGS, "--rpn-score-thresh", "0.0")
-    assert result.returncode == 0, result.stderr
-    records = json.loads((tmp_path / "predictions_segm.json").read_text())
-    assert records, "an untrained model still proposes something"
-    assert {r["category_id"] for r in records} <= {c["id"] for c in CATEGORIES}
-    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(num_classes=len(CATEGORIES) + 1,
-                                                               weights_backbone=None)
-    model.load_state_dict(checkpoint["model"])
 
 
 def test_help_lists_every_flag():
@@ -207,53 +192,6 @@ def test_empty_training_set_is_clear(dataset, tmp_path):
     assert result.returncode == 2 and "has no usable annotated image" in result.stderr
 
 
-def test_unreadable_images_are_counted_and_limited(tiny_dataset, tmp_path):
-    root = tmp_path / "faulty"
-    shutil.copytree(tiny_dataset, root)
-    images = sorted((root / "train2017").glob("*.jpg"))
-    images[0].write_bytes(images[0].read_bytes()[:300])
-    images[1].unlink()
-    args = ["--data-path", str(root), "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1",
-            "--vis-images", "0", "--no-tensorboard"]
-    result = run_cli("train.py", *args, "--max-bad-samples", "0.3")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count(f"data: {images[0]}: image unreadable") == 1
-    assert result.stdout.count(f"data: {images[1]}: image missing") == 1
-    assert "data faults: 2 samples skipped" in result.stdout
-
-    result = run_cli("train.py", *args)
-    assert result.returncode == 2 and "train data: 1 of 8 images cannot be used" in result.stderr, "start check"
-    result = run_cli("train.py", *args, "--skip-data-check")
-    assert result.returncode == 2
-    assert "could not be read this epoch, more than --max-bad-samples 0.01" in result.stderr
-
-
-def test_cpu_amp_runs_bfloat16_in_the_layout_asked_for(micro_dataset, tmp_path):
-    # One step at 32 px: on CPUs without AVX-512's bfloat16 instructions, bfloat16 kernels are slow.
-    result = run_cli("train.py", "--data-path", str(micro_dataset), "--output-dir", str(tmp_path), *TINY,
-                     "--min-size", "32", "--max-size", "32", "--vis-images", "0", "--no-tensorboard",
-                     "--epochs", "1", "--amp", "--no-channels-last")
-    assert result.returncode == 0, result.stderr
-    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert checkpoint["scaler"] is None, "bfloat16 needs no gradient scaler"
-    assert checkpoint["model"]["backbone.body.layer2.0.conv2.weight"].is_contiguous()
-
-
-def test_float16_scaler_state_survives_resume(micro_dataset, tmp_path):
-    args = ["--data-path", str(micro_dataset), "--output-dir", str(tmp_path), *TINY, "--min-size", "32",
-            "--max-size", "32", "--amp", "--amp-dtype", "float16", "--vis-images", "0", "--no-tensorboard"]
-    result = run_cli("train.py", *args, "--epochs", "1")
-    assert result.returncode == 0, result.stderr
-    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert checkpoint["scaler"]["scale"] > 0, "float16 trains with a gradient scaler, on the CPU too"
-    checkpoint["scaler"]["scale"] = 1234.0
-    torch.save(checkpoint, tmp_path / "checkpoint.pth")
-    result = run_cli("train.py", *args, "--epochs", "2", "--resume", "auto")
-    assert result.returncode == 0, result.stderr
-    scale = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["scaler"]["scale"]
-    assert scale in [1234.0 / 2**k for k in range(5)], "the resumed scaler went on from the saved scale"
-
-
 def test_missing_data_path_is_clear(tmp_path):
     result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL)
     assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
@@ -301,14 +239,6 @@ def test_curves_prediction_pictures_and_best_model(trained, dataset):
     assert "AP per category" in result.stdout
 
 
-def test_keep_last_prunes_old_epoch_files(tiny_dataset, tmp_path):
-    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
-                     "--epochs", "3", "--keep-last", "1", "--no-tensorboard", "--vis-images", "0")
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_2.pth", "model_best.pth"]
-    assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "predictions").exists()
-
-
 def test_predict_on_a_folder(trained, dataset, tmp_path):
     out, _ = trained
     result = run_cli("tools/predict.py", "--checkpoint", str(out / "checkpoint.pth"), str(dataset / "val2017"),
@@ -320,116 +250,6 @@ def test_predict_on_a_folder(trained, dataset, tmp_path):
     detections = gt.loadRes(str(tmp_path / "predictions.json"))
     assert len(detections.anns) > 0
     assert {a["category_id"] for a in detections.anns.values()} <= {c["id"] for c in CATEGORIES}
-
-
-def test_keypoint_rcnn_trains_and_prints_the_keypoint_table(keypoint_dataset, tmp_path):
-    # With --shape-buckets (a GPU default), which pads the keypoint head's regions too.
-    result = run_cli("train.py", "--data-path", str(keypoint_dataset), "--dataset", "coco_kp", "--model",
-                     "keypointrcnn_resnet50_fpn", "--output-dir", str(tmp_path), *TRAIN_FLAGS,
-                     "--weights-backbone", "none", "-b", "2", "--vis-images", "1", "--shape-buckets")
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout.split("IoU metric: keypoints")[1].splitlines()[1:11]
-    assert [line.split("@[")[0].split()[0] for line in table] == ["Average"] * 10
-    assert all("maxDets= 20" in line for line in table)
-    records = read_metrics(tmp_path)
-    assert set(records[-1]) >= {"bbox", "keypoints"} and "loss_keypoint" in records[0]
-    coco = COCO(str(keypoint_dataset / "annotations" / "person_keypoints_val2017.json"))
-    predictions = json.loads((tmp_path / "predictions_keypoints.json").read_text())
-    assert predictions and len(predictions[0]["keypoints"]) == 17 * 3
-    coco.loadRes(predictions)
-
-
-def test_lsj_with_copy_paste_trains(micro_dataset, tmp_path):
-    result = run_cli("train.py", "--data-path", str(micro_dataset), "--output-dir", str(tmp_path), *SMALL,
-                     "--min-size", "32", "--max-size", "32", "--weights-backbone", "none", "--epochs", "1",
-                     "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--data-augmentation", "lsj",
-                     "--use-copypaste", "--vis-images", "0", "--no-tensorboard")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "IoU metric: segm" in result.stdout
-
-
-def test_transforms_v2_on_tv_tensors_trains(tiny_dataset, tmp_path):
-    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
-                     "--epochs", "1", "--use-v2", "--backend", "tv_tensor", "--data-augmentation", "ssd",
-                     "--vis-images", "0", "--no-tensorboard")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "IoU metric: segm" in result.stdout
-
-
-def test_box_only_model_trains_without_masks(tiny_dataset, tmp_path):
-    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
-                     "--epochs", "1", "--model", "fasterrcnn_mobilenet_v3_large_320_fpn", "--data-augmentation",
-                     "ssdlite", "--vis-images", "1", "--no-tensorboard")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "IoU metric: bbox" in result.stdout and "IoU metric: segm" not in result.stdout
-    assert (tmp_path / "predictions_bbox.json").is_file() and not (tmp_path / "predictions_segm.json").exists()
-    assert (tmp_path / "model_best.pth").is_file()
-    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
-
-
-@pytest.fixture(scope="module")
-def trainer_features_run(tiny_dataset, tmp_path_factory):
-    """--grad-accum-steps 2 --model-ema --val-loss --patience 2 for up to 5 epochs, at a learning rate of 0 so
-    that the AP of the first evaluation is never improved on and the run stops after its third."""
-    out = tmp_path_factory.mktemp("features")
-    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(out), *TINY, "-b", "1",
-                     "--epochs", "5", "--grad-accum-steps", "2", "--model-ema", "--model-ema-steps", "1",
-                     "--val-loss", "--patience", "2", "--vis-images", "1", "--lr", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
-
-
-def test_accumulation_average_validation_loss_and_patience_together(trainer_features_run):
-    out, result = trainer_features_run
-    assert "Effective batch: 1 images x 1 processes x 2 accumulation steps = 2 per optimizer step" in result.stdout
-    assert re.search(r"Stopping early: the primary AP has not improved on \d\.\d{4} for 2 evaluations",
-                     result.stdout)
-    records = read_metrics(out)
-    assert [r["epoch"] for r in records if r["type"] == "eval"] == [0, 1, 2], "stopped at the third evaluation"
-    assert [r["step"] for r in records if r["type"] == "train" and r["epoch"] == 0] == [1, 2, 3, 4], (
-        "8 images, batches of 1, 2 a step: 4 optimizer steps an epoch")
-    (validation,) = [r for r in records if r["type"] == "val" and r["epoch"] == 0]
-    assert {"loss", "loss_mask", "loss_classifier"} <= set(validation) and validation["global_step"] == 4
-    evaluation = [r for r in records if r["type"] == "eval"][0]
-    assert set(evaluation["raw"]) == {"bbox", "segm"}, "the raw weights' AP beside the average's"
-    assert "Validation after epoch 0: loss: " in result.stdout
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert checkpoint["model_ema"]["updates"] == 12 and checkpoint["stopped_early"]
-    with Image.open(out / "curves.png") as img:
-        assert img.size == (1200, 320)
-
-
-def test_resume_auto_after_an_early_stop_says_so(trainer_features_run, tiny_dataset):
-    out, _ = trainer_features_run
-    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(out), *TINY, "--epochs", "5",
-                     "--resume", "auto")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "this run stopped early at epoch 2 (--patience), so there is nothing to continue" in result.stdout
-    assert "Epoch: [" not in result.stdout
-
-
-def test_epoch_files_share_the_checkpoints_bytes_and_model_best_is_lean(trainer_features_run, tiny_dataset,
-                                                                         tmp_path):
-    out, _ = trainer_features_run
-    assert (out / "model_1.pth").stat().st_ino != (out / "model_2.pth").stat().st_ino
-    best = torch.load(out / "model_best.pth", weights_only=True)
-    assert "optimizer" not in best and "model_ema" in best and best["categories"]
-    assert (out / "model_best.pth").stat().st_size < 0.75 * (out / "model_0.pth").stat().st_size
-    common = ["--data-path", str(tiny_dataset), *TINY, "--no-tensorboard", "--vis-images", "0"]
-    result = run_cli("train.py", *common, "--output-dir", str(tmp_path / "eval"), "--test-only", "--resume",
-                     str(out / "model_best.pth"))
-    assert result.returncode == 0 and "Evaluating the weights' moving average" in result.stdout, result.stderr
-    result = run_cli("train.py", *common, "--output-dir", str(tmp_path / "again"), "--resume",
-                     str(out / "model_best.pth"), "--epochs", "4")
-    assert result.returncode == 2 and "holds weights only, no optimizer state" in result.stderr
-    assert "pass it to --weights instead" in result.stderr
-    result = run_cli("tools/predict.py", "--checkpoint", str(out / "model_best.pth"), str(tiny_dataset / "val2017"),
-                     "--output-dir", str(tmp_path / "pictures"), "--device", "cpu", "--score-thresh", "0.0")
-    assert result.returncode == 0 and "moving average" in result.stdout, result.stderr
-    assert json.loads((tmp_path / "pictures" / "predictions.json").read_text()) is not None
 
 
 def test_the_epoch_file_is_the_checkpoints_bytes(trained):

@@ -1,0 +1,43 @@
+"""Data through the real CLI: faulty images, LSJ with copy-paste, transforms v2 on tv_tensors."""
+
+import shutil
+
+from conftest import SMALL, TINY, run_cli
+
+
+def test_unreadable_images_are_counted_and_limited(tiny_dataset, tmp_path):
+    root = tmp_path / "faulty"
+    shutil.copytree(tiny_dataset, root)
+    images = sorted((root / "train2017").glob("*.jpg"))
+    images[0].write_bytes(images[0].read_bytes()[:300])
+    images[1].unlink()
+    args = ["--data-path", str(root), "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1",
+            "--vis-images", "0", "--no-tensorboard"]
+    result = run_cli("train.py", *args, "--max-bad-samples", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"data: {images[0]}: image unreadable") == 1
+    assert result.stdout.count(f"data: {images[1]}: image missing") == 1
+    assert "data faults: 2 samples skipped" in result.stdout
+
+    result = run_cli("train.py", *args)
+    assert result.returncode == 2 and "train data: 1 of 8 images cannot be used" in result.stderr, "start check"
+    result = run_cli("train.py", *args, "--skip-data-check")
+    assert result.returncode == 2
+    assert "could not be read this epoch, more than --max-bad-samples 0.01" in result.stderr
+
+
+def test_lsj_with_copy_paste_trains(micro_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(micro_dataset), "--output-dir", str(tmp_path), *SMALL,
+                     "--min-size", "32", "--max-size", "32", "--weights-backbone", "none", "--epochs", "1",
+                     "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--data-augmentation", "lsj",
+                     "--use-copypaste", "--vis-images", "0", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IoU metric: segm" in result.stdout
+
+
+def test_transforms_v2_on_tv_tensors_trains(tiny_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "1", "--use-v2", "--backend", "tv_tensor", "--data-augmentation", "ssd",
+                     "--vis-images", "0", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IoU metric: segm" in result.stdout

@@ -1,0 +1,80 @@
+"""The trainer's features through the real CLI: accumulation, EMA, validation loss, early stopping, epoch files."""
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, read_metrics, run_cli
+
+
+@pytest.fixture(scope="module")
+def trainer_features_run(tiny_dataset, tmp_path_factory):
+    """--grad-accum-steps 2 --model-ema --val-loss --patience 2 for up to 5 epochs, at a learning rate of 0 so
+    that the AP of the first evaluation is never improved on and the run stops after its third."""
+    out = tmp_path_factory.mktemp("features")
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(out), *TINY, "-b", "1",
+                     "--epochs", "5", "--grad-accum-steps", "2", "--model-ema", "--model-ema-steps", "1",
+                     "--val-loss", "--patience", "2", "--vis-images", "1", "--lr", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_accumulation_average_validation_loss_and_patience_together(trainer_features_run):
+    out, result = trainer_features_run
+    assert "Effective batch: 1 images x 1 processes x 2 accumulation steps = 2 per optimizer step" in result.stdout
+    assert re.search(r"Stopping early: the primary AP has not improved on \d\.\d{4} for 2 evaluations",
+                     result.stdout)
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records if r["type"] == "eval"] == [0, 1, 2], "stopped at the third evaluation"
+    assert [r["step"] for r in records if r["type"] == "train" and r["epoch"] == 0] == [1, 2, 3, 4], (
+        "8 images, batches of 1, 2 a step: 4 optimizer steps an epoch")
+    (validation,) = [r for r in records if r["type"] == "val" and r["epoch"] == 0]
+    assert {"loss", "loss_mask", "loss_classifier"} <= set(validation) and validation["global_step"] == 4
+    evaluation = [r for r in records if r["type"] == "eval"][0]
+    assert set(evaluation["raw"]) == {"bbox", "segm"}, "the raw weights' AP beside the average's"
+    assert "Validation after epoch 0: loss: " in result.stdout
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["model_ema"]["updates"] == 12 and checkpoint["stopped_early"]
+    with Image.open(out / "curves.png") as img:
+        assert img.size == (1200, 320)
+
+
+def test_resume_auto_after_an_early_stop_says_so(trainer_features_run, tiny_dataset):
+    out, _ = trainer_features_run
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(out), *TINY, "--epochs", "5",
+                     "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "this run stopped early at epoch 2 (--patience), so there is nothing to continue" in result.stdout
+    assert "Epoch: [" not in result.stdout
+
+
+def test_epoch_files_share_the_checkpoints_bytes_and_model_best_is_lean(trainer_features_run, tiny_dataset,
+                                                                         tmp_path):
+    out, _ = trainer_features_run
+    assert (out / "model_1.pth").stat().st_ino != (out / "model_2.pth").stat().st_ino
+    best = torch.load(out / "model_best.pth", weights_only=True)
+    assert "optimizer" not in best and "model_ema" in best and best["categories"]
+    assert (out / "model_best.pth").stat().st_size < 0.75 * (out / "model_0.pth").stat().st_size
+    common = ["--data-path", str(tiny_dataset), *TINY, "--no-tensorboard", "--vis-images", "0"]
+    result = run_cli("train.py", *common, "--output-dir", str(tmp_path / "eval"), "--test-only", "--resume",
+                     str(out / "model_best.pth"))
+    assert result.returncode == 0 and "Evaluating the weights' moving average" in result.stdout, result.stderr
+    result = run_cli("train.py", *common, "--output-dir", str(tmp_path / "again"), "--resume",
+                     str(out / "model_best.pth"), "--epochs", "4")
+    assert result.returncode == 2 and "holds weights only, no optimizer state" in result.stderr
+    assert "pass it to --weights instead" in result.stderr
+    result = run_cli("tools/predict.py", "--checkpoint", str(out / "model_best.pth"), str(tiny_dataset / "val2017"),
+                     "--output-dir", str(tmp_path / "pictures"), "--device", "cpu", "--score-thresh", "0.0")
+    assert result.returncode == 0 and "moving average" in result.stdout, result.stderr
+    assert json.loads((tmp_path / "pictures" / "predictions.json").read_text()) is not None
+
+
+def test_keep_last_prunes_old_epoch_files(tiny_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "3", "--keep-last", "1", "--no-tensorboard", "--vis-images", "0")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_2.pth", "model_best.pth"]
+    assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "predictions").exists()
