@@ -70,11 +70,14 @@ class EncodedImage:
     category_ids: np.ndarray  # (N,) the file's ids
     mask_size: tuple[int, int] = (0, 0)  # (height, width)
     rles: list[bytes] | None = None  # each mask's compressed RLE counts, when segm is scored
+    mask_areas: np.ndarray | None = None  # (N,) pixels set in each mask
+    mask_boxes: np.ndarray | None = None  # (N, 4) x, y, width, height of each mask's set pixels
     keypoints: np.ndarray | None = None  # (N, K * 3) x, y, v, ..., when keypoints are scored
     left_out: dict[int, int] = field(default_factory=dict)  # label: detections whose label is no category
 
-    def records(self, iou_type: str) -> list[dict]:
-        """COCO result records of one IoU type (new dicts on every call: loadRes may add fields to them)."""
+    def records(self, iou_type: str, scoring: bool = False) -> list[dict]:
+        """COCO result records of one IoU type (new dicts on every call: loadRes may add fields to them). For
+        scoring, masks' records also carry the area and box that loadRes would otherwise compute one by one."""
         scores, category_ids = self.scores.tolist(), self.category_ids.tolist()
         if iou_type == "bbox":
             return [{"image_id": self.image_id, "category_id": c, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s}
@@ -84,9 +87,13 @@ class EncodedImage:
                     for k, s, c in zip(self.keypoints.tolist(), scores, category_ids)]
         if iou_type == "segm" and self.rles is not None:
             height, width = self.mask_size
-            return [{"image_id": self.image_id, "category_id": c,
-                     "segmentation": {"size": [height, width], "counts": r.decode("ascii")}, "score": s}
-                    for r, s, c in zip(self.rles, scores, category_ids)]
+            records = [{"image_id": self.image_id, "category_id": c,
+                        "segmentation": {"size": [height, width], "counts": r.decode("ascii")}, "score": s}
+                       for r, s, c in zip(self.rles, scores, category_ids)]
+            if scoring:
+                for record, area, box in zip(records, self.mask_areas.tolist(), self.mask_boxes.tolist()):
+                    record["area"], record["bbox"] = area, box
+            return records
         raise KeyError(iou_type)
 
     __getitem__ = records  # per_image[image_id][iou_type] reads as it did when per_image held the records
@@ -133,6 +140,8 @@ def encode(image_id: int, output: dict[str, torch.Tensor], category_map: Categor
         rles = mask_utils.frPyObjects([{"counts": c, "size": [height, width]} for c in masks.counts],
                                       height, width) if masks.counts else []
         encoded.rles = [r["counts"] for r in rles]
+        encoded.mask_areas = mask_utils.area(rles) if rles else np.zeros(0, dtype=np.uint32)
+        encoded.mask_boxes = mask_utils.toBbox(rles) if rles else np.zeros((0, 4))
     return encoded
 
 
@@ -163,32 +172,49 @@ def run_lengths(probabilities: torch.Tensor) -> RunLengths:
 
 
 def windowed_run_lengths(probabilities: torch.Tensor) -> RunLengths:
-    """(N, 1, H, W) CPU mask probabilities cut at 0.5 and run-length encoded, each inside the smallest window
-    that holds all its pixels above 0.5: a detection's mask is mostly zeros, and thresholding every pixel of
-    every mask would cost more than the rest of evaluation."""
+    """(N, 1, H, W) CPU mask probabilities cut at 0.5 and run-length encoded, each inside a window that holds
+    all its pixels above 0.5: a detection's mask is mostly zeros, and thresholding every pixel of every mask
+    would cost more than the rest of evaluation."""
     count, _, height, width = probabilities.shape
     probabilities = probabilities[:, 0]
-    # A NaN maximum keeps its row or column in the window, where the comparison itself leaves NaN unset.
-    columns_set = ~(probabilities.amax(dim=1) <= 0.5).numpy()
-    rows_set = ~(probabilities.amax(dim=2) <= 0.5).numpy()
+    # One pass over every pixel: the maximum of each column in bands of rows. A NaN maximum keeps its band and
+    # column in the window, where the comparison itself leaves NaN unset.
+    set_in_band = (~(_band_maxima(probabilities) <= 0.5)).numpy()
+    columns_set, bands_set = set_in_band.any(axis=1), set_in_band.any(axis=2)
+    values = probabilities.numpy() if probabilities.dtype != torch.bfloat16 else None  # NumPy has no bfloat16
     counts = []
     for k in range(count):
-        columns, rows = np.flatnonzero(columns_set[k]), np.flatnonzero(rows_set[k])
-        if len(columns) == 0 or len(rows) == 0:
+        columns, bands = np.flatnonzero(columns_set[k]), np.flatnonzero(bands_set[k])
+        if len(columns) == 0:
             counts.append(np.array([height * width], dtype=np.uint32))
             continue
-        left, top = int(columns[0]), int(rows[0])
-        window = probabilities[k, top:rows[-1] + 1, left:columns[-1] + 1] > 0.5
-        counts.append(_window_runs(window.T.numpy(), top, left, height, width))
+        top, bottom = int(bands[0]) * _BAND, min(height, (int(bands[-1]) + 1) * _BAND)
+        left, right = int(columns[0]), int(columns[-1]) + 1
+        window = (values[k, top:bottom, left:right] if values is not None
+                  else probabilities[k, top:bottom, left:right].float().numpy())
+        counts.append(_window_runs(window, top, left, height, width))
     return RunLengths(counts, (height, width))
 
 
-def _window_runs(columns: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
-    """COCO run lengths of a height x width mask that is set only inside a window, given column by column
-    (window width, window height) with its top-left pixel at (top, left)."""
-    window_height = columns.shape[1]
-    padded = np.zeros((columns.shape[0], window_height + 2), dtype=bool)  # unset pixels above and below
-    padded[:, 1:-1] = columns
+_BAND = 16  # rows per band: the maxima of a band are 1/16 of the masks' size, and a window is at most 30 rows taller
+
+
+def _band_maxima(probabilities: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) to (N, ceil(H / _BAND), W): each column's maximum over each band of _BAND rows."""
+    count, height, width = probabilities.shape
+    whole = height // _BAND
+    maxima = probabilities[:, :whole * _BAND].reshape(count, whole, _BAND, width).amax(dim=2)
+    if height % _BAND:
+        maxima = torch.cat([maxima, probabilities[:, whole * _BAND:].amax(dim=1, keepdim=True)], dim=1)
+    return maxima
+
+
+def _window_runs(window: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """COCO run lengths of a height x width mask cut at 0.5, given the probabilities of a window (rows, columns)
+    whose top-left pixel is (top, left) and outside which no pixel is set."""
+    window_height = window.shape[0]
+    padded = np.zeros((window.shape[1], window_height + 2), dtype=bool)  # column by column, unset above and below
+    np.greater(window.T, 0.5, out=padded[:, 1:-1])
     column, row = np.divmod(np.flatnonzero(padded[:, 1:] != padded[:, :-1]), window_height + 1)
     # Where each run starts or ends, in the whole image's column-major order.
     boundaries = (left + column) * height + top + row
@@ -201,7 +227,9 @@ def _window_runs(columns: np.ndarray, top: int, left: int, height: int, width: i
         boundaries = boundaries[keep]
     if len(boundaries) and boundaries[-1] == height * width:  # the last pixel is set: no empty run after it
         boundaries = boundaries[:-1]
-    return np.diff(boundaries, prepend=0, append=height * width).astype(np.uint32)
+    edges = np.empty(len(boundaries) + 2, dtype=np.int64)
+    edges[0], edges[1:-1], edges[-1] = 0, boundaries, height * width
+    return (edges[1:] - edges[:-1]).astype(np.uint32)
 
 
 COCOEVAL_BACKENDS = ("auto", "pycocotools", "faster")
@@ -228,10 +256,22 @@ def _empty_results(coco_gt: COCO, coco_class: type) -> COCO:
     return coco_dt
 
 
+def _scored_masks(coco_gt: COCO, results: list[dict], coco_class: type) -> COCO:
+    """A results index of mask records that carry their area and box: what loadRes makes of them (ids from 1,
+    no crowds), without its call per record to compute them."""
+    for number, record in enumerate(results, start=1):
+        record["id"], record["iscrowd"] = number, 0
+    coco_dt = coco_class()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                       "annotations": results}
+    coco_dt.createIndex()
+    return coco_dt
+
+
 def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], backend: str = "pycocotools",
           copy_results: bool = True):
     """Run COCOeval (pycocotools', or faster-coco-eval's C++ one) on result records over the given images;
-    prints the standard 12-line summary and returns the evaluator (stats, eval["precision"]).
+    returns the evaluator (stats, eval["precision"]).
 
     loadRes adds fields to the records it is given, so they are copied first unless copy_results is False (for
     records made for this call alone: at COCO scale the copy is hundreds of MB)."""
@@ -249,14 +289,18 @@ def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int
     with contextlib.redirect_stdout(io.StringIO()):
         if results and copy_results:
             results = copy.deepcopy(results)
-        coco_dt = gt.loadRes(results) if results else _empty_results(gt, coco_class)
+        if not results:
+            coco_dt = _empty_results(gt, coco_class)
+        elif iou_type == "segm" and "area" in results[0]:
+            coco_dt = _scored_masks(gt, results, coco_class)
+        else:
+            coco_dt = gt.loadRes(results)
     evaluator = evaluator_class(gt, coco_dt, iouType=iou_type, **kwargs)
     evaluator.params.imgIds = sorted(image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    print(format_summary(evaluator.stats, iou_type))
     return evaluator
 
 
@@ -305,30 +349,41 @@ class CocoEvaluator:
             merged.update(part)
         self.per_image = merged
 
-    def results(self, iou_type: str) -> list[dict]:
+    def results(self, iou_type: str, scoring: bool = False) -> list[dict]:
         """COCO result records of one IoU type over all images, by image id (new dicts on every call)."""
         self._collect()
-        return [r for image_id in sorted(self.per_image) for r in self.per_image[image_id].records(iou_type)]
+        return [r for image_id in sorted(self.per_image)
+                for r in self.per_image[image_id].records(iou_type, scoring)]
 
     def summarize(self) -> dict[str, dict]:
-        """Score each IoU type and print its table and AP per category.
+        """Score each IoU type, on every rank at once: each scores its share of the types (all of them when
+        alone). Rank 0 prints the tables and AP per category.
 
-        Returns {iou_type: {metric name: value, ..., "per_category": {category name: AP}}}.
+        Returns {iou_type: {metric name: value, ..., "per_category": {category name: AP}}} on every rank.
         """
         started = time.perf_counter()
         self._collect()
-        self._say_what_was_left_out()
-        metrics = {}
-        for iou_type in self.iou_types:
-            print(f"IoU metric: {iou_type}")
-            # The records are made for this call alone, so COCOeval may keep them without a copy.
-            evaluator = score(self.coco_gt, self.results(iou_type), iou_type, list(self.per_image), self.backend,
-                              copy_results=False)
-            metrics[iou_type] = dict(zip(metric_names(iou_type), (float(v) for v in evaluator.stats)))
-            metrics[iou_type]["per_category"] = per_category_ap(evaluator, self.coco_gt)
-            del evaluator  # with its records, before the next IoU type's are made
-        print(format_per_category(metrics))
+        share = self.iou_types[utils.get_rank()::utils.get_world_size()]
+        scored = {}
+        for part in utils.all_gather_object({iou_type: self._score(iou_type) for iou_type in share}):
+            scored.update(part)
+        metrics = {iou_type: scored[iou_type] for iou_type in self.iou_types}
+        if utils.is_main_process():
+            self._say_what_was_left_out()
+            for iou_type, values in metrics.items():
+                print(f"IoU metric: {iou_type}")
+                print(format_summary([values[name] for name in metric_names(iou_type)], iou_type))
+            print(format_per_category(metrics))
         self.timings["score"] += time.perf_counter() - started
+        return metrics
+
+    def _score(self, iou_type: str) -> dict:
+        """One IoU type's metrics by name, and its AP per category."""
+        # The records are made for this call alone, so COCOeval may keep them without a copy.
+        evaluator = score(self.coco_gt, self.results(iou_type, scoring=True), iou_type, list(self.per_image),
+                          self.backend, copy_results=False)
+        metrics = dict(zip(metric_names(iou_type), (float(v) for v in evaluator.stats)))
+        metrics["per_category"] = per_category_ap(evaluator, self.coco_gt)
         return metrics
 
     def _say_what_was_left_out(self) -> None:

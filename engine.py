@@ -329,9 +329,9 @@ def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator,
     utils.print_once(meters.summary(len(data_loader)))
     loop_seconds = time.perf_counter() - started
     evaluator.synchronize_between_processes()
+    metrics = evaluator.summarize()
     if not utils.is_main_process():
         return {}
-    metrics = evaluator.summarize()
     times = evaluator.timings
     utils.print_once(f"Evaluation of {len(evaluator.per_image)} images: {time.perf_counter() - started:.1f} s "
                      f"(model {model_seconds:.1f} s, data and the rest of the loop {loop_seconds - model_seconds:.1f}"

@@ -13,10 +13,11 @@ DistributedSampler does, and the ranks merge over gloo on 127.0.0.1.
 
 Each implementation (and each --backend of ours) runs in its own group of fresh processes, so that their
 peaks do not mix. Per process it measures: wall time from the first image to the scores (update loop, merge,
-COCOeval; ours scores on rank 0 only, as engine.evaluate does, the reference on every rank, as its engine
-does), the part of it spent making detections (not the evaluator's work: evaluation_s leaves it out), peak
-RSS (getrusage's ru_maxrss, the process's high-water mark, libraries and the interpreter included), the same
-high-water mark just before the first image (imports and ground truth loaded), and the peak of the unique set
+COCOeval; each of our ranks scores its share of the IoU types, as engine.evaluate does, and the reference's
+ranks all score every image, as its engine does), the part of it spent making detections (not the
+evaluator's work: evaluation_s leaves it out), peak RSS (getrusage's ru_maxrss, the process's high-water mark,
+libraries and the interpreter included), the same high-water mark just before the first image (imports and
+ground truth loaded), and the peak of the unique set
 size (private pages, read from /proc/self/smaps_rollup every 0.2 s) where Linux has it. Prints the 12 box and
 12 mask numbers of both and their largest difference, as one JSON object.
 
@@ -231,7 +232,8 @@ def feed(evaluator, make_detections, image_ids: list[int], clock: dict, prepare)
 
 
 def evaluate_ours(args, coco_gt, image_ids: list[int], clock: dict) -> dict[str, list[float]] | None:
-    """Our CocoEvaluator as engine.evaluate drives it on the CPU; the 24 numbers on rank 0, None elsewhere."""
+    """Our CocoEvaluator as engine.evaluate drives it on the CPU (every rank scores its share of the IoU types);
+    the 24 numbers on rank 0, None elsewhere."""
     import utils
     from coco_eval import CocoEvaluator, metric_names
     from coco_utils import CategoryMap
@@ -245,12 +247,12 @@ def evaluate_ours(args, coco_gt, image_ids: list[int], clock: dict) -> dict[str,
     started = time.perf_counter()
     evaluator.synchronize_between_processes()
     clock["synchronize_s"] = time.perf_counter() - started
-    if not utils.is_main_process():
-        return None
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = evaluator.summarize()
     clock["score_s"] = time.perf_counter() - started
+    if not utils.is_main_process():
+        return None
     clock["images_scored"] = len(evaluator.per_image)
     clock["resolved_backend"] = evaluator.backend
     return {t: [metrics[t][name] for name in metric_names(t)] for t in IOU_TYPES}
