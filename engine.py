@@ -283,12 +283,12 @@ def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch
 
 
 def compact_masks(probabilities: torch.Tensor) -> RunLengths:
-    """What evaluation keeps of the pasted masks: their run lengths, made on the device the masks are on (on
-    a GPU only a few thousand numbers per image come back to the host; on the CPU only the pixels inside
-    each mask's window are thresholded)."""
-    if probabilities.is_cuda:
-        return run_lengths(probabilities)
-    return windowed_run_lengths(probabilities)
+    """What evaluation keeps of the pasted masks: their run lengths, made on the device the masks are on (from
+    an accelerator only a few thousand numbers per image come back to the host; on the CPU only the pixels
+    inside each mask's window are thresholded)."""
+    if probabilities.device.type == "cpu":
+        return windowed_run_lengths(probabilities)
+    return run_lengths(probabilities)
 
 
 def predict_batch(model, images, device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:

@@ -241,3 +241,13 @@ def test_validation_losses_change_no_parameter_buffer_or_random_state():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "no batch norm statistic moved"
     assert torch.equal(torch.get_rng_state(), generator_state), "the heads' draws leave the run's generator as it was"
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_compact_masks_on_the_cpu_gives_the_run_lengths_of_every_pixel():
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.rand(4, 1, 37, 29, generator=generator) ** 3
+    masks[1] = 0  # a mask with nothing set
+    compact = engine.compact_masks(masks)
+    every_pixel = engine.run_lengths(masks)
+    assert compact.size == every_pixel.size == (37, 29)
+    assert [c.tolist() for c in compact.counts] == [c.tolist() for c in every_pixel.counts]
