@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -101,6 +103,21 @@ def torch_home(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet50().state_dict(), target)
     return home
+
+
+def reference_checkout(holding: str = "train.py") -> Path | None:
+    """torchvision's references/detection folder ($TORCHVISION_REFERENCE, else /work/ref/references/detection)
+    where it is checked out and holds the file named, else None."""
+    folder = Path(os.environ.get("TORCHVISION_REFERENCE", "/work/ref/references/detection"))
+    return folder if (folder / holding).is_file() else None
+
+
+def load_file_module(path: Path, name: str) -> ModuleType:
+    """A module imported from its file (bench/ and the reference's folder are no packages)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cli_env(torch_home: Path | None = None, env: dict | None = None) -> dict:

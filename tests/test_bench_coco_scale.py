@@ -4,37 +4,25 @@ figures it promises; its synthetic detections are those a DistributedSampler's s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from pycocotools.coco import COCO
 
-from conftest import ROOT
+from conftest import ROOT, load_file_module, reference_checkout
 
 PER_PROCESS = {"rank", "images", "wall_s", "evaluation_s", "generate_s", "update_s", "synchronize_s",
                "rss_before_mb", "peak_rss_mb", "peak_uss_mb"}
 
 
-def _reference() -> Path | None:
-    """The reference's references/detection folder where it is checked out, else None."""
-    folder = Path(os.environ.get("TORCHVISION_REFERENCE", "/work/ref/references/detection"))
-    return folder if (folder / "coco_eval.py").is_file() else None
-
-
 @pytest.fixture(scope="module")
 def bench():
-    """The benchmark's module, imported from its file (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location("bench_coco_scale", ROOT / "bench" / "bench_coco_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark's module."""
+    return load_file_module(ROOT / "bench" / "bench_coco_scale.py", "bench_coco_scale")
 
 
 def _check_group(group: dict, images: int) -> None:
@@ -51,7 +39,7 @@ def _check_group(group: dict, images: int) -> None:
 
 
 def test_bench_runs_at_a_tiny_size():
-    reference = _reference()
+    reference = reference_checkout("coco_eval.py")
     command = [sys.executable, str(ROOT / "bench" / "bench_coco_scale.py"), "--images", "6", "--detections", "5",
                "--height", "48", "--width", "64", "--processes", "2"]
     if reference:

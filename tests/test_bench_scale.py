@@ -4,19 +4,11 @@ figures it promises; it leaves no dataset behind unless asked to keep it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import ROOT
-
-
-def _reference() -> Path | None:
-    folder = Path(os.environ.get("TORCHVISION_REFERENCE", "/work/ref/references/detection"))
-    return folder if (folder / "train.py").is_file() else None
+from conftest import ROOT, load_file_module, reference_checkout
 
 
 def _check(figures: dict, workers: int, samples: int) -> None:
@@ -31,7 +23,7 @@ def _check(figures: dict, workers: int, samples: int) -> None:
 
 
 def test_bench_runs_at_a_small_size(tmp_path):
-    reference = _reference()
+    reference = reference_checkout()
     root = tmp_path / "scale"
     command = [sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--images", "40", "--workers", "2",
                "--samples-per-worker", "4", "--root", str(root)]
@@ -57,9 +49,7 @@ def _figures(start: float, uss: float, growth: float, loading: float) -> dict:
 
 
 def test_compare_gives_ratios_and_none_where_the_reference_measured_nothing():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "bench_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_file_module(ROOT / "bench" / "bench_scale.py", "bench_scale")
     met = bench.compare(_figures(5, 10, 1, 2), _figures(10, 200, 20, 4))
     assert met == {"start_up_ratio": 0.5, "workers_uss_ratio": 0.05, "growth_pss_anon_ratio": 0.05,
                    "workers_uss_growth_ratio": 0.5, "start_up_target_met": True, "worker_memory_target_met": True}

@@ -4,19 +4,12 @@ references/detection is found) for a few steps at a tiny size and prints the fig
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
-
-def _reference() -> Path | None:
-    folder = Path(os.environ.get("TORCHVISION_REFERENCE", "/work/ref/references/detection"))
-    return folder if (folder / "engine.py").is_file() else None
+from conftest import ROOT, reference_checkout
 
 
 @pytest.mark.parametrize("implementation", ["ours", "reference"])
@@ -25,7 +18,7 @@ def test_bench_times_a_few_steps(tiny_dataset, implementation):
                "--device", "cpu", "--min-size", "64", "--max-size", "64", "--steps", "2", "--warmup", "1",
                "--workers", "0"]
     if implementation == "reference":
-        reference = _reference()
+        reference = reference_checkout("engine.py")
         if reference is None:
             pytest.skip("no checkout of torchvision's references/detection")
         command += ["--reference", str(reference)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from coco_utils import CategoryMap, SampleError, build_dataset, coco_category_names, instance_masks, load_coco
+from conftest import load_file_module, reference_checkout
 from errors import UserError
 from presets import DetectionPresetEval
 
@@ -188,18 +189,14 @@ def _recipe_keeps(anns):
 
 
 def _recipe_filter_of_the_reference(coco):
-    """The image ids torchvision's reference keeps, by its own code, where $TORCHVISION_REFERENCE names its
-    references/detection folder; None elsewhere."""
-    import importlib.util
-    import os
+    """The image ids torchvision's reference keeps, by its own code, where its references/detection folder is
+    checked out; None elsewhere."""
     import types
 
-    folder = os.environ.get("TORCHVISION_REFERENCE")
-    if not folder:
+    folder = reference_checkout("coco_utils.py")
+    if folder is None:
         return None
-    spec = importlib.util.spec_from_file_location("reference_coco_utils", f"{folder}/coco_utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file_module(folder / "coco_utils.py", "reference_coco_utils")
     fake = types.SimpleNamespace(ids=sorted(coco.imgs), coco=coco)
     return [fake.ids[i] for i in module._coco_remove_images_without_annotations(fake).indices]
 
