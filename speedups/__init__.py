@@ -23,7 +23,15 @@ from torch import nn
 from errors import UserError
 from utils import print_once
 
-from . import anchor_cache, channels_last, mask_paste, norm_folding, shape_buckets, sparse_roi_align
+from . import (
+    anchor_cache,
+    channels_last,
+    conv_gradients,
+    mask_paste,
+    norm_folding,
+    shape_buckets,
+    sparse_roi_align,
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,9 @@ TRAINING = (
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
 )
 CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channels_last.to_channels_last)
+# With channels-last on the CPU only, where oneDNN's channels-last weight gradients are the slow part.
+CPU_CONV_GRADIENTS = Speedup("convolution gradients for channels-last on the CPU", conv_gradients.self_check,
+                             conv_gradients.use_fast_cpu_gradients)
 SHAPE_BUCKETS = Speedup("shape buckets", shape_buckets.self_check, shape_buckets.pad_to_shape_buckets)
 INFERENCE_FOLD = Speedup("batch norms folded for inference", norm_folding.self_check, norm_folding.fold_batch_norms)
 
@@ -111,7 +122,9 @@ def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) 
     config allows, in TRAINING's order, then channels-last and shape buckets where the config says."""
     if not config.enabled:
         return model
-    chosen = TRAINING + ((CHANNELS_LAST,) if config.use_channels_last(device) else ())
+    chosen = TRAINING
+    if config.use_channels_last(device):
+        chosen += (CHANNELS_LAST, CPU_CONV_GRADIENTS) if device.type == "cpu" else (CHANNELS_LAST,)
     _apply(model, chosen + ((SHAPE_BUCKETS,) if config.use_shape_buckets(device) else ()))
     return model
 

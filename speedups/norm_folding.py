@@ -64,17 +64,22 @@ def _is_foldable_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.running_mean is not None
 
 
+def _is_bare_conv(module: nn.Module | None) -> bool:
+    """A 2-D convolution that applies no norm of its own (other speed-ups may have changed its class)."""
+    return isinstance(module, nn.Conv2d) and not isinstance(module, FrozenNormConv2d)
+
+
 def _conv_norm_pairs(module: nn.Module) -> list[tuple[nn.Conv2d, str]]:
     """(convolution, name of the norm after it) for the direct children of module that form such a pair."""
     children = dict(module.named_children())
     if isinstance(module, nn.Sequential):
         names = list(children)
         return [(children[a], b) for a, b in zip(names, names[1:])
-                if type(children[a]) is nn.Conv2d and _is_foldable_norm(children[b])]
+                if _is_bare_conv(children[a]) and _is_foldable_norm(children[b])]
     if isinstance(module, _NAMED_PAIRS):
         return [(children[f"conv{name[2:]}"], name) for name, child in children.items()
                 if name.startswith("bn") and _is_foldable_norm(child)
-                and type(children.get(f"conv{name[2:]}")) is nn.Conv2d]
+                and _is_bare_conv(children.get(f"conv{name[2:]}"))]
     return []
 
 

@@ -1,0 +1,135 @@
+"""Gradients of channels-last convolutions on the CPU, computed without oneDNN's slow channels-last weight pass.
+
+What it changes: with the model channels-last on the CPU, each convolution with a kernel wider than 1x1 keeps
+its forward pass and its input gradient in channels-last, where oneDNN is fastest, but its weight gradient is
+computed as matrix products (one per kernel tap, over a zero-padded channels-last copy of the input; strided or
+grouped convolutions: by oneDNN on standard-layout copies) and its bias gradient as a sum, because oneDNN's
+channels-last weight and bias pass for such kernels can take several times as long as the rest of the
+convolution (AVX2 CPUs; figures in docs/PERFORMANCE.md). Outputs and gradients are the same to float rounding;
+modules keep their class's behaviour otherwise (a subclass is swapped in; state-dict keys do not change).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def tap_product_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int],
+                            padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """The weight gradient of a stride-1, ungrouped 2-D convolution as one matrix product per kernel tap.
+
+    With the output gradient written into a zero grid as wide as the padded input, the pixels a tap reads are
+    the padded input's pixels shifted by one flat offset, so each tap is (pixels x out)^T @ (pixels x in) on
+    two channels-last matrices; the grid's zero margin cancels what a shift carries across rows and images.
+    """
+    n, out_channels, out_height, out_width = grad_output.shape
+    (pad_h, pad_w), (dil_h, dil_w) = padding, dilation
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).permute(0, 2, 3, 1).contiguous()  # N, Hp, Wp, in
+    height, width = padded.shape[1:3]
+    grid = grad_output.new_empty((n, height, width, out_channels))
+    grid[:, :out_height, :out_width] = grad_output.permute(0, 2, 3, 1)
+    grid[:, out_height:].zero_()  # only the margin: zeroing the whole grid first costs a pass over it
+    grid[:, :out_height, out_width:].zero_()
+    pixels = n * height * width
+    inputs, grads = padded.view(pixels, -1), grid.view(pixels, out_channels)
+    grad_weight = grad_output.new_empty((out_channels, x.shape[1], *kernel_size))
+    for i in range(kernel_size[0]):
+        for j in range(kernel_size[1]):
+            shift = i * dil_h * width + j * dil_w
+            torch.mm(grads[:pixels - shift].t(), inputs[shift:], out=grad_weight[:, :, i, j])
+    return grad_weight
+
+
+class _FastCpuGradients(torch.autograd.Function):
+    """conv2d whose backward computes the input gradient in the tensors' own layout, the weight gradient by
+    tap products (or oneDNN in the standard layout) and the bias gradient as a sum."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        wants_input, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_input = grad_weight = grad_bias = None
+        if wants_input:
+            grad_input = torch.ops.aten.convolution_backward(
+                grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False])[0]
+        if wants_weight and stride == [1, 1] and groups == 1:
+            grad_weight = tap_product_weight_grad(grad_output, x, weight.shape[2:], padding, dilation)
+        elif wants_weight:
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad_output.contiguous(), x.contiguous(), weight.contiguous(), None, stride, padding, dilation,
+                False, [0, 0], groups, [False, True, False])[1]
+        if wants_bias:
+            grad_bias = grad_output.sum((0, 2, 3))
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class _ConvWithFastCpuGradients:
+    """Mixed into a Conv2d class: while gradients are recorded for a channels-last CPU convolution without
+    autocast, its backward is _FastCpuGradients'."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (torch.is_grad_enabled() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and (x.requires_grad or weight.requires_grad)
+                and weight.is_contiguous(memory_format=torch.channels_last)):
+            return _FastCpuGradients.apply(x, weight, bias, list(self.stride), list(self.padding),
+                                           list(self.dilation), self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
+@cache
+def _with_fast_cpu_gradients(cls: type) -> type:
+    return type(f"{cls.__name__}WithFastCpuGradients", (_ConvWithFastCpuGradients, cls), {})
+
+
+def _eligible(module: nn.Module) -> bool:
+    """A Conv2d wider than 1x1 (1x1 ones are fast in oneDNN) with zero padding given in pixels."""
+    return (isinstance(module, nn.Conv2d) and not isinstance(module, _ConvWithFastCpuGradients)
+            and module.kernel_size != (1, 1) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def use_fast_cpu_gradients(model: nn.Module) -> nn.Module:
+    """Swap each eligible convolution of model for its subclass with these gradients, in place; returns it."""
+    for module in model.modules():
+        if _eligible(module):
+            module.__class__ = _with_fast_cpu_gradients(type(module))
+    return model
+
+
+def _gradients(conv: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(shape, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
+    output = conv(x)
+    (output * torch.rand(output.shape, generator=generator)).sum().backward()
+    return x.grad, conv.weight.grad, conv.bias.grad
+
+
+def self_check() -> str | None:
+    """None when convolutions of both kinds (stride 1 and dilated; strided and grouped) get torch's own
+    gradients, channels-last, to float rounding."""
+    with torch.enable_grad():
+        for options in ({"padding": 2, "dilation": 2}, {"stride": 2, "padding": 1, "groups": 2}):
+            plain = nn.Conv2d(4, 6, 3, **options).to(memory_format=torch.channels_last)
+            fast = use_fast_cpu_gradients(copy.deepcopy(plain))
+            try:
+                expected, got = _gradients(plain, (2, 4, 9, 7)), _gradients(fast, (2, 4, 9, 7))
+            except (RuntimeError, TypeError) as e:
+                return f"torch's convolution_backward operator changed ({type(e).__name__}: {e})"
+            if not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(expected, got)):
+                return f"a convolution's gradients differed from torch's own ({options})"
+    return None

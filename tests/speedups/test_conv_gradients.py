@@ -1,0 +1,102 @@
+"""Gradients of channels-last CPU convolutions: torch's own to float rounding, and used only where they apply."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import speedups
+from models import build_model
+from speedups import conv_gradients
+from speedups.conv_gradients import tap_product_weight_grad, use_fast_cpu_gradients
+from speedups.norm_folding import fold_batch_norms, fold_frozen_norms
+
+
+@pytest.mark.parametrize("kernel, padding, dilation", [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (2, 2)),
+                                                       ((5, 5), (2, 2), (1, 1)), ((3, 1), (1, 0), (1, 1)),
+                                                       ((3, 3), (0, 0), (1, 1)), ((2, 2), (0, 0), (1, 1))])
+def test_tap_products_give_torchs_weight_gradient(kernel, padding, dilation):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((2, 4, 9, 7), generator=generator, dtype=torch.float64).to(memory_format=torch.channels_last)
+    weight = torch.rand((6, 4, *kernel), generator=generator, dtype=torch.float64)
+    output = nn.functional.conv2d(x, weight, padding=padding, dilation=dilation)
+    grad = torch.rand(output.shape, generator=generator, dtype=torch.float64).to(memory_format=torch.channels_last)
+    expected = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(padding), list(dilation),
+                                                   False, [0, 0], 1, [False, True, False])[1]
+    torch.testing.assert_close(tap_product_weight_grad(grad, x, kernel, padding, dilation), expected,
+                               rtol=0, atol=1e-12)
+
+
+def gradients(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str, list[torch.Tensor]]:
+    x = x.detach().clone().requires_grad_()
+    output = conv(x)
+    (output * torch.linspace(-1, 1, output.numel()).view(output.shape)).sum().backward()
+    return output, type(output.grad_fn).__name__, [x.grad] + [p.grad for p in conv.parameters()]
+
+
+@pytest.mark.parametrize("options", [{"padding": 1}, {"padding": 2, "dilation": 2}, {"stride": 2, "padding": 1},
+                                     {"padding": 1, "groups": 2, "bias": False}])
+def test_a_channels_last_convolution_gets_torchs_gradients(options):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(4, 6, 3, **options).to(memory_format=torch.channels_last)
+    fast = use_fast_cpu_gradients(copy.deepcopy(plain))
+    x = torch.rand(2, 4, 11, 9).to(memory_format=torch.channels_last)
+    expected_output, plain_backward, expected = gradients(plain, x)
+    output, fast_backward, got = gradients(fast, x)
+    assert (plain_backward, fast_backward) == ("ConvolutionBackward0", "_FastCpuGradientsBackward")
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_convolution_with_a_folded_frozen_norm_keeps_both():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), FrozenBatchNorm2d(6))
+    for name, low, high in (("weight", 0.5, 1.5), ("running_mean", -0.5, 0.5), ("running_var", 0.5, 2.0)):
+        getattr(block[1], name).uniform_(low, high)
+    block.to(memory_format=torch.channels_last)
+    fast = use_fast_cpu_gradients(fold_frozen_norms(copy.deepcopy(block)))
+    x = torch.rand(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    _, _, expected = gradients(block, x)
+    _, backward, got = gradients(fast, x)
+    assert backward == "_FastCpuGradientsBackward"
+    for a, b in zip(got[:2], expected[:2], strict=True):  # the input's and the convolution weight's
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torchs_own_convolution_runs_without_gradients_layout_or_in_1x1_kernels():
+    conv = use_fast_cpu_gradients(nn.Conv2d(4, 6, 3, padding=1)).to(memory_format=torch.channels_last)
+    x = torch.rand(1, 4, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(conv(x).grad_fn).__name__ != "_FastCpuGradientsBackward"
+    assert type(conv.to(memory_format=torch.contiguous_format)(x).grad_fn).__name__ == "ConvolutionBackward0"
+    pointwise = use_fast_cpu_gradients(nn.Sequential(nn.Conv2d(4, 6, 1)))
+    assert type(pointwise[0]) is nn.Conv2d
+
+
+def test_the_inference_copy_still_folds_batch_norms_into_swapped_convolutions():
+    head = use_fast_cpu_gradients(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)).eval())
+    assert fold_batch_norms(head) == 1
+
+
+def test_the_self_check_finds_wrong_gradients(monkeypatch):
+    assert conv_gradients.self_check() is None
+    monkeypatch.setattr(conv_gradients, "tap_product_weight_grad", lambda grad, x, *geometry: torch.zeros(
+        grad.shape[1], x.shape[1], 3, 3))
+    assert "gradients differed" in conv_gradients.self_check()
+
+
+def test_applied_with_channels_last_on_the_cpu_only():
+    model = build_model("fasterrcnn_mobilenet_v3_large_fpn", 3, None, None, None)
+
+    def names(device: str, channels_last: bool) -> list[str]:
+        config = speedups.SpeedupConfig(channels_last=channels_last, shape_buckets=False)
+        return speedups.applied(speedups.for_training(copy.deepcopy(model), torch.device(device), config))
+
+    assert speedups.CPU_CONV_GRADIENTS.name in names("cpu", True)
+    assert speedups.CPU_CONV_GRADIENTS.name not in names("cpu", False)
+    assert speedups.CPU_CONV_GRADIENTS.name not in names("meta", True)
