@@ -119,7 +119,8 @@ def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
 
 def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
     """The model prepared to train on device, in place (its parameters already there): every speed-up the
-    config allows, in TRAINING's order, then channels-last and shape buckets where the config says."""
+    config allows, in TRAINING's order, then channels-last (on the CPU with its convolution gradients) and shape
+    buckets where the config says."""
     if not config.enabled:
         return model
     chosen = TRAINING
