@@ -31,6 +31,7 @@ from . import (
     norm_folding,
     shape_buckets,
     sparse_roi_align,
+    winograd_convs,
 )
 
 
@@ -93,6 +94,9 @@ CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channe
 # With channels-last on the CPU only, where oneDNN's channels-last weight gradients are the slow part.
 CPU_CONV_GRADIENTS = Speedup("convolution gradients for channels-last on the CPU", conv_gradients.self_check,
                              conv_gradients.use_fast_cpu_gradients)
+# On the CPU, in either layout: the large 3x3 convolutions by NNPACK's Winograd transform.
+CPU_WINOGRAD = Speedup("Winograd 3x3 convolutions on the CPU", winograd_convs.self_check,
+                       winograd_convs.use_winograd_convs)
 SHAPE_BUCKETS = Speedup("shape buckets", shape_buckets.self_check, shape_buckets.pad_to_shape_buckets)
 INFERENCE_FOLD = Speedup("batch norms folded for inference", norm_folding.self_check, norm_folding.fold_batch_norms)
 
@@ -119,13 +123,15 @@ def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
 
 def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
     """The model prepared to train on device, in place (its parameters already there): every speed-up the
-    config allows, in TRAINING's order, then channels-last (on the CPU with its convolution gradients) and shape
-    buckets where the config says."""
+    config allows, in TRAINING's order, then channels-last (on the CPU with its convolution gradients), NNPACK's
+    Winograd convolutions on the CPU, and shape buckets where the config says."""
     if not config.enabled:
         return model
     chosen = TRAINING
     if config.use_channels_last(device):
         chosen += (CHANNELS_LAST, CPU_CONV_GRADIENTS) if device.type == "cpu" else (CHANNELS_LAST,)
+    if device.type == "cpu":
+        chosen += (CPU_WINOGRAD,)
     _apply(model, chosen + ((SHAPE_BUCKETS,) if config.use_shape_buckets(device) else ()))
     return model
 

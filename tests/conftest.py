@@ -88,6 +88,21 @@ TINY = ["--min-size", "64", "--max-size", "64", "--device", "cpu", "-j", "0", "-
         "--weights-backbone", "none", "--lr", "0.01", "--clip-grad-norm", "10"]
 
 
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """NNPACK for every 3x3 convolution it can run, however small, as it would on full-size maps. Yields the
+    list its calls are appended to (a test clears it after any self-check) and checks that it is not empty."""
+    from speedups import winograd_convs
+
+    monkeypatch.setattr(winograd_convs, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd_convs, "MIN_PIXELS", 1)
+    calls = []
+    original = winograd_convs.winograd_conv2d
+    monkeypatch.setattr(winograd_convs, "winograd_conv2d", lambda *args: calls.append(1) or original(*args))
+    yield calls
+    assert calls, "no convolution went through NNPACK"
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl."""
     path = Path(output_dir) / "metrics.jsonl"

@@ -28,7 +28,8 @@ def test_layout_and_buckets_follow_the_device_unless_asked_and_none_without_spee
 
 
 def test_every_speedup_passes_its_self_check_on_this_torchvision():
-    for speedup in (*speedups.TRAINING, speedups.CHANNELS_LAST, speedups.SHAPE_BUCKETS, speedups.INFERENCE_FOLD):
+    for speedup in (*speedups.TRAINING, speedups.CHANNELS_LAST, speedups.CPU_CONV_GRADIENTS, speedups.CPU_WINOGRAD,
+                    speedups.SHAPE_BUCKETS, speedups.INFERENCE_FOLD):
         assert speedup.self_check() is None, speedup.name
 
 
@@ -46,13 +47,14 @@ def pair(shape_buckets: bool, **options):
                                     ("running_var", 0.5, 2.0)):
                 getattr(module, name).uniform_(low, high)
     fast = speedups.for_training(copy.deepcopy(plain), CPU, speedups.SpeedupConfig(True, True, shape_buckets))
-    assert len(speedups.applied(fast)) == 6 + shape_buckets
+    assert len(speedups.applied(fast)) == 7 + shape_buckets
     return plain, fast
 
 
-def test_a_training_step_gives_torchvisions_losses_and_gradients():
+def test_a_training_step_gives_torchvisions_losses_and_gradients(winograd_everywhere):
     # Shape buckets pad training images, which changes features near their edges: off, as on CPUs by default.
     plain, fast = pair(shape_buckets=False)
+    winograd_everywhere.clear()  # what the self-checks ran
     images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
                 "masks": torch.zeros((1, 90, 120), dtype=torch.uint8)},
@@ -73,8 +75,9 @@ def test_a_training_step_gives_torchvisions_losses_and_gradients():
         torch.testing.assert_close(fast_grads[name] / scale, grad / scale, rtol=0, atol=2e-3, msg=name)
 
 
-def test_evaluation_gives_torchvisions_predictions():
+def test_evaluation_gives_torchvisions_predictions(winograd_everywhere):
     plain, fast = pair(shape_buckets=True, box_score_thresh=0.0)
+    winograd_everywhere.clear()
     images = [torch.rand(3, 90, 120), torch.rand(3, 70, 100)]
     with torch.inference_mode():
         expected = speedups.for_inference(plain, CPU, speedups.PLAIN)(images)

@@ -1,0 +1,115 @@
+"""NNPACK's Winograd convolutions: torch's outputs and gradients to float rounding, used only where they apply."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from speedups import conv_gradients, winograd_convs
+from speedups.norm_folding import fold_batch_norms
+from speedups.winograd_convs import use_winograd_convs, winograd_conv2d
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 13, 11), (2, 3, 70, 66), (5, 3, 9, 7), (1, 2, 1, 2)])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+@pytest.mark.parametrize("padding", [(0, 0), (1, 1), (2, 1)])
+def test_winograd_gives_torchs_convolution_in_the_inputs_layout(shape, layout, padding):
+    if padding == (0, 0) and min(shape[2:]) < 3:
+        pytest.skip("no output without padding")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=generator).to(memory_format=layout)
+    weight, bias = torch.rand((4, shape[1], 3, 3), generator=generator), torch.rand(4, generator=generator)
+    torch._nnpack_available()
+    output = winograd_conv2d(x, weight, bias, padding)
+    expected = nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=padding)
+    assert output.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(output.double(), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
+    no_bias = winograd_conv2d(x, weight, None, padding)
+    torch.testing.assert_close(no_bias, output - bias.view(1, -1, 1, 1), rtol=0, atol=1e-5)
+
+
+def outputs_and_gradients(conv: nn.Module, x: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
+    x = x.detach().clone().requires_grad_()
+    output = conv(x)
+    (output * torch.linspace(-1, 1, output.numel()).view(output.shape)).sum().backward()
+    return type(output.grad_fn).__name__, [output, x.grad] + [p.grad for p in conv.parameters()]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 70, 66), (4, 8, 12, 10)])  # a call per image; one for the batch
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_a_convolution_gets_torchs_output_and_gradients(winograd_everywhere, shape, layout):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(8, 6, 3, padding=1).to(memory_format=layout)
+    fast = use_winograd_convs(copy.deepcopy(plain))
+    x = torch.rand(shape).to(memory_format=layout)
+    plain_backward, expected = outputs_and_gradients(plain, x)
+    fast_backward, got = outputs_and_gradients(fast, x)
+    assert (plain_backward, fast_backward) == ("ConvolutionBackward0", "_WinogradConvBackward")
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-5 * b.abs().max().item())
+
+
+def test_only_large_float32_cpu_convolutions_without_autocast_take_nnpack():
+    conv = use_winograd_convs(nn.Conv2d(256, 256, 3, padding=1))
+    large, small = torch.rand(1, 256, 110, 110), torch.rand(1, 256, 100, 100)  # 12,100 and 10,000 pixels
+    assert type(conv(large).grad_fn).__name__ == "_WinogradConvBackward"
+    assert type(conv(small).grad_fn).__name__ == "ConvolutionBackward0"
+    with torch.no_grad():
+        torch.testing.assert_close(conv(large), nn.functional.conv2d(large, conv.weight, conv.bias, padding=1),
+                                   rtol=0, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(conv(large).grad_fn).__name__ != "_WinogradConvBackward"
+    narrow = use_winograd_convs(nn.Conv2d(128, 256, 3, padding=1))
+    assert type(narrow(torch.rand(1, 128, 110, 110)).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+def test_only_3x3_stride_1_ungrouped_convolutions_are_swapped():
+    kinds = [nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+             nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 4, 3, padding=1, groups=2),
+             nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 5, padding=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")]
+    swapped = use_winograd_convs(nn.Sequential(*kinds))
+    assert [isinstance(m, winograd_convs._ConvByWinograd) for m in swapped] == [True] + [False] * 6
+
+
+def test_with_channels_last_gradients_each_convolution_takes_its_own_path(winograd_everywhere, monkeypatch):
+    convs = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    fast = use_winograd_convs(conv_gradients.use_fast_cpu_gradients(convs.to(memory_format=CL)))
+    x = torch.rand(2, 4, 10, 10).to(memory_format=CL).requires_grad_()
+    assert type(fast[0](x).grad_fn).__name__ == "_WinogradConvBackward"
+    assert type(fast[1](x).grad_fn).__name__ == "_FastCpuGradientsBackward"
+    monkeypatch.setattr(winograd_convs, "MIN_PIXELS", 10_000)  # too small now: the channels-last gradients
+    assert type(fast[0](x).grad_fn).__name__ == "_FastCpuGradientsBackward"
+
+
+def test_batch_norms_fold_into_a_swapped_convolution(winograd_everywhere):
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)).eval()
+    block[1].running_mean.uniform_(-0.5, 0.5)
+    block[1].running_var.uniform_(0.5, 2.0)
+    folded = use_winograd_convs(copy.deepcopy(block))
+    assert fold_batch_norms(folded) == 1
+    x = torch.rand(1, 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), block(x), rtol=0, atol=1e-5)
+    assert isinstance(folded[0], winograd_convs._ConvByWinograd)
+
+
+def test_the_self_check_passes_and_finds_wrong_outputs(monkeypatch):
+    assert winograd_convs.self_check() is None
+    monkeypatch.setattr(winograd_convs, "winograd_conv2d", lambda x, w, b, p: torch.zeros_like(x[:, :1]).repeat(
+        1, w.shape[0], 1, 1))
+    assert "differed from torch's" in winograd_convs.self_check()
+
+
+def test_applied_on_the_cpu_in_either_layout_only():
+    import speedups
+    from models import build_model
+
+    model = build_model("fasterrcnn_mobilenet_v3_large_fpn", 3, None, None, None)
+    for device, channels_last, expected in (("cpu", True, True), ("cpu", False, True), ("meta", False, False)):
+        config = speedups.SpeedupConfig(channels_last=channels_last, shape_buckets=False)
+        fast = speedups.for_training(copy.deepcopy(model), torch.device(device), config)
+        assert (speedups.CPU_WINOGRAD.name in speedups.applied(fast)) == expected
