@@ -100,7 +100,7 @@ class _ConvByWinograd:
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         padding = tuple(self.padding)
-        if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype == weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu") and _worth_it(x, weight, padding)):
             if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                 return _WinogradConv.apply(x, weight, bias, padding)
@@ -143,15 +143,16 @@ def self_check() -> str | None:
     if not torch._nnpack_available():
         return "this torch was built without NNPACK"
     generator = torch.Generator().manual_seed(1)
-    for shape in ((2, 3, 66, 65), (3, 3, 9, 7)):  # one call per image; one call for the batch
-        plain = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
-        fast = copy.deepcopy(plain)
-        x = torch.rand(shape, generator=generator).to(memory_format=torch.channels_last)
-        expected = _gradients(plain, x, by_winograd=False)
-        try:
-            got = _gradients(fast, x, by_winograd=True)
-        except RuntimeError as e:
-            return f"NNPACK's convolution failed ({e})"
-        if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(expected, got)):
-            return f"NNPACK's convolution differed from torch's for a batch of shape {shape}"
+    with torch.enable_grad():  # whatever the caller's mode
+        for shape in ((2, 3, 66, 65), (3, 3, 9, 7)):  # one call per image; one call for the batch
+            plain = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+            fast = copy.deepcopy(plain)
+            x = torch.rand(shape, generator=generator).to(memory_format=torch.channels_last)
+            expected = _gradients(plain, x, by_winograd=False)
+            try:
+                got = _gradients(fast, x, by_winograd=True)
+            except RuntimeError as e:
+                return f"NNPACK's convolution failed ({e})"
+            if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(expected, got)):
+                return f"NNPACK's convolution differed from torch's for a batch of shape {shape}"
     return None

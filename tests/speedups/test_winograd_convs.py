@@ -13,12 +13,15 @@ from speedups.winograd_convs import use_winograd_convs, winograd_conv2d
 CL = torch.channels_last
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 13, 11), (2, 3, 70, 66), (5, 3, 9, 7), (1, 2, 1, 2)])
+# One image, one call per image (maps of 64x64 and more), one call for the batch, and a map smaller than the
+# kernel, which has an output only when padded.
+SHAPES_AND_PADDINGS = [(shape, padding) for shape in ((1, 3, 13, 11), (2, 3, 70, 66), (5, 3, 9, 7))
+                       for padding in ((0, 0), (1, 1), (2, 1))] + [((1, 2, 1, 2), (1, 1)), ((1, 2, 1, 2), (2, 1))]
+
+
+@pytest.mark.parametrize("shape, padding", SHAPES_AND_PADDINGS)
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
-@pytest.mark.parametrize("padding", [(0, 0), (1, 1), (2, 1)])
 def test_winograd_gives_torchs_convolution_in_the_inputs_layout(shape, layout, padding):
-    if padding == (0, 0) and min(shape[2:]) < 3:
-        pytest.skip("no output without padding")
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=generator).to(memory_format=layout)
     weight, bias = torch.rand((4, shape[1], 3, 3), generator=generator), torch.rand(4, generator=generator)
@@ -62,6 +65,7 @@ def test_only_large_float32_cpu_convolutions_without_autocast_take_nnpack():
                                    rtol=0, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(conv(large).grad_fn).__name__ != "_WinogradConvBackward"
+    assert conv(large[0]).shape == (256, 110, 110)  # an unbatched input: torch's own
     narrow = use_winograd_convs(nn.Conv2d(128, 256, 3, padding=1))
     assert type(narrow(torch.rand(1, 128, 110, 110)).grad_fn).__name__ == "ConvolutionBackward0"
 
@@ -99,6 +103,8 @@ def test_batch_norms_fold_into_a_swapped_convolution(winograd_everywhere):
 
 def test_the_self_check_passes_and_finds_wrong_outputs(monkeypatch):
     assert winograd_convs.self_check() is None
+    with torch.no_grad():
+        assert winograd_convs.self_check() is None
     monkeypatch.setattr(winograd_convs, "winograd_conv2d", lambda x, w, b, p: torch.zeros_like(x[:, :1]).repeat(
         1, w.shape[0], 1, 1))
     assert "differed from torch's" in winograd_convs.self_check()
