@@ -12,12 +12,13 @@ modules keep their class's behaviour otherwise (a subclass is swapped in; state-
 from __future__ import annotations
 
 import copy
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .mixins import mix_into
 
 
 def tap_product_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int],
@@ -91,24 +92,15 @@ class _ConvWithFastCpuGradients:
         return super()._conv_forward(x, weight, bias)
 
 
-@cache
-def _with_fast_cpu_gradients(cls: type) -> type:
-    return type(f"{cls.__name__}WithFastCpuGradients", (_ConvWithFastCpuGradients, cls), {})
-
-
 def _eligible(module: nn.Module) -> bool:
     """A Conv2d wider than 1x1 (1x1 ones are fast in oneDNN) with zero padding given in pixels."""
-    return (isinstance(module, nn.Conv2d) and not isinstance(module, _ConvWithFastCpuGradients)
-            and module.kernel_size != (1, 1) and module.padding_mode == "zeros"
+    return (isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and module.padding_mode == "zeros"
             and not isinstance(module.padding, str))
 
 
 def use_fast_cpu_gradients(model: nn.Module) -> nn.Module:
     """Swap each eligible convolution of model for its subclass with these gradients, in place; returns it."""
-    for module in model.modules():
-        if _eligible(module):
-            module.__class__ = _with_fast_cpu_gradients(type(module))
-    return model
+    return mix_into(model, _ConvWithFastCpuGradients, _eligible, "WithFastCpuGradients")
 
 
 def _gradients(conv: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:

@@ -15,13 +15,13 @@ its thread pool from torch's thread count when it is first used.
 from __future__ import annotations
 
 import copy
-from functools import cache
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .conv_gradients import tap_product_weight_grad
+from .mixins import mix_into
 
 # Below this many output pixels an image's map is small enough that NNPACK's batch path (one call for the
 # whole batch) beats a call per image.
@@ -108,26 +108,17 @@ class _ConvByWinograd:
         return super()._conv_forward(x, weight, bias)
 
 
-@cache
-def _by_winograd(cls: type) -> type:
-    return type(f"{cls.__name__}ByWinograd", (_ConvByWinograd, cls), {})
-
-
 def _eligible(module: nn.Module) -> bool:
     """A 3x3 Conv2d with stride 1, no dilation or groups, and zero padding of 0-2 pixels given in pixels."""
-    return (isinstance(module, nn.Conv2d) and not isinstance(module, _ConvByWinograd)
-            and module.kernel_size == (3, 3) and module.stride == (1, 1) and module.dilation == (1, 1)
-            and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-            and all(0 <= p <= 2 for p in module.padding))
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
+            and module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str) and all(0 <= p <= 2 for p in module.padding))
 
 
 def use_winograd_convs(model: nn.Module) -> nn.Module:
     """Swap each eligible convolution of model for its subclass computed by NNPACK, in place; returns it."""
     torch._nnpack_available()  # NNPACK's calls fail until this has initialised it
-    for module in model.modules():
-        if _eligible(module):
-            module.__class__ = _by_winograd(type(module))
-    return model
+    return mix_into(model, _ConvByWinograd, _eligible, "ByWinograd")
 
 
 def _gradients(conv: nn.Conv2d, x: torch.Tensor, by_winograd: bool) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,23 @@
+"""One way to change how chosen modules of a model run: a mixin put in front of each one's class, in place, so
+that its parameters, buffers and state-dict keys stay as they are."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+from torch import nn
+
+
+@cache
+def _mixed(mixin: type, cls: type, suffix: str) -> type:
+    return type(f"{cls.__name__}{suffix}", (mixin, cls), {})
+
+
+def mix_into(model: nn.Module, mixin: type, eligible: Callable[[nn.Module], bool], suffix: str) -> nn.Module:
+    """Give each module of model that is eligible and lacks mixin the subclass (mixin, its class), named with
+    suffix; in place, returns model."""
+    for module in model.modules():
+        if not isinstance(module, mixin) and eligible(module):
+            module.__class__ = _mixed(mixin, type(module), suffix)
+    return model
