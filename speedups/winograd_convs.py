@@ -3,7 +3,7 @@
 What it changes: on the CPU, each 3x3 convolution with stride 1, no dilation and no groups whose channels and
 output are large enough (the FPN's and RPN's on the finest levels, the mask head's over many RoIs) computes its
 output, and its input gradient when training, with NNPACK (bundled with torch) instead of oneDNN: its Winograd
-transform needs about a quarter of the multiplications of a direct convolution, which is what a CPU without
+transform needs several times fewer multiplications than a direct convolution, which is what a CPU without
 AVX-512 is short of. Large maps go one image at a time (NNPACK's batch path is slower for them), small ones in
 one call; outputs keep the input's memory layout. Smaller convolutions, where the transforms and layout copies
 cost more than they save, stay with torch (figures in docs/PERFORMANCE.md). Weight gradients are tap products
