@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from annotations import collection_paused
 from coco_utils import CategoryMap, CocoDetection, build_dataset, coco_keypoint_names, flip_order
 from dataset_check import check_before_training
 from errors import UserError
+from freed_memory import ReleasingCollate
 from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
 from models import iou_types
 from preemption import ignore_stop_signals
@@ -35,10 +37,16 @@ class Data:
     val_loss_loader: torch.utils.data.DataLoader | None = None
 
 
+def collate(args: argparse.Namespace, collate_fn: Callable) -> Callable:
+    """collate_fn, releasing the memory freed while building each batch unless --no-release-freed-memory."""
+    return ReleasingCollate(collate_fn) if args.release_freed_memory else collate_fn
+
+
 def loader_options(args: argparse.Namespace) -> dict:
     # Workers restart each epoch so that they see the dataset's epoch (augmentation seeds); they ignore stop
     # signals, which the main process handles; the loader's own generator leaves the global one to the model.
-    return {"num_workers": args.workers, "collate_fn": utils.collate_fn, "pin_memory": args.device.type == "cuda",
+    return {"num_workers": args.workers, "collate_fn": collate(args, utils.collate_fn),
+            "pin_memory": args.device.type == "cuda",
             "worker_init_fn": ignore_stop_signals, "generator": torch.Generator().manual_seed(args.seed)}
 
 
@@ -70,9 +78,9 @@ def make_train_loader(args: argparse.Namespace, train_set: CocoDetection) -> tor
         raise UserError(f"--batch-size {args.batch_size} x {utils.get_world_size()} processes x "
                         f"--grad-accum-steps {args.grad_accum_steps} is more than the {len(train_set)} training "
                         f"images; lower one of them")
-    collate = presets.CopyPasteCollate(train_set) if args.use_copypaste else utils.collate_fn
+    collate_fn = presets.CopyPasteCollate(train_set) if args.use_copypaste else utils.collate_fn
     return torch.utils.data.DataLoader(train_set, batch_sampler=batches,
-                                       **{**loader_options(args), "collate_fn": collate})
+                                       **{**loader_options(args), "collate_fn": collate(args, collate_fn)})
 
 
 def make_val_loader(args: argparse.Namespace, val_set: CocoDetection, batch_size: int

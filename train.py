@@ -158,6 +158,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--max-bad-samples", default=0.01, type=float,
         help="share of an epoch's images that may be unreadable (skipped) before the run stops")
     add("--skip-data-check", action="store_true", help="start without looking up every image file first")
+    add("--release-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+        help="after building each batch, data loaders hand the memory freed on the way back to the OS, so that a "
+             "worker holds about one batch's worth (--no-release-freed-memory: faster loading, more memory per "
+             "worker; see docs/PERFORMANCE.md)")
     add("--grad-accum-steps", default=1, type=int,
         help="batches whose gradients add up before each optimizer step: the effective batch is --batch-size x "
              "processes x this (warm-up, schedule and --print-freq count optimizer steps)")

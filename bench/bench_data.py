@@ -35,9 +35,10 @@ def build(args: argparse.Namespace, split: str):
     import presets
     import utils
     from coco_utils import build_dataset
+    from freed_memory import ReleasingCollate
 
     transforms = presets.DetectionPresetTrain("hflip") if split == "train" else presets.DetectionPresetEval()
-    return build_dataset(args.data_path, "coco", split, transforms), utils.collate_fn
+    return build_dataset(args.data_path, "coco", split, transforms), ReleasingCollate(utils.collate_fn)
 
 
 def tensor_bytes(obj) -> int:

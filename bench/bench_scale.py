@@ -22,7 +22,9 @@ Each implementation runs alone in a fresh process (never both at once), started 
   their own (the pages they wrote: copies of inherited ones and their own allocations); the group's growth
   is the sum of Pss_Anon after less the main's before (anonymous pages are shared only within the group).
   The workers' USS is also taken once each has delivered its first batch: what they gain between then and the
-  end (workers_uss_growth_mb) is what loading samples costs, apart from what any worker holds from its start.
+  end (workers_uss_growth_mb) is what loading samples costs, apart from what any worker holds from its start;
+  and every 50 batches while they load, for the largest sum seen (workers_uss_peak_mb), as a worker's memory
+  between two batches can be above what it holds at the end.
 Prints one JSON object, with the load average before and after each run.
 """
 
@@ -46,6 +48,7 @@ INSTANCES_PER_IMAGE = 7.3  # COCO train2017: 860,001 instances in 118,287 images
 EMPTY_SHARE = 0.009  # COCO train2017: 1,021 images without instances
 CROWD_SHARE = 0.01
 TWO_PART_SHARE = 0.08
+PEAK_POLL_BATCHES = 50  # the workers' memory is also read every this many batches, for its peak
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,20 +260,24 @@ def worker_memory(dataset, loader_kwargs: dict, workers: int, per_worker: int) -
     started = time.perf_counter()
     iterator = iter(loader)
     pids = [w.pid for w in iterator._workers]
-    loaded, early = 0, None
-    for images, _ in iterator:
+    loaded, early, peak = 0, None, 0.0
+    for step, (images, _) in enumerate(iterator):
         loaded += len(images)
         if early is None and loaded >= workers * batch:  # each worker has delivered a batch
             early = [process_memory(pid) for pid in pids]
+        if step % PEAK_POLL_BATCHES == 0:
+            peak = max(peak, sum(process_memory(pid)["uss_mb"] for pid in pids))
     seconds = time.perf_counter() - started
     main, per_process = process_memory(os.getpid()), [process_memory(pid) for pid in pids]
     iterator._shutdown_workers()
     workers_uss = sum(m["uss_mb"] for m in per_process)
+    peak = max(peak, workers_uss)
     group_pss = main["pss_anon_mb"] + sum(m["pss_anon_mb"] for m in per_process)
     return {"samples_loaded": loaded, "batch_size": batch, "loading_s": round(seconds, 1),
             "main_before_workers": before, "main_after": main, "workers": per_process,
             "workers_after_first_batches": early,
-            "workers_uss_mb": round(workers_uss, 1), "total_uss_mb": round(main["uss_mb"] + workers_uss, 1),
+            "workers_uss_mb": round(workers_uss, 1), "workers_uss_peak_mb": round(peak, 1),
+            "total_uss_mb": round(main["uss_mb"] + workers_uss, 1),
             "workers_uss_growth_mb": round(workers_uss - sum(m["uss_mb"] for m in early), 1),
             "group_pss_anon_mb": round(group_pss, 1),
             "growth_pss_anon_mb": round(group_pss - before["pss_anon_mb"], 1)}
@@ -377,13 +384,14 @@ def compare(ours: dict, reference: dict) -> dict:
     memory, reference_memory = ours["memory"], reference["memory"]
     start = ratio(ours["start_to_first_batch_s"], reference["start_to_first_batch_s"], 3)
     workers = ratio(memory["workers_uss_mb"], reference_memory["workers_uss_mb"])
+    peak = ratio(memory["workers_uss_peak_mb"], reference_memory["workers_uss_peak_mb"])
     growth = ratio(memory["growth_pss_anon_mb"], reference_memory["growth_pss_anon_mb"])
     loading = ratio(memory["workers_uss_growth_mb"], reference_memory["workers_uss_growth_mb"])
-    return {"start_up_ratio": start, "workers_uss_ratio": workers,
+    found = (workers, peak, growth)
+    return {"start_up_ratio": start, "workers_uss_ratio": workers, "workers_uss_peak_ratio": peak,
             "growth_pss_anon_ratio": growth, "workers_uss_growth_ratio": loading,
             "start_up_target_met": start is not None and start <= 1.0,
-            "worker_memory_target_met": None if workers is None or growth is None
-            else workers <= 0.1 and growth <= 0.1}
+            "worker_memory_target_met": None if None in found else max(found) <= 0.1}
 
 
 def main(argv: list[str] | None = None) -> None:

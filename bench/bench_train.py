@@ -128,6 +128,7 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     from coco_utils import build_dataset
     from devices import amp_dtype, grad_scaler
     from engine import TrainOptions, train_one_epoch
+    from freed_memory import ReleasingCollate
     from group_by_aspect_ratio import ResumableBatchSampler
     from models import build_model
 
@@ -137,7 +138,8 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     batches = ResumableBatchSampler(torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset),
                                                                   args.batch_size, drop_last=True))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                         collate_fn=utils.collate_fn, pin_memory=device.type == "cuda")
+                                         collate_fn=ReleasingCollate(utils.collate_fn),
+                                         pin_memory=device.type == "cuda")
     loader = TimedLoader(loader)
     model = build_model("maskrcnn_resnet50_fpn", 91, None, args.weights_backbone, None,
                         min_size=args.min_size, max_size=args.max_size)

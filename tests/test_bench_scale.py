@@ -19,6 +19,7 @@ def _check(figures: dict, workers: int, samples: int) -> None:
     assert len(memory["workers"]) == workers
     assert all(w["uss_mb"] > 0 and w["pss_anon_mb"] > 0 for w in memory["workers"])
     assert memory["workers_uss_mb"] == round(sum(w["uss_mb"] for w in memory["workers"]), 1)
+    assert memory["workers_uss_peak_mb"] >= memory["workers_uss_mb"]
     assert len(memory["workers_after_first_batches"]) == workers
 
 
@@ -43,16 +44,20 @@ def test_bench_runs_at_a_small_size(tmp_path):
                                               "workers_uss_growth_ratio"}
 
 
-def _figures(start: float, uss: float, growth: float, loading: float) -> dict:
+def _figures(start: float, uss: float, growth: float, loading: float, peak: float | None = None) -> dict:
     return {"start_to_first_batch_s": start, "memory": {"workers_uss_mb": uss, "growth_pss_anon_mb": growth,
-                                                        "workers_uss_growth_mb": loading}}
+                                                        "workers_uss_growth_mb": loading,
+                                                        "workers_uss_peak_mb": uss if peak is None else peak}}
 
 
 def test_compare_gives_ratios_and_none_where_the_reference_measured_nothing():
     bench = load_file_module(ROOT / "bench" / "bench_scale.py", "bench_scale")
     met = bench.compare(_figures(5, 10, 1, 2), _figures(10, 200, 20, 4))
-    assert met == {"start_up_ratio": 0.5, "workers_uss_ratio": 0.05, "growth_pss_anon_ratio": 0.05,
-                   "workers_uss_growth_ratio": 0.5, "start_up_target_met": True, "worker_memory_target_met": True}
+    assert met == {"start_up_ratio": 0.5, "workers_uss_ratio": 0.05, "workers_uss_peak_ratio": 0.05,
+                   "growth_pss_anon_ratio": 0.05, "workers_uss_growth_ratio": 0.5, "start_up_target_met": True,
+                   "worker_memory_target_met": True}
+    high_peak = bench.compare(_figures(5, 10, 1, 2, peak=30), _figures(10, 200, 20, 4))
+    assert high_peak["workers_uss_peak_ratio"] == 0.15 and high_peak["worker_memory_target_met"] is False
     tiny = bench.compare(_figures(5, 10, 1, 2), _figures(4, 50, 0, 0))
     assert tiny["workers_uss_growth_ratio"] is None and tiny["growth_pss_anon_ratio"] is None
     assert tiny["worker_memory_target_met"] is None and tiny["start_up_target_met"] is False
