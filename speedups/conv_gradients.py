@@ -2,7 +2,8 @@
 
 What it changes: with the model channels-last on the CPU, each convolution with a kernel wider than 1x1 keeps
 its forward pass and its input gradient in channels-last, where oneDNN is fastest, but its weight gradient is
-computed as matrix products (one per kernel tap, over a zero-padded channels-last copy of the input; strided or
+computed as matrix products over zero-padded channels-last copies (3x3 kernels without dilation: by Winograd's
+F(2x2, 3x3), 16 products a 2x2 tile instead of 36; other kernels: one product per kernel tap; strided or
 grouped convolutions: by oneDNN on standard-layout copies) and its bias gradient as a sum, because oneDNN's
 channels-last weight and bias pass for such kernels can take several times as long as the rest of the
 convolution (AVX2 CPUs; figures in docs/PERFORMANCE.md). Outputs and gradients are the same to float rounding;
@@ -47,6 +48,73 @@ def tap_product_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_s
     return grad_weight
 
 
+# Winograd's F(2x2, 3x3) for the weight gradient: each 2x2 tile of the output gradient meets the 4x4 window of
+# the padded input under it. With both transformed to 4x4 (the input by _window_rows' sums and differences, the
+# gradient by _tile_rows'), the 3x3 weight gradient is 16 products a tile where a direct sum takes 36: one
+# batched matrix product over all tiles, then _BACK maps the 4x4 sums to 3x3 (Y = B^T M B).
+_BACK = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 1.0]])
+_HALVES = torch.tensor([1.0, 0.5, 0.5, 1.0])  # the gradient transform's weights, applied once to the sums
+_TILES_PER_CHUNK = 512  # tiles transformed at a time: their transforms stay in cache for the product
+
+
+def _window_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
+    """The input's 1-D transform of four rows (or columns) d0..d3 of each window, into out[0..3]."""
+    torch.sub(d[0], d[2], out=out[0])
+    torch.add(d[1], d[2], out=out[1])
+    torch.sub(d[2], d[1], out=out[2])
+    torch.sub(d[3], d[1], out=out[3])
+
+
+def _tile_rows(e: list[torch.Tensor], out: torch.Tensor) -> None:
+    """The gradient's 1-D transform of two rows (or columns) e0, e1 of each tile, into out[0..3] (halves
+    left out)."""
+    out[0].copy_(e[0])
+    torch.add(e[0], e[1], out=out[1])
+    torch.sub(e[0], e[1], out=out[2])
+    out[3].copy_(e[1])
+
+
+def winograd_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """The weight gradient of a stride-1, ungrouped 3x3 convolution without dilation, by Winograd's F(2x2, 3x3),
+    in chunks of rows of tiles."""
+    n, out_channels, out_height, out_width = grad_output.shape
+    in_channels = x.shape[1]
+    rows, cols = (out_height + 1) // 2, (out_width + 1) // 2  # of tiles; odd sizes get a zero row or column
+    # Channels-last copies: the input zero-padded to cover every tile's window, the gradient to whole tiles.
+    padded = x.new_zeros((n, 2 * rows + 2, 2 * cols + 2, in_channels))
+    padded[:, padding[0]:padding[0] + x.shape[2], padding[1]:padding[1] + x.shape[3]] = x.permute(0, 2, 3, 1)
+    grid = grad_output.new_zeros((n, 2 * rows, 2 * cols, out_channels))
+    grid[:, :out_height, :out_width] = grad_output.permute(0, 2, 3, 1)
+    sums = x.new_zeros((16, out_channels, in_channels))
+    step = max(1, _TILES_PER_CHUNK // (n * cols))
+    for top in range(0, rows, step):
+        count = min(step, rows - top)
+        windows = x.new_empty((4, n, count, padded.shape[2], in_channels))
+        _window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
+        inputs = x.new_empty((4, 4, n, count, cols, in_channels))
+        for i in range(4):
+            _window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
+        tiles = grad_output.new_empty((4, n, count, 2 * cols, out_channels))
+        _tile_rows([grid[:, 2 * top + r:2 * (top + count):2] for r in range(2)], tiles)
+        grads = grad_output.new_empty((4, 4, n, count, cols, out_channels))
+        for i in range(4):
+            _tile_rows([tiles[i][:, :, c::2] for c in range(2)], grads[i])
+        torch.baddbmm(sums, grads.view(16, -1, out_channels).transpose(1, 2), inputs.view(16, -1, in_channels),
+                      out=sums)
+    halves = (_HALVES[:, None] * _HALVES[None, :]).to(sums.dtype).view(4, 4, 1, 1)
+    back = _BACK.to(sums.dtype)
+    return torch.einsum("ai,abkc,bj->kcij", back, sums.view(4, 4, out_channels, in_channels) * halves, back)
+
+
+def weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """The weight gradient of a stride-1, ungrouped convolution: Winograd's for 3x3 kernels without dilation
+    (fewer multiplications), tap products for the others."""
+    if tuple(kernel_size) == (3, 3) and tuple(dilation) == (1, 1):
+        return winograd_weight_grad(grad_output, x, tuple(padding))
+    return tap_product_weight_grad(grad_output, x, kernel_size, padding, dilation)
+
+
 class _FastCpuGradients(torch.autograd.Function):
     """conv2d whose backward computes the input gradient in the tensors' own layout, the weight gradient by
     tap products (or oneDNN in the standard layout) and the bias gradient as a sum."""
@@ -69,7 +137,7 @@ class _FastCpuGradients(torch.autograd.Function):
                 grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False])[0]
         if wants_weight and stride == [1, 1] and groups == 1:
-            grad_weight = tap_product_weight_grad(grad_output, x, weight.shape[2:], padding, dilation)
+            grad_weight = weight_grad(grad_output, x, weight.shape[2:], padding, dilation)
         elif wants_weight:
             grad_weight = torch.ops.aten.convolution_backward(
                 grad_output.contiguous(), x.contiguous(), weight.contiguous(), None, stride, padding, dilation,
@@ -112,10 +180,10 @@ def _gradients(conv: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, .
 
 
 def self_check() -> str | None:
-    """None when convolutions of both kinds (stride 1 and dilated; strided and grouped) get torch's own
-    gradients, channels-last, to float rounding."""
+    """None when convolutions of each kind (3x3 by Winograd's transform; dilated by tap products; strided and
+    grouped) get torch's own gradients, channels-last, to float rounding."""
     with torch.enable_grad():
-        for options in ({"padding": 2, "dilation": 2}, {"stride": 2, "padding": 1, "groups": 2}):
+        for options in ({"padding": 1}, {"padding": 2, "dilation": 2}, {"stride": 2, "padding": 1, "groups": 2}):
             plain = nn.Conv2d(4, 6, 3, **options).to(memory_format=torch.channels_last)
             fast = use_fast_cpu_gradients(copy.deepcopy(plain))
             try:

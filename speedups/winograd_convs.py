@@ -6,10 +6,10 @@ output, and its input gradient when training, with NNPACK (bundled with torch) i
 transform needs several times fewer multiplications than a direct convolution, which is what a CPU without
 AVX-512 is short of. Large maps go one image at a time (NNPACK's batch path is slower for them), small ones in
 one call; outputs keep the input's memory layout. Smaller convolutions, where the transforms and layout copies
-cost more than they save, stay with torch (figures in docs/PERFORMANCE.md). Weight gradients are tap products
-(conv_gradients), bias gradients sums. Numbers agree with torch's convolution to the float32 rounding of the
-transform, about ten times oneDNN's; a subclass is swapped in, so state-dict keys do not change. NNPACK sizes
-its thread pool from torch's thread count when it is first used.
+cost more than they save, stay with torch (figures in docs/PERFORMANCE.md). Weight gradients are
+conv_gradients' (Winograd's F(2x2, 3x3) in matrix products), bias gradients sums. Numbers agree with torch's
+convolution to the float32 rounding of the transform, about ten times oneDNN's; a subclass is swapped in, so
+state-dict keys do not change. NNPACK sizes its thread pool from torch's thread count when it is first used.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .conv_gradients import tap_product_weight_grad
+from .conv_gradients import weight_grad
 from .mixins import mix_into
 
 # Below this many output pixels an image's map is small enough that NNPACK's batch path (one call for the
@@ -74,8 +74,8 @@ def _winograd_input_grad(grad_output: torch.Tensor, weight: torch.Tensor, paddin
 
 
 class _WinogradConv(torch.autograd.Function):
-    """conv2d by NNPACK, whose backward computes the input gradient by NNPACK too, the weight gradient by tap
-    products and the bias gradient as a sum."""
+    """conv2d by NNPACK, whose backward computes the input gradient by NNPACK too, the weight gradient by
+    conv_gradients.weight_grad and the bias gradient as a sum."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
@@ -89,8 +89,7 @@ class _WinogradConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         wants_input, wants_weight, wants_bias = ctx.needs_input_grad[:3]
         grad_input = _winograd_input_grad(grad_output, weight, ctx.padding) if wants_input else None
-        grad_weight = (tap_product_weight_grad(grad_output, x, (3, 3), ctx.padding, (1, 1)) if wants_weight
-                       else None)
+        grad_weight = weight_grad(grad_output, x, (3, 3), ctx.padding, (1, 1)) if wants_weight else None
         grad_bias = grad_output.sum((0, 2, 3)) if wants_bias else None
         return grad_input, grad_weight, grad_bias, None
 

@@ -10,7 +10,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import speedups
 from models import build_model
 from speedups import conv_gradients
-from speedups.conv_gradients import tap_product_weight_grad, use_fast_cpu_gradients
+from speedups.conv_gradients import tap_product_weight_grad, use_fast_cpu_gradients, weight_grad, winograd_weight_grad
 from speedups.norm_folding import fold_batch_norms, fold_frozen_norms
 
 
@@ -27,6 +27,49 @@ def test_tap_products_give_torchs_weight_gradient(kernel, padding, dilation):
                                                    False, [0, 0], 1, [False, True, False])[1]
     torch.testing.assert_close(tap_product_weight_grad(grad, x, kernel, padding, dilation), expected,
                                rtol=0, atol=1e-12)
+
+
+def _float64_weight_grad(shape: tuple[int, ...], padding: tuple[int, int], layout: torch.memory_format):
+    """An input, an output gradient and torch's weight gradient of a 3x3 convolution of 5 channels, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=generator, dtype=torch.float64).to(memory_format=layout)
+    weight = torch.rand((5, shape[1], 3, 3), generator=generator, dtype=torch.float64)
+    output = nn.functional.conv2d(x, weight, padding=padding)
+    grad = torch.randn(output.shape, generator=generator, dtype=torch.float64).to(memory_format=layout)
+    expected = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], list(padding), [1, 1], False,
+                                                   [0, 0], 1, [False, True, False])[1]
+    return grad, x, expected
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 7), (1, 3, 8, 8), (3, 2, 13, 4), (1, 2, 1, 2)])
+@pytest.mark.parametrize("padding", [(1, 1), (0, 0), (2, 2), (1, 0)])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("tiles_per_chunk", [512, 3])  # one chunk; several, the last one short
+def test_winograd_gives_torchs_weight_gradient(shape, padding, layout, tiles_per_chunk, monkeypatch):
+    if shape[2] + 2 * padding[0] < 3 or shape[3] + 2 * padding[1] < 3:
+        padding = (1, 1)  # a 1x2 map needs padding for a 3x3 kernel
+    monkeypatch.setattr(conv_gradients, "_TILES_PER_CHUNK", tiles_per_chunk)
+    grad, x, expected = _float64_weight_grad(shape, padding, layout)
+    torch.testing.assert_close(winograd_weight_grad(grad, x, padding), expected, rtol=0, atol=1e-12)
+
+
+def test_winograd_in_float32_is_as_close_to_float64_as_tap_products():
+    grad, x, expected = _float64_weight_grad((2, 16, 30, 26), (1, 1), torch.channels_last)
+    scale = expected.abs().max()
+    by_winograd = (winograd_weight_grad(grad.float(), x.float(), (1, 1)).double() - expected).abs().max() / scale
+    by_taps = (tap_product_weight_grad(grad.float(), x.float(), (3, 3), (1, 1), (1, 1)).double()
+               - expected).abs().max() / scale
+    assert by_winograd < 2 * by_taps
+
+
+def test_weight_grad_takes_winograd_for_3x3_kernels_without_dilation_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(conv_gradients, "winograd_weight_grad", lambda *args: calls.append("winograd"))
+    monkeypatch.setattr(conv_gradients, "tap_product_weight_grad", lambda *args: calls.append("taps"))
+    x, grad = torch.rand(1, 2, 6, 6), torch.rand(1, 3, 6, 6)
+    for kernel, dilation in (((3, 3), (1, 1)), ((3, 3), (2, 2)), ((5, 5), (1, 1)), ((3, 1), (1, 1))):
+        weight_grad(grad, x, kernel, (1, 1), dilation)
+    assert calls == ["winograd", "taps", "taps", "taps"]
 
 
 def gradients(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str, list[torch.Tensor]]:
@@ -83,9 +126,10 @@ def test_the_inference_copy_still_folds_batch_norms_into_swapped_convolutions():
     assert fold_batch_norms(head) == 1
 
 
-def test_the_self_check_finds_wrong_gradients(monkeypatch):
+@pytest.mark.parametrize("helper", ["tap_product_weight_grad", "winograd_weight_grad"])
+def test_the_self_check_finds_wrong_gradients(monkeypatch, helper):
     assert conv_gradients.self_check() is None
-    monkeypatch.setattr(conv_gradients, "tap_product_weight_grad", lambda grad, x, *geometry: torch.zeros(
+    monkeypatch.setattr(conv_gradients, helper, lambda grad, x, *geometry: torch.zeros(
         grad.shape[1], x.shape[1], 3, 3))
     assert "gradients differed" in conv_gradients.self_check()
 
