@@ -117,7 +117,7 @@ def weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_size: tuple[i
 
 class _FastCpuGradients(torch.autograd.Function):
     """conv2d whose backward computes the input gradient in the tensors' own layout, the weight gradient by
-    tap products (or oneDNN in the standard layout) and the bias gradient as a sum."""
+    weight_grad (or, strided or grouped, oneDNN in the standard layout) and the bias gradient as a sum."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
