@@ -22,6 +22,20 @@ from torch.autograd.function import once_differentiable
 from .mixins import mix_into
 
 
+def _framed(x: torch.Tensor, height: int, width: int, top: int = 0, left: int = 0) -> torch.Tensor:
+    """x (N, C, H, W) copied channels-last into an (N, height, width, C) zero frame at (top, left); only the frame
+    is zeroed, as zeroing all of it first costs a pass over the copy."""
+    n, channels, x_height, x_width = x.shape
+    bottom, right = top + x_height, left + x_width
+    framed = x.new_empty((n, height, width, channels))
+    framed[:, top:bottom, left:right] = x.permute(0, 2, 3, 1)
+    framed[:, :top].zero_()
+    framed[:, bottom:].zero_()
+    framed[:, top:bottom, :left].zero_()
+    framed[:, top:bottom, right:].zero_()
+    return framed
+
+
 def tap_product_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int],
                             padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """The weight gradient of a stride-1, ungrouped 2-D convolution as one matrix product per kernel tap.
@@ -32,12 +46,8 @@ def tap_product_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_s
     """
     n, out_channels, out_height, out_width = grad_output.shape
     (pad_h, pad_w), (dil_h, dil_w) = padding, dilation
-    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).permute(0, 2, 3, 1).contiguous()  # N, Hp, Wp, in
-    height, width = padded.shape[1:3]
-    grid = grad_output.new_empty((n, height, width, out_channels))
-    grid[:, :out_height, :out_width] = grad_output.permute(0, 2, 3, 1)
-    grid[:, out_height:].zero_()  # only the margin: zeroing the whole grid first costs a pass over it
-    grid[:, :out_height, out_width:].zero_()
+    height, width = x.shape[2] + 2 * pad_h, x.shape[3] + 2 * pad_w
+    padded, grid = _framed(x, height, width, pad_h, pad_w), _framed(grad_output, height, width)
     pixels = n * height * width
     inputs, grads = padded.view(pixels, -1), grid.view(pixels, out_channels)
     grad_weight = grad_output.new_empty((out_channels, x.shape[1], *kernel_size))
@@ -80,11 +90,9 @@ def winograd_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, padding: tu
     n, out_channels, out_height, out_width = grad_output.shape
     in_channels = x.shape[1]
     rows, cols = (out_height + 1) // 2, (out_width + 1) // 2  # of tiles; odd sizes get a zero row or column
-    # Channels-last copies: the input zero-padded to cover every tile's window, the gradient to whole tiles.
-    padded = x.new_zeros((n, 2 * rows + 2, 2 * cols + 2, in_channels))
-    padded[:, padding[0]:padding[0] + x.shape[2], padding[1]:padding[1] + x.shape[3]] = x.permute(0, 2, 3, 1)
-    grid = grad_output.new_zeros((n, 2 * rows, 2 * cols, out_channels))
-    grid[:, :out_height, :out_width] = grad_output.permute(0, 2, 3, 1)
+    # The input zero-padded to cover every tile's window, the gradient to whole tiles.
+    padded = _framed(x, 2 * rows + 2, 2 * cols + 2, *padding)
+    grid = _framed(grad_output, 2 * rows, 2 * cols)
     sums = x.new_zeros((16, out_channels, in_channels))
     step = max(1, _TILES_PER_CHUNK // (n * cols))
     for top in range(0, rows, step):
