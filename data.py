@@ -17,7 +17,7 @@ from annotations import collection_paused
 from coco_utils import CategoryMap, CocoDetection, build_dataset, coco_keypoint_names, flip_order
 from dataset_check import check_before_training
 from errors import UserError
-from freed_memory import ReleasingCollate
+from freed_memory import ReleasingCollate, restore_malloc_defaults
 from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
 from models import iou_types
 from preemption import ignore_stop_signals
@@ -42,12 +42,20 @@ def collate(args: argparse.Namespace, collate_fn: Callable) -> Callable:
     return ReleasingCollate(collate_fn) if args.release_freed_memory else collate_fn
 
 
+def start_worker_with_malloc_defaults(worker_id: int) -> None:
+    """worker_init_fn where the main process keeps its freed memory (--reuse-freed-memory): the worker ignores
+    stop signals and goes back to glibc's malloc settings, so that it hands freed memory back as before."""
+    ignore_stop_signals(worker_id)
+    restore_malloc_defaults()
+
+
 def loader_options(args: argparse.Namespace) -> dict:
     # Workers restart each epoch so that they see the dataset's epoch (augmentation seeds); they ignore stop
     # signals, which the main process handles; the loader's own generator leaves the global one to the model.
+    start_worker = start_worker_with_malloc_defaults if args.reuse_freed_memory else ignore_stop_signals
     return {"num_workers": args.workers, "collate_fn": collate(args, utils.collate_fn),
             "pin_memory": args.device.type == "cuda",
-            "worker_init_fn": ignore_stop_signals, "generator": torch.Generator().manual_seed(args.seed)}
+            "worker_init_fn": start_worker, "generator": torch.Generator().manual_seed(args.seed)}
 
 
 def train_sampler(args: argparse.Namespace, train_set: CocoDetection) -> torch.utils.data.Sampler:

@@ -46,6 +46,7 @@ from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
 from engine import FaultLog, TrainOptions, evaluate, to_device, train_one_epoch, validation_losses
 from errors import UserError
+from freed_memory import refaults_freed_blocks, restore_malloc_defaults, reuse_freed_memory
 from metrics import Record, Writers
 from models import MODELS, build_model, default_backbone_weights, iou_types, model_options
 from optimization import make_lr_scheduler, make_optimizer, scale_learning_rate
@@ -162,6 +163,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="after building each batch, data loaders hand the memory freed on the way back to the OS, so that a "
              "worker holds about one batch's worth (--no-release-freed-memory: faster loading, more memory per "
              "worker; see docs/PERFORMANCE.md)")
+    add("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+        help="the main process keeps the memory it frees for its next tensors rather than handing large blocks "
+             "back to the OS, which would fault them in afresh on every pass (default: on when the model runs on "
+             "the CPU; more resident memory; see docs/PERFORMANCE.md)")
     add("--grad-accum-steps", default=1, type=int,
         help="batches whose gradients add up before each optimizer step: the effective batch is --batch-size x "
              "processes x this (warm-up, schedule and --print-freq count optimizer steps)")
@@ -330,6 +335,8 @@ def start_run(args: argparse.Namespace) -> Run:
     """Check the arguments, join the other processes, prepare the output folder, seed and set the kernels."""
     check_args(args)
     args.device = pick_device(args.device)
+    if args.reuse_freed_memory is None:
+        args.reuse_freed_memory = args.device.type == "cpu"
     utils.init_distributed_mode(args)
     if args.distributed and args.device.type == "cuda":
         args.device = torch.device("cuda", args.gpu)
@@ -346,6 +353,15 @@ def start_run(args: argparse.Namespace) -> Run:
     precision = amp_dtype(args.amp_dtype, args.device) if args.amp else None
     writers = Writers(output_dir, enabled=is_main, tensorboard=not args.no_tensorboard)
     return Run(args, args.device, precision, output_dir, is_main, writers, speedups.SpeedupConfig.from_args(args))
+
+
+def start_reusing_freed_memory(args: argparse.Namespace) -> None:
+    """With --reuse-freed-memory, from here on malloc keeps this process's freed memory for the model's next
+    tensors (freed_memory.py); after reading the data, whose parsing frees large buffers better handed back."""
+    if args.reuse_freed_memory and (not reuse_freed_memory() or refaults_freed_blocks()):
+        restore_malloc_defaults()
+        utils.print_once("warning: malloc did not keep freed memory for reuse (--reuse-freed-memory needs glibc's "
+                         "malloc); running without it", file=sys.stderr)
 
 
 def read_resume_checkpoint(args: argparse.Namespace) -> tuple[dict | None, str]:
@@ -598,6 +614,7 @@ def main(args: argparse.Namespace) -> dict:
     if checkpoint is not None and checkpoint.get("stopped_early") and not args.test_only:
         return already_stopped(resume, checkpoint)
     data = load_data(args, checkpoint)
+    start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint, resume)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
     state = create_training_state(run, getattr(model, "module", model), data, num_classes, checkpoint)

@@ -126,9 +126,10 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     import speedups
     import utils
     from coco_utils import build_dataset
+    from data import start_worker_with_malloc_defaults
     from devices import amp_dtype, grad_scaler
     from engine import TrainOptions, train_one_epoch
-    from freed_memory import ReleasingCollate
+    from freed_memory import ReleasingCollate, reuse_freed_memory
     from group_by_aspect_ratio import ResumableBatchSampler
     from models import build_model
 
@@ -137,9 +138,14 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     # In order, as the reference's run below; the loop reads the run's clock from the batch sampler.
     batches = ResumableBatchSampler(torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset),
                                                                   args.batch_size, drop_last=True))
+    # As train.py: the main process keeps its freed memory on the CPU (unless told not to), its workers do not.
+    args.reuse_freed_memory = (device.type == "cpu" if args.reuse_freed_memory is None else args.reuse_freed_memory
+                               ) and reuse_freed_memory()
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                          collate_fn=ReleasingCollate(utils.collate_fn),
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         worker_init_fn=start_worker_with_malloc_defaults if args.reuse_freed_memory
+                                         else None)
     loader = TimedLoader(loader)
     model = build_model("maskrcnn_resnet50_fpn", 91, None, args.weights_backbone, None,
                         min_size=args.min_size, max_size=args.max_size)
@@ -219,6 +225,8 @@ def main() -> None:
     parser.add_argument("--no-speedups", action="store_true", help="ours only: torchvision's plain model")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for CPUs")
+    parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="ours only; default as train.py's: on for the CPU")
     parser.add_argument("--shape-buckets", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for GPUs")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its kernels per input shape")

@@ -1,7 +1,12 @@
 """data: the loaders a run builds collate through ReleasingCollate (the copy-paste one too), unless
---no-release-freed-memory."""
+--no-release-freed-memory; their workers go back to glibc's malloc settings where the main process reuses freed
+memory."""
 
 from __future__ import annotations
+
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +15,9 @@ import data
 import presets
 import train
 import utils
+from conftest import ROOT
 from freed_memory import ReleasingCollate
+from preemption import ignore_stop_signals
 
 
 def _loaded(dataset, *options: str) -> data.Data:
@@ -32,7 +39,34 @@ def test_loaders_release_freed_memory_after_each_batch(tiny_dataset, copy_paste)
     assert len(images) == len(targets) == 2
 
 
-def test_loaders_keep_freed_memory_when_asked(tiny_dataset):
+def test_loaders_leave_freed_memory_to_malloc_when_asked(tiny_dataset):
     loaded = _loaded(tiny_dataset, "--no-release-freed-memory")
     for loader in (loaded.train_loader, loaded.val_loader, loaded.val_loss_loader):
         assert loader.collate_fn is utils.collate_fn
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_workers_start_with_malloc_defaults_where_the_main_process_reuses_freed_memory(tiny_dataset, reuse):
+    loaded = _loaded(tiny_dataset, "--reuse-freed-memory" if reuse else "--no-reuse-freed-memory")
+    expected = data.start_worker_with_malloc_defaults if reuse else ignore_stop_signals
+    for loader in (loaded.train_loader, loaded.val_loader, loaded.val_loss_loader):
+        assert loader.worker_init_fn is expected
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_worker_started_with_malloc_defaults_refaults_freed_blocks_again():
+    # In a fresh interpreter, whose malloc settings may change: a worker inherits its main process's.
+    probe = """
+import torch, data, freed_memory, preemption
+class Probe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+    def __getitem__(self, index):
+        return freed_memory.refaults_freed_blocks()
+freed_memory.reuse_freed_memory()
+for start in (data.start_worker_with_malloc_defaults, preemption.ignore_stop_signals):
+    print(next(iter(torch.utils.data.DataLoader(Probe(), num_workers=1, worker_init_fn=start,
+                                                collate_fn=lambda batch: batch[0]))))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "False"]

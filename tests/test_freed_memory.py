@@ -1,11 +1,17 @@
-"""freed_memory: the heap's free pages go back to the operating system, and collated batches do that."""
+"""freed_memory: the heap's free pages go back to the operating system, and collated batches do that; a process
+that reuses freed memory writes a large block again without faulting it in, until glibc's defaults are back."""
 
 from __future__ import annotations
 
 import platform
 import resource
+import subprocess
+import sys
+
+import pytest
 
 import freed_memory
+from conftest import ROOT
 from freed_memory import ReleasingCollate, release_freed_memory
 
 PAGE = resource.getpagesize()
@@ -48,3 +54,21 @@ def test_nothing_is_released_where_the_c_library_cannot(monkeypatch):
     monkeypatch.setattr(freed_memory, "_TRIM", None)
     assert release_freed_memory() is False
     assert ReleasingCollate(list)([3, 4]) == [3, 4]
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_reusing_freed_memory_stops_refaulting_large_blocks_until_the_defaults_are_back():
+    # In a fresh interpreter: the settings are the whole process's, and pytest's must stay glibc's own.
+    probe = ("import freed_memory as m; print(m.refaults_freed_blocks(), m.reuse_freed_memory(), "
+             "m.refaults_freed_blocks(), m.restore_malloc_defaults(), m.refaults_freed_blocks())")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "True", "False", "True", "True"]
+
+
+def test_nothing_is_reused_where_the_c_library_cannot(monkeypatch):
+    monkeypatch.setattr(freed_memory, "_MALLOPT", None)
+    assert freed_memory.reuse_freed_memory() is False
+    assert freed_memory.restore_malloc_defaults() is False

@@ -1,5 +1,6 @@
 """The real CLI in a subprocess, on a generated dataset: train, checkpoint, resume, evaluate, fail clearly."""
 
+import argparse
 import gc
 import json
 import pickle
@@ -135,6 +136,7 @@ def test_bad_input_is_one_line_without_traceback(dataset, trained, bad_files, tm
     would escape it; test_debug_shows_the_traceback runs the command line itself."""
     args = [a.format(bad=bad_files, run=trained[0]) for a in args]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    monkeypatch.setattr(train, "start_reusing_freed_memory", lambda args: None)  # malloc settings are pytest's too
     try:
         status = train.run(["--data-path", str(dataset), "--output-dir", str(tmp_path), *SMALL,
                             "--weights-backbone", "none", *args])
@@ -147,6 +149,28 @@ def test_bad_input_is_one_line_without_traceback(dataset, trained, bad_files, tm
     error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], stderr
     assert stderr.strip().splitlines()[-1] == error_lines[0]
+
+
+@pytest.mark.parametrize("took_effect, refaults", [(False, False), (True, True)])
+def test_freed_memory_not_kept_for_reuse_warns_and_restores_malloc(monkeypatch, capsys, took_effect, refaults):
+    restored = []
+    monkeypatch.setattr(train, "reuse_freed_memory", lambda: took_effect)
+    monkeypatch.setattr(train, "refaults_freed_blocks", lambda: refaults)
+    monkeypatch.setattr(train, "restore_malloc_defaults", lambda: restored.append(True))
+    train.start_reusing_freed_memory(argparse.Namespace(reuse_freed_memory=True))
+    assert restored == [True]
+    assert "warning: malloc did not keep freed memory for reuse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_freed_memory_kept_for_reuse_as_asked(monkeypatch, capsys, asked):
+    calls = []
+    monkeypatch.setattr(train, "reuse_freed_memory", lambda: calls.append("reuse") or True)
+    monkeypatch.setattr(train, "refaults_freed_blocks", lambda: calls.append("check") and False)
+    monkeypatch.setattr(train, "restore_malloc_defaults", lambda: calls.append("restore"))
+    train.start_reusing_freed_memory(argparse.Namespace(reuse_freed_memory=asked))
+    assert calls == (["reuse", "check"] if asked else [])
+    assert capsys.readouterr().err == ""
 
 
 def test_debug_shows_the_traceback(dataset, tmp_path):
