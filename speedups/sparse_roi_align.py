@@ -1,20 +1,21 @@
-"""RoIAlign on the CPU as one sparse matrix product over every pyramid level.
+"""RoIAlign on the CPU as weighted sums of gathered pixels, one call per pyramid level.
 
 What it changes: an R-CNN's region poolers (MultiScaleRoIAlign) become SparseMultiScaleRoIAlign, which on the
-CPU pools by a sparse product instead of torchvision's roi_align kernel, whose backward adds each sample's
+CPU pools by torch's embedding_bag instead of torchvision's roi_align kernel, whose backward adds each sample's
 gradient into the feature map one value at a time on one thread. Each pooled value is a fixed weighted sum of at
-most 4 x sampling_ratio^2 feature values, so pooling every region is W @ F, with F the pyramid's pixels stacked
-one row per pixel and W a sparse matrix (one row per output bin) built with torchvision's sampling rule; the
-gradient is W^T @ G. Both products run on every core. On GPUs torchvision's own kernels run. It relies on
-MultiScaleRoIAlign's settings and level rule; `self_check` compares pooling and gradients with torchvision's.
+most 4 x sampling_ratio^2 feature values (a row of a sparse matrix, built with torchvision's sampling rule), so
+pooling a level's regions is one embedding_bag over that level's pixels, a map's channels-last memory read as
+one row per pixel without a copy; its gradient is the transposed sum. Both run on every core, and the pooled
+features come back channels-last. On GPUs torchvision's own kernels run. It relies on MultiScaleRoIAlign's
+settings and level rule; `self_check` compares pooling and gradients with torchvision's.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign, box_area
 
 # Added before rounding a box's level down, as torchvision does, so that a side of exactly 224 * 2^k lands on
@@ -46,43 +47,6 @@ def _axis_samples(start: torch.Tensor, extent: torch.Tensor, bins: int, ratio: i
     return low, high, (1 - fraction) * inside, fraction * inside
 
 
-def _csr_matrix(row_starts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
-                ) -> torch.Tensor:
-    """A sparse CSR matrix, without torch's notice that CSR support is in beta (only its product is used
-    here, and the notice would otherwise print in every run's log).
-
-    A row's columns are neither sorted nor distinct (a bin's samples share pixels), which the product sums as
-    pooling needs but torch's invariant check refuses: the check is off, the indices in range by construction.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(row_starts, columns, values, shape, check_invariants=False)
-
-
-class _SparseProduct(torch.autograd.Function):
-    """matrix @ pixels for a CSR matrix given by its parts, differentiable in pixels."""
-
-    @staticmethod
-    def forward(ctx, pixels: torch.Tensor, row_starts: torch.Tensor, columns: torch.Tensor,
-                weights: torch.Tensor, rows: int) -> torch.Tensor:
-        matrix = _csr_matrix(row_starts, columns, weights, (rows, len(pixels)))
-        ctx.save_for_backward(columns, weights)
-        ctx.shape = (rows, len(pixels))
-        return matrix @ pixels
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        columns, weights = ctx.saved_tensors
-        rows, pixel_count = ctx.shape
-        # The transpose in CSR form: entries sorted by pixel (stable, so bins stay in order within a pixel).
-        order = torch.argsort(columns, stable=True)
-        row_of_entry = torch.arange(rows, device=columns.device).repeat_interleave(len(columns) // max(rows, 1))
-        row_starts = torch.zeros(pixel_count + 1, dtype=torch.int64, device=columns.device)
-        row_starts[1:] = torch.bincount(columns, minlength=pixel_count).cumsum(0)
-        transposed = _csr_matrix(row_starts, row_of_entry[order], weights[order], (pixel_count, rows))
-        return transposed @ grad.contiguous(), None, None, None, None
-
-
 def _level_scales(features: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
     """Each map's scale relative to the batch's largest image size: the nearest power of two."""
     height = max(shape[0] for shape in image_shapes)
@@ -108,8 +72,8 @@ def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor]
                          output_size: tuple[int, int], sampling_ratio: int, canonical_scale: int = 224,
                          canonical_level: int = 4) -> torch.Tensor:
     """(R, C, *output_size) pooled features of every image's boxes from consecutive pyramid levels of the
-    given scales, equal to torchvision's MultiScaleRoIAlign (aligned=False, sampling_ratio > 0) to float
-    rounding."""
+    given scales, in channels-last memory, equal to torchvision's MultiScaleRoIAlign (aligned=False,
+    sampling_ratio > 0) to float rounding."""
     channels, device, dtype = features[0].shape[1], features[0].device, features[0].dtype
     all_boxes = torch.cat(boxes)
     image = torch.cat([torch.full((len(b),), i, dtype=torch.int64, device=device) for i, b in enumerate(boxes)])
@@ -117,7 +81,6 @@ def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor]
 
     heights = torch.tensor([f.shape[-2] for f in features], device=device)
     widths = torch.tensor([f.shape[-1] for f in features], device=device)
-    first_pixel = torch.tensor([0] + [f[:, 0].numel() for f in features], device=device).cumsum(0)
     scale = torch.tensor(scales, dtype=dtype, device=device)[level]
     height, width = heights[level], widths[level]
 
@@ -127,24 +90,28 @@ def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor]
     y_low, y_high, y_lower, y_upper = _axis_samples(corners[:, 1], extent[:, 1], bins_y, sampling_ratio, height)
     x_low, x_high, x_lower, x_upper = _axis_samples(corners[:, 0], extent[:, 0], bins_x, sampling_ratio, width)
 
-    # Every (sample row, sample column, corner) of a region, laid out so that a bin's entries are contiguous.
+    # Every (sample row, sample column, corner) of a region, laid out so that a bin's entries are contiguous;
+    # a pixel's index counts within its level's maps.
     regions = len(all_boxes)
     per_region = (regions, 1, 1, 1, 1, 1)
     y_index = torch.stack([y_low, y_low, y_high, y_high], -1).view(regions, bins_y, sampling_ratio, 1, 1, 4)
     x_index = torch.stack([x_low, x_high, x_low, x_high], -1).view(regions, 1, 1, bins_x, sampling_ratio, 4)
     y_weight = torch.stack([y_lower, y_lower, y_upper, y_upper], -1).view(regions, bins_y, sampling_ratio, 1, 1, 4)
     x_weight = torch.stack([x_lower, x_upper, x_lower, x_upper], -1).view(regions, 1, 1, bins_x, sampling_ratio, 4)
-    base = (first_pixel[level] + image * height * width).view(per_region)
-    columns = (base + y_index * width.view(per_region) + x_index).permute(0, 1, 3, 2, 4, 5).reshape(-1)
-    weights = (y_weight * x_weight / sampling_ratio**2).permute(0, 1, 3, 2, 4, 5).reshape(-1)
+    base = (image * height * width).view(per_region)
     per_bin = sampling_ratio * sampling_ratio * 4
-    rows = regions * bins_y * bins_x
-    row_starts = torch.arange(0, rows * per_bin + 1, per_bin, device=device)
+    pixels = (base + y_index * width.view(per_region) + x_index).permute(0, 1, 3, 2, 4, 5).reshape(-1, per_bin)
+    weights = (y_weight * x_weight / sampling_ratio**2).permute(0, 1, 3, 2, 4, 5).reshape(-1, per_bin)
 
-    pixels = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features])
-    pooled = _SparseProduct.apply(pixels, row_starts, columns, weights, rows)
-    # Contiguous, as torchvision's pooling gives it: the heads after it reshape with view.
-    return pooled.view(regions, bins_y, bins_x, channels).permute(0, 3, 1, 2).contiguous()
+    pooled = corners.new_empty((regions, bins_y, bins_x, channels))
+    bins = torch.arange(bins_y * bins_x, device=device)
+    for index, feature in enumerate(features):  # a level without regions too: its map's gradient is zeros
+        chosen = (level == index).nonzero().squeeze(1)
+        rows = (chosen[:, None] * len(bins) + bins).view(-1)
+        sums = F.embedding_bag(pixels[rows], feature.permute(0, 2, 3, 1).reshape(-1, channels), mode="sum",
+                               per_sample_weights=weights[rows])
+        pooled.index_copy_(0, chosen, sums.view(len(chosen), bins_y, bins_x, channels))
+    return pooled.permute(0, 3, 1, 2)
 
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):

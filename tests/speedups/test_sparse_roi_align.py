@@ -1,4 +1,5 @@
-"""RoIAlign as a sparse product pools and back-propagates as torchvision's MultiScaleRoIAlign does."""
+"""RoIAlign as weighted sums of gathered pixels pools and back-propagates as torchvision's MultiScaleRoIAlign does,
+from maps in either memory layout, and gives channels-last features."""
 
 from collections import OrderedDict
 
@@ -13,11 +14,13 @@ from speedups.sparse_roi_align import SparseMultiScaleRoIAlign, _axis_samples, u
 IMAGE_SHAPES = [(128, 192), (120, 170)]
 
 
-def pyramid(dtype: torch.dtype = torch.float32) -> OrderedDict:
+def pyramid(dtype: torch.dtype = torch.float32, layout: torch.memory_format = torch.contiguous_format
+            ) -> OrderedDict:
     """An FPN-like batch of 2: strides 4 to 32 and a pooled level the poolers leave out."""
     generator = torch.Generator().manual_seed(0)
     maps = OrderedDict((str(level), torch.randn((2, 6, 128 // 4 // 2**level, 192 // 4 // 2**level),
-                                                generator=generator, dtype=dtype).requires_grad_())
+                                                generator=generator, dtype=dtype
+                                                ).to(memory_format=layout).requires_grad_())
                        for level in range(4))
     maps["pool"] = torch.randn((2, 6, 2, 3), generator=generator, dtype=dtype)
     return maps
@@ -34,14 +37,15 @@ def random_boxes(count: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("names,output_size", [(["0", "1", "2", "3"], 7), (["0", "1", "2", "3"], (14, 14)),
                                                (["0"], 5), (["1", "2"], (4, 6))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pooling_and_gradient_match_torchvision(names, output_size, dtype):
-    maps = pyramid(dtype)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_pooling_and_gradient_match_torchvision(names, output_size, dtype, layout):
+    maps = pyramid(dtype, layout)
     boxes = [random_boxes(60, 1).to(dtype), random_boxes(45, 2).to(dtype)]
     # A canonical scale for these small images, so that every level pools some boxes.
     theirs = MultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
     ours = SparseMultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)(maps, boxes, IMAGE_SHAPES)
     assert ours.shape == theirs.shape == (105, 6, *theirs.shape[-2:])
-    assert ours.dtype == dtype and ours.is_contiguous()
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=tolerance)
     upstream = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
