@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from .mixins import mix_into
 
 
-def _framed(x: torch.Tensor, height: int, width: int, top: int = 0, left: int = 0) -> torch.Tensor:
+def framed(x: torch.Tensor, height: int, width: int, top: int = 0, left: int = 0) -> torch.Tensor:
     """x (N, C, H, W) copied channels-last into an (N, height, width, C) zero frame at (top, left); only the frame
     is zeroed, as zeroing all of it first costs a pass over the copy."""
     n, channels, x_height, x_width = x.shape
@@ -47,7 +47,7 @@ def tap_product_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_s
     n, out_channels, out_height, out_width = grad_output.shape
     (pad_h, pad_w), (dil_h, dil_w) = padding, dilation
     height, width = x.shape[2] + 2 * pad_h, x.shape[3] + 2 * pad_w
-    padded, grid = _framed(x, height, width, pad_h, pad_w), _framed(grad_output, height, width)
+    padded, grid = framed(x, height, width, pad_h, pad_w), framed(grad_output, height, width)
     pixels = n * height * width
     inputs, grads = padded.view(pixels, -1), grid.view(pixels, out_channels)
     grad_weight = grad_output.new_empty((out_channels, x.shape[1], *kernel_size))
@@ -59,15 +59,15 @@ def tap_product_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_s
 
 
 # Winograd's F(2x2, 3x3) for the weight gradient: each 2x2 tile of the output gradient meets the 4x4 window of
-# the padded input under it. With both transformed to 4x4 (the input by _window_rows' sums and differences, the
+# the padded input under it. With both transformed to 4x4 (the input by window_rows' sums and differences, the
 # gradient by _tile_rows'), the 3x3 weight gradient is 16 products a tile where a direct sum takes 36: one
 # batched matrix product over all tiles, then _BACK maps the 4x4 sums to 3x3 (Y = B^T M B).
 _BACK = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 1.0]])
 _HALVES = torch.tensor([1.0, 0.5, 0.5, 1.0])  # the gradient transform's weights, applied once to the sums
-_TILES_PER_CHUNK = 512  # tiles transformed at a time: their transforms stay in cache for the product
+TILES_PER_CHUNK = 512  # tiles transformed at a time: their transforms stay in cache for the product
 
 
-def _window_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
+def window_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
     """The input's 1-D transform of four rows (or columns) d0..d3 of each window, into out[0..3]."""
     torch.sub(d[0], d[2], out=out[0])
     torch.add(d[1], d[2], out=out[1])
@@ -91,17 +91,17 @@ def winograd_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, padding: tu
     in_channels = x.shape[1]
     rows, cols = (out_height + 1) // 2, (out_width + 1) // 2  # of tiles; odd sizes get a zero row or column
     # The input zero-padded to cover every tile's window, the gradient to whole tiles.
-    padded = _framed(x, 2 * rows + 2, 2 * cols + 2, *padding)
-    grid = _framed(grad_output, 2 * rows, 2 * cols)
+    padded = framed(x, 2 * rows + 2, 2 * cols + 2, *padding)
+    grid = framed(grad_output, 2 * rows, 2 * cols)
     sums = x.new_zeros((16, out_channels, in_channels))
-    step = max(1, _TILES_PER_CHUNK // (n * cols))
+    step = max(1, TILES_PER_CHUNK // (n * cols))
     for top in range(0, rows, step):
         count = min(step, rows - top)
         windows = x.new_empty((4, n, count, padded.shape[2], in_channels))
-        _window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
+        window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
         inputs = x.new_empty((4, 4, n, count, cols, in_channels))
         for i in range(4):
-            _window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
+            window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
         tiles = grad_output.new_empty((4, n, count, 2 * cols, out_channels))
         _tile_rows([grid[:, 2 * top + r:2 * (top + count):2] for r in range(2)], tiles)
         grads = grad_output.new_empty((4, 4, n, count, cols, out_channels))

@@ -1,15 +1,19 @@
-"""3x3 convolutions on large feature maps by NNPACK's Winograd transform on the CPU.
+"""3x3 convolutions with many channels by Winograd's transforms on the CPU: NNPACK's for large maps, F(2x2, 3x3)
+in batched matrix products for smaller channels-last ones.
 
-What it changes: on the CPU, each 3x3 convolution with stride 1, no dilation and no groups whose channels and
-output are large enough (the FPN's and RPN's on the finest levels, the mask head's over many RoIs) computes its
-output, and its input gradient when training, with NNPACK (bundled with torch) instead of oneDNN: its Winograd
-transform needs several times fewer multiplications than a direct convolution, which is what a CPU without
-AVX-512 is short of. Large maps go one image at a time (NNPACK's batch path is slower for them), small ones in
-one call; outputs keep the input's memory layout. Smaller convolutions, where the transforms and layout copies
-cost more than they save, stay with torch (figures in docs/PERFORMANCE.md). Weight gradients are
-conv_gradients' (Winograd's F(2x2, 3x3) in matrix products), bias gradients sums. Numbers agree with torch's
-convolution to the float32 rounding of the transform, about ten times oneDNN's; a subclass is swapped in, so
-state-dict keys do not change. NNPACK sizes its thread pool from torch's thread count when it is first used.
+What it changes: on the CPU, each 3x3 convolution with stride 1, no dilation and no groups whose input and output
+channels are many enough computes its output, and its input gradient when training, with fewer multiplications
+than oneDNN's direct convolution, which is what a CPU without AVX-512 is short of. Maps with many output pixels
+(the FPN's and RPN's on the finest levels, the mask head's over many RoIs) go to NNPACK (bundled with torch),
+large ones an image at a time (its batch path is slower for them), small ones in one call; NNPACK needs the
+standard layout, and outputs come back in the input's. Smaller channels-last maps (ResNet's last stages, the
+coarser pyramid levels, the mask head's over few RoIs) are transformed here: Winograd's F(2x2, 3x3), 16 products
+a 2x2 tile of output instead of 36, one batched matrix product over each chunk of tiles, no layout copies; a
+module keeps its weights' transform while they stay the same. Convolutions with fewer channels stay with torch
+(figures in docs/PERFORMANCE.md). Weight gradients are conv_gradients' (Winograd in matrix products too), bias
+gradients sums. Numbers agree with torch's convolution to float32 rounding (NNPACK's about ten times oneDNN's,
+F(2x2, 3x3)'s below oneDNN's); a subclass is swapped in, so state-dict keys do not change. NNPACK sizes its
+thread pool from torch's thread count when it is first used.
 """
 
 from __future__ import annotations
@@ -17,24 +21,31 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .conv_gradients import weight_grad
+from .conv_gradients import TILES_PER_CHUNK, framed, weight_grad, window_rows
 from .mixins import mix_into
 
 # Below this many output pixels an image's map is small enough that NNPACK's batch path (one call for the
 # whole batch) beats a call per image.
 _PER_IMAGE_PIXELS = 64 * 64
-# NNPACK runs a convolution with at least this many input and output channels and output pixels (all images
-# together); below either, oneDNN was as fast or faster on 2 AVX2 cores with the layout copies counted.
+# A convolution with at least MIN_CHANNELS input and output channels takes a Winograd transform: NNPACK's from
+# MIN_PIXELS output pixels (all images together), F(2x2, 3x3) here below that for channels-last maps. With fewer
+# channels oneDNN was as fast or faster on 2 AVX2 cores, and with fewer pixels NNPACK's layout copies cost more.
 MIN_CHANNELS = 256
 MIN_PIXELS = 12_000
+NNPACK, TILES, TORCH = "NNPACK", "tiles", "torch"
 
 
-def _worth_it(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> bool:
-    pixels = x.shape[0] * (x.shape[2] + 2 * padding[0] - 2) * (x.shape[3] + 2 * padding[1] - 2)
-    return min(weight.shape[:2]) >= MIN_CHANNELS and pixels >= MIN_PIXELS
+def _path(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> str:
+    """Which computes this convolution: NNPACK, F(2x2, 3x3) tiles, or torch's own."""
+    if min(weight.shape[:2]) < MIN_CHANNELS:
+        return TORCH
+    if x.shape[0] * (x.shape[2] + 2 * padding[0] - 2) * (x.shape[3] + 2 * padding[1] - 2) >= MIN_PIXELS:
+        return NNPACK
+    return TILES if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else TORCH
 
 
 def _standard_layout(x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +59,8 @@ def _standard_layout(x: torch.Tensor) -> torch.Tensor:
     return standard
 
 
-def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    padding: tuple[int, int]) -> torch.Tensor:
+def nnpack_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]
+                  ) -> torch.Tensor:
     """A stride-1, ungrouped float32 3x3 convolution of x by NNPACK, returned in x's memory layout."""
     n, _, height, width = x.shape
     out_height, out_width = height + 2 * padding[0] - 2, width + 2 * padding[1] - 2
@@ -66,45 +77,123 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return output
 
 
-def _winograd_input_grad(grad_output: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """The input gradient of a stride-1 3x3 convolution: the output gradient convolved with the weights flipped
-    and their channels swapped, padded by what the forward pass did not pad."""
+# Winograd's F(2x2, 3x3): a 4x4 window d of the padded input and the 3x3 kernel g give a 2x2 tile of output
+# A^T [(G g G^T) * (B^T d B)] A. B^T is conv_gradients.window_rows' transform, whose last row is d3 - d1; _G's last
+# row carries the same sign, so that the two cancel in the product.
+_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, -1.0]])
+
+
+def tile_weights(weight: torch.Tensor) -> torch.Tensor:
+    """(16, in, out): the 3x3 kernels of weight (out, in, 3, 3) transformed for tiled_winograd_conv2d."""
+    transform = torch.kron(_G, _G).to(weight.dtype)  # (16, 9): the 2-D transform of a flattened 3x3 kernel
+    return (transform @ weight.permute(2, 3, 1, 0).reshape(9, -1)).view(16, weight.shape[1], weight.shape[0])
+
+
+def _output_rows(m, out) -> None:
+    """The output's 1-D transform (A^T) of four rows (or columns) m0..m3 of each tile's products, into out[0..1]."""
+    torch.add(m[0], m[1], out=out[0])
+    out[0].add_(m[2])
+    torch.sub(m[1], m[2], out=out[1])
+    out[1].sub_(m[3])
+
+
+def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None,
+                          padding: tuple[int, int]) -> torch.Tensor:
+    """A stride-1, ungrouped 3x3 convolution by Winograd's F(2x2, 3x3) with weights from tile_weights, in chunks
+    of rows of tiles, channels-last out whatever x's layout."""
+    n, in_channels, height, width = x.shape
+    out_channels = weights.shape[2]
+    out_height, out_width = height + 2 * padding[0] - 2, width + 2 * padding[1] - 2
+    rows, cols = (out_height + 1) // 2, (out_width + 1) // 2  # of tiles; odd sizes get a row or column to drop
+    padded = framed(x, 2 * rows + 2, 2 * cols + 2, *padding)
+    # Not a view, which autograd would refuse to let an in-place ReLU change: written through its NHWC view.
+    output = torch.empty((n, out_channels, 2 * rows, 2 * cols), dtype=x.dtype, memory_format=torch.channels_last)
+    pixels = output.permute(0, 2, 3, 1)
+    step = max(1, TILES_PER_CHUNK // (n * cols))
+    for top in range(0, rows, step):
+        count = min(step, rows - top)
+        windows = x.new_empty((4, n, count, padded.shape[2], in_channels))
+        window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
+        inputs = x.new_empty((4, 4, n, count, cols, in_channels))
+        for i in range(4):
+            window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
+        products = torch.bmm(inputs.view(16, -1, in_channels), weights).view(4, 4, n, count, cols, out_channels)
+        if bias is not None:  # A^T's second column is all ones: a bias added to products (1, 1) reaches every pixel
+            products[1, 1] += bias
+        halves = x.new_empty((2, 4, n, count, cols, out_channels))
+        _output_rows(products, halves)
+        block = pixels[:, 2 * top:2 * (top + count)]
+        for i in range(2):
+            _output_rows(halves[i], [block[:, i::2, 0::2], block[:, i::2, 1::2]])
+    if (2 * rows, 2 * cols) != (out_height, out_width):
+        output = output[:, :, :out_height, :out_width].contiguous(memory_format=torch.channels_last)
+    return output
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int], path: str,
+          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The convolution by the given path (weights: weight's tile_weights, where known)."""
+    if path == NNPACK:
+        return nnpack_conv2d(x, weight, bias, padding)
+    if path == TILES:
+        return tiled_winograd_conv2d(x, tile_weights(weight) if weights is None else weights, bias, padding)
+    return F.conv2d(x, weight, bias, padding=padding)
+
+
+def _winograd_input_grad(grad_output: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], path: str
+                         ) -> torch.Tensor:
+    """The input gradient of a stride-1 3x3 convolution by the forward pass's path: the output gradient convolved
+    with the weights flipped and their channels swapped, padded by what the forward pass did not pad."""
     flipped = weight.flip(2, 3).transpose(0, 1)
-    return winograd_conv2d(grad_output, flipped, None, (2 - padding[0], 2 - padding[1]))
+    return _conv(grad_output, flipped, None, (2 - padding[0], 2 - padding[1]), path)
 
 
 class _WinogradConv(torch.autograd.Function):
-    """conv2d by NNPACK, whose backward computes the input gradient by NNPACK too, the weight gradient by
-    conv_gradients.weight_grad and the bias gradient as a sum."""
+    """conv2d by a Winograd path, whose backward computes the input gradient by the path that suits it, the
+    weight gradient by conv_gradients.weight_grad and the bias gradient as a sum."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding):
+    def forward(ctx, x, weight, bias, padding, path, weights):
         ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        return winograd_conv2d(x, weight, bias, padding)
+        ctx.padding, ctx.path = padding, path
+        return _conv(x, weight, bias, padding, path, weights)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
         wants_input, wants_weight, wants_bias = ctx.needs_input_grad[:3]
-        grad_input = _winograd_input_grad(grad_output, weight, ctx.padding) if wants_input else None
+        grad_input = _winograd_input_grad(grad_output, weight, ctx.padding, ctx.path) if wants_input else None
         grad_weight = weight_grad(grad_output, x, (3, 3), ctx.padding, (1, 1)) if wants_weight else None
         grad_bias = grad_output.sum((0, 2, 3)) if wants_bias else None
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 class _ConvByWinograd:
-    """Mixed into a Conv2d class: large enough float32 CPU inputs without autocast go through _WinogradConv."""
+    """Mixed into a Conv2d class: float32 CPU inputs without autocast whose _path is not torch's go through
+    _WinogradConv."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         padding = tuple(self.padding)
-        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype == weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and _worth_it(x, weight, padding)):
-            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-                return _WinogradConv.apply(x, weight, bias, padding)
-            return winograd_conv2d(x, weight, bias, padding)
-        return super()._conv_forward(x, weight, bias)
+        path = (_path(x, weight, padding) if x.device.type == "cpu" and x.dim() == 4
+                and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") else TORCH)
+        if path == TORCH:
+            return super()._conv_forward(x, weight, bias)
+        weights = self._tile_weights(weight) if path == TILES else None
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _WinogradConv.apply(x, weight, bias, padding, path, weights)
+        return _conv(x, weight, bias, padding, path, weights)
+
+    def _tile_weights(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight's tile_weights, kept until weight changes (an optimizer step, a load)."""
+        # An inference tensor has no version counter, and changes only inside inference mode, which our code
+        # does not do to weights.
+        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version, weight.shape)
+        if self.__dict__.get("_tile_weights_of") != key:
+            with torch.no_grad():
+                self._kept_tile_weights = tile_weights(weight)
+            self._tile_weights_of = key
+        return self._kept_tile_weights
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -120,29 +209,32 @@ def use_winograd_convs(model: nn.Module) -> nn.Module:
     return mix_into(model, _ConvByWinograd, _eligible, "ByWinograd")
 
 
-def _gradients(conv: nn.Conv2d, x: torch.Tensor, by_winograd: bool) -> tuple[torch.Tensor, ...]:
-    """conv's output and the gradients of its input and parameters, by NNPACK or by torch."""
+def _gradients(conv: nn.Conv2d, x: torch.Tensor, path: str) -> tuple[torch.Tensor, ...]:
+    """conv's output and the gradients of its input and parameters, by the given path."""
     x = x.detach().requires_grad_()
-    output = (_WinogradConv.apply(x, conv.weight, conv.bias, tuple(conv.padding)) if by_winograd else conv(x))
+    output = conv(x) if path == TORCH else _WinogradConv.apply(x, conv.weight, conv.bias, tuple(conv.padding), path,
+                                                               None)
     (output * torch.linspace(-1, 1, output.numel()).view(output.shape)).sum().backward()
     return output.detach(), x.grad, conv.weight.grad, conv.bias.grad
 
 
 def self_check() -> str | None:
-    """None when NNPACK is there and its convolutions, both paths, give torch's outputs and gradients."""
+    """None when NNPACK is there and both Winograd paths (NNPACK's two ways, F(2x2, 3x3) tiles with odd sizes)
+    give torch's outputs and gradients."""
     if not torch._nnpack_available():
         return "this torch was built without NNPACK"
     generator = torch.Generator().manual_seed(1)
     with torch.enable_grad():  # whatever the caller's mode
-        for shape in ((2, 3, 66, 65), (3, 3, 9, 7)):  # one call per image; one call for the batch
+        # NNPACK one call per image, and one call for the batch; tiles of odd sizes in two chunks, the last short.
+        for shape, path in (((2, 3, 66, 65), NNPACK), ((3, 3, 9, 7), NNPACK), ((2, 3, 5, 255), TILES)):
             plain = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
             fast = copy.deepcopy(plain)
             x = torch.rand(shape, generator=generator).to(memory_format=torch.channels_last)
-            expected = _gradients(plain, x, by_winograd=False)
+            expected = _gradients(plain, x, TORCH)
             try:
-                got = _gradients(fast, x, by_winograd=True)
+                got = _gradients(fast, x, path)
             except RuntimeError as e:
-                return f"NNPACK's convolution failed ({e})"
+                return f"the {path} convolution failed ({e})"
             if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(expected, got)):
-                return f"NNPACK's convolution differed from torch's for a batch of shape {shape}"
+                return f"the {path} convolution differed from torch's for a batch of shape {shape}"
     return None

@@ -88,19 +88,30 @@ TINY = ["--min-size", "64", "--max-size", "64", "--device", "cpu", "-j", "0", "-
         "--weights-backbone", "none", "--lr", "0.01", "--clip-grad-norm", "10"]
 
 
+def _winograd_everywhere(monkeypatch, min_pixels: int, function: str, path: str):
+    from speedups import winograd_convs
+
+    monkeypatch.setattr(winograd_convs, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd_convs, "MIN_PIXELS", min_pixels)
+    calls = []
+    original = getattr(winograd_convs, function)
+    monkeypatch.setattr(winograd_convs, function, lambda *args: calls.append(1) or original(*args))
+    yield calls
+    assert calls, f"no convolution went through {path}"
+
+
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
     """NNPACK for every 3x3 convolution it can run, however small, as it would on full-size maps. Yields the
     list its calls are appended to (a test clears it after any self-check) and checks that it is not empty."""
-    from speedups import winograd_convs
+    yield from _winograd_everywhere(monkeypatch, 1, "nnpack_conv2d", "NNPACK")
 
-    monkeypatch.setattr(winograd_convs, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd_convs, "MIN_PIXELS", 1)
-    calls = []
-    original = winograd_convs.winograd_conv2d
-    monkeypatch.setattr(winograd_convs, "winograd_conv2d", lambda *args: calls.append(1) or original(*args))
-    yield calls
-    assert calls, "no convolution went through NNPACK"
+
+@pytest.fixture
+def tiles_everywhere(monkeypatch):
+    """Winograd's F(2x2, 3x3) tiles for every channels-last 3x3 convolution, however few its channels or large
+    its map; calls listed and checked as winograd_everywhere's."""
+    yield from _winograd_everywhere(monkeypatch, 10**12, "tiled_winograd_conv2d", "F(2x2, 3x3) tiles")
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -48,7 +48,7 @@ def _float64_weight_grad(shape: tuple[int, ...], padding: tuple[int, int], layou
 def test_winograd_gives_torchs_weight_gradient(shape, padding, layout, tiles_per_chunk, monkeypatch):
     if shape[2] + 2 * padding[0] < 3 or shape[3] + 2 * padding[1] < 3:
         padding = (1, 1)  # a 1x2 map needs padding for a 3x3 kernel
-    monkeypatch.setattr(conv_gradients, "_TILES_PER_CHUNK", tiles_per_chunk)
+    monkeypatch.setattr(conv_gradients, "TILES_PER_CHUNK", tiles_per_chunk)
     grad, x, expected = _float64_weight_grad(shape, padding, layout)
     torch.testing.assert_close(winograd_weight_grad(grad, x, padding), expected, rtol=0, atol=1e-12)
 

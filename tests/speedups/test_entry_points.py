@@ -51,10 +51,15 @@ def pair(shape_buckets: bool, **options):
     return plain, fast
 
 
-def test_a_training_step_gives_torchvisions_losses_and_gradients(winograd_everywhere):
+WINOGRAD_PATHS = ["winograd_everywhere", "tiles_everywhere"]
+
+
+@pytest.mark.parametrize("everywhere", WINOGRAD_PATHS)
+def test_a_training_step_gives_torchvisions_losses_and_gradients(everywhere, request):
+    calls = request.getfixturevalue(everywhere)
     # Shape buckets pad training images, which changes features near their edges: off, as on CPUs by default.
     plain, fast = pair(shape_buckets=False)
-    winograd_everywhere.clear()  # what the self-checks ran
+    calls.clear()  # what the self-checks ran
     images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
                 "masks": torch.zeros((1, 90, 120), dtype=torch.uint8)},
@@ -75,9 +80,11 @@ def test_a_training_step_gives_torchvisions_losses_and_gradients(winograd_everyw
         torch.testing.assert_close(fast_grads[name] / scale, grad / scale, rtol=0, atol=2e-3, msg=name)
 
 
-def test_evaluation_gives_torchvisions_predictions(winograd_everywhere):
+@pytest.mark.parametrize("everywhere", WINOGRAD_PATHS)
+def test_evaluation_gives_torchvisions_predictions(everywhere, request):
+    calls = request.getfixturevalue(everywhere)
     plain, fast = pair(shape_buckets=True, box_score_thresh=0.0)
-    winograd_everywhere.clear()
+    calls.clear()
     images = [torch.rand(3, 90, 120), torch.rand(3, 70, 100)]
     with torch.inference_mode():
         expected = speedups.for_inference(plain, CPU, speedups.PLAIN)(images)

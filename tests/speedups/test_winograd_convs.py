@@ -1,4 +1,5 @@
-"""NNPACK's Winograd convolutions: torch's outputs and gradients to float rounding, used only where they apply."""
+"""Winograd convolutions, NNPACK's and F(2x2, 3x3) tiles: torch's outputs and gradients to float rounding, each
+used only where it applies."""
 
 import copy
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from speedups import conv_gradients, winograd_convs
 from speedups.norm_folding import fold_batch_norms
-from speedups.winograd_convs import use_winograd_convs, winograd_conv2d
+from speedups.winograd_convs import nnpack_conv2d, tile_weights, tiled_winograd_conv2d, use_winograd_convs
 
 CL = torch.channels_last
 
@@ -21,17 +22,73 @@ SHAPES_AND_PADDINGS = [(shape, padding) for shape in ((1, 3, 13, 11), (2, 3, 70,
 
 @pytest.mark.parametrize("shape, padding", SHAPES_AND_PADDINGS)
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
-def test_winograd_gives_torchs_convolution_in_the_inputs_layout(shape, layout, padding):
+def test_nnpack_gives_torchs_convolution_in_the_inputs_layout(shape, layout, padding):
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=generator).to(memory_format=layout)
     weight, bias = torch.rand((4, shape[1], 3, 3), generator=generator), torch.rand(4, generator=generator)
     torch._nnpack_available()
-    output = winograd_conv2d(x, weight, bias, padding)
+    output = nnpack_conv2d(x, weight, bias, padding)
     expected = nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=padding)
     assert output.is_contiguous(memory_format=layout)
     torch.testing.assert_close(output.double(), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
-    no_bias = winograd_conv2d(x, weight, None, padding)
+    no_bias = nnpack_conv2d(x, weight, None, padding)
     torch.testing.assert_close(no_bias, output - bias.view(1, -1, 1, 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, padding", SHAPES_AND_PADDINGS + [((2, 5, 10, 40), (1, 1))])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+@pytest.mark.parametrize("tiles_per_chunk", [512, 9])  # one chunk; several, the last one short
+def test_tiles_give_torchs_convolution_channels_last(shape, layout, padding, tiles_per_chunk, monkeypatch):
+    monkeypatch.setattr(winograd_convs, "TILES_PER_CHUNK", tiles_per_chunk)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=generator).to(memory_format=layout)
+    weight, bias = torch.rand((4, shape[1], 3, 3), generator=generator), torch.rand(4, generator=generator)
+    expected = nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=padding)
+    output = tiled_winograd_conv2d(x, tile_weights(weight), bias, padding)
+    assert output.shape == expected.shape and output.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(output.double(), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    exact = tiled_winograd_conv2d(x.double(), tile_weights(weight.double()), None, padding)
+    torch.testing.assert_close(exact, expected - bias.double().view(1, -1, 1, 1), rtol=0, atol=1e-12)
+
+
+def test_each_convolution_takes_the_path_its_channels_pixels_and_layout_call_for():
+    wide, narrow = torch.empty(256, 256, 3, 3), torch.empty(256, 128, 3, 3)
+    small, large = torch.empty(1, 256, 100, 100), torch.empty(1, 256, 110, 110)  # 10,000 and 12,100 pixels
+    assert winograd_convs._path(large, wide, (1, 1)) == winograd_convs.NNPACK
+    assert winograd_convs._path(large.to(memory_format=CL), wide, (1, 1)) == winograd_convs.NNPACK
+    assert winograd_convs._path(small.to(memory_format=CL), wide, (1, 1)) == winograd_convs.TILES
+    assert winograd_convs._path(small, wide, (1, 1)) == winograd_convs.TORCH
+    assert winograd_convs._path(small.to(memory_format=CL), narrow, (1, 1)) == winograd_convs.TORCH
+    assert winograd_convs._path(torch.empty(46, 256, 14, 14), wide, (1, 1)) == winograd_convs.NNPACK
+    assert winograd_convs._path(torch.empty(1, 256, 1, 1).to(memory_format=CL), wide, (1, 1)) == winograd_convs.TORCH
+
+
+def test_a_module_keeps_its_weights_transform_until_they_change():
+    torch.manual_seed(0)
+    conv = use_winograd_convs(nn.Conv2d(256, 256, 3, padding=1)).to(memory_format=CL)
+    x = torch.rand(1, 256, 9, 10).to(memory_format=CL)
+    with torch.no_grad():
+        first = conv(x)
+        kept = conv._kept_tile_weights
+        assert conv(x) is not first and conv._kept_tile_weights is kept
+        conv.weight.mul_(2)  # as an optimizer step changes it in place
+        doubled = conv(x)
+        assert conv._kept_tile_weights is not kept
+        expected = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(doubled, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 11, 14), (3, 8, 5, 9)])
+def test_a_convolution_by_tiles_gets_torchs_output_and_gradients(tiles_everywhere, shape):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(8, 6, 3, padding=1).to(memory_format=CL)
+    fast = use_winograd_convs(copy.deepcopy(plain))
+    x = torch.rand(shape).to(memory_format=CL)
+    plain_backward, expected = outputs_and_gradients(plain, x)
+    fast_backward, got = outputs_and_gradients(fast, x)
+    assert (plain_backward, fast_backward) == ("ConvolutionBackward0", "_WinogradConvBackward")
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
 
 
 def outputs_and_gradients(conv: nn.Module, x: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
@@ -84,7 +141,7 @@ def test_with_channels_last_gradients_each_convolution_takes_its_own_path(winogr
     x = torch.rand(2, 4, 10, 10).to(memory_format=CL).requires_grad_()
     assert type(fast[0](x).grad_fn).__name__ == "_WinogradConvBackward"
     assert type(fast[1](x).grad_fn).__name__ == "_FastCpuGradientsBackward"
-    monkeypatch.setattr(winograd_convs, "MIN_PIXELS", 10_000)  # too small now: the channels-last gradients
+    monkeypatch.setattr(winograd_convs, "MIN_CHANNELS", 5)  # too few now: the channels-last gradients
     assert type(fast[0](x).grad_fn).__name__ == "_FastCpuGradientsBackward"
 
 
@@ -105,9 +162,11 @@ def test_the_self_check_passes_and_finds_wrong_outputs(monkeypatch):
     assert winograd_convs.self_check() is None
     with torch.no_grad():
         assert winograd_convs.self_check() is None
-    monkeypatch.setattr(winograd_convs, "winograd_conv2d", lambda x, w, b, p: torch.zeros_like(x[:, :1]).repeat(
-        1, w.shape[0], 1, 1))
-    assert "differed from torch's" in winograd_convs.self_check()
+    wrong = lambda x, w, b, p: torch.zeros_like(x[:, :1]).repeat(1, w.shape[2 if w.dim() == 3 else 0], 1, 1)  # noqa: E731
+    for function, path in (("nnpack_conv2d", "NNPACK"), ("tiled_winograd_conv2d", "tiles")):
+        with monkeypatch.context() as patch:
+            patch.setattr(winograd_convs, function, wrong)
+            assert f"the {path} convolution differed from torch's" in winograd_convs.self_check()
 
 
 def test_applied_on_the_cpu_in_either_layout_only():
