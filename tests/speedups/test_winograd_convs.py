@@ -59,7 +59,8 @@ def test_each_convolution_takes_the_path_its_channels_pixels_and_layout_call_for
     assert winograd_convs._path(small.to(memory_format=CL), wide, (1, 1)) == winograd_convs.TILES
     assert winograd_convs._path(small, wide, (1, 1)) == winograd_convs.TORCH
     assert winograd_convs._path(small.to(memory_format=CL), narrow, (1, 1)) == winograd_convs.TORCH
-    assert winograd_convs._path(torch.empty(46, 256, 14, 14), wide, (1, 1)) == winograd_convs.NNPACK
+    assert winograd_convs._path(torch.empty(64, 256, 14, 14), wide, (1, 1)) == winograd_convs.NNPACK  # 12,544
+    assert winograd_convs._path(torch.empty(46, 256, 14, 14).to(memory_format=CL), wide, (1, 1)) == winograd_convs.TILES
     assert winograd_convs._path(torch.empty(1, 256, 1, 1).to(memory_format=CL), wide, (1, 1)) == winograd_convs.TORCH
 
 
