@@ -75,6 +75,18 @@ def window_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
     torch.sub(d[3], d[1], out=out[3])
 
 
+def transformed_windows(padded: torch.Tensor, top: int, count: int, cols: int) -> torch.Tensor:
+    """(4, 4, N, count, cols, C): the 4x4 windows of tile rows top .. top + count - 1 of a framed (N, H, W, C)
+    input, transformed by window_rows along both axes."""
+    n, _, width, channels = padded.shape
+    windows = padded.new_empty((4, n, count, width, channels))
+    window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
+    inputs = padded.new_empty((4, 4, n, count, cols, channels))
+    for i in range(4):
+        window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
+    return inputs
+
+
 def _tile_rows(e: list[torch.Tensor], out: torch.Tensor) -> None:
     """The gradient's 1-D transform of two rows (or columns) e0, e1 of each tile, into out[0..3] (halves
     left out)."""
@@ -97,11 +109,7 @@ def winograd_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, padding: tu
     step = max(1, TILES_PER_CHUNK // (n * cols))
     for top in range(0, rows, step):
         count = min(step, rows - top)
-        windows = x.new_empty((4, n, count, padded.shape[2], in_channels))
-        window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
-        inputs = x.new_empty((4, 4, n, count, cols, in_channels))
-        for i in range(4):
-            window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
+        inputs = transformed_windows(padded, top, count, cols)
         tiles = grad_output.new_empty((4, n, count, 2 * cols, out_channels))
         _tile_rows([grid[:, 2 * top + r:2 * (top + count):2] for r in range(2)], tiles)
         grads = grad_output.new_empty((4, 4, n, count, cols, out_channels))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .conv_gradients import TILES_PER_CHUNK, framed, weight_grad, window_rows
+from .conv_gradients import TILES_PER_CHUNK, framed, transformed_windows, weight_grad
 from .mixins import mix_into
 
 # Below this many output pixels an image's map is small enough that NNPACK's batch path (one call for the
@@ -112,11 +112,7 @@ def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Te
     step = max(1, TILES_PER_CHUNK // (n * cols))
     for top in range(0, rows, step):
         count = min(step, rows - top)
-        windows = x.new_empty((4, n, count, padded.shape[2], in_channels))
-        window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
-        inputs = x.new_empty((4, 4, n, count, cols, in_channels))
-        for i in range(4):
-            window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
+        inputs = transformed_windows(padded, top, count, cols)
         products = torch.bmm(inputs.view(16, -1, in_channels), weights).view(4, 4, n, count, cols, out_channels)
         if bias is not None:  # A^T's second column is all ones: a bias added to products (1, 1) reaches every pixel
             products[1, 1] += bias

@@ -81,15 +81,21 @@ def test_a_module_keeps_its_weights_transform_until_they_change():
 
 @pytest.mark.parametrize("shape", [(2, 8, 11, 14), (3, 8, 5, 9)])
 def test_a_convolution_by_tiles_gets_torchs_output_and_gradients(tiles_everywhere, shape):
+    assert_swapped_convolution_matches_torch(shape, CL, 1e-5)
+
+
+def assert_swapped_convolution_matches_torch(shape: tuple[int, ...], layout: torch.memory_format, tolerance: float
+                                             ) -> None:
+    """A swapped 8->6 convolution's output and gradients equal torch's within tolerance x their largest value."""
     torch.manual_seed(0)
-    plain = nn.Conv2d(8, 6, 3, padding=1).to(memory_format=CL)
+    plain = nn.Conv2d(8, 6, 3, padding=1).to(memory_format=layout)
     fast = use_winograd_convs(copy.deepcopy(plain))
-    x = torch.rand(shape).to(memory_format=CL)
+    x = torch.rand(shape).to(memory_format=layout)
     plain_backward, expected = outputs_and_gradients(plain, x)
     fast_backward, got = outputs_and_gradients(fast, x)
     assert (plain_backward, fast_backward) == ("ConvolutionBackward0", "_WinogradConvBackward")
     for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance * b.abs().max().item())
 
 
 def outputs_and_gradients(conv: nn.Module, x: torch.Tensor) -> tuple[str, list[torch.Tensor]]:
@@ -102,15 +108,7 @@ def outputs_and_gradients(conv: nn.Module, x: torch.Tensor) -> tuple[str, list[t
 @pytest.mark.parametrize("shape", [(2, 8, 70, 66), (4, 8, 12, 10)])  # a call per image; one for the batch
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
 def test_a_convolution_gets_torchs_output_and_gradients(winograd_everywhere, shape, layout):
-    torch.manual_seed(0)
-    plain = nn.Conv2d(8, 6, 3, padding=1).to(memory_format=layout)
-    fast = use_winograd_convs(copy.deepcopy(plain))
-    x = torch.rand(shape).to(memory_format=layout)
-    plain_backward, expected = outputs_and_gradients(plain, x)
-    fast_backward, got = outputs_and_gradients(fast, x)
-    assert (plain_backward, fast_backward) == ("ConvolutionBackward0", "_WinogradConvBackward")
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=3e-5 * b.abs().max().item())
+    assert_swapped_convolution_matches_torch(shape, layout, 3e-5)
 
 
 def test_only_large_float32_cpu_convolutions_without_autocast_take_nnpack():
