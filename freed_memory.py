@@ -86,3 +86,22 @@ def refaults_freed_blocks(size: int = 48 * 2**20) -> bool:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     del second
     return faults > pages // 2
+
+
+# What an entry point prints when reuse_freed_memory_checked finds that malloc did not keep freed memory.
+NOT_KEPT_WARNING = ("warning: malloc did not keep freed memory for reuse (--reuse-freed-memory needs glibc's "
+                    "malloc); running without it")
+
+
+def reuse_wanted(asked: bool | None, device_type: str) -> bool:
+    """Whether to reuse freed memory: as --reuse-freed-memory says, by default when the model runs on the CPU."""
+    return device_type == "cpu" if asked is None else asked
+
+
+def reuse_freed_memory_checked() -> bool:
+    """reuse_freed_memory, then a freed block written again to see that it took effect; where it did not,
+    glibc's settings come back and the answer is False."""
+    if reuse_freed_memory() and not refaults_freed_blocks():
+        return True
+    restore_malloc_defaults()
+    return False

@@ -46,7 +46,7 @@ from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
 from engine import FaultLog, TrainOptions, evaluate, to_device, train_one_epoch, validation_losses
 from errors import UserError
-from freed_memory import refaults_freed_blocks, restore_malloc_defaults, reuse_freed_memory
+from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers
 from models import MODELS, build_model, default_backbone_weights, iou_types, model_options
 from optimization import make_lr_scheduler, make_optimizer, scale_learning_rate
@@ -335,8 +335,7 @@ def start_run(args: argparse.Namespace) -> Run:
     """Check the arguments, join the other processes, prepare the output folder, seed and set the kernels."""
     check_args(args)
     args.device = pick_device(args.device)
-    if args.reuse_freed_memory is None:
-        args.reuse_freed_memory = args.device.type == "cpu"
+    args.reuse_freed_memory = reuse_wanted(args.reuse_freed_memory, args.device.type)
     utils.init_distributed_mode(args)
     if args.distributed and args.device.type == "cuda":
         args.device = torch.device("cuda", args.gpu)
@@ -358,10 +357,8 @@ def start_run(args: argparse.Namespace) -> Run:
 def start_reusing_freed_memory(args: argparse.Namespace) -> None:
     """With --reuse-freed-memory, from here on malloc keeps this process's freed memory for the model's next
     tensors (freed_memory.py); after reading the data, whose parsing frees large buffers better handed back."""
-    if args.reuse_freed_memory and (not reuse_freed_memory() or refaults_freed_blocks()):
-        restore_malloc_defaults()
-        utils.print_once("warning: malloc did not keep freed memory for reuse (--reuse-freed-memory needs glibc's "
-                         "malloc); running without it", file=sys.stderr)
+    if args.reuse_freed_memory and not reuse_freed_memory_checked():
+        utils.print_once(NOT_KEPT_WARNING, file=sys.stderr)
 
 
 def read_resume_checkpoint(args: argparse.Namespace) -> tuple[dict | None, str]:

@@ -129,7 +129,7 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     from data import start_worker_with_malloc_defaults
     from devices import amp_dtype, grad_scaler
     from engine import TrainOptions, train_one_epoch
-    from freed_memory import ReleasingCollate, reuse_freed_memory
+    from freed_memory import ReleasingCollate, reuse_freed_memory_checked, reuse_wanted
     from group_by_aspect_ratio import ResumableBatchSampler
     from models import build_model
 
@@ -139,8 +139,7 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     batches = ResumableBatchSampler(torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset),
                                                                   args.batch_size, drop_last=True))
     # As train.py: the main process keeps its freed memory on the CPU (unless told not to), its workers do not.
-    args.reuse_freed_memory = (device.type == "cpu" if args.reuse_freed_memory is None else args.reuse_freed_memory
-                               ) and reuse_freed_memory()
+    args.reuse_freed_memory = reuse_wanted(args.reuse_freed_memory, device.type) and reuse_freed_memory_checked()
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                          collate_fn=ReleasingCollate(utils.collate_fn),
                                          pin_memory=device.type == "cuda",

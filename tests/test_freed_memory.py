@@ -72,3 +72,28 @@ def test_nothing_is_reused_where_the_c_library_cannot(monkeypatch):
     monkeypatch.setattr(freed_memory, "_MALLOPT", None)
     assert freed_memory.reuse_freed_memory() is False
     assert freed_memory.restore_malloc_defaults() is False
+
+
+@pytest.mark.parametrize("took_effect, refaults", [(False, False), (True, True)])
+def test_checked_reuse_puts_the_defaults_back_where_it_did_not_take(monkeypatch, took_effect, refaults):
+    calls = []
+    monkeypatch.setattr(freed_memory, "reuse_freed_memory", lambda: calls.append("reuse") or took_effect)
+    monkeypatch.setattr(freed_memory, "refaults_freed_blocks", lambda: calls.append("check") or refaults)
+    monkeypatch.setattr(freed_memory, "restore_malloc_defaults", lambda: calls.append("restore"))
+    assert freed_memory.reuse_freed_memory_checked() is False
+    assert calls[-1] == "restore"
+
+
+def test_checked_reuse_keeps_the_settings_where_it_took(monkeypatch):
+    calls = []
+    monkeypatch.setattr(freed_memory, "reuse_freed_memory", lambda: calls.append("reuse") or True)
+    monkeypatch.setattr(freed_memory, "refaults_freed_blocks", lambda: calls.append("check") or False)
+    monkeypatch.setattr(freed_memory, "restore_malloc_defaults", lambda: calls.append("restore"))
+    assert freed_memory.reuse_freed_memory_checked() is True
+    assert calls == ["reuse", "check"]
+
+
+@pytest.mark.parametrize("asked, device_type, expected",
+                         [(None, "cpu", True), (None, "cuda", False), (True, "cuda", True), (False, "cpu", False)])
+def test_reuse_is_wanted_on_the_cpu_unless_told(asked, device_type, expected):
+    assert freed_memory.reuse_wanted(asked, device_type) is expected

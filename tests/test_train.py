@@ -151,26 +151,14 @@ def test_bad_input_is_one_line_without_traceback(dataset, trained, bad_files, tm
     assert stderr.strip().splitlines()[-1] == error_lines[0]
 
 
-@pytest.mark.parametrize("took_effect, refaults", [(False, False), (True, True)])
-def test_freed_memory_not_kept_for_reuse_warns_and_restores_malloc(monkeypatch, capsys, took_effect, refaults):
-    restored = []
-    monkeypatch.setattr(train, "reuse_freed_memory", lambda: took_effect)
-    monkeypatch.setattr(train, "refaults_freed_blocks", lambda: refaults)
-    monkeypatch.setattr(train, "restore_malloc_defaults", lambda: restored.append(True))
-    train.start_reusing_freed_memory(argparse.Namespace(reuse_freed_memory=True))
-    assert restored == [True]
-    assert "warning: malloc did not keep freed memory for reuse" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("asked", [True, False])
-def test_freed_memory_kept_for_reuse_as_asked(monkeypatch, capsys, asked):
+@pytest.mark.parametrize("asked, kept", [(True, True), (True, False), (False, True)])
+def test_freed_memory_kept_for_reuse_as_asked_with_a_warning_where_not(monkeypatch, capsys, asked, kept):
     calls = []
-    monkeypatch.setattr(train, "reuse_freed_memory", lambda: calls.append("reuse") or True)
-    monkeypatch.setattr(train, "refaults_freed_blocks", lambda: calls.append("check") and False)
-    monkeypatch.setattr(train, "restore_malloc_defaults", lambda: calls.append("restore"))
+    monkeypatch.setattr(train, "reuse_freed_memory_checked", lambda: calls.append("reuse") or kept)
     train.start_reusing_freed_memory(argparse.Namespace(reuse_freed_memory=asked))
-    assert calls == (["reuse", "check"] if asked else [])
-    assert capsys.readouterr().err == ""
+    assert calls == (["reuse"] if asked else [])
+    warned = "warning: malloc did not keep freed memory for reuse" in capsys.readouterr().err
+    assert warned is (asked and not kept)
 
 
 def test_debug_shows_the_traceback(dataset, tmp_path):
@@ -274,6 +262,19 @@ def test_predict_on_a_folder(trained, dataset, tmp_path):
     detections = gt.loadRes(str(tmp_path / "predictions.json"))
     assert len(detections.anns) > 0
     assert {a["category_id"] for a in detections.anns.values()} <= {c["id"] for c in CATEGORIES}
+
+
+@pytest.mark.parametrize("flags, reused", [([], True), (["--no-reuse-freed-memory"], False)])
+def test_predict_on_the_cpu_reuses_freed_memory_unless_told(trained, dataset, tmp_path, monkeypatch, flags, reused):
+    from tools import predict
+
+    calls = []
+    monkeypatch.setattr(predict, "reuse_freed_memory_checked", lambda: calls.append("reuse") or True)
+    image = sorted((dataset / "val2017").glob("*.jpg"))[0]
+    status = predict.main(["--checkpoint", str(trained[0] / "checkpoint.pth"), str(image), "--output-dir",
+                           str(tmp_path), "--device", "cpu", *flags])
+    assert status == 0 and (tmp_path / image.name).is_file()
+    assert calls == (["reuse"] if reused else [])
 
 
 def test_the_epoch_file_is_the_checkpoints_bytes(trained):

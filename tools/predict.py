@@ -30,6 +30,7 @@ from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from engine import to_device  # noqa: E402
 from errors import UserError  # noqa: E402
+from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted  # noqa: E402
 from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
     parser.add_argument("--no-speedups", action="store_true", help="run torchvision's plain model (as train.py)")
+    parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep freed memory for the model's next tensors, as train.py does (default: on the CPU)")
     args = parser.parse_args(argv)
     try:
         return predict(args)
@@ -123,6 +126,8 @@ def predict(args: argparse.Namespace) -> int:
     else:
         model, category_map, name = load_model(args)
         model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig(enabled=not args.no_speedups))
+    if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
+        print(NOT_KEPT_WARNING, file=sys.stderr)
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
