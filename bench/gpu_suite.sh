@@ -6,8 +6,9 @@
 # training profiles (operator tables and traces of a few steps, both implementations) written to OUT_DIR.
 # train or eval runs only that half (one lease may not hold both); table, in a call of its own, measures
 # images/s and peak memory at batch 2, 8 and 16 per GPU (4 is in train), fp32 and --amp, ours and the reference.
-# Wheels in .whl/ (pycocotools, faster-coco-eval, msgspec: `bash bench/gpu_wheels.sh` downloads them here; carry
-# .whl) are installed first, for a machine without them.
+# Wheels in .whl/ (pycocotools, faster-coco-eval, msgspec: `bash bench/gpu_wheels.sh` downloads them here) are
+# installed first, for a machine without them. On the device tool's machine: copy references/detection into .ref/
+# (ignored by git), carry .whl and .ref, and run `bash bench/gpu_suite.sh $OUT .ref/detection train`, then `eval`.
 set -u
 out=${1:?usage: gpu_suite.sh OUT_DIR [REFERENCE_DIR] [all|train|eval|table]}
 ref=${2:-}
