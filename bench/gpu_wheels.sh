@@ -10,7 +10,8 @@ for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux
   platforms+=(--platform "${tag}_x86_64")
 done
 for name in pycocotools faster-coco-eval msgspec; do
-  pin=$(grep -i "^$name==" constraints.txt)
+  pin=$(grep -i "^$name==" constraints.txt) \
+    || { echo "error: constraints.txt pins no $name; add a line $name==VERSION" >&2; exit 2; }
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       "${platforms[@]}" -d .whl "$pin"
 done
