@@ -5,14 +5,17 @@ data, mask encoding, COCOeval).
     python3 bench/bench_eval.py --data-path ./datasets/coco-like --checkpoint output/checkpoint.pth \
         [--reference /path/to/vision/references/detection] [-- extra flags for our train.py]
 
-Both commands run as a user would run them, in fresh processes, so start-up is counted for both. Prints one
-JSON object.
+Both commands run as a user would run them, in fresh processes, so start-up is counted for both. With
+`--rounds N` they take turns N times, each round in the order the last one ended with (ours, the reference; the
+reference, ours; ...), so that a machine slowing down or speeding up during the run weighs on both sides alike;
+wall_ratio is then the median of the rounds' ratios. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +46,19 @@ def timed(command: list[str], cwd: Path, output_dir: Path) -> dict:
     return found
 
 
+def side_by_side(run_ours, run_reference, rounds: int) -> dict:
+    """Each round's wall times and ratio, the two taking turns in ABBA order, and the median ratio."""
+    results = []
+    for index in range(rounds):
+        order = ("ours", "reference") if index % 2 == 0 else ("reference", "ours")
+        found = {name: (run_ours if name == "ours" else run_reference)() for name in order}
+        results.append({"first": order[0], "ours_s": found["ours"]["wall_s"],
+                        "reference_s": found["reference"]["wall_s"],
+                        "ratio": round(found["ours"]["wall_s"] / found["reference"]["wall_s"], 3)})
+    return {"ours": found["ours"], "reference": found["reference"], "rounds": results,
+            "wall_ratio": round(statistics.median(r["ratio"] for r in results), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", required=True)
@@ -51,21 +67,34 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--output-dir", default="/tmp/bench_eval")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --reference: how many times the two take turns (wall_ratio: the median ratio)")
     parser.add_argument("extra", nargs="*", help="more flags for our train.py (after --)")
     args = parser.parse_args()
+    if args.rounds < 1 or (args.rounds > 1 and not args.reference):
+        parser.error(f"--rounds {args.rounds}: give 1 or more, and more than 1 only with --reference")
     device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
     common = ["--data-path", str(Path(args.data_path).resolve()), "--dataset", "coco", "--model",
               "maskrcnn_resnet50_fpn", "--device", device.type, "--test-only", "--resume",
               str(Path(args.checkpoint).resolve()), "-j", str(args.workers)]
     out = Path(args.output_dir)
     result = {"benchmark": "eval", "environment": environment(device), "settings": vars(args)}
-    result["ours"] = timed([sys.executable, str(ROOT / "train.py"), *common, "--output-dir", str(out / "ours"),
-                            *args.extra], ROOT, out / "ours")
-    if args.reference:
-        reference = Path(args.reference).resolve()
-        result["reference"] = timed([sys.executable, str(reference / "train.py"), *common, "--output-dir",
-                                     str(out / "reference")], reference, out / "reference")
-        result["wall_ratio"] = round(result["ours"]["wall_s"] / result["reference"]["wall_s"], 3)
+
+    def run_ours() -> dict:
+        return timed([sys.executable, str(ROOT / "train.py"), *common, "--output-dir", str(out / "ours"),
+                      *args.extra], ROOT, out / "ours")
+
+    if not args.reference:
+        result["ours"] = run_ours()
+        emit(result)
+        return
+    reference = Path(args.reference).resolve()
+
+    def run_reference() -> dict:
+        return timed([sys.executable, str(reference / "train.py"), *common, "--output-dir", str(out / "reference")],
+                     reference, out / "reference")
+
+    result.update(side_by_side(run_ours, run_reference, args.rounds))
     emit(result)
 
 
