@@ -48,10 +48,11 @@ def timed(command: list[str], cwd: Path, output_dir: Path) -> dict:
 
 def side_by_side(run_ours, run_reference, rounds: int) -> dict:
     """Each round's wall times and ratio, the two taking turns in ABBA order, and the median ratio."""
+    runners = {"ours": run_ours, "reference": run_reference}
     results = []
     for index in range(rounds):
         order = ("ours", "reference") if index % 2 == 0 else ("reference", "ours")
-        found = {name: (run_ours if name == "ours" else run_reference)() for name in order}
+        found = {name: runners[name]() for name in order}
         results.append({"first": order[0], "ours_s": found["ours"]["wall_s"],
                         "reference_s": found["reference"]["wall_s"],
                         "ratio": round(found["ours"]["wall_s"] / found["reference"]["wall_s"], 3)})
