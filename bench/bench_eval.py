@@ -8,7 +8,8 @@ data, mask encoding, COCOeval).
 Both commands run as a user would run them, in fresh processes, so start-up is counted for both. With
 `--rounds N` they take turns N times, each round in the order the last one ended with (ours, the reference; the
 reference, ours; ...), so that a machine slowing down or speeding up during the run weighs on both sides alike;
-wall_ratio is then the median of the rounds' ratios. Prints one JSON object.
+wall_ratio is then the median of the rounds' ratios ("ours" and "reference" hold the last round's runs, "rounds"
+every round's walls). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def timed(command: list[str], cwd: Path, output_dir: Path) -> dict:
 
 
 def side_by_side(run_ours, run_reference, rounds: int) -> dict:
-    """Each round's wall times and ratio, the two taking turns in ABBA order, and the median ratio."""
+    """Each round's wall times and ratio, the two taking turns in ABBA order, the median ratio, and the last
+    round's two runs."""
     runners = {"ours": run_ours, "reference": run_reference}
     results = []
     for index in range(rounds):
