@@ -62,7 +62,8 @@ def side_by_side(run_ours, run_reference, rounds: int) -> dict:
             "wall_ratio": round(statistics.median(r["ratio"] for r in results), 3)}
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line: the checkpoint and data to evaluate, and the rounds to take turns."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", required=True)
     parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint of a 91-class model")
@@ -73,6 +74,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --reference: how many times the two take turns (wall_ratio: the median ratio)")
     parser.add_argument("extra", nargs="*", help="more flags for our train.py (after --)")
+    return parser
+
+
+def main() -> None:
+    parser = get_args_parser()
     args = parser.parse_args()
     if args.rounds < 1 or (args.rounds > 1 and not args.reference):
         parser.error(f"--rounds {args.rounds}: give 1 or more, and more than 1 only with --reference")

@@ -204,7 +204,8 @@ def write_profile(profiler: torch.profiler.profile, folder: Path, implementation
             "device_ms_per_step": round(sum(a.self_device_time_total for a in averages) / 1000 / steps, 1)}
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line: what is measured, on which data, with which of our switches."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", required=True)
     parser.add_argument("--reference", help="folder of torchvision's references/detection to measure instead")
@@ -236,7 +237,11 @@ def main() -> None:
                         help="record the timed steps with torch's profiler; write its tables and trace to DIR")
     parser.add_argument("--weights-backbone", default=None,
                         help="ResNet50_Weights.IMAGENET1K_V1 for the pretrained layout (hub cache); default none")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
     use_implementation(args.reference)
     device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The CPU targets of the README's Performance section, side by side with torchvision's reference:
 #   bash bench/cpu_suite.sh OUT_DIR REFERENCE_DIR [VAL_IMAGES]
-# evaluation wall time (`--test-only`, VAL_IMAGES images, default 100, at 800 px), its 24 numbers at full
-# precision against the reference's (at 480-800 px, to save half an hour), and the training step at 800-1333 px,
-# batch 2. Each benchmark's JSON line
-# is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/logs. Takes about 40 minutes
-# on 2 cores; run it on a quiet machine, as the figures are wall times.
+# evaluation wall time (`--test-only`, VAL_IMAGES images, default 100, at 800 px; the two take turns ROUNDS times,
+# default 3, as this machine's speed drifts within the hour), its 24 numbers at full precision against the
+# reference's (at 480-800 px, to save half an hour), and the training step at 800-1333 px, batch 2. Each
+# benchmark's JSON line is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/logs.
+# Takes about 70 minutes on 2 cores (ROUNDS=1: 40); run it on a quiet machine, as the figures are wall times.
 set -u
 out=${1:?usage: cpu_suite.sh OUT_DIR REFERENCE_DIR [VAL_IMAGES]}
 ref=${2:?usage: cpu_suite.sh OUT_DIR REFERENCE_DIR [VAL_IMAGES]}
@@ -27,8 +27,8 @@ $py tools/make_coco_dataset.py "$data" --coco-categories --coco-like --train-ima
 # epoch-end evaluation is not a figure.
 step eval_model 3600 $py train.py --data-path "$data" --weights-backbone none --epochs 1 --batch-size 4 --lr 0.02 \
     --clip-grad-norm 10 --min-size 160 --max-size 267 -j 2 --device cpu --output-dir "$model" --print-freq 10
-step eval_side_by_side 3600 $py bench/bench_eval.py --data-path "$data" --checkpoint "$model/checkpoint.pth" \
-    --device cpu --workers 2 --reference "$ref"
+step eval_side_by_side 5400 $py bench/bench_eval.py --data-path "$data" --checkpoint "$model/checkpoint.pth" \
+    --device cpu --workers 2 --reference "$ref" --rounds "${ROUNDS:-3}"
 step eval_parity 3600 $py bench/eval_parity.py --data-path "$data" --checkpoint "$model/checkpoint.pth" \
     --reference "$ref" --device cpu --workers 2 --min-size 480 --max-size 800
 bt=(--data-path "$data" --device cpu --batch-size 2 --steps 6 --warmup 2 --workers 2

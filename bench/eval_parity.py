@@ -75,7 +75,8 @@ def run_side(side: str, args) -> dict[str, list[float]]:
     return json.loads(lines[-1].removeprefix(RESULT))
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line: the checkpoint, data and sizes both sides evaluate at."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", required=True)
     parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint of a Mask R-CNN")
@@ -85,7 +86,11 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--side", choices=("ours", "reference"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = get_args_parser().parse_args()
     device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
     if args.side:
         use_implementation(args.reference if args.side == "reference" else None)

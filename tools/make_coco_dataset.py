@@ -297,7 +297,8 @@ def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line: where to write, how many images, of which sizes and kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="folder to write the dataset into")
     parser.add_argument("--train-images", type=int, default=None, help="images in train2017 (default 64)")
@@ -313,6 +314,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="stick figures with COCO's 17 person keypoints (for --dataset coco_kp)")
     parser.add_argument("--coco-like", action="store_true",
                         help="COCO-like defaults for benchmarks: 500 val images, ~640x480, ~7 instances")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
 
     spec = DatasetSpec(train_images=500, val_images=500, min_size=440, max_size=640, instances=7) \
