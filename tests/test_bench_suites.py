@@ -86,3 +86,11 @@ def test_a_flag_the_script_does_not_take_fails_the_check():
     with pytest.raises(pytest.fail.Exception, match="--no-such-flag"):
         check_flags(["bench/bench_eval.py", "--data-path", "d", "--checkpoint", "c", "--", "--no-such-flag"],
                     parsers())
+
+
+def test_gpu_suite_names_the_parts_it_has_when_given_another(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(tmp_path / "out"), "", "trian"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "gpu_suite.sh: no part 'trian': give all, train, eval or table"
+    assert not (tmp_path / "out").exists()
