@@ -24,9 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-from common import ROOT, emit, environment  # noqa: E402
+from common import ROOT, available_device, emit, environment  # noqa: E402
 
 AP_LINE = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = (-?[\d.]+)")
 BREAKDOWN = re.compile(r"Evaluation of \d+ images: .*")
@@ -82,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1 or (args.rounds > 1 and not args.reference):
         parser.error(f"--rounds {args.rounds}: give 1 or more, and more than 1 only with --reference")
-    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    device = available_device(args.device)
     common = ["--data-path", str(Path(args.data_path).resolve()), "--dataset", "coco", "--model",
               "maskrcnn_resnet50_fpn", "--device", device.type, "--test-only", "--resume",
               str(Path(args.checkpoint).resolve()), "-j", str(args.workers)]

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from common import emit, environment, use_implementation  # noqa: E402
+from common import available_device, emit, environment, use_implementation  # noqa: E402
 
 # Operators whose result size or value the host must read before it can go on: each waits for the device.
 HOST_SYNCS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.masked_select.default",
@@ -243,7 +243,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = get_args_parser().parse_args()
     use_implementation(args.reference)
-    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    device = available_device(args.device)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if device.type == "cuda":

@@ -19,6 +19,12 @@ def use_implementation(reference: str | None) -> None:
     sys.path.insert(0, str(Path(reference).resolve() if reference else ROOT))
 
 
+def available_device(name: str) -> torch.device:
+    """The device asked for, or the CPU where CUDA was asked for and there is none."""
+    # Not devices.pick_device: it imports utils, which under --reference would be the reference's.
+    return torch.device(name if name == "cpu" or torch.cuda.is_available() else "cpu")
+
+
 def environment(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "machine": platform.machine(), "threads": torch.get_num_threads(), "device": str(device)}

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from common import ROOT, emit, environment, use_implementation  # noqa: E402
+from common import ROOT, available_device, emit, environment, use_implementation  # noqa: E402
 
 RESULT = "PARITY "
 
@@ -91,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = get_args_parser().parse_args()
-    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    device = available_device(args.device)
     if args.side:
         use_implementation(args.reference if args.side == "reference" else None)
         stats = (stats_of_reference if args.side == "reference" else stats_of_ours)(args, device)
