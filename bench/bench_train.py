@@ -39,8 +39,15 @@ HOST_SYNCS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.defaul
                         "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.equal.default"})
 
 
+# Indexing by a boolean mask: on a GPU it finds the mask's true positions first (a nonzero the host waits for),
+# though on the CPU that nonzero is not dispatched on its own.
+MASK_INDEXING = frozenset({"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default"})
+BY_MASK = " by a boolean mask"
+
+
 class OperatorCounter(TorchDispatchMode):
-    """Counts the operators dispatched while active (backward's as well: the mode travels with autograd)."""
+    """Counts the operators dispatched while active (backward's as well: the mode travels with autograd); indexing
+    by a boolean mask is counted under its own name, as it waits for the device."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,8 +56,16 @@ class OperatorCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.active:
-            self.counts[str(func)] += 1
+            name = str(func)
+            if name in MASK_INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in args[1]):
+                name += BY_MASK
+            self.counts[name] += 1
         return func(*args, **(kwargs or {}))
+
+    def host_syncs(self) -> int:
+        """How many of the counted operators wait for the device's result."""
+        return sum(n for op, n in self.counts.items() if op in HOST_SYNCS or op.endswith(BY_MASK))
 
 
 class TimedLoader:
@@ -280,8 +295,7 @@ def main() -> None:
         result["profile"] = write_profile(profiler, Path(args.profile), implementation, counted)
     if counter is not None:
         result["operators_per_step"] = round(sum(counter.counts.values()) / counted, 1)
-        result["host_syncs_per_step"] = round(sum(n for op, n in counter.counts.items() if op in HOST_SYNCS)
-                                              / counted, 1)
+        result["host_syncs_per_step"] = round(counter.host_syncs() / counted, 1)
     # The whole process's peak (model, optimizer, data with --workers 0): on the CPU, the training's memory.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     if device.type == "cuda":

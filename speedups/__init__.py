@@ -25,6 +25,7 @@ from utils import print_once
 
 from . import (
     anchor_cache,
+    batched_targets,
     channels_last,
     conv_gradients,
     mask_paste,
@@ -87,6 +88,8 @@ class Speedup:
 TRAINING = (
     Speedup("frozen norms folded into convolutions", norm_folding.self_check, norm_folding.fold_frozen_norms),
     Speedup("anchors kept per shape", anchor_cache.self_check, anchor_cache.cache_anchors),
+    Speedup("training targets matched for the whole batch", batched_targets.self_check,
+            batched_targets.use_batched_targets),
     Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align),
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
 )

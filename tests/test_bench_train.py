@@ -8,8 +8,27 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, reference_checkout
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_train  # noqa: E402
+
+
+def test_operator_counter_counts_mask_indexing_as_a_wait():
+    values, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
+    counter = bench_train.OperatorCounter()
+    with counter:
+        values[mask]  # not counted: the counter is not active yet
+        counter.active = True
+        values[mask] = 0.0
+        values[torch.tensor([1, 3])]
+        values.nonzero()
+    assert counter.counts["aten.index_put_.default by a boolean mask"] == 1
+    assert counter.counts["aten.index.Tensor"] == 1 and "aten.index.Tensor by a boolean mask" not in counter.counts
+    assert counter.host_syncs() == 2
 
 
 @pytest.mark.parametrize("implementation", ["ours", "reference"])
