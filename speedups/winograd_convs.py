@@ -1,19 +1,19 @@
-"""3x3 convolutions with many channels by Winograd's transforms on the CPU: NNPACK's for large maps, F(2x2, 3x3)
-in batched matrix products for smaller channels-last ones.
+"""3x3 convolutions with many channels by Winograd's transforms on the CPU: NNPACK's for large maps (on CPUs without
+AVX-512), F(2x2, 3x3) in batched matrix products for the other channels-last ones.
 
 What it changes: on the CPU, each 3x3 convolution with stride 1, no dilation and no groups whose input and output
 channels are many enough computes its output, and its input gradient when training, with fewer multiplications
-than oneDNN's direct convolution, which is what a CPU without AVX-512 is short of. Maps with many output pixels
-(the FPN's and RPN's on the finest levels, the mask head's over many RoIs) go to NNPACK (bundled with torch),
-large ones an image at a time (its batch path is slower for them), small ones in one call; NNPACK needs the
-standard layout, and outputs come back in the input's. Smaller channels-last maps (ResNet's last stages, the
-coarser pyramid levels, the mask head's over few RoIs) are transformed here: Winograd's F(2x2, 3x3), 16 products
-a 2x2 tile of output instead of 36, one batched matrix product over each chunk of tiles, no layout copies; a
-module keeps its weights' transform while they stay the same. Convolutions with fewer channels stay with torch
-(figures in docs/PERFORMANCE.md). Weight gradients are conv_gradients' (Winograd in matrix products too), bias
-gradients sums. Numbers agree with torch's convolution to float32 rounding (NNPACK's about ten times oneDNN's,
-F(2x2, 3x3)'s below oneDNN's); a subclass is swapped in, so state-dict keys do not change. NNPACK sizes its
-thread pool from torch's thread count when it is first used.
+than oneDNN's direct convolution, which is what a CPU is short of. Where the CPU lacks AVX-512, maps with many
+output pixels (the FPN's and RPN's on the finest levels, the mask head's over many RoIs) go to NNPACK (bundled
+with torch), large ones an image at a time (its batch path is slower for them), small ones in one call; NNPACK
+needs the standard layout, and outputs come back in the input's. Other channels-last maps (ResNet's last stages,
+the coarser pyramid levels, the mask head's over few RoIs; with AVX-512 the large ones too) are transformed here:
+Winograd's F(2x2, 3x3), 16 products a 2x2 tile of output instead of 36, one batched matrix product over each
+chunk of tiles, no layout copies; a module keeps its weights' transform while they stay the same. Convolutions
+with fewer channels stay with torch (figures in docs/PERFORMANCE.md). Weight gradients are conv_gradients'
+(Winograd in matrix products too), bias gradients sums. Numbers agree with torch's convolution to float32
+rounding (NNPACK's about ten times oneDNN's, F(2x2, 3x3)'s below oneDNN's); a subclass is swapped in, so
+state-dict keys do not change. NNPACK sizes its thread pool from torch's thread count when it is first used.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ _PER_IMAGE_PIXELS = 64 * 64
 # channels oneDNN was as fast or faster on 2 AVX2 cores, and with fewer pixels NNPACK's layout copies cost more.
 MIN_CHANNELS = 256
 MIN_PIXELS = 12_000
+# NNPACK's x86 kernels are AVX2's: on a CPU with AVX-512, oneDNN's convolutions and F(2x2, 3x3) tiles both beat
+# it on the largest maps too, the tiles most, so large maps take tiles there (docs/PERFORMANCE.md, stop 32).
+LARGE_MAPS_BY_NNPACK = torch.backends.cpu.get_cpu_capability() != "AVX512"
 NNPACK, TILES, TORCH = "NNPACK", "tiles", "torch"
 
 
@@ -43,7 +46,8 @@ def _path(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> st
     """Which computes this convolution: NNPACK, F(2x2, 3x3) tiles, or torch's own."""
     if min(weight.shape[:2]) < MIN_CHANNELS:
         return TORCH
-    if x.shape[0] * (x.shape[2] + 2 * padding[0] - 2) * (x.shape[3] + 2 * padding[1] - 2) >= MIN_PIXELS:
+    pixels = x.shape[0] * (x.shape[2] + 2 * padding[0] - 2) * (x.shape[3] + 2 * padding[1] - 2)
+    if pixels >= MIN_PIXELS and LARGE_MAPS_BY_NNPACK:
         return NNPACK
     return TILES if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else TORCH
 

@@ -93,6 +93,7 @@ def _winograd_everywhere(monkeypatch, min_pixels: int, function: str, path: str)
 
     monkeypatch.setattr(winograd_convs, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd_convs, "MIN_PIXELS", min_pixels)
+    monkeypatch.setattr(winograd_convs, "LARGE_MAPS_BY_NNPACK", True)  # whatever this CPU's vector width
     calls = []
     original = getattr(winograd_convs, function)
     monkeypatch.setattr(winograd_convs, function, lambda *args: calls.append(1) or original(*args))

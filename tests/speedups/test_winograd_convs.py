@@ -51,7 +51,8 @@ def test_tiles_give_torchs_convolution_channels_last(shape, layout, padding, til
     torch.testing.assert_close(exact, expected - bias.double().view(1, -1, 1, 1), rtol=0, atol=1e-12)
 
 
-def test_each_convolution_takes_the_path_its_channels_pixels_and_layout_call_for():
+def test_each_convolution_takes_the_path_its_channels_pixels_and_layout_call_for(monkeypatch):
+    monkeypatch.setattr(winograd_convs, "LARGE_MAPS_BY_NNPACK", True)
     wide, narrow = torch.empty(256, 256, 3, 3), torch.empty(256, 128, 3, 3)
     small, large = torch.empty(1, 256, 100, 100), torch.empty(1, 256, 110, 110)  # 10,000 and 12,100 pixels
     assert winograd_convs._path(large, wide, (1, 1)) == winograd_convs.NNPACK
@@ -62,6 +63,15 @@ def test_each_convolution_takes_the_path_its_channels_pixels_and_layout_call_for
     assert winograd_convs._path(torch.empty(64, 256, 14, 14), wide, (1, 1)) == winograd_convs.NNPACK  # 12,544
     assert winograd_convs._path(torch.empty(46, 256, 14, 14).to(memory_format=CL), wide, (1, 1)) == winograd_convs.TILES
     assert winograd_convs._path(torch.empty(1, 256, 1, 1).to(memory_format=CL), wide, (1, 1)) == winograd_convs.TORCH
+
+
+def test_without_nnpack_for_large_maps_they_take_tiles_if_channels_last(monkeypatch):
+    nnpack_expected = torch.backends.cpu.get_cpu_capability() != "AVX512"
+    assert nnpack_expected == winograd_convs.LARGE_MAPS_BY_NNPACK
+    monkeypatch.setattr(winograd_convs, "LARGE_MAPS_BY_NNPACK", False)
+    wide, large = torch.empty(256, 256, 3, 3), torch.empty(1, 256, 110, 110)
+    assert winograd_convs._path(large.to(memory_format=CL), wide, (1, 1)) == winograd_convs.TILES
+    assert winograd_convs._path(large, wide, (1, 1)) == winograd_convs.TORCH
 
 
 def test_a_module_keeps_its_weights_transform_until_they_change():
@@ -111,7 +121,8 @@ def test_a_convolution_gets_torchs_output_and_gradients(winograd_everywhere, sha
     assert_swapped_convolution_matches_torch(shape, layout, 3e-5)
 
 
-def test_only_large_float32_cpu_convolutions_without_autocast_take_nnpack():
+def test_only_large_float32_cpu_convolutions_without_autocast_take_nnpack(monkeypatch):
+    monkeypatch.setattr(winograd_convs, "LARGE_MAPS_BY_NNPACK", True)
     conv = use_winograd_convs(nn.Conv2d(256, 256, 3, padding=1))
     large, small = torch.rand(1, 256, 110, 110), torch.rand(1, 256, 100, 100)  # 12,100 and 10,000 pixels
     assert type(conv(large).grad_fn).__name__ == "_WinogradConvBackward"
