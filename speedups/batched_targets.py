@@ -25,8 +25,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
-# 2**25 float32 values are 128 MB, and the IoU computation holds about three such tensors at once: a batch of 4
-# at 800 x 1344 (~270,000 anchors an image) up to 31 boxes an image takes one group.
+# 2**25 float32 values are 128 MB, and the matching holds up to about five such tensors at once: a batch of 4 at
+# 800 x 1344 (~270,000 anchors an image) with up to 31 boxes an image is one group.
 MAX_IOU_ELEMENTS = 2**25
 
 

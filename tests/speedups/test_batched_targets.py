@@ -69,6 +69,11 @@ def test_random_batches_match_exactly(box_counts, candidate_counts):
     assert_same_targets(*random_batch(len(box_counts), box_counts, candidate_counts))
 
 
+def test_half_precision_anchors_as_under_autocast_match_exactly():
+    candidates, boxes = random_batch(5, [3, 8, 0])
+    assert_same_targets([c.half() for c in candidates], boxes)
+
+
 def test_groups_bound_the_iou_tensor_and_keep_the_order(monkeypatch):
     monkeypatch.setattr(batched_targets, "MAX_IOU_ELEMENTS", 2000 * 20)
     assert batched_targets._groups([3, 17, 1, 9, 30, 2], 2000) == [range(0, 1), range(1, 2), range(2, 4),
