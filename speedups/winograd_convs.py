@@ -93,12 +93,10 @@ def tile_weights(weight: torch.Tensor) -> torch.Tensor:
     return (transform @ weight.permute(2, 3, 1, 0).reshape(9, -1)).view(16, weight.shape[1], weight.shape[0])
 
 
-def _output_rows(m, out) -> None:
-    """The output's 1-D transform (A^T) of four rows (or columns) m0..m3 of each tile's products, into out[0..1]."""
-    torch.add(m[0], m[1], out=out[0])
-    out[0].add_(m[2])
-    torch.sub(m[1], m[2], out=out[1])
-    out[1].sub_(m[3])
+# A^T, the output's 1-D transform: a tile's two outputs from four products, m0 + m1 + m2 and m1 - m2 - m3. Its 2-D
+# form (4, 16) is applied as one matrix product over a chunk's products: one pass over them, where the two 1-D
+# passes in elementwise operators took twelve (twice as long on the AVX-512 machine, docs/PERFORMANCE.md).
+_OUTPUT_TRANSFORM = torch.kron(*[torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]])] * 2)
 
 
 def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None,
@@ -113,18 +111,18 @@ def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Te
     # Not a view, which autograd would refuse to let an in-place ReLU change: written through its NHWC view.
     output = torch.empty((n, out_channels, 2 * rows, 2 * cols), dtype=x.dtype, memory_format=torch.channels_last)
     pixels = output.permute(0, 2, 3, 1)
+    transform = _OUTPUT_TRANSFORM.to(x.dtype)
     step = max(1, TILES_PER_CHUNK // (n * cols))
     for top in range(0, rows, step):
         count = min(step, rows - top)
         inputs = transformed_windows(padded, top, count, cols)
-        products = torch.bmm(inputs.view(16, -1, in_channels), weights).view(4, 4, n, count, cols, out_channels)
+        products = torch.bmm(inputs.view(16, -1, in_channels), weights)
         if bias is not None:  # A^T's second column is all ones: a bias added to products (1, 1) reaches every pixel
-            products[1, 1] += bias
-        halves = x.new_empty((2, 4, n, count, cols, out_channels))
-        _output_rows(products, halves)
-        block = pixels[:, 2 * top:2 * (top + count)]
-        for i in range(2):
-            _output_rows(halves[i], [block[:, i::2, 0::2], block[:, i::2, 1::2]])
+            products[5] += bias
+        # (row i, column j of each 2x2 tile, ...) written to output rows 2 * tile row + i, columns 2 * tile col + j.
+        quads = torch.mm(transform, products.view(16, -1)).view(2, 2, n, count, cols, out_channels)
+        block = pixels[:, 2 * top:2 * (top + count)].view(n, count, 2, cols, 2, out_channels)
+        block.copy_(quads.permute(2, 3, 0, 4, 1, 5))
     if (2 * rows, 2 * cols) != (out_height, out_width):
         output = output[:, :, :out_height, :out_width].contiguous(memory_format=torch.channels_last)
     return output
