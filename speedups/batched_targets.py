@@ -31,7 +31,7 @@ MAX_IOU_ELEMENTS = 2**25
 
 
 def batched_box_iou(gt_boxes: Tensor, candidates: Tensor) -> Tensor:
-    """(B, G, N): the IoU of each image's G boxes (B, G, 4) with its N candidates (B, N, 4), computed as
+    """(B, G, N): the IoU of each image's G boxes (B, G, 4) with its N candidates (B or 1, N, 4), computed as
     torchvision's box_iou computes it, so that equal boxes give equal values to the last bit."""
     gt_area = box_ops.box_area(gt_boxes.flatten(0, 1)).view(gt_boxes.shape[:2])
     candidate_area = box_ops.box_area(candidates.flatten(0, 1)).view(candidates.shape[:2])
@@ -61,11 +61,10 @@ def _groups(box_counts: list[int], candidate_count: int) -> list[range]:
     """Consecutive images whose padded IoU tensor stays within MAX_IOU_ELEMENTS (an image alone may exceed it)."""
     groups, start, most = [], 0, 0
     for i, count in enumerate(box_counts):
-        most_with_it = max(most, count)
-        if i > start and (i + 1 - start) * most_with_it * candidate_count > MAX_IOU_ELEMENTS:
+        if i > start and (i + 1 - start) * max(most, count) * candidate_count > MAX_IOU_ELEMENTS:
             groups.append(range(start, i))
-            start, most_with_it = i, count
-        most = most_with_it
+            start, most = i, 0
+        most = max(most, count)
     groups.append(range(start, len(box_counts)))
     return groups
 
@@ -82,6 +81,14 @@ def _unpadded(padded: Tensor, candidates: list[Tensor]) -> list[Tensor]:
     return [row[:c.shape[0]] for row, c in zip(padded.unbind(0), candidates)]
 
 
+def _stacked_candidates(candidates: list[Tensor]) -> Tensor:
+    """(b, N, 4), or (1, N, 4) for the IoU to broadcast where every image has the same tensor (the RPN's anchors
+    from anchor_cache): no copy of them, and their areas computed once."""
+    if all(c is candidates[0] for c in candidates):
+        return candidates[0][None]
+    return _padded(candidates)
+
+
 def matches_by_group(matcher: Matcher, gt_boxes: list[Tensor], candidates: list[Tensor]
                      ) -> Iterator[tuple[range, Tensor, Tensor]]:
     """For each group of images: its range, its boxes padded (b, G, 4), and the (b, N) matches of its candidates
@@ -92,7 +99,7 @@ def matches_by_group(matcher: Matcher, gt_boxes: list[Tensor], candidates: list[
         padded = _padded(boxes)
         # Built on the device: a blocking copy of the box counts from the host would wait for the device's queue.
         has_box = _padded([torch.ones(b.shape[0], dtype=torch.bool, device=b.device) for b in boxes])
-        iou = batched_box_iou(padded, _padded([candidates[i] for i in group]))
+        iou = batched_box_iou(padded, _stacked_candidates([candidates[i] for i in group]))
         yield group, padded, match_batch(matcher, iou, has_box)
 
 

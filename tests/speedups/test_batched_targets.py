@@ -81,6 +81,14 @@ def test_groups_bound_the_iou_tensor_and_keep_the_order(monkeypatch):
     assert_same_targets(*random_batch(7, [3, 17, 1, 9, 30, 2]))
 
 
+def test_one_anchor_tensor_for_every_image_is_not_copied_and_matches_exactly():
+    candidates, boxes = random_batch(4, [3, 0, 12])
+    shared = [candidates[0]] * len(boxes)  # as anchor_cache hands them out
+    assert batched_targets._stacked_candidates(shared).shape == (1, 2000, 4)
+    assert batched_targets._stacked_candidates(candidates).shape == (3, 2000, 4)
+    assert_same_targets(shared, boxes)
+
+
 def test_batched_iou_is_torchvisions_to_the_bit():
     candidates, boxes = random_batch(1, [6, 11])
     iou = batched_box_iou(torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True), torch.stack(candidates))
