@@ -13,6 +13,7 @@ modules keep their class's behaviour otherwise (a subclass is swapped in; state-
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,15 +76,18 @@ def window_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
     torch.sub(d[3], d[1], out=out[3])
 
 
-def transformed_windows(padded: torch.Tensor, top: int, count: int, cols: int) -> torch.Tensor:
-    """(4, 4, N, count, cols, C): the 4x4 windows of tile rows top .. top + count - 1 of a framed (N, H, W, C)
-    input, transformed by window_rows along both axes."""
+def transformed_windows(padded: torch.Tensor, top: int, count: int, cols: int, size: int = 2,
+                        rows_transform: Callable[[list[torch.Tensor], torch.Tensor], None] = window_rows
+                        ) -> torch.Tensor:
+    """(size + 2, size + 2, N, count, cols, C): the (size + 2)-wide windows, size pixels apart, of tile rows top ..
+    top + count - 1 of a framed (N, H, W, C) input, transformed by rows_transform along both axes."""
     n, _, width, channels = padded.shape
-    windows = padded.new_empty((4, n, count, width, channels))
-    window_rows([padded[:, 2 * top + r:2 * (top + count) + r:2] for r in range(4)], windows)
-    inputs = padded.new_empty((4, 4, n, count, cols, channels))
-    for i in range(4):
-        window_rows([windows[i][:, :, c:c + 2 * cols:2] for c in range(4)], inputs[i])
+    span = size + 2
+    windows = padded.new_empty((span, n, count, width, channels))
+    rows_transform([padded[:, size * top + r:size * (top + count) + r:size] for r in range(span)], windows)
+    inputs = padded.new_empty((span, span, n, count, cols, channels))
+    for i in range(span):
+        rows_transform([windows[i][:, :, c:c + size * cols:size] for c in range(span)], inputs[i])
     return inputs
 
 

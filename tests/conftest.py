@@ -110,9 +110,9 @@ def winograd_everywhere(monkeypatch):
 
 @pytest.fixture
 def tiles_everywhere(monkeypatch):
-    """Winograd's F(2x2, 3x3) tiles for every channels-last 3x3 convolution, however few its channels or large
-    its map; calls listed and checked as winograd_everywhere's."""
-    yield from _winograd_everywhere(monkeypatch, 10**12, "tiled_winograd_conv2d", "F(2x2, 3x3) tiles")
+    """Winograd's tiles for every channels-last 3x3 convolution, however few its channels or large its map;
+    calls listed and checked as winograd_everywhere's."""
+    yield from _winograd_everywhere(monkeypatch, 10**12, "tiled_winograd_conv2d", "Winograd's tiles")
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
