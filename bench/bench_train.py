@@ -9,7 +9,9 @@ Steps are timed between successive forward calls, so the figure is what a run se
 with --reference the same is measured for torchvision's reference loop, data pipeline and model builder.
 The time spent waiting for the data loader is reported apart. --count-ops counts instead the operators a
 timed step dispatches (forward, backward, optimizer) and those that wait for the device's results: where a
-GPU step is bound by the host, these are its cost, and they can be counted on any device. --profile DIR
+GPU step is bound by the host, these are its cost, and they can be counted on any device (--speedups-as cuda on
+a CPU leaves out the CPU's own speed-ups, as a GPU run would; the CPU's optimizer still loops where a GPU's
+calls foreach kernels). --profile DIR
 records the timed steps with torch's profiler and writes their operator tables and a trace there.
 Prints one JSON object.
 """
@@ -167,9 +169,12 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     # cost of a step, depends on them.
     model.load_state_dict(torchvision_model(args).state_dict())
     config = speedups.SpeedupConfig(not args.no_speedups, args.channels_last, args.shape_buckets)
-    model = speedups.for_training(model.to(device), device, config)
+    chosen_for = torch.device(args.speedups_as) if args.speedups_as else device
+    model = speedups.for_training(model.to(device), chosen_for, config)
     # The settings printed say which were used.
-    args.channels_last, args.shape_buckets = config.use_channels_last(device), config.use_shape_buckets(device)
+    args.channels_last = config.use_channels_last(chosen_for)
+    args.shape_buckets = config.use_shape_buckets(chosen_for)
+    args.speedups_applied = speedups.applied(model)
     precision = amp_dtype(args.amp_dtype, device) if args.amp else None
     if precision is not None:
         args.amp_dtype = str(precision).removeprefix("torch.")
@@ -244,6 +249,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ours only; default as train.py's: on for the CPU")
     parser.add_argument("--shape-buckets", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for GPUs")
+    parser.add_argument("--speedups-as", choices=("cpu", "cuda"),
+                        help="ours only: the speed-ups chosen for this kind of device, whatever --device (with "
+                             "--count-ops, cuda on a CPU counts the operators of the step a GPU runs)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN times its kernels per input shape")
     parser.add_argument("--count-ops", action="store_true",
                         help="count the operators of each step past the warm-up (the timings then include the "
@@ -256,7 +264,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = get_args_parser().parse_args()
+    parser = get_args_parser()
+    args = parser.parse_args()
+    if args.reference and (args.speedups_as or args.no_speedups):
+        parser.error("--speedups-as and --no-speedups choose our speed-ups; the reference has none: leave them out "
+                     "with --reference")
     use_implementation(args.reference)
     device = available_device(args.device)
     torch.manual_seed(0)

@@ -81,6 +81,7 @@ class Speedup:
     name: str
     self_check: Callable[[], str | None]
     apply: Callable[[nn.Module], object]
+    cpu_only: bool = False  # chosen only for models on the CPU
 
 
 # The order they are applied in: norms folded before anything copies or wraps the convolutions; module swaps
@@ -90,7 +91,8 @@ TRAINING = (
     Speedup("anchors kept per shape", anchor_cache.self_check, anchor_cache.cache_anchors),
     Speedup("training targets matched for the whole batch", batched_targets.self_check,
             batched_targets.use_batched_targets),
-    Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align),
+    Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align,
+            cpu_only=True),
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
 )
 CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channels_last.to_channels_last)
@@ -126,11 +128,11 @@ def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
 
 def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
     """The model prepared to train on device, in place (its parameters already there): every speed-up the
-    config allows, in TRAINING's order, then channels-last (on the CPU with its convolution gradients), NNPACK's
-    Winograd convolutions on the CPU, and shape buckets where the config says."""
+    config allows, in TRAINING's order (the CPU's only there), then channels-last (on the CPU with its convolution
+    gradients), Winograd convolutions on the CPU, and shape buckets where the config says."""
     if not config.enabled:
         return model
-    chosen = TRAINING
+    chosen = tuple(speedup for speedup in TRAINING if device.type == "cpu" or not speedup.cpu_only)
     if config.use_channels_last(device):
         chosen += (CHANNELS_LAST, CPU_CONV_GRADIENTS) if device.type == "cpu" else (CHANNELS_LAST,)
     if device.type == "cpu":

@@ -46,3 +46,26 @@ def test_bench_times_a_few_steps(tiny_dataset, implementation):
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed["benchmark"] == "train" and printed["implementation"] == implementation
     assert printed["steps_timed"] == 2 and printed["step_ms"] > 0 and printed["losses_finite"]
+    if implementation == "ours":
+        assert "sparse RoIAlign on the CPU" in printed["settings"]["speedups_applied"]
+
+
+def test_a_gpus_speedups_counted_on_the_cpu(tiny_dataset):
+    command = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data-path", str(tiny_dataset),
+               "--device", "cpu", "--min-size", "64", "--max-size", "64", "--steps", "1", "--warmup", "1",
+               "--workers", "0", "--count-ops", "--speedups-as", "cuda"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    applied = printed["settings"]["speedups_applied"]
+    assert "shape buckets" in applied and "training targets matched for the whole batch" in applied
+    cpus_own = {"sparse RoIAlign on the CPU", "channels-last layout", "Winograd 3x3 convolutions on the CPU"}
+    assert not cpus_own & set(applied)
+    assert printed["operators_per_step"] > 0 and printed["host_syncs_per_step"] > 0
+
+
+def test_our_speedup_choices_are_refused_with_the_reference(tiny_dataset):
+    command = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data-path", str(tiny_dataset),
+               "--device", "cpu", "--reference", str(ROOT), "--speedups-as", "cuda"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2 and "the reference has none: leave them out with --reference" in result.stderr

@@ -1,6 +1,7 @@
 """RoIAlign as weighted sums of gathered pixels pools and back-propagates as torchvision's MultiScaleRoIAlign does,
 from maps in either memory layout, and gives channels-last features."""
 
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -128,6 +129,16 @@ def test_models_pool_sparsely_with_their_own_settings(name):
     assert type(swapped) is SparseMultiScaleRoIAlign
     assert (swapped.featmap_names, swapped.output_size, swapped.sampling_ratio, swapped.canonical_scale,
             swapped.canonical_level) == (["0", "2"], (3, 5), 1, 112, 3)
+
+
+def test_chosen_for_models_on_the_cpu_only():
+    import speedups
+
+    model = build_model("maskrcnn_resnet50_fpn", 2, None, None, None, min_size=64, max_size=64)
+    config = speedups.SpeedupConfig(shape_buckets=False)
+    for device, expected in (("cpu", SparseMultiScaleRoIAlign), ("meta", MultiScaleRoIAlign)):
+        prepared = speedups.for_training(copy.deepcopy(model), torch.device(device), config)
+        assert type(prepared.roi_heads.box_roi_pool) is expected
 
 
 def test_training_losses_equal_torchvision_pooling():
