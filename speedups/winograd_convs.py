@@ -146,8 +146,10 @@ def tiling_for(out_height: int, out_width: int) -> Tiling:
 
 def tile_weights(weight: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     """(products, in, out): the 3x3 kernels of weight (out, in, 3, 3) transformed for tiled_winograd_conv2d."""
-    flat = weight.permute(2, 3, 1, 0).reshape(9, -1).double()  # in float64: G's sixths are not exact in float32
-    return (tiling.kernel_transform @ flat).to(weight.dtype).view(-1, weight.shape[1], weight.shape[0])
+    # In the weights' type: training transforms them each step, and for 512 channels float64 took three times as
+    # long; G's sixths round in float32, a relative 6e-8, far below the large tiles' own rounding.
+    transform = tiling.kernel_transform.to(weight.dtype)
+    return (transform @ weight.permute(2, 3, 1, 0).reshape(9, -1)).view(-1, weight.shape[1], weight.shape[0])
 
 
 def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None,
