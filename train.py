@@ -629,6 +629,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         utils.check_versions()
         main(args)
+        utils.leave_process_group()
     except UserError as e:
         if args.debug:
             raise

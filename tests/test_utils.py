@@ -19,3 +19,16 @@ def test_versions_older_than_the_floor_are_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
     with pytest.raises(UserError, match=r"torch 2\.10\.0\+cu128 is older than 2\.11.*constraints\.txt"):
         utils.check_versions()
+
+
+def test_a_run_leaves_its_process_group_and_a_run_without_one_is_untouched(tmp_path, monkeypatch):
+    utils.leave_process_group()  # not distributed: nothing to leave
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", world_size=1, rank=0)
+    try:
+        assert utils.is_dist_avail_and_initialized()
+        utils.leave_process_group()
+        assert not utils.is_dist_avail_and_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
