@@ -16,6 +16,7 @@ gradients sums. Outputs differ from float64's by float32 rounding: 2x2 tiles' be
 NNPACK's several times above it; a subclass is swapped in, so state-dict keys do not change. NNPACK sizes its
 thread pool from torch's thread count when it is first used.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,7 @@ NNPACK, TILES, TORCH = "NNPACK", "tiles", "torch"
 
 
 def _path(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> str:
-    """Which computes this convolution: NNPACK, F(2x2, 3x3) tiles, or torch's own."""
+    """Which computes this convolution: NNPACK, Winograd tiles, or torch's own."""
     if min(weight.shape[:2]) < MIN_CHANNELS:
         return TORCH
     out_height, out_width = _output_size(x, padding)
@@ -115,7 +116,9 @@ def _wide_window_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
     torch.sub(out[2], d[3], out=out[2])
 
 
-def _tiling(size: int, kernel_rows: list[list[float]], window_rows, output_rows: list[list[float]]) -> Tiling:
+def _tiling(size: int, kernel_rows: list[list[float]], window_rows: Callable[[list[torch.Tensor], torch.Tensor], None],
+            output_rows: list[list[float]]) -> Tiling:
+    """The tiling of G's rows (kernel_rows), B^T's operators (window_rows) and A^T's rows (output_rows)."""
     kernel, output = torch.tensor(kernel_rows, dtype=torch.float64), torch.tensor(output_rows)
     output_transform = torch.kron(output, output)
     all_ones = int((output_transform == 1).all(0).nonzero()[0])  # the point 1's column
