@@ -96,12 +96,12 @@ TRAINING = (
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
 )
 CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channels_last.to_channels_last)
-# With channels-last on the CPU only, where oneDNN's channels-last weight gradients are the slow part.
+# With channels-last on the CPU, where oneDNN's channels-last weight gradients are the slow part.
 CPU_CONV_GRADIENTS = Speedup("convolution gradients for channels-last on the CPU", conv_gradients.self_check,
-                             conv_gradients.use_fast_cpu_gradients)
-# On the CPU, in either layout: the large 3x3 convolutions by NNPACK's Winograd transform.
+                             conv_gradients.use_fast_cpu_gradients, cpu_only=True)
+# On the CPU, in either layout: the large 3x3 convolutions by Winograd's transforms.
 CPU_WINOGRAD = Speedup("Winograd 3x3 convolutions on the CPU", winograd_convs.self_check,
-                       winograd_convs.use_winograd_convs)
+                       winograd_convs.use_winograd_convs, cpu_only=True)
 SHAPE_BUCKETS = Speedup("shape buckets", shape_buckets.self_check, shape_buckets.pad_to_shape_buckets)
 INFERENCE_FOLD = Speedup("batch norms folded for inference", norm_folding.self_check, norm_folding.fold_batch_norms)
 
@@ -128,16 +128,14 @@ def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
 
 def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
     """The model prepared to train on device, in place (its parameters already there): every speed-up the
-    config allows, in TRAINING's order (the CPU's only there), then channels-last (on the CPU with its convolution
-    gradients), Winograd convolutions on the CPU, and shape buckets where the config says."""
+    config allows, in TRAINING's order, then channels-last (with its convolution gradients), Winograd
+    convolutions, and shape buckets where the config says; those marked cpu_only for a model on the CPU only."""
     if not config.enabled:
         return model
-    chosen = tuple(speedup for speedup in TRAINING if device.type == "cpu" or not speedup.cpu_only)
-    if config.use_channels_last(device):
-        chosen += (CHANNELS_LAST, CPU_CONV_GRADIENTS) if device.type == "cpu" else (CHANNELS_LAST,)
-    if device.type == "cpu":
-        chosen += (CPU_WINOGRAD,)
-    _apply(model, chosen + ((SHAPE_BUCKETS,) if config.use_shape_buckets(device) else ()))
+    layout = (CHANNELS_LAST, CPU_CONV_GRADIENTS) if config.use_channels_last(device) else ()
+    buckets = (SHAPE_BUCKETS,) if config.use_shape_buckets(device) else ()
+    chosen = TRAINING + layout + (CPU_WINOGRAD,) + buckets
+    _apply(model, tuple(speedup for speedup in chosen if device.type == "cpu" or not speedup.cpu_only))
     return model
 
 
