@@ -123,13 +123,14 @@ class BatchedTargetsRPN(RegionProposalNetwork):
             return super().assign_targets_to_anchors(anchors, targets)
         labels, matched_boxes = [], []
         for group, padded, matches in matches_by_group(self.proposal_matcher, gt_boxes, anchors):
+            group_anchors = [anchors[i] for i in group]
             # Labels: 1 object, 0 background, -1 ignored. An image without boxes has every anchor below the low
             # threshold: background, matched to the zeros of its padding, as torchvision gives it.
             group_labels = torch.where(matches == self.proposal_matcher.BETWEEN_THRESHOLDS, -1.0,
                                        (matches >= 0).float())
             group_boxes = padded.gather(1, matches.clamp(min=0)[:, :, None].expand(-1, -1, 4))
-            labels += _unpadded(group_labels, [anchors[i] for i in group])
-            matched_boxes += _unpadded(group_boxes, [anchors[i] for i in group])
+            labels += _unpadded(group_labels, group_anchors)
+            matched_boxes += _unpadded(group_boxes, group_anchors)
         return labels, matched_boxes
 
 
@@ -149,8 +150,9 @@ class BatchedTargetsRoIHeads(RoIHeads):
             group_labels = _padded([gt_labels[i] for i in group]).gather(1, clamped).to(torch.int64)
             group_labels = torch.where(matches == self.proposal_matcher.BELOW_LOW_THRESHOLD, 0, group_labels)
             group_labels = torch.where(matches == self.proposal_matcher.BETWEEN_THRESHOLDS, -1, group_labels)
-            matched_idxs += _unpadded(clamped, [proposals[i] for i in group])
-            labels += _unpadded(group_labels, [proposals[i] for i in group])
+            group_proposals = [proposals[i] for i in group]
+            matched_idxs += _unpadded(clamped, group_proposals)
+            labels += _unpadded(group_labels, group_proposals)
         return matched_idxs, labels
 
 

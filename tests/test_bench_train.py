@@ -31,11 +31,15 @@ def test_operator_counter_counts_mask_indexing_as_a_wait():
     assert counter.host_syncs() == 2
 
 
+def bench_command(dataset, *flags: str) -> list[str]:
+    """bench_train.py on the CPU at 64 px with the loader in the main process, plus flags."""
+    return [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data-path", str(dataset), "--device", "cpu",
+            "--min-size", "64", "--max-size", "64", "--workers", "0", *flags]
+
+
 @pytest.mark.parametrize("implementation", ["ours", "reference"])
 def test_bench_times_a_few_steps(tiny_dataset, implementation):
-    command = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data-path", str(tiny_dataset),
-               "--device", "cpu", "--min-size", "64", "--max-size", "64", "--steps", "2", "--warmup", "1",
-               "--workers", "0"]
+    command = bench_command(tiny_dataset, "--steps", "2", "--warmup", "1")
     if implementation == "reference":
         reference = reference_checkout("engine.py")
         if reference is None:
@@ -51,9 +55,7 @@ def test_bench_times_a_few_steps(tiny_dataset, implementation):
 
 
 def test_a_gpus_speedups_counted_on_the_cpu(tiny_dataset):
-    command = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data-path", str(tiny_dataset),
-               "--device", "cpu", "--min-size", "64", "--max-size", "64", "--steps", "1", "--warmup", "1",
-               "--workers", "0", "--count-ops", "--speedups-as", "cuda"]
+    command = bench_command(tiny_dataset, "--steps", "1", "--warmup", "1", "--count-ops", "--speedups-as", "cuda")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])
@@ -65,7 +67,6 @@ def test_a_gpus_speedups_counted_on_the_cpu(tiny_dataset):
 
 
 def test_our_speedup_choices_are_refused_with_the_reference(tiny_dataset):
-    command = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--data-path", str(tiny_dataset),
-               "--device", "cpu", "--reference", str(ROOT), "--speedups-as", "cuda"]
+    command = bench_command(tiny_dataset, "--reference", str(ROOT), "--speedups-as", "cuda")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 2 and "the reference has none: leave them out with --reference" in result.stderr
