@@ -23,6 +23,7 @@ import collections
 import contextlib
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +36,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import available_device, emit, environment, use_implementation  # noqa: E402
 
+TOLIST = "Tensor.tolist"
 # Operators whose result size or value the host must read before it can go on: each waits for the device.
 HOST_SYNCS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.masked_select.default",
                         "aten.is_nonzero.default", "aten._unique2.default", "aten.unique_consecutive.default",
-                        "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.equal.default"})
+                        "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.equal.default",
+                        TOLIST})
 
 
 # Indexing by a boolean mask: on a GPU it finds the mask's true positions first (a nonzero the host waits for),
@@ -49,12 +52,28 @@ BY_MASK = " by a boolean mask"
 
 class OperatorCounter(TorchDispatchMode):
     """Counts the operators dispatched while active (backward's as well: the mode travels with autograd); indexing
-    by a boolean mask is counted under its own name, as it waits for the device."""
+    by a boolean mask is counted under its own name, as it waits for the device, and so is Tensor.tolist, which
+    copies to the host without dispatching an operator on the CPU (in this thread only, as the mode)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.active = False
         self.counts: collections.Counter[str] = collections.Counter()
+        self.thread = threading.get_ident()
+        self.tolist = torch.Tensor.tolist  # inherited from torch's C base class, not set on torch.Tensor itself
+
+    def __enter__(self):
+        def counted_tolist(tensor: torch.Tensor):
+            if self.active and threading.get_ident() == self.thread:
+                self.counts[TOLIST] += 1
+            return self.tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        del torch.Tensor.tolist  # torch.Tensor inherits it again
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.active:

@@ -25,6 +25,7 @@ from utils import print_once
 
 from . import (
     anchor_cache,
+    batched_proposals,
     batched_targets,
     channels_last,
     conv_gradients,
@@ -91,6 +92,8 @@ TRAINING = (
     Speedup("anchors kept per shape", anchor_cache.self_check, anchor_cache.cache_anchors),
     Speedup("training targets matched for the whole batch", batched_targets.self_check,
             batched_targets.use_batched_targets),
+    Speedup("proposals filtered for the whole batch", batched_proposals.self_check,
+            batched_proposals.use_batched_proposals),
     Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align,
             cpu_only=True),
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -29,6 +30,21 @@ def test_operator_counter_counts_mask_indexing_as_a_wait():
     assert counter.counts["aten.index_put_.default by a boolean mask"] == 1
     assert counter.counts["aten.index.Tensor"] == 1 and "aten.index.Tensor by a boolean mask" not in counter.counts
     assert counter.host_syncs() == 2
+
+
+def test_operator_counter_counts_tolist_as_a_wait_and_puts_it_back():
+    values = torch.arange(3)
+    original = torch.Tensor.tolist
+    counter = bench_train.OperatorCounter()
+    with counter:
+        values.tolist()  # not counted: not active yet
+        counter.active = True
+        assert values.tolist() == [0, 1, 2]
+        thread = threading.Thread(target=values.tolist)  # another thread: not this step's
+        thread.start()
+        thread.join()
+    assert counter.counts["Tensor.tolist"] == 1 and counter.host_syncs() == 1
+    assert torch.Tensor.tolist is original
 
 
 def bench_command(dataset, *flags: str) -> list[str]:
