@@ -36,12 +36,16 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import available_device, emit, environment, use_implementation  # noqa: E402
 
+# Two waits that dispatch no operator of their own on the CPU, counted where they are called: a copy to the host,
+# and Python data made into a tensor on a device given (a blocking copy there, where torchvision passes the
+# device of a model's tensor).
 TOLIST = "Tensor.tolist"
+MADE_ON_DEVICE = "a tensor made from host data on a device"
 # Operators whose result size or value the host must read before it can go on: each waits for the device.
 HOST_SYNCS = frozenset({"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.masked_select.default",
                         "aten.is_nonzero.default", "aten._unique2.default", "aten.unique_consecutive.default",
                         "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.equal.default",
-                        TOLIST})
+                        TOLIST, MADE_ON_DEVICE})
 
 
 # Indexing by a boolean mask: on a GPU it finds the mask's true positions first (a nonzero the host waits for),
@@ -50,30 +54,43 @@ MASK_INDEXING = frozenset({"aten.index.Tensor", "aten.index_put_.default", "aten
 BY_MASK = " by a boolean mask"
 
 
+def _made_on_a_device(data, **kwargs) -> bool:
+    """Whether a call of torch.tensor or torch.as_tensor copies Python data to a device it names (the meta
+    device holds no data)."""
+    device = kwargs.get("device")
+    return device is not None and torch.device(device).type != "meta" and not isinstance(data, torch.Tensor)
+
+
 class OperatorCounter(TorchDispatchMode):
     """Counts the operators dispatched while active (backward's as well: the mode travels with autograd); indexing
-    by a boolean mask is counted under its own name, as it waits for the device, and so is Tensor.tolist, which
-    copies to the host without dispatching an operator on the CPU (in this thread only, as the mode)."""
+    by a boolean mask is counted under its own name, as it waits for the device, and so are calls of
+    Tensor.tolist, and of torch.tensor and torch.as_tensor that name a device (in this thread only, as the mode)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.active = False
         self.counts: collections.Counter[str] = collections.Counter()
         self.thread = threading.get_ident()
-        self.tolist = torch.Tensor.tolist  # inherited from torch's C base class, not set on torch.Tensor itself
 
     def __enter__(self):
-        def counted_tolist(tensor: torch.Tensor):
-            if self.active and threading.get_ident() == self.thread:
-                self.counts[TOLIST] += 1
-            return self.tolist(tensor)
-
-        torch.Tensor.tolist = counted_tolist
+        self.factories = torch.tensor, torch.as_tensor
+        # tolist is inherited from torch's C base class: set on torch.Tensor here, deleted again on leaving.
+        torch.Tensor.tolist = self._counted(torch.Tensor.tolist, TOLIST, lambda tensor: True)
+        torch.tensor, torch.as_tensor = (self._counted(f, MADE_ON_DEVICE, _made_on_a_device) for f in self.factories)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        del torch.Tensor.tolist  # torch.Tensor inherits it again
+        del torch.Tensor.tolist
+        torch.tensor, torch.as_tensor = self.factories
         return super().__exit__(*exc)
+
+    def _counted(self, function: Callable, name: str, counts: Callable[..., bool]) -> Callable:
+        """function, counting under name each call in this thread while active for which counts(...) holds."""
+        def counted(*args, **kwargs):
+            if self.active and threading.get_ident() == self.thread and counts(*args, **kwargs):
+                self.counts[name] += 1
+            return function(*args, **kwargs)
+        return counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.active:
@@ -84,9 +101,13 @@ class OperatorCounter(TorchDispatchMode):
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
 
+    def host_syncs_by_kind(self) -> dict[str, int]:
+        """The counted operators that wait for the device's result, by name."""
+        return {op: n for op, n in sorted(self.counts.items()) if op in HOST_SYNCS or op.endswith(BY_MASK)}
+
     def host_syncs(self) -> int:
         """How many of the counted operators wait for the device's result."""
-        return sum(n for op, n in self.counts.items() if op in HOST_SYNCS or op.endswith(BY_MASK))
+        return sum(self.host_syncs_by_kind().values())
 
 
 class TimedLoader:
@@ -327,6 +348,8 @@ def main() -> None:
     if counter is not None:
         result["operators_per_step"] = round(sum(counter.counts.values()) / counted, 1)
         result["host_syncs_per_step"] = round(counter.host_syncs() / counted, 1)
+        result["host_syncs_per_step_by_kind"] = {op: round(n / counted, 1)
+                                                 for op, n in counter.host_syncs_by_kind().items()}
     # The whole process's peak (model, optimizer, data with --workers 0): on the CPU, the training's memory.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     if device.type == "cuda":

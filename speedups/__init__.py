@@ -33,6 +33,7 @@ from . import (
     norm_folding,
     shape_buckets,
     sparse_roi_align,
+    transform_constants,
     winograd_convs,
 )
 
@@ -97,6 +98,9 @@ TRAINING = (
     Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align,
             cpu_only=True),
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
+    # After the mask paste, which gives the model a new transform.
+    Speedup("transform without blocking copies to the device", transform_constants.self_check,
+            transform_constants.keep_transform_constants),
 )
 CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channels_last.to_channels_last)
 # With channels-last on the CPU, where oneDNN's channels-last weight gradients are the slow part.

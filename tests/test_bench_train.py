@@ -32,9 +32,9 @@ def test_operator_counter_counts_mask_indexing_as_a_wait():
     assert counter.host_syncs() == 2
 
 
-def test_operator_counter_counts_tolist_as_a_wait_and_puts_it_back():
+def test_operator_counter_counts_tolist_and_tensors_made_on_a_device_and_puts_them_back():
     values = torch.arange(3)
-    original = torch.Tensor.tolist
+    originals = torch.Tensor.tolist, torch.tensor, torch.as_tensor
     counter = bench_train.OperatorCounter()
     with counter:
         values.tolist()  # not counted: not active yet
@@ -43,8 +43,13 @@ def test_operator_counter_counts_tolist_as_a_wait_and_puts_it_back():
         thread = threading.Thread(target=values.tolist)  # another thread: not this step's
         thread.start()
         thread.join()
-    assert counter.counts["Tensor.tolist"] == 1 and counter.host_syncs() == 1
-    assert torch.Tensor.tolist is original
+        torch.tensor([1.0], device=values.device)  # counted: a copy to the device on a GPU
+        torch.as_tensor([1.0], dtype=torch.float32, device=values.device)
+        torch.tensor([1.0]), torch.as_tensor(values, device=values.device)  # on the host; no copy
+        torch.tensor([1.0], device="meta")  # no data
+    assert counter.counts["Tensor.tolist"] == 1 and counter.counts[bench_train.MADE_ON_DEVICE] == 2
+    assert counter.host_syncs() == 3
+    assert (torch.Tensor.tolist, torch.tensor, torch.as_tensor) == originals
 
 
 def bench_command(dataset, *flags: str) -> list[str]:
@@ -80,6 +85,8 @@ def test_a_gpus_speedups_counted_on_the_cpu(tiny_dataset):
     cpus_own = {"sparse RoIAlign on the CPU", "channels-last layout", "Winograd 3x3 convolutions on the CPU"}
     assert not cpus_own & set(applied)
     assert printed["operators_per_step"] > 0 and printed["host_syncs_per_step"] > 0
+    by_kind = printed["host_syncs_per_step_by_kind"]
+    assert sum(by_kind.values()) == pytest.approx(printed["host_syncs_per_step"], abs=0.5)
 
 
 def test_our_speedup_choices_are_refused_with_the_reference(tiny_dataset):
