@@ -5,13 +5,17 @@ every loss was finite.
     python3 bench/bench_train.py --data-path ./datasets/coco-like --device cuda --batch-size 4 --amp
     python3 bench/bench_train.py --data-path ... --reference /path/to/vision/references/detection
 
-Steps are timed between successive forward calls, so the figure is what a run sees, data waits included;
-with --reference the same is measured for torchvision's reference loop, data pipeline and model builder.
-The time spent waiting for the data loader is reported apart. --count-ops counts instead the operators a
-timed step dispatches (forward, backward, optimizer) and those that wait for the device's results: where a
-GPU step is bound by the host, these are its cost, and they can be counted on any device (--speedups-as cuda on
-a CPU leaves out the CPU's own speed-ups, as a GPU run would; the CPU's optimizer still loops where a GPU's
-calls foreach kernels). --profile DIR
+Steps are timed from the first forward call past the warm-up to the last, with a GPU synchronised there only
+(waiting at every step would keep the host from queueing a step while the GPU still runs the one before), so
+the figure is what a run sees, data waits included; with --reference the same is measured for torchvision's
+reference loop, data pipeline and model builder. The time spent waiting for the data loader is reported apart.
+--count-ops counts instead the operators a timed step dispatches (forward, backward, optimizer) and those that
+wait for the device's results, by kind (Tensor.tolist and tensors made from Python data on a named device
+included, which dispatch no operator of their own on the CPU; a host tensor's .to(device) is not seen), and
+apart those of the forward before it reaches the backbone, which keep the host from queueing the backbone while
+the device still runs the step before. Where a GPU step is bound by the host, these are its cost, and they can
+be counted on any device (--speedups-as cuda on a CPU leaves out the CPU's own speed-ups, as a GPU run would;
+the CPU's optimizer still loops where a GPU's calls foreach kernels). --profile DIR
 records the timed steps with torch's profiler and writes their operator tables and a trace there.
 Prints one JSON object.
 """
@@ -69,7 +73,9 @@ class OperatorCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.active = False
+        self.before_backbone = False  # set from a forward's start until it reaches the backbone
         self.counts: collections.Counter[str] = collections.Counter()
+        self.counts_before_backbone: collections.Counter[str] = collections.Counter()
         self.thread = threading.get_ident()
 
     def __enter__(self):
@@ -88,7 +94,7 @@ class OperatorCounter(TorchDispatchMode):
         """function, counting under name each call in this thread while active for which counts(...) holds."""
         def counted(*args, **kwargs):
             if self.active and threading.get_ident() == self.thread and counts(*args, **kwargs):
-                self.counts[name] += 1
+                self._count(name)
             return function(*args, **kwargs)
         return counted
 
@@ -98,16 +104,23 @@ class OperatorCounter(TorchDispatchMode):
             if name in MASK_INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                              for i in args[1]):
                 name += BY_MASK
-            self.counts[name] += 1
+            self._count(name)
         return func(*args, **(kwargs or {}))
 
-    def host_syncs_by_kind(self) -> dict[str, int]:
-        """The counted operators that wait for the device's result, by name."""
-        return {op: n for op, n in sorted(self.counts.items()) if op in HOST_SYNCS or op.endswith(BY_MASK)}
+    def _count(self, name: str) -> None:
+        self.counts[name] += 1
+        if self.before_backbone:
+            self.counts_before_backbone[name] += 1
 
-    def host_syncs(self) -> int:
+    def host_syncs_by_kind(self, before_backbone: bool = False) -> dict[str, int]:
+        """The counted operators that wait for the device's result, by name (those of the forwards before they
+        reached the backbone only, if asked)."""
+        counts = self.counts_before_backbone if before_backbone else self.counts
+        return {op: n for op, n in sorted(counts.items()) if op in HOST_SYNCS or op.endswith(BY_MASK)}
+
+    def host_syncs(self, before_backbone: bool = False) -> int:
         """How many of the counted operators wait for the device's result."""
-        return sum(self.host_syncs_by_kind().values())
+        return sum(self.host_syncs_by_kind(before_backbone).values())
 
 
 class TimedLoader:
@@ -136,26 +149,34 @@ class TimedLoader:
 
 
 class StepClock:
-    """Forward hooks that time the gaps between forward calls and check each loss dict for finite values;
-    with a counter, they switch it on at the first step past the warm-up, as they start a profiler."""
+    """Forward hooks that time the steps between the first forward call past the warm-up and the last one, and
+    check each loss dict for finite values; with a counter, they switch it on at the first step past the warm-up
+    (and mark where each forward reaches the backbone), as they start a profiler."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, warmup: int,
+    def __init__(self, model: torch.nn.Module, device: torch.device, warmup: int, calls: int,
                  counter: OperatorCounter | None = None, profiler: torch.profiler.profile | None = None) -> None:
         self.device = device
         self.warmup = warmup
+        self.calls = calls
         self.counter = counter
         self.profiler = profiler
         self.times: list[float] = []
         self.flags: list[torch.Tensor] = []
         model.register_forward_pre_hook(self._before)
         model.register_forward_hook(self._after)
+        if counter is not None and hasattr(model, "backbone"):
+            model.backbone.register_forward_pre_hook(lambda module, inputs: setattr(counter, "before_backbone",
+                                                                                    False))
 
     def _before(self, module, inputs) -> None:
-        if self.device.type == "cuda":
+        # Only where the timing starts and ends: a wait at every step would keep the host from queueing a step
+        # while the device still runs the one before, as a run does.
+        if self.device.type == "cuda" and len(self.times) in (self.warmup, self.calls - 1):
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter())
         if self.counter is not None:
             self.counter.active = len(self.times) > self.warmup
+            self.counter.before_backbone = True
         if self.profiler is not None and len(self.times) == self.warmup + 1:
             self.profiler.start()
 
@@ -327,7 +348,7 @@ def main() -> None:
     implementation = "reference" if args.reference else "ours"
     with counter or contextlib.nullcontext():
         clock, loader = (run_reference if args.reference else run_ours)(
-            args, device, total, lambda model: StepClock(model, device, args.warmup, counter, profiler))
+            args, device, total, lambda model: StepClock(model, device, args.warmup, total, counter, profiler))
     gaps = [b - a for a, b in zip(clock.times, clock.times[1:])][args.warmup:]
     seconds = sum(gaps)
     # The wait for batch i + 1 falls in the gap timed from step i's forward.
@@ -350,6 +371,10 @@ def main() -> None:
         result["host_syncs_per_step"] = round(counter.host_syncs() / counted, 1)
         result["host_syncs_per_step_by_kind"] = {op: round(n / counted, 1)
                                                  for op, n in counter.host_syncs_by_kind().items()}
+        # Before the backbone is queued, a wait keeps the host from queueing it while the device still runs the
+        # step before.
+        result["host_syncs_before_backbone_per_step"] = {op: round(n / counted, 1) for op, n in
+                                                         counter.host_syncs_by_kind(before_backbone=True).items()}
     # The whole process's peak (model, optimizer, data with --workers 0): on the CPU, the training's memory.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     if device.type == "cuda":

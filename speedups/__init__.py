@@ -29,6 +29,7 @@ from . import (
     batched_targets,
     channels_last,
     conv_gradients,
+    deferred_box_check,
     mask_paste,
     norm_folding,
     shape_buckets,
@@ -101,6 +102,8 @@ TRAINING = (
     # After the mask paste, which gives the model a new transform.
     Speedup("transform without blocking copies to the device", transform_constants.self_check,
             transform_constants.keep_transform_constants),
+    Speedup("target boxes checked without waiting before the backbone", deferred_box_check.self_check,
+            deferred_box_check.defer_box_check),
 )
 CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channels_last.to_channels_last)
 # With channels-last on the CPU, where oneDNN's channels-last weight gradients are the slow part.

@@ -87,6 +87,9 @@ def test_a_gpus_speedups_counted_on_the_cpu(tiny_dataset):
     assert printed["operators_per_step"] > 0 and printed["host_syncs_per_step"] > 0
     by_kind = printed["host_syncs_per_step_by_kind"]
     assert sum(by_kind.values()) == pytest.approx(printed["host_syncs_per_step"], abs=0.5)
+    # Before the backbone, only the transform's draws of a size from a CPU tensor, one an image of the batch of
+    # 2: a GPU does not wait there.
+    assert printed["host_syncs_before_backbone_per_step"] == {"aten._local_scalar_dense.default": 2.0}
 
 
 def test_our_speedup_choices_are_refused_with_the_reference(tiny_dataset):
