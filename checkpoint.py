@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from errors import UserError
+from optimization import keep_implementation
 
 # Read once, at import, while no other thread can create files under the briefly changed mask.
 _UMASK = os.umask(0)
@@ -214,6 +215,7 @@ class TrainingState:
             raise UserError(f"{source} holds weights only, no optimizer state to continue training from (a "
                             f"model_best.pth); to fine-tune from it, pass it to --weights instead")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        keep_implementation(self.optimizer)  # this run's kernel, whatever the writer's device and settings
         self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])

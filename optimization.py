@@ -61,13 +61,24 @@ def parameter_groups(model: torch.nn.Module, args: argparse.Namespace, reference
     return [{"params": in_order, "weight_decay": decay}]
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, reference_order: bool = False
-                   ) -> torch.optim.Optimizer:
-    """SGD or AdamW; normalization layers get --norm-weight-decay when it is set."""
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, reference_order: bool = False,
+                   fused: bool = False) -> torch.optim.Optimizer:
+    """SGD or AdamW, with torch's fused kernel if asked (else torch's default); normalization layers get
+    --norm-weight-decay when it is set."""
     groups = parameter_groups(model, args, reference_order)
+    implementation = {"fused": True} if fused else {}
     if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=args.lr)
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, **implementation)
+    return torch.optim.AdamW(groups, lr=args.lr, **implementation)
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter group the optimizer's own choice of kernel (fused, foreach or torch's default) again:
+    loading a state dict replaces it with that of the run that wrote it."""
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):

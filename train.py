@@ -417,7 +417,8 @@ def create_training_state(run: Run, model: torch.nn.Module, data: Data, num_clas
     """The optimizer, schedule, scaler and weight average for the model (unwrapped from DDP), with the run's
     description; the optimizer's parameters in the order of the checkpoint's writer."""
     args = run.args
-    optimizer = make_optimizer(model, args, reference_order=bool(checkpoint and checkpoint.get("from_reference")))
+    optimizer = make_optimizer(model, args, reference_order=bool(checkpoint and checkpoint.get("from_reference")),
+                               fused=run.speedups.use_fused_optimizer(run.device))
     # An average to evaluate: asked for, or (to evaluate only) kept by the checkpoint.
     average = args.model_ema or bool(args.test_only and checkpoint and "model_ema" in checkpoint)
     ema = ModelEma(model, args.model_ema_decay) if average else None

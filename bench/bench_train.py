@@ -241,7 +241,10 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
         args.amp_dtype = str(precision).removeprefix("torch.")
     scaler = grad_scaler(device, precision)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    # As train.py chooses it: the fused kernel where the speed-ups are chosen for a GPU.
+    args.fused_optimizer = config.use_fused_optimizer(chosen_for)
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4,
+                                **({"fused": True} if args.fused_optimizer else {}))
     clock = make_clock(model)
     # Epoch 1 of 2, as the reference's loop is called: past the warm-up, and no run ETA below zero.
     options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=precision)

@@ -42,7 +42,7 @@ from . import (
 @dataclass(frozen=True)
 class SpeedupConfig:
     """What the command line asked for: all speed-ups or none, and the two whose default depends on the device
-    (None: by device)."""
+    (None: by device); with them, the choice of the optimizer's fused kernel."""
 
     enabled: bool = True
     channels_last: bool | None = None
@@ -67,6 +67,12 @@ class SpeedupConfig:
         if not self.enabled:
             return False
         return device.type == "cuda" if self.shape_buckets is None else self.shape_buckets
+
+    def use_fused_optimizer(self, device: torch.device) -> bool:
+        """The optimizer's fused kernel, on GPUs: one launch a step instead of a few per parameter group, and,
+        under a gradient scaler, the check for infinite gradients taken on the device rather than read on the
+        host after every backward. CPUs keep torch's default loop."""
+        return self.enabled and device.type == "cuda"
 
     @classmethod
     def from_args(cls, args) -> SpeedupConfig:

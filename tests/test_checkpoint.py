@@ -101,18 +101,20 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tiny_dataset, tmp_pa
     assert not list(out.glob(".*.pth.*.tmp")), "temporaries of killed saves are cleaned up"
 
 
-def _tiny_state(seed: int) -> TrainingState:
+def _tiny_state(seed: int, fused: bool = False) -> TrainingState:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2])
     args = argparse.Namespace(model="tiny", lr=0.1, device=torch.device("cpu"))
     categories = CategoryMap.from_categories([{"id": 7, "name": "cat"}], "coco")
     return TrainingState(model, optimizer, scheduler, None, args, categories, 2)
 
 
-def test_training_state_round_trip_restores_everything_a_run_continues_with(tmp_path):
-    state = _tiny_state(0)
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_state_round_trip_restores_everything_a_run_continues_with(tmp_path, fused):
+    """A GPU run's checkpoint (fused optimizer kernel) continuing on the CPU (torch's default), and back."""
+    state = _tiny_state(0, fused)
     state.model(torch.rand(1, 3, 8, 8)).sum().backward()
     state.optimizer.step()
     state.lr_scheduler.step()
@@ -120,8 +122,9 @@ def test_training_state_round_trip_restores_everything_a_run_continues_with(tmp_
     save_atomic(state.state_dict(), tmp_path / "c.pth")
     expected_draw = torch.rand(3)
 
-    restored = _tiny_state(1)
+    restored = _tiny_state(1, not fused)
     restored.load_state_dict(load_file(tmp_path / "c.pth", "--resume"), "--resume c.pth")
+    assert restored.optimizer.param_groups[0]["fused"] == (None if fused else True), "this run's kernel"
     assert all(torch.equal(a, b) for a, b in zip(state.model.state_dict().values(),
                                                  restored.model.state_dict().values()))
     momentum = [state.optimizer.state[p]["momentum_buffer"] for p in state.model.parameters()]

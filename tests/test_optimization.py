@@ -44,3 +44,36 @@ def test_parameter_order_follows_the_checkpoints_writer():
     split = optimization.parameter_groups(model, args(norm_weight_decay=0.0), reference_order=True)
     assert split[0]["params"] == [norm.weight, norm.bias] and split[0]["weight_decay"] == 0.0
     assert isinstance(optimization.make_optimizer(model, args()), torch.optim.SGD)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_the_fused_kernel_steps_as_torchs_default(opt):
+    """Fused kernels exist for the CPU too: the same steps to float rounding. (No bias right before a batch norm:
+    its gradient is rounding noise, which Adam's step scales up to the learning rate.)"""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        optimizer = optimization.make_optimizer(model, args(opt=opt, norm_weight_decay=0.0), fused=fused)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.rand(2, 3, 8, 8)).square().mean().backward()
+            optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for plain, fused in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("writer_fused", [False, True])
+def test_a_loaded_state_keeps_this_runs_kernel(writer_fused):
+    model = nn.Linear(3, 2)
+    writer = optimization.make_optimizer(model, args(), fused=writer_fused)
+    model(torch.rand(4, 3)).sum().backward()
+    writer.step()
+    reader = optimization.make_optimizer(model, args(), fused=not writer_fused)
+    reader.load_state_dict(writer.state_dict())
+    assert reader.param_groups[0]["fused"] == (True if writer_fused else None)  # torch's load takes the writer's
+    optimization.keep_implementation(reader)
+    assert reader.param_groups[0]["fused"] == (None if writer_fused else True)
+    assert reader.state_dict()["state"][0]["momentum_buffer"].equal(writer.state_dict()["state"][0]["momentum_buffer"])

@@ -23,6 +23,8 @@ def test_layout_and_buckets_follow_the_device_unless_asked_and_none_without_spee
     asked = speedups.SpeedupConfig(channels_last=True, shape_buckets=False)
     assert asked.use_channels_last(cuda) and not asked.use_shape_buckets(cuda)
     assert not speedups.PLAIN.use_channels_last(cpu) and not speedups.PLAIN.use_shape_buckets(cuda)
+    assert default.use_fused_optimizer(cuda) and not default.use_fused_optimizer(cpu)
+    assert not speedups.PLAIN.use_fused_optimizer(cuda)
     with pytest.raises(UserError, match="--no-speedups .* --channels-last would change; give one of the two"):
         speedups.SpeedupConfig(enabled=False, channels_last=True)
 
