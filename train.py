@@ -146,7 +146,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
     add("--no-speedups", action="store_true",
         help="run torchvision's plain model: none of speedups/'s changes (channels-last and shape buckets "
-             "included); the numbers agree to float rounding, see docs/ARCHITECTURE.md")
+             "included), and torch's default optimizer kernel on GPUs rather than the fused one; the numbers "
+             "agree to float rounding, see docs/ARCHITECTURE.md")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels-last memory format for the convolutions (default: on for CPUs, where it is faster; off for "
              "GPUs; see docs/PERFORMANCE.md)")
