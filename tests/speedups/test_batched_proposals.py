@@ -1,13 +1,14 @@
 """The RPN's proposals filtered for the whole batch: torchvision's proposals exactly, with one wait for the host
 instead of two an image."""
 
+import sys
+
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from conftest import with_speedups
+from conftest import ROOT, with_speedups
 from models import build_model
 from speedups import batched_proposals
 from speedups.batched_proposals import (
@@ -18,6 +19,9 @@ from speedups.batched_proposals import (
     use_batched_proposals,
 )
 from speedups.batched_targets import BatchedTargetsRPN
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_train import OperatorCounter  # noqa: E402
 
 
 def assert_same(rpn, boxes, objectness, shapes, per_level):
@@ -82,40 +86,17 @@ def test_many_boxes_an_image_take_the_cpus_other_nms_path():
     assert all(c > 250 for c in assert_same(rpn, boxes, objectness, [(600, 640), (500, 700)], per_level))
 
 
-class WaitCounter(TorchDispatchMode):
-    """Counts the operators dispatched, and those that make the host wait for a GPU: a nonzero, indexing by a
-    boolean mask, and Tensor.tolist (which dispatches nothing on the CPU)."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.operators, self.waits = 0, 0
-        tolist = torch.Tensor.tolist
-
-        def counted_tolist(tensor):
-            self.waits += 1
-            return tolist(tensor)
-
-        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func).split(".")[1]
-        self.operators += 1
-        by_mask = name.startswith("index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                                   for i in args[1])
-        self.waits += name in ("nonzero", "_local_scalar_dense") or by_mask
-        return func(*args, **(kwargs or {}))
-
-
-def test_one_wait_for_the_batch_and_fewer_operators(monkeypatch):
+def test_one_wait_for_the_batch_and_fewer_operators():
     boxes, objectness, shapes, per_level = example_proposals(torch.Generator().manual_seed(0), images=4)
     counters = []
     for rpn in (example_rpn(), use_batched_proposals(example_rpn())):
-        with monkeypatch.context() as patch, WaitCounter(patch) as counter:
+        with OperatorCounter() as counter:
+            counter.active = True
             rpn.filter_proposals(boxes, objectness, shapes, per_level)
         counters.append(counter)
     theirs, ours = counters
-    assert theirs.waits == 2 * 4 and ours.waits == 1
-    assert ours.operators < 0.7 * theirs.operators
+    assert theirs.host_syncs() == 2 * 4 and ours.host_syncs() == 1  # a nonzero for each cut, each image; a tolist
+    assert sum(ours.counts.values()) < 0.7 * sum(theirs.counts.values())
 
 
 def test_an_exported_graph_keeps_torchvisions_code(monkeypatch):

@@ -1,12 +1,14 @@
 """The model's input transform without blocking copies to the device: torchvision's images and targets exactly,
 with no tensor made from host data on the images' device after the first call."""
 
+import sys
+
 import pytest
 import torch
 import torchvision
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from conftest import with_speedups
+from conftest import ROOT, with_speedups
 from models import build_model
 from speedups import transform_constants
 from speedups.mask_paste import DevicePasteTransform
@@ -17,6 +19,9 @@ from speedups.transform_constants import (
     same_transform,
     transformed_both_ways,
 )
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_train import MADE_ON_DEVICE, OperatorCounter  # noqa: E402
 
 
 def transform(keep: bool = True) -> GeneralizedRCNNTransform:
@@ -51,32 +56,16 @@ def test_ratios_are_torchvisions_float32_quotients():
                                                             / torch.tensor(old, dtype=torch.float32))
 
 
-def made_on_device(monkeypatch) -> list:
-    """Records the devices that torch.tensor and torch.as_tensor are asked to make Python data on: on a GPU, the
-    GPU where torchvision passes an image's or a box's device (the meta device holds no data, and is left out)."""
-    devices = []
-    for name in ("tensor", "as_tensor"):
-        original = getattr(torch, name)
-
-        def recording(data, *args, _original=original, **kwargs):
-            device = kwargs.get("device")
-            if device is not None and torch.device(device).type != "meta" and not isinstance(data, torch.Tensor):
-                devices.append(device)
-            return _original(data, *args, **kwargs)
-
-        monkeypatch.setattr(torch, name, recording)
-    return devices
-
-
-def test_no_tensor_made_on_the_device_after_the_first_call(monkeypatch):
+def test_no_tensor_made_on_the_device_after_the_first_call():
+    """Counted as on a GPU, where torchvision passes an image's or a box's device (the CPU here)."""
     images, targets = example_batch(torch.Generator().manual_seed(0))
-    devices = made_on_device(monkeypatch)
     counts = []
     for module in (transform(False).train(), transform().train()):
         for _ in range(2):
-            devices.clear()
-            module(images, [dict(t) for t in targets])
-            counts.append(len(devices))
+            with OperatorCounter() as counter:
+                counter.active = True
+                module(images, [dict(t) for t in targets])
+            counts.append(counter.counts[MADE_ON_DEVICE])
     # torchvision: mean and deviation, and boxes' and keypoints' four sizes, for each of 2 images, every call.
     assert counts == [2 * 10, 2 * 10, 2, 0]
 
