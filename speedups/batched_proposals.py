@@ -13,12 +13,11 @@ min_size, score_thresh, NMS per level, post-NMS top-n); `self_check` compares wi
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
-from .mixins import mix_into
+from .mixins import exporting, mix_into
 
 
 def best_per_level(objectness: Tensor, per_level: list[int], limit: int) -> tuple[Tensor, Tensor]:
@@ -52,7 +51,7 @@ class BatchedProposalsMixin:
 
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
                          num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        if torchvision._is_tracing() or torch.jit.is_scripting():  # exported graphs keep torchvision's code
+        if exporting():
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
         images = proposals.shape[0]
         objectness = objectness.detach().reshape(images, -1)

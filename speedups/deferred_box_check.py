@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from .mixins import mix_into
+from .mixins import exporting, mix_into
 
 
 def well_formed(images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> bool:
@@ -42,8 +41,7 @@ class DeferredBoxCheckMixin:
     """The training forward with the batch's box check read after the RPN, in front of GeneralizedRCNN."""
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        if not self.training or not well_formed(images, targets) or torchvision._is_tracing() \
-                or torch.jit.is_scripting():
+        if not self.training or not well_formed(images, targets) or exporting():
             return super().forward(images, targets)
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         image_list, transformed = self.transform(images, targets)

@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cache
 
+import torch
+import torchvision
 from torch import nn
+
+
+def exporting() -> bool:
+    """Whether the model is being traced or scripted for export, where a mixin leaves torchvision's code to run."""
+    return torchvision._is_tracing() or torch.jit.is_scripting()
 
 
 @cache

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from .mixins import mix_into
+from .mixins import exporting, mix_into
 
 
 def ratio(new: int, old: int) -> float:
@@ -42,15 +41,11 @@ def scaled_keypoints(keypoints: Tensor, old_size: tuple[int, int], new_size: tup
     return scaled
 
 
-def _exporting() -> bool:
-    return torchvision._is_tracing() or torch.jit.is_scripting()
-
-
 class KeptConstantsMixin:
     """normalize and resize without copies to the device, in front of torchvision's GeneralizedRCNNTransform."""
 
     def normalize(self, image: Tensor) -> Tensor:
-        if not image.is_floating_point() or _exporting():  # torchvision's refusal, or its exported graph
+        if not image.is_floating_point() or exporting():  # torchvision's refusal, or its exported graph
             return super().normalize(image)
         # Tensors made in inference mode cannot be saved for a backward pass later.
         key = (image.dtype, image.device, torch.is_inference_mode_enabled())
@@ -63,7 +58,7 @@ class KeptConstantsMixin:
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
                ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        if target is None or "boxes" not in target or _exporting():
+        if target is None or "boxes" not in target or exporting():
             return super().resize(image, target)
         boxes, keypoints = target["boxes"], target.get("keypoints")
         # torchvision's resize scales these itself, making its ratios on their device: it is given empty ones on
