@@ -127,7 +127,8 @@ _APPLIED = "_speedups_applied"  # names of the speed-ups a model carries, set on
 @cache
 def _problem(speedup: Speedup) -> str | None:
     """The self-check's finding, once per process; a speed-up that fails it is announced once."""
-    with torch.inference_mode(False), torch.autocast("cpu", enabled=False):  # whatever the caller's mode
+    # Whatever the caller's mode; the examples' random draws leave the run's seeded sequence as it was.
+    with torch.inference_mode(False), torch.autocast("cpu", enabled=False), torch.random.fork_rng(devices=[]):
         problem = speedup.self_check()
     if problem:
         print_once(f"speed-up off ({speedup.name}): {problem}; torchvision's own code runs instead")

@@ -99,6 +99,19 @@ def test_evaluation_gives_torchvisions_predictions(everywhere, request):
         assert (ours["masks"] - theirs["masks"]).abs().max() < 1e-3
 
 
+def test_the_self_checks_leave_the_seeded_random_sequence_as_it_was():
+    """A run's draws after the speed-ups are applied follow its --seed, not the self-checks' examples."""
+    model = build_model("maskrcnn_resnet50_fpn", 3, None, None, None, min_size=64, max_size=96)
+    speedups._problem.cache_clear()
+    try:
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        speedups.for_training(model, CPU, speedups.SpeedupConfig())
+        assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        speedups._problem.cache_clear()
+
+
 def test_a_broken_coupling_leaves_torchvisions_behaviour_and_says_so_once(monkeypatch, capsys):
     """A torchvision whose AnchorGenerator gave each image its own, different anchors would make the cache
     wrong: the self-check finds it, and the generator is left as torchvision's."""
