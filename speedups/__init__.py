@@ -26,6 +26,7 @@ from utils import print_once
 from . import (
     anchor_cache,
     batched_proposals,
+    batched_sampling,
     batched_targets,
     channels_last,
     conv_gradients,
@@ -100,6 +101,8 @@ TRAINING = (
     Speedup("anchors kept per shape", anchor_cache.self_check, anchor_cache.cache_anchors),
     Speedup("training targets matched for the whole batch", batched_targets.self_check,
             batched_targets.use_batched_targets),
+    Speedup("training samples drawn for the whole batch", batched_sampling.self_check,
+            batched_sampling.use_batched_sampling),
     Speedup("proposals filtered for the whole batch", batched_proposals.self_check,
             batched_proposals.use_batched_proposals),
     Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align,

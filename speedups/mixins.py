@@ -1,5 +1,5 @@
-"""One way to change how chosen modules of a model run: a mixin put in front of each one's class, in place, so
-that its parameters, buffers and state-dict keys stay as they are."""
+"""One way to change how chosen modules of a model (or the helper objects they hold) run: a mixin put in front of
+each one's class, in place, so that its parameters, buffers and state-dict keys stay as they are."""
 
 from __future__ import annotations
 
@@ -21,10 +21,15 @@ def _mixed(mixin: type, cls: type, suffix: str) -> type:
     return type(f"{cls.__name__}{suffix}", (mixin, cls), {})
 
 
+def give_mixin(obj: object, mixin: type, suffix: str) -> None:
+    """Make obj an instance of the subclass (mixin, its class), named with suffix, in place."""
+    obj.__class__ = _mixed(mixin, type(obj), suffix)
+
+
 def mix_into(model: nn.Module, mixin: type, eligible: Callable[[nn.Module], bool], suffix: str) -> nn.Module:
     """Give each module of model that is eligible and lacks mixin the subclass (mixin, its class), named with
     suffix; in place, returns model."""
     for module in model.modules():
         if not isinstance(module, mixin) and eligible(module):
-            module.__class__ = _mixed(mixin, type(module), suffix)
+            give_mixin(module, mixin, suffix)
     return model
