@@ -31,6 +31,7 @@ from . import (
     channels_last,
     conv_gradients,
     deferred_box_check,
+    level_pooling,
     mask_paste,
     norm_folding,
     shape_buckets,
@@ -107,6 +108,8 @@ TRAINING = (
             batched_proposals.use_batched_proposals),
     Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align,
             cpu_only=True),
+    # After the sparse pooler, which keeps its own forward where it is chosen.
+    Speedup("region pooling levels read once", level_pooling.self_check, level_pooling.read_levels_once),
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
     # After the mask paste, which gives the model a new transform.
     Speedup("transform without blocking copies to the device", transform_constants.self_check,
