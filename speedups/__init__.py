@@ -29,6 +29,7 @@ from . import (
     batched_sampling,
     batched_targets,
     channels_last,
+    coder_constants,
     conv_gradients,
     deferred_box_check,
     level_pooling,
@@ -114,6 +115,8 @@ TRAINING = (
     # After the mask paste, which gives the model a new transform.
     Speedup("transform without blocking copies to the device", transform_constants.self_check,
             transform_constants.keep_transform_constants),
+    Speedup("box coder without blocking copies to the device", coder_constants.self_check,
+            coder_constants.keep_coder_constants),
     Speedup("target boxes checked without waiting before the backbone", deferred_box_check.self_check,
             deferred_box_check.defer_box_check),
 )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-from .mixins import give_mixin
+from .mixins import give_mixin, mix_into_held
 
 
 def kind_positions(is_kind: Tensor, count: int) -> Tensor:
@@ -58,17 +58,13 @@ class BatchedSamplingMixin:
 
 def _eligible(sampler: object) -> bool:
     """A sampler that draws by torchvision's method (a subclass with its own keeps it)."""
-    return (isinstance(sampler, BalancedPositiveNegativeSampler) and not isinstance(sampler, BatchedSamplingMixin)
+    return (isinstance(sampler, BalancedPositiveNegativeSampler)
             and type(sampler).__call__ is BalancedPositiveNegativeSampler.__call__)
 
 
 def use_batched_sampling(model: nn.Module) -> nn.Module:
     """Give the torchvision samplers of model's RPNs and RoI heads the batched draw, in place."""
-    for module in model.modules():
-        sampler = getattr(module, "fg_bg_sampler", None)
-        if _eligible(sampler):
-            give_mixin(sampler, BatchedSamplingMixin, "Batched")
-    return model
+    return mix_into_held(model, "fg_bg_sampler", BatchedSamplingMixin, _eligible, "Batched")
 
 
 def example_matches(generator: torch.Generator, dtype: torch.dtype = torch.int64) -> list[Tensor]:

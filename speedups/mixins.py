@@ -33,3 +33,13 @@ def mix_into(model: nn.Module, mixin: type, eligible: Callable[[nn.Module], bool
         if not isinstance(module, mixin) and eligible(module):
             give_mixin(module, mixin, suffix)
     return model
+
+
+def mix_into_held(model: nn.Module, attribute: str, mixin: type, eligible: Callable[[object], bool],
+                  suffix: str) -> nn.Module:
+    """As mix_into, for the helper objects (not modules) that model's modules hold as `attribute`."""
+    for module in model.modules():
+        held = getattr(module, attribute, None)
+        if held is not None and not isinstance(held, mixin) and eligible(held):
+            give_mixin(held, mixin, suffix)
+    return model
