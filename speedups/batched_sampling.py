@@ -3,13 +3,13 @@ instead of two an image.
 
 What it changes: torchvision's BalancedPositiveNegativeSampler finds each image's positive and negative candidates
 by torch.where, whose nonzero makes the host wait for a GPU, then keeps a random part of each by torch.randperm.
-Here both kinds are counted for the whole batch and the counts are read once. Knowing them, the host asks for
-each kind's positions by searchsorted on its running count (the k-th candidate sits where that count first
-reaches k), which keeps torchvision's ascending order without waiting. The randperm calls are torchvision's own,
-with the same sizes and in the same order, so the same random numbers are drawn and the masks are the same to
-the bit. It relies on the sampler's rule (candidates >= 1 positive and == 0 negative, a positive quota of
-batch_size_per_image * positive_fraction, negatives filling the rest, uint8 masks); `self_check` compares with
-torchvision's own sampler.
+Here both kinds are counted for the whole batch and the counts are read once. Knowing them, the host makes
+torchvision's randperm calls, with the same sizes and in the same order, so the same random numbers are drawn:
+each picks ranks among an image's candidates of a kind in torchvision's ascending order. A rank's candidate is
+found by searchsorted on the kind's running count (the k-th sits where that count first reaches k), without
+waiting, and the masks are the same to the bit. It relies on the sampler's rule (candidates >= 1 positive and
+== 0 negative, a positive quota of batch_size_per_image * positive_fraction, negatives filling the rest, uint8
+masks); `self_check` compares with torchvision's own sampler.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from .mixins import give_mixin, mix_into_held
 
 
-def kind_positions(is_kind: Tensor, count: int) -> Tensor:
-    """The indices where a 1-D boolean tensor holds, ascending, given how many there are (nothing waits)."""
-    running = is_kind.cumsum(0)
-    wanted = torch.arange(1, count + 1, device=is_kind.device, dtype=running.dtype)
-    return torch.searchsorted(running, wanted)
+def positions_of(running: Tensor, ranks: Tensor) -> Tensor:
+    """The indices of the candidates of given ranks (0 for the first) among those of one kind, from the kind's
+    running count: the candidate of rank r is where that count first reaches r + 1."""
+    return torch.searchsorted(running, ranks + 1)
 
 
 class BatchedSamplingMixin:
@@ -39,20 +38,20 @@ class BatchedSamplingMixin:
         kinds = (matched >= 1, matched == 0)  # positives, negatives
         per_image = torch.stack([torch.stack([part.sum() for part in kind.split(sizes)]) for kind in kinds], dim=1)
         counts = per_image.tolist()  # each image's [positives, negatives]: the one wait for the device
-        positions = [kind_positions(kind, sum(c[i] for c in counts)) for i, kind in enumerate(kinds)]
         quota = int(self.batch_size_per_image * self.positive_fraction)
-        chosen: tuple[list[Tensor], list[Tensor]] = ([], [])
+        # Each image's draws as torchvision's: ranks among the image's candidates of a kind, counted from the
+        # batch's first image on.
+        ranks: tuple[list[Tensor], list[Tensor]] = ([], [])
         starts = [0, 0]
         for positives, negatives in counts:
             kept_positives = min(positives, quota)
             kept_negatives = min(negatives, self.batch_size_per_image - kept_positives)
             for kind, available, kept in ((0, positives, kept_positives), (1, negatives, kept_negatives)):
-                candidates = positions[kind][starts[kind]:starts[kind] + available]
-                chosen[kind].append(candidates[torch.randperm(available, device=device)[:kept]])
+                ranks[kind].append(torch.randperm(available, device=device)[:kept] + starts[kind])
                 starts[kind] += available
         masks = torch.zeros((2, matched.numel()), dtype=torch.uint8, device=device)
-        for kind in (0, 1):
-            masks[kind, torch.cat(chosen[kind])] = 1
+        for kind, is_kind in enumerate(kinds):
+            masks[kind, positions_of(is_kind.cumsum(0), torch.cat(ranks[kind]))] = 1
         return list(masks[0].split(sizes)), list(masks[1].split(sizes))
 
 

@@ -13,7 +13,7 @@ from speedups import batched_sampling
 from speedups.batched_sampling import (
     BatchedSamplingMixin,
     example_matches,
-    kind_positions,
+    positions_of,
     same_masks,
     samples_both_ways,
     use_batched_sampling,
@@ -61,10 +61,12 @@ def test_the_random_sequence_after_a_draw_is_torchvisions():
     assert torch.equal(*after)
 
 
-def test_kind_positions_are_the_ascending_indices():
+def test_positions_of_ranks_are_the_ascending_indices():
     is_kind = torch.rand(200, generator=torch.Generator().manual_seed(0)) > 0.7
-    assert torch.equal(kind_positions(is_kind, int(is_kind.sum())), torch.where(is_kind)[0])
-    assert kind_positions(torch.zeros(5, dtype=torch.bool), 0).numel() == 0
+    ranks = torch.arange(int(is_kind.sum()))
+    assert torch.equal(positions_of(is_kind.cumsum(0), ranks), torch.where(is_kind)[0])
+    assert torch.equal(positions_of(is_kind.cumsum(0), ranks[[5, 0, 9]]), torch.where(is_kind)[0][[5, 0, 9]])
+    assert positions_of(torch.zeros(5, dtype=torch.int64), ranks[:0]).numel() == 0
 
 
 def test_an_empty_batch_gives_no_masks():
@@ -86,8 +88,8 @@ def test_one_wait_for_the_batch_and_no_more_operators():
 
 def test_self_check_finds_a_different_rule(monkeypatch):
     assert batched_sampling.self_check() is None
-    monkeypatch.setattr(batched_sampling, "kind_positions", lambda is_kind, count:
-                        kind_positions(is_kind, count).flip(0))
+    monkeypatch.setattr(batched_sampling, "positions_of", lambda running, ranks:
+                        torch.searchsorted(running, ranks))
     assert "other samples" in batched_sampling.self_check()
 
 
