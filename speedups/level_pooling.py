@@ -2,8 +2,8 @@
 
 What it changes: torchvision's MultiScaleRoIAlign assigns each region a pyramid level, then, level by level, finds
 that level's regions by torch.where, whose nonzero makes the host wait for a GPU, and pools them with roi_align.
-Here the regions' count per level is read once (bincount), and a stable sort of the regions by level, split by
-those counts, gives each level's regions in ascending order, the indices torch.where gives. roi_align then runs
+Here the regions' count per level is read once, and a stable sort of the regions by level, split by those counts,
+gives each level's regions in ascending order, the indices torch.where gives. roi_align then runs
 on exactly torchvision's inputs, so the pooled features and their gradients are the same to the bit. The first
 call of a pooler runs torchvision's own forward, which settles the levels' scales from that batch's maps and
 image sizes. It relies on MultiScaleRoIAlign's level rule (map_levels), its regions' format and its settings;
@@ -26,6 +26,11 @@ def regions(boxes: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat(images), torch.cat(boxes)], dim=1)
 
 
+def grouped_levels(levels: Tensor, count: int) -> Tensor:
+    """Each region's level, or `count` for a region that has none of the `count` levels (a box of NaNs)."""
+    return torch.where((levels >= 0) & (levels < count), levels, count)
+
+
 class LevelsReadOnceMixin:
     """forward with one read of the regions' levels, in front of torchvision's MultiScaleRoIAlign."""
 
@@ -33,13 +38,14 @@ class LevelsReadOnceMixin:
         features = [feature for name, feature in x.items() if name in self.featmap_names]  # in x's order
         if self.scales is None or self.map_levels is None or len(features) == 1 or exporting():
             return super().forward(x, boxes, image_shapes)
-        levels = self.map_levels(boxes)
-        counts = torch.bincount(levels, minlength=len(features)).tolist()  # the one wait for the device
-        if len(counts) != len(features):  # a level beyond the maps, which torchvision's loop leaves unpooled
-            return super().forward(x, boxes, image_shapes)
+        levels = grouped_levels(self.map_levels(boxes), len(features))
+        # Counted by comparison: bincount would read the largest level on the host first, a wait of its own.
+        groups = torch.arange(len(features) + 1, device=levels.device)
+        counts = (levels == groups[:, None]).sum(dim=1).tolist()  # the one wait for the device
         rois = regions(boxes)
         first = features[0]
         pooled = torch.zeros((len(rois), first.shape[1], *self.output_size), dtype=first.dtype, device=first.device)
+        # The last group, regions of no level, is left unpooled (zeros), as torchvision's loop leaves them.
         for feature, scale, chosen in zip(features, self.scales, torch.argsort(levels, stable=True).split(counts)):
             level_pooled = roi_align(feature, rois[chosen], output_size=self.output_size, spatial_scale=scale,
                                      sampling_ratio=self.sampling_ratio)

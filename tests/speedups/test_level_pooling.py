@@ -50,6 +50,14 @@ def test_levels_without_regions_and_images_without_boxes():
     assert_same(*pooled_both_ways(pooler(), maps, [boxes[0][:0], boxes[1][:0]], shapes))
 
 
+def test_a_box_of_nans_is_left_unpooled_as_torchvision_leaves_it():
+    maps, boxes, shapes = example_pooling(torch.Generator().manual_seed(2))
+    boxes[1][3] = float("nan")
+    got, want = pooled_both_ways(pooler(), maps, boxes, shapes)
+    assert_same(got, want)
+    assert not got[0][9 + 3].any() and got[0][9 + 2].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_maps_under_autocast(dtype):
     maps, boxes, shapes = example_pooling(torch.Generator().manual_seed(3))
@@ -66,7 +74,7 @@ def test_the_first_call_settles_the_scales_by_torchvisions_forward(monkeypatch):
     assert one.scales == [2.0**-2, 2.0**-3, 2.0**-4, 2.0**-5]
 
 
-def test_one_wait_for_the_levels_and_fewer_operators():
+def test_one_wait_for_the_levels_and_no_more_operators():
     maps, boxes, shapes = example_pooling(torch.Generator().manual_seed(0))
     one = pooler()
     one(maps, boxes, shapes)
@@ -78,7 +86,7 @@ def test_one_wait_for_the_levels_and_fewer_operators():
         counters.append(counter)
     theirs, ours = counters
     assert theirs.host_syncs() == 4 and ours.host_syncs() == 1  # a nonzero a level; a tolist
-    assert sum(ours.counts.values()) < sum(theirs.counts.values())
+    assert sum(ours.counts.values()) <= sum(theirs.counts.values())
 
 
 def test_an_exported_graph_keeps_torchvisions_code(monkeypatch):
