@@ -16,6 +16,8 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
+from .exact import same_tensors
+
 # Anchor sets kept per generator: one is ~4 MB for an 800 x 1344 batch, and a few shapes of the ladder's
 # (shape_buckets.py) make most batches of a run.
 CACHE_SIZE = 16
@@ -49,7 +51,7 @@ def self_check() -> str | None:
         expected = AnchorGenerator(sizes, ratios)(images, features)
         cached = cache_anchors(nn.Sequential(AnchorGenerator(sizes, ratios)))[0]
         for got in (cached(images, features), cached(images, features)):
-            if len(got) != len(expected) or any(not torch.equal(a, b) for a, b in zip(got, expected)):
+            if not same_tensors(got, expected):
                 return "torchvision's AnchorGenerator no longer gives one equal set of anchors per image"
     except (AttributeError, TypeError, RuntimeError, ValueError) as e:
         return f"torchvision's AnchorGenerator changed ({type(e).__name__}: {e})"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
+from .exact import same_tensor_lists
 from .mixins import exporting, mix_into
 
 
@@ -115,12 +116,6 @@ def proposals_both_ways(rpn: RegionProposalNetwork, boxes: Tensor, objectness: T
             RegionProposalNetwork.filter_proposals(rpn, boxes, objectness, shapes, per_level))
 
 
-def same_proposals(got: tuple[list[Tensor], list[Tensor]], want: tuple[list[Tensor], list[Tensor]]) -> bool:
-    """Whether two filterings gave equal boxes and scores, image by image."""
-    return all(len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
-               for a, b in zip(got, want))
-
-
 def self_check() -> str | None:
     """None when the batched filtering gives torchvision's proposals exactly, in training and in evaluation."""
     boxes, objectness, shapes, per_level = example_proposals(torch.Generator().manual_seed(0))
@@ -130,6 +125,6 @@ def self_check() -> str | None:
             got, want = proposals_both_ways(rpn, boxes, objectness, shapes, per_level)
         except (AttributeError, TypeError, RuntimeError, ValueError) as e:
             return f"torchvision's RegionProposalNetwork changed ({type(e).__name__}: {e})"
-        if not same_proposals(got, want):
+        if not same_tensor_lists(got, want):
             return "the batched filtering gives other proposals than torchvision's filter_proposals"
     return None

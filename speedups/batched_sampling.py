@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
+from .exact import same_tensor_lists
 from .mixins import give_mixin, mix_into_held
 
 
@@ -88,12 +89,6 @@ def samples_both_ways(sampler: BalancedPositiveNegativeSampler, matches: list[Te
     return results[0], results[1]
 
 
-def same_masks(got: tuple[list[Tensor], list[Tensor]], want: tuple[list[Tensor], list[Tensor]]) -> bool:
-    """Whether two draws gave equal masks of the same type, image by image."""
-    return all(len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
-               for a, b in zip(got, want))
-
-
 def self_check() -> str | None:
     """None when the batched draw gives torchvision's masks exactly, for integer and float matches."""
     sampler = BalancedPositiveNegativeSampler(16, 0.5)
@@ -103,6 +98,6 @@ def self_check() -> str | None:
             got, want = samples_both_ways(sampler, example_matches(torch.Generator().manual_seed(0), dtype), 0)
         except (AttributeError, TypeError, RuntimeError, ValueError) as e:
             return f"torchvision's BalancedPositiveNegativeSampler changed ({type(e).__name__}: {e})"
-        if not same_masks(got, want):
+        if not same_tensor_lists(got, want):
             return "the batched draw gives other samples than torchvision's BalancedPositiveNegativeSampler"
     return None

@@ -25,6 +25,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
 
+from .exact import same_tensor_lists
+
 # 2**25 float32 values are 128 MB, and the matching holds up to about five such tensors at once: a batch of 4 at
 # 800 x 1344 (~270,000 anchors an image) with up to 31 boxes an image is one group.
 MAX_IOU_ELEMENTS = 2**25
@@ -211,7 +213,6 @@ def self_check() -> str | None:
         except (AttributeError, TypeError, RuntimeError, ValueError) as e:
             return f"torchvision's detection heads changed ({type(e).__name__}: {e})"
         for name, got, want in (("RPN", rpn_got, rpn_want), ("RoI heads", roi_got, roi_want)):
-            if not all(torch.equal(a, b) for got_list, want_list in zip(got, want)
-                       for a, b in zip(got_list, want_list, strict=True)):
+            if not same_tensor_lists(got, want):
                 return f"torchvision's {name} assign other targets than the batched rules give"
     return None

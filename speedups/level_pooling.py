@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from .exact import same_tensors
 from .mixins import exporting, mix_into
 
 
@@ -98,6 +99,6 @@ def self_check() -> str | None:
         got, want = pooled_both_ways(pooler, maps, boxes, image_shapes)
     except (AttributeError, TypeError, RuntimeError, ValueError, KeyError) as e:
         return f"torchvision's MultiScaleRoIAlign changed ({type(e).__name__}: {e})"
-    if not all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want)):
+    if not same_tensors(got, want):
         return "the pooling differs from torchvision's MultiScaleRoIAlign"
     return None
