@@ -39,7 +39,8 @@ class LevelsReadOnceMixin:
         features = [feature for name, feature in x.items() if name in self.featmap_names]  # in x's order
         if self.scales is None or self.map_levels is None or len(features) == 1 or exporting():
             return super().forward(x, boxes, image_shapes)
-        levels = grouped_levels(self.map_levels(boxes), len(features))
+        # The batch's boxes as one list: the same levels, with one area computation instead of one an image.
+        levels = grouped_levels(self.map_levels([torch.cat(boxes)]), len(features))
         # Counted by comparison: bincount would read the largest level on the host first, a wait of its own.
         groups = torch.arange(len(features) + 1, device=levels.device)
         counts = (levels == groups[:, None]).sum(dim=1).tolist()  # the one wait for the device

@@ -74,7 +74,7 @@ def test_the_first_call_settles_the_scales_by_torchvisions_forward(monkeypatch):
     assert one.scales == [2.0**-2, 2.0**-3, 2.0**-4, 2.0**-5]
 
 
-def test_one_wait_for_the_levels_and_no_more_operators():
+def test_one_wait_for_the_levels_and_fewer_operators():
     maps, boxes, shapes = example_pooling(torch.Generator().manual_seed(0))
     one = pooler()
     one(maps, boxes, shapes)
@@ -86,7 +86,7 @@ def test_one_wait_for_the_levels_and_no_more_operators():
         counters.append(counter)
     theirs, ours = counters
     assert theirs.host_syncs() == 4 and ours.host_syncs() == 1  # a nonzero a level; a tolist
-    assert sum(ours.counts.values()) <= sum(theirs.counts.values())
+    assert sum(ours.counts.values()) < sum(theirs.counts.values())
 
 
 def test_an_exported_graph_keeps_torchvisions_code(monkeypatch):
