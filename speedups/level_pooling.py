@@ -21,10 +21,11 @@ from .exact import same_tensors
 from .mixins import exporting, mix_into
 
 
-def regions(boxes: list[Tensor]) -> Tensor:
-    """(R, 5) regions as roi_align takes them: each box after its image's index in the batch."""
+def regions(boxes: list[Tensor], all_boxes: Tensor) -> Tensor:
+    """(R, 5) regions as roi_align takes them: each box of all_boxes (the images' boxes, concatenated) after its
+    image's index in the batch."""
     images = [torch.full_like(b[:, :1], index) for index, b in enumerate(boxes)]
-    return torch.cat([torch.cat(images), torch.cat(boxes)], dim=1)
+    return torch.cat([torch.cat(images), all_boxes], dim=1)
 
 
 def grouped_levels(levels: Tensor, count: int) -> Tensor:
@@ -39,12 +40,13 @@ class LevelsReadOnceMixin:
         features = [feature for name, feature in x.items() if name in self.featmap_names]  # in x's order
         if self.scales is None or self.map_levels is None or len(features) == 1 or exporting():
             return super().forward(x, boxes, image_shapes)
+        all_boxes = torch.cat(boxes)
         # The batch's boxes as one list: the same levels, with one area computation instead of one an image.
-        levels = grouped_levels(self.map_levels([torch.cat(boxes)]), len(features))
+        levels = grouped_levels(self.map_levels([all_boxes]), len(features))
         # Counted by comparison: bincount would read the largest level on the host first, a wait of its own.
         groups = torch.arange(len(features) + 1, device=levels.device)
         counts = (levels == groups[:, None]).sum(dim=1).tolist()  # the one wait for the device
-        rois = regions(boxes)
+        rois = regions(boxes, all_boxes)
         first = features[0]
         pooled = torch.zeros((len(rois), first.shape[1], *self.output_size), dtype=first.dtype, device=first.device)
         # The last group, regions of no level, is left unpooled (zeros), as torchvision's loop leaves them.
