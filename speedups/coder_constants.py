@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder, encode_boxes
 
 from .exact import same_tensors
-from .mixins import exporting, give_mixin, mix_into_held
+from .mixins import exporting, give_mixin, kept_like, mix_into_held
 
 
 class KeptConstantsCoderMixin:
@@ -24,12 +24,9 @@ class KeptConstantsCoderMixin:
     def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
         if exporting():
             return super().encode_single(reference_boxes, proposals)
-        # Tensors made in inference mode cannot be saved for a backward pass later.
-        key = (reference_boxes.dtype, reference_boxes.device, torch.is_inference_mode_enabled())
-        kept = self.__dict__.setdefault("kept_weights", {})
-        if key not in kept:
-            kept[key] = torch.as_tensor(self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
-        return encode_boxes(reference_boxes, proposals, kept[key])
+        weights = kept_like(self, "kept_weights", reference_boxes,
+                            lambda dtype, device: torch.as_tensor(self.weights, dtype=dtype, device=device))
+        return encode_boxes(reference_boxes, proposals, weights)
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         if exporting():

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from typing import TypeVar
 
 import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 def exporting() -> bool:
@@ -19,6 +22,16 @@ def exporting() -> bool:
 @cache
 def _mixed(mixin: type, cls: type, suffix: str) -> type:
     return type(f"{cls.__name__}{suffix}", (mixin, cls), {})
+
+
+def kept_like(owner: object, name: str, like: Tensor, make: Callable[[torch.dtype, torch.device], T]) -> T:
+    """make(dtype, device) for like's dtype and device, made once and kept on owner under name, apart for
+    inference mode (tensors made there cannot be saved for a backward pass later)."""
+    key = (like.dtype, like.device, torch.is_inference_mode_enabled())
+    kept = owner.__dict__.setdefault(name, {})
+    if key not in kept:
+        kept[key] = make(like.dtype, like.device)
+    return kept[key]
 
 
 def give_mixin(obj: object, mixin: type, suffix: str) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from .mixins import exporting, mix_into
+from .mixins import exporting, kept_like, mix_into
 
 
 def ratio(new: int, old: int) -> float:
@@ -47,13 +47,9 @@ class KeptConstantsMixin:
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point() or exporting():  # torchvision's refusal, or its exported graph
             return super().normalize(image)
-        # Tensors made in inference mode cannot be saved for a backward pass later.
-        key = (image.dtype, image.device, torch.is_inference_mode_enabled())
-        kept = self.__dict__.setdefault("normalize_constants", {})
-        if key not in kept:
-            kept[key] = tuple(torch.as_tensor(values, dtype=image.dtype, device=image.device)[:, None, None]
-                              for values in (self.image_mean, self.image_std))
-        mean, std = kept[key]
+        mean, std = kept_like(self, "normalize_constants", image, lambda dtype, device: tuple(
+            torch.as_tensor(values, dtype=dtype, device=device)[:, None, None]
+            for values in (self.image_mean, self.image_std)))
         return (image - mean) / std
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
