@@ -210,6 +210,7 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     from freed_memory import ReleasingCollate, reuse_freed_memory_checked, reuse_wanted
     from group_by_aspect_ratio import ResumableBatchSampler
     from models import build_model
+    from optimization import make_optimizer
 
     dataset = build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip"))
     dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
@@ -240,11 +241,10 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     if precision is not None:
         args.amp_dtype = str(precision).removeprefix("torch.")
     scaler = grad_scaler(device, precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # As train.py chooses it: the fused kernel where the speed-ups are chosen for a GPU.
+    # As train.py makes it, with the reference's settings: the fused kernel where the speed-ups are chosen for a GPU.
     args.fused_optimizer = config.use_fused_optimizer(chosen_for)
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4,
-                                **({"fused": True} if args.fused_optimizer else {}))
+    recipe = argparse.Namespace(opt="sgd", lr=args.lr, momentum=0.9, weight_decay=1e-4, norm_weight_decay=None)
+    optimizer = make_optimizer(model, recipe, fused=args.fused_optimizer)
     clock = make_clock(model)
     # Epoch 1 of 2, as the reference's loop is called: past the warm-up, and no run ETA below zero.
     options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=precision)
