@@ -144,12 +144,25 @@ def _problem(speedup: Speedup) -> str | None:
     return problem
 
 
+def _fingerprint(model: nn.Module) -> list[tuple]:
+    """What a speed-up can change, module by module: its class and the classes of the objects it holds, its
+    hooks, and where and how its parameters are stored."""
+    return [(type(module), [type(value) for value in vars(module).values()], len(module._forward_hooks),
+             len(module._forward_pre_hooks),
+             [(p.data_ptr(), p.stride()) for p in module.parameters(recurse=False)])
+            for module in model.modules()]
+
+
 def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
+    """Apply each speed-up not applied yet whose self-check passes; it is listed as applied only when it
+    changed the model (the fingerprint tells), so one that finds nothing of its kind is not claimed."""
     applied = model.__dict__.setdefault(_APPLIED, [])
     for speedup in speedups:
         if speedup.name not in applied and _problem(speedup) is None:
+            before = _fingerprint(model)
             speedup.apply(model)
-            applied.append(speedup.name)
+            if _fingerprint(model) != before:
+                applied.append(speedup.name)
 
 
 def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
@@ -179,5 +192,6 @@ def for_inference(model: nn.Module, device: torch.device, config: SpeedupConfig)
 
 
 def applied(model: nn.Module) -> list[str]:
-    """The names of the speed-ups a model carries (a copy of it carries the same)."""
+    """The names of the speed-ups that changed the model, in the order applied (a copy of it carries the
+    same)."""
     return list(model.__dict__.get(_APPLIED, []))
