@@ -400,6 +400,7 @@ def wrap_for_devices(run: Run, model: torch.nn.Module) -> torch.nn.Module:
     """The model on its device with the speed-ups, synchronised batch norm and DDP where the run asks."""
     args = run.args
     model = speedups.for_training(model.to(run.device), run.device, run.speedups)
+    utils.print_once("Speed-ups: " + ("; ".join(speedups.applied(model)) or "none (torchvision's plain model)"))
     if args.distributed and args.sync_bn:
         if run.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -89,6 +89,17 @@ def test_help_lists_every_flag():
         assert choice in text, choice
 
 
+@pytest.mark.parametrize("enabled, said", [(True, "Speed-ups: anchors kept per shape; "),
+                                            (False, "Speed-ups: none (torchvision's plain model)")])
+def test_the_run_says_which_speedups_changed_its_model(enabled, said, capsys):
+    run = train.Run(argparse.Namespace(distributed=False, sync_bn=False), torch.device("cpu"), None, None, True,
+                    None, train.speedups.SpeedupConfig(enabled=enabled))
+    train.wrap_for_devices(run, train.build_model("fasterrcnn_mobilenet_v3_large_fpn", 3, None, None, None))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Speed-ups: ")]
+    assert len(printed) == 1 and printed[0].startswith(said)
+    assert ("sparse RoIAlign on the CPU" in printed[0]) == enabled
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, trained):
     """Files that --resume and --weights must refuse, by name."""
