@@ -47,9 +47,10 @@ def init_distributed_mode(args) -> None:
         args.rank, args.gpu, args.distributed = 0, 0, False
         return
     args.distributed = True
-    if args.device == "cuda":
+    on_gpus = torch.device(args.device).type == "cuda"  # a torch.device by now, which never equals the string
+    if on_gpus:
         torch.cuda.set_device(args.gpu)
-    backend = args.dist_backend or ("nccl" if args.device == "cuda" else "gloo")
+    backend = args.dist_backend or ("nccl" if on_gpus else "gloo")
     dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
                             rank=args.rank, timeout=datetime.timedelta(seconds=args.dist_timeout))
     dist.barrier()

@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 import torch
 
@@ -32,3 +34,19 @@ def test_a_run_leaves_its_process_group_and_a_run_without_one_is_untouched(tmp_p
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("device, backend, gpu_set", [(torch.device("cuda"), "nccl", [3]),
+                                                       (torch.device("cpu"), "gloo", [])])
+def test_a_launched_rank_takes_its_gpu_and_nccl_on_gpus_gloo_on_the_cpu(monkeypatch, device, backend, gpu_set):
+    """The device comes as a torch.device (start_run resolves it first), which never equals the string 'cuda'."""
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "3")):
+        monkeypatch.setenv(name, value)
+    joined, chosen = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    monkeypatch.setattr(utils.dist, "barrier", lambda: None)
+    args = argparse.Namespace(device=device, local_rank=None, dist_backend=None, dist_url="env://", dist_timeout=60)
+    utils.init_distributed_mode(args)
+    assert args.distributed and (args.rank, args.world_size, args.gpu) == (1, 2, 3)
+    assert joined[0]["backend"] == backend and chosen == gpu_set
