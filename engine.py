@@ -153,7 +153,7 @@ class TrainOptions:
     faults: FaultLog = field(default_factory=lambda: FaultLog(max_share=0.01))
     stop_requested: Callable[[], bool] = lambda: False
     on_record: Callable[[Record], None] = ConsoleWriter().write
-    after_step: Callable[[int], None] | None = None  # called with the steps done after each optimizer step
+    after_step: Callable[[int], None] | None = None  # called with the run's optimizer steps after each one
 
 
 def accumulated(batches: Iterable, count: int) -> Iterator[list]:
@@ -246,7 +246,7 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
         meters.step_done()
         step += 1
         if options.after_step is not None:
-            options.after_step(step)
+            options.after_step(clock.global_step(epoch, step))
         if schedule.is_logged(step):
             for row in losses.read():
                 meters.update(**row)

@@ -595,7 +595,8 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
 
 
 def average_weights(state: TrainingState, every: int):
-    """What runs after each optimizer step: the moving average's update every `every` steps (None without one)."""
+    """What runs after each optimizer step: the moving average's update every `every` steps of the run, across
+    epochs (None without one)."""
     if state.ema is None:
         return None
 

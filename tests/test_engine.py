@@ -211,10 +211,12 @@ def test_an_accumulated_epoch_stops_and_resumes_on_an_optimizer_step():
     torch.testing.assert_close(model.weight, straight_model.weight)
 
 
-def test_the_weight_average_is_updated_after_every_nth_optimizer_step():
+def test_after_each_optimizer_step_the_runs_steps_so_far_are_passed_on():
+    """Counted over the run, so that an average updated every N steps is updated across epochs of fewer."""
     steps = []
     train(LinearDetector(), loader(count=16, batch_size=2), after_step=steps.append)
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    train(LinearDetector(), loader(count=16, batch_size=2), epoch=2, after_step=steps.append)
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8] + [17, 18, 19, 20, 21, 22, 23, 24]
 
 
 class NormedDetector(nn.Module):
