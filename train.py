@@ -572,6 +572,14 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
                            after_step=average_weights(state, args.model_ema_steps))
     best, metrics = BestModel(run), {}
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
+    if saved_but_not_evaluated(run, state):
+        utils.print_once(f"Evaluating epoch {state.epoch} first: the run stopped after saving it, before its "
+                         f"evaluation")
+        with utils.random_state_kept(run.device):
+            metrics = evaluate_epoch(run, data, state, state.epoch, best)
+        if best.out_of_patience(args.patience):
+            stop_early(run, state, best)
+            start_epoch = args.epochs  # as the uninterrupted run would have stopped here
     for epoch in range(start_epoch, args.epochs):
         data.train_set.epoch = epoch
         data.train_loader.batch_sampler.set_epoch(epoch, start_step)
@@ -581,7 +589,8 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
             state.epoch, state.step = epoch, result.steps_done
             stop_mid_epoch(run, state, stop)
         save_epoch(run, state, epoch)
-        if stop.requested:
+        # Agreed, as the steps' stops are: rank 0 is still writing the checkpoint when the others get here.
+        if utils.any_rank(stop.requested):
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
             sys.exit(stop.exit_code)
         with utils.random_state_kept(run.device):  # a resumed run's next epoch draws what this one's would
@@ -592,6 +601,14 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
     run.writers.close()
     utils.print_once(f"Training time {datetime.timedelta(seconds=int(time.time() - started))}")
     return metrics
+
+
+def saved_but_not_evaluated(run: Run, state: TrainingState) -> bool:
+    """Whether the resumed checkpoint ended an epoch whose evaluation has no record (a stop between the two),
+    decided by rank 0's metrics for every rank."""
+    if state.epoch < 0 or state.step is not None:
+        return False
+    return utils.any_rank(run.is_main and all(r["epoch"] != state.epoch for r in run.writers.records("eval")))
 
 
 def average_weights(state: TrainingState, every: int):

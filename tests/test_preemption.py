@@ -96,3 +96,20 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights_to_the_bit(tiny_
     difference = _largest_difference(uninterrupted["weights"], _final_weights(tmp_path))
     print(f"{how}: largest difference of the final weights from the uninterrupted run's: {difference}")
     assert difference == 0.0
+
+
+def test_an_epoch_saved_but_not_evaluated_is_evaluated_when_the_run_resumes(tiny_dataset, tmp_path):
+    """A stop that lands between an epoch's checkpoint and its evaluation leaves no evaluation record; the
+    resumed run evaluates that epoch before anything else, even when it was the last."""
+    args = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *FLAGS, "--epochs", "1",
+            "--resume", "auto"]
+    assert run_cli("train.py", *args).returncode == 0
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("".join(line + "\n" for line in lines if '"type": "eval"' not in line))
+    result = run_cli("train.py", *args)
+    assert result.returncode == 0, result.stderr
+    assert "Evaluating epoch 0 first: the run stopped after saving it, before its evaluation" in result.stdout
+    assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0]
+    again = run_cli("train.py", *args)
+    assert "Evaluating epoch 0 first" not in again.stdout, "once evaluated, not again"
