@@ -10,6 +10,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -278,6 +279,29 @@ def remove_stale_temporaries(output_dir: Path) -> None:
     """Temporary files of saves that a kill interrupted; they are never read."""
     for tmp in output_dir.glob(".*.pth.*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+# What a run records of itself beside its checkpoints: the logs BestModel and --patience read, the best weights.
+RUN_RECORDS = ("metrics.jsonl", "events.out.tfevents.*", "model_best.pth")
+
+
+def set_aside_previous_run(output_dir: Path) -> Path | None:
+    """Before a fresh run in a folder that holds another run's records: move them to previous_runs/<time of the
+    newest>/, so that the new run's best model, patience and curves start from nothing and the old ones are kept.
+    Returns that folder (None when there was nothing to move)."""
+    found = [path for pattern in RUN_RECORDS for path in sorted(output_dir.glob(pattern)) if path.is_file()]
+    if not found:
+        return None
+    newest = max(path.stat().st_mtime for path in found)
+    folder = output_dir / "previous_runs" / time.strftime("%Y%m%d-%H%M%S", time.localtime(newest))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in found:
+            path.replace(folder / path.name)
+    except OSError as e:
+        raise UserError(f"could not move the previous run's records in {output_dir} aside to {folder} "
+                        f"({e.strerror}); move or delete them, or give another --output-dir") from None
+    return folder
 
 
 def prune_epoch_files(output_dir: Path, keep_last: int) -> list[Path]:

@@ -38,6 +38,7 @@ from checkpoint import (
     remove_stale_temporaries,
     save_atomic,
     save_checkpoint,
+    set_aside_previous_run,
 )
 from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
 from coco_utils import DATASET_LAYOUTS, SampleError
@@ -474,6 +475,14 @@ def evaluate_only(run: Run, data: Data, state: TrainingState) -> dict:
     return metrics
 
 
+def keep_previous_records(output_dir: Path) -> None:
+    """A fresh run: another run's metrics, events and best weights in the folder are moved aside, not continued."""
+    moved_to = set_aside_previous_run(output_dir)
+    if moved_to is not None:
+        print(f"{output_dir} held another run's records (metrics.jsonl, TensorBoard events, model_best.pth): "
+              f"moved to {moved_to}; --resume auto continues a run instead of starting one", flush=True)
+
+
 def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> None:
     path = run.save(state)
     if path is not None:
@@ -629,6 +638,8 @@ def main(args: argparse.Namespace) -> dict:
     or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
+    if checkpoint is None and not args.test_only and run.is_main:
+        keep_previous_records(run.output_dir)
     if checkpoint is not None and checkpoint.get("stopped_early") and not args.test_only:
         return already_stopped(resume, checkpoint)
     data = load_data(args, checkpoint)

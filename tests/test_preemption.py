@@ -100,7 +100,8 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights_to_the_bit(tiny_
 
 def test_an_epoch_saved_but_not_evaluated_is_evaluated_when_the_run_resumes(tiny_dataset, tmp_path):
     """A stop that lands between an epoch's checkpoint and its evaluation leaves no evaluation record; the
-    resumed run evaluates that epoch before anything else, even when it was the last."""
+    resumed run evaluates that epoch before anything else, even when it was the last. A fresh run in the same
+    folder then sets those records aside and starts its own."""
     args = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *FLAGS, "--epochs", "1",
             "--resume", "auto"]
     assert run_cli("train.py", *args).returncode == 0
@@ -113,3 +114,9 @@ def test_an_epoch_saved_but_not_evaluated_is_evaluated_when_the_run_resumes(tiny
     assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0]
     again = run_cli("train.py", *args)
     assert "Evaluating epoch 0 first" not in again.stdout, "once evaluated, not again"
+    fresh = run_cli("train.py", *args[:-2])
+    assert fresh.returncode == 0, fresh.stderr
+    assert "held another run's records" in fresh.stdout and "New best AP" in fresh.stdout
+    kept, = (tmp_path / "previous_runs").iterdir()
+    assert {"metrics.jsonl", "model_best.pth"} <= {p.name for p in kept.iterdir()}
+    assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0], "the new run's only"
