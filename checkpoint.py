@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, BinaryIO
 import torch
 from torch import nn
 
+import utils
 from errors import UserError
-from optimization import keep_implementation
+from optimization import check_state_fits, keep_implementation, keep_this_runs_settings, settings_of
 
 # Read once, at import, while no other thread can create files under the briefly changed mask.
 _UMASK = os.umask(0)
@@ -215,9 +216,16 @@ class TrainingState:
         if "optimizer" not in checkpoint:
             raise UserError(f"{source} holds weights only, no optimizer state to continue training from (a "
                             f"model_best.pth); to fine-tune from it, pass it to --weights instead")
+        check_state_fits(self.optimizer, checkpoint["optimizer"], source)
+        own = settings_of(self.optimizer, self.lr_scheduler)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         keep_implementation(self.optimizer)  # this run's kernel, whatever the writer's device and settings
-        self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        changed = keep_this_runs_settings(self.optimizer, self.lr_scheduler, own, checkpoint["lr_scheduler"])
+        if changed:
+            rate = self.optimizer.param_groups[0]["lr"]
+            utils.print_once(f"{source}: this run's flags set other values of {', '.join(changed)} than its "
+                             f"run's; they apply from here, and the learning rate follows this run's schedule "
+                             f"from the saved epoch ({rate:g} now)")
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         if checkpoint.get("rng"):

@@ -4,10 +4,12 @@ effective batch."""
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 import utils
+from errors import UserError
 
 # torchvision's recipe: --lr 0.02 for 8 GPUs x 2 images.
 RECIPE_LR, RECIPE_BATCH = 0.02, 16
@@ -85,3 +87,59 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace
     if args.lr_scheduler == "multisteplr":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(args), args.lr_gamma)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+
+
+# What the flags set in an optimizer's groups and a schedule; the rest of their state is the run's progress.
+GROUP_SETTINGS = ("initial_lr", "weight_decay", "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad")
+SCHEDULE_SETTINGS = ("milestones", "gamma", "T_max", "eta_min")
+
+
+def settings_of(optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """The optimizer's and the schedule's settings, as this run's flags made them (before a checkpoint loads)."""
+    groups = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
+    return {"groups": groups, **{k: v for k, v in scheduler.state_dict().items() if k in SCHEDULE_SETTINGS}}
+
+
+def check_state_fits(optimizer: torch.optim.Optimizer, saved: dict, source: str) -> None:
+    """One clear error when a checkpoint's optimizer state cannot continue in this run's optimizer: another
+    kind (--opt) or another grouping of the parameters (--norm-weight-decay set or not)."""
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise UserError(f"{source} has {len(groups)} parameter groups, this run's optimizer "
+                        f"{len(optimizer.param_groups)}: resume with --norm-weight-decay set as its run had it (or "
+                        f"not), or start from its weights with --weights")
+    kind = {k for k in GROUP_SETTINGS if k in optimizer.param_groups[0]} - {"initial_lr"}
+    if kind != {k for k in GROUP_SETTINGS if k in groups[0]} - {"initial_lr"}:
+        raise UserError(f"{source} holds another optimizer's state than --opt {type(optimizer).__name__.lower()}'s: "
+                        f"resume with the --opt it was trained with, or start from its weights with --weights")
+
+
+def rate_at(scheduler, base_lr: float, epoch: int) -> float:
+    """The learning rate a MultiStepLR or CosineAnnealingLR gives at epoch, from its settings alone."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
+        passed = sum(n for milestone, n in scheduler.milestones.items() if milestone <= epoch)
+        return base_lr * scheduler.gamma ** passed
+    eta_min = scheduler.eta_min
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / scheduler.T_max)) / 2
+
+
+def keep_this_runs_settings(optimizer: torch.optim.Optimizer, scheduler, own: dict, saved_schedule: dict
+                            ) -> list[str]:
+    """After a checkpoint's optimizer loaded: where this run's flags set other settings (settings_of, taken
+    before) than the checkpoint's, this run's apply, and the learning rate follows this run's schedule from the
+    saved epoch; the checkpoint's schedule is loaded otherwise. Returns the settings that changed."""
+    changed = sorted({k for group, mine in zip(optimizer.param_groups, own["groups"]) for k, v in mine.items()
+                      if group.get(k) != v})
+    changed += [k for k in SCHEDULE_SETTINGS if k in own and saved_schedule.get(k) != own[k]]
+    if not changed:
+        scheduler.load_state_dict(saved_schedule)
+        return []
+    for group, mine in zip(optimizer.param_groups, own["groups"]):
+        group.update(mine)
+    epoch = saved_schedule["last_epoch"]
+    scheduler.last_epoch, scheduler._step_count = epoch, saved_schedule["_step_count"]
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = rate_at(scheduler, group["initial_lr"], epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return changed

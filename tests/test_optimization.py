@@ -1,6 +1,7 @@
 """The effective batch, the learning rate's scaling to it, and the parameter order of both checkpoint writers."""
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -77,3 +78,62 @@ def test_a_loaded_state_keeps_this_runs_kernel(writer_fused):
     optimization.keep_implementation(reader)
     assert reader.param_groups[0]["fused"] == (None if writer_fused else True)
     assert reader.state_dict()["state"][0]["momentum_buffer"].equal(writer.state_dict()["state"][0]["momentum_buffer"])
+
+
+def trained_state(**values) -> tuple[torch.optim.Optimizer, object]:
+    """An optimizer and schedule (as train.py makes them from the flags) after 2 epochs of SGD on a tiny model."""
+    recipe = args(**{"lr_scheduler": "cosineannealinglr", "epochs": 4, "lr_steps": None, "lr_step_size": None,
+                     "lr_gamma": 0.1, **values})
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    optimizer = optimization.make_optimizer(model, recipe)
+    scheduler = optimization.make_lr_scheduler(optimizer, recipe)
+    for _ in range(2):
+        model(torch.randn(5, 3)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+def resumed(saved: tuple, **values) -> tuple[torch.optim.Optimizer, object, list[str]]:
+    optimizer, scheduler = trained_state(**values)  # a fresh run's own, from its flags
+    own = optimization.settings_of(optimizer, scheduler)
+    optimizer.load_state_dict(saved[0].state_dict())
+    changed = optimization.keep_this_runs_settings(optimizer, scheduler, own, saved[1].state_dict())
+    return optimizer, scheduler, changed
+
+
+def test_a_resume_with_the_same_flags_continues_the_saved_state_exactly():
+    saved = trained_state()
+    optimizer, scheduler, changed = resumed(saved)
+    assert changed == [] and scheduler.state_dict() == saved[1].state_dict()
+    assert optimizer.param_groups[0]["lr"] == saved[0].param_groups[0]["lr"]
+
+
+def test_flags_changed_on_resume_apply_from_the_saved_epoch():
+    """A longer cosine schedule (--epochs 8, not 4), another --lr and --wd: not the saved ones, silently."""
+    saved = trained_state()
+    optimizer, scheduler, changed = resumed(saved, epochs=8, lr=0.04, weight_decay=1e-3)
+    assert changed == ["initial_lr", "weight_decay", "T_max"]
+    assert scheduler.T_max == 8 and scheduler.last_epoch == 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.04 * (1 + math.cos(math.pi * 2 / 8)) / 2)
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-3
+    assert optimizer.state_dict()["state"] == saved[0].state_dict()["state"], "the momentum carries on"
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.04 * (1 + math.cos(math.pi * 3 / 8)) / 2)
+
+
+def test_another_schedule_kind_on_resume_takes_its_rate_at_the_saved_epoch():
+    saved = trained_state()
+    optimizer, scheduler, changed = resumed(saved, lr_scheduler="multisteplr", lr_steps=[1, 3])
+    assert "milestones" in changed and optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * 0.1)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"norm_weight_decay": 0.0}, "has 1 parameter groups, this run's optimizer 2: resume with --norm-weight-decay"),
+    ({"opt": "adamw"}, "holds another optimizer's state than --opt adamw's: resume with the --opt it was trained"),
+])
+def test_an_optimizer_state_that_cannot_continue_is_one_clear_error(values, message):
+    saved = trained_state()
+    optimizer, _ = trained_state(**values)
+    with pytest.raises(optimization.UserError, match=message):
+        optimization.check_state_fits(optimizer, saved[0].state_dict(), "--resume checkpoint.pth")
