@@ -253,8 +253,8 @@ class RandomZoomOut:
 
 class RandomIoUCrop:
     """SSD's crop: draw a minimum overlap from options (1.0 leaves the image as it is), then windows of
-    scale and aspect ratio in range until one holds the centre of some box and overlaps each of those boxes
-    at least that much; keep the boxes whose centres it holds."""
+    scale and aspect ratio in range until one holds the centre of some box and overlaps at least one of those
+    boxes that much (SSD's rule, and torchvision's); keep the boxes whose centres it holds."""
 
     def __init__(self, min_scale: float = 0.3, max_scale: float = 1.0, min_aspect_ratio: float = 0.5,
                  max_aspect_ratio: float = 2.0, options: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
@@ -287,7 +287,7 @@ class RandomIoUCrop:
                 if not holds.any():
                     continue
                 window = torch.tensor([[left, top, left + new_w, top + new_h]], dtype=boxes.dtype)
-                if box_iou(boxes[holds], window).min() < min_overlap:
+                if box_iou(boxes[holds], window).max() < min_overlap:
                     continue
                 return crop(image, keep_instances(target, holds), top, left, new_h, new_w)
         return image, target
@@ -311,8 +311,8 @@ def boxes_of_masks(masks: torch.Tensor) -> torch.Tensor:
 def copy_paste(image: torch.Tensor, target: dict, source: torch.Tensor, source_target: dict,
                generator: torch.Generator | None = None, blend: bool = True) -> tuple[torch.Tensor, dict]:
     """Simple Copy-Paste: a random subset of source's instances is pasted over image (resized to its size
-    first if needed, edges softened with a Gaussian when blend). Covered instances lose the covered pixels,
-    those left with none are dropped, and every box is redrawn round its mask."""
+    first if needed, edges softened with a Gaussian when blend). Pasted instances without a pixel and covered
+    instances left with none are dropped; every box is redrawn round its mask."""
     count = len(source_target["masks"])
     if count == 0:
         return image, target
@@ -322,6 +322,10 @@ def copy_paste(image: torch.Tensor, target: dict, source: torch.Tensor, source_t
     if image_size(source) != size:
         source = F.resize(source, list(size), antialias=True)
         pasted["masks"] = F.resize(pasted["masks"], list(size), interpolation=InterpolationMode.NEAREST)
+    # A mask that a downscale (lsj's, or the resize above) left empty would get a box without extent, which
+    # stops torchvision's training step.
+    present = pasted["masks"].flatten(1).bool().any(1)
+    pasted = {k: v[present] for k, v in pasted.items()}
     cover = pasted["masks"].bool().any(0)
     alpha = cover[None].float()
     if blend:

@@ -74,3 +74,41 @@ def test_resize_scales_boxes_masks_and_keypoints():
     assert out["keypoints"][0, 0].tolist() == [10.0, 12.0, 2.0]
     ys, xs = torch.nonzero(out["masks"][0], as_tuple=True)
     assert (xs.min().item(), xs.max().item() + 1, ys.min().item(), ys.max().item() + 1) == (4, 16, 10, 20)
+
+
+def _square_target(size: int, top: int, left: int, side: int, label: int) -> dict:
+    masks = torch.zeros(1, size, size, dtype=torch.uint8)
+    masks[0, top:top + side, left:left + side] = 1
+    box = torch.tensor([[float(left), float(top), float(left + side), float(top + side)]])
+    return {"boxes": box, "labels": torch.tensor([label]), "masks": masks, "area": torch.tensor([float(side ** 2)]),
+            "iscrowd": torch.tensor([0])}
+
+
+def test_copy_paste_drops_pasted_instances_left_without_pixels():
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    target = _square_target(16, 2, 2, 4, label=1)
+    empty = _square_target(16, 8, 8, 2, label=2)
+    empty["masks"].zero_()  # as lsj's downscale to the nearest pixel can leave it, its box still positive
+    tiny = _square_target(64, 1, 1, 1, label=3)  # the resize to the image's 16 px misses its one pixel
+    for source, source_target in ((image, empty), (torch.zeros(3, 64, 64, dtype=torch.uint8), tiny)):
+        _, out = T.copy_paste(image, target, source, source_target, torch.Generator().manual_seed(0))
+        assert out["labels"].tolist() == [1] and len(out["masks"]) == len(out["area"]) == len(out["iscrowd"]) == 1
+        assert out["boxes"].tolist() == [[2.0, 2.0, 6.0, 6.0]], "no box without extent"
+
+
+def _iou_crop(boxes: list[list[float]]) -> tuple[torch.Tensor, dict]:
+    """RandomIoUCrop at a fixed scale (windows of 90x90 in a 100x100 image, at a random place) that asks a
+    minimum overlap of 0.5."""
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+    target = {"boxes": torch.tensor(boxes), "labels": torch.arange(1, len(boxes) + 1)}
+    crop = T.RandomIoUCrop(min_scale=0.9, max_scale=0.9, options=(0.5,))
+    return crop(image, target, torch.Generator().manual_seed(0))
+
+
+def test_iou_crop_needs_one_held_box_to_overlap_enough():
+    # Every 90x90 window holds both centres and overlaps the large box by IoU > 0.79, the small one by < 0.01:
+    # SSD's rule (torchvision's) takes such a window.
+    image, out = _iou_crop([[5.0, 5.0, 95.0, 95.0], [40.0, 40.0, 44.0, 44.0]])
+    assert image.shape[-2:] == (90, 90) and out["labels"].tolist() == [1, 2]
+    image, out = _iou_crop([[40.0, 40.0, 44.0, 44.0], [50.0, 50.0, 56.0, 56.0]])
+    assert image.shape[-2:] == (100, 100), "no box overlaps enough: the image stays as it was"
