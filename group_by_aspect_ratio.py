@@ -13,8 +13,9 @@ import torch.utils.data
 
 
 def create_aspect_ratio_groups(aspect_ratios: Sequence[float], k: int = 3) -> list[int]:
-    """Group id of each aspect ratio: 2k bins spaced evenly in log2 between 1/2 and 2, plus the two tails."""
-    edges = [2 ** (i / k - 1) for i in range(2 * k + 1)]
+    """Group id of each aspect ratio: 2k bins spaced evenly in log2 between 1/2 and 2, plus the two tails; k=0
+    makes two groups, below 1 and from 1 on (torchvision's reference does the same)."""
+    edges = [2 ** (i / k - 1) for i in range(2 * k + 1)] if k > 0 else [1.0]
     return [bisect.bisect_right(edges, r) for r in aspect_ratios]
 
 

@@ -23,3 +23,7 @@ def test_every_index_once_and_full_batches_homogeneous():
     assert len(batches) == len(sampler) == math.ceil(53 / 4)
     leftover_batches = math.ceil(len(set(groups)) * 3 / 4)  # at most batch_size - 1 left over per group
     assert all(len({groups[i] for i in b}) == 1 for b in batches[:-leftover_batches])
+
+
+def test_factor_zero_makes_two_groups_split_at_square():
+    assert create_aspect_ratio_groups([0.5, 0.99, 1.0, 1.01, 2.0, 4.0], k=0) == [0, 0, 1, 1, 1, 1]
