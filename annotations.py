@@ -68,15 +68,6 @@ class Finding:
     message: str
 
 
-def _duplicates(values: list) -> list:
-    seen, repeated = set(), []
-    for v in values:
-        if v in seen:
-            repeated.append(v)
-        seen.add(v)
-    return repeated
-
-
 def image_path_problem(file_name) -> str | None:
     """Why an image's file_name cannot be read from inside its split's image folder, or None. Checked on the
     name alone, so that folders reached through symbolic links (a dataset root linked in) keep working."""
@@ -87,15 +78,42 @@ def image_path_problem(file_name) -> str | None:
     return None
 
 
-def _id_errors(data: dict) -> list[Finding]:
-    """Ids used twice, and images whose file lies outside the image folder."""
+# The kind of the errors that leave a file unreadable past them: the other checks, the report's counts and the
+# loader read the ids, sizes and names these say are missing.
+STRUCTURE = "file structure"
+
+
+def _entry_errors(key: str, items: list) -> list[Finding]:
+    """Entries of data[key] that are no JSON object or have no id, else ids used twice."""
+    try:
+        ids = [item.get("id") for item in items]
+    except AttributeError:  # looked for only then, so that a sound file pays nothing for it
+        index = next(i for i, item in enumerate(items) if not isinstance(item, dict))
+        return [Finding("error", STRUCTURE, f"'{key}' entry {index} is {items[index]!r:.60}, not a JSON object; "
+                        f"every entry of '{key}' must be one")]
+    seen, repeated = set(), []
+    for value in ids:
+        if value in seen:
+            repeated.append(value)
+        seen.add(value)
+    if None in seen:
+        return [Finding("error", STRUCTURE, f"'{key}' entry {ids.index(None)} has no 'id'; every image, "
+                        f"annotation and category needs a unique one")]
+    if repeated:
+        return [Finding("error", f"duplicate {key[:-1]} id",
+                        f"{len(repeated)} {key} reuse an id (first: {repeated[0]})")]
+    return []
+
+
+def _image_errors(images: list[dict]) -> list[Finding]:
+    """Images without a size in pixels, and those whose file lies outside the image folder."""
     errors = []
-    for key in ("images", "annotations", "categories"):
-        repeated = _duplicates([item.get("id") for item in data[key]])
-        if repeated:
-            errors.append(Finding("error", f"duplicate {key[:-1]} id",
-                                  f"{len(repeated)} {key} reuse an id (first: {repeated[0]})"))
-    for image in data["images"]:
+    for image in images:
+        width, height = image.get("width"), image.get("height")
+        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+            errors.append(Finding("error", STRUCTURE, f"image {image['id']} ({image.get('file_name')}) has width "
+                                  f"{width!r} and height {height!r}; each image needs 'width' and 'height' in "
+                                  f"pixels, whole numbers above 0"))
         problem = image_path_problem(image.get("file_name"))
         if problem:
             errors.append(Finding("error", "image path", f"image {image.get('id')}: file_name "
@@ -104,9 +122,24 @@ def _id_errors(data: dict) -> list[Finding]:
     return errors
 
 
+def _id_errors(data: dict) -> list[Finding]:
+    """Entries that are no object or have no id, ids used twice; images without a size or whose file lies
+    outside the image folder; categories without a name."""
+    errors = [e for key in ("images", "annotations", "categories") for e in _entry_errors(key, data[key])]
+    if any(e.kind == STRUCTURE for e in errors):
+        return errors
+    errors += _image_errors(data["images"])
+    errors += [Finding("error", STRUCTURE, f"category {cat['id']} has no 'name'; each category needs one")
+               for cat in data["categories"] if not isinstance(cat.get("name"), str)]
+    return errors
+
+
 def annotation_findings(data: dict) -> list[Finding]:
-    """What is wrong in a COCO instances file's content, errors first (no image file is opened)."""
+    """What is wrong in a COCO instances file's content, errors first (no image file is opened); for a file whose
+    structure is broken (kind STRUCTURE), only that."""
     errors, warnings = _id_errors(data), []
+    if any(e.kind == STRUCTURE for e in errors):
+        return errors
     images = {img["id"]: img for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     annotated = set()
@@ -124,6 +157,9 @@ def annotation_findings(data: dict) -> list[Finding]:
             annotated.add(image["id"])
             found = _box_warnings(ann, image)
             found += _segmentation_warnings(ann, image)
+            if ann.get("area") is None:
+                found.append(Finding("warning", "no area", f"{_where(ann, image)}: no 'area'; it is computed from "
+                                     f"the outline (or the box)"))
             if found:
                 warnings += found
     empty = [img for img in data["images"] if img["id"] not in annotated]
@@ -138,8 +174,8 @@ def _where(ann: dict, image: dict) -> str:
     return f"{image.get('file_name')} annotation {ann.get('id')}"
 
 
-def _four_finite(bbox) -> bool:
-    """Whether a box is 4 finite numbers (bools count, as isinstance says), without a loop per value."""
+def finite_box(bbox) -> bool:
+    """Whether a box is a list of 4 finite numbers (bools count, as isinstance says), without a loop per value."""
     if not isinstance(bbox, list) or len(bbox) != 4:
         return False
     x, y, w, h = bbox
@@ -150,9 +186,10 @@ def _four_finite(bbox) -> bool:
 
 
 def _box_warnings(ann: dict, image: dict) -> list[Finding]:
-    bbox = ann.get("bbox", [])
-    if not _four_finite(bbox):
-        return [Finding("warning", "box not finite", f"{_where(ann, image)}: box {bbox} is not 4 finite numbers")]
+    bbox = ann.get("bbox")
+    if not finite_box(bbox):
+        return [Finding("warning", "box not finite", f"{_where(ann, image)}: box {bbox} is not 4 finite numbers; "
+                        f"the loader leaves the instance out")]
     x, y, w, h = bbox
     if w <= 1 or h <= 1:
         return [Finding("warning", "empty box", f"{_where(ann, image)}: box {bbox} has no extent")]
@@ -162,22 +199,57 @@ def _box_warnings(ann: dict, image: dict) -> list[Finding]:
     return []
 
 
+def is_flat_polygon(segmentation) -> bool:
+    """Whether a segmentation is one polygon's coordinates not wrapped in a list (a common exporter mistake)."""
+    return isinstance(segmentation, list) and bool(segmentation) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in segmentation)
+
+
+def segmentation_problem(segmentation, height: int, width: int) -> str | None:
+    """Why a non-empty segmentation cannot be drawn on a height x width image, or None: polygons are lists of
+    coordinates, RLE is {'counts', 'size': [h, w]} of the image's size."""
+    if isinstance(segmentation, list):
+        if all(isinstance(polygon, list) for polygon in segmentation):
+            return None
+        return "is neither a list of polygons (lists of coordinates) nor RLE"
+    if not isinstance(segmentation, dict) or "counts" not in segmentation:
+        return "is neither polygons nor RLE {'counts', 'size': [h, w]}"
+    size = segmentation.get("size")
+    if not isinstance(size, list) or size != [height, width]:
+        return f"is RLE of size {size}, not the image's [{height}, {width}]"
+    return None
+
+
 def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
-    """Crowd regions not in COCO's RLE form; instances with no outline, or polygons the loader repairs."""
+    """Crowd regions not in COCO's RLE form; instances with no outline, one that cannot be drawn, or polygons
+    the loader repairs."""
     segmentation = ann.get("segmentation")
     if ann.get("iscrowd"):
-        if not (isinstance(segmentation, dict) and "counts" in segmentation and
-                list(segmentation.get("size", [])) == [image["height"], image["width"]]):
+        if isinstance(segmentation, list) or segmentation_problem(segmentation, image["height"], image["width"]):
             return [Finding("warning", "crowd format", f"{_where(ann, image)}: crowd region is not RLE of the "
                             f"image's size; COCO crowd regions are RLE {{'counts', 'size': [h, w]}}")]
         return []
     if not segmentation:
         return [Finding("warning", "no segmentation", f"{_where(ann, image)}: instance without a segmentation; "
                         f"models that learn masks leave it out")]
-    if not isinstance(segmentation, list):
-        return []
+    if isinstance(segmentation, list):
+        try:
+            return _polygon_warnings(segmentation, ann, image)
+        except TypeError:  # an entry that is no list: looked at only then, so sound polygons pay nothing
+            if is_flat_polygon(segmentation):
+                return [Finding("warning", "flat polygon", f"{_where(ann, image)}: segmentation is one flat list of "
+                                f"coordinates; it is read as one polygon [[x1, y1, ...]]")]
+    problem = segmentation_problem(segmentation, image["height"], image["width"])
+    if problem:
+        return [Finding("warning", "segmentation format", f"{_where(ann, image)}: segmentation {problem}; models "
+                        f"that learn masks leave it out")]
+    return []
+
+
+def _polygon_warnings(polygons: list, ann: dict, image: dict) -> list[Finding]:
+    """Polygons with an odd number of coordinates, or fewer than 3 points (TypeError where one is no list)."""
     odd = short = False
-    for polygon in segmentation:
+    for polygon in polygons:
         length = len(polygon)
         odd = odd or length % 2 == 1
         short = short or length - length % 2 < 6

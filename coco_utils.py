@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import pickle
 from dataclasses import dataclass
 from functools import cache
@@ -16,7 +15,15 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from annotations import annotation_findings, collection_paused, image_path_problem, read_annotation_file
+from annotations import (
+    annotation_findings,
+    collection_paused,
+    finite_box,
+    image_path_problem,
+    is_flat_polygon,
+    read_annotation_file,
+    segmentation_problem,
+)
 from errors import UserError
 
 # The layout of each --dataset: split name -> (image folder, annotation file), relative to --data-path.
@@ -123,15 +130,42 @@ def load_coco(ann_file: Path) -> COCO:
     """A pycocotools COCO index of an annotation file, checked for what every later step relies on."""
     with collection_paused():  # millions of objects, no cycles: the collector's passes would cost seconds
         data = read_annotation_file(ann_file)
-        for finding in annotation_findings(data):
+        findings = annotation_findings(data)
+        for finding in findings:
             if finding.level == "error":
                 raise UserError(f"{ann_file}: {finding.message}; fix the file (tools/check_dataset.py lists every "
                                 f"problem)")
+        if {f.kind for f in findings} & {"flat polygon", "no area"}:
+            _complete(data)
         coco = COCO()
         coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
             coco.createIndex()
     return coco
+
+
+def _complete(data: dict) -> None:
+    """Flat polygons wrapped as one polygon, and missing areas computed from the outline (else the box), in
+    place: the loader and COCOeval then read them as COCO has them. Run only on files the check found such
+    annotations in."""
+    sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
+    for ann in data["annotations"]:
+        if is_flat_polygon(ann.get("segmentation")):
+            ann["segmentation"] = [ann["segmentation"]]
+        if ann.get("area") is None:
+            ann["area"] = _outline_area(ann, *sizes[ann["image_id"]])
+
+
+def _outline_area(ann: dict, height: int, width: int) -> float:
+    """The pixels of an annotation's outline as COCO counts its area; its box's area if it has no outline that
+    can be drawn; 0 if neither."""
+    segmentation = ann.get("segmentation")
+    if segmentation and not segmentation_problem(segmentation, height, width):
+        if isinstance(segmentation, list):
+            segmentation = _repaired_polygons(segmentation, "", [])
+        if segmentation:
+            return float(mask_utils.area(_rle(segmentation, height, width)))
+    return float(ann["bbox"][2] * ann["bbox"][3]) if finite_box(ann.get("bbox")) else 0.0
 
 
 class SampleError(Exception):
@@ -154,18 +188,24 @@ def instance_masks(anns: list[dict], height: int, width: int) -> torch.Tensor:
     them, decoded in one call into one buffer."""
     if not anns:
         return torch.zeros((0, height, width), dtype=torch.uint8)
-    rles = []
-    for ann in anns:
-        segmentation = ann["segmentation"]
-        if isinstance(segmentation, list):
-            rles.append(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
-        elif isinstance(segmentation["counts"], list):
-            rles.append(mask_utils.frPyObjects(segmentation, height, width))
-        else:
-            rles.append(segmentation)
+    rles = [_rle(ann["segmentation"], height, width) for ann in anns]
     # decode gives (H, W, N) in column-major order: the (N, H, W) view of it costs nothing, while making it
     # row-major here would cost as much as the decoding; the engine does that on the device (to_device)
     return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
+
+
+def _rle(segmentation, height: int, width: int) -> dict:
+    """A segmentation (polygons, or RLE compressed or not) as compressed RLE. RLE of another size than the
+    image's is refused: decoded with the others, it would be read at the first one's size (an error, or a
+    mask of whatever memory follows)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    problem = segmentation_problem(segmentation, height, width)
+    if problem:
+        raise ValueError(f"segmentation {problem}")
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
 
 
 def _repaired_polygons(polygons: list[list[float]], where: str, faults: list[str]) -> list[list[float]]:
@@ -179,16 +219,21 @@ def _repaired_polygons(polygons: list[list[float]], where: str, faults: list[str
     return kept
 
 
-def _repaired_annotation(ann: dict, where: str, faults: list[str], with_masks: bool) -> dict | None:
-    """The annotation with what cannot be used removed (None if nothing is left); each repair noted. Without
-    masks, the outline does not matter."""
+def _repaired_annotation(ann: dict, record: tuple, faults: list[str], with_masks: bool) -> dict | None:
+    """The annotation of an image's (file name, height, width, ...) record with what cannot be used removed
+    (None if nothing is left); each repair noted. Without masks, the outline does not matter."""
+    where, height, width = record[:3]
     where = f"{where} annotation {ann['id']}"
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ann["bbox"]):
-        faults.append(f"{where}: box {ann['bbox']} is not finite; instance dropped")
+    if not finite_box(ann.get("bbox")):
+        faults.append(f"{where}: box {ann.get('bbox')} is not 4 finite numbers; instance dropped")
         return None
     segmentation = ann.get("segmentation")
     if not with_masks:
         return ann
+    problem = segmentation_problem(segmentation, height, width) if segmentation else None
+    if problem:
+        faults.append(f"{where}: segmentation {problem}; instance dropped")
+        return None
     if isinstance(segmentation, list) and segmentation:
         segmentation = _repaired_polygons(segmentation, where, faults)
         ann = {**ann, "segmentation": segmentation}
@@ -202,6 +247,8 @@ def _repaired_annotation(ann: dict, where: str, faults: list[str], with_masks: b
 def _counts_for_training(ann: dict) -> bool:
     """The recipe's filter: an image trains if any of its annotations, crowd regions included, has a box with
     extent (crowd regions then leave the targets, so such an image trains as background)."""
+    if not finite_box(ann.get("bbox")):
+        return False
     x, y, w, h = ann["bbox"]
     return not (w <= 1 or h <= 1)
 
@@ -313,7 +360,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _target(self, image_id: int, record: tuple, faults: list[str], with_masks: bool) -> dict:
         where, height, width, anns = record
         anns = [a for a in anns if not a.get("iscrowd", 0)]
-        anns = [r for r in (_repaired_annotation(a, where, faults, with_masks) for a in anns) if r is not None]
+        anns = [r for r in (_repaired_annotation(a, record, faults, with_masks) for a in anns) if r is not None]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(min=0, max=width)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from annotations import Finding, annotation_findings, image_path_problem, read_annotation_file
+from annotations import STRUCTURE, Finding, annotation_findings, image_path_problem, read_annotation_file
 from coco_utils import DATASET_LAYOUTS
 from errors import UserError
 
@@ -62,6 +62,8 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
         return report
     report.images, report.annotations = len(data["images"]), len(data["annotations"])
     report.findings += annotation_findings(data)
+    if any(f.kind == STRUCTURE for f in report.findings):
+        return report  # the counts and the images' check read the ids, names and sizes that are missing
     names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
     report.class_counts = {names[i]: counts.get(i, 0) for i in sorted(names)}

@@ -1,4 +1,5 @@
-"""annotations.parse_json: msgspec's values where it reads the text, the standard library's where it does not."""
+"""annotations.parse_json: msgspec's values where it reads the text, the standard library's where it does not;
+annotation_findings: malformed entries are findings, never a traceback."""
 
 from __future__ import annotations
 
@@ -36,3 +37,40 @@ def test_not_json_is_the_standard_librarys_error(monkeypatch):
     monkeypatch.setattr(annotations, "msgspec", None)
     assert annotations.parse_json(json.dumps(DOCUMENT).encode()) == DOCUMENT
     assert math.isnan(annotations.parse_json(b"[NaN]")[0])
+
+
+def _coco(**changes) -> dict:
+    """A small sound COCO file: one 40x50 image with a polygon instance; changes edit its first entries."""
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 50, "height": 40}],
+            "categories": [{"id": 3, "name": "thing"}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [5, 5, 15, 15], "area": 225.0,
+                             "iscrowd": 0, "segmentation": [[5, 5, 20, 5, 20, 20, 5, 20]]}]}
+    for key, change in changes.items():
+        change(data[key])
+    return data
+
+
+@pytest.mark.parametrize("changes, level, kind, text", [
+    ({"annotations": lambda a: a.append("x")}, "error", annotations.STRUCTURE, "entry 1 is 'x', not a JSON object"),
+    ({"images": lambda i: i[0].pop("id")}, "error", annotations.STRUCTURE, "'images' entry 0 has no 'id'"),
+    ({"categories": lambda c: c[0].pop("id")}, "error", annotations.STRUCTURE, "'categories' entry 0 has no 'id'"),
+    ({"images": lambda i: i[0].pop("width")}, "error", annotations.STRUCTURE, "has width None and height 40"),
+    ({"categories": lambda c: c[0].pop("name")}, "error", annotations.STRUCTURE, "category 3 has no 'name'"),
+    ({"annotations": lambda a: a[0].update(segmentation={"size": [10, 10], "counts": "PP"})}, "warning",
+     "segmentation format", "is RLE of size [10, 10], not the image's [40, 50]"),
+    ({"annotations": lambda a: a[0].update(segmentation={"size": [40, 50]})}, "warning", "segmentation format",
+     "neither polygons nor RLE"),
+    ({"annotations": lambda a: a[0].update(segmentation=[5, 5, 20, 5, 20, 20])}, "warning", "flat polygon",
+     "read as one polygon"),
+    ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, 20], 3])}, "warning",
+     "segmentation format", "neither a list of polygons"),
+    ({"annotations": lambda a: a[0].pop("area")}, "warning", "no area", "computed from the outline"),
+    ({"annotations": lambda a: a[0].update(bbox=[1, 2, 3])}, "warning", "box not finite", "not 4 finite numbers"),
+])
+def test_malformed_entries_are_findings(changes, level, kind, text):
+    found = annotations.annotation_findings(_coco(**changes))
+    assert [(f.level, f.kind) for f in found] == [(level, kind)] and text in found[0].message, found
+
+
+def test_a_sound_file_has_no_findings():
+    assert annotations.annotation_findings(_coco()) == []

@@ -3,10 +3,14 @@
 import json
 import re
 import shutil
+from collections import Counter
 
+import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 
+from annotations import annotation_findings
 from coco_utils import CategoryMap, SampleError, build_dataset, coco_category_names, instance_masks, load_coco
 from conftest import load_file_module, reference_checkout
 from errors import UserError
@@ -84,6 +88,15 @@ def _broken_copy(dataset, tmp_path, edit):
     return root
 
 
+def _rewritten(change):
+    """An edit of an annotation file by a change to its JSON content."""
+    def edit(path):
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return edit
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p.write_text("{not json"), "not readable JSON"),
     (lambda p: p.write_text(json.dumps({"images": [], "annotations": []})), "no 'categories' list"),
@@ -94,6 +107,12 @@ def _broken_copy(dataset, tmp_path, edit):
         {"id": 1, "image_id": json.loads(p.read_text())["images"][0]["id"], "category_id": 4242,
          "bbox": [0, 0, 1, 1], "iscrowd": 0}]})), "category id 4242"),
     (lambda p: p.unlink(), "annotation file"),
+    (_rewritten(lambda d: d["annotations"].append(5)), r"'annotations' entry \d+ is 5, not a JSON object"),
+    (_rewritten(lambda d: d["images"][0].pop("id")), "'images' entry 0 has no 'id'"),
+    (_rewritten(lambda d: d["annotations"][0].pop("id")), "'annotations' entry 0 has no 'id'"),
+    (_rewritten(lambda d: d["categories"][0].pop("id")), "'categories' entry 0 has no 'id'"),
+    (_rewritten(lambda d: d["images"][0].pop("width")), r"has width None and height \d+; each image needs"),
+    (_rewritten(lambda d: d["categories"][0].pop("name")), "has no 'name'; each category needs one"),
 ])
 def test_bad_annotation_files_give_clear_errors(dataset, tmp_path, edit, message):
     root = _broken_copy(dataset, tmp_path, edit)
@@ -151,7 +170,7 @@ def test_bad_polygons_and_boxes_are_repaired(dataset):
         anns[0]["segmentation"].pop()
     faults = target["faults"]
     assert any("fewer than 3 points" in f and str(anns[0]["id"]) in f for f in faults)
-    assert any("not finite" in f and str(anns[1]["id"]) in f for f in faults)
+    assert any("not 4 finite numbers" in f and str(anns[1]["id"]) in f for f in faults)
     assert not torch.isnan(target["boxes"]).any()
     assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
 
@@ -298,3 +317,113 @@ def test_compacted_dataset_still_refuses_paths_outside_its_folder(dataset):
     ds.compact()
     with pytest.raises(SampleError, match="file_name"):
         ds.image_path(first)
+
+
+def _instance_beside_others(data: dict) -> dict:
+    """A non-crowd annotation with a box of extent in an image that has another such one (so the image still
+    trains without it)."""
+    usable = [a for a in data["annotations"] if not a["iscrowd"] and a["bbox"][2] > 1 and a["bbox"][3] > 1]
+    per_image = Counter(a["image_id"] for a in usable)
+    return next(a for a in usable if per_image[a["image_id"]] > 1)
+
+
+def _edited_instance(dataset, tmp_path, split, change) -> tuple:
+    """A copy of the dataset whose instance chosen by _instance_beside_others was changed: (root, its id,
+    its image's id)."""
+    chosen = {}
+
+    def edit(data):
+        ann = _instance_beside_others(data)
+        chosen.update(id=ann["id"], image_id=ann["image_id"])
+        change(ann)
+
+    root = _edited_copy(dataset, tmp_path, split, edit)
+    return root, chosen["id"], chosen["image_id"]
+
+
+def _sample_of(ds, image_id) -> dict:
+    ids = [int(i) for i in ds.ids]
+    return ds[ids.index(image_id)][1]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("bbox", [[1, 2, 3], None, [1, 2, None, 4]])
+def test_boxes_that_are_not_four_numbers_are_dropped_as_the_check_warns(dataset, tmp_path, split, bbox):
+    def change(ann):
+        if bbox is None:
+            del ann["bbox"]
+        else:
+            ann["bbox"] = bbox
+
+    root, ann_id, image_id = _edited_instance(dataset, tmp_path, split, change)
+    data = json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())
+    assert any(f.kind == "box not finite" and str(ann_id) in f.message for f in annotation_findings(data))
+    ds = build_dataset(root, "coco", split, None)
+    target = _sample_of(ds, image_id)
+    expected = [a for a in ds.coco.imgToAnns[image_id] if not a["iscrowd"] and a["id"] != ann_id]
+    assert len(target["boxes"]) == len(expected) >= 1
+    assert any(f"annotation {ann_id}: box {bbox} is not 4 finite numbers; instance dropped" in f
+               for f in target["faults"])
+    _samples(ds)  # every other sample loads too
+
+
+def test_instance_masks_refuse_rle_of_another_size():
+    polygon = {"segmentation": [[5, 5, 20, 5, 20, 20, 5, 20]]}
+    small = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))
+    for anns in ([polygon, {"segmentation": small}], [{"segmentation": small}, polygon]):
+        with pytest.raises(ValueError, match=re.escape("is RLE of size [10, 10], not the image's [40, 50]")):
+            instance_masks(anns, 40, 50)
+    assert instance_masks([polygon, polygon], 40, 50).flatten(1).sum(1).tolist() == [225, 225]
+
+
+@pytest.mark.parametrize("segmentation, problem", [
+    ({"size": [10, 10], "counts": [0, 100]}, "is RLE of size [10, 10], not the image's"),
+    ({"size": [10, 10]}, "is neither polygons nor RLE"),
+    ("not an outline", "is neither polygons nor RLE"),
+])
+def test_segmentations_that_cannot_be_drawn_are_dropped_as_the_check_warns(dataset, tmp_path, segmentation,
+                                                                            problem):
+    root, ann_id, image_id = _edited_instance(dataset, tmp_path, "train",
+                                              lambda ann: ann.update(segmentation=segmentation))
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    assert any(f.kind == "segmentation format" and problem in f.message for f in annotation_findings(data))
+    ds = build_dataset(root, "coco", "train", None)
+    target = _sample_of(ds, image_id)
+    assert any(f"annotation {ann_id}: segmentation {problem}" in f and f.endswith("instance dropped")
+               for f in target["faults"])
+    boxes_only = _sample_of(build_dataset(root, "coco", "train", None, masks=False), image_id)
+    assert len(target["boxes"]) == len(target["masks"]) == len(boxes_only["boxes"]) - 1, "a box-only model keeps it"
+    _samples(ds)
+
+
+def test_a_flat_polygon_is_read_as_one_polygon(dataset, tmp_path):
+    flat = []
+    root, ann_id, image_id = _edited_instance(
+        dataset, tmp_path, "train", lambda ann: (flat.extend(ann["segmentation"][0]),
+                                                 ann.update(segmentation=ann["segmentation"][0])))
+    ds = build_dataset(root, "coco", "train", None)
+    ann = ds.coco.anns[ann_id]
+    assert ann["segmentation"] == [flat], "COCOeval reads it from the index as a polygon too"
+    info = ds.coco.imgs[image_id]
+    expected = instance_masks([ann], info["height"], info["width"])[0]
+    target = _sample_of(ds, image_id)
+    assert any(torch.equal(mask, expected) for mask in target["masks"]) and not target["faults"]
+
+
+def test_a_missing_area_is_computed_from_the_outline(dataset, tmp_path):
+    without_outline = {}
+
+    def edit(data):
+        for ann in data["annotations"]:
+            del ann["area"]
+        ann = next(a for a in data["annotations"] if not a["iscrowd"] and a["bbox"][2] > 1 and a["bbox"][3] > 1)
+        ann["segmentation"] = []
+        without_outline.update(id=ann["id"], area=ann["bbox"][2] * ann["bbox"][3])
+
+    ds = build_dataset(_edited_copy(dataset, tmp_path, "val", edit), "coco", "val", None)
+    anns = [a for a in ds.coco.anns.values() if a["id"] != without_outline["id"]]
+    assert any(a["iscrowd"] for a in anns), "crowd regions' RLE too"
+    for ann in anns:
+        assert ann["area"] == float(mask_utils.area(ds.coco.annToRLE(ann)))
+    assert ds.coco.anns[without_outline["id"]]["area"] == without_outline["area"], "its box's area"
+    _samples(ds)

@@ -76,6 +76,20 @@ FAULTS = {
                         "WARNING no segmentation", "instance without a segmentation"),
     "odd polygon": (lambda root, d: _first_polygon_ann(d)["segmentation"][0].append(5.0),
                     "WARNING odd polygon", "odd number of coordinates"),
+    "rle of another size": (lambda root, d: _first_polygon_ann(d).update(segmentation={"size": [10, 10],
+                                                                                        "counts": [0, 100]}),
+                            "WARNING segmentation format", "is RLE of size [10, 10], not the image's [64, 64]"),
+    "rle without counts": (lambda root, d: _first_polygon_ann(d).update(segmentation={"size": [64, 64]}),
+                           "WARNING segmentation format", "is neither polygons nor RLE"),
+    "flat polygon": (lambda root, d: _first_polygon_ann(d).update(
+        segmentation=_first_polygon_ann(d)["segmentation"][0]), "WARNING flat polygon", "read as one polygon"),
+    "no area": (lambda root, d: _first_polygon_ann(d).pop("area"), "WARNING no area", "computed from the outline"),
+    "image without a size": (lambda root, d: d["images"][0].pop("height"), "ERROR file structure",
+                             "has width 64 and height None"),
+    "entry not an object": (lambda root, d: d["annotations"].append([1, 2]), "ERROR file structure",
+                            "is [1, 2], not a JSON object"),
+    "category without a name": (lambda root, d: d["categories"][0].pop("name"), "ERROR file structure",
+                                "has no 'name'"),
 }
 
 

@@ -2,9 +2,11 @@
 
     python3 tools/check_dataset.py ./datasets/coco [--splits train val] [--no-decode] [--strict]
 
-Errors are faults that would break a run (unreadable annotation files, unknown or duplicate ids, more missing
-or unreadable images than --max-bad-samples allows): exit status 1. Warnings are faults the loader repairs or
-skips (degenerate boxes, short polygons, a few bad images): exit status 0, or 1 with --strict.
+Errors are faults that would break a run (unreadable annotation files, entries without an id or without what
+every image or category needs, unknown or duplicate ids, more missing or unreadable images than
+--max-bad-samples allows): exit status 1. Warnings are faults the loader repairs or skips (degenerate boxes,
+short or flat polygons, outlines that cannot be drawn, missing areas, a few bad images): exit status 0, or 1
+with --strict.
 """
 
 from __future__ import annotations
