@@ -189,7 +189,7 @@ def _box_warnings(ann: dict, image: dict) -> list[Finding]:
     bbox = ann.get("bbox")
     if not finite_box(bbox):
         return [Finding("warning", "box not finite", f"{_where(ann, image)}: box {bbox} is not 4 finite numbers; "
-                        f"the loader leaves the instance out")]
+                        f"training and scoring leave the instance out")]
     x, y, w, h = bbox
     if w <= 1 or h <= 1:
         return [Finding("warning", "empty box", f"{_where(ann, image)}: box {bbox} has no extent")]
@@ -231,7 +231,7 @@ def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
         return []
     if not segmentation:
         return [Finding("warning", "no segmentation", f"{_where(ann, image)}: instance without a segmentation; "
-                        f"models that learn masks leave it out")]
+                        f"models that learn masks and mask scoring leave it out")]
     if isinstance(segmentation, list):
         try:
             return _polygon_warnings(segmentation, ann, image)
@@ -242,7 +242,7 @@ def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
     problem = segmentation_problem(segmentation, image["height"], image["width"])
     if problem:
         return [Finding("warning", "segmentation format", f"{_where(ann, image)}: segmentation {problem}; models "
-                        f"that learn masks leave it out")]
+                        f"that learn masks and mask scoring leave it out")]
     return []
 
 

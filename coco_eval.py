@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import utils
-from coco_utils import CategoryMap
+from coco_utils import CategoryMap, scoring_ground_truth
 
 # The order of COCOeval.stats, named, and what each line of the standard summary says of it:
 # (precision or recall, IoU range, object size, detections per image).
@@ -270,11 +270,13 @@ def _scored_masks(coco_gt: COCO, results: list[dict], coco_class: type) -> COCO:
 
 def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], backend: str = "pycocotools",
           copy_results: bool = True):
-    """Run COCOeval (pycocotools', or faster-coco-eval's C++ one) on result records over the given images;
-    returns the evaluator (stats, eval["precision"]).
+    """Run COCOeval (pycocotools', or faster-coco-eval's C++ one) on result records over the given images, against
+    the ground truth as training reads it (coco_utils.scoring_ground_truth); returns the evaluator (stats,
+    eval["precision"]).
 
     loadRes adds fields to the records it is given, so they are copied first unless copy_results is False (for
     records made for this call alone: at COCO scale the copy is hundreds of MB)."""
+    coco_gt = scoring_ground_truth(coco_gt, iou_type)
     if backend == "faster":
         from faster_coco_eval import COCO as FasterCOCO
         from faster_coco_eval import COCOeval_faster

@@ -126,7 +126,20 @@ def split_paths(data_path: str | Path, dataset: str, split: str) -> tuple[Path, 
     return image_dir, ann_file
 
 
-def load_coco(ann_file: Path) -> COCO:
+# The check's findings on instances that the loader leaves out or repairs (and on crowd regions, which may not
+# be drawable): COCOeval, pycocotools' and faster-coco-eval's alike, stops with a traceback on most of them.
+LOADER_REPAIRS = frozenset({"box not finite", "no segmentation", "segmentation format", "polygon under 3 points",
+                            "crowd format"})
+
+
+class CocoIndex(COCO):
+    """pycocotools' index of an annotation file as load_coco makes it; loader_repairs says whether the check found
+    instances that the loader leaves out or repairs, which scoring must then read as the loader does."""
+
+    loader_repairs: bool = False
+
+
+def load_coco(ann_file: Path) -> CocoIndex:
     """A pycocotools COCO index of an annotation file, checked for what every later step relies on."""
     with collection_paused():  # millions of objects, no cycles: the collector's passes would cost seconds
         data = read_annotation_file(ann_file)
@@ -135,10 +148,12 @@ def load_coco(ann_file: Path) -> COCO:
             if finding.level == "error":
                 raise UserError(f"{ann_file}: {finding.message}; fix the file (tools/check_dataset.py lists every "
                                 f"problem)")
-        if {f.kind for f in findings} & {"flat polygon", "no area"}:
+        kinds = {f.kind for f in findings}
+        if kinds & {"flat polygon", "no area"}:
             _complete(data)
-        coco = COCO()
+        coco = CocoIndex()
         coco.dataset = data
+        coco.loader_repairs = bool(kinds & LOADER_REPAIRS)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
             coco.createIndex()
     return coco
@@ -209,7 +224,10 @@ def _rle(segmentation, height: int, width: int) -> dict:
 
 
 def _repaired_polygons(polygons: list[list[float]], where: str, faults: list[str]) -> list[list[float]]:
-    """The polygons that can be drawn: an odd coordinate at the end dropped, those under 3 points removed."""
+    """The polygons that can be drawn: an odd coordinate at the end dropped, those under 3 points removed; the
+    list itself when each is sound."""
+    if all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons):
+        return polygons  # no copy of every coordinate list: scoring's ground truth reads all of them
     even = [p[:len(p) - len(p) % 2] for p in polygons]
     if any(len(p) % 2 for p in polygons):
         faults.append(f"{where}: polygon with an odd number of coordinates; its last coordinate dropped")
@@ -221,7 +239,8 @@ def _repaired_polygons(polygons: list[list[float]], where: str, faults: list[str
 
 def _repaired_annotation(ann: dict, record: tuple, faults: list[str], with_masks: bool) -> dict | None:
     """The annotation of an image's (file name, height, width, ...) record with what cannot be used removed
-    (None if nothing is left); each repair noted. Without masks, the outline does not matter."""
+    (None if nothing is left); each repair noted. Without masks, the outline does not matter. The one rule of
+    what training reads and what scoring counts (scoring_ground_truth)."""
     where, height, width = record[:3]
     where = f"{where} annotation {ann['id']}"
     if not finite_box(ann.get("bbox")):
@@ -235,13 +254,37 @@ def _repaired_annotation(ann: dict, record: tuple, faults: list[str], with_masks
         faults.append(f"{where}: segmentation {problem}; instance dropped")
         return None
     if isinstance(segmentation, list) and segmentation:
-        segmentation = _repaired_polygons(segmentation, where, faults)
-        ann = {**ann, "segmentation": segmentation}
+        repaired = _repaired_polygons(segmentation, where, faults)
+        if repaired is not segmentation:
+            ann, segmentation = {**ann, "segmentation": repaired}, repaired
     if not segmentation:
         # An empty mask inside a real box would teach the mask head that the object is background.
         faults.append(f"{where}: no segmentation to learn a mask from; instance dropped")
         return None
     return ann
+
+
+def scoring_ground_truth(coco: COCO, iou_type: str) -> COCO:
+    """The ground truth that predictions of one IoU type are scored against: the instances as the loader reads
+    them, crowd regions alike. Without a usable box, an instance is left out of every type; without a drawable
+    outline, out of 'segm' too. The index itself when load_coco's check found nothing the loader changes."""
+    if not (isinstance(coco, CocoIndex) and coco.loader_repairs):
+        return coco  # no pass over the annotations and the very same index: a sound file scores as ever
+    records = {image["id"]: (image.get("file_name"), image["height"], image["width"])
+               for image in coco.dataset["images"]}
+    with_masks = iou_type == "segm"
+    kept = []
+    for ann in coco.dataset["annotations"]:
+        # Left out, not made crowd regions: both COCOevals take 'ignore' from 'iscrowd' alone, and a crowd
+        # region still needs the box or outline these lack.
+        repaired = _repaired_annotation(ann, records[ann["image_id"]], [], with_masks)
+        if repaired is not None:
+            kept.append(repaired)
+    scored = COCO()
+    scored.dataset = {**coco.dataset, "annotations": kept}
+    with collection_paused(), contextlib.redirect_stdout(io.StringIO()):
+        scored.createIndex()
+    return scored
 
 
 def _counts_for_training(ann: dict) -> bool:

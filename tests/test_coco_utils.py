@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from annotations import annotation_findings
-from coco_utils import CategoryMap, SampleError, build_dataset, coco_category_names, instance_masks, load_coco
+from coco_utils import (
+    CategoryMap,
+    SampleError,
+    build_dataset,
+    coco_category_names,
+    instance_masks,
+    load_coco,
+    scoring_ground_truth,
+)
 from conftest import load_file_module, reference_checkout
 from errors import UserError
 from presets import DetectionPresetEval
@@ -427,3 +435,24 @@ def test_a_missing_area_is_computed_from_the_outline(dataset, tmp_path):
         assert ann["area"] == float(mask_utils.area(ds.coco.annToRLE(ann)))
     assert ds.coco.anns[without_outline["id"]]["area"] == without_outline["area"], "its box's area"
     _samples(ds)
+
+
+def test_only_a_file_with_instances_the_loader_changes_gets_other_ground_truth_for_scoring(dataset, tmp_path):
+    """A sound file is scored against its own index (no pass over its annotations, the same numbers as ever); one
+    where the check found an instance the loader leaves out is scored without it, per IoU type."""
+    sound = build_dataset(dataset, "coco", "val", None)
+    assert not sound.coco.loader_repairs
+    assert all(scoring_ground_truth(sound.coco, t) is sound.coco for t in ("bbox", "segm", "keypoints"))
+    edited = {}
+
+    def edit(data):
+        ann = next(a for a in data["annotations"] if not a["iscrowd"])
+        ann["segmentation"] = {"size": [1, 1]}
+        edited["id"] = ann["id"]
+
+    ds = build_dataset(_edited_copy(dataset, tmp_path, "val", edit), "coco", "val", None)
+    assert ds.coco.loader_repairs
+    boxes, masks = scoring_ground_truth(ds.coco, "bbox"), scoring_ground_truth(ds.coco, "segm")
+    assert boxes.anns.keys() == ds.coco.anns.keys() and all(boxes.anns[i] is a for i, a in ds.coco.anns.items())
+    assert masks.anns.keys() == ds.coco.anns.keys() - {edited["id"]}
+    assert all(masks.anns[i] is ds.coco.anns[i] for i in masks.anns), "sound instances are not copied"
