@@ -92,10 +92,14 @@ def _entry_errors(key: str, items: list) -> list[Finding]:
         return [Finding("error", STRUCTURE, f"'{key}' entry {index} is {items[index]!r:.60}, not a JSON object; "
                         f"every entry of '{key}' must be one")]
     seen, repeated = set(), []
-    for value in ids:
-        if value in seen:
-            repeated.append(value)
-        seen.add(value)
+    for index, value in enumerate(ids):
+        try:
+            if value in seen:
+                repeated.append(value)
+            seen.add(value)
+        except TypeError:  # a list or an object: no id can be looked up by it
+            return [Finding("error", STRUCTURE, f"'{key}' entry {index} has id {value!r:.40}; an id is a number "
+                            f"or a string")]
     if None in seen:
         return [Finding("error", STRUCTURE, f"'{key}' entry {ids.index(None)} has no 'id'; every image, "
                         f"annotation and category needs a unique one")]
@@ -236,9 +240,10 @@ def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
         try:
             return _polygon_warnings(segmentation, ann, image)
         except TypeError:  # an entry that is no list: looked at only then, so sound polygons pay nothing
-            if is_flat_polygon(segmentation):
+            if is_flat_polygon(segmentation):  # read as the polygon it wraps, whose own faults count too
                 return [Finding("warning", "flat polygon", f"{_where(ann, image)}: segmentation is one flat list of "
-                                f"coordinates; it is read as one polygon [[x1, y1, ...]]")]
+                                f"coordinates; it is read as one polygon [[x1, y1, ...]]"),
+                        *_polygon_warnings([segmentation], ann, image)]
     problem = segmentation_problem(segmentation, image["height"], image["width"])
     if problem:
         return [Finding("warning", "segmentation format", f"{_where(ann, image)}: segmentation {problem}; models "
@@ -250,6 +255,8 @@ def _polygon_warnings(polygons: list, ann: dict, image: dict) -> list[Finding]:
     """Polygons with an odd number of coordinates, or fewer than 3 points (TypeError where one is no list)."""
     odd = short = False
     for polygon in polygons:
+        if not isinstance(polygon, list):  # an RLE or a string inside the list: not a polygon, whatever its length
+            raise TypeError(polygon)
         length = len(polygon)
         odd = odd or length % 2 == 1
         short = short or length - length % 2 < 6

@@ -66,6 +66,10 @@ def _coco(**changes) -> dict:
      "segmentation format", "neither a list of polygons"),
     ({"annotations": lambda a: a[0].pop("area")}, "warning", "no area", "computed from the outline"),
     ({"annotations": lambda a: a[0].update(bbox=[1, 2, 3])}, "warning", "box not finite", "not 4 finite numbers"),
+    ({"images": lambda i: i[0].update(id=[1])}, "error", annotations.STRUCTURE,
+     "'images' entry 0 has id [1]; an id is a number or a string"),
+    ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, 20], {"size": [40, 50], "counts": "P"}])},
+     "warning", "segmentation format", "neither a list of polygons"),
 ])
 def test_malformed_entries_are_findings(changes, level, kind, text):
     found = annotations.annotation_findings(_coco(**changes))
@@ -74,3 +78,9 @@ def test_malformed_entries_are_findings(changes, level, kind, text):
 
 def test_a_sound_file_has_no_findings():
     assert annotations.annotation_findings(_coco()) == []
+
+
+def test_a_flat_polygon_is_checked_as_the_polygon_it_is_read_as():
+    """Wrapped, a flat list of 4 numbers is a polygon of 2 points, which the loader and scoring leave out."""
+    found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(segmentation=[5, 5, 20, 20])))
+    assert [f.kind for f in found] == ["flat polygon", "polygon under 3 points"]

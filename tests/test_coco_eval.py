@@ -1,7 +1,9 @@
 """Our scoring equals pycocotools' COCOeval on the same detections, with the file's category ids."""
 
+import contextlib
 import copy
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coco_eval import (
@@ -262,3 +265,25 @@ def test_a_person_without_a_usable_box_is_left_out_of_keypoint_scoring(keypoint_
                              "scores": torch.linspace(0.9, 0.5, len(target["labels"]))}
     scored = _scored(broken, "coco_kp", outputs, ("bbox", "keypoints"), backend)
     assert scored == _scored(without, "coco_kp", outputs, ("bbox", "keypoints"), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_file_pycocotools_reads_scores_as_there_when_short_polygons_are_repaired(dataset, tmp_path, backend):
+    """A 2-point polygon after a sound one: the check flags it, so scoring reads the file as the loader repairs
+    it; pycocotools draws that polygon as no pixels, so the scores stay those of pycocotools' own index of the
+    file, as in torchvision's reference."""
+    def edit(data):
+        ann = next(a for a in data["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list))
+        x, y, w, h = ann["bbox"]
+        ann["segmentation"] = ann["segmentation"] + [[x, y, x + w, y + h]]
+
+    files = "instances_val2017.json"
+    broken = _edited_val(dataset, tmp_path / "broken", files, edit)
+    outputs = _noisy_outputs(build_dataset(dataset, "coco", "val", None), seed=11)
+    ours = build_dataset(broken, "coco", "val", None)
+    assert ours.coco.loader_repairs, "the check found the short polygon"
+    with contextlib.redirect_stdout(io.StringIO()):
+        plain = COCO(str(broken / "annotations" / files))
+    evaluator = CocoEvaluator(plain, ours.category_map, ("segm",), backend=backend)
+    evaluator.update({image_id: dict(output) for image_id, output in outputs.items()})
+    assert _scored(broken, "coco", outputs, ("segm",), backend)["segm"] == evaluator.summarize()["segm"]
