@@ -289,15 +289,16 @@ def remove_stale_temporaries(output_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# What a run records of itself beside its checkpoints: the logs BestModel and --patience read, the best weights.
-RUN_RECORDS = ("metrics.jsonl", "events.out.tfevents.*", "model_best.pth")
+# What a training run writes in its output folder (model_*.pth: each epoch's weights and model_best.pth).
+RUN_OUTPUTS = ("checkpoint.pth", "model_*.pth", "metrics.jsonl", "events.out.tfevents.*", "curves.png",
+               "predictions_*.json", "predictions")
 
 
 def set_aside_previous_run(output_dir: Path) -> Path | None:
-    """Before a fresh run in a folder that holds another run's records: move them to previous_runs/<time of the
-    newest>/, so that the new run's best model, patience and curves start from nothing and the old ones are kept.
-    Returns that folder (None when there was nothing to move)."""
-    found = [path for pattern in RUN_RECORDS for path in sorted(output_dir.glob(pattern)) if path.is_file()]
+    """Before a fresh run in a folder that holds another run's outputs: move them to previous_runs/<time of the
+    newest>/, so that the new run's checkpoints, best model, patience and curves are its own and the old ones are
+    kept whole. Returns that folder (None when there was nothing to move)."""
+    found = [path for pattern in RUN_OUTPUTS for path in sorted(output_dir.glob(pattern))]
     if not found:
         return None
     newest = max(path.stat().st_mtime for path in found)
@@ -307,7 +308,7 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
         for path in found:
             path.replace(folder / path.name)
     except OSError as e:
-        raise UserError(f"could not move the previous run's records in {output_dir} aside to {folder} "
+        raise UserError(f"could not move the previous run's outputs in {output_dir} aside to {folder} "
                         f"({e.strerror}); move or delete them, or give another --output-dir") from None
     return folder
 

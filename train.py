@@ -475,12 +475,12 @@ def evaluate_only(run: Run, data: Data, state: TrainingState) -> dict:
     return metrics
 
 
-def keep_previous_records(output_dir: Path) -> None:
-    """A fresh run: another run's metrics, events and best weights in the folder are moved aside, not continued."""
+def keep_previous_outputs(output_dir: Path) -> None:
+    """A fresh run: another run's outputs in the folder are moved aside whole, not continued or overwritten."""
     moved_to = set_aside_previous_run(output_dir)
     if moved_to is not None:
-        print(f"{output_dir} held another run's records (metrics.jsonl, TensorBoard events, model_best.pth): "
-              f"moved to {moved_to}; --resume auto continues a run instead of starting one", flush=True)
+        print(f"{output_dir} held another run's outputs (checkpoints, metrics, events, best weights): moved to "
+              f"{moved_to}; to continue that run instead, resume from the checkpoint there", flush=True)
 
 
 def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> None:
@@ -613,11 +613,12 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
 
 
 def saved_but_not_evaluated(run: Run, state: TrainingState) -> bool:
-    """Whether the resumed checkpoint ended an epoch whose evaluation has no record (a stop between the two),
-    decided by rank 0's metrics for every rank."""
+    """Whether the resumed checkpoint ended an epoch that this folder's metrics show trained but not evaluated (a
+    stop between the two; a checkpoint brought from elsewhere has no such record), decided on rank 0 for all."""
     if state.epoch < 0 or state.step is not None:
         return False
-    return utils.any_rank(run.is_main and all(r["epoch"] != state.epoch for r in run.writers.records("eval")))
+    epochs = {kind: {r["epoch"] for r in run.writers.records(kind)} for kind in ("train", "eval")}
+    return utils.any_rank(run.is_main and state.epoch in epochs["train"] and state.epoch not in epochs["eval"])
 
 
 def average_weights(state: TrainingState, every: int):
@@ -638,8 +639,6 @@ def main(args: argparse.Namespace) -> dict:
     or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
-    if checkpoint is None and not args.test_only and run.is_main:
-        keep_previous_records(run.output_dir)
     if checkpoint is not None and checkpoint.get("stopped_early") and not args.test_only:
         return already_stopped(resume, checkpoint)
     data = load_data(args, checkpoint)
@@ -651,6 +650,8 @@ def main(args: argparse.Namespace) -> dict:
         restore(run, state, checkpoint, resume, data)
     if args.test_only:
         return evaluate_only(run, data, state)
+    if checkpoint is None and run.is_main:  # once the run is set up: a run that fails before moves nothing
+        keep_previous_outputs(run.output_dir)
     return train(run, data, model, state)
 
 

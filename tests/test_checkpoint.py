@@ -310,25 +310,25 @@ def test_only_the_namespace_is_let_through(tmp_path):
         load_file(tmp_path / "other.pth", "--resume")
 
 
-def test_a_fresh_run_moves_another_runs_records_aside_and_keeps_its_checkpoints(tmp_path):
-    for name in ("metrics.jsonl", "events.out.tfevents.1.host.2.0", "model_best.pth", "checkpoint.pth",
-                 "model_3.pth", "predictions_bbox.json"):
+def test_a_fresh_run_moves_another_runs_outputs_aside_whole(tmp_path):
+    outputs = ["checkpoint.pth", "curves.png", "events.out.tfevents.1.host.2.0", "metrics.jsonl", "model_3.pth",
+               "model_best.pth", "predictions_bbox.json"]
+    for name in outputs + ["notes.txt"]:
         (tmp_path / name).write_text(name)
+    (tmp_path / "predictions" / "epoch_3").mkdir(parents=True)
     moved_to = set_aside_previous_run(tmp_path)
     assert moved_to.parent == tmp_path / "previous_runs"
-    assert sorted(p.name for p in moved_to.iterdir()) == ["events.out.tfevents.1.host.2.0", "metrics.jsonl",
-                                                          "model_best.pth"]
-    assert (moved_to / "metrics.jsonl").read_text() == "metrics.jsonl"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["checkpoint.pth", "model_3.pth",
-                                                                         "predictions_bbox.json"]
+    assert sorted(p.name for p in moved_to.iterdir()) == sorted(outputs + ["predictions"])
+    assert (moved_to / "metrics.jsonl").read_text() == "metrics.jsonl" and (moved_to / "predictions/epoch_3").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "previous_runs"], "the user's own files stay"
     assert set_aside_previous_run(tmp_path) is None, "nothing left to move"
 
 
-def test_records_that_cannot_be_moved_aside_are_one_clear_error(tmp_path, monkeypatch):
+def test_outputs_that_cannot_be_moved_aside_are_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text("{}")
     monkeypatch.setattr(Path, "replace", lambda self, target: (_ for _ in ()).throw(PermissionError(
         13, "Permission denied")))
-    with pytest.raises(UserError, match=r"could not move the previous run's records .* \(Permission denied\); "
+    with pytest.raises(UserError, match=r"could not move the previous run's outputs .* \(Permission denied\); "
                                         r"move or delete them, or give another --output-dir"):
         set_aside_previous_run(tmp_path)
     assert (tmp_path / "metrics.jsonl").is_file()

@@ -116,7 +116,7 @@ def test_an_epoch_saved_but_not_evaluated_is_evaluated_when_the_run_resumes(tiny
     assert "Evaluating epoch 0 first" not in again.stdout, "once evaluated, not again"
     fresh = run_cli("train.py", *args[:-2])
     assert fresh.returncode == 0, fresh.stderr
-    assert "held another run's records" in fresh.stdout and "New best AP" in fresh.stdout
+    assert "held another run's outputs" in fresh.stdout and "New best AP" in fresh.stdout
     kept, = (tmp_path / "previous_runs").iterdir()
-    assert {"metrics.jsonl", "model_best.pth"} <= {p.name for p in kept.iterdir()}
+    assert {"checkpoint.pth", "model_0.pth", "metrics.jsonl", "model_best.pth"} <= {p.name for p in kept.iterdir()}
     assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0], "the new run's only"

@@ -103,6 +103,28 @@ def test_the_run_says_which_speedups_changed_its_model(enabled, said, capsys):
     assert ("sparse RoIAlign on the CPU" in printed[0]) == enabled
 
 
+class Logged:
+    """A run's writers as far as their records go: the epochs of its train and eval records."""
+
+    def __init__(self, train: list[int], evaluated: list[int]) -> None:
+        self.epochs = {"train": train, "eval": evaluated}
+
+    def records(self, kind: str) -> list[dict]:
+        return [{"epoch": epoch} for epoch in self.epochs[kind]]
+
+
+@pytest.mark.parametrize("train_epochs, eval_epochs, step, expected", [
+    ([0, 1, 2], [0, 1], None, True),  # stopped between epoch 2's checkpoint and its evaluation
+    ([0, 1, 2], [0, 1, 2], None, False),
+    ([], [], None, False),  # a checkpoint brought from another folder, or torchvision's reference
+    ([0, 1, 2], [0, 1], 5, False),  # stopped mid-epoch: its evaluation comes when the epoch ends
+])
+def test_only_an_epoch_trained_here_and_left_unevaluated_is_evaluated_first(train_epochs, eval_epochs, step,
+                                                                             expected):
+    run = argparse.Namespace(is_main=True, writers=Logged(train_epochs, eval_epochs))
+    assert train.saved_but_not_evaluated(run, argparse.Namespace(epoch=2, step=step)) is expected
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, trained):
     """Files that --resume and --weights must refuse, by name."""
