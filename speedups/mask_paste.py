@@ -95,7 +95,11 @@ def self_check() -> str | None:
 
 
 def use_device_paste(model: torch.nn.Module) -> torch.nn.Module:
-    """Give a torchvision detection model the batched mask paste (same settings; no weights involved)."""
+    """Give a torchvision detection model that predicts masks the batched mask paste (same settings; no weights
+    involved); others keep their transform."""
+    heads = getattr(model, "roi_heads", None)
+    if heads is None or not heads.has_mask():
+        return model
     old = model.transform
     model.transform = DevicePasteTransform(old.min_size, old.max_size, old.image_mean, old.image_std,
                                            old.size_divisible, old.fixed_size, _skip_resize=old._skip_resize)

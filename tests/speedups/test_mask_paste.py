@@ -3,6 +3,7 @@
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+import speedups
 from conftest import with_speedups
 from models import build_model
 from speedups.mask_paste import DevicePasteTransform, paste_masks
@@ -56,3 +57,11 @@ def test_model_predictions_equal_torchvision_paste():
         assert len(a["masks"]) > 0
         assert torch.equal(a["boxes"], b["boxes"])
         assert (a["masks"] - b["masks"]).abs().max() < 1e-4
+
+
+def test_only_models_that_predict_masks_get_it():
+    for name, has_masks in (("maskrcnn_resnet50_fpn", True), ("fasterrcnn_resnet50_fpn", False),
+                            ("keypointrcnn_resnet50_fpn", False), ("retinanet_resnet50_fpn", False)):
+        model = with_speedups(build_model(name, 3, None, None, None))
+        assert isinstance(model.transform, DevicePasteTransform) == has_masks, name
+        assert ("batched mask paste" in speedups.applied(model)) == has_masks, name
