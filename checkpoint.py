@@ -223,9 +223,8 @@ class TrainingState:
         changed = keep_this_runs_settings(self.optimizer, self.lr_scheduler, own, checkpoint["lr_scheduler"])
         if changed:
             rate = self.optimizer.param_groups[0]["lr"]
-            utils.print_once(f"{source}: this run's flags set other values of {', '.join(changed)} than its "
-                             f"run's; they apply from here, and the learning rate follows this run's schedule "
-                             f"from the saved epoch ({rate:g} now)")
+            utils.print_once(f"{source}: {', '.join(changed)} given otherwise than in its run: they apply from "
+                             f"the saved epoch, on this run's schedule (learning rate {rate:g} now)")
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         if checkpoint.get("rng"):

@@ -92,6 +92,9 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace
 # What the flags set in an optimizer's groups and a schedule; the rest of their state is the run's progress.
 GROUP_SETTINGS = ("initial_lr", "weight_decay", "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad")
 SCHEDULE_SETTINGS = ("milestones", "gamma", "T_max", "eta_min")
+# The command-line flags behind those settings (the others keep torch's defaults).
+FLAG_OF = {"initial_lr": "--lr", "weight_decay": "--wd or --norm-weight-decay", "momentum": "--momentum",
+           "milestones": "--lr-steps or --lr-step-size", "gamma": "--lr-gamma", "T_max": "--epochs"}
 
 
 def settings_of(optimizer: torch.optim.Optimizer, scheduler) -> dict:
@@ -127,10 +130,13 @@ def keep_this_runs_settings(optimizer: torch.optim.Optimizer, scheduler, own: di
                             ) -> list[str]:
     """After a checkpoint's optimizer loaded: where this run's flags set other settings (settings_of, taken
     before) than the checkpoint's, this run's apply, and the learning rate follows this run's schedule from the
-    saved epoch; the checkpoint's schedule is loaded otherwise. Returns the settings that changed."""
+    saved epoch; the checkpoint's schedule is loaded otherwise. Returns the flags (or settings) that changed."""
     changed = sorted({k for group, mine in zip(optimizer.param_groups, own["groups"]) for k, v in mine.items()
                       if group.get(k) != v})
-    changed += [k for k in SCHEDULE_SETTINGS if k in own and saved_schedule.get(k) != own[k]]
+    if ("T_max" in own) != ("T_max" in saved_schedule):
+        changed.append("--lr-scheduler")
+    else:
+        changed += [k for k in SCHEDULE_SETTINGS if k in own and saved_schedule.get(k) != own[k]]
     if not changed:
         scheduler.load_state_dict(saved_schedule)
         return []
@@ -142,4 +148,4 @@ def keep_this_runs_settings(optimizer: torch.optim.Optimizer, scheduler, own: di
     for group in optimizer.param_groups:
         group["lr"] = rate_at(scheduler, group["initial_lr"], epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return changed
+    return [FLAG_OF.get(k, k) for k in changed]
