@@ -75,7 +75,10 @@ def hub_cache_path(url: str) -> Path:
 
 
 def _is_path(spec: str) -> bool:
-    return Path(spec).suffix in (".pth", ".pt") or os.sep in spec
+    """Whether a --weights value names a file rather than a torchvision weights name: any existing file (such as
+    five.pth.tar) does, and so does a name that looks like a path, so that a missing one is reported as a file."""
+    looks_like_path = Path(spec).suffix in (".pth", ".pt") or os.sep in spec or bool(os.altsep and os.altsep in spec)
+    return looks_like_path or Path(spec).expanduser().is_file()
 
 
 def resolve_weights(spec: str, flag: str, kind: type[WeightsEnum] | None = None) -> Path:
@@ -202,14 +205,16 @@ def init_mask_logits(model: nn.Module, num_classes: int) -> bool:
 
 def build_model(name: str, num_classes: int, weights: str | None, weights_backbone: str | None,
                 trainable_backbone_layers: int | None, pretrained_layout: bool = False, mask_init: bool = False,
-                **model_kwargs) -> nn.Module:
+                new_class_heads: bool = True, **model_kwargs) -> nn.Module:
     """A torchvision detection model laid out exactly as its builder lays it out, with weights from local files.
 
     weights (a whole model: a torchvision name or a path) wins over weights_backbone (ImageNet weights of the
     backbone). A pretrained model gets the builder's pretrained layout (frozen batch norm where it uses it, 3
     trainable backbone stages by default); from scratch, every stage trains. pretrained_layout gives the
     pretrained layout without reading any weights (for a checkpoint that will overwrite them). mask_init starts
-    fresh mask logits at a scale that does not depend on the class count (init_mask_logits).
+    fresh mask logits at a scale that does not depend on the class count (init_mask_logits). new_class_heads
+    lets weights whose class heads are of another size start those heads fresh (fine-tuning); without it (to
+    predict) that is an error.
     """
     if name not in MODELS:
         raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
@@ -221,7 +226,7 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     fresh_heads = True
     if weights is not None:
         state = _state_dict_of(resolve_weights(weights, "--weights"), "--weights")
-        fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=True)
+        fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=new_class_heads)
         fresh_heads = bool(fresh)
         if fresh:
             print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)")

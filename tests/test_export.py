@@ -15,6 +15,7 @@ import torch
 from pycocotools.coco import COCO
 
 import deploy
+from coco_utils import CategoryMap
 from conftest import ROOT, run_cli
 from errors import UserError
 from models import build_model
@@ -189,6 +190,44 @@ def test_failed_export_is_one_line(tmp_path, monkeypatch):
     message = str(error.value)
     assert "\n" not in message and "Guard: no guard Caused by: (boxes.py:86 in batched_nms)" in message
     assert "Mask R-CNN" in message and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("outcome", ["passes", "fails", "crashes"])
+def test_only_a_checked_export_replaces_the_output(outcome, tmp_path, monkeypatch, capsys):
+    """The export is checked in a file beside --output: a failed or interrupted check leaves the earlier file as
+    it was and no temporary file. The exporter and onnxruntime are stubbed: this is about the files."""
+    name, output = "fasterrcnn_mobilenet_v3_large_320_fpn", tmp_path / "model.onnx"
+    output.write_bytes(b"earlier good export")
+    model = build_model(name, 2, None, None, None, **SIZES)
+    category_map = CategoryMap.from_categories([{"id": 1, "name": "shape"}], "coco")
+    checked = []
+
+    def write(model, name, sample, path, *rest) -> float:
+        path.write_bytes(b"new export")
+        return 0.0
+
+    def load(path):
+        checked.append((path, path.read_bytes()))
+        if outcome == "crashes":
+            raise UserError("onnxruntime could not load it")
+        return None
+
+    monkeypatch.setattr(export, "load_model", lambda args: (model, category_map, name))
+    monkeypatch.setattr(deploy, "export", write)
+    monkeypatch.setattr(deploy, "OnnxModel", load)
+    monkeypatch.setattr(deploy, "verify", lambda *args: [deploy.Comparison(
+        "generated (export sample)", 1, 1, unmatched=int(outcome == "fails"), size=(64, 85))])
+    status = export.main(["--weights", "x.pth", "--output", str(output)])
+    err = capsys.readouterr().err.splitlines()
+    assert list(tmp_path.iterdir()) == [output]
+    if outcome == "passes":
+        assert status == 0 and output.read_bytes() == b"new export" and err == []
+    else:
+        assert status == (1 if outcome == "fails" else 2) and output.read_bytes() == b"earlier good export"
+        assert len(err) == 1 and err[0].startswith("error: ")
+    if outcome == "fails":
+        assert "verification FAILED" in err[0] and "unchanged" in err[0] and "without a counterpart" in err[0]
+    assert checked[0][0] != output and checked[0][1] == b"new export"  # the new file was the one checked
 
 
 def test_foreign_onnx_file_is_refused(tmp_path):

@@ -1,11 +1,15 @@
 """The generator writes what real COCO has, in a form pycocotools reads."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from conftest import ROOT, cli_env
 from tools.make_coco_dataset import CATEGORIES, DatasetSpec, generate_dataset, main
 
 
@@ -63,3 +67,29 @@ def test_coco_named_categories_read_as_coco(tmp_path):
     cmap = CategoryMap.from_categories(data["categories"], "coco")
     assert cmap.keep_ids and cmap.num_classes == 91
     assert {a["category_id"] for a in data["annotations"]} <= {72, 37, 38, 84}
+
+
+@pytest.mark.parametrize("keypoints", [False, True])
+def test_a_write_cut_short_leaves_no_val_annotations(keypoints, tmp_path):
+    """A file-size limit (as a full disk would) stops the generator inside the val annotations, the largest
+    file: instances_val2017.json, which tools/demo.py takes as the sign of a finished dataset, must then be
+    absent rather than cut short, with no temporary file left and one line saying what to do."""
+    resource = pytest.importorskip("resource")
+    limit = 8192  # above each 64 px JPEG and the one-image train JSON, below the val JSON of 20 images
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = [str(tmp_path), "--train-images", "1", "--val-images", "20", "--size", "64"]
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "make_coco_dataset.py"), *args,
+                             *(["--keypoints"] if keypoints else [])], capture_output=True, text=True, timeout=300,
+                            env=cli_env(), cwd=ROOT, preexec_fn=limit_file_size)
+    assert result.returncode != 0
+    annotations = tmp_path / "annotations"
+    assert not (annotations / "instances_val2017.json").exists()
+    assert not list(annotations.glob("*val2017.json")), "a val file cut short"
+    assert json.loads((annotations / "instances_train2017.json").read_text())["images"]  # complete
+    assert sorted(p.name for p in annotations.iterdir() if p.name.startswith(".")) == []
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not write ") and "val2017.json" in lines[0], lines
+    assert "file too large" in lines[0] and "choose another folder" in lines[0]

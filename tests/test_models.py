@@ -169,6 +169,19 @@ def test_mobilenet_backbone_from_the_hub_cache(tmp_path, monkeypatch):
     assert isinstance(model.backbone.body["0"][1], torchvision.ops.FrozenBatchNorm2d)
 
 
+def test_an_existing_file_is_a_path_whatever_its_name(tmp_path, monkeypatch):
+    """A file without a .pth or .pt suffix, named without a folder, is still taken as the file it is."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(3)
+    state = torchvision.models.mobilenet_v3_large().state_dict()
+    torch.save(state, "backbone.pth.tar")
+    assert resolve_weights("backbone.pth.tar", "--weights-backbone").samefile(tmp_path / "backbone.pth.tar")
+    model = build_model("fasterrcnn_mobilenet_v3_large_320_fpn", 3, None, "backbone.pth.tar", None, **SMALL)
+    assert torch.equal(model.backbone.body["0"][0].weight, state["features.0.0.weight"])
+    with pytest.raises(UserError, match="neither a file nor a torchvision weights name"):
+        resolve_weights("backbone.tar", "--weights-backbone")  # not there: a name, and not one torchvision has
+
+
 def test_coco_weights_by_name_for_another_family(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     name = "RetinaNet_ResNet50_FPN_Weights.COCO_V1"

@@ -6,6 +6,7 @@ import json
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,6 +312,46 @@ def test_predict_on_the_cpu_reuses_freed_memory_unless_told(trained, dataset, tm
                            str(tmp_path), "--device", "cpu", *flags])
     assert status == 0 and (tmp_path / image.name).is_file()
     assert calls == (["reuse"] if reused else [])
+
+
+def test_predict_names_pictures_of_one_stem_apart():
+    from tools import predict
+
+    paths = [Path("a.jpg"), Path("a.png"), Path("b.jpg"), Path("other/a.jpg")]
+    assert predict.picture_names(paths) == ["a.jpg", "a_2.jpg", "b.jpg", "a_3.jpg"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--onnx", "m.onnx", "--min-size", "320"], "fixed when the ONNX model was exported"),
+    (["--model", "fasterrcnn_resnet50_fpn"], "holds a maskrcnn_resnet50_fpn; leave --model out"),
+    (["--annotations", "/nowhere/instances.json"], "/nowhere/instances.json is not readable JSON"),
+    (["--output-dir", "FILE"], "cannot be made (File exists)"),
+])
+def test_predict_refuses_what_it_would_ignore_or_fail_on_late_in_one_line(trained, dataset, tmp_path, capsys,
+                                                                           flags, message):
+    from tools import predict
+
+    (tmp_path / "FILE").write_text("")
+    flags = [str(tmp_path / "FILE") if flag == "FILE" else flag for flag in flags]
+    source = [] if "--onnx" in flags else ["--checkpoint", str(trained[0] / "checkpoint.pth")]
+    image = sorted((dataset / "val2017").glob("*.jpg"))[0]
+    status = predict.main([*source, str(image), "--output-dir", str(tmp_path / "out"), "--device", "cpu", *flags])
+    error = capsys.readouterr().err
+    assert status == 2 and message in error and "Traceback" not in error, error
+
+
+def test_predict_refuses_weights_whose_class_heads_do_not_fit(trained, dataset, tmp_path, capsys):
+    """A train.py checkpoint of its own categories given to --weights: its heads do not fit COCO's 91 classes,
+    which fresh heads would fill with random predictions."""
+    from tools import predict
+
+    image = sorted((dataset / "val2017").glob("*.jpg"))[0]
+    status = predict.main(["--weights", str(trained[0] / "model_best.pth"), str(image), "--output-dir",
+                           str(tmp_path), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert status == 2 and "does not fit this model" in error and "goes to --checkpoint" in error, error
+    assert not (tmp_path / "predictions.json").exists()
 
 
 def test_the_epoch_file_is_the_checkpoints_bytes(trained):

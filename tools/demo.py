@@ -41,6 +41,7 @@ def main() -> int:
 
     started = time.time()
     data_path = Path(args.data_path)
+    # generate_dataset writes this file last and atomically: an interrupted run leaves it absent, never cut short.
     if not (data_path / "annotations" / "instances_val2017.json").is_file():
         generate_dataset(data_path, DEMO_SPEC)
         print(f"Generated {DEMO_SPEC.train_images} training and {DEMO_SPEC.val_images} validation images "

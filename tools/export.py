@@ -11,7 +11,8 @@ keypoints (N, K, 3) and keypoints_scores (N, K). The category ids and names are 
 
 The check runs both models on a few images (from --data-path, else generated): the export's sample, one of
 another size and a blank one, with no detection above --score-thresh expected. It prints the largest
-differences per image and exits 1 when they are beyond the tolerances it states.
+differences per image and exits 1 when they are beyond the tolerances it states. The file is written beside
+--output and moved there only once the check passes, so a failed check leaves an earlier file as it was.
 
 Limits, with torch 2.14.1 and torchvision 0.29.1: torch's dynamo-based exporter stops at torchvision's NMS
 (a shape that depends on the data), so the TorchScript-based exporter is the default (--exporter dynamo tries the
@@ -23,6 +24,7 @@ and the check says whether the result holds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from tools.predict import find_images, load_model  # noqa: E402
 
 DATA_IMAGES = 3  # images taken from --data-path
 BLANK_GRAY = 128
+DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint written by train.py (model_best.pth, checkpoint.pth)")
     source.add_argument("--weights", help="COCO weights: a torchvision name read from the hub cache, or a .pth")
-    parser.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
-                        help=f"with --weights: the model ({', '.join(MODELS)})")
+    parser.add_argument("--model", choices=MODELS, metavar="MODEL",
+                        help=f"with --weights: the model ({', '.join(MODELS)}; default {DEFAULT_MODEL})")
     parser.add_argument("--output", default="model.onnx", help="the ONNX file to write")
     parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
@@ -69,7 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=deploy.OPSET, help="ONNX opset (16 or more)")
     parser.add_argument("--benchmark", type=int, default=0, metavar="ROUNDS",
                         help="also time onnxruntime and PyTorch, taking turns, on the sample at the trained size")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.weights and args.model is None:  # left unset with --checkpoint, which names its own model
+        args.model = DEFAULT_MODEL
+    return args
 
 
 def trained_size(model: torch.nn.Module) -> tuple[int, int]:
@@ -138,11 +144,14 @@ def run_benchmark(model: torch.nn.Module, onnx_model: deploy.OnnxModel, image: t
 
 
 def export_and_check(args: argparse.Namespace) -> int:
+    """Export to a temporary file beside --output, check it, and move it into place only if the check passes."""
     output = Path(args.output)
     if args.opset < 16:
         raise UserError(f"--opset {args.opset} is too old for torchvision's RoIAlign; give 16 or more")
     if not output.parent.is_dir():
         raise UserError(f"--output {output}: folder {output.parent} does not exist; create it or choose another")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
     for module in ("onnx", "onnxruntime"):  # before minutes of work, not after
         deploy.require(module)
     model, category_map, name = load_model(args)
@@ -152,20 +161,33 @@ def export_and_check(args: argparse.Namespace) -> int:
     images = check_images(args, name, *trained_size(model))
     meta = deploy.metadata(name, category_map, model, args.input_dtype, args.exporter)
     sample = images[0][1] if args.input_dtype == "uint8" else images[0][1].float() / 255
-    seconds = deploy.export(model, name, sample, output, meta, args.exporter, args.opset)
-    print(f"exported {name} to {output} ({output.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s with torch "
-          f"{torch.__version__}'s {args.exporter} exporter, opset {args.opset}; "
-          f"{len(category_map.ids)} categories in its metadata")
-    onnx_model = deploy.OnnxModel(output)
-    comparisons = deploy.verify(model, onnx_model, images, args.score_thresh)
-    print("\n".join(deploy.report(comparisons, args.score_thresh) + coverage(comparisons)))
-    if args.benchmark:
-        run_benchmark(model, onnx_model, images[0][1], args.benchmark)
-    problems = [p for c in comparisons for p in c.problems()]
-    if problems:
-        print(f"verification FAILED ({output} is kept for inspection): {'; '.join(problems[:3])}", file=sys.stderr)
-        return 1
-    print("verification passed: onnxruntime gives PyTorch's detections within the tolerances")
+    # Same folder, so the final rename is atomic; a file that fails the check never replaces a good one.
+    unchecked = output.with_name(f".{output.name}.{os.getpid()}.unchecked")
+    try:
+        seconds = deploy.export(model, name, sample, unchecked, meta, args.exporter, args.opset)
+        print(f"exported {name} ({unchecked.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s with torch "
+              f"{torch.__version__}'s {args.exporter} exporter, opset {args.opset}; "
+              f"{len(category_map.ids)} categories in its metadata")
+        onnx_model = deploy.OnnxModel(unchecked)
+        comparisons = deploy.verify(model, onnx_model, images, args.score_thresh)
+        print("\n".join(deploy.report(comparisons, args.score_thresh) + coverage(comparisons)))
+        if args.benchmark:
+            run_benchmark(model, onnx_model, images[0][1], args.benchmark)
+        problems = [p for c in comparisons for p in c.problems()]
+        if problems:
+            kept = "the file there is unchanged" if output.exists() else "nothing was written"
+            print(f"error: verification FAILED, so {output} was not written ({kept}): {'; '.join(problems[:3])}; "
+                  f"the table above shows where; run the model with PyTorch (tools/predict.py) instead",
+                  file=sys.stderr)
+            return 1
+        try:
+            os.replace(unchecked, output)
+        except OSError as e:
+            raise UserError(f"could not move the checked export to {output}: {e.strerror}; choose another "
+                            f"--output") from None
+    finally:
+        unchecked.unlink(missing_ok=True)
+    print(f"verification passed: onnxruntime gives PyTorch's detections within the tolerances; wrote {output}")
     return 0
 
 

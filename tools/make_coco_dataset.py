@@ -15,12 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint import write_atomic  # noqa: E402
+from errors import UserError  # noqa: E402
 
 # Ids are spread out on purpose: COCO's own ids have gaps, and code that assumes 1..K breaks on them.
 CATEGORIES = [
@@ -281,19 +287,27 @@ def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_im
     }
 
 
+def write_json(path: Path, data: dict) -> None:
+    """data as JSON at path, atomically (checkpoint.write_atomic): the earlier file or the whole new one, never
+    one cut short; a failed write is a UserError naming the file."""
+    write_atomic(path, lambda f: f.write(json.dumps(data).encode()),
+                 remedy="free space or allow writing there, or choose another folder, and run this again")
+
+
 def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:
     """Write `root/{train2017,val2017}` and `root/annotations/instances_{train,val}2017.json` (with keypoints,
-    also `person_keypoints_{train,val}2017.json`)."""
+    also `person_keypoints_{train,val}2017.json`). instances_val2017.json is written last, and each JSON
+    atomically, so its presence means a finished dataset (tools/demo.py relies on this)."""
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, count, first_id in (("train", spec.train_images, 1000), ("val", spec.val_images, 500000)):
         data = _write_split(root, split, count, spec, first_id)
         if spec.keypoints:
-            (root / "annotations" / f"person_keypoints_{split}2017.json").write_text(json.dumps(data))
+            write_json(root / "annotations" / f"person_keypoints_{split}2017.json", data)
             drop = ("keypoints", "num_keypoints", "skeleton", "shape")
             data = {**data, "annotations": [{k: v for k, v in a.items() if k not in drop} for a in data["annotations"]],
                     "categories": [{k: v for k, v in c.items() if k not in drop} for c in data["categories"]]}
-        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+        write_json(root / "annotations" / f"instances_{split}2017.json", data)
     return root
 
 
@@ -333,7 +347,10 @@ def main(argv: list[str] | None = None) -> None:
             setattr(spec, field, value)
     if spec.min_size > spec.max_size or spec.min_size < 32:
         parser.error("sizes must satisfy 32 <= --min-size <= --max-size")
-    root = generate_dataset(args.root, spec)
+    try:
+        root = generate_dataset(args.root, spec)
+    except UserError as e:
+        parser.exit(1, f"error: {e}\n")
     print(f"wrote {spec.train_images} train and {spec.val_images} val images to {root}")
 
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deploy  # noqa: E402
 import speedups  # noqa: E402
-from checkpoint import load_file  # noqa: E402
+from annotations import read_annotation_file  # noqa: E402
+from checkpoint import load_file, write_atomic  # noqa: E402
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from engine import to_device  # noqa: E402
@@ -35,6 +36,7 @@ from models import MODELS, build_from_checkpoint, build_model, iou_types, model_
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -55,7 +57,7 @@ def find_images(inputs: list[str]) -> list[Path]:
 
 def image_ids(paths: list[Path], annotations: str | None) -> list[int]:
     if annotations:
-        by_name = {img["file_name"]: img["id"] for img in json.loads(Path(annotations).read_text())["images"]}
+        by_name = {img["file_name"]: img["id"] for img in read_annotation_file(Path(annotations))["images"]}
         missing = [p.name for p in paths if p.name not in by_name]
         if missing:
             raise UserError(f"--annotations {annotations} does not list {missing[0]}; give the matching file")
@@ -75,18 +77,28 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, 
                             f"plain weights")
         saved = checkpoint["args"]
         sizes = {k: saved.get(k) if v is None else v for k, v in sizes.items()}
-        name = saved.get("model", "maskrcnn_resnet50_fpn")
-        model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **model_options(name, **sizes))
+        name = saved.get("model", DEFAULT_MODEL)
+        if args.model not in (None, name):
+            raise UserError(f"--model {args.model}: --checkpoint {args.checkpoint} holds a {name}; leave --model out")
+        # As its run evaluated it: the RPN's score threshold is an inference setting of the run.
+        options = model_options(name, rpn_score_thresh=saved.get("rpn_score_thresh"), **sizes)
+        model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **options)
         if "model_ema" in checkpoint:
             print(f"--checkpoint {args.checkpoint}: predicting with the weights' moving average (model_ema)")
         categories = CategoryMap.from_categories(checkpoint["categories"], saved.get("dataset", "coco"),
                                                  checkpoint.get("labels_are_category_ids"))
         return model, categories, name
-    cats = [{"id": i, "name": n} for i, n in coco_category_names().items()]
-    category_map = CategoryMap.from_categories(cats, "coco")
-    model = build_model(args.model, category_map.num_classes, args.weights, None, None,
-                        **model_options(args.model, **sizes))
-    return model, category_map, args.model
+    name = args.model or DEFAULT_MODEL
+    # COCO's categories, as torchvision's COCO weights have them: keypoint models know persons only.
+    names = {1: "person"} if "keypoints" in iou_types(name) else coco_category_names()
+    category_map = CategoryMap.from_categories([{"id": i, "name": n} for i, n in names.items()], "coco")
+    try:  # the file's class heads must fit: fresh ones would predict at random
+        model = build_model(name, category_map.num_classes, args.weights, None, None, new_class_heads=False,
+                            **model_options(name, **sizes))
+    except UserError as e:
+        raise UserError(f"{e}. --weights takes whole-model COCO weights ({category_map.num_classes} classes with "
+                        f"background); a checkpoint of train.py goes to --checkpoint") from None
+    return model, category_map, name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--checkpoint", help="a checkpoint written by train.py (model_best.pth, checkpoint.pth)")
     source.add_argument("--weights", help="COCO weights: a torchvision name read from the hub cache, or a .pth")
     source.add_argument("--onnx", help="a model exported by tools/export.py, run by onnxruntime on the CPU")
-    parser.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
-                        help=f"with --weights: the model ({', '.join(MODELS)})")
+    parser.add_argument("--model", choices=MODELS, metavar="MODEL",
+                        help=f"with --weights: the model ({', '.join(MODELS)}; default {DEFAULT_MODEL})")
     parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="draw and keep detections above this")
     parser.add_argument("--device", default="cuda", help="cuda or cpu (cuda falls back to the CPU)")
@@ -116,10 +128,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that would be ignored or fail late, refused before anything loads."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.onnx and (args.model or args.min_size or args.max_size):
+        raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
+                        "(tools/export.py); leave them out with --onnx")
+
+
+def picture_names(paths: list[Path]) -> list[str]:
+    """A picture's file name per image: its own stem, numbered from the second image of the same stem on."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(f"{path.stem}.jpg" if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}.jpg")
+    return names
+
+
+def prepare_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {out} cannot be made ({e.strerror}); give a folder you can write to") from None
+
+
 def predict(args: argparse.Namespace) -> int:
+    check_args(args)
     device = torch.device(args.device if torch.cuda.is_available() or args.device == "cpu" else "cpu")
     paths = find_images(args.inputs)
     ids = image_ids(paths, args.annotations)
+    out = Path(args.output_dir)
+    prepare_output_dir(out)
     if args.onnx:  # categories from the file's metadata; onnxruntime runs on the CPU
         model = deploy.OnnxModel(args.onnx)
         category_map, name = model.category_map, model.name
@@ -129,8 +170,7 @@ def predict(args: argparse.Namespace) -> int:
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
         print(NOT_KEPT_WARNING, file=sys.stderr)
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    pictures = dict(zip(paths, picture_names(paths)))
 
     results: list[dict] = []
     dropped = 0
@@ -154,7 +194,7 @@ def predict(args: argparse.Namespace) -> int:
             names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
             picture = draw_instances(image, output["boxes"], names, output.get("masks"),
                                      [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
-            save_jpeg(picture, out / f"{path.stem}.jpg")
+            save_jpeg(picture, out / pictures[path])
         done = min(start + args.batch_size, len(paths))
         rate = done / max(time.time() - started, 1e-9)
         print(f"\r[{done}/{len(paths)}] {rate:.1f} img/s", end="", flush=True)
@@ -162,7 +202,8 @@ def predict(args: argparse.Namespace) -> int:
     if dropped:
         print(f"{dropped} detections had labels that are no category of the model's ({len(category_map.ids)} "
               f"categories) and were left out")
-    (out / "predictions.json").write_text(json.dumps(results))
+    write_atomic(out / "predictions.json", lambda f: f.write(json.dumps(results).encode()),
+                 remedy="free space in --output-dir or choose another")
     print(f"Wrote {len(paths)} pictures and {len(results)} detections to {out}")
     return 0
 
