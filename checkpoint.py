@@ -288,9 +288,11 @@ def remove_stale_temporaries(output_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# What a training run writes in its output folder (model_*.pth: each epoch's weights and model_best.pth).
-RUN_OUTPUTS = ("checkpoint.pth", "model_*.pth", "metrics.jsonl", "events.out.tfevents.*", "curves.png",
-               "predictions_*.json", "predictions")
+# What a training run writes in its output folder, and nothing else (tools/predict.py's default folder is
+# predictions/ too, with pictures of its own).
+RUN_OUTPUTS = ("checkpoint.pth", "model_[0-9]*.pth", "model_best.pth", "metrics.jsonl", "events.out.tfevents.*",
+               "curves.png", "predictions_bbox.json", "predictions_segm.json", "predictions_keypoints.json",
+               "predictions/epoch_[0-9]*")
 
 
 def set_aside_previous_run(output_dir: Path) -> Path | None:
@@ -305,7 +307,9 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for path in found:
-            path.replace(folder / path.name)
+            target = folder / path.relative_to(output_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(target)
     except OSError as e:
         raise UserError(f"could not move the previous run's outputs in {output_dir} aside to {folder} "
                         f"({e.strerror}); move or delete them, or give another --output-dir") from None

@@ -313,14 +313,17 @@ def test_only_the_namespace_is_let_through(tmp_path):
 def test_a_fresh_run_moves_another_runs_outputs_aside_whole(tmp_path):
     outputs = ["checkpoint.pth", "curves.png", "events.out.tfevents.1.host.2.0", "metrics.jsonl", "model_3.pth",
                "model_best.pth", "predictions_bbox.json"]
-    for name in outputs + ["notes.txt"]:
+    for name in outputs + ["notes.txt", "model_final.pth"]:
         (tmp_path / name).write_text(name)
     (tmp_path / "predictions" / "epoch_3").mkdir(parents=True)
+    (tmp_path / "predictions" / "photo.jpg").write_text("tools/predict.py's, whose default folder this is")
     moved_to = set_aside_previous_run(tmp_path)
     assert moved_to.parent == tmp_path / "previous_runs"
     assert sorted(p.name for p in moved_to.iterdir()) == sorted(outputs + ["predictions"])
     assert (moved_to / "metrics.jsonl").read_text() == "metrics.jsonl" and (moved_to / "predictions/epoch_3").is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "previous_runs"], "the user's own files stay"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pth", "notes.txt", "predictions",
+                                                          "previous_runs"], "the user's own files stay"
+    assert [p.name for p in (tmp_path / "predictions").iterdir()] == ["photo.jpg"]
     assert set_aside_previous_run(tmp_path) is None, "nothing left to move"
 
 
