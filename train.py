@@ -476,7 +476,7 @@ def evaluate_only(run: Run, data: Data, state: TrainingState) -> dict:
 
 
 def keep_previous_outputs(output_dir: Path) -> None:
-    """A fresh run: another run's outputs in the folder are moved aside whole, not continued or overwritten."""
+    """A fresh run: what another training run wrote in the folder is moved aside, not continued or overwritten."""
     moved_to = set_aside_previous_run(output_dir)
     if moved_to is not None:
         print(f"{output_dir} held another run's outputs (checkpoints, metrics, events, best weights): moved to "
