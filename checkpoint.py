@@ -282,6 +282,20 @@ def save_checkpoint(state: dict, output_dir: Path, also_as: str | None = None) -
     return path
 
 
+def prepare_output_dir(out: Path) -> None:
+    """The output folder made and checked writable, before any work, for train.py and tools/predict.py alike;
+    temporaries of interrupted saves cleared."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable or cannot be made ({e.strerror}); choose a folder you "
+                        f"can write to") from None
+    remove_stale_temporaries(out)
+
+
 def remove_stale_temporaries(output_dir: Path) -> None:
     """Temporary files of saves that a kill interrupted; they are never read."""
     for tmp in output_dir.glob(".*.pth.*.tmp"):

@@ -34,8 +34,8 @@ from checkpoint import (
     from_reference_checkpoint,
     is_reference_checkpoint,
     load_file,
+    prepare_output_dir,
     prune_epoch_files,
-    remove_stale_temporaries,
     save_atomic,
     save_checkpoint,
     set_aside_previous_run,
@@ -300,18 +300,6 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f"--resume {path} is not a checkpoint of this script (no '{missing[0]}'); for plain "
                         f"model weights use --weights")
     return checkpoint
-
-
-def prepare_output_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); choose a folder you can write to"
-                        ) from None
-    remove_stale_temporaries(out)
 
 
 # ------------------------------------------------------------------------------------------------ the stages

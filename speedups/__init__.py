@@ -157,11 +157,12 @@ def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
     """Apply each speed-up not applied yet whose self-check passes; it is listed as applied only when it
     changed the model (the fingerprint tells), so one that finds nothing of its kind is not claimed."""
     applied = model.__dict__.setdefault(_APPLIED, [])
+    fingerprint = _fingerprint(model)
     for speedup in speedups:
         if speedup.name not in applied and _problem(speedup) is None:
-            before = _fingerprint(model)
             speedup.apply(model)
-            if _fingerprint(model) != before:
+            before, fingerprint = fingerprint, _fingerprint(model)  # the next one's "before"
+            if fingerprint != before:
                 applied.append(speedup.name)
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deploy  # noqa: E402
 import speedups  # noqa: E402
 from annotations import read_annotation_file  # noqa: E402
-from checkpoint import load_file, write_atomic  # noqa: E402
+from checkpoint import load_file, prepare_output_dir, write_atomic  # noqa: E402
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from engine import to_device  # noqa: E402
@@ -145,13 +145,6 @@ def picture_names(paths: list[Path]) -> list[str]:
         seen[path.stem] = seen.get(path.stem, 0) + 1
         names.append(f"{path.stem}.jpg" if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}.jpg")
     return names
-
-
-def prepare_output_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {out} cannot be made ({e.strerror}); give a folder you can write to") from None
 
 
 def predict(args: argparse.Namespace) -> int:
