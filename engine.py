@@ -40,13 +40,14 @@ def pop_faults(targets) -> list[str]:
 
 
 class FaultLog:
-    """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and stops the run
-    when more than max_share of an epoch's samples could not be read."""
+    """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and knows when more
+    than max_share of the epoch's samples (this rank's share of them) could not be read."""
 
     def __init__(self, max_share: float) -> None:
         self.max_share = max_share
         self.seen: set[str] = set()
         self.epoch_faults: set[str] = set()
+        self.samples_in_epoch = 0
 
     def start_epoch(self) -> None:
         self.epoch_faults = set()
@@ -60,15 +61,25 @@ class FaultLog:
         return len(self.epoch_faults) - self.skipped
 
     def add(self, faults: list[str], samples_in_epoch: int) -> None:
+        self.samples_in_epoch = samples_in_epoch
         for fault in faults:
             self.epoch_faults.add(fault)
             if fault not in self.seen:
                 self.seen.add(fault)
                 print(f"data: {fault}", flush=True)
-        if self.skipped > self.max_share * samples_in_epoch:
-            raise UserError(f"{self.skipped} of {samples_in_epoch} samples could not be read this epoch, more "
-                            f"than --max-bad-samples {self.max_share:g} allows; fix the files named above or "
-                            f"raise --max-bad-samples")
+
+    @property
+    def over_limit(self) -> bool:
+        return self.skipped > self.max_share * self.samples_in_epoch
+
+    def limit_error(self) -> UserError:
+        """The error that stops the run, worded for this rank: its own count, or another rank's."""
+        if not self.over_limit:
+            return UserError(f"another process found more unreadable samples this epoch than --max-bad-samples "
+                             f"{self.max_share:g} allows; fix the files it named or raise --max-bad-samples")
+        return UserError(f"{self.skipped} of {self.samples_in_epoch} samples could not be read this epoch, more "
+                         f"than --max-bad-samples {self.max_share:g} allows; fix the files named above or raise "
+                         f"--max-bad-samples")
 
     def summary(self) -> str:
         return f"{self.skipped} samples skipped, {self.repaired} annotations repaired"
@@ -132,12 +143,21 @@ class PendingLosses:
         return rows
 
 
-def stop_agreed(step: int, requested: bool) -> bool:
-    """Whether every rank stops before this step: ranks agree (all take the same branch) every
-    STOP_AGREEMENT_STEPS steps; one process needs no agreement."""
-    if utils.get_world_size() == 1:
-        return requested
-    return step % STOP_AGREEMENT_STEPS == 0 and utils.any_rank(requested)
+def stop_agreed(step: int, requested: bool, faults: FaultLog) -> bool:
+    """Whether every rank stops before this step, asked to or (raising) for too many unreadable samples on
+    any rank. Ranks agree, so that all take the same branch, every STOP_AGREEMENT_STEPS steps; one process
+    decides at every step."""
+    if utils.get_world_size() > 1 and step % STOP_AGREEMENT_STEPS:
+        return False
+    return stop_agreed_now(requested, faults)
+
+
+def stop_agreed_now(requested: bool, faults: FaultLog) -> bool:
+    """stop_agreed's decision, taken now: one all-reduce for both reasons to stop."""
+    stop, over_limit = utils.max_over_ranks([int(requested), int(faults.over_limit)])
+    if over_limit:
+        raise faults.limit_error()
+    return bool(stop)
 
 
 @dataclass
@@ -235,11 +255,11 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
     options.faults.start_epoch()
     step = start_step
     for batches in meters.timed(accumulated(data_loader, accumulation)):
-        # Checked before the step rather than after it, so that the last step done has been logged.
-        if stop_agreed(step, options.stop_requested()):
-            break
         for _, targets in batches:
             options.faults.add(pop_faults(targets), steps_in_epoch * images_per_step // utils.get_world_size())
+        # Checked before the step rather than after it, so that the last step done has been logged.
+        if stop_agreed(step, options.stop_requested(), options.faults):
+            break
         warmup.set_lr(step)
         losses.add(step, training_step(model, optimizer, batches, device, options))
         meters.update(lr=optimizer.param_groups[0]["lr"])
@@ -253,6 +273,7 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
             steps_after = sum(clock.steps(e) for e in range(epoch + 1, options.epochs))
             options.on_record(meters.record("train", epoch, step, clock.global_step(epoch, step), steps_after))
     losses.read()  # a stop between logged steps: their losses are still checked
+    stop_agreed_now(False, options.faults)  # the faults of the steps since the ranks last agreed
     warmup.restore()
     utils.print_once(meters.summary(step - start_step))
     if options.faults.skipped or options.faults.repaired:

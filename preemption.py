@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 
+import utils
+
 
 class StopRequest:
     """Installs the handlers; `signal_name` is set once a stop was asked for."""
@@ -26,6 +28,14 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (one all-reduce, which every rank must call); each rank then takes
+        the signal (the highest-numbered, should ranks get different ones), so that all say and exit alike."""
+        signum = utils.max_over_ranks([signal.Signals[self.signal_name].value if self.signal_name else 0])[0]
+        if signum and self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+        return signum > 0
 
     @property
     def exit_code(self) -> int:

@@ -473,6 +473,8 @@ def keep_previous_outputs(output_dir: Path) -> None:
 
 def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> None:
     path = run.save(state)
+    # Every rank waits for rank 0's checkpoint here: a launcher ends a job's other processes once one exits.
+    stop.agreed()
     if path is not None:
         print(f"Stopped by {stop.signal_name} at epoch {state.epoch} step {state.step}; saved {path}. "
               f"Run the same command with --resume auto to continue.", flush=True)
@@ -587,7 +589,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
             stop_mid_epoch(run, state, stop)
         save_epoch(run, state, epoch)
         # Agreed, as the steps' stops are: rank 0 is still writing the checkpoint when the others get here.
-        if utils.any_rank(stop.requested):
+        if stop.agreed():
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
             sys.exit(stop.exit_code)
         with utils.random_state_kept(run.device):  # a resumed run's next epoch draws what this one's would

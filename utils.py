@@ -102,13 +102,18 @@ def reduce_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(zip(names, stacked))
 
 
+def max_over_ranks(values: list[int]) -> list[int]:
+    """Each value's largest over the ranks, on every rank, in one all-reduce (all ranks must call it)."""
+    if get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when flag is true on at least one (all ranks must take the same branch)."""
-    if get_world_size() == 1:
-        return flag
-    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(max_over_ranks([int(flag)])[0])
 
 
 # What the process groups' errors say when a peer is gone or silent (gloo and NCCL wordings).

@@ -1,7 +1,8 @@
 """train.py's entry point with a probe for the distributed tests: each rank records the image ids of its
 training batches in $PROBE_DIR/rank{R}.jsonl; on its second step, rank $PROBE_FAIL_RANK raises, rank
 $PROBE_KILL_RANK is killed (SIGKILL) and rank $PROBE_STOP_RANK stops (SIGSTOP), each after writing the time
-and its process id to $PROBE_DIR/rank{R}.gone."""
+and its process id to $PROBE_DIR/rank{R}.gone, and rank $PROBE_SIGNAL_RANK is sent SIGTERM. Every sample of
+rank $PROBE_FAULT_RANK comes with an unreadable-image fault."""
 
 import json
 import os
@@ -16,6 +17,7 @@ import engine  # noqa: E402
 import train  # noqa: E402
 
 _to_device = engine.to_device
+_pop_faults = engine.pop_faults
 _steps = 0
 
 
@@ -37,8 +39,18 @@ def _probed_to_device(images, targets, device):
             _leave(int(rank), signal.SIGKILL)
         if _steps == 2 and os.environ.get("PROBE_STOP_RANK") == rank:
             _leave(int(rank), signal.SIGSTOP)
+        if _steps == 2 and os.environ.get("PROBE_SIGNAL_RANK") == rank:
+            os.kill(os.getpid(), signal.SIGTERM)
     return _to_device(images, targets, device)
 
 
+def _probed_pop_faults(targets):
+    faults = _pop_faults(targets)
+    if os.environ.get("PROBE_FAULT_RANK") == str(int(os.environ.get("RANK", "0"))):
+        faults += [f"{t['image_id']}.jpg: image missing; sample skipped" for t in targets]
+    return faults
+
+
 engine.to_device = _probed_to_device
+engine.pop_faults = _probed_pop_faults
 sys.exit(train.run())

@@ -121,6 +121,27 @@ def test_a_killed_worker_ends_the_job_well_within_the_timeout(tiny_dataset, tmp_
     assert ended - killed < 40, f"the job took {ended - killed:.0f} s to end after the kill"
 
 
+def test_too_many_unreadable_samples_on_one_rank_stop_every_rank_with_a_reason(tiny_dataset, tmp_path):
+    result = launch("tests/ddp_probe.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path / "out"),
+                    *SHORT, "--dist-timeout", "120", env={"PROBE_DIR": str(tmp_path), "PROBE_FAULT_RANK": "1"},
+                    timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "error: 2 of 4 samples could not be read this epoch" in output, output[-3000:]
+    assert "error: another process found more unreadable samples this epoch than --max-bad-samples" in output
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_alike(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = launch("tests/ddp_probe.py", "--data-path", str(tiny_dataset), "--output-dir", str(out), *SHORT,
+                    "--epochs", "2", "--dist-timeout", "120",
+                    env={"PROBE_DIR": str(tmp_path), "PROBE_SIGNAL_RANK": "1"}, timeout=300)
+    assert result.returncode != 0
+    assert "Stopped by SIGTERM after epoch 0; --resume auto continues." in result.stdout, result.stdout[-3000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert "exitcode  : 143" in result.stderr, "rank 0 exits as the signalled rank does"
+
+
 def test_a_stopped_worker_is_named_within_the_timeout(tiny_dataset, tmp_path):
     """A worker that hangs (SIGSTOP): the other gives up after --dist-timeout and says which rank went silent."""
     command = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env",

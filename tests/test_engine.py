@@ -115,10 +115,11 @@ def test_fault_log_prints_once_and_enforces_the_share(capsys):
     assert capsys.readouterr().out.count("a.jpg") == 1
     assert (log.skipped, log.repaired) == (1, 1), "a sample met twice in an epoch counts once"
     log.add(["c.jpg: image missing; sample skipped"], 20)
-    with pytest.raises(UserError, match="3 of 20 samples could not be read"):
-        log.add(["d.jpg: image missing; sample skipped"], 20)
+    assert not log.over_limit
+    log.add(["d.jpg: image missing; sample skipped"], 20)
+    assert log.over_limit and "3 of 20 samples could not be read" in str(log.limit_error())
     log.start_epoch()
-    assert (log.skipped, log.repaired) == (0, 0)
+    assert (log.skipped, log.repaired, log.over_limit) == (0, 0, False)
 
 
 def test_the_loop_stops_the_run_past_the_fault_limit(capsys):
@@ -148,9 +149,26 @@ def test_a_stop_request_ends_the_epoch_after_the_step_in_progress_and_the_rest_c
 
 def test_ranks_agree_on_a_stop_on_their_own_cadence(monkeypatch):
     monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
-    monkeypatch.setattr(engine.utils, "any_rank", lambda flag: flag)
-    agreed = [step for step in range(25) if engine.stop_agreed(step, True)]
+    monkeypatch.setattr(engine.utils, "max_over_ranks", lambda values: values)
+    agreed = [step for step in range(25) if engine.stop_agreed(step, True, FaultLog(0.1))]
     assert agreed == list(range(0, 25, engine.STOP_AGREEMENT_STEPS))
+
+
+def test_a_rank_within_the_fault_limit_stops_with_the_rank_past_it(monkeypatch):
+    monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(engine.utils, "max_over_ranks", lambda values: [values[0], 1])  # the peer is past it
+    assert not engine.stop_agreed(3, False, FaultLog(0.1)), "between agreements nothing is exchanged"
+    with pytest.raises(UserError, match="another process found more unreadable samples"):
+        engine.stop_agreed(10, False, FaultLog(0.1))
+
+
+def test_faults_after_the_ranks_last_agreed_still_stop_the_run(monkeypatch):
+    monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(engine.utils, "max_over_ranks", lambda values: values)
+    monkeypatch.setattr(engine.utils, "reduce_dict", lambda losses: losses)
+    # 20 samples, this rank's share of 40 over 2 ranks; the ranks agree at step 0 only, before the faults.
+    with pytest.raises(UserError, match="3 of 20 samples could not be read this epoch"):
+        train(TinyDetector(), loader(20, faulty=(13, 15, 17)), faults=FaultLog(0.1))
 
 
 def test_the_scaler_path_unscales_before_clipping_and_updates_once():

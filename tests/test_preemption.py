@@ -6,7 +6,9 @@ import time
 import pytest
 import torch
 
+import preemption
 from conftest import TINY, read_metrics, run_cli, start_cli
+from preemption import StopRequest
 
 FLAGS = [*TINY, "--epochs", "2", "--use-deterministic-algorithms", "--seed", "7", "--vis-images", "0",
          "--no-tensorboard"]
@@ -120,3 +122,9 @@ def test_an_epoch_saved_but_not_evaluated_is_evaluated_when_the_run_resumes(tiny
     kept, = (tmp_path / "previous_runs").iterdir()
     assert {"checkpoint.pth", "model_0.pth", "metrics.jsonl", "model_best.pth"} <= {p.name for p in kept.iterdir()}
     assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0], "the new run's only"
+
+
+def test_ranks_agree_on_the_signal_one_of_them_received(monkeypatch):
+    monkeypatch.setattr(preemption.utils, "max_over_ranks", lambda values: [max(values[0], signal.SIGTERM.value)])
+    quiet = StopRequest()
+    assert quiet.agreed() and quiet.signal_name == "SIGTERM" and quiet.exit_code == 143
