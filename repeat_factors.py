@@ -57,8 +57,8 @@ class RepeatFactorSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[int]:
         indices = np.repeat(np.arange(len(self.whole)), self._counts(self.epoch))
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        indices = indices[order.numpy()].tolist()
-        padded = indices + indices[:self.length(self.epoch) * self.num_replicas - len(indices)]
+        # Padded by repeating the list from its start, as often as it takes when it is shorter than the padding.
+        padded = np.resize(indices[order.numpy()], self.length(self.epoch) * self.num_replicas).tolist()
         return iter(padded[self.rank::self.num_replicas])
 
     def __len__(self) -> int:

@@ -68,3 +68,9 @@ def test_epochs_are_replayable_and_shards_cover_the_epoch_once():
     assert list(again) == lists[0], "an epoch depends on the seed and the epoch alone"
     again.set_epoch(5)
     assert list(again) != lists[0]
+
+
+def test_fewer_indices_than_processes_still_give_every_process_as_many():
+    shards = [list(RepeatFactorSampler(np.array([1.0, 1.0]), num_replicas=5, rank=r)) for r in range(5)]
+    assert [len(x) for x in shards] == [1] * 5
+    assert {i for x in shards for i in x} == {0, 1}
