@@ -209,13 +209,26 @@ def is_flat_polygon(segmentation) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in segmentation)
 
 
+NOT_NUMBERS = "has a polygon whose coordinates are not all finite numbers"
+
+
+def finite_coordinates(polygon: list) -> bool:
+    """Whether a polygon's entries are all finite numbers (their sum is, and it is taken in C)."""
+    try:
+        return math.isfinite(sum(polygon))
+    except (TypeError, OverflowError):  # a string, None or list among them; an int too large for a float
+        return False
+
+
 def segmentation_problem(segmentation, height: int, width: int) -> str | None:
     """Why a non-empty segmentation cannot be drawn on a height x width image, or None: polygons are lists of
     coordinates, RLE is {'counts', 'size': [h, w]} of the image's size."""
     if isinstance(segmentation, list):
-        if all(isinstance(polygon, list) for polygon in segmentation):
-            return None
-        return "is neither a list of polygons (lists of coordinates) nor RLE"
+        if not all(isinstance(polygon, list) for polygon in segmentation):
+            return "is neither a list of polygons (lists of coordinates) nor RLE"
+        if not all(finite_coordinates(polygon) for polygon in segmentation):
+            return NOT_NUMBERS
+        return None
     if not isinstance(segmentation, dict) or "counts" not in segmentation:
         return "is neither polygons nor RLE {'counts', 'size': [h, w]}"
     size = segmentation.get("size")
@@ -245,21 +258,28 @@ def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
                                 f"coordinates; it is read as one polygon [[x1, y1, ...]]"),
                         *_polygon_warnings([segmentation], ann, image)]
     problem = segmentation_problem(segmentation, image["height"], image["width"])
-    if problem:
-        return [Finding("warning", "segmentation format", f"{_where(ann, image)}: segmentation {problem}; models "
-                        f"that learn masks and mask scoring leave it out")]
-    return []
+    return [_undrawable(ann, image, problem)] if problem else []
+
+
+def _undrawable(ann: dict, image: dict, problem: str) -> Finding:
+    return Finding("warning", "segmentation format", f"{_where(ann, image)}: segmentation {problem}; models that "
+                   f"learn masks and mask scoring leave it out")
 
 
 def _polygon_warnings(polygons: list, ann: dict, image: dict) -> list[Finding]:
-    """Polygons with an odd number of coordinates, or fewer than 3 points (TypeError where one is no list)."""
+    """Polygons with entries that are not finite numbers, an odd number of coordinates, or fewer than 3 points
+    (TypeError where one is no list)."""
     odd = short = False
+    numbers = True
     for polygon in polygons:
         if not isinstance(polygon, list):  # an RLE or a string inside the list: not a polygon, whatever its length
             raise TypeError(polygon)
         length = len(polygon)
         odd = odd or length % 2 == 1
         short = short or length - length % 2 < 6
+        numbers = numbers and finite_coordinates(polygon)
+    if not numbers:
+        return [_undrawable(ann, image, NOT_NUMBERS)]
     found = []
     if odd:
         found.append(Finding("warning", "odd polygon", f"{_where(ann, image)}: polygon with an odd number of "

@@ -70,6 +70,12 @@ def _coco(**changes) -> dict:
      "'images' entry 0 has id [1]; an id is a number or a string"),
     ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, 20], {"size": [40, 50], "counts": "P"}])},
      "warning", "segmentation format", "neither a list of polygons"),
+    ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, "20"]])}, "warning",
+     "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
+    ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, float("nan"), 3]])}, "warning",
+     "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
+    ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, [20]]])}, "warning",
+     "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
 ])
 def test_malformed_entries_are_findings(changes, level, kind, text):
     found = annotations.annotation_findings(_coco(**changes))

@@ -208,6 +208,7 @@ WARNED_INSTANCES = {
     "polygon under 3 points": (False, _set("segmentation", [[1, 2]]), ("segm",)),
     "short polygon beside a sound one": (False, lambda ann: ann.update(segmentation=[[1, 2]] + ann["segmentation"]),
                                          ()),
+    "polygon holding a string": (False, _set("segmentation", [[1, 2, "3", 4, 5, 6]]), ("segm",)),
     "crowd RLE without counts": (True, _set("segmentation", {"size": [10, 10]}), ("segm",)),
 }
 

@@ -388,6 +388,7 @@ def test_instance_masks_refuse_rle_of_another_size():
     ({"size": [10, 10], "counts": [0, 100]}, "is RLE of size [10, 10], not the image's"),
     ({"size": [10, 10]}, "is neither polygons nor RLE"),
     ("not an outline", "is neither polygons nor RLE"),
+    ([[5, 5, 20, None, 20, 20]], "has a polygon whose coordinates are not all finite numbers"),
 ])
 def test_segmentations_that_cannot_be_drawn_are_dropped_as_the_check_warns(dataset, tmp_path, segmentation,
                                                                             problem):
