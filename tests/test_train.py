@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import train
+from coco_utils import CategoryMap
 from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
 from models import MODELS
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
@@ -312,6 +313,15 @@ def test_predict_on_the_cpu_reuses_freed_memory_unless_told(trained, dataset, tm
                            str(tmp_path), "--device", "cpu", *flags])
     assert status == 0 and (tmp_path / image.name).is_file()
     assert calls == (["reuse"] if reused else [])
+
+
+def test_predict_counts_only_detections_it_would_have_written_as_left_out_for_their_label():
+    from tools import predict
+    categories = CategoryMap.from_categories([{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], "shapes")
+    output = {"scores": torch.tensor([0.9, 0.8, 0.3, 0.2]), "labels": torch.tensor([1, 7, 2, 9])}
+    kept, unknown = predict.kept_detections(output, categories, score_thresh=0.5)
+    assert kept["labels"].tolist() == [1] and kept["scores"].tolist() == pytest.approx([0.9])
+    assert unknown == 1, "label 9 scored under the threshold, and would not have been written anyway"
 
 
 def test_predict_names_pictures_of_one_stem_apart():

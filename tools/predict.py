@@ -147,6 +147,14 @@ def picture_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def kept_detections(output: dict, category_map: CategoryMap, score_thresh: float) -> tuple[dict, int]:
+    """An image's detections at or above score_thresh whose labels are categories, and how many at or above it
+    were left out for a label that is no category."""
+    above = output["scores"] >= score_thresh
+    known = category_map.known(output["labels"])
+    return {k: v[above & known] for k, v in output.items()}, int((above & ~known).sum())
+
+
 def predict(args: argparse.Namespace) -> int:
     check_args(args)
     device = torch.device(args.device if torch.cuda.is_available() or args.device == "cpu" else "cpu")
@@ -177,11 +185,9 @@ def predict(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             outputs = model(to_device(images, [], device)[0])
         for (path, image_id), image, output in zip(batch, images, outputs):
-            output = {k: v.cpu() for k, v in output.items()}
-            known = category_map.known(output["labels"])
-            dropped += int((~known).sum())
-            keep = (output["scores"] >= args.score_thresh) & known
-            output = {k: v[keep] for k, v in output.items()}
+            output, unknown = kept_detections({k: v.cpu() for k, v in output.items()}, category_map,
+                                              args.score_thresh)
+            dropped += unknown
             results += to_coco_results(image_id, output, category_map, (kind,))[kind]
             labels = output["labels"].tolist()
             names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
