@@ -75,10 +75,16 @@ def hub_cache_path(url: str) -> Path:
 
 
 def _is_path(spec: str) -> bool:
-    """Whether a --weights value names a file rather than a torchvision weights name: any existing file (such as
-    five.pth.tar) does, and so does a name that looks like a path, so that a missing one is reported as a file."""
-    looks_like_path = Path(spec).suffix in (".pth", ".pt") or os.sep in spec or bool(os.altsep and os.altsep in spec)
-    return looks_like_path or Path(spec).expanduser().is_file()
+    """Whether a --weights value names a file rather than a torchvision weights name: a name that looks like a
+    path does (so that a missing one is reported as a file), and so does any other existing file (such as
+    five.pth.tar) unless torchvision has weights of that name, which a stray file cannot shadow."""
+    if Path(spec).suffix in (".pth", ".pt") or os.sep in spec or bool(os.altsep and os.altsep in spec):
+        return True
+    try:
+        torchvision.models.get_weight(spec)
+        return False
+    except (ValueError, KeyError, AttributeError):
+        return Path(spec).expanduser().is_file()
 
 
 def resolve_weights(spec: str, flag: str, kind: type[WeightsEnum] | None = None) -> Path:

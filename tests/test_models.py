@@ -1,6 +1,7 @@
 """Model building and offline weight loading from the torch hub cache or a path."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +181,14 @@ def test_an_existing_file_is_a_path_whatever_its_name(tmp_path, monkeypatch):
     assert torch.equal(model.backbone.body["0"][0].weight, state["features.0.0.weight"])
     with pytest.raises(UserError, match="neither a file nor a torchvision weights name"):
         resolve_weights("backbone.tar", "--weights-backbone")  # not there: a name, and not one torchvision has
+
+
+def test_a_file_named_like_torchvision_weights_does_not_shadow_them(torch_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.chdir(tmp_path)
+    Path("ResNet50_Weights.IMAGENET1K_V1").write_text("not weights")
+    path = resolve_weights("ResNet50_Weights.IMAGENET1K_V1", "--weights-backbone")
+    assert path == torch_home / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
 
 
 def test_coco_weights_by_name_for_another_family(tmp_path, monkeypatch):
