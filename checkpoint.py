@@ -211,6 +211,8 @@ class TrainingState:
         if self.ema is not None and "model_ema" in checkpoint:
             load_model_weights(self.ema.module, checkpoint["model_ema"]["model"], f"{source} (model_ema)")
             self.ema.updates = checkpoint["model_ema"]["updates"]
+        elif self.ema is not None:  # an average begun now starts from the weights read, not the model as built
+            self.ema.module.load_state_dict(self.model.state_dict())
         if weights_only:
             return
         if "optimizer" not in checkpoint:

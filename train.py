@@ -410,8 +410,11 @@ def create_training_state(run: Run, model: torch.nn.Module, data: Data, num_clas
     args = run.args
     optimizer = make_optimizer(model, args, reference_order=bool(checkpoint and checkpoint.get("from_reference")),
                                fused=run.speedups.use_fused_optimizer(run.device))
-    # An average to evaluate: asked for, or (to evaluate only) kept by the checkpoint.
-    average = args.model_ema or bool(args.test_only and checkpoint and "model_ema" in checkpoint)
+    # An average to train, or to evaluate where the checkpoint keeps one (asked for or not).
+    kept = bool(checkpoint and "model_ema" in checkpoint)
+    average = kept if args.test_only else args.model_ema
+    if args.test_only and args.model_ema and checkpoint is not None and not kept:
+        utils.print_once("--model-ema: the checkpoint keeps no moving average of the weights; evaluating its weights")
     ema = ModelEma(model, args.model_ema_decay) if average else None
     return TrainingState(model, optimizer, make_lr_scheduler(optimizer, args), grad_scaler(run.device, run.amp_dtype),
                          args, data.category_map, num_classes, ema)

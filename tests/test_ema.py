@@ -58,3 +58,15 @@ def test_the_average_travels_with_the_checkpoint_and_model_best(tmp_path):
         assert torch.equal(restored.model[0].weight, state.model[0].weight)
     best = torch.load(tmp_path / "model_best.pth", weights_only=True)
     assert "optimizer" not in best and {"model", "model_ema", "categories", "args", "num_classes"} <= set(best)
+
+
+def test_an_average_begun_on_a_checkpoint_without_one_starts_from_its_weights(tmp_path):
+    """--model-ema added on resume: the average starts from the weights read, not the model as built."""
+    trained = state_with_average(0)
+    trained.ema = None
+    with torch.no_grad():
+        trained.model[0].weight.mul_(3)
+    save_atomic(trained.state_dict(), tmp_path / "checkpoint.pth")
+    resumed = state_with_average(1)
+    resumed.load_state_dict(load_file(tmp_path / "checkpoint.pth", "--resume"), "checkpoint.pth")
+    assert torch.equal(resumed.ema.module[0].weight, trained.model[0].weight) and resumed.ema.updates == 0
