@@ -7,8 +7,6 @@ the engine turns them into floats on the device.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 import transforms as T
@@ -70,7 +68,7 @@ class _V2Policy:
         from torchvision import tv_tensors
 
         self.tv_tensors = tv_tensors
-        fill = defaultdict(lambda: list(MEAN_FILL), {tv_tensors.Mask: 0})
+        fill = {tv_tensors.Mask: 0, "others": list(MEAN_FILL)}  # a defaultdict's default is never asked for
         flip = v2.RandomHorizontalFlip(hflip_prob)
         steps = {
             "hflip": [flip],

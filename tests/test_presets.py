@@ -121,3 +121,22 @@ def test_copy_paste_moves_pixels_masks_and_boxes_together(samples):
     assert torch.equal(T.boxes_of_masks(out["masks"]), out["boxes"])
     if len(old):
         assert not (old.bool() & cover).any(), "a pasted instance covers what was under it"
+
+
+@pytest.mark.parametrize("use_v2", [False, True])
+def test_lsj_pads_images_with_the_mean_colour_and_masks_with_zero(use_v2):
+    policy = presets.DetectionPresetTrain("lsj", use_v2=use_v2)
+    target = {"boxes": torch.tensor([[10.0, 10, 30, 30]]), "labels": torch.ones(1, dtype=torch.int64),
+              "masks": torch.ones(1, 60, 80, dtype=torch.uint8), "area": torch.ones(1),
+              "iscrowd": torch.zeros(1, dtype=torch.int64), "image_id": 1}
+    mean = torch.tensor([round(v) for v in presets.MEAN_FILL], dtype=torch.uint8)[:, None]
+    padded = 0
+    for seed in range(6):
+        image, out = policy(torch.full((3, 60, 80), 7, dtype=torch.uint8), dict(target),
+                            torch.Generator().manual_seed(seed))
+        pixels = image.flatten(1)
+        is_mean = (pixels == mean).all(0)
+        assert not (pixels == 0).all(0).any(), "no black padding"
+        assert not out["masks"].flatten(1)[:, is_mean].any(), "masks are padded with zero"
+        padded += int(is_mean.any())
+    assert padded >= 3, "jitter's small scales pad"
