@@ -332,11 +332,13 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
     return folder
 
 
-def prune_epoch_files(output_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest keep_last model_{epoch}.pth files (model_best.pth is a file of its own)."""
-    files = sorted(output_dir.glob("model_*.pth"), key=lambda p: int(p.stem.split("_")[1])
-                   if p.stem.split("_")[1].isdigit() else -1)
-    doomed = [p for p in files if p.stem.split("_")[1].isdigit()][:-keep_last] if keep_last > 0 else []
+def prune_epoch_files(output_dir: Path, keep_last: int, epoch: int) -> list[Path]:
+    """Delete all but the keep_last newest model_{E}.pth files up to the epoch just saved (model_best.pth is a
+    file of its own). Later epochs' files, left by a run resumed from an earlier epoch, are not this run's
+    newest: they stay until this run writes those epochs again."""
+    epochs = {int(p.stem[len("model_"):]): p for p in output_dir.glob("model_*.pth")
+              if p.stem[len("model_"):].isdigit()}
+    doomed = [epochs[e] for e in sorted(e for e in epochs if e <= epoch)[:-keep_last]]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed

@@ -204,7 +204,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if args.epochs < 1 and not args.test_only:
         raise UserError(f"--epochs {args.epochs} must be at least 1")
     for flag in ("batch_size", "rois_per_image", "eval_batch_size", "print_freq", "lr_step_size",
-                 "grad_accum_steps", "model_ema_steps", "patience", "auto_scale_lr"):
+                 "grad_accum_steps", "model_ema_steps", "patience", "auto_scale_lr", "keep_last"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
@@ -489,7 +489,7 @@ def save_epoch(run: Run, state: TrainingState, epoch: int) -> None:
     state.lr_scheduler.step()
     state.epoch, state.step = epoch, None
     if run.save(state, also_as=f"model_{epoch}.pth") is not None and run.args.keep_last:
-        prune_epoch_files(run.output_dir, run.args.keep_last)
+        prune_epoch_files(run.output_dir, run.args.keep_last, epoch)
 
 
 class BestModel:

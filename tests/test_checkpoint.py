@@ -12,7 +12,14 @@ import pytest
 import torch
 import torchvision
 
-from checkpoint import TrainingState, load_file, save_atomic, save_checkpoint, set_aside_previous_run
+from checkpoint import (
+    TrainingState,
+    load_file,
+    prune_epoch_files,
+    save_atomic,
+    save_checkpoint,
+    set_aside_previous_run,
+)
 from coco_utils import CategoryMap
 from conftest import TINY, run_cli, start_cli
 from errors import UserError
@@ -335,3 +342,15 @@ def test_outputs_that_cannot_be_moved_aside_are_one_clear_error(tmp_path, monkey
                                         r"move or delete them, or give another --output-dir"):
         set_aside_previous_run(tmp_path)
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_pruning_keeps_this_runs_newest_epochs_not_later_ones_of_an_earlier_run(tmp_path):
+    """A run resumed from epoch 3 in a folder that holds epochs up to 9: after its epoch 4, --keep-last 2 keeps 3
+    and 4; 5 to 9 stay until it writes those epochs again."""
+    for epoch in range(10):
+        (tmp_path / f"model_{epoch}.pth").write_bytes(b"")
+    (tmp_path / "model_best.pth").write_bytes(b"")
+    doomed = prune_epoch_files(tmp_path, 2, epoch=4)
+    assert sorted(p.name for p in doomed) == ["model_0.pth", "model_1.pth", "model_2.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model_best.pth"] + [f"model_{e}.pth" for e in range(3, 10)])

@@ -142,6 +142,7 @@ BAD_INPUTS = [
     (["--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1"], "resnet50-0676ba61.pth is missing"),
     (["--model", "no_such_model"], "invalid choice: 'no_such_model'"),
     (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--keep-last", "0"], "--keep-last 0 must be at least 1"),
     (["--workers", "-1"], "--workers -1 must be 0 or more"),
     (["--lr-steps", "8", "4"], "must be increasing"),
     (["--num-classes", "3"], "--num-classes 3 is too small"),
