@@ -187,12 +187,31 @@ class SampleError(Exception):
     """A sample that cannot be used (missing or unreadable image, size differing from the JSON)."""
 
 
+# What PIL raises on a file it cannot read: an image over its pixel limit (its guard against decompression
+# bombs) raises neither OSError nor ValueError.
+IMAGE_READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+_WIDE_GRAYSCALE = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb_pixels(img: Image.Image) -> np.ndarray:
+    """An opened image's pixels as (H, W, 3) uint8 RGB. 16-bit grayscale (and 32-bit integer, read as 16-bit) is
+    scaled to 8 bits, where PIL's convert would clip it at 255; floating-point pixels are refused (ValueError)."""
+    if img.mode == "RGB":
+        return np.array(img)
+    if img.mode in _WIDE_GRAYSCALE:
+        gray = ((np.clip(np.asarray(img, dtype=np.int64), 0, 65535) + 128) // 257).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError("its pixels are floating-point numbers (mode F); save it with 8 or 16 bits per channel")
+    return np.array(img.convert("RGB"))
+
+
 def read_rgb(path: Path) -> torch.Tensor:
-    """An image file as a uint8 CHW RGB tensor (grayscale and palette images converted)."""
+    """An image file as a uint8 CHW RGB tensor (grayscale, 16-bit and palette images converted)."""
     try:
         with Image.open(path) as img:
-            pixels = np.array(img if img.mode == "RGB" else img.convert("RGB"))
-    except (OSError, ValueError) as e:
+            pixels = rgb_pixels(img)
+    except IMAGE_READ_ERRORS as e:
         reason = "missing" if not Path(path).exists() else f"unreadable ({str(e).strip()[:100]})"
         raise SampleError(f"{path}: image {reason}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from annotations import STRUCTURE, Finding, annotation_findings, image_path_problem, read_annotation_file
-from coco_utils import DATASET_LAYOUTS
+from coco_utils import DATASET_LAYOUTS, IMAGE_READ_ERRORS, rgb_pixels
 from errors import UserError
 
 
@@ -44,8 +44,8 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | N
             if img.size != (width, height):
                 return f"is {img.size[0]}x{img.size[1]} but the JSON says {width}x{height}"
             if decode:
-                img.load()
-    except (OSError, ValueError) as e:
+                rgb_pixels(img)  # as the loader reads it
+    except IMAGE_READ_ERRORS as e:
         return f"unreadable ({str(e).strip()[:100]})"
     return None
 

@@ -9,6 +9,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+from PIL import Image
 
 from annotations import annotation_findings
 from coco_utils import (
@@ -18,6 +19,7 @@ from coco_utils import (
     coco_category_names,
     instance_masks,
     load_coco,
+    read_rgb,
     scoring_ground_truth,
 )
 from conftest import load_file_module, reference_checkout
@@ -457,3 +459,12 @@ def test_only_a_file_with_instances_the_loader_changes_gets_other_ground_truth_f
     assert boxes.anns.keys() == ds.coco.anns.keys() and all(boxes.anns[i] is a for i, a in ds.coco.anns.items())
     assert masks.anns.keys() == ds.coco.anns.keys() - {edited["id"]}
     assert all(masks.anns[i] is ds.coco.anns[i] for i in masks.anns), "sound instances are not copied"
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    pixels = read_rgb(tmp_path / "ramp.png")
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8
+    assert torch.equal(pixels[0], pixels[2]) and (pixels[0, 0, 0], pixels[0, -1, -1]) == (0, 255)
+    assert abs(pixels.float().mean().item() - 127.5) < 1, "spread over the range, not clipped white"

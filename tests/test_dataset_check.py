@@ -2,8 +2,12 @@
 
 import json
 import shutil
+import struct
+import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import run_cli
 from dataset_check import missing_files
@@ -41,6 +45,15 @@ def _plant(clean, tmp_path, edit):
     return root
 
 
+def _huge_png(path, image):
+    """A PNG header of an aerial tile's size (14000 x 13000, over PIL's limit), with the JSON's size to match."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 14000, 13000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    image.update(width=14000, height=13000)
+
+
 def _first_polygon_ann(data):
     return next(a for a in data["annotations"] if not a["iscrowd"])
 
@@ -50,6 +63,12 @@ FAULTS = {
                       "ERROR unusable image", "missing"),
     "unreadable image": (lambda root, d: (root / "train2017" / d["images"][1]["file_name"]).write_bytes(b"x" * 50),
                          "ERROR unusable image", "unreadable"),
+    "image over PIL's pixel limit": (lambda root, d: _huge_png(root / "train2017" / d["images"][1]["file_name"],
+                                                               d["images"][1]), "ERROR unusable image",
+                                     "exceeds limit"),
+    "floating-point image": (lambda root, d: Image.fromarray(np.zeros((64, 64), np.float32)).save(
+        root / "train2017" / d["images"][1]["file_name"], format="TIFF"), "ERROR unusable image",
+        "floating-point numbers (mode F)"),
     "size differs": (lambda root, d: d["images"][2].update(width=65), "ERROR unusable image",
                      "but the JSON says 65x64"),
     "short polygon": (lambda root, d: _first_polygon_ann(d)["segmentation"].append([1, 1, 2, 2]),
@@ -125,3 +144,11 @@ def test_missing_files_answer_as_is_file_does(tmp_path):
     names = {"a.jpg", "sub/b.jpg", "./a.jpg", "sub/./b.jpg", "gone.jpg", "sub/gone.jpg", "none/c.jpg", "folder.jpg"}
     assert missing_files(tmp_path, names) == {n for n in names if not (tmp_path / n).is_file()}
     assert missing_files(tmp_path, names) == {"gone.jpg", "sub/gone.jpg", "none/c.jpg", "folder.jpg"}
+
+
+@pytest.mark.parametrize("flags, message", [(["--workers", "0"], "--workers 0 must be at least 1"),
+                                            (["--max-bad-samples", "5"], "must be a share between 0 and 1")])
+def test_out_of_range_flags_are_one_line(clean, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        check_main([str(clean), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     parser.add_argument("--workers", type=int, default=8, help="threads that read images")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers} must be at least 1")
+    if not 0 <= args.max_bad_samples <= 1:
+        parser.error(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
 
     reports = [check_split(Path(args.data_path), args.dataset, split, decode=not args.no_decode,
                            max_bad_share=args.max_bad_samples, workers=args.workers) for split in args.splits]
