@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+import utils
 from annotations import (
     annotation_findings,
     collection_paused,
@@ -456,8 +457,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             target = self._target(image_id, record, faults, self.with_masks)
             if self.transforms is not None:
-                generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
-                image, target = self.transforms(image, target, generator)
+                image, target = self.transforms(image, target, utils.generator_for(self.seed, self.epoch, index))
             target["faults"] = faults
             return image, target
         raise UserError(f"no image of {self.image_dir} can be read; check --data-path")

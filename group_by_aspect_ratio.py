@@ -33,7 +33,7 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         pending: dict[int, list[int]] = defaultdict(list)
         for index in self.sampler:
-            group = pending[self.group_ids[index]]
+            group = pending[self.group_ids[index % len(self.group_ids)]]  # a repeated image's key is past the end
             group.append(index)
             if len(group) == self.batch_size:
                 yield group.copy()

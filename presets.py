@@ -112,7 +112,7 @@ class CopyPasteCollate:
     def __call__(self, batch):
         images, targets = utils.collate_fn(batch)
         ids = tuple(t["image_id"] for t in targets)
-        generator = torch.Generator().manual_seed(hash((self.dataset.seed, self.dataset.epoch, ids)) % 2**63)
+        generator = utils.generator_for(self.dataset.seed, self.dataset.epoch, ids)
         pasted = [T.copy_paste(image, target, images[i - 1], targets[i - 1], generator)
                   for i, (image, target) in enumerate(zip(images, targets))]
         return tuple(p[0] for p in pasted), tuple(p[1] for p in pasted)

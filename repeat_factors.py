@@ -28,7 +28,11 @@ def repeat_factors(image_categories: Sequence[set[int]], threshold: float) -> np
 
 class RepeatFactorSampler(torch.utils.data.Sampler):
     """Dataset indices of one epoch, repeated by their factors, shuffled, and sharded over the processes as
-    DistributedSampler shards (the list padded to a multiple of them). `set_epoch` chooses the epoch."""
+    DistributedSampler shards (the list padded to a multiple of them). `set_epoch` chooses the epoch.
+
+    The k-th copy of image i is yielded as the key i + k * len(dataset): the dataset reads key mod its length
+    and seeds the augmentation from the key, so each copy is augmented differently.
+    """
 
     def __init__(self, factors: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         self.whole, self.fraction = np.floor(factors).astype(np.int64), factors - np.floor(factors)
@@ -55,7 +59,10 @@ class RepeatFactorSampler(torch.utils.data.Sampler):
         return float((self.whole + self.fraction).sum()) / self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        indices = np.repeat(np.arange(len(self.whole)), self._counts(self.epoch))
+        counts = self._counts(self.epoch)
+        indices = np.repeat(np.arange(len(self.whole)), counts)
+        copy_number = np.arange(len(indices)) - np.repeat(np.cumsum(counts) - counts, counts)
+        indices = indices + copy_number * len(self.whole)
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         # Padded by repeating the list from its start, as often as it takes when it is shorter than the padding.
         padded = np.resize(indices[order.numpy()], self.length(self.epoch) * self.num_replicas).tolist()

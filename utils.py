@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import random
 import time
@@ -160,6 +161,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def generator_for(*parts) -> torch.Generator:
+    """A generator seeded from parts (numbers and strings, in tuples), the same in every process: Python's
+    hash() of a string differs from one process to the next."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
 def random_state_kept(device: torch.device):

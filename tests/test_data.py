@@ -70,3 +70,15 @@ for start in (data.start_worker_with_malloc_defaults, preemption.ignore_stop_sig
 """
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["True", "False"]
+
+
+def test_copies_of_a_repeated_image_are_augmented_apart(tiny_dataset):
+    loaded = _loaded(tiny_dataset, "--repeat-factor-threshold", "1.0", "--data-augmentation", "lsj")
+    seen: dict = {}
+    for images, targets in loaded.train_loader:
+        for image, target in zip(images, targets):
+            seen.setdefault(target["image_id"], []).append(image)
+    repeated = [copies for copies in seen.values() if len(copies) > 1]
+    assert repeated, "threshold 1.0 repeats every image of a category that some images lack"
+    for first, second, *_ in repeated:
+        assert first.shape != second.shape or not torch.equal(first, second)

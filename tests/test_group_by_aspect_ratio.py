@@ -27,3 +27,9 @@ def test_every_index_once_and_full_batches_homogeneous():
 
 def test_factor_zero_makes_two_groups_split_at_square():
     assert create_aspect_ratio_groups([0.5, 0.99, 1.0, 1.01, 2.0, 4.0], k=0) == [0, 0, 1, 1, 1, 1]
+
+
+def test_a_repeated_images_key_is_grouped_by_its_image():
+    groups = create_aspect_ratio_groups([0.5, 2.0], k=1)
+    batches = list(GroupedBatchSampler([0, 1, 2, 3, 4, 5], groups, batch_size=3))  # keys of 3 copies of 2 images
+    assert sorted(sorted(b) for b in batches) == [[0, 2, 4], [1, 3, 5]]

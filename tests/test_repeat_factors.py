@@ -43,7 +43,7 @@ def test_each_image_appears_as_often_as_its_factor_on_average():
         sampler.set_epoch(epoch)
         indices = list(sampler)
         assert len(indices) == sampler.length(epoch)
-        counts += np.bincount(indices, minlength=len(factors))
+        counts += np.bincount(np.array(indices) % len(factors), minlength=len(factors))
     fraction = factors - np.floor(factors)
     # Each image's count per epoch is floor(r) + Bernoulli(r - floor(r)): mean r, variance f(1 - f).
     standard_error = np.sqrt(fraction * (1 - fraction) / epochs)
@@ -74,3 +74,10 @@ def test_fewer_indices_than_processes_still_give_every_process_as_many():
     shards = [list(RepeatFactorSampler(np.array([1.0, 1.0]), num_replicas=5, rank=r)) for r in range(5)]
     assert [len(x) for x in shards] == [1] * 5
     assert {i for x in shards for i in x} == {0, 1}
+
+
+def test_each_copy_of_a_repeated_image_has_its_own_key():
+    """Copies are keyed image + k * len(dataset), so that each draws its own augmentation."""
+    factors = np.array([1.0, 3.0, 2.0])
+    keys = list(RepeatFactorSampler(factors, seed=0))
+    assert sorted(keys) == [0, 1, 2, 4, 5, 7]

@@ -1,9 +1,13 @@
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import utils
+from conftest import ROOT
 from errors import UserError
 from models import build_model
 
@@ -50,3 +54,12 @@ def test_a_launched_rank_takes_its_gpu_and_nccl_on_gpus_gloo_on_the_cpu(monkeypa
     utils.init_distributed_mode(args)
     assert args.distributed and (args.rank, args.world_size, args.gpu) == (1, 2, 3)
     assert joined[0]["backend"] == backend and chosen == gpu_set
+
+
+def test_generators_for_the_same_parts_agree_across_processes_whatever_their_string_hashing():
+    code = "import utils; print(utils.generator_for(3, 0, ('img1000', 'img7')).initial_seed())"
+    seeds = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
+    assert len(seeds) == 1
+    assert utils.generator_for(3, 0, ("img1000", "img7")).initial_seed() != utils.generator_for(3, 1, (
+        "img1000", "img7")).initial_seed()
