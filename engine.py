@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -281,17 +281,32 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
     return EpochResult(steps_done=step, finished=step == steps_in_epoch)
 
 
+@contextmanager
+def resized_as_in_evaluation(model) -> Iterator[None]:
+    """A block in which a model built to take training images resized by their augmentation (lsj, multiscale:
+    torchvision's transform skips its resize in training mode) resizes them itself, as in evaluation."""
+    unresized = [m for m in model.modules() if getattr(m, "_skip_resize", False)]
+    for transform in unresized:
+        transform._skip_resize = False
+    try:
+        yield
+    finally:
+        for transform in unresized:
+            transform._skip_resize = True
+
+
 @torch.no_grad()
 def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
     """The model's mean losses over data_loader's batches and every rank's share, changing nothing: no
     gradient, batch norm statistics left as they are (its layers in eval mode), and the random generators
-    (which the heads' sampling draws from) restored afterwards."""
+    (which the heads' sampling draws from) restored afterwards. Images are resized as evaluation resizes them,
+    also where training's augmentation resizes instead of the model (lsj, multiscale)."""
     model.train()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.eval()
     totals: dict[str, torch.Tensor] = {}
-    with utils.random_state_kept(device):
+    with utils.random_state_kept(device), resized_as_in_evaluation(model):
         for images, targets in data_loader:
             pop_faults(targets)
             images, targets = to_device(images, targets, device)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import engine
 from engine import FaultLog, PendingLosses, TrainOptions, Warmup, optimizer_step, train_one_epoch, warmup_factor
@@ -271,3 +272,27 @@ def test_compact_masks_on_the_cpu_gives_the_run_lengths_of_every_pixel():
     every_pixel = engine.run_lengths(masks)
     assert compact.size == every_pixel.size == (37, 29)
     assert [c.tolist() for c in compact.counts] == [c.tolist() for c in every_pixel.counts]
+
+
+class ResizingDetector(torch.nn.Module):
+    """torchvision's transform as an lsj-trained model has it; records the sizes the images reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.transform = GeneralizedRCNNTransform(32, 32, [0.5] * 3, [0.2] * 3, _skip_resize=True)
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.sizes = []
+
+    def forward(self, images, targets):
+        batch, _ = self.transform(images, targets)
+        self.sizes += batch.image_sizes
+        return {"loss_a": self.weight * batch.tensors.mean()}
+
+
+def test_validation_losses_resize_images_as_evaluation_where_training_does_not():
+    model = ResizingDetector()
+    images = [torch.rand(3, 64, 48) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[1.0, 1, 20, 20]]), "labels": torch.tensor([1])} for _ in range(2)]
+    engine.validation_losses(model, [(images, targets)], CPU, None)
+    assert model.sizes == [(32, 24)] * 2
+    assert model.transform._skip_resize, "training goes on without the model's resize"
