@@ -163,7 +163,8 @@ class TrainingState:
     and categories, and where it stands.
 
     epoch is the epoch of the last save; step is the number of steps done in it when saved mid-epoch, None when
-    the epoch was complete; stopped_early says that --patience ended the run. A checkpoint is plain data that
+    the epoch was complete; global_step is the run's optimizer steps by then (the records' x axis);
+    stopped_early says that --patience ended the run. A checkpoint is plain data that
     torch.load(weights_only=True) reads.
     """
 
@@ -177,6 +178,7 @@ class TrainingState:
     ema: ModelEma | None = None
     epoch: int = -1
     step: int | None = None
+    global_step: int | None = None
     stopped_early: bool = False
 
     def weights_dict(self) -> dict:
@@ -200,6 +202,7 @@ class TrainingState:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step,
+            "global_step": self.global_step,
             "rng": rng_state(),
             **({"stopped_early": True} if self.stopped_early else {}),
         }

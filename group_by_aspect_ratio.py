@@ -57,6 +57,9 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         self.batch_size = batch_sampler.batch_size
         self.accumulation_steps = accumulation_steps
         self.skip = 0
+        # Set on resume where earlier epochs had another count of steps (another batch size or number of
+        # processes): what they counted, less what this layout counts for them.
+        self.step_offset = 0
 
     @property
     def sampler(self):
@@ -81,8 +84,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     def global_step(self, epoch: int, step: int) -> int:
         """Optimizer steps since the run began, after `step` steps of `epoch`: the x axis of every record."""
         if getattr(self.sampler, "length", None) is None:  # every epoch alike
-            return epoch * self.steps(epoch) + step
-        return sum(self.steps(e) for e in range(epoch)) + step
+            return self.step_offset + epoch * self.steps(epoch) + step
+        return self.step_offset + sum(self.steps(e) for e in range(epoch)) + step
 
     def __iter__(self) -> Iterator[list[int]]:
         return itertools.islice(iter(self.batch_sampler), self.skip, None)

@@ -420,14 +420,39 @@ def create_training_state(run: Run, model: torch.nn.Module, data: Data, num_clas
                          args, data.category_map, num_classes, ema)
 
 
+# What decides the batches of an epoch: the rest of an epoch saved part-way can only be replayed with the same.
+BATCH_LAYOUT = {"world_size": "processes", "batch_size": "--batch-size", "grad_accum_steps": "--grad-accum-steps",
+                "seed": "--seed", "aspect_ratio_group_factor": "--aspect-ratio-group-factor",
+                "repeat_factor_threshold": "--repeat-factor-threshold"}
+
+
+def check_same_batches(args: argparse.Namespace, saved: dict, resume: str, epoch: int, step: int) -> None:
+    """One clear error where a checkpoint saved part-way through an epoch is resumed with other batches."""
+    ours = {**vars(args), "world_size": utils.get_world_size()}
+    saved = {"world_size": 1, **saved}
+    differ = [name for name in BATCH_LAYOUT if name in saved and saved[name] != ours[name]]
+    if differ:
+        earlier = f"resume from model_{epoch - 1}.pth (the end of epoch {epoch - 1})" if epoch else "start afresh"
+        was = ", ".join(f"{BATCH_LAYOUT[name]} {saved[name]}" for name in differ)
+        now = ", ".join(f"{BATCH_LAYOUT[name]} {ours[name]}" for name in differ)
+        raise UserError(f"--resume {resume} was saved at step {step} of epoch {epoch} with {was}, where this run "
+                        f"has {now}; the rest of that epoch is replayed only with the same batches: run with "
+                        f"the saved values, or {earlier}")
+
+
 def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data) -> None:
     """Continue from the checkpoint: weights, and for training the optimizer, schedule, scaler, generators and
     position; what was logged past it is dropped."""
     state.load_state_dict(checkpoint, f"--resume {resume}", weights_only=run.args.test_only)
     if not run.args.test_only:
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
+        if step is not None:
+            check_same_batches(run.args, checkpoint["args"], resume, epoch, step)
         clock = data.train_loader.batch_sampler
-        run.writers.resume_after(epoch, step, clock.global_step(epoch, clock.steps(epoch) if step is None else step))
+        counted_here = clock.global_step(epoch, clock.steps(epoch) if step is None else step)
+        if checkpoint.get("global_step") is not None:  # the x axis goes on from where the saved run had it
+            clock.step_offset = checkpoint["global_step"] - counted_here
+        run.writers.resume_after(epoch, step, counted_here + clock.step_offset)
     where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
     averaged = " with the weights' moving average" if state.ema is not None and "model_ema" in checkpoint else ""
     utils.print_once(f"Resumed from {resume} ({where}){averaged}")
@@ -587,6 +612,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
         data.train_loader.batch_sampler.set_epoch(epoch, start_step)
         result = train_one_epoch(model, state.optimizer, data.train_loader, run.device, epoch, options, start_step)
         start_step = 0
+        state.global_step = data.train_loader.batch_sampler.global_step(epoch, result.steps_done)
         if not result.finished:
             state.epoch, state.step = epoch, result.steps_done
             stop_mid_epoch(run, state, stop)

@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 import train
 from coco_utils import CategoryMap
 from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
+from errors import UserError
 from models import MODELS
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
 from tools.make_coco_dataset import CATEGORIES
@@ -368,3 +369,15 @@ def test_predict_refuses_weights_whose_class_heads_do_not_fit(trained, dataset, 
 def test_the_epoch_file_is_the_checkpoints_bytes(trained):
     out, _ = trained
     assert (out / "model_0.pth").stat().st_ino == (out / "checkpoint.pth").stat().st_ino, "a hard link"
+
+
+def test_a_part_way_checkpoint_resumes_only_with_the_same_batches():
+    args = train.get_args_parser().parse_args(["--batch-size", "4", "--seed", "3"])
+    saved = {**vars(args), "batch_size": 2}
+    with pytest.raises(UserError, match=r"saved at step 5 of epoch 1 with --batch-size 2, where this run has "
+                                        r"--batch-size 4; .* or resume from model_0.pth"):
+        train.check_same_batches(args, saved, "checkpoint.pth", 1, 5)
+    train.check_same_batches(args, vars(args), "checkpoint.pth", 1, 5)
+    train.check_same_batches(args, {"batch_size": 4}, "checkpoint.pth", 0, 5)  # what a checkpoint lacks is not asked
+    with pytest.raises(UserError, match="processes 2, where this run has processes 1; .* or start afresh"):
+        train.check_same_batches(args, {**vars(args), "world_size": 2}, "checkpoint.pth", 0, 5)

@@ -78,3 +78,10 @@ def test_keep_last_prunes_old_epoch_files(tiny_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_2.pth", "model_best.pth"]
     assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "predictions").exists()
+    # Resumed at twice the batch: half the steps per epoch, and the x axis goes on from the saved run's step.
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "4", "--keep-last", "1", "--no-tensorboard", "--vis-images", "0", "-b", "4",
+                     "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    steps = [(r["epoch"], r["global_step"]) for r in read_metrics(tmp_path) if r["type"] == "train"]
+    assert [g for e, g in steps if e == 2][-1] == 12 and [g for e, g in steps if e == 3] == [13, 14]
