@@ -378,8 +378,16 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
     if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:
         options["_skip_resize"] = True  # in training only: evaluation images are resized by the model
     if checkpoint is None:
-        return build_model(args.model, num_classes, args.weights, args.weights_backbone,
-                           args.trainable_backbone_layers, mask_init=not args.torchvision_mask_init, **options)
+        try:  # to evaluate only, fresh class heads would score at random: the weights' heads must fit
+            return build_model(args.model, num_classes, args.weights, args.weights_backbone,
+                               args.trainable_backbone_layers, mask_init=not args.torchvision_mask_init,
+                               new_class_heads=not args.test_only, **options)
+        except UserError as e:
+            if not args.test_only:
+                raise
+            raise UserError(f"{e}. --test-only --weights takes weights whose class heads fit this dataset's "
+                            f"{num_classes} classes (with background); a checkpoint of train.py goes to --resume, "
+                            f"which brings its own categories") from None
     saved = checkpoint["args"]
     return build_model(args.model, num_classes, None, None, saved.get("trainable_backbone_layers"),
                        pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")), **options)

@@ -154,6 +154,8 @@ BAD_INPUTS = [
     (["--resume", "{run}/checkpoint.pth", "--num-classes", "9"], "differs from the 5 classes"),
     (["--weights", "{bad}/foreign.pth"], "does not fit this model: it has no tensor backbone.body.conv1.weight"),
     (["--weights", "{bad}/text.pth"], "not a readable checkpoint (not a file written by torch.save)"),
+    (["--test-only", "--weights", "{run}/checkpoint.pth", "--num-classes", "9"],
+     "--test-only --weights takes weights whose class heads fit this dataset's 9 classes"),
     (["--weights", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"], "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth is missing"),
     (["--output-dir", "/proc/no_writing_here"], "is not writable"),
     (["--max-bad-samples", "2"], "must be a share between 0 and 1"),
