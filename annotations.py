@@ -166,12 +166,29 @@ def annotation_findings(data: dict) -> list[Finding]:
                                      f"the outline (or the box)"))
             if found:
                 warnings += found
+    warnings += _scoring_field_warnings(data["annotations"])
     empty = [img for img in data["images"] if img["id"] not in annotated]
     if empty:
         warnings.append(Finding("warning", "image without annotations",
                                 f"{len(empty)} images have no annotations (first: {empty[0].get('file_name')}); "
                                 f"training leaves them out"))
     return errors + warnings
+
+
+def _scoring_field_warnings(annotations: list[dict]) -> list[Finding]:
+    """Annotation ids that COCOeval cannot match by (it reads 0 and below as 'no match'), and a missing
+    'iscrowd' (pycocotools' COCOeval reads it unguarded)."""
+    found = []
+    unusable_ids = [a["id"] for a in annotations if type(a["id"]) is not int or a["id"] < 1]
+    if unusable_ids:
+        found.append(Finding("warning", "annotation ids", f"{len(unusable_ids)} annotation ids are not positive "
+                             f"integers (first: {unusable_ids[0]!r}); COCOeval would count their matches as "
+                             f"misses, so scoring numbers the annotations from 1 (the file stays as it is)"))
+    without = [a["id"] for a in annotations if "iscrowd" not in a]
+    if without:
+        found.append(Finding("warning", "no iscrowd", f"{len(without)} annotations have no 'iscrowd' (first: "
+                             f"annotation {without[0]}); they are read as 0, not crowd regions"))
+    return found
 
 
 def _where(ann: dict, image: dict) -> str:

@@ -246,6 +246,17 @@ def resolve_backend(name: str) -> str:
     return "faster"
 
 
+def backend_for(coco_gt: COCO, name: str) -> str:
+    """resolve_backend's choice, or pycocotools for a file whose image ids are not all integers (faster-coco-eval
+    reads every id as an integer)."""
+    backend = resolve_backend(name)
+    if backend == "faster" and not all(type(i) is int for i in coco_gt.getImgIds()):
+        utils.print_once("The image ids are not all integers, which faster-coco-eval requires: scoring with "
+                         "pycocotools")
+        return "pycocotools"
+    return backend
+
+
 def _empty_results(coco_gt: COCO, coco_class: type) -> COCO:
     """A results index with no detections (loadRes cannot take an empty list): everything scores zero."""
     coco_dt = coco_class()
@@ -317,7 +328,7 @@ class CocoEvaluator:
         self.coco_gt = coco_gt
         self.category_map = category_map
         self.iou_types = iou_types
-        self.backend = resolve_backend(backend)
+        self.backend = backend_for(coco_gt, backend)
         self.per_image: dict[int, EncodedImage] = {}
         self._pending: dict[int, Future] = {}
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rle")

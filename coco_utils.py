@@ -135,9 +135,11 @@ LOADER_REPAIRS = frozenset({"box not finite", "no segmentation", "segmentation f
 
 class CocoIndex(COCO):
     """pycocotools' index of an annotation file as load_coco makes it; loader_repairs says whether the check found
-    instances that the loader leaves out or repairs, which scoring must then read as the loader does."""
+    instances that the loader leaves out or repairs, which scoring must then read as the loader does, and
+    renumbered whether scoring must number the annotations from 1."""
 
     loader_repairs: bool = False
+    renumbered: bool = False
 
 
 def load_coco(ann_file: Path) -> CocoIndex:
@@ -150,26 +152,28 @@ def load_coco(ann_file: Path) -> CocoIndex:
                 raise UserError(f"{ann_file}: {finding.message}; fix the file (tools/check_dataset.py lists every "
                                 f"problem)")
         kinds = {f.kind for f in findings}
-        if kinds & {"flat polygon", "no area"}:
+        if kinds & {"flat polygon", "no area", "no iscrowd"}:
             _complete(data)
         coco = CocoIndex()
         coco.dataset = data
         coco.loader_repairs = bool(kinds & LOADER_REPAIRS)
+        coco.renumbered = "annotation ids" in kinds
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
             coco.createIndex()
     return coco
 
 
 def _complete(data: dict) -> None:
-    """Flat polygons wrapped as one polygon, and missing areas computed from the outline (else the box), in
-    place: the loader and COCOeval then read them as COCO has them. Run only on files the check found such
-    annotations in."""
+    """Flat polygons wrapped as one polygon, missing areas computed from the outline (else the box) and a
+    missing iscrowd set to 0, in place: the loader and COCOeval then read them as COCO has them. Run only on
+    files the check found such annotations in."""
     sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
     for ann in data["annotations"]:
         if is_flat_polygon(ann.get("segmentation")):
             ann["segmentation"] = [ann["segmentation"]]
         if ann.get("area") is None:
             ann["area"] = _outline_area(ann, *sizes[ann["image_id"]])
+        ann.setdefault("iscrowd", 0)
 
 
 def _outline_area(ann: dict, height: int, width: int) -> float:
@@ -288,18 +292,19 @@ def scoring_ground_truth(coco: COCO, iou_type: str) -> COCO:
     """The ground truth that predictions of one IoU type are scored against: the instances as the loader reads
     them, crowd regions alike. Without a usable box, an instance is left out of every type; without a drawable
     outline, out of 'segm' too. The index itself when load_coco's check found nothing the loader changes."""
-    if not (isinstance(coco, CocoIndex) and coco.loader_repairs):
+    if not (isinstance(coco, CocoIndex) and (coco.loader_repairs or coco.renumbered)):
         return coco  # no pass over the annotations and the very same index: a sound file scores as ever
     records = {image["id"]: (image.get("file_name"), image["height"], image["width"])
                for image in coco.dataset["images"]}
     with_masks = iou_type == "segm"
-    kept = []
-    for ann in coco.dataset["annotations"]:
+    kept = coco.dataset["annotations"]
+    if coco.loader_repairs:
         # Left out, not made crowd regions: both COCOevals take 'ignore' from 'iscrowd' alone, and a crowd
         # region still needs the box or outline these lack.
-        repaired = _repaired_annotation(ann, records[ann["image_id"]], [], with_masks)
-        if repaired is not None:
-            kept.append(repaired)
+        kept = [a for a in (_repaired_annotation(ann, records[ann["image_id"]], [], with_masks) for ann in kept)
+                if a is not None]
+    if coco.renumbered:
+        kept = [{**ann, "id": number} for number, ann in enumerate(kept, start=1)]
     scored = COCO()
     scored.dataset = {**coco.dataset, "annotations": kept}
     with collection_paused(), contextlib.redirect_stdout(io.StringIO()):

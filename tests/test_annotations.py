@@ -76,6 +76,9 @@ def _coco(**changes) -> dict:
      "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
     ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, [20]]])}, "warning",
      "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
+    ({"annotations": lambda a: a[0].update(id=0)}, "warning", "annotation ids",
+     "1 annotation ids are not positive integers (first: 0)"),
+    ({"annotations": lambda a: a[0].pop("iscrowd")}, "warning", "no iscrowd", "read as 0, not crowd regions"),
 ])
 def test_malformed_entries_are_findings(changes, level, kind, text):
     found = annotations.annotation_findings(_coco(**changes))

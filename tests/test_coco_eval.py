@@ -209,6 +209,9 @@ WARNED_INSTANCES = {
     "short polygon beside a sound one": (False, lambda ann: ann.update(segmentation=[[1, 2]] + ann["segmentation"]),
                                          ()),
     "polygon holding a string": (False, _set("segmentation", [[1, 2, "3", 4, 5, 6]]), ("segm",)),
+    "annotation id 0": (False, _set("id", 0), ()),
+    "annotation id a string": (False, _set("id", "a7"), ()),
+    "no iscrowd": (False, lambda ann: ann.pop("iscrowd"), ()),
     "crowd RLE without counts": (True, _set("segmentation", {"size": [10, 10]}), ("segm",)),
 }
 
@@ -288,3 +291,22 @@ def test_a_file_pycocotools_reads_scores_as_there_when_short_polygons_are_repair
     evaluator = CocoEvaluator(plain, ours.category_map, ("segm",), backend=backend)
     evaluator.update({image_id: dict(output) for image_id, output in outputs.items()})
     assert _scored(broken, "coco", outputs, ("segm",), backend)["segm"] == evaluator.summarize()["segm"]
+
+
+def _string_ids(data):
+    for image in data["images"]:
+        image["id"] = f"img-{image['id']}"
+    for ann in data["annotations"]:
+        ann["image_id"] = f"img-{ann['image_id']}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_string_image_ids_score_as_integer_ones_whatever_the_backend(dataset, tmp_path, backend, capsys):
+    """faster-coco-eval reads image ids as integers: a file of string ids is scored with pycocotools instead."""
+    named = _edited_val(dataset, tmp_path / "named", "instances_val2017.json", _string_ids)
+    sound = build_dataset(dataset, "coco", "val", None)
+    outputs = _noisy_outputs(sound, seed=5)
+    expected = _scored(dataset, "coco", outputs, ("bbox", "segm"), "pycocotools")
+    scored = _scored(named, "coco", {f"img-{i}": output for i, output in outputs.items()}, ("bbox", "segm"), backend)
+    assert scored == expected
+    assert ("scoring with pycocotools" in capsys.readouterr().out) == (backend == "faster")
