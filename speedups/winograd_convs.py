@@ -20,6 +20,7 @@ thread pool from torch's thread count when it is first used.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -250,16 +251,20 @@ class _ConvByWinograd:
         return _conv(x, weight, bias, padding, path, weights)
 
     def _tile_weights(self, weight: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-        """weight's tile_weights for tiling, kept until weight changes (an optimizer step, a load); one set a
-        tiling, as a convolution shared by maps of several sizes (the RPN head's) may need both."""
-        # An inference tensor has no version counter, and changes only inside inference mode, which our code
-        # does not do to weights.
-        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version, weight.shape)
+        """weight's tile_weights for tiling, kept while weight is the same tensor, unchanged (until an optimizer
+        step or a load); one set a tiling, as a convolution shared by maps of several sizes (the RPN head's)
+        may need both."""
+        # Known by identity, not address: a folded norm's scaled weights are a new tensor every forward, which
+        # may land where the last one was freed. An inference tensor has no version counter, and changes only
+        # inside inference mode, which our code does not do to weights.
+        version = -1 if weight.is_inference() else weight._version
         kept = self.__dict__.setdefault("_kept_tile_weights", {})
-        if kept.get(tiling.size, (None,))[0] != key:
+        same, kept_version, tiles = kept.get(tiling.size, (lambda: None, None, None))
+        if same() is not weight or kept_version != version:
             with torch.no_grad():
-                kept[tiling.size] = key, tile_weights(weight, tiling)
-        return kept[tiling.size][1]
+                tiles = tile_weights(weight, tiling)
+            kept[tiling.size] = weakref.ref(weight), version, tiles
+        return tiles
 
 
 def _eligible(module: nn.Module) -> bool:

@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from speedups import conv_gradients, winograd_convs
-from speedups.norm_folding import fold_batch_norms
+from speedups.norm_folding import fold_batch_norms, fold_frozen_norms
 from speedups.winograd_convs import (
     LARGE_TILES,
     SMALL_TILES,
@@ -100,12 +101,34 @@ def test_a_module_keeps_its_weights_transforms_until_they_change():
         assert sorted(kept) == [SMALL_TILES.size, LARGE_TILES.size]
         second = conv(small), conv(large)
         assert all(a is not b for a, b in zip(first, second))
-        assert all(conv._kept_tile_weights[size][1] is kept[size][1] for size in kept)
+        assert all(conv._kept_tile_weights[size][2] is kept[size][2] for size in kept)
         conv.weight.mul_(2)  # as an optimizer step changes it in place
         doubled = conv(large)
-        assert conv._kept_tile_weights[LARGE_TILES.size][1] is not kept[LARGE_TILES.size][1]
+        assert conv._kept_tile_weights[LARGE_TILES.size][2] is not kept[LARGE_TILES.size][2]
         expected = nn.functional.conv2d(large, conv.weight, conv.bias, padding=1)
     torch.testing.assert_close(doubled, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_a_folded_norms_convolution_never_runs_on_an_earlier_steps_weights():
+    """The folded weights are a new tensor every forward, which may take the freed address of the last one:
+    the kept transforms must not be taken for theirs."""
+    torch.manual_seed(0)
+    fast = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, bias=False), FrozenBatchNorm2d(256))
+    fold_frozen_norms(fast)
+    use_winograd_convs(fast).to(memory_format=CL)
+    optimizer = torch.optim.SGD(fast.parameters(), lr=0.5)
+    x = torch.rand(1, 256, 8, 8).to(memory_format=CL)
+    norm = fast[1]
+    for _ in range(6):
+        optimizer.zero_grad()
+        y = fast(x)
+        with torch.no_grad():
+            scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+            expected = (nn.functional.conv2d(x, fast[0].weight, padding=1) * scale[:, None, None]
+                        + (norm.bias - norm.running_mean * scale)[:, None, None])
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+        y.square().mean().backward()
+        optimizer.step()
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 11, 14), (3, 8, 5, 9)])  # large tiles; small ones
