@@ -72,7 +72,10 @@ def _groups(box_counts: list[int], candidate_count: int) -> list[range]:
 
 
 def _padded(tensors: list[Tensor]) -> Tensor:
-    """The tensors stacked, the shorter ones padded with zeros at the end."""
+    """The tensors stacked, the shorter ones padded with zeros at the end, to one row at least: a group of images
+    without boxes then has a padding row (which matches nothing), where a max or gather over no rows fails."""
+    if all(t.shape[0] == 0 for t in tensors):
+        return tensors[0].new_zeros((len(tensors), 1, *tensors[0].shape[1:]))
     if len({t.shape[0] for t in tensors}) == 1:
         return torch.stack(tensors)
     return nn.utils.rnn.pad_sequence(tensors, batch_first=True)

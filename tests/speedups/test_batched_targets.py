@@ -81,6 +81,14 @@ def test_groups_bound_the_iou_tensor_and_keep_the_order(monkeypatch):
     assert_same_targets(*random_batch(7, [3, 17, 1, 9, 30, 2]))
 
 
+def test_a_group_of_images_without_boxes_matches_exactly(monkeypatch):
+    """A crowded image beside empty ones (crowd-only images train as empty): the empty ones form a group."""
+    monkeypatch.setattr(batched_targets, "MAX_IOU_ELEMENTS", 2000 * 40)
+    for counts in ([30, 0], [0, 30], [30, 0, 0, 0]):
+        assert any(all(counts[i] == 0 for i in group) for group in batched_targets._groups(counts, 2000))
+        assert_same_targets(*random_batch(8, counts))
+
+
 def test_one_anchor_tensor_for_every_image_is_not_copied_and_matches_exactly():
     candidates, boxes = random_batch(4, [3, 0, 12])
     shared = [candidates[0]] * len(boxes)  # as anchor_cache hands them out
