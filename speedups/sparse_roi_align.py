@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign, box_area
+from torchvision.ops.poolers import _setup_scales
 
 # Added before rounding a box's level down, as torchvision does, so that a side of exactly 224 * 2^k lands on
 # its own level whatever log2's rounding.
@@ -45,12 +46,6 @@ def _axis_samples(start: torch.Tensor, extent: torch.Tensor, bins: int, ratio: i
     high = torch.where(at_edge, low, low + 1)
     fraction = position - low.to(start.dtype)
     return low, high, (1 - fraction) * inside, fraction * inside
-
-
-def _level_scales(features: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
-    """Each map's scale relative to the batch's largest image size: the nearest power of two."""
-    height = max(shape[0] for shape in image_shapes)
-    return [2.0 ** round(math.log2(feature.shape[-2] / height)) for feature in features]
 
 
 def _is_whole_pyramid(scales: list[float]) -> bool:
@@ -126,7 +121,10 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         first = features[0]
         if first.device.type != "cpu" or not first.is_floating_point() or self.sampling_ratio <= 0:
             return super().forward(x, boxes, image_shapes)
-        scales = _level_scales(features, image_shapes)
+        if self.scales is None or self.map_levels is None:  # as torchvision's: settled by the first batch
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        scales = self.scales
         if not _is_whole_pyramid(scales):
             return super().forward(x, boxes, image_shapes)
         dtype = first.dtype if first.dtype == torch.float64 else torch.float32

@@ -58,6 +58,19 @@ def test_pooling_and_gradient_match_torchvision(names, output_size, dtype, layou
         torch.testing.assert_close(ours_grad, their_grad, atol=tolerance, rtol=tolerance)
 
 
+def test_the_levels_scales_are_settled_by_the_first_batch_as_torchvisions_are():
+    """A later batch of short, wide images (43 px padded to 64) would round its scales to twice the size."""
+    names = ["0", "1", "2", "3"]
+    plain, sparse = MultiScaleRoIAlign(names, 7, 2), SparseMultiScaleRoIAlign(names, 7, 2)
+    generator = torch.Generator().manual_seed(0)
+    boxes = [torch.tensor([[4.0, 4.0, 40.0, 30.0], [50.0, 2.0, 120.0, 40.0]])]
+    for padded, image in (((96, 128), (96, 128)), ((64, 128), (43, 128))):
+        maps = {n: torch.rand(1, 4, padded[0] // 2**(k + 2), padded[1] // 2**(k + 2), generator=generator)
+                for k, n in enumerate(names)}
+        torch.testing.assert_close(sparse(maps, boxes, [image]), plain(maps, boxes, [image]), atol=1e-5, rtol=1e-5)
+    assert sparse.scales == plain.scales
+
+
 def test_images_without_boxes():
     maps = pyramid()
     pooler = SparseMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
