@@ -24,6 +24,14 @@ def _mixed(mixin: type, cls: type, suffix: str) -> type:
     return type(f"{cls.__name__}{suffix}", (mixin, cls), {})
 
 
+def rebased(cls: type, base: type, replacement: type) -> type:
+    """cls, made by giving mixins to base, as those mixins given to replacement instead (in the same order)."""
+    if cls is base:
+        return replacement
+    mixin, inner = cls.__bases__
+    return _mixed(mixin, rebased(inner, base, replacement), cls.__name__[len(inner.__name__):])
+
+
 def kept_like(owner: object, name: str, like: Tensor, make: Callable[[torch.dtype, torch.device], T]) -> T:
     """make(dtype, device) for like's dtype and device, made once and kept on owner under name, apart for
     inference mode (tensors made there cannot be saved for a backward pass later)."""

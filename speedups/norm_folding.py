@@ -18,6 +18,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .mixins import rebased
+
 # Modules whose forward applies bnK directly to convK's output (ResNet's stem and blocks). In any
 # nn.Sequential a convolution followed by a batch norm is such a pair as well.
 _NAMED_PAIRS = (BasicBlock, Bottleneck, ResNet, IntermediateLayerGetter)
@@ -97,13 +99,14 @@ def fold_frozen_norms(model: nn.Module) -> nn.Module:
 
 
 def unfold_frozen_norms(model: nn.Module) -> nn.Module:
-    """Undo fold_frozen_norms, in place: plain convolutions followed by frozen batch norms again."""
+    """Undo fold_frozen_norms, in place: convolutions followed by frozen batch norms again, each convolution
+    keeping the other speed-ups' mixins it was given."""
     for conv in model.modules():
         if isinstance(conv, FrozenNormConv2d):
             norm = conv.__dict__.pop("frozen_norm")
             norm.__dict__.pop("_cached", None)
             norm.__class__ = FrozenBatchNorm2d
-            conv.__class__ = nn.Conv2d
+            conv.__class__ = rebased(type(conv), FrozenNormConv2d, nn.Conv2d)
     return model
 
 

@@ -41,6 +41,11 @@ def test_copy_for_inference_keeps_the_training_models_folded_frozen_norms():
     assert model.backbone.body.conv1.frozen_norm is model.backbone.body.bn1
     assert not norms(copy.backbone)
     assert not any(isinstance(m, FrozenNormConv2d) for m in copy.modules())
+    # The other speed-ups' mixins stay on the unfolded convolutions, as speedups.applied(copy) says.
+    trained, inferring = model.backbone.body.layer3[1].conv2, copy.backbone.body.layer3[1].conv2
+    mixins = [c for c in type(trained).__mro__ if not issubclass(c, nn.Module)]
+    assert mixins and [c for c in type(inferring).__mro__ if not issubclass(c, nn.Module)] == mixins
+    assert type(inferring).__name__ == type(trained).__name__.removeprefix("FrozenNorm")
 
 
 def test_without_speedups_the_model_itself_runs():
