@@ -214,17 +214,19 @@ class JsonlWriter:
         self.path = Path(output_dir) / "metrics.jsonl"
 
     def truncate_after(self, epoch: int, step: int | None) -> None:
-        """Keep what was logged up to the checkpoint at (epoch, step) (step None: the epoch ended)."""
+        """Keep what was logged up to the checkpoint at (epoch, step) (step None: the epoch ended). Validation
+        losses of an epoch whose evaluation never came go too: the resumed run runs both again."""
         if not self.path.is_file():
             return
-        kept = []
+        records = []
         for line in self.path.read_text().splitlines():
             try:
-                record = json.loads(line)
+                records.append((line, json.loads(line)))
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if _keeps(record, epoch, step):
-                kept.append(line)
+        evaluated = {r["epoch"] for _, r in records if r.get("type") == "eval"}
+        kept = [line for line, r in records if _keeps(r, epoch, step)
+                and not (r.get("type") == "val" and r["epoch"] == epoch and epoch not in evaluated)]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)

@@ -39,6 +39,19 @@ def test_truncate_after_keeps_what_the_checkpoint_covers(tmp_path):
     assert [r["epoch"] for r in _records(tmp_path / "metrics.jsonl")] == [0, 0, 0, 0]
 
 
+def test_an_epoch_saved_but_not_evaluated_loses_its_validation_losses_too(tmp_path):
+    """Its resumed run validates and evaluates that epoch again: one record of each, not two validations."""
+    writer = JsonlWriter(tmp_path)
+    for epoch in range(2):
+        writer.write(_train(epoch, 1))
+        writer.write(Record("val", epoch, epoch + 1, {"loss": 1.0}))
+        if epoch == 0:
+            writer.write(Record("eval", epoch, epoch + 1, {}))
+    writer.truncate_after(1, None)
+    kept = [(r["type"], r["epoch"]) for r in _records(tmp_path / "metrics.jsonl")]
+    assert kept == [("train", 0), ("val", 0), ("eval", 0), ("train", 1)]
+
+
 def test_disabled_writer_writes_nothing(tmp_path, capsys):
     writers = Writers(tmp_path, enabled=False)
     writers.write(_train(0, 1))
