@@ -369,10 +369,27 @@ def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None, r
     return num_classes
 
 
+# Model settings that a checkpoint's evaluation and continuation keep from its run unless they are given again.
+SAVED_MODEL_SETTINGS = ("min_size", "max_size", "rois_per_image", "rpn_score_thresh")
+
+
+def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
+    """The checkpoint's run's model settings, for those this run leaves to their defaults; says which."""
+    taken = {name: saved[name] for name in SAVED_MODEL_SETTINGS
+             if getattr(args, name) is None and saved.get(name) is not None}
+    for name, value in taken.items():
+        setattr(args, name, value)
+    if taken:
+        flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in taken.items())
+        utils.print_once(f"As the checkpoint's run: {flags}")
+
+
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:
     """torchvision's model, with its weights read from local files; for a checkpoint, laid out as its run was
-    and not read from anywhere (the checkpoint has every weight)."""
+    (with its sizes and settings unless given) and not read from anywhere (the checkpoint has every weight)."""
     utils.print_once(f"Creating model {args.model} with {num_classes} classes")
+    if checkpoint is not None:
+        take_saved_settings(args, checkpoint["args"])
     options = model_options(args.model, min_size=args.min_size, max_size=args.max_size,
                             box_batch_size_per_image=args.rois_per_image, rpn_score_thresh=args.rpn_score_thresh)
     if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:

@@ -65,6 +65,16 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
         records = json.loads((tmp_path / f"predictions_{iou_type}.json").read_text())
         assert isinstance(records, list)
         assert {r["category_id"] for r in records} <= file_ids, "the file's ids, not the model's labels"
+    # Without sizes, the checkpoint's run's sizes: the same predictions.
+    unsized = [flag for i, flag in enumerate(SMALL) if flag not in ("--min-size", "--max-size")
+               and SMALL[i - 1] not in ("--min-size", "--max-size")]
+    again = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path / "again"), "--test-only",
+                    "--resume", str(out / "checkpoint.pth"), *unsized, torch_home=torch_home)
+    assert again.returncode == 0, again.stderr
+    assert "As the checkpoint's run: --min-size 96 --max-size 96" in again.stdout
+    for iou_type in ("bbox", "segm"):
+        name = f"predictions_{iou_type}.json"
+        assert (tmp_path / "again" / name).read_text() == (tmp_path / name).read_text()
 
 
 def test_resume_continues_at_next_epoch(trained, dataset, torch_home, tmp_path):
