@@ -198,6 +198,14 @@ def torchvision_model(args) -> torch.nn.Module:
         max_size=args.max_size)
 
 
+def first_samples(dataset, count: int) -> torch.utils.data.Subset:
+    """The first count samples; fewer would time fewer steps than the settings say."""
+    if len(dataset) < count:
+        raise SystemExit(f"error: {count} training images needed (--steps and --warmup at this --batch-size), "
+                         f"{len(dataset)} usable; generate more")
+    return torch.utils.data.Subset(dataset, list(range(count)))
+
+
 def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], StepClock]
              ) -> tuple[StepClock, TimedLoader]:
     import presets
@@ -212,8 +220,8 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     from models import build_model
     from optimization import make_optimizer
 
-    dataset = build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip"))
-    dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
+    dataset = first_samples(build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip")),
+                            steps * args.batch_size)
     # In order, as the reference's run below; the loop reads the run's clock from the batch sampler.
     batches = ResumableBatchSampler(torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset),
                                                                   args.batch_size, drop_last=True))
@@ -259,8 +267,9 @@ def run_reference(args, device, steps: int, make_clock: Callable[[torch.nn.Modul
     import utils
     from engine import train_one_epoch
 
-    dataset = coco_utils.get_coco(args.data_path, "train", presets.DetectionPresetTrain(data_augmentation="hflip"))
-    dataset = torch.utils.data.Subset(dataset, list(range(min(len(dataset), steps * args.batch_size))))
+    dataset = first_samples(coco_utils.get_coco(args.data_path, "train",
+                                                presets.DetectionPresetTrain(data_augmentation="hflip")),
+                            steps * args.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True,
                                          num_workers=args.workers, collate_fn=utils.collate_fn)
     loader = TimedLoader(loader)

@@ -97,3 +97,10 @@ def test_our_speedup_choices_are_refused_with_the_reference(tiny_dataset):
     command = bench_command(tiny_dataset, "--reference", str(ROOT), "--speedups-as", "cuda")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 2 and "the reference has none: leave them out with --reference" in result.stderr
+
+
+def test_too_few_images_for_the_steps_asked_is_refused(tiny_dataset):
+    """8 images at batch 2 make 4 steps: 3 timed after 1 of warm-up need 10 images (one more step ends the clock)."""
+    command = bench_command(tiny_dataset, "--steps", "3", "--warmup", "1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 1 and "error: 10 training images needed" in result.stderr, result.stderr[-2000:]
