@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+
 from common import ROOT, available_device, emit, environment  # noqa: E402
 
 AP_LINE = re.compile(r"Average Precision  \(AP\) @\[ IoU=0\.50:0\.95 \| area=   all \| maxDets=100 \] = (-?[\d.]+)")
@@ -75,12 +77,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def not_comparable(path: str) -> str | None:
+    """Why the reference's --test-only --resume (its flags' layout, the raw weights) would evaluate another model
+    than ours from this checkpoint, or None."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "model_ema" in checkpoint:
+        return "keeps a moving average (--model-ema), which ours evaluates and the reference does not"
+    saved = checkpoint.get("args", {})
+    if saved.get("weights") or saved.get("weights_backbone"):
+        return "was trained from pretrained weights (frozen batch norms), a layout the reference's flags here lack"
+    return None
+
+
 def main() -> None:
     parser = get_args_parser()
     args = parser.parse_args()
     if args.rounds < 1 or (args.rounds > 1 and not args.reference):
         parser.error(f"--rounds {args.rounds}: give 1 or more, and more than 1 only with --reference")
     device = available_device(args.device)
+    if args.reference:
+        problem = not_comparable(args.checkpoint)
+        if problem:
+            parser.error(f"{args.checkpoint} {problem}; give one trained from scratch without it, as cpu_suite.sh "
+                         f"makes")
     common = ["--data-path", str(Path(args.data_path).resolve()), "--dataset", "coco", "--model",
               "maskrcnn_resnet50_fpn", "--device", device.type, "--test-only", "--resume",
               str(Path(args.checkpoint).resolve()), "-j", str(args.workers)]

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor  # noqa: E402
 
 from common import ROOT, available_device, emit, environment, use_implementation  # noqa: E402
 
@@ -53,10 +54,17 @@ def stats_of_reference(args, device: torch.device) -> dict[str, list[float]]:
     from engine import evaluate
 
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=checkpoint["num_classes"], min_size=args.min_size,
-        max_size=args.max_size)
-    model.load_state_dict(checkpoint["model"])
+    saved = checkpoint.get("args", {})
+    sizes = {"num_classes": checkpoint["num_classes"], "min_size": args.min_size, "max_size": args.max_size}
+    if saved.get("weights") or saved.get("weights_backbone"):  # the layout torchvision builds for ImageNet weights
+        resnet = torchvision.models.resnet50(norm_layer=torchvision.ops.FrozenBatchNorm2d)
+        layers = saved.get("trainable_backbone_layers")
+        model = torchvision.models.detection.MaskRCNN(_resnet_fpn_extractor(resnet, 3 if layers is None else layers),
+                                                      **sizes)
+    else:
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **sizes)
+    # The weights ours evaluates: their moving average where the checkpoint keeps one.
+    model.load_state_dict(checkpoint["model_ema"]["model"] if "model_ema" in checkpoint else checkpoint["model"])
     val = get_coco(args.data_path, "val", presets.DetectionPresetEval())
     loader = torch.utils.data.DataLoader(val, batch_size=1, num_workers=args.workers, collate_fn=utils.collate_fn)
     evaluator = evaluate(model.to(device), loader, device)

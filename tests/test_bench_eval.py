@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -45,3 +47,15 @@ def test_rounds_without_the_reference_are_refused():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_eval.py"), "--data-path", "d",
                              "--checkpoint", "c", "--rounds", "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--rounds 2" in result.stderr
+
+
+def test_checkpoints_the_reference_would_evaluate_otherwise_are_named(tmp_path):
+    plain = {"model": {}, "args": {"weights_backbone": None, "weights": None}}
+    cases = {"plain": plain, "average": {**plain, "model_ema": {"model": {}}},
+             "pretrained": {**plain, "args": {"weights_backbone": "ResNet50_Weights.IMAGENET1K_V1"}}}
+    found = {}
+    for name, checkpoint in cases.items():
+        torch.save(checkpoint, tmp_path / f"{name}.pth")
+        found[name] = bench_eval.not_comparable(str(tmp_path / f"{name}.pth"))
+    assert found["plain"] is None
+    assert "moving average" in found["average"] and "pretrained weights" in found["pretrained"]
