@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 import utils
@@ -211,11 +211,33 @@ def rgb_pixels(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))
 
 
-def read_rgb(path: Path) -> torch.Tensor:
-    """An image file as a uint8 CHW RGB tensor (grayscale, 16-bit and palette images converted)."""
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
+
+
+def turned_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of img turned as its EXIF orientation asks."""
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    return (img.height, img.width) if orientation in _QUARTER_TURNS else img.size
+
+
+def upright(img: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    """img turned as its EXIF orientation asks, where the annotations see it so: always without a JSON size (a
+    photo to predict on); with the JSON's (width, height), only when the turned picture has it and the stored
+    one has not. Annotations of the stored picture (torchvision's reference reads it so) stay right."""
+    if img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+        return img
+    if size is None or (img.size != size and turned_size(img) == size):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def read_rgb(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as a uint8 CHW RGB tensor (grayscale, 16-bit and palette images converted), turned as its
+    EXIF orientation asks where upright says so for the JSON's (width, height) size."""
     try:
         with Image.open(path) as img:
-            pixels = rgb_pixels(img)
+            pixels = rgb_pixels(upright(img, size))
     except IMAGE_READ_ERRORS as e:
         reason = "missing" if not Path(path).exists() else f"unreadable ({str(e).strip()[:100]})"
         raise SampleError(f"{path}: image {reason}") from None
@@ -414,7 +436,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _image(self, image_id: int, record: tuple) -> torch.Tensor:
         file_name, height, width, _ = record
         path = self._path(image_id, file_name)
-        image = read_rgb(path)
+        image = read_rgb(path, (width, height))
         if tuple(image.shape[1:]) != (height, width):
             raise SampleError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but the JSON says "
                               f"{width}x{height}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from annotations import STRUCTURE, Finding, annotation_findings, image_path_problem, read_annotation_file
-from coco_utils import DATASET_LAYOUTS, IMAGE_READ_ERRORS, rgb_pixels
+from coco_utils import DATASET_LAYOUTS, IMAGE_READ_ERRORS, rgb_pixels, turned_size, upright
 from errors import UserError
 
 
@@ -41,10 +41,10 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | N
         return "missing"
     try:
         with Image.open(path) as img:
-            if img.size != (width, height):
+            if img.size != (width, height) and turned_size(img) != (width, height):
                 return f"is {img.size[0]}x{img.size[1]} but the JSON says {width}x{height}"
             if decode:
-                rgb_pixels(img)  # as the loader reads it
+                rgb_pixels(upright(img, (width, height)))  # as the loader reads it
     except IMAGE_READ_ERRORS as e:
         return f"unreadable ({str(e).strip()[:100]})"
     return None
@@ -112,7 +112,7 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
     if not bad:
         return []
     level = "error" if len(bad) > max_bad_share * max(len(images), 1) else "warning"
-    kinds = Counter(why.split(" (")[0] if why.startswith("unreadable") else why.split(" ")[0] for _, why in bad)
+    kinds = Counter("size differs from the JSON" if why.startswith("is ") else why.split(" (")[0] for _, why in bad)
     first = f"{image_dir / bad[0][0]['file_name']} {bad[0][1]}"
     summary = Finding(level, "unusable image", f"{len(bad)} of {len(images)} images cannot be used "
                       f"({dict(kinds)}); first: {first}")

@@ -468,3 +468,17 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8
     assert torch.equal(pixels[0], pixels[2]) and (pixels[0, 0, 0], pixels[0, -1, -1]) == (0, 255)
     assert abs(pixels.float().mean().item() - 127.5) < 1, "spread over the range, not clipped white"
+
+
+def test_an_exif_turn_is_applied_where_the_json_has_the_turned_size(tmp_path):
+    """A photo stored 96 x 72 with orientation 6 (a quarter turn): upright (72 x 96) where the JSON says so or
+    no JSON is asked; as stored where the JSON has the stored size, as torchvision's reference reads it."""
+    stored = np.zeros((72, 96, 3), np.uint8)
+    stored[:10, :20] = 255  # a mark at the stored top left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    upright, as_stored = read_rgb(tmp_path / "photo.jpg", (72, 96)), read_rgb(tmp_path / "photo.jpg", (96, 72))
+    assert upright.shape == (3, 96, 72) and as_stored.shape == (3, 72, 96)
+    assert torch.equal(read_rgb(tmp_path / "photo.jpg"), upright)
+    assert upright[:, :20, -10:].float().mean() > 200, "turned clockwise: the top left goes to the top right"

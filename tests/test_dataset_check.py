@@ -70,6 +70,8 @@ FAULTS = {
         root / "train2017" / d["images"][1]["file_name"], format="TIFF"), "ERROR unusable image",
         "floating-point numbers (mode F)"),
     "size differs": (lambda root, d: d["images"][2].update(width=65), "ERROR unusable image",
+                     "size differs from the JSON"),
+    "size differs, said in full": (lambda root, d: d["images"][2].update(width=65), "ERROR unusable image",
                      "but the JSON says 65x64"),
     "short polygon": (lambda root, d: _first_polygon_ann(d)["segmentation"].append([1, 1, 2, 2]),
                       "WARNING polygon under 3 points", "fewer than 3 points"),
@@ -152,3 +154,18 @@ def test_out_of_range_flags_are_one_line(clean, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         check_main([str(clean), *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_photo_whose_json_has_its_exif_turned_size_is_usable(clean, tmp_path, capsys):
+    def turn(root, data):
+        image = data["images"][0]
+        path = root / "train2017" / image["file_name"]
+        with Image.open(path) as img:
+            pixels = np.array(img.convert("RGB"))[:48]  # stored 64 wide, 48 high, as the camera did
+        exif = Image.Exif()
+        exif[0x0112] = 6  # ... and a quarter turn clockwise to show it: 48 wide, 64 high, as the JSON says
+        Image.fromarray(pixels).save(path, exif=exif, format="JPEG")
+        image.update(width=48, height=64)
+
+    status, report = check(capsys, _plant(clean, tmp_path, turn), "--splits", "train")
+    assert status == 0 and "unusable image" not in report, report
