@@ -338,6 +338,19 @@ def test_predict_counts_only_detections_it_would_have_written_as_left_out_for_th
     assert unknown == 1, "label 9 scored under the threshold, and would not have been written anyway"
 
 
+def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):
+    from tools import predict
+    for name in ("val2017/imgs/a.jpg", "val2017/b.jpg", "val2017/imgs/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    paths = predict.find_images([str(tmp_path / "val2017")])
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["val2017/b.jpg", "val2017/imgs/a.jpg"]
+    annotations = tmp_path / "val.json"
+    images = [{"id": 7, "file_name": "imgs/a.jpg"}, {"id": 9, "file_name": "b.jpg"}]
+    annotations.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    assert predict.image_ids(paths, str(annotations)) == [9, 7]
+
+
 def test_predict_names_pictures_of_one_stem_apart():
     from tools import predict
 

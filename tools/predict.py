@@ -40,12 +40,12 @@ DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 
 
 def find_images(inputs: list[str]) -> list[Path]:
-    """The image files named by paths, folders (not recursive) and glob patterns, sorted, each once."""
+    """The image files named by paths, folders (and their subfolders) and glob patterns, sorted, each once."""
     found: set[Path] = set()
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found |= {p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+            found |= {p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
         elif path.is_file():
             found.add(path)
         else:
@@ -55,13 +55,22 @@ def find_images(inputs: list[str]) -> list[Path]:
     return sorted(found)
 
 
+def listed_id(path: Path, by_name: dict) -> int | None:
+    """The id of the image whose file_name is the path's longest tail ('imgs/a.jpg' for .../val2017/imgs/a.jpg)."""
+    parts = path.parts
+    return next((by_name[tail] for tail in ("/".join(parts[k:]) for k in range(len(parts))) if tail in by_name),
+                None)
+
+
 def image_ids(paths: list[Path], annotations: str | None) -> list[int]:
     if annotations:
         by_name = {img["file_name"]: img["id"] for img in read_annotation_file(Path(annotations))["images"]}
-        missing = [p.name for p in paths if p.name not in by_name]
+        ids = [listed_id(p, by_name) for p in paths]
+        missing = [p for p, i in zip(paths, ids) if i is None]
         if missing:
-            raise UserError(f"--annotations {annotations} does not list {missing[0]}; give the matching file")
-        return [by_name[p.name] for p in paths]
+            raise UserError(f"--annotations {annotations} does not list {missing[0]} (as its name, or its path "
+                            f"from an image folder); give the matching file")
+        return ids
     if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
         return [int(p.stem) for p in paths]
     return list(range(1, len(paths) + 1))
