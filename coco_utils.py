@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -557,6 +558,17 @@ def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
                         f"person_keypoints file or tools/make_coco_dataset.py --keypoints")
 
 
+def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path) -> None:
+    """One clear error where a file's instances are of categories the model does not know; categories listed
+    without instances are let through (scoring leaves them out)."""
+    unknown = {c["id"]: c["name"] for c in coco.dataset["categories"] if c["id"] not in set(category_map.ids)}
+    counts = Counter(a["category_id"] for a in coco.dataset["annotations"] if a["category_id"] in unknown)
+    if counts:
+        named = ", ".join(f"{unknown[i]} (id {i}, {n} instances)" for i, n in sorted(counts.items()))
+        raise UserError(f"{ann_file} has instances of categories that the model's categories (the training file's, "
+                        f"or the checkpoint's) lack: {named}; list the same categories in both files")
+
+
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
                   category_map: CategoryMap | None = None, seed: int = 0, masks: bool = True,
                   keep_ids: bool | None = None) -> CocoDetection:
@@ -568,9 +580,8 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
     if dataset == "coco_kp":
         check_person_keypoints(coco.dataset["categories"], ann_file)
     file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset, keep_ids)
-    if category_map is not None and set(file_map.ids) - set(category_map.ids):
-        raise UserError(f"{ann_file} has categories {sorted(set(file_map.ids) - set(category_map.ids))} that the "
-                        f"model was not trained on; evaluate with a matching annotation file")
+    if category_map is not None:
+        check_known_categories(coco, category_map, ann_file)
     ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train", seed=seed,
                        masks=masks, keypoints=dataset == "coco_kp")
     if len(ds) == 0:

@@ -23,6 +23,7 @@ from coco_eval import (
     windowed_run_lengths,
 )
 from coco_utils import build_dataset
+from errors import UserError
 
 
 def _noisy_outputs(ds, seed=0):
@@ -310,3 +311,20 @@ def test_string_image_ids_score_as_integer_ones_whatever_the_backend(dataset, tm
     scored = _scored(named, "coco", {f"img-{i}": output for i, output in outputs.items()}, ("bbox", "segm"), backend)
     assert scored == expected
     assert ("scoring with pycocotools" in capsys.readouterr().out) == (backend == "faster")
+
+
+def test_a_category_listed_without_instances_scores_as_if_absent(dataset, tmp_path):
+    """A val file may list a category the training file lacks, if it has no instances of it."""
+    extra = _edited_val(dataset, tmp_path / "extra", "instances_val2017.json",
+                        lambda d: d["categories"].append({"id": 99, "name": "star"}))
+    trained = build_dataset(dataset, "coco", "train", None).category_map
+    sound = build_dataset(dataset, "coco", "val", None, trained)
+    outputs = _noisy_outputs(sound, seed=2)
+    ds = build_dataset(extra, "coco", "val", None, trained)
+    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox", "segm"), backend="pycocotools")
+    evaluator.update({image_id: dict(output) for image_id, output in outputs.items()})
+    assert evaluator.summarize() == _scored(dataset, "coco", outputs, ("bbox", "segm"), "pycocotools")
+    with_instance = _edited_val(dataset, tmp_path / "instance", "instances_val2017.json", lambda d: (
+        d["categories"].append({"id": 99, "name": "star"}), d["annotations"][0].update(category_id=99)))
+    with pytest.raises(UserError, match=r"lack: star \(id 99, 1 instances\)"):
+        build_dataset(with_instance, "coco", "val", None, trained)
