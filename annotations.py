@@ -171,7 +171,8 @@ def annotation_findings(data: dict) -> list[Finding]:
     if empty:
         warnings.append(Finding("warning", "image without annotations",
                                 f"{len(empty)} images have no annotations (first: {empty[0].get('file_name')}); "
-                                f"training leaves them out"))
+                                f"training leaves them out, evaluation keeps them (detections there are false "
+                                f"positives)"))
     return errors + warnings
 
 

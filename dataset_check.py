@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from annotations import STRUCTURE, Finding, annotation_findings, image_path_problem, read_annotation_file
-from coco_utils import DATASET_LAYOUTS, IMAGE_READ_ERRORS, rgb_pixels, turned_size, upright
+from coco_utils import IMAGE_READ_ERRORS, rgb_pixels, split_paths, turned_size, upright
 from errors import UserError
 
 
@@ -53,8 +53,12 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | N
 def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_bad_share: float = 0.01,
                 workers: int = 8) -> SplitReport:
     """Check one split's annotation file and images (decoded fully unless decode is False)."""
-    image_dir, ann_file = (root / p for p in DATASET_LAYOUTS[dataset][split])
     report = SplitReport(split)
+    try:
+        image_dir, ann_file = split_paths(root, dataset, split)
+    except UserError as e:  # a missing folder or file, said as train.py says it
+        report.findings.append(Finding("error", "annotation file", str(e)))
+        return report
     try:
         data = read_annotation_file(ann_file)
     except UserError as e:

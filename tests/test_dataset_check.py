@@ -169,3 +169,11 @@ def test_a_photo_whose_json_has_its_exif_turned_size_is_usable(clean, tmp_path, 
 
     status, report = check(capsys, _plant(clean, tmp_path, turn), "--splits", "train")
     assert status == 0 and "unusable image" not in report, report
+
+
+def test_a_missing_annotation_file_is_said_to_be_missing(clean, tmp_path, capsys):
+    root = tmp_path / "no_val"
+    shutil.copytree(clean, root)
+    (root / "annotations" / "instances_val2017.json").unlink()
+    status, report = check(capsys, root, "--splits", "val")
+    assert status == 1 and "instances_val2017.json is missing; --data-path must hold the COCO layout" in report
