@@ -259,6 +259,14 @@ def test_compare_matches_across_the_threshold_and_flags_differences():
     assert low.matched == 0 and low.problems() == [], "under the threshold on both sides nothing is compared"
 
 
+def test_a_check_that_compared_no_detection_says_so_and_sizes_read_width_by_height(tmp_path):
+    none = deploy.Comparison("a.jpg", 0, 0, size=(48, 64))
+    some = deploy.Comparison("b.jpg", 2, 2, matched=2, size=(48, 64))
+    assert "passed on counts only" in export.passed([none], 0.5, tmp_path / "m.onnx")
+    assert export.passed([none, some], 0.5, tmp_path / "m.onnx").startswith("verification passed: onnxruntime")
+    assert "  64x48" in deploy.report([some], 0.5)[1]
+
+
 def test_mask_iou_leaves_out_pixels_at_the_cut():
     expected = torch.tensor([[[0.9, 0.9, 0.5001, 0.1]]])
     assert deploy.mask_iou(expected, torch.tensor([[[0.9, 0.9, 0.4999, 0.1]]])).item() == 1.0

@@ -123,8 +123,8 @@ def coverage(comparisons: list[deploy.Comparison]) -> list[str]:
     sample = comparisons[0].size
     other = next((c for c in comparisons if c.size != sample), None)
     empty = next((c for c in comparisons if c.torch_count == 0), None)
-    lines = [f"checked an image of another size than the export's sample: {other.image} ({other.size[0]}x"
-             f"{other.size[1]})" if other else "note: every image had the sample's size"]
+    lines = [f"checked an image of another size than the export's sample: {other.image} ({other.size[1]}x"
+             f"{other.size[0]})" if other else "note: every image had the sample's size"]
     lines.append(f"checked an image without detections above the threshold: {empty.image}" if empty else
                  "note: every image had detections above the threshold; the empty output was not checked")
     return lines
@@ -187,8 +187,16 @@ def export_and_check(args: argparse.Namespace) -> int:
                             f"--output") from None
     finally:
         unchecked.unlink(missing_ok=True)
-    print(f"verification passed: onnxruntime gives PyTorch's detections within the tolerances; wrote {output}")
+    print(passed(comparisons, args.score_thresh, output))
     return 0
+
+
+def passed(comparisons: list[deploy.Comparison], score_thresh: float, output: Path) -> str:
+    """The last line of a passed check: what it compared."""
+    if not any(c.matched for c in comparisons):
+        return (f"verification passed on counts only: no detection at or above --score-thresh {score_thresh:g} on "
+                f"any image, so none was compared; wrote {output}; a lower --score-thresh compares detections")
+    return f"verification passed: onnxruntime gives PyTorch's detections within the tolerances; wrote {output}"
 
 
 def main(argv: list[str] | None = None) -> int:
