@@ -33,6 +33,8 @@ def test_without_it_a_batch_other_than_the_recipes_gets_a_note(capsys):
         capsys.readouterr().out)
     optimization.scale_learning_rate(args(batch_size=8, grad_accum_steps=2))
     assert "note:" not in capsys.readouterr().out, "16 is the recipe's batch"
+    optimization.scale_learning_rate(args(batch_size=2, lr=0.0025))
+    assert "note:" not in capsys.readouterr().out, "--lr is already the recipe's for a batch of 2"
 
 
 def test_parameter_order_follows_the_checkpoints_writer():
