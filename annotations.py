@@ -167,6 +167,12 @@ def annotation_findings(data: dict) -> list[Finding]:
             if found:
                 warnings += found
     warnings += _scoring_field_warnings(data["annotations"])
+    used = {a.get("category_id") for a in data["annotations"] if not a.get("iscrowd")}
+    unused = [c for c in data["categories"] if c["id"] not in used]
+    if unused:
+        warnings.append(Finding("warning", "category without instances", f"{len(unused)} categories have no "
+                                f"instances (first: {unused[0]['name']!r}, id {unused[0]['id']}); a model learns "
+                                f"none of them from this file, and scoring leaves them out"))
     empty = [img for img in data["images"] if img["id"] not in annotated]
     if empty:
         warnings.append(Finding("warning", "image without annotations",

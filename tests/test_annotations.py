@@ -79,6 +79,8 @@ def _coco(**changes) -> dict:
     ({"annotations": lambda a: a[0].update(id=0)}, "warning", "annotation ids",
      "1 annotation ids are not positive integers (first: 0)"),
     ({"annotations": lambda a: a[0].pop("iscrowd")}, "warning", "no iscrowd", "read as 0, not crowd regions"),
+    ({"categories": lambda c: c.append({"id": 30, "name": "star"})}, "warning", "category without instances",
+     "1 categories have no instances (first: 'star', id 30)"),
 ])
 def test_malformed_entries_are_findings(changes, level, kind, text):
     found = annotations.annotation_findings(_coco(**changes))
