@@ -71,7 +71,9 @@ def reuse_freed_memory() -> bool:
 
 
 def restore_malloc_defaults() -> bool:
-    """glibc's own mmap and trim settings again (in a loader worker forked after reuse_freed_memory)."""
+    """glibc's default mmap and trim values again (in a loader worker forked after reuse_freed_memory), fixed:
+    any mallopt call turns off for good the rise of the mmap threshold that glibc starts with, so blocks over
+    128 KiB keep being mapped and given back when freed, which holds a worker's memory down."""
     return _set_malloc(_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
 
 
