@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import pickle
@@ -113,18 +114,45 @@ class CategoryMap:
         return [{"id": i, "name": n} for i, n in zip(self.ids, self.names)]
 
 
-def split_paths(data_path: str | Path, dataset: str, split: str) -> tuple[Path, Path]:
-    """The image folder and annotation file of a split, checked to exist."""
+def add_split_paths(parser: argparse.ArgumentParser) -> None:
+    """The flags that place a split's images and annotation file apart from --data-path's COCO layout."""
+    for split in ("train", "val"):
+        parser.add_argument(f"--{split}-images", default=None, metavar="DIR",
+                            help=f"the {split} images' folder (the JSON's file_names are relative to it), instead "
+                                 f"of --data-path's")
+        parser.add_argument(f"--{split}-annotations", default=None, metavar="FILE",
+                            help=f"the {split} COCO JSON file, instead of --data-path's")
+
+
+def split_paths(data_path: str | Path, dataset: str, split: str, images: str | Path | None = None,
+                annotations: str | Path | None = None) -> tuple[Path, Path]:
+    """The image folder and annotation file of a split, checked to exist: --data-path's COCO layout, or those
+    given apart (--{split}-images, --{split}-annotations), which need no --data-path."""
+    layout_images, layout_annotations = DATASET_LAYOUTS[dataset][split]
     root = Path(data_path)
-    if not root.is_dir():
+    if (images is None or annotations is None) and not root.is_dir():
         raise UserError(f"--data-path {root} is not a folder; point it at a COCO-layout folder "
-                        f"(annotations/, train2017/, val2017/) or make one with tools/make_coco_dataset.py")
-    image_dir, ann_file = (root / p for p in DATASET_LAYOUTS[dataset][split])
-    if not ann_file.is_file():
-        raise UserError(f"annotation file {ann_file} is missing; --data-path must hold the COCO layout "
-                        f"({DATASET_LAYOUTS[dataset][split][1]} and {DATASET_LAYOUTS[dataset][split][0]}/)")
-    if not image_dir.is_dir():
-        raise UserError(f"image folder {image_dir} is missing; --data-path must hold the COCO layout")
+                        f"(annotations/, train2017/, val2017/), make one with tools/make_coco_dataset.py, or give "
+                        f"--{split}-images and --{split}-annotations")
+    if annotations is not None:
+        ann_file = Path(annotations)
+        if not ann_file.is_file():
+            raise UserError(f"--{split}-annotations {ann_file} is no file; give the split's COCO JSON file")
+    else:
+        ann_file = root / layout_annotations
+        if not ann_file.is_file():
+            raise UserError(f"annotation file {ann_file} is missing; --data-path must hold the COCO layout "
+                            f"({layout_annotations} and {layout_images}/), or give --{split}-annotations")
+    if images is not None:
+        image_dir = Path(images)
+        if not image_dir.is_dir():
+            raise UserError(f"--{split}-images {image_dir} is no folder; give the folder the JSON's file_names "
+                            f"are relative to")
+    else:
+        image_dir = root / layout_images
+        if not image_dir.is_dir():
+            raise UserError(f"image folder {image_dir} is missing; --data-path must hold the COCO layout, or give "
+                            f"--{split}-images")
     return image_dir, ann_file
 
 
@@ -571,11 +599,13 @@ def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path
 
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
                   category_map: CategoryMap | None = None, seed: int = 0, masks: bool = True,
-                  keep_ids: bool | None = None) -> CocoDetection:
+                  keep_ids: bool | None = None, paths: tuple[str | None, str | None] = (None, None)
+                  ) -> CocoDetection:
     """The dataset of one split; its category map comes from the file unless one is given (e.g. from a
     checkpoint), in which case the file must use the same categories. masks=False leaves training masks
-    undecoded, for models that do not learn them; keep_ids True makes the file's ids the labels."""
-    image_dir, ann_file = split_paths(data_path, dataset, split)
+    undecoded, for models that do not learn them; keep_ids True makes the file's ids the labels. paths: the
+    split's image folder and annotation file where given apart from data_path's layout."""
+    image_dir, ann_file = split_paths(data_path, dataset, split, *paths)
     coco = load_coco(ann_file)
     if dataset == "coco_kp":
         check_person_keypoints(coco.dataset["categories"], ann_file)

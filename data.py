@@ -131,12 +131,13 @@ def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:
                                                         use_v2=args.use_v2, keypoint_flip=keypoint_flip)
             # Decoding masks is most of a sample's loading; only models that learn masks need them.
             train_set = build_dataset(args.data_path, args.dataset, "train", augmentation, category_map, args.seed,
-                                      masks="segm" in iou_types(args.model), keep_ids=keep_ids)
+                                      masks="segm" in iou_types(args.model), keep_ids=keep_ids,
+                                      paths=(args.train_images, args.train_annotations))
             category_map = train_set.category_map
             # Released before the validation file is read: at COCO's size the training index is gigabytes.
             ready_for_workers(train_set, args, "train", release_index=True)
         val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map,
-                                keep_ids=keep_ids)
+                                keep_ids=keep_ids, paths=(args.val_images, args.val_annotations))
         ready_for_workers(val_set, args, "val", release_index=False)  # evaluation scores against val_set.coco
     train_loader = make_train_loader(args, train_set) if train_set is not None else None
     val_loss_loader = None

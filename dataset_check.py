@@ -51,11 +51,12 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | N
 
 
 def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_bad_share: float = 0.01,
-                workers: int = 8) -> SplitReport:
-    """Check one split's annotation file and images (decoded fully unless decode is False)."""
+                workers: int = 8, paths: tuple[str | None, str | None] = (None, None)) -> SplitReport:
+    """Check one split's annotation file and images (decoded fully unless decode is False); paths: its image
+    folder and annotation file where given apart from root's layout."""
     report = SplitReport(split)
     try:
-        image_dir, ann_file = split_paths(root, dataset, split)
+        image_dir, ann_file = split_paths(root, dataset, split, *paths)
     except UserError as e:  # a missing folder or file, said as train.py says it
         report.findings.append(Finding("error", "annotation file", str(e)))
         return report

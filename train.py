@@ -41,7 +41,7 @@ from checkpoint import (
     set_aside_previous_run,
 )
 from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
-from coco_utils import DATASET_LAYOUTS, SampleError
+from coco_utils import DATASET_LAYOUTS, SampleError, add_split_paths
 from data import Data, load_data
 from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
@@ -68,6 +68,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data-path", default="./datasets/coco", help="dataset root with annotations/, train2017/, val2017/")
     add("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS), help="dataset layout")
+    add_split_paths(parser)
     add("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
         help=f"torchvision detection model: {', '.join(MODELS)}")
     add("--device", default="cuda", help="cuda or cpu; without CUDA the run falls back to the CPU")

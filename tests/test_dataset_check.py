@@ -177,3 +177,15 @@ def test_a_missing_annotation_file_is_said_to_be_missing(clean, tmp_path, capsys
     (root / "annotations" / "instances_val2017.json").unlink()
     status, report = check(capsys, root, "--splits", "val")
     assert status == 1 and "instances_val2017.json is missing; --data-path must hold the COCO layout" in report
+
+
+def test_splits_given_apart_from_the_layout_are_checked(clean, tmp_path, capsys):
+    """A layout of the user's own: train.json beside a folder of images, no --data-path."""
+    (tmp_path / "pictures").symlink_to(clean / "train2017")
+    shutil.copy(clean / "annotations" / "instances_train2017.json", tmp_path / "train.json")
+    status, report = check(capsys, "--splits", "train", "--train-images", str(tmp_path / "pictures"),
+                           "--train-annotations", str(tmp_path / "train.json"))
+    assert status == 0 and "OK: 0 errors, 0 warnings" in report, report
+    status, report = check(capsys, "--splits", "train", "--train-images", str(tmp_path / "nowhere"),
+                           "--train-annotations", str(tmp_path / "train.json"))
+    assert status == 1 and "--train-images" in report and "is no folder" in report

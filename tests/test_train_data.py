@@ -1,5 +1,6 @@
 """Data through the real CLI: faulty images, LSJ with copy-paste, transforms v2 on tv_tensors."""
 
+import json
 import shutil
 
 from conftest import SMALL, TINY, run_cli
@@ -39,5 +40,25 @@ def test_transforms_v2_on_tv_tensors_trains(tiny_dataset, tmp_path):
     result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
                      "--epochs", "1", "--use-v2", "--backend", "tv_tensor", "--data-augmentation", "ssd",
                      "--vis-images", "0", "--no-tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IoU metric: segm" in result.stdout
+
+
+def test_a_layout_of_ones_own_trains_with_its_paths_given(tiny_dataset, tmp_path):
+    """Annotation files and image folders named as the user has them, and file_names with a subfolder."""
+    mine = tmp_path / "mine"
+    for split in ("train", "val"):
+        data = json.loads((tiny_dataset / "annotations" / f"instances_{split}2017.json").read_text())
+        (mine / f"{split}_pictures" / "imgs").mkdir(parents=True)
+        for image in data["images"]:
+            shutil.copy(tiny_dataset / f"{split}2017" / image["file_name"], mine / f"{split}_pictures" / "imgs")
+            image["file_name"] = f"imgs/{image['file_name']}"
+        (mine / f"{split}.json").write_text(json.dumps(data))
+    paths = [f"--{split}-{part}" if i == 0 else str(mine / name)
+             for split in ("train", "val") for part, name in (("images", f"{split}_pictures"),
+                                                              ("annotations", f"{split}.json"))
+             for i in (0, 1)]
+    result = run_cli("train.py", "--data-path", str(tmp_path / "nowhere"), *paths, "--output-dir",
+                     str(tmp_path / "out"), *TINY, "--epochs", "1", "--vis-images", "0", "--no-tensorboard")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "IoU metric: segm" in result.stdout

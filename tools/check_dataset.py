@@ -17,14 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coco_utils import DATASET_LAYOUTS  # noqa: E402
+from coco_utils import DATASET_LAYOUTS, add_split_paths  # noqa: E402
 from dataset_check import check_split, format_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_path", help="dataset root (as train.py's --data-path)")
+    parser.add_argument("data_path", nargs="?", default="./datasets/coco",
+                        help="dataset root (as train.py's --data-path; not needed for splits given apart)")
     parser.add_argument("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS))
+    add_split_paths(parser)
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     parser.add_argument("--no-decode", action="store_true", help="only look the images up; do not decode them")
     parser.add_argument("--max-bad-samples", type=float, default=0.01,
@@ -38,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
 
     reports = [check_split(Path(args.data_path), args.dataset, split, decode=not args.no_decode,
-                           max_bad_share=args.max_bad_samples, workers=args.workers) for split in args.splits]
+                           max_bad_share=args.max_bad_samples, workers=args.workers,
+                           paths=(getattr(args, f"{split}_images"), getattr(args, f"{split}_annotations")))
+               for split in args.splits]
     print(format_report(reports))
     errors = sum(len(r.errors) for r in reports)
     warnings = sum(len(r.warnings) for r in reports)
