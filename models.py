@@ -74,6 +74,11 @@ def hub_cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+# What torchvision.models.get_weight raises for a name that is not of weights ("resnet50.tar" reaches
+# issubclass with a function: TypeError).
+WEIGHT_NAME_ERRORS = (ValueError, KeyError, AttributeError, TypeError)
+
+
 def _is_path(spec: str) -> bool:
     """Whether a --weights value names a file rather than a torchvision weights name: a name that looks like a
     path does (so that a missing one is reported as a file), and so does any other existing file (such as
@@ -83,7 +88,7 @@ def _is_path(spec: str) -> bool:
     try:
         torchvision.models.get_weight(spec)
         return False
-    except (ValueError, KeyError, AttributeError):
+    except WEIGHT_NAME_ERRORS:
         return Path(spec).expanduser().is_file()
 
 
@@ -98,7 +103,7 @@ def resolve_weights(spec: str, flag: str, kind: type[WeightsEnum] | None = None)
         return path
     try:
         weights = torchvision.models.get_weight(spec)
-    except (ValueError, KeyError, AttributeError):
+    except WEIGHT_NAME_ERRORS:
         raise UserError(f"{flag} {spec}: neither a file nor a torchvision weights name "
                         f"(for example {DEFAULT_BACKBONE_WEIGHTS})") from None
     if kind is not None and not isinstance(weights, kind):

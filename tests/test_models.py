@@ -181,6 +181,11 @@ def test_an_existing_file_is_a_path_whatever_its_name(tmp_path, monkeypatch):
     assert torch.equal(model.backbone.body["0"][0].weight, state["features.0.0.weight"])
     with pytest.raises(UserError, match="neither a file nor a torchvision weights name"):
         resolve_weights("backbone.tar", "--weights-backbone")  # not there: a name, and not one torchvision has
+    # A name whose first part is one of torchvision.models' functions: get_weight raised TypeError on it.
+    with pytest.raises(UserError, match="neither a file nor a torchvision weights name"):
+        resolve_weights("resnet50.tar", "--weights-backbone")
+    torch.save(state, "resnet50.tar")
+    assert resolve_weights("resnet50.tar", "--weights-backbone").samefile(tmp_path / "resnet50.tar")
 
 
 def test_a_file_named_like_torchvision_weights_does_not_shadow_them(torch_home, tmp_path, monkeypatch):
