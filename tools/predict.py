@@ -39,8 +39,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 
 
-def find_images(inputs: list[str]) -> list[Path]:
-    """The image files named by paths, folders (and their subfolders) and glob patterns, sorted, each once."""
+def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
+    """The image files named by paths, folders (and their subfolders) and glob patterns, sorted, each once;
+    none from under skip (the output folder, where an earlier run's pictures are)."""
     found: set[Path] = set()
     for item in inputs:
         path = Path(item)
@@ -50,30 +51,37 @@ def find_images(inputs: list[str]) -> list[Path]:
             found.add(path)
         else:
             found |= {Path(p) for p in glob.glob(item) if Path(p).suffix.lower() in IMAGE_SUFFIXES}
+    if skip is not None:
+        skipped = skip.resolve()
+        found = {p for p in found if skipped not in p.resolve().parents}
     if not found:
         raise UserError(f"no images found in {' '.join(inputs)}; give image files, folders or glob patterns")
     return sorted(found)
 
 
-def listed_id(path: Path, by_name: dict) -> int | None:
-    """The id of the image whose file_name is the path's longest tail ('imgs/a.jpg' for .../val2017/imgs/a.jpg)."""
+def listed_image(path: Path, by_name: dict) -> dict | None:
+    """The JSON's record of the image whose file_name is the path's longest tail ('imgs/a.jpg' for
+    .../val2017/imgs/a.jpg)."""
     parts = path.parts
     return next((by_name[tail] for tail in ("/".join(parts[k:]) for k in range(len(parts))) if tail in by_name),
                 None)
 
 
-def image_ids(paths: list[Path], annotations: str | None) -> list[int]:
+def image_records(paths: list[Path], annotations: str | None) -> list[tuple[int, tuple[int, int] | None]]:
+    """Each image's (id, size): from --annotations where given, with the JSON's (width, height), which decides
+    an EXIF turn as in training; else ids from numeric file names or 1..N, and no size (photos are turned)."""
     if annotations:
-        by_name = {img["file_name"]: img["id"] for img in read_annotation_file(Path(annotations))["images"]}
-        ids = [listed_id(p, by_name) for p in paths]
-        missing = [p for p, i in zip(paths, ids) if i is None]
+        by_name = {img["file_name"]: img for img in read_annotation_file(Path(annotations))["images"]}
+        listed = [listed_image(p, by_name) for p in paths]
+        missing = [p for p, image in zip(paths, listed) if image is None]
         if missing:
             raise UserError(f"--annotations {annotations} does not list {missing[0]} (as its name, or its path "
                             f"from an image folder); give the matching file")
-        return ids
+        return [(image["id"], (image["width"], image["height"]) if "width" in image and "height" in image else None)
+                for image in listed]
     if all(p.stem.isdigit() for p in paths) and len({int(p.stem) for p in paths}) == len(paths):
-        return [int(p.stem) for p in paths]
-    return list(range(1, len(paths) + 1))
+        return [(int(p.stem), None) for p in paths]
+    return [(i, None) for i in range(1, len(paths) + 1)]
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, str]:
@@ -167,9 +175,9 @@ def kept_detections(output: dict, category_map: CategoryMap, score_thresh: float
 def predict(args: argparse.Namespace) -> int:
     check_args(args)
     device = torch.device(args.device if torch.cuda.is_available() or args.device == "cpu" else "cpu")
-    paths = find_images(args.inputs)
-    ids = image_ids(paths, args.annotations)
     out = Path(args.output_dir)
+    paths = find_images(args.inputs, skip=out)
+    records = image_records(paths, args.annotations)
     prepare_output_dir(out)
     if args.onnx:  # categories from the file's metadata; onnxruntime runs on the CPU
         model = deploy.OnnxModel(args.onnx)
@@ -186,14 +194,14 @@ def predict(args: argparse.Namespace) -> int:
     dropped = 0
     started = time.time()
     for start in range(0, len(paths), args.batch_size):
-        batch = list(zip(paths[start:start + args.batch_size], ids[start:start + args.batch_size]))
+        batch = list(zip(paths[start:start + args.batch_size], records[start:start + args.batch_size]))
         try:
-            images = [read_rgb(path) for path, _ in batch]
+            images = [read_rgb(path, size) for path, (_, size) in batch]
         except SampleError as e:
             raise UserError(str(e)) from None
         with torch.inference_mode():
             outputs = model(to_device(images, [], device)[0])
-        for (path, image_id), image, output in zip(batch, images, outputs):
+        for (path, (image_id, _)), image, output in zip(batch, images, outputs):
             output, unknown = kept_detections({k: v.cpu() for k, v in output.items()}, category_map,
                                               args.score_thresh)
             dropped += unknown
