@@ -589,7 +589,8 @@ def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
 def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path) -> None:
     """One clear error where a file's instances are of categories the model does not know; categories listed
     without instances are let through (scoring leaves them out)."""
-    unknown = {c["id"]: c["name"] for c in coco.dataset["categories"] if c["id"] not in set(category_map.ids)}
+    known = set(category_map.ids)
+    unknown = {c["id"]: c["name"] for c in coco.dataset["categories"] if c["id"] not in known}
     counts = Counter(a["category_id"] for a in coco.dataset["annotations"] if a["category_id"] in unknown)
     if counts:
         named = ", ".join(f"{unknown[i]} (id {i}, {n} instances)" for i, n in sorted(counts.items()))

@@ -195,11 +195,16 @@ class Comparison:
     onnx_count: int
     unmatched: int = 0
     matched: int = 0  # pairs with at least one side at or above the threshold: the differences are over these
-    size: tuple[int, int] = (0, 0)  # (height, width)
+    size: tuple[int, int] = (0, 0)  # (height, width), as the image tensor has them
     box: float | None = None
     score: float | None = None
     mask_iou: float | None = None  # the smallest IoU of two matched masks (cut at 0.5)
     keypoint: float | None = None
+
+    @property
+    def width_by_height(self) -> str:
+        """The size as the dataset check prints sizes: width x height."""
+        return f"{self.size[1]}x{self.size[0]}"
 
     def problems(self) -> list[str]:
         """What is beyond TOLERANCES, in words."""
@@ -285,7 +290,7 @@ def report(comparisons: list[Comparison], score_thresh: float) -> list[str]:
     lines = [f"{'image':<26} {'size':>10} {f'>= {score_thresh:g} torch/onnx':>20} {'matched':>7} {'box px':>8} "
              f"{'score':>9} {'mask IoU':>8} {'kpt px':>7}"]
     for c in comparisons:
-        lines.append(f"{c.image:<26} {c.size[1]:>4}x{c.size[0]:<5} {f'{c.torch_count}/{c.onnx_count}':>20} "
+        lines.append(f"{c.image:<26} {c.width_by_height:>10} {f'{c.torch_count}/{c.onnx_count}':>20} "
                      f"{c.matched:>7} {_cell(c.box, '8.4f')} {_cell(c.score, '9.2e')} {_cell(c.mask_iou, '8.4f')} "
                      f"{_cell(c.keypoint, '7.3f')}")
     largest = {key: [getattr(c, key) for c in comparisons if getattr(c, key) is not None] for key in TOLERANCES}

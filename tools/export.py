@@ -123,8 +123,8 @@ def coverage(comparisons: list[deploy.Comparison]) -> list[str]:
     sample = comparisons[0].size
     other = next((c for c in comparisons if c.size != sample), None)
     empty = next((c for c in comparisons if c.torch_count == 0), None)
-    lines = [f"checked an image of another size than the export's sample: {other.image} ({other.size[1]}x"
-             f"{other.size[0]})" if other else "note: every image had the sample's size"]
+    lines = [f"checked an image of another size than the export's sample: {other.image} ({other.width_by_height})"
+             if other else "note: every image had the sample's size"]
     lines.append(f"checked an image without detections above the threshold: {empty.image}" if empty else
                  "note: every image had detections above the threshold; the empty output was not checked")
     return lines
