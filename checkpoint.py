@@ -90,14 +90,20 @@ def save_atomic(state: dict, path: str | Path) -> None:
 
 def share_file(source: Path, target: Path) -> None:
     """Make target name source's bytes: a hard link where the filesystem allows one (no bytes written), else a
-    copy; target is replaced atomically either way."""
+    copy written as write_atomic writes (synced before it takes the name); target is replaced atomically either
+    way."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        os.link(source, tmp)
+    except OSError:
+        def copy_source(copy: BinaryIO) -> None:
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, copy)
+
+        write_atomic(target, copy_source)
+        return
+    try:
         with _writing(target):
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
             os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -354,3 +354,20 @@ def test_pruning_keeps_this_runs_newest_epochs_not_later_ones_of_an_earlier_run(
     assert sorted(p.name for p in doomed) == ["model_0.pth", "model_1.pth", "model_2.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["model_best.pth"] + [f"model_{e}.pth" for e in range(3, 10)])
+
+
+def test_a_copy_where_hard_links_fail_is_synced_before_it_takes_the_name(tmp_path, monkeypatch):
+    import checkpoint
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    synced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: replaced.append((len(synced), b)) or real_replace(a, b))
+    save_checkpoint({"epoch": 3, "w": torch.arange(5)}, tmp_path, also_as="model_3.pth")
+    assert [(n, Path(b).name) for n, b in replaced] == [(1, "model_3.pth"), (2, "checkpoint.pth")]
+    assert load_file(tmp_path / "checkpoint.pth", "--resume")["epoch"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "model_3.pth"]
