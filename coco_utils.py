@@ -165,10 +165,14 @@ LOADER_REPAIRS = frozenset({"box not finite", "no segmentation", "segmentation f
 class CocoIndex(COCO):
     """pycocotools' index of an annotation file as load_coco makes it; loader_repairs says whether the check found
     instances that the loader leaves out or repairs, which scoring must then read as the loader does, and
-    renumbered whether scoring must number the annotations from 1."""
+    renumbered whether scoring must number the annotations from 1; scoring_indexes keeps what scoring built."""
 
     loader_repairs: bool = False
     renumbered: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scoring_indexes: dict[bool, COCO] = {}  # by whether the IoU type scores masks
 
 
 def load_coco(ann_file: Path) -> CocoIndex:
@@ -345,9 +349,16 @@ def scoring_ground_truth(coco: COCO, iou_type: str) -> COCO:
     outline, out of 'segm' too. The index itself when load_coco's check found nothing the loader changes."""
     if not (isinstance(coco, CocoIndex) and (coco.loader_repairs or coco.renumbered)):
         return coco  # no pass over the annotations and the very same index: a sound file scores as ever
+    with_masks = iou_type == "segm"
+    if with_masks not in coco.scoring_indexes:  # built once a run: a pass over every annotation at COCO's size
+        coco.scoring_indexes[with_masks] = _scoring_index(coco, with_masks)
+    return coco.scoring_indexes[with_masks]
+
+
+def _scoring_index(coco: CocoIndex, with_masks: bool) -> COCO:
+    """scoring_ground_truth's index, built."""
     records = {image["id"]: (image.get("file_name"), image["height"], image["width"])
                for image in coco.dataset["images"]}
-    with_masks = iou_type == "segm"
     kept = coco.dataset["annotations"]
     if coco.loader_repairs:
         # Left out, not made crowd regions: both COCOevals take 'ignore' from 'iscrowd' alone, and a crowd

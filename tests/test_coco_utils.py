@@ -459,6 +459,8 @@ def test_only_a_file_with_instances_the_loader_changes_gets_other_ground_truth_f
     assert boxes.anns.keys() == ds.coco.anns.keys() and all(boxes.anns[i] is a for i, a in ds.coco.anns.items())
     assert masks.anns.keys() == ds.coco.anns.keys() - {edited["id"]}
     assert all(masks.anns[i] is ds.coco.anns[i] for i in masks.anns), "sound instances are not copied"
+    assert scoring_ground_truth(ds.coco, "segm") is masks, "built once a run, not once an evaluation"
+    assert scoring_ground_truth(ds.coco, "keypoints") is boxes
 
 
 def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
