@@ -293,3 +293,14 @@ def test_training_does_not_import_the_export_set():
         imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & optional, f"{path} imports {imported & optional}"
+
+
+def test_data_path_images_come_from_val2017_where_there_is_one(tmp_path):
+    from PIL import Image
+    for name in ("val2017/x/b.png", "val2017/a.png", "train2017/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 8), (9, 9, 9)).save(tmp_path / name)
+    images = export.data_images(str(tmp_path))
+    assert [name for name, _ in images] == ["a.png", "b.png"]
+    assert all(image.shape == (3, 8, 12) for _, image in images)
+    assert [name for name, _ in export.data_images(str(tmp_path / "train2017"))] == ["c.png"]

@@ -353,6 +353,27 @@ def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_g
     assert predict.find_images([str(tmp_path / "val2017")], skip=tmp_path / "val2017" / "imgs") == paths[:1]
 
 
+def test_export_takes_the_first_images_of_a_folder_and_lists_no_more_of_the_tree(tmp_path, monkeypatch):
+    from tools import predict
+    for name in ("top.jpg", "notes.txt", "a/2.png", "a/1.jpg", "b/3.jpg", "c/4.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    listed, walk = [], predict.os.walk
+
+    def listing(folder):
+        for parent, subfolders, files in walk(folder):
+            listed.append(Path(parent).name)
+            yield parent, subfolders, files
+
+    monkeypatch.setattr(predict.os, "walk", listing)
+    first = predict.first_images(tmp_path, 3)
+    assert [p.relative_to(tmp_path).as_posix() for p in first] == ["top.jpg", "a/1.jpg", "a/2.png"]
+    assert listed == [tmp_path.name, "a"], "b/ and c/ are not listed"
+    assert len(predict.first_images(tmp_path, 9)) == 5
+    with pytest.raises(UserError, match="no images found in"):
+        predict.first_images(tmp_path / "a" / "missing", 3)
+
+
 def test_predict_names_pictures_of_one_stem_apart():
     from tools import predict
 

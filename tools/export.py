@@ -39,7 +39,7 @@ from coco_utils import SampleError, read_rgb  # noqa: E402
 from errors import UserError  # noqa: E402
 from models import MODELS  # noqa: E402
 from tools.make_coco_dataset import DatasetSpec, make_image  # noqa: E402
-from tools.predict import find_images, load_model  # noqa: E402
+from tools.predict import first_images, load_model  # noqa: E402
 
 DATA_IMAGES = 3  # images taken from --data-path
 BLANK_GRAY = 128
@@ -100,7 +100,7 @@ def data_images(data_path: str) -> list[tuple[str, torch.Tensor]]:
         raise UserError(f"--data-path {data_path} is not a folder; give a COCO-layout root or a folder of images")
     folder = root / "val2017" if (root / "val2017").is_dir() else root
     try:
-        return [(path.name, read_rgb(path)) for path in find_images([str(folder)])[:DATA_IMAGES]]
+        return [(path.name, read_rgb(path)) for path in first_images(folder, DATA_IMAGES)]
     except SampleError as e:
         raise UserError(f"--data-path: {e}") from None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,20 @@ def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
     if not found:
         raise UserError(f"no images found in {' '.join(inputs)}; give image files, folders or glob patterns")
     return sorted(found)
+
+
+def first_images(folder: Path, count: int) -> list[Path]:
+    """The first count image files under folder, its subfolders walked in name order; a large tree is not listed
+    past them."""
+    found: list[Path] = []
+    for parent, subfolders, files in os.walk(folder):
+        subfolders.sort()
+        found += [Path(parent, name) for name in sorted(files) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        if len(found) >= count:
+            return found[:count]
+    if not found:
+        raise UserError(f"no images found in {folder}; give a folder that holds images")
+    return found
 
 
 def listed_image(path: Path, by_name: dict) -> dict | None:
