@@ -22,7 +22,13 @@ from torch import nn
 
 import utils
 from errors import UserError
-from optimization import check_state_fits, keep_implementation, keep_this_runs_settings, settings_of
+from optimization import (
+    check_state_fits,
+    drop_empty_groups,
+    keep_implementation,
+    keep_this_runs_settings,
+    settings_of,
+)
 
 # Read once, at import, while no other thread can create files under the briefly changed mask.
 _UMASK = os.umask(0)
@@ -227,6 +233,7 @@ class TrainingState:
         if "optimizer" not in checkpoint:
             raise UserError(f"{source} holds weights only, no optimizer state to continue training from (a "
                             f"model_best.pth); to fine-tune from it, pass it to --weights instead")
+        drop_empty_groups(checkpoint)
         check_state_fits(self.optimizer, checkpoint["optimizer"], source)
         own = settings_of(self.optimizer, self.lr_scheduler)
         self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -58,7 +58,9 @@ def parameter_groups(model: torch.nn.Module, args: argparse.Namespace, reference
     decay, norm_decay = args.weight_decay, args.norm_weight_decay
     if norm_decay is not None:
         groups = [{"params": other_params, "weight_decay": decay}, {"params": norm_params, "weight_decay": norm_decay}]
-        return groups[::-1] if reference_order else groups
+        # A group without parameters (frozen norms have none) is left out, as the reference leaves it out:
+        # checkpoints of either writer then hold the same groups
+        return [group for group in (groups[::-1] if reference_order else groups) if group["params"]]
     in_order = [p for p in model.parameters() if p.requires_grad] if reference_order else other_params + norm_params
     return [{"params": in_order, "weight_decay": decay}]
 
@@ -69,8 +71,9 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, reference_o
     --norm-weight-decay when it is set."""
     groups = parameter_groups(model, args, reference_order)
     implementation = {"fused": True} if fused else {}
-    if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, **implementation)
+    if args.opt in ("sgd", "sgd_nesterov"):
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.opt == "sgd_nesterov",
+                               **implementation)
     return torch.optim.AdamW(groups, lr=args.lr, **implementation)
 
 
@@ -94,13 +97,28 @@ GROUP_SETTINGS = ("initial_lr", "weight_decay", "momentum", "dampening", "nester
 SCHEDULE_SETTINGS = ("milestones", "gamma", "T_max", "eta_min")
 # The command-line flags behind those settings (the others keep torch's defaults).
 FLAG_OF = {"initial_lr": "--lr", "weight_decay": "--wd or --norm-weight-decay", "momentum": "--momentum",
-           "milestones": "--lr-steps or --lr-step-size", "gamma": "--lr-gamma", "T_max": "--epochs"}
+           "nesterov": "--opt", "milestones": "--lr-steps or --lr-step-size", "gamma": "--lr-gamma",
+           "T_max": "--epochs"}
 
 
 def settings_of(optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """The optimizer's and the schedule's settings, as this run's flags made them (before a checkpoint loads)."""
     groups = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
     return {"groups": groups, **{k: v for k, v in scheduler.state_dict().items() if k in SCHEDULE_SETTINGS}}
+
+
+def drop_empty_groups(checkpoint: dict) -> None:
+    """Leave out a checkpoint's parameter groups without parameters, and their places in its schedule's lists:
+    this project's checkpoints kept an empty --norm-weight-decay group before such groups were left out."""
+    groups = checkpoint["optimizer"]["param_groups"]
+    empty = [i for i, group in enumerate(groups) if not group["params"]]
+    if not empty or len(empty) == len(groups):
+        return
+    checkpoint["optimizer"]["param_groups"] = [g for i, g in enumerate(groups) if i not in empty]
+    schedule = checkpoint.get("lr_scheduler") or {}
+    for key in ("base_lrs", "_last_lr"):
+        if len(schedule.get(key) or []) == len(groups):
+            schedule[key] = [v for i, v in enumerate(schedule[key]) if i not in empty]
 
 
 def check_state_fits(optimizer: torch.optim.Optimizer, saved: dict, source: str) -> None:

@@ -75,7 +75,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("-b", "--batch-size", default=2, type=int, help="images per device; total = batch size x processes")
     add("--epochs", default=26, type=int, help="number of epochs to run")
     add("-j", "--workers", default=4, type=int, help="data loading worker processes per device")
-    add("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer")
+    add("--opt", default="sgd", type=str.lower, choices=("sgd", "sgd_nesterov", "adamw"),
+        help="optimizer (any case, as torchvision's reference reads it)")
     add("--lr", default=0.02, type=float,
         help="learning rate: 0.02 suits 8 devices x 2 images; scale linearly with the total batch")
     add("--momentum", default=0.9, type=float, help="SGD momentum")
@@ -84,7 +85,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="weight decay for normalization layers (default: same as --wd)")
     add("--clip-grad-norm", default=None, type=float,
         help="clip the gradient norm to this (default: no clipping); steadies training from scratch")
-    add("--lr-scheduler", default="multisteplr", choices=("multisteplr", "cosineannealinglr"),
+    add("--lr-scheduler", default="multisteplr", type=str.lower, choices=("multisteplr", "cosineannealinglr"),
         help="how the learning rate falls over epochs")
     add("--lr-step-size", default=None, type=int,
         help="multisteplr: divide the lr every this many epochs (used when --lr-steps is not given)")
@@ -97,7 +98,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch", help="first epoch number")
     add("--aspect-ratio-group-factor", default=3, type=int,
         help="batch images of similar aspect ratio in 2k+2 groups; -1 turns grouping off")
-    add("--rpn-score-thresh", default=None, type=float, help="RPN score threshold at inference")
+    add("--rpn-score-thresh", default=None, type=float,
+        help="R-CNNs: proposals under this objectness score are left out, in training and evaluation")
     add("--trainable-backbone-layers", default=None, type=int,
         help="backbone stages to train with pretrained weights (0-5 for ResNet and VGG, 0-6 for MobileNet; "
              "default: 3)")

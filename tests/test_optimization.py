@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import optimization
+from train import get_args_parser
 
 
 def args(**values) -> argparse.Namespace:
@@ -139,3 +141,43 @@ def test_an_optimizer_state_that_cannot_continue_is_one_clear_error(values, mess
     optimizer, _ = trained_state(**values)
     with pytest.raises(optimization.UserError, match=message):
         optimization.check_state_fits(optimizer, saved[0].state_dict(), "--resume checkpoint.pth")
+
+
+def test_a_group_without_parameters_is_left_out_as_the_reference_leaves_it_out():
+    """Frozen norms (a pretrained backbone's) have no parameters: --norm-weight-decay then makes one group, in
+    either writer's order, so a reference checkpoint's optimizer state fits."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), torchvision.ops.FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 1))
+    for reference_order in (False, True):
+        groups = optimization.parameter_groups(model, args(norm_weight_decay=0.0), reference_order)
+        assert [len(g["params"]) for g in groups] == [4] and groups[0]["weight_decay"] == 1e-4
+
+
+def test_an_older_checkpoints_empty_group_is_dropped_with_its_places_in_the_schedule():
+    model = nn.Linear(3, 2)
+    recipe = args(norm_weight_decay=0.0, lr_scheduler="cosineannealinglr", epochs=4)
+    old = torch.optim.SGD([{"params": list(model.parameters()), "weight_decay": 1e-4},
+                           {"params": [], "weight_decay": 0.0}], lr=0.02, momentum=0.9)
+    old_schedule = optimization.make_lr_scheduler(old, recipe)
+    model(torch.rand(4, 3)).sum().backward()
+    old.step()
+    old_schedule.step()
+    checkpoint = {"optimizer": old.state_dict(), "lr_scheduler": old_schedule.state_dict()}
+    optimization.drop_empty_groups(checkpoint)
+    optimizer = optimization.make_optimizer(model, recipe)
+    scheduler = optimization.make_lr_scheduler(optimizer, recipe)
+    optimization.check_state_fits(optimizer, checkpoint["optimizer"], "--resume checkpoint.pth")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    assert len(scheduler.base_lrs) == len(scheduler.get_last_lr()) == 1
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * (1 + math.cos(math.pi * 2 / 4)) / 2)
+    assert optimizer.state_dict()["state"][0]["momentum_buffer"].equal(old.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_optimizer_and_schedule_names_are_read_in_any_case_as_the_reference_reads_them():
+    parsed = get_args_parser().parse_args(["--opt", "SGD_Nesterov", "--lr-scheduler", "CosineAnnealingLR"])
+    assert (parsed.opt, parsed.lr_scheduler) == ("sgd_nesterov", "cosineannealinglr")
+    optimizer = optimization.make_optimizer(nn.Linear(3, 2), args(opt=parsed.opt))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"] is True
+    assert optimization.make_optimizer(nn.Linear(3, 2), args()).defaults["nesterov"] is False
+    assert get_args_parser().parse_args(["--opt", "AdamW"]).opt == "adamw"
