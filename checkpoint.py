@@ -9,10 +9,11 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -29,6 +30,11 @@ from optimization import (
     keep_this_runs_settings,
     settings_of,
 )
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not guarded against sharing a folder
+    fcntl = None
 
 # Read once, at import, while no other thread can create files under the briefly changed mask.
 _UMASK = os.umask(0)
@@ -54,11 +60,14 @@ def _cause(error: OSError) -> str:
     return known.get(error.errno, (error.strerror or str(error)).lower())
 
 
-CHECKPOINT_REMEDY = "the previous checkpoint is intact. Free space in --output-dir or choose another"
+OUTPUT_REMEDY = "free space in --output-dir, make it writable, or choose another"
+CHECKPOINT_REMEDY = f"earlier checkpoints are intact; {OUTPUT_REMEDY}"
+# What a run writes beside its checkpoints (metrics, predictions, pictures, curves, events)
+RUN_OUTPUT_REMEDY = f"the checkpoints are intact; {OUTPUT_REMEDY}"
 
 
 @contextmanager
-def _writing(path: Path, remedy: str = CHECKPOINT_REMEDY) -> Iterator[None]:
+def writing(path: Path, remedy: str = CHECKPOINT_REMEDY) -> Iterator[None]:
     """A failed write to path (full disk, no permission, ...) becomes a UserError naming the file, the cause and
     what to do; an error that is not the filesystem's is left to show whole."""
     try:
@@ -76,7 +85,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: 
     path = Path(path)
     tmp = None
     try:
-        with _writing(path, remedy):
+        with writing(path, remedy):
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's file is private; these are files like any other
             with os.fdopen(fd, "wb") as f:
@@ -86,7 +95,14 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: 
             os.replace(tmp, path)
     finally:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            _remove_quietly(Path(tmp))
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temporary file if it is there; a filesystem that fails even this (gone read-only) has already
+    raised the error worth showing."""
+    with suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def save_atomic(state: dict, path: str | Path) -> None:
@@ -109,10 +125,10 @@ def share_file(source: Path, target: Path) -> None:
         write_atomic(target, copy_source)
         return
     try:
-        with _writing(target):
+        with writing(target):
             os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
 
 
 def load_file(path: str | Path, flag: str) -> dict:
@@ -136,7 +152,9 @@ def load_file(path: str | Path, flag: str) -> dict:
                         f"you trust, re-saved as plain state dicts") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{flag} {path} is not a readable checkpoint (truncated or not a torch file: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); give "
+                        f"another file (for a run's damaged checkpoint.pth: an earlier epoch's model_E.pth beside "
+                        f"it)") from None
 
 
 # The class heads: the only tensors whose shapes depend on the number of classes (or keypoints).
@@ -302,7 +320,7 @@ def save_checkpoint(state: dict, output_dir: Path, also_as: str | None = None) -
 
 def prepare_output_dir(out: Path) -> None:
     """The output folder made and checked writable, before any work, for train.py and tools/predict.py alike;
-    temporaries of interrupted saves cleared."""
+    claimed for this process (claim_output_dir), then temporaries of interrupted saves cleared."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -311,13 +329,44 @@ def prepare_output_dir(out: Path) -> None:
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable or cannot be made ({e.strerror}); choose a folder you "
                         f"can write to") from None
+    claim_output_dir(out)
     remove_stale_temporaries(out)
 
 
+_CLAIMED: dict[Path, int] = {}  # folder -> the open lock file's descriptor, held until the process ends
+
+
+def claim_output_dir(out: Path) -> None:
+    """Hold an exclusive lock on out/.lock for the rest of this process, so that a second run started in the
+    same folder stops with one line: it would move the first one's files aside, or delete its saves under way.
+    Filesystems without locks are let through."""
+    folder = out.resolve()
+    if fcntl is None or folder in _CLAIMED:
+        return
+    descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        os.close(descriptor)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise UserError(f"--output-dir {out} is in use by another run (process {holder or 'unknown'}); wait "
+                            f"for it to end, or choose another --output-dir") from None
+        return
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+    _CLAIMED[folder] = descriptor
+
+
+# Temporary files of write_atomic: in the folder, and beside the epochs' prediction pictures
+_TEMPORARIES = (".*.tmp", "predictions/epoch_[0-9]*/.*.tmp")
+
+
 def remove_stale_temporaries(output_dir: Path) -> None:
-    """Temporary files of saves that a kill interrupted; they are never read."""
-    for tmp in output_dir.glob(".*.pth.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Temporary files of writes that a kill interrupted; they are never read."""
+    for pattern in _TEMPORARIES:
+        for tmp in output_dir.glob(pattern):
+            _remove_quietly(tmp)
 
 
 # What a training run writes in its output folder, and nothing else (tools/predict.py's default folder is
@@ -355,6 +404,12 @@ def prune_epoch_files(output_dir: Path, keep_last: int, epoch: int) -> list[Path
     epochs = {int(p.stem[len("model_"):]): p for p in output_dir.glob("model_*.pth")
               if p.stem[len("model_"):].isdigit()}
     doomed = [epochs[e] for e in sorted(e for e in epochs if e <= epoch)[:-keep_last]]
+    removed = []
     for path in doomed:
-        path.unlink(missing_ok=True)
-    return doomed
+        try:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except OSError as e:  # the run and its checkpoints are sound: a file left over is no reason to stop
+            utils.print_once(f"warning: --keep-last could not delete {path} ({_cause(e)}); delete it by hand",
+                             file=sys.stderr)
+    return removed

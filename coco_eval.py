@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import utils
+from checkpoint import RUN_OUTPUT_REMEDY, write_atomic
 from coco_utils import CategoryMap, scoring_ground_truth
 
 # The order of COCOeval.stats, named, and what each line of the standard summary says of it:
@@ -414,9 +415,8 @@ class CocoEvaluator:
         paths = []
         for iou_type in self.iou_types:
             path = Path(output_dir) / f"predictions_{iou_type}.json"
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.results(iou_type)))
-            tmp.replace(path)
+            results = json.dumps(self.results(iou_type)).encode()
+            write_atomic(path, lambda f, data=results: f.write(data), remedy=RUN_OUTPUT_REMEDY)
             paths.append(path)
         return paths
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoint import RUN_OUTPUT_REMEDY, write_atomic, writing
 from utils import print_once
 
 
@@ -227,9 +228,8 @@ class JsonlWriter:
         evaluated = {r["epoch"] for _, r in records if r.get("type") == "eval"}
         kept = [line for line, r in records if _keeps(r, epoch, step)
                 and not (r.get("type") == "val" and r["epoch"] == epoch and epoch not in evaluated)]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        text = "".join(line + "\n" for line in kept).encode()
+        write_atomic(self.path, lambda f: f.write(text), remedy=RUN_OUTPUT_REMEDY)
 
     def records(self, kind: str) -> list[dict]:
         """The records of one type ("train" or "eval") logged so far."""
@@ -240,7 +240,7 @@ class JsonlWriter:
 
     def write(self, record: Record) -> None:
         if record.kind != "test":
-            with self.path.open("a") as f:
+            with writing(self.path, RUN_OUTPUT_REMEDY), self.path.open("a") as f:
                 f.write(json.dumps(_finite(record.as_json())) + "\n")
 
     def close(self) -> None:
@@ -264,19 +264,26 @@ class TensorBoardWriter:
             self._board = SummaryWriter(str(self.output_dir), purge_step=self.purge_step)
         return self._board
 
+    def _writing(self):
+        """A failed write (the event file's thread raises it at a later call) as one clear error."""
+        return writing(self.output_dir / "events.out.tfevents.*", f"{RUN_OUTPUT_REMEDY} (or --no-tensorboard)")
+
     def write(self, record: Record) -> None:
         if record.kind != "test":
-            for name, value in _scalars(record.values).items():
-                self.board.add_scalar(f"{record.kind}/{name}", value, record.global_step)
+            with self._writing():
+                for name, value in _scalars(record.values).items():
+                    self.board.add_scalar(f"{record.kind}/{name}", value, record.global_step)
 
     def add_pictures(self, pictures: dict[str, torch.Tensor], global_step: int) -> None:
         """uint8 CHW pictures, by name."""
-        for name, picture in pictures.items():
-            self.board.add_image(f"predictions/{name}", picture, global_step)
+        with self._writing():
+            for name, picture in pictures.items():
+                self.board.add_image(f"predictions/{name}", picture, global_step)
 
     def close(self) -> None:
         if self._board is not None:
-            self._board.close()
+            with self._writing():
+                self._board.close()
 
 
 class Writers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from functools import cache
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
+from checkpoint import OUTPUT_REMEDY, RUN_OUTPUT_REMEDY, write_atomic, writing
 from coco_utils import CategoryMap
 
 MIN_PICTURE_SIDE = 320
@@ -102,8 +104,12 @@ def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: 
 
 
 def save_jpeg(picture: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(path, quality=90)
+    """A uint8 CHW picture as a JPEG file, written whole or not at all (a failed write is one clear error)."""
+    with writing(path, OUTPUT_REMEDY):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    encoded = io.BytesIO()  # encoded first: PIL's encoder writes to a file's descriptor, past its write()
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(encoded, format="JPEG", quality=90)
+    write_atomic(path, lambda f: f.write(encoded.getvalue()), remedy=OUTPUT_REMEDY)
 
 
 def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[dict] = ()) -> Path | None:
@@ -137,8 +143,8 @@ def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_path)
+    try:
+        write_atomic(out_path, lambda f: fig.savefig(f, format="png"), remedy=RUN_OUTPUT_REMEDY)
+    finally:
+        plt.close(fig)
     return out_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -113,6 +114,43 @@ def tiles_everywhere(monkeypatch):
     """Winograd's tiles for every channels-last 3x3 convolution, however few its channels or large its map;
     calls listed and checked as winograd_everywhere's."""
     yield from _winograd_everywhere(monkeypatch, 10**12, "tiled_winograd_conv2d", "Winograd's tiles")
+
+
+class _DiskFillsUp:
+    """A file object whose writes fail with 'No space left on device' after a few kilobytes, as a full
+    filesystem does under torch.save's zip writer."""
+
+    def __init__(self, raw, limit: int) -> None:
+        self.raw, self.left = raw, limit
+
+    def write(self, data) -> int:
+        if len(data) > self.left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(data)
+        return self.raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.raw.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(n): from then on, every file checkpoint.write_atomic writes (checkpoints, metrics, predictions,
+    pictures, curves) fails after n bytes, as on a full disk."""
+    import checkpoint
+
+    real_fdopen = os.fdopen
+
+    def fill_after(limit: int) -> None:
+        monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), limit))
+
+    return fill_after
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

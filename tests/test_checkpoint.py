@@ -5,6 +5,8 @@ import errno
 import json
 import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from checkpoint import (
     set_aside_previous_run,
 )
 from coco_utils import CategoryMap
-from conftest import TINY, run_cli, start_cli
+from conftest import ROOT, TINY, run_cli, start_cli
 from errors import UserError
 
 
@@ -65,7 +67,8 @@ def test_truncated_and_missing_files(tmp_path):
     save_atomic({"w": torch.zeros(1000)}, tmp_path / "c.pth")
     data = (tmp_path / "c.pth").read_bytes()
     (tmp_path / "t.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match=r"not a readable checkpoint .*; give another file \(for a run's damaged "
+                                        r"checkpoint\.pth: an earlier epoch's model_E\.pth beside it\)"):
         load_file(tmp_path / "t.pth", "--resume")
     with pytest.raises(UserError, match="no such file"):
         load_file(tmp_path / "none.pth", "--resume")
@@ -200,40 +203,14 @@ def test_a_checkpoint_of_the_previous_release_resumes_and_evaluates(tiny_dataset
     assert result.stdout.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == 2
 
 
-class _DiskFillsUp:
-    """A file object whose writes fail with 'No space left on device' after a few kilobytes, as a full
-    filesystem does under torch.save's zip writer."""
-
-    def __init__(self, raw, limit: int) -> None:
-        self.raw, self.left = raw, limit
-
-    def write(self, data) -> int:
-        if len(data) > self.left:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.left -= len(data)
-        return self.raw.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.raw, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.raw.close()
-
-
-def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
-    import checkpoint
-
+def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_stays(tmp_path, full_disk):
     save_checkpoint({"epoch": 1, "w": torch.zeros(10)}, tmp_path)
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), 4096))
+    full_disk(4096)
     with pytest.raises(UserError) as error:
         save_checkpoint({"epoch": 2, "w": torch.zeros(100_000)}, tmp_path, also_as="model_2.pth")
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / "model_2.pth") in message
-    assert "no space left on the device" in message and "previous checkpoint is intact" in message
+    assert "no space left on the device" in message and "earlier checkpoints are intact" in message
     assert load_file(tmp_path / "checkpoint.pth", "--resume")["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"], "no temporary file, no half-written file"
 
@@ -371,3 +348,60 @@ def test_a_copy_where_hard_links_fail_is_synced_before_it_takes_the_name(tmp_pat
     assert [(n, Path(b).name) for n, b in replaced] == [(1, "model_3.pth"), (2, "checkpoint.pth")]
     assert load_file(tmp_path / "checkpoint.pth", "--resume")["epoch"] == 3
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "model_3.pth"]
+
+
+def test_a_second_process_cannot_take_a_folder_a_run_holds(tmp_path):
+    import checkpoint
+
+    checkpoint.prepare_output_dir(tmp_path)
+    checkpoint.prepare_output_dir(tmp_path)  # the same process again: its own folder
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; import checkpoint; "
+                            "checkpoint.prepare_output_dir(Path(sys.argv[1]))", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode != 0
+    assert f"--output-dir {tmp_path} is in use by another run (process {os.getpid()}); wait for it" in other.stderr
+
+
+def test_temporaries_of_interrupted_writes_are_cleared_and_nothing_else(tmp_path):
+    from checkpoint import remove_stale_temporaries
+
+    names = [".checkpoint.pth.123.tmp", ".predictions_bbox.json.x1y2.tmp", "predictions/epoch_3/.a.jpg.z9.tmp",
+             ".lock", "notes.tmp", "predictions/epoch_3/a.jpg", "model_1.pth"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    remove_stale_temporaries(tmp_path)
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [".lock", "model_1.pth", "notes.tmp", "predictions/epoch_3/a.jpg"]
+
+
+def test_a_file_pruning_cannot_delete_is_a_warning_and_the_rest_go(tmp_path, monkeypatch, capsys):
+    for epoch in range(4):
+        (tmp_path / f"model_{epoch}.pth").write_bytes(b"")
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if path.name == "model_0.pth":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    removed = prune_epoch_files(tmp_path, keep_last=1, epoch=3)
+    assert [p.name for p in removed] == ["model_1.pth", "model_2.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0.pth", "model_3.pth"]
+    assert f"warning: --keep-last could not delete {tmp_path / 'model_0.pth'} (permission denied)" in (
+        capsys.readouterr().err)
+
+
+def test_a_folder_gone_read_only_while_sharing_a_file_is_still_one_clear_error(tmp_path, monkeypatch):
+    import checkpoint
+
+    (tmp_path / "model_1.pth").write_bytes(b"x")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint.os, "replace", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(UserError, match=r"could not write .*checkpoint\.pth: read-only filesystem"):
+        checkpoint.share_file(tmp_path / "model_1.pth", tmp_path / "checkpoint.pth")

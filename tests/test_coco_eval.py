@@ -328,3 +328,16 @@ def test_a_category_listed_without_instances_scores_as_if_absent(dataset, tmp_pa
         d["categories"].append({"id": 99, "name": "star"}), d["annotations"][0].update(category_id=99)))
     with pytest.raises(UserError, match=r"lack: star \(id 99, 1 instances\)"):
         build_dataset(with_instance, "coco", "val", None, trained)
+
+
+def test_predictions_files_are_written_whole_or_not_at_all(dataset, tmp_path, full_disk):
+    ds = build_dataset(dataset, "coco", "val", None)
+    evaluator = CocoEvaluator(ds.coco, ds.category_map, backend="pycocotools")
+    evaluator.update(_noisy_outputs(ds))
+    (tmp_path / "predictions_bbox.json").write_text("[]")
+    full_disk(10)
+    with pytest.raises(UserError, match=r"could not write .*predictions_bbox\.json: no space left on the device; "
+                                        r"the checkpoints are intact"):
+        evaluator.write_results(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions_bbox.json"]
+    assert (tmp_path / "predictions_bbox.json").read_text() == "[]"

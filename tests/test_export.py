@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import io
 import json
 from contextlib import redirect_stderr, redirect_stdout
@@ -304,3 +305,16 @@ def test_data_path_images_come_from_val2017_where_there_is_one(tmp_path):
     assert [name for name, _ in images] == ["a.png", "b.png"]
     assert all(image.shape == (3, 8, 12) for _, image in images)
     assert [name for name, _ in export.data_images(str(tmp_path / "train2017"))] == ["c.png"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(export.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(UserError, match=rf"--output {tmp_path}/m\.onnx: cannot write in {tmp_path} \(read-only file "
+                                        r"system\); choose another --output"):
+        export.check_output(tmp_path / "m.onnx")
+    monkeypatch.undo()
+    export.check_output(tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())

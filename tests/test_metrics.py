@@ -1,9 +1,13 @@
 """Records collected once and written by writers: metrics.jsonl appended and cut back to a checkpoint's
 position on resume, the console line, the one rule for which steps are logged."""
 
+import errno
 import json
 
-from metrics import ConsoleWriter, JsonlWriter, LogSchedule, Record, StepMeters, Writers
+import pytest
+
+from errors import UserError
+from metrics import ConsoleWriter, JsonlWriter, LogSchedule, Record, StepMeters, TensorBoardWriter, Writers
 
 
 def _records(path):
@@ -89,3 +93,34 @@ def test_evaluation_progress_reaches_the_console_only(tmp_path, capsys):
     assert not (tmp_path / "metrics.jsonl").exists()
     ConsoleWriter().write(Record("eval", 0, 1, {"bbox": {"AP": 0.1}}))
     assert capsys.readouterr().out == ""
+
+
+def test_failed_writes_of_the_records_are_one_clear_error_and_the_file_stays_whole(tmp_path, full_disk):
+    writer = JsonlWriter(tmp_path)
+    writer.write(_train(0, 1))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    full_disk(0)
+    with pytest.raises(UserError, match=r"could not write .*metrics\.jsonl: no space left on the device; the "
+                                        r"checkpoints are intact; free space in --output-dir"):
+        writer.truncate_after(0, None)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"], "no temporary file left"
+    blocked = JsonlWriter(tmp_path / "sub")
+    (tmp_path / "sub" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"could not write .*metrics\.jsonl: is a directory"):
+        blocked.write(_train(0, 1))
+
+
+def test_a_failed_tensorboard_write_is_one_clear_error(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer = TensorBoardWriter(tmp_path)
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    with pytest.raises(UserError, match=r"could not write .*events\.out\.tfevents\.\*: no space left on the device;.*"
+                                        r"\(or --no-tensorboard\)"):
+        writer.write(_train(0, 1, loss=1.0))
+    monkeypatch.undo()
+    writer.close()

@@ -1,10 +1,12 @@
 """Prediction pictures and training curves."""
 
+import pytest
 import torch
 from PIL import Image
 
 from coco_utils import CategoryMap
-from visualize import plot_curves, side_by_side
+from errors import UserError
+from visualize import plot_curves, save_jpeg, side_by_side
 
 
 def test_side_by_side_draws_truth_and_prediction():
@@ -55,3 +57,20 @@ def test_labels_in_a_font_sized_to_the_picture_and_the_threshold_written(tmp_pat
     low, high = (side_by_side(image, target, output, cmap, score_thresh=t) for t in (0.3, 0.7))
     assert not torch.equal(low[:, 300:, 328:], high[:, 300:, 328:]), "the threshold is written on the picture"
     assert torch.equal(low[:, :, :320], high[:, :, :320])
+
+
+def test_pictures_and_curves_are_written_whole_or_not_at_all(tmp_path, full_disk):
+    picture = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
+    save_jpeg(picture, tmp_path / "epoch_1" / "a.jpg")
+    good = (tmp_path / "epoch_1" / "a.jpg").read_bytes()
+    train = [{"type": "train", "epoch": 0, "global_step": s, "lr": 0.01, "loss": 1.0 / s} for s in range(1, 5)]
+    plot_curves(train, [], tmp_path / "curves.png")
+    curves = (tmp_path / "curves.png").read_bytes()
+    full_disk(100)
+    with pytest.raises(UserError, match=r"could not write .*a\.jpg: no space left on the device; free space in"):
+        save_jpeg(torch.zeros_like(picture), tmp_path / "epoch_1" / "a.jpg")
+    with pytest.raises(UserError, match=r"could not write .*curves\.png: no space left on the device; the "
+                                        r"checkpoints are intact"):
+        plot_curves(train[:2], [], tmp_path / "curves.png")
+    assert (tmp_path / "epoch_1" / "a.jpg").read_bytes() == good and (tmp_path / "curves.png").read_bytes() == curves
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.jpg", "curves.png", "epoch_1"], "no temporary file"

@@ -24,8 +24,10 @@ and the check says whether the result holds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -143,15 +145,26 @@ def run_benchmark(model: torch.nn.Module, onnx_model: deploy.OnnxModel, image: t
         print(f"  {runtime:<30} {rate:8.3g} images/s  {1 / rate:7.2f} s/image  {rate / base:5.2f}x torchvision's")
 
 
+def check_output(output: Path) -> None:
+    """--output names a file that can be written, before minutes of work, not after."""
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: folder {output.parent} does not exist; create it or choose another")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
+    try:
+        with tempfile.TemporaryFile(dir=output.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot write in {output.parent} ({e.strerror.lower()}); choose "
+                        f"another --output") from None
+
+
 def export_and_check(args: argparse.Namespace) -> int:
     """Export to a temporary file beside --output, check it, and move it into place only if the check passes."""
     output = Path(args.output)
     if args.opset < 16:
         raise UserError(f"--opset {args.opset} is too old for torchvision's RoIAlign; give 16 or more")
-    if not output.parent.is_dir():
-        raise UserError(f"--output {output}: folder {output.parent} does not exist; create it or choose another")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
+    check_output(output)
     for module in ("onnx", "onnxruntime"):  # before minutes of work, not after
         deploy.require(module)
     model, category_map, name = load_model(args)
@@ -186,7 +199,8 @@ def export_and_check(args: argparse.Namespace) -> int:
             raise UserError(f"could not move the checked export to {output}: {e.strerror}; choose another "
                             f"--output") from None
     finally:
-        unchecked.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder gone read-only has raised the error worth showing
+            unchecked.unlink(missing_ok=True)
     print(passed(comparisons, args.score_thresh, output))
     return 0
 
