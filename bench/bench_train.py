@@ -238,7 +238,7 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     # The same starting weights as the reference's run: how many proposals the heads train on, and so the
     # cost of a step, depends on them.
     model.load_state_dict(torchvision_model(args).state_dict())
-    config = speedups.SpeedupConfig(not args.no_speedups, args.channels_last, args.shape_buckets)
+    config = speedups.SpeedupConfig(not args.no_speedups, args.channels_last, args.shape_buckets, autocast=args.amp)
     chosen_for = torch.device(args.speedups_as) if args.speedups_as else device
     model = speedups.for_training(model.to(device), chosen_for, config)
     # The settings printed say which were used.

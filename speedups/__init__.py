@@ -50,6 +50,7 @@ class SpeedupConfig:
     enabled: bool = True
     channels_last: bool | None = None
     shape_buckets: bool | None = None
+    autocast: bool = False  # the model runs under autocast (--amp): the float32-only ones would never run
 
     def __post_init__(self) -> None:
         if not self.enabled and (self.channels_last or self.shape_buckets):
@@ -79,7 +80,7 @@ class SpeedupConfig:
 
     @classmethod
     def from_args(cls, args) -> SpeedupConfig:
-        return cls(not args.no_speedups, args.channels_last, args.shape_buckets)
+        return cls(not args.no_speedups, args.channels_last, args.shape_buckets, autocast=args.amp)
 
 
 PLAIN = SpeedupConfig(enabled=False)
@@ -94,6 +95,7 @@ class Speedup:
     self_check: Callable[[], str | None]
     apply: Callable[[nn.Module], object]
     cpu_only: bool = False  # chosen only for models on the CPU
+    float32_only: bool = False  # not chosen for a model that runs under autocast, where it would never run
 
 
 # The order they are applied in: norms folded before anything copies or wraps the convolutions; module swaps
@@ -123,10 +125,10 @@ TRAINING = (
 CHANNELS_LAST = Speedup("channels-last layout", channels_last.self_check, channels_last.to_channels_last)
 # With channels-last on the CPU, where oneDNN's channels-last weight gradients are the slow part.
 CPU_CONV_GRADIENTS = Speedup("convolution gradients for channels-last on the CPU", conv_gradients.self_check,
-                             conv_gradients.use_fast_cpu_gradients, cpu_only=True)
+                             conv_gradients.use_fast_cpu_gradients, cpu_only=True, float32_only=True)
 # On the CPU, in either layout: the large 3x3 convolutions by Winograd's transforms.
 CPU_WINOGRAD = Speedup("Winograd 3x3 convolutions on the CPU", winograd_convs.self_check,
-                       winograd_convs.use_winograd_convs, cpu_only=True)
+                       winograd_convs.use_winograd_convs, cpu_only=True, float32_only=True)
 SHAPE_BUCKETS = Speedup("shape buckets", shape_buckets.self_check, shape_buckets.pad_to_shape_buckets)
 INFERENCE_FOLD = Speedup("batch norms folded for inference", norm_folding.self_check, norm_folding.fold_batch_norms)
 
@@ -169,13 +171,15 @@ def _apply(model: nn.Module, speedups: tuple[Speedup, ...]) -> None:
 def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
     """The model prepared to train on device, in place (its parameters already there): every speed-up the
     config allows, in TRAINING's order, then channels-last (with its convolution gradients), Winograd
-    convolutions, and shape buckets where the config says; those marked cpu_only for a model on the CPU only."""
+    convolutions, and shape buckets where the config says; those marked cpu_only for a model on the CPU only,
+    those marked float32_only for a model without autocast only."""
     if not config.enabled:
         return model
     layout = (CHANNELS_LAST, CPU_CONV_GRADIENTS) if config.use_channels_last(device) else ()
     buckets = (SHAPE_BUCKETS,) if config.use_shape_buckets(device) else ()
     chosen = TRAINING + layout + (CPU_WINOGRAD,) + buckets
-    _apply(model, tuple(speedup for speedup in chosen if device.type == "cpu" or not speedup.cpu_only))
+    _apply(model, tuple(speedup for speedup in chosen if (device.type == "cpu" or not speedup.cpu_only)
+                        and not (config.autocast and speedup.float32_only)))
     return model
 
 

@@ -115,6 +115,18 @@ def test_only_the_speedups_that_changed_the_model_are_listed():
     assert "anchors kept per shape" in on_cpu and "anchors kept per shape" in on_gpu
 
 
+def test_under_autocast_the_float32_only_speedups_are_not_chosen_and_not_claimed():
+    """Winograd's convolutions and the channels-last gradients run on float32 without autocast only: under
+    --amp on the CPU they would be listed and never run."""
+    model = build_model("fasterrcnn_mobilenet_v3_large_fpn", 3, None, None, None)
+    float32_only = {"Winograd 3x3 convolutions on the CPU", "convolution gradients for channels-last on the CPU"}
+    for autocast in (False, True):
+        names = set(speedups.applied(speedups.for_training(copy.deepcopy(model), torch.device("cpu"),
+                                                           speedups.SpeedupConfig(autocast=autocast))))
+        assert (float32_only <= names) is not autocast and bool(float32_only & names) is not autocast
+        assert "channels-last layout" in names
+
+
 def test_the_self_checks_leave_the_seeded_random_sequence_as_it_was():
     """A run's draws after the speed-ups are applied follow its --seed, not the self-checks' examples."""
     model = build_model("maskrcnn_resnet50_fpn", 3, None, None, None, min_size=64, max_size=96)
