@@ -48,9 +48,11 @@ def _axis_samples(start: torch.Tensor, extent: torch.Tensor, bins: int, ratio: i
     return low, high, (1 - fraction) * inside, fraction * inside
 
 
-def _is_whole_pyramid(scales: list[float]) -> bool:
-    """Whether the maps are consecutive pyramid levels, so that every box's level has a map."""
-    return len(scales) == 1 + round(math.log2(scales[0] / scales[-1]))
+def _levels_have_maps(scales: list[float]) -> bool:
+    """Whether every box's level by torchvision's rule has its map here: maps of consecutive pyramid levels, or
+    maps of one scale (MobileNet's FPN: torchvision's rule puts every box on the first)."""
+    levels = 1 + round(math.log2(scales[0] / scales[-1]))
+    return levels in (1, len(scales))
 
 
 def _region_levels(boxes: torch.Tensor, scales: list[float], canonical_scale: int, canonical_level: int
@@ -111,7 +113,8 @@ def multiscale_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor]
 
 class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
     """torchvision's MultiScaleRoIAlign, pooling by multiscale_roi_align where that is faster and equal to float
-    rounding: maps on the CPU, a fixed sampling ratio and consecutive levels; elsewhere torchvision's own kernels.
+    rounding: maps on the CPU, a fixed sampling ratio and consecutive levels (or one); elsewhere torchvision's
+    own kernels.
     Half-precision maps (autocast) pool in float32 and come back in their own precision, as torchvision's kernel
     does them."""
 
@@ -125,7 +128,7 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
         scales = self.scales
-        if not _is_whole_pyramid(scales):
+        if not _levels_have_maps(scales):
             return super().forward(x, boxes, image_shapes)
         dtype = first.dtype if first.dtype == torch.float64 else torch.float32
         with torch.autocast("cpu", enabled=False):  # the products stay in float32 under autocast too

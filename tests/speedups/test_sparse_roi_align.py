@@ -10,6 +10,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from conftest import with_speedups
 from models import build_model
+from speedups import sparse_roi_align
 from speedups.level_pooling import LevelsReadOnceMixin
 from speedups.sparse_roi_align import SparseMultiScaleRoIAlign, _axis_samples, use_sparse_roi_align
 
@@ -99,6 +100,22 @@ def test_boxes_of_a_diverged_run_pool_to_nan_without_reading_outside_the_maps():
         assert ((index >= 0) & (index < size[:, None])).all()
 
 
+def test_maps_of_one_scale_pool_sparsely_every_box_from_the_first_as_torchvision_does(monkeypatch):
+    """MobileNet's FPN gives two maps at stride 32: torchvision's level rule puts every box on the first."""
+    generator = torch.Generator().manual_seed(0)
+    maps = OrderedDict((name, torch.randn((2, 6, 4, 6), generator=generator).requires_grad_()) for name in "01")
+    boxes = [random_boxes(30, 7), random_boxes(20, 8)]
+    theirs = MultiScaleRoIAlign(["0", "1"], 7, 2)(maps, boxes, IMAGE_SHAPES)
+    monkeypatch.setattr(MultiScaleRoIAlign, "forward", None)  # ours must not fall back to torchvision's
+    ours = SparseMultiScaleRoIAlign(["0", "1"], 7, 2)(maps, boxes, IMAGE_SHAPES)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn(theirs.shape, generator=generator)
+    ours_grads = torch.autograd.grad(ours, list(maps.values()), upstream)
+    their_grads = torch.autograd.grad(theirs, list(maps.values()), upstream)
+    assert their_grads[0].abs().sum() > 0 and not their_grads[1].any() and not ours_grads[1].any()
+    torch.testing.assert_close(ours_grads[0], their_grads[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("names,sampling_ratio", [(["0", "1", "2", "3"], 0), (["1", "3"], 2)])
 def test_other_cases_pool_with_torchvision(names, sampling_ratio):
     """The adaptive sampling ratio and a pyramid with a level left out go to torchvision's kernel: bit for bit
@@ -156,20 +173,28 @@ def test_chosen_for_models_on_the_cpu_only():
     assert type(prepared.roi_heads.box_roi_pool).__mro__[1:3] == (LevelsReadOnceMixin, MultiScaleRoIAlign)
 
 
-def test_training_losses_equal_torchvision_pooling():
-    """One Mask R-CNN training step's losses with the sparse poolers and with torchvision's."""
+@pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_training_losses_equal_torchvision_pooling(name, monkeypatch):
+    """One training step's losses with the sparse poolers and with torchvision's (MobileNet's: two maps of one
+    scale)."""
     torch.manual_seed(0)
-    model = build_model("maskrcnn_resnet50_fpn", 3, None, None, None, min_size=96, max_size=96)
+    model = build_model(name, 3, None, None, None, min_size=96, max_size=96)
     model = with_speedups(model).train()
+    sparse_calls = []
+    real_align = sparse_roi_align.multiscale_roi_align
+    monkeypatch.setattr(sparse_roi_align, "multiscale_roi_align",
+                        lambda *args, **kwargs: sparse_calls.append(1) or real_align(*args, **kwargs))
     images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
                 "masks": torch.zeros((1, 90, 120), dtype=torch.uint8)},
                {"boxes": torch.tensor([[5.0, 20.0, 70.0, 90.0], [30.0, 5.0, 50.0, 30.0]]),
                 "labels": torch.tensor([2, 1]), "masks": torch.ones((2, 100, 80), dtype=torch.uint8)}]
+    poolers = [p for p in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool) if p is not None]
     losses = []
     for pooler_class in (SparseMultiScaleRoIAlign, MultiScaleRoIAlign):
-        model.roi_heads.box_roi_pool.__class__ = pooler_class
-        model.roi_heads.mask_roi_pool.__class__ = pooler_class
+        for pooler in poolers:
+            pooler.__class__ = pooler_class
         torch.manual_seed(1)
         losses.append(torch.stack(list(model(images, targets).values())))
+    assert len(sparse_calls) == len(poolers), "the sparse pooling ran"
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
