@@ -20,9 +20,11 @@ def create_aspect_ratio_groups(aspect_ratios: Sequence[float], k: int = 3) -> li
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches drawn from sampler's order, each from one group; what is left at the end is batched mixed.
+    """Batches drawn from sampler's order, each from one group; what is left at the end is batched mixed, and the
+    last batch is filled up with the epoch's first indices (every batch full, as torchvision's reference makes
+    them: an image alone would stop a model whose batch norms train, such as SSDlite).
 
-    Every index of the sampler appears exactly once, so an epoch has ceil(len(sampler) / batch_size) batches.
+    Every index of the sampler appears once, a few more twice, in ceil(len(sampler) / batch_size) batches.
     """
 
     def __init__(self, sampler: torch.utils.data.Sampler, group_ids: Sequence[int], batch_size: int) -> None:
@@ -32,7 +34,10 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         pending: dict[int, list[int]] = defaultdict(list)
+        first: list[int] = []
         for index in self.sampler:
+            if len(first) < self.batch_size:
+                first.append(index)
             group = pending[self.group_ids[index % len(self.group_ids)]]  # a repeated image's key is past the end
             group.append(index)
             if len(group) == self.batch_size:
@@ -40,7 +45,9 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
                 group.clear()
         leftover = [i for group in pending.values() for i in group]
         for start in range(0, len(leftover), self.batch_size):
-            yield leftover[start:start + self.batch_size]
+            batch = leftover[start:start + self.batch_size]
+            # cycled: an epoch of fewer indices than a batch repeats them
+            yield batch + list(itertools.islice(itertools.cycle(first), self.batch_size - len(batch)))
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)

@@ -1,4 +1,4 @@
-"""Aspect-ratio batching: every index once, full batches from one group."""
+"""Aspect-ratio batching: every index once (the last batch filled up), full batches from one group."""
 
 import math
 import random
@@ -19,8 +19,9 @@ def test_every_index_once_and_full_batches_homogeneous():
     rng.shuffle(order)
     sampler = GroupedBatchSampler(order, groups, batch_size=4)
     batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(53))
-    assert len(batches) == len(sampler) == math.ceil(53 / 4)
+    assert len(batches) == len(sampler) == math.ceil(53 / 4) and all(len(b) == 4 for b in batches)
+    assert sorted(i for b in batches for i in b) == sorted(list(range(53)) + order[:3]), (
+        "the last batch filled up with the epoch's first indices")
     leftover_batches = math.ceil(len(set(groups)) * 3 / 4)  # at most batch_size - 1 left over per group
     assert all(len({groups[i] for i in b}) == 1 for b in batches[:-leftover_batches])
 
@@ -33,3 +34,11 @@ def test_a_repeated_images_key_is_grouped_by_its_image():
     groups = create_aspect_ratio_groups([0.5, 2.0], k=1)
     batches = list(GroupedBatchSampler([0, 1, 2, 3, 4, 5], groups, batch_size=3))  # keys of 3 copies of 2 images
     assert sorted(sorted(b) for b in batches) == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_no_batch_is_short_so_no_image_trains_alone():
+    """torchvision's reference fills its last batch too: SSDlite's training batch norms refuse one image."""
+    groups = create_aspect_ratio_groups([1.0] * 7, k=3)
+    assert list(GroupedBatchSampler([6, 5, 4, 3, 2, 1, 0], groups, batch_size=2))[-1] == [0, 6]
+    assert list(GroupedBatchSampler([1], [0, 0], batch_size=3)) == [[1, 1, 1]]
+    assert list(GroupedBatchSampler([], [0], batch_size=2)) == []
