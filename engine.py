@@ -135,9 +135,9 @@ class PendingLosses:
             if not math.isfinite(total):
                 shown = {k: round(v, 4) for k, v in zip(names, row)}
                 raise UserError(
-                    f"loss is {total} at epoch {self.epoch} step {step} {shown}; training stopped and the last "
-                    f"checkpoint is kept. Likely fixes: a lower --lr, --clip-grad-norm 10, --amp-dtype bfloat16 "
-                    f"instead of float16, or a look at the data")
+                    f"loss is {total} at epoch {self.epoch} step {step} {shown}; training stopped without a "
+                    f"checkpoint of these weights (earlier ones are kept). Likely fixes: a lower --lr, "
+                    f"--clip-grad-norm 10, --amp-dtype bfloat16 instead of float16, or a look at the data")
             rows.append({"loss": total, **dict(zip(names, row))})
         self.pending.clear()
         return rows

@@ -97,7 +97,7 @@ def test_a_non_finite_loss_names_its_step_and_the_fixes():
         train(TinyDetector(poisoned=5), loader(10), print_freq=3)
     message = str(error.value)
     assert message.startswith("loss is nan at epoch 0 step 2 {'loss_a': nan, 'loss_b': ")
-    assert "--clip-grad-norm 10" in message and "last checkpoint is kept" in message
+    assert "--clip-grad-norm 10" in message and "without a checkpoint of these weights (earlier ones" in message
 
 
 def test_non_finite_losses_are_read_together_at_logged_steps():
