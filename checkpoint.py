@@ -333,28 +333,25 @@ def prepare_output_dir(out: Path) -> None:
     remove_stale_temporaries(out)
 
 
-_CLAIMED: dict[Path, int] = {}  # folder -> the open lock file's descriptor, held until the process ends
+_CLAIMED: dict[Path, int] = {}  # folder -> its open descriptor, locked until the process ends
 
 
 def claim_output_dir(out: Path) -> None:
-    """Hold an exclusive lock on out/.lock for the rest of this process, so that a second run started in the
-    same folder stops with one line: it would move the first one's files aside, or delete its saves under way.
-    Filesystems without locks are let through."""
+    """Hold an exclusive lock on the folder for the rest of this process (on the folder itself: no file is left
+    in it), so that a second run started there stops with one line: it would move the first one's files aside,
+    or delete its saves under way. Filesystems without locks are let through."""
     folder = out.resolve()
     if fcntl is None or folder in _CLAIMED:
         return
-    descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
         os.close(descriptor)
         if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            raise UserError(f"--output-dir {out} is in use by another run (process {holder or 'unknown'}); wait "
-                            f"for it to end, or choose another --output-dir") from None
+            raise UserError(f"--output-dir {out} is in use by another run (a train.py or tools/predict.py process: "
+                            f"`fuser {out}` names it); wait for it to end, or choose another --output-dir") from None
         return
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
     _CLAIMED[folder] = descriptor
 
 

@@ -359,20 +359,21 @@ def test_a_second_process_cannot_take_a_folder_a_run_holds(tmp_path):
                             "checkpoint.prepare_output_dir(Path(sys.argv[1]))", str(tmp_path)],
                            cwd=ROOT, capture_output=True, text=True)
     assert other.returncode != 0
-    assert f"--output-dir {tmp_path} is in use by another run (process {os.getpid()}); wait for it" in other.stderr
+    assert f"--output-dir {tmp_path} is in use by another run (a train.py or tools/predict.py process" in other.stderr
+    assert os.listdir(tmp_path) == [], "no lock file left in the folder"
 
 
 def test_temporaries_of_interrupted_writes_are_cleared_and_nothing_else(tmp_path):
     from checkpoint import remove_stale_temporaries
 
     names = [".checkpoint.pth.123.tmp", ".predictions_bbox.json.x1y2.tmp", "predictions/epoch_3/.a.jpg.z9.tmp",
-             ".lock", "notes.tmp", "predictions/epoch_3/a.jpg", "model_1.pth"]
+             ".notes", "notes.tmp", "predictions/epoch_3/a.jpg", "model_1.pth"]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     remove_stale_temporaries(tmp_path)
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert left == [".lock", "model_1.pth", "notes.tmp", "predictions/epoch_3/a.jpg"]
+    assert left == [".notes", "model_1.pth", "notes.tmp", "predictions/epoch_3/a.jpg"]
 
 
 def test_a_file_pruning_cannot_delete_is_a_warning_and_the_rest_go(tmp_path, monkeypatch, capsys):
