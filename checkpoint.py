@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ def load_file(path: str | Path, flag: str) -> dict:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
         raise UserError(f"{flag} {path} is not a readable checkpoint (not a file written by torch.save)")
+    if head.startswith(b"PK"):
+        _check_sums(path, flag)
     try:
         # torchvision's reference saves its arguments as a Namespace, which is plain data: that class and no
         # other joins what weights_only reads.
@@ -155,6 +158,19 @@ def load_file(path: str | Path, flag: str) -> dict:
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); give "
                         f"another file (for a run's damaged checkpoint.pth: an earlier epoch's model_E.pth beside "
                         f"it)") from None
+
+
+def _check_sums(path: Path, flag: str) -> None:
+    """Each record of a torch.save zip read against its checksum, which torch.load does not check: a damaged
+    copy would load as other weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # torch.load says what is wrong with the file
+    if damaged is not None:
+        raise UserError(f"{flag} {path} is damaged: its record {damaged} fails its checksum; give another file "
+                        f"(for a run's checkpoint.pth: an earlier epoch's model_E.pth beside it)")
 
 
 # The class heads: the only tensors whose shapes depend on the number of classes (or keypoints).

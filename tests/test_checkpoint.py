@@ -74,6 +74,17 @@ def test_truncated_and_missing_files(tmp_path):
         load_file(tmp_path / "none.pth", "--resume")
 
 
+def test_a_damaged_copy_is_refused_not_loaded_as_other_weights(tmp_path):
+    """torch.load does not read the zip's checksums: a flipped byte in a tensor would load silently."""
+    save_atomic({"w": torch.zeros(100_000)}, tmp_path / "c.pth")
+    data = bytearray((tmp_path / "c.pth").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "c.pth").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"--resume .*c\.pth is damaged: its record .*data/0 fails its checksum; "
+                                        r"give another file"):
+        load_file(tmp_path / "c.pth", "--resume")
+
+
 def _kill_when(process, output_dir, moment):
     """SIGKILL the run at a moment: a number of seconds after start, or 'save' (while a checkpoint is being
     written). Returns once the process is gone."""
