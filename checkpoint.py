@@ -371,8 +371,10 @@ def claim_output_dir(out: Path) -> None:
     _CLAIMED[folder] = descriptor
 
 
-# Temporary files of write_atomic: in the folder, and beside the epochs' prediction pictures
-_TEMPORARIES = (".*.tmp", "predictions/epoch_[0-9]*/.*.tmp")
+# Temporary files of write_atomic and share_file (".NAME.*.tmp") for the files train.py and tools/predict.py write
+# there; no other file, since --output-dir may be any folder (the default is the working one)
+_TEMPORARIES = (".*.pth.*.tmp", ".metrics.jsonl.*.tmp", ".predictions*.json.*.tmp", ".curves.png.*.tmp",
+                ".*.jpg.*.tmp", "predictions/epoch_[0-9]*/.*.jpg.*.tmp")
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
