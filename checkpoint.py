@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -80,9 +81,11 @@ def writing(path: Path, remedy: str = CHECKPOINT_REMEDY) -> Iterator[None]:
         raise UserError(f"could not write {path}: {_cause(os_error)}; {remedy}") from None
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: str = CHECKPOINT_REMEDY) -> None:
-    """Write a file by write(file) so that path is always either the old complete file or the new complete one.
-    A failed write raises a UserError naming the file, the cause and the remedy, and leaves no temporary file."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: str = CHECKPOINT_REMEDY,
+                 sync: bool = True) -> None:
+    """Write a file by write(file) so that path is always either the old complete file or the new complete one
+    (with sync, after a power cut too). A failed write raises a UserError naming the file, the cause and the
+    remedy, and leaves no temporary file."""
     path = Path(path)
     tmp = None
     try:
@@ -92,7 +95,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: 
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
     finally:
         if tmp is not None:
@@ -162,15 +166,25 @@ def load_file(path: str | Path, flag: str) -> dict:
 
 def _check_sums(path: Path, flag: str) -> None:
     """Each record of a torch.save zip read against its checksum, which torch.load does not check: a damaged
-    copy would load as other weights."""
+    copy would load as other weights. Records saved without one (torch's compute_crc32 off) are not checked."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError):
         return  # torch.load says what is wrong with the file
-    if damaged is not None:
-        raise UserError(f"{flag} {path} is damaged: its record {damaged} fails its checksum; give another file "
-                        f"(for a run's checkpoint.pth: an earlier epoch's model_E.pth beside it)")
+    with archive:
+        for record in archive.infolist():
+            if record.CRC == 0 and record.file_size > 0:
+                continue
+            try:
+                with archive.open(record) as data:
+                    while data.read(1 << 24):
+                        pass
+            except (NotImplementedError, RuntimeError):
+                return  # a compression or encryption this zipfile cannot read: left to torch.load
+            except (zipfile.BadZipFile, zlib.error, EOFError):
+                raise UserError(f"{flag} {path} is damaged: its record {record.filename} fails its checksum; give "
+                                f"another file (for a run's checkpoint.pth: an earlier epoch's model_E.pth beside "
+                                f"it)") from None
 
 
 # The class heads: the only tensors whose shapes depend on the number of classes (or keypoints).
@@ -359,7 +373,10 @@ def claim_output_dir(out: Path) -> None:
     folder = out.resolve()
     if fcntl is None or folder in _CLAIMED:
         return
-    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder one may write but not read: let through, as without locks
+        return
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -369,6 +386,18 @@ def claim_output_dir(out: Path) -> None:
                             f"`fuser {out}` names it); wait for it to end, or choose another --output-dir") from None
         return
     _CLAIMED[folder] = descriptor
+
+
+def _release_in_child() -> None:
+    """A forked child (a data loader's worker) closes its copies of the lock's descriptors: a worker outliving a
+    killed run would otherwise hold the folder against its restart."""
+    for descriptor in _CLAIMED.values():
+        with suppress(OSError):
+            os.close(descriptor)
+    _CLAIMED.clear()
+
+
+os.register_at_fork(after_in_child=_release_in_child)
 
 
 # Temporary files of write_atomic and share_file (".NAME.*.tmp") for the files train.py and tools/predict.py write

@@ -21,10 +21,12 @@ def create_aspect_ratio_groups(aspect_ratios: Sequence[float], k: int = 3) -> li
 
 class GroupedBatchSampler(torch.utils.data.Sampler):
     """Batches drawn from sampler's order, each from one group; what is left at the end is batched mixed, and the
-    last batch is filled up with the epoch's first indices (every batch full, as torchvision's reference makes
-    them: an image alone would stop a model whose batch norms train, such as SSDlite).
+    last batch is filled up with copies of the epoch's first images (every batch full, as torchvision's reference
+    makes them: an image alone would stop a model whose batch norms train, such as SSDlite). A copy's key is its
+    image's plus a multiple of the dataset's size past every key of the epoch, as repeat-factor copies are keyed,
+    so that it is augmented apart.
 
-    Every index of the sampler appears once, a few more twice, in ceil(len(sampler) / batch_size) batches.
+    Every index of the sampler appears once, in ceil(len(sampler) / batch_size) batches.
     """
 
     def __init__(self, sampler: torch.utils.data.Sampler, group_ids: Sequence[int], batch_size: int) -> None:
@@ -35,9 +37,11 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         pending: dict[int, list[int]] = defaultdict(list)
         first: list[int] = []
+        largest = 0
         for index in self.sampler:
             if len(first) < self.batch_size:
                 first.append(index)
+            largest = max(largest, index)
             group = pending[self.group_ids[index % len(self.group_ids)]]  # a repeated image's key is past the end
             group.append(index)
             if len(group) == self.batch_size:
@@ -46,8 +50,12 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         leftover = [i for group in pending.values() for i in group]
         for start in range(0, len(leftover), self.batch_size):
             batch = leftover[start:start + self.batch_size]
-            # cycled: an epoch of fewer indices than a batch repeats them
-            yield batch + list(itertools.islice(itertools.cycle(first), self.batch_size - len(batch)))
+            yield batch + self._copies(first, self.batch_size - len(batch), largest)
+
+    def _copies(self, first: list[int], count: int, largest: int) -> list[int]:
+        """Keys of count copies of the first images (cycled, where an epoch has fewer), each past largest."""
+        size = len(self.group_ids)
+        return [first[k % len(first)] % size + size * (largest // size + 1 + k // len(first)) for k in range(count)]
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)

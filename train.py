@@ -241,6 +241,9 @@ def check_combinations(args: argparse.Namespace) -> None:
     if args.cudnn_benchmark and args.use_deterministic_algorithms:
         raise UserError("--cudnn-benchmark picks kernels by timing them, which --use-deterministic-algorithms "
                         "rules out; give one of the two")
+    if args.opt == "sgd_nesterov" and args.momentum <= 0:
+        raise UserError(f"--opt sgd_nesterov needs momentum, and --momentum is {args.momentum:g}; give a positive "
+                        f"--momentum or --opt sgd")
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -109,7 +109,8 @@ def save_jpeg(picture: torch.Tensor, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     encoded = io.BytesIO()  # encoded first: PIL's encoder writes to a file's descriptor, past its write()
     Image.fromarray(picture.permute(1, 2, 0).numpy()).save(encoded, format="JPEG", quality=90)
-    write_atomic(path, lambda f: f.write(encoded.getvalue()), remedy=OUTPUT_REMEDY)
+    # not synced: a picture is cheap to draw again, and a sync each would slow prediction down on a fast device
+    write_atomic(path, lambda f: f.write(encoded.getvalue()), remedy=OUTPUT_REMEDY, sync=False)
 
 
 def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[dict] = ()) -> Path | None:

@@ -419,3 +419,67 @@ def test_a_folder_gone_read_only_while_sharing_a_file_is_still_one_clear_error(t
     monkeypatch.setattr(Path, "unlink", read_only)
     with pytest.raises(UserError, match=r"could not write .*checkpoint\.pth: read-only filesystem"):
         checkpoint.share_file(tmp_path / "model_1.pth", tmp_path / "checkpoint.pth")
+
+
+def test_files_saved_without_checksums_load_and_a_damaged_compressed_one_is_refused(tmp_path):
+    import zipfile
+
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(10.0)}, tmp_path / "no_sums.pth")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_file(tmp_path / "no_sums.pth", "--weights")["w"].equal(torch.arange(10.0))
+    save_atomic({"w": torch.zeros(100_000)}, tmp_path / "c.pth")
+    with zipfile.ZipFile(tmp_path / "c.pth") as stored, zipfile.ZipFile(tmp_path / "z.pth", "w",
+                                                                          zipfile.ZIP_DEFLATED) as compressed:
+        for record in stored.infolist():
+            compressed.writestr(record.filename, stored.read(record))
+    assert load_file(tmp_path / "z.pth", "--weights")["w"].equal(torch.zeros(100_000)), "torch reads it"
+    with zipfile.ZipFile(tmp_path / "z.pth") as compressed:
+        largest = max(compressed.infolist(), key=lambda r: r.compress_size)
+    data = bytearray((tmp_path / "z.pth").read_bytes())
+    middle = largest.header_offset + 30 + len(largest.filename) + largest.compress_size // 2
+    data[middle:middle + 4] = bytes(255 - b for b in data[middle:middle + 4])
+    (tmp_path / "z.pth").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"z\.pth is damaged: its record .* fails its checksum"):
+        load_file(tmp_path / "z.pth", "--weights")
+
+
+def test_a_folder_that_can_be_written_but_not_read_is_let_through(tmp_path, monkeypatch):
+    import checkpoint
+
+    real_open = os.open
+
+    def no_reading(path, flags, *args):
+        if Path(path) == tmp_path.resolve() and flags == os.O_RDONLY:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(checkpoint.os, "open", no_reading)
+    checkpoint.prepare_output_dir(tmp_path)
+
+
+def test_a_forked_worker_does_not_keep_the_folder_from_the_runs_restart(tmp_path):
+    """A data loader's worker outliving its killed run holds no copy of the lock."""
+    forking = """
+import os, sys, time
+from pathlib import Path
+import checkpoint
+checkpoint.prepare_output_dir(Path(sys.argv[1]))
+child = os.fork()
+if child == 0:  # lingers without the parent's output pipes, which the test waits on
+    os.close(1), os.close(2)
+    time.sleep(30)
+else:
+    print(child)
+"""
+    child = int(subprocess.run([sys.executable, "-c", forking, str(tmp_path)], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout)
+    try:
+        restart = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; import checkpoint; "
+                                  "checkpoint.prepare_output_dir(Path(sys.argv[1]))", str(tmp_path)],
+                                 cwd=ROOT, capture_output=True, text=True)
+        assert restart.returncode == 0, restart.stderr
+    finally:
+        os.kill(child, 9)

@@ -20,8 +20,8 @@ def test_every_index_once_and_full_batches_homogeneous():
     sampler = GroupedBatchSampler(order, groups, batch_size=4)
     batches = list(sampler)
     assert len(batches) == len(sampler) == math.ceil(53 / 4) and all(len(b) == 4 for b in batches)
-    assert sorted(i for b in batches for i in b) == sorted(list(range(53)) + order[:3]), (
-        "the last batch filled up with the epoch's first indices")
+    assert sorted(i for b in batches for i in b) == sorted(list(range(53)) + [i + 53 for i in order[:3]]), (
+        "the last batch filled up with copies of the epoch's first images, keyed past the dataset")
     leftover_batches = math.ceil(len(set(groups)) * 3 / 4)  # at most batch_size - 1 left over per group
     assert all(len({groups[i] for i in b}) == 1 for b in batches[:-leftover_batches])
 
@@ -39,6 +39,8 @@ def test_a_repeated_images_key_is_grouped_by_its_image():
 def test_no_batch_is_short_so_no_image_trains_alone():
     """torchvision's reference fills its last batch too: SSDlite's training batch norms refuse one image."""
     groups = create_aspect_ratio_groups([1.0] * 7, k=3)
-    assert list(GroupedBatchSampler([6, 5, 4, 3, 2, 1, 0], groups, batch_size=2))[-1] == [0, 6]
-    assert list(GroupedBatchSampler([1], [0, 0], batch_size=3)) == [[1, 1, 1]]
+    assert list(GroupedBatchSampler([6, 5, 4, 3, 2, 1, 0], groups, batch_size=2))[-1] == [0, 6 + 7]
+    assert list(GroupedBatchSampler([1], [0, 0], batch_size=3)) == [[1, 1 + 2, 1 + 4]], "each copy keyed apart"
+    assert list(GroupedBatchSampler([3, 8, 0], [0, 0, 0], batch_size=2))[-1] == [0, 0 + 9], (
+        "past the repeat-factor copies' keys too")
     assert list(GroupedBatchSampler([], [0], batch_size=2)) == []

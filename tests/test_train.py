@@ -178,6 +178,7 @@ BAD_INPUTS = [
                                                                   "ResNet50_Weights"),
     (["--trainable-backbone-layers", "2"], "--trainable-backbone-layers applies to pretrained weights"),
     (["--cudnn-benchmark", "--use-deterministic-algorithms"], "give one of the two"),
+    (["--opt", "SGD_Nesterov", "--momentum", "0"], "--opt sgd_nesterov needs momentum, and --momentum is 0"),
 ]
 
 
@@ -358,6 +359,7 @@ def test_export_takes_the_first_images_of_a_folder_and_lists_no_more_of_the_tree
     for name in ("top.jpg", "notes.txt", "a/2.png", "a/1.jpg", "b/3.jpg", "c/4.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
+    (tmp_path / "a" / "0.jpg").symlink_to(tmp_path / "gone.jpg")  # a broken link is no image
     listed, walk = [], predict.os.walk
 
     def listing(folder):

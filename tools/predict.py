@@ -66,7 +66,8 @@ def first_images(folder: Path, count: int) -> list[Path]:
     found: list[Path] = []
     for parent, subfolders, files in os.walk(folder):
         subfolders.sort()
-        found += [Path(parent, name) for name in sorted(files) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        found += [Path(parent, name) for name in sorted(files)
+                  if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(parent, name))]
         if len(found) >= count:
             return found[:count]
     if not found:
