@@ -360,6 +360,9 @@ def start_reusing_freed_memory(args: argparse.Namespace) -> None:
 def read_resume_checkpoint(args: argparse.Namespace) -> tuple[dict | None, str]:
     """The checkpoint --resume names (or finds, for 'auto'), and its path; (None, "") for a fresh run."""
     path = resolve_resume(args)
+    if args.test_only and not path and not args.weights:  # the model as built: random heads, an AP of 0
+        raise UserError(f"--test-only evaluates trained weights, and there are none: give --resume CHECKPOINT or "
+                        f"--weights FILE{' (no checkpoint.pth in --output-dir for auto)' if args.resume else ''}")
     return (load_checkpoint(path), path) if path else (None, "")
 
 

@@ -140,7 +140,8 @@ def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[
         if points:
             axes[2].plot(*zip(*points), marker="o", label=label)
     axes[2].set(title="COCO AP (0.50:0.95)", xlabel="epoch")
-    axes[2].legend(fontsize=8)
+    if axes[2].lines:  # no evaluation yet: no legend to show
+        axes[2].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -179,6 +179,9 @@ BAD_INPUTS = [
     (["--trainable-backbone-layers", "2"], "--trainable-backbone-layers applies to pretrained weights"),
     (["--cudnn-benchmark", "--use-deterministic-algorithms"], "give one of the two"),
     (["--opt", "SGD_Nesterov", "--momentum", "0"], "--opt sgd_nesterov needs momentum, and --momentum is 0"),
+    (["--test-only"], "--test-only evaluates trained weights, and there are none: give --resume CHECKPOINT or "
+                      "--weights FILE"),
+    (["--test-only", "--resume", "auto"], "(no checkpoint.pth in --output-dir for auto)"),
 ]
 
 
