@@ -397,7 +397,8 @@ def _release_in_child() -> None:
     _CLAIMED.clear()
 
 
-os.register_at_fork(after_in_child=_release_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_release_in_child)
 
 
 # Temporary files of write_atomic and share_file (".NAME.*.tmp") for the files train.py and tools/predict.py write
