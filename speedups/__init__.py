@@ -32,6 +32,7 @@ from . import (
     coder_constants,
     conv_gradients,
     deferred_box_check,
+    flat_regions,
     level_pooling,
     mask_paste,
     norm_folding,
@@ -98,6 +99,8 @@ class Speedup:
     float32_only: bool = False  # not chosen for a model that runs under autocast, where it would never run
 
 
+SPARSE_ROI_ALIGN = Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check,
+                           sparse_roi_align.use_sparse_roi_align, cpu_only=True)
 # The order they are applied in: norms folded before anything copies or wraps the convolutions; module swaps
 # before the layout change; hooks last, on the final modules.
 TRAINING = (
@@ -109,8 +112,7 @@ TRAINING = (
             batched_sampling.use_batched_sampling),
     Speedup("proposals filtered for the whole batch", batched_proposals.self_check,
             batched_proposals.use_batched_proposals),
-    Speedup("sparse RoIAlign on the CPU", sparse_roi_align.self_check, sparse_roi_align.use_sparse_roi_align,
-            cpu_only=True),
+    SPARSE_ROI_ALIGN,
     # After the sparse pooler, which keeps its own forward where it is chosen.
     Speedup("region pooling levels read once", level_pooling.self_check, level_pooling.read_levels_once),
     Speedup("batched mask paste", mask_paste.self_check, mask_paste.use_device_paste),
@@ -131,6 +133,9 @@ CPU_WINOGRAD = Speedup("Winograd 3x3 convolutions on the CPU", winograd_convs.se
                        winograd_convs.use_winograd_convs, cpu_only=True, float32_only=True)
 SHAPE_BUCKETS = Speedup("shape buckets", shape_buckets.self_check, shape_buckets.pad_to_shape_buckets)
 INFERENCE_FOLD = Speedup("batch norms folded for inference", norm_folding.self_check, norm_folding.fold_batch_norms)
+# Where the sparse RoIAlign pools, whose regions come channels-last.
+INFERENCE_FLAT_REGIONS = Speedup("box head reads channels-last regions in place", flat_regions.self_check,
+                                 flat_regions.read_regions_in_place)
 
 _APPLIED = "_speedups_applied"  # names of the speed-ups a model carries, set on the model
 
@@ -185,12 +190,14 @@ def for_training(model: nn.Module, device: torch.device, config: SpeedupConfig) 
 
 def for_inference(model: nn.Module, device: torch.device, config: SpeedupConfig) -> nn.Module:
     """The model evaluation and prediction run: a copy in eval mode, without gradients, with the speed-ups the
-    config allows (those the model does not carry yet added to the copy) and every batch norm folded into the
-    convolution before it. The model given is left as it is. Without speed-ups, the model itself in eval mode."""
+    config allows (those the model does not carry yet added to the copy), every batch norm folded into the
+    convolution before it and, where the sparse RoIAlign pools, the box head reading its regions in place. The
+    model given is left as it is. Without speed-ups, the model itself in eval mode."""
     if not config.enabled:
         return model.eval()
     clone = for_training(copy.deepcopy(model), device, config).eval().requires_grad_(False)
-    _apply(clone, (INFERENCE_FOLD,))
+    regions = (INFERENCE_FLAT_REGIONS,) if SPARSE_ROI_ALIGN.name in applied(clone) else ()
+    _apply(clone, (INFERENCE_FOLD, *regions))
     if config.use_channels_last(device):
         clone.to(memory_format=torch.channels_last)  # the folded weights are new tensors
     return clone

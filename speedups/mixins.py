@@ -3,7 +3,8 @@ each one's class, in place, so that its parameters, buffers and state-dict keys 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from functools import cache
 from typing import TypeVar
 
@@ -40,6 +41,23 @@ def kept_like(owner: object, name: str, like: Tensor, make: Callable[[torch.dtyp
     if key not in kept:
         kept[key] = make(like.dtype, like.device)
     return kept[key]
+
+
+def kept_while_unchanged(owner: object, name: str, key: Hashable, source: Tensor, make: Callable[[Tensor], T]
+                         ) -> T:
+    """make(source), computed without gradients and kept on owner under name and key while source is the same
+    tensor with the same contents (an optimizer step or a load changes them in place)."""
+    # Known by identity, not address: a folded norm's scaled weights are a new tensor every forward, which may
+    # land where the last one was freed. An inference tensor has no version counter, and changes only inside
+    # inference mode, which our code does not do to weights.
+    version = -1 if source.is_inference() else source._version
+    kept = owner.__dict__.setdefault(name, {})
+    same, kept_version, value = kept.get(key, (lambda: None, None, None))
+    if same() is not source or kept_version != version:
+        with torch.no_grad():
+            value = make(source)
+        kept[key] = weakref.ref(source), version, value
+    return value
 
 
 def give_mixin(obj: object, mixin: type, suffix: str) -> None:

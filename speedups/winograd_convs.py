@@ -20,7 +20,6 @@ thread pool from torch's thread count when it is first used.
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,7 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .conv_gradients import TILES_PER_CHUNK, framed, transformed_windows, weight_grad, window_rows
-from .mixins import mix_into
+from .mixins import kept_while_unchanged, mix_into
 
 # Below this many output pixels an image's map is small enough that NNPACK's batch path (one call for the
 # whole batch) beats a call per image.
@@ -254,17 +253,8 @@ class _ConvByWinograd:
         """weight's tile_weights for tiling, kept while weight is the same tensor, unchanged (until an optimizer
         step or a load); one set a tiling, as a convolution shared by maps of several sizes (the RPN head's)
         may need both."""
-        # Known by identity, not address: a folded norm's scaled weights are a new tensor every forward, which
-        # may land where the last one was freed. An inference tensor has no version counter, and changes only
-        # inside inference mode, which our code does not do to weights.
-        version = -1 if weight.is_inference() else weight._version
-        kept = self.__dict__.setdefault("_kept_tile_weights", {})
-        same, kept_version, tiles = kept.get(tiling.size, (lambda: None, None, None))
-        if same() is not weight or kept_version != version:
-            with torch.no_grad():
-                tiles = tile_weights(weight, tiling)
-            kept[tiling.size] = weakref.ref(weight), version, tiles
-        return tiles
+        return kept_while_unchanged(self, "_kept_tile_weights", tiling.size, weight,
+                                    lambda w: tile_weights(w, tiling))
 
 
 def _eligible(module: nn.Module) -> bool:
