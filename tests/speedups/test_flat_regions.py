@@ -1,19 +1,19 @@
-"""The inference copy's box head (v1's TwoMLPHead, v2's FastRCNNConvFCHead) reads channels-last regions in place and
-gives torchvision's head's output to float rounding; anything else runs torchvision's forward."""
+"""The inference copy's box head reads channels-last regions in place and gives torchvision's TwoMLPHead's output
+to float rounding; anything else runs torchvision's forward."""
 
 import copy
 
 import pytest
 import torch
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 import speedups
 from models import build_model
 from speedups import flat_regions
-from speedups.flat_regions import FlatConvRegionsMixin, FlatRegionsMixin, read_regions_in_place
+from speedups.flat_regions import FlatRegionsMixin, read_regions_in_place
 
 CPU = torch.device("cpu")
-KEPT = "_kept_reordered_weight"
+KEPT = "_kept_fc6_weight"
 
 
 class Detector(torch.nn.Module):
@@ -84,36 +84,9 @@ def test_the_inference_copy_of_an_rcnn_reads_regions_in_place_and_detects_as_tor
     torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=1e-2)
 
 
-def test_v2s_convolutional_head_reads_its_convolutions_output_in_place():
-    torch.manual_seed(0)
-    plain = FastRCNNConvFCHead((16, 7, 7), [16, 16], [32], norm_layer=torch.nn.BatchNorm2d).eval()
-    plain.requires_grad_(False)
-    fast = read_regions_in_place(Detector(copy.deepcopy(plain))).roi_heads.box_head
-    x = regions()
-    assert isinstance(fast, FlatConvRegionsMixin)
-    expected = plain(x)
-    torch.testing.assert_close(fast(x), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
-    assert vars(fast)[KEPT][(16, 7, 7)][2].shape == plain[3].weight.shape
-    fast.requires_grad_(True)
-    plain.requires_grad_(True)
-    assert torch.equal(fast(x.contiguous()), plain(x.contiguous()))
-
-
-def test_the_inference_copy_of_a_v2_rcnn_detects_as_torchvision():
-    torch.manual_seed(0)
-    model = build_model("fasterrcnn_resnet50_fpn_v2", 5, None, None, None, min_size=128, max_size=160).eval()
-    fast = speedups.for_inference(model, CPU, speedups.SpeedupConfig())
-    assert "box head reads channels-last regions in place" in speedups.applied(fast)
-    images = [torch.rand((3, 128, 150), generator=torch.Generator().manual_seed(2))]
-    with torch.no_grad():
-        expected, got = model(images)[0], fast(images)[0]
-    assert KEPT in vars(fast.roi_heads.box_head) and len(expected["boxes"]) > 0
-    torch.testing.assert_close(got["scores"], expected["scores"], rtol=0, atol=1e-4)
-    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=1e-2)
-
-
-def test_models_without_a_box_head_do_not_claim_it():
-    model = build_model("retinanet_resnet50_fpn", 5, None, None, None, min_size=128, max_size=160)
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn"])
+def test_models_without_torchvisions_two_layer_head_do_not_claim_it(name):
+    model = build_model(name, 5, None, None, None, min_size=128, max_size=160)
     fast = speedups.for_inference(model, CPU, speedups.SpeedupConfig())
     assert "box head reads channels-last regions in place" not in speedups.applied(fast)
 
