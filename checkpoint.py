@@ -100,10 +100,10 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: 
             os.replace(tmp, path)
     finally:
         if tmp is not None:
-            _remove_quietly(Path(tmp))
+            remove_quietly(Path(tmp))
 
 
-def _remove_quietly(path: Path) -> None:
+def remove_quietly(path: Path) -> None:
     """Remove a temporary file if it is there; a filesystem that fails even this (gone read-only) has already
     raised the error worth showing."""
     with suppress(OSError):
@@ -133,7 +133,7 @@ def share_file(source: Path, target: Path) -> None:
         with writing(target):
             os.replace(tmp, target)
     finally:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
 
 
 def load_file(path: str | Path, flag: str) -> dict:
@@ -411,7 +411,7 @@ def remove_stale_temporaries(output_dir: Path) -> None:
     """Temporary files of writes that a kill interrupted; they are never read."""
     for pattern in _TEMPORARIES:
         for tmp in output_dir.glob(pattern):
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
 
 
 # What a training run writes in its output folder, and nothing else (tools/predict.py's default folder is

@@ -24,7 +24,6 @@ and the check says whether the result holds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deploy  # noqa: E402
 import speedups  # noqa: E402
+from checkpoint import remove_quietly  # noqa: E402
 from coco_utils import SampleError, read_rgb  # noqa: E402
 from errors import UserError  # noqa: E402
 from models import MODELS  # noqa: E402
@@ -199,8 +199,7 @@ def export_and_check(args: argparse.Namespace) -> int:
             raise UserError(f"could not move the checked export to {output}: {e.strerror}; choose another "
                             f"--output") from None
     finally:
-        with contextlib.suppress(OSError):  # a folder gone read-only has raised the error worth showing
-            unchecked.unlink(missing_ok=True)
+        remove_quietly(unchecked)
     print(passed(comparisons, args.score_thresh, output))
     return 0
 
