@@ -2,12 +2,13 @@
 
 What it changes: with the model channels-last on the CPU, each convolution with a kernel wider than 1x1 keeps
 its forward pass and its input gradient in channels-last, where oneDNN is fastest, but its weight gradient is
-computed as matrix products over zero-padded channels-last copies (3x3 kernels without dilation: by Winograd's
-F(2x2, 3x3), 16 products a 2x2 tile instead of 36; other kernels: one product per kernel tap; strided or
-grouped convolutions: by oneDNN on standard-layout copies) and its bias gradient as a sum, because oneDNN's
-channels-last weight and bias pass for such kernels can take several times as long as the rest of the
-convolution (AVX2 CPUs; figures in docs/PERFORMANCE.md). Outputs and gradients are the same to float rounding;
-modules keep their class's behaviour otherwise (a subclass is swapped in; state-dict keys do not change).
+computed as matrix products over channels-last pixels (3x3 kernels without dilation: by Winograd's F(2x2, 3x3),
+16 products a 2x2 tile instead of 36, the windows read in place; other kernels: one product per kernel tap over
+zero-padded copies; strided or grouped convolutions: by oneDNN on standard-layout copies) and its bias gradient
+as a sum, because oneDNN's channels-last weight and bias pass for such kernels can take several times as long as
+the rest of the convolution (AVX2 CPUs; figures in docs/PERFORMANCE.md). Outputs and gradients are the same to
+float rounding; modules keep their class's behaviour otherwise (a subclass is swapped in; state-dict keys do not
+change).
 """
 
 from __future__ import annotations
@@ -76,16 +77,49 @@ def window_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
     torch.sub(d[3], d[1], out=out[3])
 
 
-def transformed_windows(padded: torch.Tensor, top: int, count: int, cols: int, size: int = 2,
-                        rows_transform: Callable[[list[torch.Tensor], torch.Tensor], None] = window_rows
+def pixels_of(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) as channels-last pixels (N, H, W, C): a view where x is channels-last, else a copy."""
+    pixels = x.permute(0, 2, 3, 1)
+    return pixels if pixels.is_contiguous() else pixels.contiguous()
+
+
+def _rows(pixels: torch.Tensor, first: int, count: int, step: int) -> torch.Tensor:
+    """Rows first, first + step, ... (count of them) of pixels (N, H, W, C): a view where all lie inside, else a
+    copy with zeros for the rows outside (the padding's)."""
+    height, last = pixels.shape[1], first + step * (count - 1)
+    if first >= 0 and last < height:
+        return pixels[:, first:last + 1:step]
+    rows = pixels.new_zeros((pixels.shape[0], count, *pixels.shape[2:]))
+    inside = [k for k in range(count) if 0 <= first + step * k < height]
+    if inside:
+        rows[:, inside[0]:inside[-1] + 1] = pixels[:, first + step * inside[0]:first + step * inside[-1] + 1:step]
+    return rows
+
+
+def transformed_rows(pixels: torch.Tensor, first: int, count: int, step: int, reads: int, writes: int, width: int,
+                     left: int, rows_transform: Callable[[list[torch.Tensor], torch.Tensor], None]) -> torch.Tensor:
+    """(writes, N, count, width, C): rows_transform of the reads rows of each window whose first rows are first,
+    first + step, ... of pixels (N, H, W, C) placed at column left in a zero map width wide, rows outside the
+    map zero too. The padding is never copied whole: only rows past the map's edges are made, as zeros."""
+    n, _, map_width, channels = pixels.shape
+    out = pixels.new_empty((writes, n, count, width, channels))
+    out[..., :left, :].zero_()
+    out[..., left + map_width:, :].zero_()
+    rows_transform([_rows(pixels, first + r, count, step) for r in range(reads)], out[..., left:left + map_width, :])
+    return out
+
+
+def transformed_windows(pixels: torch.Tensor, top: int, count: int, cols: int, padding: tuple[int, int],
+                        size: int = 2, rows_transform: Callable[[list[torch.Tensor], torch.Tensor], None] = window_rows
                         ) -> torch.Tensor:
     """(size + 2, size + 2, N, count, cols, C): the (size + 2)-wide windows, size pixels apart, of tile rows top ..
-    top + count - 1 of a framed (N, H, W, C) input, transformed by rows_transform along both axes."""
-    n, _, width, channels = padded.shape
+    top + count - 1 of pixels (N, H, W, C) zero-padded by padding (top, left) and as far as the tiles reach,
+    transformed by rows_transform along both axes."""
+    n, channels = pixels.shape[0], pixels.shape[3]
     span = size + 2
-    windows = padded.new_empty((span, n, count, width, channels))
-    rows_transform([padded[:, size * top + r:size * (top + count) + r:size] for r in range(span)], windows)
-    inputs = padded.new_empty((span, span, n, count, cols, channels))
+    windows = transformed_rows(pixels, size * top - padding[0], count, size, span, span, size * cols + 2,
+                               padding[1], rows_transform)
+    inputs = pixels.new_empty((span, span, n, count, cols, channels))
     for i in range(span):
         rows_transform([windows[i][:, :, c:c + size * cols:size] for c in range(span)], inputs[i])
     return inputs
@@ -106,16 +140,14 @@ def winograd_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, padding: tu
     n, out_channels, out_height, out_width = grad_output.shape
     in_channels = x.shape[1]
     rows, cols = (out_height + 1) // 2, (out_width + 1) // 2  # of tiles; odd sizes get a zero row or column
-    # The input zero-padded to cover every tile's window, the gradient to whole tiles.
-    padded = framed(x, 2 * rows + 2, 2 * cols + 2, *padding)
-    grid = framed(grad_output, 2 * rows, 2 * cols)
+    # The input read as zero-padded to cover every tile's window, the gradient as zero-padded to whole tiles.
+    pixels, grad_pixels = pixels_of(x), pixels_of(grad_output)
     sums = x.new_zeros((16, out_channels, in_channels))
     step = max(1, TILES_PER_CHUNK // (n * cols))
     for top in range(0, rows, step):
         count = min(step, rows - top)
-        inputs = transformed_windows(padded, top, count, cols)
-        tiles = grad_output.new_empty((4, n, count, 2 * cols, out_channels))
-        _tile_rows([grid[:, 2 * top + r:2 * (top + count):2] for r in range(2)], tiles)
+        inputs = transformed_windows(pixels, top, count, cols, padding)
+        tiles = transformed_rows(grad_pixels, 2 * top, count, 2, 2, 4, 2 * cols, 0, _tile_rows)
         grads = grad_output.new_empty((4, 4, n, count, cols, out_channels))
         for i in range(4):
             _tile_rows([tiles[i][:, :, c::2] for c in range(2)], grads[i])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .conv_gradients import TILES_PER_CHUNK, framed, transformed_windows, weight_grad, window_rows
+from .conv_gradients import TILES_PER_CHUNK, pixels_of, transformed_windows, weight_grad, window_rows
 from .mixins import kept_while_unchanged, mix_into
 
 # Below this many output pixels an image's map is small enough that NNPACK's batch path (one call for the
@@ -165,7 +165,7 @@ def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Te
     out_channels = weights.shape[2]
     out_height, out_width = height + 2 * padding[0] - 2, width + 2 * padding[1] - 2
     rows, cols = -(-out_height // size), -(-out_width // size)  # of tiles; the last may stick out, then cropped
-    padded = framed(x, size * rows + 2, size * cols + 2, *padding)
+    source = pixels_of(x)
     # Not a view, which autograd would refuse to let an in-place ReLU change: written through its NHWC view.
     output = torch.empty((n, out_channels, size * rows, size * cols), dtype=x.dtype,
                          memory_format=torch.channels_last)
@@ -175,7 +175,7 @@ def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Te
     step = max(1, TILES_PER_CHUNK * 16 // (products_per_tile * n * cols))
     for top in range(0, rows, step):
         count = min(step, rows - top)
-        inputs = transformed_windows(padded, top, count, cols, size, tiling.window_rows)
+        inputs = transformed_windows(source, top, count, cols, padding, size, tiling.window_rows)
         products = torch.bmm(inputs.view(products_per_tile, -1, in_channels), weights)
         if bias is not None:
             products[tiling.bias_product] += bias

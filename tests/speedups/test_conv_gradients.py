@@ -10,7 +10,13 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import speedups
 from models import build_model
 from speedups import conv_gradients
-from speedups.conv_gradients import tap_product_weight_grad, use_fast_cpu_gradients, weight_grad, winograd_weight_grad
+from speedups.conv_gradients import (
+    tap_product_weight_grad,
+    transformed_rows,
+    use_fast_cpu_gradients,
+    weight_grad,
+    winograd_weight_grad,
+)
 from speedups.norm_folding import fold_batch_norms, fold_frozen_norms
 
 
@@ -27,6 +33,25 @@ def test_tap_products_give_torchs_weight_gradient(kernel, padding, dilation):
                                                    False, [0, 0], 1, [False, True, False])[1]
     torch.testing.assert_close(tap_product_weight_grad(grad, x, kernel, padding, dilation), expected,
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("first, count", [(-1, 3), (1, 2), (3, 2), (-2, 5)])  # top edge; inside; bottom; both
+def test_window_rows_are_the_zero_padded_maps_rows_read_in_place_inside_it(first, count):
+    pixels = torch.arange(1.0, 61.0).view(2, 5, 3, 2)  # (N, H, W, C)
+    left, width, step = 1, 6, 2
+    padded = torch.zeros(2, 5 + 2 * 8, width, 2)
+    padded[:, 8:13, left:left + 3] = pixels
+    read_in_place = []
+
+    def copied_rows(d: list[torch.Tensor], out: torch.Tensor) -> None:
+        for row, source in zip(out, d):
+            read_in_place.append(source.untyped_storage().data_ptr() == pixels.untyped_storage().data_ptr())
+            row.copy_(source)
+
+    rows = transformed_rows(pixels, first, count, step, 3, 3, width, left, copied_rows)
+    for r in range(3):
+        torch.testing.assert_close(rows[r], padded[:, 8 + first + r:8 + first + r + step * count:step], rtol=0, atol=0)
+    assert read_in_place == [first + r >= 0 and first + r + step * (count - 1) < 5 for r in range(3)]
 
 
 def _float64_weight_grad(shape: tuple[int, ...], padding: tuple[int, int], layout: torch.memory_format):
