@@ -120,8 +120,8 @@ def transformed_windows(pixels: torch.Tensor, top: int, count: int, cols: int, p
     windows = transformed_rows(pixels, size * top - padding[0], count, size, span, span, size * cols + 2,
                                padding[1], rows_transform)
     inputs = pixels.new_empty((span, span, n, count, cols, channels))
-    for i in range(span):
-        rows_transform([windows[i][:, :, c:c + size * cols:size] for c in range(span)], inputs[i])
+    # Along the columns for all span rows in one call a step (inputs[i, j] from windows[i]'s columns j..).
+    rows_transform([windows[..., c:c + size * cols:size, :] for c in range(span)], inputs.transpose(0, 1))
     return inputs
 
 
@@ -149,8 +149,7 @@ def winograd_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, padding: tu
         inputs = transformed_windows(pixels, top, count, cols, padding)
         tiles = transformed_rows(grad_pixels, 2 * top, count, 2, 2, 4, 2 * cols, 0, _tile_rows)
         grads = grad_output.new_empty((4, 4, n, count, cols, out_channels))
-        for i in range(4):
-            _tile_rows([tiles[i][:, :, c::2] for c in range(2)], grads[i])
+        _tile_rows([tiles[..., c::2, :] for c in range(2)], grads.transpose(0, 1))
         torch.baddbmm(sums, grads.view(16, -1, out_channels).transpose(1, 2), inputs.view(16, -1, in_channels),
                       out=sums)
     halves = (_HALVES[:, None] * _HALVES[None, :]).to(sums.dtype).view(4, 4, 1, 1)
