@@ -117,8 +117,8 @@ def transformed_windows(pixels: torch.Tensor, top: int, count: int, cols: int, p
     transformed by rows_transform along both axes."""
     n, channels = pixels.shape[0], pixels.shape[3]
     span = size + 2
-    windows = transformed_rows(pixels, size * top - padding[0], count, size, span, span, size * cols + 2,
-                               padding[1], rows_transform)
+    windows = transformed_rows(pixels, first=size * top - padding[0], count=count, step=size, reads=span, writes=span,
+                               width=size * cols + 2, left=padding[1], rows_transform=rows_transform)
     inputs = pixels.new_empty((span, span, n, count, cols, channels))
     # Along the columns for all span rows in one call a step (inputs[i, j] from windows[i]'s columns j..).
     rows_transform([windows[..., c:c + size * cols:size, :] for c in range(span)], inputs.transpose(0, 1))
@@ -147,7 +147,8 @@ def winograd_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, padding: tu
     for top in range(0, rows, step):
         count = min(step, rows - top)
         inputs = transformed_windows(pixels, top, count, cols, padding)
-        tiles = transformed_rows(grad_pixels, 2 * top, count, 2, 2, 4, 2 * cols, 0, _tile_rows)
+        tiles = transformed_rows(grad_pixels, first=2 * top, count=count, step=2, reads=2, writes=4, width=2 * cols,
+                                 left=0, rows_transform=_tile_rows)
         grads = grad_output.new_empty((4, 4, n, count, cols, out_channels))
         _tile_rows([tiles[..., c::2, :] for c in range(2)], grads.transpose(0, 1))
         torch.baddbmm(sums, grads.view(16, -1, out_channels).transpose(1, 2), inputs.view(16, -1, in_channels),

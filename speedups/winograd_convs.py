@@ -165,24 +165,24 @@ def tiled_winograd_conv2d(x: torch.Tensor, weights: torch.Tensor, bias: torch.Te
     out_channels = weights.shape[2]
     out_height, out_width = height + 2 * padding[0] - 2, width + 2 * padding[1] - 2
     rows, cols = -(-out_height // size), -(-out_width // size)  # of tiles; the last may stick out, then cropped
-    source = pixels_of(x)
+    input_pixels = pixels_of(x)
     # Not a view, which autograd would refuse to let an in-place ReLU change: written through its NHWC view.
     output = torch.empty((n, out_channels, size * rows, size * cols), dtype=x.dtype,
                          memory_format=torch.channels_last)
-    pixels = output.permute(0, 2, 3, 1)
+    output_pixels = output.permute(0, 2, 3, 1)
     transform = tiling.output_transform.to(x.dtype)
     # As many transformed values a chunk as TILES_PER_CHUNK small tiles have.
     step = max(1, TILES_PER_CHUNK * 16 // (products_per_tile * n * cols))
     for top in range(0, rows, step):
         count = min(step, rows - top)
-        inputs = transformed_windows(source, top, count, cols, padding, size, tiling.window_rows)
+        inputs = transformed_windows(input_pixels, top, count, cols, padding, size, tiling.window_rows)
         products = torch.bmm(inputs.view(products_per_tile, -1, in_channels), weights)
         if bias is not None:
             products[tiling.bias_product] += bias
         # (row i, column j of each tile, ...) written to output rows size * tile row + i, columns size * col + j.
         tiles = torch.mm(transform, products.view(products_per_tile, -1)).view(size, size, n, count, cols,
                                                                                out_channels)
-        block = pixels[:, size * top:size * (top + count)].view(n, count, size, cols, size, out_channels)
+        block = output_pixels[:, size * top:size * (top + count)].view(n, count, size, cols, size, out_channels)
         block.copy_(tiles.permute(2, 3, 0, 4, 1, 5))
     if (size * rows, size * cols) != (out_height, out_width):
         output = output[:, :, :out_height, :out_width].contiguous(memory_format=torch.channels_last)
