@@ -160,6 +160,17 @@ def stop_agreed_now(requested: bool, faults: FaultLog) -> bool:
     return bool(stop)
 
 
+class EvaluationStopped(Exception):
+    """Every rank agreed to end an evaluation pass unfinished: a stop signal arrived during it."""
+
+
+def stop_evaluation_if_agreed(step: int, stop_requested: Callable[[], bool] | None) -> None:
+    """Raise EvaluationStopped before this step (counted from 0) once the ranks agree that a stop was asked for,
+    on stop_agreed's schedule; a pass without stop_requested (--test-only) runs to its end."""
+    if stop_requested is not None and stop_agreed(step, stop_requested(), FaultLog(max_share=1.0)):
+        raise EvaluationStopped
+
+
 @dataclass
 class TrainOptions:
     """How train_one_epoch steps, besides the model, optimizer and data."""
@@ -296,18 +307,21 @@ def resized_as_in_evaluation(model) -> Iterator[None]:
 
 
 @torch.no_grad()
-def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
+def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch.dtype | None,
+                      stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
     """The model's mean losses over data_loader's batches and every rank's share, changing nothing: no
     gradient, batch norm statistics left as they are (its layers in eval mode), and the random generators
     (which the heads' sampling draws from) restored afterwards. Images are resized as evaluation resizes them,
-    also where training's augmentation resizes instead of the model (lsj, multiscale)."""
+    also where training's augmentation resizes instead of the model (lsj, multiscale). A stop signal ends it
+    unfinished (EvaluationStopped)."""
     model.train()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.eval()
     totals: dict[str, torch.Tensor] = {}
     with utils.random_state_kept(device), resized_as_in_evaluation(model):
-        for images, targets in data_loader:
+        for step, (images, targets) in enumerate(data_loader):
+            stop_evaluation_if_agreed(step, stop_requested)
             pop_faults(targets)
             images, targets = to_device(images, targets, device)
             with autocast(device, amp_dtype):
@@ -343,9 +357,11 @@ def predict_batch(model, images, device: torch.device, amp_dtype: torch.dtype | 
 
 @torch.inference_mode()
 def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator, print_freq: int = 20,
-             amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None) -> dict:
+             amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None,
+             stop_requested: Callable[[], bool] | None = None) -> dict:
     """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and a
-    line of where the time went, and gets the metrics; other ranks get an empty dict."""
+    line of where the time went, and gets the metrics; other ranks get an empty dict. A stop signal (where
+    stop_requested is given: during training) ends it unfinished by EvaluationStopped."""
     model.eval()
     faults = faults or FaultLog(max_share=1.0)
     faults.start_epoch()
@@ -354,6 +370,7 @@ def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator,
     started = time.perf_counter()
     model_seconds = 0.0
     for step, (images, targets) in enumerate(meters.timed(data_loader), start=1):
+        stop_evaluation_if_agreed(step - 1, stop_requested)
         faults.add(pop_faults(targets), len(data_loader.dataset))
         step_started = time.perf_counter()
         outputs = predict_batch(model, images, device, amp_dtype)

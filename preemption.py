@@ -1,5 +1,6 @@
 """Turn SIGTERM and SIGINT into a request to stop after the current training step, so a checkpoint can be
-written; a second SIGINT stops at once."""
+written, or after the current batch of an evaluation, whose epoch is saved already; a second SIGINT stops at
+once."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"{self.signal_name} received: stopping after this step and saving a checkpoint", flush=True)
+        print(f"{self.signal_name} received: stopping after this step or evaluation batch, with a checkpoint to "
+              f"resume from", flush=True)
 
     @property
     def requested(self) -> bool:

@@ -20,6 +20,7 @@ import argparse
 import datetime
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,15 @@ from coco_utils import DATASET_LAYOUTS, SampleError, add_split_paths
 from data import Data, load_data
 from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
-from engine import FaultLog, TrainOptions, evaluate, to_device, train_one_epoch, validation_losses
+from engine import (
+    EvaluationStopped,
+    FaultLog,
+    TrainOptions,
+    evaluate,
+    to_device,
+    train_one_epoch,
+    validation_losses,
+)
 from errors import UserError
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers
@@ -501,12 +510,15 @@ def already_stopped(resume: str, checkpoint: dict) -> dict:
     return {}
 
 
-def run_evaluation(run: Run, data: Data, model: torch.nn.Module) -> tuple[CocoEvaluator, dict, torch.nn.Module]:
-    """COCO evaluation of the model's inference copy over every rank's share of the validation set."""
+def run_evaluation(run: Run, data: Data, model: torch.nn.Module, stop_requested: Callable[[], bool] | None = None
+                   ) -> tuple[CocoEvaluator, dict, torch.nn.Module]:
+    """COCO evaluation of the model's inference copy over every rank's share of the validation set; during
+    training (stop_requested given), a stop signal ends it unfinished (EvaluationStopped)."""
     evaluator = CocoEvaluator(data.val_set.coco, data.category_map, iou_types(run.args.model),
                               run.args.coco_backend)
     eval_model = speedups.for_inference(model, run.device, run.speedups)
-    metrics = evaluate(eval_model, data.val_loader, run.device, evaluator, run.args.print_freq, run.amp_dtype)
+    metrics = evaluate(eval_model, data.val_loader, run.device, evaluator, run.args.print_freq, run.amp_dtype,
+                       stop_requested=stop_requested)
     return evaluator, metrics, eval_model
 
 
@@ -574,9 +586,10 @@ class BestModel:
         return patience is not None and utils.any_rank(self.since_best >= patience)
 
 
-def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int, at: int) -> None:
+def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int, at: int,
+                          stop_requested: Callable[[], bool]) -> None:
     """--val-loss: the validation set's losses, as a record of their own."""
-    losses = validation_losses(state.model, data.val_loss_loader, run.device, run.amp_dtype)
+    losses = validation_losses(state.model, data.val_loss_loader, run.device, run.amp_dtype, stop_requested)
     run.writers.write(Record("val", epoch, at, {"time": round(time.time(), 3), **losses}))
 
 
@@ -593,18 +606,20 @@ def report_evaluation(run: Run, data: Data, state: TrainingState, epoch: int, me
     run.writers.add_pictures(pictures, at)
 
 
-def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel) -> dict:
+def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel,
+                   stop_requested: Callable[[], bool]) -> dict:
     """After an epoch: the validation losses (--val-loss), then the evaluation of the weights (the moving
-    average's, and the raw ones' beside it), its predictions JSON, record, model_best.pth and pictures."""
+    average's, and the raw ones' beside it), its predictions JSON, record, model_best.pth and pictures. A stop
+    signal ends it unfinished (EvaluationStopped), with no evaluation recorded."""
     at = data.train_loader.batch_sampler.global_step(epoch + 1, 0)
     if data.val_loss_loader is not None:
-        log_validation_losses(run, data, state, epoch, at)
+        log_validation_losses(run, data, state, epoch, at, stop_requested)
     raw = {}
     if state.ema is not None:
         utils.print_once("Evaluating the raw weights (without the moving average)")
-        raw = {"raw": run_evaluation(run, data, state.model)[1]}
+        raw = {"raw": run_evaluation(run, data, state.model, stop_requested)[1]}
         utils.print_once("Evaluating the weights' moving average (model_ema)")
-    evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state))
+    evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state), stop_requested)
     if run.is_main:
         evaluator.write_results(run.output_dir)
         best.update(metrics, state)
@@ -635,9 +650,8 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
     if saved_but_not_evaluated(run, state):
         utils.print_once(f"Evaluating epoch {state.epoch} first: the run stopped after saving it, before its "
-                         f"evaluation")
-        with utils.random_state_kept(run.device):
-            metrics = evaluate_epoch(run, data, state, state.epoch, best)
+                         f"evaluation ended")
+        metrics = evaluate_or_stop(run, data, state, state.epoch, best, stop)
         if best.out_of_patience(args.patience):
             stop_early(run, state, best)
             start_epoch = args.epochs  # as the uninterrupted run would have stopped here
@@ -655,14 +669,27 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
         if stop.agreed():
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
             sys.exit(stop.exit_code)
-        with utils.random_state_kept(run.device):  # a resumed run's next epoch draws what this one's would
-            metrics = evaluate_epoch(run, data, state, epoch, best)
+        metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
         if best.out_of_patience(args.patience):
             stop_early(run, state, best)
             break
     run.writers.close()
     utils.print_once(f"Training time {datetime.timedelta(seconds=int(time.time() - started))}")
     return metrics
+
+
+def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel,
+                     stop: StopRequest) -> dict:
+    """evaluate_epoch, with the random state kept (a resumed run's next epoch draws what this one's would); a
+    stop signal during it exits at once: the epoch's checkpoint is saved, and --resume auto evaluates it first."""
+    try:
+        with utils.random_state_kept(run.device):
+            return evaluate_epoch(run, data, state, epoch, best, lambda: stop.requested)
+    except EvaluationStopped:
+        stop.agreed()  # every rank takes the signal's name, as after a step
+        utils.print_once(f"Stopped by {stop.signal_name} during epoch {epoch}'s evaluation; its checkpoint is "
+                         f"saved, and --resume auto evaluates it first.")
+        sys.exit(stop.exit_code)
 
 
 def saved_but_not_evaluated(run: Run, state: TrainingState) -> bool:

@@ -1,8 +1,9 @@
 """train.py's entry point with a probe for the distributed tests: each rank records the image ids of its
 training batches in $PROBE_DIR/rank{R}.jsonl; on its second step, rank $PROBE_FAIL_RANK raises, rank
 $PROBE_KILL_RANK is killed (SIGKILL) and rank $PROBE_STOP_RANK stops (SIGSTOP), each after writing the time
-and its process id to $PROBE_DIR/rank{R}.gone, and rank $PROBE_SIGNAL_RANK is sent SIGTERM. Every sample of
-rank $PROBE_FAULT_RANK comes with an unreadable-image fault."""
+and its process id to $PROBE_DIR/rank{R}.gone, and rank $PROBE_SIGNAL_RANK is sent SIGTERM; rank
+$PROBE_EVAL_SIGNAL_RANK is sent SIGTERM on its first evaluation batch. Every sample of rank $PROBE_FAULT_RANK
+comes with an unreadable-image fault."""
 
 import json
 import os
@@ -41,6 +42,9 @@ def _probed_to_device(images, targets, device):
             _leave(int(rank), signal.SIGSTOP)
         if _steps == 2 and os.environ.get("PROBE_SIGNAL_RANK") == rank:
             os.kill(os.getpid(), signal.SIGTERM)
+    elif os.environ.get("PROBE_EVAL_SIGNAL_RANK") == os.environ.get("RANK", "0"):
+        os.environ.pop("PROBE_EVAL_SIGNAL_RANK")  # once
+        os.kill(os.getpid(), signal.SIGTERM)
     return _to_device(images, targets, device)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL, TINY, cli_env
+from tools.make_coco_dataset import DatasetSpec, generate_dataset
 
 FLAGS = [*SMALL, "--epochs", "1", "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--dist-timeout", "60"]
 FROM_SCRATCH = ["--weights-backbone", "none"]  # batch norms that train, and buffers that DDP broadcasts
@@ -138,6 +139,22 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_alike(tiny_dataset, tmp_path
                     env={"PROBE_DIR": str(tmp_path), "PROBE_SIGNAL_RANK": "1"}, timeout=300)
     assert result.returncode != 0
     assert "Stopped by SIGTERM after epoch 0; --resume auto continues." in result.stdout, result.stdout[-3000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert "exitcode  : 143" in result.stderr, "rank 0 exits as the signalled rank does"
+
+
+def test_a_stop_signal_to_one_rank_during_evaluation_stops_every_rank_alike(tmp_path):
+    """The ranks agree every STOP_AGREEMENT_STEPS evaluation batches: twelve a rank here."""
+    spec = DatasetSpec(train_images=4, val_images=24, min_size=32, max_size=32, instances=1, seed=5,
+                       crowd_share=0.0, empty_share=0.0, gray_share=0.0, degenerate_share=0.0)
+    data = generate_dataset(tmp_path / "data", spec)
+    out = tmp_path / "out"
+    result = launch("tests/ddp_probe.py", "--data-path", str(data), "--output-dir", str(out), *SHORT,
+                    "--dist-timeout", "120", env={"PROBE_DIR": str(tmp_path), "PROBE_EVAL_SIGNAL_RANK": "1"},
+                    timeout=300)
+    assert result.returncode != 0
+    assert "Stopped by SIGTERM during epoch 0's evaluation" in result.stdout, result.stdout[-3000:]
+    assert "Test: [12/12]" not in result.stdout
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
     assert "exitcode  : 143" in result.stderr, "rank 0 exits as the signalled rank does"
 

@@ -296,3 +296,50 @@ def test_validation_losses_resize_images_as_evaluation_where_training_does_not()
     engine.validation_losses(model, [(images, targets)], CPU, None)
     assert model.sizes == [(32, 24)] * 2
     assert model.transform._skip_resize, "training goes on without the model's resize"
+
+
+class EmptyDetector(nn.Module):
+    """Finds nothing; counts the images it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, images):
+        self.seen += len(images)
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+                for _ in images]
+
+
+class IdRecorder:
+    """Stands in for CocoEvaluator: keeps the ids of the images whose predictions it was given."""
+
+    def __init__(self) -> None:
+        self.image_ids = []
+
+    def update(self, predictions: dict) -> None:
+        self.image_ids += list(predictions)
+
+
+def asked_to_stop_after(answers_no: int):
+    """A stop_requested that answers no that many times, then yes."""
+    answers = iter([False] * answers_no)
+    return lambda: next(answers, True)
+
+
+def test_a_stop_request_ends_an_evaluation_before_its_next_batch():
+    model, evaluator = EmptyDetector(), IdRecorder()
+    with pytest.raises(engine.EvaluationStopped):
+        engine.evaluate(model, loader(count=10, batch_size=2), CPU, evaluator, stop_requested=asked_to_stop_after(2))
+    assert model.seen == 4 and evaluator.image_ids == [0, 1, 2, 3]
+
+
+def test_a_stop_request_ends_the_validation_losses_and_the_random_state_is_kept():
+    model = NormedDetector()
+    generator_state = torch.get_rng_state()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(engine.EvaluationStopped):
+        engine.validation_losses(model, loader(count=6, batch_size=2), CPU, None, asked_to_stop_after(1))
+    assert len(calls) == 1
+    assert torch.equal(torch.get_rng_state(), generator_state)

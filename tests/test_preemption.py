@@ -1,5 +1,6 @@
 """A stop signal mid-epoch saves the position; the resumed run replays exactly what was left."""
 
+import re
 import signal
 import time
 
@@ -9,6 +10,7 @@ import torch
 import preemption
 from conftest import TINY, read_metrics, run_cli, start_cli
 from preemption import StopRequest
+from tools.make_coco_dataset import DatasetSpec, generate_dataset
 
 FLAGS = [*TINY, "--epochs", "2", "--use-deterministic-algorithms", "--seed", "7", "--vis-images", "0",
          "--no-tensorboard"]
@@ -100,20 +102,48 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights_to_the_bit(tiny_
     assert difference == 0.0
 
 
-def test_an_epoch_saved_but_not_evaluated_is_evaluated_when_the_run_resumes(tiny_dataset, tmp_path):
-    """A stop that lands between an epoch's checkpoint and its evaluation leaves no evaluation record; the
-    resumed run evaluates that epoch before anything else, even when it was the last. A fresh run in the same
-    folder then sets those records aside and starts its own."""
-    args = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *FLAGS, "--epochs", "1",
-            "--resume", "auto"]
-    assert run_cli("train.py", *args).returncode == 0
-    metrics = tmp_path / "metrics.jsonl"
-    lines = metrics.read_text().splitlines()
-    metrics.write_text("".join(line + "\n" for line in lines if '"type": "eval"' not in line))
+@pytest.fixture(scope="module")
+def long_validation(tmp_path_factory):
+    """Four training images and many validation images: an evaluation long enough to be stopped during."""
+    spec = DatasetSpec(train_images=4, val_images=8, min_size=64, max_size=64, instances=2, seed=5,
+                       crowd_share=0.0, empty_share=0.0, gray_share=0.0, degenerate_share=0.0)
+    return generate_dataset(tmp_path_factory.mktemp("long_validation"), spec)
+
+
+def _stop_during_evaluation(process, sig):
+    """Send sig once the run has logged its first evaluation step; wait for it to end. Returns what it printed."""
+    printed = []
+    for line in process.stdout:
+        printed.append(line)
+        if re.match(r"Test: \[ *1/", line):
+            process.send_signal(sig)
+            break
+    rest, _ = process.communicate(timeout=300)
+    return "".join(printed) + rest
+
+
+def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_that_epoch_first(long_validation,
+                                                                                               tmp_path):
+    """The epoch's checkpoint is written before its evaluation starts: the stop keeps it and records no
+    evaluation, and the resumed run evaluates that epoch before anything else, even when it was the last, its
+    validation losses recorded once. A fresh run in the same folder then sets those records aside."""
+    args = ["--data-path", str(long_validation), "--output-dir", str(tmp_path), *FLAGS, "--epochs", "1",
+            "--val-loss", "--resume", "auto"]
+    process = start_cli("train.py", *args)
+    output = _stop_during_evaluation(process, signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM.value, output
+    assert "Stopped by SIGTERM during epoch 0's evaluation" in output
+    assert "Test: [8/8]" not in output, "the evaluation ended unfinished"
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (0, None)
+    assert [r["type"] for r in read_metrics(tmp_path) if r["type"] != "train"] == ["val"]
+
     result = run_cli("train.py", *args)
     assert result.returncode == 0, result.stderr
-    assert "Evaluating epoch 0 first: the run stopped after saving it, before its evaluation" in result.stdout
-    assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0]
+    assert "Evaluating epoch 0 first: the run stopped after saving it, before its evaluation ended" in result.stdout
+    assert "Test: [8/8]" in result.stdout
+    evaluations = [(r["type"], r["epoch"]) for r in read_metrics(tmp_path) if r["type"] != "train"]
+    assert evaluations == [("val", 0), ("eval", 0)]
     again = run_cli("train.py", *args)
     assert "Evaluating epoch 0 first" not in again.stdout, "once evaluated, not again"
     fresh = run_cli("train.py", *args[:-2])
