@@ -215,8 +215,8 @@ class JsonlWriter:
         self.path = Path(output_dir) / "metrics.jsonl"
 
     def truncate_after(self, epoch: int, step: int | None) -> None:
-        """Keep what was logged up to the checkpoint at (epoch, step) (step None: the epoch ended). Validation
-        losses of an epoch whose evaluation never came go too: the resumed run runs both again."""
+        """Keep what was logged up to the checkpoint at (epoch, step) (step None: the epoch ended, and its
+        validation losses stay, which a resumed run that evaluates the epoch does not compute again)."""
         if not self.path.is_file():
             return
         records = []
@@ -225,9 +225,7 @@ class JsonlWriter:
                 records.append((line, json.loads(line)))
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-        evaluated = {r["epoch"] for _, r in records if r.get("type") == "eval"}
-        kept = [line for line, r in records if _keeps(r, epoch, step)
-                and not (r.get("type") == "val" and r["epoch"] == epoch and epoch not in evaluated)]
+        kept = [line for line, r in records if _keeps(r, epoch, step)]
         text = "".join(line + "\n" for line in kept).encode()
         write_atomic(self.path, lambda f: f.write(text), remedy=RUN_OUTPUT_REMEDY)
 

@@ -588,7 +588,10 @@ class BestModel:
 
 def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int, at: int,
                           stop_requested: Callable[[], bool]) -> None:
-    """--val-loss: the validation set's losses, as a record of their own."""
+    """--val-loss: the validation set's losses, as a record of their own, once an epoch: a run stopped during
+    the evaluation that follows them keeps them when it resumes (also in TensorBoard, at the same step)."""
+    if utils.any_rank(run.is_main and epoch in {r["epoch"] for r in run.writers.records("val")}):
+        return
     losses = validation_losses(state.model, data.val_loss_loader, run.device, run.amp_dtype, stop_requested)
     run.writers.write(Record("val", epoch, at, {"time": round(time.time(), 3), **losses}))
 

@@ -43,8 +43,8 @@ def test_truncate_after_keeps_what_the_checkpoint_covers(tmp_path):
     assert [r["epoch"] for r in _records(tmp_path / "metrics.jsonl")] == [0, 0, 0, 0]
 
 
-def test_an_epoch_saved_but_not_evaluated_loses_its_validation_losses_too(tmp_path):
-    """Its resumed run validates and evaluates that epoch again: one record of each, not two validations."""
+def test_an_epoch_saved_but_not_evaluated_keeps_its_validation_losses(tmp_path):
+    """Its resumed run evaluates that epoch without computing them again: one record of each."""
     writer = JsonlWriter(tmp_path)
     for epoch in range(2):
         writer.write(_train(epoch, 1))
@@ -53,7 +53,7 @@ def test_an_epoch_saved_but_not_evaluated_loses_its_validation_losses_too(tmp_pa
             writer.write(Record("eval", epoch, epoch + 1, {}))
     writer.truncate_after(1, None)
     kept = [(r["type"], r["epoch"]) for r in _records(tmp_path / "metrics.jsonl")]
-    assert kept == [("train", 0), ("val", 0), ("eval", 0), ("train", 1)]
+    assert kept == [("train", 0), ("val", 0), ("eval", 0), ("train", 1), ("val", 1)]
 
 
 def test_disabled_writer_writes_nothing(tmp_path, capsys):

@@ -124,9 +124,10 @@ def _stop_during_evaluation(process, sig):
 
 def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_that_epoch_first(long_validation,
                                                                                                tmp_path):
-    """The epoch's checkpoint is written before its evaluation starts: the stop keeps it and records no
-    evaluation, and the resumed run evaluates that epoch before anything else, even when it was the last, its
-    validation losses recorded once. A fresh run in the same folder then sets those records aside."""
+    """The epoch's checkpoint and validation losses are written before its evaluation starts: the stop keeps
+    them and records no evaluation, and the resumed run evaluates that epoch before anything else, even when it
+    was the last, without computing its losses again. A fresh run in the same folder then sets those records
+    aside."""
     args = ["--data-path", str(long_validation), "--output-dir", str(tmp_path), *FLAGS, "--epochs", "1",
             "--val-loss", "--resume", "auto"]
     process = start_cli("train.py", *args)
@@ -136,14 +137,16 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_th
     assert "Test: [8/8]" not in output, "the evaluation ended unfinished"
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, None)
-    assert [r["type"] for r in read_metrics(tmp_path) if r["type"] != "train"] == ["val"]
+    validation, = [r for r in read_metrics(tmp_path) if r["type"] != "train"]
+    assert validation["type"] == "val"
 
     result = run_cli("train.py", *args)
     assert result.returncode == 0, result.stderr
     assert "Evaluating epoch 0 first: the run stopped after saving it, before its evaluation ended" in result.stdout
     assert "Test: [8/8]" in result.stdout
-    evaluations = [(r["type"], r["epoch"]) for r in read_metrics(tmp_path) if r["type"] != "train"]
-    assert evaluations == [("val", 0), ("eval", 0)]
+    evaluations = [r for r in read_metrics(tmp_path) if r["type"] != "train"]
+    assert [(r["type"], r["epoch"]) for r in evaluations] == [("val", 0), ("eval", 0)]
+    assert evaluations[0] == validation, "the validation losses kept, not computed again"
     again = run_cli("train.py", *args)
     assert "Evaluating epoch 0 first" not in again.stdout, "once evaluated, not again"
     fresh = run_cli("train.py", *args[:-2])
