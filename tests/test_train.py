@@ -355,6 +355,8 @@ def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_g
     annotations.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
     assert predict.image_records(paths, str(annotations)) == [(9, (32, 32)), (7, (64, 48))]
     assert predict.find_images([str(tmp_path / "val2017")], skip=tmp_path / "val2017" / "imgs") == paths[:1]
+    (tmp_path / "val2017" / "album.jpg").mkdir()  # a folder named like an image, which a pattern matches
+    assert predict.find_images([str(tmp_path / "val2017" / "*.jpg")]) == paths[:1]
 
 
 def test_export_takes_the_first_images_of_a_folder_and_lists_no_more_of_the_tree(tmp_path, monkeypatch):

@@ -40,6 +40,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 
 
+def is_image_file(path: Path) -> bool:
+    """A file (not a folder, not a broken link) whose suffix, in any case, is an image format's."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
     """The image files named by paths, folders (and their subfolders) and glob patterns, sorted, each once;
     none from under skip (the output folder, where an earlier run's pictures are)."""
@@ -47,11 +52,11 @@ def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found |= {p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+            found |= {p for p in path.rglob("*") if is_image_file(p)}
         elif path.is_file():
             found.add(path)
         else:
-            found |= {Path(p) for p in glob.glob(item) if Path(p).suffix.lower() in IMAGE_SUFFIXES}
+            found |= {Path(p) for p in glob.glob(item) if is_image_file(Path(p))}
     if skip is not None:
         skipped = skip.resolve()
         found = {p for p in found if skipped not in p.resolve().parents}
@@ -66,8 +71,7 @@ def first_images(folder: Path, count: int) -> list[Path]:
     found: list[Path] = []
     for parent, subfolders, files in os.walk(folder):
         subfolders.sort()
-        found += [Path(parent, name) for name in sorted(files)
-                  if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(parent, name))]
+        found += [path for path in (Path(parent, name) for name in sorted(files)) if is_image_file(path)]
         if len(found) >= count:
             return found[:count]
     if not found:
