@@ -143,18 +143,18 @@ class PendingLosses:
         return rows
 
 
-def stop_agreed(step: int, requested: bool, faults: FaultLog) -> bool:
-    """Whether every rank stops before this step, asked to or (raising) for too many unreadable samples on
-    any rank. Ranks agree, so that all take the same branch, every STOP_AGREEMENT_STEPS steps; one process
-    decides at every step."""
+def stop_agreed(step: int, requested: bool, faults: FaultLog | None = None) -> bool:
+    """Whether every rank stops before this step, asked to or (raising, where faults are counted) for too many
+    unreadable samples on any rank. Ranks agree, so that all take the same branch, every STOP_AGREEMENT_STEPS
+    steps; one process decides at every step."""
     if utils.get_world_size() > 1 and step % STOP_AGREEMENT_STEPS:
         return False
     return stop_agreed_now(requested, faults)
 
 
-def stop_agreed_now(requested: bool, faults: FaultLog) -> bool:
+def stop_agreed_now(requested: bool, faults: FaultLog | None) -> bool:
     """stop_agreed's decision, taken now: one all-reduce for both reasons to stop."""
-    stop, over_limit = utils.max_over_ranks([int(requested), int(faults.over_limit)])
+    stop, over_limit = utils.max_over_ranks([int(requested), int(faults is not None and faults.over_limit)])
     if over_limit:
         raise faults.limit_error()
     return bool(stop)
@@ -167,7 +167,7 @@ class EvaluationStopped(Exception):
 def stop_evaluation_if_agreed(step: int, stop_requested: Callable[[], bool] | None) -> None:
     """Raise EvaluationStopped before this step (counted from 0) once the ranks agree that a stop was asked for,
     on stop_agreed's schedule; a pass without stop_requested (--test-only) runs to its end."""
-    if stop_requested is not None and stop_agreed(step, stop_requested(), FaultLog(max_share=1.0)):
+    if stop_requested is not None and stop_agreed(step, stop_requested()):
         raise EvaluationStopped
 
 
