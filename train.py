@@ -55,7 +55,7 @@ from engine import (
     train_one_epoch,
     validation_losses,
 )
-from errors import UserError
+from errors import UserError, exit_status
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers
 from models import MODELS, build_model, default_backbone_weights, iou_types, model_options
@@ -740,24 +740,31 @@ def main(args: argparse.Namespace) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point: bad input becomes one line on stderr and exit status 2, not a traceback (--debug shows
-    it); a process of a distributed job that loses its peers says which in one line."""
+    it), and so does a Ctrl-C that stops at once (exit status 130); a process of a distributed job that loses
+    its peers says which in one line."""
     args = get_args_parser().parse_args(argv)
     try:
-        utils.check_versions()
-        main(args)
-        utils.leave_process_group()
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_status(lambda: run_and_leave(args), interrupted_message(args), args.debug)
     except RuntimeError as e:  # torch.distributed.DistError is one
         explanation = utils.explain_lost_peer(e, args.dist_timeout)
         if explanation is None or args.debug:
             raise
         print(f"error: {explanation}", file=sys.stderr, flush=True)
         return 1
-    return 0
+
+
+def run_and_leave(args: argparse.Namespace) -> None:
+    utils.check_versions()
+    main(args)
+    utils.leave_process_group()
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """What a Ctrl-C that stops at once (during set-up, during --test-only, or a second one) leaves behind."""
+    if args.test_only:
+        return "the evaluation did not end, and no predictions were written"
+    return ("stopped at once; every file written before is whole, and --resume auto continues from the last "
+            "checkpoint, if one was written")
 
 
 if __name__ == "__main__":

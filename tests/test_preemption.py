@@ -149,6 +149,13 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_th
     assert evaluations[0] == validation, "the validation losses kept, not computed again"
     again = run_cli("train.py", *args)
     assert "Evaluating epoch 0 first" not in again.stdout, "once evaluated, not again"
+    test_only = tmp_path / "test_only"  # a Ctrl-C there: Python's default signal handling, one line, no traceback
+    process = start_cli("train.py", *args[:-2], "--output-dir", str(test_only), "--test-only", "--resume",
+                        str(tmp_path / "checkpoint.pth"))
+    output = _stop_during_evaluation(process, signal.SIGINT)
+    assert process.returncode == 128 + signal.SIGINT.value, output
+    assert output.endswith("interrupted by Ctrl-C: the evaluation did not end, and no predictions were written\n")
+    assert "Traceback" not in output and not list(test_only.glob("predictions_*"))
     fresh = run_cli("train.py", *args[:-2])
     assert fresh.returncode == 0, fresh.stderr
     assert "held another run's outputs" in fresh.stdout and "New best AP" in fresh.stdout

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coco_utils import DATASET_LAYOUTS, add_split_paths  # noqa: E402
 from dataset_check import check_split, format_report  # noqa: E402
+from errors import exit_status  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers {args.workers} must be at least 1")
     if not 0 <= args.max_bad_samples <= 1:
         parser.error(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
+    return exit_status(lambda: check(args), "the check did not end")
 
+
+def check(args: argparse.Namespace) -> int:
+    """Check the splits and print the report; 1 when it failed."""
     reports = [check_split(Path(args.data_path), args.dataset, split, decode=not args.no_decode,
                            max_bad_share=args.max_bad_samples, workers=args.workers,
                            paths=(getattr(args, f"{split}_images"), getattr(args, f"{split}_annotations")))

@@ -38,7 +38,7 @@ import deploy  # noqa: E402
 import speedups  # noqa: E402
 from checkpoint import remove_quietly  # noqa: E402
 from coco_utils import SampleError, read_rgb  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, exit_status  # noqa: E402
 from models import MODELS  # noqa: E402
 from tools.make_coco_dataset import DatasetSpec, make_image  # noqa: E402
 from tools.predict import first_images, load_model  # noqa: E402
@@ -214,11 +214,7 @@ def passed(comparisons: list[deploy.Comparison], score_thresh: float, output: Pa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return export_and_check(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: export_and_check(args), "--output was not written (a file there is unchanged)")
 
 
 if __name__ == "__main__":

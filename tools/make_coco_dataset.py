@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint import write_atomic  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import exit_status  # noqa: E402
 
 # Ids are spread out on purpose: COCO's own ids have gaps, and code that assumes 1..K breaks on them.
 CATEGORIES = [
@@ -331,7 +331,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
 
@@ -347,12 +347,13 @@ def main(argv: list[str] | None = None) -> None:
             setattr(spec, field, value)
     if spec.min_size > spec.max_size or spec.min_size < 32:
         parser.error("sizes must satisfy 32 <= --min-size <= --max-size")
-    try:
+
+    def generate() -> None:
         root = generate_dataset(args.root, spec)
-    except UserError as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"wrote {spec.train_images} train and {spec.val_images} val images to {root}")
+        print(f"wrote {spec.train_images} train and {spec.val_images} val images to {root}")
+
+    return exit_status(generate, f"the dataset in {args.root} is not finished; run the command again")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

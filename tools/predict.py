@@ -31,7 +31,7 @@ from checkpoint import load_file, prepare_output_dir, write_atomic  # noqa: E402
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from engine import to_device  # noqa: E402
-from errors import UserError  # noqa: E402
+from errors import UserError, exit_status  # noqa: E402
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted  # noqa: E402
 from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="keep freed memory for the model's next tensors, as train.py does (default: on the CPU)")
     args = parser.parse_args(argv)
-    try:
-        return predict(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: predict(args), "the pictures written are whole; predictions.json was not written")
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -1,0 +1,37 @@
+"""Every command line's ending: bad input and a Ctrl-C as one line and an exit status, not a traceback."""
+
+import pytest
+
+from errors import INTERRUPTED_STATUS, UserError, exit_status
+
+
+def _raise(error: BaseException):
+    def command():
+        raise error
+    return command
+
+
+def test_a_command_that_ends_gives_its_own_status():
+    assert exit_status(lambda: None, "unused") == 0
+    assert exit_status(lambda: 1, "unused") == 1
+
+
+def test_bad_input_is_one_line_and_status_2(capsys):
+    assert exit_status(_raise(UserError("--lr -1 must be positive")), "unused") == 2
+    assert capsys.readouterr().err == "error: --lr -1 must be positive\n"
+
+
+def test_a_ctrl_c_says_what_it_left_and_exits_as_a_shell_reports_sigint(capsys):
+    assert exit_status(_raise(KeyboardInterrupt()), "nothing was written") == INTERRUPTED_STATUS == 130
+    assert capsys.readouterr().err == "interrupted by Ctrl-C: nothing was written\n"
+
+
+@pytest.mark.parametrize("error", [UserError("bad"), KeyboardInterrupt()])
+def test_debug_keeps_the_traceback(error):
+    with pytest.raises(type(error)):
+        exit_status(_raise(error), "unused", debug=True)
+
+
+def test_other_errors_pass_through():
+    with pytest.raises(ValueError):
+        exit_status(_raise(ValueError("a bug")), "unused")
