@@ -196,6 +196,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--val-loss", action="store_true",
         help="the losses on the validation set after each epoch (nothing in the model changes), logged beside the "
              "training losses")
+    add("--eval-interval", default=1, type=int, metavar="N",
+        help="evaluate (and --val-loss) after every N-th epoch and after the last one, not after each; --patience "
+             "counts evaluations")
     add("--patience", default=None, type=int, metavar="K",
         help="stop when the primary AP (mask, keypoint or box) has not improved for K evaluations")
     add("--repeat-factor-threshold", default=None, type=float, metavar="T",
@@ -216,7 +219,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if args.epochs < 1 and not args.test_only:
         raise UserError(f"--epochs {args.epochs} must be at least 1")
     for flag in ("batch_size", "rois_per_image", "eval_batch_size", "print_freq", "lr_step_size",
-                 "grad_accum_steps", "model_ema_steps", "patience", "auto_scale_lr", "keep_last"):
+                 "grad_accum_steps", "model_ema_steps", "eval_interval", "patience", "auto_scale_lr", "keep_last"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
@@ -672,6 +675,8 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
         if stop.agreed():
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
             sys.exit(stop.exit_code)
+        if not evaluation_due(args, epoch):
+            continue
         metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
         if best.out_of_patience(args.patience):
             stop_early(run, state, best)
@@ -695,10 +700,16 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
         sys.exit(stop.exit_code)
 
 
+def evaluation_due(args: argparse.Namespace, epoch: int) -> bool:
+    """Whether the epoch ends with an evaluation: every --eval-interval-th does, and the last."""
+    return (epoch + 1) % args.eval_interval == 0 or epoch + 1 >= args.epochs
+
+
 def saved_but_not_evaluated(run: Run, state: TrainingState) -> bool:
-    """Whether the resumed checkpoint ended an epoch that this folder's metrics show trained but not evaluated (a
-    stop between the two; a checkpoint brought from elsewhere has no such record), decided on rank 0 for all."""
-    if state.epoch < 0 or state.step is not None:
+    """Whether the resumed checkpoint ended an epoch due for evaluation that this folder's metrics show trained
+    but not evaluated (a stop between the two; a checkpoint brought from elsewhere has no such record), decided
+    on rank 0 for all."""
+    if state.epoch < 0 or state.step is not None or not evaluation_due(run.args, state.epoch):
         return False
     epochs = {kind: {r["epoch"] for r in run.writers.records(kind)} for kind in ("train", "eval")}
     return utils.any_rank(run.is_main and state.epoch in epochs["train"] and state.epoch not in epochs["eval"])

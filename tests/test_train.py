@@ -126,16 +126,26 @@ class Logged:
         return [{"epoch": epoch} for epoch in self.epochs[kind]]
 
 
-@pytest.mark.parametrize("train_epochs, eval_epochs, step, expected", [
-    ([0, 1, 2], [0, 1], None, True),  # stopped between epoch 2's checkpoint and its evaluation
-    ([0, 1, 2], [0, 1, 2], None, False),
-    ([], [], None, False),  # a checkpoint brought from another folder, or torchvision's reference
-    ([0, 1, 2], [0, 1], 5, False),  # stopped mid-epoch: its evaluation comes when the epoch ends
+@pytest.mark.parametrize("train_epochs, eval_epochs, step, interval, expected", [
+    ([0, 1, 2], [0, 1], None, 1, True),  # stopped between epoch 2's checkpoint and its evaluation
+    ([0, 1, 2], [0, 1, 2], None, 1, False),
+    ([], [], None, 1, False),  # a checkpoint brought from another folder, or torchvision's reference
+    ([0, 1, 2], [0, 1], 5, 1, False),  # stopped mid-epoch: its evaluation comes when the epoch ends
+    ([0, 1, 2], [1], None, 2, False),  # --eval-interval 2: epoch 2 is not evaluated
+    ([0, 1, 2], [], None, 3, True),
 ])
 def test_only_an_epoch_trained_here_and_left_unevaluated_is_evaluated_first(train_epochs, eval_epochs, step,
-                                                                             expected):
-    run = argparse.Namespace(is_main=True, writers=Logged(train_epochs, eval_epochs))
+                                                                             interval, expected):
+    args = argparse.Namespace(eval_interval=interval, epochs=10)
+    run = argparse.Namespace(is_main=True, writers=Logged(train_epochs, eval_epochs), args=args)
     assert train.saved_but_not_evaluated(run, argparse.Namespace(epoch=2, step=step)) is expected
+
+
+@pytest.mark.parametrize("interval, epochs, evaluated", [(1, 4, [0, 1, 2, 3]), (2, 5, [1, 3, 4]), (3, 6, [2, 5]),
+                                                         (10, 3, [2])])
+def test_every_interval_th_epoch_and_the_last_are_evaluated(interval, epochs, evaluated):
+    args = argparse.Namespace(eval_interval=interval, epochs=epochs)
+    assert [e for e in range(epochs) if train.evaluation_due(args, e)] == evaluated
 
 
 @pytest.fixture(scope="module")

@@ -72,11 +72,13 @@ def test_epoch_files_share_the_checkpoints_bytes_and_model_best_is_lean(trainer_
     assert json.loads((tmp_path / "pictures" / "predictions.json").read_text()) is not None
 
 
-def test_keep_last_prunes_old_epoch_files(tiny_dataset, tmp_path):
+def test_keep_last_prunes_old_epoch_files_and_eval_interval_skips_evaluations(tiny_dataset, tmp_path):
     result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
-                     "--epochs", "3", "--keep-last", "1", "--no-tensorboard", "--vis-images", "0")
+                     "--epochs", "3", "--keep-last", "1", "--no-tensorboard", "--vis-images", "0",
+                     "--eval-interval", "2")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_2.pth", "model_best.pth"]
+    assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [1, 2], "the 2nd and the last"
     assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "predictions").exists()
     # Resumed at twice the batch: half the steps per epoch, and the x axis goes on from the saved run's step.
     result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
@@ -85,3 +87,4 @@ def test_keep_last_prunes_old_epoch_files(tiny_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     steps = [(r["epoch"], r["global_step"]) for r in read_metrics(tmp_path) if r["type"] == "train"]
     assert [g for e, g in steps if e == 2][-1] == 12 and [g for e, g in steps if e == 3] == [13, 14]
+    assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [1, 2, 3], "without --eval-interval"
