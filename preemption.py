@@ -27,8 +27,8 @@ class StopRequest:
         print(f"{self.signal_name} received: stopping after this step or evaluation batch, with a checkpoint to "
               f"resume from", flush=True)
 
-    @property
     def requested(self) -> bool:
+        """Whether this process was asked to stop (the loops' stop_requested)."""
         return self.signal_name is not None
 
     def agreed(self) -> bool:

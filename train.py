@@ -650,7 +650,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
     options = TrainOptions(print_freq=args.print_freq, epochs=args.epochs, scaler=state.scaler,
                            amp_dtype=run.amp_dtype, clip_grad_norm=args.clip_grad_norm,
                            grad_accum_steps=args.grad_accum_steps, faults=FaultLog(args.max_bad_samples),
-                           stop_requested=lambda: stop.requested, on_record=run.writers.write,
+                           stop_requested=stop.requested, on_record=run.writers.write,
                            after_step=average_weights(state, args.model_ema_steps))
     best, metrics = BestModel(run), {}
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
@@ -692,7 +692,7 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
     stop signal during it exits at once: the epoch's checkpoint is saved, and --resume auto evaluates it first."""
     try:
         with utils.random_state_kept(run.device):
-            return evaluate_epoch(run, data, state, epoch, best, lambda: stop.requested)
+            return evaluate_epoch(run, data, state, epoch, best, stop.requested)
     except EvaluationStopped:
         stop.agreed()  # every rank takes the signal's name, as after a step
         utils.print_once(f"Stopped by {stop.signal_name} during epoch {epoch}'s evaluation; its checkpoint is "
