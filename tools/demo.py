@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from errors import exit_status  # noqa: E402
 from tools.make_coco_dataset import DatasetSpec, generate_dataset  # noqa: E402
 
 # Small images of large shapes and a short schedule: enough for a from-scratch model to find the shapes on
@@ -38,7 +40,11 @@ def main() -> int:
     parser.add_argument("--data-path", default=str(ROOT / "datasets" / "shapes-demo"))
     parser.add_argument("--output-dir", default=str(ROOT / "output" / "demo"))
     args = parser.parse_args()
+    return exit_status(lambda: demo(args), "the demo did not end; run it again")
 
+
+def demo(args: argparse.Namespace) -> int:
+    """Generate the data once, train and evaluate with train.py, and print the last evaluation's mAP."""
     started = time.time()
     data_path = Path(args.data_path)
     # generate_dataset writes this file last and atomically: an interrupted run leaves it absent, never cut short.
@@ -49,9 +55,9 @@ def main() -> int:
     command = [sys.executable, str(ROOT / "train.py"), "--data-path", str(data_path),
                "--output-dir", args.output_dir, *TRAIN_FLAGS]
     print("Running:", shlex.join(command), flush=True)
-    result = subprocess.run(command, cwd=ROOT)
-    if result.returncode != 0:
-        return result.returncode
+    returncode = run_training(command)
+    if returncode != 0:
+        return returncode
 
     records = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["type"] == "eval"][-1]
@@ -59,6 +65,16 @@ def main() -> int:
     print(f"\nDemo finished in {minutes:.1f} min: box mAP {last['bbox']['AP']:.3f}, "
           f"mask mAP {last['segm']['AP']:.3f} (epoch {last['epoch']}). Output in {args.output_dir}")
     return 0
+
+
+def run_training(command: list[str]) -> int:
+    """Run train.py and return its exit status. A terminal's Ctrl-C reaches train.py as well, which stops with a
+    checkpoint: the demo waits for it rather than stopping first and killing it."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)  # a handler, not SIG_IGN: exec resets it
+    try:
+        return subprocess.run(command, cwd=ROOT).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":
