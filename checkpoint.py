@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import pickle
 import re
@@ -101,6 +102,12 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: 
     finally:
         if tmp is not None:
             remove_quietly(Path(tmp))
+
+
+def write_json_atomic(path: str | Path, data: object, remedy: str) -> None:
+    """data as JSON at path, written as write_atomic writes."""
+    encoded = json.dumps(data).encode()
+    write_atomic(path, lambda f: f.write(encoded), remedy=remedy)
 
 
 def remove_quietly(path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import utils
-from checkpoint import RUN_OUTPUT_REMEDY, write_atomic
+from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
 from coco_utils import CategoryMap, scoring_ground_truth
 
 # The order of COCOeval.stats, named, and what each line of the standard summary says of it:
@@ -415,8 +414,7 @@ class CocoEvaluator:
         paths = []
         for iou_type in self.iou_types:
             path = Path(output_dir) / f"predictions_{iou_type}.json"
-            results = json.dumps(self.results(iou_type)).encode()
-            write_atomic(path, lambda f, data=results: f.write(data), remedy=RUN_OUTPUT_REMEDY)
+            write_json_atomic(path, self.results(iou_type), remedy=RUN_OUTPUT_REMEDY)
             paths.append(path)
         return paths
 

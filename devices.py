@@ -6,6 +6,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from errors import UserError
 from utils import print_once
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -13,10 +14,16 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 def pick_device(name: str) -> torch.device:
     """The device named, or the CPU (said once) when CUDA is asked for and there is none."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):  # the two this project is tested on
+        raise UserError(f"--device {name}: give cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
         print_once("CUDA is not available: running on the CPU")
         return torch.device("cpu")
-    return torch.device(name)
+    return device
 
 
 def amp_dtype(name: str | None, device: torch.device) -> torch.dtype:

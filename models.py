@@ -111,9 +111,10 @@ def resolve_weights(spec: str, flag: str, kind: type[WeightsEnum] | None = None)
                         f"{next(iter(kind))}) or a .pth path")
     path = hub_cache_path(weights.url)
     if not path.is_file():
+        from_scratch = f", or use {flag} none to start from random weights" if flag == "--weights-backbone" else ""
         raise UserError(f"{flag} {spec}: {path} is missing and this run does not download. Download "
-                        f"{weights.url} into {path.parent}/ (or set TORCH_HOME), pass a local .pth path to "
-                        f"{flag}, or use {flag} none to start from random weights")
+                        f"{weights.url} into {path.parent}/ (or set TORCH_HOME) or pass a local .pth path to "
+                        f"{flag}{from_scratch}")
     return path
 
 

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from devices import amp_dtype, grad_scaler, pick_device
+from errors import UserError
 
 
 def test_amp_type_is_float16_on_gpus_and_bfloat16_on_the_cpu_unless_named():
@@ -21,3 +23,9 @@ def test_cuda_falls_back_to_the_cpu_when_there_is_none(capsys):
     else:
         assert pick_device("cuda") == torch.device("cpu")
         assert "CUDA is not available" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["foo", "", "mps", "cuda0"])
+def test_a_device_other_than_cuda_or_cpu_is_one_clear_error(name):
+    with pytest.raises(UserError, match=f"--device {name}: give cuda, cuda:N or cpu"):
+        pick_device(name)

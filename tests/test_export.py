@@ -173,9 +173,11 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "missing.pth")]) == 2
     assert export.main(["--weights", "x.pth", "--output", str(tmp_path / "no" / "m.onnx")]) == 2
     assert export.main(["--weights", "x.pth", "--opset", "11"]) == 2
+    assert export.main(["--weights", "x.pth", "--output", str(tmp_path / "m.onnx"), "--min-size", "0"]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
     assert "no such file" in lines[0] and "does not exist" in lines[1] and "16 or more" in lines[2]
+    assert "--min-size 0 must be at least 1" in lines[3]
 
 
 def test_failed_export_is_one_line(tmp_path, monkeypatch):

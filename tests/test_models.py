@@ -48,8 +48,9 @@ def test_missing_hub_file_names_path_address_and_ways_out(tmp_path, monkeypatch)
 
 def test_missing_coco_weights_same_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(UserError, match="maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth is missing"):
+    with pytest.raises(UserError, match="maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth is missing") as error:
         build_model("maskrcnn_resnet50_fpn", 91, "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", None, None)
+    assert "none" not in str(error.value), "--weights none is no choice: only the backbone can start from scratch"
     assert hub_cache_path("https://x/y/z.pth") == tmp_path / "hub" / "checkpoints" / "z.pth"
 
 

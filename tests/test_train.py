@@ -318,14 +318,24 @@ def test_curves_prediction_pictures_and_best_model(trained, dataset):
 
 
 def test_predict_on_a_folder(trained, dataset, tmp_path):
+    """Batches of 3 of images of mixed sizes, and a file cut short, which is named and left out."""
     out, _ = trained
-    result = run_cli("tools/predict.py", "--checkpoint", str(out / "checkpoint.pth"), str(dataset / "val2017"),
-                     "--output-dir", str(tmp_path), "--device", "cpu", "--score-thresh", "0.0", "--batch-size", "3")
-    assert result.returncode == 0, result.stderr
     images = sorted((dataset / "val2017").glob("*.jpg"))
-    assert sorted(p.name for p in tmp_path.glob("*.jpg")) == [p.name for p in images]
+    (tmp_path / "in").mkdir()
+    for image in images:
+        (tmp_path / "in" / image.name).symlink_to(image)
+    (tmp_path / "in" / "000009999999.jpg").write_bytes(images[0].read_bytes()[:300])
+    result = run_cli("tools/predict.py", "--checkpoint", str(out / "checkpoint.pth"), str(tmp_path / "in"),
+                     "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--score-thresh", "0.0",
+                     "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"warning: {tmp_path / 'in' / '000009999999.jpg'}: image unreadable"), result.stderr
+    assert f"[{len(images) + 1}/{len(images) + 1}]" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.jpg")) == [p.name for p in images]
+    listed = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert [(i["id"], Path(i["file_name"]).name) for i in listed] == [(int(p.stem), p.name) for p in images]
     gt = COCO(str(dataset / "annotations" / "instances_val2017.json"))
-    detections = gt.loadRes(str(tmp_path / "predictions.json"))
+    detections = gt.loadRes(str(tmp_path / "out" / "predictions.json"))
     assert len(detections.anns) > 0
     assert {a["category_id"] for a in detections.anns.values()} <= {c["id"] for c in CATEGORIES}
 
@@ -367,6 +377,10 @@ def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_g
     assert predict.find_images([str(tmp_path / "val2017")], skip=tmp_path / "val2017" / "imgs") == paths[:1]
     (tmp_path / "val2017" / "album.jpg").mkdir()  # a folder named like an image, which a pattern matches
     assert predict.find_images([str(tmp_path / "val2017" / "*.jpg")]) == paths[:1]
+    (tmp_path / "val2017" / "cell.TIF").write_bytes(b"")
+    assert predict.find_images([str(tmp_path / "val2017")])[:2] == [paths[0], tmp_path / "val2017" / "cell.TIF"]
+    with pytest.raises(UserError, match="every image found lies in --output-dir .*imgs, where the pictures go"):
+        predict.find_images([str(tmp_path / "val2017" / "imgs")], skip=tmp_path / "val2017" / "imgs")
 
 
 def test_export_takes_the_first_images_of_a_folder_and_lists_no_more_of_the_tree(tmp_path, monkeypatch):
@@ -394,12 +408,28 @@ def test_export_takes_the_first_images_of_a_folder_and_lists_no_more_of_the_tree
 def test_predict_names_pictures_of_one_stem_apart():
     from tools import predict
 
-    paths = [Path("a.jpg"), Path("a.png"), Path("b.jpg"), Path("other/a.jpg")]
-    assert predict.picture_names(paths) == ["a.jpg", "a_2.jpg", "b.jpg", "a_3.jpg"]
+    paths = [Path("a.jpg"), Path("a.png"), Path("a_2.jpg"), Path("b.jpg"), Path("other/A.jpg")]
+    assert predict.picture_names(paths) == ["a.jpg", "a_2.jpg", "a_2_2.jpg", "b.jpg", "A_3.jpg"]
+
+
+def test_predict_batches_only_images_of_one_size_as_they_come():
+    """The model pads a batch to its largest image, which changes a smaller one's detections."""
+    from tools import predict
+
+    shapes = [(4, 6), (6, 4), (4, 6), (4, 6), (6, 4), (5, 5)]
+    images = [(index, torch.zeros(3, *shape)) for index, shape in enumerate(shapes)]
+    batches = [[index for index, _ in batch] for batch in predict.same_size_batches(images, 2)]
+    assert batches == [[0, 2], [1, 4], [3], [5]]
+    many = [(index, torch.zeros(3, index + 1, 4)) for index in range(12)]  # no two alike
+    batches = list(predict.same_size_batches(many, 2))
+    assert [index for batch in batches for index, _ in batch] == list(range(12)), "none waits for long"
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--min-size", "0"], "--min-size 0 must be at least 1"),
+    (["--score-thresh", "1.5"], "--score-thresh 1.5 must be a score between 0 and 1"),
+    (["--device", "mps"], "--device mps: give cuda, cuda:N or cpu"),
     (["--onnx", "m.onnx", "--min-size", "320"], "fixed when the ONNX model was exported"),
     (["--model", "fasterrcnn_resnet50_fpn"], "holds a maskrcnn_resnet50_fpn; leave --model out"),
     (["--annotations", "/nowhere/instances.json"], "/nowhere/instances.json is not readable JSON"),
@@ -446,3 +476,22 @@ def test_a_part_way_checkpoint_resumes_only_with_the_same_batches():
     train.check_same_batches(args, {"batch_size": 4}, "checkpoint.pth", 0, 5)  # what a checkpoint lacks is not asked
     with pytest.raises(UserError, match="processes 2, where this run has processes 1; .* or start afresh"):
         train.check_same_batches(args, {**vars(args), "world_size": 2}, "checkpoint.pth", 0, 5)
+
+
+def test_predict_takes_torchvisions_keypoint_weights_of_persons_alone(tmp_path, monkeypatch):
+    """torchvision's COCO keypoint weights have two classes (background and person), not COCO's 91."""
+    from models import hub_cache_path
+    from tools import predict
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    name = "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"
+    source = torchvision.models.detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    path = hub_cache_path(torchvision.models.get_weight(name).url)
+    path.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), path)
+    args = argparse.Namespace(checkpoint=None, weights=name, model="keypointrcnn_resnet50_fpn", min_size=None,
+                              max_size=None)
+    model, categories, built = predict.load_model(args)
+    assert built == "keypointrcnn_resnet50_fpn" and categories.num_classes == 2
+    assert categories.category_id(1) == 1 and categories.name(1) == "person"
+    assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, source.roi_heads.box_predictor.cls_score.weight)

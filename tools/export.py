@@ -41,7 +41,7 @@ from coco_utils import SampleError, read_rgb  # noqa: E402
 from errors import UserError, exit_status  # noqa: E402
 from models import MODELS  # noqa: E402
 from tools.make_coco_dataset import DatasetSpec, make_image  # noqa: E402
-from tools.predict import first_images, load_model  # noqa: E402
+from tools.predict import check_sizes, first_images, load_model  # noqa: E402
 
 DATA_IMAGES = 3  # images taken from --data-path
 BLANK_GRAY = 128
@@ -165,6 +165,7 @@ def export_and_check(args: argparse.Namespace) -> int:
     if args.opset < 16:
         raise UserError(f"--opset {args.opset} is too old for torchvision's RoIAlign; give 16 or more")
     check_output(output)
+    check_sizes(args)
     for module in ("onnx", "onnxruntime"):  # before minutes of work, not after
         deploy.require(module)
     model, category_map, name = load_model(args)

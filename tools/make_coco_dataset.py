@@ -13,7 +13,6 @@ are COCO's person keypoints (some occluded, some unlabelled), written as person_
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import write_atomic  # noqa: E402
+from checkpoint import write_json_atomic  # noqa: E402
 from errors import exit_status  # noqa: E402
 
 # Ids are spread out on purpose: COCO's own ids have gaps, and code that assumes 1..K breaks on them.
@@ -290,8 +289,8 @@ def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_im
 def write_json(path: Path, data: dict) -> None:
     """data as JSON at path, atomically (checkpoint.write_atomic): the earlier file or the whole new one, never
     one cut short; a failed write is a UserError naming the file."""
-    write_atomic(path, lambda f: f.write(json.dumps(data).encode()),
-                 remedy="free space or allow writing there, or choose another folder, and run this again")
+    write_json_atomic(path, data, remedy="free space or allow writing there, or choose another folder, and run this "
+                                         "again")
 
 
 def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,16 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deploy  # noqa: E402
 import speedups  # noqa: E402
 from annotations import read_annotation_file  # noqa: E402
-from checkpoint import load_file, prepare_output_dir, write_atomic  # noqa: E402
+from checkpoint import load_file, prepare_output_dir, write_json_atomic  # noqa: E402
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
+from devices import pick_device  # noqa: E402
 from engine import to_device  # noqa: E402
 from errors import UserError, exit_status  # noqa: E402
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted  # noqa: E402
 from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 
 
@@ -57,11 +58,14 @@ def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
             found.add(path)
         else:
             found |= {Path(p) for p in glob.glob(item) if is_image_file(Path(p))}
+    if not found:
+        raise UserError(f"no images found in {' '.join(inputs)}; give image files, folders or glob patterns")
     if skip is not None:
         skipped = skip.resolve()
         found = {p for p in found if skipped not in p.resolve().parents}
-    if not found:
-        raise UserError(f"no images found in {' '.join(inputs)}; give image files, folders or glob patterns")
+        if not found:
+            raise UserError(f"every image found lies in --output-dir {skip}, where the pictures go; give another "
+                            f"--output-dir")
     return sorted(found)
 
 
@@ -127,8 +131,10 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, 
         return model, categories, name
     name = args.model or DEFAULT_MODEL
     # COCO's categories, as torchvision's COCO weights have them: keypoint models know persons only.
-    names = {1: "person"} if "keypoints" in iou_types(name) else coco_category_names()
-    category_map = CategoryMap.from_categories([{"id": i, "name": n} for i, n in names.items()], "coco")
+    keypoints = "keypoints" in iou_types(name)
+    names = {1: "person"} if keypoints else coco_category_names()
+    category_map = CategoryMap.from_categories([{"id": i, "name": n} for i, n in names.items()],
+                                               "coco_kp" if keypoints else "coco")
     try:  # the file's class heads must fit: fresh ones would predict at random
         model = build_model(name, category_map.num_classes, args.weights, None, None, new_class_heads=False,
                             **model_options(name, **sizes))
@@ -165,18 +171,34 @@ def check_args(args: argparse.Namespace) -> None:
     """Flags that would be ignored or fail late, refused before anything loads."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    check_sizes(args)
+    if not 0 <= args.score_thresh <= 1:
+        raise UserError(f"--score-thresh {args.score_thresh} must be a score between 0 and 1")
     if args.onnx and (args.model or args.min_size or args.max_size):
         raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
                         "(tools/export.py); leave them out with --onnx")
 
 
+def check_sizes(args: argparse.Namespace) -> None:
+    """--min-size and --max-size, where given, are sizes (for export.py too)."""
+    for flag in ("min_size", "max_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+
+
 def picture_names(paths: list[Path]) -> list[str]:
-    """A picture's file name per image: its own stem, numbered from the second image of the same stem on."""
-    seen: dict[str, int] = {}
+    """A picture's file name per image: its own stem, numbered from the second image of the same stem on; never
+    a name already given (a.png's a_2.jpg beside an a_2.jpg), in any case (for filesystems that ignore it)."""
+    taken: set[str] = set()
     names = []
     for path in paths:
-        seen[path.stem] = seen.get(path.stem, 0) + 1
-        names.append(f"{path.stem}.jpg" if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}.jpg")
+        name, number = f"{path.stem}.jpg", 1
+        while name.lower() in taken:
+            number += 1
+            name = f"{path.stem}_{number}.jpg"
+        taken.add(name.lower())
+        names.append(name)
     return names
 
 
@@ -188,56 +210,96 @@ def kept_detections(output: dict, category_map: CategoryMap, score_thresh: float
     return {k: v[above & known] for k, v in output.items()}, int((above & ~known).sum())
 
 
+def readable_images(paths: list[Path], records: list, unreadable: list[str]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, image) of every image that can be read; each one that cannot is added to unreadable (why)."""
+    for index, (path, (_, size)) in enumerate(zip(paths, records)):
+        try:
+            yield index, read_rgb(path, size)
+        except SampleError as e:
+            unreadable.append(str(e))
+
+
+def same_size_batches(images: Iterable[tuple[int, torch.Tensor]], batch_size: int
+                      ) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Batches of images of one size, as they come as far as sizes allow: the model pads a batch to its largest
+    image, which would change a smaller one's detections. At most 4 batches' worth wait for company."""
+    waiting: dict[tuple[int, int], list] = {}
+    for index, image in images:
+        shape = tuple(image.shape[-2:])
+        waiting.setdefault(shape, []).append((index, image))
+        if len(waiting[shape]) == batch_size:
+            yield waiting.pop(shape)
+        elif sum(map(len, waiting.values())) > 4 * batch_size:
+            yield waiting.pop(max(waiting, key=lambda s: len(waiting[s])))
+    yield from waiting.values()
+
+
 def predict(args: argparse.Namespace) -> int:
     check_args(args)
-    device = torch.device(args.device if torch.cuda.is_available() or args.device == "cpu" else "cpu")
     out = Path(args.output_dir)
     paths = find_images(args.inputs, skip=out)
     records = image_records(paths, args.annotations)
-    prepare_output_dir(out)
     if args.onnx:  # categories from the file's metadata; onnxruntime runs on the CPU
+        device = torch.device("cpu")
         model = deploy.OnnxModel(args.onnx)
         category_map, name = model.category_map, model.name
     else:
+        device = pick_device(args.device)
         model, category_map, name = load_model(args)
         model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig(enabled=not args.no_speedups))
+    prepare_output_dir(out)
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
         print(NOT_KEPT_WARNING, file=sys.stderr)
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
-    pictures = dict(zip(paths, picture_names(paths)))
+    pictures = picture_names(paths)
 
-    results: list[dict] = []
+    results: dict[int, list[dict]] = {}
+    images: dict[int, dict] = {}  # what each id in predictions.json is: COCO's "images" entries
+    unreadable: list[str] = []
     dropped = 0
     started = time.time()
-    for start in range(0, len(paths), args.batch_size):
-        batch = list(zip(paths[start:start + args.batch_size], records[start:start + args.batch_size]))
-        try:
-            images = [read_rgb(path, size) for path, (_, size) in batch]
-        except SampleError as e:
-            raise UserError(str(e)) from None
-        with torch.inference_mode():
-            outputs = model(to_device(images, [], device)[0])
-        for (path, (image_id, _)), image, output in zip(batch, images, outputs):
-            output, unknown = kept_detections({k: v.cpu() for k, v in output.items()}, category_map,
-                                              args.score_thresh)
-            dropped += unknown
-            results += to_coco_results(image_id, output, category_map, (kind,))[kind]
-            labels = output["labels"].tolist()
-            names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
-            picture = draw_instances(image, output["boxes"], names, output.get("masks"),
-                                     [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
-            save_jpeg(picture, out / pictures[path])
-        done = min(start + args.batch_size, len(paths))
-        rate = done / max(time.time() - started, 1e-9)
-        print(f"\r[{done}/{len(paths)}] {rate:.1f} img/s", end="", flush=True)
-    print()
+    try:
+        for batch in same_size_batches(readable_images(paths, records, unreadable), args.batch_size):
+            with torch.inference_mode():
+                outputs = model(to_device([image for _, image in batch], [], device)[0])
+            for (index, image), output in zip(batch, outputs):
+                output, unknown = kept_detections({k: v.cpu() for k, v in output.items()}, category_map,
+                                                  args.score_thresh)
+                dropped += unknown
+                results[index] = to_coco_results(records[index][0], output, category_map, (kind,))[kind]
+                images[index] = {"id": records[index][0], "file_name": str(paths[index]),
+                                 "height": image.shape[-2], "width": image.shape[-1]}
+                labels = output["labels"].tolist()
+                names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
+                picture = draw_instances(image, output["boxes"], names, output.get("masks"),
+                                         [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
+                save_jpeg(picture, out / pictures[index])
+            show_progress(len(results) + len(unreadable), len(paths), started)
+        show_progress(len(results) + len(unreadable), len(paths), started)  # counting unreadable images at the end
+    finally:
+        print()  # ends the progress line, before an error's too
+    report_left_out(unreadable, len(paths), dropped, category_map)
+    detections = [d for index in sorted(results) for d in results[index]]
+    remedy = "free space in --output-dir or choose another"
+    write_json_atomic(out / "predictions.json", detections, remedy)
+    write_json_atomic(out / "images.json", [images[i] for i in sorted(images)], remedy)
+    print(f"Wrote {len(results)} pictures and {len(detections)} detections to {out}")
+    return 0
+
+
+def show_progress(done: int, total: int, started: float) -> None:
+    print(f"\r[{done}/{total}] {done / max(time.time() - started, 1e-9):.1f} img/s", end="", flush=True)
+
+
+def report_left_out(unreadable: list[str], total: int, dropped: int, category_map: CategoryMap) -> None:
+    """Say which images could not be read (an error when none could) and how many detections had no category."""
+    if len(unreadable) == total:
+        raise UserError(f"none of the {total} images could be read; the first: {unreadable[0]}")
+    for why in unreadable:
+        print(f"warning: {why}: left out", file=sys.stderr)
     if dropped:
         print(f"{dropped} detections had labels that are no category of the model's ({len(category_map.ids)} "
               f"categories) and were left out")
-    write_atomic(out / "predictions.json", lambda f: f.write(json.dumps(results).encode()),
-                 remedy="free space in --output-dir or choose another")
-    print(f"Wrote {len(paths)} pictures and {len(results)} detections to {out}")
-    return 0
 
 
 if __name__ == "__main__":
