@@ -162,6 +162,8 @@ def weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_size: tuple[i
                 padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """The weight gradient of a stride-1, ungrouped convolution: Winograd's for 3x3 kernels without dilation
     (fewer multiplications), tap products for the others."""
+    if grad_output.numel() == 0:  # no images (a mask head without regions): both paths fail on empty tensors
+        return grad_output.new_zeros((grad_output.shape[1], x.shape[1], *kernel_size))
     if tuple(kernel_size) == (3, 3) and tuple(dilation) == (1, 1):
         return winograd_weight_grad(grad_output, x, tuple(padding))
     return tap_product_weight_grad(grad_output, x, kernel_size, padding, dilation)

@@ -119,6 +119,22 @@ def test_a_channels_last_convolution_gets_torchs_gradients(options):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [{"padding": 1}, {"padding": 2, "dilation": 2}, {"stride": 2, "padding": 1},
+                                     {"kernel_size": 1}])
+def test_a_batch_of_no_images_gets_torchs_zero_gradients(options):
+    """The mask head's convolutions see no regions when a batch holds no instance with an outline."""
+    torch.manual_seed(0)
+    options = {"kernel_size": 3, **options}
+    plain = nn.Conv2d(4, 6, **options).to(memory_format=torch.channels_last)
+    fast = use_fast_cpu_gradients(copy.deepcopy(plain))
+    x = torch.rand(0, 4, 14, 14).to(memory_format=torch.channels_last)
+    _, _, expected = gradients(plain, x)
+    output, _, got = gradients(fast, x)
+    assert output.shape[0] == 0
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_convolution_with_a_folded_frozen_norm_keeps_both():
     torch.manual_seed(0)
     block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), FrozenBatchNorm2d(6))
