@@ -92,6 +92,11 @@ class CategoryMap:
     def num_classes(self) -> int:
         return 91 if self.keep_ids else len(self.ids) + 1
 
+    @property
+    def fewest_classes(self) -> int:
+        """The fewest classes a model of these labels can have: the largest label + 1 (0 is background)."""
+        return (max(self.ids, default=0) if self.keep_ids else len(self.ids)) + 1
+
     def label(self, category_id: int) -> int:
         return category_id if self.keep_ids else self.ids.index(category_id) + 1
 

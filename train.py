@@ -218,6 +218,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--workers {args.workers} must be 0 or more")
     if args.epochs < 1 and not args.test_only:
         raise UserError(f"--epochs {args.epochs} must be at least 1")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise UserError(f"--num-classes {args.num_classes} must be at least 2: background and one category")
     for flag in ("batch_size", "rois_per_image", "eval_batch_size", "print_freq", "lr_step_size",
                  "grad_accum_steps", "model_ema_steps", "eval_interval", "patience", "auto_scale_lr", "keep_last"):
         value = getattr(args, flag)
@@ -380,10 +382,12 @@ def read_resume_checkpoint(args: argparse.Namespace) -> tuple[dict | None, str]:
 
 def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None, resume: str) -> int:
     """--num-classes, else the checkpoint's, else what the categories need; checked against both."""
-    num_classes = args.num_classes or (checkpoint["num_classes"] if checkpoint else data.category_map.num_classes)
-    if num_classes < data.category_map.num_classes:
+    categories = data.category_map
+    num_classes = args.num_classes or (checkpoint["num_classes"] if checkpoint else categories.num_classes)
+    if num_classes < categories.fewest_classes:
+        numbering = "COCO's own categories keep their COCO ids" if categories.keep_ids else "labels 1..K"
         raise UserError(f"--num-classes {num_classes} is too small: the categories need "
-                        f"{data.category_map.num_classes} (largest label + 1, background included)")
+                        f"{categories.fewest_classes} (the largest label + 1, background included; {numbering})")
     if checkpoint is not None and checkpoint["num_classes"] != num_classes:
         raise UserError(f"--num-classes {num_classes} differs from the {checkpoint['num_classes']} classes "
                         f"of --resume {resume}; leave --num-classes out to resume")

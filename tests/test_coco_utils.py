@@ -76,7 +76,7 @@ def test_keypoint_targets_follow_their_instances(keypoint_dataset):
 
 def test_category_map_contiguous_for_other_categories():
     cmap = CategoryMap.from_categories([{"id": 25, "name": "b"}, {"id": 3, "name": "a"}], "coco")
-    assert cmap.num_classes == 3
+    assert cmap.num_classes == cmap.fewest_classes == 3
     assert [cmap.label(3), cmap.label(25)] == [1, 2]
     assert [cmap.category_id(1), cmap.category_id(2)] == [3, 25]
     assert cmap.name(2) == "b"
@@ -87,6 +87,8 @@ def test_category_map_keeps_coco_ids():
     cmap = CategoryMap.from_categories(cats, "coco")
     assert len(cats) == 80 and cmap.num_classes == 91
     assert cmap.label(90) == 90 and cmap.category_id(1) == 1 and cmap.name(1) == "person"
+    persons = CategoryMap.from_categories([{"id": 1, "name": "person"}], "coco")
+    assert (persons.num_classes, persons.fewest_classes) == (91, 2), "--num-classes 2 is enough for label 1"
 
 
 def _broken_copy(dataset, tmp_path, edit):

@@ -166,7 +166,9 @@ BAD_INPUTS = [
     (["--keep-last", "0"], "--keep-last 0 must be at least 1"),
     (["--workers", "-1"], "--workers -1 must be 0 or more"),
     (["--lr-steps", "8", "4"], "must be increasing"),
-    (["--num-classes", "3"], "--num-classes 3 is too small"),
+    (["--num-classes", "3"], "--num-classes 3 is too small: the categories need 5 (the largest label + 1, "
+                             "background included; labels 1..K)"),
+    (["--num-classes", "0"], "--num-classes 0 must be at least 2: background and one category"),
     (["--resume", "/nowhere/checkpoint.pth"], "no such file"),
     (["--resume", "{bad}/truncated.pth"], "not a readable checkpoint"),
     (["--resume", "{bad}/text.pth"], "not a readable checkpoint"),
