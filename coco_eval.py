@@ -247,12 +247,13 @@ def resolve_backend(name: str) -> str:
 
 
 def backend_for(coco_gt: COCO, name: str) -> str:
-    """resolve_backend's choice, or pycocotools for a file whose image ids are not all integers (faster-coco-eval
-    reads every id as an integer)."""
+    """resolve_backend's choice, or pycocotools for a file whose image or category ids are not all integers that
+    a double holds exactly (faster-coco-eval reads every id as an integer, and matches them as doubles)."""
     backend = resolve_backend(name)
-    if backend == "faster" and not all(type(i) is int for i in coco_gt.getImgIds()):
-        utils.print_once("The image ids are not all integers, which faster-coco-eval requires: scoring with "
-                         "pycocotools")
+    ids = (*coco_gt.getImgIds(), *coco_gt.getCatIds())
+    if backend == "faster" and not all(type(i) is int and abs(i) <= 2**53 for i in ids):
+        utils.print_once("The image or category ids are not all integers within 2**53, which faster-coco-eval "
+                         "requires: scoring with pycocotools")
         return "pycocotools"
     return backend
 

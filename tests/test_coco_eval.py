@@ -294,22 +294,29 @@ def test_a_file_pycocotools_reads_scores_as_there_when_short_polygons_are_repair
     assert _scored(broken, "coco", outputs, ("segm",), backend)["segm"] == evaluator.summarize()["segm"]
 
 
-def _string_ids(data):
-    for image in data["images"]:
-        image["id"] = f"img-{image['id']}"
-    for ann in data["annotations"]:
-        ann["image_id"] = f"img-{ann['image_id']}"
+# Image ids faster-coco-eval cannot take: strings, and integers that a double (which it reads them as) rounds.
+ID_FORMS = {"strings": lambda i: f"img-{i}", "beyond 2**53": lambda i: 2**60 + i}
 
 
+def _renumbered(form):
+    def edit(data):
+        for item, key in [*((image, "id") for image in data["images"]),
+                          *((ann, "image_id") for ann in data["annotations"])]:
+            item[key] = ID_FORMS[form](item[key])
+    return edit
+
+
+@pytest.mark.parametrize("form", ID_FORMS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_string_image_ids_score_as_integer_ones_whatever_the_backend(dataset, tmp_path, backend, capsys):
-    """faster-coco-eval reads image ids as integers: a file of string ids is scored with pycocotools instead."""
-    named = _edited_val(dataset, tmp_path / "named", "instances_val2017.json", _string_ids)
+def test_image_ids_faster_coco_eval_cannot_take_score_as_small_integers_do_whatever_the_backend(
+        dataset, tmp_path, backend, form, capsys):
+    """A file of such ids is scored with pycocotools instead of faster-coco-eval."""
+    renumbered = _edited_val(dataset, tmp_path / "renumbered", "instances_val2017.json", _renumbered(form))
     sound = build_dataset(dataset, "coco", "val", None)
     outputs = _noisy_outputs(sound, seed=5)
     expected = _scored(dataset, "coco", outputs, ("bbox", "segm"), "pycocotools")
-    scored = _scored(named, "coco", {f"img-{i}": output for i, output in outputs.items()}, ("bbox", "segm"), backend)
-    assert scored == expected
+    outputs = {ID_FORMS[form](i): output for i, output in outputs.items()}
+    assert _scored(renumbered, "coco", outputs, ("bbox", "segm"), backend) == expected
     assert ("scoring with pycocotools" in capsys.readouterr().out) == (backend == "faster")
 
 
