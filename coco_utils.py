@@ -379,13 +379,22 @@ def _scoring_index(coco: CocoIndex, with_masks: bool) -> COCO:
     return scored
 
 
-def _counts_for_training(ann: dict) -> bool:
+NO_OUTLINES = "no instance has an outline to learn a mask from (a 'segmentation'; crowd regions are not learned)"
+
+
+def counts_for_training(ann: dict) -> bool:
     """The recipe's filter: an image trains if any of its annotations, crowd regions included, has a box with
     extent (crowd regions then leave the targets, so such an image trains as background)."""
     if not finite_box(ann.get("bbox")):
         return False
     x, y, w, h = ann["bbox"]
     return not (w <= 1 or h <= 1)
+
+
+def has_outline(ann: dict) -> bool:
+    """Whether a mask can be learned from the annotation: a training instance (no crowd region) with a
+    segmentation."""
+    return not ann.get("iscrowd") and bool(ann.get("segmentation")) and counts_for_training(ann)
 
 
 def _labelled_keypoints(anns: list[dict]) -> int:
@@ -423,7 +432,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.with_keypoints = keypoints
         ids = sorted(coco.imgs)
         if train:
-            ids = [i for i in ids if any(_counts_for_training(a) for a in coco.imgToAnns[i])]
+            ids = [i for i in ids if any(counts_for_training(a) for a in coco.imgToAnns[i])]
         if train and keypoints:
             ids = [i for i in ids if _labelled_keypoints(coco.imgToAnns[i]) >= MIN_KEYPOINTS_PER_IMAGE]
         self.ids = ids
@@ -602,14 +611,17 @@ def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
                         f"person_keypoints file or tools/make_coco_dataset.py --keypoints")
 
 
+def lacking_categories(data: dict, known: set[int]) -> str | None:
+    """The categories of a file's instances that are not known, as 'name (id N, K instances), ...'; categories
+    listed without instances do not count (scoring leaves them out)."""
+    unknown = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"] if c["id"] not in known}
+    counts = Counter(a.get("category_id") for a in data["annotations"] if a.get("category_id") in unknown)
+    return ", ".join(f"{unknown[i]} (id {i}, {n} instances)" for i, n in sorted(counts.items())) or None
+
+
 def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path) -> None:
-    """One clear error where a file's instances are of categories the model does not know; categories listed
-    without instances are let through (scoring leaves them out)."""
-    known = set(category_map.ids)
-    unknown = {c["id"]: c["name"] for c in coco.dataset["categories"] if c["id"] not in known}
-    counts = Counter(a["category_id"] for a in coco.dataset["annotations"] if a["category_id"] in unknown)
-    if counts:
-        named = ", ".join(f"{unknown[i]} (id {i}, {n} instances)" for i, n in sorted(counts.items()))
+    """One clear error where a file's instances are of categories the model does not know."""
+    if named := lacking_categories(coco.dataset, set(category_map.ids)):
         raise UserError(f"{ann_file} has instances of categories that the model's categories (the training file's, "
                         f"or the checkpoint's) lack: {named}; list the same categories in both files")
 
@@ -634,4 +646,7 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
     if len(ds) == 0:
         what = "annotated image" if split == "train" else "image"
         raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")
+    if ds.with_masks and not any(has_outline(a) for a in coco.dataset["annotations"]):
+        raise UserError(f"{ann_file}: {NO_OUTLINES}, and the model learns masks; train a box model such as --model "
+                        f"fasterrcnn_resnet50_fpn, or add the outlines")
     return ds

@@ -12,7 +12,17 @@ from pathlib import Path
 from PIL import Image
 
 from annotations import STRUCTURE, Finding, annotation_findings, image_path_problem, read_annotation_file
-from coco_utils import IMAGE_READ_ERRORS, rgb_pixels, split_paths, turned_size, upright
+from coco_utils import (
+    IMAGE_READ_ERRORS,
+    NO_OUTLINES,
+    counts_for_training,
+    has_outline,
+    lacking_categories,
+    rgb_pixels,
+    split_paths,
+    turned_size,
+    upright,
+)
 from errors import UserError
 
 
@@ -25,6 +35,7 @@ class SplitReport:
     annotations: int = 0
     findings: list[Finding] = field(default_factory=list)
     class_counts: dict[str, int] = field(default_factory=dict)
+    category_ids: set[int] = field(default_factory=set)
 
     @property
     def errors(self) -> list[Finding]:
@@ -51,9 +62,11 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | N
 
 
 def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_bad_share: float = 0.01,
-                workers: int = 8, paths: tuple[str | None, str | None] = (None, None)) -> SplitReport:
+                workers: int = 8, paths: tuple[str | None, str | None] = (None, None),
+                trained_categories: set[int] | None = None) -> SplitReport:
     """Check one split's annotation file and images (decoded fully unless decode is False); paths: its image
-    folder and annotation file where given apart from root's layout."""
+    folder and annotation file where given apart from root's layout; trained_categories: the training file's
+    category ids, which a val file's instances must be of."""
     report = SplitReport(split)
     try:
         image_dir, ann_file = split_paths(root, dataset, split, *paths)
@@ -72,9 +85,26 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
     report.class_counts = {names[i]: counts.get(i, 0) for i in sorted(names)}
+    report.category_ids = set(names)
+    report.findings += training_findings(data) if split == "train" else []
+    if trained_categories is not None and (named := lacking_categories(data, trained_categories)):
+        report.findings.append(Finding("error", "categories", f"instances of categories the training file lacks: "
+                                                              f"{named}; list the same categories in both files"))
 
     report.findings = image_findings(image_dir, data["images"], decode, max_bad_share, workers) + report.findings
     return report
+
+
+def training_findings(data: dict) -> list[Finding]:
+    """What keeps a training file from training, as train.py decides it: no image with a usable box (an error),
+    no outline to learn masks from (an error for Mask R-CNN only, so a warning here)."""
+    if not any(counts_for_training(a) for a in data["annotations"]):
+        return [Finding("error", "nothing to train on", "no annotation has a box with extent (4 finite numbers, "
+                                                        "width and height over 1 px), so no image trains")]
+    if not any(has_outline(a) for a in data["annotations"]):
+        return [Finding("warning", "no outlines", f"{NO_OUTLINES}: models that learn masks (maskrcnn_*) stop on "
+                                                  f"this file, box models train on it")]
+    return []
 
 
 def missing_files(image_dir: Path, names: Iterable[str]) -> set[str]:

@@ -100,6 +100,21 @@ def _broken_copy(dataset, tmp_path, edit):
     return root
 
 
+def test_a_model_that_learns_masks_refuses_a_training_file_without_outlines(dataset, tmp_path):
+    """Every instance would be dropped for want of a mask: the run would learn nothing and report success."""
+    def boxes_only(path):
+        data = json.loads(path.read_text())
+        for ann in data["annotations"]:
+            if not ann["iscrowd"]:
+                ann["segmentation"] = []
+        path.write_text(json.dumps(data))
+
+    root = _broken_copy(dataset, tmp_path, boxes_only)
+    with pytest.raises(UserError, match="no instance has an outline to learn a mask from .* train a box model"):
+        build_dataset(root, "coco", "train", None)
+    assert len(build_dataset(root, "coco", "train", None, masks=False)) > 0
+
+
 def _rewritten(change):
     """An edit of an annotation file by a change to its JSON content."""
     def edit(path):

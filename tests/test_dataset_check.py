@@ -111,6 +111,10 @@ FAULTS = {
                             "is [1, 2], not a JSON object"),
     "category without a name": (lambda root, d: d["categories"][0].pop("name"), "ERROR file structure",
                                 "has no 'name'"),
+    "no box with extent": (lambda root, d: [a.update(bbox=[1, 1, 1, 5]) for a in d["annotations"]],
+                           "ERROR nothing to train on", "no annotation has a box with extent"),
+    "no outlines": (lambda root, d: [a.update(segmentation=[]) for a in d["annotations"] if not a["iscrowd"]],
+                    "WARNING no outlines", "models that learn masks (maskrcnn_*) stop on this file"),
 }
 
 
@@ -124,6 +128,21 @@ def test_each_planted_fault_is_found(clean, tmp_path, capsys, kind):
     assert status == (1 if errors else 0), report
     if not errors:
         assert check(capsys, root, "--splits", "train", "--strict")[0] == 1
+
+
+def test_val_instances_of_categories_the_training_file_lacks_are_an_error(clean, tmp_path, capsys):
+    """As train.py stops on them: here the val file numbers the same names otherwise."""
+    root = tmp_path / "renumbered"
+    shutil.copytree(clean, root)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    for item, key in [*((c, "id") for c in data["categories"]), *((a, "category_id") for a in data["annotations"])]:
+        item[key] += 100
+    path.write_text(json.dumps(data))
+    status, report = check(capsys, root, "--splits", "val", "train")
+    assert status == 1 and "ERROR categories" in report, report
+    assert "instances of categories the training file lacks: square (id 103, " in report
+    assert check(capsys, root, "--splits", "val")[0] == 0, "nothing to compare with"
 
 
 def test_a_few_bad_images_are_a_warning_under_the_limit(clean, tmp_path, capsys):

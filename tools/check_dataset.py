@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coco_utils import DATASET_LAYOUTS, add_split_paths  # noqa: E402
-from dataset_check import check_split, format_report  # noqa: E402
+from dataset_check import SplitReport, check_split, format_report  # noqa: E402
 from errors import exit_status  # noqa: E402
 
 
@@ -44,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(args: argparse.Namespace) -> int:
     """Check the splits and print the report; 1 when it failed."""
-    reports = [check_split(Path(args.data_path), args.dataset, split, decode=not args.no_decode,
-                           max_bad_share=args.max_bad_samples, workers=args.workers,
-                           paths=(getattr(args, f"{split}_images"), getattr(args, f"{split}_annotations")))
-               for split in args.splits]
+    reports: list[SplitReport] = []
+    trained = None  # the training file's categories, once read: the val file's instances must be of them
+    for split in sorted(set(args.splits), key=["train", "val"].index):
+        reports.append(check_split(Path(args.data_path), args.dataset, split, decode=not args.no_decode,
+                                   max_bad_share=args.max_bad_samples, workers=args.workers,
+                                   paths=(getattr(args, f"{split}_images"), getattr(args, f"{split}_annotations")),
+                                   trained_categories=trained))
+        trained = reports[-1].category_ids or None
     print(format_report(reports))
     errors = sum(len(r.errors) for r in reports)
     warnings = sum(len(r.warnings) for r in reports)
