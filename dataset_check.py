@@ -49,7 +49,7 @@ class SplitReport:
 def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | None:
     """Why an image cannot be used, or None: missing, unreadable, or of another size than the JSON says."""
     if not path.is_file():
-        return "missing"
+        return missing(path.name)
     try:
         with Image.open(path) as img:
             if img.size != (width, height) and turned_size(img) != (width, height):
@@ -93,6 +93,11 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
 
     report.findings = image_findings(image_dir, data["images"], decode, max_bad_share, workers) + report.findings
     return report
+
+
+def missing(file_name: str) -> str:
+    """Why a file is no image: missing, with a hint for names written on Windows ('imgs\\a.jpg')."""
+    return "missing (file_name separates folders with '\\'; write '/')" if "\\" in file_name else "missing"
 
 
 def training_findings(data: dict) -> list[Finding]:
@@ -142,8 +147,8 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
         with ThreadPoolExecutor(max_workers=workers) as pool:
             bad = [(img, why) for img, why in pool.map(problem, usable) if why]
     else:
-        missing = missing_files(image_dir, {img["file_name"] for img in usable})
-        bad = [(img, "missing") for img in usable if img["file_name"] in missing] if missing else []
+        gone = missing_files(image_dir, {img["file_name"] for img in usable})
+        bad = [(img, missing(img["file_name"])) for img in usable if img["file_name"] in gone] if gone else []
     if not bad:
         return []
     level = "error" if len(bad) > max_bad_share * max(len(images), 1) else "warning"

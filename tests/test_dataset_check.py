@@ -111,6 +111,9 @@ FAULTS = {
                             "is [1, 2], not a JSON object"),
     "category without a name": (lambda root, d: d["categories"][0].pop("name"), "ERROR file structure",
                                 "has no 'name'"),
+    "folders written with backslashes": (lambda root, d: d["images"][0].update(
+        file_name="sub\\" + d["images"][0]["file_name"]), "ERROR unusable image",
+        "missing (file_name separates folders with '\\'; write '/')"),
     "no box with extent": (lambda root, d: [a.update(bbox=[1, 1, 1, 5]) for a in d["annotations"]],
                            "ERROR nothing to train on", "no annotation has a box with extent"),
     "no outlines": (lambda root, d: [a.update(segmentation=[]) for a in d["annotations"] if not a["iscrowd"]],
