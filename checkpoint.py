@@ -48,10 +48,10 @@ if TYPE_CHECKING:
     from ema import ModelEma
 
 
-def _os_error(error: BaseException | None) -> OSError | None:
-    """The first operating-system error along an exception's chain (torch's zip writer raises a RuntimeError
-    on exit after the OSError of a failed write)."""
-    while error is not None and not isinstance(error, OSError):
+def _first_along_chain(error: BaseException | None, kinds: tuple[type, ...]) -> BaseException | None:
+    """The first exception of the given kinds along an exception's chain (torch's zip writer raises a
+    RuntimeError on exit after the OSError, or the KeyboardInterrupt, that stopped a write)."""
+    while error is not None and not isinstance(error, kinds):
         error = error.__context__ or error.__cause__
     return error
 
@@ -72,14 +72,17 @@ RUN_OUTPUT_REMEDY = f"the checkpoints are intact; {OUTPUT_REMEDY}"
 @contextmanager
 def writing(path: Path, remedy: str = CHECKPOINT_REMEDY) -> Iterator[None]:
     """A failed write to path (full disk, no permission, ...) becomes a UserError naming the file, the cause and
-    what to do; an error that is not the filesystem's is left to show whole."""
+    what to do; a Ctrl-C is a KeyboardInterrupt again; an error that is not the filesystem's is left to show
+    whole."""
     try:
         yield
     except (OSError, RuntimeError) as e:
-        os_error = _os_error(e)
-        if os_error is None:
+        cause = _first_along_chain(e, (OSError, KeyboardInterrupt))
+        if cause is None:
             raise
-        raise UserError(f"could not write {path}: {_cause(os_error)}; {remedy}") from None
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise UserError(f"could not write {path}: {_cause(cause)}; {remedy}") from None
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], remedy: str = CHECKPOINT_REMEDY,

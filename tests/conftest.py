@@ -117,15 +117,16 @@ def tiles_everywhere(monkeypatch):
 
 
 class _DiskFillsUp:
-    """A file object whose writes fail with 'No space left on device' after a few kilobytes, as a full
-    filesystem does under torch.save's zip writer."""
+    """A file object whose writes fail with 'No space left on device' (or another error) after a few
+    kilobytes, as a full filesystem does under torch.save's zip writer."""
 
-    def __init__(self, raw, limit: int) -> None:
+    def __init__(self, raw, limit: int, error: BaseException | None = None) -> None:
         self.raw, self.left = raw, limit
+        self.error = error or OSError(errno.ENOSPC, "No space left on device")
 
     def write(self, data) -> int:
         if len(data) > self.left:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise self.error
         self.left -= len(data)
         return self.raw.write(data)
 
@@ -142,13 +143,14 @@ class _DiskFillsUp:
 @pytest.fixture
 def full_disk(monkeypatch):
     """full_disk(n): from then on, every file checkpoint.write_atomic writes (checkpoints, metrics, predictions,
-    pictures, curves) fails after n bytes, as on a full disk."""
+    pictures, curves) fails after n bytes, as on a full disk (or with the error given)."""
     import checkpoint
 
     real_fdopen = os.fdopen
 
-    def fill_after(limit: int) -> None:
-        monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), limit))
+    def fill_after(limit: int, error: BaseException | None = None) -> None:
+        monkeypatch.setattr(checkpoint.os, "fdopen",
+                            lambda fd, mode: _DiskFillsUp(real_fdopen(fd, mode), limit, error))
 
     return fill_after
 

@@ -226,6 +226,16 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_stays(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"], "no temporary file, no half-written file"
 
 
+def test_a_ctrl_c_during_a_save_stays_a_ctrl_c_and_the_previous_checkpoint_stays(tmp_path, full_disk):
+    """A second Ctrl-C lands inside torch.save, whose zip writer turns it into a RuntimeError."""
+    save_checkpoint({"epoch": 1, "w": torch.zeros(10)}, tmp_path)
+    full_disk(4096, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(100_000)}, tmp_path)
+    assert load_file(tmp_path / "checkpoint.pth", "--resume")["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
+
+
 def test_a_write_without_permission_names_the_cause(tmp_path, monkeypatch):
     import checkpoint
 
