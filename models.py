@@ -123,14 +123,21 @@ def evaluated_state(checkpoint: dict) -> dict:
     return checkpoint["model_ema"]["model"] if "model_ema" in checkpoint else checkpoint["model"]
 
 
-def _state_dict_of(path: Path, flag: str) -> dict:
+def _weights_file(path: Path, flag: str) -> tuple[dict, dict | None]:
     """A file's state dict: a plain one, or the weights of one of our checkpoints (their moving average when it
-    keeps one)."""
+    keeps one); and the arguments of the run that wrote it where it is one of our checkpoints (None for
+    torchvision's and other plain weights)."""
     content = load_file(path, flag)
     state = (evaluated_state(content) if "model" in content else content) if isinstance(content, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag} {path} holds no state dict of tensors; give a weights file or a checkpoint")
-    return state
+    run_args = content.get("args") if "model" in content else None
+    return state, run_args if isinstance(run_args, dict) else None
+
+
+def trained_pretrained(run_args: dict) -> bool:
+    """Whether a checkpoint's run built its model with the pretrained layout (it started from weights)."""
+    return bool(run_args.get("weights") or run_args.get("weights_backbone"))
 
 
 @contextmanager
@@ -170,7 +177,7 @@ def _backbone_weights(name: str, weights: str | None, weights_backbone: str | No
         source = resolve_weights(weights_backbone, "--weights-backbone", backbone_weights_class(name))
         if not _is_path(weights_backbone):
             backbone_enum = torchvision.models.get_weight(weights_backbone)
-        return backbone_enum, lambda _: _state_dict_of(source, "--weights-backbone")
+        return backbone_enum, lambda _: _weights_file(source, "--weights-backbone")[0]
     if weights is None and not pretrained_layout:
         return None, _fresh_state
     return backbone_enum, _fresh_state
@@ -230,14 +237,19 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     """
     if name not in MODELS:
         raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
-    backbone_enum, reader = _backbone_weights(name, weights, weights_backbone, pretrained_layout)
+    state, run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights") if weights else (None, None)
+    if run_args is not None:  # one of our checkpoints: laid out as its run was, from scratch or pretrained
+        backbone_enum, reader = _backbone_weights(name, None, None, trained_pretrained(run_args))
+        if trainable_backbone_layers is None:
+            trainable_backbone_layers = run_args.get("trainable_backbone_layers")
+    else:
+        backbone_enum, reader = _backbone_weights(name, weights, weights_backbone, pretrained_layout)
     kwargs = dict(model_kwargs, num_classes=num_classes)
     if trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = trainable_backbone_layers
     model = _run_builder(name, backbone_enum, reader, weights_backbone if weights is None else None, **kwargs)
     fresh_heads = True
     if weights is not None:
-        state = _state_dict_of(resolve_weights(weights, "--weights"), "--weights")
         fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=new_class_heads)
         fresh_heads = bool(fresh)
         if fresh:
@@ -253,7 +265,6 @@ def build_from_checkpoint(checkpoint: dict, source: str, **model_kwargs) -> nn.M
     saved = checkpoint["args"]
     model = build_model(saved.get("model", "maskrcnn_resnet50_fpn"), checkpoint["num_classes"], None, None,
                         saved.get("trainable_backbone_layers"),
-                        pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")),
-                        **model_kwargs)
+                        pretrained_layout=trained_pretrained(saved), **model_kwargs)
     load_model_weights(model, evaluated_state(checkpoint), source)
     return model

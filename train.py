@@ -58,7 +58,7 @@ from engine import (
 from errors import UserError, exit_status
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers
-from models import MODELS, build_model, default_backbone_weights, iou_types, model_options
+from models import MODELS, build_model, default_backbone_weights, iou_types, model_options, trained_pretrained
 from optimization import make_lr_scheduler, make_optimizer, scale_learning_rate
 from preemption import StopRequest
 from visualize import plot_curves, save_jpeg, side_by_side
@@ -432,7 +432,7 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
                             f"which brings its own categories") from None
     saved = checkpoint["args"]
     return build_model(args.model, num_classes, None, None, saved.get("trainable_backbone_layers"),
-                       pretrained_layout=bool(saved.get("weights") or saved.get("weights_backbone")), **options)
+                       pretrained_layout=trained_pretrained(saved), **options)
 
 
 def wrap_for_devices(run: Run, model: torch.nn.Module) -> torch.nn.Module:

@@ -251,3 +251,22 @@ def test_fresh_mask_logits_start_at_one_scale_whatever_the_class_count():
         torch.manual_seed(0)
         models.append(build_model("maskrcnn_resnet50_fpn", 91, None, None, None, mask_init=mask_init, **SMALL))
     assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+
+
+@pytest.mark.parametrize("run_weights_backbone, norm, conv1_trains", [
+    (None, torch.nn.BatchNorm2d, True),  # a run from scratch: batch norm that trains, every stage training
+    ("ResNet50_Weights.IMAGENET1K_V1", torchvision.ops.FrozenBatchNorm2d, False),  # the pretrained layout
+])
+def test_weights_from_one_of_our_checkpoints_build_the_layout_of_its_run(tmp_path, run_weights_backbone, norm,
+                                                                          conv1_trains):
+    """Frozen batch norm under weights trained with batch statistics (or the reverse) would change the model."""
+    torch.manual_seed(0)
+    source = build_model("fasterrcnn_resnet50_fpn", 3, None, None, None,
+                         pretrained_layout=run_weights_backbone is not None)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": source.state_dict(), "args": {"weights": None, "weights_backbone": run_weights_backbone}},
+               path)
+    model = build_model("fasterrcnn_resnet50_fpn", 3, str(path), None, None)
+    assert type(model.backbone.body.bn1) is norm
+    assert model.backbone.body.conv1.weight.requires_grad is conv1_trains
+    assert torch.equal(model.backbone.body.layer4[0].conv1.weight, source.backbone.body.layer4[0].conv1.weight)
