@@ -218,6 +218,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--workers {args.workers} must be 0 or more")
     if args.epochs < 1 and not args.test_only:
         raise UserError(f"--epochs {args.epochs} must be at least 1")
+    if not 0 <= args.start_epoch < args.epochs and not args.test_only:
+        raise UserError(f"--start-epoch {args.start_epoch} must be 0 or more and before --epochs {args.epochs}")
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes} must be at least 2: background and one category")
     for flag in ("batch_size", "rois_per_image", "eval_batch_size", "print_freq", "lr_step_size",
@@ -511,6 +513,24 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
                          f"dataset's files, whose ids are its labels ({state.num_classes} classes)")
 
 
+def epochs_trained(checkpoint: dict) -> int:
+    """The complete epochs a checkpoint's run has trained."""
+    return checkpoint["epoch"] + 1 if checkpoint.get("step") is None else checkpoint["epoch"]
+
+
+def nothing_left_to_train(run: Run, checkpoint: dict) -> bool:
+    """Whether the checkpoint's run has trained --epochs epochs already, and evaluated the last where it was due."""
+    return (epochs_trained(checkpoint) >= run.args.epochs
+            and not saved_but_not_evaluated(run, checkpoint["epoch"], checkpoint.get("step")))
+
+
+def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
+    utils.print_once(f"--resume {resume}: its run has trained {epochs_trained(checkpoint)} epochs, and --epochs is "
+                     f"{epochs}: nothing is left to train; raise --epochs to train more, or evaluate it with "
+                     f"--test-only")
+    return {}
+
+
 def already_stopped(resume: str, checkpoint: dict) -> dict:
     utils.print_once(f"--resume {resume}: this run stopped early at epoch {checkpoint['epoch']} (--patience), so "
                      f"there is nothing to continue; model_best.pth beside it holds its best weights")
@@ -658,7 +678,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
                            after_step=average_weights(state, args.model_ema_steps))
     best, metrics = BestModel(run), {}
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
-    if saved_but_not_evaluated(run, state):
+    if saved_but_not_evaluated(run, state.epoch, state.step):
         utils.print_once(f"Evaluating epoch {state.epoch} first: the run stopped after saving it, before its "
                          f"evaluation ended")
         metrics = evaluate_or_stop(run, data, state, state.epoch, best, stop)
@@ -709,14 +729,14 @@ def evaluation_due(args: argparse.Namespace, epoch: int) -> bool:
     return (epoch + 1) % args.eval_interval == 0 or epoch + 1 >= args.epochs
 
 
-def saved_but_not_evaluated(run: Run, state: TrainingState) -> bool:
+def saved_but_not_evaluated(run: Run, epoch: int, step: int | None) -> bool:
     """Whether the resumed checkpoint ended an epoch due for evaluation that this folder's metrics show trained
     but not evaluated (a stop between the two; a checkpoint brought from elsewhere has no such record), decided
     on rank 0 for all."""
-    if state.epoch < 0 or state.step is not None or not evaluation_due(run.args, state.epoch):
+    if epoch < 0 or step is not None or not evaluation_due(run.args, epoch):
         return False
     epochs = {kind: {r["epoch"] for r in run.writers.records(kind)} for kind in ("train", "eval")}
-    return utils.any_rank(run.is_main and state.epoch in epochs["train"] and state.epoch not in epochs["eval"])
+    return utils.any_rank(run.is_main and epoch in epochs["train"] and epoch not in epochs["eval"])
 
 
 def average_weights(state: TrainingState, every: int):
@@ -737,8 +757,11 @@ def main(args: argparse.Namespace) -> dict:
     or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
-    if checkpoint is not None and checkpoint.get("stopped_early") and not args.test_only:
-        return already_stopped(resume, checkpoint)
+    if checkpoint is not None and not args.test_only:  # before anything of the folder's run is cut back
+        if checkpoint.get("stopped_early"):
+            return already_stopped(resume, checkpoint)
+        if nothing_left_to_train(run, checkpoint):
+            return already_finished(resume, checkpoint, args.epochs)
     data = load_data(args, checkpoint)
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint, resume)

@@ -138,7 +138,20 @@ def test_only_an_epoch_trained_here_and_left_unevaluated_is_evaluated_first(trai
                                                                              interval, expected):
     args = argparse.Namespace(eval_interval=interval, epochs=10)
     run = argparse.Namespace(is_main=True, writers=Logged(train_epochs, eval_epochs), args=args)
-    assert train.saved_but_not_evaluated(run, argparse.Namespace(epoch=2, step=step)) is expected
+    assert train.saved_but_not_evaluated(run, 2, step) is expected
+
+
+@pytest.mark.parametrize("epoch, step, evaluated, epochs, expected", [
+    (2, None, [0, 1, 2], 3, True),
+    (2, None, [0, 1], 3, False),  # epoch 2 is evaluated first
+    (2, None, [0, 1, 2], 4, False),
+    (2, 5, [0, 1], 3, False),  # part of epoch 2 is left
+    (2, 5, [0, 1], 2, True),  # --epochs lowered below the stop
+])
+def test_a_run_resumed_at_its_end_has_nothing_left_to_train(epoch, step, evaluated, epochs, expected):
+    args = argparse.Namespace(eval_interval=1, epochs=epochs)
+    run = argparse.Namespace(is_main=True, writers=Logged([0, 1, 2], evaluated), args=args)
+    assert train.nothing_left_to_train(run, {"epoch": epoch, "step": step}) is expected
 
 
 @pytest.mark.parametrize("interval, epochs, evaluated", [(1, 4, [0, 1, 2, 3]), (2, 5, [1, 3, 4]), (3, 6, [2, 5]),
@@ -169,6 +182,7 @@ BAD_INPUTS = [
     (["--num-classes", "3"], "--num-classes 3 is too small: the categories need 5 (the largest label + 1, "
                              "background included; labels 1..K)"),
     (["--num-classes", "0"], "--num-classes 0 must be at least 2: background and one category"),
+    (["--start-epoch", "99"], "--start-epoch 99 must be 0 or more and before --epochs"),
     (["--resume", "/nowhere/checkpoint.pth"], "no such file"),
     (["--resume", "{bad}/truncated.pth"], "not a readable checkpoint"),
     (["--resume", "{bad}/text.pth"], "not a readable checkpoint"),

@@ -88,3 +88,9 @@ def test_keep_last_prunes_old_epoch_files_and_eval_interval_skips_evaluations(ti
     steps = [(r["epoch"], r["global_step"]) for r in read_metrics(tmp_path) if r["type"] == "train"]
     assert [g for e, g in steps if e == 2][-1] == 12 and [g for e, g in steps if e == 3] == [13, 14]
     assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [1, 2, 3], "without --eval-interval"
+    records = read_metrics(tmp_path)
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "2", "--no-tensorboard", "--resume", str(tmp_path / "model_3.pth"))
+    assert result.returncode == 0, result.stderr
+    assert "its run has trained 4 epochs, and --epochs is 2: nothing is left to train" in result.stdout
+    assert read_metrics(tmp_path) == records, "nothing of the run cut back"
