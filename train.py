@@ -492,9 +492,11 @@ def check_same_batches(args: argparse.Namespace, saved: dict, resume: str, epoch
                         f"the saved values, or {earlier}")
 
 
-def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data) -> None:
+def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data, continues_folder: bool
+            ) -> None:
     """Continue from the checkpoint: weights, and for training the optimizer, schedule, scaler, generators and
-    position; what was logged past it is dropped."""
+    position; what the folder's run logged past it is dropped (continues_folder: the folder's outputs are this
+    checkpoint's run's)."""
     state.load_state_dict(checkpoint, f"--resume {resume}", weights_only=run.args.test_only)
     if not run.args.test_only:
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
@@ -504,7 +506,8 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
         counted_here = clock.global_step(epoch, clock.steps(epoch) if step is None else step)
         if checkpoint.get("global_step") is not None:  # the x axis goes on from where the saved run had it
             clock.step_offset = checkpoint["global_step"] - counted_here
-        run.writers.resume_after(epoch, step, counted_here + clock.step_offset)
+        if continues_folder:
+            run.writers.resume_after(epoch, step, counted_here + clock.step_offset)
     where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
     averaged = " with the weights' moving average" if state.ema is not None and "model_ema" in checkpoint else ""
     utils.print_once(f"Resumed from {resume} ({where}){averaged}")
@@ -518,10 +521,20 @@ def epochs_trained(checkpoint: dict) -> int:
     return checkpoint["epoch"] + 1 if checkpoint.get("step") is None else checkpoint["epoch"]
 
 
-def nothing_left_to_train(run: Run, checkpoint: dict) -> bool:
-    """Whether the checkpoint's run has trained --epochs epochs already, and evaluated the last where it was due."""
+def from_another_run(resume: str, checkpoint: dict, output_dir: Path) -> bool:
+    """Whether a checkpoint resumed from outside --output-dir was written by a run of another folder, whose
+    outputs are then not this folder's (a copy of this folder's checkpoint elsewhere is not)."""
+    if Path(resume).resolve().parent == output_dir.resolve():
+        return False
+    saved = (checkpoint.get("args") or {}).get("output_dir")
+    return saved is None or Path(saved).resolve() != output_dir.resolve()
+
+
+def nothing_left_to_train(run: Run, checkpoint: dict, foreign: bool) -> bool:
+    """Whether the checkpoint's run has trained --epochs epochs already, and evaluated the last where it was due
+    (as far as this folder's metrics say: for a foreign checkpoint, nothing)."""
     return (epochs_trained(checkpoint) >= run.args.epochs
-            and not saved_but_not_evaluated(run, checkpoint["epoch"], checkpoint.get("step")))
+            and (foreign or not saved_but_not_evaluated(run, checkpoint["epoch"], checkpoint.get("step"))))
 
 
 def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
@@ -757,10 +770,11 @@ def main(args: argparse.Namespace) -> dict:
     or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
+    foreign = checkpoint is not None and not args.test_only and from_another_run(resume, checkpoint, run.output_dir)
     if checkpoint is not None and not args.test_only:  # before anything of the folder's run is cut back
         if checkpoint.get("stopped_early"):
             return already_stopped(resume, checkpoint)
-        if nothing_left_to_train(run, checkpoint):
+        if nothing_left_to_train(run, checkpoint, foreign):
             return already_finished(resume, checkpoint, args.epochs)
     data = load_data(args, checkpoint)
     start_reusing_freed_memory(args)
@@ -768,10 +782,10 @@ def main(args: argparse.Namespace) -> dict:
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
     state = create_training_state(run, getattr(model, "module", model), data, num_classes, checkpoint)
     if checkpoint is not None:
-        restore(run, state, checkpoint, resume, data)
+        restore(run, state, checkpoint, resume, data, continues_folder=not foreign)
     if args.test_only:
         return evaluate_only(run, data, state)
-    if checkpoint is None and run.is_main:  # once the run is set up: a run that fails before moves nothing
+    if (checkpoint is None or foreign) and run.is_main:  # once the run is set up: one that fails moves nothing
         keep_previous_outputs(run.output_dir)
     return train(run, data, model, state)
 

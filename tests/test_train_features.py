@@ -94,3 +94,15 @@ def test_keep_last_prunes_old_epoch_files_and_eval_interval_skips_evaluations(ti
     assert result.returncode == 0, result.stderr
     assert "its run has trained 4 epochs, and --epochs is 2: nothing is left to train" in result.stdout
     assert read_metrics(tmp_path) == records, "nothing of the run cut back"
+    other = tmp_path / "other"  # a folder of another run, which a checkpoint from here continues in
+    other.mkdir()
+    (other / "metrics.jsonl").write_text(json.dumps({"type": "eval", "epoch": 7}) + "\n")
+    (other / "model_best.pth").write_bytes(b"another run's")
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(other), *TINY,
+                     "--epochs", "5", "--no-tensorboard", "--vis-images", "0",
+                     "--resume", str(tmp_path / "model_3.pth"))
+    assert result.returncode == 0, result.stderr
+    assert "held another run's outputs" in result.stdout
+    assert {(r["type"], r["epoch"]) for r in read_metrics(other)} == {("train", 4), ("eval", 4)}
+    kept, = (other / "previous_runs").iterdir()
+    assert (kept / "model_best.pth").read_bytes() == b"another run's"
