@@ -500,7 +500,7 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
     state.load_state_dict(checkpoint, f"--resume {resume}", weights_only=run.args.test_only)
     if not run.args.test_only:
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
-        if step is not None:
+        if step:  # step 0 (a stop before the epoch's first step) has nothing of the epoch to replay
             check_same_batches(run.args, checkpoint["args"], resume, epoch, step)
         clock = data.train_loader.batch_sampler
         counted_here = clock.global_step(epoch, clock.steps(epoch) if step is None else step)
@@ -511,6 +511,9 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
     where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
     averaged = " with the weights' moving average" if state.ema is not None and "model_ema" in checkpoint else ""
     utils.print_once(f"Resumed from {resume} ({where}){averaged}")
+    if "model_ema" in checkpoint and state.ema is None and not run.args.test_only:
+        utils.print_once(f"--resume {resume} holds a moving average of the weights, which this run without "
+                         f"--model-ema leaves behind: it trains and evaluates the raw weights")
     if checkpoint.get("from_reference"):
         utils.print_once(f"{resume} is a checkpoint of torchvision's references/detection: categories from the "
                          f"dataset's files, whose ids are its labels ({state.num_classes} classes)")
@@ -546,7 +549,9 @@ def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
 
 def already_stopped(resume: str, checkpoint: dict) -> dict:
     utils.print_once(f"--resume {resume}: this run stopped early at epoch {checkpoint['epoch']} (--patience), so "
-                     f"there is nothing to continue; model_best.pth beside it holds its best weights")
+                     f"there is nothing to continue; model_best.pth beside it holds its best weights (to train on "
+                     f"regardless, resume from model_{checkpoint['epoch']}.pth, saved before the stop, with a larger "
+                     f"--patience)")
     return {}
 
 
