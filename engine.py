@@ -272,7 +272,7 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
         if stop_agreed(step, options.stop_requested(), options.faults):
             break
         warmup.set_lr(step)
-        losses.add(step, training_step(model, optimizer, batches, device, options))
+        losses.add(step + 1, training_step(model, optimizer, batches, device, options))  # counted as the log does
         meters.update(lr=optimizer.param_groups[0]["lr"])
         meters.step_done()
         step += 1

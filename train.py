@@ -222,12 +222,14 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--start-epoch {args.start_epoch} must be 0 or more and before --epochs {args.epochs}")
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes} must be at least 2: background and one category")
-    for flag in ("batch_size", "rois_per_image", "eval_batch_size", "print_freq", "lr_step_size",
-                 "grad_accum_steps", "model_ema_steps", "eval_interval", "patience", "auto_scale_lr", "keep_last"):
+    for flag in ("batch_size", "min_size", "max_size", "rois_per_image", "eval_batch_size", "print_freq",
+                 "lr_step_size", "grad_accum_steps", "model_ema_steps", "eval_interval", "patience", "auto_scale_lr",
+                 "keep_last"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
-    for flag, low, high in (("max_bad_samples", 0, 1), ("model_ema_decay", 0, 1), ("repeat_factor_threshold", 0, 1)):
+    for flag, low, high in (("max_bad_samples", 0, 1), ("model_ema_decay", 0, 1), ("repeat_factor_threshold", 0, 1),
+                            ("rpn_score_thresh", 0, 1)):
         value = getattr(args, flag)
         if value is not None and not low <= value <= high:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a share between {low} and {high}")
@@ -433,8 +435,26 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
                             f"{num_classes} classes (with background); a checkpoint of train.py goes to --resume, "
                             f"which brings its own categories") from None
     saved = checkpoint["args"]
+    if not args.test_only:
+        check_same_layout(args, saved)
     return build_model(args.model, num_classes, None, None, saved.get("trainable_backbone_layers"),
                        pretrained_layout=trained_pretrained(saved), **options)
+
+
+def check_same_layout(args: argparse.Namespace, saved: dict) -> None:
+    """One clear error where a resumed run's flags would lay the model out otherwise than the checkpoint's run
+    did: the optimizer's state holds that layout's trainable parameters, and the next checkpoint would record
+    the flags."""
+    fresh_start = "or fine-tune from it with --weights in a new --output-dir"
+    if trained_pretrained(saved) != bool(args.weights or args.weights_backbone):
+        was = "from pretrained weights" if trained_pretrained(saved) else "from scratch (--weights-backbone none)"
+        raise UserError(f"--resume {args.resume}: its run built the model {was}, and a resumed run keeps that "
+                        f"layout; give its --weights or --weights-backbone again, {fresh_start}")
+    if "trainable_backbone_layers" in saved and saved["trainable_backbone_layers"] != args.trainable_backbone_layers:
+        was = saved["trainable_backbone_layers"]
+        raise UserError(f"--resume {args.resume}: its run trained {'the default' if was is None else was} "
+                        f"backbone stages (--trainable-backbone-layers), and a resumed run keeps them; give the "
+                        f"flag as it had it, {fresh_start}")
 
 
 def wrap_for_devices(run: Run, model: torch.nn.Module) -> torch.nn.Module:

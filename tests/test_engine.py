@@ -96,7 +96,7 @@ def test_a_non_finite_loss_names_its_step_and_the_fixes():
     with pytest.raises(UserError) as error:
         train(TinyDetector(poisoned=5), loader(10), print_freq=3)
     message = str(error.value)
-    assert message.startswith("loss is nan at epoch 0 step 2 {'loss_a': nan, 'loss_b': ")
+    assert message.startswith("loss is nan at epoch 0 step 3 {'loss_a': nan, 'loss_b': "), "the 3rd, as logged"
     assert "--clip-grad-norm 10" in message and "without a checkpoint of these weights (earlier ones" in message
 
 

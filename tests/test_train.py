@@ -192,12 +192,18 @@ BAD_INPUTS = [
     (["--num-classes", "3"], "--num-classes 3 is too small: the categories need 5 (the largest label + 1, "
                              "background included; labels 1..K)"),
     (["--num-classes", "0"], "--num-classes 0 must be at least 2: background and one category"),
+    (["--min-size", "0"], "--min-size 0 must be at least 1"),
+    (["--rpn-score-thresh", "2"], "--rpn-score-thresh 2.0 must be a share between 0 and 1"),
     (["--start-epoch", "99"], "--start-epoch 99 must be 0 or more and before --epochs"),
     (["--resume", "/nowhere/checkpoint.pth"], "no such file"),
     (["--resume", "{bad}/truncated.pth"], "not a readable checkpoint"),
     (["--resume", "{bad}/text.pth"], "not a readable checkpoint"),
     (["--resume", "{bad}/foreign.pth"], "is not a checkpoint of this script (no 'model')"),
     (["--resume", "{run}/checkpoint.pth", "--num-classes", "9"], "differs from the 5 classes"),
+    (["--resume", "{run}/checkpoint.pth", "--epochs", "2"], "its run built the model from pretrained weights, and "
+                                                            "a resumed run keeps that layout"),
+    (["--resume", "{run}/checkpoint.pth", "--epochs", "2", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1",
+      "--trainable-backbone-layers", "5"], "its run trained the default backbone stages"),
     (["--weights", "{bad}/foreign.pth"], "does not fit this model: it has no tensor backbone.body.conv1.weight"),
     (["--weights", "{bad}/text.pth"], "not a readable checkpoint (not a file written by torch.save)"),
     (["--test-only", "--weights", "{run}/checkpoint.pth", "--num-classes", "9"],
