@@ -136,8 +136,23 @@ def _weights_file(path: Path, flag: str) -> tuple[dict, dict | None]:
 
 
 def trained_pretrained(run_args: dict) -> bool:
-    """Whether a checkpoint's run built its model with the pretrained layout (it started from weights)."""
+    """Whether a checkpoint's run built its model with the pretrained layout: as it recorded (layout_of), or
+    for older checkpoints and torchvision's reference, whether it started from weights."""
+    if "pretrained_layout" in run_args:
+        return bool(run_args["pretrained_layout"])
     return bool(run_args.get("weights") or run_args.get("weights_backbone"))
+
+
+def layout_of(weights: str | None, weights_backbone: str | None, trainable_backbone_layers: int | None
+              ) -> tuple[bool, int | None]:
+    """The layout build_model gives these flags: whether pretrained, and the trainable backbone stages (None:
+    the builder's default). Weights of one of our checkpoints bring its run's layout (stages unless given)."""
+    run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights")[1] if weights else None
+    if run_args is None:
+        return bool(weights or weights_backbone), trainable_backbone_layers
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = run_args.get("trainable_backbone_layers")
+    return trained_pretrained(run_args), trainable_backbone_layers
 
 
 @contextmanager

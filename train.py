@@ -58,7 +58,15 @@ from engine import (
 from errors import UserError, exit_status
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers
-from models import MODELS, build_model, default_backbone_weights, iou_types, model_options, trained_pretrained
+from models import (
+    MODELS,
+    build_model,
+    default_backbone_weights,
+    iou_types,
+    layout_of,
+    model_options,
+    trained_pretrained,
+)
 from optimization import make_lr_scheduler, make_optimizer, scale_learning_rate
 from preemption import StopRequest
 from visualize import plot_curves, save_jpeg, side_by_side
@@ -424,6 +432,9 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
     if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:
         options["_skip_resize"] = True  # in training only: evaluation images are resized by the model
     if checkpoint is None:
+        # Recorded with the run's arguments, so that a resumed run lays the model out as this one does.
+        args.pretrained_layout, args.trainable_backbone_layers = layout_of(args.weights, args.weights_backbone,
+                                                                           args.trainable_backbone_layers)
         try:  # to evaluate only, fresh class heads would score at random: the weights' heads must fit
             return build_model(args.model, num_classes, args.weights, args.weights_backbone,
                                args.trainable_backbone_layers, mask_init=not args.torchvision_mask_init,
@@ -437,8 +448,10 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
     saved = checkpoint["args"]
     if not args.test_only:
         check_same_layout(args, saved)
-    return build_model(args.model, num_classes, None, None, saved.get("trainable_backbone_layers"),
-                       pretrained_layout=trained_pretrained(saved), **options)
+    args.pretrained_layout = trained_pretrained(saved)  # the run's layout, recorded again in this run's checkpoints
+    args.trainable_backbone_layers = saved.get("trainable_backbone_layers")
+    return build_model(args.model, num_classes, None, None, args.trainable_backbone_layers,
+                       pretrained_layout=args.pretrained_layout, **options)
 
 
 def check_same_layout(args: argparse.Namespace, saved: dict) -> None:
@@ -446,11 +459,13 @@ def check_same_layout(args: argparse.Namespace, saved: dict) -> None:
     did: the optimizer's state holds that layout's trainable parameters, and the next checkpoint would record
     the flags."""
     fresh_start = "or fine-tune from it with --weights in a new --output-dir"
-    if trained_pretrained(saved) != bool(args.weights or args.weights_backbone):
+    # --weights is not read on resume (nor compared: its file may hold a checkpoint of either layout)
+    if not args.weights and trained_pretrained(saved) != bool(args.weights_backbone):
         was = "from pretrained weights" if trained_pretrained(saved) else "from scratch (--weights-backbone none)"
         raise UserError(f"--resume {args.resume}: its run built the model {was}, and a resumed run keeps that "
                         f"layout; give its --weights or --weights-backbone again, {fresh_start}")
-    if "trainable_backbone_layers" in saved and saved["trainable_backbone_layers"] != args.trainable_backbone_layers:
+    given = args.trainable_backbone_layers
+    if given is not None and given != saved.get("trainable_backbone_layers"):
         was = saved["trainable_backbone_layers"]
         raise UserError(f"--resume {args.resume}: its run trained {'the default' if was is None else was} "
                         f"backbone stages (--trainable-backbone-layers), and a resumed run keeps them; give the "
