@@ -147,9 +147,17 @@ def layout_of(weights: str | None, weights_backbone: str | None, trainable_backb
               ) -> tuple[bool, int | None]:
     """The layout build_model gives these flags: whether pretrained, and the trainable backbone stages (None:
     the builder's default). Weights of one of our checkpoints bring its run's layout (stages unless given)."""
-    run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights")[1] if weights else None
+    run_args = None
+    if weights and _is_path(weights):  # only a file can be one of ours: torchvision's named weights are not read
+        run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights")[1]
     if run_args is None:
         return bool(weights or weights_backbone), trainable_backbone_layers
+    return _layout_of_run(run_args, trainable_backbone_layers)
+
+
+def _layout_of_run(run_args: dict, trainable_backbone_layers: int | None) -> tuple[bool, int | None]:
+    """A checkpoint's run's layout, for weights read from it: pretrained or not, and its trainable stages
+    unless given."""
     if trainable_backbone_layers is None:
         trainable_backbone_layers = run_args.get("trainable_backbone_layers")
     return trained_pretrained(run_args), trainable_backbone_layers
@@ -254,9 +262,8 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
         raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
     state, run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights") if weights else (None, None)
     if run_args is not None:  # one of our checkpoints: laid out as its run was, from scratch or pretrained
-        backbone_enum, reader = _backbone_weights(name, None, None, trained_pretrained(run_args))
-        if trainable_backbone_layers is None:
-            trainable_backbone_layers = run_args.get("trainable_backbone_layers")
+        pretrained, trainable_backbone_layers = _layout_of_run(run_args, trainable_backbone_layers)
+        backbone_enum, reader = _backbone_weights(name, None, None, pretrained)
     else:
         backbone_enum, reader = _backbone_weights(name, weights, weights_backbone, pretrained_layout)
     kwargs = dict(model_kwargs, num_classes=num_classes)
