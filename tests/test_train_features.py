@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -106,10 +107,11 @@ def test_keep_last_prunes_old_epoch_files_and_eval_interval_skips_evaluations(ti
     assert {(r["type"], r["epoch"]) for r in read_metrics(other)} == {("train", 4), ("eval", 4)}
     kept, = (other / "previous_runs").iterdir()
     assert (kept / "model_best.pth").read_bytes() == b"another run's"
+    shutil.rmtree(other)  # checkpoints are hundreds of MB: this test keeps a few at a time
     # Fine-tuned from this from-scratch run's weights: its layout (batch norm that trains), kept on resume.
     tuned = tmp_path / "tuned"
     common = ["--data-path", str(tiny_dataset), "--output-dir", str(tuned), *TINY, "--no-tensorboard", "--vis-images",
-              "0", "--weights", str(tmp_path / "model_3.pth")]
+              "0", "--keep-last", "1", "--weights", str(tmp_path / "model_3.pth")]
     assert run_cli("train.py", *common, "--epochs", "1").returncode == 0
     result = run_cli("train.py", *common, "--epochs", "2", "--resume", "auto")
     assert result.returncode == 0 and "Epoch: [1]" in result.stdout, result.stderr[-2000:]
