@@ -73,7 +73,10 @@ def test_epoch_files_share_the_checkpoints_bytes_and_model_best_is_lean(trainer_
     assert json.loads((tmp_path / "pictures" / "predictions.json").read_text()) is not None
 
 
-def test_keep_last_prunes_old_epoch_files_and_eval_interval_skips_evaluations(tiny_dataset, tmp_path):
+def test_one_runs_epoch_files_evaluations_and_resumes(tiny_dataset, tmp_path):
+    """One short run and what later runs do with it, in order (each step needs the one before): --keep-last and
+    --eval-interval; a resume at twice the batch; a resume with nothing left to train; a resume into another
+    run's folder; fine-tuning from its from-scratch weights and resuming that."""
     result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
                      "--epochs", "3", "--keep-last", "1", "--no-tensorboard", "--vis-images", "0",
                      "--eval-interval", "2")
