@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -355,6 +356,69 @@ def predict_batch(model, images, device: torch.device, amp_dtype: torch.dtype | 
     return outputs
 
 
+def padded_size(model, image: torch.Tensor) -> tuple[int, ...]:
+    """The size image takes in the batch tensor the model makes of it at evaluation: resized as torchvision's
+    transform resizes it, then padded to the transform's multiple. A model without that transform: the image's."""
+    transform = getattr(model, "transform", None)
+    height, width = image.shape[-2:]
+    if transform is None or not hasattr(transform, "size_divisible"):
+        return (height, width)
+    if transform.fixed_size is not None:
+        height, width = transform.fixed_size[1], transform.fixed_size[0]
+    else:  # the scale and the truncation torchvision's resize and torch's interpolate apply
+        scale = min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width))
+        height, width = int(height * scale), int(width * scale)
+    multiple = transform.size_divisible
+    return (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
+
+
+class SameSizeBatches:
+    """Gathers images into batches of one padded size, so that each image gets the detections it gets alone: the
+    model pads a batch to its largest image, which changes the others' features. Items (size_of gives an item's
+    padded size) come in order and leave in batches as soon as their size has batch_size of them; at most 4
+    batches' worth wait."""
+
+    def __init__(self, batch_size: int, size_of: Callable[[Any], tuple[int, ...]]) -> None:
+        self.batch_size, self.size_of = batch_size, size_of
+        self.waiting: dict[tuple[int, ...], list] = {}
+
+    def add(self, items: Iterable) -> list[list]:
+        """Take items; the batches they complete."""
+        ready = []
+        for item in items:
+            size = self.size_of(item)
+            self.waiting.setdefault(size, []).append(item)
+            if len(self.waiting[size]) == self.batch_size:
+                ready.append(self.waiting.pop(size))
+            elif sum(map(len, self.waiting.values())) > 4 * self.batch_size:
+                ready.append(self.waiting.pop(max(self.waiting, key=lambda s: len(self.waiting[s]))))
+        return ready
+
+    def rest(self) -> list[list]:
+        """The batches still waiting, at the end."""
+        rest, self.waiting = list(self.waiting.values()), {}
+        return rest
+
+
+def same_size_batches(items: Iterable, batch_size: int, size_of: Callable[[Any], tuple[int, ...]]
+                      ) -> Iterator[list]:
+    """SameSizeBatches over items, as a stream of batches."""
+    batches = SameSizeBatches(batch_size, size_of)
+    for item in items:
+        yield from batches.add([item])
+    yield from batches.rest()
+
+
+def predict_into(evaluator: CocoEvaluator, model, batch: list[tuple], device: torch.device,
+                 amp_dtype: torch.dtype | None) -> float:
+    """Predict a batch of (image, target) pairs into the evaluator; the seconds the model took."""
+    started = time.perf_counter()
+    outputs = predict_batch(model, [image for image, _ in batch], device, amp_dtype)
+    seconds = time.perf_counter() - started
+    evaluator.update({target["image_id"]: output for (_, target), output in zip(batch, outputs)})
+    return seconds
+
+
 @torch.inference_mode()
 def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator, print_freq: int = 20,
              amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None,
@@ -365,20 +429,22 @@ def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator,
     model.eval()
     faults = faults or FaultLog(max_share=1.0)
     faults.start_epoch()
-    meters = StepMeters("Test:", 0, len(data_loader), data_loader.batch_sampler.batch_size)
+    batch_size = data_loader.batch_sampler.batch_size
+    meters = StepMeters("Test:", 0, len(data_loader), batch_size)
     schedule, console = LogSchedule(print_freq, len(data_loader)), ConsoleWriter()
+    batches = SameSizeBatches(batch_size, lambda sample: padded_size(model, sample[0]))
     started = time.perf_counter()
     model_seconds = 0.0
     for step, (images, targets) in enumerate(meters.timed(data_loader), start=1):
         stop_evaluation_if_agreed(step - 1, stop_requested)
         faults.add(pop_faults(targets), len(data_loader.dataset))
-        step_started = time.perf_counter()
-        outputs = predict_batch(model, images, device, amp_dtype)
-        model_seconds += time.perf_counter() - step_started
-        evaluator.update({t["image_id"]: out for t, out in zip(targets, outputs)})
+        for batch in batches.add(zip(images, targets)):
+            model_seconds += predict_into(evaluator, model, batch, device, amp_dtype)
         meters.step_done()
         if schedule.is_logged(step):
             console.write(meters.record("test", 0, step, step))
+    for batch in batches.rest():
+        model_seconds += predict_into(evaluator, model, batch, device, amp_dtype)
     utils.print_once(meters.summary(len(data_loader)))
     loop_seconds = time.perf_counter() - started
     evaluator.synchronize_between_processes()

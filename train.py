@@ -162,7 +162,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--keep-last", default=None, type=int,
         help="keep only the newest K model_{epoch}.pth files (model_best.pth and checkpoint.pth stay)")
     add("--eval-batch-size", default=1, type=int,
-        help="images per device at evaluation (1 gives torchvision's exact numbers; more is faster on GPUs)")
+        help="images per device at evaluation, batched by padded size so that any batch gives batch 1's numbers "
+             "(more is faster on GPUs)")
     add("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
     add("--no-speedups", action="store_true",

@@ -343,3 +343,93 @@ def test_a_stop_request_ends_the_validation_losses_and_the_random_state_is_kept(
         engine.validation_losses(model, loader(count=6, batch_size=2), CPU, None, asked_to_stop_after(1))
     assert len(calls) == 1
     assert torch.equal(torch.get_rng_state(), generator_state)
+
+
+@pytest.mark.parametrize("min_size, max_size", [(800, 1333), (96, 128), (160, 256)])
+def test_padded_size_is_the_size_torchvisions_transform_batches_an_image_to(min_size, max_size):
+    transform = GeneralizedRCNNTransform(min_size, max_size, [0.5] * 3, [0.2] * 3).eval()
+    model = nn.Module()
+    model.transform = transform
+    generator = torch.Generator().manual_seed(0)
+    sides = torch.randint(16, 1400, (60, 2), generator=generator).tolist() + [[480, 640], [427, 640], [31, 1000]]
+    for height, width in sides:
+        image = torch.zeros(3, height, width)
+        assert engine.padded_size(model, image) == tuple(transform([image])[0].tensors.shape[-2:]), (height, width)
+
+
+def test_padded_size_of_a_fixed_size_transform_and_of_a_model_without_one():
+    model = nn.Module()
+    model.transform = GeneralizedRCNNTransform(300, 300, [0.5] * 3, [0.2] * 3, size_divisible=1,
+                                               fixed_size=(300, 300)).eval()
+    assert engine.padded_size(model, torch.zeros(3, 40, 90)) == (300, 300)
+    assert engine.padded_size(nn.Module(), torch.zeros(3, 40, 90)) == (40, 90)
+
+
+def test_same_size_batches_hold_one_size_and_keep_few_waiting():
+    sizes = [(4, 6), (6, 4), (4, 6), (4, 6), (6, 4), (5, 5)]
+    items = [(index, torch.zeros(3, *size)) for index, size in enumerate(sizes)]
+    shape = lambda item: tuple(item[1].shape[-2:])  # noqa: E731
+    batches = [[index for index, _ in batch] for batch in engine.same_size_batches(items, 2, shape)]
+    assert batches == [[0, 2], [1, 4], [3], [5]]
+    many = [(index, torch.zeros(3, index + 1, 4)) for index in range(12)]  # no two alike
+    batches = list(engine.same_size_batches(many, 2, shape))
+    assert [index for batch in batches for index, _ in batch] == list(range(12)), "none waits for long"
+    assert max(map(len, batches)) == 1
+
+
+class OutputRecorder(IdRecorder):
+    """Stands in for CocoEvaluator to the end of an evaluation: keeps the outputs, scores nothing."""
+
+    backend, timings = "none", {"encode_wait": 0.0, "score": 0.0}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs = self.per_image = {}
+
+    def update(self, predictions: dict) -> None:
+        super().update(predictions)
+        self.outputs.update(predictions)
+
+    def synchronize_between_processes(self) -> None:
+        pass
+
+    def summarize(self) -> dict:
+        return {}
+
+
+class MixedSizes(torch.utils.data.Dataset):
+    """Images of assorted sizes, several of which torchvision's transform (96-128 px) batches to one size."""
+
+    SIZES = [(100, 150), (150, 100), (120, 130), (100, 151), (150, 100), (70, 200), (100, 150)]
+
+    def __len__(self) -> int:
+        return len(self.SIZES)
+
+    def __getitem__(self, index: int):
+        generator = torch.Generator().manual_seed(index)
+        return torch.rand(3, *self.SIZES[index], generator=generator), {"image_id": index}
+
+
+def test_evaluation_in_batches_gives_each_image_its_detections_alone():
+    """torchvision pads a batch to its largest image, which changes the others' detections: evaluation batches
+    only images of one padded size."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=128,
+                                    box_score_thresh=0.0).eval()
+    batch_sizes = []
+    model.backbone.register_forward_hook(lambda _, inputs, __: batch_sizes.append(len(inputs[0])))
+    evaluated = {}
+    for batch_size in (1, 3):
+        evaluator = OutputRecorder()
+        data = torch.utils.data.DataLoader(MixedSizes(), batch_size=batch_size, collate_fn=lambda b: tuple(zip(*b)))
+        engine.evaluate(model, data, CPU, evaluator)
+        assert sorted(evaluator.image_ids) == list(range(len(MixedSizes.SIZES)))
+        evaluated[batch_size] = evaluator.outputs
+    assert batch_sizes[7:] == [3, 2, 1, 1], "alone: 7 batches of 1; in threes: one size of 3, one of 2, two alone"
+    for index, alone in evaluated[1].items():
+        batched = evaluated[3][index]
+        assert len(alone["boxes"]) == len(batched["boxes"]) > 0
+        torch.testing.assert_close(batched["boxes"], alone["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(batched["scores"], alone["scores"], atol=1e-5, rtol=0)

@@ -444,19 +444,6 @@ def test_predict_names_pictures_of_one_stem_apart():
     assert predict.picture_names(paths) == ["a.jpg", "a_2.jpg", "a_2_2.jpg", "b.jpg", "A_3.jpg"]
 
 
-def test_predict_batches_only_images_of_one_size_as_they_come():
-    """The model pads a batch to its largest image, which changes a smaller one's detections."""
-    from tools import predict
-
-    shapes = [(4, 6), (6, 4), (4, 6), (4, 6), (6, 4), (5, 5)]
-    images = [(index, torch.zeros(3, *shape)) for index, shape in enumerate(shapes)]
-    batches = [[index for index, _ in batch] for batch in predict.same_size_batches(images, 2)]
-    assert batches == [[0, 2], [1, 4], [3], [5]]
-    many = [(index, torch.zeros(3, index + 1, 4)) for index in range(12)]  # no two alike
-    batches = list(predict.same_size_batches(many, 2))
-    assert [index for batch in batches for index, _ in batch] == list(range(12)), "none waits for long"
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (["--min-size", "0"], "--min-size 0 must be at least 1"),

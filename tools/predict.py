@@ -17,7 +17,7 @@ import glob
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from checkpoint import load_file, prepare_output_dir, write_json_atomic  # noqa:
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from devices import pick_device  # noqa: E402
-from engine import to_device  # noqa: E402
+from engine import padded_size, same_size_batches, to_device  # noqa: E402
 from errors import UserError, exit_status  # noqa: E402
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted  # noqa: E402
 from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"with --weights: the model ({', '.join(MODELS)}; default {DEFAULT_MODEL})")
     parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="draw and keep detections above this")
-    parser.add_argument("--device", default="cuda", help="cuda or cpu (cuda falls back to the CPU)")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda or cpu (cuda falls back to the CPU; --onnx runs on the CPU)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
@@ -219,21 +220,6 @@ def readable_images(paths: list[Path], records: list, unreadable: list[str]) -> 
             unreadable.append(str(e))
 
 
-def same_size_batches(images: Iterable[tuple[int, torch.Tensor]], batch_size: int
-                      ) -> Iterator[list[tuple[int, torch.Tensor]]]:
-    """Batches of images of one size, as they come as far as sizes allow: the model pads a batch to its largest
-    image, which would change a smaller one's detections. At most 4 batches' worth wait for company."""
-    waiting: dict[tuple[int, int], list] = {}
-    for index, image in images:
-        shape = tuple(image.shape[-2:])
-        waiting.setdefault(shape, []).append((index, image))
-        if len(waiting[shape]) == batch_size:
-            yield waiting.pop(shape)
-        elif sum(map(len, waiting.values())) > 4 * batch_size:
-            yield waiting.pop(max(waiting, key=lambda s: len(waiting[s])))
-    yield from waiting.values()
-
-
 def predict(args: argparse.Namespace) -> int:
     check_args(args)
     out = Path(args.output_dir)
@@ -259,7 +245,8 @@ def predict(args: argparse.Namespace) -> int:
     dropped = 0
     started = time.time()
     try:
-        for batch in same_size_batches(readable_images(paths, records, unreadable), args.batch_size):
+        images_read = readable_images(paths, records, unreadable)
+        for batch in same_size_batches(images_read, args.batch_size, lambda item: padded_size(model, item[1])):
             with torch.inference_mode():
                 outputs = model(to_device([image for _, image in batch], [], device)[0])
             for (index, image), output in zip(batch, outputs):
