@@ -142,8 +142,8 @@ class StepMeters:
 
     def summary(self, steps_done: int) -> str:
         elapsed = time.time() - self.started
-        return (f"{self.header} total time: {datetime.timedelta(seconds=int(elapsed))} "
-                f"({elapsed / max(steps_done, 1):.3f} s / it)")
+        return (f"{self.header} Total time: {datetime.timedelta(seconds=int(elapsed))} "
+                f"({elapsed / max(steps_done, 1):.4f} s / it)")
 
 
 def _duration(seconds: float) -> str:
@@ -164,14 +164,14 @@ class ConsoleWriter:
         if progress.run_eta_seconds is not None:
             eta += f" (run {_duration(progress.run_eta_seconds)})"
         width = len(str(progress.total))
-        parts = [f"{progress.header} [{progress.step:{width}d}/{progress.total}]", f"eta: {eta}"]
+        parts = [progress.header, f"[{progress.step:{width}d}/{progress.total}]", f"eta: {eta}"]
         parts += [f"lr: {record.values['lr']:.6f}"] if "lr" in record.values else []
         parts += [f"{name}: {median:.4f} ({mean:.4f})" for name, (median, mean) in progress.averages.items()
                   if name != "lr"]
         parts += [f"img/s: {progress.images_per_s:.1f}", f"time: {progress.step_time:.3f}",
                   f"data: {progress.data_time:.3f}"]
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+            parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")  # MB
         print_once("  ".join(parts))
 
     def close(self) -> None:

@@ -154,7 +154,7 @@ def test_a_stop_signal_to_one_rank_during_evaluation_stops_every_rank_alike(tmp_
                     timeout=300)
     assert result.returncode != 0
     assert "Stopped by SIGTERM during epoch 0's evaluation" in result.stdout, result.stdout[-3000:]
-    assert "Test: [12/12]" not in result.stdout
+    assert "Test:  [12/12]" not in result.stdout
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
     assert "exitcode  : 143" in result.stderr, "rank 0 exits as the signalled rank does"
 

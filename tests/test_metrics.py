@@ -78,7 +78,7 @@ def test_one_record_feeds_the_console_and_the_file(tmp_path, capsys):
     writers = Writers(tmp_path, tensorboard=False)
     writers.write(record)
     line = capsys.readouterr().out
-    assert line.startswith("Epoch: [0] [ 2/10]  eta: ") and "(run " in line
+    assert line.startswith("Epoch: [0]  [ 2/10]  eta: ") and "(run " in line
     assert "lr: 0.010000  loss: 2.0000 (2.0000)  loss_mask: 0.5000 (0.5000)  img/s: " in line
     (written,) = writers.records("train")
     assert written["loss"] == 2.0 and written["lr"] == 0.01 and written["global_step"] == 2
@@ -89,7 +89,7 @@ def test_evaluation_progress_reaches_the_console_only(tmp_path, capsys):
     writers = Writers(tmp_path, tensorboard=False)
     meters = StepMeters("Test:", 0, 3, 1)
     writers.write(meters.record("test", 0, 1, 1))
-    assert capsys.readouterr().out.startswith("Test: [1/3]")
+    assert capsys.readouterr().out.startswith("Test:  [1/3]")
     assert not (tmp_path / "metrics.jsonl").exists()
     ConsoleWriter().write(Record("eval", 0, 1, {"bbox": {"AP": 0.1}}))
     assert capsys.readouterr().out == ""

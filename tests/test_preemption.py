@@ -115,7 +115,7 @@ def _stop_during_evaluation(process, sig):
     printed = []
     for line in process.stdout:
         printed.append(line)
-        if re.match(r"Test: \[ *1/", line):
+        if re.match(r"Test:  \[ *1/", line):
             process.send_signal(sig)
             break
     rest, _ = process.communicate(timeout=300)
@@ -134,7 +134,7 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_th
     output = _stop_during_evaluation(process, signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM.value, output
     assert "Stopped by SIGTERM during epoch 0's evaluation" in output
-    assert "Test: [8/8]" not in output, "the evaluation ended unfinished"
+    assert "Test:  [8/8]" not in output, "the evaluation ended unfinished"
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, None)
     validation, = [r for r in read_metrics(tmp_path) if r["type"] != "train"]
@@ -143,7 +143,7 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_th
     result = run_cli("train.py", *args)
     assert result.returncode == 0, result.stderr
     assert "Evaluating epoch 0 first: the run stopped after saving it, before its evaluation ended" in result.stdout
-    assert "Test: [8/8]" in result.stdout
+    assert "Test:  [8/8]" in result.stdout
     evaluations = [r for r in read_metrics(tmp_path) if r["type"] != "train"]
     assert [(r["type"], r["epoch"]) for r in evaluations] == [("val", 0), ("eval", 0)]
     assert evaluations[0] == validation, "the validation losses kept, not computed again"
