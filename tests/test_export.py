@@ -320,3 +320,18 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     monkeypatch.undo()
     export.check_output(tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_images_of_the_samples_size_from_data_path_leave_the_generated_portrait_in(tmp_path):
+    from PIL import Image
+    (tmp_path / "val2017").mkdir()
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(tmp_path / "val2017" / "a.png")
+    labels = [label for label, _ in export.check_images(argparse.Namespace(data_path=str(tmp_path)), "x", 48, 64)]
+    assert labels == ["generated (export sample)", "a.png", "generated, portrait", "blank gray"]
+
+
+def test_coverage_counts_another_size_only_where_it_had_detections():
+    same, blank = deploy.Comparison("a.png", 3, 3, size=(48, 64)), deploy.Comparison("blank gray", 0, 0, size=(38, 48))
+    lines = export.coverage([deploy.Comparison("sample", 2, 2, size=(48, 64)), same, blank])
+    assert lines == ["note: no image of another size than the sample's had detections to compare",
+                     "checked an image without detections above the threshold: blank gray"]

@@ -31,7 +31,7 @@ def test_without_it_a_batch_other_than_the_recipes_gets_a_note(capsys):
     given = args(batch_size=4, lr=0.001)
     optimization.scale_learning_rate(given)
     assert given.lr == 0.001
-    assert "for this batch of 4 that is --lr 0.005 (--auto-scale-lr 16 scales --lr 0.001 to 0.00025)" in (
+    assert "for this batch of 4 is --lr 0.005 (--auto-scale-lr 16 scales whatever --lr is given by the batch / 16)" in (
         capsys.readouterr().out)
     optimization.scale_learning_rate(args(batch_size=8, grad_accum_steps=2))
     assert "note:" not in capsys.readouterr().out, "16 is the recipe's batch"

@@ -4,7 +4,8 @@
 
 About seven minutes on two CPU cores, where it reaches a mask mAP of about 0.1 (a GPU is used when there is
 one). It prints the train.py command it runs,
-so the same can be done by hand, and ends with the box and mask mAP of the last evaluation.
+so the same can be done by hand, and ends with the box and mask mAP of the last evaluation. Stopped part-way
+(Ctrl-C), it continues from its checkpoint when run again.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def demo(args: argparse.Namespace) -> int:
         print(f"Generated {DEMO_SPEC.train_images} training and {DEMO_SPEC.val_images} validation images "
               f"in {data_path}")
     command = [sys.executable, str(ROOT / "train.py"), "--data-path", str(data_path),
-               "--output-dir", args.output_dir, *TRAIN_FLAGS]
+               "--output-dir", args.output_dir, "--resume", "auto", *TRAIN_FLAGS]
     print("Running:", shlex.join(command), flush=True)
     returncode = run_training(command)
+    if returncode in (130, 143):  # train.py stopped with a checkpoint
+        print("The demo stopped; run it again to continue from its checkpoint")
     if returncode != 0:
         return returncode
 

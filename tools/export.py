@@ -9,10 +9,11 @@ returns what torchvision's model returns for that image, in its pixels: boxes (N
 scores (N,), and for Mask R-CNN masks (N, 1, H, W) probabilities pasted at image size, for Keypoint R-CNN
 keypoints (N, K, 3) and keypoints_scores (N, K). The category ids and names are in the file's metadata.
 
-The check runs both models on a few images (from --data-path, else generated): the export's sample, one of
-another size and a blank one, with no detection above --score-thresh expected. It prints the largest
-differences per image and exits 1 when they are beyond the tolerances it states. The file is written beside
---output and moved there only once the check passes, so a failed check leaves an earlier file as it was.
+The check runs both models on a few images: the export's sample, images of other sizes (from --data-path where
+given, and a generated portrait one) and a blank one, with no detection above --score-thresh expected. It
+prints the largest differences per image and exits 1 when they are beyond the tolerances it states. The file is
+written beside --output and moved there only once the check passes, so a failed check leaves an earlier file as
+it was.
 
 Limits, with torch 2.14.1 and torchvision 0.29.1: torch's dynamo-based exporter stops at torchvision's NMS
 (a shape that depends on the data), so the TorchScript-based exporter is the default (--exporter dynamo tries the
@@ -65,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--input-dtype", default="uint8", choices=("uint8", "float32"),
                         help="what the graph takes: uint8 0-255 (default) or float32 0-1")
-    parser.add_argument("--data-path", help="check on images from here (a COCO-layout root's val2017/, or a "
-                                            "folder of images) instead of generated ones")
+    parser.add_argument("--data-path", help="check on images from here too (a COCO-layout root's val2017/, or a "
+                                            "folder of images)")
     parser.add_argument("--score-thresh", type=float, default=0.5,
                         help="detections at or above this must match between the two runtimes")
     parser.add_argument("--exporter", default="torchscript", choices=deploy.EXPORTERS,
@@ -111,22 +112,20 @@ def check_images(args: argparse.Namespace, name: str, height: int, width: int) -
     """The export's sample (at the trained size), images of other sizes, and a blank one, as (label, image)."""
     keypoints = name.startswith("keypointrcnn")
     sample = ("generated (export sample)", shapes_image(height, width, 0, keypoints))
-    if args.data_path:
-        others = data_images(args.data_path)
-    else:
-        tall = (round(height * 1.25), round(height * 0.75))
-        others = [("generated, portrait", shapes_image(*tall, 1, keypoints))]
+    tall = (round(height * 1.25), round(height * 0.75))  # another size, whatever sizes --data-path's images have
+    others = [*(data_images(args.data_path) if args.data_path else []),
+              ("generated, portrait", shapes_image(*tall, 1, keypoints))]
     blank = ("blank gray", torch.full((3, round(height * 0.8), height), BLANK_GRAY, dtype=torch.uint8))
     return [sample, *others, blank]
 
 
 def coverage(comparisons: list[deploy.Comparison]) -> list[str]:
-    """Whether the check covered an image of another size than the sample and one without detections."""
+    """Whether the check covered an image of another size than the sample with detections, and one without."""
     sample = comparisons[0].size
-    other = next((c for c in comparisons if c.size != sample), None)
+    other = next((c for c in comparisons if c.size != sample and c.torch_count > 0), None)
     empty = next((c for c in comparisons if c.torch_count == 0), None)
     lines = [f"checked an image of another size than the export's sample: {other.image} ({other.width_by_height})"
-             if other else "note: every image had the sample's size"]
+             if other else "note: no image of another size than the sample's had detections to compare"]
     lines.append(f"checked an image without detections above the threshold: {empty.image}" if empty else
                  "note: every image had detections above the threshold; the empty output was not checked")
     return lines

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=MODELS, metavar="MODEL",
                         help=f"with --weights: the model ({', '.join(MODELS)}; default {DEFAULT_MODEL})")
     parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="draw and keep detections above this")
+    parser.add_argument("--score-thresh", type=float, default=0.5,
+                        help="draw and keep detections scoring at least this (default 0.5)")
     parser.add_argument("--device", default="cuda",
                         help="cuda or cpu (cuda falls back to the CPU; --onnx runs on the CPU)")
     parser.add_argument("--batch-size", type=int, default=4)
