@@ -17,9 +17,11 @@ from devices import autocast
 from errors import UserError
 from metrics import ConsoleWriter, LogSchedule, Record, StepMeters
 
-# With several processes, ranks agree on a stop request every this many steps (one all-reduce each time); a
-# single process checks at every step for free.
-STOP_AGREEMENT_STEPS = 10
+# With several processes, ranks agree on a stop request about this often (one all-reduce each time), and at
+# least every this many steps; a single process checks at every step for free. A stop then lands well within a
+# launcher's grace period (torchrun kills its workers 30 s after passing on a signal).
+STOP_AGREEMENT_SECONDS = 2.0
+STOP_AGREEMENT_MOST_STEPS = 10
 WARMUP_STEPS = 1000
 
 
@@ -144,31 +146,58 @@ class PendingLosses:
         return rows
 
 
-def stop_agreed(step: int, requested: bool, faults: FaultLog | None = None) -> bool:
-    """Whether every rank stops before this step, asked to or (raising, where faults are counted) for too many
-    unreadable samples on any rank. Ranks agree, so that all take the same branch, every STOP_AGREEMENT_STEPS
-    steps; one process decides at every step."""
-    if utils.get_world_size() > 1 and step % STOP_AGREEMENT_STEPS:
-        return False
-    return stop_agreed_now(requested, faults)
+class StopAgreement:
+    """Whether every rank stops before a step of one loop, asked to or (raising, where faults are counted) for
+    too many unreadable samples on any rank. One process decides at every step. Several agree, so that all take
+    the same branch, at the loop's first two steps and then every STOP_AGREEMENT_SECONDS of the slowest rank's
+    steps (every step when steps are slower, at most every STOP_AGREEMENT_MOST_STEPS): each rank sets the next
+    agreement from the same all-reduced pace, so all call the all-reduce together."""
+
+    def __init__(self, faults: FaultLog | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.faults, self.clock = faults, clock
+        self.next_step: int | None = None
+        self.last_step, self.last_time = 0, clock()
+
+    def agreed(self, step: int, requested: bool) -> bool:
+        if utils.get_world_size() == 1:
+            return stop_agreed_now(requested, self.faults)
+        if self.next_step is not None and step < self.next_step:
+            return False
+        now, first = self.clock(), self.next_step is None
+        stop, slowest_ms = _agree(requested, self.faults, 0 if first else int(1000 * (now - self.last_time)))
+        self.next_step = step + (1 if first else self.steps_between(slowest_ms / (step - self.last_step)))
+        self.last_step, self.last_time = step, now
+        return stop
+
+    @staticmethod
+    def steps_between(per_step_ms: float) -> int:
+        """The steps until the next agreement at the slowest rank's pace."""
+        return min(max(int(1000 * STOP_AGREEMENT_SECONDS / max(per_step_ms, 1)), 1), STOP_AGREEMENT_MOST_STEPS)
 
 
 def stop_agreed_now(requested: bool, faults: FaultLog | None) -> bool:
-    """stop_agreed's decision, taken now: one all-reduce for both reasons to stop."""
-    stop, over_limit = utils.max_over_ranks([int(requested), int(faults is not None and faults.over_limit)])
+    """Whether every rank stops, decided now (one all-reduce, which every rank must call)."""
+    return _agree(requested, faults, 0)[0]
+
+
+def _agree(requested: bool, faults: FaultLog | None, elapsed_ms: int) -> tuple[bool, int]:
+    """One all-reduce for both reasons to stop and the slowest rank's elapsed_ms: (stop, that time)."""
+    stop, over_limit, slowest_ms = utils.max_over_ranks(
+        [int(requested), int(faults is not None and faults.over_limit), elapsed_ms])
     if over_limit:
         raise faults.limit_error()
-    return bool(stop)
+    return bool(stop), slowest_ms
 
 
 class EvaluationStopped(Exception):
     """Every rank agreed to end an evaluation pass unfinished: a stop signal arrived during it."""
 
 
-def stop_evaluation_if_agreed(step: int, stop_requested: Callable[[], bool] | None) -> None:
+def stop_evaluation_if_agreed(agreement: StopAgreement, step: int, stop_requested: Callable[[], bool] | None
+                              ) -> None:
     """Raise EvaluationStopped before this step (counted from 0) once the ranks agree that a stop was asked for,
-    on stop_agreed's schedule; a pass without stop_requested (--test-only) runs to its end."""
-    if stop_requested is not None and stop_agreed(step, stop_requested()):
+    on the agreement's schedule; a pass without stop_requested (--test-only) runs to its end."""
+    if stop_requested is not None and agreement.agreed(step, stop_requested()):
         raise EvaluationStopped
 
 
@@ -265,12 +294,13 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
     schedule = LogSchedule(options.print_freq, steps_in_epoch)
     losses, warmup = PendingLosses(epoch), Warmup(optimizer, epoch, steps_in_epoch)
     options.faults.start_epoch()
+    agreement = StopAgreement(options.faults)
     step = start_step
     for batches in meters.timed(accumulated(data_loader, accumulation)):
         for _, targets in batches:
             options.faults.add(pop_faults(targets), steps_in_epoch * images_per_step // utils.get_world_size())
         # Checked before the step rather than after it, so that the last step done has been logged.
-        if stop_agreed(step, options.stop_requested(), options.faults):
+        if agreement.agreed(step, options.stop_requested()):
             break
         warmup.set_lr(step)
         losses.add(step + 1, training_step(model, optimizer, batches, device, options))  # counted as the log does
@@ -320,9 +350,10 @@ def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch
     for norm in norms:
         norm.eval()
     totals: dict[str, torch.Tensor] = {}
+    agreement = StopAgreement()
     with utils.random_state_kept(device), resized_as_in_evaluation(model):
         for step, (images, targets) in enumerate(data_loader):
-            stop_evaluation_if_agreed(step, stop_requested)
+            stop_evaluation_if_agreed(agreement, step, stop_requested)
             pop_faults(targets)
             images, targets = to_device(images, targets, device)
             with autocast(device, amp_dtype):
@@ -433,10 +464,11 @@ def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator,
     meters = StepMeters("Test:", 0, len(data_loader), batch_size)
     schedule, console = LogSchedule(print_freq, len(data_loader)), ConsoleWriter()
     batches = SameSizeBatches(batch_size, lambda sample: padded_size(model, sample[0]))
+    agreement = StopAgreement()
     started = time.perf_counter()
     model_seconds = 0.0
     for step, (images, targets) in enumerate(meters.timed(data_loader), start=1):
-        stop_evaluation_if_agreed(step - 1, stop_requested)
+        stop_evaluation_if_agreed(agreement, step - 1, stop_requested)
         faults.add(pop_faults(targets), len(data_loader.dataset))
         for batch in batches.add(zip(images, targets)):
             model_seconds += predict_into(evaluator, model, batch, device, amp_dtype)

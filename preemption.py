@@ -23,9 +23,11 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.signal_name is not None:  # a launcher passing on the terminal's Ctrl-C as SIGTERM: one stop
+            return
         self.signal_name = signal.Signals(signum).name
-        print(f"{self.signal_name} received: stopping after this step or evaluation batch, with a checkpoint to "
-              f"resume from", flush=True)
+        print(f"{self.signal_name} received: stopping after this step or evaluation batch (with several "
+              f"processes, the one they next agree on), with a checkpoint to resume from", flush=True)
 
     def requested(self) -> bool:
         """Whether this process was asked to stop (the loops' stop_requested)."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -91,7 +93,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--device", default="cuda", help="cuda or cpu; without CUDA the run falls back to the CPU")
     add("-b", "--batch-size", default=2, type=int, help="images per device; total = batch size x processes")
     add("--epochs", default=26, type=int, help="number of epochs to run")
-    add("-j", "--workers", default=4, type=int, help="data loading worker processes per device")
+    add("-j", "--workers", default=default_workers(), type=int,
+        help="data loading worker processes per device (default 4, or the CPU cores this process may use if fewer)")
     add("--opt", default="sgd", type=str.lower, choices=("sgd", "sgd_nesterov", "adamw"),
         help="optimizer (any case, as torchvision's reference reads it)")
     add("--lr", default=0.02, type=float,
@@ -109,8 +112,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--lr-steps", default=None, nargs="+", type=int,
         help="multisteplr: epochs at which the lr is multiplied by --lr-gamma (default: 16 22)")
     add("--lr-gamma", default=0.1, type=float, help="multisteplr: factor at each step")
-    add("--print-freq", default=20, type=int, help="print a progress line every this many iterations")
-    add("--output-dir", default=".", help="where checkpoints and predictions go")
+    add("--print-freq", default=20, type=int, help="print a progress line every this many optimizer steps")
+    add("--output-dir", default="output", help="where checkpoints and predictions go")
     add("--resume", default="", help="checkpoint to resume from, or 'auto' for --output-dir/checkpoint.pth")
     add("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch", help="first epoch number")
     add("--aspect-ratio-group-factor", default=3, type=int,
@@ -221,6 +224,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 
+def default_workers() -> int:
+    """4 loader workers, as torchvision's reference, or the cores this process may use if fewer: more only adds
+    processes that wait (and torch warns of them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
 def check_numbers(args: argparse.Namespace) -> None:
     """Reject counts, shares and rates out of range."""
     if args.workers < 0:
@@ -249,9 +259,10 @@ def check_schedule(args: argparse.Namespace) -> None:
     """Reject learning-rate steps out of order; warn of steps after the last epoch."""
     if args.lr_steps is not None and any(b <= a for a, b in zip(args.lr_steps, args.lr_steps[1:])):
         raise UserError(f"--lr-steps {' '.join(map(str, args.lr_steps))} must be increasing")
-    if args.lr_steps is not None and args.lr_steps[-1] >= args.epochs and not args.test_only:
-        print(f"warning: --lr-steps {args.lr_steps[-1]} is not before --epochs {args.epochs}; that step never "
-              f"happens", file=sys.stderr)
+    late = [step for step in args.lr_steps or () if step >= args.epochs]
+    if late and not args.test_only:
+        print(f"warning: --lr-steps {' '.join(map(str, late))} not before --epochs {args.epochs}: "
+              f"{'that step never happens' if len(late) == 1 else 'those steps never happen'}", file=sys.stderr)
 
 
 def check_combinations(args: argparse.Namespace) -> None:
@@ -363,7 +374,8 @@ def start_run(args: argparse.Namespace) -> Run:
     if args.distributed and args.device.type == "cuda":
         args.device = torch.device("cuda", args.gpu)
     utils.print_once(args)
-    scale_learning_rate(args)
+    if not args.test_only:
+        scale_learning_rate(args)
     is_main = utils.is_main_process()
     output_dir = Path(args.output_dir)
     if is_main:
@@ -390,7 +402,25 @@ def read_resume_checkpoint(args: argparse.Namespace) -> tuple[dict | None, str]:
     if args.test_only and not path and not args.weights:  # the model as built: random heads, an AP of 0
         raise UserError(f"--test-only evaluates trained weights, and there are none: give --resume CHECKPOINT or "
                         f"--weights FILE{' (no checkpoint.pth in --output-dir for auto)' if args.resume else ''}")
-    return (load_checkpoint(path), path) if path else (None, "")
+    checkpoint = load_checkpoint(path) if path else None
+    check_same_on_every_rank(checkpoint, args.resume)
+    return checkpoint, path
+
+
+def check_same_on_every_rank(checkpoint: dict | None, resume: str) -> None:
+    """Every process resumes the same position: a node that cannot see the output folder's checkpoint (not on a
+    shared filesystem) would otherwise start afresh beside ranks that resume, and train apart until a collective
+    fails."""
+    found = utils.all_gather_object(None if checkpoint is None else (checkpoint.get("epoch"), checkpoint.get("step")))
+    if len(set(found)) == 1:
+        return
+    ranks: dict = {}
+    for rank, position in enumerate(found):
+        ranks.setdefault(position, []).append(str(rank))
+    said = "; ".join(f"rank {', '.join(r)}: " + ("none" if p is None else f"epoch {p[0]} step {p[1] or 'end'}")
+                     for p, r in ranks.items())
+    raise UserError(f"--resume {resume}: the processes found different checkpoints ({said}); every node must read "
+                    f"the same file: give --output-dir on a filesystem all nodes share, or --resume one file")
 
 
 def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None, resume: str) -> int:
@@ -485,9 +515,12 @@ def wrap_for_devices(run: Run, model: torch.nn.Module) -> torch.nn.Module:
             utils.print_once("--sync-bn: torch synchronises batch norm on GPUs only; on the CPU each process "
                              "keeps its own statistics")
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if run.device.type == "cuda" else None,
-            broadcast_buffers=utils.buffers_change_in_training(model))
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # torch 2.14 renamed the flag (and warns on the old name); older versions know only the old one.
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else "broadcast_buffers")
+        model = ddp(model, device_ids=[args.gpu] if run.device.type == "cuda" else None,
+                    **{sync: utils.buffers_change_in_training(model)})
     return model
 
 
@@ -696,6 +729,7 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
     average's, and the raw ones' beside it), its predictions JSON, record, model_best.pth and pictures. A stop
     signal ends it unfinished (EvaluationStopped), with no evaluation recorded."""
     at = data.train_loader.batch_sampler.global_step(epoch + 1, 0)
+    utils.share_rank0_buffers(state.model, *([state.ema.module] if state.ema is not None else []))
     if data.val_loss_loader is not None:
         log_validation_losses(run, data, state, epoch, at, stop_requested)
     raw = {}

@@ -78,7 +78,11 @@ def get_rank() -> int:
 
 
 def is_main_process() -> bool:
-    return get_rank() == 0
+    """Rank 0; before the process group exists, the process a launcher numbered 0 (so that what is said while
+    setting up is said once)."""
+    if is_dist_avail_and_initialized() or not {"RANK", "WORLD_SIZE"} <= set(os.environ):
+        return get_rank() == 0
+    return os.environ["RANK"] == "0"
 
 
 def all_gather_object(obj) -> list:
@@ -174,6 +178,17 @@ def random_state_kept(device: torch.device):
     """A block whose draws from torch's generators (CPU, and the device's) leave them as they were, so that
     the training's random sequence does not depend on what runs between its steps (evaluation, validation)."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def share_rank0_buffers(*modules: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers of modules whose buffers change in training (batch norm statistics,
+    which each rank's last forward updated on its own batch), as rank 0's checkpoint holds them."""
+    if get_world_size() == 1:
+        return
+    for module in modules:
+        if buffers_change_in_training(module):
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def buffers_change_in_training(model: torch.nn.Module) -> bool:

@@ -205,3 +205,26 @@ def start_cli(script: str, *args: str, env: dict | None = None) -> subprocess.Po
     """Start a script of the repo in the background; its output goes to a pipe."""
     return subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cli_env(None, env), cwd=ROOT)
+
+
+def in_two_processes(tmp_path: Path, work) -> dict:
+    """work(rank) run in two forked processes joined in a gloo group; what each returned (or the repr of what it
+    raised), by rank."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    context = mp.get_context("fork")
+    results = context.SimpleQueue()
+
+    def run(rank: int) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", world_size=2, rank=rank)
+        try:
+            results.put((rank, work(rank)))
+        except Exception as e:  # noqa: BLE001 - the test reads what each rank raised
+            results.put((rank, repr(e)))
+        finally:
+            dist.destroy_process_group()
+
+    mp.start_processes(run, nprocs=2, start_method="fork")
+    return dict(results.get() for _ in range(2))

@@ -148,26 +148,49 @@ def test_a_stop_request_ends_the_epoch_after_the_step_in_progress_and_the_rest_c
     assert torch.allclose(stopped_model.weight, straight_model.weight)
 
 
-def test_ranks_agree_on_a_stop_on_their_own_cadence(monkeypatch):
+def agreed_steps(seconds_per_step: float, peer_slower: float = 1.0, steps: int = 25) -> list[int]:
+    """The steps at which two ranks, asked to stop at every step, agree; the peer's steps peer_slower times as
+    long as this rank's."""
+    now = [0.0]
+    agreement = engine.StopAgreement(FaultLog(0.1), clock=lambda: now[0])
+    agreed = []
+    for step in range(steps):
+        now[0] = step * seconds_per_step
+        if agreement.agreed(step, True):
+            agreed.append(step)
+    return agreed
+
+
+def test_ranks_agree_on_a_stop_every_two_seconds_of_the_slowest_ranks_steps(monkeypatch):
     monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
-    monkeypatch.setattr(engine.utils, "max_over_ranks", lambda values: values)
-    agreed = [step for step in range(25) if engine.stop_agreed(step, True, FaultLog(0.1))]
-    assert agreed == list(range(0, 25, engine.STOP_AGREEMENT_STEPS))
+    peer_slower = [1.0]
+    monkeypatch.setattr(engine.utils, "max_over_ranks",
+                        lambda values: [values[0], values[1], int(values[2] * peer_slower[0])])
+    assert agreed_steps(0.1) == [0, 1, 11, 21], "fast steps: at most 10 apart"
+    assert agreed_steps(0.5) == [0, 1, 5, 9, 13, 17, 21]
+    assert agreed_steps(3.0, steps=5) == [0, 1, 2, 3, 4], "slow steps: every step"
+    peer_slower[0] = 30.0
+    assert agreed_steps(0.1, steps=5) == [0, 1, 2, 3, 4], "the peer's slow steps set the pace"
 
 
 def test_a_rank_within_the_fault_limit_stops_with_the_rank_past_it(monkeypatch):
     monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
-    monkeypatch.setattr(engine.utils, "max_over_ranks", lambda values: [values[0], 1])  # the peer is past it
-    assert not engine.stop_agreed(3, False, FaultLog(0.1)), "between agreements nothing is exchanged"
+    exchanges = []
+    monkeypatch.setattr(engine.utils, "max_over_ranks",  # the peer is past it
+                        lambda values: exchanges.append(values) or [values[0], 1, values[2]])
+    agreement = engine.StopAgreement(FaultLog(0.1))
+    agreement.next_step = 5
+    assert not agreement.agreed(3, False) and not exchanges, "between agreements nothing is exchanged"
     with pytest.raises(UserError, match="another process found more unreadable samples"):
-        engine.stop_agreed(10, False, FaultLog(0.1))
+        agreement.agreed(5, False)
 
 
 def test_faults_after_the_ranks_last_agreed_still_stop_the_run(monkeypatch):
     monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
     monkeypatch.setattr(engine.utils, "max_over_ranks", lambda values: values)
     monkeypatch.setattr(engine.utils, "reduce_dict", lambda losses: losses)
-    # 20 samples, this rank's share of 40 over 2 ranks; the ranks agree at step 0 only, before the faults.
+    # 20 samples, this rank's share of 40 over 2 ranks; the ranks agree at steps 0 and 1 only (fast steps agree
+    # 10 apart), before the faults.
     with pytest.raises(UserError, match="3 of 20 samples could not be read this epoch"):
         train(TinyDetector(), loader(20, faulty=(13, 15, 17)), faults=FaultLog(0.1))
 

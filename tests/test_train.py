@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 
 import train
 from coco_utils import CategoryMap
-from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
+from conftest import SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
 from errors import UserError
 from models import MODELS
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
@@ -266,8 +266,13 @@ def test_debug_shows_the_traceback(dataset, tmp_path):
 
 def test_lr_steps_past_the_last_epoch_warn(dataset, tmp_path):
     result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL, "--lr-steps", "30", "--epochs", "2")
-    assert "warning: --lr-steps 30 is not before --epochs 2" in result.stderr
+    assert "warning: --lr-steps 30 not before --epochs 2: that step never happens" in result.stderr
     assert "is not a folder" in result.stderr, "a warning, then the run goes on (to the next problem)"
+
+
+def test_every_lr_step_past_the_last_epoch_is_named(capsys):
+    train.check_schedule(argparse.Namespace(lr_steps=[16, 22], epochs=1, test_only=False))
+    assert "--lr-steps 16 22 not before --epochs 1: those steps never happen" in capsys.readouterr().err
 
 
 class _Payload:
@@ -514,3 +519,18 @@ def test_predict_takes_torchvisions_keypoint_weights_of_persons_alone(tmp_path, 
     assert built == "keypointrcnn_resnet50_fpn" and categories.num_classes == 2
     assert categories.category_id(1) == 1 and categories.name(1) == "person"
     assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, source.roi_heads.box_predictor.cls_score.weight)
+
+
+def test_ranks_that_find_different_checkpoints_to_resume_stop_with_one_line(tmp_path):
+    """A node that cannot see the output folder (not shared) would start afresh beside ranks that resume."""
+    def work(rank: int) -> str:
+        found = {"epoch": 0, "step": 10} if rank == 0 else None
+        train.check_same_on_every_rank(found, "auto")
+        train.check_same_on_every_rank({"epoch": 1, "step": None}, "auto")  # the same on both: no error
+        return "resumed alike"
+
+    said = in_two_processes(tmp_path, work)
+    assert said[0] == said[1] and "the processes found different checkpoints (rank 0: epoch 0 step 10; rank 1: " \
+        "none); every node must read the same file" in said[0], said
+    assert in_two_processes(tmp_path / "again", lambda rank: train.check_same_on_every_rank(
+        {"epoch": 1, "step": None}, "auto") or "resumed alike") == {0: "resumed alike", 1: "resumed alike"}

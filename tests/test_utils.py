@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT
+from conftest import ROOT, in_two_processes
 from errors import UserError
 from models import build_model
 
@@ -18,6 +18,19 @@ def test_only_the_frozen_norms_buffers_never_change_in_training():
     assert utils.buffers_change_in_training(build_model("maskrcnn_resnet50_fpn", 5, None, None, None))
     pretrained_layout.roi_heads.register_buffer("count", torch.zeros(1))
     assert utils.buffers_change_in_training(pretrained_layout)
+
+
+def test_every_rank_takes_rank_0s_changing_buffers_and_frozen_ones_stay(tmp_path):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def work(rank: int) -> tuple[list, list]:
+        trained, frozen = torch.nn.BatchNorm2d(2), FrozenBatchNorm2d(2)
+        for module in (trained, frozen):
+            module.running_mean.fill_(rank)
+        utils.share_rank0_buffers(trained, frozen)
+        return trained.running_mean.tolist(), frozen.running_mean.tolist()
+
+    assert in_two_processes(tmp_path, work) == {0: ([0.0, 0.0], [0.0, 0.0]), 1: ([0.0, 0.0], [1.0, 1.0])}
 
 
 def test_versions_older_than_the_floor_are_one_clear_error(monkeypatch):
