@@ -417,8 +417,8 @@ def check_same_on_every_rank(checkpoint: dict | None, resume: str) -> None:
     ranks: dict = {}
     for rank, position in enumerate(found):
         ranks.setdefault(position, []).append(str(rank))
-    said = "; ".join(f"rank {', '.join(r)}: " + ("none" if p is None else f"epoch {p[0]} step {p[1] or 'end'}")
-                     for p, r in ranks.items())
+    where = {p: "none" if p is None else f"epoch {p[0]}" + ("" if p[1] is None else f" step {p[1]}") for p in ranks}
+    said = "; ".join(f"rank {', '.join(r)}: {where[p]}" for p, r in ranks.items())
     raise UserError(f"--resume {resume}: the processes found different checkpoints ({said}); every node must read "
                     f"the same file: give --output-dir on a filesystem all nodes share, or --resume one file")
 

@@ -526,7 +526,6 @@ def test_ranks_that_find_different_checkpoints_to_resume_stop_with_one_line(tmp_
     def work(rank: int) -> str:
         found = {"epoch": 0, "step": 10} if rank == 0 else None
         train.check_same_on_every_rank(found, "auto")
-        train.check_same_on_every_rank({"epoch": 1, "step": None}, "auto")  # the same on both: no error
         return "resumed alike"
 
     said = in_two_processes(tmp_path, work)
@@ -534,3 +533,6 @@ def test_ranks_that_find_different_checkpoints_to_resume_stop_with_one_line(tmp_
         "none); every node must read the same file" in said[0], said
     assert in_two_processes(tmp_path / "again", lambda rank: train.check_same_on_every_rank(
         {"epoch": 1, "step": None}, "auto") or "resumed alike") == {0: "resumed alike", 1: "resumed alike"}
+    said = in_two_processes(tmp_path / "ends", lambda rank: train.check_same_on_every_rank(
+        {"epoch": rank, "step": None}, "auto"))
+    assert "(rank 0: epoch 0; rank 1: epoch 1)" in said[0], said
