@@ -372,8 +372,10 @@ def test_predict_on_a_folder(trained, dataset, tmp_path):
     listed = json.loads((tmp_path / "out" / "images.json").read_text())
     assert [(i["id"], Path(i["file_name"]).name) for i in listed] == [(int(p.stem), p.name) for p in images]
     gt = COCO(str(dataset / "annotations" / "instances_val2017.json"))
+    written = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert written and all("segmentation" in d and len(d["bbox"]) == 4 for d in written), "masks with their box"
     detections = gt.loadRes(str(tmp_path / "out" / "predictions.json"))
-    assert len(detections.anns) > 0
+    assert [a["bbox"] for a in detections.anns.values()] == [d["bbox"] for d in written], "the model's boxes"
     assert {a["category_id"] for a in detections.anns.values()} <= {c["id"] for c in CATEGORIES}
 
 

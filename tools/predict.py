@@ -254,7 +254,7 @@ def predict(args: argparse.Namespace) -> int:
                 output, unknown = kept_detections({k: v.cpu() for k, v in output.items()}, category_map,
                                                   args.score_thresh)
                 dropped += unknown
-                results[index] = to_coco_results(records[index][0], output, category_map, (kind,))[kind]
+                results[index] = result_records(records[index][0], output, category_map, kind)
                 images[index] = {"id": records[index][0], "file_name": str(paths[index]),
                                  "height": image.shape[-2], "width": image.shape[-1]}
                 labels = output["labels"].tolist()
@@ -273,6 +273,16 @@ def predict(args: argparse.Namespace) -> int:
     write_json_atomic(out / "images.json", [images[i] for i in sorted(images)], remedy)
     print(f"Wrote {len(results)} pictures and {len(detections)} detections to {out}")
     return 0
+
+
+def result_records(image_id: int, output: dict, category_map: CategoryMap, kind: str) -> list[dict]:
+    """An image's detections as COCO result records of kind; masks keep the model's box, which COCO's loadRes
+    would otherwise replace by the box of the mask's pixels (and the file's box AP would not be the model's)."""
+    records = to_coco_results(image_id, output, category_map, ("bbox", kind))
+    if kind == "segm":
+        for mask, box in zip(records["segm"], records["bbox"]):
+            mask["bbox"] = box["bbox"]
+    return records[kind]
 
 
 def show_progress(done: int, total: int, started: float) -> None:
