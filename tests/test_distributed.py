@@ -144,7 +144,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_alike(tiny_dataset, tmp_path
 
 
 def test_a_stop_signal_to_one_rank_during_evaluation_stops_every_rank_alike(tmp_path):
-    """The ranks agree every STOP_AGREEMENT_STEPS evaluation batches: twelve a rank here."""
+    """The ranks agree on StopAgreement's schedule during evaluation too: twelve batches a rank here."""
     spec = DatasetSpec(train_images=4, val_images=24, min_size=32, max_size=32, instances=1, seed=5,
                        crowd_share=0.0, empty_share=0.0, gray_share=0.0, degenerate_share=0.0)
     data = generate_dataset(tmp_path / "data", spec)

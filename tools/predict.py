@@ -7,7 +7,7 @@
 Inputs are image files, folders or glob patterns. Image ids in the JSON come from --annotations (a COCO file
 naming the images), else from COCO-style numeric file names (000000000139.jpg is 139), else 1, 2, ... in
 file-name order; category ids are the training file's own. predictions.json holds instance segmentation
-results (a mask as RLE and a score per detection), which pycocotools' loadRes reads.
+results (a mask as RLE, the model's box and a score per detection), which pycocotools' loadRes reads.
 """
 
 from __future__ import annotations
