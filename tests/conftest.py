@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -202,9 +203,12 @@ def run_cli(script: str, *args: str, torch_home: Path | None = None, timeout: in
 
 
 def start_cli(script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """Start a script of the repo in the background; its output goes to a pipe."""
+    """Start a script of the repo in the background; its output goes to a pipe. It takes a Ctrl-C (SIGINT) as a
+    terminal's foreground process does, also where the tests were started in the background without job control,
+    which sets SIGINT to be ignored, and Python then keeps ignoring it."""
     return subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cli_env(None, env), cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, env=cli_env(None, env), cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def in_two_processes(tmp_path: Path, work) -> dict:
