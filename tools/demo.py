@@ -57,7 +57,7 @@ def demo(args: argparse.Namespace) -> int:
                "--output-dir", args.output_dir, "--resume", "auto", *TRAIN_FLAGS]
     print("Running:", shlex.join(command), flush=True)
     returncode = run_training(command)
-    if returncode in (130, 143):  # train.py stopped with a checkpoint
+    if returncode in (128 + signal.SIGINT.value, 128 + signal.SIGTERM.value):  # train.py stopped, saving first
         print("The demo stopped; run it again to continue from its checkpoint")
     if returncode != 0:
         return returncode

@@ -278,11 +278,12 @@ def predict(args: argparse.Namespace) -> int:
 def result_records(image_id: int, output: dict, category_map: CategoryMap, kind: str) -> list[dict]:
     """An image's detections as COCO result records of kind; masks keep the model's box, which COCO's loadRes
     would otherwise replace by the box of the mask's pixels (and the file's box AP would not be the model's)."""
-    records = to_coco_results(image_id, output, category_map, ("bbox", kind))
-    if kind == "segm":
-        for mask, box in zip(records["segm"], records["bbox"]):
-            mask["bbox"] = box["bbox"]
-    return records[kind]
+    if kind != "segm":
+        return to_coco_results(image_id, output, category_map, (kind,))[kind]
+    records = to_coco_results(image_id, output, category_map, ("bbox", "segm"))
+    for mask, box in zip(records["segm"], records["bbox"]):
+        mask["bbox"] = box["bbox"]
+    return records["segm"]
 
 
 def show_progress(done: int, total: int, started: float) -> None:
