@@ -21,7 +21,7 @@ except ImportError:  # an install without it: the standard library's parser, slo
 @contextlib.contextmanager
 def collection_paused():
     """The cyclic garbage collector off for a block that makes millions of objects and no cycles (parsing a
-    COCO file, indexing it): its passes over the growing heap took half of a COCO-sized parse."""
+    COCO file, indexing it): its passes over the growing heap would be a large share of the work."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -32,7 +32,7 @@ def collection_paused():
 
 
 def parse_json(raw: bytes):
-    """raw's JSON value, by msgspec where installed (several times faster, and no larger at its peak); what it
+    """raw's JSON value, by msgspec where installed (faster, and no larger at its peak); what it
     refuses (NaN and Infinity literals, numbers past a float's range, a byte-order mark) or cannot read, by the
     standard library's json, whose errors say why."""
     if msgspec is not None:
@@ -114,7 +114,7 @@ def _image_errors(images: list[dict]) -> list[Finding]:
     errors = []
     for image in images:
         width, height = image.get("width"), image.get("height")
-        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        if not (is_pixel_count(width) and is_pixel_count(height)):
             errors.append(Finding("error", STRUCTURE, f"image {image['id']} ({image.get('file_name')}) has width "
                                   f"{width!r} and height {height!r}; each image needs 'width' and 'height' in "
                                   f"pixels, whole numbers above 0"))
@@ -124,6 +124,22 @@ def _image_errors(images: list[dict]) -> list[Finding]:
                                   f"{image.get('file_name')!r} {problem}; file names are relative to the split's "
                                   f"image folder"))
     return errors
+
+
+def is_pixel_count(value) -> bool:
+    """A width or height: a whole number above 0, also written as a decimal (640.0, as some exporters do)."""
+    return (type(value) is int or (type(value) is float and value.is_integer())) and value > 0
+
+
+def _decimal_size_warnings(images: list[dict]) -> list[Finding]:
+    """Sizes written as decimals, which the loader reads as the whole numbers they are."""
+    decimal = [img for img in images if type(img["width"]) is float or type(img["height"]) is float]
+    if not decimal:
+        return []
+    first = decimal[0]
+    return [Finding("warning", "decimal size", f"{len(decimal)} images have a width or height written as a "
+                    f"decimal (first: {first.get('file_name')}, {first['width']}x{first['height']}); they are read "
+                    f"as whole pixels")]
 
 
 def _id_errors(data: dict) -> list[Finding]:
@@ -166,7 +182,7 @@ def annotation_findings(data: dict) -> list[Finding]:
                                      f"the outline (or the box)"))
             if found:
                 warnings += found
-    warnings += _scoring_field_warnings(data["annotations"])
+    warnings += _scoring_field_warnings(data["annotations"]) + _decimal_size_warnings(data["images"])
     used = {a.get("category_id") for a in data["annotations"] if not a.get("iscrowd")}
     unused = [c for c in data["categories"] if c["id"] not in used]
     if unused:

@@ -190,7 +190,7 @@ def load_coco(ann_file: Path) -> CocoIndex:
                 raise UserError(f"{ann_file}: {finding.message}; fix the file (tools/check_dataset.py lists every "
                                 f"problem)")
         kinds = {f.kind for f in findings}
-        if kinds & {"flat polygon", "no area", "no iscrowd"}:
+        if kinds & {"flat polygon", "no area", "no iscrowd", "decimal size"}:
             _complete(data)
         coco = CocoIndex()
         coco.dataset = data
@@ -202,9 +202,11 @@ def load_coco(ann_file: Path) -> CocoIndex:
 
 
 def _complete(data: dict) -> None:
-    """Flat polygons wrapped as one polygon, missing areas computed from the outline (else the box) and a
-    missing iscrowd set to 0, in place: the loader and COCOeval then read them as COCO has them. Run only on
-    files the check found such annotations in."""
+    """Sizes written as decimals made whole numbers, flat polygons wrapped as one polygon, missing areas computed
+    from the outline (else the box) and a missing iscrowd set to 0, in place: the loader and COCOeval then read
+    them as COCO has them. Run only on files the check found such entries in."""
+    for image in data["images"]:
+        image["width"], image["height"] = int(image["width"]), int(image["height"])
     sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
     for ann in data["annotations"]:
         if is_flat_polygon(ann.get("segmentation")):
@@ -397,9 +399,9 @@ def has_outline(ann: dict) -> bool:
     return not ann.get("iscrowd") and bool(ann.get("segmentation")) and counts_for_training(ann)
 
 
-def _labelled_keypoints(anns: list[dict]) -> int:
-    """Labelled keypoints of all of an image's annotations, crowd regions included, as the recipe counts them."""
-    return sum(v > 0 for a in anns for v in a.get("keypoints", [])[2::3])
+def trains_keypoints(anns: list[dict]) -> bool:
+    """Whether an image's annotations, crowd regions included, label enough keypoints for coco_kp training."""
+    return sum(v > 0 for a in anns for v in a.get("keypoints", [])[2::3]) >= MIN_KEYPOINTS_PER_IMAGE
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -434,7 +436,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if train:
             ids = [i for i in ids if any(counts_for_training(a) for a in coco.imgToAnns[i])]
         if train and keypoints:
-            ids = [i for i in ids if _labelled_keypoints(coco.imgToAnns[i]) >= MIN_KEYPOINTS_PER_IMAGE]
+            ids = [i for i in ids if trains_keypoints(coco.imgToAnns[i])]
         self.ids = ids
         self._compact: CompactRecords | None = None
 

@@ -50,6 +50,7 @@ def start_worker_with_malloc_defaults(worker_id: int) -> None:
 
 
 def loader_options(args: argparse.Namespace) -> dict:
+    """The DataLoader settings both splits' loaders share."""
     # Workers restart each epoch so that they see the dataset's epoch (augmentation seeds); they ignore stop
     # signals, which the main process handles; the loader's own generator leaves the global one to the model.
     start_worker = start_worker_with_malloc_defaults if args.reuse_freed_memory else ignore_stop_signals
@@ -122,7 +123,8 @@ def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:
     if checkpoint and checkpoint["categories"] is not None:
         category_map = CategoryMap.from_categories(checkpoint["categories"], args.dataset, keep_ids)
     # The collector stays off while the annotation files become datasets: they are millions of objects without
-    # cycles, and its passes over them took as long as the parsing (the training index is freed before they end).
+    # cycles, and its passes over them would cost as much as the parsing (the training index is freed before
+    # they end).
     with collection_paused():
         train_set = None
         if not args.test_only:

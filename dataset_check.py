@@ -14,12 +14,15 @@ from PIL import Image
 from annotations import STRUCTURE, Finding, annotation_findings, image_path_problem, read_annotation_file
 from coco_utils import (
     IMAGE_READ_ERRORS,
+    MIN_KEYPOINTS_PER_IMAGE,
     NO_OUTLINES,
+    check_person_keypoints,
     counts_for_training,
     has_outline,
     lacking_categories,
     rgb_pixels,
     split_paths,
+    trains_keypoints,
     turned_size,
     upright,
 )
@@ -87,6 +90,7 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     report.class_counts = {names[i]: counts.get(i, 0) for i in sorted(names)}
     report.category_ids = set(names)
     report.findings += training_findings(data) if split == "train" else []
+    report.findings += keypoint_findings(data, ann_file, split) if dataset == "coco_kp" else []
     if trained_categories is not None and (named := lacking_categories(data, trained_categories)):
         report.findings.append(Finding("error", "categories", f"instances of categories the training file lacks: "
                                                               f"{named}; list the same categories in both files"))
@@ -112,9 +116,25 @@ def training_findings(data: dict) -> list[Finding]:
     return []
 
 
+def keypoint_findings(data: dict, ann_file: Path, split: str) -> list[Finding]:
+    """What keeps a file from --dataset coco_kp, as train.py decides it: a category other than COCO's person
+    with its 17 keypoints; for training, no image with enough labelled keypoints."""
+    try:
+        check_person_keypoints(data["categories"], ann_file)
+    except UserError as e:
+        return [Finding("error", "keypoints", str(e))]
+    by_image = defaultdict(list)
+    for ann in data["annotations"]:
+        by_image[ann.get("image_id")].append(ann)
+    if split == "train" and not any(trains_keypoints(anns) for anns in by_image.values()):
+        return [Finding("error", "nothing to train on", f"no image has {MIN_KEYPOINTS_PER_IMAGE} or more labelled "
+                                                        f"keypoints, which keypoint training asks of an image")]
+    return []
+
+
 def missing_files(image_dir: Path, names: Iterable[str]) -> set[str]:
     """The names that are no file in image_dir. Each folder is listed once (COCO's train2017 is one folder of
-    118k files, which one by one took seconds of lookups); a name not found in its folder's listing, such as one
+    118k files, looked up one by one otherwise); a name not found in its folder's listing, such as one
     spelt another way ('a/./b.jpg'), is looked up on its own, so the answer is Path.is_file's."""
     by_folder: dict[str, set[str]] = defaultdict(set)
     for name in names:

@@ -457,6 +457,20 @@ def test_a_missing_area_is_computed_from_the_outline(dataset, tmp_path):
     _samples(ds)
 
 
+def test_sizes_written_as_decimals_are_read_as_whole_pixels(dataset, tmp_path):
+    """Some exporters write 640.0: the file trains, and masks and scoring see the whole numbers."""
+    def edit(data):
+        for image in data["images"]:
+            image["width"], image["height"] = float(image["width"]), float(image["height"])
+
+    expected = build_dataset(dataset, "coco", "train", None)
+    ds = build_dataset(_edited_copy(dataset, tmp_path, "train", edit), "coco", "train", None)
+    assert all(type(info["width"]) is int and type(info["height"]) is int for info in ds.coco.imgs.values())
+    assert ds.coco.imgs == expected.coco.imgs
+    for (_, got), (_, want) in zip(_samples(ds), _samples(expected)):
+        assert torch.equal(got["masks"], want["masks"]) and torch.equal(got["boxes"], want["boxes"])
+
+
 def test_only_a_file_with_instances_the_loader_changes_gets_other_ground_truth_for_scoring(dataset, tmp_path):
     """A sound file is scored against its own index (no pass over its annotations, the same numbers as ever); one
     where the check found an instance the loader leaves out is scored without it, per IoU type."""

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from coco_utils import build_dataset
 from conftest import run_cli
 from dataset_check import missing_files
+from errors import UserError
 from tools.check_dataset import main as check_main
 from tools.make_coco_dataset import DatasetSpec, generate_dataset
 
@@ -146,6 +148,31 @@ def test_val_instances_of_categories_the_training_file_lacks_are_an_error(clean,
     assert status == 1 and "ERROR categories" in report, report
     assert "instances of categories the training file lacks: square (id 103, " in report
     assert check(capsys, root, "--splits", "val")[0] == 0, "nothing to compare with"
+
+
+def _edited_keypoints(keypoint_dataset, tmp_path, edit):
+    root = tmp_path / "figures"
+    shutil.copytree(keypoint_dataset, root)
+    path = root / "annotations" / "person_keypoints_train2017.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda data: data["categories"][0].pop("keypoints"), "needs one category with COCO's 17 person keypoints"),
+    (lambda data: [ann.update(keypoints=[0] * 51) for ann in data["annotations"]], "no image has 10 or more"),
+])
+def test_keypoint_files_are_checked_for_what_keypoint_training_needs(keypoint_dataset, tmp_path, capsys, edit,
+                                                                      message):
+    """As train.py --dataset coco_kp stops on them."""
+    assert check(capsys, keypoint_dataset, "--dataset", "coco_kp")[0] == 0
+    root = _edited_keypoints(keypoint_dataset, tmp_path, edit)
+    status, report = check(capsys, root, "--dataset", "coco_kp")
+    assert status == 1 and message in report, report
+    with pytest.raises(UserError):
+        build_dataset(root, "coco_kp", "train", None)
 
 
 def test_a_few_bad_images_are_a_warning_under_the_limit(clean, tmp_path, capsys):
