@@ -412,9 +412,9 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
 
 
 # Temporary files of write_atomic and share_file (".NAME.*.tmp") for the files train.py and tools/predict.py write
-# there; no other file, since --output-dir may be any folder (the default is the working one)
-_TEMPORARIES = (".*.pth.*.tmp", ".metrics.jsonl.*.tmp", ".predictions*.json.*.tmp", ".curves.png.*.tmp",
-                ".*.jpg.*.tmp", "predictions/epoch_[0-9]*/.*.jpg.*.tmp")
+# there; no other file, since --output-dir may be any folder of the user's
+_TEMPORARIES = (".*.pth.*.tmp", ".metrics.jsonl.*.tmp", ".predictions*.json.*.tmp", ".images.json.*.tmp",
+                ".curves.png.*.tmp", ".*.jpg.*.tmp", "predictions/epoch_[0-9]*/.*.jpg.*.tmp")
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:

@@ -1,8 +1,8 @@
 """Metrics of a run: collected once per logged step as one record, and rendered by writers.
 
 The training loop collects (StepMeters, LogSchedule); writers show what it collected: ConsoleWriter (the
-progress line), JsonlWriter (metrics.jsonl, one JSON object per logged training step and per evaluation) and
-TensorBoardWriter (the same scalars and a few prediction pictures).
+progress line), JsonlWriter (metrics.jsonl, one JSON object per logged training step, per evaluation and per
+epoch's validation losses) and TensorBoardWriter (the same scalars and a few prediction pictures).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Record:
     """What one logged step or evaluation produced. `values` are the numbers (metrics.jsonl's and TensorBoard's);
     `progress` is for the console."""
 
-    kind: str  # "train", "eval", or "test" (evaluation progress: console only)
+    kind: str  # "train", "val" (--val-loss), "eval", or "test" (evaluation progress: console only)
     epoch: int
     global_step: int
     values: dict
@@ -207,6 +207,19 @@ def _keeps(record: dict, epoch: int, step: int | None) -> bool:
     return record["epoch"] < epoch or (record["epoch"] == epoch and (step is None or record["step"] <= step))
 
 
+def read_records(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's lines with their records, leaving out a last line cut short by a kill."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 class JsonlWriter:
     """Appends training and evaluation records to metrics.jsonl. A resumed run first drops what was logged past
     its checkpoint, so that each step and each evaluation is recorded once."""
@@ -219,22 +232,13 @@ class JsonlWriter:
         validation losses stay, which a resumed run that evaluates the epoch does not compute again)."""
         if not self.path.is_file():
             return
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-        kept = [line for line, r in records if _keeps(r, epoch, step)]
+        kept = [line for line, r in read_records(self.path) if _keeps(r, epoch, step)]
         text = "".join(line + "\n" for line in kept).encode()
         write_atomic(self.path, lambda f: f.write(text), remedy=RUN_OUTPUT_REMEDY)
 
     def records(self, kind: str) -> list[dict]:
-        """The records of one type ("train" or "eval") logged so far."""
-        if not self.path.is_file():
-            return []
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        return [r for r in records if r.get("type") == kind]
+        """The records of one type ("train", "val" or "eval") logged so far."""
+        return [r for _, r in read_records(self.path) if r.get("type") == kind]
 
     def write(self, record: Record) -> None:
         if record.kind != "test":

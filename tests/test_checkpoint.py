@@ -388,7 +388,8 @@ def test_temporaries_of_interrupted_writes_are_cleared_and_nothing_else(tmp_path
     from checkpoint import remove_stale_temporaries
 
     names = [".checkpoint.pth.123.tmp", ".predictions_bbox.json.x1y2.tmp", "predictions/epoch_3/.a.jpg.z9.tmp",
-             ".metrics.jsonl.abc.tmp", ".curves.png.q.tmp", ".predictions.json.r.tmp", ".b.jpg.s.tmp",
+             ".metrics.jsonl.abc.tmp", ".curves.png.q.tmp", ".predictions.json.r.tmp", ".images.json.k3.tmp",
+             ".b.jpg.s.tmp",
              ".notes", "notes.tmp", ".editor.tmp", "predictions/epoch_3/a.jpg", "model_1.pth"]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +397,7 @@ def test_temporaries_of_interrupted_writes_are_cleared_and_nothing_else(tmp_path
     remove_stale_temporaries(tmp_path)
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert left == [".editor.tmp", ".notes", "model_1.pth", "notes.tmp", "predictions/epoch_3/a.jpg"], (
-        "a folder of the user's own (the default is the working one) keeps their files")
+        "a folder of the user's own keeps their files")
 
 
 def test_a_file_pruning_cannot_delete_is_a_warning_and_the_rest_go(tmp_path, monkeypatch, capsys):

@@ -34,7 +34,8 @@ def test_truncate_after_keeps_what_the_checkpoint_covers(tmp_path):
             writer.write(_train(epoch, step))
         writer.write(Record("eval", epoch, 3 * epoch + 3, {}))
     with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write('{"type": "train", "epo')  # a line cut short by a kill
+        f.write('{"type": "eval", "epo')  # a line cut short by a kill
+    assert [r["epoch"] for r in writer.records("eval")] == [0, 1], "read before the resume truncates"
     writer.truncate_after(1, 2)
     kept = [(r["type"], r["epoch"], r.get("step")) for r in _records(tmp_path / "metrics.jsonl")]
     assert kept == [("train", 0, 1), ("train", 0, 2), ("train", 0, 3), ("eval", 0, None),

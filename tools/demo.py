@@ -2,16 +2,14 @@
 
     .venv/bin/python tools/demo.py [--output-dir ./output/demo]
 
-About seven minutes on two CPU cores, where it reaches a mask mAP of about 0.1 (a GPU is used when there is
-one). It prints the train.py command it runs,
-so the same can be done by hand, and ends with the box and mask mAP of the last evaluation. Stopped part-way
+A few minutes on a CPU (a GPU is used when there is one). It prints the train.py command it runs, so the
+same can be done by hand, and ends with the box and mask mAP of the last evaluation. Stopped part-way
 (Ctrl-C), it continues from its checkpoint when run again.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import signal
 import subprocess
@@ -23,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from errors import exit_status  # noqa: E402
+from metrics import read_records  # noqa: E402
 from tools.make_coco_dataset import DatasetSpec, generate_dataset  # noqa: E402
 
 # Small images of large shapes and a short schedule: enough for a from-scratch model to find the shapes on
@@ -62,8 +61,7 @@ def demo(args: argparse.Namespace) -> int:
     if returncode != 0:
         return returncode
 
-    records = [json.loads(line) for line in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if r["type"] == "eval"][-1]
+    last = [r for _, r in read_records(Path(args.output_dir) / "metrics.jsonl") if r["type"] == "eval"][-1]
     minutes = (time.time() - started) / 60
     print(f"\nDemo finished in {minutes:.1f} min: box mAP {last['bbox']['AP']:.3f}, "
           f"mask mAP {last['segm']['AP']:.3f} (epoch {last['epoch']}). Output in {args.output_dir}")

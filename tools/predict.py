@@ -1,4 +1,5 @@
-"""Run a trained model on images: pictures with masks, boxes and labels, and one COCO-results JSON.
+"""Run a trained model on images: pictures with masks, boxes and labels, one COCO-results JSON
+(predictions.json) and the images it covers (images.json).
 
     python3 tools/predict.py --checkpoint output/model_best.pth path/to/images/ --output-dir predictions
     python3 tools/predict.py --weights MaskRCNN_ResNet50_FPN_Weights.COCO_V1 'photos/*.jpg' --score-thresh 0.7
