@@ -421,14 +421,17 @@ class CocoEvaluator:
 
 
 def per_category_ap(evaluator, coco_gt: COCO) -> dict[str, float]:
-    """AP at IoU 0.50:0.95, all areas, the most detections, of each category that has ground truth."""
+    """AP at IoU 0.50:0.95, all areas, the most detections, of each category that has ground truth, by name (with
+    the id where categories share a name)."""
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category]
+    uses = Counter(category["name"] for category in coco_gt.cats.values())
     result = {}
     for k, category_id in enumerate(evaluator.params.catIds):
         values = precision[:, :, k]
         values = values[values > -1]
+        name = coco_gt.cats[category_id]["name"]
         if values.size:
-            result[coco_gt.cats[category_id]["name"]] = float(values.mean())
+            result[name if uses[name] == 1 else f"{name} (id {category_id})"] = float(values.mean())
     return result
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 import utils
 from coco_eval import CocoEvaluator, RunLengths, run_lengths, windowed_run_lengths
@@ -25,7 +27,8 @@ STOP_AGREEMENT_MOST_STEPS = 10
 WARMUP_STEPS = 1000
 
 
-def to_device(images, targets, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device
+              ) -> tuple[list[torch.Tensor], list[dict]]:
     """Move a batch to the device; uint8 images become floats in [0, 1] there, and masks (column-major from
     the loader) become row-major there, where that is cheap, rather than in the loader."""
     images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
@@ -37,7 +40,7 @@ def to_device(images, targets, device: torch.device) -> tuple[list[torch.Tensor]
     return images, targets
 
 
-def pop_faults(targets) -> list[str]:
+def pop_faults(targets: Sequence[dict]) -> list[str]:
     """The per-sample faults the dataset attached to a batch's targets, removed from them."""
     return [f for t in targets for f in t.pop("faults", [])]
 
@@ -233,7 +236,7 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def update(model, optimizer: torch.optim.Optimizer, options: TrainOptions) -> None:
+def update(model: nn.Module, optimizer: torch.optim.Optimizer, options: TrainOptions) -> None:
     """One optimizer step from the gradients gathered: unscaled and clipped if asked, through the scaler."""
     scaler = options.scaler
     if options.clip_grad_norm is not None:
@@ -247,7 +250,7 @@ def update(model, optimizer: torch.optim.Optimizer, options: TrainOptions) -> No
         optimizer.step()
 
 
-def training_step(model, optimizer: torch.optim.Optimizer, batches: list, device: torch.device,
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list, device: torch.device,
                   options: TrainOptions) -> dict[str, torch.Tensor]:
     """One optimizer step over its batches (gradients accumulated, each batch's loss weighing 1 / batches);
     returns the mean of the batches' losses, on the device."""
@@ -268,21 +271,14 @@ def training_step(model, optimizer: torch.optim.Optimizer, batches: list, device
     return mean
 
 
-def optimizer_step(model, optimizer: torch.optim.Optimizer, losses: torch.Tensor, options: TrainOptions) -> None:
-    """Backward and update for a loss already computed: gradients through the scaler, clipped if asked."""
-    optimizer.zero_grad(set_to_none=True)
-    backward(losses, options.scaler)
-    update(model, optimizer, options)
-
-
 @dataclass
 class EpochResult:
     steps_done: int
     finished: bool
 
 
-def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: int, options: TrainOptions,
-                    start_step: int = 0) -> EpochResult:
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, device: torch.device,
+                    epoch: int, options: TrainOptions, start_step: int = 0) -> EpochResult:
     """Optimizer steps over data_loader (which yields the epoch's batches from start_step's on) until it ends or
     a stop is requested on any rank; the step in progress always completes. Logged steps become records, whose
     global step is the loader's batch sampler's clock."""
@@ -324,7 +320,7 @@ def train_one_epoch(model, optimizer, data_loader, device: torch.device, epoch: 
 
 
 @contextmanager
-def resized_as_in_evaluation(model) -> Iterator[None]:
+def resized_as_in_evaluation(model: nn.Module) -> Iterator[None]:
     """A block in which a model built to take training images resized by their augmentation (lsj, multiscale:
     torchvision's transform skips its resize in training mode) resizes them itself, as in evaluation."""
     unresized = [m for m in model.modules() if getattr(m, "_skip_resize", False)]
@@ -338,7 +334,7 @@ def resized_as_in_evaluation(model) -> Iterator[None]:
 
 
 @torch.no_grad()
-def validation_losses(model, data_loader, device: torch.device, amp_dtype: torch.dtype | None,
+def validation_losses(model: nn.Module, data_loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
                       stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
     """The model's mean losses over data_loader's batches and every rank's share, changing nothing: no
     gradient, batch norm statistics left as they are (its layers in eval mode), and the random generators
@@ -373,7 +369,8 @@ def compact_masks(probabilities: torch.Tensor) -> RunLengths:
     return run_lengths(probabilities)
 
 
-def predict_batch(model, images, device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:
+def predict_batch(model: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
+                  amp_dtype: torch.dtype | None) -> list[dict]:
     """The model's outputs for a batch, on the CPU, with masks compacted and floats in float32."""
     images, _ = to_device(images, [], device)
     with autocast(device, amp_dtype):
@@ -387,7 +384,7 @@ def predict_batch(model, images, device: torch.device, amp_dtype: torch.dtype | 
     return outputs
 
 
-def padded_size(model, image: torch.Tensor) -> tuple[int, ...]:
+def padded_size(model: nn.Module, image: torch.Tensor) -> tuple[int, ...]:
     """The size image takes in the batch tensor the model makes of it at evaluation: resized as torchvision's
     transform resizes it, then padded to the transform's multiple. A model without that transform: the image's."""
     transform = getattr(model, "transform", None)
@@ -440,7 +437,7 @@ def same_size_batches(items: Iterable, batch_size: int, size_of: Callable[[Any],
     yield from batches.rest()
 
 
-def predict_into(evaluator: CocoEvaluator, model, batch: list[tuple], device: torch.device,
+def predict_into(evaluator: CocoEvaluator, model: nn.Module, batch: list[tuple], device: torch.device,
                  amp_dtype: torch.dtype | None) -> float:
     """Predict a batch of (image, target) pairs into the evaluator; the seconds the model took."""
     started = time.perf_counter()
@@ -451,15 +448,14 @@ def predict_into(evaluator: CocoEvaluator, model, batch: list[tuple], device: to
 
 
 @torch.inference_mode()
-def evaluate(model, data_loader, device: torch.device, evaluator: CocoEvaluator, print_freq: int = 20,
-             amp_dtype: torch.dtype | None = None, faults: FaultLog | None = None,
+def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, evaluator: CocoEvaluator,
+             print_freq: int = 20, amp_dtype: torch.dtype | None = None,
              stop_requested: Callable[[], bool] | None = None) -> dict:
     """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and a
     line of where the time went, and gets the metrics; other ranks get an empty dict. A stop signal (where
     stop_requested is given: during training) ends it unfinished by EvaluationStopped."""
     model.eval()
-    faults = faults or FaultLog(max_share=1.0)
-    faults.start_epoch()
+    faults = FaultLog(max_share=1.0)  # names each unreadable image once; evaluation goes on whatever their number
     batch_size = data_loader.batch_sampler.batch_size
     meters = StepMeters("Test:", 0, len(data_loader), batch_size)
     schedule, console = LogSchedule(print_freq, len(data_loader)), ConsoleWriter()

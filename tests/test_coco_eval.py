@@ -185,6 +185,22 @@ def _edited_val(dataset, root, split_file: str, edit) -> Path:
     return root
 
 
+def test_categories_that_share_a_name_keep_their_own_ap(dataset, tmp_path):
+    """Keyed by name alone, the last of them took the others' place."""
+    def same_name(data):
+        data["categories"][1]["name"] = data["categories"][0]["name"]
+
+    root = _edited_val(dataset, tmp_path / "named", "instances_val2017.json", same_name)
+    ds = build_dataset(root, "coco", "val", None)
+    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox",))
+    evaluator.update(_noisy_outputs(ds, seed=2))
+    metrics = evaluator.summarize()["bbox"]
+    first, second = ds.coco.dataset["categories"][:2]
+    assert {f"{first['name']} (id {first['id']})", f"{first['name']} (id {second['id']})"} <= set(
+        metrics["per_category"])
+    assert np.mean(list(metrics["per_category"].values())) == pytest.approx(metrics["AP"], abs=1e-9)
+
+
 def _scored(root, dataset_name: str, outputs: dict, iou_types: tuple[str, ...], backend: str) -> dict:
     """What CocoEvaluator gives with the dataset's own COCO index, as train.py scores an epoch."""
     ds = build_dataset(root, dataset_name, "val", None)

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import engine
-from engine import FaultLog, PendingLosses, TrainOptions, Warmup, optimizer_step, train_one_epoch, warmup_factor
+from engine import FaultLog, PendingLosses, TrainOptions, Warmup, backward, train_one_epoch, update, warmup_factor
 from errors import UserError
 from group_by_aspect_ratio import ResumableBatchSampler
 
@@ -202,7 +202,8 @@ def test_the_scaler_path_unscales_before_clipping_and_updates_once():
         model = TinyDetector()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         losses = sum(model([torch.ones(3, 2, 2)], [{"image_id": 0}]).values())
-        optimizer_step(model, optimizer, losses, TrainOptions(scaler=scaler, clip_grad_norm=0.05))
+        backward(losses, scaler)
+        update(model, optimizer, TrainOptions(scaler=scaler, clip_grad_norm=0.05))
         updates[name] = model.weight.detach().clone()
         if scaler is not None:
             assert scaler.get_scale() == 2.0**10, "a finite step keeps the scale"
