@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint import write_json_atomic  # noqa: E402
+from coco_eval import run_lengths  # noqa: E402
 from errors import exit_status  # noqa: E402
 
 # Ids are spread out on purpose: COCO's own ids have gaps, and code that assumes 1..K breaks on them.
@@ -127,14 +129,9 @@ def _polygon_area_and_bbox(polygons: list[list[float]], width: int, height: int)
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE: run lengths over the column-major pixels, starting with a run of zeros."""
-    flat = mask.flatten(order="F").astype(np.uint8)
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0] == 1:
-        counts = [0] + counts
-    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+    """COCO's uncompressed RLE of a 0/1 mask, as evaluation writes detections' masks."""
+    runs = run_lengths(torch.tensor(mask, dtype=torch.float32)[None, None])
+    return {"counts": runs.counts[0].tolist(), "size": list(runs.size)}
 
 
 def _place(rng: np.random.Generator, width: int, height: int, radius: float,
