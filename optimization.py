@@ -7,6 +7,7 @@ import argparse
 import math
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 import utils
 from errors import UserError
@@ -86,7 +87,8 @@ def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
                 group[key] = optimizer.defaults[key]
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> LRScheduler:
+    """The per-epoch schedule --lr-scheduler names: steps at --lr-steps (or every --lr-step-size), or cosine."""
     if args.lr_scheduler == "multisteplr":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(args), args.lr_gamma)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
@@ -101,7 +103,7 @@ FLAG_OF = {"initial_lr": "--lr", "weight_decay": "--wd or --norm-weight-decay", 
            "T_max": "--epochs"}
 
 
-def settings_of(optimizer: torch.optim.Optimizer, scheduler) -> dict:
+def settings_of(optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> dict:
     """The optimizer's and the schedule's settings, as this run's flags made them (before a checkpoint loads)."""
     groups = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
     return {"groups": groups, **{k: v for k, v in scheduler.state_dict().items() if k in SCHEDULE_SETTINGS}}
@@ -135,7 +137,7 @@ def check_state_fits(optimizer: torch.optim.Optimizer, saved: dict, source: str)
                         f"resume with the --opt it was trained with, or start from its weights with --weights")
 
 
-def rate_at(scheduler, base_lr: float, epoch: int) -> float:
+def rate_at(scheduler: LRScheduler, base_lr: float, epoch: int) -> float:
     """The learning rate a MultiStepLR or CosineAnnealingLR gives at epoch, from its settings alone."""
     if isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
         passed = sum(n for milestone, n in scheduler.milestones.items() if milestone <= epoch)
@@ -144,7 +146,7 @@ def rate_at(scheduler, base_lr: float, epoch: int) -> float:
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * epoch / scheduler.T_max)) / 2
 
 
-def keep_this_runs_settings(optimizer: torch.optim.Optimizer, scheduler, own: dict, saved_schedule: dict
+def keep_this_runs_settings(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, own: dict, saved_schedule: dict
                             ) -> list[str]:
     """After a checkpoint's optimizer loaded: where this run's flags set other settings (settings_of, taken
     before) than the checkpoint's, this run's apply, and the learning rate follows this run's schedule from the

@@ -37,7 +37,7 @@ class StopRequest:
         """Whether any rank was asked to stop (one all-reduce, which every rank must call); each rank then takes
         the signal (the highest-numbered, should ranks get different ones), so that all say and exit alike."""
         signum = utils.max_over_ranks([signal.Signals[self.signal_name].value if self.signal_name else 0])[0]
-        if signum and self.signal_name is None:
+        if signum:
             self.signal_name = signal.Signals(signum).name
         return signum > 0
 

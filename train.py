@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.utils.data
@@ -44,7 +45,7 @@ from checkpoint import (
     set_aside_previous_run,
 )
 from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
-from coco_utils import DATASET_LAYOUTS, SampleError, add_split_paths
+from coco_utils import DATASET_LAYOUTS, CocoDetection, SampleError, add_split_paths
 from data import Data, load_data
 from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
@@ -82,19 +83,80 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line: torchvision's reference's flags and ours, in groups as --help shows them."""
     parser = ArgumentParser(description=__doc__, add_help=add_help,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
+    add_data_flags(parser.add_argument_group("data"))
+    add_model_flags(parser.add_argument_group("model"))
+    add_optimization_flags(parser.add_argument_group("optimization"))
+    add_run_flags(parser.add_argument_group("run"))
+    add_distributed_flags(parser.add_argument_group("several processes"))
+    add_speed_flags(parser.add_argument_group("speed and memory"))
+    return parser
+
+
+def add_data_flags(group: argparse._ArgumentGroup) -> None:
+    """The dataset, how samples are read and augmented."""
+    add = group.add_argument
     add("--data-path", default="./datasets/coco", help="dataset root with annotations/, train2017/, val2017/")
     add("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS), help="dataset layout")
-    add_split_paths(parser)
-    add("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
-        help=f"torchvision detection model: {', '.join(MODELS)}")
-    add("--device", default="cuda", help="cuda or cpu; without CUDA the run falls back to the CPU")
-    add("-b", "--batch-size", default=2, type=int, help="images per device; total = batch size x processes")
-    add("--epochs", default=26, type=int, help="number of epochs to run")
+    add_split_paths(group)
     add("-j", "--workers", default=default_workers(), type=int,
         help="data loading worker processes per device (default 4, or the CPU cores this process may use if fewer)")
+    add("--aspect-ratio-group-factor", default=3, type=int,
+        help="batch images of similar aspect ratio in 2k+2 groups; -1 turns grouping off")
+    add("--data-augmentation", default="hflip", choices=presets.TRAIN_AUGMENTATIONS,
+        help="training augmentation policy: hflip, lsj (large-scale jitter to 1024x1024), multiscale (short side "
+             "480-800), ssd or ssdlite (photometric distortion, zoom out, IoU crop)")
+    add("--use-copypaste", action="store_true",
+        help="Simple Copy-Paste between the images of a batch (needs --data-augmentation lsj and masks)")
+    add("--use-v2", action="store_true", help="augment with torchvision.transforms.v2 and tv_tensors")
+    add("--backend", default="tensor", type=str.lower, choices=presets.IMAGE_BACKENDS,
+        help="image type the augmentation works on: tensor (fastest here), pil, or tv_tensor (with --use-v2)")
+    add("--repeat-factor-threshold", default=None, type=float, metavar="T",
+        help="repeat-factor sampling for long-tailed data (LVIS): an image repeats by the largest max(1, "
+             "sqrt(T / f)) of its categories, f the share of training images with the category (try 0.001)")
+    add("--max-bad-samples", default=0.01, type=float,
+        help="share of an epoch's images that may be unreadable (skipped) before the run stops")
+    add("--skip-data-check", action="store_true", help="start without looking up every image file first")
+
+
+def add_model_flags(group: argparse._ArgumentGroup) -> None:
+    """The model, its weights and its sizes."""
+    add = group.add_argument
+    add("--model", default="maskrcnn_resnet50_fpn", choices=MODELS, metavar="MODEL",
+        help=f"torchvision detection model: {', '.join(MODELS)}")
+    add("--weights", default=None,
+        help="whole-model weights: a torchvision name (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a .pth path")
+    add("--weights-backbone", default="default",
+        help="backbone weights: a torchvision name read from the torch hub cache, a .pth path, or none; default: "
+             "the ImageNet weights torchvision's recipe uses for the model (ResNet50_Weights.IMAGENET1K_V1, "
+             "MobileNet_V3_Large_Weights.IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_FEATURES)")
+    add("--trainable-backbone-layers", default=None, type=int,
+        help="backbone stages to train with pretrained weights (0-5 for ResNet and VGG, 0-6 for MobileNet; "
+             "default: 3)")
+    add("--num-classes", default=None, type=int,
+        help="classes including background (default: 91 for COCO's own categories, else categories + 1)")
+    add("--min-size", default=None, type=int,
+        help="the model resizes each image's short side to this (default: the model's, 800 for R-CNNs)")
+    add("--max-size", default=None, type=int, help="... keeping its long side at most this (default: 1333)")
+    add("--rois-per-image", default=None, type=int,
+        help="R-CNNs: region proposals sampled per image to train the box and mask heads (default: 512); "
+             "fewer make steps much cheaper when images hold few objects")
+    add("--rpn-score-thresh", default=None, type=float,
+        help="R-CNNs: proposals under this objectness score are left out, in training and evaluation")
+    add("--torchvision-mask-init", action="store_true",
+        help="keep torchvision's initialisation of fresh mask logits, whose scale grows as the classes get fewer "
+             "(by default they start at the scale torchvision gives COCO's 91 classes)")
+    add("--sync-bn", action="store_true", help="synchronise batch norm statistics across processes")
+
+
+def add_optimization_flags(group: argparse._ArgumentGroup) -> None:
+    """Batches, optimizer, schedule, precision and the weights' average."""
+    add = group.add_argument
+    add("-b", "--batch-size", default=2, type=int, help="images per device; total = batch size x processes")
+    add("--epochs", default=26, type=int, help="number of epochs to run")
+    add("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch", help="first epoch number")
     add("--opt", default="sgd", type=str.lower, choices=("sgd", "sgd_nesterov", "adamw"),
         help="optimizer (any case, as torchvision's reference reads it)")
     add("--lr", default=0.02, type=float,
@@ -112,63 +174,69 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--lr-steps", default=None, nargs="+", type=int,
         help="multisteplr: epochs at which the lr is multiplied by --lr-gamma (default: 16 22)")
     add("--lr-gamma", default=0.1, type=float, help="multisteplr: factor at each step")
-    add("--print-freq", default=20, type=int, help="print a progress line every this many optimizer steps")
+    add("--grad-accum-steps", default=1, type=int,
+        help="batches whose gradients add up before each optimizer step: the effective batch is --batch-size x "
+             "processes x this (warm-up, schedule and --print-freq count optimizer steps)")
+    add("--auto-scale-lr", default=None, type=int, metavar="B",
+        help="scale --lr by the effective batch / B (B: the batch --lr was given for; torchvision's recipe: 0.02 "
+             "for 16)")
+    add("--amp", action="store_true", help="mixed precision (autocast; a gradient scaler for float16)")
+    add("--amp-dtype", default=None, choices=sorted(AMP_DTYPES),
+        help="autocast type with --amp (default: float16 on CUDA, bfloat16 on CPU); bfloat16 needs no "
+             "scaler and is the better choice on Ampere and Hopper GPUs")
+    add("--model-ema", action="store_true",
+        help="keep an exponential moving average of the weights; evaluation and model_best.pth use it (the raw "
+             "weights' AP is logged too)")
+    add("--model-ema-decay", default=0.9998, type=float,
+        help="the average's decay per update, ramped up over the first updates")
+    add("--model-ema-steps", default=1, type=int, help="optimizer steps between updates of the average")
+    add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
+    add("--use-deterministic-algorithms", action="store_true", help="only deterministic kernels")
+
+
+def add_run_flags(group: argparse._ArgumentGroup) -> None:
+    """Where the run writes, resuming, evaluation and logging."""
+    add = group.add_argument
+    add("--device", default="cuda", help="cuda or cpu; without CUDA the run falls back to the CPU")
     add("--output-dir", default="output", help="where checkpoints and predictions go")
     add("--resume", default="", help="checkpoint to resume from, or 'auto' for --output-dir/checkpoint.pth")
-    add("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch", help="first epoch number")
-    add("--aspect-ratio-group-factor", default=3, type=int,
-        help="batch images of similar aspect ratio in 2k+2 groups; -1 turns grouping off")
-    add("--rpn-score-thresh", default=None, type=float,
-        help="R-CNNs: proposals under this objectness score are left out, in training and evaluation")
-    add("--trainable-backbone-layers", default=None, type=int,
-        help="backbone stages to train with pretrained weights (0-5 for ResNet and VGG, 0-6 for MobileNet; "
-             "default: 3)")
-    add("--data-augmentation", default="hflip", choices=presets.TRAIN_AUGMENTATIONS,
-        help="training augmentation policy: hflip, lsj (large-scale jitter to 1024x1024), multiscale (short side "
-             "480-800), ssd or ssdlite (photometric distortion, zoom out, IoU crop)")
-    add("--use-copypaste", action="store_true",
-        help="Simple Copy-Paste between the images of a batch (needs --data-augmentation lsj and masks)")
-    add("--use-v2", action="store_true", help="augment with torchvision.transforms.v2 and tv_tensors")
-    add("--backend", default="tensor", type=str.lower, choices=presets.IMAGE_BACKENDS,
-        help="image type the augmentation works on: tensor (fastest here), pil, or tv_tensor (with --use-v2)")
-    add("--sync-bn", action="store_true", help="synchronise batch norm statistics across processes")
     add("--test-only", action="store_true", help="evaluate only (with --resume or --weights)")
-    add("--use-deterministic-algorithms", action="store_true", help="only deterministic kernels")
+    add("--eval-batch-size", default=1, type=int,
+        help="images per device at evaluation, batched by padded size so that any batch gives batch 1's numbers "
+             "(more is faster on GPUs)")
+    add("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
+        help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
+    add("--eval-interval", default=1, type=int, metavar="N",
+        help="evaluate (and --val-loss) after every N-th epoch and after the last one, not after each; --patience "
+             "counts evaluations")
+    add("--val-loss", action="store_true",
+        help="the losses on the validation set after each epoch (nothing in the model changes), logged beside the "
+             "training losses")
+    add("--patience", default=None, type=int, metavar="K",
+        help="stop when the primary AP (mask, keypoint or box) has not improved for K evaluations")
+    add("--print-freq", default=20, type=int, help="print a progress line every this many optimizer steps")
+    add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
+    add("--vis-images", default=4, type=int,
+        help="validation images drawn with their predictions after each evaluation (0: none)")
+    add("--keep-last", default=None, type=int,
+        help="keep only the newest K model_{epoch}.pth files (model_best.pth and checkpoint.pth stay)")
+    add("--debug", action="store_true", help="show the traceback of input errors")
+
+
+def add_distributed_flags(group: argparse._ArgumentGroup) -> None:
+    """Several processes: set by the launcher, or its process group's settings."""
+    add = group.add_argument
     add("--world-size", default=1, type=int, help="number of processes (set by the launcher)")
     add("--dist-url", default="env://", help="how processes find each other")
     add("--dist-backend", default=None, choices=("nccl", "gloo"), help="default: nccl on CUDA, gloo on CPU")
     add("--dist-timeout", default=300, type=int, help="seconds a process waits for the others before failing")
     add("--local-rank", "--local_rank", default=None, type=int, dest="local_rank",
         help="set by torch.distributed.launch without --use_env")
-    add("--weights", default=None,
-        help="whole-model weights: a torchvision name (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a .pth path")
-    add("--weights-backbone", default="default",
-        help="backbone weights: a torchvision name read from the torch hub cache, a .pth path, or none; default: "
-             "the ImageNet weights torchvision's recipe uses for the model (ResNet50_Weights.IMAGENET1K_V1, "
-             "MobileNet_V3_Large_Weights.IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_FEATURES)")
-    add("--amp", action="store_true", help="mixed precision (autocast; a gradient scaler for float16)")
-    add("--amp-dtype", default=None, choices=sorted(AMP_DTYPES),
-        help="autocast type with --amp (default: float16 on CUDA, bfloat16 on CPU); bfloat16 needs no "
-             "scaler and is the better choice on Ampere and Hopper GPUs")
-    add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
-    add("--min-size", default=None, type=int,
-        help="the model resizes each image's short side to this (default: the model's, 800 for R-CNNs)")
-    add("--max-size", default=None, type=int, help="... keeping its long side at most this (default: 1333)")
-    add("--rois-per-image", default=None, type=int,
-        help="R-CNNs: region proposals sampled per image to train the box and mask heads (default: 512); "
-             "fewer make steps much cheaper when images hold few objects")
-    add("--num-classes", default=None, type=int,
-        help="classes including background (default: 91 for COCO's own categories, else categories + 1)")
-    add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
-    add("--vis-images", default=4, type=int,
-        help="validation images drawn with their predictions after each evaluation (0: none)")
-    add("--keep-last", default=None, type=int,
-        help="keep only the newest K model_{epoch}.pth files (model_best.pth and checkpoint.pth stay)")
-    add("--eval-batch-size", default=1, type=int,
-        help="images per device at evaluation, batched by padded size so that any batch gives batch 1's numbers "
-             "(more is faster on GPUs)")
-    add("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
-        help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
+
+
+def add_speed_flags(group: argparse._ArgumentGroup) -> None:
+    """Speed-ups and memory settings (docs/ARCHITECTURE.md says what each changes)."""
+    add = group.add_argument
     add("--no-speedups", action="store_true",
         help="run torchvision's plain model: none of speedups/'s changes (channels-last and shape buckets "
              "included), and torch's default optimizer kernel on GPUs rather than the fused one; the numbers "
@@ -182,9 +250,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add("--cudnn-benchmark", action="store_true",
         help="let cuDNN time its kernels for each new input shape: for fixed-size inputs (SSD); R-CNN heads "
              "change shape every step, which makes it much slower")
-    add("--max-bad-samples", default=0.01, type=float,
-        help="share of an epoch's images that may be unreadable (skipped) before the run stops")
-    add("--skip-data-check", action="store_true", help="start without looking up every image file first")
     add("--release-freed-memory", action=argparse.BooleanOptionalAction, default=True,
         help="after building each batch, data loaders hand the memory freed on the way back to the OS, so that a "
              "worker holds about one batch's worth (--no-release-freed-memory: faster loading, more memory per "
@@ -193,34 +258,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="the main process keeps the memory it frees for its next tensors rather than handing large blocks "
              "back to the OS, which would fault them in afresh on every pass (default: on when the model runs on "
              "the CPU; more resident memory; see docs/PERFORMANCE.md)")
-    add("--grad-accum-steps", default=1, type=int,
-        help="batches whose gradients add up before each optimizer step: the effective batch is --batch-size x "
-             "processes x this (warm-up, schedule and --print-freq count optimizer steps)")
-    add("--auto-scale-lr", default=None, type=int, metavar="B",
-        help="scale --lr by the effective batch / B (B: the batch --lr was given for; torchvision's recipe: 0.02 "
-             "for 16)")
-    add("--model-ema", action="store_true",
-        help="keep an exponential moving average of the weights; evaluation and model_best.pth use it (the raw "
-             "weights' AP is logged too)")
-    add("--model-ema-decay", default=0.9998, type=float,
-        help="the average's decay per update, ramped up over the first updates")
-    add("--model-ema-steps", default=1, type=int, help="optimizer steps between updates of the average")
-    add("--val-loss", action="store_true",
-        help="the losses on the validation set after each epoch (nothing in the model changes), logged beside the "
-             "training losses")
-    add("--eval-interval", default=1, type=int, metavar="N",
-        help="evaluate (and --val-loss) after every N-th epoch and after the last one, not after each; --patience "
-             "counts evaluations")
-    add("--patience", default=None, type=int, metavar="K",
-        help="stop when the primary AP (mask, keypoint or box) has not improved for K evaluations")
-    add("--repeat-factor-threshold", default=None, type=float, metavar="T",
-        help="repeat-factor sampling for long-tailed data (LVIS): an image repeats by the largest max(1, "
-             "sqrt(T / f)) of its categories, f the share of training images with the category (try 0.001)")
-    add("--torchvision-mask-init", action="store_true",
-        help="keep torchvision's initialisation of fresh mask logits, whose scale grows as the classes get fewer "
-             "(by default they start at the scale torchvision gives COCO's 91 classes)")
-    add("--debug", action="store_true", help="show the traceback of input errors")
-    return parser
 
 
 
@@ -233,6 +270,13 @@ def default_workers() -> int:
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Reject counts, shares and rates out of range."""
+    check_counts(args)
+    check_rates(args)
+    check_schedule(args)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Reject counts of workers, epochs, classes, images, pixels and steps out of range."""
     if args.workers < 0:
         raise UserError(f"--workers {args.workers} must be 0 or more")
     if args.epochs < 1 and not args.test_only:
@@ -247,12 +291,23 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+
+
+def check_rates(args: argparse.Namespace) -> None:
+    """Reject negative rates, limits at or below 0 and shares outside 0..1."""
+    for flag, value in (("lr", args.lr), ("momentum", args.momentum), ("wd", args.weight_decay),
+                        ("norm-weight-decay", args.norm_weight_decay), ("lr-gamma", args.lr_gamma)):
+        if value is not None and not value >= 0:  # torch's optimizers refuse most, after the data has loaded
+            raise UserError(f"--{flag} {value} must be 0 or more")
+    for flag in ("clip_grad_norm", "dist_timeout"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise UserError(f"--{flag.replace('_', '-')} {value} must be above 0")
     for flag, low, high in (("max_bad_samples", 0, 1), ("model_ema_decay", 0, 1), ("repeat_factor_threshold", 0, 1),
                             ("rpn_score_thresh", 0, 1)):
         value = getattr(args, flag)
         if value is not None and not low <= value <= high:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a share between {low} and {high}")
-    check_schedule(args)
 
 
 def check_schedule(args: argparse.Namespace) -> None:
@@ -289,6 +344,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_numbers(args)
     check_combinations(args)
     speedups.SpeedupConfig.from_args(args)  # --no-speedups with a flag it would override is an error
+    if args.weights == "":
+        raise UserError("--weights is empty; give a weights name or file, or leave the flag out")
     if args.weights_backbone.lower() == "none":
         args.weights_backbone = None
     elif args.weights_backbone == "default":
@@ -303,16 +360,17 @@ def primary_ap(metrics: dict) -> float:
     return next(metrics[kind]["AP"] for kind in ("segm", "keypoints", "bbox") if kind in metrics)
 
 
-def prediction_pictures(model, dataset, indices: list[int], device: torch.device,
-                        amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Ground truth beside prediction for the given samples of dataset, by image id."""
+def prediction_pictures(model: torch.nn.Module, dataset: CocoDetection, indices: list[int], device: torch.device,
+                        amp_dtype: torch.dtype | None, with_masks: bool) -> dict[str, torch.Tensor]:
+    """Ground truth (with the masks that training reads, for a model that learns them) beside prediction for
+    the given samples of dataset, by image id."""
     model.eval()
     pictures = {}
     with torch.inference_mode():
         for index in indices:
             image_id = dataset.ids[index]
             try:
-                image, target = dataset.load_image(image_id), dataset.load_target(image_id, [])
+                image, target = dataset.load_image(image_id), dataset.load_target(image_id, [], with_masks)
             except SampleError:
                 continue  # already reported by the evaluation that just ran
             images, _ = to_device([image], [], device)
@@ -610,6 +668,7 @@ def nothing_left_to_train(run: Run, checkpoint: dict, foreign: bool) -> bool:
 
 
 def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
+    """The run's end when its checkpoint has trained --epochs already: says so and how to go on; no metrics."""
     utils.print_once(f"--resume {resume}: its run has trained {epochs_trained(checkpoint)} epochs, and --epochs is "
                      f"{epochs}: nothing is left to train; raise --epochs to train more, or evaluate it with "
                      f"--test-only")
@@ -617,6 +676,7 @@ def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
 
 
 def already_stopped(resume: str, checkpoint: dict) -> dict:
+    """The run's end when its checkpoint stopped early (--patience): says so and what to do; no metrics."""
     utils.print_once(f"--resume {resume}: this run stopped early at epoch {checkpoint['epoch']} (--patience), so "
                      f"there is nothing to continue; model_best.pth beside it holds its best weights (to train on "
                      f"regardless, resume from model_{checkpoint['epoch']}.pth, saved before the stop, with a larger "
@@ -642,6 +702,7 @@ def evaluated_weights(state: TrainingState) -> torch.nn.Module:
 
 
 def evaluate_only(run: Run, data: Data, state: TrainingState) -> dict:
+    """--test-only: evaluate the weights (their average where there is one) and write the predictions files."""
     if state.ema is not None:
         utils.print_once("Evaluating the weights' moving average (model_ema)")
     evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state))
@@ -659,14 +720,22 @@ def keep_previous_outputs(output_dir: Path) -> None:
               f"{moved_to}; to continue that run instead, resume from the checkpoint there", flush=True)
 
 
-def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> None:
+def exit_stopped(stop: StopRequest) -> NoReturn:
+    """End a run that every rank agreed to stop at this point: they leave the process group together, as a run
+    that finishes does, and exit with the signal's status."""
+    utils.leave_process_group()
+    sys.exit(stop.exit_code)
+
+
+def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> NoReturn:
+    """A stop signal during an epoch: checkpoint.pth holds the position (epoch and step), then every rank exits."""
     path = run.save(state)
     # Every rank waits for rank 0's checkpoint here: a launcher ends a job's other processes once one exits.
     stop.agreed()
     if path is not None:
         print(f"Stopped by {stop.signal_name} at epoch {state.epoch} step {state.step}; saved {path}. "
               f"Run the same command with --resume auto to continue.", flush=True)
-    sys.exit(stop.exit_code)
+    exit_stopped(stop)
 
 
 def save_epoch(run: Run, state: TrainingState, epoch: int) -> None:
@@ -710,14 +779,15 @@ def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int
     run.writers.write(Record("val", epoch, at, {"time": round(time.time(), 3), **losses}))
 
 
-def report_evaluation(run: Run, data: Data, state: TrainingState, epoch: int, metrics: dict, at: int) -> None:
-    """After an evaluation, on rank 0: the record, model_best.pth, the curves and the prediction pictures."""
+def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: int, metrics: dict, at: int
+                      ) -> None:
+    """After an evaluation, on rank 0: the record, the curves and the evaluated model's prediction pictures."""
     run.writers.write(Record("eval", epoch, at, {"time": round(time.time(), 3), **metrics}))
     plot_curves(run.writers.records("train"), run.writers.records("eval"), run.output_dir / "curves.png",
                 run.writers.records("val"))
     vis_indices = list(range(min(run.args.vis_images, len(data.val_set))))
-    eval_model = speedups.for_inference(evaluated_weights(state), run.device, run.speedups)
-    pictures = prediction_pictures(eval_model, data.val_set, vis_indices, run.device, run.amp_dtype)
+    pictures = prediction_pictures(eval_model, data.val_set, vis_indices, run.device, run.amp_dtype,
+                                   with_masks="segm" in iou_types(run.args.model))
     for name, picture in pictures.items():
         save_jpeg(picture, run.output_dir / "predictions" / f"epoch_{epoch}" / f"{name}.jpg")
     run.writers.add_pictures(pictures, at)
@@ -737,11 +807,11 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
         utils.print_once("Evaluating the raw weights (without the moving average)")
         raw = {"raw": run_evaluation(run, data, state.model, stop_requested)[1]}
         utils.print_once("Evaluating the weights' moving average (model_ema)")
-    evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state), stop_requested)
+    evaluator, metrics, eval_model = run_evaluation(run, data, evaluated_weights(state), stop_requested)
     if run.is_main:
         evaluator.write_results(run.output_dir)
         best.update(metrics, state)
-        report_evaluation(run, data, state, epoch, {**metrics, **raw}, at)
+        report_evaluation(run, data, eval_model, epoch, {**metrics, **raw}, at)
     return metrics
 
 
@@ -763,7 +833,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
                            amp_dtype=run.amp_dtype, clip_grad_norm=args.clip_grad_norm,
                            grad_accum_steps=args.grad_accum_steps, faults=FaultLog(args.max_bad_samples),
                            stop_requested=stop.requested, on_record=run.writers.write,
-                           after_step=average_weights(state, args.model_ema_steps))
+                           after_step=moving_average_updates(state, args.model_ema_steps))
     best, metrics = BestModel(run), {}
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
     if saved_but_not_evaluated(run, state.epoch, state.step):
@@ -786,7 +856,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
         # Agreed, as the steps' stops are: rank 0 is still writing the checkpoint when the others get here.
         if stop.agreed():
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")
-            sys.exit(stop.exit_code)
+            exit_stopped(stop)
         if not evaluation_due(args, epoch):
             continue
         metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
@@ -809,7 +879,7 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
         stop.agreed()  # every rank takes the signal's name, as after a step
         utils.print_once(f"Stopped by {stop.signal_name} during epoch {epoch}'s evaluation; its checkpoint is "
                          f"saved, and --resume auto evaluates it first.")
-        sys.exit(stop.exit_code)
+        exit_stopped(stop)
 
 
 def evaluation_due(args: argparse.Namespace, epoch: int) -> bool:
@@ -827,7 +897,7 @@ def saved_but_not_evaluated(run: Run, epoch: int, step: int | None) -> bool:
     return utils.any_rank(run.is_main and epoch in epochs["train"] and epoch not in epochs["eval"])
 
 
-def average_weights(state: TrainingState, every: int):
+def moving_average_updates(state: TrainingState, every: int) -> Callable[[int], None] | None:
     """What runs after each optimizer step: the moving average's update every `every` steps of the run, across
     epochs (None without one)."""
     if state.ema is None:
@@ -881,6 +951,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def run_and_leave(args: argparse.Namespace) -> None:
+    """main, after the version check; a run that ends well leaves its process group with the others."""
     utils.check_versions()
     main(args)
     utils.leave_process_group()

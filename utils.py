@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import os
 import random
 import time
+from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +36,7 @@ def check_versions() -> None:
 
 # ---------------------------------------------------------------------------------------------- distributed
 
-def init_distributed_mode(args) -> None:
+def init_distributed_mode(args: argparse.Namespace) -> None:
     """Fill args.rank, args.world_size, args.gpu, args.distributed from the launcher's environment."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.rank = int(os.environ["RANK"])
@@ -85,7 +88,7 @@ def is_main_process() -> bool:
     return os.environ["RANK"] == "0"
 
 
-def all_gather_object(obj) -> list:
+def all_gather_object(obj: Any) -> list:
     """Every rank's obj, in rank order (a one-item list when not distributed)."""
     if get_world_size() == 1:
         return [obj]
@@ -174,7 +177,7 @@ def generator_for(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
-def random_state_kept(device: torch.device):
+def random_state_kept(device: torch.device) -> AbstractContextManager[None]:
     """A block whose draws from torch's generators (CPU, and the device's) leave them as they were, so that
     the training's random sequence does not depend on what runs between its steps (evaluation, validation)."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

@@ -12,6 +12,7 @@ docs/PERFORMANCE.md.
 
 from __future__ import annotations
 
+import argparse
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ class SpeedupConfig:
         return self.enabled and device.type == "cuda"
 
     @classmethod
-    def from_args(cls, args) -> SpeedupConfig:
+    def from_args(cls, args: argparse.Namespace) -> SpeedupConfig:
+        """The speed-ups train.py's flags ask for (--no-speedups, --channels-last, --shape-buckets, --amp)."""
         return cls(not args.no_speedups, args.channels_last, args.shape_buckets, autocast=args.amp)
 
 

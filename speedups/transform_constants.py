@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from .exact import same_tensors
 from .mixins import exporting, kept_like, mix_into
 
 
@@ -115,8 +116,8 @@ def transformed_both_ways(training: bool) -> tuple[tuple, tuple]:
 def same_transform(got: tuple, want: tuple) -> bool:
     """Whether two transformed batches are equal: images, sizes and every target tensor."""
     (images, sizes, targets), (want_images, want_sizes, want_targets) = got, want
-    return (torch.equal(images, want_images) and sizes == want_sizes
-            and all(a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    return (same_tensors([images], [want_images]) and sizes == want_sizes and len(targets) == len(want_targets)
+            and all(a.keys() == b.keys() and same_tensors([a[k] for k in a], [b[k] for k in a])
                     for a, b in zip(targets, want_targets)))
 
 

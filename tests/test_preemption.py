@@ -168,3 +168,6 @@ def test_ranks_agree_on_the_signal_one_of_them_received(monkeypatch):
     monkeypatch.setattr(preemption.utils, "max_over_ranks", lambda values: [max(values[0], signal.SIGTERM.value)])
     quiet = StopRequest()
     assert quiet.agreed() and quiet.signal_name == "SIGTERM" and quiet.exit_code == 143
+    interrupted = StopRequest()
+    interrupted.signal_name = "SIGINT"  # a terminal's Ctrl-C here, a launcher's SIGTERM on another rank
+    assert interrupted.agreed() and interrupted.exit_code == 143, "every rank exits alike"

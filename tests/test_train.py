@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import train
-from coco_utils import CategoryMap
+from coco_utils import CategoryMap, build_dataset
 from conftest import SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
 from errors import UserError
 from models import MODELS
@@ -188,6 +188,11 @@ BAD_INPUTS = [
     (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (["--keep-last", "0"], "--keep-last 0 must be at least 1"),
     (["--workers", "-1"], "--workers -1 must be 0 or more"),
+    (["--lr", "-0.01"], "--lr -0.01 must be 0 or more"),
+    (["--wd", "-1"], "--wd -1.0 must be 0 or more"),
+    (["--momentum", "nan"], "--momentum nan must be 0 or more"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm 0.0 must be above 0"),
+    (["--weights", ""], "--weights is empty"),
     (["--lr-steps", "8", "4"], "must be increasing"),
     (["--num-classes", "3"], "--num-classes 3 is too small: the categories need 5 (the largest label + 1, "
                              "background included; labels 1..K)"),
@@ -352,6 +357,29 @@ def test_curves_prediction_pictures_and_best_model(trained, dataset):
             assert img.format == "JPEG" and img.size == sizes[picture.stem]
     assert (out / "model_best.pth").is_file() and "New best AP" in result.stdout
     assert "AP per category" in result.stdout
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_prediction_pictures_show_the_instances_training_reads(dataset, tmp_path, monkeypatch, with_masks):
+    """A box model's pictures of a file without outlines show its boxes (not instances dropped for want of a
+    mask); a mask model's show the masks."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset / "annotations", root / "annotations")
+    (root / "val2017").symlink_to(dataset / "val2017")
+    val_file = root / "annotations" / "instances_val2017.json"
+    data = json.loads(val_file.read_text())
+    for ann in data["annotations"]:
+        ann["segmentation"] = ann["segmentation"] if with_masks or ann["iscrowd"] else []
+    val_file.write_text(json.dumps(data))
+    val_set = build_dataset(root, "coco", "val", None)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=val_set.category_map.num_classes)
+    targets = []
+    monkeypatch.setattr(train, "side_by_side", lambda image, target, output, names: targets.append(target))
+    indices = list(range(len(val_set)))
+    train.prediction_pictures(model, val_set, indices, torch.device("cpu"), None, with_masks)
+    assert len(targets) == len(indices) and sum(len(t["boxes"]) for t in targets) > 0
+    assert all(len(t["masks"]) == len(t["boxes"]) if with_masks else "masks" not in t for t in targets)
 
 
 def test_predict_on_a_folder(trained, dataset, tmp_path):
