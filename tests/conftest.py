@@ -41,6 +41,17 @@ def drop_checkpoints_after_test(request):
             path.unlink()
 
 
+@pytest.fixture(autouse=True)
+def nothing_written_into_the_repository():
+    """A CLI run without --output-dir writes into output/ of its working folder, which run_cli makes the
+    repository: every test gives its own folder instead."""
+    default_output = ROOT / "output"
+    existed = default_output.exists()
+    yield
+    assert existed or not default_output.exists(), "a train.py run of this test (or of one running beside it) " \
+        "wrote into the repository's output/: give it --output-dir"
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A generated COCO-layout dataset with every oddity the generator makes, at 96 px."""

@@ -183,7 +183,8 @@ def test_a_few_bad_images_are_a_warning_under_the_limit(clean, tmp_path, capsys)
 
 def test_training_stops_early_on_missing_images(clean, tmp_path):
     root = _plant(clean, tmp_path, FAULTS["missing image"][0])
-    result = run_cli("train.py", "--data-path", str(root), "--device", "cpu", "--weights-backbone", "none")
+    result = run_cli("train.py", "--data-path", str(root), "--device", "cpu", "--weights-backbone", "none",
+                     "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2 and "train data: 1 of 10 images cannot be used" in result.stderr
 
 
