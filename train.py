@@ -260,7 +260,6 @@ def add_speed_flags(group: argparse._ArgumentGroup) -> None:
              "the CPU; more resident memory; see docs/PERFORMANCE.md)")
 
 
-
 def default_workers() -> int:
     """4 loader workers, as torchvision's reference, or the cores this process may use if fewer: more only adds
     processes that wait (and torch warns of them)."""
