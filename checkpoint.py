@@ -80,8 +80,8 @@ def writing(path: Path, remedy: str = CHECKPOINT_REMEDY) -> Iterator[None]:
         cause = _first_along_chain(e, (OSError, KeyboardInterrupt))
         if cause is None:
             raise
-        if isinstance(cause, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+        if isinstance(cause, KeyboardInterrupt):  # a Ctrl-C, or errors.Terminated: raised again as it was
+            raise cause from None
         raise UserError(f"could not write {path}: {_cause(cause)}; {remedy}") from None
 
 
@@ -149,6 +149,8 @@ def share_file(source: Path, target: Path) -> None:
 def load_file(path: str | Path, flag: str) -> dict:
     """torch.load with weights_only=True: code hidden in a pickle is refused, never run."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file in it, such as {path / 'checkpoint.pth'}")
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file; check the path")
     with path.open("rb") as f:

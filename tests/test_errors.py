@@ -1,8 +1,13 @@
-"""Every command line's ending: bad input and a Ctrl-C as one line and an exit status, not a traceback."""
+"""Every command line's ending: bad input, a Ctrl-C and a SIGTERM as one line and an exit status, not a
+traceback."""
+
+import os
+import signal
+import time
 
 import pytest
 
-from errors import INTERRUPTED_STATUS, UserError, exit_status
+from errors import INTERRUPTED_STATUS, TERMINATED_STATUS, UserError, exit_status
 
 
 def _raise(error: BaseException):
@@ -24,6 +29,26 @@ def test_bad_input_is_one_line_and_status_2(capsys):
 def test_a_ctrl_c_says_what_it_left_and_exits_as_a_shell_reports_sigint(capsys):
     assert exit_status(_raise(KeyboardInterrupt()), "nothing was written") == INTERRUPTED_STATUS == 130
     assert capsys.readouterr().err == "interrupted by Ctrl-C: nothing was written\n"
+
+
+def test_a_sigterm_says_what_it_left_and_exits_as_a_shell_reports_it(capsys):
+    """Python's default would end the process at once without a word (a scheduler's stop, a launcher's)."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    assert exit_status(command, "nothing was written") == TERMINATED_STATUS == 143
+    assert capsys.readouterr().err == "interrupted by SIGTERM: nothing was written\n"
+    assert signal.getsignal(signal.SIGTERM) is before, "the handler is the command's only"
+
+
+def test_a_launchers_process_keeps_the_default_sigterm(monkeypatch):
+    """A handler would run only once a wait for the other processes in C ends: the default ends it at once."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert exit_status(lambda: int(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL), "unused") == 0
 
 
 @pytest.mark.parametrize("error", [UserError("bad"), KeyboardInterrupt()])

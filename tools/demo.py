@@ -69,13 +69,17 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def run_training(command: list[str]) -> int:
-    """Run train.py and return its exit status. A terminal's Ctrl-C reaches train.py as well, which stops with a
-    checkpoint: the demo waits for it rather than stopping first and killing it."""
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)  # a handler, not SIG_IGN: exec resets it
+    """Run train.py and return its exit status. A terminal's Ctrl-C (or a SIGTERM to the process group, as
+    timeout and schedulers send) reaches train.py as well, which stops with a checkpoint: the demo waits for it
+    rather than stopping first and killing it."""
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    # Handlers, not SIG_IGN, which the child would inherit through exec.
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in stop_signals}
     try:
         return subprocess.run(command, cwd=ROOT).returncode
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
