@@ -169,10 +169,10 @@ def annotation_findings(data: dict) -> list[Finding]:
         image = images.get(ann.get("image_id"))
         if image is None:
             errors.append(Finding("error", "unknown image id", f"annotation {ann.get('id')} points at image id "
-                                  f"{ann.get('image_id')}, which is not in 'images'"))
+                                  f"{ann.get('image_id')!r}, which is not in 'images'"))
         elif ann.get("category_id") not in category_ids:
             errors.append(Finding("error", "unknown category id", f"annotation {ann.get('id')} has category id "
-                                  f"{ann.get('category_id')}, which is not in 'categories'"))
+                                  f"{ann.get('category_id')!r}, which is not in 'categories'"))
         else:
             annotated.add(image["id"])
             found = _box_warnings(ann, image)

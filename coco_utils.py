@@ -384,6 +384,17 @@ def _scoring_index(coco: CocoIndex, with_masks: bool) -> COCO:
 NO_OUTLINES = "no instance has an outline to learn a mask from (a 'segmentation'; crowd regions are not learned)"
 
 
+NOTHING_TO_SCORE = ("no instance (crowd regions aside) with a usable box to score predictions against, so every AP "
+                    "would be -1; give a val file with annotations (tools/predict.py runs a model on images "
+                    "without them)")
+
+
+def counts_for_scoring(ann: dict) -> bool:
+    """Whether box scoring matches predictions against the instance: one with a usable box that is not a crowd
+    region."""
+    return not ann.get("iscrowd") and finite_box(ann.get("bbox"))
+
+
 def counts_for_training(ann: dict) -> bool:
     """The recipe's filter: an image trains if any of its annotations, crowd regions included, has a box with
     extent (crowd regions then leave the targets, so such an image trains as background)."""
@@ -648,6 +659,8 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
     if len(ds) == 0:
         what = "annotated image" if split == "train" else "image"
         raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")
+    if split == "val" and not any(counts_for_scoring(a) for a in coco.dataset["annotations"]):
+        raise UserError(f"{ann_file}: {NOTHING_TO_SCORE}")
     if ds.with_masks and not any(has_outline(a) for a in coco.dataset["annotations"]):
         raise UserError(f"{ann_file}: {NO_OUTLINES}, and the model learns masks; train a box model such as --model "
                         f"fasterrcnn_resnet50_fpn, or add the outlines")

@@ -16,7 +16,9 @@ from coco_utils import (
     IMAGE_READ_ERRORS,
     MIN_KEYPOINTS_PER_IMAGE,
     NO_OUTLINES,
+    NOTHING_TO_SCORE,
     check_person_keypoints,
+    counts_for_scoring,
     counts_for_training,
     has_outline,
     lacking_categories,
@@ -89,7 +91,7 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
     report.class_counts = {names[i]: counts.get(i, 0) for i in sorted(names)}
     report.category_ids = set(names)
-    report.findings += training_findings(data) if split == "train" else []
+    report.findings += training_findings(data) if split == "train" else validation_findings(data)
     report.findings += keypoint_findings(data, ann_file, split) if dataset == "coco_kp" else []
     if trained_categories is not None and (named := lacking_categories(data, trained_categories)):
         report.findings.append(Finding("error", "categories", f"instances of categories the training file lacks: "
@@ -113,6 +115,13 @@ def training_findings(data: dict) -> list[Finding]:
     if not any(has_outline(a) for a in data["annotations"]):
         return [Finding("warning", "no outlines", f"{NO_OUTLINES}: models that learn masks (maskrcnn_*) stop on "
                                                   f"this file, box models train on it")]
+    return []
+
+
+def validation_findings(data: dict) -> list[Finding]:
+    """What keeps a val file from scoring, as train.py decides it: no instance to score against."""
+    if not any(counts_for_scoring(a) for a in data["annotations"]):
+        return [Finding("error", "nothing to score", NOTHING_TO_SCORE)]
     return []
 
 

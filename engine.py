@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -49,8 +50,8 @@ class FaultLog:
     """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and knows when more
     than max_share of the epoch's samples (this rank's share of them) could not be read."""
 
-    def __init__(self, max_share: float) -> None:
-        self.max_share = max_share
+    def __init__(self, max_share: float, scope: str = "this epoch") -> None:
+        self.max_share, self.scope = max_share, scope
         self.seen: set[str] = set()
         self.epoch_faults: set[str] = set()
         self.samples_in_epoch = 0
@@ -81,9 +82,9 @@ class FaultLog:
     def limit_error(self) -> UserError:
         """The error that stops the run, worded for this rank: its own count, or another rank's."""
         if not self.over_limit:
-            return UserError(f"another process found more unreadable samples this epoch than --max-bad-samples "
+            return UserError(f"another process found more unreadable samples {self.scope} than --max-bad-samples "
                              f"{self.max_share:g} allows; fix the files it named or raise --max-bad-samples")
-        return UserError(f"{self.skipped} of {self.samples_in_epoch} samples could not be read this epoch, more "
+        return UserError(f"{self.skipped} of {self.samples_in_epoch} samples could not be read {self.scope}, more "
                          f"than --max-bad-samples {self.max_share:g} allows; fix the files named above or raise "
                          f"--max-bad-samples")
 
@@ -450,22 +451,23 @@ def predict_into(evaluator: CocoEvaluator, model: nn.Module, batch: list[tuple],
 @torch.inference_mode()
 def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, evaluator: CocoEvaluator,
              print_freq: int = 20, amp_dtype: torch.dtype | None = None,
-             stop_requested: Callable[[], bool] | None = None) -> dict:
+             stop_requested: Callable[[], bool] | None = None, max_bad_samples: float = 1.0) -> dict:
     """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and a
     line of where the time went, and gets the metrics; other ranks get an empty dict. A stop signal (where
-    stop_requested is given: during training) ends it unfinished by EvaluationStopped."""
+    stop_requested is given: during training) ends it unfinished by EvaluationStopped. Unreadable images are
+    left out of the scores, with a warning, up to max_bad_samples of a rank's share (then a UserError)."""
     model.eval()
-    faults = FaultLog(max_share=1.0)  # names each unreadable image once; evaluation goes on whatever their number
+    faults = FaultLog(max_bad_samples, scope="in this evaluation")
     batch_size = data_loader.batch_sampler.batch_size
     meters = StepMeters("Test:", 0, len(data_loader), batch_size)
     schedule, console = LogSchedule(print_freq, len(data_loader)), ConsoleWriter()
     batches = SameSizeBatches(batch_size, lambda sample: padded_size(model, sample[0]))
-    agreement = StopAgreement()
+    agreement = StopAgreement(faults)
     started = time.perf_counter()
     model_seconds = 0.0
     for step, (images, targets) in enumerate(meters.timed(data_loader), start=1):
         stop_evaluation_if_agreed(agreement, step - 1, stop_requested)
-        faults.add(pop_faults(targets), len(data_loader.dataset))
+        faults.add(pop_faults(targets), len(data_loader.sampler))
         for batch in batches.add(zip(images, targets)):
             model_seconds += predict_into(evaluator, model, batch, device, amp_dtype)
         meters.step_done()
@@ -473,6 +475,10 @@ def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, ev
             console.write(meters.record("test", 0, step, step))
     for batch in batches.rest():
         model_seconds += predict_into(evaluator, model, batch, device, amp_dtype)
+    stop_agreed_now(False, faults)  # the faults of the batches since the ranks last agreed
+    if faults.skipped:
+        print(f"warning: {faults.skipped} of {faults.samples_in_epoch} images could not be read (named above); "
+              f"the scores leave them out", file=sys.stderr, flush=True)
     utils.print_once(meters.summary(len(data_loader)))
     loop_seconds = time.perf_counter() - started
     evaluator.synchronize_between_processes()

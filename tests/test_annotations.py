@@ -60,6 +60,8 @@ def _coco(**changes) -> dict:
     ({"images": lambda i: i[0].update(width=50.0)}, "warning", "decimal size",
      "1 images have a width or height written as a decimal (first: a.jpg, 50.0x40); they are read as whole pixels"),
     ({"categories": lambda c: c[0].pop("name")}, "error", annotations.STRUCTURE, "category 3 has no 'name'"),
+    ({"annotations": lambda a: a.append({**a[0], "id": 8, "category_id": "3"})}, "error", "unknown category id",
+     "annotation 8 has category id '3', which is not in 'categories'"),
     ({"annotations": lambda a: a[0].update(segmentation={"size": [10, 10], "counts": "PP"})}, "warning",
      "segmentation format", "is RLE of size [10, 10], not the image's [40, 50]"),
     ({"annotations": lambda a: a[0].update(segmentation={"size": [40, 50]})}, "warning", "segmentation format",

@@ -175,6 +175,21 @@ def test_keypoint_files_are_checked_for_what_keypoint_training_needs(keypoint_da
         build_dataset(root, "coco_kp", "train", None)
 
 
+def test_a_val_file_without_instances_to_score_is_an_error(clean, tmp_path, capsys):
+    """Every AP would be -1, and model_best.pth chosen by it: train.py stops as the check does."""
+    root = tmp_path / "unlabelled"
+    shutil.copytree(clean, root)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    boxless = next(a for a in data["annotations"] if not a["iscrowd"])
+    data["annotations"] = [a for a in data["annotations"] if a["iscrowd"]] + [{**boxless, "bbox": None}]
+    path.write_text(json.dumps(data))
+    status, report = check(capsys, root, "--splits", "val")
+    assert status == 1 and "ERROR nothing to score" in report, report
+    with pytest.raises(UserError, match="no instance .crowd regions aside. with a usable box to score predictions"):
+        build_dataset(root, "coco", "val", None)
+
+
 def test_a_few_bad_images_are_a_warning_under_the_limit(clean, tmp_path, capsys):
     root = _plant(clean, tmp_path, FAULTS["missing image"][0])
     status, report = check(capsys, root, "--splits", "train", "--max-bad-samples", "0.2")

@@ -421,6 +421,17 @@ class OutputRecorder(IdRecorder):
         return {}
 
 
+def test_unreadable_images_are_left_out_of_an_evaluation_with_a_warning_up_to_the_limit(capsys):
+    evaluator = OutputRecorder()
+    engine.evaluate(EmptyDetector(), loader(count=10, batch_size=2, faulty=(3,)), CPU, evaluator, max_bad_samples=0.1)
+    assert "warning: 1 of 10 images could not be read (named above); the scores leave them out" in (
+        capsys.readouterr().err)
+    with pytest.raises(UserError, match="2 of 10 samples could not be read in this evaluation, more than "
+                                        "--max-bad-samples 0.1 allows"):
+        engine.evaluate(EmptyDetector(), loader(count=10, batch_size=2, faulty=(3, 7)), CPU, OutputRecorder(),
+                        max_bad_samples=0.1)
+
+
 class MixedSizes(torch.utils.data.Dataset):
     """Images of assorted sizes, several of which torchvision's transform (96-128 px) batches to one size."""
 
