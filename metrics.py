@@ -142,11 +142,12 @@ class StepMeters:
 
     def summary(self, steps_done: int) -> str:
         elapsed = time.time() - self.started
-        return (f"{self.header} Total time: {datetime.timedelta(seconds=int(elapsed))} "
+        return (f"{self.header} Total time: {duration(elapsed)} "
                 f"({elapsed / max(steps_done, 1):.4f} s / it)")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as the console shows a duration: H:MM:SS."""
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
@@ -160,9 +161,9 @@ class ConsoleWriter:
         progress = record.progress
         if progress is None:
             return
-        eta = _duration(progress.eta_seconds)
+        eta = duration(progress.eta_seconds)
         if progress.run_eta_seconds is not None:
-            eta += f" (run {_duration(progress.run_eta_seconds)})"
+            eta += f" (run {duration(progress.run_eta_seconds)})"
         width = len(str(progress.total))
         parts = [progress.header, f"[{progress.step:{width}d}/{progress.total}]", f"eta: {eta}"]
         parts += [f"lr: {record.values['lr']:.6f}"] if "lr" in record.values else []

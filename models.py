@@ -97,6 +97,8 @@ def resolve_weights(spec: str, flag: str, kind: type[WeightsEnum] | None = None)
     a name must be of the given kind of weights when one is given."""
     path = Path(spec).expanduser()
     if _is_path(spec):
+        if path.is_dir():
+            raise UserError(f"{flag} {spec} is a folder; give a .pth file in it")
         if not path.is_file():
             raise UserError(f"{flag} {spec}: no such file; give an existing .pth file or a torchvision "
                             f"weights name such as {DEFAULT_BACKBONE_WEIGHTS}")

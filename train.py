@@ -17,8 +17,8 @@ batch size.
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
+import math
 import os
 import sys
 import time
@@ -60,7 +60,7 @@ from engine import (
 )
 from errors import UserError, exit_status
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
-from metrics import Record, Writers
+from metrics import Record, Writers, duration
 from models import (
     MODELS,
     build_model,
@@ -117,7 +117,8 @@ def add_data_flags(group: argparse._ArgumentGroup) -> None:
         help="repeat-factor sampling for long-tailed data (LVIS): an image repeats by the largest max(1, "
              "sqrt(T / f)) of its categories, f the share of training images with the category (try 0.001)")
     add("--max-bad-samples", default=0.01, type=float,
-        help="share of an epoch's images that may be unreadable (skipped) before the run stops")
+        help="share of an epoch's or an evaluation's images that may be unreadable (skipped) before the run "
+             "stops")
     add("--skip-data-check", action="store_true", help="start without looking up every image file first")
 
 
@@ -276,8 +277,9 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 def check_counts(args: argparse.Namespace) -> None:
     """Reject counts of workers, epochs, classes, images, pixels and steps out of range."""
-    if args.workers < 0:
-        raise UserError(f"--workers {args.workers} must be 0 or more")
+    for flag in ("workers", "vis_images"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be 0 or more")
     if args.epochs < 1 and not args.test_only:
         raise UserError(f"--epochs {args.epochs} must be at least 1")
     if not 0 <= args.start_epoch < args.epochs and not args.test_only:
@@ -296,8 +298,8 @@ def check_rates(args: argparse.Namespace) -> None:
     """Reject negative rates, limits at or below 0 and shares outside 0..1."""
     for flag, value in (("lr", args.lr), ("momentum", args.momentum), ("wd", args.weight_decay),
                         ("norm-weight-decay", args.norm_weight_decay), ("lr-gamma", args.lr_gamma)):
-        if value is not None and not value >= 0:  # torch's optimizers refuse most, after the data has loaded
-            raise UserError(f"--{flag} {value} must be 0 or more")
+        if value is not None and not 0 <= value < math.inf:  # torch refuses most, after the data has loaded
+            raise UserError(f"--{flag} {value} must be finite, 0 or more")
     for flag in ("clip_grad_norm", "dist_timeout"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
@@ -385,7 +387,11 @@ def resolve_resume(args: argparse.Namespace) -> str:
     if args.resume != "auto":
         return args.resume
     path = Path(args.output_dir) / "checkpoint.pth"
-    return str(path) if path.is_file() else ""
+    if path.is_file():
+        return str(path)
+    if not args.test_only:  # a mistyped --output-dir would otherwise start afresh without a word
+        utils.print_once(f"--resume auto: no {path} yet, so this is a new run")
+    return ""
 
 
 def load_checkpoint(path: str) -> dict:
@@ -691,7 +697,7 @@ def run_evaluation(run: Run, data: Data, model: torch.nn.Module, stop_requested:
                               run.args.coco_backend)
     eval_model = speedups.for_inference(model, run.device, run.speedups)
     metrics = evaluate(eval_model, data.val_loader, run.device, evaluator, run.args.print_freq, run.amp_dtype,
-                       stop_requested=stop_requested)
+                       stop_requested=stop_requested, max_bad_samples=run.args.max_bad_samples)
     return evaluator, metrics, eval_model
 
 
@@ -863,7 +869,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
             stop_early(run, state, best)
             break
     run.writers.close()
-    utils.print_once(f"Training time {datetime.timedelta(seconds=int(time.time() - started))}")
+    utils.print_once(f"Training time {duration(time.time() - started)}")
     return metrics
 
 

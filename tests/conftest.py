@@ -46,10 +46,15 @@ def nothing_written_into_the_repository():
     """A CLI run without --output-dir writes into output/ of its working folder, which run_cli makes the
     repository: every test gives its own folder instead."""
     default_output = ROOT / "output"
-    existed = default_output.exists()
+
+    def contents():
+        return sorted((p.name, p.stat().st_mtime_ns) for p in default_output.iterdir()) if default_output.exists() \
+            else None
+
+    before = contents()
     yield
-    assert existed or not default_output.exists(), "a train.py run of this test (or of one running beside it) " \
-        "wrote into the repository's output/: give it --output-dir"
+    assert contents() == before, "a train.py run of this test (or of one running beside it) wrote into the " \
+        "repository's output/: give it --output-dir"
 
 
 @pytest.fixture(scope="session")

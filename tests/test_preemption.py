@@ -41,6 +41,7 @@ def test_a_stop_signal_saves_the_position_and_the_resumed_run_replays_the_rest(t
     output = _stop_at(process, tmp_path, epoch=0, step=2, sig=signal.SIGINT)
     assert process.returncode == 128 + signal.SIGINT.value, output
     assert "Stopped by SIGINT at epoch 0 step" in output
+    assert f"--resume auto: no {tmp_path / 'checkpoint.pth'} yet, so this is a new run" in output
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 0 and 2 <= checkpoint["step"] < 4
     assert not (tmp_path / "model_0.pth").exists(), "only complete epochs get a model_{epoch}.pth"

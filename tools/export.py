@@ -42,7 +42,7 @@ from coco_utils import SampleError, read_rgb  # noqa: E402
 from errors import UserError, exit_status  # noqa: E402
 from models import MODELS  # noqa: E402
 from tools.make_coco_dataset import DatasetSpec, make_image  # noqa: E402
-from tools.predict import check_sizes, first_images, load_model  # noqa: E402
+from tools.predict import check_sizes_and_score, first_images, load_model  # noqa: E402
 
 DATA_IMAGES = 3  # images taken from --data-path
 BLANK_GRAY = 128
@@ -146,6 +146,8 @@ def run_benchmark(model: torch.nn.Module, onnx_model: deploy.OnnxModel, image: t
 
 def check_output(output: Path) -> None:
     """--output names a file that can be written, before minutes of work, not after."""
+    if output.parent.exists() and not output.parent.is_dir():
+        raise UserError(f"--output {output}: {output.parent} is a file, not a folder; choose another --output")
     if not output.parent.is_dir():
         raise UserError(f"--output {output}: folder {output.parent} does not exist; create it or choose another")
     if output.is_dir():
@@ -163,8 +165,10 @@ def export_and_check(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if args.opset < 16:
         raise UserError(f"--opset {args.opset} is too old for torchvision's RoIAlign; give 16 or more")
+    if args.benchmark < 0:
+        raise UserError(f"--benchmark {args.benchmark} must be 0 (no timing) or more rounds")
     check_output(output)
-    check_sizes(args)
+    check_sizes_and_score(args)
     for module in ("onnx", "onnxruntime"):  # before minutes of work, not after
         deploy.require(module)
     model, category_map, name = load_model(args)

@@ -174,20 +174,20 @@ def check_args(args: argparse.Namespace) -> None:
     """Flags that would be ignored or fail late, refused before anything loads."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
-    check_sizes(args)
-    if not 0 <= args.score_thresh <= 1:
-        raise UserError(f"--score-thresh {args.score_thresh} must be a score between 0 and 1")
+    check_sizes_and_score(args)
     if args.onnx and (args.model or args.min_size or args.max_size):
         raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
                         "(tools/export.py); leave them out with --onnx")
 
 
-def check_sizes(args: argparse.Namespace) -> None:
-    """--min-size and --max-size, where given, are sizes (for export.py too)."""
+def check_sizes_and_score(args: argparse.Namespace) -> None:
+    """--min-size and --max-size, where given, are sizes, and --score-thresh a score (for export.py too)."""
     for flag in ("min_size", "max_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    if not 0 <= args.score_thresh <= 1:
+        raise UserError(f"--score-thresh {args.score_thresh} must be a score between 0 and 1")
 
 
 def picture_names(paths: list[Path]) -> list[str]:
