@@ -79,14 +79,18 @@ class FaultLog:
     def over_limit(self) -> bool:
         return self.skipped > self.max_share * self.samples_in_epoch
 
+    def counted(self) -> str:
+        """'k of n' skipped samples, n said as this process's share where there are several."""
+        share = "this process's " if utils.get_world_size() > 1 else ""
+        return f"{self.skipped} of {share}{self.samples_in_epoch}"
+
     def limit_error(self) -> UserError:
         """The error that stops the run, worded for this rank: its own count, or another rank's."""
         if not self.over_limit:
             return UserError(f"another process found more unreadable samples {self.scope} than --max-bad-samples "
                              f"{self.max_share:g} allows; fix the files it named or raise --max-bad-samples")
-        return UserError(f"{self.skipped} of {self.samples_in_epoch} samples could not be read {self.scope}, more "
-                         f"than --max-bad-samples {self.max_share:g} allows; fix the files named above or raise "
-                         f"--max-bad-samples")
+        return UserError(f"{self.counted()} samples could not be read {self.scope}, more than --max-bad-samples "
+                         f"{self.max_share:g} allows; fix the files named above or raise --max-bad-samples")
 
     def summary(self) -> str:
         return f"{self.skipped} samples skipped, {self.repaired} annotations repaired"
@@ -477,8 +481,8 @@ def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, ev
         model_seconds += predict_into(evaluator, model, batch, device, amp_dtype)
     stop_agreed_now(False, faults)  # the faults of the batches since the ranks last agreed
     if faults.skipped:
-        print(f"warning: {faults.skipped} of {faults.samples_in_epoch} images could not be read (named above); "
-              f"the scores leave them out", file=sys.stderr, flush=True)
+        print(f"warning: {faults.counted()} images could not be read (named above); the scores leave them out",
+              file=sys.stderr, flush=True)
     utils.print_once(meters.summary(len(data_loader)))
     loop_seconds = time.perf_counter() - started
     evaluator.synchronize_between_processes()

@@ -4,7 +4,6 @@ status."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -27,13 +26,14 @@ def _raise_terminated(signum: int, frame) -> None:
     raise Terminated
 
 
-def exit_status(command: Callable[[], int | None], interrupted: str, debug: bool = False) -> int:
+def exit_status(command: Callable[[], int | None], interrupted: str, debug: bool = False,
+                keep_default_sigterm: bool = False) -> int:
     """Run a command line's work and return its exit status: a UserError is one line on stderr and 2, a Ctrl-C
-    or (outside a launcher's processes) a SIGTERM, where the command has not taken them over as training does,
-    one line saying what it left (interrupted) and 130 or 143; with debug they keep their traceback."""
-    # Handlers can be set in the main thread only. A launcher's processes keep the default, which ends them at
-    # once: a Python handler runs only between C calls, and a process waiting for the others would wait on.
-    takes_sigterm = threading.current_thread() is threading.main_thread() and os.environ.get("WORLD_SIZE", "1") == "1"
+    or a SIGTERM, where the command has not taken them over as training does, one line saying what it left
+    (interrupted) and 130 or 143; with debug they keep their traceback. keep_default_sigterm leaves SIGTERM
+    ending the process at once, for a launcher's processes: a Python handler runs only between C calls, and one
+    waiting for the others would wait on."""
+    takes_sigterm = threading.current_thread() is threading.main_thread() and not keep_default_sigterm
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if takes_sigterm else None
     try:
         return command() or 0

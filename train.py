@@ -118,7 +118,7 @@ def add_data_flags(group: argparse._ArgumentGroup) -> None:
              "sqrt(T / f)) of its categories, f the share of training images with the category (try 0.001)")
     add("--max-bad-samples", default=0.01, type=float,
         help="share of an epoch's or an evaluation's images that may be unreadable (skipped) before the run "
-             "stops")
+             "stops; with several processes, of each one's share of the images")
     add("--skip-data-check", action="store_true", help="start without looking up every image file first")
 
 
@@ -946,7 +946,8 @@ def run(argv: list[str] | None = None) -> int:
     its peers says which in one line."""
     args = get_args_parser().parse_args(argv)
     try:
-        return exit_status(lambda: run_and_leave(args), interrupted_message(args), args.debug)
+        return exit_status(lambda: run_and_leave(args), interrupted_message(args), args.debug,
+                           keep_default_sigterm=utils.launched_as() is not None)
     except RuntimeError as e:  # torch.distributed.DistError is one
         explanation = utils.explain_lost_peer(e, args.dist_timeout)
         if explanation is None or args.debug:

@@ -36,20 +36,27 @@ def check_versions() -> None:
 
 # ---------------------------------------------------------------------------------------------- distributed
 
+def launched_as() -> tuple[int, int] | None:
+    """(rank, world size) that a launcher gave this process (torchrun, torch.distributed.launch, Slurm's srun
+    with several tasks), read from the environment; None for a process run on its own."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    return None
+
+
 def init_distributed_mode(args: argparse.Namespace) -> None:
     """Fill args.rank, args.world_size, args.gpu, args.distributed from the launcher's environment."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        # torch.distributed.launch sets LOCAL_RANK too; without --use_env it also passes --local-rank
-        args.gpu = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ["SLURM_NTASKS"])
-        args.gpu = int(os.environ.get("SLURM_LOCALID", args.rank % max(1, torch.cuda.device_count())))
-    else:
+    launched = launched_as()
+    if launched is None:
         args.rank, args.gpu, args.distributed = 0, 0, False
         return
+    args.rank, args.world_size = launched
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        args.gpu = int(os.environ.get("SLURM_LOCALID", args.rank % max(1, torch.cuda.device_count())))
+    else:  # torch.distributed.launch sets LOCAL_RANK too; without --use_env it also passes --local-rank
+        args.gpu = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     args.distributed = True
     on_gpus = torch.device(args.device).type == "cuda"  # a torch.device by now, which never equals the string
     if on_gpus:
@@ -83,9 +90,10 @@ def get_rank() -> int:
 def is_main_process() -> bool:
     """Rank 0; before the process group exists, the process a launcher numbered 0 (so that what is said while
     setting up is said once)."""
-    if is_dist_avail_and_initialized() or not {"RANK", "WORLD_SIZE"} <= set(os.environ):
+    launched = launched_as()
+    if is_dist_avail_and_initialized() or launched is None:
         return get_rank() == 0
-    return os.environ["RANK"] == "0"
+    return launched[0] == 0
 
 
 def all_gather_object(obj: Any) -> list:

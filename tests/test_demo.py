@@ -19,8 +19,7 @@ sys.exit(128 + stop[0])
 """
 
 
-def test_a_sigterm_to_the_group_waits_for_training_to_save(tmp_path, monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+def test_a_sigterm_to_the_group_waits_for_training_to_save(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     status = exit_status(lambda: demo.run_training([sys.executable, "-c", TRAINING, str(tmp_path / "saved")]),
                          "unused")

@@ -128,7 +128,7 @@ def test_too_many_unreadable_samples_on_one_rank_stop_every_rank_with_a_reason(t
                     timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "error: 2 of 4 samples could not be read this epoch" in output, output[-3000:]
+    assert "error: 2 of this process's 4 samples could not be read this epoch" in output, output[-3000:]
     assert "error: another process found more unreadable samples this epoch than --max-bad-samples" in output
 
 

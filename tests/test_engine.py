@@ -191,7 +191,7 @@ def test_faults_after_the_ranks_last_agreed_still_stop_the_run(monkeypatch):
     monkeypatch.setattr(engine.utils, "reduce_dict", lambda losses: losses)
     # 20 samples, this rank's share of 40 over 2 ranks; the ranks agree at steps 0 and 1 only (fast steps agree
     # 10 apart), before the faults.
-    with pytest.raises(UserError, match="3 of 20 samples could not be read this epoch"):
+    with pytest.raises(UserError, match="3 of this process's 20 samples could not be read this epoch"):
         train(TinyDetector(), loader(20, faulty=(13, 15, 17)), faults=FaultLog(0.1))
 
 

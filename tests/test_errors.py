@@ -45,10 +45,10 @@ def test_a_sigterm_says_what_it_left_and_exits_as_a_shell_reports_it(capsys):
     assert signal.getsignal(signal.SIGTERM) is before, "the handler is the command's only"
 
 
-def test_a_launchers_process_keeps_the_default_sigterm(monkeypatch):
+def test_a_launchers_process_can_keep_the_default_sigterm():
     """A handler would run only once a wait for the other processes in C ends: the default ends it at once."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert exit_status(lambda: int(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL), "unused") == 0
+    assert exit_status(lambda: int(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL), "unused",
+                       keep_default_sigterm=True) == 0
 
 
 @pytest.mark.parametrize("error", [UserError("bad"), KeyboardInterrupt()])

@@ -69,6 +69,21 @@ def test_a_launched_rank_takes_its_gpu_and_nccl_on_gpus_gloo_on_the_cpu(monkeypa
     assert joined[0]["backend"] == backend and chosen == gpu_set
 
 
+@pytest.mark.parametrize("environment, launched", [
+    ({}, None),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, (1, 2)),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (1, 2)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, None),  # srun's one task: a run on its own
+])
+def test_a_launchers_processes_are_known_by_their_environment(monkeypatch, environment, launched):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert utils.launched_as() == launched
+    assert utils.is_main_process() is (launched is None or launched[0] == 0), "said once, before the group exists"
+
+
 def test_generators_for_the_same_parts_agree_across_processes_whatever_their_string_hashing():
     code = "import utils; print(utils.generator_for(3, 0, ('img1000', 'img7')).initial_seed())"
     seeds = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
