@@ -103,6 +103,10 @@ def _entry_errors(key: str, items: list) -> list[Finding]:
     if None in seen:
         return [Finding("error", STRUCTURE, f"'{key}' entry {ids.index(None)} has no 'id'; every image, "
                         f"annotation and category needs a unique one")]
+    strings = [value for value in seen if isinstance(value, str)]
+    if strings and len(strings) < len(seen) and key != "annotations":  # ids are sorted, and looked up by kind
+        return [Finding("error", STRUCTURE, f"'{key}' ids mix numbers and strings (such as {strings[0]!r:.40}); "
+                        f"give every entry of '{key}' an id of one kind")]
     if repeated:
         return [Finding("error", f"duplicate {key[:-1]} id",
                         f"{len(repeated)} {key} reuse an id (first: {repeated[0]})")]
@@ -177,11 +181,12 @@ def annotation_findings(data: dict) -> list[Finding]:
             annotated.add(image["id"])
             found = _box_warnings(ann, image)
             found += _segmentation_warnings(ann, image)
-            if ann.get("area") is None:
-                found.append(Finding("warning", "no area", f"{_where(ann, image)}: no 'area'; it is computed from "
-                                     f"the outline (or the box)"))
+            if not is_area(ann.get("area")):
+                found.append(Finding("warning", "no area", f"{_where(ann, image)}: no usable 'area' "
+                                     f"({ann.get('area')!r:.20}); it is computed from the outline (or the box)"))
             if found:
                 warnings += found
+    errors += _crowd_flag_errors(data["annotations"])
     warnings += _scoring_field_warnings(data["annotations"]) + _decimal_size_warnings(data["images"])
     used = {a.get("category_id") for a in data["annotations"] if not a.get("iscrowd")}
     unused = [c for c in data["categories"] if c["id"] not in used]
@@ -207,11 +212,26 @@ def _scoring_field_warnings(annotations: list[dict]) -> list[Finding]:
         found.append(Finding("warning", "annotation ids", f"{len(unusable_ids)} annotation ids are not positive "
                              f"integers (first: {unusable_ids[0]!r}); COCOeval would count their matches as "
                              f"misses, so scoring numbers the annotations from 1 (the file stays as it is)"))
-    without = [a["id"] for a in annotations if "iscrowd" not in a]
+    without = [a["id"] for a in annotations if a.get("iscrowd") is None]
     if without:
-        found.append(Finding("warning", "no iscrowd", f"{len(without)} annotations have no 'iscrowd' (first: "
-                             f"annotation {without[0]}); they are read as 0, not crowd regions"))
+        found.append(Finding("warning", "no iscrowd", f"{len(without)} annotations have no 'iscrowd' (or null; "
+                             f"first: annotation {without[0]}); they are read as 0, not crowd regions"))
     return found
+
+
+def is_area(value) -> bool:
+    """An annotation's 'area' as COCOeval reads it: a finite number, 0 or more."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def _crowd_flag_errors(annotations: list[dict]) -> list[Finding]:
+    """An 'iscrowd' other than 0, 1 or missing (a string "0" would read as a crowd region)."""
+    odd = [a for a in annotations if a.get("iscrowd") not in (None, 0, 1)]
+    if not odd:
+        return []
+    return [Finding("error", "iscrowd", f"{len(odd)} annotations have an 'iscrowd' other than 0 or 1 (first: "
+                    f"annotation {odd[0].get('id')}: {odd[0].get('iscrowd')!r:.20}); write 0 for an instance, 1 "
+                    f"for a crowd region")]
 
 
 def _where(ann: dict, image: dict) -> str:

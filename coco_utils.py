@@ -22,7 +22,9 @@ from annotations import (
     annotation_findings,
     collection_paused,
     finite_box,
+    finite_coordinates,
     image_path_problem,
+    is_area,
     is_flat_polygon,
     read_annotation_file,
     segmentation_problem,
@@ -211,9 +213,10 @@ def _complete(data: dict) -> None:
     for ann in data["annotations"]:
         if is_flat_polygon(ann.get("segmentation")):
             ann["segmentation"] = [ann["segmentation"]]
-        if ann.get("area") is None:
+        if not is_area(ann.get("area")):
             ann["area"] = _outline_area(ann, *sizes[ann["image_id"]])
-        ann.setdefault("iscrowd", 0)
+        if ann.get("iscrowd") is None:
+            ann["iscrowd"] = 0
 
 
 def _outline_area(ann: dict, height: int, width: int) -> float:
@@ -405,9 +408,16 @@ def counts_for_training(ann: dict) -> bool:
 
 
 def has_outline(ann: dict) -> bool:
-    """Whether a mask can be learned from the annotation: a training instance (no crowd region) with a
-    segmentation."""
-    return not ann.get("iscrowd") and bool(ann.get("segmentation")) and counts_for_training(ann)
+    """Whether a mask can be learned from the annotation: a training instance (no crowd region) with RLE or a
+    polygon of 3 points or more (not, say, a list of [x, y] pairs, which the loader leaves out)."""
+    segmentation = ann.get("segmentation")
+    if ann.get("iscrowd") or not segmentation or not counts_for_training(ann):
+        return False
+    if isinstance(segmentation, dict):
+        return "counts" in segmentation
+    polygons = [segmentation] if is_flat_polygon(segmentation) else segmentation
+    return isinstance(polygons, list) and any(
+        isinstance(polygon, list) and len(polygon) >= 6 and finite_coordinates(polygon) for polygon in polygons)
 
 
 def trains_keypoints(anns: list[dict]) -> bool:
@@ -554,7 +564,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 image, target = self.transforms(image, target, utils.generator_for(self.seed, self.epoch, index))
             target["faults"] = faults
             return image, target
-        raise UserError(f"no image of {self.image_dir} can be read; check --data-path")
+        first = faults[0].removesuffix("; sample skipped")
+        raise UserError(f"no image of {self.image_dir} can be used (the first: {first}); tools/check_dataset.py "
+                        f"lists every one")
 
 
 def _plain(image_id):
@@ -632,11 +644,25 @@ def lacking_categories(data: dict, known: set[int]) -> str | None:
     return ", ".join(f"{unknown[i]} (id {i}, {n} instances)" for i, n in sorted(counts.items())) or None
 
 
+def renamed_categories(data: dict, known: dict) -> str | None:
+    """The categories of a file's instances whose id is known by another name (known: id -> name), as
+    "id N: 'name' here, 'other' there, ..."; a val file exported apart may number the same names otherwise."""
+    used = {a.get("category_id") for a in data["annotations"]}
+    renamed = [(c["id"], c.get("name"), known[c["id"]]) for c in data["categories"]
+               if c["id"] in used and c["id"] in known and c.get("name") != known[c["id"]]]
+    return ", ".join(f"id {i}: {here!r} here, {there!r} there" for i, here, there in renamed) or None
+
+
 def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path) -> None:
-    """One clear error where a file's instances are of categories the model does not know."""
+    """One clear error where a file's instances are of categories the model does not know, or knows by another
+    name (their labels would be another category's)."""
+    models = "the model's categories (the training file's, or the checkpoint's)"
     if named := lacking_categories(coco.dataset, set(category_map.ids)):
-        raise UserError(f"{ann_file} has instances of categories that the model's categories (the training file's, "
-                        f"or the checkpoint's) lack: {named}; list the same categories in both files")
+        raise UserError(f"{ann_file} has instances of categories that {models} lack: {named}; list the same "
+                        f"categories in both files")
+    if renamed := renamed_categories(coco.dataset, dict(zip(category_map.ids, category_map.names))):
+        raise UserError(f"{ann_file} names categories otherwise than {models}: {renamed}; give each category the "
+                        f"same id and name in both files")
 
 
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,

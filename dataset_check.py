@@ -22,6 +22,7 @@ from coco_utils import (
     counts_for_training,
     has_outline,
     lacking_categories,
+    renamed_categories,
     rgb_pixels,
     split_paths,
     trains_keypoints,
@@ -40,7 +41,7 @@ class SplitReport:
     annotations: int = 0
     findings: list[Finding] = field(default_factory=list)
     class_counts: dict[str, int] = field(default_factory=dict)
-    category_ids: set[int] = field(default_factory=set)
+    categories: dict = field(default_factory=dict)  # id -> name
 
     @property
     def errors(self) -> list[Finding]:
@@ -68,10 +69,10 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | N
 
 def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_bad_share: float = 0.01,
                 workers: int = 8, paths: tuple[str | None, str | None] = (None, None),
-                trained_categories: set[int] | None = None) -> SplitReport:
+                trained_categories: dict | None = None) -> SplitReport:
     """Check one split's annotation file and images (decoded fully unless decode is False); paths: its image
     folder and annotation file where given apart from root's layout; trained_categories: the training file's
-    category ids, which a val file's instances must be of."""
+    categories (id -> name), which a val file's instances must be of, by the same names."""
     report = SplitReport(split)
     try:
         image_dir, ann_file = split_paths(root, dataset, split, *paths)
@@ -89,13 +90,19 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
         return report  # the counts and the images' check read the ids, names and sizes that are missing
     names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
-    report.class_counts = {names[i]: counts.get(i, 0) for i in sorted(names)}
-    report.category_ids = set(names)
+    uses = Counter(names.values())
+    report.class_counts = {names[i] if uses[names[i]] == 1 else f"{names[i]} (id {i})": counts.get(i, 0)
+                           for i in sorted(names)}
+    report.categories = names
     report.findings += training_findings(data) if split == "train" else validation_findings(data)
     report.findings += keypoint_findings(data, ann_file, split) if dataset == "coco_kp" else []
     if trained_categories is not None and (named := lacking_categories(data, trained_categories)):
         report.findings.append(Finding("error", "categories", f"instances of categories the training file lacks: "
                                                               f"{named}; list the same categories in both files"))
+    elif trained_categories is not None and (renamed := renamed_categories(data, trained_categories)):
+        report.findings.append(Finding("error", "categories", f"categories the training file names otherwise: "
+                                                              f"{renamed}; give each category the same id and name "
+                                                              f"in both files"))
 
     report.findings = image_findings(image_dir, data["images"], decode, max_bad_share, workers) + report.findings
     return report

@@ -60,6 +60,10 @@ def _coco(**changes) -> dict:
     ({"images": lambda i: i[0].update(width=50.0)}, "warning", "decimal size",
      "1 images have a width or height written as a decimal (first: a.jpg, 50.0x40); they are read as whole pixels"),
     ({"categories": lambda c: c[0].pop("name")}, "error", annotations.STRUCTURE, "category 3 has no 'name'"),
+    ({"images": lambda i: i.append({**i[0], "id": "b"})}, "error", annotations.STRUCTURE,
+     "'images' ids mix numbers and strings (such as 'b'); give every entry of 'images' an id of one kind"),
+    ({"categories": lambda c: c.append({**c[0], "id": "4"})}, "error", annotations.STRUCTURE,
+     "'categories' ids mix numbers and strings (such as '4')"),
     ({"annotations": lambda a: a.append({**a[0], "id": 8, "category_id": "3"})}, "error", "unknown category id",
      "annotation 8 has category id '3', which is not in 'categories'"),
     ({"annotations": lambda a: a[0].update(segmentation={"size": [10, 10], "counts": "PP"})}, "warning",
@@ -85,12 +89,21 @@ def _coco(**changes) -> dict:
     ({"annotations": lambda a: a[0].update(id=0)}, "warning", "annotation ids",
      "1 annotation ids are not positive integers (first: 0)"),
     ({"annotations": lambda a: a[0].pop("iscrowd")}, "warning", "no iscrowd", "read as 0, not crowd regions"),
+    ({"annotations": lambda a: a[0].update(iscrowd=None)}, "warning", "no iscrowd", "read as 0, not crowd regions"),
+    ({"annotations": lambda a: a[0].update(area="225")}, "warning", "no area", "no usable 'area' ('225')"),
     ({"categories": lambda c: c.append({"id": 30, "name": "star"})}, "warning", "category without instances",
      "1 categories have no instances (first: 'star', id 30)"),
 ])
 def test_malformed_entries_are_findings(changes, level, kind, text):
     found = annotations.annotation_findings(_coco(**changes))
     assert [(f.level, f.kind) for f in found] == [(level, kind)] and text in found[0].message, found
+
+
+def test_an_iscrowd_written_as_a_string_is_an_error():
+    """"0" would read as a crowd region: every instance so written would be left out of training."""
+    found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(iscrowd="0")))
+    assert (found[0].level, found[0].kind) == ("error", "iscrowd")
+    assert "1 annotations have an 'iscrowd' other than 0 or 1 (first: annotation 7: '0')" in found[0].message
 
 
 def test_a_sound_file_has_no_findings():

@@ -229,6 +229,8 @@ WARNED_INSTANCES = {
     "annotation id 0": (False, _set("id", 0), ()),
     "annotation id a string": (False, _set("id", "a7"), ()),
     "no iscrowd": (False, lambda ann: ann.pop("iscrowd"), ()),
+    "iscrowd null": (False, _set("iscrowd", None), ()),
+    "area a string": (False, _set("area", "12"), ()),
     "crowd RLE without counts": (True, _set("segmentation", {"size": [10, 10]}), ("segm",)),
 }
 

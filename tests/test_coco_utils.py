@@ -112,6 +112,16 @@ def test_a_model_that_learns_masks_refuses_a_training_file_without_outlines(data
     root = _broken_copy(dataset, tmp_path, boxes_only)
     with pytest.raises(UserError, match="no instance has an outline to learn a mask from .* train a box model"):
         build_dataset(root, "coco", "train", None)
+
+    def point_pairs(path):  # an exporter's [[x, y], ...]: no polygon the loader can draw
+        data = json.loads(path.read_text())
+        for ann in data["annotations"]:
+            if not ann["iscrowd"]:
+                ann["segmentation"] = [[x, y] for x, y in zip(ann["bbox"][:1] * 3, ann["bbox"][1:2] * 3)]
+        path.write_text(json.dumps(data))
+
+    with pytest.raises(UserError, match="no instance has an outline to learn a mask from"):
+        build_dataset(_broken_copy(dataset, tmp_path / "pairs", point_pairs), "coco", "train", None)
     assert len(build_dataset(root, "coco", "train", None, masks=False)) > 0
 
 
@@ -174,6 +184,19 @@ def test_unreadable_images_are_replaced_and_reported(dataset, tmp_path):
     assert len(target["faults"]) == 2
     assert "truncated" in target["faults"][0].lower() and "missing" in target["faults"][1]
     assert all(f.endswith("sample skipped") for f in target["faults"])
+
+
+def test_a_dataset_of_which_no_image_can_be_used_says_why(dataset, tmp_path):
+    """Every JSON size swapped (images resized after export): the first image's own reason, not --data-path."""
+    def swapped(data):
+        for image in data["images"]:
+            image["width"], image["height"] = image["height"], image["width"]
+
+    ds = build_dataset(_edited_copy(dataset, tmp_path, "val", swapped), "coco", "val", None)
+    square = sum(info["width"] == info["height"] for info in ds.coco.imgs.values())
+    assert square == 0, "the test needs every image to change"
+    with pytest.raises(UserError, match=r"no image of .* can be used \(the first: .* but the JSON says"):
+        ds[0]
 
 
 def test_size_differing_from_json_is_skipped(dataset, tmp_path):

@@ -175,6 +175,22 @@ def test_keypoint_files_are_checked_for_what_keypoint_training_needs(keypoint_da
         build_dataset(root, "coco_kp", "train", None)
 
 
+def test_val_categories_the_training_file_names_otherwise_are_an_error(clean, tmp_path, capsys):
+    """Per-task exports may number the same names otherwise: every label would score as another category."""
+    root = tmp_path / "swapped"
+    shutil.copytree(clean, root)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    first, second = data["categories"][:2]
+    first["name"], second["name"] = second["name"], first["name"]
+    path.write_text(json.dumps(data))
+    status, report = check(capsys, root, "--splits", "train", "val")
+    assert status == 1 and "categories the training file names otherwise: id " in report, report
+    train_set = build_dataset(root, "coco", "train", None)
+    with pytest.raises(UserError, match="names categories otherwise than the model's categories .*: id "):
+        build_dataset(root, "coco", "val", None, train_set.category_map)
+
+
 def test_a_val_file_without_instances_to_score_is_an_error(clean, tmp_path, capsys):
     """Every AP would be -1, and model_best.pth chosen by it: train.py stops as the check does."""
     root = tmp_path / "unlabelled"

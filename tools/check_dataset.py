@@ -51,7 +51,7 @@ def check(args: argparse.Namespace) -> int:
                                    max_bad_share=args.max_bad_samples, workers=args.workers,
                                    paths=(getattr(args, f"{split}_images"), getattr(args, f"{split}_annotations")),
                                    trained_categories=trained))
-        trained = reports[-1].category_ids or None
+        trained = reports[-1].categories or None
     print(format_report(reports))
     errors = sum(len(r.errors) for r in reports)
     warnings = sum(len(r.warnings) for r in reports)
