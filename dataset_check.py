@@ -41,6 +41,7 @@ class SplitReport:
     annotations: int = 0
     findings: list[Finding] = field(default_factory=list)
     class_counts: dict[str, int] = field(default_factory=dict)
+    crowd_regions: int = 0
     categories: dict = field(default_factory=dict)  # id -> name
 
     @property
@@ -90,6 +91,7 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
         return report  # the counts and the images' check read the ids, names and sizes that are missing
     names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
+    report.crowd_regions = len(data["annotations"]) - sum(counts.values())
     uses = Counter(names.values())
     report.class_counts = {names[i] if uses[names[i]] == 1 else f"{names[i]} (id {i})": counts.get(i, 0)
                            for i in sorted(names)}
@@ -214,6 +216,9 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
             total = max(sum(report.class_counts.values()), 1)
             balance = ", ".join(f"{n} {c} ({100 * c / total:.0f}%)" for n, c in report.class_counts.items())
             lines.append(f"  instances per category: {balance}")
+        if report.crowd_regions:  # a tool that writes masks as RLE may mark every one a crowd region
+            lines.append(f"  crowd regions (iscrowd 1): {report.crowd_regions}, not learned and not scored as "
+                         f"instances")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ def test_clean_dataset_passes_strict(clean):
     assert result.returncode == 0, result.stdout
     assert "OK: 0 errors, 0 warnings" in result.stdout
     assert "instances per category: square" in result.stdout
+    assert "crowd regions (iscrowd 1): " in result.stdout, "the fixture has crowd regions: counted apart"
 
 
 def _plant(clean, tmp_path, edit):

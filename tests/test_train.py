@@ -443,7 +443,7 @@ def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_g
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["val2017/b.jpg", "val2017/imgs/a.jpg"]
     annotations = tmp_path / "val.json"
     images = [{"id": 7, "file_name": "imgs/a.jpg", "width": 64, "height": 48},
-              {"id": 9, "file_name": "b.jpg", "width": 32, "height": 32}]
+              {"id": 9, "file_name": "./b.jpg", "width": 32, "height": 32}]  # as some exporters write it
     annotations.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
     assert predict.image_records(paths, str(annotations)) == [(9, (32, 32)), (7, (64, 48))]
     assert predict.find_images([str(tmp_path / "val2017")], skip=tmp_path / "val2017" / "imgs") == paths[:1]

@@ -96,7 +96,9 @@ def image_records(paths: list[Path], annotations: str | None) -> list[tuple[int,
     """Each image's (id, size): from --annotations where given, with the JSON's (width, height), which decides
     an EXIF turn as in training; else ids from numeric file names or 1..N, and no size (photos are turned)."""
     if annotations:
-        by_name = {img["file_name"]: img for img in read_annotation_file(Path(annotations))["images"]}
+        # As the loader finds them: "./a.jpg" and "imgs//a.jpg" name imgs' a.jpg too.
+        by_name = {Path(img["file_name"]).as_posix(): img for img in read_annotation_file(Path(annotations))["images"]
+                   if isinstance(img.get("file_name"), str)}
         listed = [listed_image(p, by_name) for p in paths]
         missing = [p for p, image in zip(paths, listed) if image is None]
         if missing:
