@@ -135,6 +135,22 @@ def is_pixel_count(value) -> bool:
     return (type(value) is int or (type(value) is float and value.is_integer())) and value > 0
 
 
+def _shared_file_warnings(images: list[dict]) -> list[Finding]:
+    """Images whose entries name the same file: its instances are then trained and scored once for each."""
+    first_id: dict = {}
+    shared = []
+    for img in images:
+        name = img.get("file_name")
+        if isinstance(name, str) and first_id.setdefault(name, img["id"]) != img["id"]:  # names as written
+            shared.append((name, first_id[name], img["id"]))
+    if not shared:
+        return []
+    name, first, again = shared[0]
+    return [Finding("warning", "file listed twice", f"{len(shared)} image entries name a file another entry names "
+                    f"(first: {name}, ids {first!r} and {again!r}); each entry's instances are trained and scored "
+                    f"apart, so a duplicated image counts twice")]
+
+
 def _decimal_size_warnings(images: list[dict]) -> list[Finding]:
     """Sizes written as decimals, which the loader reads as the whole numbers they are."""
     decimal = [img for img in images if type(img["width"]) is float or type(img["height"]) is float]
@@ -188,6 +204,7 @@ def annotation_findings(data: dict) -> list[Finding]:
                 warnings += found
     errors += _crowd_flag_errors(data["annotations"])
     warnings += _scoring_field_warnings(data["annotations"]) + _decimal_size_warnings(data["images"])
+    warnings += _shared_file_warnings(data["images"])
     used = {a.get("category_id") for a in data["annotations"] if not a.get("iscrowd")}
     unused = [c for c in data["categories"] if c["id"] not in used]
     if unused:
