@@ -103,8 +103,8 @@ def _entry_errors(key: str, items: list) -> list[Finding]:
     if None in seen:
         return [Finding("error", STRUCTURE, f"'{key}' entry {ids.index(None)} has no 'id'; every image, "
                         f"annotation and category needs a unique one")]
-    strings = [value for value in seen if isinstance(value, str)]
-    if strings and len(strings) < len(seen) and key != "annotations":  # ids are sorted, and looked up by kind
+    strings = [] if key == "annotations" else [value for value in seen if isinstance(value, str)]
+    if strings and len(strings) < len(seen):  # image and category ids are sorted, and looked up by kind
         return [Finding("error", STRUCTURE, f"'{key}' ids mix numbers and strings (such as {strings[0]!r:.40}); "
                         f"give every entry of '{key}' an id of one kind")]
     if repeated:
@@ -202,7 +202,9 @@ def annotation_findings(data: dict) -> list[Finding]:
                                      f"({ann.get('area')!r:.20}); it is computed from the outline (or the box)"))
             if found:
                 warnings += found
-    errors += _crowd_flag_errors(data["annotations"])
+    crowd_flags = _crowd_flag_findings(data["annotations"])
+    errors += [f for f in crowd_flags if f.level == "error"]
+    warnings += [f for f in crowd_flags if f.level == "warning"]
     warnings += _scoring_field_warnings(data["annotations"]) + _decimal_size_warnings(data["images"])
     warnings += _shared_file_warnings(data["images"])
     used = {a.get("category_id") for a in data["annotations"] if not a.get("iscrowd")}
@@ -221,34 +223,36 @@ def annotation_findings(data: dict) -> list[Finding]:
 
 
 def _scoring_field_warnings(annotations: list[dict]) -> list[Finding]:
-    """Annotation ids that COCOeval cannot match by (it reads 0 and below as 'no match'), and a missing
-    'iscrowd' (pycocotools' COCOeval reads it unguarded)."""
+    """Annotation ids that COCOeval cannot match by (it reads 0 and below as 'no match')."""
     found = []
     unusable_ids = [a["id"] for a in annotations if type(a["id"]) is not int or a["id"] < 1]
     if unusable_ids:
         found.append(Finding("warning", "annotation ids", f"{len(unusable_ids)} annotation ids are not positive "
                              f"integers (first: {unusable_ids[0]!r}); COCOeval would count their matches as "
                              f"misses, so scoring numbers the annotations from 1 (the file stays as it is)"))
-    without = [a["id"] for a in annotations if a.get("iscrowd") is None]
-    if without:
-        found.append(Finding("warning", "no iscrowd", f"{len(without)} annotations have no 'iscrowd' (or null; "
-                             f"first: annotation {without[0]}); they are read as 0, not crowd regions"))
     return found
 
 
 def is_area(value) -> bool:
     """An annotation's 'area' as COCOeval reads it: a finite number, 0 or more."""
-    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+    return (type(value) is float or type(value) is int) and 0 <= value < math.inf
 
 
-def _crowd_flag_errors(annotations: list[dict]) -> list[Finding]:
-    """An 'iscrowd' other than 0, 1 or missing (a string "0" would read as a crowd region)."""
-    odd = [a for a in annotations if a.get("iscrowd") not in (None, 0, 1)]
-    if not odd:
-        return []
-    return [Finding("error", "iscrowd", f"{len(odd)} annotations have an 'iscrowd' other than 0 or 1 (first: "
-                    f"annotation {odd[0].get('id')}: {odd[0].get('iscrowd')!r:.20}); write 0 for an instance, 1 "
-                    f"for a crowd region")]
+def _crowd_flag_findings(annotations: list[dict]) -> list[Finding]:
+    """In one pass over the instances: a missing or null 'iscrowd' (pycocotools' COCOeval reads it unguarded;
+    a warning, read as 0), and one other than 0 or 1 (an error: a string "0" would read as a crowd region)."""
+    found = []
+    unset, odd = [], []
+    for ann in (a for a in annotations if a.get("iscrowd") not in (0, 1)):
+        (unset if ann.get("iscrowd") is None else odd).append(ann)
+    if odd:
+        found.append(Finding("error", "iscrowd", f"{len(odd)} annotations have an 'iscrowd' other than 0 or 1 "
+                             f"(first: annotation {odd[0].get('id')}: {odd[0].get('iscrowd')!r:.20}); write 0 for "
+                             f"an instance, 1 for a crowd region"))
+    if unset:
+        found.append(Finding("warning", "no iscrowd", f"{len(unset)} annotations have no 'iscrowd' (or null; "
+                             f"first: annotation {unset[0].get('id')}); they are read as 0, not crowd regions"))
+    return found
 
 
 def _where(ann: dict, image: dict) -> str:
