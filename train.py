@@ -486,17 +486,27 @@ def check_same_on_every_rank(checkpoint: dict | None, resume: str) -> None:
                     f"the same file: give --output-dir on a filesystem all nodes share, or --resume one file")
 
 
-def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None, resume: str) -> int:
-    """--num-classes, else the checkpoint's, else what the categories need; checked against both."""
+def check_same_model(args: argparse.Namespace, checkpoint: dict, resume: str) -> None:
+    """One clear error, before the data loads, where --model or --num-classes is not the checkpoint's: its
+    weights fit no other model (said even when its run has nothing left to train)."""
+    saved = checkpoint["args"].get("model")
+    if saved is not None and saved != args.model:
+        raise UserError(f"--resume {resume} holds a {saved} model, and this run asks for --model {args.model}: "
+                        f"give --model {saved} to resume it, or start a new run in another --output-dir")
+    if args.num_classes is not None and args.num_classes != checkpoint["num_classes"]:
+        raise UserError(f"--num-classes {args.num_classes} differs from the {checkpoint['num_classes']} classes "
+                        f"of --resume {resume}; leave --num-classes out to resume")
+
+
+def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None) -> int:
+    """--num-classes, else the checkpoint's, else what the categories need; enough for the categories (the
+    checkpoint's count is checked by check_same_model)."""
     categories = data.category_map
     num_classes = args.num_classes or (checkpoint["num_classes"] if checkpoint else categories.num_classes)
     if num_classes < categories.fewest_classes:
         numbering = "COCO's own categories keep their COCO ids" if categories.keep_ids else "labels 1..K"
         raise UserError(f"--num-classes {num_classes} is too small: the categories need "
                         f"{categories.fewest_classes} (the largest label + 1, background included; {numbering})")
-    if checkpoint is not None and checkpoint["num_classes"] != num_classes:
-        raise UserError(f"--num-classes {num_classes} differs from the {checkpoint['num_classes']} classes "
-                        f"of --resume {resume}; leave --num-classes out to resume")
     return num_classes
 
 
@@ -921,6 +931,8 @@ def main(args: argparse.Namespace) -> dict:
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
     foreign = checkpoint is not None and not args.test_only and from_another_run(resume, checkpoint, run.output_dir)
+    if checkpoint is not None:
+        check_same_model(args, checkpoint, resume)
     if checkpoint is not None and not args.test_only:  # before anything of the folder's run is cut back
         if checkpoint.get("stopped_early"):
             return already_stopped(resume, checkpoint)
@@ -928,7 +940,7 @@ def main(args: argparse.Namespace) -> dict:
             return already_finished(resume, checkpoint, args.epochs)
     data = load_data(args, checkpoint)
     start_reusing_freed_memory(args)
-    num_classes = class_count(args, data, checkpoint, resume)
+    num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
     state = create_training_state(run, getattr(model, "module", model), data, num_classes, checkpoint)
     if checkpoint is not None:

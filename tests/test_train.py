@@ -208,6 +208,13 @@ BAD_INPUTS = [
     (["--resume", "{bad}/text.pth"], "not a readable checkpoint"),
     (["--resume", "{bad}/foreign.pth"], "is not a checkpoint of this script (no 'model')"),
     (["--resume", "{run}/checkpoint.pth", "--num-classes", "9"], "differs from the 5 classes"),
+    # Its one epoch trained: nothing is left to train with --epochs 1, but the model asked for is named first.
+    (["--resume", "{run}/checkpoint.pth", "--epochs", "1", "--model", "fasterrcnn_resnet50_fpn"],
+     "holds a maskrcnn_resnet50_fpn model, and this run asks for --model fasterrcnn_resnet50_fpn: give --model "
+     "maskrcnn_resnet50_fpn to resume it"),
+    (["--resume", "{run}/checkpoint.pth", "--epochs", "1", "--num-classes", "9"], "differs from the 5 classes"),
+    (["--test-only", "--resume", "{run}/checkpoint.pth", "--model", "retinanet_resnet50_fpn"],
+     "holds a maskrcnn_resnet50_fpn model"),
     (["--resume", "{run}/checkpoint.pth", "--epochs", "2"], "its run built the model from pretrained weights, and "
                                                             "a resumed run keeps that layout"),
     (["--resume", "{run}/checkpoint.pth", "--epochs", "2", "--weights-backbone", "ResNet50_Weights.IMAGENET1K_V1",
