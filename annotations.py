@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def image_path_problem(file_name) -> str | None:
     name alone, so that folders reached through symbolic links (a dataset root linked in) keep working."""
     if not isinstance(file_name, str) or not file_name:
         return "is not a file name"
+    if file_name[1:3] in (":\\", ":/") and file_name[0].isascii() and file_name[0].isalpha():
+        return "is a Windows path from a drive's root, not one inside the image folder"
     if os.path.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == os.pardir:
         return "leaves the image folder"
     return None
@@ -202,6 +205,7 @@ def annotation_findings(data: dict) -> list[Finding]:
                                      f"({ann.get('area')!r:.20}); it is computed from the outline (or the box)"))
             if found:
                 warnings += found
+    errors += _box_format_errors(data["annotations"])
     crowd_flags = _crowd_flag_findings(data["annotations"])
     errors += [f for f in crowd_flags if f.level == "error"]
     warnings += [f for f in crowd_flags if f.level == "warning"]
@@ -220,6 +224,57 @@ def annotation_findings(data: dict) -> list[Finding]:
                                 f"training leaves them out, evaluation keeps them (detections there are false "
                                 f"positives)"))
     return errors + warnings
+
+
+# Box layouts that exporters write in COCO's bbox field, each as the box it gives a polygon's extent
+# (left, top, right, bottom); COCO's is [x, y, width, height].
+BOX_LAYOUTS = {
+    "[x, y, width, height]": lambda left, top, right, bottom: (left, top, right - left, bottom - top),
+    "[x1, y1, x2, y2] (corners)": lambda left, top, right, bottom: (left, top, right, bottom),
+    "[centre x, centre y, width, height]": lambda left, top, right, bottom: (
+        (left + right) / 2, (top + bottom) / 2, right - left, bottom - top),
+}
+COCO_LAYOUT = "[x, y, width, height]"
+
+
+def box_layouts(annotations: list[dict], sample: int = 2000) -> tuple[int, Counter]:
+    """Of the first `sample` instances with both a box and polygons: how many there are, and how many have a box
+    that fits their polygons' extent in each of BOX_LAYOUTS (within 2 px, or 5% of the extent; an instance may
+    fit several)."""
+    compared, fits = 0, Counter()
+    for ann in annotations:
+        segmentation, bbox = ann.get("segmentation"), ann.get("bbox")
+        if (ann.get("iscrowd") or not isinstance(segmentation, list) or not segmentation
+                or not all(isinstance(p, list) and len(p) >= 6 and finite_coordinates(p) for p in segmentation)
+                or not finite_box(bbox)):
+            continue
+        xs = [v for p in segmentation for v in p[0::2]]
+        ys = [v for p in segmentation for v in p[1::2]]
+        extent = (min(xs), min(ys), max(xs), max(ys))
+        tolerance = max(2.0, 0.05 * max(extent[2] - extent[0], extent[3] - extent[1]))
+        compared += 1
+        for name, layout in BOX_LAYOUTS.items():
+            if all(abs(b - e) <= tolerance for b, e in zip(bbox, layout(*extent))):
+                fits[name] += 1
+        if compared == sample:
+            break
+    return compared, fits
+
+
+def _box_format_errors(annotations: list[dict]) -> list[Finding]:
+    """Boxes written in another layout than COCO's, told from the polygons' extent: an error where, of 10 or
+    more instances compared, fewer than half fit COCO's layout and nine in ten fit another (training would learn
+    wrong boxes without a word)."""
+    compared, fits = box_layouts(annotations)
+    if compared < 10 or fits[COCO_LAYOUT] >= compared / 2:
+        return []
+    other, count = max(((name, n) for name, n in fits.items() if name != COCO_LAYOUT), key=lambda f: f[1],
+                       default=(None, 0))
+    if count < 0.9 * compared:
+        return []
+    return [Finding("error", "box layout", f"the boxes are written as {other}: {count} of the first {compared} "
+                    f"instances with polygons have such a box around them, {fits[COCO_LAYOUT]} a COCO box; COCO's "
+                    f"bbox is {COCO_LAYOUT} in pixels: convert the boxes")]
 
 
 def _scoring_field_warnings(annotations: list[dict]) -> list[Finding]:
@@ -276,8 +331,12 @@ def _box_warnings(ann: dict, image: dict) -> list[Finding]:
         return [Finding("warning", "box not finite", f"{_where(ann, image)}: box {bbox} is not 4 finite numbers; "
                         f"training and scoring leave the instance out")]
     x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return [Finding("warning", "empty box", f"{_where(ann, image)}: box {bbox} has no extent; training "
+                        f"leaves the instance out, and box scoring counts it as one no prediction can match")]
     if w <= 1 or h <= 1:
-        return [Finding("warning", "empty box", f"{_where(ann, image)}: box {bbox} has no extent")]
+        return [Finding("warning", "tiny box", f"{_where(ann, image)}: box {bbox} is 1 px or less across; it "
+                        f"trains, but an image whose boxes are all this small trains as none")]
     if x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
         return [Finding("warning", "box outside image", f"{_where(ann, image)}: box {bbox} leaves the "
                         f"{image['width']}x{image['height']} image")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,7 @@ class SplitReport:
 def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | None:
     """Why an image cannot be used, or None: missing, unreadable, or of another size than the JSON says."""
     if not path.is_file():
-        return missing(path.name)
+        return "missing"  # image_findings adds what may explain it
     try:
         with Image.open(path) as img:
             if img.size != (width, height) and turned_size(img) != (width, height):
@@ -110,9 +111,41 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     return report
 
 
-def missing(file_name: str) -> str:
-    """Why a file is no image: missing, with a hint for names written on Windows ('imgs\\a.jpg')."""
-    return "missing (file_name separates folders with '\\'; write '/')" if "\\" in file_name else "missing"
+def missing_reasons(image_dir: Path, names: Iterable[str]) -> dict[str, str]:
+    """Why each of these files is missing, where the disk suggests a reason: folders separated with '\\'
+    (a name written on Windows), a folder that is not there (a name that repeats the image folder's own), or a
+    file whose name differs only in letter case or Unicode form. Each folder is listed once."""
+    reasons, folders = {}, {}
+    for name in names:
+        if "\\" in name:
+            reasons[name] = "missing (file_name separates folders with '\\'; write '/')"
+            continue
+        folder, _, base = name.rpartition("/")
+        if folder not in folders:
+            folders[folder] = _names_by_spelling(image_dir / folder)
+        on_disk = folders[folder]
+        if on_disk is None:
+            reasons[name] = f"missing (there is no folder {folder!r} in {image_dir}, which file_name is read from)"
+        elif (near := on_disk.get(_spelling(base))) is not None:
+            how = "letter case" if near.casefold() == base.casefold() else "Unicode form (NFC or NFD)"
+            reasons[name] = f"missing (the folder has {near!r}, a name that differs in {how}; write it as on disk)"
+        else:
+            reasons[name] = "missing"
+    return reasons
+
+
+def _spelling(name: str) -> str:
+    """A file name with letter case and Unicode composition set aside."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _names_by_spelling(folder: Path) -> dict[str, str] | None:
+    """A folder's file names keyed by _spelling, or None where there is no such folder."""
+    try:
+        with os.scandir(folder) as entries:
+            return {_spelling(e.name): e.name for e in entries}
+    except OSError:
+        return None
 
 
 def training_findings(data: dict) -> list[Finding]:
@@ -186,9 +219,11 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
             bad = [(img, why) for img, why in pool.map(problem, usable) if why]
     else:
         gone = missing_files(image_dir, {img["file_name"] for img in usable})
-        bad = [(img, missing(img["file_name"])) for img in usable if img["file_name"] in gone] if gone else []
+        bad = [(img, "missing") for img in usable if img["file_name"] in gone] if gone else []
     if not bad:
         return []
+    reasons = missing_reasons(image_dir, {img["file_name"] for img, why in bad if why == "missing"})
+    bad = [(img, reasons.get(img["file_name"], why)) for img, why in bad]
     level = "error" if len(bad) > max_bad_share * max(len(images), 1) else "warning"
     kinds = Counter("size differs from the JSON" if why.startswith("is ") else why.split(" (")[0] for _, why in bad)
     first = f"{image_dir / bad[0][0]['file_name']} {bad[0][1]}"
@@ -225,8 +260,11 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
 def check_before_training(image_dir: Path, images: list[dict], split: str, max_bad_share: float) -> None:
     """The fast check every run does at its start (the annotation file was checked as it was read): stops
     when more images are missing than the run would tolerate, with a pointer to the full report."""
-    errors = [f for f in image_findings(image_dir, images, decode=False, max_bad_share=max_bad_share)
-              if f.level == "error"]
-    if errors:
-        raise UserError(f"{split} data: {errors[0].message}; see python3 tools/check_dataset.py for the full "
-                        f"report, or --skip-data-check to start anyway")
+    findings = image_findings(image_dir, images, decode=False, max_bad_share=max_bad_share)
+    if not any(f.level == "error" for f in findings):
+        return
+    if len(findings) == len(images):  # one finding per unusable image: none could train or score
+        raise UserError(f"{split} data: {findings[0].message}; no image of the JSON is found, so check that its "
+                        f"file_names are written relative to {image_dir}")
+    raise UserError(f"{split} data: {findings[0].message}; see python3 tools/check_dataset.py for the full "
+                    f"report, or --skip-data-check to start anyway")

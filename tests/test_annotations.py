@@ -117,3 +117,37 @@ def test_a_flat_polygon_is_checked_as_the_polygon_it_is_read_as():
     """Wrapped, a flat list of 4 numbers is a polygon of 2 points, which the loader and scoring leave out."""
     found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(segmentation=[5, 5, 20, 20])))
     assert [f.kind for f in found] == ["flat polygon", "polygon under 3 points"]
+
+
+def _boxed_instances(layout, count: int = 12, corner: float = 10.0) -> list[dict]:
+    """Square polygon instances from (corner, corner) down and right, each with its box written in `layout`
+    (a key of BOX_LAYOUTS)."""
+    anns = []
+    for i in range(count):
+        x, y, size = corner + 3 * i, corner + 2 * i, 30.0 + i
+        polygon = [x, y, x + size, y, x + size, y + size, x, y + size]
+        box = annotations.BOX_LAYOUTS[layout](x, y, x + size, y + size)
+        anns.append({"id": i + 1, "image_id": 1, "category_id": 3, "bbox": list(box), "area": size * size,
+                     "iscrowd": 0, "segmentation": [polygon]})
+    return anns
+
+
+@pytest.mark.parametrize("layout", [name for name in annotations.BOX_LAYOUTS if name != annotations.COCO_LAYOUT])
+def test_boxes_in_another_layout_than_cocos_are_an_error(layout):
+    data = _coco(images=lambda i: i[0].update(width=200, height=200), annotations=lambda a: a.clear())
+    data["annotations"] = _boxed_instances(layout)
+    errors = [f for f in annotations.annotation_findings(data) if f.level == "error"]
+    assert [f.kind for f in errors] == ["box layout"]
+    assert f"the boxes are written as {layout}: 12 of the first 12 instances with polygons" in errors[0].message
+
+
+@pytest.mark.parametrize("instances", [
+    _boxed_instances(annotations.COCO_LAYOUT),
+    _boxed_instances("[x1, y1, x2, y2] (corners)", count=9),  # too few to tell
+    _boxed_instances("[x1, y1, x2, y2] (corners)", corner=0.0)[:1] * 12,  # at the origin, both layouts fit
+    _boxed_instances("[x1, y1, x2, y2] (corners)", count=6) + _boxed_instances(annotations.COCO_LAYOUT, count=6),
+])
+def test_coco_boxes_and_undecided_files_pass_the_layout_check(instances):
+    data = _coco(images=lambda i: i[0].update(width=200, height=200), annotations=lambda a: a.clear())
+    data["annotations"] = instances
+    assert not [f for f in annotations.annotation_findings(data) if f.kind == "box layout"]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from coco_utils import build_dataset
 from conftest import run_cli
-from dataset_check import missing_files
+from dataset_check import check_before_training, missing_files
 from errors import UserError
 from tools.check_dataset import main as check_main
 from tools.make_coco_dataset import DatasetSpec, generate_dataset
@@ -57,6 +57,12 @@ def _huge_png(path, image):
     image.update(width=14000, height=13000)
 
 
+def _rename(root, image, in_json, on_disk):
+    """The image's file renamed on disk and in the JSON, to two spellings of one name."""
+    (root / "train2017" / image["file_name"]).rename(root / "train2017" / on_disk)
+    image["file_name"] = in_json
+
+
 def _first_polygon_ann(data):
     return next(a for a in data["annotations"] if not a["iscrowd"])
 
@@ -81,7 +87,12 @@ FAULTS = {
     "box outside": (lambda root, d: _first_polygon_ann(d).update(bbox=[50, 50, 40, 40]),
                     "WARNING box outside image", "leaves the 64x64 image"),
     "empty box": (lambda root, d: _first_polygon_ann(d).update(bbox=[5, 5, 0, 3]), "WARNING empty box",
-                  "has no extent"),
+                  "has no extent; training leaves the instance out"),
+    "tiny box": (lambda root, d: _first_polygon_ann(d).update(bbox=[5, 5, 0.5, 3]), "WARNING tiny box",
+                 "is 1 px or less across; it trains"),
+    "corner boxes": (lambda root, d: [a.update(bbox=[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                                     a["bbox"][1] + a["bbox"][3]]) for a in d["annotations"]],
+                     "ERROR box layout", "the boxes are written as [x1, y1, x2, y2] (corners)"),
     "unknown image id": (lambda root, d: _first_polygon_ann(d).update(image_id=777), "ERROR unknown image id",
                          "image id 777"),
     "unknown category id": (lambda root, d: _first_polygon_ann(d).update(category_id=99),
@@ -117,6 +128,16 @@ FAULTS = {
     "folders written with backslashes": (lambda root, d: d["images"][0].update(
         file_name="sub\\" + d["images"][0]["file_name"]), "ERROR unusable image",
         "missing (file_name separates folders with '\\'; write '/')"),
+    "a Windows path": (lambda root, d: d["images"][0].update(file_name="C:\\data\\a.jpg"), "ERROR image path",
+                       "'C:\\\\data\\\\a.jpg' is a Windows path from a drive's root"),
+    "name in another letter case": (lambda root, d: d["images"][0].update(
+        file_name=d["images"][0]["file_name"].upper()), "ERROR unusable image",
+        "a name that differs in letter case; write it as on disk"),
+    "name in another Unicode form": (lambda root, d: _rename(root, d["images"][0], "caf\u00e9.png",
+                                                             "cafe\u0301.png"),
+                                     "ERROR unusable image", "a name that differs in Unicode form (NFC or NFD)"),
+    "folder given twice": (lambda root, d: d["images"][0].update(file_name="train2017/" + d["images"][0]["file_name"]),
+                           "ERROR unusable image", "missing (there is no folder 'train2017' in "),
     "no box with extent": (lambda root, d: [a.update(bbox=[1, 1, 1, 5]) for a in d["annotations"]],
                            "ERROR nothing to train on", "no annotation has a box with extent"),
     "no outlines": (lambda root, d: [a.update(segmentation=[]) for a in d["annotations"] if not a["iscrowd"]],
@@ -271,3 +292,12 @@ def test_splits_given_apart_from_the_layout_are_checked(clean, tmp_path, capsys)
     status, report = check(capsys, "--splits", "train", "--train-images", str(tmp_path / "nowhere"),
                            "--train-annotations", str(tmp_path / "train.json"))
     assert status == 1 and "--train-images" in report and "is no folder" in report
+
+
+def test_the_start_check_offers_to_skip_it_only_where_some_images_are_found(clean):
+    images = json.loads((clean / "annotations" / "instances_train2017.json").read_text())["images"]
+    with pytest.raises(UserError, match="or --skip-data-check to start anyway"):
+        check_before_training(clean / "train2017", [*images, {**images[0], "file_name": "gone.png"}], "train", 0.0)
+    with pytest.raises(UserError, match=r"no image of the JSON is found, so check that its file_names are written "
+                                        r"relative to .*val2017$"):
+        check_before_training(clean / "val2017", images, "train", 0.0)
