@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import unicodedata
 from collections import Counter, defaultdict
@@ -215,8 +216,9 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
         def problem(img: dict) -> tuple[dict, str | None]:
             return img, _image_problem(image_dir / img["file_name"], img["width"], img["height"], decode)
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            bad = [(img, why) for img, why in pool.map(problem, usable) if why]
+        with contextlib.ExitStack() as stack:  # no workers: each image read in this thread
+            mapper = stack.enter_context(ThreadPoolExecutor(max_workers=workers)).map if workers else map
+            bad = [(img, why) for img, why in mapper(problem, usable) if why]
     else:
         gone = missing_files(image_dir, {img["file_name"] for img in usable})
         bad = [(img, "missing") for img in usable if img["file_name"] in gone] if gone else []

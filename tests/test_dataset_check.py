@@ -251,7 +251,14 @@ def test_missing_files_answer_as_is_file_does(tmp_path):
     assert missing_files(tmp_path, names) == {"gone.jpg", "sub/gone.jpg", "none/c.jpg", "folder.jpg"}
 
 
-@pytest.mark.parametrize("flags, message", [(["--workers", "0"], "--workers 0 must be at least 1"),
+def test_images_read_in_the_main_thread_give_the_threads_report(clean, tmp_path, capsys):
+    root = _plant(clean, tmp_path, FAULTS["unreadable image"][0])
+    threads = check(capsys, root, "--splits", "train", "--workers", "2")
+    assert threads[0] == 1 and "unreadable" in threads[1]
+    assert check(capsys, root, "--splits", "train", "--workers", "0") == threads
+
+
+@pytest.mark.parametrize("flags, message", [(["--workers", "-1"], "--workers -1 must be 0 or more"),
                                             (["--max-bad-samples", "5"], "must be a share between 0 and 1")])
 def test_out_of_range_flags_are_one_line(clean, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bad-samples", type=float, default=0.01,
                         help="share of unusable images that is still a warning (as train.py's flag)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
-    parser.add_argument("--workers", type=int, default=8, help="threads that read images")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="threads that read images (0: read them in the main thread, as train.py's -j 0 loads)")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers {args.workers} must be at least 1")
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers} must be 0 or more")
     if not 0 <= args.max_bad_samples <= 1:
         parser.error(f"--max-bad-samples {args.max_bad_samples} must be a share between 0 and 1")
     return exit_status(lambda: check(args), "the check did not end")
