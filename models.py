@@ -39,6 +39,10 @@ def model_options(name: str, **options) -> dict:
     for key in given:
         if key not in FAMILY_OPTIONS[family(name)]:
             raise UserError(f"{OPTION_FLAGS[key]} does not apply to --model {name}; leave it out")
+    if given.get("max_size", math.inf) < given.get("min_size", 0):  # the resize keeps within both
+        raise UserError(f"--max-size {given['max_size']} is below --min-size {given['min_size']}: each image's long "
+                        f"side would be held to {given['max_size']} px, so no short side reaches "
+                        f"{given['min_size']}; give --max-size at least --min-size")
     return given
 
 

@@ -139,6 +139,9 @@ def test_each_family_takes_only_its_options():
         model_options("ssd300_vgg16", min_size=96)
     with pytest.raises(UserError, match="--rois-per-image does not apply to --model fcos_resnet50_fpn"):
         model_options("fcos_resnet50_fpn", box_batch_size_per_image=64)
+    assert model_options("retinanet_resnet50_fpn", min_size=96, max_size=96) == {"min_size": 96, "max_size": 96}
+    with pytest.raises(UserError, match="--max-size 600 is below --min-size 800: .* give --max-size at least"):
+        model_options("maskrcnn_resnet50_fpn", min_size=800, max_size=600)
     assert iou_types("keypointrcnn_resnet50_fpn") == ("bbox", "keypoints")
     assert iou_types("retinanet_resnet50_fpn_v2") == ("bbox",)
 

@@ -200,6 +200,7 @@ BAD_INPUTS = [
                              "background included; labels 1..K)"),
     (["--num-classes", "0"], "--num-classes 0 must be at least 2: background and one category"),
     (["--min-size", "0"], "--min-size 0 must be at least 1"),
+    (["--min-size", "96", "--max-size", "80"], "--max-size 80 is below --min-size 96"),
     (["--rpn-score-thresh", "2"], "--rpn-score-thresh 2.0 must be a share between 0 and 1"),
     (["--start-epoch", "99"], "--start-epoch 99 must be 0 or more and before --epochs"),
     (["--resume", "/nowhere/checkpoint.pth"], "no such file"),
