@@ -204,8 +204,9 @@ class EvaluationStopped(Exception):
 def stop_evaluation_if_agreed(agreement: StopAgreement, step: int, stop_requested: Callable[[], bool] | None
                               ) -> None:
     """Raise EvaluationStopped before this step (counted from 0) once the ranks agree that a stop was asked for,
-    on the agreement's schedule; a pass without stop_requested (--test-only) runs to its end."""
-    if stop_requested is not None and agreement.agreed(step, stop_requested()):
+    on the agreement's schedule (never without stop_requested: --test-only); the agreement raises the faults'
+    UserError as soon as a rank is past their limit, with or without."""
+    if agreement.agreed(step, stop_requested is not None and stop_requested()):
         raise EvaluationStopped
 
 

@@ -430,6 +430,11 @@ def test_unreadable_images_are_left_out_of_an_evaluation_with_a_warning_up_to_th
                                         "--max-bad-samples 0.1 allows"):
         engine.evaluate(EmptyDetector(), loader(count=10, batch_size=2, faulty=(3, 7)), CPU, OutputRecorder(),
                         max_bad_samples=0.1)
+    early = OutputRecorder()
+    with pytest.raises(UserError, match="2 of 10 samples could not be read in this evaluation"):
+        engine.evaluate(EmptyDetector(), loader(count=10, batch_size=2, faulty=(0, 1)), CPU, early,
+                        max_bad_samples=0.1)
+    assert len(early.outputs) <= 2, "the evaluation stops once past the limit, not at its end"
 
 
 class MixedSizes(torch.utils.data.Dataset):
