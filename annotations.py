@@ -86,7 +86,7 @@ def image_path_problem(file_name) -> str | None:
 STRUCTURE = "file structure"
 
 
-def _entry_errors(key: str, items: list) -> list[Finding]:
+def _entry_findings(key: str, items: list) -> list[Finding]:
     """Entries of data[key] that are no JSON object or have no id, else ids used twice."""
     try:
         ids = [item.get("id") for item in items]
@@ -110,9 +110,13 @@ def _entry_errors(key: str, items: list) -> list[Finding]:
     if strings and len(strings) < len(seen):  # image and category ids are sorted, and looked up by kind
         return [Finding("error", STRUCTURE, f"'{key}' ids mix numbers and strings (such as {strings[0]!r:.40}); "
                         f"give every entry of '{key}' an id of one kind")]
+    if repeated and key == "annotations":  # used by scoring alone, which numbers them afresh
+        return [Finding("warning", "annotation ids", f"{len(repeated)} annotations reuse an id (first: "
+                        f"{repeated[0]!r}); COCOeval would look both up as one instance, so scoring numbers the "
+                        f"annotations from 1 (the file stays as it is)")]
     if repeated:
         return [Finding("error", f"duplicate {key[:-1]} id",
-                        f"{len(repeated)} {key} reuse an id (first: {repeated[0]})")]
+                        f"{len(repeated)} {key} reuse an id (first: {repeated[0]!r})")]
     return []
 
 
@@ -165,24 +169,26 @@ def _decimal_size_warnings(images: list[dict]) -> list[Finding]:
                     f"as whole pixels")]
 
 
-def _id_errors(data: dict) -> list[Finding]:
-    """Entries that are no object or have no id, ids used twice; images without a size or whose file lies
-    outside the image folder; categories without a name."""
-    errors = [e for key in ("images", "annotations", "categories") for e in _entry_errors(key, data[key])]
-    if any(e.kind == STRUCTURE for e in errors):
-        return errors
-    errors += _image_errors(data["images"])
-    errors += [Finding("error", STRUCTURE, f"category {cat['id']} has no 'name'; each category needs one")
-               for cat in data["categories"] if not isinstance(cat.get("name"), str)]
-    return errors
+def _id_findings(data: dict) -> list[Finding]:
+    """Entries that are no object or have no id, ids used twice (annotations': a warning); images without a
+    size or whose file lies outside the image folder; categories without a name."""
+    found = [f for key in ("images", "annotations", "categories") for f in _entry_findings(key, data[key])]
+    if any(f.kind == STRUCTURE for f in found):
+        return found
+    found += _image_errors(data["images"])
+    found += [Finding("error", STRUCTURE, f"category {cat['id']} has no 'name'; each category needs one")
+              for cat in data["categories"] if not isinstance(cat.get("name"), str)]
+    return found
 
 
 def annotation_findings(data: dict) -> list[Finding]:
     """What is wrong in a COCO instances file's content, errors first (no image file is opened); for a file whose
     structure is broken (kind STRUCTURE), only that."""
-    errors, warnings = _id_errors(data), []
-    if any(e.kind == STRUCTURE for e in errors):
-        return errors
+    found = _id_findings(data)
+    if any(f.kind == STRUCTURE for f in found):
+        return found
+    errors = [f for f in found if f.level == "error"]
+    warnings = [f for f in found if f.level == "warning"]
     images = {img["id"]: img for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     annotated = set()

@@ -338,6 +338,19 @@ def test_image_ids_faster_coco_eval_cannot_take_score_as_small_integers_do_whate
     assert ("scoring with pycocotools" in capsys.readouterr().out) == (backend == "faster")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_annotation_ids_used_twice_score_as_unique_ones_do(dataset, tmp_path, backend):
+    """COCOeval looks instances up by id: two of one id would be scored as one of them, twice."""
+    def reuse(data):
+        for ann in data["annotations"][1::2]:
+            ann["id"] = data["annotations"][0]["id"]
+
+    reused = _edited_val(dataset, tmp_path / "reused", "instances_val2017.json", reuse)
+    outputs = _noisy_outputs(build_dataset(dataset, "coco", "val", None), seed=3)
+    expected = _scored(dataset, "coco", outputs, ("bbox", "segm"), backend)
+    assert _scored(reused, "coco", outputs, ("bbox", "segm"), backend) == expected
+
+
 def test_a_category_listed_without_instances_scores_as_if_absent(dataset, tmp_path):
     """A val file may list a category the training file lacks, if it has no instances of it."""
     extra = _edited_val(dataset, tmp_path / "extra", "instances_val2017.json",

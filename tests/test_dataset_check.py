@@ -98,7 +98,9 @@ FAULTS = {
     "unknown category id": (lambda root, d: _first_polygon_ann(d).update(category_id=99),
                             "ERROR unknown category id", "category id 99"),
     "duplicate ids": (lambda root, d: d["annotations"][1].update(id=d["annotations"][0]["id"]),
-                      "ERROR duplicate annotation id", "reuse an id"),
+                      "WARNING annotation ids", "1 annotations reuse an id (first: "),
+    "duplicate image ids": (lambda root, d: d["images"][1].update(id=d["images"][0]["id"]),
+                            "ERROR duplicate image id", "1 images reuse an id"),
     "crowd format": (lambda root, d: next(a for a in d["annotations"] if a["iscrowd"]).update(
         segmentation=[[1, 1, 5, 1, 5, 5]]), "WARNING crowd format", "not RLE"),
     "image without annotations": (lambda root, d: d.update(annotations=[
