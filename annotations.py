@@ -283,6 +283,44 @@ def _box_format_errors(annotations: list[dict]) -> list[Finding]:
                     f"bbox is {COCO_LAYOUT} in pixels: convert the boxes")]
 
 
+def keypoint_array_findings(annotations: list[dict], count: int) -> list[Finding]:
+    """What is wrong in a keypoint file's instances, each of `count` keypoints (x, y, visibility): an error for
+    an array the loader and COCOeval cannot read (another length, not finite numbers); warnings for what is
+    read another way: no 'keypoints', or [] (read as none labelled), a 'num_keypoints' missing or other than the count
+    of flags above 0 (scoring ignores instances of 0; set to the count), flags other than 0, 1 and 2."""
+    length, absent, recounted, odd_flags = 3 * count, [], [], []
+    for ann in annotations:
+        points = ann.get("keypoints")
+        if points is None or points == []:
+            absent.append(ann)
+            continue
+        if not isinstance(points, list) or len(points) != length or not finite_coordinates(points):
+            shape = f"{len(points)} numbers" if isinstance(points, list) else f"{points!r:.30}"
+            return [Finding("error", "keypoints", f"annotation {ann.get('id')}: 'keypoints' is {shape}, where "
+                            f"{count} keypoints are {length} finite numbers (x, y and a visibility flag for each); "
+                            f"fix the file")]
+        flags = points[2::3]
+        if not all(v in (0, 1, 2) for v in flags):
+            odd_flags.append(ann)
+        if ann.get("num_keypoints") != sum(1 for v in flags if v > 0):
+            recounted.append(ann)
+    found = []
+    if absent:
+        found.append(Finding("warning", "no keypoints", f"{len(absent)} instances have no 'keypoints' (first: "
+                             f"annotation {absent[0].get('id')}); they are read as having none labelled"))
+    if recounted:
+        found.append(Finding("warning", "num_keypoints", f"{len(recounted)} instances have no 'num_keypoints' or "
+                             f"one other than their labelled keypoints (first: annotation {recounted[0].get('id')}, "
+                             f"{recounted[0].get('num_keypoints')!r:.20}); it is set to the count of visibility "
+                             f"flags above 0, which keypoint scoring reads (instances of 0 are ignored)"))
+    if odd_flags:
+        flags = [v for v in odd_flags[0]["keypoints"][2::3] if v not in (0, 1, 2)]
+        found.append(Finding("warning", "keypoint visibility", f"{len(odd_flags)} instances have visibility "
+                             f"flags other than 0, 1 and 2 (first: annotation {odd_flags[0].get('id')}, flag "
+                             f"{flags[0]!r}); flags above 0 are read as labelled, the others as not"))
+    return found
+
+
 def _scoring_field_warnings(annotations: list[dict]) -> list[Finding]:
     """Annotation ids that COCOeval cannot match by (it reads 0 and below as 'no match')."""
     found = []

@@ -26,6 +26,7 @@ from annotations import (
     image_path_problem,
     is_area,
     is_flat_polygon,
+    keypoint_array_findings,
     read_annotation_file,
     segmentation_problem,
 )
@@ -387,6 +388,10 @@ def _scoring_index(coco: CocoIndex, with_masks: bool) -> COCO:
 NO_OUTLINES = "no instance has an outline to learn a mask from (a 'segmentation'; crowd regions are not learned)"
 
 
+TOO_FEW_KEYPOINTS = (f"no image has {MIN_KEYPOINTS_PER_IMAGE} or more labelled keypoints, which keypoint training "
+                     f"asks of an image")
+
+
 NOTHING_TO_SCORE = ("no instance (crowd regions aside) with a usable box to score predictions against, so every AP "
                     "would be -1; give a val file with annotations (tools/predict.py runs a model on images "
                     "without them)")
@@ -545,7 +550,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if masks is not None:
             target["masks"] = masks
         if self.with_keypoints:
-            points = [a.get("keypoints") or [0.0] * 3 * len(coco_keypoint_names()) for a in anns]
+            points = [a["keypoints"] for a in anns]  # each one a full array (read_keypoints)
             target["keypoints"] = torch.tensor(points, dtype=torch.float32).reshape(len(anns), -1, 3)
         return target
 
@@ -653,6 +658,23 @@ def renamed_categories(data: dict, known: dict) -> str | None:
     return ", ".join(f"id {i}: {here!r} here, {there!r} there" for i, here, there in renamed) or None
 
 
+def read_keypoints(anns: list[dict], ann_file: Path) -> None:
+    """A keypoint file's instances as training and COCOeval read them: an array neither can read stops the run
+    (UserError); no 'keypoints' becomes none labelled, and 'num_keypoints' the count of labelled ones, in place."""
+    count = len(coco_keypoint_names())
+    findings = keypoint_array_findings(anns, count)
+    for finding in findings:
+        if finding.level == "error":
+            raise UserError(f"{ann_file}: {finding.message} (tools/check_dataset.py --dataset coco_kp lists every "
+                            f"problem)")
+    if not findings:
+        return
+    for ann in anns:
+        if not ann.get("keypoints"):
+            ann["keypoints"] = [0] * (3 * count)
+        ann["num_keypoints"] = sum(1 for v in ann["keypoints"][2::3] if v > 0)
+
+
 def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path) -> None:
     """One clear error where a file's instances are of categories the model does not know, or knows by another
     name (their labels would be another category's)."""
@@ -677,11 +699,14 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
     coco = load_coco(ann_file)
     if dataset == "coco_kp":
         check_person_keypoints(coco.dataset["categories"], ann_file)
+        read_keypoints(coco.dataset["annotations"], ann_file)
     file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset, keep_ids)
     if category_map is not None:
         check_known_categories(coco, category_map, ann_file)
     ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train", seed=seed,
                        masks=masks, keypoints=dataset == "coco_kp")
+    if len(ds) == 0 and ds.with_keypoints and split == "train":
+        raise UserError(f"{ann_file}: {TOO_FEW_KEYPOINTS}")
     if len(ds) == 0:
         what = "annotated image" if split == "train" else "image"
         raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")

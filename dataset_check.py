@@ -13,13 +13,21 @@ from pathlib import Path
 
 from PIL import Image
 
-from annotations import STRUCTURE, Finding, annotation_findings, image_path_problem, read_annotation_file
+from annotations import (
+    STRUCTURE,
+    Finding,
+    annotation_findings,
+    image_path_problem,
+    keypoint_array_findings,
+    read_annotation_file,
+)
 from coco_utils import (
     IMAGE_READ_ERRORS,
-    MIN_KEYPOINTS_PER_IMAGE,
     NO_OUTLINES,
     NOTHING_TO_SCORE,
+    TOO_FEW_KEYPOINTS,
     check_person_keypoints,
+    coco_keypoint_names,
     counts_for_scoring,
     counts_for_training,
     has_outline,
@@ -170,18 +178,21 @@ def validation_findings(data: dict) -> list[Finding]:
 
 def keypoint_findings(data: dict, ann_file: Path, split: str) -> list[Finding]:
     """What keeps a file from --dataset coco_kp, as train.py decides it: a category other than COCO's person
-    with its 17 keypoints; for training, no image with enough labelled keypoints."""
+    with its 17 keypoints, keypoint arrays it cannot read; for training, no image with enough labelled
+    keypoints. Then what is read another way (keypoint_array_findings' warnings)."""
     try:
         check_person_keypoints(data["categories"], ann_file)
     except UserError as e:
         return [Finding("error", "keypoints", str(e))]
+    arrays = keypoint_array_findings(data["annotations"], len(coco_keypoint_names()))
+    if any(f.level == "error" for f in arrays):
+        return arrays
     by_image = defaultdict(list)
     for ann in data["annotations"]:
         by_image[ann.get("image_id")].append(ann)
     if split == "train" and not any(trains_keypoints(anns) for anns in by_image.values()):
-        return [Finding("error", "nothing to train on", f"no image has {MIN_KEYPOINTS_PER_IMAGE} or more labelled "
-                                                        f"keypoints, which keypoint training asks of an image")]
-    return []
+        return [Finding("error", "nothing to train on", TOO_FEW_KEYPOINTS)]
+    return arrays
 
 
 def missing_files(image_dir: Path, names: Iterable[str]) -> set[str]:

@@ -491,8 +491,8 @@ def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, ev
     if not utils.is_main_process():
         return {}
     times = evaluator.timings
+    encoding = f", waiting for mask encoding {times['encode_wait']:.1f} s" if "segm" in evaluator.iou_types else ""
     utils.print_once(f"Evaluation of {len(evaluator.per_image)} images: {time.perf_counter() - started:.1f} s "
                      f"(model {model_seconds:.1f} s, data and the rest of the loop {loop_seconds - model_seconds:.1f}"
-                     f" s, waiting for mask encoding {times['encode_wait']:.1f} s, COCOeval ({evaluator.backend}) "
-                     f"{times['score']:.1f} s)")
+                     f" s{encoding}, COCOeval ({evaluator.backend}) {times['score']:.1f} s)")
     return metrics

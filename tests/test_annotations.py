@@ -151,3 +151,39 @@ def test_coco_boxes_and_undecided_files_pass_the_layout_check(instances):
     data = _coco(images=lambda i: i[0].update(width=200, height=200), annotations=lambda a: a.clear())
     data["annotations"] = instances
     assert not [f for f in annotations.annotation_findings(data) if f.kind == "box layout"]
+
+
+def _person(**fields) -> dict:
+    """A person of 3 keypoints, two labelled, edited by fields."""
+    return {"id": 5, "keypoints": [1, 2, 2, 3, 4, 1, 0, 0, 0], "num_keypoints": 2, **fields}
+
+
+@pytest.mark.parametrize("points, shape", [
+    ([1, 2, 2, 3, 4, 1], "6 numbers"),  # a keypoint short
+    ([1, 2, 3, 4, 5, 6], "6 numbers"),
+    ([1, 2, 2, 3, None, 1, 0, 0, 0], "9 numbers"),
+    ([1, 2, 2, 3, "4", 1, 0, 0, 0], "9 numbers"),
+    ({"x": 1}, "{'x': 1}"),
+])
+def test_keypoint_arrays_the_loader_cannot_read_are_an_error(points, shape):
+    found = annotations.keypoint_array_findings([_person(), _person(id=6, keypoints=points)], 3)
+    assert [(f.level, f.kind) for f in found] == [("error", "keypoints")]
+    assert f"annotation 6: 'keypoints' is {shape}, where 3 keypoints are 9 finite numbers" in found[0].message
+
+
+@pytest.mark.parametrize("person, kind, text", [
+    (_person(keypoints=None), "no keypoints", "1 instances have no 'keypoints' (first: annotation 5)"),
+    (_person(keypoints=[]), "no keypoints", "read as having none labelled"),
+    ({"id": 5, "keypoints": [1, 2, 2, 3, 4, 1, 0, 0, 0]}, "num_keypoints", "(first: annotation 5, None); it is set "
+                                                                          "to the count of visibility flags above 0"),
+    (_person(num_keypoints=0), "num_keypoints", "(first: annotation 5, 0)"),
+    (_person(keypoints=[1, 2, 3, 3, 4, 1, 5, 5, -1]), "keypoint visibility", "flag 3); flags above 0 are read as "
+                                                                               "labelled, the others as not"),
+])
+def test_keypoints_read_another_way_are_warnings(person, kind, text):
+    found = [f for f in annotations.keypoint_array_findings([_person(id=4), person], 3) if f.kind == kind]
+    assert len(found) == 1 and found[0].level == "warning" and text in found[0].message, found
+
+
+def test_sound_keypoints_have_no_findings():
+    assert annotations.keypoint_array_findings([_person(), _person(keypoints=[0] * 9, num_keypoints=0)], 3) == []

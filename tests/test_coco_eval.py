@@ -280,14 +280,52 @@ def test_a_person_without_a_usable_box_is_left_out_of_keypoint_scoring(keypoint_
 
     broken = _edited_val(keypoint_dataset, tmp_path / "broken", files, lambda d: _set("bbox", bbox)(pick(d)))
     without = _edited_val(keypoint_dataset, tmp_path / "without", files, lambda d: d["annotations"].remove(pick(d)))
-    sound = build_dataset(keypoint_dataset, "coco_kp", "val", None)
+    outputs = _keypoint_outputs(keypoint_dataset)
+    scored = _scored(broken, "coco_kp", outputs, ("bbox", "keypoints"), backend)
+    assert scored == _scored(without, "coco_kp", outputs, ("bbox", "keypoints"), backend)
+
+
+def _keypoint_outputs(root) -> dict:
+    """Each val image's ground truth as predictions, scored from 0.9 down."""
+    sound = build_dataset(root, "coco_kp", "val", None)
     outputs = {}
     for image_id in sound.ids:
         target = sound.load_target(image_id, [], with_masks=False)
         outputs[image_id] = {"boxes": target["boxes"], "labels": target["labels"], "keypoints": target["keypoints"],
                              "scores": torch.linspace(0.9, 0.5, len(target["labels"]))}
-    scored = _scored(broken, "coco_kp", outputs, ("bbox", "keypoints"), backend)
-    assert scored == _scored(without, "coco_kp", outputs, ("bbox", "keypoints"), backend)
+    return outputs
+
+
+def _labelled_person(data) -> dict:
+    return next(a for a in data["annotations"] if not a["iscrowd"] and a["num_keypoints"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keypoint_counts_missing_or_wrong_are_recounted_for_scoring(keypoint_dataset, tmp_path, backend):
+    """COCOeval ignores persons of num_keypoints 0 (and pycocotools stops on a missing one): every AP was -1."""
+    files = "person_keypoints_val2017.json"
+    outputs = _keypoint_outputs(keypoint_dataset)
+    expected = _scored(keypoint_dataset, "coco_kp", outputs, ("bbox", "keypoints"), backend)
+    assert expected["keypoints"]["AP"] > 0.5
+    for name, edit in [("missing", lambda ann: ann.pop("num_keypoints")), ("zero", _set("num_keypoints", 0))]:
+        edited = _edited_val(keypoint_dataset, tmp_path / name, files,
+                             lambda d: [edit(a) for a in d["annotations"]])  # noqa: B023
+        assert _scored(edited, "coco_kp", outputs, ("bbox", "keypoints"), backend) == expected, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("unlabelled", [None, []])
+def test_a_person_without_keypoints_scores_as_one_with_none_labelled(keypoint_dataset, tmp_path, backend,
+                                                                     unlabelled):
+    """COCOeval reads every person's 'keypoints' (it stopped on a missing one)."""
+    files = "person_keypoints_val2017.json"
+    outputs = _keypoint_outputs(keypoint_dataset)
+    broken = _edited_val(keypoint_dataset, tmp_path / "broken", files,
+                         lambda d: _set("keypoints", unlabelled)(_labelled_person(d)))
+    zeros = _edited_val(keypoint_dataset, tmp_path / "zeros", files, lambda d: _labelled_person(d).update(
+        keypoints=[0] * 51, num_keypoints=0))
+    assert (_scored(broken, "coco_kp", outputs, ("bbox", "keypoints"), backend)
+            == _scored(zeros, "coco_kp", outputs, ("bbox", "keypoints"), backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,7 @@
 """check_dataset finds each kind of planted fault, and passes a clean dataset."""
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -187,6 +188,8 @@ def _edited_keypoints(keypoint_dataset, tmp_path, edit):
 @pytest.mark.parametrize("edit, message", [
     (lambda data: data["categories"][0].pop("keypoints"), "needs one category with COCO's 17 person keypoints"),
     (lambda data: [ann.update(keypoints=[0] * 51) for ann in data["annotations"]], "no image has 10 or more"),
+    (lambda data: data["annotations"][1].update(keypoints=data["annotations"][1]["keypoints"][:48]),
+     "'keypoints' is 48 numbers, where 17 keypoints are 51 finite numbers"),
 ])
 def test_keypoint_files_are_checked_for_what_keypoint_training_needs(keypoint_dataset, tmp_path, capsys, edit,
                                                                       message):
@@ -195,7 +198,7 @@ def test_keypoint_files_are_checked_for_what_keypoint_training_needs(keypoint_da
     root = _edited_keypoints(keypoint_dataset, tmp_path, edit)
     status, report = check(capsys, root, "--dataset", "coco_kp")
     assert status == 1 and message in report, report
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=re.escape(message)):
         build_dataset(root, "coco_kp", "train", None)
 
 

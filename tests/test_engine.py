@@ -404,7 +404,7 @@ def test_same_size_batches_hold_one_size_and_keep_few_waiting():
 class OutputRecorder(IdRecorder):
     """Stands in for CocoEvaluator to the end of an evaluation: keeps the outputs, scores nothing."""
 
-    backend, timings = "none", {"encode_wait": 0.0, "score": 0.0}
+    backend, timings, iou_types = "none", {"encode_wait": 0.0, "score": 0.0}, ("bbox",)
 
     def __init__(self) -> None:
         super().__init__()
