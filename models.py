@@ -124,6 +124,24 @@ def resolve_weights(spec: str, flag: str, kind: type[WeightsEnum] | None = None)
     return path
 
 
+def check_weights_name_fits(name: str, weights: str) -> None:
+    """A torchvision weights name of another model is one line naming the model it is for (its tensors would
+    otherwise be a shape error that sends the user looking at class counts)."""
+    if _is_path(weights):
+        return
+    try:
+        enum = torchvision.models.get_weight(weights)
+    except WEIGHT_NAME_ERRORS:
+        return  # resolve_weights says what it is not
+    if isinstance(enum, torchvision.models.get_model_weights(name)):
+        return
+    owner = next((m for m in MODELS if isinstance(enum, torchvision.models.get_model_weights(m))), None)
+    if owner is None:
+        raise UserError(f"--weights {weights} are not a whole detection model's weights (backbone weights go to "
+                        f"train.py's --weights-backbone)")
+    raise UserError(f"--weights {weights} are weights of {owner}, not of --model {name}: give --model {owner}")
+
+
 def evaluated_state(checkpoint: dict) -> dict:
     """The weights a checkpoint is evaluated and used with: their moving average when it keeps one."""
     return checkpoint["model_ema"]["model"] if "model_ema" in checkpoint else checkpoint["model"]
@@ -266,6 +284,8 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     """
     if name not in MODELS:
         raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
+    if weights is not None:
+        check_weights_name_fits(name, weights)
     state, run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights") if weights else (None, None)
     if run_args is not None:  # one of our checkpoints: laid out as its run was, from scratch or pretrained
         pretrained, trainable_backbone_layers = _layout_of_run(run_args, trainable_backbone_layers)

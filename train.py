@@ -45,7 +45,7 @@ from checkpoint import (
     set_aside_previous_run,
 )
 from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
-from coco_utils import DATASET_LAYOUTS, CocoDetection, SampleError, add_split_paths
+from coco_utils import DATASET_LAYOUTS, MIN_KEYPOINTS_PER_IMAGE, CocoDetection, SampleError, add_split_paths
 from data import Data, load_data
 from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
@@ -330,6 +330,10 @@ def check_combinations(args: argparse.Namespace) -> None:
                         "with --data-augmentation lsj and a maskrcnn model")
     if "keypoints" in iou_types(args.model) and args.dataset != "coco_kp":
         raise UserError(f"--model {args.model} learns keypoints; use --dataset coco_kp")
+    if args.dataset == "coco_kp" and "keypoints" not in iou_types(args.model):
+        utils.print_once(f"--dataset coco_kp with --model {args.model}: persons are learned without their "
+                         f"keypoints, from the images with {MIN_KEYPOINTS_PER_IMAGE} labelled keypoints that "
+                         f"coco_kp keeps")
     if args.dataset == "coco_kp" and args.use_v2:
         raise UserError("--use-v2 cannot flip keypoints' left and right; leave --use-v2 out for coco_kp")
     if args.cudnn_benchmark and args.use_deterministic_algorithms:

@@ -61,6 +61,16 @@ def test_unknown_weights_name_and_missing_path():
         resolve_weights("/nowhere/model.pth", "--weights")
 
 
+def test_weights_named_for_another_model_name_it_before_any_file_is_read():
+    with pytest.raises(UserError, match="KeypointRCNN_ResNet50_FPN_Weights.COCO_V1 are weights of "
+                                        "keypointrcnn_resnet50_fpn, not of --model maskrcnn_resnet50_fpn: give "
+                                        "--model keypointrcnn_resnet50_fpn"):
+        build_model("maskrcnn_resnet50_fpn", 91, "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1", None, None)
+    with pytest.raises(UserError, match="not a whole detection model's weights .* go to train.py's "
+                                        "--weights-backbone"):
+        build_model("fasterrcnn_resnet50_fpn", 91, "ResNet50_Weights.IMAGENET1K_V1", None, None)
+
+
 def test_whole_model_weights_from_path_with_fresh_class_heads(tmp_path):
     torch.manual_seed(0)
     source = build_model("maskrcnn_resnet50_fpn", 91, None, None, None, **SMALL)

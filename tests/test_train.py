@@ -579,3 +579,12 @@ def test_ranks_that_find_different_checkpoints_to_resume_stop_with_one_line(tmp_
     said = in_two_processes(tmp_path / "ends", lambda rank: train.check_same_on_every_rank(
         {"epoch": rank, "step": None}, "auto"))
     assert "(rank 0: epoch 0; rank 1: epoch 1)" in said[0], said
+
+
+def test_a_model_without_keypoints_on_keypoint_data_is_told_what_it_learns(capsys):
+    args = train.get_args_parser().parse_args(["--dataset", "coco_kp", "--model", "maskrcnn_resnet50_fpn"])
+    train.check_combinations(args)
+    assert "persons are learned without their keypoints, from the images with 10 labelled" in capsys.readouterr().out
+    train.check_combinations(train.get_args_parser().parse_args(["--dataset", "coco_kp", "--model",
+                                                                 "keypointrcnn_resnet50_fpn"]))
+    assert capsys.readouterr().out == ""

@@ -7,8 +7,9 @@
 
 Inputs are image files, folders or glob patterns. Image ids in the JSON come from --annotations (a COCO file
 naming the images), else from COCO-style numeric file names (000000000139.jpg is 139), else 1, 2, ... in
-file-name order; category ids are the training file's own. predictions.json holds instance segmentation
-results (a mask as RLE, the model's box and a score per detection), which pycocotools' loadRes reads.
+file-name order; category ids are the training file's own. predictions.json holds COCO results, which
+pycocotools' loadRes reads: per detection a score with, for Mask R-CNN, the model's box and a mask as RLE; for
+Keypoint R-CNN, the keypoints (COCO's keypoint results); for box models, the box.
 """
 
 from __future__ import annotations
