@@ -19,7 +19,7 @@ data=${DATA:-/tmp/cpu_suite_data}
 model=${MODEL_DIR:-/tmp/cpu_suite_model}
 
 SUITE_SECONDS=${SUITE_SECONDS:-7200} source bench/suite_lib.sh
-# COCO-like images (~640x480, ~7 shapes each) with COCO's category ids, so that the reference reads them.
+# COCO-like images (sides of 440-640 px, ~7 shapes each) with COCO's category ids, so that the reference reads them.
 $py tools/make_coco_dataset.py "$data" --coco-categories --coco-like --train-images 200 \
     --val-images "$val_images" >/dev/null
 # A 91-class model trained briefly at a small size, with many low-score detections. Weak for parity: its 24

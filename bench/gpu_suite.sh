@@ -32,7 +32,7 @@ fi
 source bench/suite_lib.sh
 wants() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 
-# A small set for the seed's commands, and a COCO-like one (~640x480, ~7 shapes) for the benchmarks; both use
+# A small set for the seed's commands, and a COCO-like one (sides of 440-640 px, ~7 shapes) for the benchmarks; both use
 # COCO's own category ids so that torchvision's reference (91 classes, labels = ids) reads them too.
 [ "$part" = all ] && $py tools/make_coco_dataset.py datasets/coco --coco-categories --coco-like --train-images 64 \
     --val-images 16 >/dev/null &

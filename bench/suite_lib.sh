@@ -14,9 +14,13 @@ step() {  # step NAME SECONDS command...: run, log, never stop the suite
   grep -h '^{"benchmark"' "$logs/$name.log" >>"$out/results.jsonl" || true
 }
 
-# ImageNet weights cannot be downloaded here: a ResNet-50 of random weights under torchvision's file name lets
-# the seed's commands run exactly as written (speed and memory do not depend on the values).
+# ImageNet weights cannot be downloaded here: where the hub cache has none, a ResNet-50 of random weights under
+# torchvision's file name lets the seed's commands run exactly as written (speed and memory do not depend on the
+# values). A file already there (the real weights, in a user's TORCH_HOME) is never replaced.
 export TORCH_HOME=${TORCH_HOME:-/tmp/torch_home}
 mkdir -p "$TORCH_HOME/hub/checkpoints"
-$py -c "import torch, torchvision, sys; torch.save(torchvision.models.resnet50().state_dict(), sys.argv[1])" \
-    "$TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth"
+imagenet="$TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth"
+if [ ! -f "$imagenet" ]; then
+  $py -c "import torch, torchvision, sys; torch.save(torchvision.models.resnet50().state_dict(), sys.argv[1])" \
+      "$imagenet.part" && mv "$imagenet.part" "$imagenet"
+fi

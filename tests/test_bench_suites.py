@@ -94,3 +94,15 @@ def test_gpu_suite_names_the_parts_it_has_when_given_another(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "gpu_suite.sh: no part 'trian': give all, train, eval or table"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("present", [False, True])
+def test_the_suites_write_a_stand_in_for_the_imagenet_weights_only_where_there_are_none(tmp_path, present):
+    weights = tmp_path / "hub" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    if present:
+        weights.parent.mkdir(parents=True)
+        weights.write_bytes(b"the user's own weights")
+    commands = recorded_commands(tmp_path, "cpu_suite.sh", "/nonexistent/references/detection")
+    saved = [c for c in commands if c[0] == "-c" and "resnet50()" in c[1]]
+    assert saved == ([] if present else [["-c", saved[0][1], f"{weights}.part"]])
+    assert not present or weights.read_bytes() == b"the user's own weights"

@@ -93,3 +93,21 @@ def test_a_write_cut_short_leaves_no_val_annotations(keypoints, tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not write ") and "val2017.json" in lines[0], lines
     assert "file too large" in lines[0] and "choose another folder" in lines[0]
+
+
+def test_a_folder_holding_what_the_generator_did_not_write_is_refused(tmp_path, capsys):
+    """A real COCO linked at datasets/coco has the very file names the generator writes."""
+    real = tmp_path / "coco"
+    (real / "annotations").mkdir(parents=True)
+    (real / "annotations" / "instances_train2017.json").write_text('{"info": {"description": "COCO 2017"}}')
+    spec = DatasetSpec(train_images=2, val_images=1, min_size=48, max_size=48)
+    linked = tmp_path / "datasets" / "coco"
+    linked.parent.mkdir()
+    linked.symlink_to(real)
+    assert main([str(linked), "--train-images", "2", "--val-images", "1", "--size", "48"]) == 2
+    assert "holds files this tool did not write (a dataset of yours?)" in capsys.readouterr().err
+    assert sorted(p.name for p in real.rglob("*")) == ["annotations", "instances_train2017.json"]
+    ours = generate_dataset(tmp_path / "ours", spec)
+    assert generate_dataset(ours, spec) == ours, "its own folder is written again"
+    (ours / ".written_by_make_coco_dataset").unlink()  # written before the marker: told by the description
+    assert generate_dataset(ours, spec) == ours

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint import write_json_atomic  # noqa: E402
 from coco_eval import run_lengths  # noqa: E402
-from errors import exit_status  # noqa: E402
+from errors import UserError, exit_status  # noqa: E402
 
 # Ids are spread out on purpose: COCO's own ids have gaps, and code that assumes 1..K breaks on them.
 CATEGORIES = [
@@ -259,6 +259,9 @@ def _add_crowd(rng: np.random.Generator, image: Image.Image, width: int, height:
     add(category["id"], _uncompressed_rle(mask), float(mask.sum()), bbox, 1)
 
 
+DESCRIPTION = "generated shapes"
+
+
 def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_image_id: int) -> dict:
     folder = root / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
@@ -275,7 +278,7 @@ def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_im
         images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
         annotations += anns
     return {
-        "info": {"description": "generated shapes", "version": "1.0", "year": 2017},
+        "info": {"description": DESCRIPTION, "version": "1.0", "year": 2017},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -290,12 +293,38 @@ def write_json(path: Path, data: dict) -> None:
                                          "again")
 
 
+# Written into a dataset's folder before anything else: a folder that has it (or is empty) is this tool's to
+# write again; any other would be overwritten (a real COCO linked at datasets/coco has the same file names).
+MARKER = ".written_by_make_coco_dataset"
+
+
+def check_ours_to_write(root: Path) -> None:
+    """Refuse a folder that holds anything this tool did not write (UserError)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise UserError(f"{root} is a file; give a folder to write the dataset into")
+    if not any(root.iterdir()) or (root / MARKER).is_file():
+        return
+    try:  # datasets written before the marker: their training file starts with this tool's description
+        with open(root / "annotations" / "instances_train2017.json", encoding="utf-8") as f:
+            if f'"description": "{DESCRIPTION}"' in f.read(200):
+                return
+    except OSError:
+        pass
+    raise UserError(f"{root} holds files this tool did not write (a dataset of yours?), which it would overwrite; "
+                    f"give a new or empty folder")
+
+
 def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:
     """Write `root/{train2017,val2017}` and `root/annotations/instances_{train,val}2017.json` (with keypoints,
-    also `person_keypoints_{train,val}2017.json`). instances_val2017.json is written last, and each JSON
-    atomically, so its presence means a finished dataset (tools/demo.py relies on this)."""
+    also `person_keypoints_{train,val}2017.json`), into a folder that is new, empty or this tool's.
+    instances_val2017.json is written last, and each JSON atomically, so its presence means a finished dataset
+    (tools/demo.py relies on this)."""
     root = Path(root)
+    check_ours_to_write(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
     for split, count, first_id in (("train", spec.train_images, 1000), ("val", spec.val_images, 500000)):
         data = _write_split(root, split, count, spec, first_id)
         if spec.keypoints:
@@ -323,7 +352,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keypoints", action="store_true",
                         help="stick figures with COCO's 17 person keypoints (for --dataset coco_kp)")
     parser.add_argument("--coco-like", action="store_true",
-                        help="COCO-like defaults for benchmarks: 500 val images, ~640x480, ~7 instances")
+                        help="COCO-like defaults for benchmarks: 500 val images, sides of 440-640 px (as COCO's "
+                             "up to 640), ~7 instances")
     return parser
 
 
