@@ -105,6 +105,8 @@ def main() -> None:
         stats = (stats_of_reference if args.side == "reference" else stats_of_ours)(args, device)
         print(RESULT + json.dumps(stats))
         return
+    for name in ("data_path", "checkpoint", "reference"):  # each side runs from the repository's root
+        setattr(args, name, str(Path(getattr(args, name)).resolve()))
     ours, reference = run_side("ours", args), run_side("reference", args)
     differences = {kind: max(abs(a - b) for a, b in zip(ours[kind], reference[kind])) for kind in ours}
     emit({"benchmark": "eval_parity", "environment": environment(device), "settings": vars(args),
