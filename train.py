@@ -330,6 +330,9 @@ def check_combinations(args: argparse.Namespace) -> None:
                         "with --data-augmentation lsj and a maskrcnn model")
     if "keypoints" in iou_types(args.model) and args.dataset != "coco_kp":
         raise UserError(f"--model {args.model} learns keypoints; use --dataset coco_kp")
+    if args.data_augmentation in presets.RESIZING_AUGMENTATIONS and (args.min_size or args.max_size):
+        utils.print_once(f"--data-augmentation {args.data_augmentation} sizes the training images itself; "
+                         f"--min-size and --max-size size the evaluation's")
     if args.dataset == "coco_kp" and "keypoints" not in iou_types(args.model):
         utils.print_once(f"--dataset coco_kp with --model {args.model}: persons are learned without their "
                          f"keypoints, from the images with {MIN_KEYPOINTS_PER_IMAGE} labelled keypoints that "

@@ -588,3 +588,11 @@ def test_a_model_without_keypoints_on_keypoint_data_is_told_what_it_learns(capsy
     train.check_combinations(train.get_args_parser().parse_args(["--dataset", "coco_kp", "--model",
                                                                  "keypointrcnn_resnet50_fpn"]))
     assert capsys.readouterr().out == ""
+
+
+def test_sizes_given_with_an_augmentation_that_sizes_training_images_are_said_to_apply_to_evaluation(capsys):
+    train.check_combinations(train.get_args_parser().parse_args(["--data-augmentation", "lsj", "--min-size", "64"]))
+    assert "--data-augmentation lsj sizes the training images itself; --min-size and --max-size size the " \
+           "evaluation's" in capsys.readouterr().out
+    train.check_combinations(train.get_args_parser().parse_args(["--data-augmentation", "hflip", "--min-size", "64"]))
+    assert capsys.readouterr().out == ""
