@@ -137,7 +137,7 @@ def run_benchmark(model: torch.nn.Module, onnx_model: deploy.OnnxModel, image: t
             "PyTorch (torchvision's model)": lambda images: model([i.float() / 255 for i in images]),
             "PyTorch (with speedups/)": lambda images: fast([i.float() / 255 for i in images])}
     rates = deploy.benchmark(runs, image, rounds)
-    print(f"speed at {image.shape[1]}x{image.shape[2]}, median of {rounds} rounds taking turns, "
+    print(f"speed at {image.shape[2]}x{image.shape[1]} (width x height), median of {rounds} rounds taking turns, "
           f"{torch.get_num_threads()} torch threads:")
     base = rates["PyTorch (torchvision's model)"]
     for runtime, rate in rates.items():

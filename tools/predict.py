@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw and keep detections scoring at least this (default 0.5)")
     parser.add_argument("--device", default="cuda",
                         help="cuda or cpu (cuda falls back to the CPU; --onnx runs on the CPU)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="images run together, those the model pads to one size (default 4)")
     parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
