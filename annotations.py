@@ -286,30 +286,49 @@ def _box_format_errors(annotations: list[dict]) -> list[Finding]:
 VISIBILITY_FLAGS = frozenset({0, 1, 2})  # not labelled, labelled but hidden, visible
 
 
+def labelled_keypoints(points: list | None) -> int:
+    """How many of a keypoint array's visibility flags are above 0 (labelled, as torchvision and COCOeval read
+    them); none for a missing array."""
+    flags = (points or [])[2::3]
+    if set(flags) <= VISIBILITY_FLAGS:  # a set and a count in C: a COCO-sized file has 262k persons
+        return len(flags) - flags.count(0)
+    return sum(1 for v in flags if v > 0)
+
+
+def _unreadable_keypoints(points, length: int) -> str | None:
+    """What keeps a keypoint array from the loader and COCOeval (`length` finite numbers), or None."""
+    if not isinstance(points, list):
+        return f"is {points!r:.30}"
+    if len(points) != length:
+        return f"is {len(points)} numbers"
+    if not finite_coordinates(points):
+        return f"holds {next(v for v in points if not finite_coordinates([v]))!r:.30}"
+    return None
+
+
 def keypoint_array_findings(annotations: list[dict], count: int) -> list[Finding]:
     """What is wrong in a keypoint file's instances, each of `count` keypoints (x, y, visibility): an error for
-    an array the loader and COCOeval cannot read (another length, not finite numbers); warnings for what is
-    read another way: no 'keypoints', or [] (read as none labelled), a 'num_keypoints' missing or other than the count
-    of flags above 0 (scoring ignores instances of 0; set to the count), flags other than 0, 1 and 2."""
-    length, absent, recounted, odd_flags = 3 * count, [], [], []
+    the first array the loader and COCOeval cannot read; warnings for what is read another way (no 'keypoints'
+    or [], read as none labelled; a 'num_keypoints' missing or other than labelled_keypoints, which scoring
+    reads; flags other than 0, 1 and 2)."""
+    absent, recounted, odd_flags = [], [], []
     for ann in annotations:
         points = ann.get("keypoints")
         if points is None or points == []:
             absent.append(ann)
             continue
-        if not isinstance(points, list) or len(points) != length or not finite_coordinates(points):
-            shape = f"{len(points)} numbers" if isinstance(points, list) else f"{points!r:.30}"
-            return [Finding("error", "keypoints", f"annotation {ann.get('id')}: 'keypoints' is {shape}, where "
-                            f"{count} keypoints are {length} finite numbers (x, y and a visibility flag for each); "
-                            f"fix the file")]
-        flags = points[2::3]
-        if set(flags) <= VISIBILITY_FLAGS:  # a set and a count in C: a COCO-sized file has 262k persons
-            labelled = len(flags) - flags.count(0)
-        else:
+        if problem := _unreadable_keypoints(points, 3 * count):
+            return [Finding("error", "keypoints", f"annotation {ann.get('id')}: 'keypoints' {problem}, where "
+                            f"{count} keypoints are {3 * count} finite numbers (x, y and a visibility flag for "
+                            f"each); fix the file")]
+        if not set(points[2::3]) <= VISIBILITY_FLAGS:
             odd_flags.append(ann)
-            labelled = sum(1 for v in flags if v > 0)
-        if ann.get("num_keypoints") != labelled:
+        if ann.get("num_keypoints") != labelled_keypoints(points):
             recounted.append(ann)
+    return _keypoint_warnings(absent, recounted, odd_flags)
+
+
+def _keypoint_warnings(absent: list[dict], recounted: list[dict], odd_flags: list[dict]) -> list[Finding]:
     found = []
     if absent:
         found.append(Finding("warning", "no keypoints", f"{len(absent)} instances have no 'keypoints' (first: "

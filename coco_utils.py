@@ -27,6 +27,7 @@ from annotations import (
     is_area,
     is_flat_polygon,
     keypoint_array_findings,
+    labelled_keypoints,
     read_annotation_file,
     segmentation_problem,
 )
@@ -427,7 +428,7 @@ def has_outline(ann: dict) -> bool:
 
 def trains_keypoints(anns: list[dict]) -> bool:
     """Whether an image's annotations, crowd regions included, label enough keypoints for coco_kp training."""
-    return sum(v > 0 for a in anns for v in a.get("keypoints", [])[2::3]) >= MIN_KEYPOINTS_PER_IMAGE
+    return sum(labelled_keypoints(a.get("keypoints")) for a in anns) >= MIN_KEYPOINTS_PER_IMAGE
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -550,7 +551,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if masks is not None:
             target["masks"] = masks
         if self.with_keypoints:
-            points = [a["keypoints"] for a in anns]  # each one a full array (read_keypoints)
+            points = [a["keypoints"] for a in anns]  # each one a full array (complete_keypoints)
             target["keypoints"] = torch.tensor(points, dtype=torch.float32).reshape(len(anns), -1, 3)
         return target
 
@@ -658,21 +659,20 @@ def renamed_categories(data: dict, known: dict) -> str | None:
     return ", ".join(f"id {i}: {here!r} here, {there!r} there" for i, here, there in renamed) or None
 
 
-def read_keypoints(anns: list[dict], ann_file: Path) -> None:
-    """A keypoint file's instances as training and COCOeval read them: an array neither can read stops the run
-    (UserError); no 'keypoints' becomes none labelled, and 'num_keypoints' the count of labelled ones, in place."""
+def complete_keypoints(anns: list[dict], ann_file: Path) -> None:
+    """A keypoint file's instances made what training and COCOeval read, in place: no 'keypoints' becomes none
+    labelled, and 'num_keypoints' the count of labelled ones; an array neither can read stops the run."""
     count = len(coco_keypoint_names())
     findings = keypoint_array_findings(anns, count)
     for finding in findings:
         if finding.level == "error":
-            raise UserError(f"{ann_file}: {finding.message} (tools/check_dataset.py --dataset coco_kp lists every "
-                            f"problem)")
+            raise UserError(f"{ann_file}: {finding.message}")
     if not findings:
         return
     for ann in anns:
         if not ann.get("keypoints"):
             ann["keypoints"] = [0] * (3 * count)
-        ann["num_keypoints"] = sum(1 for v in ann["keypoints"][2::3] if v > 0)
+        ann["num_keypoints"] = labelled_keypoints(ann["keypoints"])
 
 
 def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path) -> None:
@@ -699,7 +699,7 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
     coco = load_coco(ann_file)
     if dataset == "coco_kp":
         check_person_keypoints(coco.dataset["categories"], ann_file)
-        read_keypoints(coco.dataset["annotations"], ann_file)
+        complete_keypoints(coco.dataset["annotations"], ann_file)
     file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset, keep_ids)
     if category_map is not None:
         check_known_categories(coco, category_map, ann_file)

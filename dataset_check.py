@@ -135,6 +135,8 @@ def missing_reasons(image_dir: Path, names: Iterable[str]) -> dict[str, str]:
         on_disk = folders[folder]
         if on_disk is None:
             reasons[name] = f"missing (there is no folder {folder!r} in {image_dir}, which file_name is read from)"
+        elif on_disk.get(_spelling(base)) == base:
+            reasons[name] = "missing (a link to nothing, or a folder, has its name)"
         elif (near := on_disk.get(_spelling(base))) is not None:
             how = "letter case" if near.casefold() == base.casefold() else "Unicode form (NFC or NFD)"
             reasons[name] = f"missing (the folder has {near!r}, a name that differs in {how}; write it as on disk)"

@@ -203,9 +203,9 @@ class EvaluationStopped(Exception):
 
 def stop_evaluation_if_agreed(agreement: StopAgreement, step: int, stop_requested: Callable[[], bool] | None
                               ) -> None:
-    """Raise EvaluationStopped before this step (counted from 0) once the ranks agree that a stop was asked for,
-    on the agreement's schedule (never without stop_requested: --test-only); the agreement raises the faults'
-    UserError as soon as a rank is past their limit, with or without."""
+    """Before this step (counted from 0), on the agreement's schedule: raise EvaluationStopped once the ranks agree
+    that a stop was asked for (only during training, where stop_requested is given), or the faults' UserError
+    once a rank is past --max-bad-samples (--test-only too)."""
     if agreement.agreed(step, stop_requested is not None and stop_requested()):
         raise EvaluationStopped
 

@@ -39,11 +39,17 @@ def model_options(name: str, **options) -> dict:
     for key in given:
         if key not in FAMILY_OPTIONS[family(name)]:
             raise UserError(f"{OPTION_FLAGS[key]} does not apply to --model {name}; leave it out")
-    if given.get("max_size", math.inf) < given.get("min_size", 0):  # the resize keeps within both
-        raise UserError(f"--max-size {given['max_size']} is below --min-size {given['min_size']}: each image's long "
-                        f"side would be held to {given['max_size']} px, so no short side reaches "
-                        f"{given['min_size']}; give --max-size at least --min-size")
     return given
+
+
+def check_size_order(min_size: int | None, max_size: int | None) -> None:
+    """Sizes given on one command line with --max-size below --min-size are refused: the resize holds each long
+    side to --max-size, so --min-size would do nothing (a checkpoint's saved sizes are not checked: the model
+    resizes as they say)."""
+    if min_size is not None and max_size is not None and max_size < min_size:
+        raise UserError(f"--max-size {max_size} is below --min-size {min_size}: each image's long side would be "
+                        f"held to {max_size} px, so no short side reaches {min_size}; give --max-size at least "
+                        f"--min-size")
 
 
 def family(name: str) -> str:

@@ -64,6 +64,8 @@ from metrics import Record, Writers, duration
 from models import (
     MODELS,
     build_model,
+    check_size_order,
+    check_weights_name_fits,
     default_backbone_weights,
     iou_types,
     layout_of,
@@ -292,6 +294,7 @@ def check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    check_size_order(args.min_size, args.max_size)
 
 
 def check_rates(args: argparse.Namespace) -> None:
@@ -335,7 +338,7 @@ def check_combinations(args: argparse.Namespace) -> None:
                          f"--min-size and --max-size size the evaluation's")
     if args.dataset == "coco_kp" and "keypoints" not in iou_types(args.model):
         utils.print_once(f"--dataset coco_kp with --model {args.model}: persons are learned without their "
-                         f"keypoints, from the images with {MIN_KEYPOINTS_PER_IMAGE} labelled keypoints that "
+                         f"keypoints, from the images with {MIN_KEYPOINTS_PER_IMAGE} or more labelled keypoints that "
                          f"coco_kp keeps")
     if args.dataset == "coco_kp" and args.use_v2:
         raise UserError("--use-v2 cannot flip keypoints' left and right; leave --use-v2 out for coco_kp")
@@ -496,7 +499,7 @@ def check_same_on_every_rank(checkpoint: dict | None, resume: str) -> None:
 def check_same_model(args: argparse.Namespace, checkpoint: dict, resume: str) -> None:
     """One clear error, before the data loads, where --model or --num-classes is not the checkpoint's: its
     weights fit no other model (said even when its run has nothing left to train)."""
-    saved = checkpoint["args"].get("model")
+    saved = (checkpoint.get("args") or {}).get("model")
     if saved is not None and saved != args.model:
         raise UserError(f"--resume {resume} holds a {saved} model, and this run asks for --model {args.model}: "
                         f"give --model {saved} to resume it, or start a new run in another --output-dir")
@@ -546,6 +549,8 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
         # Recorded with the run's arguments, so that a resumed run lays the model out as this one does.
         args.pretrained_layout, args.trainable_backbone_layers = layout_of(args.weights, args.weights_backbone,
                                                                            args.trainable_backbone_layers)
+        if args.weights:  # said as it is, before the class-head advice below could be added to it
+            check_weights_name_fits(args.model, args.weights)
         try:  # to evaluate only, fresh class heads would score at random: the weights' heads must fit
             return build_model(args.model, num_classes, args.weights, args.weights_backbone,
                                args.trainable_backbone_layers, mask_init=not args.torchvision_mask_init,

@@ -103,7 +103,7 @@ def main() -> None:
     common = ["--data-path", str(Path(args.data_path).resolve()), "--dataset", "coco", "--model",
               "maskrcnn_resnet50_fpn", "--device", device.type, "--test-only", "--resume",
               str(Path(args.checkpoint).resolve()), "-j", str(args.workers)]
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()  # each side runs from its own folder (ours: the repository)
     result = {"benchmark": "eval", "environment": environment(device), "settings": vars(args)}
 
     def run_ours() -> dict:

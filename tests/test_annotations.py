@@ -158,17 +158,18 @@ def _person(**fields) -> dict:
     return {"id": 5, "keypoints": [1, 2, 2, 3, 4, 1, 0, 0, 0], "num_keypoints": 2, **fields}
 
 
-@pytest.mark.parametrize("points, shape", [
-    ([1, 2, 2, 3, 4, 1], "6 numbers"),  # a keypoint short
-    ([1, 2, 3, 4, 5, 6], "6 numbers"),
-    ([1, 2, 2, 3, None, 1, 0, 0, 0], "9 numbers"),
-    ([1, 2, 2, 3, "4", 1, 0, 0, 0], "9 numbers"),
-    ({"x": 1}, "{'x': 1}"),
+@pytest.mark.parametrize("points, problem", [
+    ([1, 2, 2, 3, 4, 1], "is 6 numbers"),  # a keypoint short
+    ([1, 2, 3, 4, 5, 6], "is 6 numbers"),
+    ([1, 2, 2, 3, None, 1, 0, 0, 0], "holds None"),
+    ([1, 2, 2, 3, "4", 1, 0, 0, 0], "holds '4'"),
+    ([1, 2, 2, 3, float("nan"), 1, 0, 0, 0], "holds nan"),
+    ({"x": 1}, "is {'x': 1}"),
 ])
-def test_keypoint_arrays_the_loader_cannot_read_are_an_error(points, shape):
+def test_keypoint_arrays_the_loader_cannot_read_are_an_error(points, problem):
     found = annotations.keypoint_array_findings([_person(), _person(id=6, keypoints=points)], 3)
     assert [(f.level, f.kind) for f in found] == [("error", "keypoints")]
-    assert f"annotation 6: 'keypoints' is {shape}, where 3 keypoints are 9 finite numbers" in found[0].message
+    assert f"annotation 6: 'keypoints' {problem}, where 3 keypoints are 9 finite numbers" in found[0].message
 
 
 @pytest.mark.parametrize("person, kind, text", [
@@ -187,3 +188,9 @@ def test_keypoints_read_another_way_are_warnings(person, kind, text):
 
 def test_sound_keypoints_have_no_findings():
     assert annotations.keypoint_array_findings([_person(), _person(keypoints=[0] * 9, num_keypoints=0)], 3) == []
+
+
+@pytest.mark.parametrize("points, labelled", [(None, 0), ([], 0), ([1, 2, 2, 3, 4, 1, 0, 0, 0], 2),
+                                              ([1, 2, 3, 3, 4, -1, 5, 5, True], 2)])
+def test_labelled_keypoints_are_the_flags_above_zero(points, labelled):
+    assert annotations.labelled_keypoints(points) == labelled

@@ -59,3 +59,16 @@ def test_checkpoints_the_reference_would_evaluate_otherwise_are_named(tmp_path):
         found[name] = bench_eval.not_comparable(str(tmp_path / f"{name}.pth"))
     assert found["plain"] is None
     assert "moving average" in found["average"] and "pretrained weights" in found["pretrained"]
+
+
+def test_a_relative_output_folder_is_the_callers_not_the_repositorys(tmp_path, monkeypatch, capsys):
+    """Ours runs from the repository's root: a relative --output-dir wrote its predictions into the repository."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench_eval.py", "--data-path", "d", "--checkpoint", "c.pth", "--device", "cpu",
+                                      "--output-dir", "runs"])
+    calls = []
+    monkeypatch.setattr(bench_eval, "timed", lambda command, cwd, output_dir: calls.append(output_dir) or
+                        {"wall_s": 1.0, "box_AP": 0.0, "mask_AP": 0.0})
+    bench_eval.main()
+    assert calls == [tmp_path / "runs" / "ours"]
+    assert '"benchmark": "eval"' in capsys.readouterr().out

@@ -12,7 +12,7 @@ from PIL import Image
 
 from coco_utils import build_dataset
 from conftest import run_cli
-from dataset_check import check_before_training, missing_files
+from dataset_check import check_before_training, missing_files, missing_reasons
 from errors import UserError
 from tools.check_dataset import main as check_main
 from tools.make_coco_dataset import DatasetSpec, generate_dataset
@@ -313,3 +313,26 @@ def test_the_start_check_offers_to_skip_it_only_where_some_images_are_found(clea
     with pytest.raises(UserError, match=r"no image of the JSON is found, so check that its file_names are written "
                                         r"relative to .*val2017$"):
         check_before_training(clean / "val2017", images, "train", 0.0)
+
+
+def test_a_person_without_keypoints_is_a_warning_in_the_training_file(keypoint_dataset, tmp_path, capsys):
+    """trains_keypoints read the missing array as a list (a TypeError in the check)."""
+    root = _edited_keypoints(keypoint_dataset, tmp_path, lambda data: data["annotations"][0].update(keypoints=None))
+    status, report = check(capsys, root, "--dataset", "coco_kp", "--splits", "train")
+    assert status == 0 and "WARNING no keypoints" in report, report
+    assert len(build_dataset(root, "coco_kp", "train", None)) > 0
+
+
+def test_a_missing_file_is_named_with_what_the_disk_suggests(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "Photo.JPG").touch()
+    (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    names = ["photo.jpg", "dir.jpg", "broken.jpg", "sub/gone.jpg", "train2017/a.jpg", "imgs\\a.jpg"]
+    reasons = missing_reasons(tmp_path, names)
+    assert reasons["photo.jpg"] == ("missing (the folder has 'Photo.JPG', a name that differs in letter case; "
+                                    "write it as on disk)")
+    assert reasons["dir.jpg"] == reasons["broken.jpg"] == "missing (a link to nothing, or a folder, has its name)"
+    assert reasons["sub/gone.jpg"] == "missing"
+    assert reasons["train2017/a.jpg"].startswith("missing (there is no folder 'train2017' in ")
+    assert reasons["imgs\\a.jpg"] == "missing (file_name separates folders with '\\'; write '/')"

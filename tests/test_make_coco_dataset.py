@@ -107,6 +107,10 @@ def test_a_folder_holding_what_the_generator_did_not_write_is_refused(tmp_path, 
     assert main([str(linked), "--train-images", "2", "--val-images", "1", "--size", "48"]) == 2
     assert "holds files this tool did not write (a dataset of yours?)" in capsys.readouterr().err
     assert sorted(p.name for p in real.rglob("*")) == ["annotations", "instances_train2017.json"]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / ".gitkeep").touch()
+    assert generate_dataset(kept, spec) == kept, "hidden files make no dataset"
     ours = generate_dataset(tmp_path / "ours", spec)
     assert generate_dataset(ours, spec) == ours, "its own folder is written again"
     (ours / ".written_by_make_coco_dataset").unlink()  # written before the marker: told by the description

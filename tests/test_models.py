@@ -13,6 +13,7 @@ from models import (
     MODELS,
     backbone_weights_class,
     build_model,
+    check_size_order,
     default_backbone_weights,
     family,
     hub_cache_path,
@@ -149,9 +150,14 @@ def test_each_family_takes_only_its_options():
         model_options("ssd300_vgg16", min_size=96)
     with pytest.raises(UserError, match="--rois-per-image does not apply to --model fcos_resnet50_fpn"):
         model_options("fcos_resnet50_fpn", box_batch_size_per_image=64)
-    assert model_options("retinanet_resnet50_fpn", min_size=96, max_size=96) == {"min_size": 96, "max_size": 96}
+    assert model_options("maskrcnn_resnet50_fpn", min_size=800, max_size=600) == {"min_size": 800, "max_size": 600}
+
+
+def test_sizes_given_together_must_let_the_short_side_reach_min_size():
+    check_size_order(96, 96)
+    check_size_order(800, None)
     with pytest.raises(UserError, match="--max-size 600 is below --min-size 800: .* give --max-size at least"):
-        model_options("maskrcnn_resnet50_fpn", min_size=800, max_size=600)
+        check_size_order(800, 600)
     assert iou_types("keypointrcnn_resnet50_fpn") == ("bbox", "keypoints")
     assert iou_types("retinanet_resnet50_fpn_v2") == ("bbox",)
 

@@ -304,7 +304,8 @@ def check_ours_to_write(root: Path) -> None:
         return
     if not root.is_dir():
         raise UserError(f"{root} is a file; give a folder to write the dataset into")
-    if not any(root.iterdir()) or (root / MARKER).is_file():
+    # Hidden files and a file system's lost+found do not make a folder anyone's dataset.
+    if all(p.name.startswith(".") or p.name == "lost+found" for p in root.iterdir()) or (root / MARKER).is_file():
         return
     try:  # datasets written before the marker: their training file starts with this tool's description
         with open(root / "annotations" / "instances_train2017.json", encoding="utf-8") as f:
@@ -323,8 +324,9 @@ def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:
     (tools/demo.py relies on this)."""
     root = Path(root)
     check_ours_to_write(root)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).touch()
+    (root / "annotations").mkdir(exist_ok=True)
     for split, count, first_id in (("train", spec.train_images, 1000), ("val", spec.val_images, 500000)):
         data = _write_split(root, split, count, spec, first_id)
         if spec.keypoints:

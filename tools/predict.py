@@ -36,7 +36,14 @@ from devices import pick_device  # noqa: E402
 from engine import padded_size, same_size_batches, to_device  # noqa: E402
 from errors import UserError, exit_status  # noqa: E402
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted  # noqa: E402
-from models import MODELS, build_from_checkpoint, build_model, iou_types, model_options  # noqa: E402
+from models import (  # noqa: E402
+    MODELS,
+    build_from_checkpoint,
+    build_model,
+    check_size_order,
+    iou_types,
+    model_options,
+)
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -190,6 +197,7 @@ def check_sizes_and_score(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    check_size_order(args.min_size, args.max_size)
     if not 0 <= args.score_thresh <= 1:
         raise UserError(f"--score-thresh {args.score_thresh} must be a score between 0 and 1")
 
