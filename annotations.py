@@ -289,10 +289,14 @@ VISIBILITY_FLAGS = frozenset({0, 1, 2})  # not labelled, labelled but hidden, vi
 def labelled_keypoints(points: list | None) -> int:
     """How many of a keypoint array's visibility flags are above 0 (labelled, as torchvision and COCOeval read
     them); none for a missing array."""
-    flags = (points or [])[2::3]
+    return _counted_flags((points or [])[2::3])[0]
+
+
+def _counted_flags(flags: list) -> tuple[int, bool]:
+    """The flags above 0, and whether all are COCO's 0, 1 or 2."""
     if set(flags) <= VISIBILITY_FLAGS:  # a set and a count in C: a COCO-sized file has 262k persons
-        return len(flags) - flags.count(0)
-    return sum(1 for v in flags if v > 0)
+        return len(flags) - flags.count(0), True
+    return sum(1 for v in flags if v > 0), False
 
 
 def _unreadable_keypoints(points, length: int) -> str | None:
@@ -321,9 +325,10 @@ def keypoint_array_findings(annotations: list[dict], count: int) -> list[Finding
             return [Finding("error", "keypoints", f"annotation {ann.get('id')}: 'keypoints' {problem}, where "
                             f"{count} keypoints are {3 * count} finite numbers (x, y and a visibility flag for "
                             f"each); fix the file")]
-        if not set(points[2::3]) <= VISIBILITY_FLAGS:
+        labelled, standard = _counted_flags(points[2::3])
+        if not standard:
             odd_flags.append(ann)
-        if ann.get("num_keypoints") != labelled_keypoints(points):
+        if ann.get("num_keypoints") != labelled:
             recounted.append(ann)
     return _keypoint_warnings(absent, recounted, odd_flags)
 
