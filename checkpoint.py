@@ -215,11 +215,13 @@ def load_model_weights(model: nn.Module, state: dict, source: str, new_class_hea
             raise UserError(f"{source} does not fit this model: it has no tensor {key}; "
                             f"check --model and that the file is a checkpoint of it")
         if key in state and state[key].shape != value.shape:
-            if new_class_heads and key.startswith(CLASS_HEAD_PREFIXES):
+            class_head = key.startswith(CLASS_HEAD_PREFIXES)
+            if new_class_heads and class_head:
                 reinitialised.append(key)
                 continue
+            why = "a head sized for another number of classes or keypoints" if class_head else "check --model"
             raise UserError(f"{source} does not fit this model: {key} has shape {tuple(state[key].shape)}, the "
-                            f"model needs {tuple(value.shape)}; check --model and --num-classes")
+                            f"model needs {tuple(value.shape)} ({why})")
     # Frozen batch norm keeps no batch counter, so files saved with ordinary batch norm carry a spare one.
     unexpected = sorted(k for k in set(state) - set(own) if not k.endswith("num_batches_tracked"))
     if unexpected:

@@ -258,7 +258,8 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
         for finding in report.findings:
             by_kind.setdefault((finding.level, finding.kind), []).append(finding)
         for (level, kind), found in by_kind.items():
-            lines.append(f"  {level.upper()} {kind} ({len(found)}):")
+            count = f" ({len(found)})" if len(found) > 1 else ""  # one finding may count many (its message says)
+            lines.append(f"  {level.upper()} {kind}{count}:")
             lines += [f"    {f.message}" for f in found[:limit]]
             if len(found) > limit:
                 lines.append(f"    ... and {len(found) - limit} more")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from annotations import Finding
 from coco_utils import build_dataset
 from conftest import run_cli
-from dataset_check import check_before_training, missing_files, missing_reasons
+from dataset_check import SplitReport, check_before_training, format_report, missing_files, missing_reasons
 from errors import UserError
 from tools.check_dataset import main as check_main
 from tools.make_coco_dataset import DatasetSpec, generate_dataset
@@ -336,3 +337,12 @@ def test_a_missing_file_is_named_with_what_the_disk_suggests(tmp_path):
     assert reasons["sub/gone.jpg"] == "missing"
     assert reasons["train2017/a.jpg"].startswith("missing (there is no folder 'train2017' in ")
     assert reasons["imgs\\a.jpg"] == "missing (file_name separates folders with '\\'; write '/')"
+
+
+def test_the_report_counts_a_kind_only_when_it_has_several_findings():
+    report = SplitReport("train", images=3, annotations=4)
+    report.findings = [Finding("warning", "image without annotations", "2 images have no annotations"),
+                       Finding("warning", "box outside image", "a"), Finding("warning", "box outside image", "b")]
+    text = format_report([report])
+    assert "  WARNING image without annotations:\n    2 images have no annotations" in text
+    assert "  WARNING box outside image (2):\n    a\n    b" in text

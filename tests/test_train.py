@@ -529,6 +529,7 @@ def test_predict_refuses_weights_whose_class_heads_do_not_fit(trained, dataset, 
                            str(tmp_path), "--device", "cpu"])
     error = capsys.readouterr().err
     assert status == 2 and "does not fit this model" in error and "goes to --checkpoint" in error, error
+    assert "a head sized for another number of classes or keypoints" in error and "--num-classes" not in error
     assert not (tmp_path / "predictions.json").exists()
 
 
