@@ -32,7 +32,8 @@ def scale_learning_rate(args: argparse.Namespace) -> None:
         utils.print_once(f"--auto-scale-lr {args.auto_scale_lr}: --lr {args.lr:g} x {total} / "
                          f"{args.auto_scale_lr} = {scaled:g}")
         args.lr = scaled
-    elif total != RECIPE_BATCH and not math.isclose(args.lr, RECIPE_LR * total / RECIPE_BATCH):
+    elif (args.opt.startswith("sgd") and total != RECIPE_BATCH  # the recipe's rate is SGD's
+          and not math.isclose(args.lr, RECIPE_LR * total / RECIPE_BATCH)):
         utils.print_once(f"note: torchvision's recipe has --lr {RECIPE_LR} for a batch of {RECIPE_BATCH}, which "
                          f"for this batch of {total} is --lr {RECIPE_LR * total / RECIPE_BATCH:g} (--auto-scale-lr "
                          f"{RECIPE_BATCH} scales whatever --lr is given by the batch / {RECIPE_BATCH})")

@@ -37,6 +37,8 @@ def test_without_it_a_batch_other_than_the_recipes_gets_a_note(capsys):
     assert "note:" not in capsys.readouterr().out, "16 is the recipe's batch"
     optimization.scale_learning_rate(args(batch_size=2, lr=0.0025))
     assert "note:" not in capsys.readouterr().out, "--lr is already the recipe's for a batch of 2"
+    optimization.scale_learning_rate(args(batch_size=4, lr=0.001, opt="adamw"))
+    assert "note:" not in capsys.readouterr().out, "the recipe's rate is SGD's"
 
 
 def test_parameter_order_follows_the_checkpoints_writer():
