@@ -133,9 +133,11 @@ class StepMeters:
                         self.data_time.avg, {k: (v.median, v.global_avg) for k, v in self.values.items()})
 
     def record(self, kind: str, epoch: int, step: int, global_step: int, steps_after: int = 0) -> Record:
-        """The record of the state after `step` steps: each value's latest, the rate and times of the step."""
+        """The record of the state after `step` steps: each value's latest, the rate and times of the step (the
+        console's progress line shows recent averages)."""
         progress = self.progress(step, steps_after)
-        values = {"time": round(time.time(), 3), "images_per_s": round(progress.images_per_s, 3),
+        step_rate = self.images_per_step / max(self.step_time.value, 1e-9)
+        values = {"time": round(time.time(), 3), "images_per_s": round(step_rate, 3),
                   "step_time": round(self.step_time.value, 4), "data_time": round(self.data_time.value, 4),
                   **{name: meter.value for name, meter in self.values.items()}}
         return Record(kind, epoch, global_step, values, step, progress)

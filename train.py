@@ -137,7 +137,7 @@ def add_model_flags(group: argparse._ArgumentGroup) -> None:
              "MobileNet_V3_Large_Weights.IMAGENET1K_V1, VGG16_Weights.IMAGENET1K_FEATURES)")
     add("--trainable-backbone-layers", default=None, type=int,
         help="backbone stages to train with pretrained weights (0-5 for ResNet and VGG, 0-6 for MobileNet; "
-             "default: 3)")
+             "default: the builder's, 3, or 4 for ssd300_vgg16 and 6 for ssdlite320_mobilenet_v3_large)")
     add("--num-classes", default=None, type=int,
         help="classes including background (default: 91 for COCO's own categories, else categories + 1)")
     add("--min-size", default=None, type=int,
@@ -220,7 +220,8 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
     add("--print-freq", default=20, type=int, help="print a progress line every this many optimizer steps")
     add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     add("--vis-images", default=4, type=int,
-        help="validation images drawn with their predictions after each evaluation (0: none)")
+        help="validation images drawn with their predictions after each evaluation during training (0: none; "
+             "--test-only draws none)")
     add("--keep-last", default=None, type=int,
         help="keep only the newest K model_{epoch}.pth files (model_best.pth and checkpoint.pth stay)")
     add("--debug", action="store_true", help="show the traceback of input errors")
@@ -823,7 +824,7 @@ def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: 
 def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel,
                    stop_requested: Callable[[], bool]) -> dict:
     """After an epoch: the validation losses (--val-loss), then the evaluation of the weights (the moving
-    average's, and the raw ones' beside it), its predictions JSON, record, model_best.pth and pictures. A stop
+    average's, and the raw ones' beside it), its predictions JSON, model_best.pth, record and pictures. A stop
     signal ends it unfinished (EvaluationStopped), with no evaluation recorded."""
     at = data.train_loader.batch_sampler.global_step(epoch + 1, 0)
     utils.share_rank0_buffers(state.model, *([state.ema.module] if state.ema is not None else []))

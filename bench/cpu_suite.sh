@@ -5,7 +5,8 @@
 # default 3, as this machine's speed drifts within the hour), its 24 numbers at full precision against the
 # reference's (at 480-800 px, to save half an hour), and the training step at 800-1333 px, batch 2. Each
 # benchmark's JSON line is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/logs.
-# Takes about 70 minutes on 2 cores (ROUNDS=1: 40); run it on a quiet machine, as the figures are wall times.
+# Takes over an hour on 2 cores (ROUNDS=1 saves a third; docs/PERFORMANCE.md has the runs); run it on a quiet
+# machine, as the figures are wall times.
 set -u
 out=${1:?usage: cpu_suite.sh OUT_DIR REFERENCE_DIR [VAL_IMAGES]}
 ref=${2:?usage: cpu_suite.sh OUT_DIR REFERENCE_DIR [VAL_IMAGES]}
@@ -23,8 +24,8 @@ SUITE_SECONDS=${SUITE_SECONDS:-7200} source bench/suite_lib.sh
 $py tools/make_coco_dataset.py "$data" --coco-categories --coco-like --train-images 200 \
     --val-images "$val_images" >/dev/null
 # A 91-class model trained briefly at a small size, with many low-score detections. Weak for parity: its 24
-# numbers were all 0.0 at stop 15 and near 0.0002 at stop 17 (train it longer for a stronger check). Its own
-# epoch-end evaluation is not a figure.
+# numbers are near 0 (docs/PERFORMANCE.md; train it longer for a stronger check). Its own epoch-end evaluation is
+# not a figure.
 step eval_model 3600 $py train.py --data-path "$data" --weights-backbone none --epochs 1 --batch-size 4 --lr 0.02 \
     --clip-grad-norm 10 --min-size 160 --max-size 267 -j 2 --device cpu --output-dir "$model" --print-freq 10
 step eval_side_by_side 5400 $py bench/bench_eval.py --data-path "$data" --checkpoint "$model/checkpoint.pth" \

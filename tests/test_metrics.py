@@ -86,6 +86,15 @@ def test_one_record_feeds_the_console_and_the_file(tmp_path, capsys):
     assert {"time", "images_per_s", "step_time", "data_time"} <= set(written)
 
 
+def test_the_record_holds_the_steps_own_rate_and_the_console_the_recent_one():
+    meters = StepMeters("Epoch: [0]", 0, 10, images_per_step=4)
+    for step_seconds in (1.0, 3.0):
+        meters.step_time.update(step_seconds)
+    record = meters.record("train", 0, 2, 2)
+    assert record.values["images_per_s"] == round(4 / 3.0, 3) and record.values["step_time"] == 3.0
+    assert abs(record.progress.images_per_s - 4 / 2.0) < 1e-9
+
+
 def test_evaluation_progress_reaches_the_console_only(tmp_path, capsys):
     writers = Writers(tmp_path, tensorboard=False)
     meters = StepMeters("Test:", 0, 3, 1)

@@ -10,10 +10,10 @@ scores (N,), and for Mask R-CNN masks (N, 1, H, W) probabilities pasted at image
 keypoints (N, K, 3) and keypoints_scores (N, K). The category ids and names are in the file's metadata.
 
 The check runs both models on a few images: the export's sample, images of other sizes (from --data-path where
-given, and a generated portrait one) and a blank one, with no detection above --score-thresh expected. It
-prints the largest differences per image and exits 1 when they are beyond the tolerances it states. The file is
-written beside --output and moved there only once the check passes, so a failed check leaves an earlier file as
-it was.
+given, and a generated portrait one) and a blank one; it says which image of another size had detections and
+which had none above --score-thresh (the empty output). It prints the largest differences per image and exits 1
+when they are beyond the tolerances it states. The file is written beside --output and moved there only once the
+check passes, so a failed check leaves an earlier file as it was.
 
 Limits, with torch 2.14.1 and torchvision 0.29.1: torch's dynamo-based exporter stops at torchvision's NMS
 (a shape that depends on the data), so the TorchScript-based exporter is the default (--exporter dynamo tries the

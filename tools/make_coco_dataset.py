@@ -342,20 +342,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The command line: where to write, how many images, of which sizes and kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="folder to write the dataset into")
-    parser.add_argument("--train-images", type=int, default=None, help="images in train2017 (default 64)")
-    parser.add_argument("--val-images", type=int, default=None, help="images in val2017 (default 16)")
-    parser.add_argument("--size", type=int, default=None, help="fixed side length in pixels (default 160)")
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="images in train2017 (default 64; 500 with --coco-like)")
+    parser.add_argument("--val-images", type=int, default=None,
+                        help="images in val2017 (default 16; 500 with --coco-like)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="fixed side length in pixels (default 160; --coco-like varies 440-640)")
     parser.add_argument("--min-size", type=int, default=None, help="smallest side length when sizes vary")
     parser.add_argument("--max-size", type=int, default=None, help="largest side length when sizes vary")
-    parser.add_argument("--instances", type=int, default=None, help="mean shapes per image (default 3)")
+    parser.add_argument("--instances", type=int, default=None,
+                        help="mean shapes per image (default 3; 7 with --coco-like)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--coco-categories", action="store_true",
                         help="name the shapes with COCO's ids and names (tv, sports ball, kite, book)")
     parser.add_argument("--keypoints", action="store_true",
                         help="stick figures with COCO's 17 person keypoints (for --dataset coco_kp)")
     parser.add_argument("--coco-like", action="store_true",
-                        help="COCO-like defaults for benchmarks: 500 val images, sides of 440-640 px (as COCO's "
-                             "up to 640), ~7 instances")
+                        help="COCO-like defaults for benchmarks: 500 train and 500 val images, sides of 440-640 px "
+                             "(as COCO's up to 640), ~7 instances")
     return parser
 
 
