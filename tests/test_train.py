@@ -445,6 +445,22 @@ def test_predict_counts_only_detections_it_would_have_written_as_left_out_for_th
     assert unknown == 1, "label 9 scored under the threshold, and would not have been written anyway"
 
 
+@pytest.mark.parametrize("on_terminal", [True, False])
+def test_predicts_progress_rewrites_one_line_on_a_terminal_and_prints_tenths_in_a_log(capsys, on_terminal):
+    from tools import predict
+    progress = predict.ProgressLine(25, on_terminal=on_terminal)
+    for done in range(1, 26):
+        progress.show(done)
+    progress.show(25, last=True)
+    progress.end()
+    out = capsys.readouterr().out
+    counts = [int(n) for n in re.findall(r"\[(\d+)/25\]", out)]
+    if on_terminal:
+        assert out.endswith("\n") and out.count("\n") == 1 and out.count("\r") == 26
+    else:
+        assert counts == list(range(2, 25, 2)) + [25] and out.count("\n") == len(counts) and "\r" not in out
+
+
 def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):
     from tools import predict
     for name in ("val2017/imgs/a.jpg", "val2017/b.jpg", "val2017/imgs/notes.txt"):

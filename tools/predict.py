@@ -257,7 +257,7 @@ def predict(args: argparse.Namespace) -> int:
     images: dict[int, dict] = {}  # what each id in predictions.json is: COCO's "images" entries
     unreadable: list[str] = []
     dropped = 0
-    started = time.time()
+    progress = ProgressLine(len(paths))
     try:
         images_read = readable_images(paths, records, unreadable)
         for batch in same_size_batches(images_read, args.batch_size, lambda item: padded_size(model, item[1])):
@@ -275,10 +275,10 @@ def predict(args: argparse.Namespace) -> int:
                 picture = draw_instances(image, output["boxes"], names, output.get("masks"),
                                          [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
                 save_jpeg(picture, out / pictures[index])
-            show_progress(len(results) + len(unreadable), len(paths), started)
-        show_progress(len(results) + len(unreadable), len(paths), started)  # counting unreadable images at the end
+            progress.show(len(results) + len(unreadable))
+        progress.show(len(results) + len(unreadable), last=True)  # counting unreadable images at the end
     finally:
-        print()  # ends the progress line, before an error's too
+        progress.end()  # before an error's line too
     report_left_out(unreadable, len(paths), dropped, category_map)
     detections = [d for index in sorted(results) for d in results[index]]
     remedy = "free space in --output-dir or choose another"
@@ -299,8 +299,26 @@ def result_records(image_id: int, output: dict, category_map: CategoryMap, kind:
     return records["segm"]
 
 
-def show_progress(done: int, total: int, started: float) -> None:
-    print(f"\r[{done}/{total}] {done / max(time.time() - started, 1e-9):.1f} img/s", end="", flush=True)
+class ProgressLine:
+    """Images done and the rate: one line rewritten in place on a terminal; in a log, a line for each tenth."""
+
+    def __init__(self, total: int, on_terminal: bool | None = None) -> None:
+        self.total, self.started = total, time.time()
+        self.on_terminal = sys.stdout.isatty() if on_terminal is None else on_terminal
+        self.every = max(1, total // 10)
+        self.printed = 0  # the count on the last line printed
+
+    def show(self, done: int, last: bool = False) -> None:
+        text = f"[{done}/{self.total}] {done / max(time.time() - self.started, 1e-9):.1f} img/s"
+        if self.on_terminal:
+            print(f"\r{text}", end="", flush=True)
+        elif done != self.printed and (last or done >= self.printed + self.every):
+            print(text, flush=True)
+            self.printed = done
+
+    def end(self) -> None:
+        if self.on_terminal:
+            print()  # ends the line rewritten in place
 
 
 def report_left_out(unreadable: list[str], total: int, dropped: int, category_map: CategoryMap) -> None:
