@@ -456,6 +456,12 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
     return folder
 
 
+def last_set_aside_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint of the newest run set_aside_previous_run moved out of output_dir, if any."""
+    found = sorted((output_dir / "previous_runs").glob("*/checkpoint.pth"), key=lambda path: path.parent.name)
+    return found[-1] if found else None
+
+
 def prune_epoch_files(output_dir: Path, keep_last: int, epoch: int) -> list[Path]:
     """Delete all but the keep_last newest model_{E}.pth files up to the epoch just saved (model_best.pth is a
     file of its own). Later epochs' files, left by a run resumed from an earlier epoch, are not this run's

@@ -675,26 +675,35 @@ def complete_keypoints(anns: list[dict], ann_file: Path) -> None:
         ann["num_keypoints"] = labelled_keypoints(ann["keypoints"])
 
 
-def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path) -> None:
+# Where a dataset's category map came from, when given: what the error says of it, and the way out.
+FROM_CHECKPOINT = ("the checkpoint's categories", "a checkpoint's model knows the categories it was trained on; "
+                   "to train on these, fine-tune it with --weights CHECKPOINT in a new --output-dir (its class "
+                   "heads start afresh)")
+FROM_TRAINING_FILE = ("the training file's categories", "list the same categories, with the same ids and names, "
+                      "in both files")
+
+
+def check_known_categories(coco: COCO, category_map: CategoryMap, ann_file: Path,
+                           source: tuple[str, str] = FROM_TRAINING_FILE) -> None:
     """One clear error where a file's instances are of categories the model does not know, or knows by another
-    name (their labels would be another category's)."""
-    models = "the model's categories (the training file's, or the checkpoint's)"
+    name (their labels would be another category's); source names the map's origin and the way out."""
+    known, remedy = source
     if named := lacking_categories(coco.dataset, set(category_map.ids)):
-        raise UserError(f"{ann_file} has instances of categories that {models} lack: {named}; list the same "
-                        f"categories in both files")
+        raise UserError(f"{ann_file} has instances of categories that {known} lack: {named}; {remedy}")
     if renamed := renamed_categories(coco.dataset, dict(zip(category_map.ids, category_map.names))):
-        raise UserError(f"{ann_file} names categories otherwise than {models}: {renamed}; give each category the "
-                        f"same id and name in both files")
+        raise UserError(f"{ann_file} names categories otherwise than {known}: {renamed}; {remedy}")
 
 
 def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
                   category_map: CategoryMap | None = None, seed: int = 0, masks: bool = True,
-                  keep_ids: bool | None = None, paths: tuple[str | None, str | None] = (None, None)
-                  ) -> CocoDetection:
+                  keep_ids: bool | None = None, paths: tuple[str | None, str | None] = (None, None),
+                  categories_from: tuple[str, str] = FROM_TRAINING_FILE) -> CocoDetection:
     """The dataset of one split; its category map comes from the file unless one is given (e.g. from a
     checkpoint), in which case the file must use the same categories. masks=False leaves training masks
     undecoded, for models that do not learn them; keep_ids True makes the file's ids the labels. paths: the
-    split's image folder and annotation file where given apart from data_path's layout."""
+    split's image folder and annotation file where given apart from data_path's layout; categories_from: where
+    category_map came from (coco_utils.FROM_CHECKPOINT or FROM_TRAINING_FILE), for the error of a file that
+    does not fit it."""
     image_dir, ann_file = split_paths(data_path, dataset, split, *paths)
     coco = load_coco(ann_file)
     if dataset == "coco_kp":
@@ -702,7 +711,7 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
         complete_keypoints(coco.dataset["annotations"], ann_file)
     file_map = CategoryMap.from_categories(coco.dataset["categories"], dataset, keep_ids)
     if category_map is not None:
-        check_known_categories(coco, category_map, ann_file)
+        check_known_categories(coco, category_map, ann_file, categories_from)
     ds = CocoDetection(image_dir, coco, category_map or file_map, transforms, train=split == "train", seed=seed,
                        masks=masks, keypoints=dataset == "coco_kp")
     if len(ds) == 0 and ds.with_keypoints and split == "train":

@@ -14,7 +14,15 @@ import torch
 import presets
 import utils
 from annotations import collection_paused
-from coco_utils import CategoryMap, CocoDetection, build_dataset, coco_keypoint_names, flip_order
+from coco_utils import (
+    FROM_CHECKPOINT,
+    FROM_TRAINING_FILE,
+    CategoryMap,
+    CocoDetection,
+    build_dataset,
+    coco_keypoint_names,
+    flip_order,
+)
 from dataset_check import check_before_training
 from errors import UserError
 from freed_memory import ReleasingCollate, restore_malloc_defaults
@@ -119,9 +127,10 @@ def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:
     categories from the training file."""
     utils.print_once("Loading data")
     keep_ids = checkpoint.get("labels_are_category_ids") if checkpoint else None
-    category_map = None
+    category_map, categories_from = None, FROM_TRAINING_FILE
     if checkpoint and checkpoint["categories"] is not None:
         category_map = CategoryMap.from_categories(checkpoint["categories"], args.dataset, keep_ids)
+        categories_from = FROM_CHECKPOINT
     # The collector stays off while the annotation files become datasets: they are millions of objects without
     # cycles, and its passes over them would cost as much as the parsing (the training index is freed before
     # they end).
@@ -134,12 +143,14 @@ def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:
             # Decoding masks is most of a sample's loading; only models that learn masks need them.
             train_set = build_dataset(args.data_path, args.dataset, "train", augmentation, category_map, args.seed,
                                       masks="segm" in iou_types(args.model), keep_ids=keep_ids,
-                                      paths=(args.train_images, args.train_annotations))
-            category_map = train_set.category_map
+                                      paths=(args.train_images, args.train_annotations),
+                                      categories_from=categories_from)
+            category_map, categories_from = train_set.category_map, FROM_TRAINING_FILE
             # Released before the validation file is read: at COCO's size the training index is gigabytes.
             ready_for_workers(train_set, args, "train", release_index=True)
         val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map,
-                                keep_ids=keep_ids, paths=(args.val_images, args.val_annotations))
+                                keep_ids=keep_ids, paths=(args.val_images, args.val_annotations),
+                                categories_from=categories_from)
         ready_for_workers(val_set, args, "val", release_index=False)  # evaluation scores against val_set.coco
     train_loader = make_train_loader(args, train_set) if train_set is not None else None
     val_loss_loader = None

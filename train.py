@@ -37,6 +37,7 @@ from checkpoint import (
     TrainingState,
     from_reference_checkpoint,
     is_reference_checkpoint,
+    last_set_aside_checkpoint,
     load_file,
     prepare_output_dir,
     prune_epoch_files,
@@ -401,7 +402,10 @@ def resolve_resume(args: argparse.Namespace) -> str:
     if path.is_file():
         return str(path)
     if not args.test_only:  # a mistyped --output-dir would otherwise start afresh without a word
-        utils.print_once(f"--resume auto: no {path} yet, so this is a new run")
+        set_aside = last_set_aside_checkpoint(Path(args.output_dir))
+        where = (f"; the last run moved aside from this folder is in {set_aside.parent}: give --resume {set_aside} "
+                 f"to continue it") if set_aside else ""
+        utils.print_once(f"--resume auto: no {path}, so this is a new run{where}")
     return ""
 
 

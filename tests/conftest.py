@@ -41,6 +41,17 @@ def drop_checkpoints_after_test(request):
             path.unlink()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def drop_shared_checkpoints_after_the_session(tmp_path_factory):
+    """Module and session fixtures (a trained run, a hub cache, an export) keep their checkpoints and models for
+    the tests that share them, several GB in all; they go when the session ends, as drop_checkpoints_after_test
+    takes a test's own."""
+    yield
+    for pattern in ("*.pth", "*.onnx"):
+        for path in tmp_path_factory.getbasetemp().rglob(pattern):
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def nothing_written_into_the_repository():
     """A CLI run without --output-dir writes into output/ of its working folder, which run_cli makes the

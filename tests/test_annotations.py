@@ -102,6 +102,14 @@ def test_malformed_entries_are_findings(changes, level, kind, text):
     assert [(f.level, f.kind) for f in found] == [(level, kind)] and text in found[0].message, found
 
 
+@pytest.mark.parametrize("bbox, leaves", [([36, 24, 15, 15], False), ([-1, -1, 15, 15], False),
+                                           ([40, 5, 15, 15], True), ([5, 30, 15, 15], True),
+                                           ([-3, 5, 15, 15], True), ([5, -3, 15, 15], True)])
+def test_a_box_leaving_the_image_on_any_side_by_more_than_a_pixel_is_warned_of(bbox, leaves):
+    found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(bbox=bbox)))
+    assert [f.kind for f in found] == (["box outside image"] if leaves else []), found
+
+
 def test_an_iscrowd_written_as_a_string_is_an_error():
     """"0" would read as a crowd region: every instance so written would be left out of training."""
     found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(iscrowd="0")))

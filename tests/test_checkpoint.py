@@ -322,8 +322,13 @@ def test_a_fresh_run_moves_another_runs_outputs_aside_whole(tmp_path):
         (tmp_path / name).write_text(name)
     (tmp_path / "predictions" / "epoch_3").mkdir(parents=True)
     (tmp_path / "predictions" / "photo.jpg").write_text("tools/predict.py's, whose default folder this is")
+    for seconds, name in enumerate(outputs):  # the folder is named by the time of the newest output
+        os.utime(tmp_path / name, (1.7e9 + 3600 * seconds, 1.7e9 + 3600 * seconds))
+    os.utime(tmp_path / "predictions" / "epoch_3", (1.6e9, 1.6e9))
+    os.utime(tmp_path / "notes.txt", (1.8e9, 1.8e9))  # the user's own file is no output
     moved_to = set_aside_previous_run(tmp_path)
-    assert moved_to.parent == tmp_path / "previous_runs"
+    newest = 1.7e9 + 3600 * (len(outputs) - 1)
+    assert moved_to == tmp_path / "previous_runs" / time.strftime("%Y%m%d-%H%M%S", time.localtime(newest))
     assert sorted(p.name for p in moved_to.iterdir()) == sorted(outputs + ["predictions"])
     assert (moved_to / "metrics.jsonl").read_text() == "metrics.jsonl" and (moved_to / "predictions/epoch_3").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pth", "notes.txt", "predictions",

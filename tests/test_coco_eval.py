@@ -417,3 +417,18 @@ def test_predictions_files_are_written_whole_or_not_at_all(dataset, tmp_path, fu
         evaluator.write_results(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["predictions_bbox.json"]
     assert (tmp_path / "predictions_bbox.json").read_text() == "[]"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_images_evaluated_are_scored(tiny_dataset, backend):
+    """Images left out of an evaluation (unreadable ones) must not count their instances as missed."""
+    ds = build_dataset(tiny_dataset, "coco", "val", None)  # no crowd regions, no boxes without extent
+    evaluated = [image_id for image_id in ds.ids if ds.coco.getAnnIds(imgIds=[image_id])][:1]
+    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox",), backend=backend)
+    for image_id in evaluated:  # the ground truth's own boxes (x, y, w, h) as detections
+        anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[image_id]))
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
+        boxes[:, 2:] += boxes[:, :2]
+        labels = torch.tensor([ds.category_map.label(a["category_id"]) for a in anns])
+        evaluator.update({image_id: {"boxes": boxes, "labels": labels, "scores": torch.ones(len(anns))}})
+    assert len(evaluated) < len(ds.ids) and evaluator.summarize()["bbox"]["AP"] == pytest.approx(1.0)

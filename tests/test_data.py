@@ -53,6 +53,19 @@ def test_workers_start_with_malloc_defaults_where_the_main_process_reuses_freed_
         assert loader.worker_init_fn is expected
 
 
+def test_the_training_order_is_shuffled_anew_each_epoch_and_by_the_seed(tiny_dataset):
+    orders = {}
+    for seed in (0, 1):
+        loaded = _loaded(tiny_dataset, "--seed", str(seed))
+        sampler = loaded.train_loader.batch_sampler.sampler
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            orders[seed, epoch] = list(sampler)
+    assert all(sorted(order) == list(range(8)) for order in orders.values()), "each image once an epoch"
+    assert orders[0, 0] != orders[0, 1] and orders[0, 0] != orders[1, 0]
+    assert list(range(8)) not in orders.values()
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_a_worker_started_with_malloc_defaults_refaults_freed_blocks_again():
     # In a fresh interpreter, whose malloc settings may change: a worker inherits its main process's.

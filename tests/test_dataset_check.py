@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from annotations import Finding
-from coco_utils import build_dataset
+from coco_utils import FROM_CHECKPOINT, build_dataset
 from conftest import run_cli
 from dataset_check import SplitReport, check_before_training, format_report, missing_files, missing_reasons
 from errors import UserError
@@ -215,8 +215,12 @@ def test_val_categories_the_training_file_names_otherwise_are_an_error(clean, tm
     status, report = check(capsys, root, "--splits", "train", "val")
     assert status == 1 and "categories the training file names otherwise: id " in report, report
     train_set = build_dataset(root, "coco", "train", None)
-    with pytest.raises(UserError, match="names categories otherwise than the model's categories .*: id "):
+    with pytest.raises(UserError, match="names categories otherwise than the training file's categories: id .*; "
+                                        "list the same categories, with the same ids and names, in both files"):
         build_dataset(root, "coco", "val", None, train_set.category_map)
+    with pytest.raises(UserError, match="than the checkpoint's categories: id .*; a checkpoint's model knows the "
+                                        "categories it was trained on; to train on these, fine-tune it with --weights"):
+        build_dataset(root, "coco", "val", None, train_set.category_map, categories_from=FROM_CHECKPOINT)
 
 
 def test_a_val_file_without_instances_to_score_is_an_error(clean, tmp_path, capsys):
@@ -225,8 +229,8 @@ def test_a_val_file_without_instances_to_score_is_an_error(clean, tmp_path, caps
     shutil.copytree(clean, root)
     path = root / "annotations" / "instances_val2017.json"
     data = json.loads(path.read_text())
-    boxless = next(a for a in data["annotations"] if not a["iscrowd"])
-    data["annotations"] = [a for a in data["annotations"] if a["iscrowd"]] + [{**boxless, "bbox": None}]
+    first, second = data["annotations"][:2]
+    data["annotations"] = [{**first, "iscrowd": 1}, {**second, "iscrowd": 0, "bbox": None}]  # a crowd region, a boxless
     path.write_text(json.dumps(data))
     status, report = check(capsys, root, "--splits", "val")
     assert status == 1 and "ERROR nothing to score" in report, report

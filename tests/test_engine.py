@@ -457,7 +457,7 @@ def test_evaluation_in_batches_gives_each_image_its_detections_alone():
 
     torch.manual_seed(0)
     model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=128,
-                                    box_score_thresh=0.0).eval()
+                                    box_score_thresh=0.0)  # in training mode, as after an epoch
     batch_sizes = []
     model.backbone.register_forward_hook(lambda _, inputs, __: batch_sizes.append(len(inputs[0])))
     evaluated = {}
@@ -465,7 +465,7 @@ def test_evaluation_in_batches_gives_each_image_its_detections_alone():
         evaluator = OutputRecorder()
         data = torch.utils.data.DataLoader(MixedSizes(), batch_size=batch_size, collate_fn=lambda b: tuple(zip(*b)))
         engine.evaluate(model, data, CPU, evaluator)
-        assert sorted(evaluator.image_ids) == list(range(len(MixedSizes.SIZES)))
+        assert not model.training and sorted(evaluator.image_ids) == list(range(len(MixedSizes.SIZES)))
         evaluated[batch_size] = evaluator.outputs
     assert batch_sizes[7:] == [3, 2, 1, 1], "alone: 7 batches of 1; in threes: one size of 3, one of 2, two alone"
     for index, alone in evaluated[1].items():

@@ -7,7 +7,16 @@ import json
 import pytest
 
 from errors import UserError
-from metrics import ConsoleWriter, JsonlWriter, LogSchedule, Record, StepMeters, TensorBoardWriter, Writers
+from metrics import (
+    ConsoleWriter,
+    JsonlWriter,
+    LogSchedule,
+    Record,
+    SmoothedValue,
+    StepMeters,
+    TensorBoardWriter,
+    Writers,
+)
 
 
 def _records(path):
@@ -84,6 +93,13 @@ def test_one_record_feeds_the_console_and_the_file(tmp_path, capsys):
     (written,) = writers.records("train")
     assert written["loss"] == 2.0 and written["lr"] == 0.01 and written["global_step"] == 2
     assert {"time", "images_per_s", "step_time", "data_time"} <= set(written)
+
+
+def test_a_series_keeps_its_window_and_its_whole_runs_mean():
+    series = SmoothedValue(window_size=20)
+    for value in range(1, 31):
+        series.update(value)
+    assert series.global_avg == 15.5 and series.avg == 20.5 and series.median == 20.5 and series.value == 30
 
 
 def test_the_record_holds_the_steps_own_rate_and_the_console_the_recent_one():

@@ -92,6 +92,17 @@ def test_mismatch_names_first_key():
         load_model_weights(model, state, "--resume x")
 
 
+def test_a_tensor_the_model_lacks_is_an_error_and_a_spare_batch_counter_is_not():
+    """A Mask R-CNN file loaded into a Faster R-CNN would otherwise lose its mask head without a word."""
+    model = build_model("fasterrcnn_resnet50_fpn", 5, None, None, None, **SMALL)
+    state = dict(model.state_dict())
+    state["backbone.body.bn1.num_batches_tracked"] = torch.tensor(7)  # ordinary batch norm's, frozen has none
+    load_model_weights(model, state, "--weights x")
+    state["roi_heads.mask_predictor.mask_fcn_logits.weight"] = torch.zeros(5, 256, 1, 1)
+    with pytest.raises(UserError, match="unexpected tensor roi_heads.mask_predictor.mask_fcn_logits.weight"):
+        load_model_weights(model, state, "--weights x")
+
+
 def test_unknown_model():
     with pytest.raises(UserError, match="--model nope"):
         build_model("nope", 5, None, None, None)

@@ -41,7 +41,7 @@ def test_a_stop_signal_saves_the_position_and_the_resumed_run_replays_the_rest(t
     output = _stop_at(process, tmp_path, epoch=0, step=2, sig=signal.SIGINT)
     assert process.returncode == 128 + signal.SIGINT.value, output
     assert "Stopped by SIGINT at epoch 0 step" in output
-    assert f"--resume auto: no {tmp_path / 'checkpoint.pth'} yet, so this is a new run" in output
+    assert f"--resume auto: no {tmp_path / 'checkpoint.pth'}, so this is a new run" in output
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 0 and 2 <= checkpoint["step"] < 4
     assert not (tmp_path / "model_0.pth").exists(), "only complete epochs get a model_{epoch}.pth"
@@ -172,3 +172,18 @@ def test_ranks_agree_on_the_signal_one_of_them_received(monkeypatch):
     interrupted = StopRequest()
     interrupted.signal_name = "SIGINT"  # a terminal's Ctrl-C here, a launcher's SIGTERM on another rank
     assert interrupted.agreed() and interrupted.exit_code == 143, "every rank exits alike"
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_does_not(capsys):
+    pressed = StopRequest()
+    pressed._handle(signal.SIGINT, None)
+    assert pressed.requested() and "SIGINT received" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):
+        pressed._handle(signal.SIGINT, None)
+    passed_on = StopRequest()  # a launcher passes the terminal's Ctrl-C on as SIGTERM too
+    passed_on._handle(signal.SIGINT, None)
+    passed_on._handle(signal.SIGTERM, None)
+    terminated = StopRequest()
+    terminated._handle(signal.SIGTERM, None)
+    terminated._handle(signal.SIGTERM, None)
+    assert passed_on.signal_name == "SIGINT" and terminated.signal_name == "SIGTERM"

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +71,10 @@ def test_epoch_files_share_the_checkpoints_bytes_and_model_best_is_lean(trainer_
     result = run_cli("tools/predict.py", "--checkpoint", str(out / "model_best.pth"), str(tiny_dataset / "val2017"),
                      "--output-dir", str(tmp_path / "pictures"), "--device", "cpu", "--score-thresh", "0.0")
     assert result.returncode == 0 and "moving average" in result.stdout, result.stderr
-    assert json.loads((tmp_path / "pictures" / "predictions.json").read_text()) is not None
+    assert isinstance(json.loads((tmp_path / "pictures" / "predictions.json").read_text()), list)
+    images = json.loads((tmp_path / "pictures" / "images.json").read_text())
+    assert sorted(Path(image["file_name"]).name for image in images) == sorted(
+        p.name for p in (tiny_dataset / "val2017").iterdir())
 
 
 def test_one_runs_epoch_files_evaluations_and_resumes(tiny_dataset, tmp_path):

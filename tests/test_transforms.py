@@ -66,9 +66,10 @@ def test_place_on_canvas_shifts_everything():
     assert out["keypoints"][0, 0].tolist() == [9.0, 9.0, 2.0] and out["keypoints"][0, 1].tolist() == [0, 0, 0]
 
 
-def test_resize_scales_boxes_masks_and_keypoints():
+def test_resize_scales_boxes_masks_keypoints_and_areas():
     image, target = _figure()
-    out_image, out = T.resize(image, target, (40, 60))
+    out_image, out = T.resize(image, {**target, "area": torch.tensor([30.0])}, (40, 60))
+    assert out["area"].tolist() == [120.0]
     assert out_image.shape[-2:] == (40, 60) and out["masks"].shape[-2:] == (40, 60)
     assert torch.equal(out["boxes"], torch.tensor([[4.0, 10.0, 16.0, 20.0]]))
     assert out["keypoints"][0, 0].tolist() == [10.0, 12.0, 2.0]
@@ -112,3 +113,12 @@ def test_iou_crop_needs_one_held_box_to_overlap_enough():
     assert image.shape[-2:] == (90, 90) and out["labels"].tolist() == [1, 2]
     image, out = _iou_crop([[40.0, 40.0, 44.0, 44.0], [50.0, 50.0, 56.0, 56.0]])
     assert image.shape[-2:] == (100, 100), "no box overlaps enough: the image stays as it was"
+
+
+def test_multiscale_holds_the_long_side_to_max_size():
+    image = torch.zeros(3, 100, 1000, dtype=torch.uint8)
+    target = {"boxes": torch.tensor([[0.0, 0.0, 1000.0, 100.0]]), "labels": torch.tensor([1])}
+    out_image, out = T.RandomShortestSize((480,), max_size=800)(image, target)
+    assert out_image.shape[-2:] == (80, 800) and out["boxes"].tolist() == [[0.0, 0.0, 800.0, 80.0]]
+    out_image, _ = T.RandomShortestSize((48,), max_size=800)(image, target)
+    assert out_image.shape[-2:] == (48, 480), "the short side's size where the long side stays under max_size"

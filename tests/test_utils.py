@@ -33,6 +33,14 @@ def test_every_rank_takes_rank_0s_changing_buffers_and_frozen_ones_stay(tmp_path
     assert in_two_processes(tmp_path, work) == {0: ([0.0, 0.0], [0.0, 0.0]), 1: ([0.0, 0.0], [1.0, 1.0])}
 
 
+def test_logged_losses_are_the_mean_over_ranks(tmp_path):
+    def work(rank: int) -> dict:
+        values = {"loss": torch.tensor(1.0 + 2 * rank), "loss_mask": torch.tensor(float(rank))}
+        return {name: value.item() for name, value in utils.reduce_dict(values).items()}
+
+    assert in_two_processes(tmp_path, work) == {rank: {"loss": 2.0, "loss_mask": 0.5} for rank in (0, 1)}
+
+
 def test_versions_older_than_the_floor_are_one_clear_error(monkeypatch):
     utils.check_versions()  # the installed ones pass
     monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")

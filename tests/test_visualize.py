@@ -33,6 +33,7 @@ def test_curves_png(tmp_path):
     path = plot_curves(train, evals, tmp_path / "curves.png")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (1200, 320)
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 50, "curves, labels and ticks drawn, not a blank page"
 
 
 def test_labels_without_a_category_are_not_drawn():
