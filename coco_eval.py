@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import time
+import unicodedata
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -439,9 +440,15 @@ def format_per_category(metrics: dict[str, dict]) -> str:
     """A table of AP per category, one column per IoU type."""
     iou_types = list(metrics)
     names = sorted({n for m in metrics.values() for n in m["per_category"]})
-    width = max([len("category")] + [len(n) for n in names])
+    width = max([len("category")] + [_columns(n) for n in names])
     lines = ["AP per category", f"{'category':<{width}}  " + "  ".join(f"{t:>6}" for t in iou_types)]
     for name in names:
         cells = [metrics[t]["per_category"].get(name) for t in iou_types]
-        lines.append(f"{name:<{width}}  " + "  ".join("   n/a" if c is None else f"{c:6.3f}" for c in cells))
+        padding = " " * (width - _columns(name))
+        lines.append(f"{name}{padding}  " + "  ".join("   n/a" if c is None else f"{c:6.3f}" for c in cells))
     return "\n".join(lines)
+
+
+def _columns(text: str) -> int:
+    """The terminal columns text takes: two for wide characters (CJK), none for combining marks."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)

@@ -224,6 +224,9 @@ class TrainOptions:
     stop_requested: Callable[[], bool] = lambda: False
     on_record: Callable[[Record], None] = ConsoleWriter().write
     after_step: Callable[[int], None] | None = None  # called with the run's optimizer steps after each one
+    # The seconds the run expects to spend after an epoch's training other than in training (its evaluations),
+    # for the run's ETA.
+    seconds_after: Callable[[int], float] = lambda epoch: 0.0
 
 
 def accumulated(batches: Iterable, count: int) -> Iterator[list]:
@@ -315,7 +318,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
             for row in losses.read():
                 meters.update(**row)
             steps_after = sum(clock.steps(e) for e in range(epoch + 1, options.epochs))
-            options.on_record(meters.record("train", epoch, step, clock.global_step(epoch, step), steps_after))
+            options.on_record(meters.record("train", epoch, step, clock.global_step(epoch, step), steps_after,
+                                            options.seconds_after(epoch)))
     losses.read()  # a stop between logged steps: their losses are still checked
     stop_agreed_now(False, options.faults)  # the faults of the steps since the ranks last agreed
     warmup.restore()

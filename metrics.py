@@ -124,18 +124,21 @@ class StepMeters:
         for name, value in values.items():
             self.values.setdefault(name, SmoothedValue()).update(float(value))
 
-    def progress(self, step: int, steps_after: int = 0) -> Progress:
-        """The progress after `step` steps; steps_after (steps of later epochs) adds an ETA of the whole run."""
+    def progress(self, step: int, steps_after: int = 0, seconds_after: float = 0.0) -> Progress:
+        """The progress after `step` steps; steps_after (steps of later epochs) and seconds_after (the time
+        expected besides training, such as evaluations) add an ETA of the whole run."""
         per_step = self.step_time.global_avg
         return Progress(self.header, step, self.total, per_step * (self.total - step),
-                        per_step * (self.total - step + steps_after) if steps_after else None,
+                        per_step * (self.total - step + steps_after) + seconds_after
+                        if steps_after or seconds_after else None,
                         self.images_per_step / max(self.step_time.avg, 1e-9), self.step_time.avg,
                         self.data_time.avg, {k: (v.median, v.global_avg) for k, v in self.values.items()})
 
-    def record(self, kind: str, epoch: int, step: int, global_step: int, steps_after: int = 0) -> Record:
+    def record(self, kind: str, epoch: int, step: int, global_step: int, steps_after: int = 0,
+               seconds_after: float = 0.0) -> Record:
         """The record of the state after `step` steps: each value's latest, the rate and times of the step (the
         console's progress line shows recent averages)."""
-        progress = self.progress(step, steps_after)
+        progress = self.progress(step, steps_after, seconds_after)
         step_rate = self.images_per_step / max(self.step_time.value, 1e-9)
         values = {"time": round(time.time(), 3), "images_per_s": round(step_rate, 3),
                   "step_time": round(self.step_time.value, 4), "data_time": round(self.data_time.value, 4),

@@ -22,7 +22,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -368,9 +369,16 @@ def check_args(args: argparse.Namespace) -> None:
                         "stage trains, so leave it out or give --weights-backbone")
 
 
+IOU_NAMES = {"segm": "mask", "keypoints": "keypoint", "bbox": "box"}  # as the README and the curves say them
+
+
+def primary_kind(metrics: dict) -> str:
+    """Whose AP model_best.pth is chosen by: masks' or keypoints', or boxes' for models that give neither."""
+    return next(kind for kind in ("segm", "keypoints", "bbox") if kind in metrics)
+
+
 def primary_ap(metrics: dict) -> float:
-    """What model_best.pth is chosen by: mask or keypoint AP, or box AP for models that give neither."""
-    return next(metrics[kind]["AP"] for kind in ("segm", "keypoints", "bbox") if kind in metrics)
+    return metrics[primary_kind(metrics)]["AP"]
 
 
 def prediction_pictures(model: torch.nn.Module, dataset: CocoDetection, indices: list[int], device: torch.device,
@@ -784,17 +792,23 @@ class BestModel:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        history = [primary_ap(r) for r in run.writers.records("eval")]
+        records = run.writers.records("eval")
+        history = [primary_ap(r) for r in records]
         self.best = max(history, default=None)
+        self.best_epoch = records[history.index(self.best)]["epoch"] if history else None
         self.since_best = len(history) - 1 - history.index(self.best) if history else 0
 
-    def update(self, metrics: dict, state: TrainingState) -> None:
-        if self.best is None or primary_ap(metrics) > self.best:
-            self.best, self.since_best = primary_ap(metrics), 0
+    def update(self, metrics: dict, state: TrainingState, epoch: int) -> None:
+        ap, name = primary_ap(metrics), f"{IOU_NAMES[primary_kind(metrics)]} AP"
+        if self.best is None or ap > self.best:
+            self.best, self.best_epoch, self.since_best = ap, epoch, 0
             save_atomic(state.weights_dict(), self.run.output_dir / "model_best.pth")
-            print(f"New best AP {self.best:.4f}: saved {self.run.output_dir / 'model_best.pth'}")
-        else:
-            self.since_best += 1
+            print(f"New best {name} {ap:.4f} at epoch {epoch}: saved {self.run.output_dir / 'model_best.pth'}")
+            return
+        self.since_best += 1
+        patience = f" (--patience {self.run.args.patience})" if self.run.args.patience else ""
+        print(f"{name} {ap:.4f}, not above the best, {self.best:.4f} at epoch {self.best_epoch}: "
+              f"{self.since_best} evaluation{'s' if self.since_best > 1 else ''} without improvement{patience}")
 
     def out_of_patience(self, patience: int | None) -> bool:
         """Whether --patience evaluations have passed without improvement (decided on rank 0, for every rank)."""
@@ -842,7 +856,7 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
     evaluator, metrics, eval_model = run_evaluation(run, data, evaluated_weights(state), stop_requested)
     if run.is_main:
         evaluator.write_results(run.output_dir)
-        best.update(metrics, state)
+        best.update(metrics, state, epoch)
         report_evaluation(run, data, eval_model, epoch, {**metrics, **raw}, at)
     return metrics
 
@@ -866,12 +880,15 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
                            grad_accum_steps=args.grad_accum_steps, faults=FaultLog(args.max_bad_samples),
                            stop_requested=stop.requested, on_record=run.writers.write,
                            after_step=moving_average_updates(state, args.model_ema_steps))
+    evaluations = EvaluationTimes(args)
+    options.seconds_after = evaluations.expected_after
     best, metrics = BestModel(run), {}
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
     if saved_but_not_evaluated(run, state.epoch, state.step):
         utils.print_once(f"Evaluating epoch {state.epoch} first: the run stopped after saving it, before its "
                          f"evaluation ended")
-        metrics = evaluate_or_stop(run, data, state, state.epoch, best, stop)
+        with evaluations.timed():
+            metrics = evaluate_or_stop(run, data, state, state.epoch, best, stop)
         if best.out_of_patience(args.patience):
             stop_early(run, state, best)
             start_epoch = args.epochs  # as the uninterrupted run would have stopped here
@@ -891,7 +908,8 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
             exit_stopped(stop)
         if not evaluation_due(args, epoch):
             continue
-        metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
+        with evaluations.timed():
+            metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
         if best.out_of_patience(args.patience):
             stop_early(run, state, best)
             break
@@ -912,6 +930,26 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
         utils.print_once(f"Stopped by {stop.signal_name} during epoch {epoch}'s evaluation; its checkpoint is "
                          f"saved, and --resume auto evaluates it first.")
         exit_stopped(stop)
+
+
+class EvaluationTimes:
+    """For the run's ETA: each evaluation still due is expected to take as long as the last one this process
+    timed (none before the first: the ETA is then of training alone)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.seconds: float | None = None
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        started = time.time()
+        yield
+        self.seconds = time.time() - started
+
+    def expected_after(self, epoch: int) -> float:
+        """The seconds of the evaluations due from the end of epoch's training to the run's end."""
+        due = sum(evaluation_due(self.args, e) for e in range(epoch, self.args.epochs))
+        return (self.seconds or 0.0) * due
 
 
 def evaluation_due(args: argparse.Namespace, epoch: int) -> bool:

@@ -18,6 +18,7 @@ from coco_eval import (
     METRIC_NAMES,
     CocoEvaluator,
     RunLengths,
+    format_per_category,
     run_lengths,
     to_coco_results,
     windowed_run_lengths,
@@ -432,3 +433,13 @@ def test_only_the_images_evaluated_are_scored(tiny_dataset, backend):
         labels = torch.tensor([ds.category_map.label(a["category_id"]) for a in anns])
         evaluator.update({image_id: {"boxes": boxes, "labels": labels, "scores": torch.ones(len(anns))}})
     assert len(evaluated) < len(ds.ids) and evaluator.summarize()["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_the_per_category_table_lines_up_wide_characters_and_combining_marks():
+    names = {"disc": 0.5, "三角形": 0.25, "Scheibe ø": 0.125, "café": None}  # 6 columns, an accent
+    metrics = {"bbox": {"per_category": {n: v for n, v in names.items() if v is not None}},
+               "segm": {"per_category": {n: v or 0.0 for n, v in names.items()}}}
+    header, *rows = format_per_category(metrics).splitlines()[1:]
+    assert header == "category     bbox    segm"
+    assert rows == ["Scheibe ø   0.125   0.125", "café          n/a   0.000", "disc        0.500   0.500",
+                    "三角形      0.250   0.250"]

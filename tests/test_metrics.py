@@ -95,6 +95,16 @@ def test_one_record_feeds_the_console_and_the_file(tmp_path, capsys):
     assert {"time", "images_per_s", "step_time", "data_time"} <= set(written)
 
 
+def test_the_runs_eta_adds_the_later_epochs_steps_and_the_time_expected_besides():
+    meters = StepMeters("Epoch: [0]", 0, 10, images_per_step=2)
+    for _ in range(4):
+        meters.step_time.update(2.0)
+    assert meters.progress(4).eta_seconds == 12.0 and meters.progress(4).run_eta_seconds is None
+    assert meters.progress(4, steps_after=10).run_eta_seconds == 32.0
+    assert meters.progress(4, steps_after=10, seconds_after=30.0).run_eta_seconds == 62.0
+    assert meters.progress(4, seconds_after=30.0).run_eta_seconds == 42.0, "the last epoch's evaluation too"
+
+
 def test_a_series_keeps_its_window_and_its_whole_runs_mean():
     series = SmoothedValue(window_size=20)
     for value in range(1, 31):

@@ -60,7 +60,7 @@ def test_the_fused_kernel_steps_as_torchs_default(opt):
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
         optimizer = optimization.make_optimizer(model, args(opt=opt, norm_weight_decay=0.0), fused=fused)
         assert optimizer.defaults["fused"] is (True if fused else None)
         for _ in range(3):

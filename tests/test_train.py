@@ -162,6 +162,32 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
     assert train.from_another_run(str(tmp_path / "reference.pth"), {"args": {}}, out)
 
 
+def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(monkeypatch):
+    times = train.EvaluationTimes(argparse.Namespace(eval_interval=2, epochs=6))  # evaluates after 1, 3 and 5
+    assert times.expected_after(0) == 0.0, "none timed yet"
+    clock = iter([100.0, 130.0])
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    with times.timed():
+        pass
+    assert [times.expected_after(e) for e in range(6)] == [90.0, 90.0, 60.0, 60.0, 30.0, 30.0]
+
+
+def test_each_evaluation_says_whether_it_is_the_best_and_how_long_since_one_was(tmp_path, capsys):
+    evals = [{"epoch": e, "bbox": {"AP": 0.5}, "segm": {"AP": ap}} for e, ap in enumerate((0.1, 0.3, 0.2))]
+    writers = argparse.Namespace(records=lambda kind: evals if kind == "eval" else [])
+    run = argparse.Namespace(writers=writers, output_dir=tmp_path, args=argparse.Namespace(patience=3))
+    state = argparse.Namespace(weights_dict=lambda: {"model": {}})
+    best = train.BestModel(run)  # a resumed run's: best at epoch 1, one evaluation since
+    assert (best.best, best.best_epoch, best.since_best) == (0.3, 1, 1)
+    best.update({"bbox": {"AP": 0.9}, "segm": {"AP": 0.25}}, state, 3)
+    assert capsys.readouterr().out == ("mask AP 0.2500, not above the best, 0.3000 at epoch 1: 2 evaluations without "
+                                       "improvement (--patience 3)\n")
+    assert not (tmp_path / "model_best.pth").exists() and best.out_of_patience(3) is False
+    best.update({"bbox": {"AP": 0.1}, "segm": {"AP": 0.4}}, state, 4)
+    assert capsys.readouterr().out.startswith("New best mask AP 0.4000 at epoch 4: saved ")
+    assert (tmp_path / "model_best.pth").is_file() and best.since_best == 0
+
+
 def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_path, capsys):
     args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), test_only=False)
     assert train.resolve_resume(args) == "" and "so this is a new run\n" in capsys.readouterr().out
