@@ -430,9 +430,9 @@ def remove_stale_temporaries(output_dir: Path) -> None:
 
 # What a training run writes in its output folder, and nothing else (tools/predict.py's default folder is
 # predictions/ too, with pictures of its own).
-RUN_OUTPUTS = ("checkpoint.pth", "model_[0-9]*.pth", "model_best.pth", "metrics.jsonl", "events.out.tfevents.*",
-               "curves.png", "predictions_bbox.json", "predictions_segm.json", "predictions_keypoints.json",
-               "predictions/epoch_[0-9]*")
+RUN_OUTPUTS = ("checkpoint.pth", "model_[0-9]*.pth", "model_best.pth", "metrics.jsonl", "args.json",
+               "events.out.tfevents.*", "curves.png", "predictions_bbox.json", "predictions_segm.json",
+               "predictions_keypoints.json", "predictions/epoch_[0-9]*")
 
 
 def set_aside_previous_run(output_dir: Path) -> Path | None:

@@ -20,6 +20,7 @@ import argparse
 import inspect
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ import presets
 import speedups
 import utils
 from checkpoint import (
+    RUN_OUTPUT_REMEDY,
     TrainingState,
     from_reference_checkpoint,
     is_reference_checkpoint,
@@ -45,6 +47,7 @@ from checkpoint import (
     save_atomic,
     save_checkpoint,
     set_aside_previous_run,
+    write_json_atomic,
 )
 from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
 from coco_utils import DATASET_LAYOUTS, MIN_KEYPOINTS_PER_IMAGE, CocoDetection, SampleError, add_split_paths
@@ -932,6 +935,14 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
         exit_stopped(stop)
 
 
+def write_arguments(output_dir: Path, args: argparse.Namespace) -> None:
+    """args.json: the command line and the arguments of the latest start of training in the folder (a resumed
+    run's too, with its flags), as a config file to read or run again."""
+    plain = {name: value if isinstance(value, (bool, int, float, str, list, type(None))) else str(value)
+             for name, value in vars(args).items()}
+    write_json_atomic(output_dir / "args.json", {"command": shlex.join(sys.argv), "args": plain}, RUN_OUTPUT_REMEDY)
+
+
 class EvaluationTimes:
     """For the run's ETA: each evaluation still due is expected to take as long as the last one this process
     timed (none before the first: the ETA is then of training alone)."""
@@ -1004,6 +1015,8 @@ def main(args: argparse.Namespace) -> dict:
         return evaluate_only(run, data, state)
     if (checkpoint is None or foreign) and run.is_main:  # once the run is set up: one that fails moves nothing
         keep_previous_outputs(run.output_dir)
+    if run.is_main:
+        write_arguments(run.output_dir, args)
     return train(run, data, model, state)
 
 

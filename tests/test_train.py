@@ -33,10 +33,14 @@ def trained(dataset, torch_home, tmp_path_factory):
     return out, result
 
 
-def test_training_writes_loadable_checkpoints(trained, torch_home, monkeypatch):
+def test_training_writes_loadable_checkpoints(trained, dataset, torch_home, monkeypatch):
     out, result = trained
     assert re.search(r"Epoch: \[0\]  \[\s*\d+/\d+\]  eta: .* loss: .* img/s: ", result.stdout)
     assert (out / "model_0.pth").is_file()
+    written = json.loads((out / "args.json").read_text())
+    assert written["command"].endswith(" ".join(["train.py", "--data-path", str(dataset), "--output-dir",
+                                                 str(out), *TRAIN_FLAGS]))
+    assert written["args"]["epochs"] == 1 and written["args"]["device"] == "cpu" and written["args"]["lr"] == 0.01
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 0
     assert {"model", "optimizer", "lr_scheduler", "args", "categories"} <= set(checkpoint)
