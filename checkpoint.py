@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import os
 import pickle
@@ -440,12 +441,17 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
     newest>/, so that the new run's checkpoints, best model, patience and curves are its own and the old ones are
     kept whole. Returns that folder (None when there was nothing to move)."""
     found = [path for pattern in RUN_OUTPUTS for path in sorted(output_dir.glob(pattern))]
-    if not found:
+    if all(path.name == "args.json" for path in found):  # a start that trained nothing: its args.json is replaced
         return None
     newest = max(path.stat().st_mtime for path in found)
-    folder = output_dir / "previous_runs" / time.strftime("%Y%m%d-%H%M%S", time.localtime(newest))
+    name = time.strftime("%Y%m%d-%H%M%S", time.localtime(newest))
+    folder = output_dir / "previous_runs" / name
+    for n in itertools.count(2):  # two runs set aside in one second keep their own folders
+        if not folder.exists():
+            break
+        folder = folder.with_name(f"{name}-{n}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True)
         for path in found:
             target = folder / path.relative_to(output_dir)
             target.parent.mkdir(parents=True, exist_ok=True)

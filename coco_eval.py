@@ -450,5 +450,6 @@ def format_per_category(metrics: dict[str, dict]) -> str:
 
 
 def _columns(text: str) -> int:
-    """The terminal columns text takes: two for wide characters (CJK), none for combining marks."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """The terminal columns text takes: two for wide characters (CJK), none for marks and format characters."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)

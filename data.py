@@ -145,7 +145,7 @@ def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:
                                       masks="segm" in iou_types(args.model), keep_ids=keep_ids,
                                       paths=(args.train_images, args.train_annotations),
                                       categories_from=categories_from)
-            category_map, categories_from = train_set.category_map, FROM_TRAINING_FILE
+            category_map = train_set.category_map  # the checkpoint's, where it has them
             # Released before the validation file is read: at COCO's size the training index is gigabytes.
             ready_for_workers(train_set, args, "train", release_index=True)
         val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map,

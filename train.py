@@ -414,8 +414,8 @@ def resolve_resume(args: argparse.Namespace) -> str:
         return str(path)
     if not args.test_only:  # a mistyped --output-dir would otherwise start afresh without a word
         set_aside = last_set_aside_checkpoint(Path(args.output_dir))
-        where = (f"; the last run moved aside from this folder is in {set_aside.parent}: give --resume {set_aside} "
-                 f"to continue it") if set_aside else ""
+        where = (f"; the last run moved aside from this folder is in {set_aside.parent}: to continue it, move its "
+                 f"files back into {args.output_dir} and run again") if set_aside else ""
         utils.print_once(f"--resume auto: no {path}, so this is a new run{where}")
     return ""
 
@@ -938,9 +938,15 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
 def write_arguments(output_dir: Path, args: argparse.Namespace) -> None:
     """args.json: the command line and the arguments of the latest start of training in the folder (a resumed
     run's too, with its flags), as a config file to read or run again."""
-    plain = {name: value if isinstance(value, (bool, int, float, str, list, type(None))) else str(value)
-             for name, value in vars(args).items()}
-    write_json_atomic(output_dir / "args.json", {"command": shlex.join(sys.argv), "args": plain}, RUN_OUTPUT_REMEDY)
+    def plain(value):  # what JSON holds as it is; the rest (a device, a path, an infinite float) as text
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        fits = value is None or isinstance(value, (bool, int, str)) or isinstance(value, float) and math.isfinite(value)
+        return value if fits else str(value)
+
+    arguments = {name: plain(value) for name, value in vars(args).items()}
+    write_json_atomic(output_dir / "args.json", {"command": shlex.join(sys.argv), "args": arguments},
+                      RUN_OUTPUT_REMEDY)
 
 
 class EvaluationTimes:

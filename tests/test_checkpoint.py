@@ -337,6 +337,19 @@ def test_a_fresh_run_moves_another_runs_outputs_aside_whole(tmp_path):
     assert set_aside_previous_run(tmp_path) is None, "nothing left to move"
 
 
+def test_a_start_that_trained_nothing_is_not_set_aside_and_runs_of_one_second_keep_their_folders(tmp_path):
+    (tmp_path / "args.json").write_text("{}")
+    assert set_aside_previous_run(tmp_path) is None and (tmp_path / "args.json").is_file()
+    folders = []
+    for run in ("a", "b"):
+        for name in ("metrics.jsonl", "args.json"):
+            (tmp_path / name).write_text(run)
+            os.utime(tmp_path / name, (1.7e9, 1.7e9))
+        folders.append(set_aside_previous_run(tmp_path))
+    assert folders[1] == folders[0].with_name(folders[0].name + "-2")
+    assert [(f / "metrics.jsonl").read_text() for f in folders] == ["a", "b"]
+
+
 def test_outputs_that_cannot_be_moved_aside_are_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text("{}")
     monkeypatch.setattr(Path, "replace", lambda self, target: (_ for _ in ()).throw(PermissionError(

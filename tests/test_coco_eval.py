@@ -436,10 +436,11 @@ def test_only_the_images_evaluated_are_scored(tiny_dataset, backend):
 
 
 def test_the_per_category_table_lines_up_wide_characters_and_combining_marks():
-    names = {"disc": 0.5, "三角形": 0.25, "Scheibe ø": 0.125, "café": None}  # 6 columns, an accent
+    wide, accented, thai = "\u4e09\u89d2\u5f62", "cafe\u0301", "\u0e01\u0e31"  # 6 columns; 4; a letter and its mark: 1
+    names = {"disc": 0.5, wide: 0.25, "Scheibe \u00f8": 0.125, accented: None, thai: 1.0}
     metrics = {"bbox": {"per_category": {n: v for n, v in names.items() if v is not None}},
                "segm": {"per_category": {n: v or 0.0 for n, v in names.items()}}}
     header, *rows = format_per_category(metrics).splitlines()[1:]
     assert header == "category     bbox    segm"
-    assert rows == ["Scheibe ø   0.125   0.125", "café          n/a   0.000", "disc        0.500   0.500",
-                    "三角形      0.250   0.250"]
+    assert rows == ["Scheibe \u00f8   0.125   0.125", f"{accented}          n/a   0.000", "disc        0.500   0.500",
+                    f"{thai}           1.000   1.000", f"{wide}      0.250   0.250"]

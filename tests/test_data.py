@@ -4,7 +4,9 @@ memory."""
 
 from __future__ import annotations
 
+import json
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import presets
 import train
 import utils
 from conftest import ROOT
+from errors import UserError
 from freed_memory import ReleasingCollate
 from preemption import ignore_stop_signals
 
@@ -51,6 +54,24 @@ def test_workers_start_with_malloc_defaults_where_the_main_process_reuses_freed_
     expected = data.start_worker_with_malloc_defaults if reuse else ignore_stop_signals
     for loader in (loaded.train_loader, loaded.val_loader, loaded.val_loss_loader):
         assert loader.worker_init_fn is expected
+
+
+def test_a_val_category_a_resumed_checkpoint_lacks_is_named_as_the_checkpoints(tiny_dataset, tmp_path):
+    """The training file lists the category without instances, so it passes; the message must not blame it."""
+    root = tmp_path / "extra"
+    shutil.copytree(tiny_dataset, root)
+    categories = json.loads((root / "annotations" / "instances_train2017.json").read_text())["categories"]
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}2017.json"
+        content = json.loads(path.read_text())
+        content["categories"].append({"id": 99, "name": "star"})
+        if split == "val":
+            content["annotations"][0]["category_id"] = 99
+        path.write_text(json.dumps(content))
+    args = train.get_args_parser().parse_args(["--data-path", str(root), "--device", "cpu", "-j", "0"])
+    args.device = torch.device("cpu")
+    with pytest.raises(UserError, match=r"lack: star .*; a checkpoint's model knows the categories it was trained on"):
+        data.load_data(args, {"categories": categories, "labels_are_category_ids": None})
 
 
 def test_the_training_order_is_shuffled_anew_each_epoch_and_by_the_seed(tiny_dataset):

@@ -159,7 +159,7 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_th
     assert "Traceback" not in output and not list(test_only.glob("predictions_*"))
     fresh = run_cli("train.py", *args[:-2])
     assert fresh.returncode == 0, fresh.stderr
-    assert "held another run's outputs" in fresh.stdout and "New best AP" in fresh.stdout
+    assert "held another run's outputs" in fresh.stdout and "New best mask AP" in fresh.stdout
     kept, = (tmp_path / "previous_runs").iterdir()
     assert {"checkpoint.pth", "model_0.pth", "metrics.jsonl", "model_best.pth"} <= {p.name for p in kept.iterdir()}
     assert [r["epoch"] for r in read_metrics(tmp_path) if r["type"] == "eval"] == [0], "the new run's only"

@@ -166,6 +166,15 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
     assert train.from_another_run(str(tmp_path / "reference.pth"), {"args": {}}, out)
 
 
+def test_args_json_is_strict_json_whatever_the_arguments_hold(tmp_path):
+    args = argparse.Namespace(clip_grad_norm=float("inf"), device=torch.device("cpu"), lr_steps=[16, 22],
+                              data_path=Path("/data"), amp=None, lr=0.02)
+    train.write_arguments(tmp_path, args)
+    written = json.loads((tmp_path / "args.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert written["args"] == {"clip_grad_norm": "inf", "device": "cpu", "lr_steps": [16, 22], "data_path": "/data",
+                               "amp": None, "lr": 0.02}
+
+
 def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(monkeypatch):
     times = train.EvaluationTimes(argparse.Namespace(eval_interval=2, epochs=6))  # evaluates after 1, 3 and 5
     assert times.expected_after(0) == 0.0, "none timed yet"
@@ -201,8 +210,8 @@ def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_pat
         (tmp_path / "previous_runs" / name / "checkpoint.pth").write_bytes(b"")
     assert train.resolve_resume(args) == ""
     last = tmp_path / "previous_runs" / "20261206-090909" / "checkpoint.pth"
-    assert f"the last run moved aside from this folder is in {last.parent}: give --resume {last}" in \
-        capsys.readouterr().out
+    assert f"the last run moved aside from this folder is in {last.parent}: to continue it, move its files back " \
+           f"into {tmp_path} and run again" in capsys.readouterr().out
     (tmp_path / "checkpoint.pth").write_bytes(b"")
     assert train.resolve_resume(args) == str(tmp_path / "checkpoint.pth")
 
@@ -437,7 +446,7 @@ def test_curves_prediction_pictures_and_best_model(trained, dataset):
     for picture in pictures:
         with Image.open(picture) as img:
             assert img.format == "JPEG" and img.size == sizes[picture.stem]
-    assert (out / "model_best.pth").is_file() and "New best AP" in result.stdout
+    assert (out / "model_best.pth").is_file() and "New best mask AP" in result.stdout
     assert "AP per category" in result.stdout
 
 
@@ -524,7 +533,7 @@ def test_predicts_progress_rewrites_one_line_on_a_terminal_and_prints_tenths_in_
     if on_terminal:
         assert out.endswith("\n") and out.count("\n") == 1 and out.count("\r") == 26
     else:
-        assert counts == list(range(2, 25, 2)) + [25] and out.count("\n") == len(counts) and "\r" not in out
+        assert counts == list(range(3, 25, 3)) + [25] and out.count("\n") == len(counts) and "\r" not in out
 
 
 def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):

@@ -305,7 +305,7 @@ class ProgressLine:
     def __init__(self, total: int, on_terminal: bool | None = None) -> None:
         self.total, self.started = total, time.time()
         self.on_terminal = sys.stdout.isatty() if on_terminal is None else on_terminal
-        self.every = max(1, total // 10)
+        self.every = max(1, -(-total // 10))  # a tenth, rounded up
         self.printed = 0  # the count on the last line printed
 
     def show(self, done: int, last: bool = False) -> None:
