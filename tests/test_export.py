@@ -173,7 +173,7 @@ def test_keypoint_rcnn_export(tmp_path):
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "missing.pth")]) == 2
-    assert export.main(["--weights", "x.pth", "--output", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert export.main(["--weights", "x.pth", "--output", str(tmp_path / "new" / "m.onnx")]) == 2
     assert export.main(["--weights", "x.pth", "--opset", "11"]) == 2
     assert export.main(["--weights", "x.pth", "--output", str(tmp_path / "m.onnx"), "--min-size", "0"]) == 2
     assert export.main(["--weights", "x.pth", "--output", str(tmp_path / "m.onnx"), "--score-thresh", "5"]) == 2
@@ -183,7 +183,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 7 and all(line.startswith("error: ") for line in lines)
     assert f"{tmp_path / 'afile'} is a file, not a folder" in lines[6]
-    assert "no such file" in lines[0] and "does not exist" in lines[1] and "16 or more" in lines[2]
+    assert "no such file" in lines[0] and "x.pth" in lines[1] and "16 or more" in lines[2]
+    assert (tmp_path / "new").is_dir(), "--output's folder is made, as train.py and predict.py make theirs"
     assert "--min-size 0 must be at least 1" in lines[3]
     assert "--score-thresh 5.0 must be a score between 0 and 1" in lines[4]
     assert "--benchmark -1 must be 0 (no timing) or more rounds" in lines[5]

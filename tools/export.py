@@ -145,14 +145,15 @@ def run_benchmark(model: torch.nn.Module, onnx_model: deploy.OnnxModel, image: t
 
 
 def check_output(output: Path) -> None:
-    """--output names a file that can be written, before minutes of work, not after."""
-    if output.parent.exists() and not output.parent.is_dir():
-        raise UserError(f"--output {output}: {output.parent} is a file, not a folder; choose another --output")
-    if not output.parent.is_dir():
-        raise UserError(f"--output {output}: folder {output.parent} does not exist; create it or choose another")
+    """--output names a file that can be written (its folder made if need be, as train.py and predict.py make
+    theirs), before minutes of work, not after."""
+    if any(folder.exists() and not folder.is_dir() for folder in output.parents):
+        blocking = next(folder for folder in output.parents if folder.exists() and not folder.is_dir())
+        raise UserError(f"--output {output}: {blocking} is a file, not a folder; choose another --output")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output.parent):
             pass
     except OSError as e:
