@@ -520,6 +520,21 @@ def test_predict_counts_only_detections_it_would_have_written_as_left_out_for_th
     assert unknown == 1, "label 9 scored under the threshold, and would not have been written anyway"
 
 
+def test_predict_warns_of_an_earlier_calls_pictures_it_leaves_beside_its_own(tmp_path, capsys):
+    from tools import predict
+    predict.warn_of_earlier_pictures(tmp_path, ["a.jpg"])  # a new folder
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    predict.warn_of_earlier_pictures(tmp_path, ["a.jpg"])  # pictures, but no earlier call's images.json
+    assert capsys.readouterr().err == ""
+    (tmp_path / "images.json").write_text("[]")
+    predict.warn_of_earlier_pictures(tmp_path, ["a.jpg", "b.jpg"])  # this call replaces them all
+    assert capsys.readouterr().err == ""
+    predict.warn_of_earlier_pictures(tmp_path, ["a.jpg"])
+    assert "holds 1 picture of an earlier call that this one does not replace (first: b.jpg)" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("on_terminal", [True, False])
 def test_predicts_progress_rewrites_one_line_on_a_terminal_and_prints_tenths_in_a_log(capsys, on_terminal):
     from tools import predict

@@ -202,6 +202,19 @@ def check_sizes_and_score(args: argparse.Namespace) -> None:
         raise UserError(f"--score-thresh {args.score_thresh} must be a score between 0 and 1")
 
 
+def warn_of_earlier_pictures(out: Path, pictures: list[str]) -> None:
+    """An earlier call's pictures that this one does not replace would stay beside files that list only this
+    call's images: say so (they are left as they are)."""
+    if not (out / "images.json").is_file():
+        return
+    kept = sorted(set(p.name for p in out.glob("*.jpg")) - set(pictures))
+    if kept:
+        print(f"warning: --output-dir {out} holds {len(kept)} picture{'s' if len(kept) > 1 else ''} of an earlier "
+              f"call that this one does not replace (first: {kept[0]}); they stay, and images.json and "
+              f"predictions.json will list this call's images only: give a new --output-dir to keep calls apart",
+              file=sys.stderr)
+
+
 def picture_names(paths: list[Path]) -> list[str]:
     """A picture's file name per image: its own stem, numbered from the second image of the same stem on; never
     a name already given (a.png's a_2.jpg beside an a_2.jpg), in any case (for filesystems that ignore it)."""
@@ -252,6 +265,7 @@ def predict(args: argparse.Namespace) -> int:
         print(NOT_KEPT_WARNING, file=sys.stderr)
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
     pictures = picture_names(paths)
+    warn_of_earlier_pictures(out, pictures)
 
     results: dict[int, list[dict]] = {}
     images: dict[int, dict] = {}  # what each id in predictions.json is: COCO's "images" entries
