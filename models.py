@@ -24,13 +24,16 @@ COCO_CLASSES = 91
 DEFAULT_BACKBONE_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V1"
 # Which of train.py's model options each family of builders takes; SSD's input size is fixed.
 FAMILY_OPTIONS = {
-    "rcnn": ("min_size", "max_size", "rpn_score_thresh", "box_batch_size_per_image"),
-    "retinanet": ("min_size", "max_size"),
-    "fcos": ("min_size", "max_size"),
-    "ssd": (),
+    "rcnn": ("min_size", "max_size", "rpn_score_thresh", "box_batch_size_per_image", "detections_per_image"),
+    "retinanet": ("min_size", "max_size", "detections_per_image"),
+    "fcos": ("min_size", "max_size", "detections_per_image"),
+    "ssd": ("detections_per_image",),
 }
 OPTION_FLAGS = {"min_size": "--min-size", "max_size": "--max-size", "rpn_score_thresh": "--rpn-score-thresh",
-                "box_batch_size_per_image": "--rois-per-image"}
+                "box_batch_size_per_image": "--rois-per-image", "detections_per_image": "--detections-per-image"}
+# The builder's name for the most detections kept per image, by family.
+DETECTIONS_KEYWORD = {"rcnn": "box_detections_per_img", "retinanet": "detections_per_img",
+                      "fcos": "detections_per_img", "ssd": "detections_per_img"}
 
 
 def model_options(name: str, **options) -> dict:
@@ -39,7 +42,15 @@ def model_options(name: str, **options) -> dict:
     for key in given:
         if key not in FAMILY_OPTIONS[family(name)]:
             raise UserError(f"{OPTION_FLAGS[key]} does not apply to --model {name}; leave it out")
+    if "detections_per_image" in given:
+        given[DETECTIONS_KEYWORD[family(name)]] = given.pop("detections_per_image")
     return given
+
+
+def detections_per_image(model: nn.Module) -> int:
+    """The most detections the model keeps per image (torchvision's R-CNNs hold it in their RoI heads)."""
+    heads = getattr(model, "roi_heads", model)
+    return heads.detections_per_img
 
 
 def check_size_order(min_size: int | None, max_size: int | None) -> None:

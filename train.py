@@ -72,6 +72,7 @@ from models import (
     check_size_order,
     check_weights_name_fits,
     default_backbone_weights,
+    detections_per_image,
     iou_types,
     layout_of,
     model_options,
@@ -151,6 +152,10 @@ def add_model_flags(group: argparse._ArgumentGroup) -> None:
     add("--rois-per-image", default=None, type=int,
         help="R-CNNs: region proposals sampled per image to train the box and mask heads (default: 512); "
              "fewer make steps much cheaper when images hold few objects")
+    add("--detections-per-image", default=None, type=int,
+        help="the most detections the model keeps per image, in evaluation and prediction (default: the model's: "
+             "100 for R-CNNs and FCOS, 200 for SSD300, 300 for RetinaNet and SSDlite); raise it for images of "
+             "more objects")
     add("--rpn-score-thresh", default=None, type=float,
         help="R-CNNs: proposals under this objectness score are left out, in training and evaluation")
     add("--torchvision-mask-init", action="store_true",
@@ -294,9 +299,9 @@ def check_counts(args: argparse.Namespace) -> None:
         raise UserError(f"--start-epoch {args.start_epoch} must be 0 or more and before --epochs {args.epochs}")
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes} must be at least 2: background and one category")
-    for flag in ("batch_size", "min_size", "max_size", "rois_per_image", "eval_batch_size", "print_freq",
-                 "lr_step_size", "grad_accum_steps", "model_ema_steps", "eval_interval", "patience", "auto_scale_lr",
-                 "keep_last"):
+    for flag in ("batch_size", "min_size", "max_size", "rois_per_image", "detections_per_image", "eval_batch_size",
+                 "print_freq", "lr_step_size", "grad_accum_steps", "model_ema_steps", "eval_interval", "patience",
+                 "auto_scale_lr", "keep_last"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
@@ -537,7 +542,7 @@ def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None) -
 
 
 # Model settings that a checkpoint's evaluation and continuation keep from its run unless they are given again.
-SAVED_MODEL_SETTINGS = ("min_size", "max_size", "rois_per_image", "rpn_score_thresh")
+SAVED_MODEL_SETTINGS = ("min_size", "max_size", "rois_per_image", "detections_per_image", "rpn_score_thresh")
 
 
 def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
@@ -551,6 +556,18 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
         utils.print_once(f"As the checkpoint's run: {flags}")
 
 
+def note_crowded_images(val_set: CocoDetection, kept: int) -> None:
+    """Say where validation images hold more instances than the model keeps detections: the rest can only be
+    missed, and the scores are capped below 1 however good the model."""
+    counts = {image_id: sum(not a.get("iscrowd") for a in anns) for image_id, anns in val_set.coco.imgToAnns.items()}
+    crowded = [image_id for image_id, count in counts.items() if count > kept]
+    if crowded:
+        most = max(crowded, key=counts.get)
+        images = f"{len(crowded)} validation images hold" if len(crowded) > 1 else "1 validation image holds"
+        utils.print_once(f"note: {images} more instances than the {kept} detections the model keeps per image "
+                         f"(the most: {counts[most]}, image {most}); raise --detections-per-image to find them all")
+
+
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:
     """torchvision's model, with its weights read from local files; for a checkpoint, laid out as its run was
     (with its sizes and settings unless given) and not read from anywhere (the checkpoint has every weight)."""
@@ -558,7 +575,8 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
     if checkpoint is not None:
         take_saved_settings(args, checkpoint["args"])
     options = model_options(args.model, min_size=args.min_size, max_size=args.max_size,
-                            box_batch_size_per_image=args.rois_per_image, rpn_score_thresh=args.rpn_score_thresh)
+                            box_batch_size_per_image=args.rois_per_image, rpn_score_thresh=args.rpn_score_thresh,
+                            detections_per_image=args.detections_per_image)
     if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:
         options["_skip_resize"] = True  # in training only: evaluation images are resized by the model
     if checkpoint is None:
@@ -1014,6 +1032,7 @@ def main(args: argparse.Namespace) -> dict:
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
+    note_crowded_images(data.val_set, detections_per_image(getattr(model, "module", model)))
     state = create_training_state(run, getattr(model, "module", model), data, num_classes, checkpoint)
     if checkpoint is not None:
         restore(run, state, checkpoint, resume, data, continues_folder=not foreign)

@@ -15,6 +15,7 @@ from models import (
     build_model,
     check_size_order,
     default_backbone_weights,
+    detections_per_image,
     family,
     hub_cache_path,
     iou_types,
@@ -101,6 +102,14 @@ def test_a_tensor_the_model_lacks_is_an_error_and_a_spare_batch_counter_is_not()
     state["roi_heads.mask_predictor.mask_fcn_logits.weight"] = torch.zeros(5, 256, 1, 1)
     with pytest.raises(UserError, match="unexpected tensor roi_heads.mask_predictor.mask_fcn_logits.weight"):
         load_model_weights(model, state, "--weights x")
+
+
+@pytest.mark.parametrize("name, default", [("maskrcnn_resnet50_fpn", 100), ("retinanet_resnet50_fpn", 300),
+                                           ("fcos_resnet50_fpn", 100), ("ssdlite320_mobilenet_v3_large", 300)])
+def test_detections_per_image_reaches_each_familys_builder(name, default):
+    assert detections_per_image(build_model(name, 3, None, None, None)) == default
+    model = build_model(name, 3, None, None, None, **model_options(name, detections_per_image=250))
+    assert detections_per_image(model) == 250
 
 
 def test_unknown_model():

@@ -18,7 +18,7 @@ import train
 from coco_utils import CategoryMap, build_dataset
 from conftest import SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
 from errors import UserError
-from models import MODELS
+from models import MODELS, build_model, detections_per_image
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
 from tools.make_coco_dataset import CATEGORIES
 
@@ -164,6 +164,30 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
     assert not train.from_another_run(str(tmp_path / "backup.pth"), {"args": {"output_dir": str(out)}}, out)
     assert train.from_another_run(str(tmp_path / "s" / "model_0.pth"), {"args": {"output_dir": "s"}}, out)
     assert train.from_another_run(str(tmp_path / "reference.pth"), {"args": {}}, out)
+
+
+def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
+    anns = {1: [{"iscrowd": 0}] * 3, 2: [{"iscrowd": 0}] * 5 + [{"iscrowd": 1}] * 9, 3: [{"iscrowd": 0}] * 4}
+    val_set = argparse.Namespace(coco=argparse.Namespace(imgToAnns=anns))
+    train.note_crowded_images(val_set, 5)
+    assert capsys.readouterr().out == ""  # crowd regions are not matched by detections
+    train.note_crowded_images(val_set, 3)
+    assert capsys.readouterr().out == ("note: 2 validation images hold more instances than the 3 detections the model "
+                                       "keeps per image (the most: 5, image 2); raise --detections-per-image to find "
+                                       "them all\n")
+
+
+def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_given(tmp_path):
+    from tools import predict
+    model = build_model("fasterrcnn_resnet50_fpn", 3, None, None, None)
+    torch.save({"model": model.state_dict(), "num_classes": 3, "categories": [{"id": 1, "name": "a"},
+                {"id": 2, "name": "b"}], "args": {"model": "fasterrcnn_resnet50_fpn", "detections_per_image": 7}},
+               tmp_path / "checkpoint.pth")
+    args = argparse.Namespace(checkpoint=str(tmp_path / "checkpoint.pth"), model=None, weights=None, min_size=None,
+                              max_size=None, detections_per_image=None)
+    assert detections_per_image(predict.load_model(args)[0]) == 7
+    args.detections_per_image = 9
+    assert detections_per_image(predict.load_model(args)[0]) == 9
 
 
 def test_args_json_is_strict_json_whatever_the_arguments_hold(tmp_path):
@@ -325,6 +349,7 @@ OUT_OF_RANGE = [
         "--max-size", "--rois-per-image", "--eval-batch-size", "--print-freq", "--lr-step-size", "--grad-accum-steps",
         "--model-ema-steps", "--eval-interval", "--patience", "--auto-scale-lr")],
     (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--detections-per-image", "0"], "--detections-per-image 0 must be at least 1"),
     (["--lr-gamma", "-0.1"], "--lr-gamma -0.1 must be finite, 0 or more"),
     (["--norm-weight-decay", "-1"], "--norm-weight-decay -1.0 must be finite, 0 or more"),
     (["--dist-timeout", "0"], "--dist-timeout 0 must be above 0"),

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default="model.onnx", help="the ONNX file to write")
     parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
+    parser.add_argument("--detections-per-image", type=int, default=None,
+                        help="the most detections the exported model keeps per image; default: the checkpoint's, "
+                             "else the model's (100 for R-CNNs)")
     parser.add_argument("--input-dtype", default="uint8", choices=("uint8", "float32"),
                         help="what the graph takes: uint8 0-255 (default) or float32 0-1")
     parser.add_argument("--data-path", help="check on images from here too (a COCO-layout root's val2017/, or a "

@@ -121,19 +121,20 @@ def image_records(paths: list[Path], annotations: str | None) -> list[tuple[int,
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, str]:
     """The model, its categories and its name, from one of train.py's checkpoints or whole-model weights."""
-    sizes = {"min_size": args.min_size, "max_size": args.max_size}
+    settings = {"min_size": args.min_size, "max_size": args.max_size,
+                "detections_per_image": args.detections_per_image}
     if args.checkpoint:
         checkpoint = load_file(args.checkpoint, "--checkpoint")
         if not isinstance(checkpoint, dict) or "categories" not in checkpoint:
             raise UserError(f"--checkpoint {args.checkpoint} is not a train.py checkpoint; use --weights for "
                             f"plain weights")
         saved = checkpoint["args"]
-        sizes = {k: saved.get(k) if v is None else v for k, v in sizes.items()}
+        settings = {k: saved.get(k) if v is None else v for k, v in settings.items()}
         name = saved.get("model", DEFAULT_MODEL)
         if args.model not in (None, name):
             raise UserError(f"--model {args.model}: --checkpoint {args.checkpoint} holds a {name}; leave --model out")
         # As its run evaluated it: the RPN's score threshold is an inference setting of the run.
-        options = model_options(name, rpn_score_thresh=saved.get("rpn_score_thresh"), **sizes)
+        options = model_options(name, rpn_score_thresh=saved.get("rpn_score_thresh"), **settings)
         model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **options)
         if "model_ema" in checkpoint:
             print(f"--checkpoint {args.checkpoint}: predicting with the weights' moving average (model_ema)")
@@ -148,7 +149,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, 
                                                "coco_kp" if keypoints else "coco")
     try:  # the file's class heads must fit: fresh ones would predict at random
         model = build_model(name, category_map.num_classes, args.weights, None, None, new_class_heads=False,
-                            **model_options(name, **sizes))
+                            **model_options(name, **settings))
     except UserError as e:
         raise UserError(f"{e}. --weights takes whole-model COCO weights ({category_map.num_classes} classes with "
                         f"background); a checkpoint of train.py goes to --checkpoint") from None
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="images run together, those the model pads to one size (default 4)")
     parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
+    parser.add_argument("--detections-per-image", type=int, default=None,
+                        help="the most detections kept per image; default: the checkpoint's, else the model's (100 "
+                             "for R-CNNs)")
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
     parser.add_argument("--no-speedups", action="store_true", help="run torchvision's plain model (as train.py)")
     parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
@@ -192,8 +196,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_sizes_and_score(args: argparse.Namespace) -> None:
-    """--min-size and --max-size, where given, are sizes, and --score-thresh a score (for export.py too)."""
-    for flag in ("min_size", "max_size"):
+    """--min-size, --max-size and --detections-per-image, where given, are at least 1, and --score-thresh a score
+    (for export.py too)."""
+    for flag in ("min_size", "max_size", "detections_per_image"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
