@@ -436,12 +436,25 @@ def per_category_ap(evaluator, coco_gt: COCO) -> dict[str, float]:
     return result
 
 
+# Up to this many categories the table lists each by name; beyond, the highest and lowest AP's half each.
+MOST_CATEGORY_ROWS = 40
+
+
 def format_per_category(metrics: dict[str, dict]) -> str:
-    """A table of AP per category, one column per IoU type."""
+    """A table of AP per category, one column per IoU type; for many categories (LVIS-like files) the highest
+    and lowest by the last IoU type's AP (masks' or keypoints' where scored), the rest left to metrics.jsonl."""
     iou_types = list(metrics)
     names = sorted({n for m in metrics.values() for n in m["per_category"]})
+    title = "AP per category"
+    if len(names) > MOST_CATEGORY_ROWS:
+        primary = metrics[iou_types[-1]]["per_category"]
+        ranked = sorted(names, key=lambda n: (primary.get(n) is None, -(primary.get(n) or 0.0)))  # unscored last
+        half = MOST_CATEGORY_ROWS // 2
+        names = ranked[:half] + ranked[-half:]
+        title += (f": the {half} highest and {half} lowest {iou_types[-1]} AP of {len(ranked)} categories (each "
+                  f"one's is in metrics.jsonl)")
     width = max([len("category")] + [_columns(n) for n in names])
-    lines = ["AP per category", f"{'category':<{width}}  " + "  ".join(f"{t:>6}" for t in iou_types)]
+    lines = [title, f"{'category':<{width}}  " + "  ".join(f"{t:>6}" for t in iou_types)]
     for name in names:
         cells = [metrics[t]["per_category"].get(name) for t in iou_types]
         padding = " " * (width - _columns(name))

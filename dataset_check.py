@@ -53,6 +53,7 @@ class SplitReport:
     class_counts: dict[str, int] = field(default_factory=dict)
     crowd_regions: int = 0
     categories: dict = field(default_factory=dict)  # id -> name
+    most_instances: tuple[int, object] = (0, None)  # the most instances (crowd regions aside) of one image, its id
 
     @property
     def errors(self) -> list[Finding]:
@@ -102,6 +103,10 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
     report.crowd_regions = len(data["annotations"]) - sum(counts.values())
+    per_image = Counter(a.get("image_id") for a in data["annotations"] if not a.get("iscrowd"))
+    if per_image:
+        image_id, most = per_image.most_common(1)[0]
+        report.most_instances = (most, image_id)
     uses = Counter(names.values())
     report.class_counts = {names[i] if uses[names[i]] == 1 else f"{names[i]} (id {i})": counts.get(i, 0)
                            for i in sorted(names)}
@@ -248,6 +253,28 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
                         for img, why in bad[1:]]
 
 
+# Up to this many categories the report lists each one's instances; beyond, the most common and a summary.
+MOST_CATEGORIES_LISTED = 20
+
+
+def category_balance(counts: dict[str, int]) -> str:
+    """Each category's instances and share, in the file's order; for many categories (LVIS-like files) the 10
+    most common, then how many of the others have none, one, 2-10 and more."""
+    total = max(sum(counts.values()), 1)
+    shown = list(counts.items())
+    if len(shown) > MOST_CATEGORIES_LISTED:
+        shown = sorted(shown, key=lambda item: -item[1])
+        shown, rest = shown[:10], [count for _, count in shown[10:]]
+    else:
+        rest = []
+    text = ", ".join(f"{name} {count} ({100 * count / total:.0f}%)" for name, count in shown)
+    if rest:
+        groups = (("none", sum(c == 0 for c in rest)), ("1", sum(c == 1 for c in rest)),
+                  ("2-10", sum(2 <= c <= 10 for c in rest)), ("more", sum(c > 10 for c in rest)))
+        text += f"; {len(rest)} more categories: " + ", ".join(f"{n} with {label}" for label, n in groups if n)
+    return text
+
+
 def format_report(reports: list[SplitReport], limit: int = 5) -> str:
     """A human report: counts, then findings grouped by kind (the first few of each), then class balance."""
     lines = []
@@ -264,9 +291,14 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
             if len(found) > limit:
                 lines.append(f"    ... and {len(found) - limit} more")
         if report.class_counts:
-            total = max(sum(report.class_counts.values()), 1)
-            balance = ", ".join(f"{n} {c} ({100 * c / total:.0f}%)" for n, c in report.class_counts.items())
-            lines.append(f"  instances per category: {balance}")
+            lines.append(f"  instances per category: {category_balance(report.class_counts)}")
+        if report.most_instances[0]:
+            most, image_id = report.most_instances
+            instances = report.annotations - report.crowd_regions
+            hint = ("; the R-CNNs keep 100 detections an image unless --detections-per-image raises it"
+                    if most > 100 else "")
+            lines.append(f"  instances per image: {instances / max(report.images, 1):.1f} on average, at most {most} "
+                         f"(image {image_id}){hint}")
         if report.crowd_regions:  # a tool that writes masks as RLE may mark every one a crowd region
             lines.append(f"  crowd regions (iscrowd 1): {report.crowd_regions}, not learned and not scored as "
                          f"instances")

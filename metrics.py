@@ -193,11 +193,16 @@ def _finite(value):
     return value
 
 
+# TensorBoard charts AP per category up to this many categories (COCO's 80); an LVIS-like file's would be
+# thousands of charts, and metrics.jsonl holds them all.
+MOST_CATEGORY_CHARTS = 100
+
+
 def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a record's values, nested names joined with '/', for TensorBoard."""
     found = {}
     for key, value in values.items():
-        if key == "time":
+        if key == "time" or key == "per_category" and len(value) > MOST_CATEGORY_CHARTS:
             continue
         if isinstance(value, dict):
             found.update(_scalars(value, f"{prefix}{key}/"))

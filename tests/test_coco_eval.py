@@ -435,6 +435,19 @@ def test_only_the_images_evaluated_are_scored(tiny_dataset, backend):
     assert len(evaluated) < len(ds.ids) and evaluator.summarize()["bbox"]["AP"] == pytest.approx(1.0)
 
 
+def test_a_table_of_many_categories_shows_the_highest_and_lowest_ap():
+    segm = {f"c{i:03d}": i / 100 for i in range(50)}
+    metrics = {"bbox": {"per_category": {**segm, "c_box_only": 1.0}}, "segm": {"per_category": segm}}
+    title, _, *rows = format_per_category(metrics).splitlines()
+    assert title == ("AP per category: the 20 highest and 20 lowest segm AP of 51 categories (each one's is in "
+                     "metrics.jsonl)")
+    shown = [row.split()[0] for row in rows]
+    assert shown == [f"c{i:03d}" for i in range(49, 29, -1)] + [f"c{i:03d}" for i in range(18, -1, -1)] + [
+        "c_box_only"], "by AP, the category without a mask AP last"
+    few = {"bbox": {"per_category": {"b": 0.1, "a": 0.2}}}
+    assert [row.split()[0] for row in format_per_category(few).splitlines()[2:]] == ["a", "b"], "by name"
+
+
 def test_the_per_category_table_lines_up_wide_characters_and_combining_marks():
     wide, accented, thai = "\u4e09\u89d2\u5f62", "cafe\u0301", "\u0e01\u0e31"  # 6 columns; 4; a letter and its mark: 1
     names = {"disc": 0.5, wide: 0.25, "Scheibe \u00f8": 0.125, accented: None, thai: 1.0}

@@ -8,6 +8,7 @@ import pytest
 
 from errors import UserError
 from metrics import (
+    MOST_CATEGORY_CHARTS,
     ConsoleWriter,
     JsonlWriter,
     LogSchedule,
@@ -16,6 +17,7 @@ from metrics import (
     StepMeters,
     TensorBoardWriter,
     Writers,
+    _scalars,
 )
 
 
@@ -160,3 +162,10 @@ def test_a_failed_tensorboard_write_is_one_clear_error(tmp_path, monkeypatch):
         writer.write(_train(0, 1, loss=1.0))
     monkeypatch.undo()
     writer.close()
+
+
+def test_tensorboard_charts_ap_per_category_only_for_a_readable_number_of_categories():
+    few = {"bbox": {"AP": 0.5, "per_category": {f"c{i}": 0.1 for i in range(80)}}}
+    many = {"bbox": {"AP": 0.5, "per_category": {f"c{i}": 0.1 for i in range(MOST_CATEGORY_CHARTS + 1)}}}
+    assert set(_scalars(few)) == {"bbox/AP"} | {f"bbox/per_category/c{i}" for i in range(80)}
+    assert set(_scalars(many)) == {"bbox/AP"}
