@@ -445,17 +445,19 @@ def format_per_category(metrics: dict[str, dict]) -> str:
     and lowest by the last IoU type's AP (masks' or keypoints' where scored), the rest left to metrics.jsonl."""
     iou_types = list(metrics)
     names = sorted({n for m in metrics.values() for n in m["per_category"]})
-    title = "AP per category"
-    if len(names) > MOST_CATEGORY_ROWS:
-        primary = metrics[iou_types[-1]]["per_category"]
-        ranked = sorted(names, key=lambda n: (primary.get(n) is None, -(primary.get(n) or 0.0)))  # unscored last
+    title, left_out = "AP per category", None
+    primary = metrics[iou_types[-1]]["per_category"]
+    if len(primary) > MOST_CATEGORY_ROWS:
+        ranked = sorted(primary, key=lambda n: (-primary[n], n))
         half = MOST_CATEGORY_ROWS // 2
-        names = ranked[:half] + ranked[-half:]
-        title += (f": the {half} highest and {half} lowest {iou_types[-1]} AP of {len(ranked)} categories (each "
+        names, left_out = ranked[:half] + ranked[-half:], len(names) - 2 * half
+        title += (f": the {half} highest and {half} lowest {iou_types[-1]} AP of {len(primary)} categories (each "
                   f"one's is in metrics.jsonl)")
     width = max([len("category")] + [_columns(n) for n in names])
     lines = [title, f"{'category':<{width}}  " + "  ".join(f"{t:>6}" for t in iou_types)]
-    for name in names:
+    for row, name in enumerate(names):
+        if row == MOST_CATEGORY_ROWS // 2 and left_out:
+            lines.append(f"... {left_out} more")
         cells = [metrics[t]["per_category"].get(name) for t in iou_types]
         padding = " " * (width - _columns(name))
         lines.append(f"{name}{padding}  " + "  ".join("   n/a" if c is None else f"{c:6.3f}" for c in cells))

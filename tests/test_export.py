@@ -93,10 +93,10 @@ def mask_export(tmp_path_factory):
     categories = [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
     write_checkpoint(folder / "model_best.pth", "maskrcnn_resnet50_fpn", categories)
     status, printed = export_few("--checkpoint", str(folder / "model_best.pth"), "--output",
-                                 str(folder / "model.onnx"))
+                                 str(folder / "new" / "model.onnx"))  # a folder made as train.py makes its own
     (folder / "model_best.pth").unlink()
-    yield folder / "model.onnx", status, printed
-    (folder / "model.onnx").unlink(missing_ok=True)
+    yield folder / "new" / "model.onnx", status, printed
+    (folder / "new" / "model.onnx").unlink(missing_ok=True)
 
 
 def table_row(stdout: str, image: str) -> list[str]:
@@ -184,7 +184,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert len(lines) == 7 and all(line.startswith("error: ") for line in lines)
     assert f"{tmp_path / 'afile'} is a file, not a folder" in lines[6]
     assert "no such file" in lines[0] and "x.pth" in lines[1] and "16 or more" in lines[2]
-    assert (tmp_path / "new").is_dir(), "--output's folder is made, as train.py and predict.py make theirs"
+    assert not (tmp_path / "new").exists(), "--output's folder is made only once the model is exported"
     assert "--min-size 0 must be at least 1" in lines[3]
     assert "--score-thresh 5.0 must be a score between 0 and 1" in lines[4]
     assert "--benchmark -1 must be 0 (no timing) or more rounds" in lines[5]

@@ -148,19 +148,27 @@ def run_benchmark(model: torch.nn.Module, onnx_model: deploy.OnnxModel, image: t
 
 
 def check_output(output: Path) -> None:
-    """--output names a file that can be written (its folder made if need be, as train.py and predict.py make
-    theirs), before minutes of work, not after."""
-    if any(folder.exists() and not folder.is_dir() for folder in output.parents):
-        blocking = next(folder for folder in output.parents if folder.exists() and not folder.is_dir())
-        raise UserError(f"--output {output}: {blocking} is a file, not a folder; choose another --output")
+    """--output names a file that can be written, before minutes of work, not after: in its folder, or where a
+    folder that does not exist yet would be made (make_output_folder, once the model is exported)."""
+    existing = next(folder for folder in output.parents if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output {output}: {existing} is a file, not a folder; choose another --output")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output.parent):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise UserError(f"--output {output}: cannot write in {output.parent} ({e.strerror.lower()}); choose "
+        raise UserError(f"--output {output}: cannot write in {existing} ({e.strerror.lower()}); choose "
+                        f"another --output") from None
+
+
+def make_output_folder(output: Path) -> None:
+    """--output's folder, made where it does not exist, as train.py and predict.py make theirs."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot make {output.parent} ({e.strerror.lower()}); choose "
                         f"another --output") from None
 
 
@@ -183,6 +191,7 @@ def export_and_check(args: argparse.Namespace) -> int:
     meta = deploy.metadata(name, category_map, model, args.input_dtype, args.exporter)
     sample = images[0][1] if args.input_dtype == "uint8" else images[0][1].float() / 255
     # Same folder, so the final rename is atomic; a file that fails the check never replaces a good one.
+    make_output_folder(output)
     unchecked = output.with_name(f".{output.name}.{os.getpid()}.unchecked")
     try:
         seconds = deploy.export(model, name, sample, unchecked, meta, args.exporter, args.opset)

@@ -190,9 +190,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     check_sizes_and_score(args)
-    if args.onnx and (args.model or args.min_size or args.max_size):
-        raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
-                        "(tools/export.py); leave them out with --onnx")
+    if args.onnx and (args.model or args.min_size or args.max_size or args.detections_per_image):
+        raise UserError("--model, --min-size, --max-size and --detections-per-image were fixed when the ONNX model "
+                        "was exported (tools/export.py); leave them out with --onnx")
 
 
 def check_sizes_and_score(args: argparse.Namespace) -> None:
