@@ -710,7 +710,7 @@ def test_predict_takes_torchvisions_keypoint_weights_of_persons_alone(tmp_path, 
     path.parent.mkdir(parents=True)
     torch.save(source.state_dict(), path)
     args = argparse.Namespace(checkpoint=None, weights=name, model="keypointrcnn_resnet50_fpn", min_size=None,
-                              max_size=None)
+                              max_size=None, detections_per_image=None)
     model, categories, built = predict.load_model(args)
     assert built == "keypointrcnn_resnet50_fpn" and categories.num_classes == 2
     assert categories.category_id(1) == 1 and categories.name(1) == "person"
