@@ -7,6 +7,7 @@ import contextlib
 import io
 import pickle
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -402,6 +403,12 @@ def counts_for_scoring(ann: dict) -> bool:
     """Whether box scoring matches predictions against the instance: one with a usable box that is not a crowd
     region."""
     return not ann.get("iscrowd") and finite_box(ann.get("bbox"))
+
+
+def scored_instances_per_image(annotations: Iterable[dict]) -> Counter:
+    """Each image's instances that detections are matched against (counts_for_scoring), by image id: what a
+    model's detections per image must cover."""
+    return Counter(a.get("image_id") for a in annotations if counts_for_scoring(a))
 
 
 def counts_for_training(ann: dict) -> bool:

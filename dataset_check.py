@@ -34,6 +34,7 @@ from coco_utils import (
     lacking_categories,
     renamed_categories,
     rgb_pixels,
+    scored_instances_per_image,
     split_paths,
     trains_keypoints,
     turned_size,
@@ -53,7 +54,7 @@ class SplitReport:
     class_counts: dict[str, int] = field(default_factory=dict)
     crowd_regions: int = 0
     categories: dict = field(default_factory=dict)  # id -> name
-    most_instances: tuple[int, object] = (0, None)  # the most instances (crowd regions aside) of one image, its id
+    most_instances: tuple[int, object] = (0, None)  # the most scored instances of one image, and its id
 
     @property
     def errors(self) -> list[Finding]:
@@ -103,8 +104,7 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
     counts = Counter(a.get("category_id") for a in data["annotations"] if not a.get("iscrowd"))
     report.crowd_regions = len(data["annotations"]) - sum(counts.values())
-    per_image = Counter(a.get("image_id") for a in data["annotations"] if not a.get("iscrowd"))
-    if per_image:
+    if per_image := scored_instances_per_image(data["annotations"]):
         image_id, most = per_image.most_common(1)[0]
         report.most_instances = (most, image_id)
     uses = Counter(names.values())

@@ -50,7 +50,14 @@ from checkpoint import (
     write_json_atomic,
 )
 from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
-from coco_utils import DATASET_LAYOUTS, MIN_KEYPOINTS_PER_IMAGE, CocoDetection, SampleError, add_split_paths
+from coco_utils import (
+    DATASET_LAYOUTS,
+    MIN_KEYPOINTS_PER_IMAGE,
+    CocoDetection,
+    SampleError,
+    add_split_paths,
+    scored_instances_per_image,
+)
 from data import Data, load_data
 from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
@@ -559,13 +566,13 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
 def note_crowded_images(val_set: CocoDetection, kept: int) -> None:
     """Say where validation images hold more instances than the model keeps detections: the rest can only be
     missed, and the scores are capped below 1 however good the model."""
-    counts = {image_id: sum(not a.get("iscrowd") for a in anns) for image_id, anns in val_set.coco.imgToAnns.items()}
-    crowded = [image_id for image_id, count in counts.items() if count > kept]
+    counts = scored_instances_per_image(val_set.coco.dataset["annotations"])
+    crowded = sum(count > kept for count in counts.values())
     if crowded:
-        most = max(crowded, key=counts.get)
-        images = f"{len(crowded)} validation images hold" if len(crowded) > 1 else "1 validation image holds"
+        most, most_count = counts.most_common(1)[0]
+        images = f"{crowded} validation images hold" if crowded > 1 else "1 validation image holds"
         utils.print_once(f"note: {images} more instances than the {kept} detections the model keeps per image "
-                         f"(the most: {counts[most]}, image {most}); raise --detections-per-image to find them all")
+                         f"(the most: {most_count}, image {most}); raise --detections-per-image to find them all")
 
 
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:

@@ -167,8 +167,11 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
 
 
 def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
-    anns = {1: [{"iscrowd": 0}] * 3, 2: [{"iscrowd": 0}] * 5 + [{"iscrowd": 1}] * 9, 3: [{"iscrowd": 0}] * 4}
-    val_set = argparse.Namespace(coco=argparse.Namespace(imgToAnns=anns))
+    counts = {1: (3, 0), 2: (5, 9), 3: (4, 0)}  # image: instances, crowd regions
+    anns = [{"image_id": image, "bbox": [0, 0, 5, 5], "iscrowd": crowd}
+            for image, (plain, crowds) in counts.items() for crowd in [0] * plain + [1] * crowds]
+    anns.append({"image_id": 3, "bbox": None, "iscrowd": 0})  # nothing to match a detection against
+    val_set = argparse.Namespace(coco=argparse.Namespace(dataset={"annotations": anns}))
     train.note_crowded_images(val_set, 5)
     assert capsys.readouterr().out == ""  # crowd regions are not matched by detections
     train.note_crowded_images(val_set, 3)
