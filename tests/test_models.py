@@ -95,8 +95,9 @@ def test_mismatch_names_first_key():
 
 def test_a_tensor_the_model_lacks_is_an_error_and_a_spare_batch_counter_is_not():
     """A Mask R-CNN file loaded into a Faster R-CNN would otherwise lose its mask head without a word."""
-    model = build_model("fasterrcnn_resnet50_fpn", 5, None, None, None, **SMALL)
+    model = build_model("fasterrcnn_resnet50_fpn", 5, None, None, None, pretrained_layout=True, **SMALL)
     state = dict(model.state_dict())
+    assert "backbone.body.bn1.num_batches_tracked" not in state, "frozen batch norm keeps no counter"
     state["backbone.body.bn1.num_batches_tracked"] = torch.tensor(7)  # ordinary batch norm's, frozen has none
     load_model_weights(model, state, "--weights x")
     state["roi_heads.mask_predictor.mask_fcn_logits.weight"] = torch.zeros(5, 256, 1, 1)
