@@ -248,12 +248,13 @@ def resolve_backend(name: str) -> str:
 
 
 def backend_for(coco_gt: COCO, name: str) -> str:
-    """resolve_backend's choice, or pycocotools for a file whose image or category ids are not all integers that
-    a double holds exactly (faster-coco-eval reads every id as an integer, and matches them as doubles)."""
+    """resolve_backend's choice, or pycocotools for a file whose image or category ids are not all integers from
+    0 to 2**53 (faster-coco-eval reads every id as an integer, matches them as doubles, which hold integers
+    exactly up to 2**53, and refuses a negative image id when it scores masks)."""
     backend = resolve_backend(name)
     ids = (*coco_gt.getImgIds(), *coco_gt.getCatIds())
-    if backend == "faster" and not all(type(i) is int and abs(i) <= 2**53 for i in ids):
-        utils.print_once("The image or category ids are not all integers within 2**53, which faster-coco-eval "
+    if backend == "faster" and not all(type(i) is int and 0 <= i <= 2**53 for i in ids):
+        utils.print_once("The image or category ids are not all integers from 0 to 2**53, which faster-coco-eval "
                          "requires: scoring with pycocotools")
         return "pycocotools"
     return backend

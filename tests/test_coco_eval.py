@@ -351,8 +351,9 @@ def test_a_file_pycocotools_reads_scores_as_there_when_short_polygons_are_repair
     assert _scored(broken, "coco", outputs, ("segm",), backend)["segm"] == evaluator.summarize()["segm"]
 
 
-# Image ids faster-coco-eval cannot take: strings, and integers that a double (which it reads them as) rounds.
-ID_FORMS = {"strings": lambda i: f"img-{i}", "beyond 2**53": lambda i: 2**60 + i}
+# Image ids faster-coco-eval cannot take: strings, integers that a double (which it reads them as) rounds, and
+# negative ones (its mask scoring refuses them).
+ID_FORMS = {"strings": lambda i: f"img-{i}", "beyond 2**53": lambda i: 2**60 + i, "negative": lambda i: -i - 1}
 
 
 def _renumbered(form):
