@@ -194,7 +194,7 @@ def torchvision_model(args) -> torch.nn.Module:
     torch.manual_seed(0)
     weights_backbone = None if args.weights_backbone is None else "ResNet50_Weights.IMAGENET1K_V1"
     return torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=weights_backbone, num_classes=91, min_size=args.min_size,
+        weights=None, weights_backbone=weights_backbone, num_classes=args.num_classes, min_size=args.min_size,
         max_size=args.max_size)
 
 
@@ -233,12 +233,13 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
                                          worker_init_fn=start_worker_with_malloc_defaults if args.reuse_freed_memory
                                          else None)
     loader = TimedLoader(loader)
-    model = build_model("maskrcnn_resnet50_fpn", 91, None, args.weights_backbone, None,
+    model = build_model("maskrcnn_resnet50_fpn", args.num_classes, None, args.weights_backbone, None,
                         min_size=args.min_size, max_size=args.max_size)
     # The same starting weights as the reference's run: how many proposals the heads train on, and so the
     # cost of a step, depends on them.
     model.load_state_dict(torchvision_model(args).state_dict())
     config = speedups.SpeedupConfig(not args.no_speedups, args.channels_last, args.shape_buckets, autocast=args.amp)
+    leave_out(speedups, args.leave_out)
     chosen_for = torch.device(args.speedups_as) if args.speedups_as else device
     model = speedups.for_training(model.to(device), chosen_for, config)
     # The settings printed say which were used.
@@ -258,6 +259,16 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     options = TrainOptions(print_freq=10**9, epochs=2, scaler=scaler, amp_dtype=precision)
     train_one_epoch(model, optimizer, loader, device, epoch=1, options=options)
     return clock, loader
+
+
+def leave_out(speedups, names: list[str]) -> None:
+    """Take the named training speed-ups out of this process's list, so that the step is measured without them."""
+    known = [speedup.name for speedup in speedups.TRAINING]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"error: --leave-out {unknown[0]!r} is none of the training speed-ups: "
+                         + "; ".join(known))
+    speedups.TRAINING = tuple(speedup for speedup in speedups.TRAINING if speedup.name not in names)
 
 
 def run_reference(args, device, steps: int, make_clock: Callable[[torch.nn.Module], StepClock]
@@ -316,6 +327,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ours only, default as train.py's: float16 on GPUs, bfloat16 on the CPU; the "
                         "reference's --amp is float16 on GPUs and does nothing on the CPU")
     parser.add_argument("--no-speedups", action="store_true", help="ours only: torchvision's plain model")
+    parser.add_argument("--leave-out", action="append", default=[], metavar="SPEEDUP",
+                        help="ours only: train without this one of the speed-ups, named as speedups_applied "
+                        "names it (may be repeated), to measure what it does")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for CPUs")
     parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
@@ -331,6 +345,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "counting, and mean little)")
     parser.add_argument("--profile", metavar="DIR",
                         help="record the timed steps with torch's profiler; write its tables and trace to DIR")
+    parser.add_argument("--num-classes", type=int, default=91,
+                        help="the model's classes, background included, for both (default 91, as the reference's "
+                        "COCO); more than the data's measures a head of that size")
     parser.add_argument("--weights-backbone", default=None,
                         help="ResNet50_Weights.IMAGENET1K_V1 for the pretrained layout (hub cache); default none")
     return parser
@@ -339,9 +356,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main() -> None:
     parser = get_args_parser()
     args = parser.parse_args()
-    if args.reference and (args.speedups_as or args.no_speedups):
-        parser.error("--speedups-as and --no-speedups choose our speed-ups; the reference has none: leave them out "
-                     "with --reference")
+    if args.reference and (args.speedups_as or args.no_speedups or args.leave_out):
+        parser.error("--speedups-as, --no-speedups and --leave-out choose our speed-ups; the reference has none: "
+                     "leave them out with --reference")
     use_implementation(args.reference)
     device = available_device(args.device)
     torch.manual_seed(0)

@@ -36,6 +36,7 @@ from . import (
     flat_regions,
     level_pooling,
     mask_paste,
+    matched_class_masks,
     norm_folding,
     shape_buckets,
     sparse_roi_align,
@@ -114,6 +115,9 @@ TRAINING = (
             batched_sampling.use_batched_sampling),
     Speedup("proposals filtered for the whole batch", batched_proposals.self_check,
             batched_proposals.use_batched_proposals),
+    # After the batched targets, which take only torchvision's own RoIHeads class.
+    Speedup("mask logits of the matched class only", matched_class_masks.self_check,
+            matched_class_masks.use_matched_class_masks),
     SPARSE_ROI_ALIGN,
     # After the sparse pooler, which keeps its own forward where it is chosen.
     Speedup("region pooling levels read once", level_pooling.self_check, level_pooling.read_levels_once),

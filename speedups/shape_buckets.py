@@ -113,10 +113,17 @@ def pad_to_shape_buckets(model: nn.Module) -> nn.Module:
         cap = _round_up(transform.max_size, SIZE_MULTIPLE)
         transform.register_forward_hook(BatchPadding(max(transform.min_size), cap))
     roi_heads = getattr(model, "roi_heads", None)
+    if roi_heads is not None:
+        pad_head_regions(roi_heads)
+    return model
+
+
+def pad_head_regions(roi_heads: nn.Module) -> None:
+    """Hooks that pad the regions given to roi_heads' mask and keypoint heads (those it has) with empty ones after
+    them, and cut their predictors' outputs back to the regions given."""
     for kind in ("mask", "keypoint"):
         head = getattr(roi_heads, f"{kind}_head", None)
         if head is not None:
             padding = RegionPadding(any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in head.modules()))
             head.register_forward_pre_hook(padding.pad)
             getattr(roi_heads, f"{kind}_predictor").register_forward_hook(padding.cut)
-    return model

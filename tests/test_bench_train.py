@@ -104,3 +104,19 @@ def test_too_few_images_for_the_steps_asked_is_refused(tiny_dataset):
     command = bench_command(tiny_dataset, "--steps", "3", "--warmup", "1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 1 and "error: 10 training images needed" in result.stderr, result.stderr[-2000:]
+
+
+def test_one_speedup_left_out_at_a_given_head_size(tiny_dataset):
+    """--leave-out measures the step without one speed-up (by its printed name); a name it lacks is refused."""
+    left_out = "mask logits of the matched class only"
+    command = bench_command(tiny_dataset, "--steps", "1", "--warmup", "1", "--num-classes", "300")
+    results = [subprocess.run(command + flags, capture_output=True, text=True, timeout=300, cwd=ROOT)
+               for flags in ([], ["--leave-out", left_out], ["--leave-out", "mask logits"])]
+    for result in results[:2]:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    applied = [json.loads(result.stdout.strip().splitlines()[-1])["settings"]["speedups_applied"]
+               for result in results[:2]]
+    assert left_out in applied[0] and left_out not in applied[1]
+    assert set(applied[0]) - set(applied[1]) == {left_out}
+    assert results[2].returncode == 1
+    assert "error: --leave-out 'mask logits' is none of the training speed-ups: " in results[2].stderr
