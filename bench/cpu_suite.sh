@@ -3,7 +3,8 @@
 #   bash bench/cpu_suite.sh OUT_DIR REFERENCE_DIR [VAL_IMAGES]
 # evaluation wall time (`--test-only`, VAL_IMAGES images, default 100, at 800 px; the two take turns ROUNDS times,
 # default 3, as this machine's speed drifts within the hour), its 24 numbers at full precision against the
-# reference's (at 480-800 px, to save half an hour), and the training step at 800-1333 px, batch 2. Each
+# reference's (at 480-800 px, to save half an hour), the training step at 800-1333 px, batch 2, and the mask
+# predictor's cost at 91 and 1,204 classes (bench_mask_predictor.py). Each
 # benchmark's JSON line is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/logs.
 # Takes over an hour on 2 cores (ROUNDS=1 saves a third; docs/PERFORMANCE.md has the runs); run it on a quiet
 # machine, as the figures are wall times.
@@ -36,4 +37,8 @@ bt=(--data-path "$data" --device cpu --batch-size 2 --steps 6 --warmup 2 --worke
     --weights-backbone ResNet50_Weights.IMAGENET1K_V1)
 step train_step 3600 $py bench/bench_train.py "${bt[@]}"
 step ref_train_step 3600 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
+# The mask predictor with every class's logits and with the matched class's, in the CPU's channels-last layout.
+for classes in 91 1204; do
+  step mask_predictor_$classes 600 $py bench/bench_mask_predictor.py --regions 256 --classes $classes --channels-last
+done
 cat "$out/steps.jsonl"
