@@ -237,6 +237,9 @@ class JsonlWriter:
 
     def __init__(self, output_dir: str | Path) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
+        # The file's records, read at the first call of records() and then kept as written: every evaluation
+        # asks for them, and a long run's file holds tens of thousands.
+        self._records: list[dict] | None = None
 
     def truncate_after(self, epoch: int, step: int | None) -> None:
         """Keep what was logged up to the checkpoint at (epoch, step) (step None: the epoch ended, and its
@@ -245,16 +248,22 @@ class JsonlWriter:
             return
         kept = [line for line, r in read_records(self.path) if _keeps(r, epoch, step)]
         text = "".join(line + "\n" for line in kept).encode()
+        self._records = None
         write_atomic(self.path, lambda f: f.write(text), remedy=RUN_OUTPUT_REMEDY)
 
     def records(self, kind: str) -> list[dict]:
         """The records of one type ("train", "val" or "eval") logged so far."""
-        return [r for _, r in read_records(self.path) if r.get("type") == kind]
+        if self._records is None:
+            self._records = [r for _, r in read_records(self.path)]
+        return [r for r in self._records if r.get("type") == kind]
 
     def write(self, record: Record) -> None:
         if record.kind != "test":
+            line = json.dumps(_finite(record.as_json()))
             with writing(self.path, RUN_OUTPUT_REMEDY), self.path.open("a") as f:
-                f.write(json.dumps(_finite(record.as_json())) + "\n")
+                f.write(line + "\n")
+            if self._records is not None:
+                self._records.append(json.loads(line))  # as records() would read it back
 
     def close(self) -> None:
         pass

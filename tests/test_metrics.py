@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import metrics
 from errors import UserError
 from metrics import (
     MOST_CATEGORY_CHARTS,
@@ -53,6 +54,24 @@ def test_truncate_after_keeps_what_the_checkpoint_covers(tmp_path):
                     ("train", 1, 1), ("train", 1, 2)]
     writer.truncate_after(0, None)
     assert [r["epoch"] for r in _records(tmp_path / "metrics.jsonl")] == [0, 0, 0, 0]
+
+
+def test_the_file_is_read_once_and_then_records_are_kept_as_written(tmp_path, monkeypatch):
+    """Every evaluation asks for the records; a long run's file holds tens of thousands of them."""
+    writer = JsonlWriter(tmp_path)
+    writer.write(_train(0, 1, loss=float("inf")))
+    reads = []
+    original = metrics.read_records
+    monkeypatch.setattr(metrics, "read_records", lambda path: reads.append(path) or original(path))
+    assert [r["step"] for r in writer.records("train")] == [1]
+    writer.write(_train(0, 2, loss=0.5))
+    writer.write(Record("eval", 0, 3, {"bbox": {"AP": 0.5}}))
+    assert writer.records("train") == [r for r in _records(tmp_path / "metrics.jsonl") if r["type"] == "train"]
+    assert writer.records("eval") == [{"type": "eval", "epoch": 0, "global_step": 3, "bbox": {"AP": 0.5}}]
+    assert len(reads) == 1
+    writer.truncate_after(0, 1)  # a resume: the file is read again after it
+    assert [r["step"] for r in writer.records("train")] == [1] and writer.records("eval") == []
+    assert len(reads) == 3
 
 
 def test_an_epoch_saved_but_not_evaluated_keeps_its_validation_losses(tmp_path):
