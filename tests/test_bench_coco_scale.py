@@ -38,8 +38,11 @@ def _check_group(group: dict, images: int) -> None:
     assert group["stats"]["bbox"][0] > 0 and group["stats"]["segm"][0] > 0, "detections overlap the ground truth"
 
 
-def test_bench_runs_at_a_tiny_size():
-    reference = reference_checkout("coco_eval.py")
+@pytest.mark.parametrize("beside_the_reference", [False, True], ids=["ours", "beside_the_reference"])
+def test_bench_runs_at_a_tiny_size(beside_the_reference):
+    reference = reference_checkout("coco_eval.py") if beside_the_reference else None
+    if beside_the_reference and reference is None:
+        pytest.skip("no checkout of torchvision's references/detection")
     command = [sys.executable, str(ROOT / "bench" / "bench_coco_scale.py"), "--images", "6", "--detections", "5",
                "--height", "48", "--width", "64", "--processes", "2"]
     if reference:

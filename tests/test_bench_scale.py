@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, load_file_module, reference_checkout
 
 
@@ -23,8 +25,11 @@ def _check(figures: dict, workers: int, samples: int) -> None:
     assert len(memory["workers_after_first_batches"]) == workers
 
 
-def test_bench_runs_at_a_small_size(tmp_path):
-    reference = reference_checkout()
+@pytest.mark.parametrize("beside_the_reference", [False, True], ids=["ours", "beside_the_reference"])
+def test_bench_runs_at_a_small_size(tmp_path, beside_the_reference):
+    reference = reference_checkout() if beside_the_reference else None
+    if beside_the_reference and reference is None:
+        pytest.skip("no checkout of torchvision's references/detection")
     root = tmp_path / "scale"
     command = [sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--images", "40", "--workers", "2",
                "--samples-per-worker", "4", "--root", str(root)]
@@ -42,6 +47,8 @@ def test_bench_runs_at_a_small_size(tmp_path):
         assert printed["reference"]["training_samples"] == printed["ours"]["training_samples"]
         assert set(printed["comparison"]) >= {"start_up_ratio", "workers_uss_ratio", "growth_pss_anon_ratio",
                                               "workers_uss_growth_ratio"}
+    else:
+        assert "reference" not in printed
 
 
 def _figures(start: float, uss: float, growth: float, loading: float, peak: float | None = None) -> dict:
