@@ -22,7 +22,7 @@ from torchvision.ops import box_iou
 from checkpoint import write_atomic
 from coco_utils import CategoryMap
 from errors import UserError
-from models import family, iou_types
+from models import detections_per_image, family, iou_types
 
 # The families whose export is checked by the tests; the others (RetinaNet, FCOS, SSD) are exported when torch can.
 TESTED_FAMILIES = "Faster R-CNN, Mask R-CNN and Keypoint R-CNN"
@@ -133,8 +133,8 @@ def export(model: nn.Module, name: str, sample: torch.Tensor, path: Path, metada
 
 def metadata(name: str, category_map: CategoryMap, model: nn.Module, input_dtype: str, exporter: str
              ) -> dict[str, str]:
-    """What travels in the ONNX file: the categories (ids and names, and how labels map to them), the model and
-    its sizes, the input and outputs, and the versions that made it."""
+    """What travels in the ONNX file: the categories (ids and names, and how labels map to them), the model, its
+    sizes and the most detections it keeps per image, the input and outputs, and the versions that made it."""
     transform = getattr(model, "transform", None)
     return {
         "model": name,
@@ -146,6 +146,7 @@ def metadata(name: str, category_map: CategoryMap, model: nn.Module, input_dtype
         "outputs": json.dumps(output_names(name)),
         "min_size": json.dumps(list(getattr(transform, "min_size", ()))),
         "max_size": json.dumps(getattr(transform, "max_size", None)),
+        "detections_per_image": json.dumps(detections_per_image(model)),
         "exporter": f"torch {torch.__version__} {exporter}, torchvision {torchvision.__version__}",
     }
 

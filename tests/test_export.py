@@ -117,6 +117,7 @@ def test_mask_rcnn_export_verifies(mask_export):
     assert json.loads(meta["categories"]) == [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
     assert json.loads(meta["outputs"]) == ["boxes", "labels", "scores", "masks"]
     assert meta["input_dtype"] == "uint8"
+    assert json.loads(meta["detections_per_image"]) == FEW  # the cap the exported graph keeps
 
 
 def test_onnx_model_outputs(mask_export):
