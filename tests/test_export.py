@@ -320,6 +320,21 @@ def test_data_path_images_come_from_val2017_where_there_is_one(tmp_path):
     assert [name for name, _ in export.data_images(str(tmp_path / "train2017"))] == ["c.png"]
 
 
+def test_data_path_images_that_cannot_be_read_are_left_out_with_a_warning(tmp_path, capsys):
+    from PIL import Image
+    (tmp_path / "a.jpg").write_bytes(b"not an image")
+    for name in ("b.png", "c.png", "d.png", "e.png"):
+        Image.new("RGB", (12, 8), (9, 9, 9)).save(tmp_path / name)
+    assert [name for name, _ in export.data_images(str(tmp_path))] == ["b.png", "c.png", "d.png"]
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: --data-path: ") and "a.jpg" in warning and "the check leaves it out" in warning
+    for name in ("b.png", "c.png", "d.png", "e.png"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError, match=r"--data-path: none of the first 5 images in .* could be read \(the first: "
+                                        r".*a\.jpg.*\); give a folder of readable images"):
+        export.data_images(str(tmp_path))
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -9,8 +9,9 @@ returns what torchvision's model returns for that image, in its pixels: boxes (N
 scores (N,), and for Mask R-CNN masks (N, 1, H, W) probabilities pasted at image size, for Keypoint R-CNN
 keypoints (N, K, 3) and keypoints_scores (N, K). The category ids and names are in the file's metadata.
 
-The check runs both models on a few images: the export's sample, images of other sizes (from --data-path where
-given, and a generated portrait one) and a blank one; it says which image of another size had detections and
+The check runs both models on a few images: the export's sample, images of other sizes (the first 3 readable ones
+from --data-path where given, an unreadable one left out with a warning, and a generated portrait one) and a blank
+one; it says which image of another size had detections and
 which had none above --score-thresh (the empty output). It prints the largest differences per image and exits 1
 when they are beyond the tolerances it states. The file is written beside --output and moved there only once the
 check passes, so a failed check leaves an earlier file as it was.
@@ -45,6 +46,7 @@ from tools.make_coco_dataset import DatasetSpec, make_image  # noqa: E402
 from tools.predict import check_sizes_and_score, first_images, load_model  # noqa: E402
 
 DATA_IMAGES = 3  # images taken from --data-path
+DATA_IMAGES_TRIED = 10  # more images tried there where some cannot be read
 BLANK_GRAY = 128
 DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 
@@ -105,10 +107,20 @@ def data_images(data_path: str) -> list[tuple[str, torch.Tensor]]:
     if not root.is_dir():
         raise UserError(f"--data-path {data_path} is not a folder; give a COCO-layout root or a folder of images")
     folder = root / "val2017" if (root / "val2017").is_dir() else root
-    try:
-        return [(path.name, read_rgb(path)) for path in first_images(folder, DATA_IMAGES)]
-    except SampleError as e:
-        raise UserError(f"--data-path: {e}") from None
+    images, unreadable = [], []
+    # As predict.py: an image that cannot be read is left out with a warning, and the next one taken.
+    for path in first_images(folder, DATA_IMAGES + DATA_IMAGES_TRIED):
+        try:
+            images.append((path.name, read_rgb(path)))
+        except SampleError as e:
+            unreadable.append(str(e))
+            print(f"warning: --data-path: {e}; the check leaves it out", file=sys.stderr)
+        if len(images) == DATA_IMAGES:
+            break
+    if not images:
+        raise UserError(f"--data-path: none of the first {len(unreadable)} images in {folder} could be read (the "
+                        f"first: {unreadable[0]}); give a folder of readable images")
+    return images
 
 
 def check_images(args: argparse.Namespace, name: str, height: int, width: int) -> list[tuple[str, torch.Tensor]]:
