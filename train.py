@@ -207,6 +207,9 @@ def add_optimization_flags(group: argparse._ArgumentGroup) -> None:
     add("--model-ema", action="store_true",
         help="keep an exponential moving average of the weights; evaluation and model_best.pth use it (the raw "
              "weights' AP is logged too)")
+    add("--model-ema-eval", default="both", choices=("both", "average"),
+        help="with --model-ema, what each evaluation during training scores: the average and the raw weights beside "
+             "it (both; the raw weights' AP logged under raw), or the average alone, in half the time")
     add("--model-ema-decay", default=0.9998, type=float,
         help="the average's decay per update, ramped up over the first updates")
     add("--model-ema-steps", default=1, type=int, help="optimizer steps between updates of the average")
@@ -343,7 +346,7 @@ def check_schedule(args: argparse.Namespace) -> None:
 
 
 def check_combinations(args: argparse.Namespace) -> None:
-    """Reject flags that do not go together."""
+    """Reject data and model flags that do not go together, then training flags (check_training_combinations)."""
     if args.backend == "tv_tensor" and not args.use_v2:
         raise UserError("--backend tv_tensor works with torchvision.transforms.v2 only; add --use-v2")
     if args.use_copypaste and (args.data_augmentation != "lsj" or "segm" not in iou_types(args.model)):
@@ -360,6 +363,14 @@ def check_combinations(args: argparse.Namespace) -> None:
                          f"coco_kp keeps")
     if args.dataset == "coco_kp" and args.use_v2:
         raise UserError("--use-v2 cannot flip keypoints' left and right; leave --use-v2 out for coco_kp")
+    check_training_combinations(args)
+
+
+def check_training_combinations(args: argparse.Namespace) -> None:
+    """Reject training flags that do not go together."""
+    if args.model_ema_eval != "both" and not args.model_ema:
+        raise UserError(f"--model-ema-eval {args.model_ema_eval} chooses among the weights --model-ema keeps; add "
+                        f"--model-ema, or leave --model-ema-eval out")
     if args.cudnn_benchmark and args.use_deterministic_algorithms:
         raise UserError("--cudnn-benchmark picks kernels by timing them, which --use-deterministic-algorithms "
                         "rules out; give one of the two")
@@ -870,16 +881,18 @@ def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: 
 def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel,
                    stop_requested: Callable[[], bool]) -> dict:
     """After an epoch: the validation losses (--val-loss), then the evaluation of the weights (the moving
-    average's, and the raw ones' beside it), its predictions JSON, model_best.pth, record and pictures. A stop
-    signal ends it unfinished (EvaluationStopped), with no evaluation recorded."""
+    average's, and the raw ones' beside it unless --model-ema-eval average), its predictions JSON,
+    model_best.pth, record and pictures. A stop signal ends it unfinished (EvaluationStopped), with no
+    evaluation recorded."""
     at = data.train_loader.batch_sampler.global_step(epoch + 1, 0)
     utils.share_rank0_buffers(state.model, *([state.ema.module] if state.ema is not None else []))
     if data.val_loss_loader is not None:
         log_validation_losses(run, data, state, epoch, at, stop_requested)
     raw = {}
     if state.ema is not None:
-        utils.print_once("Evaluating the raw weights (without the moving average)")
-        raw = {"raw": run_evaluation(run, data, state.model, stop_requested)[1]}
+        if run.args.model_ema_eval == "both":
+            utils.print_once("Evaluating the raw weights (without the moving average)")
+            raw = {"raw": run_evaluation(run, data, state.model, stop_requested)[1]}
         utils.print_once("Evaluating the weights' moving average (model_ema)")
     evaluator, metrics, eval_model = run_evaluation(run, data, evaluated_weights(state), stop_requested)
     if run.is_main:

@@ -123,3 +123,24 @@ def test_one_runs_epoch_files_evaluations_and_resumes(tiny_dataset, tmp_path):
     result = run_cli("train.py", *common, "--epochs", "2", "--resume", "auto")
     assert result.returncode == 0 and "Epoch: [1]" in result.stdout, result.stderr[-2000:]
     assert torch.load(tuned / "checkpoint.pth", weights_only=True)["args"]["pretrained_layout"] is False
+
+
+def test_model_ema_eval_average_scores_the_average_alone(tiny_dataset, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path), *TINY,
+                     "--epochs", "1", "--model-ema", "--model-ema-eval", "average")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Evaluating the weights' moving average (model_ema)" in result.stdout
+    assert "Evaluating the raw weights" not in result.stdout
+    (evaluation,) = [r for r in read_metrics(tmp_path) if r["type"] == "eval"]
+    assert "raw" not in evaluation and {"bbox", "segm"} <= set(evaluation)
+
+
+def test_model_ema_eval_without_model_ema_is_refused():
+    import train
+    from errors import UserError
+
+    args = train.get_args_parser().parse_args(["--model-ema-eval", "average"])
+    with pytest.raises(UserError, match="--model-ema-eval average chooses among the weights --model-ema keeps; add "
+                                        "--model-ema, or leave --model-ema-eval out"):
+        train.check_combinations(args)
+    train.check_combinations(train.get_args_parser().parse_args(["--model-ema", "--model-ema-eval", "average"]))
