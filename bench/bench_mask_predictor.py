@@ -48,8 +48,8 @@ def measure(args: argparse.Namespace, way: str) -> dict:
 
     device = available_device(args.device)
     torch.manual_seed(0)
-    predictor = MaskRCNNPredictor(256, 256, args.classes).to(device)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    predictor = MaskRCNNPredictor(256, 256, args.classes).to(device, memory_format=layout)
     features = torch.randn(args.regions, 256, 14, 14, device=device).contiguous(memory_format=layout)
     features.requires_grad_()
     classes = torch.randint(1, args.classes, (args.regions,), device=device)
@@ -98,8 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "images at torchvision's 128)")
     parser.add_argument("--classes", type=int, default=91, help="the model's classes, background included")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--channels-last", action="store_true", help="the mask head's features channels-last, as "
-                        "on the CPU by default")
+    parser.add_argument("--channels-last", action="store_true", help="the predictor's weights and the mask head's "
+                        "features channels-last, as the model has them on the CPU by default")
     parser.add_argument("--steps", type=int, default=5, help="passes timed, after the warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)  # the child's: one way only

@@ -220,6 +220,7 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     from models import build_model
     from optimization import make_optimizer
 
+    leave_out(speedups, args.leave_out)
     dataset = first_samples(build_dataset(args.data_path, "coco", "train", presets.DetectionPresetTrain("hflip")),
                             steps * args.batch_size)
     # In order, as the reference's run below; the loop reads the run's clock from the batch sampler.
@@ -239,7 +240,6 @@ def run_ours(args, device, steps: int, make_clock: Callable[[torch.nn.Module], S
     # cost of a step, depends on them.
     model.load_state_dict(torchvision_model(args).state_dict())
     config = speedups.SpeedupConfig(not args.no_speedups, args.channels_last, args.shape_buckets, autocast=args.amp)
-    leave_out(speedups, args.leave_out)
     chosen_for = torch.device(args.speedups_as) if args.speedups_as else device
     model = speedups.for_training(model.to(device), chosen_for, config)
     # The settings printed say which were used.
@@ -328,8 +328,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "reference's --amp is float16 on GPUs and does nothing on the CPU")
     parser.add_argument("--no-speedups", action="store_true", help="ours only: torchvision's plain model")
     parser.add_argument("--leave-out", action="append", default=[], metavar="SPEEDUP",
-                        help="ours only: train without this one of the speed-ups, named as speedups_applied "
-                        "names it (may be repeated), to measure what it does")
+                        help="ours only: train without this one of the model's speed-ups (speedups.TRAINING), "
+                        "named as speedups_applied names it (may be repeated), to measure what it does; those chosen "
+                        "by device are not among them (the layout, its convolution gradients, Winograd's "
+                        "convolutions, the shape buckets: --[no-]channels-last and --[no-]shape-buckets choose two)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="ours only; default as train.py's: on for CPUs")
     parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,

@@ -47,6 +47,27 @@ def eligible_predictor(predictor: nn.Module | None) -> bool:
             and _one_by_one(predictor[-1]))
 
 
+class _WeightRows(torch.autograd.Function):
+    """Rows of a 1x1 convolution's weight (C, K, 1, 1) as (N, K), whose gradient comes back in the weight's own
+    strides: indexing's would be contiguous, which a channels-last weight's are not (DDP then warns that the
+    gradient does not match its bucket's layout and copies it)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.weight_shape, ctx.weight_strides = weight.shape, weight.stride()
+        return weight.flatten(1)[rows]
+
+    @staticmethod
+    def backward(ctx, gradient: Tensor) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        weight_gradient = torch.empty_strided(ctx.weight_shape, ctx.weight_strides, dtype=gradient.dtype,
+                                              device=gradient.device).zero_()
+        # As indexing's own backward accumulates (deterministically where torch is asked to be).
+        weight_gradient.view(ctx.weight_shape[0], -1).index_put_((rows,), gradient, accumulate=True)
+        return weight_gradient, None
+
+
 def matched_class_logits(predictor: nn.Sequential, features: Tensor, classes: Tensor) -> Tensor:
     """(N, H, W): the predictor's logits of each region's class, classes (N,), from the mask head's features,
     whose rows past the N-th are empty regions that shape buckets' padding hooks added (their hook on the
@@ -54,8 +75,9 @@ def matched_class_logits(predictor: nn.Sequential, features: Tensor, classes: Te
     *layers, last = predictor
     for layer in layers:
         features = layer(features)
-    features = features[:len(classes)]
-    weights = last.weight.flatten(1)[classes]  # (N, channels in)
+    if len(features) > len(classes):  # a slice's backward would copy the gradient, in another layout
+        features = features[:len(classes)]
+    weights = _WeightRows.apply(last.weight, classes)  # (N, channels in)
     logits = torch.einsum("nchw,nc->nhw", features, weights)
     return logits if last.bias is None else logits + last.bias[classes][:, None, None]
 

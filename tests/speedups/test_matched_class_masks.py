@@ -133,3 +133,13 @@ def test_with_shape_buckets_padding_the_regions_the_losses_and_gradients_are_tor
     got, want = (losses_and_gradients(heads, batch, 2) for heads in (fast, plain))
     assert_same(got, want)
     assert got[0]["loss_mask"] > 0
+
+
+def test_gradients_come_back_in_the_parameters_own_strides_in_the_channels_last_layout():
+    """DDP's buckets take each gradient in its parameter's strides; another layout is copied, with a warning."""
+    torch.manual_seed(0)
+    heads = use_matched_class_masks(example_heads(12).to(memory_format=torch.channels_last))
+    last = heads.mask_predictor.mask_fcn_logits.weight
+    assert last.stride() != torch.empty(last.shape).stride(), "the example's weight is channels-last"
+    losses_and_gradients(heads, example_batch(torch.Generator().manual_seed(8), (5, 2), 12), 2)
+    assert [name for name, p in heads.named_parameters() if p.grad.stride() != p.stride()] == []
