@@ -143,3 +143,29 @@ def test_gradients_come_back_in_the_parameters_own_strides_in_the_channels_last_
     assert last.stride() != torch.empty(last.shape).stride(), "the example's weight is channels-last"
     losses_and_gradients(heads, example_batch(torch.Generator().manual_seed(8), (5, 2), 12), 2)
     assert [name for name, p in heads.named_parameters() if p.grad.stride() != p.stride()] == []
+
+
+def _backward_nodes(tensor: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes tensor was computed through."""
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_the_features_are_cut_only_where_regions_were_padded():
+    """A slice's backward fills and copies the features' whole gradient, in the contiguous layout."""
+    torch.manual_seed(0)
+    predictor = example_heads(9).mask_predictor
+    features = torch.randn(5, 8, 14, 14, requires_grad=True)
+    classes = torch.tensor([1, 2, 3, 4, 5])
+    assert "SliceBackward0" not in _backward_nodes(matched_class_masks.matched_class_logits(predictor, features,
+                                                                                            classes))
+    padded = torch.cat([features, torch.zeros(3, 8, 14, 14)])
+    logits = matched_class_masks.matched_class_logits(predictor, padded, classes)
+    assert logits.shape == (5, 28, 28) and "SliceBackward0" in _backward_nodes(logits)
