@@ -54,6 +54,7 @@ class SplitReport:
     class_counts: dict[str, int] = field(default_factory=dict)
     crowd_regions: int = 0
     categories: dict = field(default_factory=dict)  # id -> name
+    scored_instances: int = 0  # the instances detections are matched against (coco_utils.counts_for_scoring)
     most_instances: tuple[int, object] = (0, None)  # the most scored instances of one image, and its id
 
     @property
@@ -106,7 +107,7 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     report.crowd_regions = len(data["annotations"]) - sum(counts.values())
     if per_image := scored_instances_per_image(data["annotations"]):
         image_id, most = per_image.most_common(1)[0]
-        report.most_instances = (most, image_id)
+        report.scored_instances, report.most_instances = sum(per_image.values()), (most, image_id)
     uses = Counter(names.values())
     report.class_counts = {names[i] if uses[names[i]] == 1 else f"{names[i]} (id {i})": counts.get(i, 0)
                            for i in sorted(names)}
@@ -294,11 +295,10 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
             lines.append(f"  instances per category: {category_balance(report.class_counts)}")
         if report.most_instances[0]:
             most, image_id = report.most_instances
-            instances = report.annotations - report.crowd_regions
             hint = ("; the R-CNNs keep 100 detections an image unless --detections-per-image raises it"
                     if most > 100 else "")
-            lines.append(f"  instances per image: {instances / max(report.images, 1):.1f} on average, at most {most} "
-                         f"(image {image_id}){hint}")
+            mean = report.scored_instances / max(report.images, 1)
+            lines.append(f"  instances per image: {mean:.1f} on average, at most {most} (image {image_id}){hint}")
         if report.crowd_regions:  # a tool that writes masks as RLE may mark every one a crowd region
             lines.append(f"  crowd regions (iscrowd 1): {report.crowd_regions}, not learned and not scored as "
                          f"instances")
