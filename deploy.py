@@ -155,7 +155,7 @@ class OnnxModel:
     """An exported model run by onnxruntime on the CPU, called as torchvision's model in eval mode is: a list of
     CHW images (uint8, or float in 0-1) in, a list of dicts of tensors out. Its categories come from the file."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, detections_per_image: int | None = None):
         ort = require("onnxruntime")
         if not Path(path).is_file():
             raise UserError(f"--onnx {path}: no such file; give a file written by tools/export.py")
@@ -172,6 +172,22 @@ class OnnxModel:
                                                         json.loads(meta.get("labels_are_category_ids", "null")))
         self.uint8 = meta["input_dtype"] == "uint8"
         self.names = [o.name for o in self.session.get_outputs()]
+        self.keep = self._checked_keep(path, detections_per_image, json.loads(meta.get("detections_per_image", "null")))
+
+    @staticmethod
+    def _checked_keep(path: str | Path, wanted: int | None, exported: int | None) -> int | None:
+        """How many of an image's detections to keep (None: all): fewer than the file's own cap is a cut of the
+        highest scores; more cannot be had without exporting again."""
+        if wanted is None:
+            return None
+        if exported is None:
+            raise UserError(f"--detections-per-image {wanted}: --onnx {path} does not record how many detections it "
+                            f"keeps (an older export); export it again with tools/export.py")
+        if wanted > exported:
+            raise UserError(f"--detections-per-image {wanted}: --onnx {path} keeps at most {exported} per image; ask "
+                            f"for {exported} or fewer, or export again with tools/export.py --detections-per-image "
+                            f"{wanted}")
+        return wanted
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return [self.run_one(image) for image in images]
@@ -183,7 +199,8 @@ class OnnxModel:
         elif not self.uint8 and not image.is_floating_point():
             image = image.float().div_(255)
         outputs = self.session.run(None, {"image": image.contiguous().numpy()})
-        return {n: torch.from_numpy(v) for n, v in zip(self.names, outputs)}
+        # The outputs come sorted by score, highest first: a cut keeps the best.
+        return {n: torch.from_numpy(v)[:self.keep] for n, v in zip(self.names, outputs)}
 
 
 @dataclass

@@ -8,6 +8,7 @@ import ast
 import errno
 import io
 import json
+from collections import Counter
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -130,14 +131,36 @@ def test_onnx_model_outputs(mask_export):
     assert blank["boxes"].shape == (0, 4) and blank["masks"].shape == (0, 1, 40, 56)
 
 
+def test_onnx_model_keeps_fewer_detections_than_its_file_where_asked(mask_export):
+    image = export.shapes_image(72, 100, 3, False)
+    every = deploy.OnnxModel(mask_export[0]).run_one(image)
+    assert len(every["scores"]) == FEW, "the file's own cap"
+    best = deploy.OnnxModel(mask_export[0], detections_per_image=FEW - 1).run_one(image)
+    assert {k: v.shape[0] for k, v in best.items()} == {k: FEW - 1 for k in every}
+    assert torch.equal(every["scores"], every["scores"].sort(descending=True).values), "the cut keeps the best"
+    for key in every:
+        assert torch.equal(best[key], every[key][:FEW - 1])
+
+
+def test_onnx_model_refuses_more_detections_than_its_file_keeps(mask_export):
+    with pytest.raises(UserError, match=f"--detections-per-image {FEW + 1}: --onnx .* keeps at most {FEW} per image; "
+                                        f"ask for {FEW} or fewer, or export again"):
+        deploy.OnnxModel(mask_export[0], detections_per_image=FEW + 1)
+    with pytest.raises(UserError, match="does not record how many detections it keeps"):
+        deploy.OnnxModel._checked_keep("old.onnx", 5, None)
+    assert deploy.OnnxModel._checked_keep("old.onnx", None, None) is None
+
+
 def test_predict_with_onnx(mask_export, tiny_dataset, tmp_path):
     out = tmp_path / "predictions"
     result = run_cli("tools/predict.py", "--onnx", str(mask_export[0]), str(tiny_dataset / "val2017"),
-                     "--output-dir", str(out), "--score-thresh", "0.05")
+                     "--output-dir", str(out), "--score-thresh", "0.05", "--detections-per-image", str(FEW - 1))
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(list(out.glob("*.jpg"))) == len(list((tiny_dataset / "val2017").glob("*.jpg")))
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions and {p["category_id"] for p in predictions} <= {c["id"] for c in CATEGORIES}
+    per_image = Counter(p["image_id"] for p in predictions)
+    assert max(per_image.values()) == FEW - 1, per_image
     gt = COCO(str(tiny_dataset / "annotations" / "instances_val2017.json"))
     assert len(gt.loadRes(predictions).getAnnIds()) == len(predictions)
 

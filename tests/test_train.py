@@ -636,7 +636,6 @@ def test_predict_names_pictures_of_one_stem_apart():
     (["--score-thresh", "1.5"], "--score-thresh 1.5 must be a score between 0 and 1"),
     (["--device", "mps"], "--device mps: give cuda, cuda:N or cpu"),
     (["--onnx", "m.onnx", "--min-size", "320"], "fixed when the ONNX model was exported"),
-    (["--onnx", "m.onnx", "--detections-per-image", "300"], "fixed when the ONNX model was exported"),
     (["--detections-per-image", "0"], "--detections-per-image 0 must be at least 1"),
     (["--model", "fasterrcnn_resnet50_fpn"], "holds a maskrcnn_resnet50_fpn; leave --model out"),
     (["--annotations", "/nowhere/instances.json"], "/nowhere/instances.json is not readable JSON"),

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--detections-per-image", type=int, default=None,
                         help="the most detections kept per image; default: the checkpoint's, else the model's (100 "
-                             "for R-CNNs)")
+                             "for R-CNNs); with --onnx, at most the file's (its highest scores)")
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
     parser.add_argument("--no-speedups", action="store_true", help="run torchvision's plain model (as train.py)")
     parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
@@ -190,9 +190,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     check_sizes_and_score(args)
-    if args.onnx and (args.model or args.min_size or args.max_size or args.detections_per_image):
-        raise UserError("--model, --min-size, --max-size and --detections-per-image were fixed when the ONNX model "
-                        "was exported (tools/export.py); leave them out with --onnx")
+    if args.onnx and (args.model or args.min_size or args.max_size):
+        raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
+                        "(tools/export.py); leave them out with --onnx")
 
 
 def check_sizes_and_score(args: argparse.Namespace) -> None:
@@ -259,7 +259,7 @@ def predict(args: argparse.Namespace) -> int:
     records = image_records(paths, args.annotations)
     if args.onnx:  # categories from the file's metadata; onnxruntime runs on the CPU
         device = torch.device("cpu")
-        model = deploy.OnnxModel(args.onnx)
+        model = deploy.OnnxModel(args.onnx, args.detections_per_image)
         category_map, name = model.category_map, model.name
     else:
         device = pick_device(args.device)
