@@ -5,8 +5,8 @@ reference, at full precision, for the same checkpoint, data and device, and thei
 
 The printed tables of both round to 0.001, which hides whether two runs agree or merely round alike. Each side
 runs in its own process (the two share module names), with its own data pipeline and evaluation loop; ours
-runs at batch 1 with the evaluation copy and the settings train.py would use on that device. Prints one JSON
-object.
+runs at batch 1 with the evaluation copy and the settings train.py would use on that device; both keep the
+run's saved detections per image and RPN score threshold, as --test-only --resume does. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ from common import ROOT, available_device, emit, environment, use_implementation
 RESULT = "PARITY "
 
 
+def saved_inference_options(checkpoint: dict) -> dict:
+    """The run's own inference settings that its checkpoint keeps, as torchvision's builder takes them: each side
+    evaluates as train.py --test-only --resume would."""
+    saved = checkpoint.get("args", {})
+    names = {"detections_per_image": "box_detections_per_img", "rpn_score_thresh": "rpn_score_thresh"}
+    return {keyword: saved[flag] for flag, keyword in names.items() if saved.get(flag) is not None}
+
+
 def stats_of_ours(args, device: torch.device) -> dict[str, list[float]]:
     import presets
     import speedups
@@ -39,7 +47,8 @@ def stats_of_ours(args, device: torch.device) -> dict[str, list[float]]:
 
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     val = build_dataset(args.data_path, "coco", "val", presets.DetectionPresetEval(), None)
-    model = build_from_checkpoint(checkpoint, args.checkpoint, min_size=args.min_size, max_size=args.max_size)
+    model = build_from_checkpoint(checkpoint, args.checkpoint, min_size=args.min_size, max_size=args.max_size,
+                                  **saved_inference_options(checkpoint))
     loader = torch.utils.data.DataLoader(val, batch_size=1, num_workers=args.workers, collate_fn=utils.collate_fn)
     evaluator = CocoEvaluator(val.coco, val.category_map, ("bbox", "segm"), "auto")
     model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig())
@@ -55,14 +64,15 @@ def stats_of_reference(args, device: torch.device) -> dict[str, list[float]]:
 
     checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     saved = checkpoint.get("args", {})
-    sizes = {"num_classes": checkpoint["num_classes"], "min_size": args.min_size, "max_size": args.max_size}
+    settings = {"num_classes": checkpoint["num_classes"], "min_size": args.min_size, "max_size": args.max_size,
+             **saved_inference_options(checkpoint)}
     if saved.get("weights") or saved.get("weights_backbone"):  # the layout torchvision builds for ImageNet weights
         resnet = torchvision.models.resnet50(norm_layer=torchvision.ops.FrozenBatchNorm2d)
         layers = saved.get("trainable_backbone_layers")
         model = torchvision.models.detection.MaskRCNN(_resnet_fpn_extractor(resnet, 3 if layers is None else layers),
-                                                      **sizes)
+                                                      **settings)
     else:
-        model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **sizes)
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **settings)
     # The weights ours evaluates: their moving average where the checkpoint keeps one.
     model.load_state_dict(checkpoint["model_ema"]["model"] if "model_ema" in checkpoint else checkpoint["model"])
     val = get_coco(args.data_path, "val", presets.DetectionPresetEval())

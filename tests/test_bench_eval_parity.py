@@ -27,3 +27,16 @@ def test_relative_paths_reach_both_sides_as_absolute_ones(tmp_path, monkeypatch,
     paths = (str(tmp_path / "data"), str(tmp_path / "m" / "checkpoint.pth"), str(tmp_path / "ref" / "detection"))
     assert given == [("ours", *paths), ("reference", *paths)]
     assert '"largest_difference": {"bbox": 0.0, "segm": 0.0}' in capsys.readouterr().out
+
+
+def test_both_sides_evaluate_with_the_runs_saved_cap_and_rpn_threshold():
+    import torchvision
+
+    options = eval_parity.saved_inference_options({"args": {"detections_per_image": 7, "rpn_score_thresh": 0.2,
+                                                             "min_size": 64}})
+    assert options == {"box_detections_per_img": 7, "rpn_score_thresh": 0.2}
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                                               **options)
+    assert model.roi_heads.detections_per_img == 7 and model.rpn.score_thresh == 0.2
+    assert eval_parity.saved_inference_options({"args": {"detections_per_image": None}}) == {}
+    assert eval_parity.saved_inference_options({}) == {}
