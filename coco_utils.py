@@ -6,6 +6,9 @@ import argparse
 import contextlib
 import io
 import pickle
+import re
+import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -267,26 +270,76 @@ def turned_size(img: Image.Image) -> tuple[int, int]:
     return (img.height, img.width) if orientation in _QUARTER_TURNS else img.size
 
 
+def has_exif_turn(img: Image.Image) -> bool:
+    """Whether img's EXIF orientation turns or mirrors it."""
+    return img.getexif().get(_EXIF_ORIENTATION, 1) in range(2, 9)
+
+
+def orientation_undecided(img: Image.Image, size: tuple[int, int]) -> bool:
+    """Whether img carries an EXIF turn or mirror that the JSON's (width, height) cannot tell apart from the
+    stored picture (a square one, a half turn, a mirror): upright then keeps the stored pixels."""
+    return has_exif_turn(img) and img.size == size and turned_size(img) == size
+
+
 def upright(img: Image.Image, size: tuple[int, int] | None) -> Image.Image:
     """img turned as its EXIF orientation asks, where the annotations see it so: always without a JSON size (a
     photo to predict on); with the JSON's (width, height), only when the turned picture has it and the stored
     one has not. Annotations of the stored picture (torchvision's reference reads it so) stay right."""
-    if img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+    if not has_exif_turn(img):
         return img
     if size is None or (img.size != size and turned_size(img) == size):
         return ImageOps.exif_transpose(img)
     return img
 
 
-def read_rgb(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """Why PIL could not read an image file, in words: missing, empty, over PIL's size limit, or its message."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if path.is_file() and path.stat().st_size == 0:
+        return "unreadable (the file is empty, 0 bytes)"
+    if isinstance(error, Image.DecompressionBombError):
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels[1]) / 1e6:.3g} megapixels; " if pixels else ""
+        return (f"too large to decode ({size}PIL refuses more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.3g}, its "
+                f"guard against decompression bombs); downscale it and its annotations")
+    return f"unreadable ({str(error).strip()[:100]})"
+
+
+# An image decoded at more pixels than this is named once per process: decoding it and its masks at full size
+# takes gigabytes before the model shrinks it (PIL's own warning at twice this names no file).
+LARGE_IMAGE_PIXELS = 50_000_000
+_named_large: set[str] = set()
+
+
+def large_image_note(path: Path, img: Image.Image) -> str | None:
+    """What to say of an image over LARGE_IMAGE_PIXELS, or None."""
+    if img.width * img.height <= LARGE_IMAGE_PIXELS:
+        return None
+    return (f"{path}: {img.width}x{img.height} ({img.width * img.height / 1e6:.3g} megapixels) is decoded, with its "
+            f"masks, at full size before the model shrinks it; downscale it and its annotations to save memory "
+            f"and time")
+
+
+def read_rgb(path: Path, size: tuple[int, int] | None = None, turned: list[Path] | None = None) -> torch.Tensor:
     """An image file as a uint8 CHW RGB tensor (grayscale, 16-bit and palette images converted), turned as its
-    EXIF orientation asks where upright says so for the JSON's (width, height) size."""
+    EXIF orientation asks where upright says so for the JSON's (width, height) size; a turned one's path is
+    added to turned where given."""
     try:
-        with Image.open(path) as img:
-            pixels = rgb_pixels(upright(img, size))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below, with the file's name
+            with Image.open(path) as img:
+                note = large_image_note(path, img)
+                if note and str(path) not in _named_large:
+                    _named_large.add(str(path))
+                    print(f"warning: {note}", file=sys.stderr, flush=True)
+                turned_img = upright(img, size)
+                if turned is not None and turned_img is not img:
+                    turned.append(path)
+                pixels = rgb_pixels(turned_img)
     except IMAGE_READ_ERRORS as e:
-        reason = "missing" if not Path(path).exists() else f"unreadable ({str(e).strip()[:100]})"
-        raise SampleError(f"{path}: image {reason}") from None
+        raise SampleError(f"{path}: image {unreadable_reason(path, e)}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import unicodedata
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +33,15 @@ from coco_utils import (
     counts_for_training,
     has_outline,
     lacking_categories,
+    large_image_note,
+    orientation_undecided,
     renamed_categories,
     rgb_pixels,
     scored_instances_per_image,
     split_paths,
     trains_keypoints,
     turned_size,
+    unreadable_reason,
     upright,
 )
 from errors import UserError
@@ -66,19 +70,30 @@ class SplitReport:
         return [f for f in self.findings if f.level == "warning"]
 
 
-def _image_problem(path: Path, width: int, height: int, decode: bool) -> str | None:
-    """Why an image cannot be used, or None: missing, unreadable, or of another size than the JSON says."""
+def _image_problem(path: Path, width: int, height: int, decode: bool) -> tuple[str | None, list[Finding]]:
+    """Why an image cannot be used, or None (missing, unreadable, or of another size than the JSON says), and
+    warnings of one that can: a turn its JSON size cannot decide, a size that costs gigabytes to decode."""
     if not path.is_file():
-        return "missing"  # image_findings adds what may explain it
+        return "missing", []  # image_findings adds what may explain it
+    notes = []
     try:
-        with Image.open(path) as img:
-            if img.size != (width, height) and turned_size(img) != (width, height):
-                return f"is {img.size[0]}x{img.size[1]} but the JSON says {width}x{height}"
-            if decode:
-                rgb_pixels(upright(img, (width, height)))  # as the loader reads it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said as a finding, with the name
+            with Image.open(path) as img:
+                if img.size != (width, height) and turned_size(img) != (width, height):
+                    return f"is {img.size[0]}x{img.size[1]} but the JSON says {width}x{height}", []
+                if orientation_undecided(img, (width, height)):
+                    notes.append(Finding("warning", "EXIF orientation", f"{path}: its EXIF orientation turns or "
+                                         f"mirrors it, and the JSON's {width}x{height} fits either way; read as "
+                                         f"stored, as torchvision reads it: if it was annotated as a viewer shows "
+                                         f"it, save it upright without the tag"))
+                if note := large_image_note(path, img):
+                    notes.append(Finding("warning", "large image", note))
+                if decode:
+                    rgb_pixels(upright(img, (width, height)))  # as the loader reads it
     except IMAGE_READ_ERRORS as e:
-        return f"unreadable ({str(e).strip()[:100]})"
-    return None
+        return unreadable_reason(path, e), []
+    return None, notes
 
 
 def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_bad_share: float = 0.01,
@@ -232,17 +247,20 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
     many images name it."""
     usable = [img for img in images if not image_path_problem(img.get("file_name"))]  # others: file errors
     if decode:
-        def problem(img: dict) -> tuple[dict, str | None]:
-            return img, _image_problem(image_dir / img["file_name"], img["width"], img["height"], decode)
+        def problem(img: dict) -> tuple[dict, str | None, list[Finding]]:
+            return img, *_image_problem(image_dir / img["file_name"], img["width"], img["height"], decode)
 
         with contextlib.ExitStack() as stack:  # no workers: each image read in this thread
             mapper = stack.enter_context(ThreadPoolExecutor(max_workers=workers)).map if workers else map
-            bad = [(img, why) for img, why in mapper(problem, usable) if why]
+            checked = list(mapper(problem, usable))
+        bad = [(img, why) for img, why, _ in checked if why]
+        notes = [note for _, _, found in checked for note in found]
     else:
         gone = missing_files(image_dir, {img["file_name"] for img in usable})
         bad = [(img, "missing") for img in usable if img["file_name"] in gone] if gone else []
+        notes = []
     if not bad:
-        return []
+        return notes
     reasons = missing_reasons(image_dir, {img["file_name"] for img, why in bad if why == "missing"})
     bad = [(img, reasons.get(img["file_name"], why)) for img, why in bad]
     level = "error" if len(bad) > max_bad_share * max(len(images), 1) else "warning"
@@ -251,7 +269,7 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
     summary = Finding(level, "unusable image", f"{len(bad)} of {len(images)} images cannot be used "
                       f"({dict(kinds)}); first: {first}")
     return [summary] + [Finding("warning", "unusable image", f"{image_dir / img['file_name']}: {why}")
-                        for img, why in bad[1:]]
+                        for img, why in bad[1:]] + notes
 
 
 # Up to this many categories the report lists each one's instances; beyond, the most common and a summary.

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import coco_utils
 from annotations import annotation_findings
 from coco_utils import (
     CategoryMap,
@@ -19,6 +21,7 @@ from coco_utils import (
     coco_category_names,
     instance_masks,
     load_coco,
+    orientation_undecided,
     read_rgb,
     scoring_ground_truth,
 )
@@ -546,3 +549,43 @@ def test_an_exif_turn_is_applied_where_the_json_has_the_turned_size(tmp_path):
     assert upright.shape == (3, 96, 72) and as_stored.shape == (3, 72, 96)
     assert torch.equal(read_rgb(tmp_path / "photo.jpg"), upright)
     assert upright[:, :20, -10:].float().mean() > 200, "turned clockwise: the top left goes to the top right"
+
+
+@pytest.mark.parametrize("stored, orientation, json_size, undecided", [
+    ((64, 64), 6, (64, 64), True),  # a square picture turned a quarter: the same size either way
+    ((96, 72), 3, (96, 72), True),  # a half turn keeps the size
+    ((96, 72), 2, (96, 72), True),  # a mirror too
+    ((96, 72), 6, (96, 72), False),  # the JSON has the stored size, not the turned one: read as stored
+    ((96, 72), 6, (72, 96), False),  # the JSON has the turned size: turned
+    ((64, 64), 1, (64, 64), False),  # upright already
+])
+def test_a_turn_is_undecided_where_the_json_size_fits_both_ways(tmp_path, stored, orientation, json_size, undecided):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", stored).save(tmp_path / "photo.jpg", exif=exif)
+    with Image.open(tmp_path / "photo.jpg") as img:
+        assert orientation_undecided(img, json_size) is undecided
+
+
+def test_an_empty_file_and_one_over_pils_limit_are_said_so(tmp_path, monkeypatch):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(SampleError, match=r"empty.jpg: image unreadable \(the file is empty, 0 bytes\)$"):
+        read_rgb(tmp_path / "empty.jpg")
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels are over twice this
+    with pytest.raises(SampleError, match=r"big.png: image too large to decode \(0.0041 megapixels; PIL refuses "
+                                          r"more than 0.002, its guard against decompression bombs\); downscale"):
+        read_rgb(tmp_path / "big.png")
+
+
+def test_a_large_image_is_named_once_in_place_of_pils_nameless_warning(tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(coco_utils, "LARGE_IMAGE_PIXELS", 4000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # PIL warns between this and twice this
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_rgb(tmp_path / "big.png").shape == (3, 64, 64)
+        read_rgb(tmp_path / "big.png")
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'big.png'}: 64x64 (0.0041 megapixels) is decoded, with "
+                                       f"its masks, at full size before the model shrinks it; downscale it and its "
+                                       f"annotations to save memory and time\n")

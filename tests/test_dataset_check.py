@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import coco_utils
 from annotations import Finding
 from coco_utils import FROM_CHECKPOINT, build_dataset
 from conftest import run_cli
@@ -77,7 +78,10 @@ FAULTS = {
                          "ERROR unusable image", "unreadable"),
     "image over PIL's pixel limit": (lambda root, d: _huge_png(root / "train2017" / d["images"][1]["file_name"],
                                                                d["images"][1]), "ERROR unusable image",
-                                     "exceeds limit"),
+                                     "too large to decode (182 megapixels; PIL refuses more than 179, its guard "
+                                     "against decompression bombs); downscale it and its annotations"),
+    "empty image file": (lambda root, d: (root / "train2017" / d["images"][1]["file_name"]).write_bytes(b""),
+                         "ERROR unusable image", "unreadable (the file is empty, 0 bytes)"),
     "floating-point image": (lambda root, d: Image.fromarray(np.zeros((64, 64), np.float32)).save(
         root / "train2017" / d["images"][1]["file_name"], format="TIFF"), "ERROR unusable image",
         "floating-point numbers (mode F)"),
@@ -290,6 +294,28 @@ def test_a_photo_whose_json_has_its_exif_turned_size_is_usable(clean, tmp_path, 
 
     status, report = check(capsys, _plant(clean, tmp_path, turn), "--splits", "train")
     assert status == 0 and "unusable image" not in report, report
+
+
+def _exif_square(root, data):
+    """The first image stored as a square with a quarter turn in its EXIF: the JSON's size fits either way."""
+    image = data["images"][0]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 64)).save(root / "train2017" / image["file_name"], exif=exif, format="JPEG")
+    image.update(width=64, height=64)
+
+
+def test_an_exif_turn_the_json_size_cannot_decide_is_a_warning(clean, tmp_path, capsys):
+    status, report = check(capsys, _plant(clean, tmp_path, _exif_square), "--splits", "train")
+    assert status == 0 and "WARNING EXIF orientation:" in report, report
+    assert "the JSON's 64x64 fits either way; read as stored, as torchvision reads it" in report
+
+
+def test_an_image_of_many_megapixels_is_a_warning_naming_it(clean, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(coco_utils, "LARGE_IMAGE_PIXELS", 64 * 64 - 1)  # every image of the dataset is 64 x 64
+    status, report = check(capsys, clean, "--splits", "val")
+    assert status == 0 and "WARNING large image (4):" in report, report
+    assert "64x64 (0.0041 megapixels) is decoded, with its masks, at full size before the model shrinks it" in report
 
 
 def test_a_missing_annotation_file_is_said_to_be_missing(clean, tmp_path, capsys):

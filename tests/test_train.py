@@ -539,6 +539,28 @@ def test_predict_on_the_cpu_reuses_freed_memory_unless_told(trained, dataset, tm
     assert calls == (["reuse"] if reused else [])
 
 
+def test_predict_says_which_photos_it_turned_upright_for_want_of_a_json_size(trained, tmp_path, capsys):
+    from tools import predict
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: stored 96 x 72, shown 72 x 96
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (96, 72)).save(tmp_path / "in" / "7.jpg", exif=exif)
+    Image.new("RGB", (96, 72)).save(tmp_path / "in" / "8.jpg")
+    args = ["--checkpoint", str(trained[0] / "checkpoint.pth"), str(tmp_path / "in"), "--device", "cpu"]
+    assert predict.main([*args, "--output-dir", str(tmp_path / "a")]) == 0
+    assert (f"note: 1 image was turned upright as EXIF asks (first: {tmp_path / 'in' / '7.jpg'}); the predictions are "
+            f"of the turned pictures") in capsys.readouterr().out
+    assert [(i["width"], i["height"]) for i in json.loads((tmp_path / "a" / "images.json").read_text())] == [
+        (72, 96), (96, 72)]
+    listing = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 96, "height": 72} for i in (7, 8)],
+               "annotations": [], "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "listing.json").write_text(json.dumps(listing))
+    assert predict.main([*args, "--output-dir", str(tmp_path / "b"), "--annotations",
+                         str(tmp_path / "listing.json")]) == 0
+    assert "turned upright" not in capsys.readouterr().out, "read as the file's sizes say"
+
+
 def test_predict_counts_only_detections_it_would_have_written_as_left_out_for_their_label():
     from tools import predict
     categories = CategoryMap.from_categories([{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], "shapes")

@@ -243,11 +243,13 @@ def kept_detections(output: dict, category_map: CategoryMap, score_thresh: float
     return {k: v[above & known] for k, v in output.items()}, int((above & ~known).sum())
 
 
-def readable_images(paths: list[Path], records: list, unreadable: list[str]) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, image) of every image that can be read; each one that cannot is added to unreadable (why)."""
+def readable_images(paths: list[Path], records: list, unreadable: list[str], turned: list[Path]
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, image) of every image that can be read; each one that cannot is added to unreadable (why), each
+    one turned upright by its EXIF orientation for want of a JSON size to turned."""
     for index, (path, (_, size)) in enumerate(zip(paths, records)):
         try:
-            yield index, read_rgb(path, size)
+            yield index, read_rgb(path, size, turned if size is None else None)
         except SampleError as e:
             unreadable.append(str(e))
 
@@ -275,10 +277,11 @@ def predict(args: argparse.Namespace) -> int:
     results: dict[int, list[dict]] = {}
     images: dict[int, dict] = {}  # what each id in predictions.json is: COCO's "images" entries
     unreadable: list[str] = []
+    turned: list[Path] = []
     dropped = 0
     progress = ProgressLine(len(paths))
     try:
-        images_read = readable_images(paths, records, unreadable)
+        images_read = readable_images(paths, records, unreadable, turned)
         for batch in same_size_batches(images_read, args.batch_size, lambda item: padded_size(model, item[1])):
             with torch.inference_mode():
                 outputs = model(to_device([image for _, image in batch], [], device)[0])
@@ -299,6 +302,10 @@ def predict(args: argparse.Namespace) -> int:
     finally:
         progress.end()  # before an error's line too
     report_left_out(unreadable, len(paths), dropped, category_map)
+    if turned:
+        print(f"note: {len(turned)} image{'s were' if len(turned) > 1 else ' was'} turned upright as EXIF asks "
+              f"(first: {turned[0]}); the predictions are of the turned pictures, as images.json's sizes are. To "
+              f"read them as a COCO file's sizes say (as training does), give --annotations")
     detections = [d for index in sorted(results) for d in results[index]]
     remedy = "free space in --output-dir or choose another"
     write_json_atomic(out / "predictions.json", detections, remedy)
