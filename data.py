@@ -28,7 +28,7 @@ from errors import UserError
 from freed_memory import ReleasingCollate, restore_malloc_defaults
 from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
 from models import iou_types
-from preemption import ignore_stop_signals
+from preemption import end_workers_at_exit, ignore_stop_signals
 from repeat_factors import RepeatFactorSampler, repeat_factors
 
 
@@ -62,6 +62,8 @@ def loader_options(args: argparse.Namespace) -> dict:
     # Workers restart each epoch so that they see the dataset's epoch (augmentation seeds); they ignore stop
     # signals, which the main process handles; the loader's own generator leaves the global one to the model.
     start_worker = start_worker_with_malloc_defaults if args.reuse_freed_memory else ignore_stop_signals
+    if args.workers:
+        end_workers_at_exit()
     return {"num_workers": args.workers, "collate_fn": collate(args, utils.collate_fn),
             "pin_memory": args.device.type == "cuda",
             "worker_init_fn": start_worker, "generator": torch.Generator().manual_seed(args.seed)}

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -281,9 +282,27 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: l
 
 
 @dataclass
+class DataFailure:
+    """The error that ended an epoch's data between two steps (the steps done before it are sound), and whether
+    every rank met it at once (the fault limit, raised by their agreement), so that they can wait for a save."""
+
+    error: UserError | None = None
+    agreed: bool = False
+
+
+def until_data_fails(batches: Iterable, failure: DataFailure) -> Iterator:
+    """The batches, ending early where reading one raises a UserError, which failure keeps."""
+    try:
+        yield from batches
+    except UserError as error:
+        failure.error = error
+
+
+@dataclass
 class EpochResult:
     steps_done: int
     finished: bool
+    failure: DataFailure = field(default_factory=DataFailure)
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, device: torch.device,
@@ -299,13 +318,13 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
     schedule = LogSchedule(options.print_freq, steps_in_epoch)
     losses, warmup = PendingLosses(epoch), Warmup(optimizer, epoch, steps_in_epoch)
     options.faults.start_epoch()
-    agreement = StopAgreement(options.faults)
+    agreement, failure = StopAgreement(options.faults), DataFailure()
     step = start_step
-    for batches in meters.timed(accumulated(data_loader, accumulation)):
+    for batches in until_data_fails(meters.timed(accumulated(data_loader, accumulation)), failure):
         for _, targets in batches:
             options.faults.add(pop_faults(targets), steps_in_epoch * images_per_step // utils.get_world_size())
         # Checked before the step rather than after it, so that the last step done has been logged.
-        if agreement.agreed(step, options.stop_requested()):
+        if agreed_stop(partial(agreement.agreed, step, options.stop_requested()), failure):
             break
         warmup.set_lr(step)
         losses.add(step + 1, training_step(model, optimizer, batches, device, options))  # counted as the log does
@@ -321,12 +340,23 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
             options.on_record(meters.record("train", epoch, step, clock.global_step(epoch, step), steps_after,
                                             options.seconds_after(epoch)))
     losses.read()  # a stop between logged steps: their losses are still checked
-    stop_agreed_now(False, options.faults)  # the faults of the steps since the ranks last agreed
+    if failure.error is None:  # the faults of the steps since the ranks last agreed
+        agreed_stop(partial(stop_agreed_now, False, options.faults), failure)
     warmup.restore()
     utils.print_once(meters.summary(step - start_step))
     if options.faults.skipped or options.faults.repaired:
         utils.print_once(f"Epoch: [{epoch}] data faults: {options.faults.summary()}")
-    return EpochResult(steps_done=step, finished=step == steps_in_epoch)
+    return EpochResult(steps_done=step, finished=step == steps_in_epoch and failure.error is None, failure=failure)
+
+
+def agreed_stop(decide: Callable[[], bool], failure: DataFailure) -> bool:
+    """decide(): whether the ranks stop. The fault limit's error, which every rank raises at one agreement,
+    goes into failure and stops them too."""
+    try:
+        return decide()
+    except UserError as error:
+        failure.error, failure.agreed = error, True
+        return True
 
 
 @contextmanager

@@ -22,6 +22,15 @@ class Terminated(KeyboardInterrupt):
     command line at once through the same clean-ups (a file being written is removed, not left cut short)."""
 
 
+def message_of(error: UserError) -> str:
+    """The error's line. A data loader's worker hands its error over as text, the worker's traceback before
+    it: the line is the traceback's last, after the error's name."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    return text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+
+
 def _raise_terminated(signum: int, frame) -> None:
     raise Terminated
 
@@ -40,7 +49,7 @@ def exit_status(command: Callable[[], int | None], interrupted: str, debug: bool
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {message_of(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt as e:
         if debug:

@@ -4,6 +4,9 @@ once."""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import signal
 
 import utils
@@ -45,6 +48,23 @@ class StopRequest:
     def exit_code(self) -> int:
         """What a shell reports for a process ended by that signal (130 for SIGINT, 143 for SIGTERM)."""
         return 128 + signal.Signals[self.signal_name].value if self.signal_name else 0
+
+
+@functools.cache
+def end_workers_at_exit() -> None:
+    """Once per process: at exit, data loader workers still running (an error ended their loader's loop) are
+    killed. They ignore SIGTERM, which is all multiprocessing's own exit sends them before it waits for them.
+    Registered after multiprocessing's exit function, so it runs before it."""
+    atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    # torch's handler of SIGCHLD raises for a worker ended by a signal: these are ended on purpose.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:  # a loader's worker: multiprocessing would end it at exit anyway
+            child.kill()
+            child.join(timeout=10)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

@@ -62,6 +62,7 @@ from data import Data, load_data
 from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
 from ema import ModelEma
 from engine import (
+    EpochResult,
     EvaluationStopped,
     FaultLog,
     TrainOptions,
@@ -70,7 +71,7 @@ from engine import (
     train_one_epoch,
     validation_losses,
 )
-from errors import UserError, exit_status
+from errors import UserError, exit_status, message_of
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers, duration
 from models import (
@@ -817,6 +818,24 @@ def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> NoRetur
     exit_stopped(stop)
 
 
+def stop_on_data_failure(run: Run, state: TrainingState, epoch: int, result: EpochResult, start_step: int
+                         ) -> NoReturn:
+    """The epoch's data failed between two steps: the steps done since the last checkpoint are saved where every
+    rank can wait for the save (one process, or a fault limit they met together), then the error stops the run
+    (a process alone in its failure exits, and the launcher ends the others)."""
+    failure = result.failure
+    saved = None
+    if result.steps_done > start_step and (utils.get_world_size() == 1 or failure.agreed):
+        state.epoch, state.step = epoch, result.steps_done
+        saved = run.save(state)
+        utils.max_over_ranks([0])  # the others wait for rank 0's checkpoint: a launcher ends them once one exits
+    if saved is None:
+        raise failure.error
+    raise UserError(f"{message_of(failure.error)}; the steps done are saved (epoch {epoch} step "
+                    f"{result.steps_done}, {saved}): once the data is fixed, the same command with --resume auto "
+                    f"continues from there")
+
+
 def save_epoch(run: Run, state: TrainingState, epoch: int) -> None:
     """End of an epoch: the schedule steps, checkpoint.pth and model_{epoch}.pth are written (old ones pruned)."""
     state.lr_scheduler.step()
@@ -937,8 +956,10 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
         data.train_set.epoch = epoch
         data.train_loader.batch_sampler.set_epoch(epoch, start_step)
         result = train_one_epoch(model, state.optimizer, data.train_loader, run.device, epoch, options, start_step)
-        start_step = 0
         state.global_step = data.train_loader.batch_sampler.global_step(epoch, result.steps_done)
+        if result.failure.error is not None:
+            stop_on_data_failure(run, state, epoch, result, start_step)
+        start_step = 0
         if not result.finished:
             state.epoch, state.step = epoch, result.steps_done
             stop_mid_epoch(run, state, stop)

@@ -33,15 +33,18 @@ class TinyDetector(nn.Module):
 
 
 class Samples(torch.utils.data.Dataset):
-    """Small uint8 images with targets; the images listed in `faulty` carry a skipped-sample fault."""
+    """Small uint8 images with targets; the images listed in `faulty` carry a skipped-sample fault, and from
+    `broken_from` on none can be read at all."""
 
-    def __init__(self, count: int, faulty: tuple[int, ...] = ()) -> None:
-        self.count, self.faulty = count, faulty
+    def __init__(self, count: int, faulty: tuple[int, ...] = (), broken_from: int | None = None) -> None:
+        self.count, self.faulty, self.broken_from = count, faulty, broken_from
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int):
+        if self.broken_from is not None and index >= self.broken_from:
+            raise UserError(f"{index}.jpg: the folder is gone")
         image = torch.full((3, 4, 4), 10 * index, dtype=torch.uint8)
         faults = [f"{index}.jpg: image missing; sample skipped"] if index in self.faulty else []
         return image, {"image_id": index, "faults": faults}
@@ -126,8 +129,18 @@ def test_fault_log_prints_once_and_enforces_the_share(capsys):
 def test_the_loop_stops_the_run_past_the_fault_limit(capsys):
     result, _, _ = train(TinyDetector(), loader(10, faulty=(3,)), faults=FaultLog(0.1))
     assert result.finished and "data faults: 1 samples skipped" in capsys.readouterr().out
-    with pytest.raises(UserError, match="2 of 10 samples could not be read this epoch"):
-        train(TinyDetector(), loader(10, faulty=(3, 7)), faults=FaultLog(0.1))
+    result, records, _ = train(TinyDetector(), loader(10, faulty=(3, 7)), faults=FaultLog(0.1))
+    assert "2 of 10 samples could not be read this epoch" in str(result.failure.error)
+    assert result.failure.agreed, "every rank meets the limit at one agreement"
+    assert (result.steps_done, result.finished) == (3, False), "stopped before the step of sample 7"
+    assert [r.step for r in records] == [1, 2, 3]
+
+
+def test_data_that_fails_between_steps_ends_the_epoch_with_the_steps_done_sound():
+    result, records, optimizer = train(TinyDetector(), loader(10, broken_from=6))
+    assert str(result.failure.error) == "6.jpg: the folder is gone" and not result.failure.agreed
+    assert (result.steps_done, result.finished) == (3, False) and [r.step for r in records] == [1, 2, 3]
+    assert optimizer.param_groups[0]["lr"] == 0.1, "the base rate back, as a checkpoint saves it"
 
 
 def test_a_stop_request_ends_the_epoch_after_the_step_in_progress_and_the_rest_continues():
@@ -191,8 +204,9 @@ def test_faults_after_the_ranks_last_agreed_still_stop_the_run(monkeypatch):
     monkeypatch.setattr(engine.utils, "reduce_dict", lambda losses: losses)
     # 20 samples, this rank's share of 40 over 2 ranks; the ranks agree at steps 0 and 1 only (fast steps agree
     # 10 apart), before the faults.
-    with pytest.raises(UserError, match="3 of this process's 20 samples could not be read this epoch"):
-        train(TinyDetector(), loader(20, faulty=(13, 15, 17)), faults=FaultLog(0.1))
+    result, _, _ = train(TinyDetector(), loader(20, faulty=(13, 15, 17)), faults=FaultLog(0.1))
+    assert "3 of this process's 20 samples could not be read this epoch" in str(result.failure.error)
+    assert result.failure.agreed and (result.steps_done, result.finished) == (10, False)
 
 
 def test_the_scaler_path_unscales_before_clipping_and_updates_once():

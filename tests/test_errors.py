@@ -6,8 +6,9 @@ import signal
 import time
 
 import pytest
+import torch
 
-from errors import INTERRUPTED_STATUS, TERMINATED_STATUS, UserError, exit_status
+from errors import INTERRUPTED_STATUS, TERMINATED_STATUS, UserError, exit_status, message_of
 
 
 def _raise(error: BaseException):
@@ -60,3 +61,21 @@ def test_debug_keeps_the_traceback(error):
 def test_other_errors_pass_through():
     with pytest.raises(ValueError):
         exit_status(_raise(ValueError("a bug")), "unused")
+
+
+def test_a_data_loader_workers_error_is_its_own_line_without_the_workers_traceback(capsys):
+    def read():
+        loader = torch.utils.data.DataLoader(Unreadable(), num_workers=1)
+        next(iter(loader))
+
+    assert exit_status(read, "") == 2
+    assert capsys.readouterr().err == "error: a.jpg: image unreadable; fix it\n"
+    assert message_of(UserError("plain")) == "plain"
+
+
+class Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise UserError("a.jpg: image unreadable; fix it")

@@ -79,6 +79,21 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
         assert (tmp_path / "again" / name).read_text() == (tmp_path / name).read_text()
 
 
+def test_data_that_fails_in_a_loader_worker_is_one_line_and_the_run_ends(trained, dataset, torch_home, tmp_path):
+    """Every validation image cut short (the start check only looks files up): the error comes from a worker,
+    which ignores SIGTERM, so the run must end its workers itself (it waited on them for ever)."""
+    root = tmp_path / "cut"
+    shutil.copytree(dataset, root)
+    for image in (root / "val2017").iterdir():
+        image.write_bytes(image.read_bytes()[:100])
+    result = run_cli("train.py", "--data-path", str(root), "--output-dir", str(tmp_path / "out"), "--test-only",
+                     "--resume", str(trained[0] / "checkpoint.pth"), *SMALL, "--workers", "2",
+                     torch_home=torch_home, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: no image of {root / 'val2017'} can be used (the first: "), line
+
+
 def test_resume_continues_at_next_epoch(trained, dataset, torch_home, tmp_path):
     out, _ = trained
     result = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path), "--resume",

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import torch
+
 from conftest import SMALL, TINY, run_cli
 
 
@@ -25,6 +27,29 @@ def test_unreadable_images_are_counted_and_limited(tiny_dataset, tmp_path):
     result = run_cli("train.py", *args, "--skip-data-check")
     assert result.returncode == 2
     assert "could not be read this epoch, more than --max-bad-samples 0.01" in result.stderr
+
+
+def test_a_run_stopped_by_its_data_mid_epoch_saves_the_steps_done_and_resumes(tiny_dataset, tmp_path):
+    """Past --max-bad-samples at the epoch's last batch: the three steps before it are saved and resumed."""
+    root = tmp_path / "faulty"
+    shutil.copytree(tiny_dataset, root)
+    images = json.loads((root / "annotations" / "instances_train2017.json").read_text())["images"]
+    by_index = [image["file_name"] for image in sorted(images, key=lambda image: image["id"])]
+    order = list(torch.utils.data.DistributedSampler(by_index, num_replicas=1, rank=0, seed=0))  # as epoch 0's
+    image = root / "train2017" / by_index[order[-1]]
+    image.write_bytes(image.read_bytes()[:300])
+    args = ["--data-path", str(root), "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1",
+            "--aspect-ratio-group-factor", "-1", "--vis-images", "0", "--no-tensorboard"]
+    result = run_cli("train.py", *args, "--max-bad-samples", "0")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("error: 1 of 8 samples could not be read this epoch"), result.stderr
+    assert (f"; the steps done are saved (epoch 0 step 3, {tmp_path / 'out' / 'checkpoint.pth'}): once the data is "
+            f"fixed, the same command with --resume auto continues from there") in result.stderr
+    saved = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 3)
+    result = run_cli("train.py", *args, "--max-bad-samples", "0.5", "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(epoch 0 step 3)" in result.stdout and "Epoch: [0]  [4/4]" in result.stdout
 
 
 def test_lsj_with_copy_paste_trains(micro_dataset, tmp_path):
