@@ -271,7 +271,7 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: l
         # Under DDP, gradients are averaged over the processes with the last batch only (the earlier ones'
         # travel with it); no_sync must hold over the forward as well as the backward.
         skip_sync = i < len(batches) - 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        with model.no_sync() if skip_sync else nullcontext():
+        with model.no_sync() if skip_sync else nullcontext(), deterministic_kernels_missing_said():
             with autocast(device, options.amp_dtype):
                 loss_dict = model(images, targets)
             backward(sum(loss_dict.values()) / len(batches), options.scaler)
@@ -279,6 +279,22 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: l
             mean[name] = mean.get(name, 0) + value.detach().float() / len(batches)
     update(model, optimizer, options)
     return mean
+
+
+@contextmanager
+def deterministic_kernels_missing_said() -> Iterator[None]:
+    """torch's error for an operation without a deterministic kernel under --use-deterministic-algorithms
+    (torchvision's RoIAlign backward on CUDA has none), as one line."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        if "does not have a deterministic implementation" not in text:
+            raise
+        operation = text.split(" does not have", 1)[0].strip()
+        raise UserError(f"--use-deterministic-algorithms: {operation} has no deterministic implementation on this "
+                        f"device, so training cannot keep to deterministic kernels here; leave the flag out, or "
+                        f"train on the CPU") from None
 
 
 @dataclass

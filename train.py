@@ -17,10 +17,14 @@ batch size.
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
+import json
 import math
 import os
+import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +35,7 @@ from typing import NoReturn
 
 import torch
 import torch.utils.data
+import torchvision
 
 import presets
 import speedups
@@ -495,6 +500,8 @@ def start_run(args: argparse.Namespace) -> Run:
         prepare_output_dir(output_dir)
     utils.seed_everything(args.seed)
     if args.use_deterministic_algorithms:
+        # cuBLAS is deterministic only with a fixed workspace, which torch otherwise refuses to run without.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     precision = amp_dtype(args.amp_dtype, args.device) if args.amp else None
@@ -699,6 +706,23 @@ def check_same_batches(args: argparse.Namespace, saved: dict, resume: str, epoch
                         f"the saved values, or {earlier}")
 
 
+# Training settings (beside the batches' and the optimizer's, which are checked and noted on their own) that a
+# resumed run may change: said, as they make the run other than one run of one command.
+NOTED_ON_RESUME = ("seed", "data_augmentation", "use_copypaste", "use_v2", "clip_grad_norm", "amp", "amp_dtype",
+                   "model_ema", "model_ema_decay", "model_ema_steps", "data_path", "train_images",
+                   "train_annotations", "batch_size", "grad_accum_steps", "aspect_ratio_group_factor",
+                   "repeat_factor_threshold", "no_speedups")
+
+
+def note_changed_settings(args: argparse.Namespace, saved: dict, resume: str) -> None:
+    """Say which training settings this run gives otherwise than the checkpoint's run had them."""
+    changed = [name for name in NOTED_ON_RESUME if name in saved and plain(saved[name]) != plain(getattr(args, name))]
+    if changed:
+        flags = ", ".join(f"--{name.replace('_', '-')} {plain(getattr(args, name))} (its run: {plain(saved[name])})"
+                          for name in changed)
+        utils.print_once(f"--resume {resume}: given otherwise than in its run: {flags}; they apply from here on")
+
+
 def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data, continues_folder: bool
             ) -> None:
     """Continue from the checkpoint: weights, and for training the optimizer, schedule, scaler, generators and
@@ -709,6 +733,7 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
         if step:  # step 0 (a stop before the epoch's first step) has nothing of the epoch to replay
             check_same_batches(run.args, checkpoint["args"], resume, epoch, step)
+        note_changed_settings(run.args, checkpoint["args"], resume)
         clock = data.train_loader.batch_sampler
         counted_here = clock.global_step(epoch, clock.steps(epoch) if step is None else step)
         if checkpoint.get("global_step") is not None:  # the x axis goes on from where the saved run had it
@@ -994,18 +1019,49 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
         exit_stopped(stop)
 
 
-def write_arguments(output_dir: Path, args: argparse.Namespace) -> None:
-    """args.json: the command line and the arguments of the latest start of training in the folder (a resumed
-    run's too, with its flags), as a config file to read or run again."""
-    def plain(value):  # what JSON holds as it is; the rest (a device, a path, an infinite float) as text
-        if isinstance(value, list):
-            return [plain(item) for item in value]
-        fits = value is None or isinstance(value, (bool, int, str)) or isinstance(value, float) and math.isfinite(value)
-        return value if fits else str(value)
+def plain(value):
+    """A value as JSON holds it: as it is, or (a device, a path, an infinite float) as text."""
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    fits = value is None or isinstance(value, (bool, int, str)) or isinstance(value, float) and math.isfinite(value)
+    return value if fits else str(value)
 
-    arguments = {name: plain(value) for name, value in vars(args).items()}
-    write_json_atomic(output_dir / "args.json", {"command": shlex.join(sys.argv), "args": arguments},
-                      RUN_OUTPUT_REMEDY)
+
+def write_arguments(output_dir: Path, args: argparse.Namespace) -> None:
+    """args.json: the command line, arguments and software of the latest start of training in the folder (a
+    resumed run's too, with its flags), as a config file to read or run again; the folder's earlier starts of
+    the same run (those it was resumed from) follow under earlier_starts."""
+    path = output_dir / "args.json"
+    start = {"command": shlex.join(sys.argv), "args": {name: plain(value) for name, value in vars(args).items()},
+             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+             "software": software(), "working_directory": os.getcwd()}
+    try:  # a fresh run has set an earlier run's args.json aside: one found here is this run's
+        earlier = json.loads(path.read_text())
+        history = earlier.pop("earlier_starts", []) + [earlier]
+    except (OSError, ValueError):
+        history = []
+    write_json_atomic(path, {**start, "earlier_starts": history}, RUN_OUTPUT_REMEDY)
+
+
+def software() -> dict:
+    """The versions that ran: Python, torch, torchvision, and this project's git commit (with whether files it
+    tracks were changed) where it is a git checkout."""
+    found = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+    here = Path(__file__).resolve().parent
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *command], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        found["git_commit"] = commit
+        changes = git("status", "--porcelain", "--untracked-files=no")
+        found["git_changed_files"] = None if changes is None else bool(changes)
+    return found
 
 
 class EvaluationTimes:

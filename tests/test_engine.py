@@ -487,3 +487,16 @@ def test_evaluation_in_batches_gives_each_image_its_detections_alone():
         assert len(alone["boxes"]) == len(batched["boxes"]) > 0
         torch.testing.assert_close(batched["boxes"], alone["boxes"], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(batched["scores"], alone["scores"], atol=1e-5, rtol=0)
+
+
+def test_an_operation_without_a_deterministic_kernel_is_one_line():
+    class Undeterministic(TinyDetector):
+        def forward(self, images, targets):
+            raise RuntimeError("roi_align_backward_kernel does not have a deterministic implementation, but you set "
+                               "'torch.use_deterministic_algorithms(True)'. You can turn off determinism ...")
+
+    with pytest.raises(UserError, match="^--use-deterministic-algorithms: roi_align_backward_kernel has no "
+                                        "deterministic implementation on this device"):
+        train(Undeterministic(), loader(4))
+    with pytest.raises(RuntimeError, match="something else"), engine.deterministic_kernels_missing_said():
+        raise RuntimeError("something else")

@@ -1,11 +1,14 @@
 """The real CLI in a subprocess, on a generated dataset: train, checkpoint, resume, evaluate, fail clearly."""
 
 import argparse
+import datetime
 import gc
 import json
+import os
 import pickle
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from pycocotools.coco import COCO
 
 import train
 from coco_utils import CategoryMap, build_dataset
-from conftest import SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
+from conftest import ROOT, SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
 from errors import UserError
 from models import MODELS, build_model, detections_per_image
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
@@ -215,6 +218,40 @@ def test_args_json_is_strict_json_whatever_the_arguments_hold(tmp_path):
     written = json.loads((tmp_path / "args.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert written["args"] == {"clip_grad_norm": "inf", "device": "cpu", "lr_steps": [16, 22], "data_path": "/data",
                                "amp": None, "lr": 0.02}
+
+
+def test_args_json_keeps_the_folders_earlier_starts_and_the_software_that_ran(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.sys, "argv", ["train.py", "--lr", "0.02"])
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02, seed=1))
+    first = json.loads((tmp_path / "args.json").read_text())
+    assert first["earlier_starts"] == []
+    monkeypatch.setattr(train.sys, "argv", ["train.py", "--lr", "0.01", "--resume", "auto"])
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=5))
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=6))
+    written = json.loads((tmp_path / "args.json").read_text())
+    assert written["args"] == {"lr": 0.01, "seed": 6}
+    assert [start["args"]["seed"] for start in written["earlier_starts"]] == [1, 5]
+    assert written["earlier_starts"][0]["command"] == "train.py --lr 0.02"
+    assert "earlier_starts" not in written["earlier_starts"][0], "one list, not nested ones"
+    software = written["software"]
+    assert (software["torch"], software["torchvision"]) == (torch.__version__, torchvision.__version__)
+    if (ROOT / ".git").exists():  # a clone, as CI's
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert software["git_commit"] == head.stdout.strip() and software["git_changed_files"] in (True, False)
+    assert written["working_directory"] == os.getcwd()
+    assert datetime.datetime.fromisoformat(written["started"]).tzinfo is not None, "a time with its zone"
+
+
+def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
+    saved = {"seed": 1, "data_augmentation": "hflip", "data_path": "/data", "lr": 0.02}
+    args = argparse.Namespace(**{name: None for name in train.NOTED_ON_RESUME})
+    args.__dict__.update(seed=5, data_augmentation="ssd", data_path=Path("/data"), lr=0.01)
+    train.note_changed_settings(args, saved, "out/checkpoint.pth")
+    assert capsys.readouterr().out == ("--resume out/checkpoint.pth: given otherwise than in its run: --seed 5 (its "
+                                       "run: 1), --data-augmentation ssd (its run: hflip); they apply from here on\n")
+    train.note_changed_settings(argparse.Namespace(**{**vars(args), "seed": 1, "data_augmentation": "hflip"}),
+                                saved, "c.pth")
+    assert capsys.readouterr().out == "", "the same settings (a path as the text it was saved as): nothing to say"
 
 
 def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(monkeypatch):
