@@ -60,12 +60,13 @@ def _first_along_chain(error: BaseException | None, kinds: tuple[type, ...]) -> 
 def _cause(error: OSError) -> str:
     """Why a write failed, in words."""
     known = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only filesystem"}
+             errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only filesystem",
+             errno.EFBIG: "file larger than the file-size limit (ulimit -f; raise it) or the filesystem allows"}
     return known.get(error.errno, (error.strerror or str(error)).lower())
 
 
 OUTPUT_REMEDY = "free space in --output-dir, make it writable, or choose another"
-CHECKPOINT_REMEDY = f"earlier checkpoints are intact; {OUTPUT_REMEDY}"
+CHECKPOINT_REMEDY = f"no checkpoint written before was touched; {OUTPUT_REMEDY}"
 # What a run writes beside its checkpoints (metrics, predictions, pictures, curves, events)
 RUN_OUTPUT_REMEDY = f"the checkpoints are intact; {OUTPUT_REMEDY}"
 
@@ -172,7 +173,7 @@ def load_file(path: str | Path, flag: str) -> dict:
                         f"you trust, re-saved as plain state dicts") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{flag} {path} is not a readable checkpoint (truncated or not a torch file: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); give "
+                        f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__}); give "
                         f"another file (for a run's damaged checkpoint.pth: an earlier epoch's model_E.pth beside "
                         f"it)") from None
 
@@ -366,6 +367,8 @@ def save_checkpoint(state: dict, output_dir: Path, also_as: str | None = None) -
 def prepare_output_dir(out: Path) -> None:
     """The output folder made and checked writable, before any work, for train.py and tools/predict.py alike;
     claimed for this process (claim_output_dir), then temporaries of interrupted saves cleared."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a folder; give a folder (it is made if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"

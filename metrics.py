@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from checkpoint import RUN_OUTPUT_REMEDY, write_atomic, writing
+from errors import UserError
 from utils import print_once
 
 
@@ -308,10 +309,22 @@ class TensorBoardWriter:
                 self._board.close()
 
 
+def _is_utf8(name: str) -> bool:
+    """Whether a file name decoded from bytes was UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Writers:
     """Every writer of a run, written to together; on ranks other than 0 there are none."""
 
     def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        if enabled and tensorboard and not _is_utf8(str(output_dir)):
+            raise UserError(f"--output-dir {output_dir!r}: its name holds bytes that are not UTF-8, which "
+                            f"TensorBoard cannot write under; rename it, or give --no-tensorboard")
         self.jsonl = JsonlWriter(output_dir) if enabled else None
         self.tensorboard = TensorBoardWriter(output_dir) if enabled and tensorboard else None
         self.all = [w for w in (ConsoleWriter() if enabled else None, self.jsonl, self.tensorboard) if w]

@@ -21,6 +21,7 @@ from checkpoint import (
     save_atomic,
     save_checkpoint,
     set_aside_previous_run,
+    writing,
 )
 from coco_utils import CategoryMap
 from conftest import ROOT, TINY, run_cli, start_cli
@@ -221,9 +222,16 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_stays(tmp_pa
         save_checkpoint({"epoch": 2, "w": torch.zeros(100_000)}, tmp_path, also_as="model_2.pth")
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / "model_2.pth") in message
-    assert "no space left on the device" in message and "earlier checkpoints are intact" in message
+    assert "no space left on the device" in message and "no checkpoint written before was touched" in message
     assert load_file(tmp_path / "checkpoint.pth", "--resume")["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"], "no temporary file, no half-written file"
+
+
+def test_a_file_over_the_size_limit_names_the_limit(tmp_path):
+    expected = (r"could not write .*a.pth: file larger than the file-size limit \(ulimit -f; raise it\) or the "
+                r"filesystem allows; no checkpoint written before")
+    with pytest.raises(UserError, match=expected), writing(tmp_path / "a.pth"):
+        raise OSError(errno.EFBIG, "File too large")
 
 
 def test_a_ctrl_c_during_a_save_stays_a_ctrl_c_and_the_previous_checkpoint_stays(tmp_path, full_disk):

@@ -3,6 +3,7 @@ position on resume, the console line, the one rule for which steps are logged.""
 
 import errno
 import json
+import os
 
 import pytest
 
@@ -181,6 +182,15 @@ def test_a_failed_tensorboard_write_is_one_clear_error(tmp_path, monkeypatch):
         writer.write(_train(0, 1, loss=1.0))
     monkeypatch.undo()
     writer.close()
+
+
+def test_a_folder_name_that_is_not_utf8_is_refused_before_tensorboard_fails_on_it(tmp_path):
+    folder = tmp_path / os.fsdecode(b"bad\xffname")  # Python keeps the byte as a lone surrogate
+    with pytest.raises(UserError, match="its name holds bytes that are not UTF-8, which TensorBoard cannot write "
+                                        "under; rename it, or give --no-tensorboard"):
+        Writers(folder)
+    Writers(folder, tensorboard=False).close()
+    Writers(tmp_path / "naïve ünïcode").close()
 
 
 def test_tensorboard_charts_ap_per_category_only_for_a_readable_number_of_categories():
