@@ -832,14 +832,20 @@ def exit_stopped(stop: StopRequest) -> NoReturn:
     sys.exit(stop.exit_code)
 
 
-def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest) -> NoReturn:
-    """A stop signal during an epoch: checkpoint.pth holds the position (epoch and step), then every rank exits."""
-    path = run.save(state)
+def stop_mid_epoch(run: Run, state: TrainingState, stop: StopRequest, saved_here: bool) -> NoReturn:
+    """A stop signal during an epoch: checkpoint.pth holds the position (epoch and step), then every rank exits.
+    saved_here: this run's last checkpoint resumes at that position already (a stop before an epoch's first
+    step), so none is written again: a grace period is not spent on it, nor the disk on a second copy."""
+    path = None if saved_here else run.save(state)
     # Every rank waits for rank 0's checkpoint here: a launcher ends a job's other processes once one exits.
     stop.agreed()
     if path is not None:
         print(f"Stopped by {stop.signal_name} at epoch {state.epoch} step {state.step}; saved {path}. "
               f"Run the same command with --resume auto to continue.", flush=True)
+    elif saved_here and run.is_main:
+        print(f"Stopped by {stop.signal_name} before epoch {state.epoch}'s first step, where "
+              f"{run.output_dir / 'checkpoint.pth'} resumes already. Run the same command with --resume auto to "
+              f"continue.", flush=True)
     exit_stopped(stop)
 
 
@@ -977,6 +983,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
         if best.out_of_patience(args.patience):
             stop_early(run, state, best)
             start_epoch = args.epochs  # as the uninterrupted run would have stopped here
+    saved_at = None  # where checkpoint.pth resumes, once this run has written it
     for epoch in range(start_epoch, args.epochs):
         data.train_set.epoch = epoch
         data.train_loader.batch_sampler.set_epoch(epoch, start_step)
@@ -987,8 +994,9 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
         start_step = 0
         if not result.finished:
             state.epoch, state.step = epoch, result.steps_done
-            stop_mid_epoch(run, state, stop)
+            stop_mid_epoch(run, state, stop, saved_here=(epoch, result.steps_done) == saved_at)
         save_epoch(run, state, epoch)
+        saved_at = (epoch + 1, 0)
         # Agreed, as the steps' stops are: rank 0 is still writing the checkpoint when the others get here.
         if stop.agreed():
             utils.print_once(f"Stopped by {stop.signal_name} after epoch {epoch}; --resume auto continues.")

@@ -22,6 +22,7 @@ from coco_utils import CategoryMap, build_dataset
 from conftest import ROOT, SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
 from errors import UserError
 from models import MODELS, build_model, detections_per_image
+from preemption import StopRequest
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
 from tools.make_coco_dataset import CATEGORIES
 
@@ -826,3 +827,21 @@ def test_sizes_given_with_an_augmentation_that_sizes_training_images_are_said_to
            "evaluation's" in capsys.readouterr().out
     train.check_combinations(train.get_args_parser().parse_args(["--data-augmentation", "hflip", "--min-size", "64"]))
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("saved_here", [True, False])
+def test_a_stop_before_an_epochs_first_step_writes_no_second_checkpoint(tmp_path, capsys, saved_here):
+    """Right after an epoch's checkpoint and evaluation, checkpoint.pth resumes where the stop is: a save there
+    would spend the grace period on a copy of it."""
+    saves = []
+    run = argparse.Namespace(save=lambda state: saves.append(state) or tmp_path / "checkpoint.pth", is_main=True,
+                             output_dir=tmp_path)
+    stop = StopRequest()
+    stop.signal_name = "SIGTERM"
+    state = argparse.Namespace(epoch=1, step=0)
+    with pytest.raises(SystemExit) as exited:
+        train.stop_mid_epoch(run, state, stop, saved_here=saved_here)
+    assert exited.value.code == 143 and len(saves) == (0 if saved_here else 1)
+    expected = (f"before epoch 1's first step, where {tmp_path / 'checkpoint.pth'} resumes already" if saved_here
+                else f"at epoch 1 step 0; saved {tmp_path / 'checkpoint.pth'}")
+    assert expected in capsys.readouterr().out
