@@ -7,7 +7,6 @@ import contextlib
 import io
 import pickle
 import re
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -307,19 +306,18 @@ def unreadable_reason(path: Path, error: Exception) -> str:
     return f"unreadable ({str(error).strip()[:100]})"
 
 
-# An image decoded at more pixels than this is named once per process: decoding it and its masks at full size
-# takes gigabytes before the model shrinks it (PIL's own warning at twice this names no file).
+# An image of more pixels than this is named (tools/check_dataset.py, a run's start): decoding it and its masks
+# at full size takes gigabytes before the model shrinks it. PIL's own warning, at 89 megapixels, names no file.
 LARGE_IMAGE_PIXELS = 50_000_000
-_named_large: set[str] = set()
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def large_image_note(path: Path, img: Image.Image) -> str | None:
+def large_image_note(path: Path, width: int, height: int) -> str | None:
     """What to say of an image over LARGE_IMAGE_PIXELS, or None."""
-    if img.width * img.height <= LARGE_IMAGE_PIXELS:
+    if width * height <= LARGE_IMAGE_PIXELS:
         return None
-    return (f"{path}: {img.width}x{img.height} ({img.width * img.height / 1e6:.3g} megapixels) is decoded, with its "
-            f"masks, at full size before the model shrinks it; downscale it and its annotations to save memory "
-            f"and time")
+    return (f"{path}: {width}x{height} ({width * height / 1e6:.3g} megapixels) is decoded, with its masks, at full "
+            f"size before the model shrinks it; downscale it and its annotations to save memory and time")
 
 
 def read_rgb(path: Path, size: tuple[int, int] | None = None, turned: list[Path] | None = None) -> torch.Tensor:
@@ -327,17 +325,11 @@ def read_rgb(path: Path, size: tuple[int, int] | None = None, turned: list[Path]
     EXIF orientation asks where upright says so for the JSON's (width, height) size; a turned one's path is
     added to turned where given."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below, with the file's name
-            with Image.open(path) as img:
-                note = large_image_note(path, img)
-                if note and str(path) not in _named_large:
-                    _named_large.add(str(path))
-                    print(f"warning: {note}", file=sys.stderr, flush=True)
-                turned_img = upright(img, size)
-                if turned is not None and turned_img is not img:
-                    turned.append(path)
-                pixels = rgb_pixels(turned_img)
+        with Image.open(path) as img:
+            turned_img = upright(img, size)
+            if turned is not None and turned_img is not img:
+                turned.append(path)
+            pixels = rgb_pixels(turned_img)
     except IMAGE_READ_ERRORS as e:
         raise SampleError(f"{path}: image {unreadable_reason(path, e)}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)

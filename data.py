@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+import coco_utils
 import presets
 import utils
 from annotations import collection_paused
@@ -121,7 +122,20 @@ def ready_for_workers(dataset: CocoDetection, args: argparse.Namespace, split: s
     index released when nothing else reads it)."""
     if not args.skip_data_check:
         check_before_training(dataset.image_dir, list(dataset.coco.imgs.values()), split, args.max_bad_samples)
+    note_large_images(dataset, split)
     dataset.compact(release_index=release_index)
+
+
+def note_large_images(dataset: CocoDetection, split: str) -> None:
+    """One line for a split's images of many megapixels (their sizes from the annotation file), read whole each
+    time a worker loads one."""
+    sizes = {i: (img["width"], img["height"]) for i, img in dataset.coco.imgs.items()
+             if img["width"] * img["height"] > coco_utils.LARGE_IMAGE_PIXELS}
+    if sizes:
+        largest = max(sizes, key=lambda i: sizes[i][0] * sizes[i][1])
+        path = dataset.image_dir / dataset.coco.imgs[largest]["file_name"]
+        utils.print_once(f"note: {len(sizes)} {split} images of over {coco_utils.LARGE_IMAGE_PIXELS / 1e6:.0f} "
+                         f"megapixels; the largest: {coco_utils.large_image_note(path, *sizes[largest])}")
 
 
 def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import unicodedata
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -77,20 +76,18 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> tuple[s
         return "missing", []  # image_findings adds what may explain it
     notes = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said as a finding, with the name
-            with Image.open(path) as img:
-                if img.size != (width, height) and turned_size(img) != (width, height):
-                    return f"is {img.size[0]}x{img.size[1]} but the JSON says {width}x{height}", []
-                if orientation_undecided(img, (width, height)):
-                    notes.append(Finding("warning", "EXIF orientation", f"{path}: its EXIF orientation turns or "
-                                         f"mirrors it, and the JSON's {width}x{height} fits either way; read as "
-                                         f"stored, as torchvision reads it: if it was annotated as a viewer shows "
-                                         f"it, save it upright without the tag"))
-                if note := large_image_note(path, img):
-                    notes.append(Finding("warning", "large image", note))
-                if decode:
-                    rgb_pixels(upright(img, (width, height)))  # as the loader reads it
+        with Image.open(path) as img:
+            if img.size != (width, height) and turned_size(img) != (width, height):
+                return f"is {img.size[0]}x{img.size[1]} but the JSON says {width}x{height}", []
+            if orientation_undecided(img, (width, height)):
+                notes.append(Finding("warning", "EXIF orientation", f"{path}: its EXIF orientation turns or mirrors "
+                                     f"it, and the JSON's {width}x{height} fits either way; read as stored, as "
+                                     f"torchvision reads it: if it was annotated as a viewer shows it, save it "
+                                     f"upright without the tag"))
+            if note := large_image_note(path, *img.size):
+                notes.append(Finding("warning", "large image", note))
+            if decode:
+                rgb_pixels(upright(img, (width, height)))  # as the loader reads it
     except IMAGE_READ_ERRORS as e:
         return unreadable_reason(path, e), []
     return None, notes
@@ -243,8 +240,9 @@ def missing_files(image_dir: Path, names: Iterable[str]) -> set[str]:
 def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max_bad_share: float = 0.01,
                    workers: int = 8) -> list[Finding]:
     """Images that cannot be used: one summary (an error when more than max_bad_share of them, else a
-    warning), then a warning for each further one. Without decode, files are only looked up, each once however
-    many images name it."""
+    warning), then a warning for each further one; then a warning for each usable image read in a way to check
+    (an EXIF turn its JSON size cannot decide, many megapixels). Without decode, files are only looked up, each
+    once however many images name it."""
     usable = [img for img in images if not image_path_problem(img.get("file_name"))]  # others: file errors
     if decode:
         def problem(img: dict) -> tuple[dict, str | None, list[Finding]]:

@@ -23,12 +23,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def message_of(error: UserError) -> str:
-    """The error's line. A data loader's worker hands its error over as text, the worker's traceback before
-    it: the line is the traceback's last, after the error's name."""
+    """The error's message. A data loader's worker hands its error over as text, the worker's traceback before
+    it: the message follows the traceback's last naming of the error."""
     text = str(error)
     if "\nOriginal Traceback" not in text:
         return text
-    return text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+    return text.rsplit("UserError: ", 1)[-1].strip()
 
 
 def _raise_terminated(signum: int, frame) -> None:

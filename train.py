@@ -715,8 +715,16 @@ NOTED_ON_RESUME = ("seed", "data_augmentation", "use_copypaste", "use_v2", "clip
 
 
 def note_changed_settings(args: argparse.Namespace, saved: dict, resume: str) -> None:
-    """Say which training settings this run gives otherwise than the checkpoint's run had them."""
-    changed = [name for name in NOTED_ON_RESUME if name in saved and plain(saved[name]) != plain(getattr(args, name))]
+    """Say which training settings this run gives otherwise than the checkpoint's run had them (those that take
+    effect in this run; a path, as the folder it names)."""
+    def differs(name: str) -> bool:
+        ours, theirs = getattr(args, name), saved[name]
+        if name in ("data_path", "train_images", "train_annotations") and ours and theirs:
+            return Path(ours).resolve() != Path(theirs).resolve()
+        return plain(ours) != plain(theirs)
+
+    in_effect = {"amp_dtype": args.amp, "model_ema_decay": args.model_ema, "model_ema_steps": args.model_ema}
+    changed = [name for name in NOTED_ON_RESUME if name in saved and in_effect.get(name, True) and differs(name)]
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')} {plain(getattr(args, name))} (its run: {plain(saved[name])})"
                           for name in changed)
@@ -1035,20 +1043,28 @@ def plain(value):
     return value if fits else str(value)
 
 
-def write_arguments(output_dir: Path, args: argparse.Namespace) -> None:
+def write_arguments(output_dir: Path, args: argparse.Namespace, resumed_here: bool) -> None:
     """args.json: the command line, arguments and software of the latest start of training in the folder (a
-    resumed run's too, with its flags), as a config file to read or run again; the folder's earlier starts of
-    the same run (those it was resumed from) follow under earlier_starts."""
+    resumed run's too, with its flags), as a config file to read or run again; for a run resumed from the
+    folder's own checkpoint, the starts before it follow under earlier_starts."""
     path = output_dir / "args.json"
     start = {"command": shlex.join(sys.argv), "args": {name: plain(value) for name, value in vars(args).items()},
              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              "software": software(), "working_directory": os.getcwd()}
-    try:  # a fresh run has set an earlier run's args.json aside: one found here is this run's
+    write_json_atomic(path, {**start, "earlier_starts": earlier_starts(path) if resumed_here else []},
+                      RUN_OUTPUT_REMEDY)
+
+
+def earlier_starts(path: Path) -> list[dict]:
+    """The starts an args.json records, its own last (none where it is missing or not one of ours)."""
+    try:
         earlier = json.loads(path.read_text())
-        history = earlier.pop("earlier_starts", []) + [earlier]
     except (OSError, ValueError):
-        history = []
-    write_json_atomic(path, {**start, "earlier_starts": history}, RUN_OUTPUT_REMEDY)
+        return []
+    if not isinstance(earlier, dict):
+        return []
+    before = earlier.pop("earlier_starts", None)
+    return (before if isinstance(before, list) else []) + [earlier]
 
 
 def software() -> dict:
@@ -1146,7 +1162,7 @@ def main(args: argparse.Namespace) -> dict:
     if (checkpoint is None or foreign) and run.is_main:  # once the run is set up: one that fails moves nothing
         keep_previous_outputs(run.output_dir)
     if run.is_main:
-        write_arguments(run.output_dir, args)
+        write_arguments(run.output_dir, args, resumed_here=checkpoint is not None and not foreign)
     return train(run, data, model, state)
 
 

@@ -116,3 +116,14 @@ def test_copies_of_a_repeated_image_are_augmented_apart(tiny_dataset):
     assert repeated, "threshold 1.0 repeats every image of a category that some images lack"
     for first, second, *_ in repeated:
         assert first.shape != second.shape or not torch.equal(first, second)
+
+
+def test_a_split_of_images_of_many_megapixels_is_one_line_at_the_start(tiny_dataset, monkeypatch, capsys):
+    import coco_utils
+
+    monkeypatch.setattr(coco_utils, "LARGE_IMAGE_PIXELS", 64 * 64 - 1)  # every image of the dataset is 64 x 64
+    _loaded(tiny_dataset)
+    printed = capsys.readouterr().out
+    assert "note: 8 train images of over 0 megapixels; the largest: " in printed
+    assert "note: 2 val images of over 0 megapixels; the largest: " in printed
+    assert printed.count("is decoded, with its masks, at full size before the model shrinks it") == 2

@@ -158,7 +158,7 @@ def test_a_stop_signal_to_one_rank_during_evaluation_stops_every_rank_alike(tmp_
     assert "exitcode  : 143" in result.stderr, "rank 0 exits as the signalled rank does"
 
 
-def test_a_stopped_worker_is_named_within_the_timeout(tiny_dataset, tmp_path):
+def test_a_stopped_worker_is_named_once_the_timeout_passes(tiny_dataset, tmp_path):
     """A worker that hangs (SIGSTOP): the other gives up after --dist-timeout and says which rank went silent."""
     command = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env",
                str(ROOT / "tests" / "ddp_probe.py"), "--data-path", str(tiny_dataset), "--output-dir",

@@ -92,7 +92,7 @@ def test_a_write_cut_short_leaves_no_val_annotations(keypoints, tmp_path):
     assert sorted(p.name for p in annotations.iterdir() if p.name.startswith(".")) == []
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not write ") and "val2017.json" in lines[0], lines
-    assert "file too large" in lines[0] and "choose another folder" in lines[0]
+    assert "file larger than the file-size limit (ulimit -f" in lines[0] and "choose another folder" in lines[0]
 
 
 def test_a_folder_holding_what_the_generator_did_not_write_is_refused(tmp_path, capsys):

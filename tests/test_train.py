@@ -215,7 +215,7 @@ def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_giv
 def test_args_json_is_strict_json_whatever_the_arguments_hold(tmp_path):
     args = argparse.Namespace(clip_grad_norm=float("inf"), device=torch.device("cpu"), lr_steps=[16, 22],
                               data_path=Path("/data"), amp=None, lr=0.02)
-    train.write_arguments(tmp_path, args)
+    train.write_arguments(tmp_path, args, resumed_here=False)
     written = json.loads((tmp_path / "args.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert written["args"] == {"clip_grad_norm": "inf", "device": "cpu", "lr_steps": [16, 22], "data_path": "/data",
                                "amp": None, "lr": 0.02}
@@ -223,12 +223,13 @@ def test_args_json_is_strict_json_whatever_the_arguments_hold(tmp_path):
 
 def test_args_json_keeps_the_folders_earlier_starts_and_the_software_that_ran(tmp_path, monkeypatch):
     monkeypatch.setattr(train.sys, "argv", ["train.py", "--lr", "0.02"])
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02, seed=1))
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02, seed=0), resumed_here=False)  # a start that failed
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02, seed=1), resumed_here=False)  # a fresh run
     first = json.loads((tmp_path / "args.json").read_text())
-    assert first["earlier_starts"] == []
+    assert first["earlier_starts"] == [], "a fresh run's args.json replaces one of a start that trained nothing"
     monkeypatch.setattr(train.sys, "argv", ["train.py", "--lr", "0.01", "--resume", "auto"])
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=5))
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=6))
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=5), resumed_here=True)
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=6), resumed_here=True)
     written = json.loads((tmp_path / "args.json").read_text())
     assert written["args"] == {"lr": 0.01, "seed": 6}
     assert [start["args"]["seed"] for start in written["earlier_starts"]] == [1, 5]
@@ -241,6 +242,9 @@ def test_args_json_keeps_the_folders_earlier_starts_and_the_software_that_ran(tm
         assert software["git_commit"] == head.stdout.strip() and software["git_changed_files"] in (True, False)
     assert written["working_directory"] == os.getcwd()
     assert datetime.datetime.fromisoformat(written["started"]).tzinfo is not None, "a time with its zone"
+    (tmp_path / "args.json").write_text('["not", "ours"]')
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01), resumed_here=True)
+    assert json.loads((tmp_path / "args.json").read_text())["earlier_starts"] == []
 
 
 def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
@@ -253,6 +257,12 @@ def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
     train.note_changed_settings(argparse.Namespace(**{**vars(args), "seed": 1, "data_augmentation": "hflip"}),
                                 saved, "c.pth")
     assert capsys.readouterr().out == "", "the same settings (a path as the text it was saved as): nothing to say"
+    same_folder = {**vars(args), "seed": 1, "data_augmentation": "hflip", "data_path": "./data", "amp": False,
+                   "amp_dtype": "float16", "model_ema": False, "model_ema_decay": 0.5}
+    train.note_changed_settings(argparse.Namespace(**same_folder),
+                                {**saved, "data_path": str(Path("data").resolve()), "amp_dtype": "bfloat16",
+                                 "model_ema_decay": 0.9}, "c.pth")
+    assert capsys.readouterr().out == "", "one folder written two ways; settings of what this run leaves off"
 
 
 def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(monkeypatch):
