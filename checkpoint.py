@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import itertools
 import json
@@ -369,6 +370,8 @@ def prepare_output_dir(out: Path) -> None:
     claimed for this process (claim_output_dir), then temporaries of interrupted saves cleared."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a folder; give a folder (it is made if missing)")
+    if not out.exists():
+        remove_at_exit_if_empty(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -379,6 +382,17 @@ def prepare_output_dir(out: Path) -> None:
                         f"can write to") from None
     claim_output_dir(out)
     remove_stale_temporaries(out)
+
+
+def remove_at_exit_if_empty(folder: Path) -> None:
+    """The folder this process makes is removed when the process ends with nothing in it (a start that failed
+    before writing anything leaves no empty folder behind)."""
+    atexit.register(_remove_if_empty, folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with suppress(OSError):  # not empty, or gone: nothing to do
+        folder.rmdir()
 
 
 _CLAIMED: dict[Path, int] = {}  # folder -> its open descriptor, locked until the process ends

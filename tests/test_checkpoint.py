@@ -520,3 +520,15 @@ else:
         assert restart.returncode == 0, restart.stderr
     finally:
         os.kill(child, 9)
+
+
+def test_a_folder_made_for_a_start_that_wrote_nothing_is_removed_at_exit(tmp_path):
+    (tmp_path / "there").mkdir()
+    script = ("import sys; from pathlib import Path; import checkpoint; "
+              "[checkpoint.prepare_output_dir(Path(p)) for p in sys.argv[1:]]; "
+              "(Path(sys.argv[2]) / 'metrics.jsonl').write_text('{}')")
+    done = subprocess.run([sys.executable, "-c", script, *(str(tmp_path / name) for name in ("new", "written",
+                                                                                           "there"))],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["there", "written"], "an empty folder of its own goes"
