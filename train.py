@@ -706,12 +706,12 @@ def check_same_batches(args: argparse.Namespace, saved: dict, resume: str, epoch
                         f"the saved values, or {earlier}")
 
 
-# Training settings (beside the batches' and the optimizer's, which are checked and noted on their own) that a
-# resumed run may change: said, as they make the run other than one run of one command.
-NOTED_ON_RESUME = ("seed", "data_augmentation", "use_copypaste", "use_v2", "clip_grad_norm", "amp", "amp_dtype",
-                   "model_ema", "model_ema_decay", "model_ema_steps", "data_path", "train_images",
-                   "train_annotations", "batch_size", "grad_accum_steps", "aspect_ratio_group_factor",
-                   "repeat_factor_threshold", "no_speedups")
+# Training settings a resumed run may give otherwise (at an epoch's end; part-way, BATCH_LAYOUT's are refused):
+# said, as they make the run other than one run of one command. The optimizer's are noted on their own
+# (optimization.keep_this_runs_settings).
+NOTED_ON_RESUME = (*(name for name in BATCH_LAYOUT if name != "world_size"), "data_augmentation", "use_copypaste",
+                   "use_v2", "clip_grad_norm", "amp", "amp_dtype", "model_ema", "model_ema_decay", "model_ema_steps",
+                   "data_path", "train_images", "train_annotations", "no_speedups")
 
 
 def note_changed_settings(args: argparse.Namespace, saved: dict, resume: str) -> None:

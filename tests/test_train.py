@@ -240,6 +240,9 @@ def test_args_json_keeps_the_folders_earlier_starts_and_the_software_that_ran(tm
     if (ROOT / ".git").exists():  # a clone, as CI's
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert software["git_commit"] == head.stdout.strip() and software["git_changed_files"] in (True, False)
+        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True)
+        assert software["git_changed_files"] == bool(status.stdout.strip())
     assert written["working_directory"] == os.getcwd()
     assert datetime.datetime.fromisoformat(written["started"]).tzinfo is not None, "a time with its zone"
     (tmp_path / "args.json").write_text('["not", "ours"]')
