@@ -259,6 +259,19 @@ def rgb_pixels(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))
 
 
+# 16-bit pixels that never pass this come from 10- or 12-bit sensors: scaled to 8 bits they read nearly black.
+NARROW_WIDE_MAXIMUM = 4095
+
+
+def narrow_wide_maximum(img: Image.Image) -> int | None:
+    """The largest pixel of a 16-bit (or 32-bit integer) grayscale image whose pixels stay within 12 bits, or
+    None (another mode, or pixels using the wider range)."""
+    if img.mode not in _WIDE_GRAYSCALE:
+        return None
+    _, largest = img.getextrema()
+    return int(largest) if largest <= NARROW_WIDE_MAXIMUM else None
+
+
 _EXIF_ORIENTATION = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
 

@@ -33,6 +33,7 @@ from coco_utils import (
     has_outline,
     lacking_categories,
     large_image_note,
+    narrow_wide_maximum,
     orientation_undecided,
     renamed_categories,
     rgb_pixels,
@@ -88,6 +89,11 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> tuple[s
                 notes.append(Finding("warning", "large image", note))
             if decode:
                 rgb_pixels(upright(img, (width, height)))  # as the loader reads it
+                if (largest := narrow_wide_maximum(img)) is not None:
+                    notes.append(Finding("warning", "dim 16-bit image", f"{path}: its 16-bit pixels reach only "
+                                         f"{largest} of 65535 (10- or 12-bit data?), so scaled to 8 bits it reads "
+                                         f"nearly black (brightest {(largest + 128) // 257} of 255); stretch its "
+                                         f"values to the 16-bit range, or save it with 8 bits"))
     except IMAGE_READ_ERRORS as e:
         return unreadable_reason(path, e), []
     return None, notes

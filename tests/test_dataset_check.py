@@ -311,6 +311,21 @@ def test_an_exif_turn_the_json_size_cannot_decide_is_a_warning(clean, tmp_path, 
     assert "the JSON's 64x64 fits either way; read as stored, as torchvision reads it" in report
 
 
+@pytest.mark.parametrize("brightest, warned", [(4000, True), (60000, False)])
+def test_a_16_bit_image_of_12_bit_values_is_a_warning(clean, tmp_path, capsys, brightest, warned):
+    def sixteen_bits(root, data):
+        image = data["images"][0]
+        pixels = np.linspace(0, brightest, 64 * 64).astype(np.uint16).reshape(64, 64)
+        Image.fromarray(pixels).save(root / "train2017" / image["file_name"], format="PNG")
+        image.update(width=64, height=64)
+
+    status, report = check(capsys, _plant(clean, tmp_path, sixteen_bits), "--splits", "train")
+    assert status == 0 and ("WARNING dim 16-bit image:" in report) == warned, report
+    if warned:
+        assert "its 16-bit pixels reach only 4000 of 65535 (10- or 12-bit data?)" in report
+        assert "(brightest 16 of 255)" in report
+
+
 def test_an_image_of_many_megapixels_is_a_warning_naming_it(clean, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(coco_utils, "LARGE_IMAGE_PIXELS", 64 * 64 - 1)  # every image of the dataset is 64 x 64
     status, report = check(capsys, clean, "--splits", "val")
