@@ -450,7 +450,7 @@ def remove_stale_temporaries(output_dir: Path) -> None:
 # predictions/ too, with pictures of its own).
 RUN_OUTPUTS = ("checkpoint.pth", "model_[0-9]*.pth", "model_best.pth", "metrics.jsonl", "args.json",
                "events.out.tfevents.*", "curves.png", "predictions_bbox.json", "predictions_segm.json",
-               "predictions_keypoints.json", "predictions/epoch_[0-9]*")
+               "predictions_keypoints.json", "evaluation.json", "predictions/epoch_[0-9]*")
 
 
 def set_aside_previous_run(output_dir: Path) -> Path | None:

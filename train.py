@@ -62,6 +62,7 @@ from coco_utils import (
     SampleError,
     add_split_paths,
     scored_instances_per_image,
+    split_paths,
 )
 from data import Data, load_data
 from devices import AMP_DTYPES, amp_dtype, autocast, grad_scaler, pick_device
@@ -814,15 +815,31 @@ def evaluated_weights(state: TrainingState) -> torch.nn.Module:
     return state.ema.module if state.ema is not None else state.model
 
 
-def evaluate_only(run: Run, data: Data, state: TrainingState) -> dict:
-    """--test-only: evaluate the weights (their average where there is one) and write the predictions files."""
+def evaluate_only(run: Run, data: Data, state: TrainingState, checkpoint: dict | None, resume: str) -> dict:
+    """--test-only: evaluate the weights (their average where there is one) and write the predictions files and
+    evaluation.json; checkpoint: what --resume (the path resume) read, None for --weights."""
     if state.ema is not None:
         utils.print_once("Evaluating the weights' moving average (model_ema)")
     evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state))
     if run.is_main:
         for path in evaluator.write_results(run.output_dir):
             print(f"Wrote {path}")
+        path = run.output_dir / "evaluation.json"
+        record = evaluation_record(run.args, data, state, checkpoint, resume) | metrics
+        write_json_atomic(path, record, remedy=RUN_OUTPUT_REMEDY)
+        print(f"Wrote {path}")
     return metrics
+
+
+def evaluation_record(args: argparse.Namespace, data: Data, state: TrainingState, checkpoint: dict | None,
+                      resume: str) -> dict:
+    """What --test-only evaluated, for evaluation.json beside its metrics: the weights (and the epoch and step of
+    a checkpoint's) and the validation files."""
+    ann_file = split_paths(args.data_path, args.dataset, "val", args.val_images, args.val_annotations)[1]
+    position = {"epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")} if checkpoint else {}
+    return {"time": round(time.time(), 3), "evaluated": str(Path(resume).resolve()) if resume else args.weights,
+            "weights": "model_ema" if state.ema is not None else "model", **position,
+            "val_annotations": str(ann_file.resolve()), "val_images": len(data.val_set)}
 
 
 def keep_previous_outputs(output_dir: Path) -> None:
@@ -1158,7 +1175,7 @@ def main(args: argparse.Namespace) -> dict:
     if checkpoint is not None:
         restore(run, state, checkpoint, resume, data, continues_folder=not foreign)
     if args.test_only:
-        return evaluate_only(run, data, state)
+        return evaluate_only(run, data, state, checkpoint, resume)
     if (checkpoint is None or foreign) and run.is_main:  # once the run is set up: one that fails moves nothing
         keep_previous_outputs(run.output_dir)
     if run.is_main:

@@ -325,7 +325,7 @@ def test_only_the_namespace_is_let_through(tmp_path):
 
 def test_a_fresh_run_moves_another_runs_outputs_aside_whole(tmp_path):
     outputs = ["args.json", "checkpoint.pth", "curves.png", "events.out.tfevents.1.host.2.0", "metrics.jsonl",
-               "model_3.pth", "model_best.pth", "predictions_bbox.json"]
+               "model_3.pth", "model_best.pth", "predictions_bbox.json", "evaluation.json"]
     for name in outputs + ["notes.txt", "model_final.pth"]:
         (tmp_path / name).write_text(name)
     (tmp_path / "predictions" / "epoch_3").mkdir(parents=True)

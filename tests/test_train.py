@@ -71,6 +71,15 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
     for iou_type in ("bbox", "segm"):
         records = json.loads((tmp_path / f"predictions_{iou_type}.json").read_text())
         assert records and {r["category_id"] for r in records} <= file_ids, "the file's ids, not the model's labels"
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["evaluated"] == str((out / "checkpoint.pth").resolve()) and evaluation["weights"] == "model"
+    val_file = dataset / "annotations" / "instances_val2017.json"
+    assert evaluation["val_annotations"] == str(val_file.resolve())
+    assert evaluation["val_images"] == len(json.loads(val_file.read_text())["images"])
+    trained_eval = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
+    assert (evaluation["epoch"], evaluation["step"]) == (trained_eval["epoch"], None)
+    for iou_type in ("bbox", "segm"):  # the epoch's evaluation during training, to the last digit
+        assert evaluation[iou_type] == trained_eval[iou_type], iou_type
     # Without sizes, the checkpoint's run's sizes: the same predictions.
     unsized = [flag for i, flag in enumerate(SMALL) if flag not in ("--min-size", "--max-size")
                and SMALL[i - 1] not in ("--min-size", "--max-size")]
