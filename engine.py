@@ -350,19 +350,21 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
         if options.after_step is not None:
             options.after_step(clock.global_step(epoch, step))
         if schedule.is_logged(step):
-            for row in losses.read():
-                meters.update(**row)
+            meters.update_each(losses.read())
             steps_after = sum(clock.steps(e) for e in range(epoch + 1, options.epochs))
             options.on_record(meters.record("train", epoch, step, clock.global_step(epoch, step), steps_after,
                                             options.seconds_after(epoch)))
-    losses.read()  # a stop between logged steps: their losses are still checked
+    meters.update_each(losses.read())  # a stop between logged steps: their losses are still checked
     if failure.error is None:  # the faults of the steps since the ranks last agreed
         agreed_stop(partial(stop_agreed_now, False, options.faults), failure)
     warmup.restore()
     utils.print_once(meters.summary(step - start_step))
     if options.faults.skipped or options.faults.repaired:
         utils.print_once(f"Epoch: [{epoch}] data faults: {options.faults.summary()}")
-    return EpochResult(steps_done=step, finished=step == steps_in_epoch and failure.error is None, failure=failure)
+    finished = step == steps_in_epoch and failure.error is None
+    if finished and step > start_step:
+        options.on_record(meters.epoch_record(epoch, clock.global_step(epoch, step), step - start_step))
+    return EpochResult(steps_done=step, finished=finished, failure=failure)
 
 
 def agreed_stop(decide: Callable[[], bool], failure: DataFailure) -> bool:

@@ -86,7 +86,7 @@ class Record:
     """What one logged step or evaluation produced. `values` are the numbers (metrics.jsonl's and TensorBoard's);
     `progress` is for the console."""
 
-    kind: str  # "train", "val" (--val-loss), "eval", or "test" (evaluation progress: console only)
+    kind: str  # "train", "epoch" (an epoch's means), "val" (--val-loss), "eval", or "test" (evaluation progress)
     epoch: int
     global_step: int
     values: dict
@@ -125,6 +125,11 @@ class StepMeters:
         for name, value in values.items():
             self.values.setdefault(name, SmoothedValue()).update(float(value))
 
+    def update_each(self, rows: list[dict[str, float]]) -> None:
+        """Each step's values in turn (the losses of the steps since the last logged one)."""
+        for row in rows:
+            self.update(**row)
+
     def progress(self, step: int, steps_after: int = 0, seconds_after: float = 0.0) -> Progress:
         """The progress after `step` steps; steps_after (steps of later epochs) and seconds_after (the time
         expected besides training, such as evaluations) add an ETA of the whole run."""
@@ -145,6 +150,15 @@ class StepMeters:
                   "step_time": round(self.step_time.value, 4), "data_time": round(self.data_time.value, 4),
                   **{name: meter.value for name, meter in self.values.items()}}
         return Record(kind, epoch, global_step, values, step, progress)
+
+    def epoch_record(self, epoch: int, global_step: int, steps_done: int) -> Record:
+        """The record of an epoch's end: its training time, steps and mean rate, and each value's mean over
+        the steps this process ran (a resumed epoch's from its first_step on)."""
+        elapsed = time.time() - self.started
+        values = {"time": round(time.time(), 3), "seconds": round(elapsed, 3), "steps": steps_done,
+                  "first_step": self.start, "images_per_s": round(self.images_per_step * steps_done / elapsed, 3),
+                  **{name: meter.global_avg for name, meter in self.values.items() if name != "lr"}}
+        return Record("epoch", epoch, global_step, values)
 
     def summary(self, steps_done: int) -> str:
         elapsed = time.time() - self.started
@@ -207,14 +221,14 @@ def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
             continue
         if isinstance(value, dict):
             found.update(_scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             found[f"{prefix}{key}"] = float(value)
     return found
 
 
 def _keeps(record: dict, epoch: int, step: int | None) -> bool:
     """Whether a metrics.jsonl record was logged no later than the checkpoint at (epoch, step)."""
-    if "step" not in record:  # an epoch's evaluation or validation losses, logged after it ended
+    if "step" not in record:  # an epoch's means, evaluation or validation losses, logged after it ended
         return record["epoch"] < epoch or (record["epoch"] == epoch and step is None)
     return record["epoch"] < epoch or (record["epoch"] == epoch and (step is None or record["step"] <= step))
 
@@ -253,7 +267,7 @@ class JsonlWriter:
         write_atomic(self.path, lambda f: f.write(text), remedy=RUN_OUTPUT_REMEDY)
 
     def records(self, kind: str) -> list[dict]:
-        """The records of one type ("train", "val" or "eval") logged so far."""
+        """The records of one type ("train", "epoch", "val" or "eval") logged so far."""
         if self._records is None:
             self._records = [r for _, r in read_records(self.path)]
         return [r for r in self._records if r.get("type") == kind]

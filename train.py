@@ -820,12 +820,14 @@ def evaluate_only(run: Run, data: Data, state: TrainingState, checkpoint: dict |
     evaluation.json; checkpoint: what --resume (the path resume) read, None for --weights."""
     if state.ema is not None:
         utils.print_once("Evaluating the weights' moving average (model_ema)")
+    started = time.perf_counter()
     evaluator, metrics, _ = run_evaluation(run, data, evaluated_weights(state))
     if run.is_main:
+        seconds = round(time.perf_counter() - started, 3)
         for path in evaluator.write_results(run.output_dir):
             print(f"Wrote {path}")
         path = run.output_dir / "evaluation.json"
-        record = evaluation_record(run.args, data, state, checkpoint, resume) | metrics
+        record = evaluation_record(run.args, data, state, checkpoint, resume) | {"seconds": seconds} | metrics
         write_json_atomic(path, record, remedy=RUN_OUTPUT_REMEDY)
         print(f"Wrote {path}")
     return metrics
@@ -912,17 +914,19 @@ class BestModel:
         self.best_epoch = records[history.index(self.best)]["epoch"] if history else None
         self.since_best = len(history) - 1 - history.index(self.best) if history else 0
 
-    def update(self, metrics: dict, state: TrainingState, epoch: int) -> None:
+    def update(self, metrics: dict, state: TrainingState, epoch: int) -> bool:
+        """Count an evaluation; returns whether it is the new best (and model_best.pth its weights)."""
         ap, name = primary_ap(metrics), f"{IOU_NAMES[primary_kind(metrics)]} AP"
         if self.best is None or ap > self.best:
             self.best, self.best_epoch, self.since_best = ap, epoch, 0
             save_atomic(state.weights_dict(), self.run.output_dir / "model_best.pth")
             print(f"New best {name} {ap:.4f} at epoch {epoch}: saved {self.run.output_dir / 'model_best.pth'}")
-            return
+            return True
         self.since_best += 1
         patience = f" (--patience {self.run.args.patience})" if self.run.args.patience else ""
         print(f"{name} {ap:.4f}, not above the best, {self.best:.4f} at epoch {self.best_epoch}: "
               f"{self.since_best} evaluation{'s' if self.since_best > 1 else ''} without improvement{patience}")
+        return False
 
     def out_of_patience(self, patience: int | None) -> bool:
         """Whether --patience evaluations have passed without improvement (decided on rank 0, for every rank)."""
@@ -939,10 +943,11 @@ def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int
     run.writers.write(Record("val", epoch, at, {"time": round(time.time(), 3), **losses}))
 
 
-def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: int, metrics: dict, at: int
-                      ) -> None:
-    """After an evaluation, on rank 0: the record, the curves and the evaluated model's prediction pictures."""
-    run.writers.write(Record("eval", epoch, at, {"time": round(time.time(), 3), **metrics}))
+def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: int, metrics: dict, at: int,
+                      about: dict) -> None:
+    """After an evaluation, on rank 0: the record (about: its seconds and whether it is the best, beside the
+    metrics), the curves and the evaluated model's prediction pictures."""
+    run.writers.write(Record("eval", epoch, at, {"time": round(time.time(), 3), **about, **metrics}))
     plot_curves(run.writers.records("train"), run.writers.records("eval"), run.output_dir / "curves.png",
                 run.writers.records("val"))
     vis_indices = list(range(min(run.args.vis_images, len(data.val_set))))
@@ -963,7 +968,7 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
     utils.share_rank0_buffers(state.model, *([state.ema.module] if state.ema is not None else []))
     if data.val_loss_loader is not None:
         log_validation_losses(run, data, state, epoch, at, stop_requested)
-    raw = {}
+    raw, started = {}, time.perf_counter()
     if state.ema is not None:
         if run.args.model_ema_eval == "both":
             utils.print_once("Evaluating the raw weights (without the moving average)")
@@ -971,9 +976,10 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
         utils.print_once("Evaluating the weights' moving average (model_ema)")
     evaluator, metrics, eval_model = run_evaluation(run, data, evaluated_weights(state), stop_requested)
     if run.is_main:
+        about = {"seconds": round(time.perf_counter() - started, 3)}
         evaluator.write_results(run.output_dir)
-        best.update(metrics, state, epoch)
-        report_evaluation(run, data, eval_model, epoch, {**metrics, **raw}, at)
+        about["new_best"] = best.update(metrics, state, epoch)
+        report_evaluation(run, data, eval_model, epoch, {**metrics, **raw}, at, about)
     return metrics
 
 

@@ -61,12 +61,13 @@ def loader(count: int = 10, batch_size: int = 2, skip: int = 0, accumulation: in
                                        collate_fn=lambda b: tuple(zip(*b)))
 
 
-def train(model, data, epoch=0, start_step=0, **options):
+def train(model, data, epoch=0, start_step=0, kinds=("train",), **options):
+    """One epoch of train_one_epoch; its records of the given kinds (the logged steps')."""
     records = []
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     options = TrainOptions(print_freq=options.pop("print_freq", 1), on_record=records.append, **options)
     result = train_one_epoch(model, optimizer, data, CPU, epoch, options, start_step)
-    return result, records, optimizer
+    return result, [r for r in records if r.kind in kinds], optimizer
 
 
 def test_warmup_factor_rises_linearly_to_one():
@@ -93,6 +94,26 @@ def test_records_are_the_logged_steps_with_their_losses():
     values = records[-1].values
     assert values["loss"] == pytest.approx(values["loss_a"] + values["loss_b"])
     assert math.isfinite(values["images_per_s"])
+
+
+def test_a_finished_epoch_ends_with_a_record_of_its_mean_losses():
+    _, records, _ = train(TinyDetector(), loader(10), epoch=2, print_freq=2, kinds=("train", "epoch"))
+    *steps, epoch = records
+    every_step = [r.values for r in train(TinyDetector(), loader(10), epoch=2, print_freq=1)[1]]
+    assert (epoch.kind, epoch.epoch, epoch.step, epoch.global_step) == ("epoch", 2, None, 15)
+    assert (epoch.values["steps"], epoch.values["first_step"]) == (5, 0) and epoch.values["seconds"] > 0
+    for name in ("loss", "loss_a", "loss_b"):  # every step's, logged or not
+        assert epoch.values[name] == pytest.approx(sum(v[name] for v in every_step) / 5), name
+    assert "lr" not in epoch.values and [r.kind for r in steps] == ["train"] * 3
+
+
+def test_an_epoch_left_unfinished_has_no_epoch_record():
+    requests = iter([False, False, True])
+    result, records, _ = train(TinyDetector(), loader(10), stop_requested=lambda: next(requests),
+                               kinds=("train", "epoch"))
+    assert not result.finished and {r.kind for r in records} == {"train"}
+    _, resumed, _ = train(TinyDetector(), loader(10, skip=2), start_step=2, kinds=("epoch",))
+    assert (resumed[-1].kind, resumed[-1].values["steps"], resumed[-1].values["first_step"]) == ("epoch", 3, 2)
 
 
 def test_a_non_finite_loss_names_its_step_and_the_fixes():
@@ -155,7 +176,7 @@ def test_a_stop_request_ends_the_epoch_after_the_step_in_progress_and_the_rest_c
     options = TrainOptions(print_freq=1, on_record=records.append)
     result = train_one_epoch(stopped_model, optimizer, loader(10, skip=2), CPU, 0, options, start_step=2)
     assert (result.steps_done, result.finished) == (5, True)
-    resumed = first + records
+    resumed = first + [r for r in records if r.kind == "train"]
     assert [r.step for r in resumed] == [r.step for r in straight]
     assert [r.values["lr"] for r in resumed] == pytest.approx([r.values["lr"] for r in straight])
     assert torch.allclose(stopped_model.weight, straight_model.weight)
@@ -263,8 +284,9 @@ def test_an_accumulated_epoch_stops_and_resumes_on_an_optimizer_step():
     resumed_data = loader(count=16, batch_size=2, accumulation=2, skip=2)  # one step of two batches done
     result = train_one_epoch(model, optimizer, resumed_data, CPU, 0, options, start_step=1)
     assert (result.steps_done, result.finished) == (4, True)
-    assert [r.step for r in first + records] == [r.step for r in straight]
-    assert [r.values["lr"] for r in first + records] == pytest.approx([r.values["lr"] for r in straight])
+    resumed = first + [r for r in records if r.kind == "train"]
+    assert [r.step for r in resumed] == [r.step for r in straight]
+    assert [r.values["lr"] for r in resumed] == pytest.approx([r.values["lr"] for r in straight])
     torch.testing.assert_close(model.weight, straight_model.weight)
 
 

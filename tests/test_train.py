@@ -518,6 +518,10 @@ def test_metrics_file_holds_step_and_evaluation_records(trained):
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
     assert {"loss", "loss_mask", "lr", "images_per_s", "time", "global_step"} <= set(steps[0])
     (evaluation,) = [r for r in records if r["type"] == "eval"]
+    assert evaluation["new_best"] is True and evaluation["seconds"] > 0
+    (epoch,) = [r for r in records if r["type"] == "epoch"]
+    assert (epoch["epoch"], epoch["steps"], epoch["global_step"]) == (0, len(steps), steps[-1]["global_step"])
+    assert epoch["loss"] == pytest.approx(sum(r["loss"] for r in steps) / len(steps)), "--print-freq 1: every step"
     for iou_type in ("bbox", "segm"):
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"} <= set(
             evaluation[iou_type])
