@@ -77,7 +77,7 @@ from engine import (
     train_one_epoch,
     validation_losses,
 )
-from errors import UserError, exit_status, message_of
+from errors import Terminated, UserError, exit_status, message_of
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers, duration
 from models import (
@@ -1078,6 +1078,41 @@ def write_arguments(output_dir: Path, args: argparse.Namespace, resumed_here: bo
                       RUN_OUTPUT_REMEDY)
 
 
+@contextmanager
+def outcome_recorded(path: Path | None, state: TrainingState) -> Iterator[None]:
+    """Training, after which args.json's start (at path; None on other ranks) says when and how it ended: a
+    folder tells a finished run from one stopped, failed or still going (no "ended": running, or killed)."""
+    try:
+        yield
+    except BaseException as e:
+        if path is not None:
+            record_outcome(path, outcome_of(e))
+        raise
+    if path is not None:
+        record_outcome(path, "stopped early (--patience)" if state.stopped_early else "finished")
+
+
+def outcome_of(error: BaseException) -> str:
+    """How an exception ended training, in words."""
+    if isinstance(error, SystemExit):  # every rank agreed to stop at a signal, after saving where they stood
+        return f"stopped by a signal (exit status {error.code}); --resume auto continues"
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted by {'SIGTERM' if isinstance(error, Terminated) else 'Ctrl-C'}"
+    if isinstance(error, UserError):
+        return f"error: {message_of(error)}"
+    return f"failed: {type(error).__name__}: {str(error)[:300]}"
+
+
+def record_outcome(path: Path, outcome: str) -> None:
+    """Add the end's time and outcome to args.json; a failed write is said, and changes nothing else."""
+    try:
+        recorded = json.loads(path.read_text())
+        ended = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        write_json_atomic(path, {**recorded, "ended": ended, "outcome": outcome}, RUN_OUTPUT_REMEDY)
+    except (OSError, ValueError, UserError) as e:
+        print(f"warning: how the run ended was not recorded in {path} ({e})", file=sys.stderr)
+
+
 def earlier_starts(path: Path) -> list[dict]:
     """The starts an args.json records, its own last (none where it is missing or not one of ours)."""
     try:
@@ -1186,7 +1221,8 @@ def main(args: argparse.Namespace) -> dict:
         keep_previous_outputs(run.output_dir)
     if run.is_main:
         write_arguments(run.output_dir, args, resumed_here=checkpoint is not None and not foreign)
-    return train(run, data, model, state)
+    with outcome_recorded(run.output_dir / "args.json" if run.is_main else None, state):
+        return train(run, data, model, state)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import torchvision
 from PIL import Image
 from pycocotools.coco import COCO
 
+import errors
 import train
 from coco_utils import CategoryMap, build_dataset
 from conftest import ROOT, SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
@@ -45,6 +46,7 @@ def test_training_writes_loadable_checkpoints(trained, dataset, torch_home, monk
     assert written["command"].endswith(" ".join(["train.py", "--data-path", str(dataset), "--output-dir",
                                                  str(out), *TRAIN_FLAGS]))
     assert written["args"]["epochs"] == 1 and written["args"]["device"] == "cpu" and written["args"]["lr"] == 0.01
+    assert written["outcome"] == "finished" and written["ended"] >= written["started"]
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 0
     assert {"model", "optimizer", "lr_scheduler", "args", "categories"} <= set(checkpoint)
@@ -257,6 +259,28 @@ def test_args_json_keeps_the_folders_earlier_starts_and_the_software_that_ran(tm
     (tmp_path / "args.json").write_text('["not", "ours"]')
     train.write_arguments(tmp_path, argparse.Namespace(lr=0.01), resumed_here=True)
     assert json.loads((tmp_path / "args.json").read_text())["earlier_starts"] == []
+
+
+@pytest.mark.parametrize("error, outcome", [
+    (SystemExit(143), "stopped by a signal (exit status 143); --resume auto continues"),
+    (errors.Terminated(), "interrupted by SIGTERM"), (KeyboardInterrupt(), "interrupted by Ctrl-C"),
+    (UserError("loss is nan at epoch 2 step 7"), "error: loss is nan at epoch 2 step 7"),
+    (RuntimeError("NCCL timeout"), "failed: RuntimeError: NCCL timeout")])
+def test_args_json_says_how_training_ended(tmp_path, error, outcome):
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02), resumed_here=False)
+    state = argparse.Namespace(stopped_early=False)
+    with pytest.raises(type(error)), train.outcome_recorded(tmp_path / "args.json", state):
+        raise error
+    written = json.loads((tmp_path / "args.json").read_text())
+    assert written["outcome"] == outcome and written["args"] == {"lr": 0.02}
+    assert datetime.datetime.fromisoformat(written["ended"]) >= datetime.datetime.fromisoformat(written["started"])
+    state.stopped_early = True
+    with train.outcome_recorded(tmp_path / "args.json", state):
+        pass
+    assert json.loads((tmp_path / "args.json").read_text())["outcome"] == "stopped early (--patience)"
+    with train.outcome_recorded(None, state):  # another rank's: nothing written
+        (tmp_path / "args.json").unlink()
+    assert not (tmp_path / "args.json").exists()
 
 
 def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
