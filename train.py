@@ -54,7 +54,7 @@ from checkpoint import (
     set_aside_previous_run,
     write_json_atomic,
 )
-from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator
+from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator, metric_names
 from coco_utils import (
     DATASET_LAYOUTS,
     MIN_KEYPOINTS_PER_IMAGE,
@@ -243,7 +243,11 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
         help="the losses on the validation set after each epoch (nothing in the model changes), logged beside the "
              "training losses")
     add("--patience", default=None, type=int, metavar="K",
-        help="stop when the primary AP (mask, keypoint or box) has not improved for K evaluations")
+        help="stop when the best metric (--best-metric) has not improved for K evaluations")
+    add("--best-metric", default=None, metavar="TYPE/NAME",
+        help="the metric model_best.pth and --patience go by, as metrics.jsonl names it, such as bbox/AP50 or "
+             "segm/APs (default: the primary AP: segm/AP for Mask R-CNN, keypoints/AP for Keypoint R-CNN, else "
+             "bbox/AP)")
     add("--print-freq", default=20, type=int, help="print a progress line every this many optimizer steps")
     add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     add("--vis-images", default=4, type=int,
@@ -384,6 +388,7 @@ def check_training_combinations(args: argparse.Namespace) -> None:
     if args.opt == "sgd_nesterov" and args.momentum <= 0:
         raise UserError(f"--opt sgd_nesterov needs momentum, and --momentum is {args.momentum:g}; give a positive "
                         f"--momentum or --opt sgd")
+    best_metric(args)  # a name the model's evaluation gives
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -405,13 +410,18 @@ def check_args(args: argparse.Namespace) -> None:
 IOU_NAMES = {"segm": "mask", "keypoints": "keypoint", "bbox": "box"}  # as the README and the curves say them
 
 
-def primary_kind(metrics: dict) -> str:
-    """Whose AP model_best.pth is chosen by: masks' or keypoints', or boxes' for models that give neither."""
-    return next(kind for kind in ("segm", "keypoints", "bbox") if kind in metrics)
-
-
-def primary_ap(metrics: dict) -> float:
-    return metrics[primary_kind(metrics)]["AP"]
+def best_metric(args: argparse.Namespace) -> tuple[str, str]:
+    """The (IoU type, metric name) model_best.pth and --patience go by: --best-metric's, else the primary AP
+    (masks' or keypoints', or boxes' for models that give neither); refused when the model gives no such one."""
+    types = iou_types(args.model)
+    if args.best_metric is None:
+        return next(kind for kind in ("segm", "keypoints", "bbox") if kind in types), "AP"
+    kind, _, name = args.best_metric.partition("/")
+    if kind not in types or name not in metric_names(kind):
+        choices = ", ".join(f"{t}/{n}" for t in types for n in metric_names(t))
+        raise UserError(f"--best-metric {args.best_metric} is no metric of {args.model}'s evaluation; choose one "
+                        f"of {choices}")
+    return kind, name
 
 
 def prediction_pictures(model: torch.nn.Module, dataset: CocoDetection, indices: list[int], device: torch.device,
@@ -903,20 +913,21 @@ def save_epoch(run: Run, state: TrainingState, epoch: int) -> None:
 
 
 class BestModel:
-    """model_best.pth: the weights of the evaluation with the best primary AP so far (counting a resumed run's),
-    and how many evaluations have passed without a better one."""
+    """model_best.pth: the weights of the evaluation with the best metric (best_metric) so far (counting a resumed
+    run's), and how many evaluations have passed without a better one."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
+        self.kind, self.metric = best_metric(run.args)
         records = run.writers.records("eval")
-        history = [primary_ap(r) for r in records]
+        history = [r[self.kind][self.metric] for r in records]
         self.best = max(history, default=None)
         self.best_epoch = records[history.index(self.best)]["epoch"] if history else None
         self.since_best = len(history) - 1 - history.index(self.best) if history else 0
 
     def update(self, metrics: dict, state: TrainingState, epoch: int) -> bool:
         """Count an evaluation; returns whether it is the new best (and model_best.pth its weights)."""
-        ap, name = primary_ap(metrics), f"{IOU_NAMES[primary_kind(metrics)]} AP"
+        ap, name = metrics[self.kind][self.metric], f"{IOU_NAMES[self.kind]} {self.metric}"
         if self.best is None or ap > self.best:
             self.best, self.best_epoch, self.since_best = ap, epoch, 0
             save_atomic(state.weights_dict(), self.run.output_dir / "model_best.pth")
@@ -985,8 +996,9 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
 
 def stop_early(run: Run, state: TrainingState, best: BestModel) -> None:
     """--patience ran out: say so, and mark the checkpoint so that --resume auto knows."""
-    utils.print_once(f"Stopping early: the primary AP has not improved on {best.best:.4f} for "
-                     f"{run.args.patience} evaluations (--patience); model_best.pth holds the best weights")
+    utils.print_once(f"Stopping early: the {IOU_NAMES[best.kind]} {best.metric} has not improved on "
+                     f"{best.best:.4f} for {run.args.patience} evaluations (--patience); model_best.pth holds the "
+                     f"best weights")
     state.stopped_early = True
     run.save(state)
 

@@ -314,17 +314,39 @@ def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(mon
 def test_each_evaluation_says_whether_it_is_the_best_and_how_long_since_one_was(tmp_path, capsys):
     evals = [{"epoch": e, "bbox": {"AP": 0.5}, "segm": {"AP": ap}} for e, ap in enumerate((0.1, 0.3, 0.2))]
     writers = argparse.Namespace(records=lambda kind: evals if kind == "eval" else [])
-    run = argparse.Namespace(writers=writers, output_dir=tmp_path, args=argparse.Namespace(patience=3))
+    args = argparse.Namespace(patience=3, model="maskrcnn_resnet50_fpn", best_metric=None)
+    run = argparse.Namespace(writers=writers, output_dir=tmp_path, args=args)
     state = argparse.Namespace(weights_dict=lambda: {"model": {}})
     best = train.BestModel(run)  # a resumed run's: best at epoch 1, one evaluation since
     assert (best.best, best.best_epoch, best.since_best) == (0.3, 1, 1)
-    best.update({"bbox": {"AP": 0.9}, "segm": {"AP": 0.25}}, state, 3)
+    assert best.update({"bbox": {"AP": 0.9}, "segm": {"AP": 0.25}}, state, 3) is False
     assert capsys.readouterr().out == ("mask AP 0.2500, not above the best, 0.3000 at epoch 1: 2 evaluations without "
                                        "improvement (--patience 3)\n")
     assert not (tmp_path / "model_best.pth").exists() and best.out_of_patience(3) is False
-    best.update({"bbox": {"AP": 0.1}, "segm": {"AP": 0.4}}, state, 4)
+    assert best.update({"bbox": {"AP": 0.1}, "segm": {"AP": 0.4}}, state, 4) is True
     assert capsys.readouterr().out.startswith("New best mask AP 0.4000 at epoch 4: saved ")
     assert (tmp_path / "model_best.pth").is_file() and best.since_best == 0
+
+
+def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys):
+    evals = [{"epoch": e, "bbox": {"AP": 0.5, "AP50": ap50}, "segm": {"AP": ap}}
+             for e, (ap, ap50) in enumerate(((0.1, 0.7), (0.3, 0.6)))]
+    args = argparse.Namespace(patience=None, model="maskrcnn_resnet50_fpn", best_metric="bbox/AP50")
+    run = argparse.Namespace(writers=argparse.Namespace(records=lambda kind: evals), output_dir=tmp_path, args=args)
+    best = train.BestModel(run)
+    assert (best.best, best.best_epoch, best.since_best) == (0.7, 0, 1), "the mask AP would say epoch 1"
+    assert best.update({"bbox": {"AP": 0.1, "AP50": 0.8}, "segm": {"AP": 0.0}}, argparse.Namespace(
+        weights_dict=lambda: {"model": {}}), 2) is True
+    assert capsys.readouterr().out.startswith("New best box AP50 0.8000 at epoch 2: saved ")
+    for model, given, primary in [("keypointrcnn_resnet50_fpn", None, ("keypoints", "AP")),
+                                  ("retinanet_resnet50_fpn", None, ("bbox", "AP")),
+                                  ("maskrcnn_resnet50_fpn", "segm/ARs", ("segm", "ARs"))]:
+        assert train.best_metric(argparse.Namespace(model=model, best_metric=given)) == primary
+    for model, given in [("maskrcnn_resnet50_fpn", "segm/AP55"), ("fasterrcnn_resnet50_fpn", "segm/AP"),
+                         ("maskrcnn_resnet50_fpn", "AP")]:
+        with pytest.raises(UserError, match=f"--best-metric {given} is no metric of {model}'s evaluation; choose "
+                                            f"one of bbox/AP, bbox/AP50, "):
+            train.best_metric(argparse.Namespace(model=model, best_metric=given))
 
 
 def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_path, capsys):

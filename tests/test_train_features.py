@@ -27,7 +27,7 @@ def trainer_features_run(tiny_dataset, tmp_path_factory):
 def test_accumulation_average_validation_loss_and_patience_together(trainer_features_run):
     out, result = trainer_features_run
     assert "Effective batch: 1 images x 1 processes x 2 accumulation steps = 2 per optimizer step" in result.stdout
-    assert re.search(r"Stopping early: the primary AP has not improved on \d\.\d{4} for 2 evaluations",
+    assert re.search(r"Stopping early: the mask AP has not improved on \d\.\d{4} for 2 evaluations",
                      result.stdout)
     records = read_metrics(out)
     assert [r["epoch"] for r in records if r["type"] == "eval"] == [0, 1, 2], "stopped at the third evaluation"
