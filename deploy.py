@@ -10,11 +10,13 @@ import json
 import re
 import time
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+import torch.onnx.operators
 import torchvision
 from torch import nn
 from torchvision.ops import box_iou
@@ -61,6 +63,42 @@ class ImageInGraph(nn.Module):
         return tuple(output[n] for n in self.names)
 
 
+def traced_resize_size(image: torch.Tensor, min_size: float, max_size: float) -> torch.Tensor:
+    """(height, width) as torchvision's eager resize gives them, floor(side x scale) in float64, as graph ops: the
+    exporter would otherwise compute the scale in float32, and onnxruntime then makes 1 pixel less of some sizes
+    (375x500 to 799x1066 where PyTorch makes 800x1066 at --min-size 800), which moves every detection a little."""
+    side = torch.onnx.operators.shape_as_tensor(image)[-2:].to(torch.float64)
+    limits = torch.tensor([min_size, max_size], dtype=torch.float64)  # tensors: a Python number becomes float32
+    scale = torch.min(limits / torch.stack([side.min(), side.max()]))
+    return torch.floor(side * scale).to(torch.int64)
+
+
+@contextmanager
+def exact_resize_while_tracing():
+    """torchvision's resize (detection.transform._resize_image_and_masks), made to compute its output size as
+    in eager mode while a graph is traced: the one change export makes to torchvision's model, and only to the
+    graph (eager calls and fixed-size or target-carrying resizes go to torchvision's own)."""
+    module = torchvision.models.detection.transform
+    original = getattr(module, "_resize_image_and_masks", None)
+    if original is None:  # a torchvision that resizes otherwise: its own code is traced, as it is
+        print("note: this torchvision has no detection.transform._resize_image_and_masks, so the graph resizes "
+              "by torchvision's traced code, which can make some image sizes 1 pixel smaller than PyTorch does")
+        yield
+        return
+
+    def resize(image, self_min_size, self_max_size, target=None, fixed_size=None):
+        if not torch.jit.is_tracing() or target is not None or fixed_size is not None:
+            return original(image, self_min_size, self_max_size, target, fixed_size)
+        size = traced_resize_size(image, float(self_min_size), float(self_max_size))
+        return F.interpolate(image[None], size=[size[0], size[1]], mode="bilinear", align_corners=False)[0], None
+
+    module._resize_image_and_masks = resize
+    try:
+        yield
+    finally:
+        module._resize_image_and_masks = original
+
+
 def require(module: str):
     """An optional module of the export set, or one line saying how to install it."""
     try:
@@ -77,7 +115,8 @@ def _torchscript_proto(wrapper: ImageInGraph, sample: torch.Tensor, opset: int):
     if "masks" in wrapper.names:
         axes["masks"].update({2: "height", 3: "width"})
     buffer = io.BytesIO()
-    with warnings.catch_warnings():  # tracer and deprecation warnings about torchvision's code, not the user's
+    # The warnings silenced are the tracer's and deprecations about torchvision's code, not the user's.
+    with warnings.catch_warnings(), exact_resize_while_tracing():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (sample,), buffer, dynamo=False, opset_version=opset, input_names=["image"],
                           output_names=list(wrapper.names), dynamic_axes=axes)

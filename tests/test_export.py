@@ -13,7 +13,9 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
+import torchvision
 from pycocotools.coco import COCO
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import deploy
 from coco_utils import CategoryMap
@@ -384,3 +386,36 @@ def test_coverage_counts_another_size_only_where_it_had_detections():
     lines = export.coverage([deploy.Comparison("sample", 2, 2, size=(48, 64)), same, blank])
     assert lines == ["note: no image of another size than the sample's had detections to compare",
                      "checked an image without detections above the threshold: blank gray"]
+
+
+class Resize(torch.nn.Module):
+    """torchvision's resize alone, as the detection models run it at 800-1333."""
+
+    def __init__(self):
+        super().__init__()
+        self.transform = GeneralizedRCNNTransform(800, 1333, [0.0] * 3, [1.0] * 3)
+
+    def forward(self, image):
+        return self.transform.resize(image.float(), None)[0]
+
+
+def test_the_graph_resizes_images_to_pytorchs_size():
+    """The exporter computes torchvision's scale in float32, and onnxruntime then made 375x500 799x1066 (PyTorch:
+    800x1066), and 1 pixel less on about 15% of sizes."""
+    ort = pytest.importorskip("onnxruntime")
+    buffer = io.BytesIO()
+    with deploy.exact_resize_while_tracing():
+        torch.onnx.export(Resize().eval(), (torch.zeros(3, 300, 400, dtype=torch.uint8),), buffer, dynamo=False,
+                          opset_version=deploy.OPSET, input_names=["image"], output_names=["out"],
+                          dynamic_axes={"image": {1: "h", 2: "w"}, "out": {1: "H", 2: "W"}})
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    sizes = [(375, 500), (500, 375), (3000, 70), (100, 130), (165, 159)]
+    drawn = torch.randint(40, 2000, (40, 2), generator=torch.Generator().manual_seed(0))
+    sizes += [tuple(pair) for pair in drawn.tolist()]
+    for height, width in sizes:
+        image = torch.zeros(3, height, width, dtype=torch.uint8)
+        with torch.inference_mode():
+            expected = tuple(Resize()(image).shape[-2:])
+        assert session.run(None, {"image": image.numpy()})[0].shape[-2:] == expected, (height, width)
+    restored = torchvision.models.detection.transform._resize_image_and_masks
+    assert restored.__module__ == "torchvision.models.detection.transform"
