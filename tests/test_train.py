@@ -726,6 +726,49 @@ def test_predicts_progress_rewrites_one_line_on_a_terminal_and_prints_tenths_in_
         assert counts == list(range(3, 25, 3)) + [25] and out.count("\n") == len(counts) and "\r" not in out
 
 
+def test_predicts_progress_in_a_log_is_printed_at_least_every_log_seconds(capsys, monkeypatch):
+    from tools import predict
+    monkeypatch.setattr(predict.ProgressLine, "LOG_SECONDS", 0.0)
+    progress = predict.ProgressLine(1000, on_terminal=False, already=400)
+    for done in (401, 402, 403):
+        progress.show(done)
+    assert re.findall(r"\[(\d+)/1000\]", capsys.readouterr().out) == ["401", "402", "403"], "not only tenths"
+
+
+def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(trained, dataset, tmp_path, capsys,
+                                                                             monkeypatch):
+    from tools import predict
+    args = ["--checkpoint", str(trained[0] / "checkpoint.pth"), str(dataset / "val2017"), "--device", "cpu",
+            "--score-thresh", "0.0", "--batch-size", "1"]
+    assert predict.main([*args, "--output-dir", str(tmp_path / "straight"), "--no-pictures"]) == 0
+    assert not list((tmp_path / "straight").glob("*.jpg")), "--no-pictures"
+    straight = json.loads((tmp_path / "straight" / "predictions.json").read_text())
+    listed = json.loads((tmp_path / "straight" / "images.json").read_text())
+    kept, calls = predict.kept_detections, []
+
+    def stopped_at_the_fourth(*given):
+        calls.append(1)
+        if len(calls) == 4:
+            raise errors.Terminated
+        return kept(*given)
+
+    monkeypatch.setattr(predict, "kept_detections", stopped_at_the_fourth)
+    capsys.readouterr()
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut")]) == errors.TERMINATED_STATUS
+    assert (f"Wrote the detections of the 3 of {len(listed)} images done to {tmp_path / 'cut'}; the same command "
+            f"with --resume predicts the others") in capsys.readouterr().err
+    assert json.loads((tmp_path / "cut" / "images.json").read_text()) == listed[:3]
+    monkeypatch.setattr(predict, "kept_detections", kept)
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert f"Resuming: 3 of {len(listed)} images were predicted in" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cut" / "images.json").read_text()) == listed
+    assert json.loads((tmp_path / "cut" / "predictions.json").read_text()) == straight
+    assert len(list((tmp_path / "cut").glob("*.jpg"))) == len(listed), "the pictures of both calls"
+    assert predict.main([*args[:2], str(dataset / "train2017"), *args[3:], "--output-dir", str(tmp_path / "cut"),
+                         "--resume"]) == 2
+    assert "which this call's inputs do not give it; give the interrupted call's inputs" in capsys.readouterr().err
+
+
 def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):
     from tools import predict
     for name in ("val2017/imgs/a.jpg", "val2017/b.jpg", "val2017/imgs/notes.txt"):

@@ -9,17 +9,20 @@ Inputs are image files, folders or glob patterns. Image ids in the JSON come fro
 naming the images), else from COCO-style numeric file names (000000000139.jpg is 139), else 1, 2, ... in
 file-name order; category ids are the training file's own. predictions.json holds COCO results, which
 pycocotools' loadRes reads: per detection a score with, for Mask R-CNN, the model's box and a mask as RLE; for
-Keypoint R-CNN, the keypoints (COCO's keypoint results); for box models, the box.
+Keypoint R-CNN, the keypoints (COCO's keypoint results); for box models, the box. A call stopped by Ctrl-C or
+SIGTERM writes both files for the images done, and --resume continues it.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -178,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the most detections kept per image; default: the checkpoint's, else the model's (100 "
                              "for R-CNNs); with --onnx, at most the file's (its highest scores)")
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
+    parser.add_argument("--no-pictures", action="store_true",
+                        help="write predictions.json and images.json only, without drawing a picture per image")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted call into the same --output-dir: the images its images.json "
+                             "lists keep their detections and are not predicted again")
     parser.add_argument("--no-speedups", action="store_true", help="run torchvision's plain model (as train.py)")
     parser.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="keep freed memory for the model's next tensors, as train.py does (default: on the CPU)")
     args = parser.parse_args(argv)
-    return exit_status(lambda: predict(args), "the pictures written are whole; predictions.json was not written")
+    return exit_status(lambda: predict(args), "every file written is whole")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -243,11 +251,12 @@ def kept_detections(output: dict, category_map: CategoryMap, score_thresh: float
     return {k: v[above & known] for k, v in output.items()}, int((above & ~known).sum())
 
 
-def readable_images(paths: list[Path], records: list, unreadable: list[str], turned: list[Path]
-                    ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, image) of every image that can be read; each one that cannot is added to unreadable (why), each
-    one turned upright by its EXIF orientation for want of a JSON size to turned."""
-    for index, (path, (_, size)) in enumerate(zip(paths, records)):
+def readable_images(paths: list[Path], records: list, unreadable: list[str], turned: list[Path],
+                    indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, image) of every image of the given indices that can be read; each one that cannot is added to
+    unreadable (why), each one turned upright by its EXIF orientation for want of a JSON size to turned."""
+    for index in indices:
+        path, size = paths[index], records[index][1]
         try:
             yield index, read_rgb(path, size, turned if size is None else None)
         except SampleError as e:
@@ -270,18 +279,18 @@ def predict(args: argparse.Namespace) -> int:
     prepare_output_dir(out)
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
         print(NOT_KEPT_WARNING, file=sys.stderr)
+    done = earlier_results(out, paths, records) if args.resume else Done()
+    pictures = None if args.no_pictures else picture_names(paths)
+    if pictures is not None and not args.resume:
+        warn_of_earlier_pictures(out, pictures)
+    to_do = [i for i in range(len(paths)) if i not in done.images]
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
-    pictures = picture_names(paths)
-    warn_of_earlier_pictures(out, pictures)
-
-    results: dict[int, list[dict]] = {}
-    images: dict[int, dict] = {}  # what each id in predictions.json is: COCO's "images" entries
     unreadable: list[str] = []
     turned: list[Path] = []
     dropped = 0
-    progress = ProgressLine(len(paths))
+    progress = ProgressLine(len(paths), already=len(done.images))
     try:
-        images_read = readable_images(paths, records, unreadable, turned)
+        images_read = readable_images(paths, records, unreadable, turned, to_do)
         for batch in same_size_batches(images_read, args.batch_size, lambda item: padded_size(model, item[1])):
             with torch.inference_mode():
                 outputs = model(to_device([image for _, image in batch], [], device)[0])
@@ -289,16 +298,19 @@ def predict(args: argparse.Namespace) -> int:
                 output, unknown = kept_detections({k: v.cpu() for k, v in output.items()}, category_map,
                                                   args.score_thresh)
                 dropped += unknown
-                results[index] = result_records(records[index][0], output, category_map, kind)
-                images[index] = {"id": records[index][0], "file_name": str(paths[index]),
-                                 "height": image.shape[-2], "width": image.shape[-1]}
-                labels = output["labels"].tolist()
-                names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
-                picture = draw_instances(image, output["boxes"], names, output.get("masks"),
-                                         [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
-                save_jpeg(picture, out / pictures[index])
-            progress.show(len(results) + len(unreadable))
-        progress.show(len(results) + len(unreadable), last=True)  # counting unreadable images at the end
+                done.add(index, result_records(records[index][0], output, category_map, kind),
+                         {"id": records[index][0], "file_name": str(paths[index]), "height": image.shape[-2],
+                          "width": image.shape[-1]})
+                if pictures is not None:
+                    save_jpeg(picture_of(image, output, category_map), out / pictures[index])
+            progress.show(len(done.images) + len(unreadable))
+        progress.show(len(done.images) + len(unreadable), last=True)  # counting unreadable images at the end
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was predicted is kept, and --resume goes on from it
+        progress.end()
+        done.write(out)
+        print(f"Wrote the detections of the {len(done.images)} of {len(paths)} images done to {out}; the same "
+              f"command with --resume predicts the others", file=sys.stderr, flush=True)
+        raise
     finally:
         progress.end()  # before an error's line too
     report_left_out(unreadable, len(paths), dropped, category_map)
@@ -306,12 +318,62 @@ def predict(args: argparse.Namespace) -> int:
         print(f"note: {len(turned)} image{'s were' if len(turned) > 1 else ' was'} turned upright as EXIF asks "
               f"(first: {turned[0]}); the predictions are of the turned pictures, as images.json's sizes are. To "
               f"read them as a COCO file's sizes say (as training does), give --annotations")
-    detections = [d for index in sorted(results) for d in results[index]]
-    remedy = "free space in --output-dir or choose another"
-    write_json_atomic(out / "predictions.json", detections, remedy)
-    write_json_atomic(out / "images.json", [images[i] for i in sorted(images)], remedy)
-    print(f"Wrote {len(results)} pictures and {len(detections)} detections to {out}")
+    detections = done.write(out)
+    drawn = f"{len(to_do) - len(unreadable)} pictures and " if pictures is not None else ""
+    print(f"Wrote {drawn}{detections} detections of {len(done.images)} images to {out}")
     return 0
+
+
+def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap) -> torch.Tensor:
+    """An image with its kept detections drawn: masks, boxes, keypoints, and each one's category and score."""
+    labels = output["labels"].tolist()
+    names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
+    return draw_instances(image, output["boxes"], names, output.get("masks"),
+                          [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
+
+
+@dataclass
+class Done:
+    """The images predicted so far, by their index among the inputs: COCO's "images" entries and detections."""
+
+    images: dict[int, dict] = field(default_factory=dict)
+    results: dict[int, list[dict]] = field(default_factory=dict)
+
+    def add(self, index: int, detections: list[dict], image: dict) -> None:
+        self.results[index], self.images[index] = detections, image
+
+    def write(self, out: Path) -> int:
+        """predictions.json and images.json of the images done, in input order; the detections written."""
+        detections = [d for index in sorted(self.results) for d in self.results[index]]
+        remedy = "free space in --output-dir or choose another"
+        write_json_atomic(out / "predictions.json", detections, remedy)
+        write_json_atomic(out / "images.json", [self.images[i] for i in sorted(self.images)], remedy)
+        return len(detections)
+
+
+def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
+    """--resume: the images an earlier call into out predicted (its images.json) and their detections, by index
+    among this call's inputs; refused where that call's ids are not this call's (other inputs, or none)."""
+    try:
+        images = json.loads((out / "images.json").read_text())
+        detections = json.loads((out / "predictions.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume continues a call whose predictions.json and images.json are in {out}, and they "
+                        f"cannot be read ({e}); leave --resume out to start afresh") from None
+    index_of = {str(path): i for i, path in enumerate(paths)}
+    done = Done()
+    by_id: dict[int, list[dict]] = {}
+    for detection in detections:
+        by_id.setdefault(detection["image_id"], []).append(detection)
+    for image in images:
+        index = index_of.get(image["file_name"])
+        if index is None or records[index][0] != image["id"]:
+            raise UserError(f"--resume: {out / 'images.json'} lists {image['file_name']} as image {image['id']}, "
+                            f"which this call's inputs do not give it; give the interrupted call's inputs, or a new "
+                            f"--output-dir without --resume")
+        done.add(index, by_id.get(image["id"], []), image)
+    print(f"Resuming: {len(done.images)} of {len(paths)} images were predicted in {out}")
+    return done
 
 
 def result_records(image_id: int, output: dict, category_map: CategoryMap, kind: str) -> list[dict]:
@@ -326,25 +388,31 @@ def result_records(image_id: int, output: dict, category_map: CategoryMap, kind:
 
 
 class ProgressLine:
-    """Images done and the rate: one line rewritten in place on a terminal; in a log, a line for each tenth."""
+    """Images done and the rate: one line rewritten in place on a terminal; in a log, a line for each tenth, and
+    at least one every LOG_SECONDS. already: images done by an earlier call (--resume), left out of the rate."""
 
-    def __init__(self, total: int, on_terminal: bool | None = None) -> None:
-        self.total, self.started = total, time.time()
+    LOG_SECONDS = 30.0
+
+    def __init__(self, total: int, on_terminal: bool | None = None, already: int = 0) -> None:
+        self.total, self.already, self.started = total, already, time.time()
         self.on_terminal = sys.stdout.isatty() if on_terminal is None else on_terminal
         self.every = max(1, -(-total // 10))  # a tenth, rounded up
-        self.printed = 0  # the count on the last line printed
+        self.printed, self.printed_at = already, self.started  # the count on the last line printed, and when
 
     def show(self, done: int, last: bool = False) -> None:
-        text = f"[{done}/{self.total}] {done / max(time.time() - self.started, 1e-9):.1f} img/s"
+        now = time.time()
+        text = f"[{done}/{self.total}] {(done - self.already) / max(now - self.started, 1e-9):.1f} img/s"
         if self.on_terminal:
             print(f"\r{text}", end="", flush=True)
-        elif done != self.printed and (last or done >= self.printed + self.every):
+        elif done != self.printed and (last or done >= self.printed + self.every
+                                       or now - self.printed_at >= self.LOG_SECONDS):
             print(text, flush=True)
-            self.printed = done
+            self.printed, self.printed_at = done, now
 
     def end(self) -> None:
-        if self.on_terminal:
-            print()  # ends the line rewritten in place
+        if self.on_terminal and self.printed is not None:
+            print()  # ends the line rewritten in place, once
+            self.printed = None
 
 
 def report_left_out(unreadable: list[str], total: int, dropped: int, category_map: CategoryMap) -> None:
