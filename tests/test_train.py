@@ -790,6 +790,17 @@ def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_g
         predict.find_images([str(tmp_path / "val2017" / "imgs")], skip=tmp_path / "val2017" / "imgs")
 
 
+def test_predict_finds_images_in_linked_folders_each_once(tmp_path):
+    from tools import predict
+    for name in ("elsewhere/c.jpg", "in/a.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "in" / "loop").symlink_to(tmp_path / "in")  # a link to a folder above: walked once
+    paths = predict.find_images([str(tmp_path / "in")])
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["in/a.jpg", "in/linked/c.jpg"]
+
+
 def test_export_takes_the_first_images_of_a_folder_and_lists_no_more_of_the_tree(tmp_path, monkeypatch):
     from tools import predict
     for name in ("top.jpg", "notes.txt", "a/2.png", "a/1.jpg", "b/3.jpg", "c/4.jpg"):

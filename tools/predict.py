@@ -58,14 +58,27 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
+def files_under(folder: Path) -> Iterator[Path]:
+    """Every file under folder, in subfolders and linked folders too, each real folder walked once (so a link
+    to a folder above ends)."""
+    walked = set()
+    for parent, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in walked:
+            subfolders[:] = []
+            continue
+        walked.add(real)
+        yield from (Path(parent, name) for name in files)
+
+
 def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
-    """The image files named by paths, folders (and their subfolders) and glob patterns, sorted, each once;
-    none from under skip (the output folder, where an earlier run's pictures are)."""
+    """The image files named by paths, folders (and their subfolders, linked ones too) and glob patterns, sorted,
+    each once; none from under skip (the output folder, where an earlier run's pictures are)."""
     found: set[Path] = set()
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found |= {p for p in path.rglob("*") if is_image_file(p)}
+            found |= {p for p in files_under(path) if is_image_file(p)}
         elif path.is_file():
             found.add(path)
         else:
