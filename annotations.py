@@ -448,6 +448,11 @@ def segmentation_problem(segmentation, height: int, width: int) -> str | None:
     size = segmentation.get("size")
     if not isinstance(size, list) or size != [height, width]:
         return f"is RLE of size {size}, not the image's [{height}, {width}]"
+    counts = segmentation["counts"]
+    if isinstance(counts, list) and not (all(isinstance(c, int) and c >= 0 for c in counts)
+                                         and sum(counts) == height * width):
+        # decoded, the pixels past its counts would be whatever memory follows: a mask of values up to 255
+        return f"is uncompressed RLE whose counts do not add up to the image's {height * width} pixels"
     return None
 
 

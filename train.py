@@ -593,16 +593,23 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
         utils.print_once(f"As the checkpoint's run: {flags}")
 
 
+# COCOeval's maxDets: the most detections an image scores per category, whatever the model keeps.
+COCO_MAX_DETECTIONS = 100
+
+
 def note_crowded_images(val_set: CocoDetection, kept: int) -> None:
-    """Say where validation images hold more instances than the model keeps detections: the rest can only be
-    missed, and the scores are capped below 1 however good the model."""
+    """Say where validation images hold more instances than the model keeps detections or COCO's scoring counts
+    (per category): the rest can only be missed, and the scores are capped below 1 however good the model."""
+    limit = min(kept, COCO_MAX_DETECTIONS)
     counts = scored_instances_per_image(val_set.coco.dataset["annotations"])
-    crowded = sum(count > kept for count in counts.values())
+    crowded = sum(count > limit for count in counts.values())
     if crowded:
         most, most_count = counts.most_common(1)[0]
         images = f"{crowded} validation images hold" if crowded > 1 else "1 validation image holds"
-        utils.print_once(f"note: {images} more instances than the {kept} detections the model keeps per image "
-                         f"(the most: {most_count}, image {most}); raise --detections-per-image to find them all")
+        utils.print_once(f"note: {images} more than {limit} instances (the most: {most_count}, image {most}); the "
+                         f"model keeps {kept} detections per image (--detections-per-image) and COCO's scoring "
+                         f"counts at most {COCO_MAX_DETECTIONS} per image and category, so AP and AR stay below 1 "
+                         f"on such images however good the model")
 
 
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:

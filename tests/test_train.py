@@ -205,9 +205,14 @@ def test_validation_images_of_more_instances_than_detections_kept_are_noted(caps
     train.note_crowded_images(val_set, 5)
     assert capsys.readouterr().out == ""  # crowd regions are not matched by detections
     train.note_crowded_images(val_set, 3)
-    assert capsys.readouterr().out == ("note: 2 validation images hold more instances than the 3 detections the model "
-                                       "keeps per image (the most: 5, image 2); raise --detections-per-image to find "
-                                       "them all\n")
+    assert capsys.readouterr().out == ("note: 2 validation images hold more than 3 instances (the most: 5, image 2); "
+                                       "the model keeps 3 detections per image (--detections-per-image) and COCO's "
+                                       "scoring counts at most 100 per image and category, so AP and AR stay below 1 "
+                                       "on such images however good the model\n")
+    crowded = [{"image_id": 4, "bbox": [0, 0, 5, 5], "iscrowd": 0}] * 101
+    train.note_crowded_images(argparse.Namespace(coco=argparse.Namespace(dataset={"annotations": crowded})), 1000)
+    assert capsys.readouterr().out.startswith("note: 1 validation image holds more than 100 instances (the most: "
+                                              "101, image 4); the model keeps 1000 detections per image")
 
 
 def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_given(tmp_path):
