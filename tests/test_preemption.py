@@ -138,16 +138,17 @@ def test_a_stop_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_th
     assert "Test:  [8/8]" not in output, "the evaluation ended unfinished"
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (0, None)
-    validation, = [r for r in read_metrics(tmp_path) if r["type"] != "train"]
-    assert validation["type"] == "val"
+    epoch_end, validation = [r for r in read_metrics(tmp_path) if r["type"] != "train"]
+    assert (epoch_end["type"], validation["type"]) == ("epoch", "val")
 
     result = run_cli("train.py", *args)
     assert result.returncode == 0, result.stderr
     assert "Evaluating epoch 0 first: the run stopped after saving it, before its evaluation ended" in result.stdout
     assert "Test:  [8/8]" in result.stdout
-    evaluations = [r for r in read_metrics(tmp_path) if r["type"] != "train"]
+    evaluations = [r for r in read_metrics(tmp_path) if r["type"] not in ("train", "epoch")]
     assert [(r["type"], r["epoch"]) for r in evaluations] == [("val", 0), ("eval", 0)]
     assert evaluations[0] == validation, "the validation losses kept, not computed again"
+    assert [r for r in read_metrics(tmp_path) if r["type"] == "epoch"] == [epoch_end], "the epoch's record, once"
     again = run_cli("train.py", *args)
     assert "Evaluating epoch 0 first" not in again.stdout, "once evaluated, not again"
     test_only = tmp_path / "test_only"  # a Ctrl-C there: Python's default signal handling, one line, no traceback
