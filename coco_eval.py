@@ -146,6 +146,9 @@ def encode(image_id: int, output: dict[str, torch.Tensor], category_map: Categor
     return encoded
 
 
+# COCOeval's maxDets: the most detections of an image it scores per category, whatever the model keeps.
+COCO_MAX_DETECTIONS = 100
+
 # pycocotools' area() fails (OverflowError) on 256 or more RLEs under NumPy 2: it sizes its result by a uint8.
 AREAS_PER_CALL = 255
 

@@ -21,6 +21,7 @@ from annotations import (
     keypoint_array_findings,
     read_annotation_file,
 )
+from coco_eval import COCO_MAX_DETECTIONS
 from coco_utils import (
     IMAGE_READ_ERRORS,
     NO_OUTLINES,
@@ -317,8 +318,9 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
             lines.append(f"  instances per category: {category_balance(report.class_counts)}")
         if report.most_instances[0]:
             most, image_id = report.most_instances
-            hint = ("; the R-CNNs keep 100 detections an image unless --detections-per-image raises it"
-                    if most > 100 else "")
+            hint = (f"; the R-CNNs keep 100 detections an image unless --detections-per-image raises it, and COCO's "
+                    f"scoring counts at most {COCO_MAX_DETECTIONS} per image and category"
+                    if most > COCO_MAX_DETECTIONS else "")
             mean = report.scored_instances / max(report.images, 1)
             lines.append(f"  instances per image: {mean:.1f} on average, at most {most} (image {image_id}){hint}")
         if report.crowd_regions:  # a tool that writes masks as RLE may mark every one a crowd region

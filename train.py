@@ -54,7 +54,7 @@ from checkpoint import (
     set_aside_previous_run,
     write_json_atomic,
 )
-from coco_eval import COCOEVAL_BACKENDS, CocoEvaluator, metric_names
+from coco_eval import COCO_MAX_DETECTIONS, COCOEVAL_BACKENDS, CocoEvaluator, metric_names
 from coco_utils import (
     DATASET_LAYOUTS,
     MIN_KEYPOINTS_PER_IMAGE,
@@ -591,10 +591,6 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
     if taken:
         flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in taken.items())
         utils.print_once(f"As the checkpoint's run: {flags}")
-
-
-# COCOeval's maxDets: the most detections an image scores per category, whatever the model keeps.
-COCO_MAX_DETECTIONS = 100
 
 
 def note_crowded_images(val_set: CocoDetection, kept: int) -> None:
