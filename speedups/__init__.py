@@ -29,9 +29,11 @@ from . import (
     batched_proposals,
     batched_sampling,
     batched_targets,
+    byte_mask_resize,
     channels_last,
     coder_constants,
     conv_gradients,
+    cropped_mask_targets,
     deferred_box_check,
     flat_regions,
     level_pooling,
@@ -118,6 +120,9 @@ TRAINING = (
     # After the batched targets, which take only torchvision's own RoIHeads class.
     Speedup("mask logits of the matched class only", matched_class_masks.self_check,
             matched_class_masks.use_matched_class_masks),
+    # In the matched-class branch, which it needs.
+    Speedup("mask targets pooled from crops on the CPU", cropped_mask_targets.self_check,
+            cropped_mask_targets.crop_mask_targets, cpu_only=True),
     SPARSE_ROI_ALIGN,
     # After the sparse pooler, which keeps its own forward where it is chosen.
     Speedup("region pooling levels read once", level_pooling.self_check, level_pooling.read_levels_once),
@@ -125,6 +130,8 @@ TRAINING = (
     # After the mask paste, which gives the model a new transform.
     Speedup("transform without blocking copies to the device", transform_constants.self_check,
             transform_constants.keep_transform_constants),
+    # After the transform's constants, whose resize it calls.
+    Speedup("training masks resized as bytes", byte_mask_resize.self_check, byte_mask_resize.resize_masks_as_bytes),
     Speedup("box coder without blocking copies to the device", coder_constants.self_check,
             coder_constants.keep_coder_constants),
     Speedup("target boxes checked without waiting before the backbone", deferred_box_check.self_check,

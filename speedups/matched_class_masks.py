@@ -121,12 +121,15 @@ class MatchedClassMasksMixin:
         region_features = self.mask_head(self.mask_roi_pool(features, regions, image_shapes))
         classes = torch.cat([target["labels"][indices] for target, indices in zip(targets, matched)])
         logits = matched_class_logits(self.mask_predictor, region_features, classes)
-        mask_targets = torch.cat([
-            torchvision_roi_heads.project_masks_on_boxes(target["masks"], boxes, indices, logits.shape[-1])
-            for target, boxes, indices in zip(targets, regions, matched)])
+        mask_targets = torch.cat([self.mask_targets(target["masks"], boxes, indices, logits.shape[-1])
+                                  for target, boxes, indices in zip(targets, regions, matched)])
         if mask_targets.numel() == 0:
             return logits.sum() * 0  # no positive region: a zero that still reaches every mask weight
         return F.binary_cross_entropy_with_logits(logits, mask_targets)
+
+    def mask_targets(self, masks: Tensor, boxes: Tensor, matched: Tensor, size: int) -> Tensor:
+        """(R, size, size) targets of R regions' boxes on the masks of their matched instances: torchvision's."""
+        return torchvision_roi_heads.project_masks_on_boxes(masks, boxes, matched, size)
 
 
 def _eligible(module: nn.Module) -> bool:

@@ -49,7 +49,7 @@ def pair(shape_buckets: bool, **options):
                                     ("running_var", 0.5, 2.0)):
                 getattr(module, name).uniform_(low, high)
     fast = speedups.for_training(copy.deepcopy(plain), CPU, speedups.SpeedupConfig(True, True, shape_buckets))
-    assert len(speedups.applied(fast)) == 14 + shape_buckets  # all but the GPU's level pooling
+    assert len(speedups.applied(fast)) == 16 + shape_buckets  # all but the GPU's level pooling
     return plain, fast
 
 
