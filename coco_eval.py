@@ -29,23 +29,33 @@ KEYPOINT_METRIC_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75
 _KEYPOINT_ROWS = [(kind, iou, area, 20) for kind in ("AP", "AR")
                   for iou, area in (("0.50:0.95", "all"), ("0.50", "all"), ("0.75", "all"), ("0.50:0.95", "medium"),
                                     ("0.50:0.95", "large"))]
-_SUMMARY_ROWS = [("AP", "0.50:0.95", "all", 100), ("AP", "0.50", "all", 100), ("AP", "0.75", "all", 100),
-                 ("AP", "0.50:0.95", "small", 100), ("AP", "0.50:0.95", "medium", 100),
-                 ("AP", "0.50:0.95", "large", 100), ("AR", "0.50:0.95", "all", 1), ("AR", "0.50:0.95", "all", 10),
-                 ("AR", "0.50:0.95", "all", 100), ("AR", "0.50:0.95", "small", 100),
-                 ("AR", "0.50:0.95", "medium", 100), ("AR", "0.50:0.95", "large", 100)]
+# COCOeval's maxDets for boxes and masks: the most detections of an image it scores per category, whatever the
+# model keeps (--eval-max-dets changes the last; keypoints keep their own 20).
+COCO_MAX_DETECTIONS = 100
 
 
-def format_summary(stats, iou_type: str = "bbox") -> str:
+def _summary_rows(max_dets: int) -> list[tuple[str, str, str, int]]:
+    """(precision or recall, IoU range, object size, detections per image) of each of the 12 box or mask metrics."""
+    whole = "0.50:0.95"
+    return [("AP", whole, "all", max_dets), ("AP", "0.50", "all", max_dets), ("AP", "0.75", "all", max_dets),
+            *(("AP", whole, area, max_dets) for area in ("small", "medium", "large")),
+            ("AR", whole, "all", 1), ("AR", whole, "all", 10), ("AR", whole, "all", max_dets),
+            *(("AR", whole, area, max_dets) for area in ("small", "medium", "large"))]
+
+
+def format_summary(stats, iou_type: str = "bbox", max_dets: int = COCO_MAX_DETECTIONS) -> str:
     """The lines COCO tools print for a stats vector (12, or 10 for keypoints), whichever back end computed it."""
     kinds = {"AP": "Average Precision  (AP)", "AR": "Average Recall     (AR)"}
-    rows = _KEYPOINT_ROWS if iou_type == "keypoints" else _SUMMARY_ROWS
+    rows = _KEYPOINT_ROWS if iou_type == "keypoints" else _summary_rows(max_dets)
     return "\n".join(f" {kinds[kind]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = {value:0.3f}"
                      for (kind, iou, area, dets), value in zip(rows, stats))
 
 
-def metric_names(iou_type: str) -> tuple[str, ...]:
-    return KEYPOINT_METRIC_NAMES if iou_type == "keypoints" else METRIC_NAMES
+def metric_names(iou_type: str, max_dets: int = COCO_MAX_DETECTIONS) -> tuple[str, ...]:
+    """The metrics' names in COCOeval.stats' order; the recall at the most detections is AR<max_dets>."""
+    if iou_type == "keypoints":
+        return KEYPOINT_METRIC_NAMES
+    return tuple(f"AR{max_dets}" if name == "AR100" else name for name in METRIC_NAMES)
 
 
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map: CategoryMap,
@@ -145,9 +155,6 @@ def encode(image_id: int, output: dict[str, torch.Tensor], category_map: Categor
         encoded.mask_boxes = mask_utils.toBbox(rles) if rles else np.zeros((0, 4))
     return encoded
 
-
-# COCOeval's maxDets: the most detections of an image it scores per category, whatever the model keeps.
-COCO_MAX_DETECTIONS = 100
 
 # pycocotools' area() fails (OverflowError) on 256 or more RLEs under NumPy 2: it sizes its result by a uint8.
 AREAS_PER_CALL = 255
@@ -295,11 +302,28 @@ def _scored_masks(coco_gt: COCO, results: list[dict], coco_class: type) -> COCO:
     return coco_dt
 
 
+def summary_stats(evaluator, max_dets: int) -> np.ndarray:
+    """The 12 box or mask metrics of an accumulated COCOeval whose params.maxDets are (1, 10, max_dets): each the
+    mean of its precisions or recalls that are defined (-1 where none is), as COCOeval's summary takes them. That
+    summary looks for 100 among the maxDets for AP, so it cannot give them for another."""
+    params = evaluator.params
+    areas, most = list(params.areaRngLbl), list(params.maxDets)
+    stats = []
+    for kind, iou, area, dets in _summary_rows(max_dets):
+        # precision: [IoU, recall, category, area, maxDets]; recall: [IoU, category, area, maxDets]
+        values = evaluator.eval["precision" if kind == "AP" else "recall"][..., areas.index(area), most.index(dets)]
+        if iou != "0.50:0.95":
+            values = values[np.isclose(params.iouThrs, float(iou))]
+        defined = values[values > -1]
+        stats.append(defined.mean() if defined.size else -1.0)
+    return np.array(stats)
+
+
 def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], backend: str = "pycocotools",
-          copy_results: bool = True):
+          copy_results: bool = True, max_dets: int = COCO_MAX_DETECTIONS):
     """Run COCOeval (pycocotools', or faster-coco-eval's C++ one) on result records over the given images, against
     the ground truth as training reads it (coco_utils.scoring_ground_truth); returns the evaluator (stats,
-    eval["precision"]).
+    eval["precision"]). Boxes and masks are scored over at most max_dets detections of an image per category.
 
     loadRes adds fields to the records it is given, so they are copied first unless copy_results is False (for
     records made for this call alone: at COCO scale the copy is hundreds of MB)."""
@@ -326,10 +350,16 @@ def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int
             coco_dt = gt.loadRes(results)
     evaluator = evaluator_class(gt, coco_dt, iouType=iou_type, **kwargs)
     evaluator.params.imgIds = sorted(image_ids)
+    other_max_dets = iou_type != "keypoints" and max_dets != COCO_MAX_DETECTIONS
+    if other_max_dets:
+        evaluator.params.maxDets = [1, 10, max_dets]
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
+        if other_max_dets:
+            evaluator.stats = summary_stats(evaluator, max_dets)
+        else:
+            evaluator.summarize()
     return evaluator
 
 
@@ -340,10 +370,11 @@ class CocoEvaluator:
     """
 
     def __init__(self, coco_gt: COCO, category_map: CategoryMap, iou_types: tuple[str, ...] = ("bbox", "segm"),
-                 backend: str = "pycocotools") -> None:
+                 backend: str = "pycocotools", max_dets: int = COCO_MAX_DETECTIONS) -> None:
         self.coco_gt = coco_gt
         self.category_map = category_map
         self.iou_types = iou_types
+        self.max_dets = max_dets  # boxes' and masks' maxDets
         self.backend = backend_for(coco_gt, backend)
         self.per_image: dict[int, EncodedImage] = {}
         self._pending: dict[int, Future] = {}
@@ -401,7 +432,8 @@ class CocoEvaluator:
             self._say_what_was_left_out()
             for iou_type, values in metrics.items():
                 print(f"IoU metric: {iou_type}")
-                print(format_summary([values[name] for name in metric_names(iou_type)], iou_type))
+                names = metric_names(iou_type, self.max_dets)
+                print(format_summary([values[name] for name in names], iou_type, self.max_dets))
             print(format_per_category(metrics))
         self.timings["score"] += time.perf_counter() - started
         return metrics
@@ -410,8 +442,8 @@ class CocoEvaluator:
         """One IoU type's metrics by name, and its AP per category."""
         # The records are made for this call alone, so COCOeval may keep them without a copy.
         evaluator = score(self.coco_gt, self.results(iou_type, scoring=True), iou_type, list(self.per_image),
-                          self.backend, copy_results=False)
-        metrics = dict(zip(metric_names(iou_type), (float(v) for v in evaluator.stats)))
+                          self.backend, copy_results=False, max_dets=self.max_dets)
+        metrics = dict(zip(metric_names(iou_type, self.max_dets), (float(v) for v in evaluator.stats)))
         metrics["per_category"] = per_category_ap(evaluator, self.coco_gt)
         return metrics
 

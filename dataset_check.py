@@ -319,7 +319,8 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
         if report.most_instances[0]:
             most, image_id = report.most_instances
             hint = (f"; the R-CNNs keep 100 detections an image unless --detections-per-image raises it, and COCO's "
-                    f"scoring counts at most {COCO_MAX_DETECTIONS} per image and category"
+                    f"scoring counts at most {COCO_MAX_DETECTIONS} per image and category unless --eval-max-dets "
+                    f"raises it"
                     if most > COCO_MAX_DETECTIONS else "")
             mean = report.scored_instances / max(report.images, 1)
             lines.append(f"  instances per image: {mean:.1f} on average, at most {most} (image {image_id}){hint}")

@@ -236,6 +236,10 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
              "(more is faster on GPUs)")
     add("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
+    add("--eval-max-dets", default=COCO_MAX_DETECTIONS, type=int, metavar="N",
+        help=f"the most detections of an image, per category, that the box and mask scores count (COCOeval's "
+             f"maxDets, {COCO_MAX_DETECTIONS}; keypoints keep their 20): for images of more instances, with "
+             f"--detections-per-image at least N; AP and the last AR, named AR<N>, then count N")
     add("--eval-interval", default=1, type=int, metavar="N",
         help="evaluate (and --val-loss) after every N-th epoch and after the last one, not after each; --patience "
              "counts evaluations")
@@ -326,6 +330,9 @@ def check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    if args.eval_max_dets <= 10:  # COCOeval's other recalls count 1 and 10
+        raise UserError(f"--eval-max-dets {args.eval_max_dets} must be more than 10 (the scores count 1 and 10 "
+                        f"detections for AR1 and AR10)")
     check_size_order(args.min_size, args.max_size)
 
 
@@ -417,8 +424,8 @@ def best_metric(args: argparse.Namespace) -> tuple[str, str]:
     if args.best_metric is None:
         return next(kind for kind in ("segm", "keypoints", "bbox") if kind in types), "AP"
     kind, _, name = args.best_metric.partition("/")
-    if kind not in types or name not in metric_names(kind):
-        choices = ", ".join(f"{t}/{n}" for t in types for n in metric_names(t))
+    if kind not in types or name not in metric_names(kind, args.eval_max_dets):
+        choices = ", ".join(f"{t}/{n}" for t in types for n in metric_names(t, args.eval_max_dets))
         raise UserError(f"--best-metric {args.best_metric} is no metric of {args.model}'s evaluation; choose one "
                         f"of {choices}")
     return kind, name
@@ -593,10 +600,11 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
         utils.print_once(f"As the checkpoint's run: {flags}")
 
 
-def note_crowded_images(val_set: CocoDetection, kept: int) -> None:
-    """Say where validation images hold more instances than the model keeps detections or COCO's scoring counts
-    (per category): the rest can only be missed, and the scores are capped below 1 however good the model."""
-    limit = min(kept, COCO_MAX_DETECTIONS)
+def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MAX_DETECTIONS) -> None:
+    """Say where validation images hold more instances than the model keeps detections or the scoring counts
+    (`scored`, per category): the rest can only be missed, and the scores are capped below 1 however good the
+    model."""
+    limit = min(kept, scored)
     counts = scored_instances_per_image(val_set.coco.dataset["annotations"])
     crowded = sum(count > limit for count in counts.values())
     if crowded:
@@ -604,8 +612,8 @@ def note_crowded_images(val_set: CocoDetection, kept: int) -> None:
         images = f"{crowded} validation images hold" if crowded > 1 else "1 validation image holds"
         utils.print_once(f"note: {images} more than {limit} instances (the most: {most_count}, image {most}); the "
                          f"model keeps {kept} detections per image (--detections-per-image) and COCO's scoring "
-                         f"counts at most {COCO_MAX_DETECTIONS} per image and category, so AP and AR stay below 1 "
-                         f"on such images however good the model")
+                         f"counts at most {scored} per image and category (--eval-max-dets), so AP and AR stay "
+                         f"below 1 on such images however good the model")
 
 
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:
@@ -745,6 +753,16 @@ def note_changed_settings(args: argparse.Namespace, saved: dict, resume: str) ->
         utils.print_once(f"--resume {resume}: given otherwise than in its run: {flags}; they apply from here on")
 
 
+def check_same_scoring(args: argparse.Namespace, saved: dict, resume: str) -> None:
+    """One clear error where a run continued in its folder would score otherwise than its earlier evaluations,
+    against which model_best.pth and --patience compare."""
+    was = saved.get("eval_max_dets", COCO_MAX_DETECTIONS)
+    if args.eval_max_dets != was:
+        raise UserError(f"--resume {resume}: its run scored up to {was} detections an image (--eval-max-dets), and "
+                        f"model_best.pth and --patience compare with its evaluations; give --eval-max-dets {was}, "
+                        f"or score the checkpoint otherwise with --test-only")
+
+
 def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data, continues_folder: bool
             ) -> None:
     """Continue from the checkpoint: weights, and for training the optimizer, schedule, scaler, generators and
@@ -756,6 +774,8 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
         if step:  # step 0 (a stop before the epoch's first step) has nothing of the epoch to replay
             check_same_batches(run.args, checkpoint["args"], resume, epoch, step)
         note_changed_settings(run.args, checkpoint["args"], resume)
+        if continues_folder:
+            check_same_scoring(run.args, checkpoint["args"], resume)
         clock = data.train_loader.batch_sampler
         counted_here = clock.global_step(epoch, clock.steps(epoch) if step is None else step)
         if checkpoint.get("global_step") is not None:  # the x axis goes on from where the saved run had it
@@ -816,7 +836,7 @@ def run_evaluation(run: Run, data: Data, model: torch.nn.Module, stop_requested:
     """COCO evaluation of the model's inference copy over every rank's share of the validation set; during
     training (stop_requested given), a stop signal ends it unfinished (EvaluationStopped)."""
     evaluator = CocoEvaluator(data.val_set.coco, data.category_map, iou_types(run.args.model),
-                              run.args.coco_backend)
+                              run.args.coco_backend, run.args.eval_max_dets)
     eval_model = speedups.for_inference(model, run.device, run.speedups)
     metrics = evaluate(eval_model, data.val_loader, run.device, evaluator, run.args.print_freq, run.amp_dtype,
                        stop_requested=stop_requested, max_bad_samples=run.args.max_bad_samples)
@@ -1226,7 +1246,7 @@ def main(args: argparse.Namespace) -> dict:
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
-    note_crowded_images(data.val_set, detections_per_image(getattr(model, "module", model)))
+    note_crowded_images(data.val_set, detections_per_image(getattr(model, "module", model)), args.eval_max_dets)
     state = create_training_state(run, getattr(model, "module", model), data, num_classes, checkpoint)
     if checkpoint is not None:
         restore(run, state, checkpoint, resume, data, continues_folder=not foreign)

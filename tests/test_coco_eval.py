@@ -20,12 +20,15 @@ from coco_eval import (
     CocoEvaluator,
     RunLengths,
     format_per_category,
+    metric_names,
     rle_areas,
     run_lengths,
+    score,
+    summary_stats,
     to_coco_results,
     windowed_run_lengths,
 )
-from coco_utils import build_dataset
+from coco_utils import CategoryMap, build_dataset
 from errors import UserError
 
 
@@ -472,3 +475,68 @@ def test_mask_areas_of_more_rles_than_pycocotools_counts_in_one_call():
     areas = rle_areas(rles)
     assert len(rles) > AREAS_PER_CALL and areas.tolist() == [(1 + k % 10) * (1 + k % 12) for k in range(300)]
     assert rle_areas([]).shape == (0,)
+
+
+def _crowded_ground_truth(instances: int = 150) -> COCO:
+    """Two images of `instances` boxes of one category (and a few of another) in a grid, none overlapping."""
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for image_id in (1, 2):
+        images.append({"id": image_id, "width": 640, "height": 480, "file_name": f"{image_id}.jpg"})
+        for k in range(instances + 6):
+            side = rng.uniform(8, 28)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1 if k < instances else 2,
+                         "bbox": [(k % 20) * 32.0, (k // 20) * 32.0, side, side], "area": side * side,
+                         "iscrowd": 0})
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": anns,
+                    "categories": [{"id": 1, "name": "item"}, {"id": 2, "name": "tag"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _ground_truth_as_detections(coco: COCO, noise: float = 0.0) -> list[dict]:
+    rng = np.random.default_rng(1)
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": float(rng.uniform(0.1, 1)),
+             "bbox": [v + float(rng.normal(0, noise)) for v in a["bbox"]]} for a in coco.dataset["annotations"]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_summary_of_other_max_dets_takes_cocoevals_own_at_100(backend):
+    coco = _crowded_ground_truth()
+    evaluator = score(coco, _ground_truth_as_detections(coco, noise=2.0), "bbox", [1, 2], backend)
+    assert 0 < evaluator.stats[0] < 1
+    assert np.array_equal(summary_stats(evaluator, 100), np.asarray(evaluator.stats))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_max_dets_score_every_instance_of_a_crowded_image(backend, capsys):
+    coco = _crowded_ground_truth()
+    detections = _ground_truth_as_detections(coco)
+    capped = score(coco, detections, "bbox", [1, 2], backend)
+    assert capped.stats[0] < 0.9 and capped.stats[8] == pytest.approx((100 / 150 + 1) / 2)  # item, tag
+    everything = score(coco, detections, "bbox", [1, 2], backend, max_dets=300)
+    assert everything.stats[0] == pytest.approx(1.0) and everything.stats[8] == pytest.approx(1.0)
+    assert everything.stats[6] < everything.stats[7] < 1  # AR1 and AR10 still count 1 and 10
+
+    evaluator = CocoEvaluator(coco, CategoryMap.from_categories(coco.dataset["categories"], "custom"), ("bbox",),
+                              backend, max_dets=300)
+    for image_id in (1, 2):
+        anns = coco.imgToAnns[image_id]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
+        boxes[:, 2:] += boxes[:, :2]
+        evaluator.update({image_id: {"boxes": boxes, "scores": torch.linspace(1, 0.5, len(anns)),
+                                     "labels": torch.tensor([a["category_id"] for a in anns])}})
+    metrics = evaluator.summarize()["bbox"]
+    assert tuple(name for name in metrics if name != "per_category") == metric_names("bbox", 300)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AR300"] == pytest.approx(1.0)
+    assert metrics["per_category"] == {"item": pytest.approx(1.0), "tag": pytest.approx(1.0)}
+    printed = capsys.readouterr().out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=300 ] = 1.000" in printed
+    assert "Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ]" in printed
+
+
+def test_the_recall_at_the_most_detections_is_named_by_their_number():
+    assert metric_names("bbox") == METRIC_NAMES and metric_names("segm", 100)[8] == "AR100"
+    assert metric_names("segm", 300)[8] == "AR300" and metric_names("keypoints", 300)[5] == "AR"

@@ -82,16 +82,23 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
     assert (evaluation["epoch"], evaluation["step"]) == (trained_eval["epoch"], None)
     for iou_type in ("bbox", "segm"):  # the epoch's evaluation during training, to the last digit
         assert evaluation[iou_type] == trained_eval[iou_type], iou_type
-    # Without sizes, the checkpoint's run's sizes: the same predictions.
+    # Without sizes, the checkpoint's run's sizes: the same predictions. Scoring up to 150 detections an image
+    # changes nothing where the model keeps 100, but the name of the recall at the most.
     unsized = [flag for i, flag in enumerate(SMALL) if flag not in ("--min-size", "--max-size")
                and SMALL[i - 1] not in ("--min-size", "--max-size")]
     again = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path / "again"), "--test-only",
-                    "--resume", str(out / "checkpoint.pth"), *unsized, torch_home=torch_home)
+                    "--resume", str(out / "checkpoint.pth"), "--eval-max-dets", "150", *unsized,
+                    torch_home=torch_home)
     assert again.returncode == 0, again.stderr
     assert "As the checkpoint's run: --min-size 96 --max-size 96" in again.stdout
+    assert again.stdout.count("Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=150 ]") == 2
     for iou_type in ("bbox", "segm"):
         name = f"predictions_{iou_type}.json"
         assert (tmp_path / "again" / name).read_text() == (tmp_path / name).read_text()
+    scored_to_150 = json.loads((tmp_path / "again" / "evaluation.json").read_text())
+    for iou_type in ("bbox", "segm"):
+        renamed = {"AR100" if name == "AR150" else name: value for name, value in scored_to_150[iou_type].items()}
+        assert "AR150" in scored_to_150[iou_type] and renamed == evaluation[iou_type]
 
 
 def test_data_that_fails_in_a_loader_worker_is_one_line_and_the_run_ends(trained, dataset, torch_home, tmp_path):
@@ -207,12 +214,15 @@ def test_validation_images_of_more_instances_than_detections_kept_are_noted(caps
     train.note_crowded_images(val_set, 3)
     assert capsys.readouterr().out == ("note: 2 validation images hold more than 3 instances (the most: 5, image 2); "
                                        "the model keeps 3 detections per image (--detections-per-image) and COCO's "
-                                       "scoring counts at most 100 per image and category, so AP and AR stay below 1 "
-                                       "on such images however good the model\n")
-    crowded = [{"image_id": 4, "bbox": [0, 0, 5, 5], "iscrowd": 0}] * 101
-    train.note_crowded_images(argparse.Namespace(coco=argparse.Namespace(dataset={"annotations": crowded})), 1000)
+                                       "scoring counts at most 100 per image and category (--eval-max-dets), so AP "
+                                       "and AR stay below 1 on such images however good the model\n")
+    crowded = argparse.Namespace(coco=argparse.Namespace(dataset={"annotations": [
+        {"image_id": 4, "bbox": [0, 0, 5, 5], "iscrowd": 0}] * 101}))
+    train.note_crowded_images(crowded, 1000)
     assert capsys.readouterr().out.startswith("note: 1 validation image holds more than 100 instances (the most: "
                                               "101, image 4); the model keeps 1000 detections per image")
+    train.note_crowded_images(crowded, 1000, scored=300)
+    assert capsys.readouterr().out == ""
 
 
 def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_given(tmp_path):
@@ -288,6 +298,16 @@ def test_args_json_says_how_training_ended(tmp_path, error, outcome):
     assert not (tmp_path / "args.json").exists()
 
 
+def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did():
+    train.check_same_scoring(argparse.Namespace(eval_max_dets=100), {}, "c.pth")  # a run before the flag: 100
+    train.check_same_scoring(argparse.Namespace(eval_max_dets=300), {"eval_max_dets": 300}, "c.pth")
+    with pytest.raises(UserError, match=r"^--resume out/checkpoint.pth: its run scored up to 100 detections an image "
+                                        r"\(--eval-max-dets\), and model_best.pth and --patience compare with its "
+                                        r"evaluations; give --eval-max-dets 100, or score the checkpoint otherwise "
+                                        r"with --test-only$"):
+        train.check_same_scoring(argparse.Namespace(eval_max_dets=300), {"eval_max_dets": 100}, "out/checkpoint.pth")
+
+
 def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
     saved = {"seed": 1, "data_augmentation": "hflip", "data_path": "/data", "lr": 0.02}
     args = argparse.Namespace(**{name: None for name in train.NOTED_ON_RESUME})
@@ -319,7 +339,7 @@ def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(mon
 def test_each_evaluation_says_whether_it_is_the_best_and_how_long_since_one_was(tmp_path, capsys):
     evals = [{"epoch": e, "bbox": {"AP": 0.5}, "segm": {"AP": ap}} for e, ap in enumerate((0.1, 0.3, 0.2))]
     writers = argparse.Namespace(records=lambda kind: evals if kind == "eval" else [])
-    args = argparse.Namespace(patience=3, model="maskrcnn_resnet50_fpn", best_metric=None)
+    args = argparse.Namespace(patience=3, model="maskrcnn_resnet50_fpn", best_metric=None, eval_max_dets=100)
     run = argparse.Namespace(writers=writers, output_dir=tmp_path, args=args)
     state = argparse.Namespace(weights_dict=lambda: {"model": {}})
     best = train.BestModel(run)  # a resumed run's: best at epoch 1, one evaluation since
@@ -336,22 +356,23 @@ def test_each_evaluation_says_whether_it_is_the_best_and_how_long_since_one_was(
 def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys):
     evals = [{"epoch": e, "bbox": {"AP": 0.5, "AP50": ap50}, "segm": {"AP": ap}}
              for e, (ap, ap50) in enumerate(((0.1, 0.7), (0.3, 0.6)))]
-    args = argparse.Namespace(patience=None, model="maskrcnn_resnet50_fpn", best_metric="bbox/AP50")
+    args = argparse.Namespace(patience=None, model="maskrcnn_resnet50_fpn", best_metric="bbox/AP50", eval_max_dets=100)
     run = argparse.Namespace(writers=argparse.Namespace(records=lambda kind: evals), output_dir=tmp_path, args=args)
     best = train.BestModel(run)
     assert (best.best, best.best_epoch, best.since_best) == (0.7, 0, 1), "the mask AP would say epoch 1"
     assert best.update({"bbox": {"AP": 0.1, "AP50": 0.8}, "segm": {"AP": 0.0}}, argparse.Namespace(
         weights_dict=lambda: {"model": {}}), 2) is True
     assert capsys.readouterr().out.startswith("New best box AP50 0.8000 at epoch 2: saved ")
-    for model, given, primary in [("keypointrcnn_resnet50_fpn", None, ("keypoints", "AP")),
-                                  ("retinanet_resnet50_fpn", None, ("bbox", "AP")),
-                                  ("maskrcnn_resnet50_fpn", "segm/ARs", ("segm", "ARs"))]:
-        assert train.best_metric(argparse.Namespace(model=model, best_metric=given)) == primary
+    for model, given, primary, most in [("keypointrcnn_resnet50_fpn", None, ("keypoints", "AP"), 100),
+                                        ("retinanet_resnet50_fpn", None, ("bbox", "AP"), 100),
+                                        ("maskrcnn_resnet50_fpn", "segm/ARs", ("segm", "ARs"), 100),
+                                        ("maskrcnn_resnet50_fpn", "segm/AR300", ("segm", "AR300"), 300)]:
+        assert train.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=most)) == primary
     for model, given in [("maskrcnn_resnet50_fpn", "segm/AP55"), ("fasterrcnn_resnet50_fpn", "segm/AP"),
-                         ("maskrcnn_resnet50_fpn", "AP")]:
+                         ("maskrcnn_resnet50_fpn", "AP"), ("maskrcnn_resnet50_fpn", "segm/AR300")]:
         with pytest.raises(UserError, match=f"--best-metric {given} is no metric of {model}'s evaluation; choose "
                                             f"one of bbox/AP, bbox/AP50, "):
-            train.best_metric(argparse.Namespace(model=model, best_metric=given))
+            train.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=100))
 
 
 def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_path, capsys):
@@ -392,6 +413,8 @@ BAD_INPUTS = [
     (["--model", "no_such_model"], "invalid choice: 'no_such_model'"),
     (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (["--keep-last", "0"], "--keep-last 0 must be at least 1"),
+    (["--eval-max-dets", "10"], "--eval-max-dets 10 must be more than 10 (the scores count 1 and 10 detections for "
+                                "AR1 and AR10)"),
     (["--workers", "-1"], "--workers -1 must be 0 or more"),
     (["--lr", "-0.01"], "--lr -0.01 must be finite, 0 or more"),
     (["--lr", "inf"], "--lr inf must be finite, 0 or more"),
