@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import inspect
 import json
 import math
@@ -507,6 +508,7 @@ def start_run(args: argparse.Namespace) -> Run:
     args.device = pick_device(args.device)
     args.reuse_freed_memory = reuse_wanted(args.reuse_freed_memory, args.device.type)
     utils.init_distributed_mode(args)
+    check_same_flags(args)
     if args.distributed and args.device.type == "cuda":
         args.device = torch.device("cuda", args.gpu)
     utils.print_once(args)
@@ -543,6 +545,46 @@ def read_resume_checkpoint(args: argparse.Namespace) -> tuple[dict | None, str]:
     checkpoint = load_checkpoint(path) if path else None
     check_same_on_every_rank(checkpoint, args.resume)
     return checkpoint, path
+
+
+# What each process of a job may give its own way: who it is and its device, its loader workers, and paths (a
+# node may mount the same files elsewhere: the data read are compared instead, by check_same_data).
+PER_PROCESS_FLAGS = frozenset({
+    "rank", "local_rank", "gpu", "world_size", "distributed", "dist_url", "device", "workers", "reuse_freed_memory",
+    "data_path", "train_images", "train_annotations", "val_images", "val_annotations", "output_dir", "resume"})
+
+
+def check_same_flags(args: argparse.Namespace) -> None:
+    """Every process of a job was started with the same flags: one node's other --lr or --batch-size would train
+    its share otherwise, silently where the steps still line up, or fail a collective an epoch later."""
+    other = utils.first_other_rank({name: plain(value) for name, value in vars(args).items()
+                                    if name not in PER_PROCESS_FLAGS})
+    if other is not None:
+        rank, theirs, first = other
+        flags = ", ".join(f"--{name.replace('_', '-')} {theirs.get(name)} (rank 0: {first.get(name)})"
+                          for name in sorted(first.keys() | theirs.keys()) if first.get(name) != theirs.get(name))
+        raise UserError(f"rank {rank} was started with other flags than rank 0: {flags}; every process of a job "
+                        f"takes the same ones (between nodes only --data-path, the split paths, --output-dir, "
+                        f"--resume, --workers and --device may differ)")
+
+
+def check_same_data(args: argparse.Namespace, data: Data) -> None:
+    """Every process read the same images and categories, whatever its paths: otherwise their samplers would split
+    other images into other numbers of steps, and a collective fail an epoch later."""
+    def images(dataset: CocoDetection | None) -> tuple[int, str]:
+        ids = [] if dataset is None else dataset.ids
+        return len(ids), hashlib.sha256(repr(ids).encode()).hexdigest()
+
+    read = {"training images": images(data.train_set), "validation images": images(data.val_set),
+            "categories": (len(data.category_map.ids), data.category_map)}
+    everyone = utils.all_gather_object(args.data_path)
+    other = utils.first_other_rank(read)
+    if other is not None:
+        rank, theirs, first = other
+        differing = [part for part in read if theirs[part] != first[part]]
+        counts = "; ".join(f"{theirs[part][0]} {part} against {first[part][0]}" for part in differing)
+        raise UserError(f"rank {rank} read other {' and '.join(differing)} than rank 0 ({counts}; its --data-path "
+                        f"{everyone[rank]}, rank 0's {everyone[0]}): every node must read the same files")
 
 
 def check_same_on_every_rank(checkpoint: dict | None, resume: str) -> None:
@@ -1135,6 +1177,8 @@ def outcome_of(error: BaseException) -> str:
         return f"interrupted by {'SIGTERM' if isinstance(error, Terminated) else 'Ctrl-C'}"
     if isinstance(error, UserError):
         return f"error: {message_of(error)}"
+    if utils.get_world_size() > 1 and utils.lost_peer(error):  # said at length on the console
+        return "error: another process of the job stopped answering or ended; --resume auto continues"
     return f"failed: {type(error).__name__}: {str(error)[:300]}"
 
 
@@ -1243,6 +1287,7 @@ def main(args: argparse.Namespace) -> dict:
         if nothing_left_to_train(run, checkpoint, foreign):
             return already_finished(resume, checkpoint, args.epochs)
     data = load_data(args, checkpoint)
+    check_same_data(args, data)
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))

@@ -62,9 +62,20 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     if on_gpus:
         torch.cuda.set_device(args.gpu)
     backend = args.dist_backend or ("nccl" if on_gpus else "gloo")
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                            rank=args.rank, timeout=datetime.timedelta(seconds=args.dist_timeout))
-    dist.barrier()
+    try:
+        dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                                rank=args.rank, timeout=datetime.timedelta(seconds=args.dist_timeout))
+        dist.barrier()
+    except RuntimeError as e:  # torch.distributed.DistError is one
+        if not lost_peer(e):
+            raise
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        others = f"{args.world_size - 1} other process{'es' if args.world_size > 2 else ''}"
+        raise UserError(f"rank {args.rank} could not join the {others} of the job within --dist-timeout "
+                        f"{args.dist_timeout} s ({first_line}): every node runs the same command, "
+                        f"started within that time, and reaches the address the launcher gave "
+                        f"({os.environ.get('MASTER_ADDR', args.dist_url)}); then the same command continues "
+                        f"(from the last checkpoint with --resume auto)") from None
 
 
 def leave_process_group() -> None:
@@ -103,6 +114,12 @@ def all_gather_object(obj: Any) -> list:
     gathered: list = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def first_other_rank(obj: Any) -> tuple[int, Any, Any] | None:
+    """The first rank whose obj differs from rank 0's, with its obj and rank 0's; None where every rank agrees."""
+    everyone = all_gather_object(obj)
+    return next(((rank, theirs, everyone[0]) for rank, theirs in enumerate(everyone) if theirs != everyone[0]), None)
 
 
 def reduce_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,10 +171,15 @@ def silent_ranks(wait: float = 5.0) -> list[int] | None:
         return None
 
 
+def lost_peer(error: BaseException) -> bool:
+    """Whether an error of torch.distributed says that another process died, stopped answering or never came."""
+    return isinstance(error, RuntimeError) and any(word in str(error).lower() for word in _LOST_PEER)
+
+
 def explain_lost_peer(error: BaseException, timeout: int) -> str | None:
     """One line for a collective that failed because another process died or stopped answering, naming the
     silent ranks where a roll call finds them; None for any other error."""
-    if get_world_size() == 1 or not any(word in str(error).lower() for word in _LOST_PEER):
+    if get_world_size() == 1 or not lost_peer(error):
         return None
     silent = silent_ranks()
     who = (f"rank {', '.join(map(str, silent))} stopped answering" if silent else

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, TINY, cli_env
+from conftest import ROOT, SMALL, TINY, cli_env, run_cli
 from tools.make_coco_dataset import DatasetSpec, generate_dataset
 
 FLAGS = [*SMALL, "--epochs", "1", "-b", "2", "--lr", "0.01", "--clip-grad-norm", "10", "--dist-timeout", "60"]
@@ -95,21 +95,57 @@ LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
 SHORT = [*TINY, "--epochs", "1", "--vis-images", "0", "--no-tensorboard"]
 
 
-def test_two_launchers_train_together_as_two_nodes(tiny_dataset, tmp_path):
-    """torchrun --nnodes 2 on one machine, c10d rendezvous on the loopback: the stand-in for two machines."""
-    out = tmp_path / "out"
+def two_nodes(node_flags: tuple[list[str], list[str]]) -> tuple[list[int], list[str]]:
+    """torchrun --nnodes 2 on one machine, c10d rendezvous on the loopback (the stand-in for two machines), each
+    launcher running train.py with its flags: their exit codes and outputs."""
     port = free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
-               "--local-addr=127.0.0.1", str(ROOT / "train.py"), "--data-path", str(tiny_dataset), "--output-dir",
-               str(out), *SHORT, "--dist-timeout", "120"]
-    launchers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                  env=cli_env(env=LOOPBACK)) for _ in range(2)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+                "--local-addr=127.0.0.1", str(ROOT / "train.py")]
+    launchers = [subprocess.Popen([*launcher, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  cwd=ROOT, env=cli_env(env=LOOPBACK)) for flags in node_flags]
     outputs = [launcher.communicate(timeout=420)[0] for launcher in launchers]
-    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return [launcher.returncode for launcher in launchers], outputs
+
+
+def test_two_launchers_train_together_as_two_nodes(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--data-path", str(tiny_dataset), "--output-dir", str(out), *SHORT, "--dist-timeout", "120"]
+    codes, outputs = two_nodes((flags, flags))
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "".join(outputs).count("Start training") == 1, "rank 0 alone prints"
     assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.pth", "model_0.pth", "model_best.pth"]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+
+def test_nodes_started_with_other_flags_or_data_stop_at_the_start(tiny_dataset, tmp_path):
+    """One node's other --lr would train its share otherwise; other data, another split into steps. Each is one
+    line at the start (which launcher is rank 0 is the rendezvous' choice)."""
+    flags = ["--data-path", str(tiny_dataset), "--output-dir", str(tmp_path / "out"), *SHORT, "--dist-timeout", "60"]
+    codes, outputs = two_nodes((flags, [*flags, "--lr", "0.02"]))
+    said = "".join(outputs)
+    assert codes[0] != 0 and codes[1] != 0 and "Start training" not in said
+    assert re.search(r"error: rank 1 was started with other flags than rank 0: --lr 0\.0[12] \(rank 0: 0\.0[12]\); "
+                     r"every process of a job takes the same ones", said), said[-3000:]
+    other = tmp_path / "other"
+    generate_dataset(other, DatasetSpec(train_images=6, val_images=2, min_size=64, max_size=64, instances=2, seed=3,
+                                        crowd_share=0.0, empty_share=0.0, gray_share=0.0, degenerate_share=0.0))
+    codes, outputs = two_nodes((flags, [*flags[:1], str(other), *flags[2:]]))
+    said = "".join(outputs)
+    assert codes[0] != 0 and codes[1] != 0 and "Start training" not in said
+    assert re.search(r"error: rank 1 read other training images than rank 0 \([68] training images against [68]; its "
+                     r"--data-path ", said), said[-3000:]
+
+
+def test_a_process_that_cannot_join_its_job_says_so_in_one_line(tiny_dataset, tmp_path):
+    """Rank 1 of 2 whose rank 0 never comes (a node that did not start, or an address it cannot reach)."""
+    env = {**LOOPBACK, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": str(free_port())}
+    result = run_cli("train.py", "--data-path", str(tiny_dataset), "--output-dir", str(tmp_path / "out"), *SHORT,
+                     "--dist-timeout", "3", env=env, timeout=120)
+    assert result.returncode == 2
+    assert re.search(r"^error: rank 1 could not join the 1 other process of the job within --dist-timeout 3 s \(.+"
+                     r"\): every node runs the same command", result.stderr, re.MULTILINE), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_a_killed_worker_ends_the_job_without_waiting_for_the_timeout(tiny_dataset, tmp_path):

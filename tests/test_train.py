@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 
 import errors
 import train
+import utils
 from coco_utils import CategoryMap, build_dataset
 from conftest import ROOT, SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
 from errors import UserError
@@ -274,6 +275,16 @@ def test_args_json_keeps_the_folders_earlier_starts_and_the_software_that_ran(tm
     (tmp_path / "args.json").write_text('["not", "ours"]')
     train.write_arguments(tmp_path, argparse.Namespace(lr=0.01), resumed_here=True)
     assert json.loads((tmp_path / "args.json").read_text())["earlier_starts"] == []
+
+
+def test_args_json_says_a_lost_peer_as_the_console_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
+    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02), resumed_here=False)
+    with pytest.raises(RuntimeError), train.outcome_recorded(tmp_path / "args.json", argparse.Namespace(
+            stopped_early=False)):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:59609")
+    assert json.loads((tmp_path / "args.json").read_text())["outcome"] == (
+        "error: another process of the job stopped answering or ended; --resume auto continues")
 
 
 @pytest.mark.parametrize("error, outcome", [

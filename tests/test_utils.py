@@ -99,3 +99,12 @@ def test_generators_for_the_same_parts_agree_across_processes_whatever_their_str
     assert len(seeds) == 1
     assert utils.generator_for(3, 0, ("img1000", "img7")).initial_seed() != utils.generator_for(3, 1, (
         "img1000", "img7")).initial_seed()
+
+
+def test_the_first_rank_that_differs_from_rank_0_is_named_with_both_values(monkeypatch):
+    assert utils.first_other_rank({"lr": 0.01}) is None  # one process agrees with itself
+    ranks = [{"lr": 0.01}, {"lr": 0.01}, {"lr": 0.02}, {"lr": 0.03}]
+    monkeypatch.setattr(utils, "all_gather_object", lambda obj: ranks)
+    assert utils.first_other_rank(ranks[0]) == (2, {"lr": 0.02}, {"lr": 0.01})
+    ranks[2:] = [{"lr": 0.01}] * 2
+    assert utils.first_other_rank(ranks[0]) is None
