@@ -303,9 +303,8 @@ def _scored_masks(coco_gt: COCO, results: list[dict], coco_class: type) -> COCO:
 
 
 def summary_stats(evaluator, max_dets: int) -> np.ndarray:
-    """The 12 box or mask metrics of an accumulated COCOeval whose params.maxDets are (1, 10, max_dets): each the
-    mean of its precisions or recalls that are defined (-1 where none is), as COCOeval's summary takes them. That
-    summary looks for 100 among the maxDets for AP, so it cannot give them for another."""
+    """The 12 box or mask metrics of a COCOeval accumulated at maxDets (1, 10, max_dets), averaged as its summary
+    does; pycocotools' summary looks for 100 among them for AP, so it cannot give them for another."""
     params = evaluator.params
     areas, most = list(params.areaRngLbl), list(params.maxDets)
     stats = []

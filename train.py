@@ -644,8 +644,7 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
 
 def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MAX_DETECTIONS) -> None:
     """Say where validation images hold more instances than the model keeps detections or the scoring counts
-    (`scored`, per category): the rest can only be missed, and the scores are capped below 1 however good the
-    model."""
+    (`scored`, per category): the rest can only be missed, capping the scores below 1."""
     limit = min(kept, scored)
     counts = scored_instances_per_image(val_set.coco.dataset["annotations"])
     crowded = sum(count > limit for count in counts.values())

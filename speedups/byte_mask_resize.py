@@ -26,7 +26,8 @@ class ByteMaskResizeMixin:
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None
                ) -> tuple[Tensor, dict[str, Tensor] | None]:
         masks = None if target is None else target.get("masks")
-        if masks is None or masks.dtype != torch.uint8 or exporting():
+        skipped = self.training and getattr(self, "_skip_resize", False)  # sizes the data set already chose
+        if masks is None or masks.dtype != torch.uint8 or skipped or exporting():
             return super().resize(image, target)
         del target["masks"]  # the transform's own copy of the target dict
         image, target = super().resize(image, target)

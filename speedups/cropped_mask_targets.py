@@ -3,10 +3,11 @@
 What it changes: torchvision's `project_masks_on_boxes` makes a float copy of all of an image's ground-truth masks
 at the image's full size (instances x height x width floats) and pools each positive region's 28x28 target from
 it by RoIAlign; the copy is made while the forward's activations are held, so on images of many instances it
-raises the step's peak memory, and making it is most of the targets' time. Here each region's target is pooled
-from a float copy of only the rows and columns of its matched mask that RoIAlign's samples read (`read_span`).
-The samples' positions are then computed from the crop's corner, so the targets equal torchvision's to the
-rounding of those positions (to 1e-12 in float64). The crops' bounds are read on the host, which on a GPU would
+raises the step's peak memory, and on such images making it is most of the targets' time. Here each region's
+target is pooled from a float copy of only the rows and columns of its matched mask that RoIAlign's samples read
+(`read_span`), on images whose masks hold many pixels per region (`crops_pay`; on others torchvision's copy is
+cheaper). The samples' positions are then computed from the crop's corner, so the targets equal torchvision's to
+the rounding of those positions (to 1e-12 in float64). The crops' bounds are read on the host, which on a GPU would
 wait for the device: there torchvision's code runs. It replaces the matched-class mask branch's `mask_targets`,
 so it needs that speed-up; `self_check` compares the targets with torchvision's `project_masks_on_boxes`.
 """
@@ -25,13 +26,23 @@ from .mixins import mix_into
 
 
 def read_span(start: float, end: float, size: int) -> tuple[int, int]:
-    """The pixels [first, last) along one axis of `size` pixels that RoIAlign's samples for a box side from start
-    to end read, cut at the image: each sample reads the pixels either side of it, and the samples lie within the
-    side, made at least a pixel long as RoIAlign makes it; one pixel more past the end keeps the last sample
-    away from the crop's edge, where RoIAlign would clamp it."""
-    first = math.floor(start)
-    last = math.ceil(max(end, start + 1)) + 1
-    return min(max(first, 0), size), min(max(last, 0), size)
+    """The pixels [first, last) of an axis of `size` pixels that RoIAlign reads for a box side from start to end
+    (at least a pixel long, as RoIAlign makes it): either side of each sample, one more past the last."""
+    reach = max(end, start + 1)
+    # A sample past the image's edge reads zero and one on it the last pixel: where samples come that far, the
+    # crop starts where the image does, so that their positions round exactly as torchvision's.
+    first = 0 if reach > size else math.floor(start)
+    return min(max(first, 0), size), min(max(math.ceil(reach) + 1, 0), size)
+
+
+# Masks of this many pixels per region and more are cropped: about where a region's own RoIAlign call costs less than
+# its share of torchvision's float copy of the masks (docs/PERFORMANCE.md, stop 50).
+CROP_ABOVE_PIXELS_PER_REGION = 100_000
+
+
+def crops_pay(masks: Tensor, boxes: Tensor) -> bool:
+    """Whether an image's regions' targets are cheaper from crops than from a float copy of all its masks."""
+    return masks.numel() >= CROP_ABOVE_PIXELS_PER_REGION * len(boxes)
 
 
 def cropped_mask_targets(masks: Tensor, boxes: Tensor, matched: Tensor, size: int) -> Tensor:
@@ -43,7 +54,7 @@ def cropped_mask_targets(masks: Tensor, boxes: Tensor, matched: Tensor, size: in
         left, right = read_span(x1, x2, width)
         top, bottom = read_span(y1, y2, height)
         if right <= left or bottom <= top:
-            continue  # a box off the image reads no pixel: torchvision's target is zeros too
+            continue  # a box wholly before the image starts reads no pixel: torchvision's target is zeros too
         crop = masks[instance, top:bottom, left:right].to(boxes.dtype)[None, None]
         region = torch.tensor([[0.0, x1 - left, y1 - top, x2 - left, y2 - top]], dtype=boxes.dtype)
         targets[row] = roi_align(crop, region, (size, size), 1.0)[0, 0]
@@ -54,7 +65,7 @@ class CroppedMaskTargetsMixin:
     """In front of the matched-class RoI heads: mask targets from crops of the matched masks."""
 
     def mask_targets(self, masks: Tensor, boxes: Tensor, matched: Tensor, size: int) -> Tensor:
-        if masks.device.type != "cpu":
+        if masks.device.type != "cpu" or not crops_pay(masks, boxes):
             return super().mask_targets(masks, boxes, matched, size)
         return cropped_mask_targets(masks, boxes, matched, size)
 

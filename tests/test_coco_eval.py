@@ -490,7 +490,7 @@ def _crowded_ground_truth(instances: int = 150) -> COCO:
                          "iscrowd": 0})
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns,
-                    "categories": [{"id": 1, "name": "item"}, {"id": 2, "name": "tag"}]}
+                    "categories": [{"id": 1, "name": "item"}, {"id": 2, "name": "tag"}, {"id": 3, "name": "spare"}]}
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -505,7 +505,10 @@ def _ground_truth_as_detections(coco: COCO, noise: float = 0.0) -> list[dict]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_summary_of_other_max_dets_takes_cocoevals_own_at_100(backend):
     coco = _crowded_ground_truth()
-    evaluator = score(coco, _ground_truth_as_detections(coco, noise=2.0), "bbox", [1, 2], backend)
+    detections = _ground_truth_as_detections(coco, noise=2.0)
+    # A category without ground truth, whose precision and recall COCOeval leaves at -1 (not counted).
+    detections += [{**d, "category_id": 3, "score": d["score"] / 2} for d in detections[:20]]
+    evaluator = score(coco, detections, "bbox", [1, 2], backend)
     assert 0 < evaluator.stats[0] < 1
     assert np.array_equal(summary_stats(evaluator, 100), np.asarray(evaluator.stats))
 
@@ -519,6 +522,8 @@ def test_more_max_dets_score_every_instance_of_a_crowded_image(backend, capsys):
     everything = score(coco, detections, "bbox", [1, 2], backend, max_dets=300)
     assert everything.stats[0] == pytest.approx(1.0) and everything.stats[8] == pytest.approx(1.0)
     assert everything.stats[6] < everything.stats[7] < 1  # AR1 and AR10 still count 1 and 10
+    fewer = score(coco, detections, "bbox", [1, 2], backend, max_dets=50)
+    assert fewer.stats[8] == pytest.approx((50 / 150 + 1) / 2) and fewer.stats[0] < capped.stats[0]
 
     evaluator = CocoEvaluator(coco, CategoryMap.from_categories(coco.dataset["categories"], "custom"), ("bbox",),
                               backend, max_dets=300)

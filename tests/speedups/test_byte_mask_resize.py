@@ -45,3 +45,25 @@ def test_a_transform_with_its_own_resize_keeps_it():
 
     transform = resize_masks_as_bytes(OwnResize(40, 90, [0.5] * 3, [0.2] * 3))
     assert not isinstance(transform, ByteMaskResizeMixin)
+
+
+def test_the_masks_are_interpolated_as_bytes(monkeypatch):
+    dtypes = []
+
+    def interpolate(input, *args, **kwargs):
+        dtypes.append(input.dtype)
+        return torch_interpolate(input, *args, **kwargs)
+
+    torch_interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate", interpolate)
+    transformed(False, True)
+    assert torch.uint8 in dtypes and dtypes.count(torch.float32) == 3, "the three images, in float"
+
+
+def test_sizes_the_data_set_chose_keep_the_masks_as_they_are():
+    """Large-scale jitter and multiscale training resize in the data set (train.py's _skip_resize)."""
+    transform = resize_masks_as_bytes(GeneralizedRCNNTransform(40, 90, [0.5] * 3, [0.2] * 3, _skip_resize=True))
+    images, targets = example_batch(torch.Generator().manual_seed(0))
+    masks = targets[0]["masks"]
+    _, resized = transform.train().resize(images[0], dict(targets[0]))
+    assert resized["masks"] is masks

@@ -5,12 +5,19 @@ import copy
 
 import pytest
 import torch
+from torchvision.models.detection import roi_heads as torchvision_roi_heads
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 import speedups
 from models import build_model
 from speedups import cropped_mask_targets
-from speedups.cropped_mask_targets import CroppedMaskTargetsMixin, crop_mask_targets, example_targets, read_span
+from speedups.cropped_mask_targets import (
+    CroppedMaskTargetsMixin,
+    crop_mask_targets,
+    crops_pay,
+    example_targets,
+    read_span,
+)
 from speedups.matched_class_masks import example_batch, example_heads, losses_and_gradients, use_matched_class_masks
 
 cropped = cropped_mask_targets.cropped_mask_targets
@@ -26,7 +33,20 @@ def test_a_span_covers_the_pixels_either_side_of_every_sample_and_one_more_cut_a
     assert read_span(3.2, 3.5, 20) == (3, 6)  # under a pixel: RoIAlign makes it one long
     assert read_span(-2.5, 4.0, 20) == (0, 5)
     assert read_span(17.5, 20.0, 20) == (17, 20)
-    assert read_span(22.0, 25.0, 20) == (20, 20)  # off the image: nothing to read
+    # Samples past the edge: the crop starts with the image, so that their positions round as torchvision's do.
+    assert read_span(19.5, 19.7, 20) == (0, 20)
+    assert read_span(22.0, 25.0, 20) == (0, 20)
+
+
+def test_a_sample_on_the_images_edge_reads_its_last_pixel_as_torchvisions_does():
+    """In float32, a sub-pixel box's sample at x = W in exact arithmetic rounds onto the edge (its last pixel)
+    or past it (zero): from a crop's corner it would round otherwise than torchvision's."""
+    masks = torch.ones((1, 37, 53), dtype=torch.uint8)
+    start = 53 - 1 / 56  # the first column's samples lie on x = 53
+    boxes = torch.tensor([[start, 5.0, start + 0.2, 20.0], [5.0, 37 - 1 / 56, 20.0, 37 - 1 / 56 + 0.3]])
+    want = project_masks_on_boxes(masks, boxes, torch.tensor([0, 0]), 28)
+    assert want[0, :, 0].eq(1).all() and want[1, 0, :].eq(1).all()
+    assert torch.equal(cropped(masks, boxes, torch.tensor([0, 0]), 28), want)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -64,13 +84,25 @@ def heads_losses(crop: bool, seed: int) -> tuple[dict, list]:
     return losses_and_gradients(heads, example_batch(torch.Generator().manual_seed(seed), (6, 0, 9)), 2)
 
 
-def test_the_heads_losses_and_gradients_are_the_matched_class_branchs():
-    (got_losses, got_gradients), (want_losses, want_gradients) = heads_losses(True, 4), heads_losses(False, 4)
+def test_the_heads_losses_and_gradients_are_the_matched_class_branchs(monkeypatch):
+    want_losses, want_gradients = heads_losses(False, 4)
+    # The example's masks are small: cropped whatever their size, and torchvision's projection never called.
+    monkeypatch.setattr(cropped_mask_targets, "CROP_ABOVE_PIXELS_PER_REGION", 0)
+    monkeypatch.setattr(torchvision_roi_heads, "project_masks_on_boxes", None)
+    got_losses, got_gradients = heads_losses(True, 4)
     assert got_losses["loss_mask"] > 0
     for name in want_losses:
         torch.testing.assert_close(got_losses[name], want_losses[name], rtol=1e-5, atol=1e-6)
     for a, b in zip(got_gradients, want_gradients, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_crops_are_taken_where_the_masks_hold_many_pixels_per_region():
+    boxes = torch.zeros((10, 4))
+    assert not crops_pay(torch.zeros((3, 480, 640), dtype=torch.uint8), boxes)
+    assert crops_pay(torch.zeros((200, 800, 1216), dtype=torch.uint8), boxes.repeat(12, 1))
+    assert crops_pay(torch.zeros((5, 480, 640), dtype=torch.uint8), boxes) != crops_pay(
+        torch.zeros((5, 480, 640), dtype=torch.uint8), boxes.repeat(2, 1))
 
 
 def test_only_heads_with_the_matched_class_branch_take_it():
