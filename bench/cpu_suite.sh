@@ -4,7 +4,7 @@
 # evaluation wall time (`--test-only`, VAL_IMAGES images, default 100, at 800 px; the two take turns ROUNDS times,
 # default 3, as this machine's speed drifts within the hour), its 24 numbers at full precision against the
 # reference's (at 480-800 px, to save half an hour), the training step at 800-1333 px, batch 2, and the mask
-# predictor's cost at 91 and 1,204 classes (bench_mask_predictor.py). Each
+# predictor's cost at 91 and 1,204 classes (bench_mask_predictor.py) and the mask targets' (bench_mask_targets.py). Each
 # benchmark's JSON line is appended to OUT_DIR/results.jsonl and each command's output kept in OUT_DIR/logs.
 # Takes over an hour on 2 cores (ROUNDS=1 saves a third; docs/PERFORMANCE.md has the runs); run it on a quiet
 # machine, as the figures are wall times.
@@ -40,5 +40,9 @@ step ref_train_step 3600 $py bench/bench_train.py "${bt[@]}" --reference "$ref"
 # The mask predictor with every class's logits and with the matched class's, in the CPU's channels-last layout.
 for classes in 91 1204; do
   step mask_predictor_$classes 600 $py bench/bench_mask_predictor.py --regions 256 --classes $classes --channels-last
+done
+# The mask targets of an image of few instances and of a crowded one, torchvision's and cropped.
+for instances in 3 200; do
+  step mask_targets_$instances 300 $py bench/bench_mask_targets.py --instances $instances --regions 128
 done
 cat "$out/steps.jsonl"

@@ -25,7 +25,8 @@ printf '%s\\n' "$line" >>"$SUITE_RECORD"
 # The scripts the suites run, by the path they name them with, and the module each is imported as.
 SCRIPTS = {"train.py": "train", "tools/make_coco_dataset.py": "tools.make_coco_dataset",
            "bench/bench_train.py": "bench_train", "bench/bench_eval.py": "bench_eval",
-           "bench/eval_parity.py": "eval_parity", "bench/bench_mask_predictor.py": "bench_mask_predictor"}
+           "bench/eval_parity.py": "eval_parity", "bench/bench_mask_predictor.py": "bench_mask_predictor",
+           "bench/bench_mask_targets.py": "bench_mask_targets"}
 
 
 def recorded_commands(tmp_path: Path, suite: str, *suite_args: str) -> list[list[str]]:
