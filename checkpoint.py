@@ -479,6 +479,12 @@ def set_aside_previous_run(output_dir: Path) -> Path | None:
     return folder
 
 
+def previous_runs_held(output_dir: Path) -> tuple[int, int]:
+    """The runs set aside in output_dir's previous_runs/ and the bytes their files take."""
+    runs = [folder for folder in (output_dir / "previous_runs").glob("*") if folder.is_dir()]
+    return len(runs), sum(path.stat().st_size for run in runs for path in run.rglob("*") if path.is_file())
+
+
 def last_set_aside_checkpoint(output_dir: Path) -> Path | None:
     """The checkpoint of the newest run set_aside_previous_run moved out of output_dir, if any."""
     found = sorted((output_dir / "previous_runs").glob("*/checkpoint.pth"), key=lambda path: path.parent.name)

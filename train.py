@@ -49,6 +49,7 @@ from checkpoint import (
     last_set_aside_checkpoint,
     load_file,
     prepare_output_dir,
+    previous_runs_held,
     prune_epoch_files,
     save_atomic,
     save_checkpoint,
@@ -922,8 +923,11 @@ def keep_previous_outputs(output_dir: Path) -> None:
     """A fresh run: what another training run wrote in the folder is moved aside, not continued or overwritten."""
     moved_to = set_aside_previous_run(output_dir)
     if moved_to is not None:
+        runs, size = previous_runs_held(output_dir)
         print(f"{output_dir} held another run's outputs (checkpoints, metrics, events, best weights): moved to "
-              f"{moved_to}; to continue that run instead, resume from the checkpoint there", flush=True)
+              f"{moved_to}; to continue that run instead, resume from the checkpoint there. {moved_to.parent} "
+              f"holds {runs} run{'s' if runs > 1 else ''} set aside ({size / 2**30:.1f} GB): delete those you no "
+              f"longer need", flush=True)
 
 
 def exit_stopped(stop: StopRequest) -> NoReturn:

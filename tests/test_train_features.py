@@ -111,6 +111,8 @@ def test_one_runs_epoch_files_evaluations_and_resumes(tiny_dataset, tmp_path):
                      "--resume", str(tmp_path / "model_3.pth"))
     assert result.returncode == 0, result.stderr
     assert "held another run's outputs" in result.stdout
+    assert re.search(r"previous_runs holds 1 run set aside \(0\.0 GB\): delete those you no longer need",
+                     result.stdout)
     assert {(r["type"], r["epoch"]) for r in read_metrics(other)} == {("train", 4), ("epoch", 4), ("eval", 4)}
     kept, = (other / "previous_runs").iterdir()
     assert (kept / "model_best.pth").read_bytes() == b"another run's"
