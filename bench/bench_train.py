@@ -329,7 +329,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-speedups", action="store_true", help="ours only: torchvision's plain model")
     parser.add_argument("--leave-out", action="append", default=[], metavar="SPEEDUP",
                         help="ours only: train without this one of the model's speed-ups (speedups.TRAINING), "
-                        "named as speedups_applied names it (may be repeated), to measure what it does; those chosen "
+                        "named as speedups_applied names it (may be repeated), to measure what it does (one that "
+                        "needs it goes too: the cropped mask targets with the matched-class logits); those chosen "
                         "by device are not among them (the layout, its convolution gradients, Winograd's "
                         "convolutions, the shape buckets: --[no-]channels-last and --[no-]shape-buckets choose two)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
