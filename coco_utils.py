@@ -463,10 +463,11 @@ def counts_for_scoring(ann: dict) -> bool:
     return not ann.get("iscrowd") and finite_box(ann.get("bbox"))
 
 
-def scored_instances_per_image(annotations: Iterable[dict]) -> Counter:
-    """Each image's instances that detections are matched against (counts_for_scoring), by image id: what a
-    model's detections per image must cover."""
-    return Counter(a.get("image_id") for a in annotations if counts_for_scoring(a))
+def scored_instances_per_image(annotations: Iterable[dict], by_category: bool = False) -> Counter:
+    """Each image's instances that detections are matched against (counts_for_scoring), by image id (what a
+    model's detections per image must cover), or by (image id, category id) (what COCO's scoring counts)."""
+    return Counter((a.get("image_id"), a.get("category_id")) if by_category else a.get("image_id")
+                   for a in annotations if counts_for_scoring(a))
 
 
 def counts_for_training(ann: dict) -> bool:

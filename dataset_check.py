@@ -61,6 +61,7 @@ class SplitReport:
     categories: dict = field(default_factory=dict)  # id -> name
     scored_instances: int = 0  # the instances detections are matched against (coco_utils.counts_for_scoring)
     most_instances: tuple[int, object] = (0, None)  # the most scored instances of one image, and its id
+    most_of_one_category: tuple[int, object] = (0, None)  # ... of one category in one image, and the image's id
 
     @property
     def errors(self) -> list[Finding]:
@@ -127,6 +128,8 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     if per_image := scored_instances_per_image(data["annotations"]):
         image_id, most = per_image.most_common(1)[0]
         report.scored_instances, report.most_instances = sum(per_image.values()), (most, image_id)
+        (image_id, _), most = scored_instances_per_image(data["annotations"], by_category=True).most_common(1)[0]
+        report.most_of_one_category = (most, image_id)
     uses = Counter(names.values())
     report.class_counts = {names[i] if uses[names[i]] == 1 else f"{names[i]} (id {i})": counts.get(i, 0)
                            for i in sorted(names)}
@@ -299,6 +302,22 @@ def category_balance(counts: dict[str, int]) -> str:
     return text
 
 
+def instances_per_image(report: SplitReport) -> str:
+    """The mean and the most instances of an image (for crowded images, of one category in one image too), with
+    the limits such images exceed."""
+    (most, image_id), (most_of_one, its_image) = report.most_instances, report.most_of_one_category
+    text = f"{report.scored_instances / max(report.images, 1):.1f} on average, at most {most} (image {image_id})"
+    if most > COCO_MAX_DETECTIONS and most_of_one < most:  # what the scoring's limit is compared with
+        text += f", {most_of_one} of one category (image {its_image})"
+    limits = []
+    if most > 100:
+        limits.append("the R-CNNs keep 100 detections an image unless --detections-per-image raises it")
+    if most_of_one > COCO_MAX_DETECTIONS:
+        limits.append(f"COCO's scoring counts at most {COCO_MAX_DETECTIONS} per image and category unless "
+                      f"--eval-max-dets raises it")
+    return "; ".join([text, *limits])
+
+
 def format_report(reports: list[SplitReport], limit: int = 5) -> str:
     """A human report: counts, then findings grouped by kind (the first few of each), then class balance."""
     lines = []
@@ -317,13 +336,7 @@ def format_report(reports: list[SplitReport], limit: int = 5) -> str:
         if report.class_counts:
             lines.append(f"  instances per category: {category_balance(report.class_counts)}")
         if report.most_instances[0]:
-            most, image_id = report.most_instances
-            hint = (f"; the R-CNNs keep 100 detections an image unless --detections-per-image raises it, and COCO's "
-                    f"scoring counts at most {COCO_MAX_DETECTIONS} per image and category unless --eval-max-dets "
-                    f"raises it"
-                    if most > COCO_MAX_DETECTIONS else "")
-            mean = report.scored_instances / max(report.images, 1)
-            lines.append(f"  instances per image: {mean:.1f} on average, at most {most} (image {image_id}){hint}")
+            lines.append(f"  instances per image: {instances_per_image(report)}")
         if report.crowd_regions:  # a tool that writes masks as RLE may mark every one a crowd region
             lines.append(f"  crowd regions (iscrowd 1): {report.crowd_regions}, not learned and not scored as "
                          f"instances")

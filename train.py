@@ -644,18 +644,28 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
 
 
 def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MAX_DETECTIONS) -> None:
-    """Say where validation images hold more instances than the model keeps detections or the scoring counts
-    (`scored`, per category): the rest can only be missed, capping the scores below 1."""
-    limit = min(kept, scored)
-    counts = scored_instances_per_image(val_set.coco.dataset["annotations"])
-    crowded = sum(count > limit for count in counts.values())
-    if crowded:
-        most, most_count = counts.most_common(1)[0]
-        images = f"{crowded} validation images hold" if crowded > 1 else "1 validation image holds"
-        utils.print_once(f"note: {images} more than {limit} instances (the most: {most_count}, image {most}); the "
-                         f"model keeps {kept} detections per image (--detections-per-image) and COCO's scoring "
-                         f"counts at most {scored} per image and category (--eval-max-dets), so AP and AR stay "
-                         f"below 1 on such images however good the model")
+    """Say where validation images hold more instances than the model keeps detections, or more of one category
+    than the scoring counts: those can only be missed, capping the scores below 1."""
+    annotations = val_set.coco.dataset["annotations"]
+    per_image = scored_instances_per_image(annotations)
+    per_category = scored_instances_per_image(annotations, by_category=True)
+    over_kept = {image: count for image, count in per_image.items() if count > kept}
+    over_scored = {image: count for (image, _), count in per_category.items() if count > scored}
+    if not over_kept and not over_scored:
+        return
+    crowded = len(over_kept.keys() | over_scored.keys())
+    said = []
+    if over_kept:
+        image, count = max(over_kept.items(), key=lambda item: item[1])
+        said.append(f"more instances than the {kept} detections the model keeps per image (--detections-per-image; "
+                    f"the most: {count}, image {image})")
+    if over_scored:
+        image, count = max(over_scored.items(), key=lambda item: item[1])
+        said.append(f"more of one category than the {scored} per image and category COCO's scoring counts "
+                    f"(--eval-max-dets; the most: {count}, image {image})")
+    images = f"{crowded} validation images hold" if crowded > 1 else "1 validation image holds"
+    utils.print_once(f"note: {images} {' or '.join(said)}, so AP and AR stay below 1 on such images however good "
+                     f"the model")
 
 
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:
@@ -796,13 +806,19 @@ def note_changed_settings(args: argparse.Namespace, saved: dict, resume: str) ->
 
 
 def check_same_scoring(args: argparse.Namespace, saved: dict, resume: str) -> None:
-    """One clear error where a run continued in its folder would score otherwise than its earlier evaluations,
-    against which model_best.pth and --patience compare."""
+    """Where this run scores otherwise than the checkpoint's run did: for --test-only a note (its numbers are not
+    that run's), for a run continued in its folder one clear error (model_best.pth and --patience compare with its
+    earlier evaluations)."""
     was = saved.get("eval_max_dets", COCO_MAX_DETECTIONS)
-    if args.eval_max_dets != was:
-        raise UserError(f"--resume {resume}: its run scored up to {was} detections an image (--eval-max-dets), and "
-                        f"model_best.pth and --patience compare with its evaluations; give --eval-max-dets {was}, "
-                        f"or score the checkpoint otherwise with --test-only")
+    if args.eval_max_dets == was:
+        return
+    scored = f"its run scored up to {was} detections an image and category (--eval-max-dets)"
+    if args.test_only:
+        utils.print_once(f"note: --resume {resume}: {scored}, and this evaluation up to {args.eval_max_dets}: give "
+                         f"--eval-max-dets {was} for that run's numbers")
+        return
+    raise UserError(f"--resume {resume}: {scored}, and model_best.pth and --patience compare with its "
+                    f"evaluations; give --eval-max-dets {was}, or score the checkpoint otherwise with --test-only")
 
 
 def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data, continues_folder: bool
@@ -824,6 +840,8 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
             clock.step_offset = checkpoint["global_step"] - counted_here
         if continues_folder:
             run.writers.resume_after(epoch, step, counted_here + clock.step_offset)
+    elif checkpoint.get("args"):  # --test-only: a note where its numbers will not be the run's
+        check_same_scoring(run.args, checkpoint["args"], resume)
     where = f"epoch {checkpoint['epoch']}" + (f" step {checkpoint['step']}" if checkpoint.get("step") else "")
     averaged = " with the weights' moving average" if state.ema is not None and "model_ema" in checkpoint else ""
     utils.print_once(f"Resumed from {resume} ({where}){averaged}")

@@ -397,14 +397,18 @@ def test_the_report_counts_a_kind_only_when_it_has_several_findings():
 def test_many_categories_are_summed_up_and_a_crowded_image_is_named():
     counts = {f"c{i}": count for i, count in enumerate([500, 40, 3, 1, 1, 0] + [7] * 20)}
     report = SplitReport("val", images=10, annotations=661, class_counts=counts, scored_instances=661,
-                         most_instances=(150, 42))
+                         most_instances=(150, 42), most_of_one_category=(120, 43))
     text = format_report([report])
     assert ("  instances per category: c0 500 (73%), c1 40 (6%), c6 7 (1%), c7 7 (1%), c8 7 (1%), c9 7 (1%), c10 7 "
             "(1%), c11 7 (1%), c12 7 (1%), c13 7 (1%); 16 more categories: 1 with none, 2 with 1, 13 with 2-10\n"
             in text), text
-    assert ("  instances per image: 66.1 on average, at most 150 (image 42); the R-CNNs keep 100 detections an image "
-            "unless --detections-per-image raises it") in text
+    assert ("  instances per image: 66.1 on average, at most 150 (image 42), 120 of one category (image 43); the "
+            "R-CNNs keep 100 detections an image unless --detections-per-image raises it; COCO's scoring counts at "
+            "most 100 per image and category unless --eval-max-dets raises it") in text
+    report.most_of_one_category = (90, 42)
+    assert ("at most 150 (image 42), 90 of one category (image 42); the R-CNNs keep 100 detections an image unless "
+            "--detections-per-image raises it") in format_report([report])
     few = format_report([SplitReport("val", images=2, annotations=3, class_counts={"b": 2, "a": 1},
-                                     scored_instances=3, most_instances=(2, 7))])
+                                     scored_instances=3, most_instances=(2, 7), most_of_one_category=(2, 7))])
     assert "instances per category: b 2 (67%), a 1 (33%)\n  instances per image: 1.5 on average, at most 2 (image 7)" \
         in few

@@ -206,22 +206,32 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
 
 def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
     counts = {1: (3, 0), 2: (5, 9), 3: (4, 0)}  # image: instances, crowd regions
-    anns = [{"image_id": image, "bbox": [0, 0, 5, 5], "iscrowd": crowd}
-            for image, (plain, crowds) in counts.items() for crowd in [0] * plain + [1] * crowds]
+    anns = [{"image_id": image, "category_id": 1 + k % 2, "bbox": [0, 0, 5, 5], "iscrowd": crowd}
+            for image, (plain, crowds) in counts.items() for k, crowd in enumerate([0] * plain + [1] * crowds)]
     anns.append({"image_id": 3, "bbox": None, "iscrowd": 0})  # nothing to match a detection against
     val_set = argparse.Namespace(coco=argparse.Namespace(dataset={"annotations": anns}))
     train.note_crowded_images(val_set, 5)
     assert capsys.readouterr().out == ""  # crowd regions are not matched by detections
     train.note_crowded_images(val_set, 3)
-    assert capsys.readouterr().out == ("note: 2 validation images hold more than 3 instances (the most: 5, image 2); "
-                                       "the model keeps 3 detections per image (--detections-per-image) and COCO's "
-                                       "scoring counts at most 100 per image and category (--eval-max-dets), so AP "
-                                       "and AR stay below 1 on such images however good the model\n")
+    assert capsys.readouterr().out == (
+        "note: 2 validation images hold more instances than the 3 detections the model keeps per image "
+        "(--detections-per-image; the most: 5, image 2), so AP and AR stay below 1 on such images however good the "
+        "model\n")
+    # COCO's scoring counts per category: image 2's 5 instances are 3 of one category and 2 of the other.
+    train.note_crowded_images(val_set, 100, scored=3)
+    assert capsys.readouterr().out == ""
+    train.note_crowded_images(val_set, 4, scored=2)
+    assert capsys.readouterr().out == (
+        "note: 1 validation image holds more instances than the 4 detections the model keeps per image "
+        "(--detections-per-image; the most: 5, image 2) or more of one category than the 2 per image and category "
+        "COCO's scoring counts (--eval-max-dets; the most: 3, image 2), so AP and AR stay below 1 on such images "
+        "however good the model\n")
     crowded = argparse.Namespace(coco=argparse.Namespace(dataset={"annotations": [
-        {"image_id": 4, "bbox": [0, 0, 5, 5], "iscrowd": 0}] * 101}))
+        {"image_id": 4, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 0}] * 101}))
     train.note_crowded_images(crowded, 1000)
-    assert capsys.readouterr().out.startswith("note: 1 validation image holds more than 100 instances (the most: "
-                                              "101, image 4); the model keeps 1000 detections per image")
+    assert capsys.readouterr().out.startswith("note: 1 validation image holds more of one category than the 100 per "
+                                              "image and category COCO's scoring counts (--eval-max-dets; the most: "
+                                              "101, image 4)")
     train.note_crowded_images(crowded, 1000, scored=300)
     assert capsys.readouterr().out == ""
 
@@ -309,14 +319,20 @@ def test_args_json_says_how_training_ended(tmp_path, error, outcome):
     assert not (tmp_path / "args.json").exists()
 
 
-def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did():
+def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
     train.check_same_scoring(argparse.Namespace(eval_max_dets=100), {}, "c.pth")  # a run before the flag: 100
     train.check_same_scoring(argparse.Namespace(eval_max_dets=300), {"eval_max_dets": 300}, "c.pth")
     with pytest.raises(UserError, match=r"^--resume out/checkpoint.pth: its run scored up to 100 detections an image "
-                                        r"\(--eval-max-dets\), and model_best.pth and --patience compare with its "
-                                        r"evaluations; give --eval-max-dets 100, or score the checkpoint otherwise "
-                                        r"with --test-only$"):
-        train.check_same_scoring(argparse.Namespace(eval_max_dets=300), {"eval_max_dets": 100}, "out/checkpoint.pth")
+                                        r"and category \(--eval-max-dets\), and model_best.pth and --patience compare "
+                                        r"with its evaluations; give --eval-max-dets 100, or score the checkpoint "
+                                        r"otherwise with --test-only$"):
+        train.check_same_scoring(argparse.Namespace(eval_max_dets=300, test_only=False), {"eval_max_dets": 100},
+                                 "out/checkpoint.pth")
+    assert capsys.readouterr().out == ""
+    train.check_same_scoring(argparse.Namespace(eval_max_dets=100, test_only=True), {"eval_max_dets": 300}, "c.pth")
+    assert capsys.readouterr().out == ("note: --resume c.pth: its run scored up to 300 detections an image and "
+                                       "category (--eval-max-dets), and this evaluation up to 100: give "
+                                       "--eval-max-dets 300 for that run's numbers\n")
 
 
 def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
