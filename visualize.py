@@ -50,7 +50,7 @@ def caption(image: torch.Tensor, text: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
-def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], masks: torch.Tensor | None,
+def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str] | None, masks: torch.Tensor | None,
                    colors: list[tuple[int, int, int]], keypoints: torch.Tensor | None = None,
                    alpha: float = PREDICTION_ALPHA) -> torch.Tensor:
     """uint8 CHW image with the instances' masks filled in (probabilities (N, 1, H, W) are cut at 0.5) and

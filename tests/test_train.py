@@ -1026,3 +1026,21 @@ def test_a_stop_before_an_epochs_first_step_writes_no_second_checkpoint(tmp_path
     expected = (f"before epoch 1's first step, where {tmp_path / 'checkpoint.pth'} resumes already" if saved_here
                 else f"at epoch 1 step 0; saved {tmp_path / 'checkpoint.pth'}")
     assert expected in capsys.readouterr().out
+
+
+def test_predict_pictures_without_labels_draw_masks_and_boxes_only(trained, dataset, tmp_path, monkeypatch):
+    """--no-labels, for images of many small detections, whose labels would cover them."""
+    from tools import predict
+    image = torch.full((3, 120, 160), 128, dtype=torch.uint8)
+    output = {"boxes": torch.tensor([[20.0, 30.0, 140.0, 100.0]]), "labels": torch.tensor([1]),
+              "scores": torch.tensor([0.9])}
+    cmap = CategoryMap.from_categories([{"id": 3, "name": "square"}], "other")
+    bare, labelled = (predict.picture_of(image, output, cmap, with_labels) for with_labels in (False, True))
+    inside = (slice(None), slice(33, 97), slice(23, 137))
+    assert torch.equal(bare[inside], image[inside]) and not torch.equal(labelled[inside], image[inside])
+    assert torch.equal(bare[:, 30], labelled[:, 30]), "the same box"
+    asked = []
+    monkeypatch.setattr(predict, "picture_of", lambda *given: asked.append(given[3]) or given[0])
+    assert predict.main(["--checkpoint", str(trained[0] / "checkpoint.pth"), str(dataset / "val2017"), "--device",
+                         "cpu", "--output-dir", str(tmp_path), "--no-labels", "--score-thresh", "0.0"]) == 0
+    assert asked and not any(asked)

@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--annotations", help="a COCO file whose 'images' give the image ids")
     parser.add_argument("--no-pictures", action="store_true",
                         help="write predictions.json and images.json only, without drawing a picture per image")
+    parser.add_argument("--no-labels", action="store_true",
+                        help="pictures with masks and boxes only, without each detection's category and score "
+                             "(readable where detections are many and small)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted call into the same --output-dir: the images its images.json "
                              "lists keep their detections and are not predicted again")
@@ -315,7 +318,7 @@ def predict(args: argparse.Namespace) -> int:
                          {"id": records[index][0], "file_name": str(paths[index]), "height": image.shape[-2],
                           "width": image.shape[-1]})
                 if pictures is not None:
-                    save_jpeg(picture_of(image, output, category_map), out / pictures[index])
+                    save_jpeg(picture_of(image, output, category_map, not args.no_labels), out / pictures[index])
             progress.show(len(done.images) + len(unreadable))
         progress.show(len(done.images) + len(unreadable), last=True)  # counting unreadable images at the end
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was predicted is kept, and --resume goes on from it
@@ -337,10 +340,13 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap) -> torch.Tensor:
-    """An image with its kept detections drawn: masks, boxes, keypoints, and each one's category and score."""
+def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, with_labels: bool = True
+               ) -> torch.Tensor:
+    """An image with its kept detections drawn: masks, boxes, keypoints, and (with_labels) each one's category
+    and score."""
     labels = output["labels"].tolist()
-    names = [f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
+    names = ([f"{category_map.name(i)} {s:.2f}" for i, s in zip(labels, output["scores"].tolist())]
+             if with_labels else None)
     return draw_instances(image, output["boxes"], names, output.get("masks"),
                           [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
 
