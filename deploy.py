@@ -252,6 +252,7 @@ class Comparison:
     onnx_count: int
     unmatched: int = 0
     matched: int = 0  # pairs with at least one side at or above the threshold: the differences are over these
+    at_cut: int = 0  # detections without a counterpart whose score ties the other side's last kept one
     size: tuple[int, int] = (0, 0)  # (height, width), as the image tensor has them
     box: float | None = None
     score: float | None = None
@@ -301,19 +302,31 @@ def mask_iou(expected: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, (e & a).flatten(1).sum(1) / union.clamp(min=1), 1.0)
 
 
-def compare(image: str, expected: dict, actual: dict, score_thresh: float) -> Comparison:
+def tied_at_cut(scores: torch.Tensor, other_scores: torch.Tensor, cap: int | None) -> torch.Tensor:
+    """Which of scores are no higher than the other side's last kept score (within the score tolerance) where that
+    side holds its full cap of detections: among equal scores either runtime may keep a different one."""
+    if cap is None or len(other_scores) < cap or not len(other_scores):
+        return torch.zeros_like(scores, dtype=torch.bool)
+    return scores <= other_scores.min() + TOLERANCES["score"]
+
+
+def compare(image: str, expected: dict, actual: dict, score_thresh: float, cap: int | None = None) -> Comparison:
     """PyTorch's output (expected) against onnxruntime's (actual) for one image. Every detection at or above
     score_thresh on either side must have a counterpart (one just under the threshold on the other side counts),
     and the differences are measured over these pairs. Under the threshold, near-equal scores of overlapping
     boxes (a blank image, an untrained model) let float rounding pick other survivors of NMS, so those
-    detections are not compared."""
+    detections are not compared; nor, where a side holds cap detections (the model's most per image), are those
+    tied with its last kept score, as float rounding orders equal scores."""
     above_e, above_a = expected["scores"] >= score_thresh, actual["scores"] >= score_thresh
     pairs = [(i, j) for i, j in match(expected, actual) if above_e[i] or above_a[j]]
     i, j = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
     alone_e, alone_a = above_e.clone(), above_a.clone()
     alone_e[i], alone_a[j] = False, False
-    result = Comparison(image, int(above_e.sum()), int(above_a.sum()), int(alone_e.sum() + alone_a.sum()),
-                        matched=len(pairs))
+    cut_e = alone_e & tied_at_cut(expected["scores"], actual["scores"], cap)
+    cut_a = alone_a & tied_at_cut(actual["scores"], expected["scores"], cap)
+    at_cut = int(cut_e.sum() + cut_a.sum())
+    result = Comparison(image, int(above_e.sum()), int(above_a.sum()), int(alone_e.sum() + alone_a.sum()) - at_cut,
+                        matched=len(pairs), at_cut=at_cut)
     if not pairs:
         return result
     result.box = (expected["boxes"][i] - actual["boxes"][j]).abs().max().item()
@@ -332,7 +345,7 @@ def verify(model: nn.Module, onnx_model: OnnxModel, images: list[tuple[str, torc
     for label, image in images:
         with torch.inference_mode():
             expected = model.eval()([image.float() / 255])[0]
-        comparison = compare(label, expected, onnx_model.run_one(image), score_thresh)
+        comparison = compare(label, expected, onnx_model.run_one(image), score_thresh, detections_per_image(model))
         comparison.size = tuple(image.shape[-2:])
         comparisons.append(comparison)
     return comparisons
@@ -360,6 +373,9 @@ def report(comparisons: list[Comparison], score_thresh: float) -> list[str]:
         parts.append(f"keypoints {max(largest['keypoint']):.3f} px ({TOLERANCES['keypoint']})")
     lines.append("largest differences: " + (", ".join(parts) if parts else f"none compared: no detection at or above "
                                             f"{score_thresh:g} on any image (a lower --score-thresh compares more)"))
+    if at_cut := sum(c.at_cut for c in comparisons):
+        lines.append(f"not compared: {at_cut} detections without a counterpart whose scores tie the other runtime's "
+                     f"last kept one at the most detections per image (either may keep another of equal scores)")
     return lines
 
 

@@ -298,6 +298,18 @@ def test_compare_matches_across_the_threshold_and_flags_differences():
     assert low.matched == 0 and low.problems() == [], "under the threshold on both sides nothing is compared"
 
 
+def test_equal_scores_at_the_most_detections_per_image_may_keep_other_detections():
+    # Two runtimes full at a cap of 2, each keeping another of two detections tied at 0.3: not a difference.
+    expected = detections([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.3], [1, 1])
+    actual = detections([[0, 0, 10, 10], [50, 50, 70, 70]], [0.9, 0.3], [1, 1])
+    tied = deploy.compare("a", expected, actual, 0.1, cap=2)
+    assert (tied.unmatched, tied.at_cut, tied.problems()) == (0, 2, [])
+    assert "not compared: 2 detections" in deploy.report([tied], 0.1)[-1]
+    assert deploy.compare("a", expected, actual, 0.1, cap=3).unmatched == 2, "a side short of its cap cut nothing"
+    higher = detections([[0, 0, 10, 10], [50, 50, 70, 70]], [0.9, 0.35], [1, 1])
+    assert deploy.compare("a", expected, higher, 0.1, cap=2).unmatched == 1, "above the other's cut it is missing"
+
+
 def test_a_check_that_compared_no_detection_says_so_and_sizes_read_width_by_height(tmp_path):
     none = deploy.Comparison("a.jpg", 0, 0, size=(48, 64))
     some = deploy.Comparison("b.jpg", 2, 2, matched=2, size=(48, 64))

@@ -896,6 +896,7 @@ def test_predict_names_pictures_of_one_stem_apart():
     (["--model", "fasterrcnn_resnet50_fpn"], "holds a maskrcnn_resnet50_fpn; leave --model out"),
     (["--annotations", "/nowhere/instances.json"], "/nowhere/instances.json is not readable JSON"),
     (["--output-dir", "FILE"], "is a file, not a folder; give a folder (it is made if missing)"),
+    (["--no-labels", "--no-pictures"], "--no-labels changes the pictures, which --no-pictures leaves out"),
 ])
 def test_predict_refuses_what_it_would_ignore_or_fail_on_late_in_one_line(trained, dataset, tmp_path, capsys,
                                                                            flags, message):

@@ -214,6 +214,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     check_sizes_and_score(args)
+    if args.no_labels and args.no_pictures:
+        raise UserError("--no-labels changes the pictures, which --no-pictures leaves out; give one of them")
     if args.onnx and (args.model or args.min_size or args.max_size):
         raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
                         "(tools/export.py); leave them out with --onnx")
