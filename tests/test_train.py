@@ -824,6 +824,49 @@ def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(tr
     assert "which this call's inputs do not give it; give the interrupted call's inputs" in capsys.readouterr().err
 
 
+class Killed(BaseException):
+    """A kill the process cannot catch (SIGKILL, the out-of-memory killer): nothing of predict's runs after it."""
+
+
+def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained, dataset, tmp_path, capsys,
+                                                                        monkeypatch):
+    from tools import predict
+    args = ["--checkpoint", str(trained[0] / "checkpoint.pth"), str(dataset / "val2017"), "--device", "cpu",
+            "--score-thresh", "0.0", "--batch-size", "1", "--no-pictures"]
+    assert predict.main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
+    assert not (tmp_path / "straight" / predict.JOURNAL).exists(), "a finished call leaves no journal"
+    straight = json.loads((tmp_path / "straight" / "predictions.json").read_text())
+    listed = json.loads((tmp_path / "straight" / "images.json").read_text())
+    kept, calls = predict.kept_detections, []
+
+    def killed_at_the_fourth(*given):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed
+        return kept(*given)
+
+    monkeypatch.setattr(predict, "kept_detections", killed_at_the_fourth)
+    with pytest.raises(Killed):
+        predict.main([*args, "--output-dir", str(tmp_path / "cut")])
+    journal = tmp_path / "cut" / predict.JOURNAL
+    assert not (tmp_path / "cut" / "predictions.json").exists() and len(journal.read_bytes().splitlines()) == 3
+    with open(journal, "ab") as f:
+        f.write(b'{"id": 9')  # the kill cut the next line short: that image is predicted again
+    monkeypatch.setattr(predict, "kept_detections", kept)
+    capsys.readouterr()
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert f"Resuming: 3 of {len(listed)} images were predicted in" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cut" / "images.json").read_text()) == listed
+    assert json.loads((tmp_path / "cut" / "predictions.json").read_text()) == straight
+    assert not journal.exists()
+    journal.write_bytes(b"not json\n{}\t[]\n")
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
+    assert f"line 1 of {journal} is not an image's detections" in capsys.readouterr().err
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut")]) == 0
+    assert "holds the work of a call that was killed; this call starts afresh" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cut" / "predictions.json").read_text()) == straight
+
+
 def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):
     from tools import predict
     for name in ("val2017/imgs/a.jpg", "val2017/b.jpg", "val2017/imgs/notes.txt"):

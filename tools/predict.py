@@ -10,7 +10,8 @@ naming the images), else from COCO-style numeric file names (000000000139.jpg is
 file-name order; category ids are the training file's own. predictions.json holds COCO results, which
 pycocotools' loadRes reads: per detection a score with, for Mask R-CNN, the model's box and a mask as RLE; for
 Keypoint R-CNN, the keypoints (COCO's keypoint results); for box models, the box. A call stopped by Ctrl-C or
-SIGTERM writes both files for the images done, and --resume continues it.
+SIGTERM writes both files for the images done; one killed outright leaves predictions.partial.jsonl, the
+journal of the images done (a line each, written as they are done); --resume continues either.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deploy  # noqa: E402
 import speedups  # noqa: E402
 from annotations import read_annotation_file  # noqa: E402
-from checkpoint import load_file, prepare_output_dir, write_json_atomic  # noqa: E402
+from checkpoint import (  # noqa: E402
+    load_file,
+    prepare_output_dir,
+    remove_quietly,
+    write_atomic,
+    write_json_atomic,
+    writing,
+)
 from coco_eval import to_coco_results  # noqa: E402
 from coco_utils import CategoryMap, SampleError, coco_category_names, read_rgb  # noqa: E402
 from devices import pick_device  # noqa: E402
@@ -246,6 +253,15 @@ def warn_of_earlier_pictures(out: Path, pictures: list[str]) -> None:
               file=sys.stderr)
 
 
+def fresh_start(out: Path) -> list:
+    """No earlier images for a call without --resume; where a killed call left its journal, it is replaced, so
+    say what is given up."""
+    if (out / JOURNAL).is_file():
+        print(f"warning: {out / JOURNAL} holds the work of a call that was killed; this call starts afresh and "
+              f"replaces it (--resume would have continued it)", file=sys.stderr)
+    return []
+
+
 def picture_names(paths: list[Path]) -> list[str]:
     """A picture's file name per image: its own stem, numbered from the second image of the same stem on; never
     a name already given (a.png's a_2.jpg beside an a_2.jpg), in any case (for filesystems that ignore it)."""
@@ -297,7 +313,7 @@ def predict(args: argparse.Namespace) -> int:
     prepare_output_dir(out)
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
         print(NOT_KEPT_WARNING, file=sys.stderr)
-    done = earlier_results(out, paths, records) if args.resume else Done()
+    done = Done(out, earlier_results(out, paths, records) if args.resume else fresh_start(out))
     pictures = None if args.no_pictures else picture_names(paths)
     if pictures is not None and not args.resume:
         warn_of_earlier_pictures(out, pictures)
@@ -353,48 +369,114 @@ def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, wit
                           [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
 
 
-@dataclass
-class Done:
-    """The images predicted so far, by their index among the inputs: COCO's "images" entries and detections."""
+JOURNAL = "predictions.partial.jsonl"  # a line per image as it is done: what a killed call leaves for --resume
+RESULTS_REMEDY = "free space in --output-dir or choose another"
 
-    images: dict[int, dict] = field(default_factory=dict)
-    results: dict[int, list[dict]] = field(default_factory=dict)
+
+class Done:
+    """The images predicted so far, by their index among the inputs: COCO's "images" entries in memory, and their
+    detections in the journal in --output-dir, a line an image written as it is done. So a call killed outright
+    (out of memory, SIGKILL) leaves its work for --resume, and memory does not grow with the detections."""
+
+    def __init__(self, out: Path, earlier: list[tuple[int, dict, list[dict]]]) -> None:
+        """A new journal in out holding earlier's (index, image, detections), those of the call resumed."""
+        self.journal = out / JOURNAL
+        self.images: dict[int, dict] = {}
+        self._lines: dict[int, int] = {}  # index: where its line starts in the journal
+        self._counts: dict[int, int] = {}  # index: its detections
+        with writing(self.journal, RESULTS_REMEDY):
+            self._file = open(self.journal.with_suffix(".tmp"), "wb")  # noqa: SIM115 (open for the whole call)
+        for index, image, detections in earlier:
+            self.add(index, detections, image)
+        with writing(self.journal, RESULTS_REMEDY):
+            self._file.flush()
+            os.replace(self._file.name, self.journal)  # the resumed call's journal stays whole until this one is
 
     def add(self, index: int, detections: list[dict], image: dict) -> None:
-        self.results[index], self.images[index] = detections, image
+        start = self._file.tell()
+        with writing(self.journal, RESULTS_REMEDY):
+            # JSON text holds no raw tab or newline, so each splits exactly; the detections are copied unparsed.
+            self._file.write(f"{json.dumps(image)}\t{json.dumps(detections)}\n".encode())
+            self._file.flush()  # a killed process loses none of it (a power cut may, the last few)
+        # Only a whole line counts: a Ctrl-C part-way through leaves this image out of the files written.
+        self.images[index], self._counts[index], self._lines[index] = image, len(detections), start
 
     def write(self, out: Path) -> int:
-        """predictions.json and images.json of the images done, in input order; the detections written."""
-        detections = [d for index in sorted(self.results) for d in self.results[index]]
-        remedy = "free space in --output-dir or choose another"
-        write_json_atomic(out / "predictions.json", detections, remedy)
-        write_json_atomic(out / "images.json", [self.images[i] for i in sorted(self.images)], remedy)
-        return len(detections)
+        """predictions.json and images.json of the images done, in input order, then no journal; the detections
+        written."""
+        count = 0
+
+        def detections_in_order(f) -> None:
+            nonlocal count
+            f.write(b"[")
+            with open(self.journal, "rb") as journal:
+                for index in sorted(self._lines):
+                    journal.seek(self._lines[index])
+                    listed = journal.readline().rstrip(b"\n").split(b"\t", 1)[1]
+                    if self._counts[index]:
+                        f.write((b", " if count else b"") + listed[1:-1])
+                        count += self._counts[index]
+            f.write(b"]")
+
+        self._file.close()
+        write_atomic(out / "predictions.json", detections_in_order, RESULTS_REMEDY)
+        write_json_atomic(out / "images.json", [self.images[i] for i in sorted(self.images)], RESULTS_REMEDY)
+        remove_quietly(self.journal)
+        return count
 
 
-def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
-    """--resume: the images an earlier call into out predicted (its images.json) and their detections, by index
-    among this call's inputs; refused where that call's ids are not this call's (other inputs, or none)."""
+def read_journal(journal: Path) -> tuple[list[dict], list[dict]]:
+    """The images and detections a killed call's journal holds; a line cut short by the kill is left out (its
+    image is predicted again)."""
+    images, detections = [], []
     try:
-        images = json.loads((out / "images.json").read_text())
-        detections = json.loads((out / "predictions.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"--resume continues a call whose predictions.json and images.json are in {out}, and they "
-                        f"cannot be read ({e}); leave --resume out to start afresh") from None
+        lines = journal.read_bytes().split(b"\n")
+    except OSError as e:
+        raise UserError(f"--resume: cannot read {journal} ({e.strerror}); leave --resume out to start afresh") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            image, listed = (json.loads(part) for part in line.split(b"\t"))
+            if not (isinstance(image, dict) and {"id", "file_name"} <= image.keys() and isinstance(listed, list)):
+                raise ValueError
+        except ValueError:  # not JSON, not two parts, or not an image entry and a list
+            if number >= len(lines) - 1:  # the last line, or the empty one after the last newline
+                continue
+            raise UserError(f"--resume: line {number} of {journal} is not an image's detections as predict.py "
+                            f"writes them; leave --resume out to start afresh") from None
+        images.append(image)
+        detections.extend(listed)
+    return images, detections
+
+
+def earlier_results(out: Path, paths: list[Path], records: list) -> list[tuple[int, dict, list[dict]]]:
+    """--resume: the images an earlier call into out predicted (its journal where it was killed, else its
+    images.json) and their detections, by index among this call's inputs; refused where that call's ids are not
+    this call's (other inputs, or none)."""
+    source = out / JOURNAL
+    if source.is_file():
+        images, detections = read_journal(source)
+    else:
+        source = out / "images.json"
+        try:
+            images = json.loads((out / "images.json").read_text())
+            detections = json.loads((out / "predictions.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--resume continues a call whose predictions.json and images.json are in {out}, and "
+                            f"they cannot be read ({e}); leave --resume out to start afresh") from None
     index_of = {str(path): i for i, path in enumerate(paths)}
-    done = Done()
     by_id: dict[int, list[dict]] = {}
     for detection in detections:
         by_id.setdefault(detection["image_id"], []).append(detection)
+    earlier = []
     for image in images:
         index = index_of.get(image["file_name"])
         if index is None or records[index][0] != image["id"]:
-            raise UserError(f"--resume: {out / 'images.json'} lists {image['file_name']} as image {image['id']}, "
+            raise UserError(f"--resume: {source} lists {image['file_name']} as image {image['id']}, "
                             f"which this call's inputs do not give it; give the interrupted call's inputs, or a new "
                             f"--output-dir without --resume")
-        done.add(index, by_id.get(image["id"], []), image)
-    print(f"Resuming: {len(done.images)} of {len(paths)} images were predicted in {out}")
-    return done
+        earlier.append((index, image, by_id.get(image["id"], [])))
+    print(f"Resuming: {len(earlier)} of {len(paths)} images were predicted in {out}")
+    return earlier
 
 
 def result_records(image_id: int, output: dict, category_map: CategoryMap, kind: str) -> list[dict]:
