@@ -53,6 +53,16 @@ def detections_per_image(model: nn.Module) -> int:
     return heads.detections_per_img
 
 
+def drop_detections_below(model: nn.Module, score: float) -> None:
+    """Have the model drop detections scoring under score before its NMS, masks and keypoints rather than leave
+    that to its caller: the same detections at or above score (NMS and the cut to the most per image keep the
+    highest scores), fewer masks pasted at image size. It raises the model's own threshold, never lowers it."""
+    heads = getattr(model, "roi_heads", model)
+    # The model keeps scores above its threshold, callers those at score too: the float32 just below it.
+    below = torch.nextafter(torch.tensor(score), torch.tensor(-1.0)).item()
+    heads.score_thresh = max(heads.score_thresh, below)
+
+
 def check_size_order(min_size: int | None, max_size: int | None) -> None:
     """Sizes given on one command line with --max-size below --min-size are refused: the resize holds each long
     side to --max-size, so --min-size would do nothing (a checkpoint's saved sizes are not checked: the model

@@ -706,6 +706,22 @@ def test_predict_on_a_folder(trained, dataset, tmp_path):
     assert {a["category_id"] for a in detections.anns.values()} <= {c["id"] for c in CATEGORIES}
 
 
+def test_predict_has_the_model_drop_what_it_would_not_keep(trained, dataset, tmp_path, monkeypatch):
+    from tools import predict
+
+    floors, drop = [], predict.drop_detections_below
+
+    def recorded(model, score):
+        drop(model, score)
+        floors.append(model.roi_heads.score_thresh)
+
+    monkeypatch.setattr(predict, "drop_detections_below", recorded)
+    image = sorted((dataset / "val2017").glob("*.jpg"))[0]
+    assert predict.main(["--checkpoint", str(trained[0] / "checkpoint.pth"), str(image), "--device", "cpu",
+                         "--output-dir", str(tmp_path), "--score-thresh", "0.3", "--no-pictures"]) == 0
+    assert floors and 0.2999 < floors[0] < 0.3
+
+
 @pytest.mark.parametrize("flags, reused", [([], True), (["--no-reuse-freed-memory"], False)])
 def test_predict_on_the_cpu_reuses_freed_memory_unless_told(trained, dataset, tmp_path, monkeypatch, flags, reused):
     from tools import predict

@@ -51,6 +51,7 @@ from models import (  # noqa: E402
     build_from_checkpoint,
     build_model,
     check_size_order,
+    drop_detections_below,
     iou_types,
     model_options,
 )
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"with --weights: the model ({', '.join(MODELS)}; default {DEFAULT_MODEL})")
     parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
     parser.add_argument("--score-thresh", type=float, default=0.5,
-                        help="draw and keep detections scoring at least this (default 0.5)")
+                        help="draw and keep detections scoring at least this (default 0.5); the model drops the "
+                             "others before pasting masks (the same detections, less memory and time)")
     parser.add_argument("--device", default="cuda",
                         help="cuda or cpu (cuda falls back to the CPU; --onnx runs on the CPU)")
     parser.add_argument("--batch-size", type=int, default=4,
@@ -309,6 +311,7 @@ def predict(args: argparse.Namespace) -> int:
     else:
         device = pick_device(args.device)
         model, category_map, name = load_model(args)
+        drop_detections_below(model, args.score_thresh)
         model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig(enabled=not args.no_speedups))
     prepare_output_dir(out)
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
