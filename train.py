@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -427,6 +428,10 @@ def best_metric(args: argparse.Namespace) -> tuple[str, str]:
         return next(kind for kind in ("segm", "keypoints", "bbox") if kind in types), "AP"
     kind, _, name = args.best_metric.partition("/")
     if kind not in types or name not in metric_names(kind, args.eval_max_dets):
+        if kind in ("bbox", "segm") and re.fullmatch(r"AR[1-9][0-9]*", name) and int(name[2:]) > 10:
+            raise UserError(f"--best-metric {args.best_metric} is the recall of a run scored with --eval-max-dets "
+                            f"{name[2:]}, and this one scores up to {args.eval_max_dets} (AR{args.eval_max_dets}); "
+                            f"give --eval-max-dets {name[2:]} too, or --best-metric {kind}/AR{args.eval_max_dets}")
         choices = ", ".join(f"{t}/{n}" for t in types for n in metric_names(t, args.eval_max_dets))
         raise UserError(f"--best-metric {args.best_metric} is no metric of {args.model}'s evaluation; choose one "
                         f"of {choices}")

@@ -396,10 +396,17 @@ def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys
                                         ("maskrcnn_resnet50_fpn", "segm/AR300", ("segm", "AR300"), 300)]:
         assert train.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=most)) == primary
     for model, given in [("maskrcnn_resnet50_fpn", "segm/AP55"), ("fasterrcnn_resnet50_fpn", "segm/AP"),
-                         ("maskrcnn_resnet50_fpn", "AP"), ("maskrcnn_resnet50_fpn", "segm/AR300")]:
+                         ("maskrcnn_resnet50_fpn", "AP"), ("maskrcnn_resnet50_fpn", "segm/AR5"),
+                         ("keypointrcnn_resnet50_fpn", "keypoints/AR300")]:
         with pytest.raises(UserError, match=f"--best-metric {given} is no metric of {model}'s evaluation; choose "
                                             f"one of bbox/AP, bbox/AP50, "):
             train.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=100))
+    # The recall of another scoring limit: the limit is what to change (a resumed run's scoring is checked later).
+    with pytest.raises(UserError, match=r"--best-metric segm/AR300 is the recall of a run scored with --eval-max-dets "
+                                        r"300, and this one scores up to 100 \(AR100\); give --eval-max-dets 300 too, "
+                                        r"or --best-metric segm/AR100"):
+        train.best_metric(argparse.Namespace(model="maskrcnn_resnet50_fpn", best_metric="segm/AR300",
+                                             eval_max_dets=100))
 
 
 def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_path, capsys):
