@@ -617,8 +617,9 @@ class CocoDetection(torch.utils.data.Dataset):
         if masks is not None:
             target["masks"] = masks
         if self.with_keypoints:
-            points = [a["keypoints"] for a in anns]  # each one a full array (complete_keypoints)
-            target["keypoints"] = torch.tensor(points, dtype=torch.float32).reshape(len(anns), -1, 3)
+            points = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32)  # full arrays each
+            # An image without persons (many of COCO's val2017) gives (0, 17, 3), as the model lays outputs out.
+            target["keypoints"] = points.reshape(len(anns), len(coco_keypoint_names()), 3)
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:

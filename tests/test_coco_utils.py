@@ -28,6 +28,7 @@ from coco_utils import (
 from conftest import ROOT, load_file_module, reference_checkout
 from errors import UserError
 from presets import DetectionPresetEval
+from tools.make_coco_dataset import DatasetSpec, generate_dataset
 
 
 def test_training_masks_equal_ann_to_mask(dataset):
@@ -75,6 +76,27 @@ def test_keypoint_targets_follow_their_instances(keypoint_dataset):
         expected = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(-1, 17, 3)
         assert torch.equal(target["keypoints"], expected)
         assert (target["keypoints"][..., 2] > 0).sum() >= 10, "the recipe's minimum of labelled keypoints"
+
+
+def test_keypoint_validation_images_without_persons_are_evaluated(tmp_path):
+    """Half of COCO's person_keypoints_val2017.json images hold no person: their targets and scoring must work."""
+    from coco_eval import CocoEvaluator
+    from engine import evaluate
+    from models import build_model, model_options
+
+    spec = DatasetSpec(train_images=2, val_images=4, min_size=64, max_size=64, instances=2, seed=3, empty_share=0.5,
+                       degenerate_share=0.0, keypoints=True)
+    root = generate_dataset(tmp_path, spec)
+    ds = build_dataset(root, "coco_kp", "val", DetectionPresetEval())
+    empty = [i for i in range(len(ds)) if not ds.coco.imgToAnns[ds.ids[i]]]
+    assert empty and ds[empty[0]][1]["keypoints"].shape == (0, 17, 3)
+    torch.manual_seed(0)
+    model = build_model("keypointrcnn_resnet50_fpn", 2, None, None, None,
+                        **model_options("keypointrcnn_resnet50_fpn", min_size=64, max_size=64))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=lambda batch: tuple(zip(*batch)))
+    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox", "keypoints"))
+    metrics = evaluate(model, loader, torch.device("cpu"), evaluator)
+    assert list(metrics) == ["bbox", "keypoints"]
 
 
 def test_category_map_contiguous_for_other_categories():
