@@ -12,8 +12,15 @@ from torch.optim.lr_scheduler import LRScheduler
 import utils
 from errors import UserError
 
-# torchvision's recipe: --lr 0.02 for 8 GPUs x 2 images.
-RECIPE_LR, RECIPE_BATCH = 0.02, 16
+# torchvision's recipes (references/detection's README, 8 GPUs each): the SGD rate and the effective batch it is
+# given for. Models without a published recipe (the v2 ones) get no advice.
+RCNN_RECIPE = (0.02, 16)  # 8 GPUs x the default 2 images
+RECIPES = {
+    "fasterrcnn_resnet50_fpn": RCNN_RECIPE, "fasterrcnn_mobilenet_v3_large_fpn": RCNN_RECIPE,
+    "fasterrcnn_mobilenet_v3_large_320_fpn": RCNN_RECIPE, "maskrcnn_resnet50_fpn": RCNN_RECIPE,
+    "keypointrcnn_resnet50_fpn": RCNN_RECIPE, "retinanet_resnet50_fpn": (0.01, 16), "fcos_resnet50_fpn": (0.01, 16),
+    "ssd300_vgg16": (0.002, 32), "ssdlite320_mobilenet_v3_large": (0.15, 192),
+}
 
 
 def effective_batch(args: argparse.Namespace) -> int:
@@ -23,7 +30,7 @@ def effective_batch(args: argparse.Namespace) -> int:
 
 def scale_learning_rate(args: argparse.Namespace) -> None:
     """Say what the effective batch is; with --auto-scale-lr B scale --lr by it / B, else point out when it
-    differs from the recipe's batch, which torchvision's --lr is given for."""
+    differs from the batch of the model's recipe, which torchvision's --lr is given for."""
     total = effective_batch(args)
     utils.print_once(f"Effective batch: {args.batch_size} images x {utils.get_world_size()} processes x "
                      f"{args.grad_accum_steps} accumulation steps = {total} per optimizer step")
@@ -32,11 +39,12 @@ def scale_learning_rate(args: argparse.Namespace) -> None:
         utils.print_once(f"--auto-scale-lr {args.auto_scale_lr}: --lr {args.lr:g} x {total} / "
                          f"{args.auto_scale_lr} = {scaled:g}")
         args.lr = scaled
-    elif (args.opt.startswith("sgd") and total != RECIPE_BATCH  # the recipe's rate is SGD's
-          and not math.isclose(args.lr, RECIPE_LR * total / RECIPE_BATCH)):
-        utils.print_once(f"note: torchvision's recipe has --lr {RECIPE_LR} for a batch of {RECIPE_BATCH}, which "
-                         f"for this batch of {total} is --lr {RECIPE_LR * total / RECIPE_BATCH:g} (--auto-scale-lr "
-                         f"{RECIPE_BATCH} scales whatever --lr is given by the batch / {RECIPE_BATCH})")
+    elif args.model in RECIPES and args.opt.startswith("sgd"):  # the recipes' rates are SGD's
+        lr, batch = RECIPES[args.model]
+        if total != batch and not math.isclose(args.lr, lr * total / batch):
+            utils.print_once(f"note: torchvision's recipe for {args.model} has --lr {lr:g} for a batch of {batch}, "
+                             f"which for this batch of {total} is --lr {lr * total / batch:g} (--auto-scale-lr "
+                             f"{batch} scales whatever --lr is given by the batch / {batch})")
 
 
 def lr_milestones(args: argparse.Namespace) -> list[int]:

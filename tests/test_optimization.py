@@ -14,7 +14,8 @@ from train import get_args_parser
 
 def args(**values) -> argparse.Namespace:
     base = {"batch_size": 4, "grad_accum_steps": 1, "lr": 0.02, "auto_scale_lr": None, "test_only": False,
-            "weight_decay": 1e-4, "norm_weight_decay": None, "opt": "sgd", "momentum": 0.9}
+            "weight_decay": 1e-4, "norm_weight_decay": None, "opt": "sgd", "momentum": 0.9,
+            "model": "maskrcnn_resnet50_fpn"}
     return argparse.Namespace(**{**base, **values})
 
 
@@ -31,14 +32,23 @@ def test_without_it_a_batch_other_than_the_recipes_gets_a_note(capsys):
     given = args(batch_size=4, lr=0.001)
     optimization.scale_learning_rate(given)
     assert given.lr == 0.001
-    assert "for this batch of 4 is --lr 0.005 (--auto-scale-lr 16 scales whatever --lr is given by the batch / 16)" in (
-        capsys.readouterr().out)
+    assert ("recipe for maskrcnn_resnet50_fpn has --lr 0.02 for a batch of 16, which for this batch of 4 is --lr "
+            "0.005 (--auto-scale-lr 16 scales whatever --lr is given by the batch / 16)") in capsys.readouterr().out
     optimization.scale_learning_rate(args(batch_size=8, grad_accum_steps=2))
     assert "note:" not in capsys.readouterr().out, "16 is the recipe's batch"
     optimization.scale_learning_rate(args(batch_size=2, lr=0.0025))
     assert "note:" not in capsys.readouterr().out, "--lr is already the recipe's for a batch of 2"
     optimization.scale_learning_rate(args(batch_size=4, lr=0.001, opt="adamw"))
     assert "note:" not in capsys.readouterr().out, "the recipe's rate is SGD's"
+    for model, advice in [("retinanet_resnet50_fpn", "0.01 for a batch of 16, which for this batch of 2 is --lr "
+                                                     "0.00125"),
+                          ("ssd300_vgg16", "0.002 for a batch of 32, which for this batch of 2 is --lr 0.000125"),
+                          ("ssdlite320_mobilenet_v3_large", "0.15 for a batch of 192, which for this batch of 2 is "
+                                                            "--lr 0.0015625 (--auto-scale-lr 192")]:
+        optimization.scale_learning_rate(args(batch_size=2, lr=0.01, model=model))
+        assert f"recipe for {model} has --lr {advice}" in capsys.readouterr().out
+    optimization.scale_learning_rate(args(batch_size=2, lr=0.01, model="maskrcnn_resnet50_fpn_v2"))
+    assert "note:" not in capsys.readouterr().out, "torchvision publishes no recipe for the v2 models"
 
 
 def test_parameter_order_follows_the_checkpoints_writer():
