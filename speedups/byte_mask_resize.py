@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .exact import same_tensors
@@ -43,7 +44,10 @@ def _eligible(module: nn.Module) -> bool:
 
 
 def resize_masks_as_bytes(model: nn.Module) -> nn.Module:
-    """Give model's torchvision transforms byte mask resizing, in place."""
+    """Give model's torchvision transforms byte mask resizing, in place; a detector without a mask head (its
+    training reads no masks) is left as it is."""
+    if hasattr(model, "transform") and not any(isinstance(m, RoIHeads) and m.has_mask() for m in model.modules()):
+        return model
     return mix_into(model, ByteMaskResizeMixin, _eligible, "ByteMaskResize")
 
 

@@ -47,6 +47,15 @@ def test_a_transform_with_its_own_resize_keeps_it():
     assert not isinstance(transform, ByteMaskResizeMixin)
 
 
+def test_only_detectors_that_learn_masks_take_it():
+    import torchvision
+
+    kinds = {"maskrcnn_resnet50_fpn": True, "fasterrcnn_resnet50_fpn": False, "retinanet_resnet50_fpn": False}
+    for name, learns_masks in kinds.items():
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=3)
+        assert isinstance(resize_masks_as_bytes(model).transform, ByteMaskResizeMixin) is learns_masks, name
+
+
 def test_the_masks_are_interpolated_as_bytes(monkeypatch):
     dtypes = []
 
