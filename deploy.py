@@ -374,8 +374,9 @@ def report(comparisons: list[Comparison], score_thresh: float) -> list[str]:
     lines.append("largest differences: " + (", ".join(parts) if parts else f"none compared: no detection at or above "
                                             f"{score_thresh:g} on any image (a lower --score-thresh compares more)"))
     if at_cut := sum(c.at_cut for c in comparisons):
-        lines.append(f"not compared: {at_cut} detections without a counterpart whose scores tie the other runtime's "
-                     f"last kept one at the most detections per image (either may keep another of equal scores)")
+        lines.append(f"not compared: {at_cut} detections without a counterpart scoring no higher than the other "
+                     f"runtime's last kept one (within the score tolerance) where it kept the most detections per "
+                     f"image: of near-equal scores either may keep another")
     return lines
 
 

@@ -55,8 +55,10 @@ def detections_per_image(model: nn.Module) -> int:
 
 def drop_detections_below(model: nn.Module, score: float) -> None:
     """Have the model drop detections scoring under score before its NMS, masks and keypoints rather than leave
-    that to its caller: the same detections at or above score (NMS and the cut to the most per image keep the
-    highest scores), fewer masks pasted at image size. It raises the model's own threshold, never lowers it."""
+    that to its caller: the same detections at or above score (NMS suppresses by higher scores, and the cut to the
+    most per image keeps the highest), up to float rounding of an overlap within ~1e-3 of NMS's IoU threshold
+    (torchvision's batched NMS offsets boxes by the largest coordinate among its candidates), and fewer masks
+    pasted at image size. It raises the model's own threshold, never lowers it."""
     heads = getattr(model, "roi_heads", model)
     # The model keeps scores above its threshold, callers those at score too: the float32 just below it.
     below = torch.nextafter(torch.tensor(score), torch.tensor(-1.0)).item()

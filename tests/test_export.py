@@ -308,6 +308,20 @@ def test_equal_scores_at_the_most_detections_per_image_may_keep_other_detections
     assert deploy.compare("a", expected, actual, 0.1, cap=3).unmatched == 2, "a side short of its cap cut nothing"
     higher = detections([[0, 0, 10, 10], [50, 50, 70, 70]], [0.9, 0.35], [1, 1])
     assert deploy.compare("a", expected, higher, 0.1, cap=2).unmatched == 1, "above the other's cut it is missing"
+    rounded = detections([[0, 0, 10, 10], [50, 50, 70, 70]], [0.9, 0.305], [1, 1])  # within the score tolerance
+    assert deploy.compare("a", expected, rounded, 0.1, cap=2).unmatched == 0
+
+    class Full(torch.nn.Module):  # a model that keeps 2 detections an image, and the other runtime's pick
+        roi_heads = type("Heads", (), {"detections_per_img": 2})()
+
+        def forward(self, images):
+            return [expected]
+
+        def run_one(self, image):
+            return actual
+
+    verified = deploy.verify(Full(), Full(), [("a", torch.zeros(3, 4, 4, dtype=torch.uint8))], 0.1)
+    assert verified[0].at_cut == 2, "the check takes the model's most detections per image"
 
 
 def test_a_check_that_compared_no_detection_says_so_and_sizes_read_width_by_height(tmp_path):

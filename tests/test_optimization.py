@@ -48,7 +48,9 @@ def test_without_it_a_batch_other_than_the_recipes_gets_a_note(capsys):
         optimization.scale_learning_rate(args(batch_size=2, lr=0.01, model=model))
         assert f"recipe for {model} has --lr {advice}" in capsys.readouterr().out
     optimization.scale_learning_rate(args(batch_size=2, lr=0.01, model="maskrcnn_resnet50_fpn_v2"))
-    assert "note:" not in capsys.readouterr().out, "torchvision publishes no recipe for the v2 models"
+    assert "has --lr 0.1 for a batch of 64, which for this batch of 2 is --lr 0.003125" in capsys.readouterr().out
+    optimization.scale_learning_rate(args(batch_size=2, lr=0.01, model="retinanet_resnet50_fpn_v2"))
+    assert "note:" not in capsys.readouterr().out, "RetinaNet v2's recipe is AdamW's"
 
 
 def test_parameter_order_follows_the_checkpoints_writer():

@@ -874,7 +874,7 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     journal = tmp_path / "cut" / predict.JOURNAL
     assert not (tmp_path / "cut" / "predictions.json").exists() and len(journal.read_bytes().splitlines()) == 3
     with open(journal, "ab") as f:
-        f.write(b'{"id": 9')  # the kill cut the next line short: that image is predicted again
+        f.write(b'{"id": 9, "file_name": "x"}\t2\t[{"image_id": 9')  # cut short by the kill: predicted again
     monkeypatch.setattr(predict, "kept_detections", kept)
     capsys.readouterr()
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
@@ -882,12 +882,17 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     assert json.loads((tmp_path / "cut" / "images.json").read_text()) == listed
     assert json.loads((tmp_path / "cut" / "predictions.json").read_text()) == straight
     assert not journal.exists()
-    journal.write_bytes(b"not json\n{}\t[]\n")
+    journal.write_bytes(b"not json\n{}\t0\t[]\n")
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
     assert f"line 1 of {journal} is not an image's detections" in capsys.readouterr().err
-    assert predict.main([*args, "--output-dir", str(tmp_path / "cut")]) == 0
-    assert "holds the work of a call that was killed; this call starts afresh" in capsys.readouterr().err
-    assert json.loads((tmp_path / "cut" / "predictions.json").read_text()) == straight
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut")]) == 2, "nothing of a killed call is replaced"
+    assert f"holds {predict.JOURNAL}, the work of a call that was killed: give --resume" in capsys.readouterr().err
+    assert journal.read_bytes() == b"not json\n{}\t0\t[]\n"
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "a.jpg").write_bytes(b"not a jpeg")
+    assert predict.main([*args[:2], str(tmp_path / "unreadable"), *args[3:], "--output-dir", str(tmp_path / "bad")]
+                        ) == 2
+    assert not (tmp_path / "bad" / predict.JOURNAL).exists(), "a call that predicted nothing leaves no journal"
 
 
 def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):

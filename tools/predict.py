@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"with --weights: the model ({', '.join(MODELS)}; default {DEFAULT_MODEL})")
     parser.add_argument("--output-dir", default="predictions", help="where pictures and predictions.json go")
     parser.add_argument("--score-thresh", type=float, default=0.5,
-                        help="draw and keep detections scoring at least this (default 0.5); the model drops the "
-                             "others before pasting masks (the same detections, less memory and time)")
+                        help="draw and keep detections scoring at least this (default 0.5); a PyTorch model drops "
+                             "the others before pasting masks (the same detections, less memory and time)")
     parser.add_argument("--device", default="cuda",
                         help="cuda or cpu (cuda falls back to the CPU; --onnx runs on the CPU)")
     parser.add_argument("--batch-size", type=int, default=4,
@@ -223,6 +224,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     check_sizes_and_score(args)
+    if not args.resume:
+        refuse_a_killed_calls_journal(Path(args.output_dir))
     if args.no_labels and args.no_pictures:
         raise UserError("--no-labels changes the pictures, which --no-pictures leaves out; give one of them")
     if args.onnx and (args.model or args.min_size or args.max_size):
@@ -253,15 +256,6 @@ def warn_of_earlier_pictures(out: Path, pictures: list[str]) -> None:
               f"call that this one does not replace (first: {kept[0]}); they stay, and images.json and "
               f"predictions.json will list this call's images only: give a new --output-dir to keep calls apart",
               file=sys.stderr)
-
-
-def fresh_start(out: Path) -> list:
-    """No earlier images for a call without --resume; where a killed call left its journal, it is replaced, so
-    say what is given up."""
-    if (out / JOURNAL).is_file():
-        print(f"warning: {out / JOURNAL} holds the work of a call that was killed; this call starts afresh and "
-              f"replaces it (--resume would have continued it)", file=sys.stderr)
-    return []
 
 
 def picture_names(paths: list[Path]) -> list[str]:
@@ -316,7 +310,7 @@ def predict(args: argparse.Namespace) -> int:
     prepare_output_dir(out)
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
         print(NOT_KEPT_WARNING, file=sys.stderr)
-    done = Done(out, earlier_results(out, paths, records) if args.resume else fresh_start(out))
+    done = earlier_results(out, paths, records) if args.resume else Done(out)
     pictures = None if args.no_pictures else picture_names(paths)
     if pictures is not None and not args.resume:
         warn_of_earlier_pictures(out, pictures)
@@ -374,112 +368,136 @@ def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, wit
 
 JOURNAL = "predictions.partial.jsonl"  # a line per image as it is done: what a killed call leaves for --resume
 RESULTS_REMEDY = "free space in --output-dir or choose another"
+JOURNAL_REMEDY = "free space in --output-dir; the images done are kept, and the same command with --resume goes on"
 
 
 class Done:
     """The images predicted so far, by their index among the inputs: COCO's "images" entries in memory, and their
-    detections in the journal in --output-dir, a line an image written as it is done. So a call killed outright
-    (out of memory, SIGKILL) leaves its work for --resume, and memory does not grow with the detections."""
+    detections in the journal in --output-dir, a line an image (its entry, a tab, its detection count, a tab, its
+    detections) written as it is done. So a call killed outright (out of memory, SIGKILL) leaves its work for
+    --resume, and memory does not grow with the detections."""
 
-    def __init__(self, out: Path, earlier: list[tuple[int, dict, list[dict]]]) -> None:
-        """A new journal in out holding earlier's (index, image, detections), those of the call resumed."""
+    def __init__(self, out: Path) -> None:
         self.journal = out / JOURNAL
         self.images: dict[int, dict] = {}
         self._lines: dict[int, int] = {}  # index: where its line starts in the journal
         self._counts: dict[int, int] = {}  # index: its detections
-        with writing(self.journal, RESULTS_REMEDY):
-            self._file = open(self.journal.with_suffix(".tmp"), "wb")  # noqa: SIM115 (open for the whole call)
-        for index, image, detections in earlier:
-            self.add(index, detections, image)
-        with writing(self.journal, RESULTS_REMEDY):
-            self._file.flush()
-            os.replace(self._file.name, self.journal)  # the resumed call's journal stays whole until this one is
+        self._file: BinaryIO | None = None  # opened at the first line: a call that does nothing leaves none
+
+    def continue_journal(self, entries: list[tuple[int, dict, int, int]], end: int) -> None:
+        """Take the killed call's journal as it is: its (index, image, count, start) lines, and append after the
+        last whole one (end), dropping a line the kill cut short."""
+        for index, image, count, start in entries:
+            self.images[index], self._counts[index], self._lines[index] = image, count, start
+        with writing(self.journal, JOURNAL_REMEDY):
+            self._file = open(self.journal, "r+b")  # noqa: SIM115 (open for the whole call)
+            self._file.truncate(end)
+            self._file.seek(end)
 
     def add(self, index: int, detections: list[dict], image: dict) -> None:
-        start = self._file.tell()
-        with writing(self.journal, RESULTS_REMEDY):
-            # JSON text holds no raw tab or newline, so each splits exactly; the detections are copied unparsed.
-            self._file.write(f"{json.dumps(image)}\t{json.dumps(detections)}\n".encode())
+        with writing(self.journal, JOURNAL_REMEDY):
+            if self._file is None:
+                self._file = open(self.journal, "wb")  # noqa: SIM115 (open for the whole call)
+            start = self._file.tell()
+            # JSON text holds no raw tab or newline, so a line splits exactly; the detections are copied unparsed.
+            self._file.write(f"{json.dumps(image)}\t{len(detections)}\t{json.dumps(detections)}\n".encode())
             self._file.flush()  # a killed process loses none of it (a power cut may, the last few)
         # Only a whole line counts: a Ctrl-C part-way through leaves this image out of the files written.
         self.images[index], self._counts[index], self._lines[index] = image, len(detections), start
 
+    def _copy_detections(self, f: BinaryIO) -> None:
+        """Every image's detections from the journal, in input order, as one JSON list."""
+        f.write(b"[")
+        written = 0
+        with open(self.journal, "rb") as journal:
+            for index in sorted(self._lines):
+                if self._counts[index]:
+                    journal.seek(self._lines[index])
+                    listed = journal.readline().rstrip(b"\n").split(b"\t", 2)[2]
+                    f.write((b", " if written else b"") + listed[1:-1])
+                    written += 1
+        f.write(b"]")
+
     def write(self, out: Path) -> int:
         """predictions.json and images.json of the images done, in input order, then no journal; the detections
         written."""
-        count = 0
-
-        def detections_in_order(f) -> None:
-            nonlocal count
-            f.write(b"[")
-            with open(self.journal, "rb") as journal:
-                for index in sorted(self._lines):
-                    journal.seek(self._lines[index])
-                    listed = journal.readline().rstrip(b"\n").split(b"\t", 1)[1]
-                    if self._counts[index]:
-                        f.write((b", " if count else b"") + listed[1:-1])
-                        count += self._counts[index]
-            f.write(b"]")
-
-        self._file.close()
-        write_atomic(out / "predictions.json", detections_in_order, RESULTS_REMEDY)
+        if self._file is not None:
+            self._file.close()
+        if self._lines:
+            write_atomic(out / "predictions.json", self._copy_detections, RESULTS_REMEDY)
+        else:
+            write_json_atomic(out / "predictions.json", [], RESULTS_REMEDY)
         write_json_atomic(out / "images.json", [self.images[i] for i in sorted(self.images)], RESULTS_REMEDY)
         remove_quietly(self.journal)
-        return count
+        return sum(self._counts.values())
 
 
-def read_journal(journal: Path) -> tuple[list[dict], list[dict]]:
-    """The images and detections a killed call's journal holds; a line cut short by the kill is left out (its
-    image is predicted again)."""
-    images, detections = [], []
+def refuse_a_killed_calls_journal(out: Path) -> None:
+    """A call without --resume would replace the journal a killed call left: refused, so nothing is lost."""
+    if (out / JOURNAL).is_file():
+        raise UserError(f"--output-dir {out} holds {JOURNAL}, the work of a call that was killed: give --resume to "
+                        f"go on from it, or delete the file to start afresh")
+
+
+def read_journal(journal: Path) -> tuple[list[tuple[dict, int, int]], int]:
+    """A killed call's journal: each whole line's (image entry, detection count, start), its detections left
+    unread, and where the last whole line ends (a line the kill cut short is predicted again)."""
+    entries, start = [], 0
     try:
-        lines = journal.read_bytes().split(b"\n")
+        with open(journal, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    image, count, listed = line.split(b"\t", 2)
+                    image, count = json.loads(image), int(count)
+                    if not (isinstance(image, dict) and {"id", "file_name"} <= image.keys()
+                            and listed.startswith(b"[") and listed.endswith(b"]\n")):
+                        raise ValueError
+                except ValueError:
+                    raise UserError(f"--resume: line {number} of {journal} is not an image's detections as "
+                                    f"predict.py writes them; delete the file and leave --resume out to start "
+                                    f"afresh") from None
+                entries.append((image, count, start))
+                start += len(line)
     except OSError as e:
         raise UserError(f"--resume: cannot read {journal} ({e.strerror}); leave --resume out to start afresh") from None
-    for number, line in enumerate(lines, 1):
-        try:
-            image, listed = (json.loads(part) for part in line.split(b"\t"))
-            if not (isinstance(image, dict) and {"id", "file_name"} <= image.keys() and isinstance(listed, list)):
-                raise ValueError
-        except ValueError:  # not JSON, not two parts, or not an image entry and a list
-            if number >= len(lines) - 1:  # the last line, or the empty one after the last newline
-                continue
-            raise UserError(f"--resume: line {number} of {journal} is not an image's detections as predict.py "
-                            f"writes them; leave --resume out to start afresh") from None
-        images.append(image)
-        detections.extend(listed)
-    return images, detections
+    return entries, start
 
 
-def earlier_results(out: Path, paths: list[Path], records: list) -> list[tuple[int, dict, list[dict]]]:
+def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
     """--resume: the images an earlier call into out predicted (its journal where it was killed, else its
-    images.json) and their detections, by index among this call's inputs; refused where that call's ids are not
+    images.json and predictions.json), by index among this call's inputs; refused where that call's ids are not
     this call's (other inputs, or none)."""
-    source = out / JOURNAL
-    if source.is_file():
-        images, detections = read_journal(source)
+    done = Done(out)
+    index_of = {str(path): i for i, path in enumerate(paths)}
+
+    def index(image: dict, source: Path) -> int:
+        found = index_of.get(image["file_name"])
+        if found is None or records[found][0] != image["id"]:
+            raise UserError(f"--resume: {source} lists {image['file_name']} as image {image['id']}, which this "
+                            f"call's inputs do not give it; give the interrupted call's inputs, or a new "
+                            f"--output-dir without --resume")
+        return found
+
+    if done.journal.is_file():
+        entries, end = read_journal(done.journal)
+        done.continue_journal([(index(image, done.journal), image, count, start) for image, count, start in entries],
+                              end)
     else:
-        source = out / "images.json"
         try:
             images = json.loads((out / "images.json").read_text())
             detections = json.loads((out / "predictions.json").read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"--resume continues a call whose predictions.json and images.json are in {out}, and "
                             f"they cannot be read ({e}); leave --resume out to start afresh") from None
-    index_of = {str(path): i for i, path in enumerate(paths)}
-    by_id: dict[int, list[dict]] = {}
-    for detection in detections:
-        by_id.setdefault(detection["image_id"], []).append(detection)
-    earlier = []
-    for image in images:
-        index = index_of.get(image["file_name"])
-        if index is None or records[index][0] != image["id"]:
-            raise UserError(f"--resume: {source} lists {image['file_name']} as image {image['id']}, "
-                            f"which this call's inputs do not give it; give the interrupted call's inputs, or a new "
-                            f"--output-dir without --resume")
-        earlier.append((index, image, by_id.get(image["id"], [])))
-    print(f"Resuming: {len(earlier)} of {len(paths)} images were predicted in {out}")
-    return earlier
+        by_id: dict[int, list[dict]] = {}
+        for detection in detections:
+            by_id.setdefault(detection["image_id"], []).append(detection)
+        for image in images:
+            done.add(index(image, out / "images.json"), by_id.get(image["id"], []), image)
+    print(f"Resuming: {len(done.images)} of {len(paths)} images were predicted in {out}")
+    return done
 
 
 def result_records(image_id: int, output: dict, category_map: CategoryMap, kind: str) -> list[dict]:
