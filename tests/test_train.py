@@ -845,6 +845,9 @@ def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(tr
     assert predict.main([*args[:2], str(dataset / "train2017"), *args[3:], "--output-dir", str(tmp_path / "cut"),
                          "--resume"]) == 2
     assert "which this call's inputs do not give it; give the interrupted call's inputs" in capsys.readouterr().err
+    fewer = [str(dataset / "val2017" / Path(image["file_name"]).name) for image in listed[:-1]]
+    assert predict.main([*args[:2], *fewer, *args[3:], "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
+    assert not (tmp_path / "cut" / predict.JOURNAL).exists(), "a resume refused at its last image begins no journal"
 
 
 class Killed(BaseException):

@@ -494,8 +494,9 @@ def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
         by_id: dict[int, list[dict]] = {}
         for detection in detections:
             by_id.setdefault(detection["image_id"], []).append(detection)
-        for image in images:
-            done.add(index(image, out / "images.json"), by_id.get(image["id"], []), image)
+        indices = [index(image, out / "images.json") for image in images]  # all checked before a journal is begun
+        for found, image in zip(indices, images):
+            done.add(found, by_id.get(image["id"], []), image)
     print(f"Resuming: {len(done.images)} of {len(paths)} images were predicted in {out}")
     return done
 
