@@ -252,7 +252,7 @@ class Comparison:
     onnx_count: int
     unmatched: int = 0
     matched: int = 0  # pairs with at least one side at or above the threshold: the differences are over these
-    at_cut: int = 0  # detections without a counterpart whose score ties the other side's last kept one
+    at_cut: int = 0  # ones without a counterpart scoring no higher than a full other side's last (tied_at_cut)
     size: tuple[int, int] = (0, 0)  # (height, width), as the image tensor has them
     box: float | None = None
     score: float | None = None
@@ -315,8 +315,9 @@ def compare(image: str, expected: dict, actual: dict, score_thresh: float, cap: 
     score_thresh on either side must have a counterpart (one just under the threshold on the other side counts),
     and the differences are measured over these pairs. Under the threshold, near-equal scores of overlapping
     boxes (a blank image, an untrained model) let float rounding pick other survivors of NMS, so those
-    detections are not compared; nor, where a side holds cap detections (the model's most per image), are those
-    tied with its last kept score, as float rounding orders equal scores."""
+    detections are not compared; nor, where a side holds cap detections (the model's most per image), are the
+    other side's scoring no higher than its last kept one (within the score tolerance), as float rounding orders
+    near-equal scores."""
     above_e, above_a = expected["scores"] >= score_thresh, actual["scores"] >= score_thresh
     pairs = [(i, j) for i, j in match(expected, actual) if above_e[i] or above_a[j]]
     i, j = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
