@@ -282,6 +282,7 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
 
 # Up to this many categories the report lists each one's instances; beyond, the most common and a summary.
 MOST_CATEGORIES_LISTED = 20
+RCNN_DETECTIONS_PER_IMAGE = 100  # torchvision's R-CNNs' default box_detections_per_img
 
 
 def category_balance(counts: dict[str, int]) -> str:
@@ -310,8 +311,9 @@ def instances_per_image(report: SplitReport) -> str:
     if most > COCO_MAX_DETECTIONS and most_of_one < most:  # what the scoring's limit is compared with
         text += f", {most_of_one} of one category (image {its_image})"
     limits = []
-    if most > 100:
-        limits.append("the R-CNNs keep 100 detections an image unless --detections-per-image raises it")
+    if most > RCNN_DETECTIONS_PER_IMAGE:
+        limits.append(f"the R-CNNs keep {RCNN_DETECTIONS_PER_IMAGE} detections an image unless "
+                      f"--detections-per-image raises it")
     if most_of_one > COCO_MAX_DETECTIONS:
         limits.append(f"COCO's scoring counts at most {COCO_MAX_DETECTIONS} per image and category unless "
                       f"--eval-max-dets raises it")

@@ -813,6 +813,20 @@ def test_predicts_progress_in_a_log_is_printed_at_least_every_log_seconds(capsys
     assert re.findall(r"\[(\d+)/1000\]", capsys.readouterr().out) == ["401", "402", "403"], "not only tenths"
 
 
+def stop_at_the_fourth_image(predict, monkeypatch, stop: type[BaseException]):
+    """predict raises stop when it comes to keep the fourth image's detections; returns the function to restore."""
+    kept, calls = predict.kept_detections, []
+
+    def stopped(*given):
+        calls.append(1)
+        if len(calls) == 4:
+            raise stop
+        return kept(*given)
+
+    monkeypatch.setattr(predict, "kept_detections", stopped)
+    return kept
+
+
 def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(trained, dataset, tmp_path, capsys,
                                                                              monkeypatch):
     from tools import predict
@@ -822,15 +836,7 @@ def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(tr
     assert not list((tmp_path / "straight").glob("*.jpg")), "--no-pictures"
     straight = json.loads((tmp_path / "straight" / "predictions.json").read_text())
     listed = json.loads((tmp_path / "straight" / "images.json").read_text())
-    kept, calls = predict.kept_detections, []
-
-    def stopped_at_the_fourth(*given):
-        calls.append(1)
-        if len(calls) == 4:
-            raise errors.Terminated
-        return kept(*given)
-
-    monkeypatch.setattr(predict, "kept_detections", stopped_at_the_fourth)
+    kept = stop_at_the_fourth_image(predict, monkeypatch, errors.Terminated)
     capsys.readouterr()
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut")]) == errors.TERMINATED_STATUS
     assert (f"Wrote the detections of the 3 of {len(listed)} images done to {tmp_path / 'cut'}; the same command "
@@ -863,15 +869,7 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     assert not (tmp_path / "straight" / predict.JOURNAL).exists(), "a finished call leaves no journal"
     straight = json.loads((tmp_path / "straight" / "predictions.json").read_text())
     listed = json.loads((tmp_path / "straight" / "images.json").read_text())
-    kept, calls = predict.kept_detections, []
-
-    def killed_at_the_fourth(*given):
-        calls.append(1)
-        if len(calls) == 4:
-            raise Killed
-        return kept(*given)
-
-    monkeypatch.setattr(predict, "kept_detections", killed_at_the_fourth)
+    kept = stop_at_the_fourth_image(predict, monkeypatch, Killed)
     with pytest.raises(Killed):
         predict.main([*args, "--output-dir", str(tmp_path / "cut")])
     journal = tmp_path / "cut" / predict.JOURNAL
