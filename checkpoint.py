@@ -69,7 +69,7 @@ def _cause(error: OSError) -> str:
 OUTPUT_REMEDY = "free space in --output-dir, make it writable, or choose another"
 CHECKPOINT_REMEDY = f"no checkpoint written before was touched; {OUTPUT_REMEDY}"
 # What a run writes beside its checkpoints (metrics, predictions, pictures, curves, events)
-RUN_OUTPUT_REMEDY = f"the checkpoints are intact; {OUTPUT_REMEDY}"
+RUN_OUTPUT_REMEDY = f"the checkpoints written so far are intact; {OUTPUT_REMEDY}"
 
 
 @contextmanager
@@ -436,6 +436,7 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
 # Temporary files of write_atomic and share_file (".NAME.*.tmp") for the files train.py and tools/predict.py write
 # there; no other file, since --output-dir may be any folder of the user's
 _TEMPORARIES = (".*.pth.*.tmp", ".metrics.jsonl.*.tmp", ".predictions*.json.*.tmp", ".images.json.*.tmp",
+                ".args.json.*.tmp", ".evaluation.json.*.tmp",
                 ".curves.png.*.tmp", ".*.jpg.*.tmp", "predictions/epoch_[0-9]*/.*.jpg.*.tmp")
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import torch
 import torch.utils.data
 import torchvision
@@ -501,7 +502,7 @@ class Run:
     output_dir: Path
     is_main: bool
     writers: Writers
-    speedups: speedups.SpeedupConfig
+    speedup_config: speedups.SpeedupConfig
 
     def save(self, state: TrainingState, also_as: str | None = None) -> Path | None:
         """checkpoint.pth (and also_as, the same bytes) in the output folder, from rank 0; None elsewhere."""
@@ -509,7 +510,8 @@ class Run:
 
 
 def start_run(args: argparse.Namespace) -> Run:
-    """Check the arguments, join the other processes, prepare the output folder, seed and set the kernels."""
+    """Check the arguments, pick the device, join the other processes (whose flags must match), scale the
+    learning rate, prepare the output folder, seed, set the kernels and make the writers."""
     check_args(args)
     args.device = pick_device(args.device)
     args.reuse_freed_memory = reuse_wanted(args.reuse_freed_memory, args.device.type)
@@ -571,7 +573,13 @@ def check_same_flags(args: argparse.Namespace) -> None:
                           for name in sorted(first.keys() | theirs.keys()) if first.get(name) != theirs.get(name))
         raise UserError(f"rank {rank} was started with other flags than rank 0: {flags}; every process of a job "
                         f"takes the same ones (between nodes only --data-path, the split paths, --output-dir, "
-                        f"--resume, --workers and --device may differ)")
+                        f"--resume, --workers, --device, --dist-url and --[no-]reuse-freed-memory may differ)")
+
+
+def ids_digest(ids) -> str:
+    """A digest of every id in order, for a list or the compact NumPy array alike (NumPy's repr of an array of
+    over 1,000 elements shows only its ends)."""
+    return hashlib.sha256(repr(np.asarray(ids).tolist()).encode()).hexdigest()
 
 
 def check_same_data(args: argparse.Namespace, data: Data) -> None:
@@ -579,7 +587,7 @@ def check_same_data(args: argparse.Namespace, data: Data) -> None:
     other images into other numbers of steps, and a collective fail an epoch later."""
     def images(dataset: CocoDetection | None) -> tuple[int, str]:
         ids = [] if dataset is None else dataset.ids
-        return len(ids), hashlib.sha256(repr(ids).encode()).hexdigest()
+        return len(ids), ids_digest(ids)
 
     read = {"training images": images(data.train_set), "validation images": images(data.val_set),
             "categories": (len(data.category_map.ids), data.category_map)}
@@ -730,7 +738,7 @@ def check_same_layout(args: argparse.Namespace, saved: dict) -> None:
 def wrap_for_devices(run: Run, model: torch.nn.Module) -> torch.nn.Module:
     """The model on its device with the speed-ups, synchronised batch norm and DDP where the run asks."""
     args = run.args
-    model = speedups.for_training(model.to(run.device), run.device, run.speedups)
+    model = speedups.for_training(model.to(run.device), run.device, run.speedup_config)
     utils.print_once("Speed-ups: " + ("; ".join(speedups.applied(model)) or "none (torchvision's plain model)"))
     if args.distributed and args.sync_bn:
         if run.device.type == "cuda":
@@ -754,7 +762,7 @@ def create_training_state(run: Run, model: torch.nn.Module, data: Data, num_clas
     description; the optimizer's parameters in the order of the checkpoint's writer."""
     args = run.args
     optimizer = make_optimizer(model, args, reference_order=bool(checkpoint and checkpoint.get("from_reference")),
-                               fused=run.speedups.use_fused_optimizer(run.device))
+                               fused=run.speedup_config.use_fused_optimizer(run.device))
     # An average to train, or to evaluate where the checkpoint keeps one (asked for or not).
     kept = bool(checkpoint and "model_ema" in checkpoint)
     average = kept if args.test_only else args.model_ema
@@ -902,7 +910,7 @@ def run_evaluation(run: Run, data: Data, model: torch.nn.Module, stop_requested:
     training (stop_requested given), a stop signal ends it unfinished (EvaluationStopped)."""
     evaluator = CocoEvaluator(data.val_set.coco, data.category_map, iou_types(run.args.model),
                               run.args.coco_backend, run.args.eval_max_dets)
-    eval_model = speedups.for_inference(model, run.device, run.speedups)
+    eval_model = speedups.for_inference(model, run.device, run.speedup_config)
     metrics = evaluate(eval_model, data.val_loader, run.device, evaluator, run.args.print_freq, run.amp_dtype,
                        stop_requested=stop_requested, max_bad_samples=run.args.max_bad_samples)
     return evaluator, metrics, eval_model
@@ -1112,10 +1120,9 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
     if saved_but_not_evaluated(run, state.epoch, state.step):
         utils.print_once(f"Evaluating epoch {state.epoch} first: the run stopped after saving it, before its "
                          f"evaluation ended")
-        with evaluations.timed():
-            metrics = evaluate_or_stop(run, data, state, state.epoch, best, stop)
-        if best.out_of_patience(args.patience):
-            stop_early(run, state, best)
+        metrics, out_of_patience = evaluate_and_check_patience(run, data, state, state.epoch, best, stop,
+                                                               evaluations)
+        if out_of_patience:
             start_epoch = args.epochs  # as the uninterrupted run would have stopped here
     saved_at = None  # where checkpoint.pth resumes, once this run has written it
     for epoch in range(start_epoch, args.epochs):
@@ -1137,14 +1144,24 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
             exit_stopped(stop)
         if not evaluation_due(args, epoch):
             continue
-        with evaluations.timed():
-            metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
-        if best.out_of_patience(args.patience):
-            stop_early(run, state, best)
+        metrics, out_of_patience = evaluate_and_check_patience(run, data, state, epoch, best, stop, evaluations)
+        if out_of_patience:
             break
     run.writers.close()
     utils.print_once(f"Training time {duration(time.time() - started)}")
     return metrics
+
+
+def evaluate_and_check_patience(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel,
+                                stop: StopRequest, evaluations: EvaluationTimes) -> tuple[dict, bool]:
+    """The epoch's evaluation, timed for the run's ETA, and whether --patience has run out (the checkpoint is
+    then marked as stopped early)."""
+    with evaluations.timed():
+        metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
+    if best.out_of_patience(run.args.patience):
+        stop_early(run, state, best)
+        return metrics, True
+    return metrics, False
 
 
 def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, best: BestModel,

@@ -22,8 +22,9 @@ size (private pages, read from /proc/self/smaps_rollup every 0.2 s) where Linux 
 12 mask numbers of both and their largest difference, as one JSON object.
 
 glibc's malloc matters here. With its defaults, freed mask buffers of ~30 MB (under its 32 MB cap for mmap)
-come back to the heap, which the reference's long-lived per-image results then fragment: its processes grew
-by about 20 MB per image they evaluated (13 GB at 1,000 images), so 5,000 images do not fit in 24 GB.
+come back to the heap, which the reference's long-lived per-image results then fragment, so that its
+processes grow with every image they evaluate (figures in docs/PERFORMANCE.md), past 24 GB well before
+5,000 images.
 MALLOC_MMAP_THRESHOLD_=4194304 in the environment keeps such buffers out of the heap in every rank of both
 sides, for a comparison of what each evaluator holds; the JSON names any MALLOC_ variable that was set.
 """

@@ -420,7 +420,7 @@ def test_predictions_files_are_written_whole_or_not_at_all(dataset, tmp_path, fu
     (tmp_path / "predictions_bbox.json").write_text("[]")
     full_disk(10)
     with pytest.raises(UserError, match=r"could not write .*predictions_bbox\.json: no space left on the device; "
-                                        r"the checkpoints are intact"):
+                                        r"the checkpoints written so far are intact"):
         evaluator.write_results(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["predictions_bbox.json"]
     assert (tmp_path / "predictions_bbox.json").read_text() == "[]"

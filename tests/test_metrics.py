@@ -159,7 +159,7 @@ def test_failed_writes_of_the_records_are_one_clear_error_and_the_file_stays_who
     before = (tmp_path / "metrics.jsonl").read_text()
     full_disk(0)
     with pytest.raises(UserError, match=r"could not write .*metrics\.jsonl: no space left on the device; the "
-                                        r"checkpoints are intact; free space in --output-dir"):
+                                        r"checkpoints written so far are intact; free space in --output-dir"):
         writer.truncate_after(0, None)
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"], "no temporary file left"

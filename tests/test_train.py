@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -127,6 +128,22 @@ def test_resume_continues_at_next_epoch(trained, dataset, torch_home, tmp_path):
     assert "--lr given otherwise than in its run: they apply from the saved epoch" in result.stdout
     assert re.search(r"Epoch: \[1\]  \[\s*1/\d+\]  eta: \S+  lr: 0.020000", result.stdout), "--lr 0.02, not 0.01"
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+
+def test_continuing_a_folder_with_another_scoring_is_refused_and_leaves_it(trained, dataset, torch_home):
+    """check_same_scoring's wiring: a run continued in its own folder with another --eval-max-dets than its run's
+    stops before it trains or writes, and the folder stays as it was."""
+    out, _ = trained
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    result = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(out), "--resume", "auto",
+                     *TRAIN_FLAGS[2:], "--epochs", "2", "--eval-max-dets", "300", torch_home=torch_home)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].endswith(
+        "its run scored up to 100 detections an image and category (--eval-max-dets), and model_best.pth and "
+        "--patience compare with its evaluations; give --eval-max-dets 100, or score the checkpoint otherwise "
+        "with --test-only"), result.stderr[-3000:]
+    assert "Epoch: [1]" not in result.stdout
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
 
 
 def test_help_lists_every_flag():
@@ -317,6 +334,17 @@ def test_args_json_says_how_training_ended(tmp_path, error, outcome):
     with train.outcome_recorded(None, state):  # another rank's: nothing written
         (tmp_path / "args.json").unlink()
     assert not (tmp_path / "args.json").exists()
+
+
+def test_the_image_ids_digest_covers_every_id_of_the_compact_array():
+    """check_same_data compares digests of the ids, which the compact dataset keeps as a NumPy array: one id
+    changed in the middle of 5,000 must change it (NumPy's repr shows only an array's ends)."""
+    ids = np.arange(5000)
+    changed = ids.copy()
+    changed[2000] = 99999
+    assert train.ids_digest(changed) != train.ids_digest(ids)
+    assert train.ids_digest(ids) == train.ids_digest(list(range(5000))), "before compacting and after alike"
+    assert train.ids_digest(np.asarray(["a", "b"])) == train.ids_digest(["a", "b"])
 
 
 def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
