@@ -880,11 +880,11 @@ def from_another_run(resume: str, checkpoint: dict, output_dir: Path) -> bool:
     return saved is None or Path(saved).resolve() != output_dir.resolve()
 
 
-def nothing_left_to_train(run: Run, checkpoint: dict, foreign: bool) -> bool:
+def nothing_left_to_train(run: Run, checkpoint: dict, of_another_folder: bool) -> bool:
     """Whether the checkpoint's run has trained --epochs epochs already, and evaluated the last where it was due
-    (as far as this folder's metrics say: for a foreign checkpoint, nothing)."""
+    (as far as this folder's metrics say: for a checkpoint of another folder, nothing)."""
     return (epochs_trained(checkpoint) >= run.args.epochs
-            and (foreign or not saved_but_not_evaluated(run, checkpoint["epoch"], checkpoint.get("step"))))
+            and (of_another_folder or not saved_but_not_evaluated(run, checkpoint["epoch"], checkpoint.get("step"))))
 
 
 def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
@@ -1317,33 +1317,36 @@ def moving_average_updates(state: TrainingState, every: int) -> Callable[[int], 
 
 
 def main(args: argparse.Namespace) -> dict:
-    """The recipe: set up, read the data, build the model and its training state, resume, then evaluate only
-    or train."""
+    """The recipe: set up, read the checkpoint to resume (a run it finished ends here), read the data, build the
+    model and its training state, restore the checkpoint into them, then evaluate only or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
-    foreign = checkpoint is not None and not args.test_only and from_another_run(resume, checkpoint, run.output_dir)
+    of_another_folder = (checkpoint is not None and not args.test_only
+                         and from_another_run(resume, checkpoint, run.output_dir))
     if checkpoint is not None:
         check_same_model(args, checkpoint, resume)
     if checkpoint is not None and not args.test_only:  # before anything of the folder's run is cut back
         if checkpoint.get("stopped_early"):
             return already_stopped(resume, checkpoint)
-        if nothing_left_to_train(run, checkpoint, foreign):
+        if nothing_left_to_train(run, checkpoint, of_another_folder):
             return already_finished(resume, checkpoint, args.epochs)
     data = load_data(args, checkpoint)
     check_same_data(args, data)
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
-    note_crowded_images(data.val_set, detections_per_image(getattr(model, "module", model)), args.eval_max_dets)
-    state = create_training_state(run, getattr(model, "module", model), data, num_classes, checkpoint)
+    bare_model = getattr(model, "module", model)  # without DDP's wrapper
+    note_crowded_images(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
+    state = create_training_state(run, bare_model, data, num_classes, checkpoint)
     if checkpoint is not None:
-        restore(run, state, checkpoint, resume, data, continues_folder=not foreign)
+        restore(run, state, checkpoint, resume, data, continues_folder=not of_another_folder)
     if args.test_only:
         return evaluate_only(run, data, state, checkpoint, resume)
-    if (checkpoint is None or foreign) and run.is_main:  # once the run is set up: one that fails moves nothing
+    # Once the run is set up, so that one that fails moves nothing aside.
+    if (checkpoint is None or of_another_folder) and run.is_main:
         keep_previous_outputs(run.output_dir)
     if run.is_main:
-        write_arguments(run.output_dir, args, resumed_here=checkpoint is not None and not foreign)
+        write_arguments(run.output_dir, args, resumed_here=checkpoint is not None and not of_another_folder)
     with outcome_recorded(run.output_dir / "args.json" if run.is_main else None, state):
         return train(run, data, model, state)
 
