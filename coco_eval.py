@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 
 import utils
 from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
-from coco_utils import CategoryMap, scoring_ground_truth
+from coco_utils import CategoryMap, id_array, scoring_ground_truth
 
 # The order of COCOeval.stats, named, and what each line of the standard summary says of it:
 # (precision or recall, IoU range, object size, detections per image).
@@ -139,7 +139,7 @@ def encode(image_id: int, output: dict[str, torch.Tensor], category_map: Categor
     if left_out:  # a model with more classes than the files have categories: those labels predict nothing
         output, category_ids = _detections(output, known), [c for c in category_ids if c is not None]
     encoded = EncodedImage(image_id, _host_array(output["boxes"]), _host_array(output["scores"]),
-                           np.array(category_ids, dtype=np.int64), left_out=left_out)
+                           id_array(category_ids), left_out=left_out)
     if "keypoints" in iou_types:
         encoded.keypoints = _host_array(output["keypoints"].flatten(1))
     if "segm" in iou_types:

@@ -543,7 +543,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if self._compact is not None:
             return
         self._compact = CompactRecords.of(self.coco, self.ids)
-        self.ids = np.asarray(self.ids)
+        self.ids = id_array(self.ids)
         if release_index:
             self.coco = None
 
@@ -642,6 +642,14 @@ class CocoDetection(torch.utils.data.Dataset):
                         f"lists every one")
 
 
+def id_array(ids: list) -> np.ndarray:
+    """A file's ids as an array whose tolist() gives them back as the file has them: integers or strings as NumPy
+    holds them, else (integers on both sides of 2**63, past 64 bits, or not whole) as Python objects, where NumPy
+    would make floats of them, which merge neighbouring large ids and cut 1.5 to 1 in an int64 array."""
+    array = np.asarray(ids)
+    return array if array.dtype.kind in "iuU" or not len(ids) else np.array(ids, dtype=object)
+
+
 def _plain(image_id):
     """An image id as the annotation file has it (a Python int, not a NumPy one from the compact ids)."""
     return image_id.item() if isinstance(image_id, np.generic) else image_id
@@ -676,7 +684,7 @@ class CompactRecords:
                 counts.append(len(anns))
         # The buffer is the stream's own memory (no copy of the largest array); nothing writes to it again.
         return cls(np.frombuffer(stream.getbuffer(), dtype=np.uint8), np.asarray(offsets), np.asarray(sizes),
-                   np.asarray(categories), np.concatenate([[0], np.cumsum(counts)]))
+                   id_array(categories), np.concatenate([[0], np.cumsum(counts)]))
 
     @staticmethod
     def position(ids: np.ndarray, image_id) -> int:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 import torch
 import torch.utils.data
 import torchvision
@@ -65,6 +64,7 @@ from coco_utils import (
     CocoDetection,
     SampleError,
     add_split_paths,
+    id_array,
     scored_instances_per_image,
     split_paths,
 )
@@ -311,10 +311,12 @@ def default_workers() -> int:
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    """Reject counts, shares and rates out of range."""
+    """Reject counts, shares, rates and seeds out of range."""
     check_counts(args)
     check_rates(args)
     check_schedule(args)
+    if not 0 <= args.seed < 2**63:  # NumPy's generators take no negative seed, torch's none past 64 bits
+        raise UserError(f"--seed {args.seed} must be from 0 to 2**63 - 1")
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -579,7 +581,7 @@ def check_same_flags(args: argparse.Namespace) -> None:
 def ids_digest(ids) -> str:
     """A digest of every id in order, for a list or the compact NumPy array alike (NumPy's repr of an array of
     over 1,000 elements shows only its ends)."""
-    return hashlib.sha256(repr(np.asarray(ids).tolist()).encode()).hexdigest()
+    return hashlib.sha256(repr(id_array(ids).tolist()).encode()).hexdigest()
 
 
 def check_same_data(args: argparse.Namespace, data: Data) -> None:

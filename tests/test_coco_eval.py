@@ -383,6 +383,25 @@ def test_image_ids_faster_coco_eval_cannot_take_score_as_small_integers_do_whate
     assert ("scoring with pycocotools" in capsys.readouterr().out) == (backend == "faster")
 
 
+# Category ids the checks take but int64 cannot hold, in the order of the small ones (labels follow that order).
+CATEGORY_ID_FORMS = {"strings": lambda i: f"cat-{i:04d}", "past 64 bits": lambda i: 2**64 + i}
+
+
+@pytest.mark.parametrize("form", CATEGORY_ID_FORMS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_category_ids_int64_cannot_hold_score_as_small_integers_do(dataset, tmp_path, backend, form):
+    """Encoding the predictions kept the file's category ids as int64, which failed on these after training."""
+    def renumber(data):
+        for item, key in [*((category, "id") for category in data["categories"]),
+                          *((ann, "category_id") for ann in data["annotations"])]:
+            item[key] = CATEGORY_ID_FORMS[form](item[key])
+
+    renumbered = _edited_val(dataset, tmp_path / "renumbered", "instances_val2017.json", renumber)
+    outputs = _noisy_outputs(build_dataset(dataset, "coco", "val", None), seed=5)
+    expected = _scored(dataset, "coco", outputs, ("bbox", "segm"), "pycocotools")
+    assert _scored(renumbered, "coco", outputs, ("bbox", "segm"), backend) == expected
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_annotation_ids_used_twice_score_as_unique_ones_do(dataset, tmp_path, backend):
     """COCOeval looks instances up by id: two of one id would be scored as one of them, twice."""

@@ -393,6 +393,24 @@ def test_compacted_datasets_give_the_same_samples(dataset, split):
         assert type(target_c["image_id"]) is int
 
 
+def test_compacted_ids_on_both_sides_of_2_to_the_63_stay_the_files_own(dataset, tmp_path):
+    """NumPy makes floats of integers on both sides of 2**63, which merged ids less than 2**11 apart there (a
+    sample read another image's record) and gave evaluation float image ids."""
+    def renumber(data):
+        large = {image["id"]: 2**63 + image["id"] if n % 2 else image["id"] for n, image in enumerate(data["images"])}
+        for item, key in [*((image, "id") for image in data["images"]), *((ann, "image_id")
+                                                                         for ann in data["annotations"])]:
+            item[key] = large[item[key]]
+
+    root = _edited_copy(dataset, tmp_path, "val", renumber)
+    plain, compacted = (build_dataset(root, "coco", "val", None) for _ in range(2))
+    compacted.compact(release_index=True)
+    assert compacted.ids.tolist() == plain.ids
+    for (_, target), (_, target_c) in zip(_samples(plain), _samples(compacted), strict=True):
+        assert target_c["image_id"] == target["image_id"] and type(target_c["image_id"]) is int
+        assert torch.equal(target_c["boxes"], target["boxes"]), "its own record"
+
+
 def test_compacted_dataset_still_refuses_paths_outside_its_folder(dataset):
     ds = build_dataset(dataset, "coco", "val", None)
     first = ds.ids[0]

@@ -345,6 +345,7 @@ def test_the_image_ids_digest_covers_every_id_of_the_compact_array():
     assert train.ids_digest(changed) != train.ids_digest(ids)
     assert train.ids_digest(ids) == train.ids_digest(list(range(5000))), "before compacting and after alike"
     assert train.ids_digest(np.asarray(["a", "b"])) == train.ids_digest(["a", "b"])
+    assert train.ids_digest([1, 2**63 + 1]) != train.ids_digest([1, 2**63 + 2]), "not as floats"
 
 
 def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
@@ -478,6 +479,7 @@ BAD_INPUTS = [
     (["--eval-max-dets", "10"], "--eval-max-dets 10 must be more than 10 (the scores count 1 and 10 detections for "
                                 "AR1 and AR10)"),
     (["--workers", "-1"], "--workers -1 must be 0 or more"),
+    (["--seed", "-1"], "--seed -1 must be from 0 to 2**63 - 1"),
     (["--lr", "-0.01"], "--lr -0.01 must be finite, 0 or more"),
     (["--lr", "inf"], "--lr inf must be finite, 0 or more"),
     (["--wd", "-1"], "--wd -1.0 must be finite, 0 or more"),
