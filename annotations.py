@@ -217,12 +217,7 @@ def annotation_findings(data: dict) -> list[Finding]:
     warnings += [f for f in crowd_flags if f.level == "warning"]
     warnings += _scoring_field_warnings(data["annotations"]) + _decimal_size_warnings(data["images"])
     warnings += _shared_file_warnings(data["images"])
-    used = {a.get("category_id") for a in data["annotations"] if not a.get("iscrowd")}
-    unused = [c for c in data["categories"] if c["id"] not in used]
-    if unused:
-        warnings.append(Finding("warning", "category without instances", f"{len(unused)} categories have no "
-                                f"instances (first: {unused[0]['name']!r}, id {unused[0]['id']}); a model learns "
-                                f"none of them from this file, and scoring leaves them out"))
+    warnings += _unused_category_warnings(data)
     empty = [img for img in data["images"] if img["id"] not in annotated]
     if empty:
         warnings.append(Finding("warning", "image without annotations",
@@ -230,6 +225,25 @@ def annotation_findings(data: dict) -> list[Finding]:
                                 f"training leaves them out, evaluation keeps them (detections there are false "
                                 f"positives)"))
     return errors + warnings
+
+
+def _unused_category_warnings(data: dict) -> list[Finding]:
+    """Categories without instances, crowd regions aside; those that have only crowd regions are said apart, as
+    annotation tools (CVAT's masks, for one) export instances as crowd regions."""
+    used = {a.get("category_id") for a in data["annotations"] if not a.get("iscrowd")}
+    unused = [c for c in data["categories"] if c["id"] not in used]
+    if not unused:
+        return []
+    crowds = Counter(a.get("category_id") for a in data["annotations"] if a.get("iscrowd"))
+    only_crowds = [c for c in unused if crowds[c["id"]]]
+    said = f"{len(unused)} categories have no instances (first: {unused[0]['name']!r}, id {unused[0]['id']})"
+    if only_crowds:
+        first = only_crowds[0]
+        said += (f", {len(only_crowds)} of them only crowd regions, which are neither learned nor scored (first: "
+                 f"{first['name']!r}, {crowds[first['id']]} regions with iscrowd 1; some tools export drawn masks so: "
+                 f"set iscrowd to 0 for instances)")
+    return [Finding("warning", "category without instances", f"{said}; a model learns none of them from this "
+                    f"file, and scoring leaves them out")]
 
 
 # Box layouts that exporters write in COCO's bbox field, each as the box it gives a polygon's extent
@@ -439,6 +453,10 @@ def segmentation_problem(segmentation, height: int, width: int) -> str | None:
     coordinates, RLE is {'counts', 'size': [h, w]} of the image's size."""
     if isinstance(segmentation, list):
         if not all(isinstance(polygon, list) for polygon in segmentation):
+            if all(isinstance(part, dict) and "counts" in part for part in segmentation):  # as some exporters write
+                inner = segmentation_problem(segmentation[0], height, width)
+                return ("is RLE inside a list; write the {'counts', 'size'} object itself"
+                        + (f" (which then {inner})" if inner else ""))
             return "is neither a list of polygons (lists of coordinates) nor RLE"
         if not all(finite_coordinates(polygon) for polygon in segmentation):
             return NOT_NUMBERS

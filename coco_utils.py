@@ -185,6 +185,8 @@ class CocoIndex(COCO):
     def __init__(self) -> None:
         super().__init__()
         self.scoring_indexes: dict[bool, COCO] = {}  # by whether the IoU type scores masks
+        self.warned: dict[str, tuple[int, str]] = {}  # the check's warnings by kind: their count, the first's message
+        self.source: Path | None = None  # the annotation file
 
 
 def load_coco(ann_file: Path) -> CocoIndex:
@@ -200,8 +202,11 @@ def load_coco(ann_file: Path) -> CocoIndex:
         if kinds & {"flat polygon", "no area", "no iscrowd", "decimal size"}:
             _complete(data)
         coco = CocoIndex()
-        coco.dataset = data
+        coco.dataset, coco.source = data, ann_file
         coco.loader_repairs = bool(kinds & LOADER_REPAIRS)
+        for finding in findings:
+            count, first = coco.warned.get(finding.kind, (0, finding.message))
+            coco.warned[finding.kind] = (count + 1, first)
         coco.renumbered = "annotation ids" in kinds
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress we do not want per rank
             coco.createIndex()

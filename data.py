@@ -138,6 +138,25 @@ def note_large_images(dataset: CocoDetection, split: str) -> None:
                          f"megapixels; the largest: {coco_utils.large_image_note(path, *sizes[largest])}")
 
 
+# The check's kinds of instance that a model learning masks leaves out of training for want of an outline.
+WITHOUT_OUTLINE = ("no segmentation", "segmentation format")
+
+
+def note_what_does_not_train(train_set: CocoDetection, model: str) -> None:
+    """A line each for what the training file holds that the model learns nothing from: categories without
+    instances, and, for a model that learns masks, instances without an outline, whose objects then train as
+    background wherever they show (the check's warnings, which tools/check_dataset.py lists in full)."""
+    warned = train_set.coco.warned
+    if "category without instances" in warned:
+        utils.print_once(f"note: {train_set.coco.source}: {warned['category without instances'][1]}")
+    without = [warned[kind] for kind in WITHOUT_OUTLINE if kind in warned]
+    if train_set.with_masks and without:
+        utils.print_once(f"note: {train_set.coco.source}: {sum(count for count, _ in without)} instances have no "
+                         f"outline to learn a mask from, so {model} leaves them out and their objects train as "
+                         f"background wherever they show; give them outlines, or train a box model such as --model "
+                         f"fasterrcnn_resnet50_fpn (the first: {without[0][1]})")
+
+
 def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:
     """The datasets and loaders. What the model was trained on travels with a checkpoint; a fresh run reads its
     categories from the training file."""
@@ -162,6 +181,7 @@ def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:
                                       paths=(args.train_images, args.train_annotations),
                                       categories_from=categories_from)
             category_map = train_set.category_map  # the checkpoint's, where it has them
+            note_what_does_not_train(train_set, args.model)
             # Released before the validation file is read: at COCO's size the training index is gigabytes.
             ready_for_workers(train_set, args, "train", release_index=True)
         val_set = build_dataset(args.data_path, args.dataset, "val", presets.DetectionPresetEval(), category_map,

@@ -94,7 +94,7 @@ class FaultLog:
                          f"{self.max_share:g} allows; fix the files named above or raise --max-bad-samples")
 
     def summary(self) -> str:
-        return f"{self.skipped} samples skipped, {self.repaired} annotations repaired"
+        return f"{self.skipped} samples skipped, {self.repaired} annotations repaired or left out"
 
 
 def warmup_factor(iteration: int, warmup_iters: int, start_factor: float = 0.001) -> float:

@@ -1055,6 +1055,12 @@ def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int
     run.writers.write(Record("val", epoch, at, {"time": round(time.time(), 3), **losses}))
 
 
+def file_name_of(image_id: str) -> str:
+    """An image id as a name of a file in its folder: an id that is a string may hold a '/' or be '..'."""
+    name = re.sub(r"[/\\\x00]", "_", image_id)
+    return name if name.strip(".") else f"_{name}"
+
+
 def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: int, metrics: dict, at: int,
                       about: dict) -> None:
     """After an evaluation, on rank 0: the record (about: its seconds and whether it is the best, beside the
@@ -1066,7 +1072,7 @@ def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: 
     pictures = prediction_pictures(eval_model, data.val_set, vis_indices, run.device, run.amp_dtype,
                                    with_masks="segm" in iou_types(run.args.model))
     for name, picture in pictures.items():
-        save_jpeg(picture, run.output_dir / "predictions" / f"epoch_{epoch}" / f"{name}.jpg")
+        save_jpeg(picture, run.output_dir / "predictions" / f"epoch_{epoch}" / f"{file_name_of(name)}.jpg")
     run.writers.add_pictures(pictures, at)
 
 

@@ -15,6 +15,9 @@ from checkpoint import OUTPUT_REMEDY, RUN_OUTPUT_REMEDY, write_atomic, writing
 from coco_utils import CategoryMap
 
 MIN_PICTURE_SIDE = 320
+# Small images are enlarged no further than this on their long side (a long thin strip would grow huge).
+MAX_ENLARGED_SIDE = 4096
+JPEG_MAX_SIDE = 65500  # the format's limit
 # Label text height as a share of the picture's shorter side, within bounds that stay legible.
 FONT_SHARE, MIN_FONT, MAX_FONT = 0.035, 11, 28
 TRUTH_ALPHA, PREDICTION_ALPHA = 0.3, 0.45  # ground truth lighter, so the image shows through
@@ -71,13 +74,14 @@ def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str] |
 def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: CategoryMap,
                  score_thresh: float = 0.5) -> torch.Tensor:
     """Ground truth on the left, prediction (scores of at least score_thresh, written on it) on the right, one
-    CHW image (enlarged by a whole factor when the image is smaller than MIN_PICTURE_SIDE)."""
+    CHW image (enlarged by a whole factor when the image is smaller than MIN_PICTURE_SIDE, as far as
+    MAX_ENLARGED_SIDE allows)."""
 
     def color(label: int) -> tuple[int, int, int]:
         return PALETTE[label % len(PALETTE)]
 
     # Small images are drawn enlarged, so that labels stay legible.
-    scale = max(1, -(-MIN_PICTURE_SIDE // min(image.shape[1:])))
+    scale = max(1, min(-(-MIN_PICTURE_SIDE // min(image.shape[1:])), MAX_ENLARGED_SIDE // max(image.shape[1:])))
     if scale > 1:
         image = image.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         target = {**target, "boxes": target["boxes"] * scale}
@@ -104,9 +108,12 @@ def side_by_side(image: torch.Tensor, target: dict, output: dict, category_map: 
 
 
 def save_jpeg(picture: torch.Tensor, path: Path) -> None:
-    """A uint8 CHW picture as a JPEG file, written whole or not at all (a failed write is one clear error)."""
+    """A uint8 CHW picture as a JPEG file, written whole or not at all (a failed write is one clear error); one
+    past JPEG's size limit is shrunk by a whole factor to fit."""
     with writing(path, OUTPUT_REMEDY):
         path.parent.mkdir(parents=True, exist_ok=True)
+    step = -(-max(picture.shape[1:]) // JPEG_MAX_SIDE)
+    picture = picture[:, ::step, ::step]
     encoded = io.BytesIO()  # encoded first: PIL's encoder writes to a file's descriptor, past its write()
     Image.fromarray(picture.permute(1, 2, 0).numpy()).save(encoded, format="JPEG", quality=90)
     # not synced: a picture is cheap to draw again, and a sync each would slow prediction down on a fast device

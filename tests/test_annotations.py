@@ -87,6 +87,9 @@ def _coco(**changes) -> dict:
      "'images' entry 0 has id [1]; an id is a number or a string"),
     ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, 20], {"size": [40, 50], "counts": "P"}])},
      "warning", "segmentation format", "neither a list of polygons"),
+    ({"annotations": lambda a: a[0].update(segmentation=[{"size": [10, 50], "counts": [500]}])}, "warning",
+     "segmentation format", "is RLE inside a list; write the {'counts', 'size'} object itself (which then is RLE of "
+                            "size [10, 50], not the image's [40, 50])"),
     ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, "20"]])}, "warning",
      "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
     ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, float("nan"), 3]])}, "warning",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,37 @@ def test_a_split_of_images_of_many_megapixels_is_one_line_at_the_start(tiny_data
     assert "note: 8 train images of over 0 megapixels; the largest: " in printed
     assert "note: 2 val images of over 0 megapixels; the largest: " in printed
     assert printed.count("is decoded, with its masks, at full size before the model shrinks it") == 2
+
+
+def test_what_the_training_file_holds_that_the_model_does_not_learn_is_said_at_the_start(tiny_dataset, tmp_path,
+                                                                                         capsys):
+    """As annotation tools export them: one category's instances all crowd regions (CVAT's drawn masks), and
+    instances without an outline (rectangles) beside outlined ones, which Mask R-CNN leaves out."""
+    root = tmp_path / "exported"
+    shutil.copytree(tiny_dataset, root)
+    path = root / "annotations" / "instances_train2017.json"
+    content = json.loads(path.read_text())
+    crowded = content["categories"][0]
+    anns = content["annotations"]
+    for ann in anns:
+        if ann["category_id"] == crowded["id"]:
+            ann["iscrowd"] = 1
+    rectangles = [ann for ann in anns if ann["category_id"] != crowded["id"]][:2]
+    for ann in rectangles:
+        ann["segmentation"] = []
+    path.write_text(json.dumps(content))
+    crowd_count = sum(ann["category_id"] == crowded["id"] for ann in anns)
+    _loaded(root)
+    printed = capsys.readouterr().out
+    assert re.search(rf"note: {re.escape(str(path))}: \d+ categories have no instances \(first: .*\), 1 of them only "
+                     rf"crowd regions, which are neither learned nor scored \(first: {crowded['name']!r}, "
+                     rf"{crowd_count} regions with iscrowd 1; ", printed), printed
+    assert (f"note: {path}: 2 instances have no outline to learn a mask from, so maskrcnn_resnet50_fpn leaves them "
+            f"out and their objects train as background wherever they show; give them outlines, or train a box "
+            f"model such as --model fasterrcnn_resnet50_fpn (the first: ") in printed
+    _loaded(root, "--model", "fasterrcnn_resnet50_fpn")
+    printed = capsys.readouterr().out
+    assert "only crowd regions" in printed and "no outline to learn a mask from" not in printed
+    _loaded(tiny_dataset)
+    printed = capsys.readouterr().out
+    assert "only crowd regions" not in printed and "no outline" not in printed

@@ -336,6 +336,11 @@ def test_args_json_says_how_training_ended(tmp_path, error, outcome):
     assert not (tmp_path / "args.json").exists()
 
 
+def test_prediction_pictures_of_string_image_ids_stay_in_their_folder():
+    assert [train.file_name_of(i) for i in ("12", "a/b", "..", "../../x", "c\\d")] == [
+        "12", "a_b", "_..", ".._.._x", "c_d"]
+
+
 def test_the_image_ids_digest_covers_every_id_of_the_compact_array():
     """check_same_data compares digests of the ids, which the compact dataset keeps as a NumPy array: one id
     changed in the middle of 5,000 must change it (NumPy's repr shows only an array's ends)."""

@@ -26,6 +26,19 @@ def test_side_by_side_draws_truth_and_prediction():
     assert torch.equal(right[:, 16, 16], image[:, 2, 2]), "detections under the threshold left out"
 
 
+def test_long_thin_and_huge_images_make_pictures_that_fit_a_jpeg(tmp_path):
+    """A strip 40 px high was enlarged 8x along its 4,000 px too (and past 65,500 px, JPEG's limit, PIL refused
+    to save it, which ended a run at its first evaluation)."""
+    cmap = CategoryMap.from_categories([{"id": 1, "name": "crack"}], "other")
+    empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    strip = side_by_side(torch.zeros((3, 40, 4000), dtype=torch.uint8), dict(empty), dict(empty), cmap)
+    assert strip.shape[1:] == (40, 8008), "not enlarged: its long side is near the limit already"
+    wide = torch.zeros((3, 8, 70000), dtype=torch.uint8)
+    save_jpeg(wide, tmp_path / "wide.jpg")
+    with Image.open(tmp_path / "wide.jpg") as saved:
+        assert saved.size == (35000, 4), "every second pixel"
+
+
 def test_curves_png(tmp_path):
     train = [{"type": "train", "epoch": e, "global_step": 10 * e + s, "lr": 0.01, "loss": 3.0 / (s + 1),
               "loss_mask": 1.0 / (s + 1)} for e in range(2) for s in range(1, 11)]
