@@ -133,7 +133,8 @@ def _image_errors(images: list[dict]) -> list[Finding]:
         if problem:
             errors.append(Finding("error", "image path", f"image {image.get('id')}: file_name "
                                   f"{image.get('file_name')!r} {problem}; file names are relative to the split's "
-                                  f"image folder"))
+                                  f"image folder (remove an annotation tool's own folders, such as "
+                                  f"/data/upload/1/)"))
     return errors
 
 

@@ -155,7 +155,10 @@ def missing_reasons(image_dir: Path, names: Iterable[str]) -> dict[str, str]:
     reasons, folders = {}, {}
     for name in names:
         if "\\" in name:
-            reasons[name] = "missing (file_name separates folders with '\\'; write '/')"
+            climbs = image_path_problem(name.replace("\\", "/"))  # written on Windows, and from elsewhere too
+            reasons[name] = ("missing (file_name separates folders with '\\', and read with '/' it "
+                             f"{climbs}: write it from the image folder, with '/')" if climbs else
+                             "missing (file_name separates folders with '\\'; write '/')")
             continue
         folder, _, base = name.rpartition("/")
         if folder not in folders:

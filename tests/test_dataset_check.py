@@ -375,7 +375,8 @@ def test_a_missing_file_is_named_with_what_the_disk_suggests(tmp_path):
     (tmp_path / "Photo.JPG").touch()
     (tmp_path / "dir.jpg").mkdir()
     (tmp_path / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    names = ["photo.jpg", "dir.jpg", "broken.jpg", "sub/gone.jpg", "train2017/a.jpg", "imgs\\a.jpg"]
+    names = ["photo.jpg", "dir.jpg", "broken.jpg", "sub/gone.jpg", "train2017/a.jpg", "imgs\\a.jpg",
+             "..\\..\\media\\upload\\a.jpg"]
     reasons = missing_reasons(tmp_path, names)
     assert reasons["photo.jpg"] == ("missing (the folder has 'Photo.JPG', a name that differs in letter case; "
                                     "write it as on disk)")
@@ -383,6 +384,9 @@ def test_a_missing_file_is_named_with_what_the_disk_suggests(tmp_path):
     assert reasons["sub/gone.jpg"] == "missing"
     assert reasons["train2017/a.jpg"].startswith("missing (there is no folder 'train2017' in ")
     assert reasons["imgs\\a.jpg"] == "missing (file_name separates folders with '\\'; write '/')"
+    assert reasons["..\\..\\media\\upload\\a.jpg"] == (
+        "missing (file_name separates folders with '\\', and read with '/' it leaves the image folder: write it "
+        "from the image folder, with '/')"), "as Label Studio writes them"
 
 
 def test_the_report_counts_a_kind_only_when_it_has_several_findings():
