@@ -136,6 +136,17 @@ def add_split_paths(parser: argparse.ArgumentParser) -> None:
                             help=f"the {split} COCO JSON file, instead of --data-path's")
 
 
+def json_files_note(root: Path, most: int = 3) -> str:
+    """The JSON files within two folders of root, as a note for the error of a layout that is not COCO's (an
+    annotation tool's export names its files its own way)."""
+    found = sorted(path.relative_to(root).as_posix() for pattern in ("*.json", "*/*.json", "*/*/*.json")
+                   for path in root.glob(pattern))
+    if not found:
+        return ""
+    more = f" and {len(found) - most} more" if len(found) > most else ""
+    return f" (JSON files there: {', '.join(found[:most])}{more})"
+
+
 def split_paths(data_path: str | Path, dataset: str, split: str, images: str | Path | None = None,
                 annotations: str | Path | None = None) -> tuple[Path, Path]:
     """The image folder and annotation file of a split, checked to exist: --data-path's COCO layout, or those
@@ -154,7 +165,8 @@ def split_paths(data_path: str | Path, dataset: str, split: str, images: str | P
         ann_file = root / layout_annotations
         if not ann_file.is_file():
             raise UserError(f"annotation file {ann_file} is missing; --data-path must hold the COCO layout "
-                            f"({layout_annotations} and {layout_images}/), or give --{split}-annotations")
+                            f"({layout_annotations} and {layout_images}/), or give --{split}-annotations"
+                            f"{json_files_note(root)}")
     if images is not None:
         image_dir = Path(images)
         if not image_dir.is_dir():

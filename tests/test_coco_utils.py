@@ -24,6 +24,7 @@ from coco_utils import (
     orientation_undecided,
     read_rgb,
     scoring_ground_truth,
+    split_paths,
 )
 from conftest import ROOT, load_file_module, reference_checkout
 from errors import UserError
@@ -627,3 +628,19 @@ def test_pils_nameless_warning_of_a_large_image_is_left_to_the_named_notes(tmp_p
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "(3, 64, 64)", done.stderr
     assert "DecompressionBombWarning" not in done.stderr, done.stderr
+
+
+def test_a_folder_not_in_coco_layout_names_the_json_files_it_holds(tmp_path):
+    """An annotation tool's export (Roboflow's train/_annotations.coco.json, say): the error names its files."""
+    for split in ("train", "valid", "test"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "_annotations.coco.json").write_text("{}")
+    with pytest.raises(UserError, match=r"is missing; --data-path must hold the COCO layout \(annotations/"
+                                        r"instances_train2017.json and train2017/\), or give --train-annotations "
+                                        r"\(JSON files there: test/_annotations.coco.json, train/_annotations.coco."
+                                        r"json, valid/_annotations.coco.json\)$"):
+        split_paths(tmp_path, "coco", "train")
+    (tmp_path / "extra.json").write_text("{}")
+    with pytest.raises(UserError, match=r"\(JSON files there: extra.json, test/_annotations.coco.json, train/"
+                                        r"_annotations.coco.json and 1 more\)$"):
+        split_paths(tmp_path, "coco", "train")
