@@ -208,9 +208,9 @@ def test_only_an_epoch_trained_here_and_left_unevaluated_is_evaluated_first(trai
 def test_a_run_resumed_at_its_end_has_nothing_left_to_train(epoch, step, evaluated, epochs, expected):
     args = argparse.Namespace(eval_interval=1, epochs=epochs)
     run = argparse.Namespace(is_main=True, writers=Logged([0, 1, 2], evaluated), args=args)
-    assert train.nothing_left_to_train(run, {"epoch": epoch, "step": step}, foreign=False) is expected
-    assert train.nothing_left_to_train(run, {"epoch": epoch, "step": step}, foreign=True) is (
-        epoch + (step is None) >= epochs), "another folder's metrics say nothing of a foreign checkpoint"
+    assert train.nothing_left_to_train(run, {"epoch": epoch, "step": step}, of_another_folder=False) is expected
+    assert train.nothing_left_to_train(run, {"epoch": epoch, "step": step}, of_another_folder=True) is (
+        epoch + (step is None) >= epochs), "another folder's metrics say nothing of a checkpoint of another folder"
 
 
 def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for_it(tmp_path):
