@@ -8,6 +8,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ except ImportError:  # an install without it: the standard library's parser, slo
 
 
 @contextlib.contextmanager
-def collection_paused():
+def collection_paused() -> Iterator[None]:
     """The cyclic garbage collector off for a block that makes millions of objects and no cycles (parsing a
     COCO file, indexing it): its passes over the growing heap would be a large share of the work."""
     was_enabled = gc.isenabled()
@@ -32,7 +33,7 @@ def collection_paused():
             gc.enable()
 
 
-def parse_json(raw: bytes):
+def parse_json(raw: bytes) -> object:
     """raw's JSON value, by msgspec where installed (faster, and no larger at its peak); what it
     refuses (NaN and Infinity literals, numbers past a float's range, a byte-order mark) or cannot read, by the
     standard library's json, whose errors say why."""
@@ -69,7 +70,7 @@ class Finding:
     message: str
 
 
-def image_path_problem(file_name) -> str | None:
+def image_path_problem(file_name: object) -> str | None:
     """Why an image's file_name cannot be read from inside its split's image folder, or None. Checked on the
     name alone, so that folders reached through symbolic links (a dataset root linked in) keep working."""
     if not isinstance(file_name, str) or not file_name:
@@ -138,7 +139,7 @@ def _image_errors(images: list[dict]) -> list[Finding]:
     return errors
 
 
-def is_pixel_count(value) -> bool:
+def is_pixel_count(value: object) -> bool:
     """A width or height: a whole number above 0, also written as a decimal (640.0, as some exporters do)."""
     return (type(value) is int or (type(value) is float and value.is_integer())) and value > 0
 
@@ -377,7 +378,7 @@ def _scoring_field_warnings(annotations: list[dict]) -> list[Finding]:
     return found
 
 
-def is_area(value) -> bool:
+def is_area(value: object) -> bool:
     """An annotation's 'area' as COCOeval reads it: a finite number, 0 or more."""
     return (type(value) is float or type(value) is int) and 0 <= value < math.inf
 
@@ -403,7 +404,7 @@ def _where(ann: dict, image: dict) -> str:
     return f"{image.get('file_name')} annotation {ann.get('id')}"
 
 
-def finite_box(bbox) -> bool:
+def finite_box(bbox: object) -> bool:
     """Whether a box is a list of 4 finite numbers (bools count, as isinstance says), without a loop per value."""
     if not isinstance(bbox, list) or len(bbox) != 4:
         return False
@@ -432,7 +433,7 @@ def _box_warnings(ann: dict, image: dict) -> list[Finding]:
     return []
 
 
-def is_flat_polygon(segmentation) -> bool:
+def is_flat_polygon(segmentation: object) -> bool:
     """Whether a segmentation is one polygon's coordinates not wrapped in a list (a common exporter mistake)."""
     return isinstance(segmentation, list) and bool(segmentation) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in segmentation)
@@ -449,7 +450,7 @@ def finite_coordinates(polygon: list) -> bool:
         return False
 
 
-def segmentation_problem(segmentation, height: int, width: int) -> str | None:
+def segmentation_problem(segmentation: object, height: int, width: int) -> str | None:
     """Why a non-empty segmentation cannot be drawn on a height x width image, or None: polygons are lists of
     coordinates, RLE is {'counts', 'size': [h, w]} of the image's size."""
     if isinstance(segmentation, list):

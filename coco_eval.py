@@ -8,6 +8,7 @@ import io
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ def _summary_rows(max_dets: int) -> list[tuple[str, str, str, int]]:
             *(("AR", whole, area, max_dets) for area in ("small", "medium", "large"))]
 
 
-def format_summary(stats, iou_type: str = "bbox", max_dets: int = COCO_MAX_DETECTIONS) -> str:
+def format_summary(stats: Sequence[float], iou_type: str = "bbox", max_dets: int = COCO_MAX_DETECTIONS) -> str:
     """The lines COCO tools print for a stats vector (12, or 10 for keypoints), whichever back end computed it."""
     kinds = {"AP": "Average Precision  (AP)", "AR": "Average Recall     (AR)"}
     rows = _KEYPOINT_ROWS if iou_type == "keypoints" else _summary_rows(max_dets)

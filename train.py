@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -578,7 +578,7 @@ def check_same_flags(args: argparse.Namespace) -> None:
                         f"--resume, --workers, --device, --dist-url and --[no-]reuse-freed-memory may differ)")
 
 
-def ids_digest(ids) -> str:
+def ids_digest(ids: Sequence) -> str:
     """A digest of every id in order, for a list or the compact NumPy array alike (NumPy's repr of an array of
     over 1,000 elements shows only its ends)."""
     return hashlib.sha256(repr(id_array(ids).tolist()).encode()).hexdigest()
@@ -1186,7 +1186,7 @@ def evaluate_or_stop(run: Run, data: Data, state: TrainingState, epoch: int, bes
         exit_stopped(stop)
 
 
-def plain(value):
+def plain(value: object) -> object:
     """A value as JSON holds it: as it is, or (a device, a path, an infinite float) as text."""
     if isinstance(value, list):
         return [plain(item) for item in value]
