@@ -78,7 +78,7 @@ def image_path_problem(file_name: object) -> str | None:
     if file_name[1:3] in (":\\", ":/") and file_name[0].isascii() and file_name[0].isalpha():
         return "is a Windows path from a drive's root, not one inside the image folder"
     if os.path.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == os.pardir:
-        return "leaves the image folder"
+        return "leaves the image folder (remove an annotation tool's own folders, such as /data/upload/1/)"
     return None
 
 
@@ -134,8 +134,7 @@ def _image_errors(images: list[dict]) -> list[Finding]:
         if problem:
             errors.append(Finding("error", "image path", f"image {image.get('id')}: file_name "
                                   f"{image.get('file_name')!r} {problem}; file names are relative to the split's "
-                                  f"image folder (remove an annotation tool's own folders, such as "
-                                  f"/data/upload/1/)"))
+                                  f"image folder"))
     return errors
 
 
@@ -238,14 +237,15 @@ def _unused_category_warnings(data: dict) -> list[Finding]:
         return []
     crowds = Counter(a.get("category_id") for a in data["annotations"] if a.get("iscrowd"))
     only_crowds = [c for c in unused if crowds[c["id"]]]
-    said = f"{len(unused)} categories have no instances (first: {unused[0]['name']!r}, id {unused[0]['id']})"
+    said = (f"{len(unused)} {'category has' if len(unused) == 1 else 'categories have'} no instances (first: "
+            f"{unused[0]['name']!r}, id {unused[0]['id']})")
     if only_crowds:
         first = only_crowds[0]
-        said += (f", {len(only_crowds)} of them only crowd regions, which are neither learned nor scored (first: "
-                 f"{first['name']!r}, {crowds[first['id']]} regions with iscrowd 1; some tools export drawn masks so: "
-                 f"set iscrowd to 0 for instances)")
-    return [Finding("warning", "category without instances", f"{said}; a model learns none of them from this "
-                    f"file, and scoring leaves them out")]
+        said += (f", {len(only_crowds)} of them only crowd regions, which are not learned, nor scored as instances "
+                 f"(first: {first['name']!r}, {crowds[first['id']]} regions with iscrowd 1; some tools export drawn "
+                 f"masks so: set iscrowd to 0 for instances)")
+    return [Finding("warning", "category without instances", f"{said}; a model trained on this file learns none "
+                    f"of them, and scoring against it leaves them out")]
 
 
 # Box layouts that exporters write in COCO's bbox field, each as the box it gives a polygon's extent

@@ -138,8 +138,8 @@ def note_large_images(dataset: CocoDetection, split: str) -> None:
                          f"megapixels; the largest: {coco_utils.large_image_note(path, *sizes[largest])}")
 
 
-# The check's kinds of instance that a model learning masks leaves out of training for want of an outline.
-WITHOUT_OUTLINE = ("no segmentation", "segmentation format")
+# The check's kinds of finding on instances that a model learning masks may leave out for want of an outline.
+WITHOUT_OUTLINE = ("no segmentation", "segmentation format", "polygon under 3 points")
 
 
 def note_what_does_not_train(train_set: CocoDetection, model: str) -> None:
@@ -149,12 +149,14 @@ def note_what_does_not_train(train_set: CocoDetection, model: str) -> None:
     warned = train_set.coco.warned
     if "category without instances" in warned:
         utils.print_once(f"note: {train_set.coco.source}: {warned['category without instances'][1]}")
-    without = [warned[kind] for kind in WITHOUT_OUTLINE if kind in warned]
-    if train_set.with_masks and without:
-        utils.print_once(f"note: {train_set.coco.source}: {sum(count for count, _ in without)} instances have no "
-                         f"outline to learn a mask from, so {model} leaves them out and their objects train as "
-                         f"background wherever they show; give them outlines, or train a box model such as --model "
-                         f"fasterrcnn_resnet50_fpn (the first: {without[0][1]})")
+    if not train_set.with_masks or not any(kind in warned for kind in WITHOUT_OUTLINE):
+        return  # counted only where the check found some: a pass over every instance
+    without = coco_utils.instances_without_outline(train_set.coco)
+    if without:
+        utils.print_once(f"note: {train_set.coco.source}: {len(without)} instances have no outline to learn a mask "
+                         f"from, so {model} leaves them out and their objects train as background wherever they "
+                         f"show; give them outlines, or train a box model such as --model fasterrcnn_resnet50_fpn "
+                         f"(the first: {without[0]})")
 
 
 def load_data(args: argparse.Namespace, checkpoint: dict | None) -> Data:

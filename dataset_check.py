@@ -156,8 +156,8 @@ def missing_reasons(image_dir: Path, names: Iterable[str]) -> dict[str, str]:
     for name in names:
         if "\\" in name:
             climbs = image_path_problem(name.replace("\\", "/"))  # written on Windows, and from elsewhere too
-            reasons[name] = ("missing (file_name separates folders with '\\', and read with '/' it "
-                             f"{climbs}: write it from the image folder, with '/')" if climbs else
+            reasons[name] = ("missing (file_name separates folders with '\\', and read with '/' it leaves the "
+                             "image folder: write it from the image folder, with '/')" if climbs else
                              "missing (file_name separates folders with '\\'; write '/')")
             continue
         folder, _, base = name.rpartition("/")

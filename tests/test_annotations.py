@@ -102,7 +102,7 @@ def _coco(**changes) -> dict:
     ({"annotations": lambda a: a[0].update(iscrowd=None)}, "warning", "no iscrowd", "read as 0, not crowd regions"),
     ({"annotations": lambda a: a[0].update(area="225")}, "warning", "no area", "no usable 'area' ('225')"),
     ({"categories": lambda c: c.append({"id": 30, "name": "star"})}, "warning", "category without instances",
-     "1 categories have no instances (first: 'star', id 30)"),
+     "1 category has no instances (first: 'star', id 30)"),
 ])
 def test_malformed_entries_are_findings(changes, level, kind, text):
     found = annotations.annotation_findings(_coco(**changes))

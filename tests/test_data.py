@@ -143,17 +143,19 @@ def test_what_the_training_file_holds_that_the_model_does_not_learn_is_said_at_t
     for ann in anns:
         if ann["category_id"] == crowded["id"]:
             ann["iscrowd"] = 1
-    rectangles = [ann for ann in anns if ann["category_id"] != crowded["id"]][:2]
-    for ann in rectangles:
+    rectangles = [ann for ann in anns if ann["category_id"] != crowded["id"]][:3]
+    for ann in rectangles[:2]:
         ann["segmentation"] = []
+    x, y, w, h = rectangles[2]["bbox"]
+    rectangles[2]["segmentation"] = [[x, y, x + w, y + h]]  # a line: no polygon of 3 points is left
     path.write_text(json.dumps(content))
     crowd_count = sum(ann["category_id"] == crowded["id"] for ann in anns)
     _loaded(root)
     printed = capsys.readouterr().out
     assert re.search(rf"note: {re.escape(str(path))}: \d+ categories have no instances \(first: .*\), 1 of them only "
-                     rf"crowd regions, which are neither learned nor scored \(first: {crowded['name']!r}, "
+                     rf"crowd regions, which are not learned, nor scored as instances \(first: {crowded['name']!r}, "
                      rf"{crowd_count} regions with iscrowd 1; ", printed), printed
-    assert (f"note: {path}: 2 instances have no outline to learn a mask from, so maskrcnn_resnet50_fpn leaves them "
+    assert (f"note: {path}: 3 instances have no outline to learn a mask from, so maskrcnn_resnet50_fpn leaves them "
             f"out and their objects train as background wherever they show; give them outlines, or train a box "
             f"model such as --model fasterrcnn_resnet50_fpn (the first: ") in printed
     _loaded(root, "--model", "fasterrcnn_resnet50_fpn")

@@ -341,6 +341,23 @@ def test_prediction_pictures_of_string_image_ids_stay_in_their_folder():
         "12", "a_b", "_..", ".._.._x", "c_d"]
 
 
+def test_the_data_every_process_read_is_compared_by_every_image_id(monkeypatch):
+    """check_same_data's wiring: what it compares across ranks differs for 2,000 compact ids that differ in the
+    middle."""
+    compared = []
+    monkeypatch.setattr(train.utils, "all_gather_object", lambda value: [value])
+    monkeypatch.setattr(train.utils, "first_other_rank", lambda read: compared.append(read))
+    ids = np.arange(2000)
+    changed = ids.copy()
+    changed[1000] = -1
+    for read in (ids, changed):
+        split = argparse.Namespace(ids=read)
+        train.check_same_data(argparse.Namespace(data_path="d"), argparse.Namespace(
+            train_set=split, val_set=split, category_map=argparse.Namespace(ids=[1])))
+    assert compared[0]["training images"] != compared[1]["training images"]
+    assert compared[0]["validation images"] != compared[1]["validation images"]
+
+
 def test_the_image_ids_digest_covers_every_id_of_the_compact_array():
     """check_same_data compares digests of the ids, which the compact dataset keeps as a NumPy array: one id
     changed in the middle of 5,000 must change it (NumPy's repr shows only an array's ends)."""
