@@ -293,20 +293,27 @@ def readable_images(paths: list[Path], records: list, unreadable: list[str], tur
             unreadable.append(str(e))
 
 
+def load_predictor(args: argparse.Namespace
+                   ) -> tuple[torch.nn.Module | deploy.OnnxModel, torch.device, CategoryMap, str]:
+    """What predicts, the device it runs on, its categories and its model's name: the ONNX file (categories from
+    its metadata; onnxruntime runs on the CPU), or the checkpoint's model with detections below --score-thresh
+    dropped before their masks are pasted, and the speed-ups."""
+    if args.onnx:
+        model = deploy.OnnxModel(args.onnx, args.detections_per_image)
+        return model, torch.device("cpu"), model.category_map, model.name
+    device = pick_device(args.device)
+    model, category_map, name = load_model(args)
+    drop_detections_below(model, args.score_thresh)
+    model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig(enabled=not args.no_speedups))
+    return model, device, category_map, name
+
+
 def predict(args: argparse.Namespace) -> int:
     check_args(args)
     out = Path(args.output_dir)
     paths = find_images(args.inputs, skip=out)
     records = image_records(paths, args.annotations)
-    if args.onnx:  # categories from the file's metadata; onnxruntime runs on the CPU
-        device = torch.device("cpu")
-        model = deploy.OnnxModel(args.onnx, args.detections_per_image)
-        category_map, name = model.category_map, model.name
-    else:
-        device = pick_device(args.device)
-        model, category_map, name = load_model(args)
-        drop_detections_below(model, args.score_thresh)
-        model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig(enabled=not args.no_speedups))
+    model, device, category_map, name = load_predictor(args)
     prepare_output_dir(out)
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
         print(NOT_KEPT_WARNING, file=sys.stderr)
