@@ -9,7 +9,7 @@ import pickle
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -431,16 +431,21 @@ def _repaired_annotation(ann: dict, record: tuple, faults: list[str], with_masks
     return ann
 
 
+def _as_loaded(coco: COCO, with_masks: bool) -> Iterator[tuple[dict, str, dict | None]]:
+    """Each annotation, its image's file name, and what the loader makes of it (None: left out), by the loader's
+    own rule, _repaired_annotation's."""
+    records = {image["id"]: (image.get("file_name"), image["height"], image["width"])
+               for image in coco.dataset["images"]}
+    for ann in coco.dataset["annotations"]:
+        record = records[ann["image_id"]]
+        yield ann, record[0], _repaired_annotation(ann, record, [], with_masks)
+
+
 def instances_without_outline(coco: COCO) -> list[str]:
     """The instances (file and annotation id) with a usable box that the loader leaves out for a model that
-    learns masks, for want of an outline it can draw: by its own rule, _repaired_annotation's."""
-    found = []
-    for ann in coco.dataset["annotations"]:
-        if not ann.get("iscrowd") and finite_box(ann.get("bbox")):
-            image = coco.imgs[ann["image_id"]]
-            if _repaired_annotation(ann, (image["file_name"], image["height"], image["width"]), [], True) is None:
-                found.append(f"{image['file_name']} annotation {ann['id']}")
-    return found
+    learns masks, for want of an outline it can draw."""
+    return [f"{file_name} annotation {ann['id']}" for ann, file_name, loaded in _as_loaded(coco, with_masks=True)
+            if loaded is None and not ann.get("iscrowd") and finite_box(ann.get("bbox"))]
 
 
 def scoring_ground_truth(coco: COCO, iou_type: str) -> COCO:
@@ -457,14 +462,11 @@ def scoring_ground_truth(coco: COCO, iou_type: str) -> COCO:
 
 def _scoring_index(coco: CocoIndex, with_masks: bool) -> COCO:
     """scoring_ground_truth's index, built."""
-    records = {image["id"]: (image.get("file_name"), image["height"], image["width"])
-               for image in coco.dataset["images"]}
     kept = coco.dataset["annotations"]
     if coco.loader_repairs:
         # Left out, not made crowd regions: both COCOevals take 'ignore' from 'iscrowd' alone, and a crowd
         # region still needs the box or outline these lack.
-        kept = [a for a in (_repaired_annotation(ann, records[ann["image_id"]], [], with_masks) for ann in kept)
-                if a is not None]
+        kept = [loaded for _, _, loaded in _as_loaded(coco, with_masks) if loaded is not None]
     if coco.renumbered:
         kept = [{**ann, "id": number} for number, ann in enumerate(kept, start=1)]
     scored = COCO()
