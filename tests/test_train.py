@@ -1,17 +1,13 @@
 """The real CLI in a subprocess, on a generated dataset: train, checkpoint, resume, evaluate, fail clearly."""
 
 import argparse
-import datetime
 import gc
 import json
-import os
 import pickle
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -19,10 +15,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import errors
+import flags
 import train
-import utils
 from coco_utils import CategoryMap, build_dataset
-from conftest import ROOT, SMALL, TRAIN_FLAGS, in_two_processes, read_metrics, run_cli
+from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
 from errors import UserError
 from models import MODELS, build_model, detections_per_image
 from preemption import StopRequest
@@ -213,14 +209,6 @@ def test_a_run_resumed_at_its_end_has_nothing_left_to_train(epoch, step, evaluat
         epoch + (step is None) >= epochs), "another folder's metrics say nothing of a checkpoint of another folder"
 
 
-def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for_it(tmp_path):
-    out = tmp_path / "out"
-    assert not train.from_another_run(str(out / "model_1.pth"), {"args": {"output_dir": "elsewhere"}}, out)
-    assert not train.from_another_run(str(tmp_path / "backup.pth"), {"args": {"output_dir": str(out)}}, out)
-    assert train.from_another_run(str(tmp_path / "s" / "model_0.pth"), {"args": {"output_dir": "s"}}, out)
-    assert train.from_another_run(str(tmp_path / "reference.pth"), {"args": {}}, out)
-
-
 def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
     counts = {1: (3, 0), 2: (5, 9), 3: (4, 0)}  # image: instances, crowd regions
     anns = [{"image_id": image, "category_id": 1 + k % 2, "bbox": [0, 0, 5, 5], "iscrowd": crowd}
@@ -266,142 +254,9 @@ def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_giv
     assert detections_per_image(predict.load_model(args)[0]) == 9
 
 
-def test_args_json_is_strict_json_whatever_the_arguments_hold(tmp_path):
-    args = argparse.Namespace(clip_grad_norm=float("inf"), device=torch.device("cpu"), lr_steps=[16, 22],
-                              data_path=Path("/data"), amp=None, lr=0.02)
-    train.write_arguments(tmp_path, args, resumed_here=False)
-    written = json.loads((tmp_path / "args.json").read_text(), parse_constant=lambda name: pytest.fail(name))
-    assert written["args"] == {"clip_grad_norm": "inf", "device": "cpu", "lr_steps": [16, 22], "data_path": "/data",
-                               "amp": None, "lr": 0.02}
-
-
-def test_args_json_keeps_the_folders_earlier_starts_and_the_software_that_ran(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.sys, "argv", ["train.py", "--lr", "0.02"])
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02, seed=0), resumed_here=False)  # a start that failed
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02, seed=1), resumed_here=False)  # a fresh run
-    first = json.loads((tmp_path / "args.json").read_text())
-    assert first["earlier_starts"] == [], "a fresh run's args.json replaces one of a start that trained nothing"
-    monkeypatch.setattr(train.sys, "argv", ["train.py", "--lr", "0.01", "--resume", "auto"])
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=5), resumed_here=True)
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01, seed=6), resumed_here=True)
-    written = json.loads((tmp_path / "args.json").read_text())
-    assert written["args"] == {"lr": 0.01, "seed": 6}
-    assert [start["args"]["seed"] for start in written["earlier_starts"]] == [1, 5]
-    assert written["earlier_starts"][0]["command"] == "train.py --lr 0.02"
-    assert "earlier_starts" not in written["earlier_starts"][0], "one list, not nested ones"
-    software = written["software"]
-    assert (software["torch"], software["torchvision"]) == (torch.__version__, torchvision.__version__)
-    if (ROOT / ".git").exists():  # a clone, as CI's
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-        assert software["git_commit"] == head.stdout.strip() and software["git_changed_files"] in (True, False)
-        status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True)
-        assert software["git_changed_files"] == bool(status.stdout.strip())
-    assert written["working_directory"] == os.getcwd()
-    assert datetime.datetime.fromisoformat(written["started"]).tzinfo is not None, "a time with its zone"
-    (tmp_path / "args.json").write_text('["not", "ours"]')
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.01), resumed_here=True)
-    assert json.loads((tmp_path / "args.json").read_text())["earlier_starts"] == []
-
-
-def test_args_json_says_a_lost_peer_as_the_console_does(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02), resumed_here=False)
-    with pytest.raises(RuntimeError), train.outcome_recorded(tmp_path / "args.json", argparse.Namespace(
-            stopped_early=False)):
-        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:59609")
-    assert json.loads((tmp_path / "args.json").read_text())["outcome"] == (
-        "error: another process of the job stopped answering or ended; --resume auto continues")
-
-
-@pytest.mark.parametrize("error, outcome", [
-    (SystemExit(143), "stopped by a signal (exit status 143); --resume auto continues"),
-    (errors.Terminated(), "interrupted by SIGTERM"), (KeyboardInterrupt(), "interrupted by Ctrl-C"),
-    (UserError("loss is nan at epoch 2 step 7"), "error: loss is nan at epoch 2 step 7"),
-    (RuntimeError("NCCL timeout"), "failed: RuntimeError: NCCL timeout")])
-def test_args_json_says_how_training_ended(tmp_path, error, outcome):
-    train.write_arguments(tmp_path, argparse.Namespace(lr=0.02), resumed_here=False)
-    state = argparse.Namespace(stopped_early=False)
-    with pytest.raises(type(error)), train.outcome_recorded(tmp_path / "args.json", state):
-        raise error
-    written = json.loads((tmp_path / "args.json").read_text())
-    assert written["outcome"] == outcome and written["args"] == {"lr": 0.02}
-    assert datetime.datetime.fromisoformat(written["ended"]) >= datetime.datetime.fromisoformat(written["started"])
-    state.stopped_early = True
-    with train.outcome_recorded(tmp_path / "args.json", state):
-        pass
-    assert json.loads((tmp_path / "args.json").read_text())["outcome"] == "stopped early (--patience)"
-    with train.outcome_recorded(None, state):  # another rank's: nothing written
-        (tmp_path / "args.json").unlink()
-    assert not (tmp_path / "args.json").exists()
-
-
 def test_prediction_pictures_of_string_image_ids_stay_in_their_folder():
     assert [train.file_name_of(i) for i in ("12", "a/b", "..", "../../x", "c\\d")] == [
         "12", "a_b", "_..", ".._.._x", "c_d"]
-
-
-def test_the_data_every_process_read_is_compared_by_every_image_id(monkeypatch):
-    """check_same_data's wiring: what it compares across ranks differs for 2,000 compact ids that differ in the
-    middle."""
-    compared = []
-    monkeypatch.setattr(train.utils, "all_gather_object", lambda value: [value])
-    monkeypatch.setattr(train.utils, "first_other_rank", lambda read: compared.append(read))
-    ids = np.arange(2000)
-    changed = ids.copy()
-    changed[1000] = -1
-    for read in (ids, changed):
-        split = argparse.Namespace(ids=read)
-        train.check_same_data(argparse.Namespace(data_path="d"), argparse.Namespace(
-            train_set=split, val_set=split, category_map=argparse.Namespace(ids=[1])))
-    assert compared[0]["training images"] != compared[1]["training images"]
-    assert compared[0]["validation images"] != compared[1]["validation images"]
-
-
-def test_the_image_ids_digest_covers_every_id_of_the_compact_array():
-    """check_same_data compares digests of the ids, which the compact dataset keeps as a NumPy array: one id
-    changed in the middle of 5,000 must change it (NumPy's repr shows only an array's ends)."""
-    ids = np.arange(5000)
-    changed = ids.copy()
-    changed[2000] = 99999
-    assert train.ids_digest(changed) != train.ids_digest(ids)
-    assert train.ids_digest(ids) == train.ids_digest(list(range(5000))), "before compacting and after alike"
-    assert train.ids_digest(np.asarray(["a", "b"])) == train.ids_digest(["a", "b"])
-    assert train.ids_digest([1, 2**63 + 1]) != train.ids_digest([1, 2**63 + 2]), "not as floats"
-
-
-def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
-    train.check_same_scoring(argparse.Namespace(eval_max_dets=100), {}, "c.pth")  # a run before the flag: 100
-    train.check_same_scoring(argparse.Namespace(eval_max_dets=300), {"eval_max_dets": 300}, "c.pth")
-    with pytest.raises(UserError, match=r"^--resume out/checkpoint.pth: its run scored up to 100 detections an image "
-                                        r"and category \(--eval-max-dets\), and model_best.pth and --patience compare "
-                                        r"with its evaluations; give --eval-max-dets 100, or score the checkpoint "
-                                        r"otherwise with --test-only$"):
-        train.check_same_scoring(argparse.Namespace(eval_max_dets=300, test_only=False), {"eval_max_dets": 100},
-                                 "out/checkpoint.pth")
-    assert capsys.readouterr().out == ""
-    train.check_same_scoring(argparse.Namespace(eval_max_dets=100, test_only=True), {"eval_max_dets": 300}, "c.pth")
-    assert capsys.readouterr().out == ("note: --resume c.pth: its run scored up to 300 detections an image and "
-                                       "category (--eval-max-dets), and this evaluation up to 100: give "
-                                       "--eval-max-dets 300 for that run's numbers\n")
-
-
-def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
-    saved = {"seed": 1, "data_augmentation": "hflip", "data_path": "/data", "lr": 0.02}
-    args = argparse.Namespace(**{name: None for name in train.NOTED_ON_RESUME})
-    args.__dict__.update(seed=5, data_augmentation="ssd", data_path=Path("/data"), lr=0.01)
-    train.note_changed_settings(args, saved, "out/checkpoint.pth")
-    assert capsys.readouterr().out == ("--resume out/checkpoint.pth: given otherwise than in its run: --seed 5 (its "
-                                       "run: 1), --data-augmentation ssd (its run: hflip); they apply from here on\n")
-    train.note_changed_settings(argparse.Namespace(**{**vars(args), "seed": 1, "data_augmentation": "hflip"}),
-                                saved, "c.pth")
-    assert capsys.readouterr().out == "", "the same settings (a path as the text it was saved as): nothing to say"
-    same_folder = {**vars(args), "seed": 1, "data_augmentation": "hflip", "data_path": "./data", "amp": False,
-                   "amp_dtype": "float16", "model_ema": False, "model_ema_decay": 0.5}
-    train.note_changed_settings(argparse.Namespace(**same_folder),
-                                {**saved, "data_path": str(Path("data").resolve()), "amp_dtype": "bfloat16",
-                                 "model_ema_decay": 0.9}, "c.pth")
-    assert capsys.readouterr().out == "", "one folder written two ways; settings of what this run leaves off"
 
 
 def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(monkeypatch):
@@ -445,34 +300,19 @@ def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys
                                         ("retinanet_resnet50_fpn", None, ("bbox", "AP"), 100),
                                         ("maskrcnn_resnet50_fpn", "segm/ARs", ("segm", "ARs"), 100),
                                         ("maskrcnn_resnet50_fpn", "segm/AR300", ("segm", "AR300"), 300)]:
-        assert train.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=most)) == primary
+        assert flags.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=most)) == primary
     for model, given in [("maskrcnn_resnet50_fpn", "segm/AP55"), ("fasterrcnn_resnet50_fpn", "segm/AP"),
                          ("maskrcnn_resnet50_fpn", "AP"), ("maskrcnn_resnet50_fpn", "segm/AR5"),
                          ("keypointrcnn_resnet50_fpn", "keypoints/AR300")]:
         with pytest.raises(UserError, match=f"--best-metric {given} is no metric of {model}'s evaluation; choose "
                                             f"one of bbox/AP, bbox/AP50, "):
-            train.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=100))
+            flags.best_metric(argparse.Namespace(model=model, best_metric=given, eval_max_dets=100))
     # The recall of another scoring limit: the limit is what to change (a resumed run's scoring is checked later).
     with pytest.raises(UserError, match=r"--best-metric segm/AR300 is the recall of a run scored with --eval-max-dets "
                                         r"300, and this one scores up to 100 \(AR100\); give --eval-max-dets 300 too, "
                                         r"or --best-metric segm/AR100"):
-        train.best_metric(argparse.Namespace(model="maskrcnn_resnet50_fpn", best_metric="segm/AR300",
+        flags.best_metric(argparse.Namespace(model="maskrcnn_resnet50_fpn", best_metric="segm/AR300",
                                              eval_max_dets=100))
-
-
-def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_path, capsys):
-    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), test_only=False)
-    assert train.resolve_resume(args) == "" and "so this is a new run\n" in capsys.readouterr().out
-    for name in ("20261205-101010", "20261206-090909", "20261206-101010"):  # the last one never saved a checkpoint
-        (tmp_path / "previous_runs" / name).mkdir(parents=True)
-    for name in ("20261205-101010", "20261206-090909"):
-        (tmp_path / "previous_runs" / name / "checkpoint.pth").write_bytes(b"")
-    assert train.resolve_resume(args) == ""
-    last = tmp_path / "previous_runs" / "20261206-090909" / "checkpoint.pth"
-    assert f"the last run moved aside from this folder is in {last.parent}: to continue it, move its files back " \
-           f"into {tmp_path} and run again" in capsys.readouterr().out
-    (tmp_path / "checkpoint.pth").write_bytes(b"")
-    assert train.resolve_resume(args) == str(tmp_path / "checkpoint.pth")
 
 
 @pytest.mark.parametrize("interval, epochs, evaluated", [(1, 4, [0, 1, 2, 3]), (2, 5, [1, 3, 4]), (3, 6, [2, 5]),
@@ -582,30 +422,6 @@ def test_bad_input_is_one_line_without_traceback(dataset, trained, bad_files, tm
     assert stderr.strip().splitlines()[-1] == error_lines[0]
 
 
-OUT_OF_RANGE = [
-    *[([flag, "0"], f"{flag} 0 must be at least 1") for flag in (
-        "--max-size", "--rois-per-image", "--eval-batch-size", "--print-freq", "--lr-step-size", "--grad-accum-steps",
-        "--model-ema-steps", "--eval-interval", "--patience", "--auto-scale-lr")],
-    (["--epochs", "0"], "--epochs 0 must be at least 1"),
-    (["--detections-per-image", "0"], "--detections-per-image 0 must be at least 1"),
-    (["--lr-gamma", "-0.1"], "--lr-gamma -0.1 must be finite, 0 or more"),
-    (["--norm-weight-decay", "-1"], "--norm-weight-decay -1.0 must be finite, 0 or more"),
-    (["--dist-timeout", "0"], "--dist-timeout 0 must be above 0"),
-    (["--model-ema-decay", "1.5"], "--model-ema-decay 1.5 must be a share between 0 and 1"),
-    (["--repeat-factor-threshold", "2"], "--repeat-factor-threshold 2.0 must be a share between 0 and 1"),
-    (["--max-bad-samples", "-0.1"], "--max-bad-samples -0.1 must be a share between 0 and 1"),
-]
-
-
-@pytest.mark.parametrize("args, message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
-def test_every_count_share_and_rate_out_of_range_is_refused(args, message):
-    parser = train.get_args_parser()
-    train.check_numbers(parser.parse_args([]))  # the defaults pass
-    with pytest.raises(UserError) as refused:
-        train.check_numbers(parser.parse_args(args))
-    assert str(refused.value).startswith(message), refused.value
-
-
 @pytest.mark.parametrize("asked, kept", [(True, True), (True, False), (False, True)])
 def test_freed_memory_kept_for_reuse_as_asked_with_a_warning_where_not(monkeypatch, capsys, asked, kept):
     calls = []
@@ -627,11 +443,6 @@ def test_lr_steps_past_the_last_epoch_warn(dataset, tmp_path):
                      "--output-dir", str(tmp_path))
     assert "warning: --lr-steps 30 not before --epochs 2: that step never happens" in result.stderr
     assert "is not a folder" in result.stderr, "a warning, then the run goes on (to the next problem)"
-
-
-def test_every_lr_step_past_the_last_epoch_is_named(capsys):
-    train.check_schedule(argparse.Namespace(lr_steps=[16, 22], epochs=1, test_only=False))
-    assert "--lr-steps 16 22 not before --epochs 1: those steps never happen" in capsys.readouterr().err
 
 
 class _Payload:
@@ -1054,31 +865,11 @@ def test_the_epoch_file_is_the_checkpoints_bytes(trained):
     assert (out / "model_0.pth").stat().st_ino == (out / "checkpoint.pth").stat().st_ino, "a hard link"
 
 
-def test_the_model_of_a_checkpoint_is_checked_where_its_run_recorded_one():
-    args = argparse.Namespace(model="maskrcnn_resnet50_fpn", num_classes=None)
-    train.check_same_model(args, {"num_classes": 5}, "plain.pth")  # no run's arguments: nothing to compare
-    train.check_same_model(args, {"args": {"model": "maskrcnn_resnet50_fpn"}, "num_classes": 5}, "ours.pth")
-    with pytest.raises(UserError, match="ours.pth holds a fasterrcnn_resnet50_fpn model"):
-        train.check_same_model(args, {"args": {"model": "fasterrcnn_resnet50_fpn"}, "num_classes": 5}, "ours.pth")
-
-
 def test_weights_of_another_model_to_evaluate_are_named_without_class_head_advice():
     args = train.get_args_parser().parse_args(["--test-only", "--weights", "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"])
     with pytest.raises(UserError) as error:
         train.create_model(args, 5, None)
     assert str(error.value).endswith("not of --model maskrcnn_resnet50_fpn: give --model keypointrcnn_resnet50_fpn")
-
-
-def test_a_part_way_checkpoint_resumes_only_with_the_same_batches():
-    args = train.get_args_parser().parse_args(["--batch-size", "4", "--seed", "3"])
-    saved = {**vars(args), "batch_size": 2}
-    with pytest.raises(UserError, match=r"saved at step 5 of epoch 1 with --batch-size 2, where this run has "
-                                        r"--batch-size 4; .* or resume from model_0.pth"):
-        train.check_same_batches(args, saved, "checkpoint.pth", 1, 5)
-    train.check_same_batches(args, vars(args), "checkpoint.pth", 1, 5)
-    train.check_same_batches(args, {"batch_size": 4}, "checkpoint.pth", 0, 5)  # what a checkpoint lacks is not asked
-    with pytest.raises(UserError, match="processes 2, where this run has processes 1; .* or start afresh"):
-        train.check_same_batches(args, {**vars(args), "world_size": 2}, "checkpoint.pth", 0, 5)
 
 
 def test_predict_takes_torchvisions_keypoint_weights_of_persons_alone(tmp_path, monkeypatch):
@@ -1098,41 +889,6 @@ def test_predict_takes_torchvisions_keypoint_weights_of_persons_alone(tmp_path, 
     assert built == "keypointrcnn_resnet50_fpn" and categories.num_classes == 2
     assert categories.category_id(1) == 1 and categories.name(1) == "person"
     assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, source.roi_heads.box_predictor.cls_score.weight)
-
-
-def test_ranks_that_find_different_checkpoints_to_resume_stop_with_one_line(tmp_path):
-    """A node that cannot see the output folder (not shared) would start afresh beside ranks that resume."""
-    def work(rank: int) -> str:
-        found = {"epoch": 0, "step": 10} if rank == 0 else None
-        train.check_same_on_every_rank(found, "auto")
-        return "resumed alike"
-
-    said = in_two_processes(tmp_path, work)
-    assert said[0] == said[1] and "the processes found different checkpoints (rank 0: epoch 0 step 10; rank 1: " \
-        "none); every node must read the same file" in said[0], said
-    assert in_two_processes(tmp_path / "again", lambda rank: train.check_same_on_every_rank(
-        {"epoch": 1, "step": None}, "auto") or "resumed alike") == {0: "resumed alike", 1: "resumed alike"}
-    said = in_two_processes(tmp_path / "ends", lambda rank: train.check_same_on_every_rank(
-        {"epoch": rank, "step": None}, "auto"))
-    assert "(rank 0: epoch 0; rank 1: epoch 1)" in said[0], said
-
-
-def test_a_model_without_keypoints_on_keypoint_data_is_told_what_it_learns(capsys):
-    args = train.get_args_parser().parse_args(["--dataset", "coco_kp", "--model", "maskrcnn_resnet50_fpn"])
-    train.check_combinations(args)
-    said = capsys.readouterr().out
-    assert "persons are learned without their keypoints, from the images with 10 or more labelled" in said
-    train.check_combinations(train.get_args_parser().parse_args(["--dataset", "coco_kp", "--model",
-                                                                 "keypointrcnn_resnet50_fpn"]))
-    assert capsys.readouterr().out == ""
-
-
-def test_sizes_given_with_an_augmentation_that_sizes_training_images_are_said_to_apply_to_evaluation(capsys):
-    train.check_combinations(train.get_args_parser().parse_args(["--data-augmentation", "lsj", "--min-size", "64"]))
-    assert "--data-augmentation lsj sizes the training images itself; --min-size and --max-size size the " \
-           "evaluation's" in capsys.readouterr().out
-    train.check_combinations(train.get_args_parser().parse_args(["--data-augmentation", "hflip", "--min-size", "64"]))
-    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("saved_here", [True, False])

@@ -135,14 +135,3 @@ def test_model_ema_eval_average_scores_the_average_alone(tiny_dataset, tmp_path)
     assert "Evaluating the raw weights" not in result.stdout
     (evaluation,) = [r for r in read_metrics(tmp_path) if r["type"] == "eval"]
     assert "raw" not in evaluation and {"bbox", "segm"} <= set(evaluation)
-
-
-def test_model_ema_eval_without_model_ema_is_refused():
-    import train
-    from errors import UserError
-
-    args = train.get_args_parser().parse_args(["--model-ema-eval", "average"])
-    with pytest.raises(UserError, match="--model-ema-eval average chooses among the weights --model-ema keeps; add "
-                                        "--model-ema, or leave --model-ema-eval out"):
-        train.check_combinations(args)
-    train.check_combinations(train.get_args_parser().parse_args(["--model-ema", "--model-ema-eval", "average"]))

@@ -1,0 +1,75 @@
+"""What every process of a distributed job must share, checked at the start: its flags (but those a node may
+give its own way), the images and categories it read, and the checkpoint it resumes."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Sequence
+
+import utils
+from coco_utils import CocoDetection, id_array
+from data import Data
+from errors import UserError
+from run_record import plain
+
+# What each process of a job may give its own way: who it is and its device, its loader workers, and paths (a
+# node may mount the same files elsewhere: the data read are compared instead, by check_same_data).
+PER_PROCESS_FLAGS = frozenset({
+    "rank", "local_rank", "gpu", "world_size", "distributed", "dist_url", "device", "workers", "reuse_freed_memory",
+    "data_path", "train_images", "train_annotations", "val_images", "val_annotations", "output_dir", "resume"})
+
+
+def check_same_flags(args: argparse.Namespace) -> None:
+    """Every process of a job was started with the same flags: one node's other --lr or --batch-size would train
+    its share otherwise, silently where the steps still line up, or fail a collective an epoch later."""
+    other = utils.first_other_rank({name: plain(value) for name, value in vars(args).items()
+                                    if name not in PER_PROCESS_FLAGS})
+    if other is not None:
+        rank, theirs, first = other
+        flags = ", ".join(f"--{name.replace('_', '-')} {theirs.get(name)} (rank 0: {first.get(name)})"
+                          for name in sorted(first.keys() | theirs.keys()) if first.get(name) != theirs.get(name))
+        raise UserError(f"rank {rank} was started with other flags than rank 0: {flags}; every process of a job "
+                        f"takes the same ones (between nodes only --data-path, the split paths, --output-dir, "
+                        f"--resume, --workers, --device, --dist-url and --[no-]reuse-freed-memory may differ)")
+
+
+def ids_digest(ids: Sequence) -> str:
+    """A digest of every id in order, for a list or the compact NumPy array alike (NumPy's repr of an array of
+    over 1,000 elements shows only its ends)."""
+    return hashlib.sha256(repr(id_array(ids).tolist()).encode()).hexdigest()
+
+
+def check_same_data(args: argparse.Namespace, data: Data) -> None:
+    """Every process read the same images and categories, whatever its paths: otherwise their samplers would split
+    other images into other numbers of steps, and a collective fail an epoch later."""
+    def images(dataset: CocoDetection | None) -> tuple[int, str]:
+        ids = [] if dataset is None else dataset.ids
+        return len(ids), ids_digest(ids)
+
+    read = {"training images": images(data.train_set), "validation images": images(data.val_set),
+            "categories": (len(data.category_map.ids), data.category_map)}
+    everyone = utils.all_gather_object(args.data_path)
+    other = utils.first_other_rank(read)
+    if other is not None:
+        rank, theirs, first = other
+        differing = [part for part in read if theirs[part] != first[part]]
+        counts = "; ".join(f"{theirs[part][0]} {part} against {first[part][0]}" for part in differing)
+        raise UserError(f"rank {rank} read other {' and '.join(differing)} than rank 0 ({counts}; its --data-path "
+                        f"{everyone[rank]}, rank 0's {everyone[0]}): every node must read the same files")
+
+
+def check_same_on_every_rank(checkpoint: dict | None, resume: str) -> None:
+    """Every process resumes the same position: a node that cannot see the output folder's checkpoint (not on a
+    shared filesystem) would otherwise start afresh beside ranks that resume, and train apart until a collective
+    fails."""
+    found = utils.all_gather_object(None if checkpoint is None else (checkpoint.get("epoch"), checkpoint.get("step")))
+    if len(set(found)) == 1:
+        return
+    ranks: dict = {}
+    for rank, position in enumerate(found):
+        ranks.setdefault(position, []).append(str(rank))
+    where = {p: "none" if p is None else f"epoch {p[0]}" + ("" if p[1] is None else f" step {p[1]}") for p in ranks}
+    said = "; ".join(f"rank {', '.join(r)}: {where[p]}" for p, r in ranks.items())
+    raise UserError(f"--resume {resume}: the processes found different checkpoints ({said}); every node must read "
+                    f"the same file: give --output-dir on a filesystem all nodes share, or --resume one file")

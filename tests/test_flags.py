@@ -1,0 +1,64 @@
+"""flags.py: the command line's checks of counts, rates, schedules and flag combinations."""
+
+import argparse
+
+import pytest
+
+import flags
+import train
+from errors import UserError
+
+OUT_OF_RANGE = [
+    *[([flag, "0"], f"{flag} 0 must be at least 1") for flag in (
+        "--max-size", "--rois-per-image", "--eval-batch-size", "--print-freq", "--lr-step-size", "--grad-accum-steps",
+        "--model-ema-steps", "--eval-interval", "--patience", "--auto-scale-lr")],
+    (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--detections-per-image", "0"], "--detections-per-image 0 must be at least 1"),
+    (["--lr-gamma", "-0.1"], "--lr-gamma -0.1 must be finite, 0 or more"),
+    (["--norm-weight-decay", "-1"], "--norm-weight-decay -1.0 must be finite, 0 or more"),
+    (["--dist-timeout", "0"], "--dist-timeout 0 must be above 0"),
+    (["--model-ema-decay", "1.5"], "--model-ema-decay 1.5 must be a share between 0 and 1"),
+    (["--repeat-factor-threshold", "2"], "--repeat-factor-threshold 2.0 must be a share between 0 and 1"),
+    (["--max-bad-samples", "-0.1"], "--max-bad-samples -0.1 must be a share between 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
+def test_every_count_share_and_rate_out_of_range_is_refused(args, message):
+    parser = train.get_args_parser()
+    flags.check_numbers(parser.parse_args([]))  # the defaults pass
+    with pytest.raises(UserError) as refused:
+        flags.check_numbers(parser.parse_args(args))
+    assert str(refused.value).startswith(message), refused.value
+
+
+def test_every_lr_step_past_the_last_epoch_is_named(capsys):
+    flags.check_schedule(argparse.Namespace(lr_steps=[16, 22], epochs=1, test_only=False))
+    assert "--lr-steps 16 22 not before --epochs 1: those steps never happen" in capsys.readouterr().err
+
+
+def test_a_model_without_keypoints_on_keypoint_data_is_told_what_it_learns(capsys):
+    args = train.get_args_parser().parse_args(["--dataset", "coco_kp", "--model", "maskrcnn_resnet50_fpn"])
+    flags.check_combinations(args)
+    said = capsys.readouterr().out
+    assert "persons are learned without their keypoints, from the images with 10 or more labelled" in said
+    flags.check_combinations(train.get_args_parser().parse_args(["--dataset", "coco_kp", "--model",
+                                                                 "keypointrcnn_resnet50_fpn"]))
+    assert capsys.readouterr().out == ""
+
+
+def test_sizes_given_with_an_augmentation_that_sizes_training_images_are_said_to_apply_to_evaluation(capsys):
+    flags.check_combinations(train.get_args_parser().parse_args(["--data-augmentation", "lsj", "--min-size", "64"]))
+    assert "--data-augmentation lsj sizes the training images itself; --min-size and --max-size size the " \
+           "evaluation's" in capsys.readouterr().out
+    flags.check_combinations(train.get_args_parser().parse_args(["--data-augmentation", "hflip", "--min-size", "64"]))
+    assert capsys.readouterr().out == ""
+
+
+
+def test_model_ema_eval_without_model_ema_is_refused():
+    args = train.get_args_parser().parse_args(["--model-ema-eval", "average"])
+    with pytest.raises(UserError, match="--model-ema-eval average chooses among the weights --model-ema keeps; add "
+                                        "--model-ema, or leave --model-ema-eval out"):
+        flags.check_combinations(args)
+    flags.check_combinations(train.get_args_parser().parse_args(["--model-ema", "--model-ema-eval", "average"]))

@@ -1,0 +1,87 @@
+"""resume.py: the checkpoint a run resumes, checked to fit it, and what carries over from its run."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+import resume
+import train
+from errors import UserError
+
+
+def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for_it(tmp_path):
+    out = tmp_path / "out"
+    assert not resume.from_another_run(str(out / "model_1.pth"), {"args": {"output_dir": "elsewhere"}}, out)
+    assert not resume.from_another_run(str(tmp_path / "backup.pth"), {"args": {"output_dir": str(out)}}, out)
+    assert resume.from_another_run(str(tmp_path / "s" / "model_0.pth"), {"args": {"output_dir": "s"}}, out)
+    assert resume.from_another_run(str(tmp_path / "reference.pth"), {"args": {}}, out)
+
+
+def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
+    resume.check_same_scoring(argparse.Namespace(eval_max_dets=100), {}, "c.pth")  # a run before the flag: 100
+    resume.check_same_scoring(argparse.Namespace(eval_max_dets=300), {"eval_max_dets": 300}, "c.pth")
+    with pytest.raises(UserError, match=r"^--resume out/checkpoint.pth: its run scored up to 100 detections an image "
+                                        r"and category \(--eval-max-dets\), and model_best.pth and --patience compare "
+                                        r"with its evaluations; give --eval-max-dets 100, or score the checkpoint "
+                                        r"otherwise with --test-only$"):
+        resume.check_same_scoring(argparse.Namespace(eval_max_dets=300, test_only=False), {"eval_max_dets": 100},
+                                 "out/checkpoint.pth")
+    assert capsys.readouterr().out == ""
+    resume.check_same_scoring(argparse.Namespace(eval_max_dets=100, test_only=True), {"eval_max_dets": 300}, "c.pth")
+    assert capsys.readouterr().out == ("note: --resume c.pth: its run scored up to 300 detections an image and "
+                                       "category (--eval-max-dets), and this evaluation up to 100: give "
+                                       "--eval-max-dets 300 for that run's numbers\n")
+
+
+def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
+    saved = {"seed": 1, "data_augmentation": "hflip", "data_path": "/data", "lr": 0.02}
+    args = argparse.Namespace(**{name: None for name in resume.NOTED_ON_RESUME})
+    args.__dict__.update(seed=5, data_augmentation="ssd", data_path=Path("/data"), lr=0.01)
+    resume.note_changed_settings(args, saved, "out/checkpoint.pth")
+    assert capsys.readouterr().out == ("--resume out/checkpoint.pth: given otherwise than in its run: --seed 5 (its "
+                                       "run: 1), --data-augmentation ssd (its run: hflip); they apply from here on\n")
+    resume.note_changed_settings(argparse.Namespace(**{**vars(args), "seed": 1, "data_augmentation": "hflip"}),
+                                saved, "c.pth")
+    assert capsys.readouterr().out == "", "the same settings (a path as the text it was saved as): nothing to say"
+    same_folder = {**vars(args), "seed": 1, "data_augmentation": "hflip", "data_path": "./data", "amp": False,
+                   "amp_dtype": "float16", "model_ema": False, "model_ema_decay": 0.5}
+    resume.note_changed_settings(argparse.Namespace(**same_folder),
+                                {**saved, "data_path": str(Path("data").resolve()), "amp_dtype": "bfloat16",
+                                 "model_ema_decay": 0.9}, "c.pth")
+    assert capsys.readouterr().out == "", "one folder written two ways; settings of what this run leaves off"
+
+
+def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_path, capsys):
+    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), test_only=False)
+    assert resume.resolve_resume(args) == "" and "so this is a new run\n" in capsys.readouterr().out
+    for name in ("20261205-101010", "20261206-090909", "20261206-101010"):  # the last one never saved a checkpoint
+        (tmp_path / "previous_runs" / name).mkdir(parents=True)
+    for name in ("20261205-101010", "20261206-090909"):
+        (tmp_path / "previous_runs" / name / "checkpoint.pth").write_bytes(b"")
+    assert resume.resolve_resume(args) == ""
+    last = tmp_path / "previous_runs" / "20261206-090909" / "checkpoint.pth"
+    assert f"the last run moved aside from this folder is in {last.parent}: to continue it, move its files back " \
+           f"into {tmp_path} and run again" in capsys.readouterr().out
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    assert resume.resolve_resume(args) == str(tmp_path / "checkpoint.pth")
+
+
+def test_the_model_of_a_checkpoint_is_checked_where_its_run_recorded_one():
+    args = argparse.Namespace(model="maskrcnn_resnet50_fpn", num_classes=None)
+    resume.check_same_model(args, {"num_classes": 5}, "plain.pth")  # no run's arguments: nothing to compare
+    resume.check_same_model(args, {"args": {"model": "maskrcnn_resnet50_fpn"}, "num_classes": 5}, "ours.pth")
+    with pytest.raises(UserError, match="ours.pth holds a fasterrcnn_resnet50_fpn model"):
+        resume.check_same_model(args, {"args": {"model": "fasterrcnn_resnet50_fpn"}, "num_classes": 5}, "ours.pth")
+
+
+def test_a_part_way_checkpoint_resumes_only_with_the_same_batches():
+    args = train.get_args_parser().parse_args(["--batch-size", "4", "--seed", "3"])
+    saved = {**vars(args), "batch_size": 2}
+    with pytest.raises(UserError, match=r"saved at step 5 of epoch 1 with --batch-size 2, where this run has "
+                                        r"--batch-size 4; .* or resume from model_0.pth"):
+        resume.check_same_batches(args, saved, "checkpoint.pth", 1, 5)
+    resume.check_same_batches(args, vars(args), "checkpoint.pth", 1, 5)
+    resume.check_same_batches(args, {"batch_size": 4}, "checkpoint.pth", 0, 5)  # what a checkpoint lacks is not asked
+    with pytest.raises(UserError, match="processes 2, where this run has processes 1; .* or start afresh"):
+        resume.check_same_batches(args, {**vars(args), "world_size": 2}, "checkpoint.pth", 0, 5)
