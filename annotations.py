@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from errors import UserError
 
 try:
@@ -468,12 +470,49 @@ def segmentation_problem(segmentation: object, height: int, width: int) -> str |
     size = segmentation.get("size")
     if not isinstance(size, list) or size != [height, width]:
         return f"is RLE of size {size}, not the image's [{height}, {width}]"
-    counts = segmentation["counts"]
-    if isinstance(counts, list) and not (all(isinstance(c, int) and c >= 0 for c in counts)
-                                         and sum(counts) == height * width):
-        # decoded, the pixels past its counts would be whatever memory follows: a mask of values up to 255
-        return f"is uncompressed RLE whose counts do not add up to the image's {height * width} pixels"
+    return _rle_counts_problem(segmentation["counts"], height * width)
+
+
+def _rle_counts_problem(counts: object, pixels: int) -> str | None:
+    """Why RLE counts do not cover an image of so many pixels, or None. Decoded, the pixels past too few counts
+    would be whatever memory follows (a mask of values up to 255, another each run); too many fail in a loader
+    worker."""
+    if isinstance(counts, list):
+        if not (all(isinstance(c, int) and c >= 0 for c in counts) and sum(counts) == pixels):
+            return f"is uncompressed RLE whose counts do not add up to the image's {pixels} pixels"
+    elif not isinstance(counts, (str, bytes)):
+        return "has RLE counts that are neither a list of numbers nor a compressed string"
+    elif compressed_rle_pixels(counts) != pixels:
+        return (f"is compressed RLE whose counts do not cover the image's {pixels} pixels (as where its size was "
+                f"changed without encoding the mask again)")
     return None
+
+
+def compressed_rle_pixels(counts: str | bytes) -> int | None:
+    """The pixels a compressed RLE string's counts cover, read as pycocotools reads them (5-bit groups; from the
+    fourth count on, each a difference from the count two before); None where it holds no such counts."""
+    try:
+        codes = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else counts, dtype=np.uint8)
+    except UnicodeEncodeError:
+        return None
+    codes = codes.astype(np.int64) - 48
+    if codes.size == 0:
+        return 0
+    if codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:  # outside the alphabet, or a count unfinished
+        return None
+    ends = np.flatnonzero((codes & 0x20) == 0)  # the group that ends each count
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    groups = ends - starts + 1
+    if groups.max() > 7:  # past 32 bits
+        return None
+    shifts = 5 * (np.arange(codes.size) - np.repeat(starts, groups))
+    values = np.add.reduceat((codes & 0x1F) << shifts, starts)
+    values -= np.where(codes[ends] & 0x10, 1 << (5 * groups), 0)  # a negative difference
+    values[1::2] = np.cumsum(values[1::2])
+    values[2::2] = np.cumsum(values[2::2])
+    if values.min() < 0 or values.max() >= 2**32:
+        return None
+    return int(values.sum())
 
 
 def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 
 import annotations
@@ -77,6 +79,10 @@ def _coco(**changes) -> dict:
      "segmentation format", "is uncompressed RLE whose counts do not add up to the image's 2000 pixels"),
     ({"annotations": lambda a: a[0].update(segmentation={"size": [40, 50], "counts": [2100, -100]})}, "warning",
      "segmentation format", "is uncompressed RLE whose counts do not add up to the image's 2000 pixels"),
+    ({"annotations": lambda a: a[0].update(segmentation={"size": [40, 50], "counts": "0"})}, "warning",
+     "segmentation format", "is compressed RLE whose counts do not cover the image's 2000 pixels"),
+    ({"annotations": lambda a: a[0].update(segmentation={"size": [40, 50], "counts": 2000})}, "warning",
+     "segmentation format", "has RLE counts that are neither a list of numbers nor a compressed string"),
     ({"annotations": lambda a: a[0].update(segmentation=[5, 5, 20, 5, 20, 20])}, "warning", "flat polygon",
      "read as one polygon"),
     ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, 20], 3])}, "warning",
@@ -108,6 +114,45 @@ def test_malformed_entries_are_findings(changes, level, kind, text):
     found = annotations.annotation_findings(_coco(**changes))
     assert [(f.level, f.kind) for f in found] == [(level, kind)] and text in found[0].message, found
 
+
+
+def _random_masks(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """Masks of sizes from 1 x 1 to 3000 x 4000: rectangles, scattered pixels, empty and full ones."""
+    masks = [np.zeros((1, 1), np.uint8), np.ones((1, 1), np.uint8), np.ones((3000, 4000), np.uint8),
+             np.zeros((7, 3), np.uint8)]
+    for _ in range(count):
+        height, width = rng.integers(1, 700, size=2)
+        mask = (rng.random((height, width)) < rng.choice([0.001, 0.3, 0.9])).astype(np.uint8)
+        top, left = rng.integers(0, height), rng.integers(0, width)
+        mask[top:top + rng.integers(1, height + 1), left:left + rng.integers(1, width + 1)] = rng.integers(0, 2)
+        masks.append(mask)
+    return masks
+
+
+def test_compressed_rle_pixels_are_what_pycocotools_encoded():
+    for mask in _random_masks(np.random.default_rng(0), 60):
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"]
+        assert annotations.compressed_rle_pixels(counts) == mask.size, mask.shape
+        assert annotations.compressed_rle_pixels(counts.decode()) == mask.size, "as JSON gives it: text"
+
+
+@pytest.mark.parametrize("counts, pixels", [("", 0), ("0", 0), ("1", 1), ("P", None), ("0P", None), ("~", None),
+                                            ("0 ", None), ("0é", None), ("01112", 7), ("o" * 7 + "0", None)])
+def test_compressed_rle_pixels_of_strings_no_encoder_wrote(counts, pixels):
+    """Characters outside pycocotools' alphabet, an unfinished last count or one past 32 bits hold no counts;
+    from the fourth on, a count adds the one two before it ("01112": 0, 1, 1, then 1 + 1 and 1 + 2)."""
+    assert annotations.compressed_rle_pixels(counts) == pixels
+
+
+def test_compressed_rle_of_another_size_than_its_size_says_is_undrawable():
+    """As where a mask's size was edited after a resize: its counts cover the old size's pixels."""
+    for shape in ((40, 49), (40, 51), (39, 50), (1, 1)):
+        counts = mask_utils.encode(np.asfortranarray(np.ones(shape, np.uint8)))["counts"].decode()
+        assert annotations.segmentation_problem({"size": [40, 50], "counts": counts}, 40, 50) == (
+            "is compressed RLE whose counts do not cover the image's 2000 pixels (as where its size was changed "
+            "without encoding the mask again)")
+    sound = mask_utils.encode(np.asfortranarray(np.ones((40, 50), np.uint8)))["counts"]
+    assert annotations.segmentation_problem({"size": [40, 50], "counts": sound}, 40, 50) is None
 
 @pytest.mark.parametrize("bbox, leaves", [([36, 24, 15, 15], False), ([-1, -1, 15, 15], False),
                                            ([40, 5, 15, 15], True), ([5, 30, 15, 15], True),

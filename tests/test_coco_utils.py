@@ -648,3 +648,26 @@ def test_a_folder_not_in_coco_layout_names_the_json_files_it_holds(tmp_path):
     with pytest.raises(UserError, match=r"\(JSON files there: extra.json, test/_annotations.coco.json, train/"
                                         r"_annotations.coco.json and 1 more\)$"):
         split_paths(tmp_path, "coco", "train")
+
+
+@pytest.mark.parametrize("columns", [-1, 1])
+def test_compressed_rle_whose_counts_miss_the_images_pixels_is_dropped_as_the_check_warns(dataset, tmp_path, columns):
+    """A mask encoded at another size than its 'size' says (edited after a resize): decoded, too few counts
+    would leave its last pixels as whatever memory holds, too many fail in a loader worker."""
+    chosen = {}
+
+    def edit(data):
+        ann = _instance_beside_others(data)
+        image = next(i for i in data["images"] if i["id"] == ann["image_id"])
+        height, width = image["height"], image["width"]
+        counts = mask_utils.encode(np.asfortranarray(np.ones((height, width + columns), np.uint8)))["counts"]
+        ann["segmentation"] = {"size": [height, width], "counts": counts.decode()}
+        chosen.update(id=ann["id"], image_id=ann["image_id"], pixels=height * width)
+
+    root = _edited_copy(dataset, tmp_path, "train", edit)
+    problem = f"is compressed RLE whose counts do not cover the image's {chosen['pixels']} pixels"
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    assert any(f.kind == "segmentation format" and problem in f.message for f in annotation_findings(data))
+    target = _sample_of(build_dataset(root, "coco", "train", None), chosen["image_id"])
+    assert any(f"annotation {chosen['id']}: segmentation {problem}" in f for f in target["faults"])
+    assert target["masks"].max() <= 1 and len(target["masks"]) == len(target["boxes"])
