@@ -488,8 +488,17 @@ def previous_runs_held(output_dir: Path) -> tuple[int, int]:
 
 def last_set_aside_checkpoint(output_dir: Path) -> Path | None:
     """The checkpoint of the newest run set_aside_previous_run moved out of output_dir, if any."""
-    found = sorted((output_dir / "previous_runs").glob("*/checkpoint.pth"), key=lambda path: path.parent.name)
-    return found[-1] if found else None
+    found = (output_dir / "previous_runs").glob("*/checkpoint.pth")
+    return max(found, key=lambda path: _set_aside_order(path.parent), default=None)
+
+
+def _set_aside_order(folder: Path) -> tuple[str, int]:
+    """Where set_aside_previous_run's folder comes in the order they were set aside: by its time, then by the
+    number it took within that second (TIME-10 after TIME-9, which text puts first)."""
+    stamp, _, number = folder.name.rpartition("-")
+    if stamp.count("-") == 1 and number.isdigit():
+        return stamp, int(number)
+    return folder.name, 1
 
 
 def prune_epoch_files(output_dir: Path, keep_last: int, epoch: int) -> list[Path]:

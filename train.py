@@ -17,6 +17,7 @@ batch size.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import os
 import re
@@ -103,6 +104,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return make_parser(__doc__, add_help)
 
 
+MAX_PICTURE_NAME = 200  # bytes: file systems allow 255 for a name, and ".jpg" and a temporary's suffix follow
 IOU_NAMES = {"segm": "mask", "keypoints": "keypoint", "bbox": "box"}  # as the README and the curves say them
 
 
@@ -481,9 +483,15 @@ def log_validation_losses(run: Run, data: Data, state: TrainingState, epoch: int
 
 
 def file_name_of(image_id: str) -> str:
-    """An image id as a name of a file in its folder: an id that is a string may hold a '/' or be '..'."""
+    """An image id as a name of a file in its folder: an id that is a string may hold a '/' or be '..', or be
+    longer than a file name may be; one changed so ends in a digest of the id, so that it names no other id's
+    file ("a/b" and "a_b")."""
     name = re.sub(r"[/\\\x00]", "_", image_id)
-    return name if name.strip(".") else f"_{name}"
+    name = name if name.strip(".") else f"_{name}"
+    if name == image_id and len(name.encode()) <= MAX_PICTURE_NAME:
+        return name
+    shortened = name.encode()[:MAX_PICTURE_NAME - 9].decode(errors="ignore")
+    return f"{shortened}-{hashlib.sha256(image_id.encode()).hexdigest()[:8]}"
 
 
 def report_evaluation(run: Run, data: Data, eval_model: torch.nn.Module, epoch: int, metrics: dict, at: int,

@@ -63,6 +63,12 @@ def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_pat
     last = tmp_path / "previous_runs" / "20261206-090909" / "checkpoint.pth"
     assert f"the last run moved aside from this folder is in {last.parent}: to continue it, move its files back " \
            f"into {tmp_path} and run again" in capsys.readouterr().out
+    for number in range(2, 11):  # ten runs set aside in one second: the tenth is the last
+        (tmp_path / "previous_runs" / f"20261206-090909-{number}").mkdir()
+        (tmp_path / "previous_runs" / f"20261206-090909-{number}" / "checkpoint.pth").write_bytes(b"")
+    assert resume.resolve_resume(args) == ""
+    assert "moved aside from this folder is in " + str(tmp_path / "previous_runs" / "20261206-090909-10") + ":" in \
+        capsys.readouterr().out
     (tmp_path / "checkpoint.pth").write_bytes(b"")
     assert resume.resolve_resume(args) == str(tmp_path / "checkpoint.pth")
 

@@ -254,9 +254,15 @@ def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_giv
     assert detections_per_image(predict.load_model(args)[0]) == 9
 
 
-def test_prediction_pictures_of_string_image_ids_stay_in_their_folder():
-    assert [train.file_name_of(i) for i in ("12", "a/b", "..", "../../x", "c\\d")] == [
-        "12", "a_b", "_..", ".._.._x", "c_d"]
+def test_prediction_pictures_of_string_image_ids_stay_in_their_folder_each_its_own(tmp_path):
+    ids = ("12", "a_b", "a/b", "..", "../../x", "c\\d", "é" * 100, "é" * 101, "x" * 240)
+    names = [train.file_name_of(i) for i in ids]
+    assert names[:2] == ["12", "a_b"] and names[6] == "é" * 100, "ids that can name a file do so"
+    assert [n[:-9] for n in names[2:6]] == ["a_b", "_..", ".._.._x", "c_d"], "a digest of the id follows"
+    assert len(set(names)) == len(ids) and max(len(n.encode()) for n in names) == train.MAX_PICTURE_NAME
+    for name in names:  # each a file of its folder, with room for write_atomic's temporary
+        (tmp_path / f".{name}.jpg.abcdefgh.tmp").write_bytes(b"")
+    assert len(list(tmp_path.iterdir())) == len(ids)
 
 
 def test_the_runs_eta_counts_the_evaluations_still_due_at_the_last_ones_time(monkeypatch):
