@@ -41,21 +41,27 @@ def ids_digest(ids: Sequence) -> str:
 
 
 def check_same_data(args: argparse.Namespace, data: Data) -> None:
-    """Every process read the same images and categories, whatever its paths: otherwise their samplers would split
-    other images into other numbers of steps, and a collective fail an epoch later."""
+    """Every process read the same images, instances and categories, whatever its paths: otherwise their samplers
+    would split other images into other numbers of steps, and a collective fail an epoch later, or the ranks
+    would learn from other labels of the same images."""
     def images(dataset: CocoDetection | None) -> tuple[int, str]:
         ids = [] if dataset is None else dataset.ids
         return len(ids), ids_digest(ids)
 
+    def instances(dataset: CocoDetection | None) -> tuple[int, int]:
+        return (0, 0) if dataset is None else dataset.instances_read()
+
     read = {"training images": images(data.train_set), "validation images": images(data.val_set),
+            "training instances": instances(data.train_set), "validation instances": instances(data.val_set),
             "categories": (len(data.category_map.ids), data.category_map)}
-    everyone = utils.all_gather_object(args.data_path)
     other = utils.first_other_rank(read)
     if other is not None:
         rank, theirs, first = other
+        everyone = utils.all_gather_object(args.data_path)  # on every rank, as each found the same difference
         differing = [part for part in read if theirs[part] != first[part]]
         counts = "; ".join(f"{theirs[part][0]} {part} against {first[part][0]}" for part in differing)
-        raise UserError(f"rank {rank} read other {' and '.join(differing)} than rank 0 ({counts}; its --data-path "
+        parts = " and ".join([", ".join(differing[:-1]), differing[-1]] if len(differing) > 1 else differing)
+        raise UserError(f"rank {rank} read other {parts} than rank 0 ({counts}; its --data-path "
                         f"{everyone[rank]}, rank 0's {everyone[0]}): every node must read the same files")
 
 

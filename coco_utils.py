@@ -8,6 +8,7 @@ import io
 import pickle
 import re
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -580,6 +581,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def instances_read(self) -> tuple[int, int]:
+        """The number of instances the samples read (crowd regions aside) and a checksum of every sample's record
+        (file name, size and those instances), to tell copies of a dataset apart."""
+        records = self._compact or CompactRecords.of(self.coco, list(self.ids))
+        return int(records.category_offsets[-1]), zlib.crc32(records.buffer)
 
     def image_categories(self) -> list[set[int]]:
         """The categories of each sample's instances (crowd regions aside), from the annotation file."""

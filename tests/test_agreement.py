@@ -3,9 +3,11 @@
 import argparse
 
 import numpy as np
+import pytest
 
 import agreement
 from conftest import in_two_processes
+from errors import UserError
 
 
 def test_the_data_every_process_read_is_compared_by_every_image_id(monkeypatch):
@@ -17,12 +19,25 @@ def test_the_data_every_process_read_is_compared_by_every_image_id(monkeypatch):
     ids = np.arange(2000)
     changed = ids.copy()
     changed[1000] = -1
-    for read in (ids, changed):
-        split = argparse.Namespace(ids=read)
+    for read, checksum in ((ids, 7), (changed, 8)):
+        split = argparse.Namespace(ids=read, instances_read=lambda checksum=checksum: (3, checksum))
         agreement.check_same_data(argparse.Namespace(data_path="d"), argparse.Namespace(
             train_set=split, val_set=split, category_map=argparse.Namespace(ids=[1])))
-    assert compared[0]["training images"] != compared[1]["training images"]
-    assert compared[0]["validation images"] != compared[1]["validation images"]
+    for part in ("training images", "validation images", "training instances", "validation instances"):
+        assert compared[0][part] != compared[1][part], part
+
+
+def test_ranks_that_read_other_instances_of_the_same_images_stop_with_one_line(monkeypatch):
+    """As where one node's copy of the annotation file was edited: the same images, other labels."""
+    monkeypatch.setattr(agreement.utils, "all_gather_object", lambda value: [value, f"{value}2"])
+    monkeypatch.setattr(agreement.utils, "first_other_rank", lambda read: (1, {
+        **read, "training instances": (57, 1), "validation instances": (9, 1)}, read))
+    split = argparse.Namespace(ids=[1, 2], instances_read=lambda: (57, 2))
+    with pytest.raises(UserError, match=r"^rank 1 read other training instances and validation instances than rank "
+                                        r"0 \(57 training instances against 57; 9 validation instances against 57; "
+                                        r"its --data-path d2, rank 0's d\): every node must read the same files$"):
+        agreement.check_same_data(argparse.Namespace(data_path="d"), argparse.Namespace(
+            train_set=split, val_set=split, category_map=argparse.Namespace(ids=[1])))
 
 
 def test_the_image_ids_digest_covers_every_id_of_the_compact_array():

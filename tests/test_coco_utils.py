@@ -671,3 +671,22 @@ def test_compressed_rle_whose_counts_miss_the_images_pixels_is_dropped_as_the_ch
     target = _sample_of(build_dataset(root, "coco", "train", None), chosen["image_id"])
     assert any(f"annotation {chosen['id']}: segmentation {problem}" in f for f in target["faults"])
     assert target["masks"].max() <= 1 and len(target["masks"]) == len(target["boxes"])
+
+
+def test_the_instances_samples_read_are_counted_and_checksummed_as_read(dataset, tmp_path):
+    """What agreement.check_same_data compares across nodes: the same files give the same figures before and after
+    compacting; one label changed in a copy of the file, another checksum of as many instances."""
+    first, second = (build_dataset(dataset, "coco", "train", None) for _ in range(2))
+    before = first.instances_read()
+    second.compact(release_index=True)
+    assert second.instances_read() == before and before[0] == sum(
+        not a["iscrowd"] for i in first.ids for a in first.coco.imgToAnns[i])
+    categories = [c["id"] for c in json.loads((dataset / "annotations" / "instances_train2017.json").read_text())[
+        "categories"]]
+
+    def relabel(data):
+        ann = _instance_beside_others(data)
+        ann["category_id"] = next(c for c in categories if c != ann["category_id"])
+
+    edited = build_dataset(_edited_copy(dataset, tmp_path, "train", relabel), "coco", "train", None)
+    assert edited.instances_read()[0] == before[0] and edited.instances_read()[1] != before[1]
