@@ -8,11 +8,12 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 
 from errors import UserError
 
@@ -195,6 +196,7 @@ def annotation_findings(data: dict) -> list[Finding]:
     images = {img["id"]: img for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     annotated = set()
+    covered = _compressed_rles_covered(data["annotations"])
     # A COCO-sized file has 860k instances: this loop is most of the check, so each one costs a few lookups
     # and the messages (their "where") are made only for the instances that have something to say.
     for ann in data["annotations"]:
@@ -208,7 +210,7 @@ def annotation_findings(data: dict) -> list[Finding]:
         else:
             annotated.add(image["id"])
             found = _box_warnings(ann, image)
-            found += _segmentation_warnings(ann, image)
+            found += _segmentation_warnings(ann, image, covered)
             if not is_area(ann.get("area")):
                 found.append(Finding("warning", "no area", f"{_where(ann, image)}: no usable 'area' "
                                      f"({ann.get('area')!r:.20}); it is computed from the outline (or the box)"))
@@ -452,9 +454,11 @@ def finite_coordinates(polygon: list) -> bool:
         return False
 
 
-def segmentation_problem(segmentation: object, height: int, width: int) -> str | None:
+def segmentation_problem(segmentation: object, height: int, width: int, covered: Mapping | None = None
+                         ) -> str | None:
     """Why a non-empty segmentation cannot be drawn on a height x width image, or None: polygons are lists of
-    coordinates, RLE is {'counts', 'size': [h, w]} of the image's size."""
+    coordinates, RLE is {'counts', 'size': [h, w]} of the image's size. covered: compressed_rle_pixels of the
+    compressed strings, computed before for many at once (_compressed_rles_covered)."""
     if isinstance(segmentation, list):
         if not all(isinstance(polygon, list) for polygon in segmentation):
             if all(isinstance(part, dict) and "counts" in part for part in segmentation):  # as some exporters write
@@ -470,10 +474,10 @@ def segmentation_problem(segmentation: object, height: int, width: int) -> str |
     size = segmentation.get("size")
     if not isinstance(size, list) or size != [height, width]:
         return f"is RLE of size {size}, not the image's [{height}, {width}]"
-    return _rle_counts_problem(segmentation["counts"], height * width)
+    return _rle_counts_problem(segmentation["counts"], height * width, covered or {})
 
 
-def _rle_counts_problem(counts: object, pixels: int) -> str | None:
+def _rle_counts_problem(counts: object, pixels: int, covered: Mapping) -> str | None:
     """Why RLE counts do not cover an image of so many pixels, or None. Decoded, the pixels past too few counts
     would be whatever memory follows (a mask of values up to 255, another each run); too many fail in a loader
     worker."""
@@ -482,45 +486,105 @@ def _rle_counts_problem(counts: object, pixels: int) -> str | None:
             return f"is uncompressed RLE whose counts do not add up to the image's {pixels} pixels"
     elif not isinstance(counts, (str, bytes)):
         return "has RLE counts that are neither a list of numbers nor a compressed string"
-    elif compressed_rle_pixels(counts) != pixels:
+    elif (covered[counts] if counts in covered else compressed_rle_pixels(counts)) != pixels:
         return (f"is compressed RLE whose counts do not cover the image's {pixels} pixels (as where its size was "
                 f"changed without encoding the mask again)")
     return None
 
 
 def compressed_rle_pixels(counts: str | bytes) -> int | None:
-    """The pixels a compressed RLE string's counts cover, read as pycocotools reads them (5-bit groups; from the
-    fourth count on, each a difference from the count two before); None where it holds no such counts."""
+    """The pixels a compressed RLE string's counts cover, read as pycocotools reads them; None for one it cannot
+    read."""
+    return compressed_rle_pixels_all([counts])[0]
+
+
+def compressed_rle_pixels_all(strings: Sequence[str | bytes]) -> list[int | None]:
+    """compressed_rle_pixels of many strings at once (a file may hold millions, each of thousands of counts): the
+    pixels pycocotools' area() counts in each mask plus those it counts in its complement, so that pycocotools'
+    C code reads every count. None for a string with characters outside pycocotools' alphabet or a last count
+    left unfinished, which its reader would read past the end of."""
+    readable = [_readable(counts) for counts in strings]
+    kept = [counts for counts in readable if counts is not None]
+    ones = rle_areas([{"size": [1, 1], "counts": counts} for counts in kept])
+    zeros = rle_areas([{"size": [1, 1], "counts": _complement(counts)} for counts in kept])
+    totals = iter((ones.astype(np.int64) + zeros).tolist())
+    return [None if counts is None else next(totals) for counts in readable]
+
+
+RLE_ALPHABET = bytes(range(48, 112))  # the characters pycocotools writes counts with, "0" to "o"
+
+
+def _readable(counts: str | bytes) -> bytes | None:
+    """A compressed RLE string as bytes, or None where pycocotools' reader would go astray in it."""
     try:
-        codes = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else counts, dtype=np.uint8)
+        encoded = counts.encode("ascii") if isinstance(counts, str) else counts
     except UnicodeEncodeError:
         return None
-    codes = codes.astype(np.int64) - 48
-    if codes.size == 0:
-        return 0
-    if codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:  # outside the alphabet, or a count unfinished
+    if encoded.translate(None, RLE_ALPHABET) or encoded and encoded[-1] - 48 & 0x20:  # 0x20: the count goes on
         return None
-    ends = np.flatnonzero((codes & 0x20) == 0)  # the group that ends each count
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    groups = ends - starts + 1
-    if groups.max() > 7:  # past 32 bits
-        return None
-    shifts = 5 * (np.arange(codes.size) - np.repeat(starts, groups))
-    values = np.add.reduceat((codes & 0x1F) << shifts, starts)
-    values -= np.where(codes[ends] & 0x10, 1 << (5 * groups), 0)  # a negative difference
-    values[1::2] = np.cumsum(values[1::2])
-    values[2::2] = np.cumsum(values[2::2])
-    if values.min() < 0 or values.max() >= 2**32:
-        return None
-    return int(values.sum())
+    return encoded
 
 
-def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
+def _complement(counts: bytes) -> bytes:
+    """The compressed RLE of the same counts after a first count of 0, the mask's complement: from the fourth count
+    on each is written as a difference from the count two before, so only the first three are written anew."""
+    first, read = _first_counts(counts, 3)
+    return _compressed([0, *first]) + counts[read:]
+
+
+def _first_counts(counts: bytes, wanted: int) -> tuple[list[int], int]:
+    """The first counts of a compressed RLE string (as written: the first three are whole counts), and the
+    characters they take."""
+    found, value, groups, read = [], 0, 0, 0
+    while read < len(counts) and len(found) < wanted:
+        code = counts[read] - 48
+        read += 1
+        value |= (code & 0x1F) << (5 * groups)
+        groups += 1
+        if not code & 0x20:  # the count's last group: 0x10 makes it negative
+            found.append(value - (1 << 5 * groups) if code & 0x10 else value)
+            value, groups = 0, 0
+    return found, read
+
+
+def _compressed(counts: list[int]) -> bytes:
+    """Counts as pycocotools writes them: 5-bit groups, lowest first, 0x20 where another follows, offset to "0";
+    from the fourth count on, the difference from the count two before."""
+    written = bytearray()
+    for place, count in enumerate(counts):
+        value = count - counts[place - 2] if place > 2 else count
+        while True:
+            group, value = value & 0x1F, value >> 5
+            more = value != (-1 if group & 0x10 else 0)
+            written.append(48 + (group | 0x20 if more else group))
+            if not more:
+                break
+    return bytes(written)
+
+
+AREAS_PER_CALL = 255  # pycocotools' area() counts its input in a uint8: NumPy 2 refuses 256 and more
+
+
+def rle_areas(rles: list[dict]) -> np.ndarray:
+    """The pixel count of each compressed RLE, as pycocotools' area() gives it, for any number of them."""
+    parts = [mask_utils.area(rles[i:i + AREAS_PER_CALL]) for i in range(0, len(rles), AREAS_PER_CALL)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+def _compressed_rles_covered(anns: list) -> dict:
+    """compressed_rle_pixels of every compressed RLE string in the annotations, by string, in one call."""
+    strings = list({seg["counts"] for seg in (ann.get("segmentation") for ann in anns)
+                    if isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes))})
+    return dict(zip(strings, compressed_rle_pixels_all(strings)))
+
+
+def _segmentation_warnings(ann: dict, image: dict, covered: Mapping) -> list[Finding]:
     """Crowd regions not in COCO's RLE form; instances with no outline, one that cannot be drawn, or polygons
     the loader repairs."""
     segmentation = ann.get("segmentation")
     if ann.get("iscrowd"):
-        if isinstance(segmentation, list) or segmentation_problem(segmentation, image["height"], image["width"]):
+        if isinstance(segmentation, list) or segmentation_problem(segmentation, image["height"], image["width"],
+                                                                  covered):
             return [Finding("warning", "crowd format", f"{_where(ann, image)}: crowd region is not RLE of the "
                             f"image's size; COCO crowd regions are RLE {{'counts', 'size': [h, w]}}")]
         return []
@@ -535,7 +599,7 @@ def _segmentation_warnings(ann: dict, image: dict) -> list[Finding]:
                 return [Finding("warning", "flat polygon", f"{_where(ann, image)}: segmentation is one flat list of "
                                 f"coordinates; it is read as one polygon [[x1, y1, ...]]"),
                         *_polygon_warnings([segmentation], ann, image)]
-    problem = segmentation_problem(segmentation, image["height"], image["width"])
+    problem = segmentation_problem(segmentation, image["height"], image["width"], covered)
     return [_undrawable(ann, image, problem)] if problem else []
 
 

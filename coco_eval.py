@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import utils
+from annotations import rle_areas
 from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
 from coco_utils import CategoryMap, id_array, scoring_ground_truth
 
@@ -155,16 +156,6 @@ def encode(image_id: int, output: dict[str, torch.Tensor], category_map: Categor
         encoded.mask_areas = rle_areas(rles)
         encoded.mask_boxes = mask_utils.toBbox(rles) if rles else np.zeros((0, 4))
     return encoded
-
-
-# pycocotools' area() fails (OverflowError) on 256 or more RLEs under NumPy 2: it sizes its result by a uint8.
-AREAS_PER_CALL = 255
-
-
-def rle_areas(rles: list[dict]) -> np.ndarray:
-    """The pixel count of each compressed RLE, as pycocotools' area() gives it, for any number of them."""
-    parts = [mask_utils.area(rles[i:i + AREAS_PER_CALL]) for i in range(0, len(rles), AREAS_PER_CALL)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
 @dataclass

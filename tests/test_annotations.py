@@ -116,6 +116,19 @@ def test_malformed_entries_are_findings(changes, level, kind, text):
 
 
 
+def test_mask_areas_of_more_rles_than_pycocotools_counts_in_one_call():
+    """pycocotools' area() raised OverflowError at 256 RLEs under NumPy 2: evaluation of an image with 256 or
+    more mask detections (--detections-per-image raised for crowded scenes) stopped with a traceback."""
+    masks = np.zeros((10, 12, 300), dtype=np.uint8, order="F")
+    for k in range(300):
+        masks[: 1 + k % 10, : 1 + k % 12, k] = 1
+    rles = mask_utils.encode(masks)
+    areas = annotations.rle_areas(rles)
+    assert len(rles) > annotations.AREAS_PER_CALL
+    assert areas.tolist() == [(1 + k % 10) * (1 + k % 12) for k in range(300)]
+    assert annotations.rle_areas([]).shape == (0,)
+
+
 def _random_masks(rng: np.random.Generator, count: int) -> list[np.ndarray]:
     """Masks of sizes from 1 x 1 to 3000 x 4000: rectangles, scattered pixels, empty and full ones."""
     masks = [np.zeros((1, 1), np.uint8), np.ones((1, 1), np.uint8), np.ones((3000, 4000), np.uint8),
@@ -137,11 +150,51 @@ def test_compressed_rle_pixels_are_what_pycocotools_encoded():
 
 
 @pytest.mark.parametrize("counts, pixels", [("", 0), ("0", 0), ("1", 1), ("P", None), ("0P", None), ("~", None),
-                                            ("0 ", None), ("0é", None), ("01112", 7), ("o" * 7 + "0", None)])
+                                            ("0 ", None), ("0é", None), ("01112", 7), ("o" * 5 + "0", 2**25 - 1)])
 def test_compressed_rle_pixels_of_strings_no_encoder_wrote(counts, pixels):
-    """Characters outside pycocotools' alphabet, an unfinished last count or one past 32 bits hold no counts;
+    """Characters outside pycocotools' alphabet or an unfinished last count: no counts pycocotools can read;
     from the fourth on, a count adds the one two before it ("01112": 0, 1, 1, then 1 + 1 and 1 + 2)."""
     assert annotations.compressed_rle_pixels(counts) == pixels
+
+
+def _counts_read_one_at_a_time(counts: str) -> list[int] | None:
+    """The counts a compressed RLE string holds, read count by count: 5-bit groups, lowest first (0x20: another
+    group follows; 0x10 in the last: negative), from the fourth count on added to the count two before. None where
+    characters fall outside pycocotools' alphabet or the last count is unfinished."""
+    read, value, groups = [], 0, 0
+    for code in (ord(c) - 48 for c in counts):
+        if not 0 <= code < 64:
+            return None
+        value |= (code & 0x1F) << (5 * groups)
+        groups += 1
+        if code & 0x20:
+            continue
+        value -= (1 << (5 * groups)) if code & 0x10 else 0
+        read.append(value + (read[-2] if len(read) > 2 else 0))
+        value, groups = 0, 0
+    return None if groups else read
+
+
+def test_compressed_rle_pixels_of_many_strings_at_once_are_each_strings_own():
+    """Encoder output, cut or lengthened, strings of random characters and lengths, empty ones, in one call: each
+    the sum of its counts, where those are what an encoder can write (0 to 2**31 - 1; pycocotools' reader keeps
+    other values in 32 bits its own way, and area() and decode() read them alike)."""
+    rng = np.random.default_rng(1)
+    encoded = [mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+               for mask in _random_masks(rng, 30)]
+    alphabet = np.array(list("0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmno \\é~/"))
+    strings = [*encoded, *(e[:-1] for e in encoded), *(e + "1" for e in encoded), "", "", *(
+        "".join(rng.choice(alphabet[:64 if k % 2 else None], size=rng.integers(0, 40))) for k in range(600))]
+    read = [_counts_read_one_at_a_time(counts) for counts in strings]
+    strings, read = zip(*[(s, r) for s, r in zip(strings, read) if r is None or all(0 <= c < 2**31 for c in r)])
+    order = rng.permutation(len(strings))
+    strings, read = [strings[i] for i in order], [read[i] for i in order]
+    expected = [None if counts is None else sum(counts) for counts in read]
+    assert annotations.compressed_rle_pixels_all(strings) == expected
+    assert 100 < sum(e is not None for e in expected) < len(strings) - 100, "both kinds"
+    for counts, pixels in zip(strings, expected):  # pycocotools decodes those it reads as so many pixels
+        if pixels and pixels < 10**6:
+            assert mask_utils.decode({"size": [pixels, 1], "counts": counts.encode()}).size == pixels
 
 
 def test_compressed_rle_of_another_size_than_its_size_says_is_undrawable():

@@ -15,13 +15,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coco_eval import (
-    AREAS_PER_CALL,
     METRIC_NAMES,
     CocoEvaluator,
     RunLengths,
     format_per_category,
     metric_names,
-    rle_areas,
     run_lengths,
     score,
     summary_stats,
@@ -482,18 +480,6 @@ def test_the_per_category_table_lines_up_wide_characters_and_combining_marks():
     assert header == "category     bbox    segm"
     assert rows == ["Scheibe \u00f8   0.125   0.125", f"{accented}          n/a   0.000", "disc        0.500   0.500",
                     f"{thai}           1.000   1.000", f"{wide}      0.250   0.250"]
-
-
-def test_mask_areas_of_more_rles_than_pycocotools_counts_in_one_call():
-    """pycocotools' area() raised OverflowError at 256 RLEs under NumPy 2: evaluation of an image with 256 or
-    more mask detections (--detections-per-image raised for crowded scenes) stopped with a traceback."""
-    masks = np.zeros((10, 12, 300), dtype=np.uint8, order="F")
-    for k in range(300):
-        masks[: 1 + k % 10, : 1 + k % 12, k] = 1
-    rles = mask_utils.encode(masks)
-    areas = rle_areas(rles)
-    assert len(rles) > AREAS_PER_CALL and areas.tolist() == [(1 + k % 10) * (1 + k % 12) for k in range(300)]
-    assert rle_areas([]).shape == (0,)
 
 
 def _crowded_ground_truth(instances: int = 150) -> COCO:
