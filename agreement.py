@@ -44,6 +44,9 @@ def check_same_data(args: argparse.Namespace, data: Data) -> None:
     """Every process read the same images, instances and categories, whatever its paths: otherwise their samplers
     would split other images into other numbers of steps, and a collective fail an epoch later, or the ranks
     would learn from other labels of the same images."""
+    if utils.get_world_size() == 1:  # nothing to compare with
+        return
+
     def images(dataset: CocoDetection | None) -> tuple[int, str]:
         ids = [] if dataset is None else dataset.ids
         return len(ids), ids_digest(ids)

@@ -14,6 +14,7 @@ def test_the_data_every_process_read_is_compared_by_every_image_id(monkeypatch):
     """check_same_data's wiring: what it compares across ranks differs for 2,000 compact ids that differ in the
     middle."""
     compared = []
+    monkeypatch.setattr(agreement.utils, "get_world_size", lambda: 2)
     monkeypatch.setattr(agreement.utils, "all_gather_object", lambda value: [value])
     monkeypatch.setattr(agreement.utils, "first_other_rank", lambda read: compared.append(read))
     ids = np.arange(2000)
@@ -29,6 +30,7 @@ def test_the_data_every_process_read_is_compared_by_every_image_id(monkeypatch):
 
 def test_ranks_that_read_other_instances_of_the_same_images_stop_with_one_line(monkeypatch):
     """As where one node's copy of the annotation file was edited: the same images, other labels."""
+    monkeypatch.setattr(agreement.utils, "get_world_size", lambda: 2)
     monkeypatch.setattr(agreement.utils, "all_gather_object", lambda value: [value, f"{value}2"])
     monkeypatch.setattr(agreement.utils, "first_other_rank", lambda read: (1, {
         **read, "training instances": (57, 1), "validation instances": (9, 1)}, read))
@@ -67,3 +69,13 @@ def test_ranks_that_find_different_checkpoints_to_resume_stop_with_one_line(tmp_
     said = in_two_processes(tmp_path / "ends", lambda rank: agreement.check_same_on_every_rank(
         {"epoch": rank, "step": None}, "auto"))
     assert "(rank 0: epoch 0; rank 1: epoch 1)" in said[0], said
+
+
+def test_one_process_reads_no_digest_of_its_data(monkeypatch):
+    """Nothing to compare with: the digests' seconds at COCO's size are spent only where there are other ranks."""
+    def unwanted():
+        raise AssertionError("digest computed on one process")
+
+    split = argparse.Namespace(ids=[1, 2], instances_read=unwanted)
+    agreement.check_same_data(argparse.Namespace(data_path="d"), argparse.Namespace(
+        train_set=split, val_set=split, category_map=argparse.Namespace(ids=[1])))
