@@ -40,6 +40,12 @@ def ids_digest(ids: Sequence) -> str:
     return hashlib.sha256(repr(id_array(ids).tolist()).encode()).hexdigest()
 
 
+# What differs where a part of the data read has the same count on two ranks.
+INSTANCE_CONTENTS = "labels, boxes or outlines (or their images' file names or sizes)"
+SAME_COUNT_DIFFERS = {"training images": "ids", "validation images": "ids", "categories": "names or ids",
+                      "training instances": INSTANCE_CONTENTS, "validation instances": INSTANCE_CONTENTS}
+
+
 def check_same_data(args: argparse.Namespace, data: Data) -> None:
     """Every process read the same images, instances and categories, whatever its paths: otherwise their samplers
     would split other images into other numbers of steps, and a collective fail an epoch later, or the ranks
@@ -62,7 +68,9 @@ def check_same_data(args: argparse.Namespace, data: Data) -> None:
         rank, theirs, first = other
         everyone = utils.all_gather_object(args.data_path)  # on every rank, as each found the same difference
         differing = [part for part in read if theirs[part] != first[part]]
-        counts = "; ".join(f"{theirs[part][0]} {part} against {first[part][0]}" for part in differing)
+        counts = "; ".join(f"{theirs[part][0]} {part} against {first[part][0]}" if theirs[part][0] != first[part][0]
+                           else f"{first[part][0]} {part} on both, with other {SAME_COUNT_DIFFERS[part]}"
+                           for part in differing)
         parts = " and ".join([", ".join(differing[:-1]), differing[-1]] if len(differing) > 1 else differing)
         raise UserError(f"rank {rank} read other {parts} than rank 0 ({counts}; its --data-path "
                         f"{everyone[rank]}, rank 0's {everyone[0]}): every node must read the same files")

@@ -501,8 +501,10 @@ def compressed_rle_pixels(counts: str | bytes) -> int | None:
 def compressed_rle_pixels_all(strings: Sequence[str | bytes]) -> list[int | None]:
     """compressed_rle_pixels of many strings at once (a file may hold millions, each of thousands of counts): the
     pixels pycocotools' area() counts in each mask plus those it counts in its complement, so that pycocotools'
-    C code reads every count. None for a string with characters outside pycocotools' alphabet or a last count
-    left unfinished, which its reader would read past the end of."""
+    C code reads every count. Exact for counts an encoder writes; area() sums in 32 bits, so counts past the
+    pixels by a multiple of 2**32 go unseen (the loader leaves out what decode then refuses). None for a string
+    with characters outside pycocotools' alphabet or a last count left unfinished, which its reader would read
+    past the end of (refused even where it would happen to read them)."""
     readable = [_readable(counts) for counts in strings]
     kept = [counts for counts in readable if counts is not None]
     ones = rle_areas([{"size": [1, 1], "counts": counts} for counts in kept])

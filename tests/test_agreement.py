@@ -21,11 +21,14 @@ def test_the_data_every_process_read_is_compared_by_every_image_id(monkeypatch):
     changed = ids.copy()
     changed[1000] = -1
     for read, checksum in ((ids, 7), (changed, 8)):
-        split = argparse.Namespace(ids=read, instances_read=lambda checksum=checksum: (3, checksum))
+        splits = [argparse.Namespace(ids=read[:-k], instances_read=lambda k=k, checksum=checksum: (k, checksum))
+                  for k in (1, 2)]
         agreement.check_same_data(argparse.Namespace(data_path="d"), argparse.Namespace(
-            train_set=split, val_set=split, category_map=argparse.Namespace(ids=[1])))
+            train_set=splits[0], val_set=splits[1], category_map=argparse.Namespace(ids=[1])))
     for part in ("training images", "validation images", "training instances", "validation instances"):
         assert compared[0][part] != compared[1][part], part
+    assert compared[0]["training instances"] == (1, 7) and compared[0]["validation instances"] == (2, 7)
+    assert compared[0]["training images"][0] == 1999 and compared[0]["validation images"][0] == 1998
 
 
 def test_ranks_that_read_other_instances_of_the_same_images_stop_with_one_line(monkeypatch):
@@ -35,9 +38,10 @@ def test_ranks_that_read_other_instances_of_the_same_images_stop_with_one_line(m
     monkeypatch.setattr(agreement.utils, "first_other_rank", lambda read: (1, {
         **read, "training instances": (57, 1), "validation instances": (9, 1)}, read))
     split = argparse.Namespace(ids=[1, 2], instances_read=lambda: (57, 2))
-    with pytest.raises(UserError, match=r"^rank 1 read other training instances and validation instances than rank "
-                                        r"0 \(57 training instances against 57; 9 validation instances against 57; "
-                                        r"its --data-path d2, rank 0's d\): every node must read the same files$"):
+    said = (r"^rank 1 read other training instances and validation instances than rank 0 \(57 training instances "
+            r"on both, with other labels, boxes or outlines \(or their images' file names or sizes\); 9 validation "
+            r"instances against 57; its --data-path d2, rank 0's d\): every node must read the same files$")
+    with pytest.raises(UserError, match=said):
         agreement.check_same_data(argparse.Namespace(data_path="d"), argparse.Namespace(
             train_set=split, val_set=split, category_map=argparse.Namespace(ids=[1])))
 

@@ -177,8 +177,8 @@ def _counts_read_one_at_a_time(counts: str) -> list[int] | None:
 
 def test_compressed_rle_pixels_of_many_strings_at_once_are_each_strings_own():
     """Encoder output, cut or lengthened, strings of random characters and lengths, empty ones, in one call: each
-    the sum of its counts, where those are what an encoder can write (0 to 2**31 - 1; pycocotools' reader keeps
-    other values in 32 bits its own way, and area() and decode() read them alike)."""
+    the sum of its counts, where those are what an encoder can write (0 to 2**31 - 1). Others pycocotools keeps in
+    32 bits, which area() sums with wrap-around and decode() does not: the loader's own case (test_coco_utils)."""
     rng = np.random.default_rng(1)
     encoded = [mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
                for mask in _random_masks(rng, 30)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import annotations
 from annotations import annotation_findings
 from coco_utils import (
     CategoryMap,
@@ -690,3 +691,24 @@ def test_the_instances_samples_read_are_counted_and_checksummed_as_read(dataset,
 
     edited = build_dataset(_edited_copy(dataset, tmp_path, "train", relabel), "coco", "train", None)
     assert edited.instances_read()[0] == before[0] and edited.instances_read()[1] != before[1]
+
+
+def test_rle_counts_that_area_sums_past_32_bits_leave_the_instance_out_of_the_sample(dataset, tmp_path):
+    """Counts of H*W + 2**32 pixels (no encoder writes them): pycocotools' area() sums them to H*W, so no check
+    sees them, and its decode refuses them; the loader leaves the instance out instead of failing in a worker."""
+    chosen = {}
+
+    def edit(data):
+        ann = _instance_beside_others(data)
+        image = next(i for i in data["images"] if i["id"] == ann["image_id"])
+        pixels = image["height"] * image["width"]
+        counts = annotations._compressed([pixels, 1, 0, 2**32 - 1]).decode()
+        assert annotations.compressed_rle_pixels(counts) == pixels
+        ann["segmentation"] = {"size": [image["height"], image["width"]], "counts": counts}
+        chosen.update(id=ann["id"], image_id=ann["image_id"], pixels=pixels)
+
+    root = _edited_copy(dataset, tmp_path, "train", edit)
+    target = _sample_of(build_dataset(root, "coco", "train", None), chosen["image_id"])
+    assert f"annotation {chosen['id']}: segmentation is compressed RLE whose counts go past the image's " \
+           f"{chosen['pixels']} pixels; instance dropped" in "\n".join(target["faults"])
+    assert len(target["masks"]) == len(target["boxes"]) == len(target["labels"]) >= 1
