@@ -522,7 +522,7 @@ def _readable(counts: str | bytes) -> bytes | None:
         encoded = counts.encode("ascii") if isinstance(counts, str) else counts
     except UnicodeEncodeError:
         return None
-    if encoded.translate(None, RLE_ALPHABET) or encoded and encoded[-1] - 48 & 0x20:  # 0x20: the count goes on
+    if encoded.translate(None, RLE_ALPHABET) or (encoded and (encoded[-1] - 48) & 0x20):  # 0x20: a count goes on
         return None
     return encoded
 
@@ -574,9 +574,10 @@ def rle_areas(rles: list[dict]) -> np.ndarray:
 
 
 def _compressed_rles_covered(anns: list) -> dict:
-    """compressed_rle_pixels of every compressed RLE string in the annotations, by string, in one call."""
-    strings = list({seg["counts"] for seg in (ann.get("segmentation") for ann in anns)
-                    if isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes))})
+    """compressed_rle_pixels of every compressed RLE string in the annotations, by string, in one call (others,
+    such as those of dict subclasses, are read one at a time)."""
+    strings = list({seg["counts"] for ann in anns if type(seg := ann.get("segmentation")) is dict
+                    and type(seg.get("counts")) in (str, bytes)})
     return dict(zip(strings, compressed_rle_pixels_all(strings)))
 
 

@@ -610,7 +610,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def instances_read(self) -> tuple[int, int]:
         """The number of instances the samples read (crowd regions aside) and a checksum of every sample's record
         (file name, size and those instances), to tell copies of a dataset apart."""
-        records = self._compact or CompactRecords.of(self.coco, list(self.ids))
+        records = self._compact if self._compact is not None else CompactRecords.of(self.coco, list(self.ids))
         return int(records.category_offsets[-1]), zlib.crc32(records.buffer)
 
     def image_categories(self) -> list[set[int]]:
