@@ -295,9 +295,7 @@ class TrainingState:
             self.ema.module.load_state_dict(self.model.state_dict())
         if weights_only:
             return
-        if "optimizer" not in checkpoint:
-            raise UserError(f"{source} holds weights only, no optimizer state to continue training from (a "
-                            f"model_best.pth); to fine-tune from it, pass it to --weights instead")
+        check_continuable(checkpoint, source)
         drop_empty_groups(checkpoint)
         check_state_fits(self.optimizer, checkpoint["optimizer"], source)
         own = settings_of(self.optimizer, self.lr_scheduler)
@@ -319,6 +317,13 @@ class TrainingState:
         """(epoch, step) where training goes on: after a complete epoch E at E + 1, after a stop part-way
         through E at E, after the steps it had done."""
         return (self.epoch + 1, 0) if self.step is None else (self.epoch, self.step)
+
+
+def check_continuable(checkpoint: dict, source: str) -> None:
+    """One clear error where a file to continue training from holds weights only."""
+    if "optimizer" not in checkpoint:
+        raise UserError(f"{source} holds weights only, no optimizer state to continue training from (a "
+                        f"model_best.pth); to fine-tune from it, pass it to --weights instead")
 
 
 def is_reference_checkpoint(content) -> bool:

@@ -126,7 +126,7 @@ def check_same_batches(args: argparse.Namespace, saved: dict, resume: str, epoch
 # (optimization.keep_this_runs_settings).
 NOTED_ON_RESUME = (*(name for name in BATCH_LAYOUT if name != "world_size"), "data_augmentation", "use_copypaste",
                    "use_v2", "clip_grad_norm", "amp", "amp_dtype", "model_ema", "model_ema_decay", "model_ema_steps",
-                   "data_path", "train_images", "train_annotations", "no_speedups")
+                   "data_path", "train_images", "train_annotations", "no_speedups", *SAVED_MODEL_SETTINGS)
 
 
 def note_changed_settings(args: argparse.Namespace, saved: dict, resume: str) -> None:
@@ -178,9 +178,10 @@ def from_another_run(resume: str, checkpoint: dict, output_dir: Path) -> bool:
 
 def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
     """The run's end when its checkpoint has trained --epochs already: says so and how to go on; no metrics."""
-    utils.print_once(f"--resume {resume}: its run has trained {epochs_trained(checkpoint)} epochs, and --epochs is "
-                     f"{epochs}: nothing is left to train; raise --epochs to train more, or evaluate it with "
-                     f"--test-only")
+    trained = epochs_trained(checkpoint)
+    utils.print_once(f"--resume {resume}: its run has trained {trained} epoch{'' if trained == 1 else 's'}, and "
+                     f"--epochs is {epochs}: nothing is left to train; raise --epochs to train more, or evaluate it "
+                     f"with --test-only")
     return {}
 
 

@@ -39,6 +39,7 @@ from agreement import check_same_data, check_same_flags
 from checkpoint import (
     RUN_OUTPUT_REMEDY,
     TrainingState,
+    check_continuable,
     prepare_output_dir,
     previous_runs_held,
     prune_epoch_files,
@@ -677,6 +678,7 @@ def main(args: argparse.Namespace) -> dict:
     if checkpoint is not None:
         check_same_model(args, checkpoint, resume)
     if checkpoint is not None and not args.test_only:  # before anything of the folder's run is cut back
+        check_continuable(checkpoint, f"--resume {resume}")  # before "nothing left", whose advice it would undo
         if checkpoint.get("stopped_early"):
             return already_stopped(resume, checkpoint)
         if nothing_left_to_train(run, checkpoint, of_another_folder):

@@ -35,12 +35,14 @@ def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
 
 
 def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
-    saved = {"seed": 1, "data_augmentation": "hflip", "data_path": "/data", "lr": 0.02}
+    saved = {"seed": 1, "data_augmentation": "hflip", "data_path": "/data", "lr": 0.02, "min_size": 64, "max_size": 96}
     args = argparse.Namespace(**{name: None for name in resume.NOTED_ON_RESUME})
-    args.__dict__.update(seed=5, data_augmentation="ssd", data_path=Path("/data"), lr=0.01)
+    args.__dict__.update(seed=5, data_augmentation="ssd", data_path=Path("/data"), lr=0.01, min_size=80, max_size=96)
     resume.note_changed_settings(args, saved, "out/checkpoint.pth")
     assert capsys.readouterr().out == ("--resume out/checkpoint.pth: given otherwise than in its run: --seed 5 (its "
-                                       "run: 1), --data-augmentation ssd (its run: hflip); they apply from here on\n")
+                                       "run: 1), --data-augmentation ssd (its run: hflip), --min-size 80 (its run: "
+                                       "64); they apply from here on\n")
+    args.min_size = 64
     resume.note_changed_settings(argparse.Namespace(**{**vars(args), "seed": 1, "data_augmentation": "hflip"}),
                                 saved, "c.pth")
     assert capsys.readouterr().out == "", "the same settings (a path as the text it was saved as): nothing to say"
@@ -91,3 +93,11 @@ def test_a_part_way_checkpoint_resumes_only_with_the_same_batches():
     resume.check_same_batches(args, {"batch_size": 4}, "checkpoint.pth", 0, 5)  # what a checkpoint lacks is not asked
     with pytest.raises(UserError, match="processes 2, where this run has processes 1; .* or start afresh"):
         resume.check_same_batches(args, {**vars(args), "world_size": 2}, "checkpoint.pth", 0, 5)
+
+
+@pytest.mark.parametrize("saved, trained", [({"epoch": 0, "step": None}, "1 epoch,"),
+                                            ({"epoch": 2, "step": 5}, "2 epochs,"),
+                                            ({"epoch": 1, "step": None}, "2 epochs,")])
+def test_a_finished_run_says_the_epochs_it_trained(capsys, saved, trained):
+    assert resume.already_finished("c.pth", saved, 1) == {}
+    assert f"--resume c.pth: its run has trained {trained} and --epochs is 1" in capsys.readouterr().out
