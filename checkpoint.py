@@ -205,11 +205,15 @@ def _check_sums(path: Path, flag: str) -> None:
 # The class heads: the only tensors whose shapes depend on the number of classes (or keypoints).
 CLASS_HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
                        "roi_heads.keypoint_predictor.", "head.classification_head.")
-def load_model_weights(model: nn.Module, state: dict, source: str, new_class_heads: bool = False) -> list[str]:
+# Those whose rows stand for categories (a keypoint head's stand for keypoints).
+CATEGORY_HEAD_PREFIXES = tuple(prefix for prefix in CLASS_HEAD_PREFIXES if "keypoint" not in prefix)
+def load_model_weights(model: nn.Module, state: dict, source: str, new_class_heads: bool = False,
+                       other_categories: bool = False) -> list[str]:
     """Load a state dict; any missing, unexpected or differently shaped tensor is an error naming the first.
 
     With new_class_heads (fine-tuning on other categories), class heads of another size keep their fresh
-    values instead, and are named in the result.
+    values instead, and are named in the result; with other_categories too, every head whose rows stand for
+    categories, whatever its size (weights trained on categories that the same labels do not name here).
     """
     own = model.state_dict()
     reinitialised = []
@@ -217,7 +221,9 @@ def load_model_weights(model: nn.Module, state: dict, source: str, new_class_hea
         if key not in state and not key.endswith("num_batches_tracked"):
             raise UserError(f"{source} does not fit this model: it has no tensor {key}; "
                             f"check --model and that the file is a checkpoint of it")
-        if key in state and state[key].shape != value.shape:
+        if new_class_heads and other_categories and key.startswith(CATEGORY_HEAD_PREFIXES):
+            reinitialised.append(key)
+        elif key in state and state[key].shape != value.shape:
             class_head = key.startswith(CLASS_HEAD_PREFIXES)
             if new_class_heads and class_head:
                 reinitialised.append(key)
@@ -241,7 +247,8 @@ class TrainingState:
 
     epoch is the epoch of the last save; step is the number of steps done in it when saved mid-epoch, None when
     the epoch was complete; global_step is the run's optimizer steps by then (the records' x axis);
-    stopped_early says that --patience ended the run. A checkpoint is plain data that
+    stopped_early says that --patience ended the run; training_images, the count and digest of the training
+    images' ids, which a resumed run's rest of an epoch is drawn from. A checkpoint is plain data that
     torch.load(weights_only=True) reads.
     """
 
@@ -257,6 +264,7 @@ class TrainingState:
     step: int | None = None
     global_step: int | None = None
     stopped_early: bool = False
+    training_images: tuple[int, str] | None = None
 
     def weights_dict(self) -> dict:
         """What evaluation and prediction need (model_best.pth holds this): the weights, their moving average,
@@ -282,6 +290,7 @@ class TrainingState:
             "global_step": self.global_step,
             "rng": rng_state(),
             **({"stopped_early": True} if self.stopped_early else {}),
+            **({"training_images": list(self.training_images)} if self.training_images else {}),
         }
 
     def load_state_dict(self, checkpoint: dict, source: str, weights_only: bool = False) -> None:

@@ -96,6 +96,14 @@ class CategoryMap:
             keep_ids = dataset == "coco" and own.items() <= coco_category_names().items()
         return cls(tuple(own), tuple(own.values()), keep_ids)
 
+    @classmethod
+    def of_checkpoint(cls, content: dict) -> CategoryMap | None:
+        """The categories one of train.py's checkpoints was trained on; None for a file that keeps none."""
+        if not content.get("categories"):
+            return None
+        return cls.from_categories(content["categories"], (content.get("args") or {}).get("dataset", "coco"),
+                                   content.get("labels_are_category_ids"))
+
     @property
     def num_classes(self) -> int:
         return 91 if self.keep_ids else len(self.ids) + 1
@@ -121,6 +129,17 @@ class CategoryMap:
 
     def name(self, label: int) -> str:
         return dict(zip(self.ids, self.names)).get(self.category_id(label), str(label))
+
+    def first_other_label(self, trained: CategoryMap) -> str | None:
+        """Where a model trained on trained's categories predicts another category than this map names by a label
+        (the first such label, in words); None where each of this map's labels names its category there too."""
+        theirs = {trained.label(i): n for i, n in zip(trained.ids, trained.names)}
+        for category_id, name in zip(self.ids, self.names):
+            label = self.label(category_id)
+            if theirs.get(label) != name:
+                there = repr(theirs[label]) if label in theirs else "no category"
+                return f"its label {label} is {there}, this dataset's {name!r} (id {category_id!r})"
+        return None
 
     def as_list(self) -> list[dict]:
         """Plain data for checkpoints: [{'id': ..., 'name': ...}, ...]."""

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models._api import WeightsEnum
 
 from checkpoint import load_file, load_model_weights
+from coco_utils import CategoryMap
 from errors import UserError
 
 MODELS = tuple(torchvision.models.list_models(module=torchvision.models.detection))
@@ -178,14 +179,13 @@ def evaluated_state(checkpoint: dict) -> dict:
 
 def _weights_file(path: Path, flag: str) -> tuple[dict, dict | None]:
     """A file's state dict: a plain one, or the weights of one of our checkpoints (their moving average when it
-    keeps one); and the arguments of the run that wrote it where it is one of our checkpoints (None for
+    keeps one); and the whole checkpoint where it is one of ours, with its run's arguments (None for
     torchvision's and other plain weights)."""
     content = load_file(path, flag)
     state = (evaluated_state(content) if "model" in content else content) if isinstance(content, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag} {path} holds no state dict of tensors; give a weights file or a checkpoint")
-    run_args = content.get("args") if "model" in content else None
-    return state, run_args if isinstance(run_args, dict) else None
+    return state, content if "model" in content and isinstance(content.get("args"), dict) else None
 
 
 def trained_pretrained(run_args: dict) -> bool:
@@ -200,12 +200,12 @@ def layout_of(weights: str | None, weights_backbone: str | None, trainable_backb
               ) -> tuple[bool, int | None]:
     """The layout build_model gives these flags: whether pretrained, and the trainable backbone stages (None:
     the builder's default). Weights of one of our checkpoints bring its run's layout (stages unless given)."""
-    run_args = None
+    ours = None
     if weights and _is_path(weights):  # only a file can be one of ours: torchvision's named weights are not read
-        run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights")[1]
-    if run_args is None:
+        ours = _weights_file(resolve_weights(weights, "--weights"), "--weights")[1]
+    if ours is None:
         return bool(weights or weights_backbone), trainable_backbone_layers
-    return _layout_of_run(run_args, trainable_backbone_layers)
+    return _layout_of_run(ours["args"], trainable_backbone_layers)
 
 
 def _layout_of_run(run_args: dict, trainable_backbone_layers: int | None) -> tuple[bool, int | None]:
@@ -300,7 +300,7 @@ def init_mask_logits(model: nn.Module, num_classes: int) -> bool:
 
 def build_model(name: str, num_classes: int, weights: str | None, weights_backbone: str | None,
                 trainable_backbone_layers: int | None, pretrained_layout: bool = False, mask_init: bool = False,
-                new_class_heads: bool = True, **model_kwargs) -> nn.Module:
+                new_class_heads: bool = True, categories: CategoryMap | None = None, **model_kwargs) -> nn.Module:
     """A torchvision detection model laid out exactly as its builder lays it out, with weights from local files.
 
     weights (a whole model: a torchvision name or a path) wins over weights_backbone (ImageNet weights of the
@@ -309,15 +309,16 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     pretrained layout without reading any weights (for a checkpoint that will overwrite them). mask_init starts
     fresh mask logits at a scale that does not depend on the class count (init_mask_logits). new_class_heads
     lets weights whose class heads are of another size start those heads fresh (fine-tuning); without it (to
-    predict) that is an error.
+    predict) that is an error. categories: what the labels name in this run; weights of one of our checkpoints
+    trained on categories that they name otherwise are treated as heads of another size.
     """
     if name not in MODELS:
         raise UserError(f"--model {name} is not available; choose from {', '.join(MODELS)}")
     if weights is not None:
         check_weights_name_fits(name, weights)
-    state, run_args = _weights_file(resolve_weights(weights, "--weights"), "--weights") if weights else (None, None)
-    if run_args is not None:  # one of our checkpoints: laid out as its run was, from scratch or pretrained
-        pretrained, trainable_backbone_layers = _layout_of_run(run_args, trainable_backbone_layers)
+    state, ours = _weights_file(resolve_weights(weights, "--weights"), "--weights") if weights else (None, None)
+    if ours is not None:  # one of our checkpoints: laid out as its run was, from scratch or pretrained
+        pretrained, trainable_backbone_layers = _layout_of_run(ours["args"], trainable_backbone_layers)
         backbone_enum, reader = _backbone_weights(name, None, None, pretrained)
     else:
         backbone_enum, reader = _backbone_weights(name, weights, weights_backbone, pretrained_layout)
@@ -327,13 +328,25 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     model = _run_builder(name, backbone_enum, reader, weights_backbone if weights is None else None, **kwargs)
     fresh_heads = True
     if weights is not None:
-        fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads=new_class_heads)
+        other = _other_categories(ours, categories)
+        if other and not new_class_heads:
+            raise UserError(f"--weights {weights} was trained on other categories than this run's ({other}): it "
+                            f"would predict them under these names")
+        fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads, other_categories=bool(other))
         fresh_heads = bool(fresh)
         if fresh:
-            print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)")
+            print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)"
+                  + (f", as it was trained on other categories ({other})" if other else ""))
     if mask_init and fresh_heads:
         init_mask_logits(model, num_classes)
     return model
+
+
+def _other_categories(checkpoint: dict | None, categories: CategoryMap | None) -> str | None:
+    """Where one of our checkpoints was trained on categories that its labels name otherwise than categories do
+    (the first such label, in words); None where they agree, or either is not known."""
+    trained = CategoryMap.of_checkpoint(checkpoint) if checkpoint is not None else None
+    return categories.first_other_label(trained) if trained is not None and categories is not None else None
 
 
 def build_from_checkpoint(checkpoint: dict, source: str, **model_kwargs) -> nn.Module:

@@ -121,6 +121,18 @@ def check_same_batches(args: argparse.Namespace, saved: dict, resume: str, epoch
                         f"the saved values, or {earlier}")
 
 
+def note_other_training_images(checkpoint: dict, read: tuple[int, str], resume: str) -> None:
+    """Say where a checkpoint saved part-way through an epoch was trained on other images than this run reads
+    (its file edited since, as after bad samples): the rest of the epoch is then not the one its run began."""
+    saved = checkpoint.get("training_images")
+    if saved is None or tuple(saved) == tuple(read):
+        return
+    count = f"{read[0]} against {saved[0]}" if read[0] != saved[0] else f"as many, {read[0]}, with other ids"
+    utils.print_once(f"note: --resume {resume} was saved at step {checkpoint['step']} of epoch {checkpoint['epoch']} "
+                     f"of a run over other training images ({count}): the rest of that epoch is drawn from the "
+                     f"images read now, so some train twice in it or not at all")
+
+
 # Training settings a resumed run may give otherwise (at an epoch's end; part-way, BATCH_LAYOUT's are refused):
 # said, as they make the run other than one run of one command. The optimizer's are noted on their own
 # (optimization.keep_this_runs_settings).

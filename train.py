@@ -35,7 +35,7 @@ import torch.utils.data
 import presets
 import speedups
 import utils
-from agreement import check_same_data, check_same_flags
+from agreement import check_same_data, check_same_flags, ids_digest
 from checkpoint import (
     RUN_OUTPUT_REMEDY,
     TrainingState,
@@ -50,6 +50,7 @@ from checkpoint import (
 )
 from coco_eval import COCO_MAX_DETECTIONS, CocoEvaluator
 from coco_utils import (
+    CategoryMap,
     CocoDetection,
     SampleError,
     scored_instances_per_image,
@@ -93,6 +94,7 @@ from resume import (
     epochs_trained,
     from_another_run,
     note_changed_settings,
+    note_other_training_images,
     read_resume_checkpoint,
     take_saved_settings,
 )
@@ -221,7 +223,8 @@ def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MA
                      f"the model")
 
 
-def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> torch.nn.Module:
+def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None,
+                 categories: CategoryMap) -> torch.nn.Module:
     """torchvision's model, with its weights read from local files; for a checkpoint, laid out as its run was
     (with its sizes and settings unless given) and not read from anywhere (the checkpoint has every weight)."""
     utils.print_once(f"Creating model {args.model} with {num_classes} classes")
@@ -241,7 +244,7 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
         try:  # to evaluate only, fresh class heads would score at random: the weights' heads must fit
             return build_model(args.model, num_classes, args.weights, args.weights_backbone,
                                args.trainable_backbone_layers, mask_init=not args.torchvision_mask_init,
-                               new_class_heads=not args.test_only, **options)
+                               new_class_heads=not args.test_only, categories=categories, **options)
         except UserError as e:
             if not args.test_only:
                 raise
@@ -291,8 +294,10 @@ def create_training_state(run: Run, model: torch.nn.Module, data: Data, num_clas
     if args.test_only and args.model_ema and checkpoint is not None and not kept:
         utils.print_once("--model-ema: the checkpoint keeps no moving average of the weights; evaluating its weights")
     ema = ModelEma(model, args.model_ema_decay) if average else None
+    ids = data.train_set.ids if data.train_set is not None else None
     return TrainingState(model, optimizer, make_lr_scheduler(optimizer, args), grad_scaler(run.device, run.amp_dtype),
-                         args, data.category_map, num_classes, ema)
+                         args, data.category_map, num_classes, ema,
+                         training_images=(len(ids), ids_digest(ids)) if ids is not None else None)
 
 
 def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data: Data, continues_folder: bool
@@ -305,6 +310,7 @@ def restore(run: Run, state: TrainingState, checkpoint: dict, resume: str, data:
         epoch, step = checkpoint["epoch"], checkpoint.get("step")
         if step:  # step 0 (a stop before the epoch's first step) has nothing of the epoch to replay
             check_same_batches(run.args, checkpoint["args"], resume, epoch, step)
+            note_other_training_images(checkpoint, state.training_images, resume)
         note_changed_settings(run.args, checkpoint["args"], resume)
         if continues_folder:
             check_same_scoring(run.args, checkpoint["args"], resume)
@@ -687,7 +693,7 @@ def main(args: argparse.Namespace) -> dict:
     check_same_data(args, data)
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint)
-    model = wrap_for_devices(run, create_model(args, num_classes, checkpoint))
+    model = wrap_for_devices(run, create_model(args, num_classes, checkpoint, data.category_map))
     bare_model = getattr(model, "module", model)  # without DDP's wrapper
     note_crowded_images(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
     state = create_training_state(run, bare_model, data, num_classes, checkpoint)

@@ -118,6 +118,20 @@ def test_category_map_keeps_coco_ids():
     assert (persons.num_classes, persons.fewest_classes) == (91, 2), "--num-classes 2 is enough for label 1"
 
 
+def test_a_label_naming_another_category_where_a_model_was_trained_is_the_first_said():
+    trained = CategoryMap.from_categories([{"id": 0, "name": "cat"}, {"id": 5, "name": "dog"}], "coco")
+    assert trained.first_other_label(trained) is None
+    swapped = CategoryMap.from_categories([{"id": 0, "name": "dog"}, {"id": 5, "name": "cat"}], "coco")
+    assert swapped.first_other_label(trained) == "its label 1 is 'cat', this dataset's 'dog' (id 0)"
+    more = CategoryMap.from_categories([*trained.as_list(), {"id": 9, "name": "bird"}], "coco")
+    assert more.first_other_label(trained) == "its label 3 is no category, this dataset's 'bird' (id 9)"
+    assert CategoryMap.from_categories(trained.as_list()[:1], "coco").first_other_label(trained) is None
+    coco = CategoryMap.from_categories([{"id": i, "name": n} for i, n in coco_category_names().items()], "coco")
+    cars = CategoryMap.from_categories([{"id": 3, "name": "car"}], "coco")
+    assert cars.first_other_label(coco) is None, "a subset of COCO's categories keeps COCO's labels"
+    assert coco.first_other_label(cars) == "its label 1 is no category, this dataset's 'person' (id 1)"
+
+
 def _broken_copy(dataset, tmp_path, edit):
     root = tmp_path / "broken"
     shutil.copytree(dataset / "annotations", root / "annotations")

@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 from checkpoint import load_model_weights
+from coco_utils import CategoryMap
 from errors import UserError
 from models import (
     MODELS,
@@ -81,6 +82,29 @@ def test_whole_model_weights_from_path_with_fresh_class_heads(tmp_path):
     model = build_model("maskrcnn_resnet50_fpn", 5, str(tmp_path / "coco.pth"), None, None, **SMALL)
     assert torch.equal(model.rpn.head.conv[0][0].weight, source.rpn.head.conv[0][0].weight)
     assert model.roi_heads.box_predictor.cls_score.out_features == 5
+
+
+def test_weights_of_a_checkpoint_trained_on_other_categories_start_fresh_category_heads(tmp_path):
+    """Same class count, names in another order (a file exported again): the heads would predict the wrong ones."""
+    torch.manual_seed(0)
+    source = build_model("maskrcnn_resnet50_fpn", 3, None, None, None, **SMALL)
+    trained = CategoryMap.from_categories([{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}], "coco")
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": source.state_dict(), "args": {"weights_backbone": None, "dataset": "coco"},
+                "categories": trained.as_list(), "labels_are_category_ids": False}, path)
+    kept = build_model("maskrcnn_resnet50_fpn", 3, str(path), None, None, categories=trained, **SMALL)
+    assert torch.equal(kept.roi_heads.box_predictor.cls_score.weight, source.roi_heads.box_predictor.cls_score.weight)
+    swapped = CategoryMap.from_categories([{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}], "coco")
+    model = build_model("maskrcnn_resnet50_fpn", 3, str(path), None, None, categories=swapped, **SMALL)
+    for head in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits"):
+        ours, theirs = model.roi_heads.get_submodule(head), source.roi_heads.get_submodule(head)
+        assert not torch.equal(ours.weight, theirs.weight), head
+    assert torch.equal(model.roi_heads.mask_predictor.conv5_mask.weight,
+                       source.roi_heads.mask_predictor.conv5_mask.weight), "the layers below the logits are kept"
+    with pytest.raises(UserError, match=r"was trained on other categories than this run's \(its label 1 is 'cat', "
+                                        r"this dataset's 'dog' \(id 1\)\): it would predict them under these names"):
+        build_model("maskrcnn_resnet50_fpn", 3, str(path), None, None, new_class_heads=False, categories=swapped,
+                    **SMALL)
 
 
 def test_mismatch_names_first_key():

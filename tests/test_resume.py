@@ -101,3 +101,14 @@ def test_a_part_way_checkpoint_resumes_only_with_the_same_batches():
 def test_a_finished_run_says_the_epochs_it_trained(capsys, saved, trained):
     assert resume.already_finished("c.pth", saved, 1) == {}
     assert f"--resume c.pth: its run has trained {trained} and --epochs is 1" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_a_run_over_other_training_images_is_said_to_be(capsys):
+    checkpoint = {"epoch": 2, "step": 5, "training_images": [8, "ab"]}
+    resume.note_other_training_images(checkpoint, (8, "ab"), "c.pth")
+    resume.note_other_training_images({"epoch": 2, "step": 5}, (8, "ab"), "c.pth")  # saved before they were kept
+    assert capsys.readouterr().out == ""
+    resume.note_other_training_images(checkpoint, (8, "cd"), "c.pth")
+    assert capsys.readouterr().out == ("note: --resume c.pth was saved at step 5 of epoch 2 of a run over other "
+                                       "training images (as many, 8, with other ids): the rest of that epoch is drawn "
+                                       "from the images read now, so some train twice in it or not at all\n")

@@ -47,9 +47,22 @@ def test_a_run_stopped_by_its_data_mid_epoch_saves_the_steps_done_and_resumes(ti
             f"fixed, the same command with --resume auto continues from there") in result.stderr
     saved = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 3)
+    saved_at_step_3 = (tmp_path / "out" / "checkpoint.pth").read_bytes()
     result = run_cli("train.py", *args, "--max-bad-samples", "0.5", "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(epoch 0 step 3)" in result.stdout and "Epoch: [0]  [4/4]" in result.stdout
+    assert "other training images" not in result.stdout
+    # Fixed instead by leaving the image out of the file: the rest of the epoch is drawn from the 7 images left.
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    broken = next(entry["id"] for entry in data["images"] if entry["file_name"] == by_index[order[-1]])
+    data["images"] = [entry for entry in data["images"] if entry["id"] != broken]
+    data["annotations"] = [ann for ann in data["annotations"] if ann["image_id"] != broken]
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(data))
+    (tmp_path / "out" / "checkpoint.pth").write_bytes(saved_at_step_3)
+    result = run_cli("train.py", *args, "--max-bad-samples", "0", "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"note: --resume {tmp_path / 'out' / 'checkpoint.pth'} was saved at step 3 of epoch 0 of a run over other "
+            f"training images (7 against 8): the rest of that epoch is drawn from the images read now") in result.stdout
 
 
 def test_lsj_with_copy_paste_trains(micro_dataset, tmp_path):

@@ -163,9 +163,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, 
         model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **options)
         if "model_ema" in checkpoint:
             print(f"--checkpoint {args.checkpoint}: predicting with the weights' moving average (model_ema)")
-        categories = CategoryMap.from_categories(checkpoint["categories"], saved.get("dataset", "coco"),
-                                                 checkpoint.get("labels_are_category_ids"))
-        return model, categories, name
+        return model, CategoryMap.of_checkpoint(checkpoint), name
     name = args.model or DEFAULT_MODEL
     # COCO's categories, as torchvision's COCO weights have them: keypoint models know persons only.
     keypoints = "keypoints" in iou_types(name)
@@ -174,7 +172,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, 
                                                "coco_kp" if keypoints else "coco")
     try:  # the file's class heads must fit: fresh ones would predict at random
         model = build_model(name, category_map.num_classes, args.weights, None, None, new_class_heads=False,
-                            **model_options(name, **settings))
+                            categories=category_map, **model_options(name, **settings))
     except UserError as e:
         raise UserError(f"{e}. --weights takes whole-model COCO weights ({category_map.num_classes} classes with "
                         f"background); a checkpoint of train.py goes to --checkpoint") from None
