@@ -801,11 +801,18 @@ def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
 
 
 def lacking_categories(data: dict, known: set[int]) -> str | None:
-    """The categories of a file's instances that are not known, as 'name (id N, K instances), ...'; categories
-    listed without instances do not count (scoring leaves them out)."""
+    """The categories of a file's instances that are not known, as 'name (id N, K instances), ...', with the
+    known id written as the other kind (a string "3" for a number 3) where there is one; categories listed
+    without instances do not count (scoring leaves them out)."""
     unknown = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"] if c["id"] not in known}
     counts = Counter(a.get("category_id") for a in data["annotations"] if a.get("category_id") in unknown)
-    return ", ".join(f"{unknown[i]} (id {i}, {n} instances)" for i, n in sorted(counts.items())) or None
+    written = {str(i): i for i in known}
+
+    def other_kind(i: object) -> str:
+        there = written.get(str(i))
+        return "" if there is None else f"; there id {there!r}, a {'string' if isinstance(there, str) else 'number'}"
+    named = [f"{unknown[i]} (id {i!r}, {n} instances{other_kind(i)})" for i, n in sorted(counts.items())]
+    return ", ".join(named) or None
 
 
 def renamed_categories(data: dict, known: dict) -> str | None:

@@ -21,6 +21,7 @@ from coco_utils import (
     build_dataset,
     coco_category_names,
     instance_masks,
+    lacking_categories,
     load_coco,
     orientation_undecided,
     read_rgb,
@@ -130,6 +131,17 @@ def test_a_label_naming_another_category_where_a_model_was_trained_is_the_first_
     cars = CategoryMap.from_categories([{"id": 3, "name": "car"}], "coco")
     assert cars.first_other_label(coco) is None, "a subset of COCO's categories keeps COCO's labels"
     assert coco.first_other_label(cars) == "its label 1 is no category, this dataset's 'person' (id 1)"
+
+
+def test_categories_a_file_lacks_say_where_the_other_file_writes_the_same_id_as_another_kind():
+    data = {"categories": [{"id": 0, "name": "cat"}, {"id": 7, "name": "dog"}],
+            "annotations": [{"category_id": 0}, {"category_id": 0}, {"category_id": 7}]}
+    assert lacking_categories(data, {"0", "5"}) == ("cat (id 0, 2 instances; there id '0', a string), "
+                                                   "dog (id 7, 1 instances)")
+    data["categories"] = [{"id": "0", "name": "cat"}]
+    assert lacking_categories(data, {0}) is None, "no instance of it"
+    data["annotations"] = [{"category_id": "0"}]
+    assert lacking_categories(data, {0}) == "cat (id '0', 1 instances; there id 0, a number)"
 
 
 def _broken_copy(dataset, tmp_path, edit):
