@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -266,10 +267,16 @@ def backend_for(coco_gt: COCO, name: str) -> str:
     backend = resolve_backend(name)
     ids = (*coco_gt.getImgIds(), *coco_gt.getCatIds())
     if backend == "faster" and not all(type(i) is int and 0 <= i <= 2**53 for i in ids):
-        utils.print_once("The image or category ids are not all integers from 0 to 2**53, which faster-coco-eval "
-                         "requires: scoring with pycocotools")
+        _say_scoring_with_pycocotools()
         return "pycocotools"
     return backend
+
+
+@cache
+def _say_scoring_with_pycocotools() -> None:
+    """Said at a run's first evaluation, not at each (every epoch's, the moving average's)."""
+    utils.print_once("The image or category ids are not all integers from 0 to 2**53, which faster-coco-eval "
+                     "requires: scoring with pycocotools")
 
 
 def _empty_results(coco_gt: COCO, coco_class: type) -> COCO:

@@ -14,6 +14,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import coco_eval
 from coco_eval import (
     METRIC_NAMES,
     CocoEvaluator,
@@ -550,3 +551,14 @@ def test_more_max_dets_score_every_instance_of_a_crowded_image(backend, capsys):
 def test_the_recall_at_the_most_detections_is_named_by_their_number():
     assert metric_names("bbox") == METRIC_NAMES and metric_names("segm", 100)[8] == "AR100"
     assert metric_names("segm", 300)[8] == "AR300" and metric_names("keypoints", 300)[5] == "AR"
+
+
+def test_ids_faster_coco_eval_cannot_read_are_said_once_whatever_the_evaluations(capsys):
+    coco = COCO()
+    coco.dataset = {"images": [{"id": "a", "width": 4, "height": 4}], "categories": [{"id": 1, "name": "x"}],
+                    "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    coco_eval._say_scoring_with_pycocotools.cache_clear()
+    assert [coco_eval.backend_for(coco, "faster") for _ in range(3)] == ["pycocotools"] * 3
+    assert capsys.readouterr().out.count("scoring with pycocotools") == 1
