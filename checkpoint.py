@@ -17,7 +17,7 @@ import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,15 +205,13 @@ def _check_sums(path: Path, flag: str) -> None:
 # The class heads: the only tensors whose shapes depend on the number of classes (or keypoints).
 CLASS_HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
                        "roi_heads.keypoint_predictor.", "head.classification_head.")
-# Those whose rows stand for categories (a keypoint head's stand for keypoints).
-CATEGORY_HEAD_PREFIXES = tuple(prefix for prefix in CLASS_HEAD_PREFIXES if "keypoint" not in prefix)
 def load_model_weights(model: nn.Module, state: dict, source: str, new_class_heads: bool = False,
-                       other_categories: bool = False) -> list[str]:
+                       kept_fresh: Collection[str] = ()) -> list[str]:
     """Load a state dict; any missing, unexpected or differently shaped tensor is an error naming the first.
 
     With new_class_heads (fine-tuning on other categories), class heads of another size keep their fresh
-    values instead, and are named in the result; with other_categories too, every head whose rows stand for
-    categories, whatever its size (weights trained on categories that the same labels do not name here).
+    values instead, and so do the tensors named in kept_fresh whatever their size (the category layers of
+    weights trained on categories that the same labels do not name here); all are named in the result.
     """
     own = model.state_dict()
     reinitialised = []
@@ -221,7 +219,7 @@ def load_model_weights(model: nn.Module, state: dict, source: str, new_class_hea
         if key not in state and not key.endswith("num_batches_tracked"):
             raise UserError(f"{source} does not fit this model: it has no tensor {key}; "
                             f"check --model and that the file is a checkpoint of it")
-        if new_class_heads and other_categories and key.startswith(CATEGORY_HEAD_PREFIXES):
+        if new_class_heads and key in kept_fresh:
             reinitialised.append(key)
         elif key in state and state[key].shape != value.shape:
             class_head = key.startswith(CLASS_HEAD_PREFIXES)

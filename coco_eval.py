@@ -274,7 +274,7 @@ def backend_for(coco_gt: COCO, name: str) -> str:
 
 @cache
 def _say_scoring_with_pycocotools() -> None:
-    """Said at a run's first evaluation, not at each (every epoch's, the moving average's)."""
+    """Said once a process (at a run's first evaluation), not at each (every epoch's, the moving average's)."""
     utils.print_once("The image or category ids are not all integers from 0 to 2**53, which faster-coco-eval "
                      "requires: scoring with pycocotools")
 

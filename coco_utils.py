@@ -132,13 +132,13 @@ class CategoryMap:
 
     def first_other_label(self, trained: CategoryMap) -> str | None:
         """Where a model trained on trained's categories predicts another category than this map names by a label
-        (the first such label, in words); None where each of this map's labels names its category there too."""
+        (the first such label, in words); None where each of this map's labels names the same category there or
+        none (a label it never learned to predict, as for a model of some of COCO's categories)."""
         theirs = {trained.label(i): n for i, n in zip(trained.ids, trained.names)}
         for category_id, name in zip(self.ids, self.names):
             label = self.label(category_id)
-            if theirs.get(label) != name:
-                there = repr(theirs[label]) if label in theirs else "no category"
-                return f"its label {label} is {there}, this dataset's {name!r} (id {category_id!r})"
+            if theirs.get(label, name) != name:
+                return f"its label {label} is {theirs[label]!r}, here {name!r} (id {category_id!r})"
         return None
 
     def as_list(self) -> list[dict]:

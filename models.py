@@ -329,10 +329,11 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     fresh_heads = True
     if weights is not None:
         other = _other_categories(ours, categories)
-        if other and not new_class_heads:
+        kept_fresh = category_layers(name, num_classes, **model_kwargs) if other and new_class_heads else ()
+        fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads, kept_fresh)
+        if other and not new_class_heads:  # heads of the right size (others are refused above, said as such)
             raise UserError(f"--weights {weights} was trained on other categories than this run's ({other}): it "
                             f"would predict them under these names")
-        fresh = load_model_weights(model, state, f"--weights {weights}", new_class_heads, other_categories=bool(other))
         fresh_heads = bool(fresh)
         if fresh:
             print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)"
@@ -340,6 +341,16 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
     if mask_init and fresh_heads:
         init_mask_logits(model, num_classes)
     return model
+
+
+def category_layers(name: str, num_classes: int, **model_kwargs) -> set[str]:
+    """The tensors of a model whose rows stand for its classes: those whose shapes differ in a copy of one class
+    more, built on the meta device (no memory, no weights read)."""
+    with torch.device("meta"):
+        shapes = [{key: value.shape for key, value in torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, **model_kwargs, num_classes=count).state_dict().items()}
+            for count in (num_classes, num_classes + 1)]
+    return {key for key, shape in shapes[0].items() if shapes[1][key] != shape}
 
 
 def _other_categories(checkpoint: dict | None, categories: CategoryMap | None) -> str | None:

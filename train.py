@@ -248,8 +248,8 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
         except UserError as e:
             if not args.test_only:
                 raise
-            raise UserError(f"{e}. --test-only --weights takes weights whose class heads fit this dataset's "
-                            f"{num_classes} classes (with background); a checkpoint of train.py goes to --resume, "
+            raise UserError(f"{e}. --test-only --weights takes weights trained for this dataset's categories "
+                            f"({num_classes} classes with background); a checkpoint of train.py goes to --resume, "
                             f"which brings its own categories") from None
     saved = checkpoint["args"]
     if not args.test_only:

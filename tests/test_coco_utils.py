@@ -123,14 +123,16 @@ def test_a_label_naming_another_category_where_a_model_was_trained_is_the_first_
     trained = CategoryMap.from_categories([{"id": 0, "name": "cat"}, {"id": 5, "name": "dog"}], "coco")
     assert trained.first_other_label(trained) is None
     swapped = CategoryMap.from_categories([{"id": 0, "name": "dog"}, {"id": 5, "name": "cat"}], "coco")
-    assert swapped.first_other_label(trained) == "its label 1 is 'cat', this dataset's 'dog' (id 0)"
-    more = CategoryMap.from_categories([*trained.as_list(), {"id": 9, "name": "bird"}], "coco")
-    assert more.first_other_label(trained) == "its label 3 is no category, this dataset's 'bird' (id 9)"
+    assert swapped.first_other_label(trained) == "its label 1 is 'cat', here 'dog' (id 0)"
     assert CategoryMap.from_categories(trained.as_list()[:1], "coco").first_other_label(trained) is None
+    more = CategoryMap.from_categories([*trained.as_list(), {"id": 9, "name": "bird"}], "coco")
+    assert more.first_other_label(trained) is None, "a label it never predicts (its class count is another's)"
     coco = CategoryMap.from_categories([{"id": i, "name": n} for i, n in coco_category_names().items()], "coco")
     cars = CategoryMap.from_categories([{"id": 3, "name": "car"}], "coco")
     assert cars.first_other_label(coco) is None, "a subset of COCO's categories keeps COCO's labels"
-    assert coco.first_other_label(cars) == "its label 1 is no category, this dataset's 'person' (id 1)"
+    assert coco.first_other_label(cars) is None, "a model of COCO's cars on all of COCO: its car is COCO's"
+    autos = CategoryMap.from_categories([{"id": 3, "name": "automobile"}], "coco", keep_ids=True)
+    assert coco.first_other_label(autos) == "its label 3 is 'automobile', here 'car' (id 3)"
 
 
 def test_categories_a_file_lacks_say_where_the_other_file_writes_the_same_id_as_another_kind():

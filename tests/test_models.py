@@ -14,6 +14,7 @@ from models import (
     MODELS,
     backbone_weights_class,
     build_model,
+    category_layers,
     check_size_order,
     default_backbone_weights,
     detections_per_image,
@@ -102,9 +103,26 @@ def test_weights_of_a_checkpoint_trained_on_other_categories_start_fresh_categor
     assert torch.equal(model.roi_heads.mask_predictor.conv5_mask.weight,
                        source.roi_heads.mask_predictor.conv5_mask.weight), "the layers below the logits are kept"
     with pytest.raises(UserError, match=r"was trained on other categories than this run's \(its label 1 is 'cat', "
-                                        r"this dataset's 'dog' \(id 1\)\): it would predict them under these names"):
+                                        r"here 'dog' \(id 1\)\): it would predict them under these names"):
         build_model("maskrcnn_resnet50_fpn", 3, str(path), None, None, new_class_heads=False, categories=swapped,
                     **SMALL)
+
+
+MASK_RCNN_CATEGORY_LAYERS = ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits")
+
+
+@pytest.mark.parametrize("name, layers", [
+    ("maskrcnn_resnet50_fpn", {f"roi_heads.{layer}.{kind}" for layer in MASK_RCNN_CATEGORY_LAYERS
+                               for kind in ("weight", "bias")}),
+    ("keypointrcnn_resnet50_fpn", {f"roi_heads.box_predictor.{layer}.{kind}" for layer in ("cls_score", "bbox_pred")
+                                   for kind in ("weight", "bias")}),  # its keypoint head stands for keypoints
+    ("retinanet_resnet50_fpn", {"head.classification_head.cls_logits.weight",
+                                "head.classification_head.cls_logits.bias"}),  # not the 4 convolutions below
+    ("ssdlite320_mobilenet_v3_large", {f"head.classification_head.module_list.{level}.1.{kind}"
+                                       for level in range(6) for kind in ("weight", "bias")}),
+])
+def test_the_category_layers_are_those_whose_rows_stand_for_classes(name, layers):
+    assert category_layers(name, 4) == layers
 
 
 def test_mismatch_names_first_key():

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 import errors
 import flags
 import train
-from coco_utils import CategoryMap, build_dataset
+from coco_utils import CategoryMap, build_dataset, coco_category_names
 from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
 from errors import UserError
 from models import MODELS, build_model, detections_per_image
@@ -254,6 +254,43 @@ def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_giv
     assert detections_per_image(predict.load_model(args)[0]) == 9
 
 
+def _renamed(categories: list[dict]) -> list[dict]:
+    """The same ids with their names moved one on: a file exported again in another order."""
+    names = [c["name"] for c in categories]
+    return [{"id": c["id"], "name": name} for c, name in zip(categories, names[1:] + names[:1])]
+
+
+def test_weights_of_a_run_on_other_categories_fine_tune_fresh_heads_and_do_not_evaluate(trained, dataset):
+    """create_model gives build_model this run's categories (what it does with them: tests/test_models.py)."""
+    path = trained[0] / "checkpoint.pth"
+    saved = torch.load(path, weights_only=True)
+    head = saved["model"]["roi_heads.box_predictor.cls_score.weight"]
+    same = CategoryMap.from_categories(saved["categories"], "coco", saved["labels_are_category_ids"])
+    renamed = CategoryMap.from_categories(_renamed(saved["categories"]), "coco", saved["labels_are_category_ids"])
+    args = train.get_args_parser().parse_args(["--data-path", str(dataset), "--weights", str(path), *SMALL])
+    assert torch.equal(train.create_model(args, saved["num_classes"], None, same).roi_heads.box_predictor
+                       .cls_score.weight, head)
+    tuned = train.create_model(args, saved["num_classes"], None, renamed)
+    assert not torch.equal(tuned.roi_heads.box_predictor.cls_score.weight, head)
+    args.test_only = True
+    with pytest.raises(UserError, match="was trained on other categories than this run's"):
+        train.create_model(args, saved["num_classes"], None, renamed)
+
+
+def test_predict_refuses_weights_of_a_run_that_named_cocos_labels_otherwise(tmp_path):
+    from tools import predict
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    categories = [{"id": i, "name": n} for i, n in coco_category_names().items()]
+    torch.save({"model": build_model(name, 91, None, None, None).state_dict(), "num_classes": 91,
+                "categories": _renamed(categories), "labels_are_category_ids": True, "args": {"model": name}},
+               tmp_path / "checkpoint.pth")
+    args = argparse.Namespace(checkpoint=None, model=name, weights=str(tmp_path / "checkpoint.pth"), min_size=None,
+                              max_size=None, detections_per_image=None)
+    with pytest.raises(UserError, match=r"trained on other categories than this run's \(its label 1 is 'bicycle', "
+                                        r"here 'person' \(id 1\)\)"):
+        predict.load_model(args)
+
+
 def test_prediction_pictures_of_string_image_ids_stay_in_their_folder_each_its_own(tmp_path):
     ids = ("12", "a_b", "a/b", "..", "../../x", "c\\d", "é" * 100, "é" * 101, "x" * 240)
     names = [train.file_name_of(i) for i in ids]
@@ -386,7 +423,7 @@ BAD_INPUTS = [
     (["--weights", "{bad}/foreign.pth"], "does not fit this model: it has no tensor backbone.body.conv1.weight"),
     (["--weights", "{bad}/text.pth"], "not a readable checkpoint (not a file written by torch.save)"),
     (["--test-only", "--weights", "{run}/checkpoint.pth", "--num-classes", "9"],
-     "--test-only --weights takes weights whose class heads fit this dataset's 9 classes"),
+     "--test-only --weights takes weights trained for this dataset's categories (9 classes with background)"),
     (["--weights", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"], "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth is missing"),
     (["--output-dir", "/proc/no_writing_here"], "is not writable"),
     (["--max-bad-samples", "2"], "must be a share between 0 and 1"),
@@ -723,6 +760,15 @@ def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(tr
     fewer = [str(dataset / "val2017" / Path(image["file_name"]).name) for image in listed[:-1]]
     assert predict.main([*args[:2], *fewer, *args[3:], "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
     assert not (tmp_path / "cut" / predict.JOURNAL).exists(), "a resume refused at its last image begins no journal"
+    capsys.readouterr()
+    assert predict.main([*args[:5], "--score-thresh", "0.5", *args[7:], "--output-dir", str(tmp_path / "cut"),
+                         "--resume"]) == 2
+    assert "made its detections otherwise (score-thresh 0.0 there, 0.5 here)" in capsys.readouterr().err
+    monkeypatch.chdir(dataset)  # the same images named from another folder
+    assert predict.main([*args[:2], "val2017", *args[3:], "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert f"Resuming: {len(listed)} of {len(listed)} images were predicted in" in capsys.readouterr().out
+    assert predict.main([*args[:2], "val2017", "val2O17/*.jpg", *args[3:], "--output-dir", str(tmp_path / "typo")]) == 2
+    assert "val2O17/*.jpg: no such file or folder, and no file matches it as a pattern" in capsys.readouterr().err
 
 
 class Killed(BaseException):
@@ -874,7 +920,7 @@ def test_the_epoch_file_is_the_checkpoints_bytes(trained):
 def test_weights_of_another_model_to_evaluate_are_named_without_class_head_advice():
     args = train.get_args_parser().parse_args(["--test-only", "--weights", "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"])
     with pytest.raises(UserError) as error:
-        train.create_model(args, 5, None)
+        train.create_model(args, 5, None, CategoryMap.from_categories([{"id": 1, "name": "a"}], "coco"))
     assert str(error.value).endswith("not of --model maskrcnn_resnet50_fpn: give --model keypointrcnn_resnet50_fpn")
 
 

@@ -90,8 +90,10 @@ def find_images(inputs: list[str], skip: Path | None = None) -> list[Path]:
             found |= {p for p in files_under(path) if is_image_file(p)}
         elif path.is_file():
             found.add(path)
+        elif matches := glob.glob(item):
+            found |= {Path(p) for p in matches if is_image_file(Path(p))}
         else:
-            found |= {Path(p) for p in glob.glob(item) if is_image_file(Path(p))}
+            raise UserError(f"{item}: no such file or folder, and no file matches it as a pattern; check the path")
     if not found:
         raise UserError(f"no images found in {' '.join(inputs)}; give image files, folders or glob patterns")
     if skip is not None:
@@ -315,7 +317,7 @@ def predict(args: argparse.Namespace) -> int:
     prepare_output_dir(out)
     if reuse_wanted(args.reuse_freed_memory, device.type) and not reuse_freed_memory_checked():
         print(NOT_KEPT_WARNING, file=sys.stderr)
-    done = earlier_results(out, paths, records) if args.resume else Done(out)
+    done = begin_call(args, out, paths, records)
     pictures = None if args.no_pictures else picture_names(paths)
     if pictures is not None and not args.resume:
         warn_of_earlier_pictures(out, pictures)
@@ -355,9 +357,13 @@ def predict(args: argparse.Namespace) -> int:
               f"(first: {turned[0]}); the predictions are of the turned pictures, as images.json's sizes are. To "
               f"read them as a COCO file's sizes say (as training does), give --annotations")
     detections = done.write(out)
-    drawn = f"{len(to_do) - len(unreadable)} pictures and " if pictures is not None else ""
-    print(f"Wrote {drawn}{detections} detections of {len(done.images)} images to {out}")
+    drawn = f"{counted(len(to_do) - len(unreadable), 'picture')} and " if pictures is not None else ""
+    print(f"Wrote {drawn}{counted(detections, 'detection')} of {counted(len(done.images), 'image')} to {out}")
     return 0
+
+
+def counted(count: int, thing: str) -> str:
+    return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
 def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, with_labels: bool = True
@@ -475,10 +481,10 @@ def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
     images.json and predictions.json), by index among this call's inputs; refused where that call's ids are not
     this call's (other inputs, or none)."""
     done = Done(out)
-    index_of = {str(path): i for i, path in enumerate(paths)}
+    index_of = {str(path.resolve()): i for i, path in enumerate(paths)}  # the same files, however named
 
     def index(image: dict, source: Path) -> int:
-        found = index_of.get(image["file_name"])
+        found = index_of.get(str(Path(image["file_name"]).resolve()))
         if found is None or records[found][0] != image["id"]:
             raise UserError(f"--resume: {source} lists {image['file_name']} as image {image['id']}, which this "
                             f"call's inputs do not give it; give the interrupted call's inputs, or a new "
@@ -504,6 +510,51 @@ def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
             done.add(found, by_id.get(image["id"], []), image)
     print(f"Resuming: {len(done.images)} of {len(paths)} images were predicted in {out}")
     return done
+
+
+# Where a call records what decides its detections, for a later --resume to compare with.
+CALL_RECORD = "predict_args.json"
+DETECTION_FLAGS = ("model", "score_thresh", "min_size", "max_size", "detections_per_image")
+
+
+def detection_settings(args: argparse.Namespace) -> dict:
+    """The flags that decide an image's detections, and the model: its file's path, size and modification time
+    (a checkpoint written again at the same path is another model), or a torchvision weights name."""
+    settings = {flag: getattr(args, flag) for flag in DETECTION_FLAGS}
+    source = args.checkpoint or args.onnx or args.weights
+    if Path(source).is_file():
+        stat = Path(source).stat()
+        source = [str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns]
+    return {"model_file": source, **settings}
+
+
+def begin_call(args: argparse.Namespace, out: Path, paths: list[Path], records: list) -> Done:
+    """The images done: with --resume, those of the interrupted call, whose detections must have been made as
+    this call's will be; else none. This call's settings are recorded for a later --resume."""
+    settings = detection_settings(args)
+    done = Done(out)
+    if args.resume:
+        check_same_settings(out, settings)
+        done = earlier_results(out, paths, records)
+    write_json_atomic(out / CALL_RECORD, settings, RESULTS_REMEDY)
+    return done
+
+
+def check_same_settings(out: Path, settings: dict) -> None:
+    """One clear error where the interrupted call made its detections otherwise (another model, score floor,
+    size or count): predictions.json would mix the two. A call of a version that kept no record is taken."""
+    try:
+        earlier = json.loads((out / CALL_RECORD).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: cannot read {out / CALL_RECORD} ({e}); leave --resume out to start "
+                        f"afresh") from None
+    differ = [key for key in settings if earlier.get(key) != settings[key]]
+    if differ:
+        said = "; ".join(f"{key.replace('_', '-')} {earlier.get(key)} there, {settings[key]} here" for key in differ)
+        raise UserError(f"--resume: the interrupted call in {out} made its detections otherwise ({said}): give its "
+                        f"model and flags again, or a new --output-dir without --resume")
 
 
 def result_records(image_id: int, output: dict, category_map: CategoryMap, kind: str) -> list[dict]:
