@@ -448,7 +448,7 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
 # Temporary files of write_atomic and share_file (".NAME.*.tmp") for the files train.py and tools/predict.py write
 # there; no other file, since --output-dir may be any folder of the user's
 _TEMPORARIES = (".*.pth.*.tmp", ".metrics.jsonl.*.tmp", ".predictions*.json.*.tmp", ".images.json.*.tmp",
-                ".args.json.*.tmp", ".evaluation.json.*.tmp",
+                ".args.json.*.tmp", ".evaluation.json.*.tmp", ".predict_args.json.*.tmp",
                 ".curves.png.*.tmp", ".*.jpg.*.tmp", "predictions/epoch_[0-9]*/.*.jpg.*.tmp")
 
 

@@ -415,7 +415,7 @@ def test_temporaries_of_interrupted_writes_are_cleared_and_nothing_else(tmp_path
 
     names = [".checkpoint.pth.123.tmp", ".predictions_bbox.json.x1y2.tmp", "predictions/epoch_3/.a.jpg.z9.tmp",
              ".metrics.jsonl.abc.tmp", ".curves.png.q.tmp", ".predictions.json.r.tmp", ".images.json.k3.tmp",
-             ".b.jpg.s.tmp", ".args.json.m4.tmp", ".evaluation.json.e5.tmp",
+             ".b.jpg.s.tmp", ".args.json.m4.tmp", ".evaluation.json.e5.tmp", ".predict_args.json.p6.tmp",
              ".notes", "notes.tmp", ".editor.tmp", "predictions/epoch_3/a.jpg", "model_1.pth"]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
