@@ -190,10 +190,9 @@ def from_another_run(resume: str, checkpoint: dict, output_dir: Path) -> bool:
 
 def already_finished(resume: str, checkpoint: dict, epochs: int) -> dict:
     """The run's end when its checkpoint has trained --epochs already: says so and how to go on; no metrics."""
-    trained = epochs_trained(checkpoint)
-    utils.print_once(f"--resume {resume}: its run has trained {trained} epoch{'' if trained == 1 else 's'}, and "
-                     f"--epochs is {epochs}: nothing is left to train; raise --epochs to train more, or evaluate it "
-                     f"with --test-only")
+    utils.print_once(f"--resume {resume}: its run has trained {utils.counted(epochs_trained(checkpoint), 'epoch')}, "
+                     f"and --epochs is {epochs}: nothing is left to train; raise --epochs to train more, or evaluate "
+                     f"it with --test-only")
     return {}
 
 

@@ -393,7 +393,7 @@ def keep_previous_outputs(output_dir: Path) -> None:
         runs, size = previous_runs_held(output_dir)
         print(f"{output_dir} held another run's outputs (checkpoints, metrics, events, best weights): moved to "
               f"{moved_to}; to continue that run instead, resume from the checkpoint there. {moved_to.parent} "
-              f"holds {runs} run{'s' if runs > 1 else ''} set aside ({size / 2**30:.1f} GB): delete those you no "
+              f"holds {utils.counted(runs, 'run')} set aside ({size / 2**30:.1f} GB): delete those you no "
               f"longer need", flush=True)
 
 
@@ -471,7 +471,7 @@ class BestModel:
         self.since_best += 1
         patience = f" (--patience {self.run.args.patience})" if self.run.args.patience else ""
         print(f"{name} {ap:.4f}, not above the best, {self.best:.4f} at epoch {self.best_epoch}: "
-              f"{self.since_best} evaluation{'s' if self.since_best > 1 else ''} without improvement{patience}")
+              f"{utils.counted(self.since_best, 'evaluation')} without improvement{patience}")
         return False
 
     def out_of_patience(self, patience: int | None) -> bool:

@@ -188,6 +188,11 @@ def explain_lost_peer(error: BaseException, timeout: int) -> str | None:
             f"the job stops. Once the cause is found, the same command with --resume auto continues")
 
 
+def counted(count: int, thing: str) -> str:
+    """A count and its thing, in the plural unless one: "1 epoch", "3 epochs"."""
+    return f"{count} {thing}{'' if count == 1 else 's'}"
+
+
 def print_once(*args, **kwargs) -> None:
     """print on rank 0 only, so that a job of N processes does not say everything N times."""
     if is_main_process():

@@ -56,6 +56,7 @@ from models import (  # noqa: E402
     iou_types,
     model_options,
 )
+from utils import counted  # noqa: E402
 from visualize import PALETTE, draw_instances, save_jpeg  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -252,7 +253,7 @@ def warn_of_earlier_pictures(out: Path, pictures: list[str]) -> None:
         return
     kept = sorted(set(p.name for p in out.glob("*.jpg")) - set(pictures))
     if kept:
-        print(f"warning: --output-dir {out} holds {len(kept)} picture{'s' if len(kept) > 1 else ''} of an earlier "
+        print(f"warning: --output-dir {out} holds {counted(len(kept), 'picture')} of an earlier "
               f"call that this one does not replace (first: {kept[0]}); they stay, and images.json and "
               f"predictions.json will list this call's images only: give a new --output-dir to keep calls apart",
               file=sys.stderr)
@@ -360,10 +361,6 @@ def predict(args: argparse.Namespace) -> int:
     drawn = f"{counted(len(to_do) - len(unreadable), 'picture')} and " if pictures is not None else ""
     print(f"Wrote {drawn}{counted(detections, 'detection')} of {counted(len(done.images), 'image')} to {out}")
     return 0
-
-
-def counted(count: int, thing: str) -> str:
-    return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
 def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, with_labels: bool = True
@@ -532,10 +529,9 @@ def begin_call(args: argparse.Namespace, out: Path, paths: list[Path], records: 
     """The images done: with --resume, those of the interrupted call, whose detections must have been made as
     this call's will be; else none. This call's settings are recorded for a later --resume."""
     settings = detection_settings(args)
-    done = Done(out)
     if args.resume:
         check_same_settings(out, settings)
-        done = earlier_results(out, paths, records)
+    done = earlier_results(out, paths, records) if args.resume else Done(out)
     write_json_atomic(out / CALL_RECORD, settings, RESULTS_REMEDY)
     return done
 
