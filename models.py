@@ -19,6 +19,7 @@ from torchvision.models._api import WeightsEnum
 from checkpoint import load_file, load_model_weights
 from coco_utils import CategoryMap
 from errors import UserError
+from utils import print_once
 
 MODELS = tuple(torchvision.models.list_models(module=torchvision.models.detection))
 COCO_CLASSES = 91
@@ -336,8 +337,8 @@ def build_model(name: str, num_classes: int, weights: str | None, weights_backbo
                             f"would predict them under these names")
         fresh_heads = bool(fresh)
         if fresh:
-            print(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} tensors)"
-                  + (f", as it was trained on other categories ({other})" if other else ""))
+            print_once(f"--weights {weights}: class heads start fresh for {num_classes} classes ({len(fresh)} "
+                       f"tensors)" + (f", as it was trained on other categories ({other})" if other else ""))
     if mask_init and fresh_heads:
         init_mask_logits(model, num_classes)
     return model

@@ -668,6 +668,12 @@ def test_predict_says_which_photos_it_turned_upright_for_want_of_a_json_size(tra
     assert predict.main([*args, "--output-dir", str(tmp_path / "b"), "--annotations",
                          str(tmp_path / "listing.json")]) == 0
     assert "turned upright" not in capsys.readouterr().out, "read as the file's sizes say"
+    listing["images"][1].update(width=72, height=96)
+    (tmp_path / "listing.json").write_text(json.dumps(listing))
+    assert predict.main([*args, "--output-dir", str(tmp_path / "c"), "--annotations",
+                         str(tmp_path / "listing.json")]) == 0
+    assert (f"warning: 1 image of another size than --annotations says (first: {tmp_path / 'in' / '8.jpg'} is "
+            f"96x72, the JSON says 72x96): the detections are in the image files' pixels") in capsys.readouterr().err
 
 
 def test_predict_counts_only_detections_it_would_have_written_as_left_out_for_their_label():
@@ -809,6 +815,12 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     assert predict.main([*args[:2], str(tmp_path / "unreadable"), *args[3:], "--output-dir", str(tmp_path / "bad")]
                         ) == 2
     assert not (tmp_path / "bad" / predict.JOURNAL).exists(), "a call that predicted nothing leaves no journal"
+    assert predict.main([*args[:2], str(tmp_path / "unreadable"), *args[3:5], "--score-thresh", "0.5", *args[7:],
+                         "--output-dir", str(tmp_path / "straight")]) == 2
+    capsys.readouterr()
+    assert predict.main([*args, "--output-dir", str(tmp_path / "straight"), "--resume"]) == 0, \
+        "a call that replaced nothing leaves the earlier call's record"
+    assert f"Resuming: {len(listed)} of {len(listed)} images were predicted in" in capsys.readouterr().out
 
 
 def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -282,16 +283,43 @@ def kept_detections(output: dict, category_map: CategoryMap, score_thresh: float
     return {k: v[above & known] for k, v in output.items()}, int((above & ~known).sum())
 
 
-def readable_images(paths: list[Path], records: list, unreadable: list[str], turned: list[Path],
-                    indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index, image) of every image of the given indices that can be read; each one that cannot is added to
-    unreadable (why), each one turned upright by its EXIF orientation for want of a JSON size to turned."""
+@dataclass
+class ReadingNotes:
+    """What reading the images found, said once the detections are written: why each image left out could not
+    be read, the photos turned upright by EXIF for want of a JSON size, and the images of another size than
+    --annotations says."""
+
+    unreadable: list[str] = field(default_factory=list)
+    turned: list[Path] = field(default_factory=list)
+    other_size: list[str] = field(default_factory=list)
+
+    def say(self) -> None:
+        if self.turned:
+            were = "was" if len(self.turned) == 1 else "were"
+            print(f"note: {counted(len(self.turned), 'image')} {were} turned upright as EXIF asks (first: "
+                  f"{self.turned[0]}); the predictions are of the turned pictures, as images.json's sizes are. To "
+                  f"read them as a COCO file's sizes say (as training does), give --annotations")
+        if self.other_size:
+            print(f"warning: {counted(len(self.other_size), 'image')} of another size than --annotations says "
+                  f"(first: {self.other_size[0]}): the detections are in the image files' pixels, as images.json's "
+                  f"sizes are, and scoring them against the annotations would be off (training refuses such "
+                  f"images); give the annotation file of these images", file=sys.stderr)
+
+
+def readable_images(paths: list[Path], records: list, indices: list[int], notes: ReadingNotes
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, image) of every image of the given indices that can be read; what reading them found goes into
+    notes."""
     for index in indices:
         path, size = paths[index], records[index][1]
         try:
-            yield index, read_rgb(path, size, turned if size is None else None)
+            image = read_rgb(path, size, notes.turned if size is None else None)
         except SampleError as e:
-            unreadable.append(str(e))
+            notes.unreadable.append(str(e))
+            continue
+        if size is not None and (image.shape[2], image.shape[1]) != size:
+            notes.other_size.append(f"{path} is {image.shape[2]}x{image.shape[1]}, the JSON says {size[0]}x{size[1]}")
+        yield index, image
 
 
 def load_predictor(args: argparse.Namespace
@@ -324,12 +352,11 @@ def predict(args: argparse.Namespace) -> int:
         warn_of_earlier_pictures(out, pictures)
     to_do = [i for i in range(len(paths)) if i not in done.images]
     kind = iou_types(name)[-1]  # masks or keypoints where the model gives them, else boxes
-    unreadable: list[str] = []
-    turned: list[Path] = []
+    notes = ReadingNotes()
     dropped = 0
     progress = ProgressLine(len(paths), already=len(done.images))
     try:
-        images_read = readable_images(paths, records, unreadable, turned, to_do)
+        images_read = readable_images(paths, records, to_do, notes)
         for batch in same_size_batches(images_read, args.batch_size, lambda item: padded_size(model, item[1])):
             with torch.inference_mode():
                 outputs = model(to_device([image for _, image in batch], [], device)[0])
@@ -342,8 +369,8 @@ def predict(args: argparse.Namespace) -> int:
                           "width": image.shape[-1]})
                 if pictures is not None:
                     save_jpeg(picture_of(image, output, category_map, not args.no_labels), out / pictures[index])
-            progress.show(len(done.images) + len(unreadable))
-        progress.show(len(done.images) + len(unreadable), last=True)  # counting unreadable images at the end
+            progress.show(len(done.images) + len(notes.unreadable))
+        progress.show(len(done.images) + len(notes.unreadable), last=True)  # counting unreadable images at the end
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was predicted is kept, and --resume goes on from it
         progress.end()
         done.write(out)
@@ -352,13 +379,10 @@ def predict(args: argparse.Namespace) -> int:
         raise
     finally:
         progress.end()  # before an error's line too
-    report_left_out(unreadable, len(paths), dropped, category_map)
-    if turned:
-        print(f"note: {len(turned)} image{'s were' if len(turned) > 1 else ' was'} turned upright as EXIF asks "
-              f"(first: {turned[0]}); the predictions are of the turned pictures, as images.json's sizes are. To "
-              f"read them as a COCO file's sizes say (as training does), give --annotations")
+    report_left_out(notes.unreadable, len(paths), dropped, category_map)
+    notes.say()
     detections = done.write(out)
-    drawn = f"{counted(len(to_do) - len(unreadable), 'picture')} and " if pictures is not None else ""
+    drawn = f"{counted(len(to_do) - len(notes.unreadable), 'picture')} and " if pictures is not None else ""
     print(f"Wrote {drawn}{counted(detections, 'detection')} of {counted(len(done.images), 'image')} to {out}")
     return 0
 
@@ -374,6 +398,8 @@ def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, wit
                           [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
 
 
+# Where a call records what decides its detections, for a later --resume to compare with.
+CALL_RECORD = "predict_args.json"
 JOURNAL = "predictions.partial.jsonl"  # a line per image as it is done: what a killed call leaves for --resume
 RESULTS_REMEDY = "free space in --output-dir or choose another"
 JOURNAL_REMEDY = "free space in --output-dir; the images done are kept, and the same command with --resume goes on"
@@ -385,8 +411,11 @@ class Done:
     detections) written as it is done. So a call killed outright (out of memory, SIGKILL) leaves its work for
     --resume, and memory does not grow with the detections."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, settings: dict) -> None:
         self.journal = out / JOURNAL
+        # This call's settings, recorded for a later --resume just before it first replaces anything of an earlier
+        # call's (the journal, or the files): a call that fails sooner leaves the earlier call's record in place.
+        self._settings: dict | None = settings
         self.images: dict[int, dict] = {}
         self._lines: dict[int, int] = {}  # index: where its line starts in the journal
         self._counts: dict[int, int] = {}  # index: its detections
@@ -397,6 +426,7 @@ class Done:
         last whole one (end), dropping a line the kill cut short."""
         for index, image, count, start in entries:
             self.images[index], self._counts[index], self._lines[index] = image, count, start
+        self._record_settings()
         with writing(self.journal, JOURNAL_REMEDY):
             self._file = open(self.journal, "r+b")  # noqa: SIM115 (open for the whole call)
             self._file.truncate(end)
@@ -405,6 +435,7 @@ class Done:
     def add(self, index: int, detections: list[dict], image: dict) -> None:
         with writing(self.journal, JOURNAL_REMEDY):
             if self._file is None:
+                self._record_settings()
                 self._file = open(self.journal, "wb")  # noqa: SIM115 (open for the whole call)
             start = self._file.tell()
             # JSON text holds no raw tab or newline, so a line splits exactly; the detections are copied unparsed.
@@ -412,6 +443,11 @@ class Done:
             self._file.flush()  # a killed process loses none of it (a power cut may, the last few)
         # Only a whole line counts: a Ctrl-C part-way through leaves this image out of the files written.
         self.images[index], self._counts[index], self._lines[index] = image, len(detections), start
+
+    def _record_settings(self) -> None:
+        if self._settings is not None:
+            write_json_atomic(self.journal.parent / CALL_RECORD, self._settings, RESULTS_REMEDY)
+            self._settings = None
 
     def _copy_detections(self, f: BinaryIO) -> None:
         """Every image's detections from the journal, in input order, as one JSON list."""
@@ -431,6 +467,7 @@ class Done:
         written."""
         if self._file is not None:
             self._file.close()
+        self._record_settings()
         if self._lines:
             write_atomic(out / "predictions.json", self._copy_detections, RESULTS_REMEDY)
         else:
@@ -473,11 +510,10 @@ def read_journal(journal: Path) -> tuple[list[tuple[dict, int, int]], int]:
     return entries, start
 
 
-def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
-    """--resume: the images an earlier call into out predicted (its journal where it was killed, else its
-    images.json and predictions.json), by index among this call's inputs; refused where that call's ids are not
-    this call's (other inputs, or none)."""
-    done = Done(out)
+def earlier_results(done: Done, out: Path, paths: list[Path], records: list) -> Done:
+    """--resume: done with the images an earlier call into out predicted (its journal where it was killed, else
+    its images.json and predictions.json), by index among this call's inputs; refused where that call's ids are
+    not this call's (other inputs, or none)."""
     index_of = {str(path.resolve()): i for i, path in enumerate(paths)}  # the same files, however named
 
     def index(image: dict, source: Path) -> int:
@@ -509,8 +545,6 @@ def earlier_results(out: Path, paths: list[Path], records: list) -> Done:
     return done
 
 
-# Where a call records what decides its detections, for a later --resume to compare with.
-CALL_RECORD = "predict_args.json"
 DETECTION_FLAGS = ("model", "score_thresh", "min_size", "max_size", "detections_per_image")
 
 
@@ -527,13 +561,12 @@ def detection_settings(args: argparse.Namespace) -> dict:
 
 def begin_call(args: argparse.Namespace, out: Path, paths: list[Path], records: list) -> Done:
     """The images done: with --resume, those of the interrupted call, whose detections must have been made as
-    this call's will be; else none. This call's settings are recorded for a later --resume."""
+    this call's will be; else none."""
     settings = detection_settings(args)
-    if args.resume:
-        check_same_settings(out, settings)
-    done = earlier_results(out, paths, records) if args.resume else Done(out)
-    write_json_atomic(out / CALL_RECORD, settings, RESULTS_REMEDY)
-    return done
+    if not args.resume:
+        return Done(out, settings)
+    check_same_settings(out, settings)
+    return earlier_results(Done(out, settings), out, paths, records)
 
 
 def check_same_settings(out: Path, settings: dict) -> None:
