@@ -248,8 +248,8 @@ def _unused_category_warnings(data: dict) -> list[Finding]:
         said += (f", {len(only_crowds)} of them only crowd regions, which are not learned, nor scored as instances "
                  f"(first: {first['name']!r}, {crowds[first['id']]} regions with iscrowd 1; some tools export drawn "
                  f"masks so: set iscrowd to 0 for instances)")
-    return [Finding("warning", "category without instances", f"{said}; a model trained on this file learns none "
-                    f"of them, and scoring against it leaves them out")]
+    return [Finding("warning", "category without instances", f"{said}; training on this file learns none of "
+                    f"them, and scoring against it leaves them out")]
 
 
 # Box layouts that exporters write in COCO's bbox field, each as the box it gives a polygon's extent

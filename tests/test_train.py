@@ -673,7 +673,8 @@ def test_predict_says_which_photos_it_turned_upright_for_want_of_a_json_size(tra
     assert predict.main([*args, "--output-dir", str(tmp_path / "c"), "--annotations",
                          str(tmp_path / "listing.json")]) == 0
     assert (f"warning: 1 image of another size than --annotations says (first: {tmp_path / 'in' / '8.jpg'} is "
-            f"96x72, the JSON says 72x96): the detections are in the image files' pixels") in capsys.readouterr().err
+            f"96x72 (width x height), the JSON says 72x96): the detections are in the image files' "
+            f"pixels") in capsys.readouterr().err
 
 
 def test_predict_counts_only_detections_it_would_have_written_as_left_out_for_their_label():
@@ -725,13 +726,14 @@ def test_predicts_progress_in_a_log_is_printed_at_least_every_log_seconds(capsys
     assert re.findall(r"\[(\d+)/1000\]", capsys.readouterr().out) == ["401", "402", "403"], "not only tenths"
 
 
-def stop_at_the_fourth_image(predict, monkeypatch, stop: type[BaseException]):
-    """predict raises stop when it comes to keep the fourth image's detections; returns the function to restore."""
+def stop_at_the_image(predict, monkeypatch, stop: type[BaseException], number: int = 4):
+    """predict raises stop when it comes to keep the detections of the image of this number (from 1); returns the
+    function to restore."""
     kept, calls = predict.kept_detections, []
 
     def stopped(*given):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == number:
             raise stop
         return kept(*given)
 
@@ -748,8 +750,14 @@ def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(tr
     assert not list((tmp_path / "straight").glob("*.jpg")), "--no-pictures"
     straight = json.loads((tmp_path / "straight" / "predictions.json").read_text())
     listed = json.loads((tmp_path / "straight" / "images.json").read_text())
-    kept = stop_at_the_fourth_image(predict, monkeypatch, errors.Terminated)
+    kept = stop_at_the_image(predict, monkeypatch, errors.Terminated, number=1)
     capsys.readouterr()
+    straight_again = [*args, "--output-dir", str(tmp_path / "straight"), "--no-pictures"]
+    assert predict.main(straight_again) == errors.TERMINATED_STATUS
+    assert "Stopped before the first image was done: nothing was written" in capsys.readouterr().err
+    assert json.loads((tmp_path / "straight" / "images.json").read_text()) == listed, "the earlier call's files stay"
+    monkeypatch.setattr(predict, "kept_detections", kept)
+    stop_at_the_image(predict, monkeypatch, errors.Terminated)
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut")]) == errors.TERMINATED_STATUS
     assert (f"Wrote the detections of the 3 of {len(listed)} images done to {tmp_path / 'cut'}; the same command "
             f"with --resume predicts the others") in capsys.readouterr().err
@@ -790,11 +798,12 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     assert not (tmp_path / "straight" / predict.JOURNAL).exists(), "a finished call leaves no journal"
     straight = json.loads((tmp_path / "straight" / "predictions.json").read_text())
     listed = json.loads((tmp_path / "straight" / "images.json").read_text())
-    kept = stop_at_the_fourth_image(predict, monkeypatch, Killed)
+    kept = stop_at_the_image(predict, monkeypatch, Killed)
     with pytest.raises(Killed):
         predict.main([*args, "--output-dir", str(tmp_path / "cut")])
     journal = tmp_path / "cut" / predict.JOURNAL
-    assert not (tmp_path / "cut" / "predictions.json").exists() and len(journal.read_bytes().splitlines()) == 3
+    assert not (tmp_path / "cut" / "predictions.json").exists() and len(journal.read_bytes().splitlines()) == 4
+    assert journal.read_bytes().startswith(predict.SETTINGS_MARK), "the settings, then a line per image"
     with open(journal, "ab") as f:
         f.write(b'{"id": 9, "file_name": "x"}\t2\t[{"image_id": 9')  # cut short by the kill: predicted again
     monkeypatch.setattr(predict, "kept_detections", kept)
@@ -804,6 +813,9 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     assert json.loads((tmp_path / "cut" / "images.json").read_text()) == listed
     assert json.loads((tmp_path / "cut" / "predictions.json").read_text()) == straight
     assert not journal.exists()
+    (tmp_path / "cut" / predict.CALL_RECORD).unlink()  # as an earlier version of predict.py left the folder
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert "recorded no settings (an earlier version of predict.py): they are not compared" in capsys.readouterr().out
     journal.write_bytes(b"not json\n{}\t0\t[]\n")
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
     assert f"line 1 of {journal} is not an image's detections" in capsys.readouterr().err
@@ -815,12 +827,21 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     assert predict.main([*args[:2], str(tmp_path / "unreadable"), *args[3:], "--output-dir", str(tmp_path / "bad")]
                         ) == 2
     assert not (tmp_path / "bad" / predict.JOURNAL).exists(), "a call that predicted nothing leaves no journal"
-    assert predict.main([*args[:2], str(tmp_path / "unreadable"), *args[3:5], "--score-thresh", "0.5", *args[7:],
-                         "--output-dir", str(tmp_path / "straight")]) == 2
+    other = [*args[:5], "--score-thresh", "0.5", *args[7:], "--output-dir", str(tmp_path / "straight")]
+    assert predict.main([*other[:2], str(tmp_path / "unreadable"), *other[3:]]) == 2
     capsys.readouterr()
     assert predict.main([*args, "--output-dir", str(tmp_path / "straight"), "--resume"]) == 0, \
         "a call that replaced nothing leaves the earlier call's record"
     assert f"Resuming: {len(listed)} of {len(listed)} images were predicted in" in capsys.readouterr().out
+    stop_at_the_image(predict, monkeypatch, Killed, number=2)
+    with pytest.raises(Killed):
+        predict.main(other)
+    monkeypatch.setattr(predict, "kept_detections", kept)
+    assert predict.main([*args, "--output-dir", str(tmp_path / "straight"), "--resume"]) == 2
+    assert "made its detections otherwise (score-thresh 0.5 there, 0.0 here)" in capsys.readouterr().err, "journal"
+    (tmp_path / "straight" / predict.JOURNAL).unlink()
+    assert predict.main([*other, "--resume"]) == 2, "the files left are the earlier call's, made at 0.0"
+    assert "made its detections otherwise (score-thresh 0.0 there, 0.5 here)" in capsys.readouterr().err
 
 
 def test_predict_finds_images_in_subfolders_and_their_ids_by_the_path_the_json_gives(tmp_path):

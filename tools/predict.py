@@ -318,7 +318,8 @@ def readable_images(paths: list[Path], records: list, indices: list[int], notes:
             notes.unreadable.append(str(e))
             continue
         if size is not None and (image.shape[2], image.shape[1]) != size:
-            notes.other_size.append(f"{path} is {image.shape[2]}x{image.shape[1]}, the JSON says {size[0]}x{size[1]}")
+            width_by_height = f"{image.shape[2]}x{image.shape[1]} (width x height)"
+            notes.other_size.append(f"{path} is {width_by_height}, the JSON says {size[0]}x{size[1]}")
         yield index, image
 
 
@@ -373,6 +374,10 @@ def predict(args: argparse.Namespace) -> int:
         progress.show(len(done.images) + len(notes.unreadable), last=True)  # counting unreadable images at the end
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was predicted is kept, and --resume goes on from it
         progress.end()
+        if not done.images:  # an earlier call's files there stay as they are
+            print(f"Stopped before the first image was done: nothing was written to {out}", file=sys.stderr,
+                  flush=True)
+            raise
         done.write(out)
         print(f"Wrote the detections of the {len(done.images)} of {len(paths)} images done to {out}; the same "
               f"command with --resume predicts the others", file=sys.stderr, flush=True)
@@ -398,8 +403,10 @@ def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, wit
                           [PALETTE[i % len(PALETTE)] for i in labels], output.get("keypoints"))
 
 
-# Where a call records what decides its detections, for a later --resume to compare with.
+# What decides a call's detections, recorded for a later --resume to compare with: beside the files written, and
+# as the first line of the journal (marked so), each with what it describes.
 CALL_RECORD = "predict_args.json"
+SETTINGS_MARK = b"#settings\t"
 JOURNAL = "predictions.partial.jsonl"  # a line per image as it is done: what a killed call leaves for --resume
 RESULTS_REMEDY = "free space in --output-dir or choose another"
 JOURNAL_REMEDY = "free space in --output-dir; the images done are kept, and the same command with --resume goes on"
@@ -408,14 +415,12 @@ JOURNAL_REMEDY = "free space in --output-dir; the images done are kept, and the 
 class Done:
     """The images predicted so far, by their index among the inputs: COCO's "images" entries in memory, and their
     detections in the journal in --output-dir, a line an image (its entry, a tab, its detection count, a tab, its
-    detections) written as it is done. So a call killed outright (out of memory, SIGKILL) leaves its work for
-    --resume, and memory does not grow with the detections."""
+    detections) written as it is done, after a line of the call's settings. So a call killed outright (out of
+    memory, SIGKILL) leaves its work for --resume, and memory does not grow with the detections."""
 
     def __init__(self, out: Path, settings: dict) -> None:
         self.journal = out / JOURNAL
-        # This call's settings, recorded for a later --resume just before it first replaces anything of an earlier
-        # call's (the journal, or the files): a call that fails sooner leaves the earlier call's record in place.
-        self._settings: dict | None = settings
+        self.settings = settings  # what decides the detections (detection_settings)
         self.images: dict[int, dict] = {}
         self._lines: dict[int, int] = {}  # index: where its line starts in the journal
         self._counts: dict[int, int] = {}  # index: its detections
@@ -426,17 +431,18 @@ class Done:
         last whole one (end), dropping a line the kill cut short."""
         for index, image, count, start in entries:
             self.images[index], self._counts[index], self._lines[index] = image, count, start
-        self._record_settings()
         with writing(self.journal, JOURNAL_REMEDY):
             self._file = open(self.journal, "r+b")  # noqa: SIM115 (open for the whole call)
             self._file.truncate(end)
             self._file.seek(end)
+            if end == 0:  # nothing whole in it, not even the settings
+                self._write_settings()
 
     def add(self, index: int, detections: list[dict], image: dict) -> None:
         with writing(self.journal, JOURNAL_REMEDY):
             if self._file is None:
-                self._record_settings()
                 self._file = open(self.journal, "wb")  # noqa: SIM115 (open for the whole call)
+                self._write_settings()
             start = self._file.tell()
             # JSON text holds no raw tab or newline, so a line splits exactly; the detections are copied unparsed.
             self._file.write(f"{json.dumps(image)}\t{len(detections)}\t{json.dumps(detections)}\n".encode())
@@ -444,10 +450,8 @@ class Done:
         # Only a whole line counts: a Ctrl-C part-way through leaves this image out of the files written.
         self.images[index], self._counts[index], self._lines[index] = image, len(detections), start
 
-    def _record_settings(self) -> None:
-        if self._settings is not None:
-            write_json_atomic(self.journal.parent / CALL_RECORD, self._settings, RESULTS_REMEDY)
-            self._settings = None
+    def _write_settings(self) -> None:
+        self._file.write(SETTINGS_MARK + json.dumps(self.settings).encode() + b"\n")
 
     def _copy_detections(self, f: BinaryIO) -> None:
         """Every image's detections from the journal, in input order, as one JSON list."""
@@ -467,7 +471,7 @@ class Done:
         written."""
         if self._file is not None:
             self._file.close()
-        self._record_settings()
+        write_json_atomic(out / CALL_RECORD, self.settings, RESULTS_REMEDY)  # first: the journal is kept till last
         if self._lines:
             write_atomic(out / "predictions.json", self._copy_detections, RESULTS_REMEDY)
         else:
@@ -484,30 +488,41 @@ def refuse_a_killed_calls_journal(out: Path) -> None:
                         f"go on from it, or delete the file to start afresh")
 
 
-def read_journal(journal: Path) -> tuple[list[tuple[dict, int, int]], int]:
-    """A killed call's journal: each whole line's (image entry, detection count, start), its detections left
-    unread, and where the last whole line ends (a line the kill cut short is predicted again)."""
-    entries, start = [], 0
+def read_journal(journal: Path) -> tuple[dict | None, list[tuple[dict, int, int]], int]:
+    """A killed call's journal: its settings (None from a version that wrote none), each whole line's (image
+    entry, detection count, start), its detections left unread, and where the last whole line ends (a line the
+    kill cut short is predicted again)."""
+    settings, entries, start = None, [], 0
     try:
         with open(journal, "rb") as f:
             for number, line in enumerate(f, 1):
                 if not line.endswith(b"\n"):
                     break
                 try:
-                    image, count, listed = line.split(b"\t", 2)
-                    image, count = json.loads(image), int(count)
-                    if not (isinstance(image, dict) and {"id", "file_name"} <= image.keys()
-                            and listed.startswith(b"[") and listed.endswith(b"]\n")):
-                        raise ValueError
+                    if number == 1 and line.startswith(SETTINGS_MARK):
+                        settings = json.loads(line[len(SETTINGS_MARK):])
+                        if not isinstance(settings, dict):
+                            raise ValueError
+                    else:
+                        entries.append((*_journal_entry(line), start))
                 except ValueError:
                     raise UserError(f"--resume: line {number} of {journal} is not an image's detections as "
                                     f"predict.py writes them; delete the file and leave --resume out to start "
                                     f"afresh") from None
-                entries.append((image, count, start))
                 start += len(line)
     except OSError as e:
         raise UserError(f"--resume: cannot read {journal} ({e.strerror}); leave --resume out to start afresh") from None
-    return entries, start
+    return settings, entries, start
+
+
+def _journal_entry(line: bytes) -> tuple[dict, int]:
+    """A journal line's image entry and detection count; ValueError where it is no such line."""
+    image, count, listed = line.split(b"\t", 2)
+    image, count = json.loads(image), int(count)
+    if not (isinstance(image, dict) and {"id", "file_name"} <= image.keys()
+            and listed.startswith(b"[") and listed.endswith(b"]\n")):
+        raise ValueError
+    return image, count
 
 
 def earlier_results(done: Done, out: Path, paths: list[Path], records: list) -> Done:
@@ -525,10 +540,12 @@ def earlier_results(done: Done, out: Path, paths: list[Path], records: list) -> 
         return found
 
     if done.journal.is_file():
-        entries, end = read_journal(done.journal)
+        settings, entries, end = read_journal(done.journal)
+        check_same_settings(settings, done.settings, out)
         done.continue_journal([(index(image, done.journal), image, count, start) for image, count, start in entries],
                               end)
     else:
+        check_same_settings(recorded_settings(out), done.settings, out)
         try:
             images = json.loads((out / "images.json").read_text())
             detections = json.loads((out / "predictions.json").read_text())
@@ -562,23 +579,32 @@ def detection_settings(args: argparse.Namespace) -> dict:
 def begin_call(args: argparse.Namespace, out: Path, paths: list[Path], records: list) -> Done:
     """The images done: with --resume, those of the interrupted call, whose detections must have been made as
     this call's will be; else none."""
-    settings = detection_settings(args)
-    if not args.resume:
-        return Done(out, settings)
-    check_same_settings(out, settings)
-    return earlier_results(Done(out, settings), out, paths, records)
+    done = Done(out, detection_settings(args))
+    return earlier_results(done, out, paths, records) if args.resume else done
 
 
-def check_same_settings(out: Path, settings: dict) -> None:
-    """One clear error where the interrupted call made its detections otherwise (another model, score floor,
-    size or count): predictions.json would mix the two. A call of a version that kept no record is taken."""
+def recorded_settings(out: Path) -> dict | None:
+    """The settings recorded beside the files a call wrote; None where a version before the record wrote them."""
     try:
         earlier = json.loads((out / CALL_RECORD).read_text())
     except FileNotFoundError:
-        return
+        return None
     except (OSError, ValueError) as e:
         raise UserError(f"--resume: cannot read {out / CALL_RECORD} ({e}); leave --resume out to start "
                         f"afresh") from None
+    if not isinstance(earlier, dict):
+        raise UserError(f"--resume: {out / CALL_RECORD} is not a record of predict.py's settings; leave --resume "
+                        f"out to start afresh")
+    return earlier
+
+
+def check_same_settings(earlier: dict | None, settings: dict, out: Path) -> None:
+    """One clear error where the interrupted call made its detections otherwise (another model, score floor,
+    size or count): predictions.json would mix the two. A call of a version that kept no record is taken, said."""
+    if earlier is None:
+        print(f"note: the interrupted call in {out} recorded no settings (an earlier version of predict.py): "
+              f"they are not compared with this call's")
+        return
     differ = [key for key in settings if earlier.get(key) != settings[key]]
     if differ:
         said = "; ".join(f"{key.replace('_', '-')} {earlier.get(key)} there, {settings[key]} here" for key in differ)
