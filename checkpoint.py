@@ -174,9 +174,14 @@ def load_file(path: str | Path, flag: str) -> dict:
                         f"you trust, re-saved as plain state dicts") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{flag} {path} is not a readable checkpoint (truncated or not a torch file: "
-                        f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__}); give "
-                        f"another file (for a run's damaged checkpoint.pth: an earlier epoch's model_E.pth beside "
-                        f"it)") from None
+                        f"{_first_sentence(e)}); give another file (for a run's damaged checkpoint.pth: an "
+                        f"earlier epoch's model_E.pth beside it)") from None
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first sentence of an error's message (torch's go on with advice for its own developers)."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0][:150] if text else type(error).__name__
 
 
 def _check_sums(path: Path, flag: str) -> None:
@@ -513,12 +518,16 @@ def _set_aside_order(folder: Path) -> tuple[str, int]:
     return folder.name, 1
 
 
+def epoch_files(output_dir: Path) -> dict[int, Path]:
+    """The model_{E}.pth files in output_dir, by epoch (model_best.pth is no epoch's)."""
+    return {int(p.stem[len("model_"):]): p for p in output_dir.glob("model_*.pth") if p.stem[len("model_"):].isdigit()}
+
+
 def prune_epoch_files(output_dir: Path, keep_last: int, epoch: int) -> list[Path]:
     """Delete all but the keep_last newest model_{E}.pth files up to the epoch just saved (model_best.pth is a
     file of its own). Later epochs' files, left by a run resumed from an earlier epoch, are not this run's
     newest: they stay until this run writes those epochs again."""
-    epochs = {int(p.stem[len("model_"):]): p for p in output_dir.glob("model_*.pth")
-              if p.stem[len("model_"):].isdigit()}
+    epochs = epoch_files(output_dir)
     doomed = [epochs[e] for e in sorted(e for e in epochs if e <= epoch)[:-keep_last]]
     removed = []
     for path in doomed:

@@ -446,7 +446,12 @@ class CocoEvaluator:
         return metrics
 
     def _say_what_was_left_out(self) -> None:
-        """Once per evaluation: the detections whose label is no category of the files (not written, not scored)."""
+        """Once per evaluation: the detections whose label is no category of the files (not written, not scored),
+        and that there were none at all, where so (every AP is then 0 for want of detections, not of matches)."""
+        if self.per_image and not any(len(encoded.scores) for encoded in self.per_image.values()):
+            print(f"note: the model made no detection on any of the {len(self.per_image)} images, so every AP "
+                  f"below is 0: it has not learned to detect yet (train longer, or check the learning rate and the "
+                  f"data)")
         left_out: Counter = Counter()
         for encoded in self.per_image.values():
             left_out.update(encoded.left_out)

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import utils
 from agreement import check_same_on_every_rank
-from checkpoint import from_reference_checkpoint, is_reference_checkpoint, last_set_aside_checkpoint, load_file
+from checkpoint import (
+    epoch_files,
+    from_reference_checkpoint,
+    is_reference_checkpoint,
+    last_set_aside_checkpoint,
+    load_file,
+)
 from coco_eval import COCO_MAX_DETECTIONS
 from errors import UserError
 from models import trained_pretrained
@@ -23,11 +29,20 @@ def resolve_resume(args: argparse.Namespace) -> str:
     if path.is_file():
         return str(path)
     if not args.test_only:  # a mistyped --output-dir would otherwise start afresh without a word
-        set_aside = last_set_aside_checkpoint(Path(args.output_dir))
-        where = (f"; the last run moved aside from this folder is in {set_aside.parent}: to continue it, move its "
-                 f"files back into {args.output_dir} and run again") if set_aside else ""
-        utils.print_once(f"--resume auto: no {path}, so this is a new run{where}")
+        utils.print_once(f"--resume auto: no {path}, so this is a new run{_what_could_continue(Path(args.output_dir))}")
     return ""
+
+
+def _what_could_continue(output_dir: Path) -> str:
+    """Where a run without checkpoint.pth could still be continued from: the newest epoch's model_E.pth in its
+    folder (which the new run moves aside), or the last run moved aside from it."""
+    epochs = epoch_files(output_dir)
+    if epochs:
+        newest = epochs[max(epochs)]
+        return f"; {newest} is an epoch's checkpoint: to continue from it, give --resume {newest}"
+    set_aside = last_set_aside_checkpoint(output_dir)
+    return (f"; the last run moved aside from this folder is in {set_aside.parent}: to continue it, move its "
+            f"files back into {output_dir} and run again") if set_aside else ""
 
 
 def load_checkpoint(path: str) -> dict:

@@ -375,6 +375,10 @@ def evaluate_only(run: Run, data: Data, state: TrainingState, checkpoint: dict |
     return metrics
 
 
+# What decides an evaluation's detections and scores besides the weights: its sizes (given, or its run's).
+EVALUATION_SETTINGS = ("min_size", "max_size", "detections_per_image", "rpn_score_thresh", "eval_max_dets")
+
+
 def evaluation_record(args: argparse.Namespace, data: Data, state: TrainingState, checkpoint: dict | None,
                       resume: str) -> dict:
     """What --test-only evaluated, for evaluation.json beside its metrics: the weights (and the epoch and step of
@@ -383,7 +387,8 @@ def evaluation_record(args: argparse.Namespace, data: Data, state: TrainingState
     position = {"epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")} if checkpoint else {}
     return {"time": round(time.time(), 3), "evaluated": str(Path(resume).resolve()) if resume else args.weights,
             "weights": "model_ema" if state.ema is not None else "model", **position,
-            "val_annotations": str(ann_file.resolve()), "val_images": len(data.val_set)}
+            "val_annotations": str(ann_file.resolve()), "val_images": len(data.val_set),
+            "settings": {name: getattr(args, name) for name in EVALUATION_SETTINGS}}
 
 
 def keep_previous_outputs(output_dir: Path) -> None:

@@ -67,7 +67,7 @@ def test_ap_equals_pycocotools_on_the_written_predictions(dataset, tmp_path, cap
         assert 0.2 < metrics[iou_type]["AP"] < 1.0
 
 
-def test_no_detections_scores_zero(dataset):
+def test_no_detections_scores_zero_and_says_why(dataset, capsys):
     ds = build_dataset(dataset, "coco", "val", None)
     evaluator = CocoEvaluator(ds.coco, ds.category_map)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
@@ -75,6 +75,11 @@ def test_no_detections_scores_zero(dataset):
     evaluator.update({image_id: empty for image_id in ds.ids})
     metrics = evaluator.summarize()
     assert metrics["bbox"]["AP"] == 0.0 and metrics["segm"]["AP"] == 0.0
+    assert f"note: the model made no detection on any of the {len(ds.ids)} images" in capsys.readouterr().out
+    some = CocoEvaluator(ds.coco, ds.category_map)
+    some.update(_noisy_outputs(ds, seed=3))
+    some.summarize()
+    assert "made no detection" not in capsys.readouterr().out
 
 
 def test_an_image_seen_twice_counts_once(dataset):

@@ -54,6 +54,17 @@ def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
     assert capsys.readouterr().out == "", "one folder written two ways; settings of what this run leaves off"
 
 
+def test_resume_auto_without_a_checkpoint_names_the_newest_epochs_file(tmp_path, capsys):
+    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), test_only=False)
+    (tmp_path / "previous_runs" / "20261205-101010").mkdir(parents=True)
+    (tmp_path / "previous_runs" / "20261205-101010" / "checkpoint.pth").write_bytes(b"")
+    for name in ("model_3.pth", "model_10.pth", "model_best.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert resume.resolve_resume(args) == ""
+    assert (f"so this is a new run; {tmp_path / 'model_10.pth'} is an epoch's checkpoint: to continue from it, give "
+            f"--resume {tmp_path / 'model_10.pth'}\n") in capsys.readouterr().out
+
+
 def test_resume_auto_without_a_checkpoint_names_the_last_run_moved_aside(tmp_path, capsys):
     args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), test_only=False)
     assert resume.resolve_resume(args) == "" and "so this is a new run\n" in capsys.readouterr().out
