@@ -251,7 +251,8 @@ class TrainingState:
     epoch is the epoch of the last save; step is the number of steps done in it when saved mid-epoch, None when
     the epoch was complete; global_step is the run's optimizer steps by then (the records' x axis);
     stopped_early says that --patience ended the run; training_images, the count and digest of the training
-    images' ids, which a resumed run's rest of an epoch is drawn from. A checkpoint is plain data that
+    images' ids, which a resumed run's rest of an epoch is drawn from; epoch_so_far, a part-way save's sums of
+    the epoch's steps (StepMeters.so_far), so that the epoch's record covers them. A checkpoint is plain data that
     torch.load(weights_only=True) reads.
     """
 
@@ -268,6 +269,7 @@ class TrainingState:
     global_step: int | None = None
     stopped_early: bool = False
     training_images: tuple[int, str] | None = None
+    epoch_so_far: dict | None = None
 
     def weights_dict(self) -> dict:
         """What evaluation and prediction need (model_best.pth holds this): the weights, their moving average,
@@ -294,6 +296,7 @@ class TrainingState:
             "rng": rng_state(),
             **({"stopped_early": True} if self.stopped_early else {}),
             **({"training_images": list(self.training_images)} if self.training_images else {}),
+            **({"epoch_so_far": self.epoch_so_far} if self.step is not None and self.epoch_so_far else {}),
         }
 
     def load_state_dict(self, checkpoint: dict, source: str, weights_only: bool = False) -> None:
@@ -323,6 +326,7 @@ class TrainingState:
         if checkpoint.get("rng"):
             restore_rng(checkpoint["rng"])
         self.epoch, self.step = checkpoint["epoch"], checkpoint.get("step")
+        self.epoch_so_far = checkpoint.get("epoch_so_far")
 
     @property
     def resume_at(self) -> tuple[int, int]:

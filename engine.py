@@ -319,18 +319,21 @@ class EpochResult:
     steps_done: int
     finished: bool
     failure: DataFailure = field(default_factory=DataFailure)
+    so_far: dict | None = None  # an unfinished epoch's sums (StepMeters.so_far), for its checkpoint
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, device: torch.device,
-                    epoch: int, options: TrainOptions, start_step: int = 0) -> EpochResult:
+                    epoch: int, options: TrainOptions, start_step: int = 0, carried: dict | None = None
+                    ) -> EpochResult:
     """Optimizer steps over data_loader (which yields the epoch's batches from start_step's on) until it ends or
     a stop is requested on any rank; the step in progress always completes. Logged steps become records, whose
-    global step is the loader's batch sampler's clock."""
+    global step is the loader's batch sampler's clock; carried: the sums of the epoch's steps before start_step,
+    which its record then covers too."""
     model.train()
     clock, accumulation = data_loader.batch_sampler, options.grad_accum_steps
     steps_in_epoch = start_step + len(data_loader) // accumulation
     images_per_step = clock.batch_size * accumulation * utils.get_world_size()
-    meters = StepMeters(f"Epoch: [{epoch}]", start_step, steps_in_epoch, images_per_step)
+    meters = StepMeters(f"Epoch: [{epoch}]", start_step, steps_in_epoch, images_per_step, carried)
     schedule = LogSchedule(options.print_freq, steps_in_epoch)
     losses, warmup = PendingLosses(epoch), Warmup(optimizer, epoch, steps_in_epoch)
     options.faults.start_epoch()
@@ -364,7 +367,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
     finished = step == steps_in_epoch and failure.error is None
     if finished and step > start_step:
         options.on_record(meters.epoch_record(epoch, clock.global_step(epoch, step), step - start_step))
-    return EpochResult(steps_done=step, finished=finished, failure=failure)
+    return EpochResult(steps_done=step, finished=finished, failure=failure,
+                       so_far=None if finished else meters.so_far(step - start_step))
 
 
 def agreed_stop(decide: Callable[[], bool], failure: DataFailure) -> bool:

@@ -99,13 +99,21 @@ class Record:
 
 
 class StepMeters:
-    """Times the steps of a loop and keeps running averages of the values each step gives."""
+    """Times the steps of a loop and keeps running averages of the values each step gives. carried: the sums of
+    the same epoch's earlier steps (so_far, kept by a checkpoint saved part-way), which its record then covers."""
 
-    def __init__(self, header: str, start: int, total: int, images_per_step: int) -> None:
+    def __init__(self, header: str, start: int, total: int, images_per_step: int, carried: dict | None = None
+                 ) -> None:
         self.header, self.start, self.total = header, start, total
         self.images_per_step = images_per_step
         self.step_time, self.data_time = SmoothedValue(), SmoothedValue()
         self.values: dict[str, SmoothedValue] = {}
+        self.carried_seconds, self.carried_steps = 0.0, 0
+        if carried:
+            self.carried_seconds, self.carried_steps = carried["seconds"], carried["steps"]
+            for name, (total_value, count) in carried["values"].items():
+                meter = self.values[name] = SmoothedValue()
+                meter.total, meter.count = total_value, count
         self.started = self._step_started = time.time()
 
     def timed(self, iterable: Iterable) -> Iterator:
@@ -151,12 +159,19 @@ class StepMeters:
                   **{name: meter.value for name, meter in self.values.items()}}
         return Record(kind, epoch, global_step, values, step, progress)
 
+    def so_far(self, steps_done: int) -> dict:
+        """The epoch's sums after steps_done of this process's steps: its training seconds and steps, and each
+        value's total and count (plain data, for a checkpoint)."""
+        return {"seconds": self.carried_seconds + time.time() - self.started, "steps": self.carried_steps + steps_done,
+                "values": {name: [meter.total, meter.count] for name, meter in self.values.items() if name != "lr"}}
+
     def epoch_record(self, epoch: int, global_step: int, steps_done: int) -> Record:
         """The record of an epoch's end: its training time, steps and mean rate, and each value's mean over
-        the steps this process ran (a resumed epoch's from its first_step on)."""
-        elapsed = time.time() - self.started
-        values = {"time": round(time.time(), 3), "seconds": round(elapsed, 3), "steps": steps_done,
-                  "first_step": self.start, "images_per_s": round(self.images_per_step * steps_done / elapsed, 3),
+        its steps from first_step on (all of them, unless resumed from a checkpoint that kept no sums)."""
+        sums = self.so_far(steps_done)
+        values = {"time": round(time.time(), 3), "seconds": round(sums["seconds"], 3), "steps": sums["steps"],
+                  "first_step": self.start - self.carried_steps,
+                  "images_per_s": round(self.images_per_step * sums["steps"] / sums["seconds"], 3),
                   **{name: meter.global_avg for name, meter in self.values.items() if name != "lr"}}
         return Record("epoch", epoch, global_step, values)
 

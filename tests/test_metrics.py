@@ -134,6 +134,27 @@ def test_a_series_keeps_its_window_and_its_whole_runs_mean():
     assert series.global_avg == 15.5 and series.avg == 20.5 and series.median == 20.5 and series.value == 30
 
 
+def test_an_epoch_resumed_part_way_is_recorded_over_all_its_steps():
+    whole = StepMeters("Epoch: [0]", 0, 4, 2)
+    first = StepMeters("Epoch: [0]", 0, 4, 2)
+    losses = [4.0, 3.0, 2.0, 1.0]
+    for loss in losses:
+        whole.update(loss=loss, lr=0.1)
+    for loss in losses[:3]:
+        first.update(loss=loss, lr=0.1)
+    rest = StepMeters("Epoch: [0]", 3, 4, 2, carried=first.so_far(3) | {"seconds": 100.0})
+    rest.update(loss=losses[3], lr=0.1)
+    record = rest.epoch_record(0, 4, 1).values
+    assert record["loss"] == whole.epoch_record(0, 4, 4).values["loss"] == 2.5
+    assert (record["steps"], record["first_step"]) == (4, 0) and "lr" not in record
+    assert 100.0 <= record["seconds"] < 110.0 and record["images_per_s"] == pytest.approx(4 * 2 / record["seconds"],
+                                                                                        rel=1e-2)
+    uncarried = StepMeters("Epoch: [0]", 3, 4, 2)  # a checkpoint of a version that kept no sums
+    uncarried.update(loss=losses[3])
+    assert uncarried.epoch_record(0, 4, 1).values | {"time": 0, "seconds": 0, "images_per_s": 0} == {
+        "time": 0, "seconds": 0, "images_per_s": 0, "steps": 1, "first_step": 3, "loss": 1.0}
+
+
 def test_the_record_holds_the_steps_own_rate_and_the_console_the_recent_one():
     meters = StepMeters("Epoch: [0]", 0, 10, images_per_step=4)
     for step_seconds in (1.0, 3.0):

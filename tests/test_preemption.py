@@ -53,6 +53,9 @@ def test_a_stop_signal_saves_the_position_and_the_resumed_run_replays_the_rest(t
     assert [r[:2] for r in resumed] == [r[:2] for r in expected], "each step logged once"
     assert [r[3] for r in resumed] == [r[3] for r in expected], "same learning rates"
     assert [r[2] for r in resumed] == pytest.approx([r[2] for r in expected], rel=1e-5), "same losses"
+    epochs, expected_epochs = _epoch_records(tmp_path), uninterrupted["epochs"]
+    assert [r[:3] for r in epochs] == [r[:3] for r in expected_epochs], "each epoch's record over all its steps"
+    assert [r[3] for r in epochs] == pytest.approx([r[3] for r in expected_epochs], rel=1e-5)
 
 
 def _final_weights(output_dir):
@@ -82,7 +85,12 @@ def uninterrupted(tiny_dataset, tmp_path_factory):
     weights = _final_weights(out)
     for path in out.glob("*.pth"):
         path.unlink()
-    return {"weights": weights, "records": _train_records(out)}
+    return {"weights": weights, "records": _train_records(out), "epochs": _epoch_records(out)}
+
+
+def _epoch_records(output_dir):
+    return [(r["epoch"], r["steps"], r["first_step"], r["loss"]) for r in read_metrics(output_dir)
+            if r["type"] == "epoch"]
 
 
 @pytest.mark.parametrize("how", ["SIGKILL after an epoch", "SIGTERM mid-epoch"])
