@@ -427,7 +427,7 @@ class CocoEvaluator:
             scored.update(part)
         metrics = {iou_type: scored[iou_type] for iou_type in self.iou_types}
         if utils.is_main_process():
-            self._say_what_was_left_out()
+            self._say_what_the_tables_leave_unsaid()
             for iou_type, values in metrics.items():
                 print(f"IoU metric: {iou_type}")
                 names = metric_names(iou_type, self.max_dets)
@@ -445,7 +445,7 @@ class CocoEvaluator:
         metrics["per_category"] = per_category_ap(evaluator, self.coco_gt)
         return metrics
 
-    def _say_what_was_left_out(self) -> None:
+    def _say_what_the_tables_leave_unsaid(self) -> None:
         """Once per evaluation: the detections whose label is no category of the files (not written, not scored),
         and that there were none at all, where so (every AP is then 0 for want of detections, not of matches)."""
         if self.per_image and not any(len(encoded.scores) for encoded in self.per_image.values()):
