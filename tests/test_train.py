@@ -662,6 +662,12 @@ def test_predict_says_which_photos_it_turned_upright_for_want_of_a_json_size(tra
     assert predict.main([*args, "--output-dir", str(tmp_path / "a")]) == 0
     assert (f"note: 1 image was turned upright as EXIF asks (first: {tmp_path / 'in' / '7.jpg'}); the predictions are "
             f"of the turned pictures") in capsys.readouterr().out
+    (tmp_path / "unsized.json").write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (7, 8)],
+                                                       "annotations": [], "categories": []}))
+    assert predict.main([*args, "--output-dir", str(tmp_path / "u"), "--annotations", str(tmp_path / "unsized.json")]
+                        ) == 0
+    assert f"(as training does), give their width and height in {tmp_path / 'unsized.json'}\n" in \
+        capsys.readouterr().out
     assert [(i["width"], i["height"]) for i in json.loads((tmp_path / "a" / "images.json").read_text())] == [
         (72, 96), (96, 72)]
     listing = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 96, "height": 72} for i in (7, 8)],
@@ -761,7 +767,7 @@ def test_an_interrupted_prediction_keeps_what_it_did_and_resume_does_the_rest(tr
     monkeypatch.setattr(predict, "kept_detections", kept)
     stop_at_the_image(predict, monkeypatch, errors.Terminated)
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut")]) == errors.TERMINATED_STATUS
-    assert (f"Wrote the detections of the 3 of {len(listed)} images done to {tmp_path / 'cut'}; the same command "
+    assert (f"Wrote the detections of the images done, 3 of {len(listed)}, to {tmp_path / 'cut'}; the same command "
             f"with --resume predicts the others") in capsys.readouterr().err
     assert json.loads((tmp_path / "cut" / "images.json").read_text()) == listed[:3]
     monkeypatch.setattr(predict, "kept_detections", kept)
@@ -818,6 +824,11 @@ def test_a_killed_prediction_leaves_its_journal_and_resume_continues_it(trained,
     (tmp_path / "cut" / predict.CALL_RECORD).unlink()  # as an earlier version of predict.py left the folder
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
     assert "recorded no settings (an earlier version of predict.py): they are not compared" in capsys.readouterr().out
+    journal.write_bytes(predict.SETTINGS_MARK + b'{"model": ')  # killed within its first line: nothing to go on
+    assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"Resuming: 0 of {len(listed)} images were predicted in" in said and "recorded no settings" not in said
+    assert json.loads((tmp_path / "cut" / "predictions.json").read_text()) == straight
     journal.write_bytes(b"not json\n{}\t0\t[]\n")
     assert predict.main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 2
     assert f"line 1 of {journal} is not an image's detections" in capsys.readouterr().err

@@ -293,12 +293,13 @@ class ReadingNotes:
     turned: list[Path] = field(default_factory=list)
     other_size: list[str] = field(default_factory=list)
 
-    def say(self) -> None:
+    def say(self, annotations: str | None) -> None:
         if self.turned:
             were = "was" if len(self.turned) == 1 else "were"
+            remedy = f"give their width and height in {annotations}" if annotations else "give --annotations"
             print(f"note: {counted(len(self.turned), 'image')} {were} turned upright as EXIF asks (first: "
                   f"{self.turned[0]}); the predictions are of the turned pictures, as images.json's sizes are. To "
-                  f"read them as a COCO file's sizes say (as training does), give --annotations")
+                  f"read them as a COCO file's sizes say (as training does), {remedy}")
         if self.other_size:
             print(f"warning: {counted(len(self.other_size), 'image')} of another size than --annotations says "
                   f"(first: {self.other_size[0]}): the detections are in the image files' pixels, as images.json's "
@@ -379,13 +380,13 @@ def predict(args: argparse.Namespace) -> int:
                   flush=True)
             raise
         done.write(out)
-        print(f"Wrote the detections of the {len(done.images)} of {len(paths)} images done to {out}; the same "
+        print(f"Wrote the detections of the images done, {len(done.images)} of {len(paths)}, to {out}; the same "
               f"command with --resume predicts the others", file=sys.stderr, flush=True)
         raise
     finally:
         progress.end()  # before an error's line too
     report_left_out(notes.unreadable, len(paths), dropped, category_map)
-    notes.say()
+    notes.say(args.annotations)
     detections = done.write(out)
     drawn = f"{counted(len(to_do) - len(notes.unreadable), 'picture')} and " if pictures is not None else ""
     print(f"Wrote {drawn}{counted(detections, 'detection')} of {counted(len(done.images), 'image')} to {out}")
@@ -541,7 +542,8 @@ def earlier_results(done: Done, out: Path, paths: list[Path], records: list) -> 
 
     if done.journal.is_file():
         settings, entries, end = read_journal(done.journal)
-        check_same_settings(settings, done.settings, out)
+        if end:  # a kill within its first line left nothing to compare: not an earlier version's journal
+            check_same_settings(settings, done.settings, out)
         done.continue_journal([(index(image, done.journal), image, count, start) for image, count, start in entries],
                               end)
     else:
