@@ -319,7 +319,8 @@ class TrainingState:
         changed = keep_this_runs_settings(self.optimizer, self.lr_scheduler, own, checkpoint["lr_scheduler"])
         if changed:
             rate = self.optimizer.param_groups[0]["lr"]
-            utils.print_once(f"{source}: {', '.join(changed)} given otherwise than in its run: they apply from "
+            they = "it applies" if len(changed) == 1 else "they apply"
+            utils.print_once(f"{source}: {', '.join(changed)} given otherwise than in its run: {they} from "
                              f"the saved epoch, on this run's schedule (learning rate {rate:g} now)")
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])

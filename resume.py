@@ -170,7 +170,8 @@ def note_changed_settings(args: argparse.Namespace, saved: dict, resume: str) ->
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')} {plain(getattr(args, name))} (its run: {plain(saved[name])})"
                           for name in changed)
-        utils.print_once(f"--resume {resume}: given otherwise than in its run: {flags}; they apply from here on")
+        they = "it applies" if len(changed) == 1 else "they apply"
+        utils.print_once(f"--resume {resume}: given otherwise than in its run: {flags}; {they} from here on")
 
 
 def check_same_scoring(args: argparse.Namespace, saved: dict, resume: str) -> None:

@@ -42,6 +42,9 @@ def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
     assert capsys.readouterr().out == ("--resume out/checkpoint.pth: given otherwise than in its run: --seed 5 (its "
                                        "run: 1), --data-augmentation ssd (its run: hflip), --min-size 80 (its run: "
                                        "64); they apply from here on\n")
+    resume.note_changed_settings(argparse.Namespace(**{**vars(args), "seed": 1, "data_augmentation": "hflip"}),
+                                saved, "c.pth")
+    assert capsys.readouterr().out.endswith(": --min-size 80 (its run: 64); it applies from here on\n")
     args.min_size = 64
     resume.note_changed_settings(argparse.Namespace(**{**vars(args), "seed": 1, "data_augmentation": "hflip"}),
                                 saved, "c.pth")

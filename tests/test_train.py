@@ -123,7 +123,7 @@ def test_resume_continues_at_next_epoch(trained, dataset, torch_home, tmp_path):
                      torch_home=torch_home)
     assert result.returncode == 0, result.stderr
     assert "Epoch: [1]" in result.stdout and "Epoch: [0]" not in result.stdout
-    assert "--lr given otherwise than in its run: they apply from the saved epoch" in result.stdout
+    assert "--lr given otherwise than in its run: it applies from the saved epoch" in result.stdout
     assert re.search(r"Epoch: \[1\]  \[\s*1/\d+\]  eta: \S+  lr: 0.020000", result.stdout), "--lr 0.02, not 0.01"
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
 
