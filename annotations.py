@@ -432,8 +432,11 @@ def _box_warnings(ann: dict, image: dict) -> list[Finding]:
         return [Finding("warning", "tiny box", f"{_where(ann, image)}: box {bbox} is 1 px or less across; it "
                         f"trains, but an image whose boxes are all this small trains as none")]
     if x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
+        inside = min(x + w, image["width"]) > max(x, 0) and min(y + h, image["height"]) > max(y, 0)
+        said = ("training clips it to the image" if inside else "none of it is inside, so training leaves the "
+                "instance out, and box scoring counts it as one no prediction can match")
         return [Finding("warning", "box outside image", f"{_where(ann, image)}: box {bbox} leaves the "
-                        f"{image['width']}x{image['height']} image")]
+                        f"{image['width']}x{image['height']} image; {said}")]
     return []
 
 

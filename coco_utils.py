@@ -687,7 +687,10 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 0::2].clamp_(min=0, max=width)
         boxes[:, 1::2].clamp_(min=0, max=height)
         keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
-        anns, boxes, masks = [a for a, k in zip(anns, keep.tolist()) if k], boxes[keep], None
+        kept = keep.tolist()
+        faults += [f"{where} annotation {a['id']}: box {a['bbox']} has no extent inside the {width}x{height} image; "
+                   f"instance dropped" for a, k in zip(anns, kept) if not k]
+        anns, boxes, masks = [a for a, k in zip(anns, kept) if k], boxes[keep], None
         if with_masks:
             anns, boxes, masks = _decoded(anns, boxes, record, faults)
         target = {

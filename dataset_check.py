@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import unicodedata
 from collections import Counter, defaultdict
@@ -277,8 +278,9 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
     level = "error" if len(bad) > max_bad_share * max(len(images), 1) else "warning"
     kinds = Counter("size differs from the JSON" if why.startswith("is ") else why.split(" (")[0] for _, why in bad)
     first = f"{image_dir / bad[0][0]['file_name']} {bad[0][1]}"
-    summary = Finding(level, "unusable image", f"{len(bad)} of {len(images)} images cannot be used "
-                      f"({dict(kinds)}); first: {first}")
+    counts = ", ".join(f"{kind}: {count}" for kind, count in kinds.items())
+    summary = Finding(level, "unusable image", f"{len(bad)} of {len(images)} images cannot be used ({counts}); "
+                      f"first: {first}")
     return [summary] + [Finding("warning", "unusable image", f"{image_dir / img['file_name']}: {why}")
                         for img, why in bad[1:]] + notes
 
@@ -357,5 +359,9 @@ def check_before_training(image_dir: Path, images: list[dict], split: str, max_b
     if len(findings) == len(images):  # one finding per unusable image: none could train or score
         raise UserError(f"{split} data: {findings[0].message}; no image of the JSON is found, so check that its "
                         f"file_names are written relative to {image_dir}")
-    raise UserError(f"{split} data: {findings[0].message}; see python3 tools/check_dataset.py for the full "
-                    f"report, or --skip-data-check to start anyway")
+    # Training and evaluation skip unreadable samples up to --max-bad-samples: skipping this check alone would
+    # stop the run at the same files later.
+    unusable = sum(f.kind == "unusable image" for f in findings)
+    enough = math.ceil(round(100 * unusable / len(images), 6)) / 100
+    raise UserError(f"{split} data: {findings[0].message}; fix them (python3 tools/check_dataset.py lists each), "
+                    f"or give --max-bad-samples {enough:g} or more to go on without them")

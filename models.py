@@ -55,6 +55,15 @@ def detections_per_image(model: nn.Module) -> int:
     return heads.detections_per_img
 
 
+def evaluation_settings(model: nn.Module) -> dict:
+    """What the model evaluates with, its builder's defaults included: the size images are resized to, the most
+    detections it keeps per image, and the RPN's score floor (None for a model without an RPN)."""
+    rpn = getattr(model, "rpn", None)
+    return {"min_size": model.transform.min_size[-1], "max_size": model.transform.max_size,
+            "detections_per_image": detections_per_image(model),
+            "rpn_score_thresh": rpn.score_thresh if rpn is not None else None}
+
+
 def drop_detections_below(model: nn.Module, score: float) -> None:
     """Have the model drop detections scoring under score before its NMS, masks and keypoints rather than leave
     that to its caller: the same detections at or above score (NMS suppresses by higher scores, and the cut to the

@@ -77,6 +77,7 @@ from models import (
     build_model,
     check_weights_name_fits,
     detections_per_image,
+    evaluation_settings,
     iou_types,
     layout_of,
     model_options,
@@ -375,20 +376,16 @@ def evaluate_only(run: Run, data: Data, state: TrainingState, checkpoint: dict |
     return metrics
 
 
-# What decides an evaluation's detections and scores besides the weights: its sizes (given, or its run's).
-EVALUATION_SETTINGS = ("min_size", "max_size", "detections_per_image", "rpn_score_thresh", "eval_max_dets")
-
-
 def evaluation_record(args: argparse.Namespace, data: Data, state: TrainingState, checkpoint: dict | None,
                       resume: str) -> dict:
     """What --test-only evaluated, for evaluation.json beside its metrics: the weights (and the epoch and step of
-    a checkpoint's) and the validation files."""
+    a checkpoint's), the validation files, and what decided the detections and scores besides the weights."""
     ann_file = split_paths(args.data_path, args.dataset, "val", args.val_images, args.val_annotations)[1]
     position = {"epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")} if checkpoint else {}
     return {"time": round(time.time(), 3), "evaluated": str(Path(resume).resolve()) if resume else args.weights,
             "weights": "model_ema" if state.ema is not None else "model", **position,
             "val_annotations": str(ann_file.resolve()), "val_images": len(data.val_set),
-            "settings": {name: getattr(args, name) for name in EVALUATION_SETTINGS}}
+            "settings": {**evaluation_settings(state.model), "eval_max_dets": args.eval_max_dets}}
 
 
 def keep_previous_outputs(output_dir: Path) -> None:

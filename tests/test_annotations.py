@@ -215,6 +215,14 @@ def test_a_box_leaving_the_image_on_any_side_by_more_than_a_pixel_is_warned_of(b
     assert [f.kind for f in found] == (["box outside image"] if leaves else []), found
 
 
+@pytest.mark.parametrize("bbox, said", [([40, 5, 15, 15], "training clips it to the image"),
+                                        ([60, 5, 15, 15], "none of it is inside, so training leaves the instance out")])
+def test_a_box_leaving_the_image_says_what_training_does_with_it(bbox, said):
+    (found,) = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(bbox=bbox)))
+    assert found.message.endswith(f"box {bbox} leaves the 50x40 image; {said}" + (
+        "" if "clips" in said else ", and box scoring counts it as one no prediction can match")), found
+
+
 def test_an_iscrowd_written_as_a_string_is_an_error():
     """"0" would read as a crowd region: every instance so written would be left out of training."""
     found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(iscrowd="0")))

@@ -353,10 +353,14 @@ def test_splits_given_apart_from_the_layout_are_checked(clean, tmp_path, capsys)
     assert status == 1 and "--train-images" in report and "is no folder" in report
 
 
-def test_the_start_check_offers_to_skip_it_only_where_some_images_are_found(clean):
+def test_the_start_check_names_the_share_to_go_on_without_them_only_where_some_images_are_found(clean):
     images = json.loads((clean / "annotations" / "instances_train2017.json").read_text())["images"]
-    with pytest.raises(UserError, match="or --skip-data-check to start anyway"):
-        check_before_training(clean / "train2017", [*images, {**images[0], "file_name": "gone.png"}], "train", 0.0)
+    gone = [*images, {**images[0], "file_name": "gone.png"}, {**images[1], "file_name": "lost.png"}]
+    with pytest.raises(UserError, match=rf"^train data: 2 of {len(gone)} images cannot be used \(missing: 2\); first: "
+                                        r".*gone\.png missing; fix them \(python3 tools/check_dataset.py lists "
+                                        r"each\), or give --max-bad-samples 0\.17 or more to go on without them$"):
+        check_before_training(clean / "train2017", gone, "train", 0.0)
+    check_before_training(clean / "train2017", gone, "train", 0.17)  # the share it names is enough
     with pytest.raises(UserError, match=r"no image of the JSON is found, so check that its file_names are written "
                                         r"relative to .*val2017$"):
         check_before_training(clean / "val2017", images, "train", 0.0)

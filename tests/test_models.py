@@ -19,6 +19,7 @@ from models import (
     default_backbone_weights,
     detections_per_image,
     drop_detections_below,
+    evaluation_settings,
     family,
     hub_cache_path,
     iou_types,
@@ -154,6 +155,18 @@ def test_detections_per_image_reaches_each_familys_builder(name, default):
     assert detections_per_image(build_model(name, 3, None, None, None)) == default
     model = build_model(name, 3, None, None, None, **model_options(name, detections_per_image=250))
     assert detections_per_image(model) == 250
+
+
+@pytest.mark.parametrize("name, sizes, detections, rpn", [("maskrcnn_resnet50_fpn", (800, 1333), 100, 0.0),
+                                                           ("retinanet_resnet50_fpn", (800, 1333), 300, None),
+                                                           ("ssdlite320_mobilenet_v3_large", (320, 320), 300, None)])
+def test_evaluation_settings_are_the_models_own_defaults_included(name, sizes, detections, rpn):
+    expected = {"min_size": sizes[0], "max_size": sizes[1], "detections_per_image": detections, "rpn_score_thresh": rpn}
+    assert evaluation_settings(build_model(name, 3, None, None, None)) == expected
+    if rpn is not None:
+        given = model_options(name, min_size=64, max_size=96, rpn_score_thresh=0.25, detections_per_image=7)
+        assert evaluation_settings(build_model(name, 3, None, None, None, **given)) == {
+            "min_size": 64, "max_size": 96, "detections_per_image": 7, "rpn_score_thresh": 0.25}
 
 
 def test_unknown_model():

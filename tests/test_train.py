@@ -97,8 +97,9 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
     for iou_type in ("bbox", "segm"):
         renamed = {"AR100" if name == "AR150" else name: value for name, value in scored_to_150[iou_type].items()}
         assert "AR150" in scored_to_150[iou_type] and renamed == evaluation[iou_type]
-    assert {k: scored_to_150["settings"][k] for k in ("min_size", "max_size", "eval_max_dets")} == {
-        "min_size": 96, "max_size": 96, "eval_max_dets": 150}, "the sizes taken from the checkpoint's run"
+    assert scored_to_150["settings"] == {"min_size": 96, "max_size": 96, "eval_max_dets": 150,
+                                         "detections_per_image": 100, "rpn_score_thresh": 0.0}, \
+        "the sizes taken from the checkpoint's run, the others the builder's defaults"
 
 
 def test_data_that_fails_in_a_loader_worker_is_one_line_and_the_run_ends(trained, dataset, torch_home, tmp_path):
