@@ -66,7 +66,8 @@ def read_annotation_file(ann_file: Path) -> dict:
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem in a dataset: an error breaks a run, a warning is something the loader repairs or skips."""
+    """One finding in a dataset: an error breaks a run, a warning is something the loader repairs or skips, a note
+    is what a sound dataset may hold and the user should know (tools/check_dataset.py --strict passes it)."""
 
     level: str
     kind: str
@@ -224,12 +225,11 @@ def annotation_findings(data: dict) -> list[Finding]:
     warnings += _shared_file_warnings(data["images"])
     warnings += _unused_category_warnings(data)
     empty = [img for img in data["images"] if img["id"] not in annotated]
-    if empty:
-        warnings.append(Finding("warning", "image without annotations",
-                                f"{len(empty)} images have no annotations (first: {empty[0].get('file_name')}); "
-                                f"training leaves them out, evaluation keeps them (detections there are false "
-                                f"positives)"))
-    return errors + warnings
+    # Background images are common in sound data (COCO's train2017 holds about a thousand): a note, not a warning.
+    notes = [Finding("note", "image without annotations", f"{len(empty)} images have no annotations (first: "
+                     f"{empty[0].get('file_name')}); training leaves them out, evaluation keeps them (detections there "
+                     f"are false positives)")] if empty else []
+    return errors + warnings + notes
 
 
 def _unused_category_warnings(data: dict) -> list[Finding]:

@@ -6,7 +6,7 @@ Errors are faults that would break a run (unreadable annotation files, entries w
 every image or category needs, unknown or duplicate ids, more missing or unreadable images than
 --max-bad-samples allows): exit status 1. Warnings are faults the loader repairs or skips (degenerate boxes,
 short or flat polygons, outlines that cannot be drawn, missing areas, a few bad images): exit status 0, or 1
-with --strict.
+with --strict. Notes say what sound data may hold (images without annotations) and never fail the check.
 """
 
 from __future__ import annotations
