@@ -120,27 +120,45 @@ def save_jpeg(picture: torch.Tensor, path: Path) -> None:
     write_atomic(path, lambda f: f.write(encoded.getvalue()), remedy=OUTPUT_REMEDY, sync=False)
 
 
+def _pyplot():
+    """matplotlib's pyplot, drawing without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[dict] = ()) -> Path | None:
     """curves.png from metrics.jsonl's training, evaluation and validation-loss records: losses (training as
     lines, validation as dots) and lr over steps, box and mask AP over epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
     if not train:
         return None
+    plt = _pyplot()
+    fig = curves_figure(train, evals, val)
+    try:
+        write_atomic(out_path, lambda f: fig.savefig(f, format="png"), remedy=RUN_OUTPUT_REMEDY)
+    finally:
+        plt.close(fig)
+    return out_path
+
+
+def curves_figure(train: list[dict], evals: list[dict], val: list[dict] = ()):
+    """plot_curves' figure, of at least one training record."""
+    plt = _pyplot()
     steps = [r["global_step"] for r in train]
+    point = "o" if len(steps) == 1 else None  # a line through one point draws nothing
     loss_names = sorted(k for k in train[-1] if k.startswith("loss"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=80)
     for name in loss_names:
-        (line,) = axes[0].plot(steps, [r.get(name) for r in train], label=name, linewidth=1)
+        (line,) = axes[0].plot(steps, [r.get(name) for r in train], label=name, linewidth=1, marker=point)
         points = [(r["global_step"], r[name]) for r in val if r.get(name) is not None]
         if points:
             axes[0].plot(*zip(*points), "o--", color=line.get_color(), markersize=4, linewidth=0.8)
     axes[0].set(title="losses (dots: validation)" if val else "training losses", xlabel="step", yscale="log")
     axes[0].legend(fontsize=7)
-    axes[1].plot(steps, [r["lr"] for r in train], color="tab:purple")
+    axes[1].plot(steps, [r["lr"] for r in train], color="tab:purple", marker=point)
     axes[1].set(title="learning rate", xlabel="step")
     for iou_type, label in (("bbox", "box AP"), ("segm", "mask AP"), ("keypoints", "keypoint AP")):
         points = [(r["epoch"], r[iou_type]["AP"]) for r in evals if iou_type in r]
@@ -152,8 +170,4 @@ def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        write_atomic(out_path, lambda f: fig.savefig(f, format="png"), remedy=RUN_OUTPUT_REMEDY)
-    finally:
-        plt.close(fig)
-    return out_path
+    return fig
