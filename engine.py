@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +48,12 @@ def pop_faults(targets: Sequence[dict]) -> list[str]:
     return [f for t in targets for f in t.pop("faults", [])]
 
 
+def _annotation_of(fault: str) -> str:
+    """The annotation a fault is of (its '<file> annotation <id>: ' start), or the fault where it names none."""
+    found = re.match(r".*? annotation \S+?: ", fault)
+    return found.group(0) if found else fault
+
+
 class FaultLog:
     """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and knows when more
     than max_share of the epoch's samples (this rank's share of them) could not be read."""
@@ -66,7 +73,8 @@ class FaultLog:
 
     @property
     def repaired(self) -> int:
-        return len(self.epoch_faults) - self.skipped
+        """Annotations repaired or left out: one may have several faults (a polygon removed, then no outline)."""
+        return len({_annotation_of(f) for f in self.epoch_faults if not f.endswith("sample skipped")})
 
     def add(self, faults: list[str], samples_in_epoch: int) -> None:
         self.samples_in_epoch = samples_in_epoch

@@ -139,6 +139,10 @@ def test_fault_log_prints_once_and_enforces_the_share(capsys):
     log.add(["a.jpg: image missing; sample skipped", "b.jpg annotation 3: polygon ... removed"], 20)
     assert capsys.readouterr().out.count("a.jpg") == 1
     assert (log.skipped, log.repaired) == (1, 1), "a sample met twice in an epoch counts once"
+    log.add(["b.jpg annotation 3: no segmentation to learn a mask from; instance dropped"], 20)
+    assert log.repaired == 1, "an annotation counts once however many faults it has"
+    log.add(["b.jpg annotation 4: polygon ... removed"], 20)
+    assert log.repaired == 2
     log.add(["c.jpg: image missing; sample skipped"], 20)
     assert not log.over_limit
     log.add(["d.jpg: image missing; sample skipped"], 20)
