@@ -120,8 +120,9 @@ def _entry_findings(key: str, items: list) -> list[Finding]:
                         f"{repeated[0]!r}); COCOeval would look both up as one instance, so scoring numbers the "
                         f"annotations from 1 (the file stays as it is)")]
     if repeated:
-        return [Finding("error", f"duplicate {key[:-1]} id",
-                        f"{len(repeated)} {key} reuse an id (first: {repeated[0]!r})")]
+        named = [item.get("file_name", item.get("name")) for item in items if item["id"] == repeated[0]]
+        return [Finding("error", f"duplicate {key[:-1]} id", f"{len(repeated)} {key} reuse an id (first: "
+                        f"{repeated[0]!r}, given to {' and '.join(repr(name) for name in named)}); give each its own")]
     return []
 
 

@@ -223,6 +223,15 @@ def test_a_box_leaving_the_image_says_what_training_does_with_it(bbox, said):
         "" if "clips" in said else ", and box scoring counts it as one no prediction can match")), found
 
 
+def test_ids_given_twice_name_the_entries_that_share_them():
+    data = _coco(images=lambda i: i.append({**i[0], "file_name": "b.jpg"}))
+    messages = [f.message for f in annotations.annotation_findings(data) if f.level == "error"]
+    assert messages == ["1 images reuse an id (first: 1, given to 'a.jpg' and 'b.jpg'); give each its own"]
+    data = _coco(categories=lambda c: c.append({"id": 3, "name": "other"}))
+    messages = [f.message for f in annotations.annotation_findings(data) if f.level == "error"]
+    assert messages == ["1 categories reuse an id (first: 3, given to 'thing' and 'other'); give each its own"]
+
+
 def test_an_iscrowd_written_as_a_string_is_an_error():
     """"0" would read as a crowd region: every instance so written would be left out of training."""
     found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(iscrowd="0")))

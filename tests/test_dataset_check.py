@@ -107,7 +107,7 @@ FAULTS = {
     "duplicate ids": (lambda root, d: d["annotations"][1].update(id=d["annotations"][0]["id"]),
                       "WARNING annotation ids", "1 annotations reuse an id (first: "),
     "duplicate image ids": (lambda root, d: d["images"][1].update(id=d["images"][0]["id"]),
-                            "ERROR duplicate image id", "1 images reuse an id"),
+                            "ERROR duplicate image id", ".jpg'); give each its own"),
     "crowd format": (lambda root, d: next(a for a in d["annotations"] if a["iscrowd"]).update(
         segmentation=[[1, 1, 5, 1, 5, 5]]), "WARNING crowd format", "not RLE"),
     "image without annotations": (lambda root, d: d.update(annotations=[
