@@ -121,8 +121,9 @@ def _entry_findings(key: str, items: list) -> list[Finding]:
                         f"annotations from 1 (the file stays as it is)")]
     if repeated:
         named = [item.get("file_name", item.get("name")) for item in items if item["id"] == repeated[0]]
+        others = f" and {len(named) - 2} more" if len(named) > 2 else ""
         return [Finding("error", f"duplicate {key[:-1]} id", f"{len(repeated)} {key} reuse an id (first: "
-                        f"{repeated[0]!r}, given to {' and '.join(repr(name) for name in named)}); give each its own")]
+                        f"{repeated[0]!r}, given to {named[0]!r} and {named[1]!r}{others}); give each its own")]
     return []
 
 

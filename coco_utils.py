@@ -217,7 +217,7 @@ class CocoIndex(COCO):
     def __init__(self) -> None:
         super().__init__()
         self.scoring_indexes: dict[bool, COCO] = {}  # by whether the IoU type scores masks
-        self.warned: dict[str, tuple[int, str]] = {}  # the check's warnings by kind: their count, the first's message
+        self.warned: dict[str, tuple[int, str]] = {}  # the check's findings by kind: their count, the first's message
         self.source: Path | None = None  # the annotation file
 
 
@@ -599,6 +599,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
+        self.train = train
         self.with_masks = train and masks
         self.with_keypoints = keypoints
         ids = sorted(coco.imgs)
@@ -688,8 +689,9 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 1::2].clamp_(min=0, max=height)
         keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
         kept = keep.tolist()
-        faults += [f"{where} annotation {a['id']}: box {a['bbox']} has no extent inside the {width}x{height} image; "
-                   f"instance dropped" for a, k in zip(anns, kept) if not k]
+        if self.train:  # scoring keeps such an instance, as one no prediction can match
+            faults += [f"{where} annotation {a['id']}: box {a['bbox']} has no extent inside the {width}x{height} "
+                       f"image; instance dropped" for a, k in zip(anns, kept) if not k]
         anns, boxes, masks = [a for a, k in zip(anns, kept) if k], boxes[keep], None
         if with_masks:
             anns, boxes, masks = _decoded(anns, boxes, record, faults)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import unicodedata
 from collections import Counter, defaultdict
@@ -47,6 +46,7 @@ from coco_utils import (
     upright,
 )
 from errors import UserError
+from utils import over_share
 
 
 @dataclass
@@ -275,7 +275,7 @@ def image_findings(image_dir: Path, images: list[dict], decode: bool = True, max
         return notes
     reasons = missing_reasons(image_dir, {img["file_name"] for img, why in bad if why == "missing"})
     bad = [(img, reasons.get(img["file_name"], why)) for img, why in bad]
-    level = "error" if len(bad) > max_bad_share * max(len(images), 1) else "warning"
+    level = "error" if over_share(len(bad), max_bad_share, len(images)) else "warning"
     kinds = Counter("size differs from the JSON" if why.startswith("is ") else why.split(" (")[0] for _, why in bad)
     first = f"{image_dir / bad[0][0]['file_name']} {bad[0][1]}"
     counts = ", ".join(f"{kind}: {count}" for kind, count in kinds.items())
@@ -360,8 +360,9 @@ def check_before_training(image_dir: Path, images: list[dict], split: str, max_b
         raise UserError(f"{split} data: {findings[0].message}; no image of the JSON is found, so check that its "
                         f"file_names are written relative to {image_dir}")
     # Training and evaluation skip unreadable samples up to --max-bad-samples: skipping this check alone would
-    # stop the run at the same files later.
+    # stop the run at the same files later. Each process counts its share of the images it loads (training
+    # loads only annotated ones), so the share to give is the user's to judge.
     unusable = sum(f.kind == "unusable image" for f in findings)
-    enough = math.ceil(round(100 * unusable / len(images), 6)) / 100
     raise UserError(f"{split} data: {findings[0].message}; fix them (python3 tools/check_dataset.py lists each), "
-                    f"or give --max-bad-samples {enough:g} or more to go on without them")
+                    f"or raise --max-bad-samples ({max_bad_share:g}) above their share ({unusable} of {len(images)} "
+                    f"here; each process counts its own) to go on without them")

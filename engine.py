@@ -86,7 +86,7 @@ class FaultLog:
 
     @property
     def over_limit(self) -> bool:
-        return self.skipped > self.max_share * self.samples_in_epoch
+        return utils.over_share(self.skipped, self.max_share, self.samples_in_epoch)
 
     def counted(self) -> str:
         """'k of n' skipped samples, n said as this process's share where there are several."""

@@ -188,6 +188,12 @@ def explain_lost_peer(error: BaseException, timeout: int) -> str | None:
             f"the job stops. Once the cause is found, the same command with --resume auto continues")
 
 
+def over_share(count: int, share: float, total: int) -> bool:
+    """Whether count is more than share of total: a share written in decimals allows its count (0.29 of 100 is
+    29, where the float product is 28.999999999999996)."""
+    return count > round(share * total, 9)
+
+
 def counted(count: int, thing: str) -> str:
     """A count and its thing, in the plural unless one: "1 epoch", "3 epochs"."""
     return f"{count} {thing}{'' if count == 1 else 's'}"

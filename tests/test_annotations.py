@@ -227,6 +227,9 @@ def test_ids_given_twice_name_the_entries_that_share_them():
     data = _coco(images=lambda i: i.append({**i[0], "file_name": "b.jpg"}))
     messages = [f.message for f in annotations.annotation_findings(data) if f.level == "error"]
     assert messages == ["1 images reuse an id (first: 1, given to 'a.jpg' and 'b.jpg'); give each its own"]
+    data["images"] += [{**data["images"][0], "file_name": f"{n}.jpg"} for n in range(5)]
+    messages = [f.message for f in annotations.annotation_findings(data) if f.level == "error"]
+    assert messages == ["6 images reuse an id (first: 1, given to 'a.jpg' and 'b.jpg' and 5 more); give each its own"]
     data = _coco(categories=lambda c: c.append({"id": 3, "name": "other"}))
     messages = [f.message for f in annotations.annotation_findings(data) if f.level == "error"]
     assert messages == ["1 categories reuse an id (first: 3, given to 'thing' and 'other'); give each its own"]

@@ -109,7 +109,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tiny_dataset, tmp_pa
     out = tmp_path / "run"
     args = ["--data-path", str(tiny_dataset), "--output-dir", str(out), *TINY, "--epochs", "3",
             "--resume", "auto"]
-    moments = ["save", 7, "save", 11]
+    moments = ["save", 7, "save", 11, "save"]
     interrupted_saves = 0
     for moment in moments:
         process = start_cli("train.py", *args)

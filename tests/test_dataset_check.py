@@ -358,9 +358,10 @@ def test_the_start_check_names_the_share_to_go_on_without_them_only_where_some_i
     gone = [*images, {**images[0], "file_name": "gone.png"}, {**images[1], "file_name": "lost.png"}]
     with pytest.raises(UserError, match=rf"^train data: 2 of {len(gone)} images cannot be used \(missing: 2\); first: "
                                         r".*gone\.png missing; fix them \(python3 tools/check_dataset.py lists "
-                                        r"each\), or give --max-bad-samples 0\.17 or more to go on without them$"):
-        check_before_training(clean / "train2017", gone, "train", 0.0)
-    check_before_training(clean / "train2017", gone, "train", 0.17)  # the share it names is enough
+                                        r"each\), or raise --max-bad-samples \(0\.1\) above their share \(2 of "
+                                        rf"{len(gone)} here; each process counts its own\) to go on without them$"):
+        check_before_training(clean / "train2017", gone, "train", 0.1)
+    check_before_training(clean / "train2017", gone, "train", 2 / len(gone))  # their share is enough
     with pytest.raises(UserError, match=r"no image of the JSON is found, so check that its file_names are written "
                                         r"relative to .*val2017$"):
         check_before_training(clean / "val2017", images, "train", 0.0)
@@ -395,10 +396,10 @@ def test_a_missing_file_is_named_with_what_the_disk_suggests(tmp_path):
 
 def test_the_report_counts_a_kind_only_when_it_has_several_findings():
     report = SplitReport("train", images=3, annotations=4)
-    report.findings = [Finding("warning", "image without annotations", "2 images have no annotations"),
+    report.findings = [Finding("note", "image without annotations", "2 images have no annotations"),
                        Finding("warning", "box outside image", "a"), Finding("warning", "box outside image", "b")]
     text = format_report([report])
-    assert "  WARNING image without annotations:\n    2 images have no annotations" in text
+    assert "  NOTE image without annotations:\n    2 images have no annotations" in text
     assert "  WARNING box outside image (2):\n    a\n    b" in text
 
 

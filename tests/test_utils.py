@@ -108,3 +108,9 @@ def test_the_first_rank_that_differs_from_rank_0_is_named_with_both_values(monke
     assert utils.first_other_rank(ranks[0]) == (2, {"lr": 0.02}, {"lr": 0.01})
     ranks[2:] = [{"lr": 0.01}] * 2
     assert utils.first_other_rank(ranks[0]) is None
+
+
+def test_a_share_written_in_decimals_allows_its_count():
+    assert not utils.over_share(29, 0.29, 100), "0.29 * 100 is 28.999999999999996 in floats"
+    assert utils.over_share(30, 0.29, 100) and utils.over_share(1, 0.0, 8)
+    assert not utils.over_share(0, 0.0, 8) and not utils.over_share(2, 2 / 12, 12)
