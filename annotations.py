@@ -208,6 +208,7 @@ def annotation_findings(data: dict) -> list[Finding]:
             errors.append(Finding("error", "unknown image id", f"annotation {ann.get('id')} points at image id "
                                   f"{ann.get('image_id')!r}, which is not in 'images'"))
         elif ann.get("category_id") not in category_ids:
+            annotated.add(image["id"])  # its image is annotated, if wrongly: not also said to have none
             errors.append(Finding("error", "unknown category id", f"annotation {ann.get('id')} has category id "
                                   f"{ann.get('category_id')!r}, which is not in 'categories'"))
         else:
@@ -430,16 +431,20 @@ def _box_warnings(ann: dict, image: dict) -> list[Finding]:
     if w <= 0 or h <= 0:
         return [Finding("warning", "empty box", f"{_where(ann, image)}: box {bbox} has no extent; training "
                         f"leaves the instance out, and box scoring counts it as one no prediction can match")]
-    if w <= 1 or h <= 1:
+    tiny = w <= 1 or h <= 1
+    leaves = x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1
+    if not (tiny or leaves):
+        return []
+    # What the loader's clipping to the image leaves of it: nothing drops the instance, however small the box.
+    if not (min(x + w, image["width"]) > max(x, 0) and min(y + h, image["height"]) > max(y, 0)):
+        return [Finding("warning", "box outside image", f"{_where(ann, image)}: box {bbox} leaves the "
+                        f"{image['width']}x{image['height']} image; none of it is inside, so training leaves the "
+                        f"instance out, and box scoring counts it as one no prediction can match")]
+    if tiny:
         return [Finding("warning", "tiny box", f"{_where(ann, image)}: box {bbox} is 1 px or less across; it "
                         f"trains, but an image whose boxes are all this small trains as none")]
-    if x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
-        inside = min(x + w, image["width"]) > max(x, 0) and min(y + h, image["height"]) > max(y, 0)
-        said = ("training clips it to the image" if inside else "none of it is inside, so training leaves the "
-                "instance out, and box scoring counts it as one no prediction can match")
-        return [Finding("warning", "box outside image", f"{_where(ann, image)}: box {bbox} leaves the "
-                        f"{image['width']}x{image['height']} image; {said}")]
-    return []
+    return [Finding("warning", "box outside image", f"{_where(ann, image)}: box {bbox} leaves the "
+                    f"{image['width']}x{image['height']} image; training clips it to the image")]
 
 
 def is_flat_polygon(segmentation: object) -> bool:

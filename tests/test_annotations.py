@@ -215,12 +215,21 @@ def test_a_box_leaving_the_image_on_any_side_by_more_than_a_pixel_is_warned_of(b
     assert [f.kind for f in found] == (["box outside image"] if leaves else []), found
 
 
+NONE_INSIDE = "none of it is inside, so training leaves the instance out"
+
+
 @pytest.mark.parametrize("bbox, said", [([40, 5, 15, 15], "training clips it to the image"),
-                                        ([60, 5, 15, 15], "none of it is inside, so training leaves the instance out")])
+                                        ([60, 5, 15, 15], NONE_INSIDE), ([50.2, 5, 0.5, 15], NONE_INSIDE)])
 def test_a_box_leaving_the_image_says_what_training_does_with_it(bbox, said):
     (found,) = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(bbox=bbox)))
     assert found.message.endswith(f"box {bbox} leaves the 50x40 image; {said}" + (
         "" if "clips" in said else ", and box scoring counts it as one no prediction can match")), found
+
+
+def test_an_image_whose_only_annotation_has_an_unknown_category_is_not_also_said_to_have_none():
+    found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(category_id=99)))
+    kinds = [f.kind for f in found]
+    assert "unknown category id" in kinds and "image without annotations" not in kinds, found
 
 
 def test_ids_given_twice_name_the_entries_that_share_them():
