@@ -120,37 +120,26 @@ def save_jpeg(picture: torch.Tensor, path: Path) -> None:
     write_atomic(path, lambda f: f.write(encoded.getvalue()), remedy=OUTPUT_REMEDY, sync=False)
 
 
-def _pyplot():
-    """matplotlib's pyplot, drawing without a display."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(train: list[dict], evals: list[dict], out_path: Path, val: list[dict] = ()) -> Path | None:
     """curves.png from metrics.jsonl's training, evaluation and validation-loss records: losses (training as
     lines, validation as dots) and lr over steps, box and mask AP over epochs."""
     if not train:
         return None
-    plt = _pyplot()
     fig = curves_figure(train, evals, val)
-    try:
-        write_atomic(out_path, lambda f: fig.savefig(f, format="png"), remedy=RUN_OUTPUT_REMEDY)
-    finally:
-        plt.close(fig)
+    write_atomic(out_path, lambda f: fig.savefig(f, format="png"), remedy=RUN_OUTPUT_REMEDY)
     return out_path
 
 
 def curves_figure(train: list[dict], evals: list[dict], val: list[dict] = ()):
-    """plot_curves' figure, of at least one training record."""
-    plt = _pyplot()
+    """plot_curves' figure, of at least one training record: a plain Figure, which draws without pyplot's
+    display backends and is freed with its last reference."""
+    from matplotlib.figure import Figure
+
     steps = [r["global_step"] for r in train]
     point = "o" if len(steps) == 1 else None  # a line through one point draws nothing
     loss_names = sorted(k for k in train[-1] if k.startswith("loss"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=80)
+    fig = Figure(figsize=(15, 4), dpi=80)
+    axes = fig.subplots(1, 3)
     for name in loss_names:
         (line,) = axes[0].plot(steps, [r.get(name) for r in train], label=name, linewidth=1, marker=point)
         points = [(r["global_step"], r[name]) for r in val if r.get(name) is not None]

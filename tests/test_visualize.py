@@ -74,16 +74,12 @@ def test_labels_in_a_font_sized_to_the_picture_and_the_threshold_written(tmp_pat
 
 
 def test_a_run_of_one_logged_step_draws_its_point():
-    import matplotlib.pyplot as plt
-
     one = [{"type": "train", "epoch": 0, "global_step": 4, "lr": 0.01, "loss": 2.0, "loss_mask": 0.7}]
     fig = curves_figure(one, [{"epoch": 0, "bbox": {"AP": 0.1}}])
     drawn = fig.axes[0].lines + fig.axes[1].lines + fig.axes[2].lines
     assert len(drawn) == 4 and all(line.get_marker() not in (None, "None", "") for line in drawn)
-    plt.close(fig)
     fig = curves_figure([*one, {**one[0], "global_step": 8}], [])
     assert all(line.get_marker() == "None" for line in fig.axes[0].lines), "two points make lines"
-    plt.close(fig)
 
 
 def test_pictures_and_curves_are_written_whole_or_not_at_all(tmp_path, full_disk):
