@@ -252,8 +252,8 @@ class TrainingState:
     the epoch was complete; global_step is the run's optimizer steps by then (the records' x axis);
     stopped_early says that --patience ended the run; training_images, the count and digest of the training
     images' ids, which a resumed run's rest of an epoch is drawn from; epoch_so_far, a part-way save's sums of
-    the epoch's steps (StepMeters.so_far), so that the epoch's record covers them. A checkpoint is plain data that
-    torch.load(weights_only=True) reads.
+    the epoch's steps (StepMeters.so_far) and its data faults, so that the epoch's record covers them. A checkpoint
+    is plain data that torch.load(weights_only=True) reads.
     """
 
     model: nn.Module

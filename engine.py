@@ -54,6 +54,15 @@ def _annotation_of(fault: str) -> str:
     return found.group(0) if found else fault
 
 
+def skipped_samples(faults: set[str]) -> int:
+    return sum(f.endswith("sample skipped") for f in faults)
+
+
+def repaired_annotations(faults: set[str]) -> int:
+    """Annotations repaired or left out: one may have several faults (a polygon removed, then no outline)."""
+    return len({_annotation_of(f) for f in faults if not f.endswith("sample skipped")})
+
+
 class FaultLog:
     """Prints each per-sample fault once per run, counts the distinct ones of each epoch, and knows when more
     than max_share of the epoch's samples (this rank's share of them) could not be read."""
@@ -69,12 +78,7 @@ class FaultLog:
 
     @property
     def skipped(self) -> int:
-        return sum(f.endswith("sample skipped") for f in self.epoch_faults)
-
-    @property
-    def repaired(self) -> int:
-        """Annotations repaired or left out: one may have several faults (a polygon removed, then no outline)."""
-        return len({_annotation_of(f) for f in self.epoch_faults if not f.endswith("sample skipped")})
+        return skipped_samples(self.epoch_faults)
 
     def add(self, faults: list[str], samples_in_epoch: int) -> None:
         self.samples_in_epoch = samples_in_epoch
@@ -83,6 +87,10 @@ class FaultLog:
             if fault not in self.seen:
                 self.seen.add(fault)
                 print(f"data: {fault}", flush=True)
+
+    def discard(self, faults: list[str]) -> None:
+        """Count these faults no more this epoch (their samples were read, then not trained on)."""
+        self.epoch_faults.difference_update(faults)
 
     @property
     def over_limit(self) -> bool:
@@ -100,9 +108,6 @@ class FaultLog:
                              f"{self.max_share:g} allows; fix the files it named or raise --max-bad-samples")
         return UserError(f"{self.counted()} samples could not be read {self.scope}, more than --max-bad-samples "
                          f"{self.max_share:g} allows; fix the files named above or raise --max-bad-samples")
-
-    def summary(self) -> str:
-        return f"{self.skipped} samples skipped, {self.repaired} annotations repaired or left out"
 
 
 def warmup_factor(iteration: int, warmup_iters: int, start_factor: float = 0.001) -> float:
@@ -314,6 +319,17 @@ class DataFailure:
     agreed: bool = False
 
 
+def epoch_data_faults(faults: FaultLog, failure: DataFailure, carried: dict | None) -> dict[str, int]:
+    """The epoch's samples skipped and annotations repaired or left out, on every rank (what two ranks both met
+    counts once) and, after a resume part-way, before it too (carried: the checkpoint's sums)."""
+    met = faults.epoch_faults
+    if failure.error is None or failure.agreed:  # every rank is here, but not one alone in its failure
+        met = set().union(*utils.all_gather_object(met))
+    before = (carried or {}).get("faults", {})
+    return {"samples_skipped": skipped_samples(met) + before.get("samples_skipped", 0),
+            "annotations_repaired": repaired_annotations(met) + before.get("annotations_repaired", 0)}
+
+
 def until_data_fails(batches: Iterable, failure: DataFailure) -> Iterator:
     """The batches, ending early where reading one raises a UserError, which failure keeps."""
     try:
@@ -348,10 +364,11 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
     agreement, failure = StopAgreement(options.faults), DataFailure()
     step = start_step
     for batches in until_data_fails(meters.timed(accumulated(data_loader, accumulation)), failure):
-        for _, targets in batches:
-            options.faults.add(pop_faults(targets), steps_in_epoch * images_per_step // utils.get_world_size())
+        faults = pop_faults([target for _, targets in batches for target in targets])
+        options.faults.add(faults, steps_in_epoch * images_per_step // utils.get_world_size())
         # Checked before the step rather than after it, so that the last step done has been logged.
         if agreed_stop(partial(agreement.agreed, step, options.stop_requested()), failure):
+            options.faults.discard(faults)  # a resumed epoch reads these samples again
             break
         warmup.set_lr(step)
         losses.add(step + 1, training_step(model, optimizer, batches, device, options))  # counted as the log does
@@ -370,13 +387,16 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
         agreed_stop(partial(stop_agreed_now, False, options.faults), failure)
     warmup.restore()
     utils.print_once(meters.summary(step - start_step))
-    if options.faults.skipped or options.faults.repaired:
-        utils.print_once(f"Epoch: [{epoch}] data faults: {options.faults.summary()}")
+    fault_counts = epoch_data_faults(options.faults, failure, carried)
+    if any(fault_counts.values()):
+        utils.print_once(f"Epoch: [{epoch}] data faults: {fault_counts['samples_skipped']} samples skipped, "
+                         f"{fault_counts['annotations_repaired']} annotations repaired or left out")
     finished = step == steps_in_epoch and failure.error is None
     if finished and step > start_step:
-        options.on_record(meters.epoch_record(epoch, clock.global_step(epoch, step), step - start_step))
+        options.on_record(meters.epoch_record(epoch, clock.global_step(epoch, step), step - start_step,
+                                              fault_counts))
     return EpochResult(steps_done=step, finished=finished, failure=failure,
-                       so_far=None if finished else meters.so_far(step - start_step))
+                       so_far=None if finished else {**meters.so_far(step - start_step), "faults": fault_counts})
 
 
 def agreed_stop(decide: Callable[[], bool], failure: DataFailure) -> bool:

@@ -165,13 +165,15 @@ class StepMeters:
         return {"seconds": self.carried_seconds + time.time() - self.started, "steps": self.carried_steps + steps_done,
                 "values": {name: [meter.total, meter.count] for name, meter in self.values.items() if name != "lr"}}
 
-    def epoch_record(self, epoch: int, global_step: int, steps_done: int) -> Record:
-        """The record of an epoch's end: its training time, steps and mean rate, and each value's mean over
-        its steps from first_step on (all of them, unless resumed from a checkpoint that kept no sums)."""
+    def epoch_record(self, epoch: int, global_step: int, steps_done: int, counts: dict[str, int] | None = None
+                     ) -> Record:
+        """The record of an epoch's end: its training time, steps and mean rate, the counts given (its data
+        faults), and each value's mean over its steps from first_step on (all of them, unless resumed from a
+        checkpoint that kept no sums)."""
         sums = self.so_far(steps_done)
         values = {"time": round(time.time(), 3), "seconds": round(sums["seconds"], 3), "steps": sums["steps"],
                   "first_step": self.start - self.carried_steps,
-                  "images_per_s": round(self.images_per_step * sums["steps"] / sums["seconds"], 3),
+                  "images_per_s": round(self.images_per_step * sums["steps"] / sums["seconds"], 3), **(counts or {}),
                   **{name: meter.global_avg for name, meter in self.values.items() if name != "lr"}}
         return Record("epoch", epoch, global_step, values)
 

@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import engine
+from conftest import in_two_processes
 from engine import FaultLog, PendingLosses, TrainOptions, Warmup, backward, train_one_epoch, update, warmup_factor
 from errors import UserError
 from group_by_aspect_ratio import ResumableBatchSampler
@@ -133,22 +134,25 @@ def test_non_finite_losses_are_read_together_at_logged_steps():
 
 
 def test_fault_log_prints_once_and_enforces_the_share(capsys):
+    def repaired(log):
+        return engine.repaired_annotations(log.epoch_faults)
+
     log = FaultLog(max_share=0.1)
     log.start_epoch()
     log.add(["a.jpg: image missing; sample skipped"], samples_in_epoch=20)
     log.add(["a.jpg: image missing; sample skipped", "b.jpg annotation 3: polygon ... removed"], 20)
     assert capsys.readouterr().out.count("a.jpg") == 1
-    assert (log.skipped, log.repaired) == (1, 1), "a sample met twice in an epoch counts once"
+    assert (log.skipped, repaired(log)) == (1, 1), "a sample met twice in an epoch counts once"
     log.add(["b.jpg annotation 3: no segmentation to learn a mask from; instance dropped"], 20)
-    assert log.repaired == 1, "an annotation counts once however many faults it has"
+    assert repaired(log) == 1, "an annotation counts once however many faults it has"
     log.add(["b.jpg annotation 4: polygon ... removed"], 20)
-    assert log.repaired == 2
+    assert repaired(log) == 2
     log.add(["c.jpg: image missing; sample skipped"], 20)
     assert not log.over_limit
     log.add(["d.jpg: image missing; sample skipped"], 20)
     assert log.over_limit and "3 of 20 samples could not be read" in str(log.limit_error())
     log.start_epoch()
-    assert (log.skipped, log.repaired, log.over_limit) == (0, 0, False)
+    assert (log.skipped, repaired(log), log.over_limit) == (0, 0, False)
 
 
 def test_the_loop_stops_the_run_past_the_fault_limit(capsys):
@@ -159,6 +163,42 @@ def test_the_loop_stops_the_run_past_the_fault_limit(capsys):
     assert result.failure.agreed, "every rank meets the limit at one agreement"
     assert (result.steps_done, result.finished) == (3, False), "stopped before the step of sample 7"
     assert [r.step for r in records] == [1, 2, 3]
+
+
+def test_an_epochs_record_counts_its_data_faults_and_a_resume_part_way_carries_them():
+    def counts(values):
+        return values["samples_skipped"], values["annotations_repaired"]
+
+    clean = train(TinyDetector(), loader(10), kinds=("epoch",))[1][-1]
+    faulty = train(TinyDetector(), loader(10, faulty=(1, 6)), kinds=("epoch",), faults=FaultLog(0.5))[1][-1]
+    assert counts(clean.values) == (0, 0) and counts(faulty.values) == (2, 0)
+    requests = iter([False, False, True])  # a stop before step 2, whose batch (samples 4 and 5) was read
+    stopped, _, _ = train(TinyDetector(), loader(10, faulty=(1, 4, 6)), faults=FaultLog(0.5),
+                          stop_requested=lambda: next(requests))
+    assert stopped.so_far["faults"] == {"samples_skipped": 1, "annotations_repaired": 0}, "sample 4 not trained on"
+    options = TrainOptions(faults=FaultLog(0.5), on_record=(records := []).append)
+    optimizer = torch.optim.SGD(TinyDetector().parameters(), lr=0.1)
+    train_one_epoch(TinyDetector(), optimizer, loader(10, faulty=(1, 4, 6), skip=2), CPU, 0, options, 2,
+                    stopped.so_far)
+    assert counts(records[-1].values) == (3, 0), "sample 1 before the resume, 4 and 6 after it"
+
+
+def test_the_epochs_faults_are_counted_over_every_rank_once_each(tmp_path, monkeypatch):
+    def work(rank):
+        log = FaultLog(max_share=1.0)
+        log.add([f"{rank}.jpg: image missing; sample skipped", "padded.jpg: image missing; sample skipped",
+                 f"a.jpg annotation {rank}: polygon with 2 points removed"], samples_in_epoch=10)
+        carried = {"faults": {"samples_skipped": 1, "annotations_repaired": 2}}
+        return engine.epoch_data_faults(log, engine.DataFailure(), carried)
+
+    assert in_two_processes(tmp_path, work) == {rank: {"samples_skipped": 4, "annotations_repaired": 4}
+                                                for rank in (0, 1)}
+    monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(engine.utils, "all_gather_object", lambda _: pytest.fail("the other ranks are not there"))
+    alone = engine.DataFailure(error=UserError("6.jpg: the folder is gone"), agreed=False)
+    log = FaultLog(max_share=1.0)
+    log.add(["a.jpg: image missing; sample skipped"], samples_in_epoch=10)
+    assert engine.epoch_data_faults(log, alone, None) == {"samples_skipped": 1, "annotations_repaired": 0}
 
 
 def test_data_that_fails_between_steps_ends_the_epoch_with_the_steps_done_sound():
@@ -227,6 +267,7 @@ def test_faults_after_the_ranks_last_agreed_still_stop_the_run(monkeypatch):
     monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
     monkeypatch.setattr(engine.utils, "max_over_ranks", lambda values: values)
     monkeypatch.setattr(engine.utils, "reduce_dict", lambda losses: losses)
+    monkeypatch.setattr(engine.utils, "all_gather_object", lambda faults: [faults])
     # 20 samples, this rank's share of 40 over 2 ranks; the ranks agree at steps 0 and 1 only (fast steps agree
     # 10 apart), before the faults.
     result, _, _ = train(TinyDetector(), loader(20, faulty=(13, 15, 17)), faults=FaultLog(0.1))

@@ -5,7 +5,7 @@ import shutil
 
 import torch
 
-from conftest import SMALL, TINY, run_cli
+from conftest import SMALL, TINY, read_metrics, run_cli
 
 
 def test_unreadable_images_are_counted_and_limited(tiny_dataset, tmp_path):
@@ -21,6 +21,8 @@ def test_unreadable_images_are_counted_and_limited(tiny_dataset, tmp_path):
     assert result.stdout.count(f"data: {images[0]}: image unreadable") == 1
     assert result.stdout.count(f"data: {images[1]}: image missing") == 1
     assert "data faults: 2 samples skipped" in result.stdout
+    epoch = next(r for r in read_metrics(tmp_path / "out") if r["type"] == "epoch")
+    assert (epoch["samples_skipped"], epoch["annotations_repaired"]) == (2, 0)
 
     result = run_cli("train.py", *args)
     assert result.returncode == 2 and "train data: 1 of 8 images cannot be used" in result.stderr, "start check"
