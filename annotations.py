@@ -165,6 +165,19 @@ def _shared_file_warnings(images: list[dict]) -> list[Finding]:
                     f"apart, so a duplicated image counts twice")]
 
 
+def _shared_name_warnings(categories: list[dict]) -> list[Finding]:
+    """Categories of one name (as merged datasets leave them): the model learns them as separate classes."""
+    first_id: dict[str, object] = {}
+    shared = [(cat["name"], first_id[cat["name"]], cat["id"]) for cat in categories
+              if first_id.setdefault(cat["name"], cat["id"]) != cat["id"]]
+    if not shared:
+        return []
+    name, first, again = shared[0]
+    return [Finding("warning", "category name twice", f"{len(shared)} categories take a name another category has "
+                    f"(first: {name!r}, ids {first!r} and {again!r}); the model learns them as separate classes, "
+                    f"which predictions name alike: give their instances one category id, or rename one")]
+
+
 def _decimal_size_warnings(images: list[dict]) -> list[Finding]:
     """Sizes written as decimals, which the loader reads as the whole numbers they are."""
     decimal = [img for img in images if type(img["width"]) is float or type(img["height"]) is float]
@@ -225,7 +238,7 @@ def annotation_findings(data: dict) -> list[Finding]:
     errors += [f for f in crowd_flags if f.level == "error"]
     warnings += [f for f in crowd_flags if f.level == "warning"]
     warnings += _scoring_field_warnings(data["annotations"]) + _decimal_size_warnings(data["images"])
-    warnings += _shared_file_warnings(data["images"])
+    warnings += _shared_file_warnings(data["images"]) + _shared_name_warnings(data["categories"])
     warnings += _unused_category_warnings(data)
     empty = [img for img in data["images"] if img["id"] not in annotated]
     # Background images are common in sound data (COCO's train2017 holds about a thousand): a note, not a warning.
@@ -596,10 +609,11 @@ def _segmentation_warnings(ann: dict, image: dict, covered: Mapping) -> list[Fin
     the loader repairs."""
     segmentation = ann.get("segmentation")
     if ann.get("iscrowd"):
-        if isinstance(segmentation, list) or segmentation_problem(segmentation, image["height"], image["width"],
-                                                                  covered):
-            return [Finding("warning", "crowd format", f"{_where(ann, image)}: crowd region is not RLE of the "
-                            f"image's size; COCO crowd regions are RLE {{'counts', 'size': [h, w]}}")]
+        problem = "is polygons, not RLE" if isinstance(segmentation, list) else segmentation_problem(
+            segmentation, image["height"], image["width"], covered)
+        if problem:
+            return [Finding("warning", "crowd format", f"{_where(ann, image)}: crowd region {problem}; COCO crowd "
+                            f"regions are RLE {{'counts', 'size': [h, w]}} of the image's size")]
         return []
     if not segmentation:
         return [Finding("warning", "no segmentation", f"{_where(ann, image)}: instance without a segmentation; "
