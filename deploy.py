@@ -76,8 +76,9 @@ def traced_resize_size(image: torch.Tensor, min_size: float, max_size: float) ->
 @contextmanager
 def exact_resize_while_tracing():
     """torchvision's resize (detection.transform._resize_image_and_masks), made to compute its output size as
-    in eager mode while a graph is traced: the one change export makes to torchvision's model, and only to the
-    graph (eager calls and fixed-size or target-carrying resizes go to torchvision's own)."""
+    in eager mode while a graph is traced: one of the two changes export makes to torchvision's model (with
+    traceable_box_decoding), and only to the graph (eager calls and fixed-size or target-carrying resizes go to
+    torchvision's own)."""
     module = torchvision.models.detection.transform
     original = getattr(module, "_resize_image_and_masks", None)
     if original is None:  # a torchvision that resizes otherwise: its own code is traced, as it is
@@ -99,6 +100,35 @@ def exact_resize_while_tracing():
         module._resize_image_and_masks = original
 
 
+def decode_any_count(box_coder, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """torchvision's BoxCoder.decode as graph ops without its branch on whether there are any boxes: traced, that
+    branch keeps the sample's case only, and the graph then fails on images of the other (regions proposed on
+    one, none on the other, as a barely trained model or --rpn-score-thresh gives)."""
+    concat_boxes = torch.cat(boxes, dim=0)
+    # (boxes, classes x 4) already, from both of torchvision's callers; the class count is the graph's constant.
+    classes = int(rel_codes.shape[-1]) // 4
+    return box_coder.decode_single(rel_codes, concat_boxes).reshape(concat_boxes.shape[0], classes, 4)
+
+
+@contextmanager
+def traceable_box_decoding():
+    """torchvision's BoxCoder.decode, made to hold for any number of boxes while a graph is traced (eager calls go
+    to torchvision's own)."""
+    coder = torchvision.models.detection._utils.BoxCoder
+    original = coder.decode
+
+    def decode(self, rel_codes, boxes):
+        if not torch.jit.is_tracing():
+            return original(self, rel_codes, boxes)
+        return decode_any_count(self, rel_codes, boxes)
+
+    coder.decode = decode
+    try:
+        yield
+    finally:
+        coder.decode = original
+
+
 def require(module: str):
     """An optional module of the export set, or one line saying how to install it."""
     try:
@@ -116,7 +146,7 @@ def _torchscript_proto(wrapper: ImageInGraph, sample: torch.Tensor, opset: int):
         axes["masks"].update({2: "height", 3: "width"})
     buffer = io.BytesIO()
     # The warnings silenced are the tracer's and deprecations about torchvision's code, not the user's.
-    with warnings.catch_warnings(), exact_resize_while_tracing():
+    with warnings.catch_warnings(), exact_resize_while_tracing(), traceable_box_decoding():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (sample,), buffer, dynamo=False, opset_version=opset, input_names=["image"],
                           output_names=list(wrapper.names), dynamic_axes=axes)
@@ -198,8 +228,11 @@ class OnnxModel:
         ort = require("onnxruntime")
         if not Path(path).is_file():
             raise UserError(f"--onnx {path}: no such file; give a file written by tools/export.py")
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a failed run is said once, by run_one's error, not also in onnxruntime's log
+        self.path = path
         try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own types for missing, truncated and foreign files
             raise UserError(f"--onnx {path} could not be loaded by onnxruntime ({str(e).strip()[:200]}); give a "
                             f"file written by tools/export.py") from None
@@ -237,7 +270,12 @@ class OnnxModel:
             image = image.mul(255).round_().to(torch.uint8)
         elif not self.uint8 and not image.is_floating_point():
             image = image.float().div_(255)
-        outputs = self.session.run(None, {"image": image.contiguous().numpy()})
+        try:
+            outputs = self.session.run(None, {"image": image.contiguous().numpy()})
+        except Exception as e:  # onnxruntime's own error types, none of them a RuntimeError
+            raise UserError(f"onnxruntime could not run {self.path} on a {image.shape[2]}x{image.shape[1]} image "
+                            f"({_summary(e)}); export the model again with this version's tools/export.py, which "
+                            f"checks the file on images with and without detections") from None
         # The outputs come sorted by score, highest first: a cut keeps the best.
         return {n: torch.from_numpy(v)[:self.keep] for n, v in zip(self.names, outputs)}
 

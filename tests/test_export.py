@@ -281,6 +281,28 @@ def test_foreign_onnx_file_is_refused(tmp_path):
         deploy.OnnxModel(tmp_path / "junk.onnx")
 
 
+def test_a_graph_that_fails_on_an_image_is_one_line(tmp_path, capfd):
+    shape = onnx.helper.make_tensor("shape", onnx.TensorProto.INT64, [2], [-1, 7])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Reshape", ["image", "shape"], ["boxes"])], "failing",
+                                   [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.UINT8,
+                                                                       [3, "h", "w"])],
+                                   [onnx.helper.make_tensor_value_info("boxes", onnx.TensorProto.UINT8, None)],
+                                   initializer=[shape])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    meta = {"model": "fasterrcnn_resnet50_fpn", "input_dtype": "uint8",
+            "categories": json.dumps([{"id": 1, "name": "thing"}])}
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, tmp_path / "failing.onnx")
+    onnx_model = deploy.OnnxModel(tmp_path / "failing.onnx")
+    assert onnx_model.run_one(torch.zeros(3, 7, 5, dtype=torch.uint8))["boxes"].shape == (15, 7)
+    with pytest.raises(UserError) as error:
+        onnx_model.run_one(torch.zeros(3, 4, 5, dtype=torch.uint8))
+    assert str(error.value).startswith(f"onnxruntime could not run {tmp_path / 'failing.onnx'} on a 5x4 image (")
+    assert "\n" not in str(error.value) and "export the model again" in str(error.value)
+    assert capfd.readouterr().err == "", "onnxruntime's own log says nothing"
+
+
 def detections(boxes, scores, labels) -> dict:
     return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
             "labels": torch.tensor(labels)}
@@ -445,3 +467,36 @@ def test_the_graph_resizes_images_to_pytorchs_size():
         assert session.run(None, {"image": image.numpy()})[0].shape[-2:] == expected, (height, width)
     restored = torchvision.models.detection.transform._resize_image_and_masks
     assert restored.__module__ == "torchvision.models.detection.transform"
+
+
+class Decode(torch.nn.Module):
+    """Box-head regressions of 3 classes decoded against the rows of `boxes` (any count, none included), as the
+    box head decodes its regions."""
+
+    def forward(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return torchvision.models.detection._utils.BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(rel_codes, [boxes])
+
+
+@pytest.mark.parametrize("traced_count", [0, 4])
+def test_the_graph_decodes_any_number_of_regions_whichever_the_sample_had(traced_count):
+    """torchvision's decode branches on whether there are regions; traced, a graph of a sample with regions failed
+    on an image with none (and the other way round), as a barely trained model's proposals give."""
+    ort = pytest.importorskip("onnxruntime")
+    generator = torch.Generator().manual_seed(0)
+
+    def inputs(count):
+        corners = torch.rand(count, 2, generator=generator) * 50
+        return torch.randn(count, 12, generator=generator), torch.cat([corners, corners + 10], dim=1)
+
+    buffer = io.BytesIO()
+    with deploy.traceable_box_decoding():
+        torch.onnx.export(Decode().eval(), inputs(traced_count), buffer, dynamo=False, opset_version=deploy.OPSET,
+                          input_names=["codes", "boxes"], output_names=["out"],
+                          dynamic_axes={"codes": {0: "n"}, "boxes": {0: "n"}, "out": {0: "n"}})
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    for count in (0, 1, 5):
+        codes, boxes = inputs(count)
+        expected = Decode()(codes, boxes).reshape(count, 3, 4)  # eager keeps (0, 12) for none
+        out = session.run(None, {"codes": codes.numpy(), "boxes": boxes.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-5, atol=1e-4)
+    assert torchvision.models.detection._utils.BoxCoder.decode.__module__ == "torchvision.models.detection._utils"

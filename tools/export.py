@@ -18,9 +18,9 @@ check passes, so a failed check leaves an earlier file as it was.
 
 Limits, with torch 2.14.1 and torchvision 0.29.1: torch's dynamo-based exporter stops at torchvision's NMS
 (a shape that depends on the data), so the TorchScript-based exporter is the default (--exporter dynamo tries the
-other). One image per call. Images with no detection give empty outputs (masks (0, 1, H, W)), which works. The
-export is tested for Faster R-CNN, Mask R-CNN and Keypoint R-CNN; other families are exported when torch can
-and the check says whether the result holds.
+other). One image per call. Images with no detection give empty outputs (masks (0, 1, H, W)), which works,
+and so do images on which the model proposes no region. The export is tested for Faster R-CNN, Mask R-CNN and
+Keypoint R-CNN; other families are exported when torch can and the check says whether the result holds.
 """
 
 from __future__ import annotations
