@@ -16,7 +16,16 @@ from coco_eval import COCO_MAX_DETECTIONS, COCOEVAL_BACKENDS, metric_names
 from coco_utils import DATASET_LAYOUTS, MIN_KEYPOINTS_PER_IMAGE, add_split_paths
 from devices import AMP_DTYPES
 from errors import UserError
-from models import MODELS, check_size_order, default_backbone_weights, iou_types
+from models import (
+    MODELS,
+    backbone_weights_class,
+    check_size_order,
+    check_weights_name_fits,
+    default_backbone_weights,
+    iou_types,
+    model_options,
+    resolve_weights,
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -337,6 +346,19 @@ def check_args(args: argparse.Namespace) -> None:
     if args.trainable_backbone_layers is not None and args.weights is None and args.weights_backbone is None:
         raise UserError("--trainable-backbone-layers applies to pretrained weights; from scratch every backbone "
                         "stage trains, so leave it out or give --weights-backbone")
+    builder_options(args)  # the model flags' mistakes that need no data, said before it is read
+    if args.weights:
+        check_weights_name_fits(args.model, args.weights)
+        resolve_weights(args.weights, "--weights")
+    elif args.weights_backbone and not args.resume:  # a resumed run reads no backbone file
+        resolve_weights(args.weights_backbone, "--weights-backbone", backbone_weights_class(args.model))
+
+
+def builder_options(args: argparse.Namespace) -> dict:
+    """The model flags given, as the builder's keyword arguments; one the model does not take is an error."""
+    return model_options(args.model, min_size=args.min_size, max_size=args.max_size,
+                         box_batch_size_per_image=args.rois_per_image, rpn_score_thresh=args.rpn_score_thresh,
+                         detections_per_image=args.detections_per_image)
 
 
 def best_metric(args: argparse.Namespace) -> tuple[str, str]:

@@ -278,7 +278,7 @@ def _run_builder(name: str, backbone_enum: WeightsEnum | None, reader: Callable[
             model = torchvision.models.get_model(name, weights=None, weights_backbone=backbone_enum, **kwargs)
     except (TypeError, ValueError) as e:
         flag = "--weights-backbone" if "weights" in str(e).lower() else "--trainable-backbone-layers"
-        raise UserError(f"{flag} does not fit --model {name}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{flag} does not fit --model {name}: {str(e).strip().splitlines()[0].strip()}") from None
     except RuntimeError as e:  # the builder's load_state_dict of a backbone file of another layout
         if weights_backbone is None:
             raise

@@ -70,7 +70,7 @@ from engine import (
     validation_losses,
 )
 from errors import UserError, exit_status, message_of
-from flags import best_metric, check_args, make_parser
+from flags import best_metric, builder_options, check_args, make_parser
 from freed_memory import NOT_KEPT_WARNING, reuse_freed_memory_checked, reuse_wanted
 from metrics import Record, Writers, duration
 from models import (
@@ -80,7 +80,6 @@ from models import (
     evaluation_settings,
     iou_types,
     layout_of,
-    model_options,
     trained_pretrained,
 )
 from optimization import make_lr_scheduler, make_optimizer, scale_learning_rate
@@ -231,9 +230,7 @@ def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | 
     utils.print_once(f"Creating model {args.model} with {num_classes} classes")
     if checkpoint is not None:
         take_saved_settings(args, checkpoint["args"])
-    options = model_options(args.model, min_size=args.min_size, max_size=args.max_size,
-                            box_batch_size_per_image=args.rois_per_image, rpn_score_thresh=args.rpn_score_thresh,
-                            detections_per_image=args.detections_per_image)
+    options = builder_options(args)
     if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:
         options["_skip_resize"] = True  # in training only: evaluation images are resized by the model
     if checkpoint is None:

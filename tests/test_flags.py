@@ -62,3 +62,28 @@ def test_model_ema_eval_without_model_ema_is_refused():
                                         "--model-ema, or leave --model-ema-eval out"):
         flags.check_combinations(args)
     flags.check_combinations(train.get_args_parser().parse_args(["--model-ema", "--model-ema-eval", "average"]))
+
+
+MODEL_FLAG_MISTAKES = [
+    (["--model", "ssd300_vgg16", "--min-size", "64"], "--min-size does not apply to --model ssd300_vgg16"),
+    (["--model", "retinanet_resnet50_fpn", "--rois-per-image", "32"], "--rois-per-image does not apply"),
+    (["--weights", "Foo.BAR"], "--weights Foo.BAR: neither a file nor a torchvision weights name"),
+    (["--weights", "missing.pth"], "--weights missing.pth: no such file"),
+    (["--weights", "RetinaNet_ResNet50_FPN_Weights.COCO_V1"], "are weights of retinanet_resnet50_fpn, not of"),
+    (["--weights-backbone", "Foo.BAR"], "--weights-backbone Foo.BAR: neither a file nor a torchvision weights"),
+]
+
+
+@pytest.mark.parametrize("args, message", MODEL_FLAG_MISTAKES, ids=[" ".join(a) for a, _ in MODEL_FLAG_MISTAKES])
+def test_model_flags_that_cannot_work_are_refused_before_the_data_is_read(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=message):
+        flags.check_args(train.get_args_parser().parse_args(["--data-path", "no-such-folder", *args]))
+
+
+def test_a_resumed_run_does_not_need_the_backbone_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    parser = train.get_args_parser()
+    with pytest.raises(UserError, match="--weights-backbone ResNet50_Weights.IMAGENET1K_V1: .* is missing"):
+        flags.check_args(parser.parse_args([]))
+    flags.check_args(parser.parse_args(["--resume", "auto"]))  # read from the checkpoint, where there is one
