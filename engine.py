@@ -141,8 +141,8 @@ class PendingLosses:
     """Loss values kept on the device until a logged step reads them: reading one is a host sync, and a step
     needs none of its own. A non-finite loss is found then, and named with its own step."""
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: int, amp_dtype: torch.dtype | None = None) -> None:
+        self.epoch, self.amp_dtype = epoch, amp_dtype
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     def add(self, step: int, loss_dict: dict[str, torch.Tensor]) -> None:
@@ -159,10 +159,11 @@ class PendingLosses:
             total = sum(row)
             if not math.isfinite(total):
                 shown = {k: round(v, 4) for k, v in zip(names, row)}
+                bfloat16 = "--amp-dtype bfloat16 instead of float16, " if self.amp_dtype == torch.float16 else ""
                 raise UserError(
                     f"loss is {total} at epoch {self.epoch} step {step} {shown}; training stopped without a "
                     f"checkpoint of these weights (earlier ones are kept). Likely fixes: a lower --lr, "
-                    f"--clip-grad-norm 10, --amp-dtype bfloat16 instead of float16, or a look at the data")
+                    f"--clip-grad-norm 10, {bfloat16}or a look at the data")
             rows.append({"loss": total, **dict(zip(names, row))})
         self.pending.clear()
         return rows
@@ -359,7 +360,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
     images_per_step = clock.batch_size * accumulation * utils.get_world_size()
     meters = StepMeters(f"Epoch: [{epoch}]", start_step, steps_in_epoch, images_per_step, carried)
     schedule = LogSchedule(options.print_freq, steps_in_epoch)
-    losses, warmup = PendingLosses(epoch), Warmup(optimizer, epoch, steps_in_epoch)
+    losses, warmup = PendingLosses(epoch, options.amp_dtype), Warmup(optimizer, epoch, steps_in_epoch)
     options.faults.start_epoch()
     agreement, failure = StopAgreement(options.faults), DataFailure()
     step = start_step

@@ -295,6 +295,10 @@ def check_schedule(args: argparse.Namespace) -> None:
     if late and not args.test_only:
         print(f"warning: --lr-steps {' '.join(map(str, late))} not before --epochs {args.epochs}: "
               f"{'that step never happens' if len(late) == 1 else 'those steps never happen'}", file=sys.stderr)
+    if args.lr_step_size is not None and args.lr_steps is None and args.lr_step_size >= args.epochs \
+            and not args.test_only:
+        print(f"warning: --lr-step-size {args.lr_step_size} not below --epochs {args.epochs}: the learning rate "
+              f"never steps", file=sys.stderr)
 
 
 def check_combinations(args: argparse.Namespace) -> None:
@@ -320,6 +324,12 @@ def check_combinations(args: argparse.Namespace) -> None:
 
 def check_training_combinations(args: argparse.Namespace) -> None:
     """Reject training flags that do not go together."""
+    if args.amp_dtype is not None and not args.amp:
+        raise UserError(f"--amp-dtype {args.amp_dtype} picks --amp's precision; add --amp, or leave --amp-dtype out")
+    if args.lr_scheduler == "cosineannealinglr" and (args.lr_steps is not None or args.lr_step_size is not None):
+        flag = "--lr-steps" if args.lr_steps is not None else "--lr-step-size"
+        raise UserError(f"{flag} sets multisteplr's steps, and --lr-scheduler cosineannealinglr falls smoothly over "
+                        f"--epochs; leave {flag} out, or use --lr-scheduler multisteplr")
     if args.model_ema_eval != "both" and not args.model_ema:
         raise UserError(f"--model-ema-eval {args.model_ema_eval} chooses among the weights --model-ema keeps; add "
                         f"--model-ema, or leave --model-ema-eval out")

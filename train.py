@@ -223,6 +223,14 @@ def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MA
                      f"the model")
 
 
+def note_scored_beyond_kept(kept: int, scored: int) -> None:
+    """--eval-max-dets above the detections the model keeps: its recall (AR at that many) counts only those."""
+    if scored > kept:
+        utils.print_once(f"note: --eval-max-dets {scored} scores up to {scored} detections an image, and the model "
+                         f"keeps {kept} (--detections-per-image), so AR{scored} counts {kept} at most; give "
+                         f"--detections-per-image {scored} too")
+
+
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None,
                  categories: CategoryMap) -> torch.nn.Module:
     """torchvision's model, with its weights read from local files; for a checkpoint, laid out as its run was
@@ -697,6 +705,7 @@ def main(args: argparse.Namespace) -> dict:
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint, data.category_map))
     bare_model = getattr(model, "module", model)  # without DDP's wrapper
     note_crowded_images(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
+    note_scored_beyond_kept(detections_per_image(bare_model), args.eval_max_dets)
     state = create_training_state(run, bare_model, data, num_classes, checkpoint)
     if checkpoint is not None:
         restore(run, state, checkpoint, resume, data, continues_folder=not of_another_folder)

@@ -123,6 +123,11 @@ def test_a_non_finite_loss_names_its_step_and_the_fixes():
     message = str(error.value)
     assert message.startswith("loss is nan at epoch 0 step 3 {'loss_a': nan, 'loss_b': "), "the 3rd, as logged"
     assert "--clip-grad-norm 10" in message and "without a checkpoint of these weights (earlier ones" in message
+    assert "--amp-dtype" not in message, "a run without --amp has no precision to change"
+    pending = PendingLosses(epoch=0, amp_dtype=torch.float16)
+    pending.add(0, {"a": torch.tensor(float("nan"))})
+    with pytest.raises(UserError, match="--clip-grad-norm 10, --amp-dtype bfloat16 instead of float16, or a look"):
+        pending.read()
 
 
 def test_non_finite_losses_are_read_together_at_logged_steps():

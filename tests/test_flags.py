@@ -33,8 +33,12 @@ def test_every_count_share_and_rate_out_of_range_is_refused(args, message):
 
 
 def test_every_lr_step_past_the_last_epoch_is_named(capsys):
-    flags.check_schedule(argparse.Namespace(lr_steps=[16, 22], epochs=1, test_only=False))
+    flags.check_schedule(argparse.Namespace(lr_steps=[16, 22], lr_step_size=None, epochs=1, test_only=False))
     assert "--lr-steps 16 22 not before --epochs 1: those steps never happen" in capsys.readouterr().err
+    flags.check_schedule(argparse.Namespace(lr_steps=None, lr_step_size=5, epochs=5, test_only=False))
+    assert "--lr-step-size 5 not below --epochs 5: the learning rate never steps" in capsys.readouterr().err
+    flags.check_schedule(argparse.Namespace(lr_steps=None, lr_step_size=4, epochs=5, test_only=False))
+    assert capsys.readouterr().err == ""
 
 
 def test_a_model_without_keypoints_on_keypoint_data_is_told_what_it_learns(capsys):
@@ -62,6 +66,21 @@ def test_model_ema_eval_without_model_ema_is_refused():
                                         "--model-ema, or leave --model-ema-eval out"):
         flags.check_combinations(args)
     flags.check_combinations(train.get_args_parser().parse_args(["--model-ema", "--model-ema-eval", "average"]))
+
+
+IGNORED_COMBINATIONS = [
+    (["--amp-dtype", "bfloat16"], "--amp-dtype bfloat16 picks --amp's precision; add --amp, or leave"),
+    (["--lr-scheduler", "cosineannealinglr", "--lr-steps", "8"], "--lr-steps sets multisteplr's steps"),
+    (["--lr-scheduler", "cosineannealinglr", "--lr-step-size", "4"], "leave --lr-step-size out, or use"),
+]
+
+
+@pytest.mark.parametrize("args, message", IGNORED_COMBINATIONS, ids=[" ".join(a) for a, _ in IGNORED_COMBINATIONS])
+def test_flags_that_another_flag_would_ignore_are_refused(args, message):
+    parser = train.get_args_parser()
+    with pytest.raises(UserError, match=message):
+        flags.check_training_combinations(parser.parse_args(args))
+    flags.check_training_combinations(parser.parse_args(["--amp", "--amp-dtype", "bfloat16"]))
 
 
 MODEL_FLAG_MISTAKES = [

@@ -212,6 +212,15 @@ def test_a_run_resumed_at_its_end_has_nothing_left_to_train(epoch, step, evaluat
         epoch + (step is None) >= epochs), "another folder's metrics say nothing of a checkpoint of another folder"
 
 
+def test_scoring_more_detections_than_the_model_keeps_is_noted(capsys):
+    train.note_scored_beyond_kept(kept=300, scored=300)
+    assert capsys.readouterr().out == ""
+    train.note_scored_beyond_kept(kept=100, scored=300)
+    assert capsys.readouterr().out == (
+        "note: --eval-max-dets 300 scores up to 300 detections an image, and the model keeps 100 "
+        "(--detections-per-image), so AR300 counts 100 at most; give --detections-per-image 300 too\n")
+
+
 def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
     counts = {1: (3, 0), 2: (5, 9), 3: (4, 0)}  # image: instances, crowd regions
     anns = [{"image_id": image, "category_id": 1 + k % 2, "bbox": [0, 0, 5, 5], "iscrowd": crowd}
