@@ -53,7 +53,12 @@ def read_annotation_file(ann_file: Path) -> dict:
     try:
         with collection_paused():
             data = parse_json(Path(ann_file).read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except FileNotFoundError:
+        raise UserError(f"annotation file {ann_file}: no such file; check the path") from None
+    except OSError as e:
+        raise UserError(f"annotation file {ann_file} cannot be read ({e.strerror}); check the path and that it is "
+                        f"a readable file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"annotation file {ann_file} is not readable JSON ({e}); re-export or re-download it") from None
     if not isinstance(data, dict):
         raise UserError(f"annotation file {ann_file} holds no COCO object; it must be a JSON object")

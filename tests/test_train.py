@@ -937,7 +937,11 @@ def test_predict_names_pictures_of_one_stem_apart():
     (["--onnx", "m.onnx", "--min-size", "320"], "fixed when the ONNX model was exported"),
     (["--detections-per-image", "0"], "--detections-per-image 0 must be at least 1"),
     (["--model", "fasterrcnn_resnet50_fpn"], "holds a maskrcnn_resnet50_fpn; leave --model out"),
-    (["--annotations", "/nowhere/instances.json"], "/nowhere/instances.json is not readable JSON"),
+    (["--annotations", "/nowhere/instances.json"], "annotation file /nowhere/instances.json: no such file; check"),
+    (["--onnx", "m.onnx", "--batch-size", "8"], "--no-speedups, --batch-size and --reuse-freed-memory apply to a"),
+    (["--onnx", "m.onnx", "--no-speedups"], "onnxruntime runs the --onnx file one image at a time; leave them"),
+    (["--onnx", "m.onnx", "--no-reuse-freed-memory"], "leave them out with --onnx"),
+    (["--resume"], "holds no earlier call to continue (no journal, images.json or predictions.json); check"),
     (["--output-dir", "FILE"], "is a file, not a folder; give a folder (it is made if missing)"),
     (["--no-labels", "--no-pictures"], "--no-labels changes the pictures, which --no-pictures leaves out"),
 ])
@@ -950,8 +954,9 @@ def test_predict_refuses_what_it_would_ignore_or_fail_on_late_in_one_line(traine
     source = [] if "--onnx" in flags else ["--checkpoint", str(trained[0] / "checkpoint.pth")]
     image = sorted((dataset / "val2017").glob("*.jpg"))[0]
     status = predict.main([*source, str(image), "--output-dir", str(tmp_path / "out"), "--device", "cpu", *flags])
-    error = capsys.readouterr().err
-    assert status == 2 and message in error and "Traceback" not in error, error
+    said = capsys.readouterr()
+    assert status == 2 and message in said.err and "Traceback" not in said.err, said.err
+    assert "note:" not in said.out + said.err, "only the error is said"
 
 
 def test_predict_refuses_weights_whose_class_heads_do_not_fit(trained, dataset, tmp_path, capsys):

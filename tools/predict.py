@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the others before pasting masks (the same detections, less memory and time)")
     parser.add_argument("--device", default="cuda",
                         help="cuda or cpu (cuda falls back to the CPU; --onnx runs on the CPU)")
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="images run together, those the model pads to one size (default 4)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images run together, those the model pads to one size (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, else the model's")
     parser.add_argument("--detections-per-image", type=int, default=None,
@@ -221,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status(lambda: predict(args), "every file written is whole")
 
 
+DEFAULT_BATCH_SIZE = 4
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Flags that would be ignored or fail late, refused before anything loads."""
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     check_sizes_and_score(args)
     if not args.resume:
@@ -233,6 +236,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.onnx and (args.model or args.min_size or args.max_size):
         raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
                         "(tools/export.py); leave them out with --onnx")
+    if args.onnx and (args.no_speedups or args.batch_size is not None or args.reuse_freed_memory is not None):
+        raise UserError("--no-speedups, --batch-size and --reuse-freed-memory apply to a PyTorch model, and "
+                        "onnxruntime runs the --onnx file one image at a time; leave them out with --onnx")
+    if args.batch_size is None:
+        args.batch_size = 1 if args.onnx else DEFAULT_BATCH_SIZE
 
 
 def check_sizes_and_score(args: argparse.Namespace) -> None:
@@ -547,6 +555,9 @@ def earlier_results(done: Done, out: Path, paths: list[Path], records: list) -> 
         done.continue_journal([(index(image, done.journal), image, count, start) for image, count, start in entries],
                               end)
     else:
+        if not (out / "images.json").is_file() and not (out / "predictions.json").is_file():
+            raise UserError(f"--resume: {out} holds no earlier call to continue (no journal, images.json or "
+                            f"predictions.json); check --output-dir, or leave --resume out")
         check_same_settings(recorded_settings(out), done.settings, out)
         try:
             images = json.loads((out / "images.json").read_text())
