@@ -115,3 +115,32 @@ def test_a_folder_holding_what_the_generator_did_not_write_is_refused(tmp_path, 
     assert generate_dataset(ours, spec) == ours, "its own folder is written again"
     (ours / ".written_by_make_coco_dataset").unlink()  # written before the marker: told by the description
     assert generate_dataset(ours, spec) == ours
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-images", "-1"], "--train-images -1 must be at least 1"),
+    (["--val-images", "0"], "--val-images 0 must be at least 1"),
+    (["--instances", "-1"], "--instances -1 must be at least 1"),
+    (["--seed", "-1"], "--seed -1 must be at least 0"),
+    (["--size", "0"], "--size 0 must be at least 32"),
+    (["--size", "80", "--min-size", "64"], "--size fixes every side; give it, or --min-size and --max-size"),
+])
+def test_counts_and_sizes_that_make_no_dataset_are_one_line(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path / "d"), *args])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main([str(tmp_path / "file" / "d"), "--train-images", "1", "--val-images", "1"]) == 2
+    assert "cannot make" in capsys.readouterr().err
+
+
+def test_a_smaller_dataset_written_again_leaves_no_earlier_images(tmp_path):
+    generate_dataset(tmp_path, DatasetSpec(train_images=4, val_images=2, min_size=48, max_size=48))
+    generate_dataset(tmp_path, DatasetSpec(train_images=2, val_images=1, min_size=48, max_size=48))
+    for split in ("train", "val"):
+        listed = json.loads((tmp_path / "annotations" / f"instances_{split}2017.json").read_text())["images"]
+        assert sorted(p.name for p in (tmp_path / f"{split}2017").iterdir()) == sorted(i["file_name"] for i in listed)

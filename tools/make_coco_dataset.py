@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,10 @@ def _write_split(root: Path, split: str, count: int, spec: DatasetSpec, first_im
         image.save(folder / file_name, quality=90)
         images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
         annotations += anns
+    written = {image["file_name"] for image in images}
+    for stale in folder.glob("*.jpg"):  # an earlier, larger dataset's images, which no file would list
+        if re.fullmatch(r"\d{12}\.jpg", stale.name) and stale.name not in written:
+            stale.unlink()
     return {
         "info": {"description": DESCRIPTION, "version": "1.0", "year": 2017},
         "licenses": [],
@@ -324,7 +329,10 @@ def generate_dataset(root: str | Path, spec: DatasetSpec) -> Path:
     (tools/demo.py relies on this)."""
     root = Path(root)
     check_ours_to_write(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make {root} ({e.strerror}); choose another folder") from None
     (root / MARKER).touch()
     (root / "annotations").mkdir(exist_ok=True)
     for split, count, first_id in (("train", spec.train_images, 1000), ("val", spec.val_images, 500000)):
@@ -372,11 +380,19 @@ def main(argv: list[str] | None = None) -> int:
     spec.seed = args.seed
     spec.coco_categories = args.coco_categories
     spec.keypoints = args.keypoints
+    for flag, value in (("--train-images", args.train_images), ("--val-images", args.val_images),
+                        ("--instances", args.instances), ("--seed", args.seed)):
+        if value is not None and value < (0 if flag == "--seed" else 1):
+            parser.error(f"{flag} {value} must be at least {0 if flag == '--seed' else 1}")
+    if args.size is not None and (args.min_size is not None or args.max_size is not None):
+        parser.error("--size fixes every side; give it, or --min-size and --max-size, not both")
     for field, value in (("train_images", args.train_images), ("val_images", args.val_images),
                          ("min_size", args.size), ("max_size", args.size), ("min_size", args.min_size),
                          ("max_size", args.max_size), ("instances", args.instances)):
         if value is not None:
             setattr(spec, field, value)
+    if args.size is not None and args.size < 32:
+        parser.error(f"--size {args.size} must be at least 32")
     if spec.min_size > spec.max_size or spec.min_size < 32:
         parser.error("sizes must satisfy 32 <= --min-size <= --max-size")
 
