@@ -184,7 +184,8 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
         help="the metric model_best.pth and --patience go by, as metrics.jsonl names it, such as bbox/AP50 or "
              "segm/APs (default: the primary AP: segm/AP for Mask R-CNN, keypoints/AP for Keypoint R-CNN, else "
              "bbox/AP)")
-    add("--print-freq", default=20, type=int, help="print a progress line every this many optimizer steps")
+    add("--print-freq", default=20, type=int,
+        help="print a progress line every this many optimizer steps (and evaluation batches)")
     add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     add("--vis-images", default=4, type=int,
         help="validation images drawn with their predictions after each evaluation during training (0: none; "

@@ -551,8 +551,8 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
 def stop_early(run: Run, state: TrainingState, best: BestModel) -> None:
     """--patience ran out: say so, and mark the checkpoint so that --resume auto knows."""
     utils.print_once(f"Stopping early: the {IOU_NAMES[best.kind]} {best.metric} has not improved on "
-                     f"{best.best:.4f} for {run.args.patience} evaluations (--patience); model_best.pth holds the "
-                     f"best weights")
+                     f"{best.best:.4f} for {utils.counted(run.args.patience, 'evaluation')} (--patience); "
+                     f"model_best.pth holds the best weights")
     state.stopped_early = True
     run.save(state)
 

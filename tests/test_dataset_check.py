@@ -42,6 +42,13 @@ def test_clean_dataset_passes_strict(clean):
     assert "crowd regions (iscrowd 1): " in result.stdout, "the fixture has crowd regions: counted apart"
 
 
+def test_the_root_is_taken_as_train_pys_data_path_too(clean, capsys, tmp_path):
+    assert check(capsys, "--data-path", clean, "--splits", "val")[0] == 0
+    with pytest.raises(SystemExit):
+        check(capsys, tmp_path, "--data-path", clean)
+    assert "two dataset roots" in capsys.readouterr().err
+
+
 def _plant(clean, tmp_path, edit):
     root = tmp_path / "faulty"
     shutil.copytree(clean, root)

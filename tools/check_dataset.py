@@ -24,8 +24,10 @@ from errors import exit_status  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_path", nargs="?", default="./datasets/coco",
-                        help="dataset root (as train.py's --data-path; not needed for splits given apart)")
+    parser.add_argument("data_path", nargs="?", default=None,
+                        help="dataset root (default ./datasets/coco, as train.py's --data-path, which is taken "
+                             "too; not needed for splits given apart)")
+    parser.add_argument("--data-path", dest="data_path_flag", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS))
     add_split_paths(parser)
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8,
                         help="threads that read images (0: read them in the main thread, as train.py's -j 0 loads)")
     args = parser.parse_args(argv)
+    if args.data_path is not None and args.data_path_flag is not None and args.data_path != args.data_path_flag:
+        parser.error(f"two dataset roots, {args.data_path} and --data-path {args.data_path_flag}; give one")
+    args.data_path = args.data_path or args.data_path_flag or "./datasets/coco"
     if args.workers < 0:
         parser.error(f"--workers {args.workers} must be 0 or more")
     if not 0 <= args.max_bad_samples <= 1:
