@@ -27,6 +27,9 @@ from models import (
     resolve_weights,
 )
 
+# The weight average's settings when --model-ema is given without them (torchvision's reference's values).
+EMA_DEFAULTS = {"model_ema_decay": 0.9998, "model_ema_steps": 1}
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line that points at --help, like every other input error."""
@@ -149,9 +152,12 @@ def add_optimization_flags(group: argparse._ArgumentGroup) -> None:
     add("--model-ema-eval", default="both", choices=("both", "average"),
         help="with --model-ema, what each evaluation during training scores: the average and the raw weights beside "
              "it (both; the raw weights' AP logged under raw), or the average alone, in half the time")
-    add("--model-ema-decay", default=0.9998, type=float,
-        help="the average's decay per update, ramped up over the first updates")
-    add("--model-ema-steps", default=1, type=int, help="optimizer steps between updates of the average")
+    add("--model-ema-decay", default=None, type=float,
+        help=f"with --model-ema, the average's decay per update, ramped up over the first updates (default "
+             f"{EMA_DEFAULTS['model_ema_decay']})")
+    add("--model-ema-steps", default=None, type=int,
+        help=f"with --model-ema, optimizer steps between updates of the average (default "
+             f"{EMA_DEFAULTS['model_ema_steps']})")
     add("--seed", default=0, type=int, help="seed for weights, sampling order and augmentation")
     add("--use-deterministic-algorithms", action="store_true", help="only deterministic kernels")
 
@@ -331,6 +337,12 @@ def check_training_combinations(args: argparse.Namespace) -> None:
         flag = "--lr-steps" if args.lr_steps is not None else "--lr-step-size"
         raise UserError(f"{flag} sets multisteplr's steps, and --lr-scheduler cosineannealinglr falls smoothly over "
                         f"--epochs; leave {flag} out, or use --lr-scheduler multisteplr")
+    for flag, default in EMA_DEFAULTS.items():
+        if getattr(args, flag) is not None and not args.model_ema:
+            raise UserError(f"--{flag.replace('_', '-')} tunes the average that --model-ema keeps; add --model-ema, "
+                            f"or leave --{flag.replace('_', '-')} out")
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     if args.model_ema_eval != "both" and not args.model_ema:
         raise UserError(f"--model-ema-eval {args.model_ema_eval} chooses among the weights --model-ema keeps; add "
                         f"--model-ema, or leave --model-ema-eval out")

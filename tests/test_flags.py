@@ -72,6 +72,8 @@ IGNORED_COMBINATIONS = [
     (["--amp-dtype", "bfloat16"], "--amp-dtype bfloat16 picks --amp's precision; add --amp, or leave"),
     (["--lr-scheduler", "cosineannealinglr", "--lr-steps", "8"], "--lr-steps sets multisteplr's steps"),
     (["--lr-scheduler", "cosineannealinglr", "--lr-step-size", "4"], "leave --lr-step-size out, or use"),
+    (["--model-ema-decay", "0.99"], "--model-ema-decay tunes the average that --model-ema keeps; add --model-ema"),
+    (["--model-ema-steps", "4"], "or leave --model-ema-steps out"),
 ]
 
 
@@ -81,6 +83,11 @@ def test_flags_that_another_flag_would_ignore_are_refused(args, message):
     with pytest.raises(UserError, match=message):
         flags.check_training_combinations(parser.parse_args(args))
     flags.check_training_combinations(parser.parse_args(["--amp", "--amp-dtype", "bfloat16"]))
+    plain, averaged = parser.parse_args([]), parser.parse_args(["--model-ema", "--model-ema-steps", "4"])
+    for args in (plain, averaged):
+        flags.check_training_combinations(args)
+    assert (plain.model_ema_decay, plain.model_ema_steps) == (0.9998, 1), "the defaults, as recorded before"
+    assert (averaged.model_ema_decay, averaged.model_ema_steps) == (0.9998, 4)
 
 
 MODEL_FLAG_MISTAKES = [
