@@ -178,7 +178,8 @@ def _shared_name_warnings(categories: list[dict]) -> list[Finding]:
     if not shared:
         return []
     name, first, again = shared[0]
-    return [Finding("warning", "category name twice", f"{len(shared)} categories take a name another category has "
+    takes = "category takes" if len(shared) == 1 else "categories take"
+    return [Finding("warning", "category name twice", f"{len(shared)} {takes} a name another category has "
                     f"(first: {name!r}, ids {first!r} and {again!r}); the model learns them as separate classes, "
                     f"which predictions name alike: give their instances one category id, or rename one")]
 
@@ -614,8 +615,9 @@ def _segmentation_warnings(ann: dict, image: dict, covered: Mapping) -> list[Fin
     the loader repairs."""
     segmentation = ann.get("segmentation")
     if ann.get("iscrowd"):
-        problem = "is polygons, not RLE" if isinstance(segmentation, list) else segmentation_problem(
-            segmentation, image["height"], image["width"], covered)
+        problem = segmentation_problem(segmentation, image["height"], image["width"], covered)
+        if problem is None and isinstance(segmentation, list):
+            problem = "is polygons, not RLE" if segmentation else "is empty"
         if problem:
             return [Finding("warning", "crowd format", f"{_where(ann, image)}: crowd region {problem}; COCO crowd "
                             f"regions are RLE {{'counts', 'size': [h, w]}} of the image's size")]

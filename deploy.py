@@ -220,6 +220,16 @@ def metadata(name: str, category_map: CategoryMap, model: nn.Module, input_dtype
     }
 
 
+class OnnxRunFailed(UserError):
+    """onnxruntime could not run a file on an image: one line, which export's check words as its own failure."""
+
+    def __init__(self, path: str | Path, image: torch.Tensor, cause: str) -> None:
+        self.size, self.cause = f"{image.shape[2]}x{image.shape[1]}", cause
+        super().__init__(f"onnxruntime could not run {path} on a {self.size} image ({cause}); export the model "
+                         f"again with this version's tools/export.py, which checks the file on images with and "
+                         f"without detections")
+
+
 class OnnxModel:
     """An exported model run by onnxruntime on the CPU, called as torchvision's model in eval mode is: a list of
     CHW images (uint8, or float in 0-1) in, a list of dicts of tensors out. Its categories come from the file."""
@@ -273,9 +283,7 @@ class OnnxModel:
         try:
             outputs = self.session.run(None, {"image": image.contiguous().numpy()})
         except Exception as e:  # onnxruntime's own error types, none of them a RuntimeError
-            raise UserError(f"onnxruntime could not run {self.path} on a {image.shape[2]}x{image.shape[1]} image "
-                            f"({_summary(e)}); export the model again with this version's tools/export.py, which "
-                            f"checks the file on images with and without detections") from None
+            raise OnnxRunFailed(self.path, image, _summary(e)) from None
         # The outputs come sorted by score, highest first: a cut keeps the best.
         return {n: torch.from_numpy(v)[:self.keep] for n, v in zip(self.names, outputs)}
 
@@ -384,7 +392,13 @@ def verify(model: nn.Module, onnx_model: OnnxModel, images: list[tuple[str, torc
     for label, image in images:
         with torch.inference_mode():
             expected = model.eval()([image.float() / 255])[0]
-        comparison = compare(label, expected, onnx_model.run_one(image), score_thresh, detections_per_image(model))
+        try:
+            actual = onnx_model.run_one(image)
+        except OnnxRunFailed as e:
+            raise UserError(f"verification FAILED: onnxruntime could not run the exported graph on {label} "
+                            f"({e.size}: {e.cause}), so --output was not written; run the model with PyTorch "
+                            f"(tools/predict.py) instead") from None
+        comparison = compare(label, expected, actual, score_thresh, detections_per_image(model))
         comparison.size = tuple(image.shape[-2:])
         comparisons.append(comparison)
     return comparisons

@@ -320,15 +320,17 @@ class DataFailure:
     agreed: bool = False
 
 
-def epoch_data_faults(faults: FaultLog, failure: DataFailure, carried: dict | None) -> dict[str, int]:
-    """The epoch's samples skipped and annotations repaired or left out, on every rank (what two ranks both met
-    counts once) and, after a resume part-way, before it too (carried: the checkpoint's sums)."""
-    met = faults.epoch_faults
+def epoch_faults_everywhere(faults: FaultLog, failure: DataFailure, carried: dict | None) -> set[str]:
+    """The epoch's distinct faults on every rank (what two ranks both met counts once) and, after a resume
+    part-way, before it too (carried: the checkpoint's, so that a sample met on both sides counts once)."""
+    met = set(faults.epoch_faults)
     if failure.error is None or failure.agreed:  # every rank is here, but not one alone in its failure
         met = set().union(*utils.all_gather_object(met))
-    before = (carried or {}).get("faults", {})
-    return {"samples_skipped": skipped_samples(met) + before.get("samples_skipped", 0),
-            "annotations_repaired": repaired_annotations(met) + before.get("annotations_repaired", 0)}
+    return met | set((carried or {}).get("faults", ()))
+
+
+def fault_counts(faults: set[str]) -> dict[str, int]:
+    return {"samples_skipped": skipped_samples(faults), "annotations_repaired": repaired_annotations(faults)}
 
 
 def until_data_fails(batches: Iterable, failure: DataFailure) -> Iterator:
@@ -388,16 +390,16 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loa
         agreed_stop(partial(stop_agreed_now, False, options.faults), failure)
     warmup.restore()
     utils.print_once(meters.summary(step - start_step))
-    fault_counts = epoch_data_faults(options.faults, failure, carried)
-    if any(fault_counts.values()):
-        utils.print_once(f"Epoch: [{epoch}] data faults: {fault_counts['samples_skipped']} samples skipped, "
-                         f"{fault_counts['annotations_repaired']} annotations repaired or left out")
+    met = epoch_faults_everywhere(options.faults, failure, carried)
+    counts = fault_counts(met)
+    if met:
+        utils.print_once(f"Epoch: [{epoch}] data faults: {counts['samples_skipped']} samples skipped, "
+                         f"{counts['annotations_repaired']} annotations repaired or left out")
     finished = step == steps_in_epoch and failure.error is None
     if finished and step > start_step:
-        options.on_record(meters.epoch_record(epoch, clock.global_step(epoch, step), step - start_step,
-                                              fault_counts))
+        options.on_record(meters.epoch_record(epoch, clock.global_step(epoch, step), step - start_step, counts))
     return EpochResult(steps_done=step, finished=finished, failure=failure,
-                       so_far=None if finished else {**meters.so_far(step - start_step), "faults": fault_counts})
+                       so_far=None if finished else {**meters.so_far(step - start_step), "faults": sorted(met)})
 
 
 def agreed_stop(decide: Callable[[], bool], failure: DataFailure) -> bool:

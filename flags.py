@@ -303,7 +303,7 @@ def check_schedule(args: argparse.Namespace) -> None:
         print(f"warning: --lr-steps {' '.join(map(str, late))} not before --epochs {args.epochs}: "
               f"{'that step never happens' if len(late) == 1 else 'those steps never happen'}", file=sys.stderr)
     if args.lr_step_size is not None and args.lr_steps is None and args.lr_step_size >= args.epochs \
-            and not args.test_only:
+            and args.lr_scheduler == "multisteplr" and not args.test_only:
         print(f"warning: --lr-step-size {args.lr_step_size} not below --epochs {args.epochs}: the learning rate "
               f"never steps", file=sys.stderr)
 
@@ -372,8 +372,11 @@ def check_args(args: argparse.Namespace) -> None:
     builder_options(args)  # the model flags' mistakes that need no data, said before it is read
     if args.weights:
         check_weights_name_fits(args.model, args.weights)
+    if args.resume:  # a resumed run reads neither file: the checkpoint holds every weight
+        return
+    if args.weights:
         resolve_weights(args.weights, "--weights")
-    elif args.weights_backbone and not args.resume:  # a resumed run reads no backbone file
+    elif args.weights_backbone:
         resolve_weights(args.weights_backbone, "--weights-backbone", backbone_weights_class(args.model))
 
 

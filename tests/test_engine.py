@@ -180,12 +180,15 @@ def test_an_epochs_record_counts_its_data_faults_and_a_resume_part_way_carries_t
     requests = iter([False, False, True])  # a stop before step 2, whose batch (samples 4 and 5) was read
     stopped, _, _ = train(TinyDetector(), loader(10, faulty=(1, 4, 6)), faults=FaultLog(0.5),
                           stop_requested=lambda: next(requests))
-    assert stopped.so_far["faults"] == {"samples_skipped": 1, "annotations_repaired": 0}, "sample 4 not trained on"
+    assert stopped.so_far["faults"] == ["1.jpg: image missing; sample skipped"], "sample 4 was not trained on"
     options = TrainOptions(faults=FaultLog(0.5), on_record=(records := []).append)
     optimizer = torch.optim.SGD(TinyDetector().parameters(), lr=0.1)
     train_one_epoch(TinyDetector(), optimizer, loader(10, faulty=(1, 4, 6), skip=2), CPU, 0, options, 2,
                     stopped.so_far)
     assert counts(records[-1].values) == (3, 0), "sample 1 before the resume, 4 and 6 after it"
+    carried = {**stopped.so_far, "faults": ["6.jpg: image missing; sample skipped"]}  # met again after it
+    train_one_epoch(TinyDetector(), optimizer, loader(10, faulty=(6,), skip=2), CPU, 0, options, 2, carried)
+    assert counts(records[-1].values) == (1, 0), "a sample met on both sides of the resume counts once"
 
 
 def test_the_epochs_faults_are_counted_over_every_rank_once_each(tmp_path, monkeypatch):
@@ -193,17 +196,17 @@ def test_the_epochs_faults_are_counted_over_every_rank_once_each(tmp_path, monke
         log = FaultLog(max_share=1.0)
         log.add([f"{rank}.jpg: image missing; sample skipped", "padded.jpg: image missing; sample skipped",
                  f"a.jpg annotation {rank}: polygon with 2 points removed"], samples_in_epoch=10)
-        carried = {"faults": {"samples_skipped": 1, "annotations_repaired": 2}}
-        return engine.epoch_data_faults(log, engine.DataFailure(), carried)
+        carried = {"faults": ["before.jpg: image missing; sample skipped", "b.jpg annotation 5: polygon removed"]}
+        return engine.fault_counts(engine.epoch_faults_everywhere(log, engine.DataFailure(), carried))
 
-    assert in_two_processes(tmp_path, work) == {rank: {"samples_skipped": 4, "annotations_repaired": 4}
+    assert in_two_processes(tmp_path, work) == {rank: {"samples_skipped": 4, "annotations_repaired": 3}
                                                 for rank in (0, 1)}
     monkeypatch.setattr(engine.utils, "get_world_size", lambda: 2)
     monkeypatch.setattr(engine.utils, "all_gather_object", lambda _: pytest.fail("the other ranks are not there"))
     alone = engine.DataFailure(error=UserError("6.jpg: the folder is gone"), agreed=False)
     log = FaultLog(max_share=1.0)
     log.add(["a.jpg: image missing; sample skipped"], samples_in_epoch=10)
-    assert engine.epoch_data_faults(log, alone, None) == {"samples_skipped": 1, "annotations_repaired": 0}
+    assert engine.epoch_faults_everywhere(log, alone, None) == {"a.jpg: image missing; sample skipped"}
 
 
 def test_data_that_fails_between_steps_ends_the_epoch_with_the_steps_done_sound():

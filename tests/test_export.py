@@ -302,6 +302,16 @@ def test_a_graph_that_fails_on_an_image_is_one_line(tmp_path, capfd):
     assert "\n" not in str(error.value) and "export the model again" in str(error.value)
     assert capfd.readouterr().err == "", "onnxruntime's own log says nothing"
 
+    class Nothing(torch.nn.Module):
+        def forward(self, images):
+            return [{} for _ in images]
+
+    with pytest.raises(UserError) as error:  # export's check, where the file is the one just made
+        deploy.verify(Nothing(), onnx_model, [("blank gray", torch.zeros(3, 4, 5, dtype=torch.uint8))], 0.5)
+    assert str(error.value).startswith("verification FAILED: onnxruntime could not run the exported graph on blank "
+                                       "gray (5x4: ")
+    assert "export the model again" not in str(error.value)
+
 
 def detections(boxes, scores, labels) -> dict:
     return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),

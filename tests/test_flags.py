@@ -33,11 +33,16 @@ def test_every_count_share_and_rate_out_of_range_is_refused(args, message):
 
 
 def test_every_lr_step_past_the_last_epoch_is_named(capsys):
-    flags.check_schedule(argparse.Namespace(lr_steps=[16, 22], lr_step_size=None, epochs=1, test_only=False))
+    def schedule(**flags):
+        return argparse.Namespace(**{"lr_steps": None, "lr_step_size": None, "epochs": 5,
+                                     "lr_scheduler": "multisteplr", "test_only": False, **flags})
+
+    flags.check_schedule(schedule(lr_steps=[16, 22], epochs=1))
     assert "--lr-steps 16 22 not before --epochs 1: those steps never happen" in capsys.readouterr().err
-    flags.check_schedule(argparse.Namespace(lr_steps=None, lr_step_size=5, epochs=5, test_only=False))
+    flags.check_schedule(schedule(lr_step_size=5))
     assert "--lr-step-size 5 not below --epochs 5: the learning rate never steps" in capsys.readouterr().err
-    flags.check_schedule(argparse.Namespace(lr_steps=None, lr_step_size=4, epochs=5, test_only=False))
+    flags.check_schedule(schedule(lr_step_size=4))
+    flags.check_schedule(schedule(lr_step_size=5, lr_scheduler="cosineannealinglr"))  # refused, not warned of
     assert capsys.readouterr().err == ""
 
 
@@ -113,3 +118,4 @@ def test_a_resumed_run_does_not_need_the_backbone_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--weights-backbone ResNet50_Weights.IMAGENET1K_V1: .* is missing"):
         flags.check_args(parser.parse_args([]))
     flags.check_args(parser.parse_args(["--resume", "auto"]))  # read from the checkpoint, where there is one
+    flags.check_args(parser.parse_args(["--resume", "auto", "--weights", "gone.pth"]))  # so is a fine-tuning run

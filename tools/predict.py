@@ -236,9 +236,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.onnx and (args.model or args.min_size or args.max_size):
         raise UserError("--model, --min-size and --max-size were fixed when the ONNX model was exported "
                         "(tools/export.py); leave them out with --onnx")
-    if args.onnx and (args.no_speedups or args.batch_size is not None or args.reuse_freed_memory is not None):
-        raise UserError("--no-speedups, --batch-size and --reuse-freed-memory apply to a PyTorch model, and "
-                        "onnxruntime runs the --onnx file one image at a time; leave them out with --onnx")
+    if args.onnx and (args.no_speedups or args.batch_size is not None):
+        raise UserError("--no-speedups and --batch-size apply to a PyTorch model, and onnxruntime runs the --onnx "
+                        "file one image at a time; leave them out with --onnx")
     if args.batch_size is None:
         args.batch_size = 1 if args.onnx else DEFAULT_BATCH_SIZE
 
