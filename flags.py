@@ -283,10 +283,15 @@ def check_rates(args: argparse.Namespace) -> None:
                         ("norm-weight-decay", args.norm_weight_decay), ("lr-gamma", args.lr_gamma)):
         if value is not None and not 0 <= value < math.inf:  # torch refuses most, after the data has loaded
             raise UserError(f"--{flag} {value} must be finite, 0 or more")
-    for flag in ("clip_grad_norm", "dist_timeout"):
+    if not args.momentum < 1:  # an average that never forgets: the steps grow without bound
+        raise UserError(f"--momentum {args.momentum} must be below 1 (0.9 is usual)")
+    for flag in ("clip_grad_norm", "dist_timeout", "repeat_factor_threshold"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be above 0")
+    if args.aspect_ratio_group_factor < -1:
+        raise UserError(f"--aspect-ratio-group-factor {args.aspect_ratio_group_factor} must be -1 (no grouping) or "
+                        f"0 or more")
     for flag, low, high in (("max_bad_samples", 0, 1), ("model_ema_decay", 0, 1), ("repeat_factor_threshold", 0, 1),
                             ("rpn_score_thresh", 0, 1)):
         value = getattr(args, flag)

@@ -20,6 +20,9 @@ OUT_OF_RANGE = [
     (["--model-ema-decay", "1.5"], "--model-ema-decay 1.5 must be a share between 0 and 1"),
     (["--repeat-factor-threshold", "2"], "--repeat-factor-threshold 2.0 must be a share between 0 and 1"),
     (["--max-bad-samples", "-0.1"], "--max-bad-samples -0.1 must be a share between 0 and 1"),
+    (["--momentum", "1"], "--momentum 1.0 must be below 1"),
+    (["--repeat-factor-threshold", "0"], "--repeat-factor-threshold 0.0 must be above 0"),
+    (["--aspect-ratio-group-factor", "-5"], "--aspect-ratio-group-factor -5 must be -1 (no grouping) or 0 or more"),
 ]
 
 

@@ -493,9 +493,9 @@ def test_debug_shows_the_traceback(dataset, tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_lr_steps_past_the_last_epoch_warn(dataset, tmp_path):
+def test_lr_steps_past_the_last_epoch_warn(torch_home, tmp_path):
     result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL, "--lr-steps", "30", "--epochs", "2",
-                     "--output-dir", str(tmp_path))
+                     "--output-dir", str(tmp_path), torch_home=torch_home)
     assert "warning: --lr-steps 30 not before --epochs 2: that step never happens" in result.stderr
     assert "is not a folder" in result.stderr, "a warning, then the run goes on (to the next problem)"
 
@@ -532,8 +532,9 @@ def test_empty_training_set_is_clear(dataset, tmp_path):
     assert result.returncode == 2 and "has no usable annotated image" in result.stderr
 
 
-def test_missing_data_path_is_clear(tmp_path):
-    result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL, "--output-dir", str(tmp_path))
+def test_missing_data_path_is_clear(torch_home, tmp_path):
+    result = run_cli("train.py", "--data-path", str(tmp_path / "nope"), *SMALL, "--output-dir", str(tmp_path),
+                     torch_home=torch_home)
     assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
 
 
