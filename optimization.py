@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -99,10 +100,18 @@ def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> LRScheduler:
-    """The per-epoch schedule --lr-scheduler names: steps at --lr-steps (or every --lr-step-size), or cosine."""
+    """The per-epoch schedule --lr-scheduler names: steps at --lr-steps (or every --lr-step-size), or cosine; at
+    --start-epoch's place in it, so that its steps fall at the epochs they name (torchvision's reference starts
+    the schedule afresh there, moving every step later by that many epochs). A checkpoint's state replaces it."""
     if args.lr_scheduler == "multisteplr":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(args), args.lr_gamma)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(args), args.lr_gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    with warnings.catch_warnings():  # stepped before any optimizer step, on purpose
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        for _ in range(args.start_epoch):
+            scheduler.step()
+    return scheduler
 
 
 # What the flags set in an optimizer's groups and a schedule; the rest of their state is the run's progress.

@@ -15,7 +15,7 @@ from train import get_args_parser
 def args(**values) -> argparse.Namespace:
     base = {"batch_size": 4, "grad_accum_steps": 1, "lr": 0.02, "auto_scale_lr": None, "test_only": False,
             "weight_decay": 1e-4, "norm_weight_decay": None, "opt": "sgd", "momentum": 0.9,
-            "model": "maskrcnn_resnet50_fpn"}
+            "model": "maskrcnn_resnet50_fpn", "start_epoch": 0}
     return argparse.Namespace(**{**base, **values})
 
 
@@ -195,3 +195,21 @@ def test_optimizer_and_schedule_names_are_read_in_any_case_as_the_reference_read
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"] is True
     assert optimization.make_optimizer(nn.Linear(3, 2), args()).defaults["nesterov"] is False
     assert get_args_parser().parse_args(["--opt", "AdamW"]).opt == "adamw"
+
+
+@pytest.mark.parametrize("scheduler", ["multisteplr", "cosineannealinglr"])
+def test_a_run_from_start_epoch_takes_the_schedule_where_that_epoch_stands(scheduler, recwarn):
+    recipe = {"lr_scheduler": scheduler, "epochs": 6, "lr_steps": [2, 4], "lr_step_size": None, "lr_gamma": 0.1}
+    whole = optimization.make_lr_scheduler(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.02), args(**recipe))
+    rates = []
+    for _ in range(6):
+        rates.append(whole.get_last_lr()[0])
+        whole.optimizer.step()
+        whole.step()
+    optimizer = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.02)
+    later = optimization.make_lr_scheduler(optimizer, args(**recipe, start_epoch=3))
+    for epoch in range(3, 6):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(rates[epoch]), epoch
+        optimizer.step()
+        later.step()
+    assert not [w for w in recwarn if "lr_scheduler.step" in str(w.message)]
