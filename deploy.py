@@ -24,7 +24,7 @@ from torchvision.ops import box_iou
 from checkpoint import write_atomic
 from coco_utils import CategoryMap
 from errors import UserError
-from models import detections_per_image, family, iou_types
+from models import detections_per_image, family, iou_types, score_threshold
 
 # The families whose export is checked by the tests; the others (RetinaNet, FCOS, SSD) are exported when torch can.
 TESTED_FAMILIES = "Faster R-CNN, Mask R-CNN and Keypoint R-CNN"
@@ -216,6 +216,7 @@ def metadata(name: str, category_map: CategoryMap, model: nn.Module, input_dtype
         "min_size": json.dumps(list(getattr(transform, "min_size", ()))),
         "max_size": json.dumps(getattr(transform, "max_size", None)),
         "detections_per_image": json.dumps(detections_per_image(model)),
+        "score_thresh": json.dumps(score_threshold(model)),
         "exporter": f"torch {torch.__version__} {exporter}, torchvision {torchvision.__version__}",
     }
 
@@ -255,6 +256,7 @@ class OnnxModel:
         self.uint8 = meta["input_dtype"] == "uint8"
         self.names = [o.name for o in self.session.get_outputs()]
         self.keep = self._checked_keep(path, detections_per_image, json.loads(meta.get("detections_per_image", "null")))
+        self.score_thresh = json.loads(meta.get("score_thresh", "null"))  # None: an older export, which kept none
 
     @staticmethod
     def _checked_keep(path: str | Path, wanted: int | None, exported: int | None) -> int | None:

@@ -65,15 +65,19 @@ def evaluation_settings(model: nn.Module) -> dict:
 
 
 def drop_detections_below(model: nn.Module, score: float) -> None:
-    """Have the model drop detections scoring under score before its NMS, masks and keypoints rather than leave
-    that to its caller: the same detections at or above score (NMS suppresses by higher scores, and the cut to the
-    most per image keeps the highest), up to float rounding of an overlap within ~1e-3 of NMS's IoU threshold
-    (torchvision's batched NMS offsets boxes by the largest coordinate among its candidates), and fewer masks
-    pasted at image size. It raises the model's own threshold, never lowers it."""
+    """Have the model keep the detections scoring at least score, decided before its NMS, masks and keypoints
+    rather than by its caller: above its own threshold, the same detections at or above score (NMS suppresses by
+    higher scores, and the cut to the most per image keeps the highest), up to float rounding of an overlap within
+    ~1e-3 of NMS's IoU threshold (torchvision's batched NMS offsets boxes by the largest coordinate among its
+    candidates), and fewer masks pasted at image size; below it (0.05 for the R-CNNs), lower-scoring ones too."""
     heads = getattr(model, "roi_heads", model)
     # The model keeps scores above its threshold, callers those at score too: the float32 just below it.
-    below = torch.nextafter(torch.tensor(score), torch.tensor(-1.0)).item()
-    heads.score_thresh = max(heads.score_thresh, below)
+    heads.score_thresh = torch.nextafter(torch.tensor(score), torch.tensor(-1.0)).item()
+
+
+def score_threshold(model: nn.Module) -> float:
+    """The lowest score of a detection the model keeps (the R-CNNs keep those above 0.05 unless told)."""
+    return float(getattr(model, "roi_heads", model).score_thresh)
 
 
 def check_size_order(min_size: int | None, max_size: int | None) -> None:

@@ -121,6 +121,7 @@ def test_mask_rcnn_export_verifies(mask_export):
     assert json.loads(meta["outputs"]) == ["boxes", "labels", "scores", "masks"]
     assert meta["input_dtype"] == "uint8"
     assert json.loads(meta["detections_per_image"]) == FEW  # the cap the exported graph keeps
+    assert json.loads(meta["score_thresh"]) == 0.05  # torchvision's box threshold, which the graph keeps
 
 
 def test_onnx_model_outputs(mask_export):
@@ -158,6 +159,7 @@ def test_predict_with_onnx(mask_export, tiny_dataset, tmp_path):
     result = run_cli("tools/predict.py", "--onnx", str(mask_export[0]), str(tiny_dataset / "val2017"),
                      "--output-dir", str(out), "--score-thresh", "0.05", "--detections-per-image", str(FEW - 1))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "note:" not in result.stdout, "0.05 is what the file keeps"
     assert len(list(out.glob("*.jpg"))) == len(list((tiny_dataset / "val2017").glob("*.jpg")))
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions and {p["category_id"] for p in predictions} <= {c["id"] for c in CATEGORIES}
@@ -165,6 +167,16 @@ def test_predict_with_onnx(mask_export, tiny_dataset, tmp_path):
     assert max(per_image.values()) == FEW - 1, per_image
     gt = COCO(str(tiny_dataset / "annotations" / "instances_val2017.json"))
     assert len(gt.loadRes(predictions).getAnnIds()) == len(predictions)
+
+
+def test_predict_with_onnx_says_that_the_file_keeps_no_lower_scores(mask_export, tiny_dataset, tmp_path, capsys):
+    from tools import predict
+
+    image = sorted((tiny_dataset / "val2017").glob("*.jpg"))[0]
+    assert predict.main(["--onnx", str(mask_export[0]), str(image), "--output-dir", str(tmp_path),
+                         "--score-thresh", "0.01", "--no-pictures"]) == 0
+    assert (f"note: {mask_export[0]} keeps detections scoring above 0.05, its model's threshold when exported, so "
+            f"none under that is written for --score-thresh 0.01") in capsys.readouterr().out
 
 
 def test_faster_rcnn_weights_export(tmp_path):

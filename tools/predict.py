@@ -339,6 +339,10 @@ def load_predictor(args: argparse.Namespace
     dropped before their masks are pasted, and the speed-ups."""
     if args.onnx:
         model = deploy.OnnxModel(args.onnx, args.detections_per_image)
+        if model.score_thresh is not None and args.score_thresh < model.score_thresh:
+            print(f"note: {args.onnx} keeps detections scoring above {model.score_thresh:g}, its model's threshold "
+                  f"when exported, so none under that is written for --score-thresh {args.score_thresh:g}; "
+                  f"predict.py --checkpoint gives them")
         return model, torch.device("cpu"), model.category_map, model.name
     device = pick_device(args.device)
     model, category_map, name = load_model(args)
