@@ -496,11 +496,12 @@ def format_per_category(metrics: dict[str, dict]) -> str:
     names = sorted({n for m in metrics.values() for n in m["per_category"]})
     title, left_out = "AP per category", None
     primary = metrics[iou_types[-1]]["per_category"]
-    if len(primary) > MOST_CATEGORY_ROWS:
-        ranked = sorted(primary, key=lambda n: (-primary[n], n))
+    if len(names) > MOST_CATEGORY_ROWS:
+        # A category scored for boxes but not masks (no outline to score) ranks lowest, shown as n/a.
+        ranked = sorted(names, key=lambda n: (-primary.get(n, -1.0), n))
         half = MOST_CATEGORY_ROWS // 2
         names, left_out = ranked[:half] + ranked[-half:], len(names) - 2 * half
-        title += (f": the {half} highest and {half} lowest {iou_types[-1]} AP of {len(primary)} categories (each "
+        title += (f": the {half} highest and {half} lowest {iou_types[-1]} AP of {len(ranked)} categories (each "
                   f"one's is in metrics.jsonl)")
     width = max([len("category")] + [_columns(n) for n in names])
     lines = [title, f"{'category':<{width}}  " + "  ".join(f"{t:>6}" for t in iou_types)]

@@ -30,7 +30,7 @@ from freed_memory import ReleasingCollate, restore_malloc_defaults
 from group_by_aspect_ratio import GroupedBatchSampler, ResumableBatchSampler, create_aspect_ratio_groups
 from models import iou_types
 from preemption import end_workers_at_exit, ignore_stop_signals
-from repeat_factors import RepeatFactorSampler, repeat_factors
+from repeat_factors import RepeatFactorSampler, rarest_share, repeat_factors
 
 
 @dataclass
@@ -77,11 +77,17 @@ def train_sampler(args: argparse.Namespace, train_set: CocoDetection) -> torch.u
     if args.repeat_factor_threshold is None:
         return torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                    seed=args.seed)
-    factors = repeat_factors(train_set.image_categories(), args.repeat_factor_threshold)
+    image_categories = train_set.image_categories()
+    factors = repeat_factors(image_categories, args.repeat_factor_threshold)
     sampler = RepeatFactorSampler(factors, args.seed, world, rank)
     utils.print_once(f"Repeat-factor sampling (threshold {args.repeat_factor_threshold:g}): an epoch is expected to "
                      f"hold {sampler.expected_length():.1f} images per process, where each image once gives "
                      f"{len(train_set) / world:.1f}; largest factor {factors.max():.2f}")
+    if factors.max() <= 1.0:
+        utils.print_once(f"note: no image repeats: the rarest category is in a share of "
+                         f"{rarest_share(image_categories):.3g} of the training images, at or above "
+                         f"--repeat-factor-threshold {args.repeat_factor_threshold:g}; a threshold above a category's "
+                         f"share repeats its images")
     return sampler
 
 

@@ -26,6 +26,16 @@ def repeat_factors(image_categories: Sequence[set[int]], threshold: float) -> np
     return np.array([max((category_factor[c] for c in categories), default=1.0) for categories in image_categories])
 
 
+def rarest_share(image_categories: Sequence[set[int]]) -> float:
+    """The share of images holding the rarest category (1 where no image holds any): a threshold at or under it
+    repeats nothing."""
+    counts: dict[int, int] = {}
+    for categories in image_categories:
+        for c in categories:
+            counts[c] = counts.get(c, 0) + 1
+    return min(counts.values(), default=len(image_categories)) / max(len(image_categories), 1)
+
+
 class RepeatFactorSampler(torch.utils.data.Sampler):
     """Dataset indices of one epoch, repeated by their factors, shuffled, and sharded over the processes as
     DistributedSampler shards (the list padded to a multiple of them). `set_epoch` chooses the epoch.

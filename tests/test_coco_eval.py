@@ -469,11 +469,12 @@ def test_a_table_of_many_categories_shows_the_highest_and_lowest_ap():
     segm = {f"c{i:03d}": i / 100 for i in range(50)}
     metrics = {"bbox": {"per_category": {**segm, "c_box_only": 1.0}}, "segm": {"per_category": segm}}
     title, _, *rows = format_per_category(metrics).splitlines()
-    assert title == ("AP per category: the 20 highest and 20 lowest segm AP of 50 categories (each one's is in "
+    assert title == ("AP per category: the 20 highest and 20 lowest segm AP of 51 categories (each one's is in "
                      "metrics.jsonl)")
     shown = [row.split()[0] for row in rows]
-    assert shown == [f"c{i:03d}" for i in range(49, 29, -1)] + ["..."] + [f"c{i:03d}" for i in range(19, -1, -1)]
-    assert rows[20] == "... 11 more", "the 10 between and the category without a mask AP"
+    lowest = [f"c{i:03d}" for i in range(18, -1, -1)] + ["c_box_only"]  # no mask AP: lowest, shown as n/a
+    assert shown == [f"c{i:03d}" for i in range(49, 29, -1)] + ["..."] + lowest
+    assert rows[20] == "... 11 more" and rows[-1].split()[-1] == "n/a", "51 = 20 + 11 + 20"
     few = {"bbox": {"per_category": {"b": 0.1, "a": 0.2}}}
     assert [row.split()[0] for row in format_per_category(few).splitlines()[2:]] == ["a", "b"], "by name"
 

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from repeat_factors import RepeatFactorSampler, repeat_factors
+from repeat_factors import RepeatFactorSampler, rarest_share, repeat_factors
 
 
 def long_tailed(seed: int = 0) -> list[set[int]]:
@@ -81,3 +81,27 @@ def test_each_copy_of_a_repeated_image_has_its_own_key():
     factors = np.array([1.0, 3.0, 2.0])
     keys = list(RepeatFactorSampler(factors, seed=0))
     assert sorted(keys) == [0, 1, 2, 4, 5, 7]
+
+
+def test_a_threshold_under_every_categorys_share_is_said_to_repeat_nothing(capsys):
+    import argparse
+
+    import data
+
+    class Images:
+        def __init__(self, categories):
+            self.categories = categories
+
+        def __len__(self):
+            return len(self.categories)
+
+        def image_categories(self):
+            return self.categories
+
+    images = Images([{1}, {1, 2}, {1}, {2}, {3}, set()])
+    assert rarest_share(images.categories) == pytest.approx(1 / 6) and rarest_share([]) == 0
+    data.train_sampler(argparse.Namespace(repeat_factor_threshold=0.1, seed=0), images)
+    assert ("note: no image repeats: the rarest category is in a share of 0.167 of the training images, at or above "
+            "--repeat-factor-threshold 0.1") in capsys.readouterr().out
+    data.train_sampler(argparse.Namespace(repeat_factor_threshold=0.3, seed=0), images)
+    assert "no image repeats" not in capsys.readouterr().out
