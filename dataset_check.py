@@ -60,6 +60,7 @@ class SplitReport:
     class_counts: dict[str, int] = field(default_factory=dict)
     crowd_regions: int = 0
     categories: dict = field(default_factory=dict)  # id -> name
+    instances_by_category: dict = field(default_factory=dict)  # id -> instances (crowd regions aside)
     scored_instances: int = 0  # the instances detections are matched against (coco_utils.counts_for_scoring)
     most_instances: tuple[int, object] = (0, None)  # the most scored instances of one image, and its id
     most_of_one_category: tuple[int, object] = (0, None)  # ... of one category in one image, and the image's id
@@ -104,10 +105,11 @@ def _image_problem(path: Path, width: int, height: int, decode: bool) -> tuple[s
 
 def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_bad_share: float = 0.01,
                 workers: int = 8, paths: tuple[str | None, str | None] = (None, None),
-                trained_categories: dict | None = None) -> SplitReport:
+                trained_categories: dict | None = None, trained_instances: dict | None = None) -> SplitReport:
     """Check one split's annotation file and images (decoded fully unless decode is False); paths: its image
     folder and annotation file where given apart from root's layout; trained_categories: the training file's
-    categories (id -> name), which a val file's instances must be of, by the same names."""
+    categories (id -> name), which a val file's instances must be of, by the same names; trained_instances: its
+    instances by category, so that categories never trained are noted."""
     report = SplitReport(split)
     try:
         image_dir, ann_file = split_paths(root, dataset, split, *paths)
@@ -134,7 +136,15 @@ def check_split(root: Path, dataset: str, split: str, decode: bool = True, max_b
     uses = Counter(names.values())
     report.class_counts = {names[i] if uses[names[i]] == 1 else f"{names[i]} (id {i})": counts.get(i, 0)
                            for i in sorted(names)}
-    report.categories = names
+    report.categories, report.instances_by_category = names, dict(counts)
+    if trained_instances is not None and (untrained := [i for i in sorted(counts, key=str) if i in names
+                                                         and counts[i] and not trained_instances.get(i)]):
+        first = untrained[0]
+        have = "category has" if len(untrained) == 1 else "categories have"
+        report.findings.append(Finding("note", "categories never trained", f"{len(untrained)} {have} "
+                                       f"{split} instances and none in training (first: {names[first]!r}, id "
+                                       f"{first!r}); the model cannot learn them, and their AP of 0 counts in the "
+                                       f"mean AP"))
     report.findings += training_findings(data) if split == "train" else validation_findings(data)
     report.findings += keypoint_findings(data, ann_file, split) if dataset == "coco_kp" else []
     if trained_categories is not None and (named := lacking_categories(data, trained_categories)):

@@ -428,3 +428,20 @@ def test_many_categories_are_summed_up_and_a_crowded_image_is_named():
                                      scored_instances=3, most_instances=(2, 7), most_of_one_category=(2, 7))])
     assert "instances per category: b 2 (67%), a 1 (33%)\n  instances per image: 1.5 on average, at most 2 (image 7)" \
         in few
+
+
+def test_categories_with_validation_instances_and_none_in_training_are_noted(clean, tmp_path, capsys):
+    val = json.loads((clean / "annotations" / "instances_val2017.json").read_text())
+    untrained = min(a["category_id"] for a in val["annotations"] if not a["iscrowd"])
+    name = next(c["name"] for c in val["categories"] if c["id"] == untrained)
+
+    def drop(root, data):
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != untrained]
+
+    root = _plant(clean, tmp_path, drop)
+    status, report = check(capsys, root, "--no-decode")  # the training file's own warning: no instances of it
+    assert status == 0, report
+    assert f"NOTE categories never trained:\n    1 category has val instances and none in training (first: " \
+           f"{name!r}, id {untrained})" in report
+    assert "never trained" not in check(capsys, clean, "--no-decode")[1]
+    assert "never trained" not in check(capsys, root, "--splits", "val", "--no-decode")[1], "no training file read"

@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 def check(args: argparse.Namespace) -> int:
     """Check the splits and print the report; 1 when it failed."""
     reports: list[SplitReport] = []
-    trained = None  # the training file's categories, once read: the val file's instances must be of them
+    trained = trained_instances = None  # the training file's categories and instances, once read
     for split in sorted(set(args.splits), key=["train", "val"].index):
         reports.append(check_split(Path(args.data_path), args.dataset, split, decode=not args.no_decode,
                                    max_bad_share=args.max_bad_samples, workers=args.workers,
                                    paths=(getattr(args, f"{split}_images"), getattr(args, f"{split}_annotations")),
-                                   trained_categories=trained))
+                                   trained_categories=trained, trained_instances=trained_instances))
         trained = reports[-1].categories or None
+        trained_instances = reports[-1].instances_by_category if trained else None
     print(format_report(reports))
     errors = sum(len(r.errors) for r in reports)
     warnings = sum(len(r.warnings) for r in reports)
