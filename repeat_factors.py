@@ -15,12 +15,17 @@ import numpy as np
 import torch
 
 
-def repeat_factors(image_categories: Sequence[set[int]], threshold: float) -> np.ndarray:
-    """The repeat factor of each image, given the categories each contains."""
+def _images_per_category(image_categories: Sequence[set[int]]) -> dict[int, int]:
     counts: dict[int, int] = {}
     for categories in image_categories:
         for c in categories:
             counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+def repeat_factors(image_categories: Sequence[set[int]], threshold: float) -> np.ndarray:
+    """The repeat factor of each image, given the categories each contains."""
+    counts = _images_per_category(image_categories)
     total = max(len(image_categories), 1)
     category_factor = {c: max(1.0, math.sqrt(threshold / (n / total))) for c, n in counts.items()}
     return np.array([max((category_factor[c] for c in categories), default=1.0) for categories in image_categories])
@@ -29,11 +34,8 @@ def repeat_factors(image_categories: Sequence[set[int]], threshold: float) -> np
 def rarest_share(image_categories: Sequence[set[int]]) -> float:
     """The share of images holding the rarest category (1 where no image holds any): a threshold at or under it
     repeats nothing."""
-    counts: dict[int, int] = {}
-    for categories in image_categories:
-        for c in categories:
-            counts[c] = counts.get(c, 0) + 1
-    return min(counts.values(), default=len(image_categories)) / max(len(image_categories), 1)
+    counts = _images_per_category(image_categories).values()
+    return min(counts, default=len(image_categories)) / max(len(image_categories), 1)
 
 
 class RepeatFactorSampler(torch.utils.data.Sampler):

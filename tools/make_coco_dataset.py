@@ -380,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     spec.seed = args.seed
     spec.coco_categories = args.coco_categories
     spec.keypoints = args.keypoints
-    for flag, value in (("--train-images", args.train_images), ("--val-images", args.val_images),
-                        ("--instances", args.instances), ("--seed", args.seed)):
-        if value is not None and value < (0 if flag == "--seed" else 1):
-            parser.error(f"{flag} {value} must be at least {0 if flag == '--seed' else 1}")
+    for flag, value, least in (("--train-images", args.train_images, 1), ("--val-images", args.val_images, 1),
+                               ("--instances", args.instances, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} {value} must be at least {least}")
     if args.size is not None and (args.min_size is not None or args.max_size is not None):
         parser.error("--size fixes every side; give it, or --min-size and --max-size, not both")
     for field, value in (("train_images", args.train_images), ("val_images", args.val_images),
