@@ -335,7 +335,8 @@ def check_combinations(args: argparse.Namespace) -> None:
 
 
 def check_training_combinations(args: argparse.Namespace) -> None:
-    """Reject training flags that do not go together."""
+    """Reject training flags that do not go together; the weight average's settings left out take their defaults
+    (EMA_DEFAULTS) once it is known they may be given."""
     if args.amp_dtype is not None and not args.amp:
         raise UserError(f"--amp-dtype {args.amp_dtype} picks --amp's precision; add --amp, or leave --amp-dtype out")
     if args.lr_scheduler == "cosineannealinglr" and (args.lr_steps is not None or args.lr_step_size is not None):
