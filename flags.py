@@ -107,6 +107,10 @@ def add_model_flags(group: argparse._ArgumentGroup) -> None:
              "more objects")
     add("--rpn-score-thresh", default=None, type=float,
         help="R-CNNs: proposals under this objectness score are left out, in training and evaluation")
+    add("--box-score-thresh", default=None, type=float,
+        help="detections scoring at or below this are left out in evaluation (default: the model's: 0.05 for "
+             "R-CNNs and RetinaNet, 0.2 FCOS, 0.01 SSD300, 0.001 SSDlite); lower it, with --detections-per-image "
+             "300, for data of many rare categories, as LVIS's recipes evaluate at 0.0001")
     add("--torchvision-mask-init", action="store_true",
         help="keep torchvision's initialisation of fresh mask logits, whose scale grows as the classes get fewer "
              "(by default they start at the scale torchvision gives COCO's 91 classes)")
@@ -293,7 +297,7 @@ def check_rates(args: argparse.Namespace) -> None:
         raise UserError(f"--aspect-ratio-group-factor {args.aspect_ratio_group_factor} must be -1 (no grouping) or "
                         f"0 or more")
     for flag, low, high in (("max_bad_samples", 0, 1), ("model_ema_decay", 0, 1), ("repeat_factor_threshold", 0, 1),
-                            ("rpn_score_thresh", 0, 1)):
+                            ("rpn_score_thresh", 0, 1), ("box_score_thresh", 0, 1)):
         value = getattr(args, flag)
         if value is not None and not low <= value <= high:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be a share between {low} and {high}")
@@ -390,7 +394,7 @@ def builder_options(args: argparse.Namespace) -> dict:
     """The model flags given, as the builder's keyword arguments; one the model does not take is an error."""
     return model_options(args.model, min_size=args.min_size, max_size=args.max_size,
                          box_batch_size_per_image=args.rois_per_image, rpn_score_thresh=args.rpn_score_thresh,
-                         detections_per_image=args.detections_per_image)
+                         detections_per_image=args.detections_per_image, box_score_thresh=args.box_score_thresh)
 
 
 def best_metric(args: argparse.Namespace) -> tuple[str, str]:

@@ -26,16 +26,19 @@ COCO_CLASSES = 91
 DEFAULT_BACKBONE_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V1"
 # Which of train.py's model options each family of builders takes; SSD's input size is fixed.
 FAMILY_OPTIONS = {
-    "rcnn": ("min_size", "max_size", "rpn_score_thresh", "box_batch_size_per_image", "detections_per_image"),
-    "retinanet": ("min_size", "max_size", "detections_per_image"),
-    "fcos": ("min_size", "max_size", "detections_per_image"),
-    "ssd": ("detections_per_image",),
+    "rcnn": ("min_size", "max_size", "rpn_score_thresh", "box_batch_size_per_image", "detections_per_image",
+             "box_score_thresh"),
+    "retinanet": ("min_size", "max_size", "detections_per_image", "box_score_thresh"),
+    "fcos": ("min_size", "max_size", "detections_per_image", "box_score_thresh"),
+    "ssd": ("detections_per_image", "box_score_thresh"),
 }
 OPTION_FLAGS = {"min_size": "--min-size", "max_size": "--max-size", "rpn_score_thresh": "--rpn-score-thresh",
-                "box_batch_size_per_image": "--rois-per-image", "detections_per_image": "--detections-per-image"}
-# The builder's name for the most detections kept per image, by family.
-DETECTIONS_KEYWORD = {"rcnn": "box_detections_per_img", "retinanet": "detections_per_img",
-                      "fcos": "detections_per_img", "ssd": "detections_per_img"}
+                "box_batch_size_per_image": "--rois-per-image", "detections_per_image": "--detections-per-image",
+                "box_score_thresh": "--box-score-thresh"}
+# The builders' own names for options they spell otherwise, by family.
+BUILDER_KEYWORDS = {"rcnn": {"detections_per_image": "box_detections_per_img"},
+                    **{one_stage: {"detections_per_image": "detections_per_img", "box_score_thresh": "score_thresh"}
+                       for one_stage in ("retinanet", "fcos", "ssd")}}
 
 
 def model_options(name: str, **options) -> dict:
@@ -44,9 +47,7 @@ def model_options(name: str, **options) -> dict:
     for key in given:
         if key not in FAMILY_OPTIONS[family(name)]:
             raise UserError(f"{OPTION_FLAGS[key]} does not apply to --model {name}; leave it out")
-    if "detections_per_image" in given:
-        given[DETECTIONS_KEYWORD[family(name)]] = given.pop("detections_per_image")
-    return given
+    return {BUILDER_KEYWORDS[family(name)].get(key, key): value for key, value in given.items()}
 
 
 def detections_per_image(model: nn.Module) -> int:
@@ -57,11 +58,13 @@ def detections_per_image(model: nn.Module) -> int:
 
 def evaluation_settings(model: nn.Module) -> dict:
     """What the model evaluates with, its builder's defaults included: the size images are resized to, the most
-    detections it keeps per image, and the RPN's score floor (None for a model without an RPN)."""
+    detections it keeps per image, the RPN's score floor (None for a model without an RPN) and the score a
+    detection must be above."""
     rpn = getattr(model, "rpn", None)
     return {"min_size": model.transform.min_size[-1], "max_size": model.transform.max_size,
             "detections_per_image": detections_per_image(model),
-            "rpn_score_thresh": rpn.score_thresh if rpn is not None else None}
+            "rpn_score_thresh": rpn.score_thresh if rpn is not None else None,
+            "box_score_thresh": score_threshold(model)}
 
 
 def drop_detections_below(model: nn.Module, score: float) -> None:

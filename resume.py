@@ -84,7 +84,8 @@ def check_same_model(args: argparse.Namespace, checkpoint: dict, resume: str) ->
 
 
 # Model settings that a checkpoint's evaluation and continuation keep from its run unless they are given again.
-SAVED_MODEL_SETTINGS = ("min_size", "max_size", "rois_per_image", "detections_per_image", "rpn_score_thresh")
+SAVED_MODEL_SETTINGS = ("min_size", "max_size", "rois_per_image", "detections_per_image", "rpn_score_thresh",
+                        "box_score_thresh")
 
 
 def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:

@@ -32,7 +32,8 @@ def saved_inference_options(checkpoint: dict) -> dict:
     """The run's own inference settings that its checkpoint keeps, as torchvision's builder takes them: each side
     evaluates as train.py --test-only --resume would."""
     saved = checkpoint.get("args", {})
-    names = {"detections_per_image": "box_detections_per_img", "rpn_score_thresh": "rpn_score_thresh"}
+    names = {"detections_per_image": "box_detections_per_img", "rpn_score_thresh": "rpn_score_thresh",
+             "box_score_thresh": "box_score_thresh"}
     return {keyword: saved[flag] for flag, keyword in names.items() if saved.get(flag) is not None}
 
 

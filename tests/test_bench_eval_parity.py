@@ -29,14 +29,15 @@ def test_relative_paths_reach_both_sides_as_absolute_ones(tmp_path, monkeypatch,
     assert '"largest_difference": {"bbox": 0.0, "segm": 0.0}' in capsys.readouterr().out
 
 
-def test_both_sides_evaluate_with_the_runs_saved_cap_and_rpn_threshold():
+def test_both_sides_evaluate_with_the_runs_saved_cap_and_thresholds():
     import torchvision
 
     options = eval_parity.saved_inference_options({"args": {"detections_per_image": 7, "rpn_score_thresh": 0.2,
-                                                             "min_size": 64}})
-    assert options == {"box_detections_per_img": 7, "rpn_score_thresh": 0.2}
+                                                             "box_score_thresh": 0.001, "min_size": 64}})
+    assert options == {"box_detections_per_img": 7, "rpn_score_thresh": 0.2, "box_score_thresh": 0.001}
     model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
                                                                **options)
     assert model.roi_heads.detections_per_img == 7 and model.rpn.score_thresh == 0.2
+    assert model.roi_heads.score_thresh == 0.001
     assert eval_parity.saved_inference_options({"args": {"detections_per_image": None}}) == {}
     assert eval_parity.saved_inference_options({}) == {}

@@ -157,16 +157,20 @@ def test_detections_per_image_reaches_each_familys_builder(name, default):
     assert detections_per_image(model) == 250
 
 
-@pytest.mark.parametrize("name, sizes, detections, rpn", [("maskrcnn_resnet50_fpn", (800, 1333), 100, 0.0),
-                                                           ("retinanet_resnet50_fpn", (800, 1333), 300, None),
-                                                           ("ssdlite320_mobilenet_v3_large", (320, 320), 300, None)])
-def test_evaluation_settings_are_the_models_own_defaults_included(name, sizes, detections, rpn):
-    expected = {"min_size": sizes[0], "max_size": sizes[1], "detections_per_image": detections, "rpn_score_thresh": rpn}
+@pytest.mark.parametrize("name, sizes, detections, rpn, score", [
+    ("maskrcnn_resnet50_fpn", (800, 1333), 100, 0.0, 0.05), ("retinanet_resnet50_fpn", (800, 1333), 300, None, 0.05),
+    ("fcos_resnet50_fpn", (800, 1333), 100, None, 0.2), ("ssdlite320_mobilenet_v3_large", (320, 320), 300, None, 1e-3)])
+def test_evaluation_settings_are_the_models_own_defaults_included(name, sizes, detections, rpn, score):
+    expected = {"min_size": sizes[0], "max_size": sizes[1], "detections_per_image": detections,
+                "rpn_score_thresh": rpn, "box_score_thresh": score}
     assert evaluation_settings(build_model(name, 3, None, None, None)) == expected
+    assert evaluation_settings(build_model(name, 3, None, None, None, **model_options(name, box_score_thresh=1e-4))
+                               ) == {**expected, "box_score_thresh": 1e-4}, "each family's builder takes it"
     if rpn is not None:
         given = model_options(name, min_size=64, max_size=96, rpn_score_thresh=0.25, detections_per_image=7)
         assert evaluation_settings(build_model(name, 3, None, None, None, **given)) == {
-            "min_size": 64, "max_size": 96, "detections_per_image": 7, "rpn_score_thresh": 0.25}
+            "min_size": 64, "max_size": 96, "detections_per_image": 7, "rpn_score_thresh": 0.25,
+            "box_score_thresh": score}
 
 
 def test_unknown_model():

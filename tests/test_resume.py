@@ -34,6 +34,15 @@ def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
                                        "--eval-max-dets 300 for that run's numbers\n")
 
 
+def test_a_checkpoints_evaluation_settings_are_taken_where_this_run_leaves_them_to_the_defaults(capsys):
+    args = argparse.Namespace(**{name: None for name in resume.SAVED_MODEL_SETTINGS})
+    args.min_size = 80
+    resume.take_saved_settings(args, {"min_size": 64, "box_score_thresh": 0.0001, "detections_per_image": 300,
+                                      "rpn_score_thresh": None})
+    assert (args.min_size, args.box_score_thresh, args.detections_per_image) == (80, 0.0001, 300)
+    assert capsys.readouterr().out == "As the checkpoint's run: --detections-per-image 300 --box-score-thresh 0.0001\n"
+
+
 def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):
     saved = {"seed": 1, "data_augmentation": "hflip", "data_path": "/data", "lr": 0.02, "min_size": 64, "max_size": 96}
     args = argparse.Namespace(**{name: None for name in resume.NOTED_ON_RESUME})

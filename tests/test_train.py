@@ -20,7 +20,7 @@ import train
 from coco_utils import CategoryMap, build_dataset, coco_category_names
 from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
 from errors import UserError
-from models import MODELS, build_model, detections_per_image
+from models import MODELS, build_model, detections_per_image, score_threshold
 from preemption import StopRequest
 from presets import IMAGE_BACKENDS, TRAIN_AUGMENTATIONS
 from tools.make_coco_dataset import CATEGORIES
@@ -98,7 +98,8 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
         renamed = {"AR100" if name == "AR150" else name: value for name, value in scored_to_150[iou_type].items()}
         assert "AR150" in scored_to_150[iou_type] and renamed == evaluation[iou_type]
     assert scored_to_150["settings"] == {"min_size": 96, "max_size": 96, "eval_max_dets": 150,
-                                         "detections_per_image": 100, "rpn_score_thresh": 0.0}, \
+                                         "detections_per_image": 100, "rpn_score_thresh": 0.0,
+                                         "box_score_thresh": 0.05}, \
         "the sizes taken from the checkpoint's run, the others the builder's defaults"
 
 
@@ -257,11 +258,14 @@ def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_giv
     from tools import predict
     model = build_model("fasterrcnn_resnet50_fpn", 3, None, None, None)
     torch.save({"model": model.state_dict(), "num_classes": 3, "categories": [{"id": 1, "name": "a"},
-                {"id": 2, "name": "b"}], "args": {"model": "fasterrcnn_resnet50_fpn", "detections_per_image": 7}},
+                {"id": 2, "name": "b"}], "args": {"model": "fasterrcnn_resnet50_fpn", "detections_per_image": 7,
+                                                  "box_score_thresh": 0.001}},
                tmp_path / "checkpoint.pth")
     args = argparse.Namespace(checkpoint=str(tmp_path / "checkpoint.pth"), model=None, weights=None, min_size=None,
                               max_size=None, detections_per_image=None)
-    assert detections_per_image(predict.load_model(args)[0]) == 7
+    loaded = predict.load_model(args)[0]
+    assert detections_per_image(loaded) == 7
+    assert score_threshold(loaded) == 0.001, "as its run evaluated it: what an export keeps"
     args.detections_per_image = 9
     assert detections_per_image(predict.load_model(args)[0]) == 9
 
@@ -411,6 +415,7 @@ BAD_INPUTS = [
     (["--min-size", "0"], "--min-size 0 must be at least 1"),
     (["--min-size", "96", "--max-size", "80"], "--max-size 80 is below --min-size 96"),
     (["--rpn-score-thresh", "2"], "--rpn-score-thresh 2.0 must be a share between 0 and 1"),
+    (["--box-score-thresh", "-0.1"], "--box-score-thresh -0.1 must be a share between 0 and 1"),
     (["--start-epoch", "99"], "--start-epoch 99 must be 0 or more and before --epochs"),
     (["--resume", "/nowhere/checkpoint.pth"], "no such file"),
     (["--resume", "{bad}"], "is a folder; give a file in it, such as"),

@@ -162,8 +162,10 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, CategoryMap, 
         name = saved.get("model", DEFAULT_MODEL)
         if args.model not in (None, name):
             raise UserError(f"--model {args.model}: --checkpoint {args.checkpoint} holds a {name}; leave --model out")
-        # As its run evaluated it: the RPN's score threshold is an inference setting of the run.
-        options = model_options(name, rpn_score_thresh=saved.get("rpn_score_thresh"), **settings)
+        # As its run evaluated it: the score thresholds are inference settings of the run (predict then sets the
+        # box's by its own --score-thresh; an export keeps the run's).
+        options = model_options(name, rpn_score_thresh=saved.get("rpn_score_thresh"),
+                                box_score_thresh=saved.get("box_score_thresh"), **settings)
         model = build_from_checkpoint(checkpoint, f"--checkpoint {args.checkpoint}", **options)
         if "model_ema" in checkpoint:
             print(f"--checkpoint {args.checkpoint}: predicting with the weights' moving average (model_ema)")
