@@ -677,7 +677,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def load_target(self, image_id: int, faults: list[str], with_masks: bool = True) -> dict:
         """The image's instances; without masks (evaluation scores against the annotation file, not these)
         the masks are left out, which saves most of the work."""
-        return self._target(_plain(image_id), self._record(image_id), faults, with_masks)
+        return self._target(plain_id(image_id), self._record(image_id), faults, with_masks)
 
     def _target(self, image_id: int, record: tuple, faults: list[str], with_masks: bool) -> dict:
         where, height, width, anns = record
@@ -713,7 +713,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         faults: list[str] = []
         for attempt in range(len(self.ids)):
-            image_id = _plain(self.ids[(index + attempt) % len(self.ids)])
+            image_id = plain_id(self.ids[(index + attempt) % len(self.ids)])
             record = self._record(image_id)
             try:
                 image = self._image(image_id, record)
@@ -738,9 +738,66 @@ def id_array(ids: list) -> np.ndarray:
     return array if array.dtype.kind in "iuU" or not len(ids) else np.array(ids, dtype=object)
 
 
-def _plain(image_id):
-    """An image id as the annotation file has it (a Python int, not a NumPy one from the compact ids)."""
-    return image_id.item() if isinstance(image_id, np.generic) else image_id
+def plain_id(image_id):
+    """An image id as a Python value: as the annotation file has it (not a NumPy int from the compact ids), or a
+    target's one-element tensor (torchvision's tutorial's datasets give those) as its number."""
+    return image_id.item() if isinstance(image_id, (np.generic, torch.Tensor)) else image_id
+
+
+def coco_of_samples(dataset: torch.utils.data.Dataset) -> tuple[COCO, CategoryMap]:
+    """The ground truth to score predictions on a dataset with: its own annotation file's index for one of this
+    project's datasets (or a Subset of one), else every (image, target) sample read once, as a loader gives it,
+    with its labels as category ids (the datasets of torchvision's tutorial, whose targets hold boxes in corners,
+    labels, and optionally masks, keypoints, area and iscrowd)."""
+    inner = dataset
+    while isinstance(inner, torch.utils.data.Subset):
+        inner = inner.dataset
+    if isinstance(inner, CocoDetection) and inner.coco is not None:
+        return inner.coco, inner.category_map
+    images, annotations = [], []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
+        image_id = plain_id(target["image_id"])
+        images.append({"id": image_id, "height": int(height), "width": int(width)})
+        annotations += sample_annotations(image_id, target, first_id=len(annotations) + 1)
+    categories = [{"id": label, "name": str(label)} for label in sorted({a["category_id"] for a in annotations})]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
+        coco.createIndex()
+    return coco, CategoryMap.from_categories(categories, "samples", keep_ids=True)
+
+
+def sample_annotations(image_id, target: dict, first_id: int) -> list[dict]:
+    """A sample's target as COCO annotations numbered from first_id: boxes from corners to [x, y, w, h], masks as
+    RLE, keypoints flat; area as the target gives it, else the mask's, else the box's; iscrowd 0 unless given."""
+    boxes = torch.as_tensor(target["boxes"]).reshape(-1, 4).tolist()
+    count = len(boxes)
+    labels = torch.as_tensor(target["labels"]).reshape(-1).tolist()
+    crowd = torch.as_tensor(target.get("iscrowd", torch.zeros(count))).reshape(-1).tolist()
+    rles = []
+    if "masks" in target:
+        masks = np.asfortranarray(torch.as_tensor(target["masks"]).to(torch.uint8).permute(1, 2, 0).numpy())
+        rles = mask_utils.encode(masks) if count else []
+    if "area" in target:
+        areas = torch.as_tensor(target["area"]).reshape(-1).tolist()
+    elif rles:
+        areas = mask_utils.area(rles).tolist()
+    else:
+        areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
+    annotations = []
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        ann = {"id": first_id + i, "image_id": image_id, "category_id": int(labels[i]),
+               "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(areas[i]), "iscrowd": int(crowd[i])}
+        if rles:
+            ann["segmentation"] = rles[i]
+        if "keypoints" in target:
+            points = torch.as_tensor(target["keypoints"])[i]
+            ann["keypoints"] = points.flatten().tolist()
+            ann["num_keypoints"] = int((points[:, 2] > 0).sum())
+        annotations.append(ann)
+    return annotations
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader
 
 import utils
 from coco_eval import CocoEvaluator, RunLengths, run_lengths, windowed_run_lengths
+from coco_utils import coco_of_samples, plain_id
 from devices import autocast
 from errors import UserError
 from metrics import ConsoleWriter, LogSchedule, Record, StepMeters
+from models import iou_types_of
 
 # With several processes, ranks agree on a stop request about this often (one all-reduce each time), and at
 # least every this many steps; a single process checks at every step for free. A stop then lands well within a
@@ -32,9 +34,11 @@ WARMUP_STEPS = 1000
 
 def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict], device: torch.device
               ) -> tuple[list[torch.Tensor], list[dict]]:
-    """Move a batch to the device; uint8 images become floats in [0, 1] there, and masks (column-major from
-    the loader) become row-major there, where that is cheap, rather than in the loader."""
-    images = [img.to(device, non_blocking=True).float().div_(255) for img in images]
+    """Move a batch to the device; uint8 images become floats in [0, 1] there (float images, which other datasets
+    such as torchvision's tutorial's give, are taken as in [0, 1] already), and masks (column-major from the
+    loader) become row-major there, where that is cheap, rather than in the loader."""
+    images = [img.to(device, non_blocking=True).float().div_(255) if img.dtype == torch.uint8
+              else img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
                for t in targets]
     for target in targets:
@@ -349,15 +353,55 @@ class EpochResult:
     so_far: dict | None = None  # an unfinished epoch's sums (StepMeters.so_far), for its checkpoint
 
 
+@dataclass
+class EpochClock:
+    """The step clock of a loader whose epochs are all of one length (a plain DataLoader, as torchvision's
+    tutorial makes), for train_one_epoch where the batch sampler is not this project's."""
+
+    batch_size: int
+    steps_per_epoch: int
+
+    def steps(self, epoch: int) -> int:
+        return self.steps_per_epoch
+
+    def global_step(self, epoch: int, step: int) -> int:
+        return epoch * self.steps_per_epoch + step
+
+
+def step_clock(data_loader: DataLoader, accumulation: int) -> Any:
+    """The clock of the run's optimizer steps: the loader's batch sampler where it is this project's (its epochs
+    may differ in length), else an EpochClock of the loader's length."""
+    sampler = data_loader.batch_sampler
+    if hasattr(sampler, "global_step"):
+        return sampler
+    return EpochClock(getattr(sampler, "batch_size", None) or 1, len(data_loader) // accumulation)
+
+
+def call_options(options: TrainOptions | None, print_freq: int | None, scaler: torch.amp.GradScaler | None
+                 ) -> TrainOptions:
+    """options as given (train.py's call), or those of a call as torchvision's reference makes it: print_freq, and
+    a scaler, which means float16 autocast there."""
+    if options is None:
+        return TrainOptions(print_freq=print_freq or 20, scaler=scaler,
+                            amp_dtype=torch.float16 if scaler is not None else None)
+    if print_freq is not None or scaler is not None:
+        raise TypeError("train_one_epoch takes print_freq and scaler, or options that hold them, not both")
+    return options
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, device: torch.device,
-                    epoch: int, options: TrainOptions, start_step: int = 0, carried: dict | None = None
+                    epoch: int, print_freq: int | None = None, scaler: torch.amp.GradScaler | None = None, *,
+                    options: TrainOptions | None = None, start_step: int = 0, carried: dict | None = None
                     ) -> EpochResult:
     """Optimizer steps over data_loader (which yields the epoch's batches from start_step's on) until it ends or
     a stop is requested on any rank; the step in progress always completes. Logged steps become records, whose
     global step is the loader's batch sampler's clock; carried: the sums of the epoch's steps before start_step,
-    which its record then covers too."""
+    which its record then covers too. Called as torchvision's reference and tutorial call theirs (print_freq,
+    and a scaler for float16 autocast), or with options, which hold those two among the rest (train.py)."""
+    options = call_options(options, print_freq, scaler)
     model.train()
-    clock, accumulation = data_loader.batch_sampler, options.grad_accum_steps
+    accumulation = options.grad_accum_steps
+    clock = step_clock(data_loader, accumulation)
     steps_in_epoch = start_step + len(data_loader) // accumulation
     images_per_step = clock.batch_size * accumulation * utils.get_world_size()
     meters = StepMeters(f"Epoch: [{epoch}]", start_step, steps_in_epoch, images_per_step, carried)
@@ -536,18 +580,22 @@ def predict_into(evaluator: CocoEvaluator, model: nn.Module, batch: list[tuple],
     started = time.perf_counter()
     outputs = predict_batch(model, [image for image, _ in batch], device, amp_dtype)
     seconds = time.perf_counter() - started
-    evaluator.update({target["image_id"]: output for (_, target), output in zip(batch, outputs)})
+    evaluator.update({plain_id(target["image_id"]): output for (_, target), output in zip(batch, outputs)})
     return seconds
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, evaluator: CocoEvaluator,
+def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, evaluator: CocoEvaluator | None = None,
              print_freq: int = 20, amp_dtype: torch.dtype | None = None,
              stop_requested: Callable[[], bool] | None = None, max_bad_samples: float = 1.0) -> dict:
     """Predict on every image of data_loader, merge over ranks and score; rank 0 prints the COCO tables and a
     line of where the time went, and gets the metrics; other ranks get an empty dict. A stop signal (where
     stop_requested is given: during training) ends it unfinished by EvaluationStopped. Unreadable images are
-    left out of the scores, with a warning, up to max_bad_samples of a rank's share (then a UserError)."""
+    left out of the scores, with a warning, up to max_bad_samples of a rank's share (then a UserError).
+    Without an evaluator (torchvision's tutorial calls it so), the loader's dataset gives the ground truth
+    (coco_utils.coco_of_samples) and the model's heads what is scored."""
+    if evaluator is None:
+        evaluator = CocoEvaluator(*coco_of_samples(data_loader.dataset), iou_types_of(model))
     model.eval()
     faults = FaultLog(max_bad_samples, scope="in this evaluation")
     batch_size = data_loader.batch_sampler.batch_size

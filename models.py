@@ -107,6 +107,17 @@ def iou_types(name: str) -> tuple[str, ...]:
     return ("bbox",)
 
 
+def iou_types_of(model: nn.Module) -> tuple[str, ...]:
+    """iou_types of a built model (in DDP or not), by its heads: boxes always, masks or keypoints where its RoI
+    heads predict them."""
+    heads = getattr(getattr(model, "module", model), "roi_heads", None)
+    if heads is not None and heads.has_mask():
+        return ("bbox", "segm")
+    if heads is not None and heads.has_keypoint():
+        return ("bbox", "keypoints")
+    return ("bbox",)
+
+
 def backbone_weights_class(name: str) -> type[WeightsEnum]:
     """The ImageNet weights enum a model's backbone takes (ResNet50_Weights, VGG16_Weights, ...)."""
     annotation = inspect.signature(torchvision.models.get_model_builder(name)).parameters["weights_backbone"]

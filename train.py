@@ -583,8 +583,8 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
     for epoch in range(start_epoch, args.epochs):
         data.train_set.epoch = epoch
         data.train_loader.batch_sampler.set_epoch(epoch, start_step)
-        result = train_one_epoch(model, state.optimizer, data.train_loader, run.device, epoch, options, start_step,
-                                 state.epoch_so_far if start_step else None)
+        result = train_one_epoch(model, state.optimizer, data.train_loader, run.device, epoch, options=options,
+                                 start_step=start_step, carried=state.epoch_so_far if start_step else None)
         state.global_step = data.train_loader.batch_sampler.global_step(epoch, result.steps_done)
         state.epoch_so_far = result.so_far
         if result.failure.error is not None:

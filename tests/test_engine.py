@@ -67,7 +67,7 @@ def train(model, data, epoch=0, start_step=0, kinds=("train",), **options):
     records = []
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     options = TrainOptions(print_freq=options.pop("print_freq", 1), on_record=records.append, **options)
-    result = train_one_epoch(model, optimizer, data, CPU, epoch, options, start_step)
+    result = train_one_epoch(model, optimizer, data, CPU, epoch, options=options, start_step=start_step)
     return result, [r for r in records if r.kind in kinds], optimizer
 
 
@@ -183,11 +183,12 @@ def test_an_epochs_record_counts_its_data_faults_and_a_resume_part_way_carries_t
     assert stopped.so_far["faults"] == ["1.jpg: image missing; sample skipped"], "sample 4 was not trained on"
     options = TrainOptions(faults=FaultLog(0.5), on_record=(records := []).append)
     optimizer = torch.optim.SGD(TinyDetector().parameters(), lr=0.1)
-    train_one_epoch(TinyDetector(), optimizer, loader(10, faulty=(1, 4, 6), skip=2), CPU, 0, options, 2,
-                    stopped.so_far)
+    train_one_epoch(TinyDetector(), optimizer, loader(10, faulty=(1, 4, 6), skip=2), CPU, 0, options=options,
+                    start_step=2, carried=stopped.so_far)
     assert counts(records[-1].values) == (3, 0), "sample 1 before the resume, 4 and 6 after it"
     carried = {**stopped.so_far, "faults": ["6.jpg: image missing; sample skipped"]}  # met again after it
-    train_one_epoch(TinyDetector(), optimizer, loader(10, faulty=(6,), skip=2), CPU, 0, options, 2, carried)
+    train_one_epoch(TinyDetector(), optimizer, loader(10, faulty=(6,), skip=2), CPU, 0,
+                    options=options, start_step=2, carried=carried)
     assert counts(records[-1].values) == (1, 0), "a sample met on both sides of the resume counts once"
 
 
@@ -226,7 +227,7 @@ def test_a_stop_request_ends_the_epoch_after_the_step_in_progress_and_the_rest_c
     assert [r.step for r in first] == [1, 2], "the steps done were all logged"
     records = []
     options = TrainOptions(print_freq=1, on_record=records.append)
-    result = train_one_epoch(stopped_model, optimizer, loader(10, skip=2), CPU, 0, options, start_step=2)
+    result = train_one_epoch(stopped_model, optimizer, loader(10, skip=2), CPU, 0, options=options, start_step=2)
     assert (result.steps_done, result.finished) == (5, True)
     resumed = first + [r for r in records if r.kind == "train"]
     assert [r.step for r in resumed] == [r.step for r in straight]
@@ -335,7 +336,7 @@ def test_an_accumulated_epoch_stops_and_resumes_on_an_optimizer_step():
     records = []
     options = TrainOptions(print_freq=1, on_record=records.append, grad_accum_steps=2)
     resumed_data = loader(count=16, batch_size=2, accumulation=2, skip=2)  # one step of two batches done
-    result = train_one_epoch(model, optimizer, resumed_data, CPU, 0, options, start_step=1)
+    result = train_one_epoch(model, optimizer, resumed_data, CPU, 0, options=options, start_step=1)
     assert (result.steps_done, result.finished) == (4, True)
     resumed = first + [r for r in records if r.kind == "train"]
     assert [r.step for r in resumed] == [r.step for r in straight]
@@ -536,7 +537,8 @@ class MixedSizes(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         generator = torch.Generator().manual_seed(index)
-        return torch.rand(3, *self.SIZES[index], generator=generator), {"image_id": index}
+        image = torch.randint(0, 256, (3, *self.SIZES[index]), dtype=torch.uint8, generator=generator)
+        return image, {"image_id": index}  # uint8, as this project's loaders give
 
 
 def test_evaluation_in_batches_gives_each_image_its_detections_alone():
@@ -575,3 +577,88 @@ def test_an_operation_without_a_deterministic_kernel_is_one_line():
         train(Undeterministic(), loader(4))
     with pytest.raises(RuntimeError, match="something else"), engine.deterministic_kernels_missing_said():
         raise RuntimeError("something else")
+
+
+class Pedestrians(torch.utils.data.Dataset):
+    """As torchvision's tutorial writes its dataset: tv_tensors images of floats in [0, 1], targets of tensors
+    (boxes in corners, masks, labels, a tensor image_id, area, iscrowd). An image's first pixel holds its index."""
+
+    def __init__(self, count: int = 4, height: int = 60, width: int = 80) -> None:
+        self.count, self.height, self.width = count, height, width
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        from torchvision import tv_tensors
+        from torchvision.ops import masks_to_boxes
+
+        masks = torch.zeros(2, self.height, self.width, dtype=torch.uint8)
+        masks[0, 10:40, 5 + index:25 + index] = 1
+        masks[1, 20:50, 40:70] = 1
+        boxes = masks_to_boxes(masks)
+        image = torch.full((3, self.height, self.width), 0.2)
+        image[:, masks.bool().any(0)] = 0.8
+        image[0, 0, 0] = index / 100
+        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(self.height, self.width)),
+                  "masks": tv_tensors.Mask(masks), "labels": torch.ones(2, dtype=torch.int64),
+                  "image_id": torch.tensor([index]), "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+                  "iscrowd": torch.zeros(2, dtype=torch.int64)}
+        return tv_tensors.Image(image), target
+
+
+class GroundTruthDetector(nn.Module):
+    """Predicts each image's own instances, masks included, with score 1: every AP is 1 where scoring reads the
+    dataset's targets as they are."""
+
+    def __init__(self, dataset: Pedestrians) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.roi_heads = type("Heads", (), {"has_mask": lambda self: True, "has_keypoint": lambda self: False})()
+
+    def forward(self, images):
+        outputs = []
+        for image in images:
+            target = self.dataset[round(image[0, 0, 0].item() * 100)][1]
+            outputs.append({"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"],
+                            "scores": torch.ones(len(target["labels"])),
+                            "masks": target["masks"].as_subclass(torch.Tensor)[:, None].float()})
+        return outputs
+
+
+def test_evaluation_without_an_evaluator_scores_a_tutorial_dataset_against_its_own_targets(capsys):
+    import utils
+
+    data = Pedestrians()
+    loader = torch.utils.data.DataLoader(data, batch_size=1, collate_fn=utils.collate_fn)
+    metrics = engine.evaluate(GroundTruthDetector(data), loader, device=CPU)
+    assert metrics["bbox"]["AP"] == metrics["segm"]["AP"] == 1.0
+    assert "IoU metric: segm" in capsys.readouterr().out
+
+
+def test_the_tutorials_calls_train_and_evaluate_torchvisions_model(capsys):
+    """train_one_epoch(..., epoch, print_freq=...) and evaluate(model, loader, device=...) on a plain DataLoader,
+    as torchvision's object detection tutorial calls the reference's."""
+    import torchvision
+
+    import utils
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2,
+                                                               min_size=64, max_size=96)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+    loader = torch.utils.data.DataLoader(Pedestrians(), batch_size=2, shuffle=True, collate_fn=utils.collate_fn)
+    result = train_one_epoch(model, optimizer, loader, CPU, 0, print_freq=1)
+    assert result.finished and result.steps_done == 2
+    metrics = engine.evaluate(model, torch.utils.data.DataLoader(Pedestrians(2), collate_fn=utils.collate_fn),
+                              device=CPU)
+    assert set(metrics) == {"bbox", "segm"}
+    printed = capsys.readouterr().out
+    assert "Epoch: [0]  [1/2]" in printed and "Epoch: [0]  [2/2]" in printed and "IoU metric: segm" in printed
+    with pytest.raises(TypeError, match="print_freq and scaler, or options that hold them"):
+        train_one_epoch(model, optimizer, loader, CPU, 0, print_freq=1, options=TrainOptions())
+
+
+def test_images_are_scaled_to_0_1_only_when_they_are_bytes():
+    images, _ = engine.to_device([torch.full((3, 2, 2), 255, dtype=torch.uint8), torch.full((3, 2, 2), 0.5)], [], CPU)
+    assert images[0].max() == 1.0 and images[1].max() == 0.5, "floats are taken as in [0, 1] already"
