@@ -378,6 +378,7 @@ class CocoEvaluator:
         self._pending: dict[int, Future] = {}
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rle")
         self.timings = {"encode_wait": 0.0, "score": 0.0}
+        self.ground_truth = "the annotation file"  # where the categories come from, in what it prints
 
     def update(self, outputs: dict[int, dict[str, torch.Tensor]]) -> None:
         """Add model outputs (on the CPU) keyed by image id; they are encoded in the background, and nothing of
@@ -457,8 +458,9 @@ class CocoEvaluator:
             left_out.update(encoded.left_out)
         if left_out:
             labels = ", ".join(f"label {label}: {n}" for label, n in sorted(left_out.items()))
-            print(f"{sum(left_out.values())} detections had labels that are no category of the annotation file "
-                  f"({labels}) and were left out; the model has more classes than the file has categories")
+            print(f"{sum(left_out.values())} detections had labels that are no category of {self.ground_truth} "
+                  f"({labels}) and were left out; the model has more classes than {self.ground_truth} has "
+                  f"categories")
 
     def write_results(self, output_dir: str | Path) -> list[Path]:
         """predictions_{iou_type}.json in COCO results format, as the evaluation server takes them."""

@@ -754,11 +754,15 @@ def coco_of_samples(dataset: torch.utils.data.Dataset) -> tuple[COCO, CategoryMa
         inner = inner.dataset
     if isinstance(inner, CocoDetection) and inner.coco is not None:
         return inner.coco, inner.category_map
-    images, annotations = [], []
+    images, annotations, seen = [], [], {}
     for index in range(len(dataset)):
         image, target = dataset[index]
         height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
         image_id = plain_id(target["image_id"])
+        if image_id in seen:
+            raise UserError(f"samples {seen[image_id]} and {index} of the dataset have one image_id, {image_id!r}: "
+                            f"scoring tells images apart by it; give each sample its own")
+        seen[image_id] = index
         images.append({"id": image_id, "height": int(height), "width": int(width)})
         annotations += sample_annotations(image_id, target, first_id=len(annotations) + 1)
     categories = [{"id": label, "name": str(label)} for label in sorted({a["category_id"] for a in annotations})]
@@ -794,6 +798,9 @@ def sample_annotations(image_id, target: dict, first_id: int) -> list[dict]:
             ann["segmentation"] = rles[i]
         if "keypoints" in target:
             points = torch.as_tensor(target["keypoints"])[i]
+            if len(points) != len(coco_keypoint_names()):  # COCOeval's per-keypoint tolerances are for COCO's
+                raise UserError(f"image {image_id!r} has {len(points)} keypoints an instance; keypoints are scored "
+                                f"as COCO's {len(coco_keypoint_names())} person keypoints only")
             ann["keypoints"] = points.flatten().tolist()
             ann["num_keypoints"] = int((points[:, 2] > 0).sum())
         annotations.append(ann)

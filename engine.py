@@ -596,6 +596,7 @@ def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, ev
     (coco_utils.coco_of_samples) and the model's heads what is scored."""
     if evaluator is None:
         evaluator = CocoEvaluator(*coco_of_samples(data_loader.dataset), iou_types_of(model))
+        evaluator.ground_truth = "the dataset"
     model.eval()
     faults = FaultLog(max_bad_samples, scope="in this evaluation")
     batch_size = data_loader.batch_sampler.batch_size

@@ -118,7 +118,7 @@ TRAINING = (
     Speedup("proposals filtered for the whole batch", batched_proposals.self_check,
             batched_proposals.use_batched_proposals),
     # After the batched targets, which take only torchvision's own RoIHeads class.
-    Speedup("mask logits of the matched class only", matched_class_masks.self_check,
+    Speedup("mask logits of each region's class only", matched_class_masks.self_check,
             matched_class_masks.use_matched_class_masks),
     # In the matched-class branch, which it needs.
     Speedup("mask targets pooled from crops on the CPU", cropped_mask_targets.self_check,

@@ -1,4 +1,5 @@
-"""In training, the mask head's logits computed for each positive region's matched class only.
+"""The mask head's logits computed for one class a region only: in training each positive region's matched
+class, in evaluation each detection's predicted class.
 
 What it changes: torchvision's mask predictor ends in a 1x1 convolution that gives every class's 28x28 logits for
 each positive region, and its loss keeps the channel of the region's matched class: with C classes, C - 1 of every
@@ -8,11 +9,14 @@ training forward runs torchvision's code without its mask branch, then the branc
 positive regions, the pooler, the mask head and the predictor's layers before the last as torchvision's, the last
 as each region's class's weight row times its features plus that class's bias, and torchvision's loss (masks
 projected by its `project_masks_on_boxes`, binary cross-entropy on the kept channel). The weights of the classes
-no region has get zero gradients, as before. Evaluation and export run torchvision's forward unchanged. It relies
-on the forward asking `has_mask()` for the branch and drawing its samples by `select_training_samples`, and on
-the predictor being torchvision's `MaskRCNNPredictor` ending in a 1x1 convolution; `self_check` compares losses
-and gradients with torchvision's RoIHeads. With shape buckets, whose hooks pad the mask head's regions and cut the
-predictor's output, the layers before the last run on the padded regions (the recurring shapes) and the padding is
+no region has get zero gradients, as before. In evaluation torchvision keeps the predicted class's channel of
+every class's logits (its `maskrcnn_inference`): here the forward runs without its mask branch, then the branch
+on the detected boxes, with the last layer as each detection's class's row, and the sigmoid of that. Export runs
+torchvision's forward unchanged. It relies on the forward asking `has_mask()` for the branch and drawing its
+samples by `select_training_samples`, and on the predictor being torchvision's `MaskRCNNPredictor` ending in a
+1x1 convolution; `self_check` compares losses and gradients, and evaluation's detections, with torchvision's
+RoIHeads. With shape buckets, whose hooks pad the mask head's regions and cut the predictor's output, the layers
+before the last run on the padded regions (the recurring shapes) and the padding is
 cut before the last.
 """
 
@@ -83,7 +87,8 @@ def matched_class_logits(predictor: nn.Sequential, features: Tensor, classes: Te
 
 
 class MatchedClassMasksMixin:
-    """In front of torchvision's RoIHeads: the training forward's mask branch with the matched class's logits."""
+    """In front of torchvision's RoIHeads: the mask branch with the matched class's logits in training, and the
+    predicted class's in evaluation."""
 
     _mask_branch_apart = False  # True while torchvision's forward runs without its mask branch
 
@@ -98,9 +103,12 @@ class MatchedClassMasksMixin:
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None):
-        if (not self.training or exporting() or targets is None or not super().has_mask()
-                or not eligible_predictor(self.mask_predictor)):
+        if exporting() or not super().has_mask() or not eligible_predictor(self.mask_predictor):
             return super().forward(features, proposals, image_shapes, targets)
+        if not self.training:
+            return self.detections_with_predicted_class_masks(features, proposals, image_shapes)
+        if targets is None:
+            return super().forward(features, proposals, image_shapes, targets)  # torchvision's own error
         self._mask_branch_apart = True
         try:
             result, losses = super().forward(features, proposals, image_shapes, targets)
@@ -109,6 +117,22 @@ class MatchedClassMasksMixin:
             self._mask_branch_apart = False
             self.__dict__.pop("_samples", None)
         losses["loss_mask"] = self.matched_class_mask_loss(features, samples, image_shapes, targets)
+        return result, losses
+
+    def detections_with_predicted_class_masks(self, features: dict[str, Tensor], proposals: list[Tensor],
+                                              image_shapes: list[tuple[int, int]]):
+        """torchvision's evaluation forward, each detection's mask the sigmoid of its predicted class's logits."""
+        self._mask_branch_apart = True
+        try:
+            result, losses = super().forward(features, proposals, image_shapes)
+        finally:
+            self._mask_branch_apart = False
+        boxes = [detections["boxes"] for detections in result]
+        region_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        classes = torch.cat([detections["labels"] for detections in result])
+        probabilities = matched_class_logits(self.mask_predictor, region_features, classes).sigmoid()
+        for detections, masks in zip(result, probabilities[:, None].split([len(b) for b in boxes])):
+            detections["masks"] = masks
         return result, losses
 
     def matched_class_mask_loss(self, features: dict[str, Tensor], samples: SamplesT,
@@ -137,8 +161,8 @@ def _eligible(module: nn.Module) -> bool:
 
 
 def use_matched_class_masks(model: nn.Module) -> nn.Module:
-    """Give model's torchvision RoI heads that predict masks the matched-class mask branch in training, in
-    place."""
+    """Give model's torchvision RoI heads that predict masks the one-class mask branch (the matched class in
+    training, the predicted one in evaluation), in place."""
     return mix_into(model, MatchedClassMasksMixin, _eligible, "MatchedClassMasks")
 
 
@@ -178,8 +202,21 @@ def losses_and_gradients(heads: RoIHeads, batch: tuple, seed: int) -> tuple[dict
     return losses, [torch.zeros_like(p) if p.grad is None else p.grad for p in heads.parameters()]
 
 
+def detections(heads: RoIHeads, batch: tuple) -> list[dict[str, Tensor]]:
+    """heads' evaluation output on batch's features, proposals and image shapes."""
+    with torch.no_grad():
+        return heads.eval()(*batch[:3])[0]
+
+
+def same_detections(got: list[dict[str, Tensor]], want: list[dict[str, Tensor]]) -> bool:
+    """The same detections, their masks to float rounding."""
+    return len(got) == len(want) and all(
+        a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+                                     for k in b) for a, b in zip(got, want))
+
+
 def self_check() -> str | None:
-    """None when the matched-class branch gives torchvision's losses and gradients to float rounding."""
+    """None when the one-class branch gives torchvision's losses, gradients and detections to float rounding."""
     torch.manual_seed(0)
     plain = example_heads()
     fast = use_matched_class_masks(copy.deepcopy(plain))
@@ -187,6 +224,7 @@ def self_check() -> str | None:
     try:
         (got, got_gradients), (want, want_gradients) = (losses_and_gradients(heads, batch, 2)
                                                         for heads in (fast, plain))
+        got_detections, want_detections = detections(fast, batch), detections(plain, batch)
     except (AttributeError, TypeError, RuntimeError, ValueError, KeyError) as e:
         return f"torchvision's RoIHeads changed ({type(e).__name__}: {e})"
     if list(got) != list(want) or not all(torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
@@ -194,4 +232,6 @@ def self_check() -> str | None:
         return "the matched-class mask branch gives other losses than torchvision's RoIHeads"
     if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got_gradients, want_gradients)):
         return "the matched-class mask branch gives other gradients than torchvision's RoIHeads"
+    if not same_detections(got_detections, want_detections):
+        return "the predicted-class mask branch gives other detections than torchvision's RoIHeads"
     return None

@@ -108,7 +108,7 @@ def test_too_few_images_for_the_steps_asked_is_refused(tiny_dataset):
 
 def test_one_speedup_left_out_at_a_given_head_size(tiny_dataset):
     """--leave-out measures the step without one speed-up (by its printed name); a name it lacks is refused."""
-    left_out = "mask logits of the matched class only"
+    left_out = "mask logits of each region's class only"
     command = bench_command(tiny_dataset, "--steps", "1", "--warmup", "1", "--num-classes", "300")
     results = [subprocess.run(command + flags, capture_output=True, text=True, timeout=300, cwd=ROOT)
                for flags in ([], ["--leave-out", left_out], ["--leave-out", "mask logits"])]

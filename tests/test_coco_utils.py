@@ -20,6 +20,7 @@ from coco_utils import (
     SampleError,
     build_dataset,
     coco_category_names,
+    coco_of_samples,
     instance_masks,
     lacking_categories,
     load_coco,
@@ -756,3 +757,36 @@ def test_rle_counts_that_area_sums_past_32_bits_leave_the_instance_out_of_the_sa
     assert f"annotation {chosen['id']}: segmentation is compressed RLE whose counts go past the image's " \
            f"{chosen['pixels']} pixels; instance dropped" in "\n".join(target["faults"])
     assert len(target["masks"]) == len(target["boxes"]) == len(target["labels"]) >= 1
+
+
+def samples_of(targets: list[dict], size: tuple[int, int] = (20, 30)) -> list[tuple]:
+    """(image, target) pairs as a plain Dataset gives them: float images, the targets as given."""
+    return [(torch.zeros(3, *size), target) for target in targets]
+
+
+def test_samples_become_coco_ground_truth_with_their_labels_as_categories():
+    masks = torch.zeros(2, 20, 30, dtype=torch.bool)
+    masks[0, 2:6, 3:9], masks[1, 10:20, 0:5] = True, True
+    points = torch.zeros(2, 17, 3)
+    points[0, :3] = torch.tensor([5.0, 4.0, 2.0])
+    targets = [{"boxes": torch.tensor([[3.0, 2.0, 9.0, 6.0], [0.0, 10.0, 5.0, 20.0]]), "labels": torch.tensor([2, 5]),
+                "masks": masks, "keypoints": points, "iscrowd": torch.tensor([False, True]),
+                "image_id": torch.tensor([7])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": "b"}]
+    coco, category_map = coco_of_samples(samples_of(targets))
+    assert coco.dataset["images"] == [{"id": 7, "height": 20, "width": 30}, {"id": "b", "height": 20, "width": 30}]
+    first, second = coco.dataset["annotations"]
+    assert (first["bbox"], first["category_id"], first["area"], first["iscrowd"]) == ([3.0, 2.0, 6.0, 4.0], 2, 24.0, 0)
+    assert (second["id"], second["iscrowd"], second["num_keypoints"]) == (2, 1, 0)
+    assert first["num_keypoints"] == 3 and first["keypoints"][:3] == [5.0, 4.0, 2.0]
+    assert mask_utils.decode(second["segmentation"]).sum() == 50
+    assert category_map.ids == (2, 5) and category_map.category_id(5) == 5 and category_map.category_id(3) is None
+
+
+def test_samples_of_one_image_id_or_other_keypoints_cannot_be_scored():
+    target = {"boxes": torch.tensor([[1.0, 1.0, 4.0, 4.0]]), "labels": torch.tensor([1]), "image_id": 3}
+    with pytest.raises(UserError, match="^samples 0 and 1 of the dataset have one image_id, 3: scoring tells images "
+                                        "apart by it; give each sample its own$"):
+        coco_of_samples(samples_of([target, dict(target)]))
+    with pytest.raises(UserError, match="image 3 has 4 keypoints an instance; keypoints are scored as COCO's 17"):
+        coco_of_samples(samples_of([{**target, "keypoints": torch.ones(1, 4, 3)}]))

@@ -12,6 +12,7 @@ from models import build_model
 from speedups import matched_class_masks, shape_buckets
 from speedups.matched_class_masks import (
     MatchedClassMasksMixin,
+    detections,
     example_batch,
     example_heads,
     losses_and_gradients,
@@ -60,21 +61,23 @@ def test_without_positive_regions_the_loss_is_zero_and_every_mask_weight_gets_a_
     assert mask_gradients and all(not g.any() for g in mask_gradients)
 
 
-def test_the_full_logits_are_never_made_in_training_and_evaluation_is_torchvisions():
+def test_the_full_logits_are_never_made_and_evaluation_gives_torchvisions_detections():
     torch.manual_seed(0)
     plain = example_heads(40)
+    plain.score_thresh = 0.0  # every class's score of every region is about 1/40
     fast = use_matched_class_masks(copy.deepcopy(plain))
     calls = []
     fast.mask_predictor.mask_fcn_logits.register_forward_hook(lambda *_: calls.append(1))
-    batch = example_batch(torch.Generator().manual_seed(3), (6, 2), 40)
+    batch = example_batch(torch.Generator().manual_seed(3), (6, 0, 2), 40)
     fast.train()(*batch)
-    assert calls == []
-    with torch.no_grad():
-        ours, _ = fast.eval()(*batch[:3])
-        theirs, _ = plain.eval()(*batch[:3])
-    assert len(calls) == 1
+    ours, theirs = detections(fast, batch), detections(plain, batch)
+    assert calls == [], "neither in training nor in evaluation"
+    assert all(len(d["labels"]) for d in theirs) and len(set(torch.cat([d["labels"] for d in theirs]).tolist())) > 5
     for a, b in zip(ours, theirs, strict=True):
-        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+        assert list(a) == list(b) == ["boxes", "labels", "scores", "masks"]
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(a["masks"], b["masks"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_predictor_the_branch_cannot_read_keeps_torchvisions_forward():
@@ -117,7 +120,7 @@ def test_a_mask_rcnn_takes_it_and_other_models_do_not():
     names = {model: speedups.applied(speedups.for_training(build_model(model, 5, None, None, None),
                                                            torch.device("cpu"), speedups.SpeedupConfig()))
              for model in ("maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn")}
-    taken = {model for model, applied in names.items() if "mask logits of the matched class only" in applied}
+    taken = {model for model, applied in names.items() if "mask logits of each region's class only" in applied}
     assert taken == {"maskrcnn_resnet50_fpn"}
 
 
