@@ -108,7 +108,8 @@ def add_model_flags(group: argparse._ArgumentGroup) -> None:
     add("--rpn-score-thresh", default=None, type=float,
         help="R-CNNs: proposals under this objectness score are left out, in training and evaluation")
     add("--box-score-thresh", default=None, type=float,
-        help="detections scoring at or below this are left out in evaluation (default: the model's: 0.05 for "
+        help="detections scoring at or below this are left out in evaluation and in an export of the checkpoint "
+             "(default: the model's: 0.05 for "
              "R-CNNs and RetinaNet, 0.2 FCOS, 0.01 SSD300, 0.001 SSDlite); lower it, with --detections-per-image "
              "300, for data of many rare categories, as LVIS's recipes evaluate at 0.0001")
     add("--torchvision-mask-init", action="store_true",
