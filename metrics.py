@@ -231,15 +231,17 @@ MOST_CATEGORY_CHARTS = 100
 
 
 def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a record's values, nested names joined with '/', for TensorBoard."""
+    """The numbers of a record's values, nested names joined with '/', for TensorBoard; a slash in a name (a
+    category's, such as LVIS's 'cup/mug') becomes a division slash, which TensorBoard does not read as a level."""
     found = {}
     for key, value in values.items():
         if key == "time" or key == "per_category" and len(value) > MOST_CATEGORY_CHARTS:
             continue
+        name = prefix + key.replace("/", "\u2215")
         if isinstance(value, dict):
-            found.update(_scalars(value, f"{prefix}{key}/"))
+            found.update(_scalars(value, f"{name}/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[f"{prefix}{key}"] = float(value)
+            found[name] = float(value)
     return found
 
 

@@ -219,3 +219,8 @@ def test_tensorboard_charts_ap_per_category_only_for_a_readable_number_of_catego
     many = {"bbox": {"AP": 0.5, "per_category": {f"c{i}": 0.1 for i in range(MOST_CATEGORY_CHARTS + 1)}}}
     assert set(_scalars(few)) == {"bbox/AP"} | {f"bbox/per_category/c{i}" for i in range(80)}
     assert set(_scalars(many)) == {"bbox/AP"}
+
+
+def test_a_slash_in_a_category_name_adds_no_level_to_its_tensorboard_chart():
+    scalars = _scalars({"segm": {"per_category": {"cup/mug": 0.25, "dog": 0.5}}})
+    assert scalars == {"segm/per_category/cup\u2215mug": 0.25, "segm/per_category/dog": 0.5}
