@@ -53,6 +53,12 @@ def caption(image: torch.Tensor, text: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
+def text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light colours, white on dark ones (by perceived brightness), so a label reads on its box's."""
+    red, green, blue = background
+    return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else (255, 255, 255)
+
+
 def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str] | None, masks: torch.Tensor | None,
                    colors: list[tuple[int, int, int]], keypoints: torch.Tensor | None = None,
                    alpha: float = PREDICTION_ALPHA) -> torch.Tensor:
@@ -64,7 +70,8 @@ def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str] |
         masks = masks[:, 0] > 0.5 if masks.dim() == 4 else masks.bool()
         image = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
     image = draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2, font=font_path(),
-                                font_size=font_size(image))
+                                font_size=font_size(image), fill_labels=True,
+                                label_colors=[text_color(color) for color in colors])
     if keypoints is not None and len(keypoints):
         image = draw_keypoints(image, keypoints[..., :2], visibility=keypoints[..., 2] > 0, colors="white",
                                radius=2)

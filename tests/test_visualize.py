@@ -97,3 +97,13 @@ def test_pictures_and_curves_are_written_whole_or_not_at_all(tmp_path, full_disk
         plot_curves(train[:2], [], tmp_path / "curves.png")
     assert (tmp_path / "epoch_1" / "a.jpg").read_bytes() == good and (tmp_path / "curves.png").read_bytes() == curves
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.jpg", "curves.png", "epoch_1"], "no temporary file"
+
+
+@pytest.mark.parametrize("color, text", [((255, 225, 25), (0, 0, 0)), ((0, 0, 128), (255, 255, 255))])
+def test_a_label_is_written_in_black_or_white_on_its_boxs_colour(color, text):
+    from visualize import draw_instances
+
+    image = torch.full((3, 200, 200), 128, dtype=torch.uint8)
+    drawn = draw_instances(image, torch.tensor([[40.0, 60.0, 180.0, 180.0]]), ["square"], None, [color])
+    label = drawn[:, 62:80, 42:100].flatten(1).T.tolist()  # inside the box's top left corner, where it sits
+    assert label.count(list(color)) > 100 and label.count(list(text)) > 10, "on the box's colour, in a contrast"
