@@ -119,6 +119,17 @@ class PILToTensor:
         return (F.pil_to_tensor(image) if isinstance(image, Image.Image) else image), target
 
 
+class ToDtype:
+    """The image tensor as dtype, taken from 0-255 to 0-1 where scale is set (as torchvision's tutorial asks for
+    its own datasets; this project's loaders keep uint8, which the training loop scales on the device)."""
+
+    def __init__(self, dtype: torch.dtype, scale: bool = False) -> None:
+        self.dtype, self.scale = dtype, scale
+
+    def __call__(self, image: torch.Tensor, target: dict, generator: torch.Generator | None = None) -> tuple:
+        return (F.convert_image_dtype(image, self.dtype) if self.scale else image.to(self.dtype)), target
+
+
 class TensorToPIL:
     """uint8 CHW tensor to PIL image, for transforms to run on PIL images (--backend pil)."""
 

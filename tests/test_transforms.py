@@ -122,3 +122,10 @@ def test_multiscale_holds_the_long_side_to_max_size():
     assert out_image.shape[-2:] == (80, 800) and out["boxes"].tolist() == [[0.0, 0.0, 800.0, 80.0]]
     out_image, _ = T.RandomShortestSize((48,), max_size=800)(image, target)
     assert out_image.shape[-2:] == (48, 480), "the short side's size where the long side stays under max_size"
+
+
+def test_to_dtype_scales_bytes_to_0_1_only_when_asked():
+    image, target = torch.full((3, 2, 2), 255, dtype=torch.uint8), {"labels": torch.tensor([1])}
+    scaled, same = T.ToDtype(torch.float, scale=True)(image, target)
+    assert scaled.dtype == torch.float32 and scaled.max() == 1.0 and same is target
+    assert T.Compose([T.PILToTensor(), T.ToDtype(torch.float)])(image, target)[0].max() == 255.0
