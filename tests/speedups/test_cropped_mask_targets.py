@@ -121,6 +121,6 @@ def test_chosen_on_the_cpu_with_the_matched_class_branch_only():
     as_gpu = speedups.for_training(copy.deepcopy(model), torch.device("meta"), config)  # any device but the CPU
     assert name not in speedups.applied(as_gpu)
     without_branch = copy.deepcopy(model)
-    speedups._apply(without_branch, tuple(s for s in speedups.TRAINING if s.name != "mask logits of the matched "
+    speedups._apply(without_branch, tuple(s for s in speedups.TRAINING if s.name != "mask logits of each region's "
                                           "class only"))
     assert name not in speedups.applied(without_branch)
