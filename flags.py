@@ -380,6 +380,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.trainable_backbone_layers is not None and args.weights is None and args.weights_backbone is None:
         raise UserError("--trainable-backbone-layers applies to pretrained weights; from scratch every backbone "
                         "stage trains, so leave it out or give --weights-backbone")
+    check_trainable_stages(args)
     builder_options(args)  # the model flags' mistakes that need no data, said before it is read
     if args.weights:
         check_weights_name_fits(args.model, args.weights)
@@ -389,6 +390,16 @@ def check_args(args: argparse.Namespace) -> None:
         resolve_weights(args.weights, "--weights")
     elif args.weights_backbone:
         resolve_weights(args.weights_backbone, "--weights-backbone", backbone_weights_class(args.model))
+
+
+def check_trainable_stages(args: argparse.Namespace) -> None:
+    """--trainable-backbone-layers within the backbone's stages (torchvision's builders check it only after the
+    data has loaded): 6 for MobileNet, 5 for ResNet and VGG."""
+    given = args.trainable_backbone_layers
+    stages = 6 if backbone_weights_class(args.model).__name__.startswith("MobileNet") else 5
+    if given is not None and not 0 <= given <= stages:
+        raise UserError(f"--trainable-backbone-layers {given} must be from 0 to {stages}, the backbone stages of "
+                        f"--model {args.model}")
 
 
 def builder_options(args: argparse.Namespace) -> dict:

@@ -105,7 +105,19 @@ MODEL_FLAG_MISTAKES = [
     (["--weights", "missing.pth"], "--weights missing.pth: no such file"),
     (["--weights", "RetinaNet_ResNet50_FPN_Weights.COCO_V1"], "are weights of retinanet_resnet50_fpn, not of"),
     (["--weights-backbone", "Foo.BAR"], "--weights-backbone Foo.BAR: neither a file nor a torchvision weights"),
+    (["--trainable-backbone-layers", "6"],
+     "--trainable-backbone-layers 6 must be from 0 to 5, the backbone stages of --model maskrcnn_resnet50_fpn"),
+    (["--trainable-backbone-layers", "7", "--model", "fasterrcnn_mobilenet_v3_large_fpn"],
+     "--trainable-backbone-layers 7 must be from 0 to 6"),
+    (["--trainable-backbone-layers", "-1", "--model", "ssd300_vgg16"], "-1 must be from 0 to 5"),
 ]
+
+
+def test_every_backbone_stage_may_train():
+    parser = train.get_args_parser()
+    for model, stages in (("maskrcnn_resnet50_fpn", 5), ("fasterrcnn_mobilenet_v3_large_fpn", 6),
+                          ("ssdlite320_mobilenet_v3_large", 6), ("ssd300_vgg16", 5)):
+        flags.check_trainable_stages(parser.parse_args(["--model", model, "--trainable-backbone-layers", str(stages)]))
 
 
 @pytest.mark.parametrize("args, message", MODEL_FLAG_MISTAKES, ids=[" ".join(a) for a, _ in MODEL_FLAG_MISTAKES])
