@@ -26,6 +26,7 @@ from models import (
     model_options,
     resolve_weights,
 )
+from resume import continues_a_checkpoint
 
 # The weight average's settings when --model-ema is given without them (torchvision's reference's values).
 EMA_DEFAULTS = {"model_ema_decay": 0.9998, "model_ema_steps": 1}
@@ -384,7 +385,7 @@ def check_args(args: argparse.Namespace) -> None:
     builder_options(args)  # the model flags' mistakes that need no data, said before it is read
     if args.weights:
         check_weights_name_fits(args.model, args.weights)
-    if args.resume:  # a resumed run reads neither file: the checkpoint holds every weight
+    if continues_a_checkpoint(args):  # then neither file is read: the checkpoint holds every weight
         return
     if args.weights:
         resolve_weights(args.weights, "--weights")

@@ -21,11 +21,21 @@ from models import trained_pretrained
 from run_record import plain
 
 
+def own_checkpoint(output_dir: str) -> Path:
+    """The checkpoint --resume auto continues: the run's own, in its output folder."""
+    return Path(output_dir) / "checkpoint.pth"
+
+
+def continues_a_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether this run starts from a checkpoint: --resume given, and for 'auto' the run's own is there."""
+    return bool(args.resume) and (args.resume != "auto" or own_checkpoint(args.output_dir).is_file())
+
+
 def resolve_resume(args: argparse.Namespace) -> str:
     """The checkpoint to resume from: --resume as given, or for 'auto' the run's own if it exists."""
     if args.resume != "auto":
         return args.resume
-    path = Path(args.output_dir) / "checkpoint.pth"
+    path = own_checkpoint(args.output_dir)
     if path.is_file():
         return str(path)
     if not args.test_only:  # a mistyped --output-dir would otherwise start afresh without a word

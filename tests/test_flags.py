@@ -127,10 +127,18 @@ def test_model_flags_that_cannot_work_are_refused_before_the_data_is_read(args, 
         flags.check_args(train.get_args_parser().parse_args(["--data-path", "no-such-folder", *args]))
 
 
-def test_a_resumed_run_does_not_need_the_backbone_file(tmp_path, monkeypatch):
+def test_a_resumed_run_does_not_need_the_backbone_file_and_a_first_auto_launch_does(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     parser = train.get_args_parser()
     with pytest.raises(UserError, match="--weights-backbone ResNet50_Weights.IMAGENET1K_V1: .* is missing"):
         flags.check_args(parser.parse_args([]))
-    flags.check_args(parser.parse_args(["--resume", "auto"]))  # read from the checkpoint, where there is one
-    flags.check_args(parser.parse_args(["--resume", "auto", "--weights", "gone.pth"]))  # so is a fine-tuning run
+    run = ["--resume", "auto", "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(UserError, match="--weights-backbone ResNet50_Weights.IMAGENET1K_V1: .* is missing"):
+        flags.check_args(parser.parse_args(run))  # a first launch, with no checkpoint yet: it reads the file
+    with pytest.raises(UserError, match="--weights gone.pth"):
+        flags.check_args(parser.parse_args([*run, "--weights", "gone.pth"]))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").touch()
+    flags.check_args(parser.parse_args(run))  # read from the checkpoint
+    flags.check_args(parser.parse_args([*run, "--weights", "gone.pth"]))  # so is a fine-tuning run's
+    flags.check_args(parser.parse_args(["--resume", str(tmp_path / "other.pth")]))  # said when it is read
