@@ -30,6 +30,8 @@ from resume import continues_a_checkpoint
 
 # The weight average's settings when --model-ema is given without them (torchvision's reference's values).
 EMA_DEFAULTS = {"model_ema_decay": 0.9998, "model_ema_steps": 1}
+# SGD's momentum when --momentum is not given (the reference's default; recorded so with AdamW too, as there).
+SGD_MOMENTUM = 0.9
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -129,7 +131,7 @@ def add_optimization_flags(group: argparse._ArgumentGroup) -> None:
         help="optimizer (any case, as torchvision's reference reads it)")
     add("--lr", default=0.02, type=float,
         help="learning rate: 0.02 suits 8 devices x 2 images; scale linearly with the total batch")
-    add("--momentum", default=0.9, type=float, help="SGD momentum")
+    add("--momentum", default=None, type=float, help=f"SGD's momentum (default {SGD_MOMENTUM}); not for AdamW")
     add("--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay", help="weight decay")
     add("--norm-weight-decay", default=None, type=float,
         help="weight decay for normalization layers (default: same as --wd)")
@@ -289,7 +291,7 @@ def check_rates(args: argparse.Namespace) -> None:
                         ("norm-weight-decay", args.norm_weight_decay), ("lr-gamma", args.lr_gamma)):
         if value is not None and not 0 <= value < math.inf:  # torch refuses most, after the data has loaded
             raise UserError(f"--{flag} {value} must be finite, 0 or more")
-    if not args.momentum < 1:  # an average that never forgets: the steps grow without bound
+    if args.momentum is not None and not args.momentum < 1:  # an average that never forgets: steps grow unbounded
         raise UserError(f"--momentum {args.momentum} must be below 1 (0.9 is usual)")
     for flag in ("clip_grad_norm", "dist_timeout", "repeat_factor_threshold"):
         value = getattr(args, flag)
@@ -340,15 +342,28 @@ def check_combinations(args: argparse.Namespace) -> None:
     check_training_combinations(args)
 
 
+def check_momentum(args: argparse.Namespace) -> None:
+    """--momentum is SGD's: refused with AdamW, SGD_MOMENTUM where not given, above 0 for Nesterov's."""
+    if args.opt == "adamw" and args.momentum is not None:
+        raise UserError(f"--momentum {args.momentum:g} is SGD's, and --opt adamw takes none (its averages are "
+                        f"torch's betas); leave --momentum out, or use --opt sgd")
+    if args.momentum is None:
+        args.momentum = SGD_MOMENTUM
+    if args.opt == "sgd_nesterov" and args.momentum <= 0:
+        raise UserError(f"--opt sgd_nesterov needs momentum, and --momentum is {args.momentum:g}; give a positive "
+                        f"--momentum or --opt sgd")
+
+
 def check_training_combinations(args: argparse.Namespace) -> None:
-    """Reject training flags that do not go together; the weight average's settings left out take their defaults
-    (EMA_DEFAULTS) once it is known they may be given."""
+    """Reject training flags that do not go together; SGD's momentum and the weight average's settings left out
+    take their defaults (SGD_MOMENTUM, EMA_DEFAULTS) once it is known they may be given."""
     if args.amp_dtype is not None and not args.amp:
         raise UserError(f"--amp-dtype {args.amp_dtype} picks --amp's precision; add --amp, or leave --amp-dtype out")
     if args.lr_scheduler == "cosineannealinglr" and (args.lr_steps is not None or args.lr_step_size is not None):
         flag = "--lr-steps" if args.lr_steps is not None else "--lr-step-size"
         raise UserError(f"{flag} sets multisteplr's steps, and --lr-scheduler cosineannealinglr falls smoothly over "
                         f"--epochs; leave {flag} out, or use --lr-scheduler multisteplr")
+    check_momentum(args)
     for flag, default in EMA_DEFAULTS.items():
         if getattr(args, flag) is not None and not args.model_ema:
             raise UserError(f"--{flag.replace('_', '-')} tunes the average that --model-ema keeps; add --model-ema, "
@@ -361,9 +376,6 @@ def check_training_combinations(args: argparse.Namespace) -> None:
     if args.cudnn_benchmark and args.use_deterministic_algorithms:
         raise UserError("--cudnn-benchmark picks kernels by timing them, which --use-deterministic-algorithms "
                         "rules out; give one of the two")
-    if args.opt == "sgd_nesterov" and args.momentum <= 0:
-        raise UserError(f"--opt sgd_nesterov needs momentum, and --momentum is {args.momentum:g}; give a positive "
-                        f"--momentum or --opt sgd")
     best_metric(args)  # a name the model's evaluation gives
 
 

@@ -82,6 +82,7 @@ IGNORED_COMBINATIONS = [
     (["--lr-scheduler", "cosineannealinglr", "--lr-step-size", "4"], "leave --lr-step-size out, or use"),
     (["--model-ema-decay", "0.99"], "--model-ema-decay tunes the average that --model-ema keeps; add --model-ema"),
     (["--model-ema-steps", "4"], "or leave --model-ema-steps out"),
+    (["--opt", "adamw", "--momentum", "0.5"], "--momentum 0.5 is SGD's, and --opt adamw takes none"),
 ]
 
 
@@ -96,6 +97,10 @@ def test_flags_that_another_flag_would_ignore_are_refused(args, message):
         flags.check_training_combinations(args)
     assert (plain.model_ema_decay, plain.model_ema_steps) == (0.9998, 1), "the defaults, as recorded before"
     assert (averaged.model_ema_decay, averaged.model_ema_steps) == (0.9998, 4)
+    momenta = [parser.parse_args(given) for given in ([], ["--momentum", "0.8"], ["--opt", "AdamW"])]
+    for args in momenta:
+        flags.check_training_combinations(args)
+    assert [args.momentum for args in momenta] == [0.9, 0.8, 0.9], "as recorded before, with AdamW too"
 
 
 MODEL_FLAG_MISTAKES = [
