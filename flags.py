@@ -292,7 +292,7 @@ def check_rates(args: argparse.Namespace) -> None:
         if value is not None and not 0 <= value < math.inf:  # torch refuses most, after the data has loaded
             raise UserError(f"--{flag} {value} must be finite, 0 or more")
     if args.momentum is not None and not args.momentum < 1:  # an average that never forgets: steps grow unbounded
-        raise UserError(f"--momentum {args.momentum} must be below 1 (0.9 is usual)")
+        raise UserError(f"--momentum {args.momentum} must be below 1 ({SGD_MOMENTUM} is usual)")
     for flag in ("clip_grad_norm", "dist_timeout", "repeat_factor_threshold"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
