@@ -23,8 +23,9 @@ from pycocotools.cocoeval import COCOeval
 import utils
 from annotations import rle_areas
 from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
-from coco_utils import CategoryMap, id_array, scoring_ground_truth
+from coco_utils import CategoryMap, id_array, labels_of, plain_id, scoring_ground_truth
 
+IOU_TYPES = ("bbox", "segm", "keypoints")  # what COCOeval scores: boxes, masks, keypoints
 # The order of COCOeval.stats, named, and what each line of the standard summary says of it:
 # (precision or recall, IoU range, object size, detections per image).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -365,13 +366,19 @@ class CocoEvaluator:
     """Gathers each image's detections during evaluation, encoded compactly, and scores them once at the end.
 
     Encoding runs on a background thread: it overlaps with the next forward pass, which releases the GIL.
+    Called as torchvision's reference calls its own (CocoEvaluator(coco, iou_types), update, synchronize,
+    accumulate, summarize, then coco_eval[iou_type].stats), it gives the same numbers.
     """
 
-    def __init__(self, coco_gt: COCO, category_map: CategoryMap, iou_types: tuple[str, ...] = ("bbox", "segm"),
-                 backend: str = "pycocotools", max_dets: int = COCO_MAX_DETECTIONS) -> None:
+    def __init__(self, coco_gt: COCO, iou_types: Sequence[str] = ("bbox", "segm"),
+                 category_map: CategoryMap | None = None, backend: str = "pycocotools",
+                 max_dets: int = COCO_MAX_DETECTIONS) -> None:
+        unknown = [t for t in iou_types if t not in IOU_TYPES]
+        if isinstance(iou_types, str) or unknown:
+            raise ValueError(f"iou_types {iou_types!r}: give a sequence of {', '.join(IOU_TYPES)}")
         self.coco_gt = coco_gt
-        self.category_map = category_map
-        self.iou_types = iou_types
+        self.category_map = category_map or labels_of(coco_gt)  # model labels to the file's category ids
+        self.iou_types = tuple(iou_types)
         self.max_dets = max_dets  # boxes' and masks' maxDets
         self.backend = backend_for(coco_gt, backend)
         self.per_image: dict[int, EncodedImage] = {}
@@ -379,11 +386,13 @@ class CocoEvaluator:
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rle")
         self.timings = {"encode_wait": 0.0, "score": 0.0}
         self.ground_truth = "the annotation file"  # where the categories come from, in what it prints
+        self.coco_eval: dict = {}  # COCOeval by IoU type, once accumulate() has scored them
 
     def update(self, outputs: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Add model outputs (on the CPU) keyed by image id; they are encoded in the background, and nothing of
-        the output tensors is kept once they are."""
+        """Add model outputs keyed by image id (an int, or a one-element tensor); they are encoded in the
+        background, and nothing of the output tensors is kept once they are."""
         for image_id, output in outputs.items():
+            image_id = plain_id(image_id)
             self._pending[image_id] = self._encoder.submit(encode, image_id, output, self.category_map,
                                                            self.iou_types)
         self._collect(wait=False)
@@ -414,19 +423,31 @@ class CocoEvaluator:
         return [r for image_id in sorted(self.per_image)
                 for r in self.per_image[image_id].records(iou_type, scoring)]
 
+    def accumulate(self) -> None:
+        """Score every IoU type on this rank and keep each COCOeval in coco_eval, for scripts that read its stats
+        or precision tables (the reference's call; summarize() alone shares the types among the ranks and keeps
+        none of them)."""
+        started = time.perf_counter()
+        self._collect()
+        self.coco_eval = {iou_type: self._cocoeval(iou_type) for iou_type in self.iou_types}
+        self.timings["score"] += time.perf_counter() - started
+
     def summarize(self) -> dict[str, dict]:
         """Score each IoU type, on every rank at once: each scores its share of the types (all of them when
-        alone). Rank 0 prints the tables and AP per category.
+        alone), unless accumulate() scored them already. Rank 0 prints the tables and AP per category.
 
         Returns {iou_type: {metric name: value, ..., "per_category": {category name: AP}}} on every rank.
         """
         started = time.perf_counter()
         self._collect()
-        share = self.iou_types[utils.get_rank()::utils.get_world_size()]
-        scored = {}
-        for part in utils.all_gather_object({iou_type: self._score(iou_type) for iou_type in share}):
-            scored.update(part)
-        metrics = {iou_type: scored[iou_type] for iou_type in self.iou_types}
+        if self.coco_eval:
+            metrics = {iou_type: self._metrics(iou_type, self.coco_eval[iou_type]) for iou_type in self.iou_types}
+        else:
+            share = self.iou_types[utils.get_rank()::utils.get_world_size()]
+            scored = {}
+            for part in utils.all_gather_object({t: self._metrics(t, self._cocoeval(t)) for t in share}):
+                scored.update(part)
+            metrics = {iou_type: scored[iou_type] for iou_type in self.iou_types}
         if utils.is_main_process():
             self._say_what_the_tables_leave_unsaid()
             for iou_type, values in metrics.items():
@@ -437,11 +458,14 @@ class CocoEvaluator:
         self.timings["score"] += time.perf_counter() - started
         return metrics
 
-    def _score(self, iou_type: str) -> dict:
-        """One IoU type's metrics by name, and its AP per category."""
+    def _cocoeval(self, iou_type: str):
+        """One IoU type scored: the COCOeval, evaluated and accumulated."""
         # The records are made for this call alone, so COCOeval may keep them without a copy.
-        evaluator = score(self.coco_gt, self.results(iou_type, scoring=True), iou_type, list(self.per_image),
-                          self.backend, copy_results=False, max_dets=self.max_dets)
+        return score(self.coco_gt, self.results(iou_type, scoring=True), iou_type, list(self.per_image),
+                     self.backend, copy_results=False, max_dets=self.max_dets)
+
+    def _metrics(self, iou_type: str, evaluator) -> dict:
+        """One IoU type's metrics by name, and its AP per category."""
         metrics = dict(zip(metric_names(iou_type, self.max_dets), (float(v) for v in evaluator.stats)))
         metrics["per_category"] = per_category_ap(evaluator, self.coco_gt)
         return metrics

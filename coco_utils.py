@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
+import torchvision
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
@@ -36,6 +37,7 @@ from annotations import (
     segmentation_problem,
 )
 from errors import UserError
+from transforms import image_size
 
 # The layout of each --dataset: split name -> (image folder, annotation file), relative to --data-path.
 DATASET_LAYOUTS = {
@@ -209,10 +211,12 @@ LOADER_REPAIRS = frozenset({"box not finite", "no segmentation", "segmentation f
 class CocoIndex(COCO):
     """pycocotools' index of an annotation file as load_coco makes it; loader_repairs says whether the check found
     instances that the loader leaves out or repairs, which scoring must then read as the loader does, and
-    renumbered whether scoring must number the annotations from 1; scoring_indexes keeps what scoring built."""
+    renumbered whether scoring must number the annotations from 1; scoring_indexes keeps what scoring built;
+    category_map is the labels of the dataset that reads it (labels_of)."""
 
     loader_repairs: bool = False
     renumbered: bool = False
+    category_map: CategoryMap | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -596,6 +600,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_dir = Path(image_dir)
         self.coco = coco
         self.category_map = category_map
+        if isinstance(coco, CocoIndex):
+            coco.category_map = category_map  # so that its predictions can be scored from the index alone
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
@@ -744,20 +750,35 @@ def plain_id(image_id):
     return image_id.item() if isinstance(image_id, (np.generic, torch.Tensor)) else image_id
 
 
+def labels_of(coco: COCO) -> CategoryMap:
+    """How a model's labels name the categories of a ground truth: as the dataset of this project that reads the
+    index numbers them, else the category ids themselves (the datasets of torchvision's reference and tutorial)."""
+    if isinstance(coco, CocoIndex) and coco.category_map is not None:
+        return coco.category_map
+    return CategoryMap.from_categories(coco.dataset.get("categories", []), "samples", keep_ids=True)
+
+
 def coco_of_samples(dataset: torch.utils.data.Dataset) -> tuple[COCO, CategoryMap]:
-    """The ground truth to score predictions on a dataset with: its own annotation file's index for one of this
-    project's datasets (or a Subset of one), else every (image, target) sample read once, as a loader gives it,
-    with its labels as category ids (the datasets of torchvision's tutorial, whose targets hold boxes in corners,
-    labels, and optionally masks, keypoints, area and iscrowd)."""
+    """The ground truth to score predictions on a dataset with, and how the model's labels name its categories:
+    the annotation file's index of one of this project's datasets or of torchvision's CocoDetection (or a Subset
+    of one), else samples_as_coco's reading of every sample."""
     inner = dataset
     while isinstance(inner, torch.utils.data.Subset):
         inner = inner.dataset
-    if isinstance(inner, CocoDetection) and inner.coco is not None:
-        return inner.coco, inner.category_map
+    if isinstance(inner, (CocoDetection, torchvision.datasets.CocoDetection)) and inner.coco is not None:
+        return inner.coco, labels_of(inner.coco)
+    coco = samples_as_coco(dataset)
+    return coco, labels_of(coco)
+
+
+def samples_as_coco(dataset: torch.utils.data.Dataset) -> COCO:
+    """The ground truth of every (image, target) sample read once, as a loader gives it, with its labels as
+    category ids (the datasets of torchvision's tutorial, whose targets hold boxes in corners, labels, image_id,
+    and optionally masks, keypoints, area and iscrowd)."""
     images, annotations, seen = [], [], {}
     for index in range(len(dataset)):
         image, target = dataset[index]
-        height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
+        height, width = image_size(image)
         image_id = plain_id(target["image_id"])
         if image_id in seen:
             raise UserError(f"samples {seen[image_id]} and {index} of the dataset have one image_id, {image_id!r}: "
@@ -770,7 +791,7 @@ def coco_of_samples(dataset: torch.utils.data.Dataset) -> tuple[COCO, CategoryMa
     coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
         coco.createIndex()
-    return coco, CategoryMap.from_categories(categories, "samples", keep_ids=True)
+    return coco
 
 
 def sample_annotations(image_id, target: dict, first_id: int) -> list[dict]:
@@ -959,3 +980,25 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
         raise UserError(f"{ann_file}: {NO_OUTLINES}, and the model learns masks; train a box model such as --model "
                         f"fasterrcnn_resnet50_fpn, or add the outlines")
     return ds
+
+
+# The names scripts written against torchvision's reference (references/detection/coco_utils.py) call.
+
+REFERENCE_MODES = {"instances": "coco", "person_keypoints": "coco_kp"}
+
+
+def get_coco(root: str | Path, image_set: str, transforms, mode: str = "instances") -> CocoDetection:
+    """The reference's call for a COCO folder's split ('train' or 'val'): build_dataset's dataset, whose
+    transforms take this project's samples (a uint8 image tensor and a target of labels, not category ids)."""
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"mode {mode!r}: give one of {', '.join(REFERENCE_MODES)}")
+    return build_dataset(root, REFERENCE_MODES[mode], image_set, transforms)
+
+
+def get_coco_api_from_dataset(dataset: torch.utils.data.Dataset) -> COCO:
+    """The ground truth of a dataset as pycocotools' COCO, for coco_eval.CocoEvaluator(coco, iou_types):
+    coco_of_samples' index."""
+    return coco_of_samples(dataset)[0]
+
+
+convert_to_coco_api = samples_as_coco

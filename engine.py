@@ -595,7 +595,8 @@ def evaluate(model: nn.Module, data_loader: DataLoader, device: torch.device, ev
     Without an evaluator (torchvision's tutorial calls it so), the loader's dataset gives the ground truth
     (coco_utils.coco_of_samples) and the model's heads what is scored."""
     if evaluator is None:
-        evaluator = CocoEvaluator(*coco_of_samples(data_loader.dataset), iou_types_of(model))
+        coco_gt, category_map = coco_of_samples(data_loader.dataset)
+        evaluator = CocoEvaluator(coco_gt, iou_types_of(model), category_map)
         evaluator.ground_truth = "the dataset"
     model.eval()
     faults = FaultLog(max_bad_samples, scope="in this evaluation")

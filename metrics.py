@@ -11,47 +11,15 @@ import datetime
 import json
 import math
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from checkpoint import RUN_OUTPUT_REMEDY, write_atomic, writing
 from errors import UserError
-from utils import print_once
-
-
-class SmoothedValue:
-    """A series' running average over a window and over the whole run."""
-
-    def __init__(self, window_size: int = 20) -> None:
-        self.window: deque = deque(maxlen=window_size)
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, value: float) -> None:
-        self.window.append(value)
-        self.count += 1
-        self.total += value
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.window)) if self.window else 0.0
-
-    @property
-    def avg(self) -> float:
-        return float(np.mean(self.window)) if self.window else 0.0
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / max(self.count, 1)
-
-    @property
-    def value(self) -> float:
-        return self.window[-1] if self.window else 0.0
+from utils import SmoothedValue, print_once
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,7 @@ def run_evaluation(run: Run, data: Data, model: torch.nn.Module, stop_requested:
                    ) -> tuple[CocoEvaluator, dict, torch.nn.Module]:
     """COCO evaluation of the model's inference copy over every rank's share of the validation set; during
     training (stop_requested given), a stop signal ends it unfinished (EvaluationStopped)."""
-    evaluator = CocoEvaluator(data.val_set.coco, data.category_map, iou_types(run.args.model),
+    evaluator = CocoEvaluator(data.val_set.coco, iou_types(run.args.model), data.category_map,
                               run.args.coco_backend, run.args.eval_max_dets)
     eval_model = speedups.for_inference(model, run.device, run.speedup_config)
     metrics = evaluate(eval_model, data.val_loader, run.device, evaluator, run.args.print_freq, run.amp_dtype,

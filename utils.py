@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import numbers
 import os
 import random
 import time
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -245,3 +248,160 @@ def buffers_change_in_training(model: torch.nn.Module) -> bool:
 def collate_fn(batch: list) -> tuple:
     """Detection batches stay lists: images differ in size and targets in instance count."""
     return tuple(zip(*batch))
+
+
+# ---------------------------------------------------------------------------------- torchvision-reference names
+
+# Training scripts written against torchvision's references/detection/utils.py import these names from utils
+# (SmoothedValue also keeps metrics.StepMeters' series).
+
+class SmoothedValue:
+    """A series of numbers: its window (the latest window_size) for median, avg and max, and every value ever
+    given, weighted by n, for global_avg. str() formats with fmt, which may name median, avg, global_avg, max and
+    value."""
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None) -> None:
+        self.window: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        """Add value, standing for n items (a batch's mean loss over n images) in global_avg."""
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over the ranks (all must call it, once), so global_avg covers every rank's values;
+        the window stays each rank's own."""
+        if not is_dist_avail_and_initialized():
+            return
+        # A CPU tensor for gloo, a GPU one for NCCL (which takes no other)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        sums = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        count, self.total = sums.tolist()
+        self.count = int(count)
+
+    # Each reads 0.0 before the first value, so a meter added but not yet updated still prints.
+    @property
+    def median(self) -> float:
+        return float(np.median(self.window)) if self.window else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.window)) if self.window else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.window, default=0.0)
+
+    @property
+    def value(self) -> float:
+        """The latest value."""
+        return self.window[-1] if self.window else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues (meters), shown on one line, and log_every, which prints them as a loop runs."""
+
+    def __init__(self, delimiter: str = "\t") -> None:
+        self.meters: defaultdict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values: float | torch.Tensor) -> None:
+        """Add each value (a number, or a one-element tensor) to the meter of its name."""
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            if not isinstance(value, numbers.Real):
+                raise TypeError(f"MetricLogger.update: {name} must be a number or a one-element tensor, "
+                                f"not {type(value).__name__}")
+            self.meters[name].update(value)
+
+    def __getattr__(self, name: str) -> SmoothedValue:
+        # Only called for names that are no real attribute; __dict__ is read directly, as copy and pickle call this
+        # before __init__ has set meters.
+        meters = self.__dict__.get("meters", {})
+        if name in meters:
+            return meters[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute or meter '{name}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        """A meter of its own window or format (a learning rate shown as its latest value, say)."""
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self) -> None:
+        """Every meter's SmoothedValue.synchronize_between_processes (all ranks must call it)."""
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str | None = None) -> Iterator:
+        """Yield iterable's items, printing (on rank 0) the progress and the meters after item 0, every print_freq
+        items and the last, then the total time. iterable needs a len() for [i/total] and the eta."""
+        # Checked here, where the call is, not at the first item, as the generator below would
+        try:
+            total = len(iterable)
+        except TypeError:
+            raise TypeError(f"MetricLogger.log_every needs an iterable with a len() (a list, a DataLoader), not a "
+                            f"{type(iterable).__name__}; make it a list first") from None
+        if print_freq < 1:
+            raise ValueError(f"MetricLogger.log_every: print_freq must be 1 or more, not {print_freq}")
+        return self._logged(iterable, total, print_freq, header or "")
+
+    def _logged(self, iterable: Iterable, total: int, print_freq: int, header: str) -> Iterator:
+        step_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        started = step_started = time.perf_counter()
+        for i, item in enumerate(iterable):
+            data_time.update(time.perf_counter() - step_started)
+            yield item
+            step_time.update(time.perf_counter() - step_started)
+            if i % print_freq == 0 or i == total - 1:
+                print_once(self._progress_line(header, i, total, step_time, data_time))
+            step_started = time.perf_counter()
+        elapsed = time.perf_counter() - started
+        print_once(f"{header} Total time: {_duration(elapsed)} ({elapsed / max(total, 1):.4f} s / it)".lstrip())
+
+    def _progress_line(self, header: str, i: int, total: int, step_time: SmoothedValue,
+                       data_time: SmoothedValue) -> str:
+        parts = [header] if header else []
+        parts += [f"[{i:{len(str(total))}d}/{total}]", f"eta: {_duration(step_time.global_avg * (total - i - 1))}",
+                  str(self), f"time: {step_time}", f"data: {data_time}"]
+        if torch.cuda.is_available():
+            parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+        return self.delimiter.join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """Whole seconds as H:MM:SS."""
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def mkdir(path: str | os.PathLike) -> None:
+    """Create the folder and its parents; one that exists already is fine."""
+    os.makedirs(path, exist_ok=True)
+
+
+def save_on_master(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save on rank 0 only (the others would write the same file), atomically: a write cut short leaves
+    the file as it was."""
+    if is_main_process():
+        import checkpoint  # here, not at the top: checkpoint imports utils
+
+        checkpoint.save_atomic(obj, path)
+
+
+# The reference's name for it: one implementation
+all_gather = all_gather_object

@@ -240,8 +240,8 @@ def evaluate_ours(args, coco_gt, image_ids: list[int], clock: dict) -> dict[str,
     from coco_utils import CategoryMap
     from engine import compact_masks
 
-    evaluator = CocoEvaluator(coco_gt, CategoryMap.from_categories(coco_gt.dataset["categories"], "coco"),
-                              IOU_TYPES, args.backend)
+    evaluator = CocoEvaluator(coco_gt, IOU_TYPES, CategoryMap.from_categories(coco_gt.dataset["categories"], "coco"),
+                              args.backend)
     # What engine.evaluate does to CPU masks (compact_masks), then update: both are the evaluation's work.
     feed(evaluator, DetectionMaker(coco_gt, args.detections, args.seed), image_ids, clock,
          lambda output: {**output, "masks": compact_masks(output["masks"])})

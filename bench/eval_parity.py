@@ -51,7 +51,7 @@ def stats_of_ours(args, device: torch.device) -> dict[str, list[float]]:
     model = build_from_checkpoint(checkpoint, args.checkpoint, min_size=args.min_size, max_size=args.max_size,
                                   **saved_inference_options(checkpoint))
     loader = torch.utils.data.DataLoader(val, batch_size=1, num_workers=args.workers, collate_fn=utils.collate_fn)
-    evaluator = CocoEvaluator(val.coco, val.category_map, ("bbox", "segm"), "auto")
+    evaluator = CocoEvaluator(val.coco, ("bbox", "segm"), val.category_map, "auto")
     model = speedups.for_inference(model.to(device), device, speedups.SpeedupConfig())
     metrics = evaluate(model, loader, device, evaluator)
     return {iou_type: [metrics[iou_type][name] for name in metric_names(iou_type)] for iou_type in ("bbox", "segm")}

@@ -27,7 +27,7 @@ from coco_eval import (
     to_coco_results,
     windowed_run_lengths,
 )
-from coco_utils import CategoryMap, build_dataset
+from coco_utils import CategoryMap, build_dataset, get_coco_api_from_dataset
 from errors import UserError
 
 
@@ -51,7 +51,7 @@ def _noisy_outputs(ds, seed=0):
 
 def test_ap_equals_pycocotools_on_the_written_predictions(dataset, tmp_path, capsys):
     ds = build_dataset(dataset, "coco", "val", None)
-    evaluator = CocoEvaluator(ds.coco, ds.category_map, backend="pycocotools")
+    evaluator = CocoEvaluator(ds.coco, category_map=ds.category_map, backend="pycocotools")
     evaluator.update(_noisy_outputs(ds))
     metrics = evaluator.summarize()
     assert "IoU metric: segm" in capsys.readouterr().out
@@ -69,14 +69,14 @@ def test_ap_equals_pycocotools_on_the_written_predictions(dataset, tmp_path, cap
 
 def test_no_detections_scores_zero_and_says_why(dataset, capsys):
     ds = build_dataset(dataset, "coco", "val", None)
-    evaluator = CocoEvaluator(ds.coco, ds.category_map)
+    evaluator = CocoEvaluator(ds.coco, category_map=ds.category_map)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
              "masks": torch.zeros(0, 1, 8, 8)}
     evaluator.update({image_id: empty for image_id in ds.ids})
     metrics = evaluator.summarize()
     assert metrics["bbox"]["AP"] == 0.0 and metrics["segm"]["AP"] == 0.0
     assert f"note: the model made no detection on any of the {len(ds.ids)} images" in capsys.readouterr().out
-    some = CocoEvaluator(ds.coco, ds.category_map)
+    some = CocoEvaluator(ds.coco, category_map=ds.category_map)
     some.update(_noisy_outputs(ds, seed=3))
     some.summarize()
     assert "made no detection" not in capsys.readouterr().out
@@ -84,7 +84,8 @@ def test_no_detections_scores_zero_and_says_why(dataset, capsys):
 
 def test_an_image_seen_twice_counts_once(dataset):
     ds = build_dataset(dataset, "coco", "val", None)
-    once, twice = CocoEvaluator(ds.coco, ds.category_map), CocoEvaluator(ds.coco, ds.category_map)
+    once, twice = (CocoEvaluator(ds.coco, category_map=ds.category_map),
+                   CocoEvaluator(ds.coco, category_map=ds.category_map))
     outputs = _noisy_outputs(ds, seed=3)
     once.update(outputs)
     first = next(iter(outputs))
@@ -99,7 +100,7 @@ def test_faster_backend_gives_the_same_numbers(dataset, capsys):
     outputs = _noisy_outputs(ds, seed=5)
     results = {}
     for backend in ("pycocotools", "faster"):
-        evaluator = CocoEvaluator(ds.coco, ds.category_map, backend=backend)
+        evaluator = CocoEvaluator(ds.coco, category_map=ds.category_map, backend=backend)
         evaluator.update(outputs)
         results[backend] = evaluator.summarize()
     for iou_type in ("bbox", "segm"):
@@ -169,7 +170,7 @@ def test_labels_without_a_category_are_dropped_and_counted_once(dataset, capsys)
     strays = sum(min(2, len(o["labels"])) for o in outputs.values())
     results = {}
     for name, given in (("clean", outputs), ("strays", with_strays)):
-        evaluator = CocoEvaluator(ds.coco, ds.category_map, backend="pycocotools")
+        evaluator = CocoEvaluator(ds.coco, category_map=ds.category_map, backend="pycocotools")
         evaluator.update(given)
         results[name] = evaluator.summarize()
         printed = capsys.readouterr().out
@@ -202,7 +203,7 @@ def test_categories_that_share_a_name_keep_their_own_ap(dataset, tmp_path):
 
     root = _edited_val(dataset, tmp_path / "named", "instances_val2017.json", same_name)
     ds = build_dataset(root, "coco", "val", None)
-    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox",))
+    evaluator = CocoEvaluator(ds.coco, ("bbox",), ds.category_map)
     evaluator.update(_noisy_outputs(ds, seed=2))
     metrics = evaluator.summarize()["bbox"]
     first, second = ds.coco.dataset["categories"][:2]
@@ -214,7 +215,7 @@ def test_categories_that_share_a_name_keep_their_own_ap(dataset, tmp_path):
 def _scored(root, dataset_name: str, outputs: dict, iou_types: tuple[str, ...], backend: str) -> dict:
     """What CocoEvaluator gives with the dataset's own COCO index, as train.py scores an epoch."""
     ds = build_dataset(root, dataset_name, "val", None)
-    evaluator = CocoEvaluator(ds.coco, ds.category_map, iou_types, backend=backend)
+    evaluator = CocoEvaluator(ds.coco, iou_types, ds.category_map, backend=backend)
     evaluator.update({image_id: dict(output) for image_id, output in outputs.items()})
     return evaluator.summarize()
 
@@ -355,7 +356,7 @@ def test_a_file_pycocotools_reads_scores_as_there_when_short_polygons_are_repair
     assert ours.coco.loader_repairs, "the check found the short polygon"
     with contextlib.redirect_stdout(io.StringIO()):
         plain = COCO(str(broken / "annotations" / files))
-    evaluator = CocoEvaluator(plain, ours.category_map, ("segm",), backend=backend)
+    evaluator = CocoEvaluator(plain, ("segm",), ours.category_map, backend=backend)
     evaluator.update({image_id: dict(output) for image_id, output in outputs.items()})
     assert _scored(broken, "coco", outputs, ("segm",), backend)["segm"] == evaluator.summarize()["segm"]
 
@@ -428,7 +429,7 @@ def test_a_category_listed_without_instances_scores_as_if_absent(dataset, tmp_pa
     sound = build_dataset(dataset, "coco", "val", None, trained)
     outputs = _noisy_outputs(sound, seed=2)
     ds = build_dataset(extra, "coco", "val", None, trained)
-    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox", "segm"), backend="pycocotools")
+    evaluator = CocoEvaluator(ds.coco, ("bbox", "segm"), ds.category_map, backend="pycocotools")
     evaluator.update({image_id: dict(output) for image_id, output in outputs.items()})
     assert evaluator.summarize() == _scored(dataset, "coco", outputs, ("bbox", "segm"), "pycocotools")
     with_instance = _edited_val(dataset, tmp_path / "instance", "instances_val2017.json", lambda d: (
@@ -439,7 +440,7 @@ def test_a_category_listed_without_instances_scores_as_if_absent(dataset, tmp_pa
 
 def test_predictions_files_are_written_whole_or_not_at_all(dataset, tmp_path, full_disk):
     ds = build_dataset(dataset, "coco", "val", None)
-    evaluator = CocoEvaluator(ds.coco, ds.category_map, backend="pycocotools")
+    evaluator = CocoEvaluator(ds.coco, category_map=ds.category_map, backend="pycocotools")
     evaluator.update(_noisy_outputs(ds))
     (tmp_path / "predictions_bbox.json").write_text("[]")
     full_disk(10)
@@ -455,7 +456,7 @@ def test_only_the_images_evaluated_are_scored(tiny_dataset, backend):
     """Images left out of an evaluation (unreadable ones) must not count their instances as missed."""
     ds = build_dataset(tiny_dataset, "coco", "val", None)  # no crowd regions, no boxes without extent
     evaluated = [image_id for image_id in ds.ids if ds.coco.getAnnIds(imgIds=[image_id])][:1]
-    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox",), backend=backend)
+    evaluator = CocoEvaluator(ds.coco, ("bbox",), ds.category_map, backend=backend)
     for image_id in evaluated:  # the ground truth's own boxes (x, y, w, h) as detections
         anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[image_id]))
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
@@ -538,7 +539,7 @@ def test_more_max_dets_score_every_instance_of_a_crowded_image(backend, capsys):
     fewer = score(coco, detections, "bbox", [1, 2], backend, max_dets=50)
     assert fewer.stats[8] == pytest.approx((50 / 150 + 1) / 2) and fewer.stats[0] < capped.stats[0]
 
-    evaluator = CocoEvaluator(coco, CategoryMap.from_categories(coco.dataset["categories"], "custom"), ("bbox",),
+    evaluator = CocoEvaluator(coco, ("bbox",), CategoryMap.from_categories(coco.dataset["categories"], "custom"),
                               backend, max_dets=300)
     for image_id in (1, 2):
         anns = coco.imgToAnns[image_id]
@@ -569,3 +570,38 @@ def test_ids_faster_coco_eval_cannot_read_are_said_once_whatever_the_evaluations
     coco_eval._say_scoring_with_pycocotools.cache_clear()
     assert [coco_eval.backend_for(coco, "faster") for _ in range(3)] == ["pycocotools"] * 3
     assert capsys.readouterr().out.count("scoring with pycocotools") == 1
+
+
+def test_the_references_calls_score_as_ours_and_keep_each_cocoeval(dataset, capsys):
+    """A script written against torchvision's reference: CocoEvaluator(coco, iou_types) on
+    get_coco_api_from_dataset's index (labels numbered 1..K here, not category ids), one-element tensor image ids
+    as keys, then synchronize, accumulate, summarize and coco_eval[iou_type].stats."""
+    ds = build_dataset(dataset, "coco", "val", None)
+    assert not ds.category_map.keep_ids
+    outputs = _noisy_outputs(ds, seed=4)
+    ours = CocoEvaluator(ds.coco, category_map=ds.category_map)
+    ours.update(outputs)
+    expected = ours.summarize()
+    assert ours.coco_eval == {}, "summarize() alone keeps no COCOeval"
+    theirs = CocoEvaluator(get_coco_api_from_dataset(ds), ["bbox", "segm"])
+    theirs.update({torch.tensor([image_id]): output for image_id, output in outputs.items()})
+    theirs.synchronize_between_processes()
+    theirs.accumulate()
+    assert set(theirs.coco_eval) == {"bbox", "segm"}
+    assert theirs.summarize() == expected
+    for iou_type in ("bbox", "segm"):
+        assert list(theirs.coco_eval[iou_type].stats) == [expected[iou_type][m] for m in METRIC_NAMES]
+        assert theirs.coco_eval[iou_type].eval["precision"].shape[2] == len(ds.category_map.ids)
+    assert expected["bbox"]["AP"] > 0.2
+    assert [r["image_id"] for r in theirs.results("bbox")][:1] == [min(ds.ids)], "ids as plain ints"
+
+
+def test_a_plain_cocos_labels_are_its_category_ids(dataset):
+    coco = COCO(str(Path(dataset) / "annotations" / "instances_val2017.json"))
+    evaluator = CocoEvaluator(coco, ("bbox",))
+    ids = sorted(coco.cats)
+    assert evaluator.category_map.keep_ids and evaluator.category_map.category_id(ids[-1]) == ids[-1]
+    with pytest.raises(ValueError, match="iou_types 'bbox': give a sequence of bbox, segm, keypoints"):
+        CocoEvaluator(coco, "bbox")
+    with pytest.raises(ValueError, match=r"iou_types \('boxes',\)"):
+        CocoEvaluator(coco, ("boxes",))

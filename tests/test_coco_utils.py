@@ -17,11 +17,16 @@ import annotations
 from annotations import annotation_findings
 from coco_utils import (
     CategoryMap,
+    CocoDetection,
     SampleError,
     build_dataset,
     coco_category_names,
     coco_of_samples,
+    convert_to_coco_api,
+    get_coco,
+    get_coco_api_from_dataset,
     instance_masks,
+    labels_of,
     lacking_categories,
     load_coco,
     orientation_undecided,
@@ -98,7 +103,7 @@ def test_keypoint_validation_images_without_persons_are_evaluated(tmp_path):
     model = build_model("keypointrcnn_resnet50_fpn", 2, None, None, None,
                         **model_options("keypointrcnn_resnet50_fpn", min_size=64, max_size=64, detections_per_image=20))
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=lambda batch: tuple(zip(*batch)))
-    evaluator = CocoEvaluator(ds.coco, ds.category_map, ("bbox", "keypoints"))
+    evaluator = CocoEvaluator(ds.coco, ("bbox", "keypoints"), ds.category_map)
     metrics = evaluate(model, loader, torch.device("cpu"), evaluator)
     assert list(metrics) == ["bbox", "keypoints"]
 
@@ -790,3 +795,32 @@ def test_samples_of_one_image_id_or_other_keypoints_cannot_be_scored():
         coco_of_samples(samples_of([target, dict(target)]))
     with pytest.raises(UserError, match="image 3 has 4 keypoints an instance; keypoints are scored as COCO's 17"):
         coco_of_samples(samples_of([{**target, "keypoints": torch.ones(1, 4, 3)}]))
+
+
+def test_the_references_dataset_calls_give_this_projects_datasets_and_their_index(dataset):
+    val = get_coco(dataset, "val", None)
+    assert isinstance(val, CocoDetection) and not val.train and val.coco.source.name == "instances_val2017.json"
+    assert get_coco(dataset, "train", None).train
+    with pytest.raises(ValueError, match="mode 'panoptic': give one of instances, person_keypoints"):
+        get_coco(dataset, "val", None, mode="panoptic")
+    subset = torch.utils.data.Subset(val, [0, 2])
+    assert get_coco_api_from_dataset(subset) is val.coco, "the file's index, not the samples read again"
+    assert labels_of(val.coco) == val.category_map and not val.category_map.keep_ids
+
+
+def test_torchvisions_coco_dataset_is_scored_from_its_own_index_with_category_ids_as_labels(dataset):
+    from torchvision.datasets import CocoDetection as TorchvisionCoco
+
+    theirs = TorchvisionCoco(dataset / "val2017", dataset / "annotations" / "instances_val2017.json")
+    coco, category_map = coco_of_samples(theirs)
+    assert coco is theirs.coco
+    assert category_map.keep_ids and category_map.ids == tuple(sorted(theirs.coco.cats))
+    assert category_map.names == tuple(theirs.coco.cats[i]["name"] for i in category_map.ids)
+
+
+def test_other_datasets_are_read_sample_by_sample_by_the_references_name_too():
+    target = {"boxes": torch.tensor([[1.0, 1.0, 4.0, 5.0]]), "labels": torch.tensor([3]), "image_id": 9}
+    coco = convert_to_coco_api(samples_of([target]))
+    assert [(a["image_id"], a["category_id"], a["bbox"]) for a in coco.dataset["annotations"]] == [
+        (9, 3, [1.0, 1.0, 3.0, 4.0])]
+    assert get_coco_api_from_dataset(samples_of([target])).dataset == coco.dataset

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import engine
@@ -662,3 +663,56 @@ def test_the_tutorials_calls_train_and_evaluate_torchvisions_model(capsys):
 def test_images_are_scaled_to_0_1_only_when_they_are_bytes():
     images, _ = engine.to_device([torch.full((3, 2, 2), 255, dtype=torch.uint8), torch.full((3, 2, 2), 0.5)], [], CPU)
     assert images[0].max() == 1.0 and images[1].max() == 0.5, "floats are taken as in [0, 1] already"
+
+
+class _GroundTruthModel(MaskRCNN):
+    """Predicts each image's own instances (the loader's order, one image a call); in training, a loss of its one
+    weight. A MaskRCNN by class only, so that the reference's evaluate scores its masks too."""
+
+    def __init__(self, dataset) -> None:
+        nn.Module.__init__(self)  # none of Mask R-CNN's layers
+        self.weight = nn.Parameter(torch.ones(1))
+        self.pending = [dataset.load_target(image_id, []) for image_id in dataset.ids]
+
+    def forward(self, images, targets=None):
+        if self.training:
+            return {"loss_a": self.weight.sum() * len(images), "loss_b": self.weight.sum() ** 2}
+        target = self.pending.pop(0)
+        count = len(target["boxes"])
+        return [{"boxes": target["boxes"], "labels": target["labels"], "scores": torch.linspace(1.0, 0.5, count),
+                 "masks": target["masks"][:, None].float()}]
+
+
+def test_the_references_engine_runs_on_this_projects_library(dataset, capsys):
+    """A script built on torchvision's reference copies its engine.py beside this project's utils, coco_utils,
+    coco_eval and group_by_aspect_ratio: its loops run on them (MetricLogger, get_coco_api_from_dataset,
+    CocoEvaluator(coco, iou_types) then accumulate and coco_eval), and score as this project's evaluator does."""
+    import utils
+    from coco_eval import METRIC_NAMES, CocoEvaluator
+    from coco_utils import get_coco
+    from conftest import load_file_module, reference_checkout
+    from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
+
+    folder = reference_checkout("engine.py")
+    if folder is None:
+        pytest.skip("torchvision's references/detection is not checked out here")
+    reference_engine = load_file_module(folder / "engine.py", "reference_engine")
+    train = get_coco(dataset, "train", None)
+    sampler = GroupedBatchSampler(range(len(train)), create_aspect_ratio_groups(train, k=3), 4)
+    model = _GroundTruthModel(train)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    logger = reference_engine.train_one_epoch(model, optimizer, torch.utils.data.DataLoader(
+        train, batch_sampler=sampler, collate_fn=utils.collate_fn), torch.device("cpu"), 0, print_freq=2)
+    assert logger.meters["loss"].count == len(sampler) and model.weight.item() < 1.0
+    assert "Epoch: [0]  [0/" in capsys.readouterr().out
+
+    val = get_coco(dataset, "val", None)
+    loader = torch.utils.data.DataLoader(val, batch_size=1, collate_fn=utils.collate_fn)
+    theirs = reference_engine.evaluate(_GroundTruthModel(val), loader, torch.device("cpu"))
+    ours = CocoEvaluator(val.coco, category_map=val.category_map)
+    model = _GroundTruthModel(val).eval()
+    ours.update({image_id: model([None])[0] for image_id in val.ids})
+    expected = ours.summarize()
+    for iou_type in ("bbox", "segm"):
+        assert list(theirs.coco_eval[iou_type].stats) == [expected[iou_type][name] for name in METRIC_NAMES]
+    assert expected["bbox"]["AP"] > 0.9

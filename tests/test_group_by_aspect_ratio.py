@@ -3,7 +3,10 @@
 import math
 import random
 
-from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
+import torch
+
+from coco_utils import build_dataset
+from group_by_aspect_ratio import GroupedBatchSampler, compute_aspect_ratios, create_aspect_ratio_groups
 
 
 def test_groups_split_portrait_square_landscape():
@@ -44,3 +47,43 @@ def test_no_batch_is_short_so_no_image_trains_alone():
     assert list(GroupedBatchSampler([3, 8, 0], [0, 0, 0], batch_size=2))[-1] == [0, 0 + 9], (
         "past the repeat-factor copies' keys too")
     assert list(GroupedBatchSampler([], [0], batch_size=2)) == []
+
+
+def test_a_datasets_aspect_ratios_come_without_reading_an_image_where_it_says_them(dataset):
+    from torchvision.datasets import CocoDetection as TorchvisionCoco
+
+    ours = build_dataset(dataset, "coco", "train", None)
+    ratios = ours.aspect_ratios()
+    assert compute_aspect_ratios(ours) == ratios and len(set(ratios)) > 1
+    assert compute_aspect_ratios(torch.utils.data.Subset(ours, [2, 0])) == [ratios[2], ratios[0]]
+    assert create_aspect_ratio_groups(ours, k=3) == create_aspect_ratio_groups(ratios, k=3), "the reference's call"
+    theirs = TorchvisionCoco(dataset / "train2017", dataset / "annotations" / "instances_train2017.json")
+    assert compute_aspect_ratios(theirs, [0]) == [theirs.coco.imgs[theirs.ids[0]]["width"] /
+                                                 theirs.coco.imgs[theirs.ids[0]]["height"]]
+
+    class Sized(torch.utils.data.Dataset):
+        """The reference's protocol for a dataset of one's own: (height, width) without the image."""
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise AssertionError("no sample is read")
+
+        def get_height_and_width(self, index):
+            return (100, 50) if index == 0 else (50, 100)
+
+    assert compute_aspect_ratios(Sized()) == [0.5, 2.0]
+
+
+def test_a_dataset_that_cannot_say_its_sizes_is_read_and_says_so(capsys):
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return torch.zeros(3, 40, 20 if index == 0 else 80), {}
+
+    assert create_aspect_ratio_groups(Plain(), k=0) == [0, 1]
+    assert "Plain has no aspect_ratios() or get_height_and_width(i), so each of its 2 samples is read" in (
+        capsys.readouterr().out)

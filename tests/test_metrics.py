@@ -15,7 +15,6 @@ from metrics import (
     JsonlWriter,
     LogSchedule,
     Record,
-    SmoothedValue,
     StepMeters,
     TensorBoardWriter,
     Writers,
@@ -125,13 +124,6 @@ def test_the_runs_eta_adds_the_later_epochs_steps_and_the_time_expected_besides(
     assert meters.progress(4, steps_after=10).run_eta_seconds == 32.0
     assert meters.progress(4, steps_after=10, seconds_after=30.0).run_eta_seconds == 62.0
     assert meters.progress(4, seconds_after=30.0).run_eta_seconds == 42.0, "the last epoch's evaluation too"
-
-
-def test_a_series_keeps_its_window_and_its_whole_runs_mean():
-    series = SmoothedValue(window_size=20)
-    for value in range(1, 31):
-        series.update(value)
-    assert series.global_avg == 15.5 and series.avg == 20.5 and series.median == 20.5 and series.value == 30
 
 
 def test_an_epoch_resumed_part_way_is_recorded_over_all_its_steps():

@@ -216,7 +216,7 @@ def test_every_model_trains_a_step_and_evaluates(name, batches, capsys):
     one = torch.utils.data.Subset(val, [0])
     loader = torch.utils.data.DataLoader(one, batch_size=1, collate_fn=lambda b: tuple(zip(*b)))
     loader.dataset.coco = val.coco  # the evaluator reads the ground truth of the images it saw
-    evaluator = CocoEvaluator(val.coco, category_map, iou_types(name))
+    evaluator = CocoEvaluator(val.coco, iou_types(name), category_map)
     eval_model = speedups.for_inference(model, torch.device("cpu"), speedups.SpeedupConfig(channels_last=True))
     metrics = evaluate(eval_model, loader, torch.device("cpu"), evaluator)
     assert list(metrics) == list(iou_types(name))

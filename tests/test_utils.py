@@ -1,5 +1,6 @@
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -114,3 +115,138 @@ def test_a_share_written_in_decimals_allows_its_count():
     assert not utils.over_share(29, 0.29, 100), "0.29 * 100 is 28.999999999999996 in floats"
     assert utils.over_share(30, 0.29, 100) and utils.over_share(1, 0.0, 8)
     assert not utils.over_share(0, 0.0, 8) and not utils.over_share(2, 2 / 12, 12)
+
+
+# ------------------------------------------------------------------ the names of torchvision's reference utils
+
+def test_a_smoothed_value_keeps_its_window_apart_from_the_whole_series():
+    meter = utils.SmoothedValue(window_size=4)
+    for value in [100, 1, 2, 3, 4]:  # 100 has left the window
+        meter.update(value)
+    assert list(meter.window) == [1, 2, 3, 4]
+    assert meter.median == 2.5 and meter.avg == 2.5 and meter.max == 4 and meter.value == 4, "over the window"
+    assert meter.global_avg == 22.0, "over all five"
+
+
+def test_a_values_weight_counts_in_the_global_average_only():
+    meter = utils.SmoothedValue()
+    meter.update(1.0, n=3)
+    meter.update(5.0)
+    assert (meter.count, meter.total, meter.global_avg) == (4, 8.0, 2.0)
+    assert meter.avg == 3.0, "the window holds each value once"
+
+
+def test_a_smoothed_value_prints_with_its_format_and_the_median_and_mean_by_default():
+    meter = utils.SmoothedValue(window_size=2)
+    for value in (9.0, 1.0, 2.0):
+        meter.update(value)
+    assert str(meter) == "1.5000 (4.0000)"
+    meter.fmt = "{value:.1f} {avg:.2f} {max:.0f} {global_avg:.3f} {median}"
+    assert str(meter) == "2.0 1.50 2 4.000 1.5"
+    assert str(utils.SmoothedValue(fmt="{value} {max} {global_avg}")) == "0.0 0.0 0.0", "no value yet: no error"
+
+
+def test_synchronizing_a_smoothed_value_alone_changes_nothing():
+    meter = utils.SmoothedValue()
+    meter.update(2.0, n=2)
+    meter.synchronize_between_processes()
+    assert (meter.count, meter.total) == (2, 4.0)
+
+
+def test_smoothed_values_sum_their_counts_and_totals_over_the_ranks(tmp_path):
+    def work(rank: int) -> tuple:
+        meter = utils.SmoothedValue()
+        for value, n in [[(1.0, 1), (3.0, 1)], [(10.0, 2)]][rank]:
+            meter.update(value, n)
+        meter.synchronize_between_processes()
+        return meter.count, meter.total, meter.global_avg, meter.value
+
+    assert in_two_processes(tmp_path, work) == {0: (4, 24.0, 6.0, 3.0), 1: (4, 24.0, 6.0, 10.0)}
+
+
+def test_a_metric_logger_takes_tensors_and_numbers_and_shows_its_meters_by_attribute():
+    logger = utils.MetricLogger(delimiter=" | ")
+    logger.update(loss=torch.tensor(0.5), lr=0.1)
+    logger.update(loss=torch.tensor([1.5]))
+    assert isinstance(logger.loss, utils.SmoothedValue) and logger.loss is logger.meters["loss"]
+    assert logger.loss.global_avg == 1.0 and logger.lr.value == 0.1
+    assert str(logger) == "loss: 1.0000 (1.0000) | lr: 0.1000 (0.1000)"
+    with pytest.raises(AttributeError, match="'loss_mask'"):
+        logger.loss_mask  # noqa: B018 - the access is the test
+    with pytest.raises(TypeError, match="lr must be a number"):
+        logger.update(lr="0.1")
+    logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.3f}"))
+    logger.update(lr=0.02)
+    assert str(logger).endswith("lr: 0.020")
+
+
+def test_log_every_yields_every_item_and_prints_at_its_frequency_and_the_last(capsys):
+    logger = utils.MetricLogger()
+    seen = []
+    for item in logger.log_every(list("abcdef"), 2, header="Epoch: [3]"):
+        seen.append(item)
+        logger.update(loss=float(len(seen)))
+    assert seen == list("abcdef")
+    lines = capsys.readouterr().out.splitlines()
+    progress, last = lines[:-1], lines[-1]
+    assert [line.split("\t")[:2] for line in progress] == [["Epoch: [3]", f"[{i}/6]"] for i in (0, 2, 4, 5)]
+    # the window's median and the mean of all so far
+    assert [line.split("\t")[3] for line in progress] == [f"loss: {median:.4f} ({mean:.4f})" for median, mean in
+                                                         [(1, 1), (2, 2), (3, 3), (3.5, 3.5)]]
+    assert all(re.fullmatch(r"eta: 0:00:00", line.split("\t")[2]) for line in progress)
+    assert all(re.search(r"\ttime: \d+\.\d{4}\tdata: \d+\.\d{4}", line) for line in progress)
+    assert re.fullmatch(r"Epoch: \[3\] Total time: 0:00:00 \(\d+\.\d{4} s / it\)", last)
+
+
+def test_log_every_prints_nothing_but_on_the_main_process(capsys, monkeypatch):
+    monkeypatch.setattr(utils, "is_main_process", lambda: False)
+    assert list(utils.MetricLogger().log_every(range(3), 1)) == [0, 1, 2]
+    assert capsys.readouterr().out == ""
+
+
+def test_log_every_over_a_generator_says_it_needs_a_length_where_it_is_called():
+    with pytest.raises(TypeError, match="needs an iterable with a len.*not a generator"):
+        utils.MetricLogger().log_every((i for i in range(3)), 1)
+    with pytest.raises(ValueError, match="print_freq must be 1 or more"):
+        utils.MetricLogger().log_every([1], 0)
+
+
+def test_save_on_master_writes_a_loadable_file_and_no_temporary_one(tmp_path):
+    utils.save_on_master({"epoch": 3, "weights": torch.ones(2)}, tmp_path / "model_3.pth")
+    assert [p.name for p in tmp_path.iterdir()] == ["model_3.pth"]
+    loaded = torch.load(tmp_path / "model_3.pth", weights_only=True)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["weights"], torch.ones(2))
+
+
+def test_save_on_master_leaves_the_old_file_whole_when_a_write_fails(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    utils.save_on_master({"epoch": 1}, path)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="could not write"):
+        utils.save_on_master({"epoch": 2, "broken": Unsaveable()}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left"
+
+
+def test_save_on_master_writes_nothing_on_the_other_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "is_main_process", lambda: False)
+    utils.save_on_master({"epoch": 3}, tmp_path / "model_3.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mkdir_makes_the_parents_and_takes_a_folder_that_exists(tmp_path):
+    utils.mkdir(tmp_path / "a" / "b")
+    utils.mkdir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").touch()
+    with pytest.raises(FileExistsError):
+        utils.mkdir(tmp_path / "file")
+
+
+def test_all_gather_is_all_gather_object_under_the_references_name():
+    assert utils.all_gather is utils.all_gather_object
+    assert utils.all_gather({"ids": [1, 2]}) == [{"ids": [1, 2]}]
