@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmenta
 
 from checkpoint import OUTPUT_REMEDY, RUN_OUTPUT_REMEDY, write_atomic, writing
 from coco_utils import CategoryMap
+from utils import print_once
 
 MIN_PICTURE_SIDE = 320
 # Small images are enlarged no further than this on their long side (a long thin strip would grow huge).
@@ -37,6 +39,48 @@ def font_path() -> str | None:
         return None
 
 
+@cache
+def _characters(path: str) -> frozenset[int]:
+    """The code points a font file draws (empty for one that PIL cannot load at any size, such as colour emoji
+    fonts of fixed sizes)."""
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        ImageFont.truetype(path, MIN_FONT)
+        return frozenset(FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+_SAID_MISSING: set[int] = set()  # characters no installed font draws, said once a process
+
+
+@cache
+def _font_having(needed: frozenset[int]) -> str | None:
+    """label_font's choice for a set of code points."""
+    from matplotlib import font_manager
+
+    default = font_path()
+    if default is None or needed <= _characters(default):
+        return default
+    for path in sorted({entry.fname for entry in font_manager.fontManager.ttflist}):
+        if needed <= _characters(path):
+            return path
+    missing = needed - _characters(default) - _SAID_MISSING
+    if missing:
+        _SAID_MISSING.update(missing)
+        print_once(f"note: no installed font draws {''.join(map(chr, sorted(missing)))!r} of the labels, so "
+                   f"pictures show those characters as empty boxes; install a font that has them (Noto Sans CJK "
+                   f"for Chinese, Japanese or Korean names: the fonts-noto-cjk package on Debian and Ubuntu)")
+    return default
+
+
+def label_font(texts: Iterable[str]) -> str | None:
+    """The font to write these texts in: DejaVu Sans where it has every character, else the first installed
+    font that has them all (one of Chinese, Japanese or Korean, for category names in those scripts)."""
+    return _font_having(frozenset(ord(c) for text in texts for c in text if not c.isspace()))
+
+
 def font_size(image: torch.Tensor) -> int:
     return int(min(MAX_FONT, max(MIN_FONT, round(FONT_SHARE * min(image.shape[1:])))))
 
@@ -45,7 +89,8 @@ def caption(image: torch.Tensor, text: str) -> torch.Tensor:
     """The image with text written at its bottom left (box labels sit at the tops of boxes), light on dark."""
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(picture)
-    font = ImageFont.truetype(font_path(), font_size(image)) if font_path() else ImageFont.load_default()
+    path = label_font([text])
+    font = ImageFont.truetype(path, font_size(image)) if path else ImageFont.load_default()
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     origin = (4, picture.height - bottom - 4)
     draw.rectangle((0, origin[1] - 2, right + 8, picture.height), fill=(0, 0, 0))
@@ -69,7 +114,7 @@ def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: list[str] |
     if masks is not None and len(masks):
         masks = masks[:, 0] > 0.5 if masks.dim() == 4 else masks.bool()
         image = draw_segmentation_masks(image, masks, alpha=alpha, colors=colors)
-    image = draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2, font=font_path(),
+    image = draw_bounding_boxes(image, boxes, labels=labels, colors=colors, width=2, font=label_font(labels or []),
                                 font_size=font_size(image), fill_labels=True,
                                 label_colors=[text_color(color) for color in colors])
     if keypoints is not None and len(keypoints):

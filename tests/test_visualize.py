@@ -107,3 +107,78 @@ def test_a_label_is_written_in_black_or_white_on_its_boxs_colour(color, text):
     drawn = draw_instances(image, torch.tensor([[40.0, 60.0, 180.0, 180.0]]), ["square"], None, [color])
     label = drawn[:, 62:80, 42:100].flatten(1).T.tolist()  # inside the box's top left corner, where it sits
     assert label.count(list(color)) > 100 and label.count(list(text)) > 10, "on the box's colour, in a contrast"
+
+
+def _block_font(path, characters: str) -> str:
+    """A TrueType font drawing each of the characters as a filled block (no CJK font is installed here)."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    names = {ord(c): f"u{ord(c):04X}" for c in characters}
+    order = [".notdef", *names.values()]
+
+    def block():
+        pen = TTGlyphPen(None)
+        pen.moveTo((100, 0))
+        pen.lineTo((100, 700))
+        pen.lineTo((500, 700))
+        pen.lineTo((500, 0))
+        pen.closePath()
+        return pen.glyph()
+
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder(order)
+    builder.setupCharacterMap(names)
+    builder.setupGlyf({name: block() for name in order})
+    builder.setupHorizontalMetrics({name: (600, 100) for name in order})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": "Blocks", "styleName": "Regular"})
+    builder.setupOS2()
+    builder.setupPost()
+    builder.save(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def fonts(monkeypatch):
+    """matplotlib's font list, restored afterwards, and label_font's choices forgotten before and after."""
+    from matplotlib import font_manager
+
+    import visualize
+
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+    monkeypatch.setattr(visualize, "_SAID_MISSING", set())
+    visualize._font_having.cache_clear()
+    yield font_manager.fontManager
+    visualize._font_having.cache_clear()
+
+
+def test_labels_of_other_scripts_are_written_in_an_installed_font_that_has_them(fonts, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import visualize
+    from visualize import draw_instances, font_path, label_font
+
+    assert label_font(["square 0.93", "disc"]) == font_path(), "DejaVu Sans has them"
+    blocks = _block_font(tmp_path / "blocks.ttf", "猫狗 0123456789.")
+    fonts.addfont(blocks)
+    assert label_font(["猫 0.93", "狗"]) == blocks
+    assert capsys.readouterr().out == ""
+
+    def white_pixels() -> int:
+        image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+        drawn = draw_instances(image, torch.tensor([[2.0, 30.0, 60.0, 60.0]]), ["猫"], None, [(0, 0, 0)])
+        return int((drawn == 255).all(0).sum())
+
+    in_blocks = white_pixels()
+    monkeypatch.setattr(visualize, "label_font", lambda texts: font_path())
+    assert in_blocks > 2 * white_pixels() > 0, "a filled block, not DejaVu's outline of a missing glyph"
+
+
+def test_characters_no_installed_font_has_are_said_once_with_the_fix(fonts, capsys):
+    from visualize import font_path, label_font
+
+    fonts.ttflist[:] = [entry for entry in fonts.ttflist if "DejaVu" in entry.name]
+    assert label_font(["猫 0.93"]) == font_path() == label_font(["猫狗"])
+    out = capsys.readouterr().out
+    assert out.count("note: no installed font draws") == 2 and "'猫'" in out and "'狗'" in out, "each once"
+    assert "install a font that has them (Noto Sans CJK" in out
