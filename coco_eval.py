@@ -24,6 +24,7 @@ import utils
 from annotations import rle_areas
 from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
 from coco_utils import CategoryMap, id_array, labels_of, plain_id, scoring_ground_truth
+from errors import UserError
 
 IOU_TYPES = ("bbox", "segm", "keypoints")  # what COCOeval scores: boxes, masks, keypoints
 # The order of COCOeval.stats, named, and what each line of the standard summary says of it:
@@ -36,30 +37,56 @@ _KEYPOINT_ROWS = [(kind, iou, area, 20) for kind in ("AP", "AR")
 # COCOeval's maxDets for boxes and masks: the most detections of an image it scores per category, whatever the
 # model keeps (--eval-max-dets changes the last; keypoints keep their own 20).
 COCO_MAX_DETECTIONS = 100
+# LVIS's evaluation counts this many detections an image, over all categories.
+LVIS_MAX_DETECTIONS = 300
+FREQUENCY_GROUPS = ("r", "c", "f")  # LVIS's rare, common and frequent categories, by their 'frequency'
+FEDERATED_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR300", "ARs", "ARm",
+                          "ARl")
 
 
-def _summary_rows(max_dets: int) -> list[tuple[str, str, str, int]]:
-    """(precision or recall, IoU range, object size, detections per image) of each of the 12 box or mask metrics."""
+def _summary_rows(max_dets: int, federated: bool = False) -> list[tuple[str, str, str, int, str]]:
+    """(precision or recall, IoU range, object size, detections per image, categories: all or a frequency group)
+    of each box or mask metric: COCO's 12, or for a federated file LVIS's 13 (AP of each frequency group, and
+    recall at the most detections only)."""
     whole = "0.50:0.95"
-    return [("AP", whole, "all", max_dets), ("AP", "0.50", "all", max_dets), ("AP", "0.75", "all", max_dets),
-            *(("AP", whole, area, max_dets) for area in ("small", "medium", "large")),
-            ("AR", whole, "all", 1), ("AR", whole, "all", 10), ("AR", whole, "all", max_dets),
-            *(("AR", whole, area, max_dets) for area in ("small", "medium", "large"))]
+    precision = [("AP", whole, "all", max_dets, "all"), ("AP", "0.50", "all", max_dets, "all"),
+                 ("AP", "0.75", "all", max_dets, "all"),
+                 *(("AP", whole, area, max_dets, "all") for area in ("small", "medium", "large"))]
+    areas = [("AR", whole, area, max_dets, "all") for area in ("small", "medium", "large")]
+    if federated:
+        return [*precision, *(("AP", whole, "all", max_dets, group) for group in FREQUENCY_GROUPS),
+                ("AR", whole, "all", max_dets, "all"), *areas]
+    return [*precision, ("AR", whole, "all", 1, "all"), ("AR", whole, "all", 10, "all"),
+            ("AR", whole, "all", max_dets, "all"), *areas]
 
 
-def format_summary(stats: Sequence[float], iou_type: str = "bbox", max_dets: int = COCO_MAX_DETECTIONS) -> str:
-    """The lines COCO tools print for a stats vector (12, or 10 for keypoints), whichever back end computed it."""
+def format_summary(stats: Sequence[float], iou_type: str = "bbox", max_dets: int = COCO_MAX_DETECTIONS,
+                   federated: bool = False) -> str:
+    """The lines COCO tools print for a stats vector (12, or 10 for keypoints), whichever back end computed it;
+    LVIS's 13, with the categories each covers, for a federated file."""
     kinds = {"AP": "Average Precision  (AP)", "AR": "Average Recall     (AR)"}
-    rows = _KEYPOINT_ROWS if iou_type == "keypoints" else _summary_rows(max_dets)
-    return "\n".join(f" {kinds[kind]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = {value:0.3f}"
-                     for (kind, iou, area, dets), value in zip(rows, stats))
+    rows = ([(*row, "all") for row in _KEYPOINT_ROWS] if iou_type == "keypoints"
+            else _summary_rows(max_dets, federated))
+    return "\n".join(f" {kinds[kind]} @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3}"
+                     f"{f' catIds={cats:>3}' if federated else ''} ] = {value:0.3f}"
+                     for (kind, iou, area, dets, cats), value in zip(rows, stats))
 
 
-def metric_names(iou_type: str, max_dets: int = COCO_MAX_DETECTIONS) -> tuple[str, ...]:
-    """The metrics' names in COCOeval.stats' order; the recall at the most detections is AR<max_dets>."""
+def metric_names(iou_type: str, max_dets: int = COCO_MAX_DETECTIONS, federated: bool = False) -> tuple[str, ...]:
+    """The metrics' names in the order of the stats (COCOeval's, or LVIS's for a federated file); the recall at
+    the most detections is AR<max_dets>."""
     if iou_type == "keypoints":
         return KEYPOINT_METRIC_NAMES
-    return tuple(f"AR{max_dets}" if name == "AR100" else name for name in METRIC_NAMES)
+    names = FEDERATED_METRIC_NAMES if federated else METRIC_NAMES
+    return tuple(f"AR{max_dets}" if name in ("AR100", "AR300") else name for name in names)
+
+
+def is_federated(coco_gt: COCO) -> bool:
+    """Whether a ground truth is annotated as LVIS's is: each image lists the categories checked and found absent
+    (neg_category_ids) and those whose instances are not all annotated (not_exhaustive_category_ids)."""
+    images = coco_gt.dataset.get("images", [])
+    return bool(images) and all("neg_category_ids" in image and "not_exhaustive_category_ids" in image
+                                for image in images)
 
 
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map: CategoryMap,
@@ -266,11 +293,26 @@ def backend_for(coco_gt: COCO, name: str) -> str:
     0 to 2**53 (faster-coco-eval reads every id as an integer, matches them as doubles, which hold integers
     exactly up to 2**53, and refuses a negative image id when it scores masks)."""
     backend = resolve_backend(name)
-    ids = (*coco_gt.getImgIds(), *coco_gt.getCatIds())
-    if backend == "faster" and not all(type(i) is int and 0 <= i <= 2**53 for i in ids):
+    if backend == "faster" and not _faster_reads_ids(coco_gt):
         _say_scoring_with_pycocotools()
         return "pycocotools"
     return backend
+
+
+def _faster_reads_ids(coco_gt: COCO) -> bool:
+    return all(type(i) is int and 0 <= i <= 2**53 for i in (*coco_gt.getImgIds(), *coco_gt.getCatIds()))
+
+
+def federated_backend(coco_gt: COCO) -> str:
+    """faster-coco-eval, whose lvis_style scores a federated file as LVIS's evaluation does (pycocotools has no
+    such mode); a UserError where it is not installed or cannot read the file's ids."""
+    if resolve_backend("auto") != "faster":
+        raise UserError("the validation file is annotated as LVIS's (each image's neg_category_ids and "
+                        "not_exhaustive_category_ids), which faster-coco-eval scores: pip install faster-coco-eval")
+    if not _faster_reads_ids(coco_gt):
+        raise UserError("the validation file is annotated as LVIS's, whose scoring (faster-coco-eval's) needs "
+                        "image and category ids that are integers from 0 to 2**53")
+    return "faster"
 
 
 @cache
@@ -302,64 +344,87 @@ def _scored_masks(coco_gt: COCO, results: list[dict], coco_class: type) -> COCO:
     return coco_dt
 
 
-def summary_stats(evaluator, max_dets: int) -> np.ndarray:
-    """The 12 box or mask metrics of a COCOeval accumulated at maxDets (1, 10, max_dets), averaged as its summary
-    does; pycocotools' summary looks for 100 among them for AP, so it cannot give them for another."""
+def summary_stats(evaluator, max_dets: int, frequencies: dict | None = None) -> np.ndarray:
+    """The box or mask metrics of a COCOeval accumulated at maxDets (1, 10, max_dets), or (max_dets) for a
+    federated file, averaged as its summary does (pycocotools' summary looks for 100 among them for AP, so it
+    cannot give them for another). frequencies, each category id's LVIS frequency group, makes LVIS's 13."""
     params = evaluator.params
     areas, most = list(params.areaRngLbl), list(params.maxDets)
     stats = []
-    for kind, iou, area, dets in _summary_rows(max_dets):
+    for kind, iou, area, dets, group in _summary_rows(max_dets, federated=frequencies is not None):
         # precision: [IoU, recall, category, area, maxDets]; recall: [IoU, category, area, maxDets]
         values = evaluator.eval["precision" if kind == "AP" else "recall"][..., areas.index(area), most.index(dets)]
         if iou != "0.50:0.95":
             values = values[np.isclose(params.iouThrs, float(iou))]
+        if group != "all":
+            values = values[..., [k for k, c in enumerate(params.catIds) if frequencies.get(c) == group]]
         defined = values[values > -1]
         stats.append(defined.mean() if defined.size else -1.0)
     return np.array(stats)
 
 
 def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int], backend: str = "pycocotools",
-          copy_results: bool = True, max_dets: int = COCO_MAX_DETECTIONS):
+          copy_results: bool = True, max_dets: int = COCO_MAX_DETECTIONS, federated: bool = False,
+          category_ids: list | None = None):
     """Run COCOeval (pycocotools', or faster-coco-eval's C++ one) on result records over the given images, against
     the ground truth as training reads it (coco_utils.scoring_ground_truth); returns the evaluator (stats,
     eval["precision"]). Boxes and masks are scored over at most max_dets detections of an image per category.
+    federated scores as LVIS's evaluation does (faster-coco-eval's lvis_style, on records already cut to max_dets
+    an image): an image's detections of categories it was not checked for are left out, and those unmatched in
+    a category not exhaustively annotated there are neither true nor false. category_ids: the categories scored
+    (all by default).
 
     loadRes adds fields to the records it is given, so they are copied first unless copy_results is False (for
     records made for this call alone: at COCO scale the copy is hundreds of MB)."""
-    coco_gt = scoring_ground_truth(coco_gt, iou_type)
-    if backend == "faster":
-        from faster_coco_eval import COCO as FasterCOCO
-        from faster_coco_eval import COCOeval_faster
-
-        gt = FasterCOCO()
-        gt.dataset = coco_gt.dataset
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt.createIndex()
-        coco_class, evaluator_class, kwargs = FasterCOCO, COCOeval_faster, {"print_function": print}
-    else:
-        gt, coco_class, evaluator_class, kwargs = coco_gt, COCO, COCOeval, {}
-    with contextlib.redirect_stdout(io.StringIO()):
-        if results and copy_results:
-            results = copy.deepcopy(results)
-        if not results:
-            coco_dt = _empty_results(gt, coco_class)
-        elif iou_type == "segm" and "area" in results[0]:
-            coco_dt = _scored_masks(gt, results, coco_class)
-        else:
-            coco_dt = gt.loadRes(results)
-    evaluator = evaluator_class(gt, coco_dt, iouType=iou_type, **kwargs)
+    if federated and backend != "faster":
+        raise ValueError("federated scoring is faster-coco-eval's (lvis_style)")
+    gt, coco_class, evaluator_class, kwargs = _backend_classes(scoring_ground_truth(coco_gt, iou_type), backend)
+    coco_dt = _results_index(gt, copy.deepcopy(results) if copy_results else results, iou_type, coco_class)
+    evaluator = evaluator_class(gt, coco_dt, iouType=iou_type, **kwargs, **({"lvis_style": True} if federated else {}))
     evaluator.params.imgIds = sorted(image_ids)
+    if category_ids is not None:
+        evaluator.params.catIds = sorted(category_ids)
     other_max_dets = iou_type != "keypoints" and max_dets != COCO_MAX_DETECTIONS
-    if other_max_dets:
+    if federated:
+        evaluator.params.maxDets = [max_dets]
+    elif other_max_dets:
         evaluator.params.maxDets = [1, 10, max_dets]
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
-        if other_max_dets:
+        if federated:
+            frequencies = {c["id"]: c.get("frequency") for c in coco_gt.dataset["categories"]}
+            evaluator.stats = summary_stats(evaluator, max_dets, frequencies)
+        elif other_max_dets:
             evaluator.stats = summary_stats(evaluator, max_dets)
         else:
             evaluator.summarize()
     return evaluator
+
+
+def _results_index(gt: COCO, results: list[dict], iou_type: str, coco_class: type) -> COCO:
+    """The results as the back end's COCO index (loadRes, or its equivalents for no records and for mask records
+    that carry their area and box)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if not results:
+            return _empty_results(gt, coco_class)
+        if iou_type == "segm" and "area" in results[0]:
+            return _scored_masks(gt, results, coco_class)
+        return gt.loadRes(results)
+
+
+def _backend_classes(coco_gt: COCO, backend: str) -> tuple[COCO, type, type, dict]:
+    """The ground truth as the back end's COCO, its COCO and COCOeval classes and COCOeval's keyword arguments."""
+    if backend != "faster":
+        return coco_gt, COCO, COCOeval, {}
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    gt = FasterCOCO()
+    gt.dataset = coco_gt.dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt, FasterCOCO, COCOeval_faster, {"print_function": print}
 
 
 class CocoEvaluator:
@@ -380,13 +445,17 @@ class CocoEvaluator:
         self.category_map = category_map or labels_of(coco_gt)  # model labels to the file's category ids
         self.iou_types = tuple(iou_types)
         self.max_dets = max_dets  # boxes' and masks' maxDets
-        self.backend = backend_for(coco_gt, backend)
+        self.federated = is_federated(coco_gt) and "keypoints" not in self.iou_types
+        self.backend = federated_backend(coco_gt) if self.federated else backend_for(coco_gt, backend)
         self.per_image: dict[int, EncodedImage] = {}
         self._pending: dict[int, Future] = {}
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rle")
         self.timings = {"encode_wait": 0.0, "score": 0.0}
         self.ground_truth = "the annotation file"  # where the categories come from, in what it prints
-        self.coco_eval: dict = {}  # COCOeval by IoU type, once accumulate() has scored them
+        # COCOeval by IoU type: unscored ones whose params.catIds a script may narrow (as the reference's allow),
+        # replaced by the scored ones once accumulate() has run
+        self.coco_eval: dict = {iou_type: COCOeval(coco_gt, iouType=iou_type) for iou_type in self.iou_types}
+        self.accumulated = False
 
     def update(self, outputs: dict[int, dict[str, torch.Tensor]]) -> None:
         """Add model outputs keyed by image id (an int, or a one-element tensor); they are encoded in the
@@ -418,10 +487,16 @@ class CocoEvaluator:
         self.per_image = merged
 
     def results(self, iou_type: str, scoring: bool = False) -> list[dict]:
-        """COCO result records of one IoU type over all images, by image id (new dicts on every call)."""
+        """COCO result records of one IoU type over all images, by image id (new dicts on every call); for
+        scoring a federated file, each image's max_dets of highest score, as LVIS's evaluation keeps them."""
         self._collect()
-        return [r for image_id in sorted(self.per_image)
-                for r in self.per_image[image_id].records(iou_type, scoring)]
+        records = []
+        for image_id in sorted(self.per_image):
+            image = self.per_image[image_id].records(iou_type, scoring)
+            if scoring and self.federated and len(image) > self.max_dets:
+                image = sorted(image, key=lambda record: record["score"], reverse=True)[:self.max_dets]
+            records += image
+        return records
 
     def accumulate(self) -> None:
         """Score every IoU type on this rank and keep each COCOeval in coco_eval, for scripts that read its stats
@@ -429,7 +504,9 @@ class CocoEvaluator:
         none of them)."""
         started = time.perf_counter()
         self._collect()
-        self.coco_eval = {iou_type: self._cocoeval(iou_type) for iou_type in self.iou_types}
+        self.coco_eval = {iou_type: self._cocoeval(iou_type, self._chosen_categories(iou_type))
+                          for iou_type in self.iou_types}
+        self.accumulated = True
         self.timings["score"] += time.perf_counter() - started
 
     def summarize(self) -> dict[str, dict]:
@@ -440,7 +517,7 @@ class CocoEvaluator:
         """
         started = time.perf_counter()
         self._collect()
-        if self.coco_eval:
+        if self.accumulated:
             metrics = {iou_type: self._metrics(iou_type, self.coco_eval[iou_type]) for iou_type in self.iou_types}
         else:
             share = self.iou_types[utils.get_rank()::utils.get_world_size()]
@@ -452,27 +529,46 @@ class CocoEvaluator:
             self._say_what_the_tables_leave_unsaid()
             for iou_type, values in metrics.items():
                 print(f"IoU metric: {iou_type}")
-                names = metric_names(iou_type, self.max_dets)
-                print(format_summary([values[name] for name in names], iou_type, self.max_dets))
+                names = metric_names(iou_type, self.max_dets, self.federated)
+                print(format_summary([values[name] for name in names], iou_type, self.max_dets, self.federated))
             print(format_per_category(metrics))
         self.timings["score"] += time.perf_counter() - started
         return metrics
 
-    def _cocoeval(self, iou_type: str):
-        """One IoU type scored: the COCOeval, evaluated and accumulated."""
+    def _chosen_categories(self, iou_type: str) -> list | None:
+        """The categories a script chose by coco_eval[iou_type].params.catIds (None: all); a ValueError for the
+        other params, which this evaluator does not take from there."""
+        params, default = self.coco_eval[iou_type].params, COCOeval(iouType=iou_type).params
+        for name in ("iouThrs", "recThrs", "maxDets", "areaRng", "areaRngLbl", "useCats"):
+            if not np.array_equal(np.asarray(getattr(params, name)), np.asarray(getattr(default, name))):
+                raise ValueError(f"coco_eval[{iou_type!r}].params.{name} was changed: this evaluator scores with "
+                                 f"COCOeval's own (and max_dets for the most detections), only catIds may be chosen")
+        chosen = list(params.catIds)
+        return None if chosen == sorted(self.coco_gt.getCatIds()) else chosen
+
+    def _cocoeval(self, iou_type: str, category_ids: list | None = None):
+        """One IoU type scored (over the given categories, else all): the COCOeval, evaluated and accumulated."""
         # The records are made for this call alone, so COCOeval may keep them without a copy.
         return score(self.coco_gt, self.results(iou_type, scoring=True), iou_type, list(self.per_image),
-                     self.backend, copy_results=False, max_dets=self.max_dets)
+                     self.backend, copy_results=False, max_dets=self.max_dets, federated=self.federated,
+                     category_ids=category_ids)
 
     def _metrics(self, iou_type: str, evaluator) -> dict:
         """One IoU type's metrics by name, and its AP per category."""
-        metrics = dict(zip(metric_names(iou_type, self.max_dets), (float(v) for v in evaluator.stats)))
+        names = metric_names(iou_type, self.max_dets, self.federated)
+        metrics = dict(zip(names, (float(v) for v in evaluator.stats)))
         metrics["per_category"] = per_category_ap(evaluator, self.coco_gt)
         return metrics
 
     def _say_what_the_tables_leave_unsaid(self) -> None:
         """Once per evaluation: the detections whose label is no category of the files (not written, not scored),
         and that there were none at all, where so (every AP is then 0 for want of detections, not of matches)."""
+        if self.federated:
+            print(f"Scored as LVIS's federated evaluation (the file lists each image's neg_category_ids and "
+                  f"not_exhaustive_category_ids): an image's detections of categories it was not checked for are "
+                  f"left out, unmatched ones of a category not exhaustively annotated there count neither way, at "
+                  f"most {self.max_dets} detections an image; APr, APc and APf average the rare, common and "
+                  f"frequent categories (their 'frequency')")
         if self.per_image and not any(len(encoded.scores) for encoded in self.per_image.values()):
             print(f"note: the model made no detection on any of the {len(self.per_image)} images, so every AP "
                   f"below is 0: it has not learned to detect yet (train longer, or check the learning rate and the "
@@ -500,12 +596,13 @@ def per_category_ap(evaluator, coco_gt: COCO) -> dict[str, float]:
     """AP at IoU 0.50:0.95, all areas, the most detections, of each category that has ground truth, by name (with
     the id where categories share a name)."""
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category]
-    uses = Counter(category["name"] for category in coco_gt.cats.values())
+    names = {category_id: category.get("name", str(category_id)) for category_id, category in coco_gt.cats.items()}
+    uses = Counter(names.values())
     result = {}
     for k, category_id in enumerate(evaluator.params.catIds):
         values = precision[:, :, k]
         values = values[values > -1]
-        name = coco_gt.cats[category_id]["name"]
+        name = names[category_id]
         if values.size:
             result[name if uses[name] == 1 else f"{name} (id {category_id})"] = float(values.mean())
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import pickle
 import re
@@ -93,7 +94,7 @@ class CategoryMap:
     def from_categories(cls, categories: list[dict], dataset: str, keep_ids: bool | None = None) -> CategoryMap:
         """The map of a category list; keep_ids None decides by the names (COCO's own keep their ids)."""
         ordered = sorted(categories, key=lambda c: c["id"])
-        own = {c["id"]: c["name"] for c in ordered}
+        own = {c["id"]: c.get("name", str(c["id"])) for c in ordered}  # the reference's own files name none
         if keep_ids is None:
             keep_ids = dataset == "coco" and own.items() <= coco_category_names().items()
         return cls(tuple(own), tuple(own.values()), keep_ids)
@@ -600,7 +601,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_dir = Path(image_dir)
         self.coco = coco
         self.category_map = category_map
-        if isinstance(coco, CocoIndex):
+        if isinstance(coco, CocoIndex) and coco.category_map is None:
             coco.category_map = category_map  # so that its predictions can be scored from the index alone
         self.transforms = transforms
         self.seed = seed
@@ -760,12 +761,16 @@ def labels_of(coco: COCO) -> CategoryMap:
 
 def coco_of_samples(dataset: torch.utils.data.Dataset) -> tuple[COCO, CategoryMap]:
     """The ground truth to score predictions on a dataset with, and how the model's labels name its categories:
-    the annotation file's index of one of this project's datasets or of torchvision's CocoDetection (or a Subset
-    of one), else samples_as_coco's reading of every sample."""
+    the annotation file's index of one of this project's datasets or of torchvision's CocoDetection itself (or a
+    Subset of one), else samples_as_coco's reading of every sample."""
     inner = dataset
     while isinstance(inner, torch.utils.data.Subset):
         inner = inner.dataset
-    if isinstance(inner, (CocoDetection, torchvision.datasets.CocoDetection)) and inner.coco is not None:
+    if isinstance(inner, CocoDetection) and inner.coco is not None:
+        return inner.coco, inner.category_map
+    # torchvision's own class, whose samples are the file's annotations; a subclass may number or resize them
+    # otherwise, so its samples are read
+    if type(inner) is torchvision.datasets.CocoDetection:
         return inner.coco, labels_of(inner.coco)
     coco = samples_as_coco(dataset)
     return coco, labels_of(coco)
@@ -989,10 +994,24 @@ REFERENCE_MODES = {"instances": "coco", "person_keypoints": "coco_kp"}
 
 def get_coco(root: str | Path, image_set: str, transforms, mode: str = "instances") -> CocoDetection:
     """The reference's call for a COCO folder's split ('train' or 'val'): build_dataset's dataset, whose
-    transforms take this project's samples (a uint8 image tensor and a target of labels, not category ids)."""
+    transforms take this project's samples (a uint8 image tensor and a target of plain tensors: boxes in corners,
+    labels, not category ids). Transforms of (image, target) alone, such as the reference's, are called so."""
     if mode not in REFERENCE_MODES:
         raise ValueError(f"mode {mode!r}: give one of {', '.join(REFERENCE_MODES)}")
+    if transforms is not None and "generator" not in inspect.signature(transforms).parameters:
+        transforms = UnseededTransforms(transforms)
     return build_dataset(root, REFERENCE_MODES[mode], image_set, transforms)
+
+
+class UnseededTransforms:
+    """Transforms of (image, target) alone, called as this project's are (with the sample's generator, which
+    they leave aside: their randomness is their own)."""
+
+    def __init__(self, transforms) -> None:
+        self.transforms = transforms
+
+    def __call__(self, image, target: dict, generator: torch.Generator | None = None) -> tuple:
+        return self.transforms(image, target)
 
 
 def get_coco_api_from_dataset(dataset: torch.utils.data.Dataset) -> COCO:

@@ -215,7 +215,8 @@ def add_distributed_flags(group: argparse._ArgumentGroup) -> None:
     add("--world-size", default=1, type=int, help="number of processes (set by the launcher)")
     add("--dist-url", default="env://", help="how processes find each other")
     add("--dist-backend", default=None, choices=("nccl", "gloo"), help="default: nccl on CUDA, gloo on CPU")
-    add("--dist-timeout", default=300, type=int, help="seconds a process waits for the others before failing")
+    add("--dist-timeout", default=utils.DIST_TIMEOUT, type=int,
+        help="seconds a process waits for the others before failing")
     add("--local-rank", "--local_rank", default=None, type=int, dest="local_rank",
         help="set by torch.distributed.launch without --use_env")
 
@@ -429,7 +430,9 @@ def best_metric(args: argparse.Namespace) -> tuple[str, str]:
     if args.best_metric is None:
         return next(kind for kind in ("segm", "keypoints", "bbox") if kind in types), "AP"
     kind, _, name = args.best_metric.partition("/")
-    if kind not in types or name not in metric_names(kind, args.eval_max_dets):
+    # LVIS's names too: whether the validation file is scored as LVIS's is known once it is read
+    known = {*metric_names(kind, args.eval_max_dets), *metric_names(kind, args.eval_max_dets, federated=True)}
+    if kind not in types or name not in known:
         if kind in ("bbox", "segm") and re.fullmatch(r"AR[1-9][0-9]*", name) and int(name[2:]) > 10:
             raise UserError(f"--best-metric {args.best_metric} is the recall of a run scored with --eval-max-dets "
                             f"{name[2:]}, and this one scores up to {args.eval_max_dets} (AR{args.eval_max_dets}); "

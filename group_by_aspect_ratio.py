@@ -19,7 +19,7 @@ def create_aspect_ratio_groups(aspect_ratios: Sequence[float] | torch.utils.data
     """Group id of each aspect ratio (or of each sample of a dataset, as torchvision's reference calls it): 2k
     bins spaced evenly in log2 between 1/2 and 2, plus the two tails; k=0 makes two groups, below 1 and from 1
     on (the reference does the same)."""
-    if isinstance(aspect_ratios, torch.utils.data.Dataset):
+    if isinstance(aspect_ratios, torch.utils.data.Dataset) or hasattr(aspect_ratios, "get_height_and_width"):
         aspect_ratios = compute_aspect_ratios(aspect_ratios)
     edges = [2 ** (i / k - 1) for i in range(2 * k + 1)] if k > 0 else [1.0]
     return [bisect.bisect_right(edges, r) for r in aspect_ratios]
@@ -27,16 +27,16 @@ def create_aspect_ratio_groups(aspect_ratios: Sequence[float] | torch.utils.data
 
 def compute_aspect_ratios(dataset: torch.utils.data.Dataset, indices: Sequence[int] | None = None) -> list[float]:
     """Width / height of each sample (those of indices, else all), from what the dataset knows without reading
-    images where it can: this project's aspect_ratios(), a Subset's dataset, get_height_and_width(i) (what the
-    reference asks of a dataset of one's own), torchvision's CocoDetection's annotation file; else every image."""
+    images where it can: a Subset's dataset, get_height_and_width(i) (what the reference asks of a dataset of
+    one's own), this project's aspect_ratios(), torchvision's CocoDetection's annotation file; else every image."""
     indices = range(len(dataset)) if indices is None else indices
     if isinstance(dataset, torch.utils.data.Subset):
         return compute_aspect_ratios(dataset.dataset, [dataset.indices[i] for i in indices])
-    if hasattr(dataset, "aspect_ratios"):
+    if callable(getattr(dataset, "get_height_and_width", None)):
+        return [width / height for height, width in map(dataset.get_height_and_width, indices)]
+    if callable(getattr(dataset, "aspect_ratios", None)):
         ratios = dataset.aspect_ratios()
         return [ratios[i] for i in indices]
-    if hasattr(dataset, "get_height_and_width"):
-        return [width / height for height, width in map(dataset.get_height_and_width, indices)]
     if isinstance(dataset, torchvision.datasets.CocoDetection):
         images = [dataset.coco.imgs[dataset.ids[i]] for i in indices]
         return [image["width"] / image["height"] for image in images]

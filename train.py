@@ -48,7 +48,7 @@ from checkpoint import (
     set_aside_previous_run,
     write_json_atomic,
 )
-from coco_eval import COCO_MAX_DETECTIONS, CocoEvaluator
+from coco_eval import COCO_MAX_DETECTIONS, LVIS_MAX_DETECTIONS, CocoEvaluator, is_federated, metric_names
 from coco_utils import (
     CategoryMap,
     CocoDetection,
@@ -229,6 +229,28 @@ def note_scored_beyond_kept(kept: int, scored: int) -> None:
         utils.print_once(f"note: --eval-max-dets {scored} scores up to {scored} detections an image, and the model "
                          f"keeps {kept} (--detections-per-image), so AR{scored} counts {kept} at most; give "
                          f"--detections-per-image {scored} too")
+
+
+def note_lvis_limits(val_set: CocoDetection, kept: int, scored: int) -> None:
+    """A validation file annotated as LVIS's is scored as LVIS scores it, which counts 300 detections an image:
+    said where this run counts or keeps fewer, whose AP is then not comparable with LVIS's published ones."""
+    if is_federated(val_set.coco) and min(kept, scored) < LVIS_MAX_DETECTIONS:
+        utils.print_once(f"note: the validation file is annotated as LVIS's, and is scored as LVIS's evaluation "
+                         f"scores it, which counts {LVIS_MAX_DETECTIONS} detections an image; this run keeps {kept} "
+                         f"(--detections-per-image) and counts {scored} (--eval-max-dets): give both "
+                         f"{LVIS_MAX_DETECTIONS} for AP comparable with LVIS's")
+
+
+def check_best_metric_scored(args: argparse.Namespace, val_set: CocoDetection) -> None:
+    """--best-metric names a metric of the validation file's scoring: LVIS's (APr, APc, APf; no AR1 or AR10)
+    for a file annotated as LVIS's, COCO's for any other."""
+    kind, name = best_metric(args)
+    federated = kind != "keypoints" and is_federated(val_set.coco)
+    names = metric_names(kind, args.eval_max_dets, federated)
+    if name not in names:
+        scoring = "LVIS's, as the file is annotated as LVIS's" if federated else "COCO's"
+        raise UserError(f"--best-metric {kind}/{name} is no metric of this validation file's scoring ({scoring}); "
+                        f"choose one of {', '.join(f'{kind}/{n}' for n in names)}")
 
 
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None,
@@ -700,12 +722,14 @@ def main(args: argparse.Namespace) -> dict:
             return already_finished(resume, checkpoint, args.epochs)
     data = load_data(args, checkpoint)
     check_same_data(args, data)
+    check_best_metric_scored(args, data.val_set)
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint, data.category_map))
     bare_model = getattr(model, "module", model)  # without DDP's wrapper
     note_crowded_images(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
     note_scored_beyond_kept(detections_per_image(bare_model), args.eval_max_dets)
+    note_lvis_limits(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
     state = create_training_state(run, bare_model, data, num_classes, checkpoint)
     if checkpoint is not None:
         restore(run, state, checkpoint, resume, data, continues_folder=not of_another_folder)

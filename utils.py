@@ -49,8 +49,17 @@ def launched_as() -> tuple[int, int] | None:
     return None
 
 
+# Seconds a process waits for the others (--dist-timeout's default).
+DIST_TIMEOUT = 300
+
+
 def init_distributed_mode(args: argparse.Namespace) -> None:
-    """Fill args.rank, args.world_size, args.gpu, args.distributed from the launcher's environment."""
+    """Fill args.rank, args.world_size, args.gpu, args.distributed from the launcher's environment (args of a
+    script written for torchvision's reference, which lack --local-rank, --dist-backend and --dist-timeout, take
+    their defaults)."""
+    for name, default in (("local_rank", None), ("dist_backend", None), ("dist_timeout", DIST_TIMEOUT)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
     launched = launched_as()
     if launched is None:
         args.rank, args.gpu, args.distributed = 0, 0, False

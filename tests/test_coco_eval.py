@@ -28,6 +28,7 @@ from coco_eval import (
     windowed_run_lengths,
 )
 from coco_utils import CategoryMap, build_dataset, get_coco_api_from_dataset
+from conftest import in_two_processes
 from errors import UserError
 
 
@@ -582,7 +583,7 @@ def test_the_references_calls_score_as_ours_and_keep_each_cocoeval(dataset, caps
     ours = CocoEvaluator(ds.coco, category_map=ds.category_map)
     ours.update(outputs)
     expected = ours.summarize()
-    assert ours.coco_eval == {}, "summarize() alone keeps no COCOeval"
+    assert not ours.accumulated and ours.coco_eval["segm"].eval == {}, "summarize() alone keeps no scored COCOeval"
     theirs = CocoEvaluator(get_coco_api_from_dataset(ds), ["bbox", "segm"])
     theirs.update({torch.tensor([image_id]): output for image_id, output in outputs.items()})
     theirs.synchronize_between_processes()
@@ -596,6 +597,42 @@ def test_the_references_calls_score_as_ours_and_keep_each_cocoeval(dataset, caps
     assert [r["image_id"] for r in theirs.results("bbox")][:1] == [min(ds.ids)], "ids as plain ints"
 
 
+def test_a_script_may_choose_the_categories_scored_as_the_references_evaluator_allows(dataset):
+    ds = build_dataset(dataset, "coco", "val", None)
+    outputs = _noisy_outputs(ds, seed=4)
+    evaluator = CocoEvaluator(ds.coco, ["bbox"])
+    chosen = sorted(ds.coco.getCatIds())[:2]
+    evaluator.coco_eval["bbox"].params.catIds = chosen
+    evaluator.update(outputs)
+    evaluator.accumulate()
+    metrics = evaluator.summarize()["bbox"]
+    assert list(evaluator.coco_eval["bbox"].params.catIds) == chosen
+    assert set(metrics["per_category"]) == {ds.coco.cats[i]["name"] for i in chosen}
+    changed = CocoEvaluator(ds.coco, ["bbox"])
+    changed.coco_eval["bbox"].params.maxDets = [1, 10, 300]
+    changed.update(outputs)
+    with pytest.raises(ValueError, match=r"coco_eval\['bbox'\].params.maxDets was changed: .* only catIds may be"):
+        changed.accumulate()
+
+
+def test_the_main_process_alone_may_accumulate_and_summarize(dataset, tmp_path):
+    """As scripts that gather predictions to rank 0 do: no collective waits for the other rank."""
+    ds = build_dataset(dataset, "coco", "val", None)
+    outputs = _noisy_outputs(ds, seed=4)
+
+    def work(rank: int):
+        evaluator = CocoEvaluator(ds.coco, ["bbox"])
+        if rank == 0:
+            evaluator.update(outputs)
+            evaluator.accumulate()
+            return round(evaluator.summarize()["bbox"]["AP"], 12)
+        return None
+
+    alone = CocoEvaluator(ds.coco, ["bbox"])
+    alone.update(outputs)
+    assert in_two_processes(tmp_path, work) == {0: round(alone.summarize()["bbox"]["AP"], 12), 1: None}
+
+
 def test_a_plain_cocos_labels_are_its_category_ids(dataset):
     coco = COCO(str(Path(dataset) / "annotations" / "instances_val2017.json"))
     evaluator = CocoEvaluator(coco, ("bbox",))
@@ -605,3 +642,82 @@ def test_a_plain_cocos_labels_are_its_category_ids(dataset):
         CocoEvaluator(coco, "bbox")
     with pytest.raises(ValueError, match=r"iou_types \('boxes',\)"):
         CocoEvaluator(coco, ("boxes",))
+    unnamed = COCO()
+    unnamed.dataset = {**coco.dataset, "categories": [{"id": i} for i in ids]}  # as the reference's own are made
+    with contextlib.redirect_stdout(io.StringIO()):
+        unnamed.createIndex()
+    evaluator = CocoEvaluator(unnamed, ("bbox",))
+    assert evaluator.category_map.names == tuple(str(i) for i in ids)
+
+
+def _federated_ground_truth(lists: bool = True) -> COCO:
+    """Two images annotated as LVIS's are: image 1 checked for owls (none there) and with dogs not all annotated;
+    yaks checked in image 2 only. Categories of each frequency group."""
+    images = [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}]
+    if lists:
+        images[0].update(neg_category_ids=[3], not_exhaustive_category_ids=[2])
+        images[1].update(neg_category_ids=[], not_exhaustive_category_ids=[])
+    boxes = [(1, 1, [10, 10, 20, 20]), (1, 2, [50, 50, 20, 20]), (2, 3, [10, 10, 30, 30]), (2, 4, [60, 60, 20, 20])]
+    anns = [{"id": i, "image_id": image, "category_id": category, "bbox": box, "area": box[2] * box[3],
+             "iscrowd": 0} for i, (image, category, box) in enumerate(boxes, start=1)]
+    categories = [{"id": i, "name": name, "frequency": frequency}
+                  for i, name, frequency in ((1, "cat", "f"), (2, "dog", "c"), (3, "owl", "r"), (4, "yak", "r"))]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": anns, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _federated_detections(owl_score: float = 0.9) -> dict:
+    """Image 1: the cat and the dog found, a dog where none is annotated, an owl (checked: absent), a yak (not
+    checked there); image 2: the owl and the yak found."""
+    def output(detections):
+        boxes = torch.tensor([box for _, box, _ in detections], dtype=torch.float32)
+        boxes[:, 2:] += boxes[:, :2]
+        return {"boxes": boxes, "labels": torch.tensor([label for label, _, _ in detections]),
+                "scores": torch.tensor([score for _, _, score in detections])}
+
+    return {1: output([(1, [10, 10, 20, 20], 0.9), (2, [50, 50, 20, 20], 0.8), (2, [0, 80, 15, 15], 0.95),
+                       (3, [60, 0, 20, 20], owl_score), (4, [30, 30, 10, 10], 0.99)]),
+            2: output([(3, [10, 10, 30, 30], 0.5), (4, [60, 60, 20, 20], 0.5)])}
+
+
+def _bbox_metrics(coco: COCO, outputs: dict, **options) -> dict:
+    evaluator = CocoEvaluator(coco, ("bbox",), **options)
+    evaluator.update(outputs)
+    return evaluator.summarize()["bbox"]
+
+
+def test_a_federated_file_is_scored_as_lvis_scores_it(capsys):
+    pytest.importorskip("faster_coco_eval")
+    metrics = _bbox_metrics(_federated_ground_truth(), _federated_detections(), max_dets=300)
+    # the unannotated dog counts neither way, the yak of image 1 is left out, the owl of image 1 is false
+    assert metrics["per_category"] == pytest.approx({"cat": 1.0, "dog": 1.0, "owl": 0.5, "yak": 1.0})
+    assert metrics["AP"] == pytest.approx(3.5 / 4) and metrics["AR300"] == 1.0
+    assert (metrics["APr"], metrics["APc"], metrics["APf"]) == pytest.approx((0.75, 1.0, 1.0))
+    assert tuple(name for name in metrics if name != "per_category") == metric_names("bbox", 300, federated=True)
+    printed = capsys.readouterr().out
+    assert "Scored as LVIS's federated evaluation" in printed and "at most 300 detections an image" in printed
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=300 catIds=  r ] = 0.750" in printed
+
+    plain = _bbox_metrics(_federated_ground_truth(lists=False), _federated_detections(), max_dets=300)
+    assert plain["per_category"] == pytest.approx({"cat": 1.0, "dog": 0.5, "owl": 0.5, "yak": 0.5}), (
+        "COCO's scoring counts both as false")
+    assert "APr" not in plain
+
+
+def test_federated_scoring_keeps_each_images_most_detections_over_all_categories():
+    pytest.importorskip("faster_coco_eval")
+    metrics = _bbox_metrics(_federated_ground_truth(), _federated_detections(owl_score=0.85), max_dets=3)
+    # image 1 keeps the yak, the unannotated dog and the cat: its annotated dog and its owl are cut
+    assert metrics["per_category"] == pytest.approx({"cat": 1.0, "dog": 0.0, "owl": 1.0, "yak": 1.0})
+    assert metrics["AR3"] == pytest.approx(0.75)
+
+
+def test_a_federated_file_needs_faster_coco_eval(monkeypatch):
+    monkeypatch.setattr(coco_eval, "resolve_backend", lambda name: "pycocotools")
+    with pytest.raises(UserError, match="annotated as LVIS's .* which faster-coco-eval scores: pip install "
+                                        "faster-coco-eval"):
+        CocoEvaluator(_federated_ground_truth(), ("bbox",))
+    assert CocoEvaluator(_federated_ground_truth(lists=False), ("bbox",)).backend == "pycocotools"

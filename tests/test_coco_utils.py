@@ -803,6 +803,9 @@ def test_the_references_dataset_calls_give_this_projects_datasets_and_their_inde
     assert get_coco(dataset, "train", None).train
     with pytest.raises(ValueError, match="mode 'panoptic': give one of instances, person_keypoints"):
         get_coco(dataset, "val", None, mode="panoptic")
+    calls = []
+    flipped = get_coco(dataset, "val", lambda image, target: calls.append(image.dtype) or (image, target))
+    assert flipped[0][1]["image_id"] == flipped.ids[0] and calls == [torch.uint8], "a transform of two arguments"
     subset = torch.utils.data.Subset(val, [0, 2])
     assert get_coco_api_from_dataset(subset) is val.coco, "the file's index, not the samples read again"
     assert labels_of(val.coco) == val.category_map and not val.category_map.keep_ids
@@ -816,6 +819,20 @@ def test_torchvisions_coco_dataset_is_scored_from_its_own_index_with_category_id
     assert coco is theirs.coco
     assert category_map.keep_ids and category_map.ids == tuple(sorted(theirs.coco.cats))
     assert category_map.names == tuple(theirs.coco.cats[i]["name"] for i in category_map.ids)
+
+    class Renumbered(TorchvisionCoco):
+        """A subclass of one's own (as fine-tuning scripts write them): labels 1..K, so its samples are read."""
+
+        def __getitem__(self, index):
+            image, anns = super().__getitem__(index)
+            boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]
+            labels = torch.tensor([sorted(self.coco.cats).index(a["category_id"]) + 1 for a in anns])
+            return image, {"boxes": boxes, "labels": labels, "image_id": self.ids[index]}
+
+    renumbered = Renumbered(dataset / "val2017", dataset / "annotations" / "instances_val2017.json")
+    coco, category_map = coco_of_samples(renumbered)
+    assert coco is not renumbered.coco and category_map.ids == tuple(range(1, len(theirs.coco.cats) + 1))
 
 
 def test_other_datasets_are_read_sample_by_sample_by_the_references_name_too():

@@ -73,7 +73,9 @@ def test_a_datasets_aspect_ratios_come_without_reading_an_image_where_it_says_th
         def get_height_and_width(self, index):
             return (100, 50) if index == 0 else (50, 100)
 
-    assert compute_aspect_ratios(Sized()) == [0.5, 2.0]
+    sized = Sized()
+    sized.aspect_ratios = [3.0, 3.0]  # a dataset may keep a list under that name: not this project's method
+    assert compute_aspect_ratios(sized) == [0.5, 2.0] and create_aspect_ratio_groups(sized, k=0) == [0, 1]
 
 
 def test_a_dataset_that_cannot_say_its_sizes_is_read_and_says_so(capsys):

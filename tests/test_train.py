@@ -222,6 +222,39 @@ def test_scoring_more_detections_than_the_model_keeps_is_noted(capsys):
         "(--detections-per-image), so AR300 counts 100 at most; give --detections-per-image 300 too\n")
 
 
+def test_an_lvis_file_scored_at_fewer_detections_than_lvis_counts_is_noted(capsys):
+    from pycocotools.coco import COCO
+
+    federated, plain = COCO(), COCO()
+    federated.dataset = {"images": [{"id": 1, "neg_category_ids": [], "not_exhaustive_category_ids": []}]}
+    plain.dataset = {"images": [{"id": 1}]}
+    train.note_lvis_limits(argparse.Namespace(coco=federated), kept=300, scored=300)
+    train.note_lvis_limits(argparse.Namespace(coco=plain), kept=100, scored=100)
+    assert capsys.readouterr().out == ""
+    train.note_lvis_limits(argparse.Namespace(coco=federated), kept=300, scored=100)
+    assert capsys.readouterr().out == (
+        "note: the validation file is annotated as LVIS's, and is scored as LVIS's evaluation scores it, which "
+        "counts 300 detections an image; this run keeps 300 (--detections-per-image) and counts 100 "
+        "(--eval-max-dets): give both 300 for AP comparable with LVIS's\n")
+
+
+def test_the_best_metric_must_be_one_of_the_validation_files_scoring():
+    from pycocotools.coco import COCO
+
+    federated, plain = COCO(), COCO()
+    federated.dataset = {"images": [{"id": 1, "neg_category_ids": [], "not_exhaustive_category_ids": []}]}
+    plain.dataset = {"images": [{"id": 1}]}
+    args = train.get_args_parser().parse_args(["--best-metric", "segm/APr"])
+    train.check_best_metric_scored(args, argparse.Namespace(coco=federated))
+    with pytest.raises(UserError, match=r"^--best-metric segm/APr is no metric of this validation file's scoring "
+                                        r"\(COCO's\); choose one of segm/AP, segm/AP50"):
+        train.check_best_metric_scored(args, argparse.Namespace(coco=plain))
+    args = train.get_args_parser().parse_args(["--best-metric", "bbox/AR10"])
+    train.check_best_metric_scored(args, argparse.Namespace(coco=plain))
+    with pytest.raises(UserError, match=r"\(LVIS's, as the file is annotated as LVIS's\); choose one of bbox/AP, "):
+        train.check_best_metric_scored(args, argparse.Namespace(coco=federated))
+
+
 def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
     counts = {1: (3, 0), 2: (5, 9), 3: (4, 0)}  # image: instances, crowd regions
     anns = [{"image_id": image, "category_id": 1 + k % 2, "bbox": [0, 0, 5, 5], "iscrowd": crowd}

@@ -250,3 +250,12 @@ def test_mkdir_makes_the_parents_and_takes_a_folder_that_exists(tmp_path):
 def test_all_gather_is_all_gather_object_under_the_references_name():
     assert utils.all_gather is utils.all_gather_object
     assert utils.all_gather({"ids": [1, 2]}) == [{"ids": [1, 2]}]
+
+
+def test_a_reference_scripts_args_take_the_distributed_defaults_of_the_flags_it_lacks(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    args = argparse.Namespace(device="cpu", dist_url="env://", world_size=1)  # the reference's parser's
+    utils.init_distributed_mode(args)
+    assert (args.local_rank, args.dist_backend, args.dist_timeout) == (None, None, utils.DIST_TIMEOUT)
+    assert (args.rank, args.distributed) == (0, False)
