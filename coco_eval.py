@@ -81,12 +81,50 @@ def metric_names(iou_type: str, max_dets: int = COCO_MAX_DETECTIONS, federated: 
     return tuple(f"AR{max_dets}" if name in ("AR100", "AR300") else name for name in names)
 
 
+FEDERATED_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
+
+
 def is_federated(coco_gt: COCO) -> bool:
     """Whether a ground truth is annotated as LVIS's is: each image lists the categories checked and found absent
     (neg_category_ids) and those whose instances are not all annotated (not_exhaustive_category_ids)."""
     images = coco_gt.dataset.get("images", [])
-    return bool(images) and all("neg_category_ids" in image and "not_exhaustive_category_ids" in image
-                                for image in images)
+    return bool(images) and all(all(key in image for key in FEDERATED_LISTS) for image in images)
+
+
+def scored_as_lvis(coco_gt: COCO, iou_types: Sequence[str]) -> bool:
+    """Whether predictions of these IoU types on this ground truth are scored as LVIS's evaluation scores them:
+    a federated file, for boxes and masks (LVIS has no keypoints, and a keypoint model's boxes score as COCO's)."""
+    return "keypoints" not in iou_types and is_federated(coco_gt)
+
+
+def check_federated(coco_gt: COCO, backend: str = "auto") -> str:
+    """The back end that scores a federated file (faster-coco-eval, whose lvis_style is LVIS's evaluation;
+    pycocotools has none), checked before a run trains: one installed, ids it reads, and each category's
+    frequency group."""
+    where = "the validation file is annotated as LVIS's (each image's neg_category_ids and " \
+            "not_exhaustive_category_ids)"
+    if backend == "pycocotools":
+        raise UserError(f"{where}, which faster-coco-eval scores: leave --coco-backend at auto, or give faster")
+    if resolve_backend("auto") != "faster":
+        raise UserError(f"{where}, which faster-coco-eval scores: pip install faster-coco-eval")
+    if not _faster_reads_ids(coco_gt):
+        raise UserError(f"{where}, whose scoring needs image and category ids that are integers from 0 to 2**53")
+    for category in coco_gt.dataset["categories"]:
+        if category.get("frequency") not in FREQUENCY_GROUPS:
+            raise UserError(f"{where}, whose scoring groups the categories by 'frequency' (r, c or f), and "
+                            f"category {category['id']} has {category.get('frequency', 'none')!r}: give each one")
+    return "faster"
+
+
+def partly_federated_note(coco_gt: COCO) -> str | None:
+    """A note where some images, not all, carry LVIS's lists: the file is then scored as COCO's."""
+    images = coco_gt.dataset.get("images", [])
+    listed = sum(all(key in image for key in FEDERATED_LISTS) for image in images)
+    if 0 < listed < len(images):
+        return (f"note: {listed} of the validation file's {len(images)} images carry LVIS's neg_category_ids and "
+                f"not_exhaustive_category_ids, the others not, so it is scored as COCO's; give every image both "
+                f"(empty lists where nothing was checked) to score it as LVIS's")
+    return None
 
 
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map: CategoryMap,
@@ -303,18 +341,6 @@ def _faster_reads_ids(coco_gt: COCO) -> bool:
     return all(type(i) is int and 0 <= i <= 2**53 for i in (*coco_gt.getImgIds(), *coco_gt.getCatIds()))
 
 
-def federated_backend(coco_gt: COCO) -> str:
-    """faster-coco-eval, whose lvis_style scores a federated file as LVIS's evaluation does (pycocotools has no
-    such mode); a UserError where it is not installed or cannot read the file's ids."""
-    if resolve_backend("auto") != "faster":
-        raise UserError("the validation file is annotated as LVIS's (each image's neg_category_ids and "
-                        "not_exhaustive_category_ids), which faster-coco-eval scores: pip install faster-coco-eval")
-    if not _faster_reads_ids(coco_gt):
-        raise UserError("the validation file is annotated as LVIS's, whose scoring (faster-coco-eval's) needs "
-                        "image and category ids that are integers from 0 to 2**53")
-    return "faster"
-
-
 @cache
 def _say_scoring_with_pycocotools() -> None:
     """Said once a process (at a run's first evaluation), not at each (every epoch's, the moving average's)."""
@@ -393,7 +419,7 @@ def score(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int
         evaluator.evaluate()
         evaluator.accumulate()
         if federated:
-            frequencies = {c["id"]: c.get("frequency") for c in coco_gt.dataset["categories"]}
+            frequencies = {c["id"]: c["frequency"] for c in coco_gt.dataset["categories"]}
             evaluator.stats = summary_stats(evaluator, max_dets, frequencies)
         elif other_max_dets:
             evaluator.stats = summary_stats(evaluator, max_dets)
@@ -436,7 +462,7 @@ class CocoEvaluator:
     """
 
     def __init__(self, coco_gt: COCO, iou_types: Sequence[str] = ("bbox", "segm"),
-                 category_map: CategoryMap | None = None, backend: str = "pycocotools",
+                 category_map: CategoryMap | None = None, backend: str | None = None,
                  max_dets: int = COCO_MAX_DETECTIONS) -> None:
         unknown = [t for t in iou_types if t not in IOU_TYPES]
         if isinstance(iou_types, str) or unknown:
@@ -445,8 +471,10 @@ class CocoEvaluator:
         self.category_map = category_map or labels_of(coco_gt)  # model labels to the file's category ids
         self.iou_types = tuple(iou_types)
         self.max_dets = max_dets  # boxes' and masks' maxDets
-        self.federated = is_federated(coco_gt) and "keypoints" not in self.iou_types
-        self.backend = federated_backend(coco_gt) if self.federated else backend_for(coco_gt, backend)
+        self.federated = scored_as_lvis(coco_gt, self.iou_types)
+        # None: pycocotools' COCOeval, as the reference scores, or faster-coco-eval's for a federated file
+        self.backend = (check_federated(coco_gt, backend or "auto") if self.federated
+                        else backend_for(coco_gt, backend or "pycocotools"))
         self.per_image: dict[int, EncodedImage] = {}
         self._pending: dict[int, Future] = {}
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rle")
@@ -493,10 +521,21 @@ class CocoEvaluator:
         records = []
         for image_id in sorted(self.per_image):
             image = self.per_image[image_id].records(iou_type, scoring)
-            if scoring and self.federated and len(image) > self.max_dets:
-                image = sorted(image, key=lambda record: record["score"], reverse=True)[:self.max_dets]
+            if scoring and self.federated:
+                image = self._as_lvis_keeps(image_id, image, iou_type)
             records += image
         return records
+
+    def _as_lvis_keeps(self, image_id, records: list[dict], iou_type: str) -> list[dict]:
+        """An image's max_dets records of highest score, then those of the categories it was checked for (its
+        instances' and its neg_category_ids), as LVIS's evaluation takes them. faster-coco-eval leaves the others
+        out itself, but fails on masks of an image with none of them."""
+        if len(records) > self.max_dets:
+            records = sorted(records, key=lambda record: record["score"], reverse=True)[:self.max_dets]
+        ground_truth = scoring_ground_truth(self.coco_gt, iou_type)
+        checked = {*ground_truth.imgs[image_id]["neg_category_ids"],
+                   *(ann["category_id"] for ann in ground_truth.imgToAnns[image_id])}
+        return [record for record in records if record["category_id"] in checked]
 
     def accumulate(self) -> None:
         """Score every IoU type on this rank and keep each COCOeval in coco_eval, for scripts that read its stats

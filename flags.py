@@ -185,7 +185,8 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
     add("--eval-max-dets", default=COCO_MAX_DETECTIONS, type=int, metavar="N",
         help=f"the most detections of an image, per category, that the box and mask scores count (COCOeval's "
              f"maxDets, {COCO_MAX_DETECTIONS}; keypoints keep their 20): for images of more instances, with "
-             f"--detections-per-image at least N; AP and the last AR, named AR<N>, then count N")
+             f"--detections-per-image at least N; AP and the last AR, named AR<N>, then count N; for a validation "
+             f"file annotated as LVIS's, the most of an image over all categories, as LVIS counts (300)")
     add("--eval-interval", default=1, type=int, metavar="N",
         help="evaluate (and --val-loss) after every N-th epoch and after the last one, not after each; --patience "
              "counts evaluations")

@@ -48,7 +48,15 @@ from checkpoint import (
     set_aside_previous_run,
     write_json_atomic,
 )
-from coco_eval import COCO_MAX_DETECTIONS, LVIS_MAX_DETECTIONS, CocoEvaluator, is_federated, metric_names
+from coco_eval import (
+    COCO_MAX_DETECTIONS,
+    LVIS_MAX_DETECTIONS,
+    CocoEvaluator,
+    check_federated,
+    metric_names,
+    partly_federated_note,
+    scored_as_lvis,
+)
 from coco_utils import (
     CategoryMap,
     CocoDetection,
@@ -231,22 +239,28 @@ def note_scored_beyond_kept(kept: int, scored: int) -> None:
                          f"--detections-per-image {scored} too")
 
 
-def note_lvis_limits(val_set: CocoDetection, kept: int, scored: int) -> None:
-    """A validation file annotated as LVIS's is scored as LVIS scores it, which counts 300 detections an image:
-    said where this run counts or keeps fewer, whose AP is then not comparable with LVIS's published ones."""
-    if is_federated(val_set.coco) and min(kept, scored) < LVIS_MAX_DETECTIONS:
+def note_lvis_limits(args: argparse.Namespace, val_set: CocoDetection, kept: int) -> None:
+    """A validation file scored as LVIS's evaluation scores it counts 300 detections an image: said where this run
+    counts or keeps fewer, whose AP is then not comparable with LVIS's published ones."""
+    scored = args.eval_max_dets
+    if scored_as_lvis(val_set.coco, iou_types(args.model)) and min(kept, scored) < LVIS_MAX_DETECTIONS:
         utils.print_once(f"note: the validation file is annotated as LVIS's, and is scored as LVIS's evaluation "
                          f"scores it, which counts {LVIS_MAX_DETECTIONS} detections an image; this run keeps {kept} "
                          f"(--detections-per-image) and counts {scored} (--eval-max-dets): give both "
                          f"{LVIS_MAX_DETECTIONS} for AP comparable with LVIS's")
 
 
-def check_best_metric_scored(args: argparse.Namespace, val_set: CocoDetection) -> None:
-    """--best-metric names a metric of the validation file's scoring: LVIS's (APr, APc, APf; no AR1 or AR10)
-    for a file annotated as LVIS's, COCO's for any other."""
+def check_scoring(args: argparse.Namespace, val_set: CocoDetection) -> None:
+    """Before training, what the validation file's scoring needs: for a file annotated as LVIS's, its back end
+    and the categories' frequency groups (coco_eval.check_federated); --best-metric among its metrics (LVIS's
+    APr, APc, APf and no AR1 or AR10 for such a file, COCO's for any other)."""
+    federated = scored_as_lvis(val_set.coco, iou_types(args.model))
+    if federated:
+        check_federated(val_set.coco, args.coco_backend)
+    elif (note := partly_federated_note(val_set.coco)) is not None:
+        utils.print_once(note)
     kind, name = best_metric(args)
-    federated = kind != "keypoints" and is_federated(val_set.coco)
-    names = metric_names(kind, args.eval_max_dets, federated)
+    names = metric_names(kind, args.eval_max_dets, federated and kind != "keypoints")
     if name not in names:
         scoring = "LVIS's, as the file is annotated as LVIS's" if federated else "COCO's"
         raise UserError(f"--best-metric {kind}/{name} is no metric of this validation file's scoring ({scoring}); "
@@ -483,7 +497,8 @@ class BestModel:
     def __init__(self, run: Run) -> None:
         self.run = run
         self.kind, self.metric = best_metric(run.args)
-        records = run.writers.records("eval")
+        # records of the metric (an evaluation of an earlier version may lack one, such as LVIS's APr)
+        records = [r for r in run.writers.records("eval") if self.metric in r.get(self.kind, {})]
         history = [r[self.kind][self.metric] for r in records]
         self.best = max(history, default=None)
         self.best_epoch = records[history.index(self.best)]["epoch"] if history else None
@@ -722,14 +737,14 @@ def main(args: argparse.Namespace) -> dict:
             return already_finished(resume, checkpoint, args.epochs)
     data = load_data(args, checkpoint)
     check_same_data(args, data)
-    check_best_metric_scored(args, data.val_set)
+    check_scoring(args, data.val_set)
     start_reusing_freed_memory(args)
     num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint, data.category_map))
     bare_model = getattr(model, "module", model)  # without DDP's wrapper
     note_crowded_images(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
     note_scored_beyond_kept(detections_per_image(bare_model), args.eval_max_dets)
-    note_lvis_limits(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
+    note_lvis_limits(args, data.val_set, detections_per_image(bare_model))
     state = create_training_state(run, bare_model, data, num_classes, checkpoint)
     if checkpoint is not None:
         restore(run, state, checkpoint, resume, data, continues_folder=not of_another_folder)

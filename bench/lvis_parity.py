@@ -37,8 +37,8 @@ LVIS_API_NAMES = {f"AR{LVIS_MAX_DETECTIONS}": f"AR@{LVIS_MAX_DETECTIONS}",
 
 
 def federated(data: dict, rng: np.random.Generator) -> dict:
-    """The file's instances (crowd regions and unusable boxes aside) with LVIS's per-image and per-category
-    fields drawn at random."""
+    """The file's instances (crowd regions and unusable boxes aside) and all its images (some without instances)
+    with LVIS's per-image and per-category fields drawn at random."""
     kept = [dict(a, id=i) for i, a in enumerate((a for a in data["annotations"] if not a.get("iscrowd")
                                                  and isinstance(a.get("segmentation"), list)
                                                  and min(a["bbox"][2:]) > 1), start=1)]
@@ -51,7 +51,8 @@ def federated(data: dict, rng: np.random.Generator) -> dict:
     for image in data["images"]:
         own = sorted(present.get(image["id"], ()))
         absent = [i for i in ids if i not in own]
-        images.append(dict(image, neg_category_ids=[int(i) for i in rng.permutation(absent)[:5]],
+        # one checked category at most, so that detections of unchecked ones are many (files have few categories)
+        images.append(dict(image, neg_category_ids=[int(i) for i in rng.permutation(absent)[:rng.integers(0, 2)]],
                            not_exhaustive_category_ids=[i for i in own if rng.random() < 0.3]))
     return {"images": images, "annotations": kept, "categories": categories}
 

@@ -20,6 +20,7 @@ import lvis_parity  # noqa: E402
 
 def test_the_file_is_federated_as_lvis_files_are(dataset):
     data = json.loads((dataset / "annotations" / "instances_val2017.json").read_text())
+    data["images"].append({**data["images"][0], "id": max(i["id"] for i in data["images"]) + 1})  # no instances
     federated = lvis_parity.federated(data, np.random.default_rng(0))
     present: dict = {}
     for ann in federated["annotations"]:
@@ -33,8 +34,13 @@ def test_the_file_is_federated_as_lvis_files_are(dataset):
     assert any(image["not_exhaustive_category_ids"] for image in federated["images"])
     assert {c["frequency"] for c in federated["categories"]} <= {"r", "c", "f"}
 
+    assert any(image["id"] not in present for image in federated["images"]), "an image without instances"
     outputs = lvis_parity.detections(federated, np.random.default_rng(0))
     assert max(len(o["scores"]) for o in outputs.values()) > 300, "images past LVIS's 300 detections"
+    checked = {image["id"]: present.get(image["id"], set()) | set(image["neg_category_ids"])
+               for image in federated["images"]}
+    unchecked = sum(label not in checked[image] for image, o in outputs.items() for label in o["labels"].tolist())
+    assert unchecked > 100, "detections of categories an image was not checked for, which scoring leaves out"
     first = next(iter(outputs.values()))
     assert first["masks"].shape[1:] == (1, federated["images"][0]["height"], federated["images"][0]["width"])
 

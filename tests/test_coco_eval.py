@@ -721,3 +721,26 @@ def test_a_federated_file_needs_faster_coco_eval(monkeypatch):
                                         "faster-coco-eval"):
         CocoEvaluator(_federated_ground_truth(), ("bbox",))
     assert CocoEvaluator(_federated_ground_truth(lists=False), ("bbox",)).backend == "pycocotools"
+
+
+def test_masks_of_an_image_without_instances_or_checked_categories_are_left_out_not_failed(capsys):
+    """faster-coco-eval fails on masks of an image whose detections it leaves out all of; LVIS leaves them out."""
+    pytest.importorskip("faster_coco_eval")
+    coco = COCO()
+    square = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    coco.dataset = {
+        "images": [{"id": 1, "height": 40, "width": 40, "neg_category_ids": [], "not_exhaustive_category_ids": []},
+                   {"id": 2, "height": 40, "width": 40, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400.0,
+                         "iscrowd": 0, "segmentation": square}],
+        "categories": [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    masks = torch.zeros(1, 1, 40, 40)
+    masks[..., 10:30, 10:30] = 1.0
+    found = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "scores": torch.tensor([0.9]), "masks": masks}
+    evaluator = CocoEvaluator(coco, ("bbox", "segm"))
+    evaluator.update({1: {**found, "labels": torch.tensor([1])}, 2: {**found, "labels": torch.tensor([2])}})
+    metrics = evaluator.summarize()
+    assert metrics["segm"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AP"] == pytest.approx(1.0)
+    assert [r["image_id"] for r in evaluator.results("segm")] == [1, 2], "written, though not scored"

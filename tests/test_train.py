@@ -222,37 +222,53 @@ def test_scoring_more_detections_than_the_model_keeps_is_noted(capsys):
         "(--detections-per-image), so AR300 counts 100 at most; give --detections-per-image 300 too\n")
 
 
-def test_an_lvis_file_scored_at_fewer_detections_than_lvis_counts_is_noted(capsys):
+def _val_files() -> tuple[argparse.Namespace, argparse.Namespace]:
+    """Stand-ins of a validation set annotated as LVIS's and of a plain one (their index alone)."""
     from pycocotools.coco import COCO
 
     federated, plain = COCO(), COCO()
-    federated.dataset = {"images": [{"id": 1, "neg_category_ids": [], "not_exhaustive_category_ids": []}]}
-    plain.dataset = {"images": [{"id": 1}]}
-    train.note_lvis_limits(argparse.Namespace(coco=federated), kept=300, scored=300)
-    train.note_lvis_limits(argparse.Namespace(coco=plain), kept=100, scored=100)
-    assert capsys.readouterr().out == ""
-    train.note_lvis_limits(argparse.Namespace(coco=federated), kept=300, scored=100)
+    federated.dataset = {"images": [{"id": 1, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+                         "categories": [{"id": 1, "name": "a", "frequency": "r"}]}
+    plain.dataset = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}]}
+    return argparse.Namespace(coco=federated), argparse.Namespace(coco=plain)
+
+
+def test_an_lvis_file_scored_at_fewer_detections_than_lvis_counts_is_noted(capsys):
+    federated, plain = _val_files()
+    parse = train.get_args_parser().parse_args
+    train.note_lvis_limits(parse(["--eval-max-dets", "300"]), federated, kept=300)
+    train.note_lvis_limits(parse([]), plain, kept=100)
+    train.note_lvis_limits(parse(["--model", "keypointrcnn_resnet50_fpn"]), federated, kept=100)
+    assert capsys.readouterr().out == "", "a keypoint model's boxes are scored as COCO's"
+    train.note_lvis_limits(parse([]), federated, kept=300)
     assert capsys.readouterr().out == (
         "note: the validation file is annotated as LVIS's, and is scored as LVIS's evaluation scores it, which "
         "counts 300 detections an image; this run keeps 300 (--detections-per-image) and counts 100 "
         "(--eval-max-dets): give both 300 for AP comparable with LVIS's\n")
 
 
-def test_the_best_metric_must_be_one_of_the_validation_files_scoring():
-    from pycocotools.coco import COCO
-
-    federated, plain = COCO(), COCO()
-    federated.dataset = {"images": [{"id": 1, "neg_category_ids": [], "not_exhaustive_category_ids": []}]}
-    plain.dataset = {"images": [{"id": 1}]}
-    args = train.get_args_parser().parse_args(["--best-metric", "segm/APr"])
-    train.check_best_metric_scored(args, argparse.Namespace(coco=federated))
+def test_the_scoring_of_the_validation_file_is_checked_before_training(capsys):
+    federated, plain = _val_files()
+    parse = train.get_args_parser().parse_args
+    train.check_scoring(parse(["--best-metric", "segm/APr"]), federated)
     with pytest.raises(UserError, match=r"^--best-metric segm/APr is no metric of this validation file's scoring "
                                         r"\(COCO's\); choose one of segm/AP, segm/AP50"):
-        train.check_best_metric_scored(args, argparse.Namespace(coco=plain))
-    args = train.get_args_parser().parse_args(["--best-metric", "bbox/AR10"])
-    train.check_best_metric_scored(args, argparse.Namespace(coco=plain))
+        train.check_scoring(parse(["--best-metric", "segm/APr"]), plain)
+    train.check_scoring(parse(["--best-metric", "bbox/AR10"]), plain)
     with pytest.raises(UserError, match=r"\(LVIS's, as the file is annotated as LVIS's\); choose one of bbox/AP, "):
-        train.check_best_metric_scored(args, argparse.Namespace(coco=federated))
+        train.check_scoring(parse(["--best-metric", "bbox/AR10"]), federated)
+    train.check_scoring(parse(["--model", "keypointrcnn_resnet50_fpn", "--best-metric", "bbox/AR10"]), federated)
+    with pytest.raises(UserError, match="annotated as LVIS's .*, which faster-coco-eval scores: leave --coco-backend "
+                                        "at auto, or give faster"):
+        train.check_scoring(parse(["--coco-backend", "pycocotools"]), federated)
+    federated.coco.dataset["categories"][0].pop("frequency")
+    with pytest.raises(UserError, match="groups the categories by 'frequency' .* category 1 has 'none': give each"):
+        train.check_scoring(parse([]), federated)
+    plain.coco.dataset["images"].append({"id": 2, "neg_category_ids": [], "not_exhaustive_category_ids": []})
+    train.check_scoring(parse([]), plain)
+    assert capsys.readouterr().out.startswith("note: 1 of the validation file's 2 images carry LVIS's "
+                                              "neg_category_ids and not_exhaustive_category_ids, the others not, so "
+                                              "it is scored as COCO's")
 
 
 def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
