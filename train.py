@@ -206,14 +206,19 @@ def class_count(args: argparse.Namespace, data: Data, checkpoint: dict | None) -
     return num_classes
 
 
-def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MAX_DETECTIONS) -> None:
+def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MAX_DETECTIONS,
+                        federated: bool = False) -> None:
     """Say where validation images hold more instances than the model keeps detections, or more of one category
-    than the scoring counts: those can only be missed, capping the scores below 1."""
+    than the scoring counts (of all categories, for a file scored as LVIS's): those can only be missed, capping
+    the scores below 1."""
     annotations = val_set.coco.dataset["annotations"]
     per_image = scored_instances_per_image(annotations)
-    per_category = scored_instances_per_image(annotations, by_category=True)
     over_kept = {image: count for image, count in per_image.items() if count > kept}
-    over_scored = {image: count for (image, _), count in per_category.items() if count > scored}
+    if federated:
+        over_scored = {image: count for image, count in per_image.items() if count > scored}
+    else:
+        per_category = scored_instances_per_image(annotations, by_category=True)
+        over_scored = {image: count for (image, _), count in per_category.items() if count > scored}
     if not over_kept and not over_scored:
         return
     crowded = len(over_kept.keys() | over_scored.keys())
@@ -224,8 +229,9 @@ def note_crowded_images(val_set: CocoDetection, kept: int, scored: int = COCO_MA
                     f"the most: {count}, image {image})")
     if over_scored:
         image, count = max(over_scored.items(), key=lambda item: item[1])
-        said.append(f"more of one category than the {scored} per image and category COCO's scoring counts "
-                    f"(--eval-max-dets; the most: {count}, image {image})")
+        limit = ("instances than the {} detections an image LVIS's scoring counts" if federated
+                 else "of one category than the {} per image and category COCO's scoring counts").format(scored)
+        said.append(f"more {limit} (--eval-max-dets; the most: {count}, image {image})")
     images = f"{crowded} validation images hold" if crowded > 1 else "1 validation image holds"
     utils.print_once(f"note: {images} {' or '.join(said)}, so AP and AR stay below 1 on such images however good "
                      f"the model")
@@ -742,7 +748,8 @@ def main(args: argparse.Namespace) -> dict:
     num_classes = class_count(args, data, checkpoint)
     model = wrap_for_devices(run, create_model(args, num_classes, checkpoint, data.category_map))
     bare_model = getattr(model, "module", model)  # without DDP's wrapper
-    note_crowded_images(data.val_set, detections_per_image(bare_model), args.eval_max_dets)
+    note_crowded_images(data.val_set, detections_per_image(bare_model), args.eval_max_dets,
+                        scored_as_lvis(data.val_set.coco, iou_types(args.model)))
     note_scored_beyond_kept(detections_per_image(bare_model), args.eval_max_dets)
     note_lvis_limits(args, data.val_set, detections_per_image(bare_model))
     state = create_training_state(run, bare_model, data, num_classes, checkpoint)

@@ -134,8 +134,8 @@ def first_other_rank(obj: Any) -> tuple[int, Any, Any] | None:
     return next(((rank, theirs, everyone[0]) for rank, theirs in enumerate(everyone) if theirs != everyone[0]), None)
 
 
-def reduce_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mean of each scalar tensor over all ranks."""
+def reduce_dict(values: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
+    """Mean (or with average=False, sum) of each scalar tensor over all ranks."""
     world_size = get_world_size()
     if world_size == 1:
         return values
@@ -143,7 +143,8 @@ def reduce_dict(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         names = sorted(values)
         stacked = torch.stack([values[k] for k in names])
         dist.all_reduce(stacked)
-        stacked /= world_size
+        if average:
+            stacked /= world_size
         return dict(zip(names, stacked))
 
 
@@ -314,6 +315,11 @@ class SmoothedValue:
     def value(self) -> float:
         """The latest value."""
         return self.window[-1] if self.window else 0.0
+
+    @property
+    def deque(self) -> deque:
+        """The window, under the reference's name for it (scripts read meter.deque)."""
+        return self.window
 
     def __str__(self) -> str:
         return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,

@@ -301,6 +301,10 @@ def test_validation_images_of_more_instances_than_detections_kept_are_noted(caps
                                               "101, image 4)")
     train.note_crowded_images(crowded, 1000, scored=300)
     assert capsys.readouterr().out == ""
+    # LVIS's scoring counts an image's detections over all categories: image 2's 5 instances, not 3 of one
+    train.note_crowded_images(val_set, 100, scored=4, federated=True)
+    assert "more instances than the 4 detections an image LVIS's scoring counts (--eval-max-dets; the most: 5, " \
+           "image 2)" in capsys.readouterr().out
 
 
 def test_predict_and_export_keep_the_checkpoints_detections_per_image_unless_given(tmp_path):

@@ -37,9 +37,11 @@ def test_every_rank_takes_rank_0s_changing_buffers_and_frozen_ones_stay(tmp_path
 def test_logged_losses_are_the_mean_over_ranks(tmp_path):
     def work(rank: int) -> dict:
         values = {"loss": torch.tensor(1.0 + 2 * rank), "loss_mask": torch.tensor(float(rank))}
-        return {name: value.item() for name, value in utils.reduce_dict(values).items()}
+        mean = {name: value.item() for name, value in utils.reduce_dict(dict(values)).items()}
+        return mean, {name: value.item() for name, value in utils.reduce_dict(values, average=False).items()}
 
-    assert in_two_processes(tmp_path, work) == {rank: {"loss": 2.0, "loss_mask": 0.5} for rank in (0, 1)}
+    assert in_two_processes(tmp_path, work) == {rank: ({"loss": 2.0, "loss_mask": 0.5}, {"loss": 4.0, "loss_mask": 1.0})
+                                                for rank in (0, 1)}, "the mean, or (as the reference allows) the sum"
 
 
 def test_versions_older_than_the_floor_are_one_clear_error(monkeypatch):
@@ -123,7 +125,7 @@ def test_a_smoothed_value_keeps_its_window_apart_from_the_whole_series():
     meter = utils.SmoothedValue(window_size=4)
     for value in [100, 1, 2, 3, 4]:  # 100 has left the window
         meter.update(value)
-    assert list(meter.window) == [1, 2, 3, 4]
+    assert list(meter.window) == [1, 2, 3, 4] and meter.deque is meter.window, "the reference's name too"
     assert meter.median == 2.5 and meter.avg == 2.5 and meter.max == 4 and meter.value == 4, "over the window"
     assert meter.global_avg == 22.0, "over all five"
 
