@@ -484,6 +484,7 @@ class CocoEvaluator:
         # replaced by the scored ones once accumulate() has run
         self.coco_eval: dict = {iou_type: COCOeval(coco_gt, iouType=iou_type) for iou_type in self.iou_types}
         self.accumulated = False
+        self.chosen_categories: dict[str, list | None] = {}  # by IoU type, as accumulate() first found them
 
     def update(self, outputs: dict[int, dict[str, torch.Tensor]]) -> None:
         """Add model outputs keyed by image id (an int, or a one-element tensor); they are encoded in the
@@ -543,7 +544,9 @@ class CocoEvaluator:
         none of them)."""
         started = time.perf_counter()
         self._collect()
-        self.coco_eval = {iou_type: self._cocoeval(iou_type, self._chosen_categories(iou_type))
+        if not self.accumulated:  # the categories are chosen on the unscored COCOevals, once
+            self.chosen_categories = {iou_type: self._chosen_categories(iou_type) for iou_type in self.iou_types}
+        self.coco_eval = {iou_type: self._cocoeval(iou_type, self.chosen_categories[iou_type])
                           for iou_type in self.iou_types}
         self.accumulated = True
         self.timings["score"] += time.perf_counter() - started

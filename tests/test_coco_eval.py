@@ -608,11 +608,17 @@ def test_a_script_may_choose_the_categories_scored_as_the_references_evaluator_a
     metrics = evaluator.summarize()["bbox"]
     assert list(evaluator.coco_eval["bbox"].params.catIds) == chosen
     assert set(metrics["per_category"]) == {ds.coco.cats[i]["name"] for i in chosen}
+    evaluator.accumulate()  # again (a script may): the same categories, though the scored params differ
+    assert evaluator.summarize()["bbox"] == metrics
     changed = CocoEvaluator(ds.coco, ["bbox"])
     changed.coco_eval["bbox"].params.maxDets = [1, 10, 300]
     changed.update(outputs)
     with pytest.raises(ValueError, match=r"coco_eval\['bbox'\].params.maxDets was changed: .* only catIds may be"):
         changed.accumulate()
+    more = CocoEvaluator(ds.coco, ["bbox"], max_dets=300)  # its scored COCOeval counts (1, 10, 300)
+    more.update(outputs)
+    more.accumulate()
+    more.accumulate()
 
 
 def test_the_main_process_alone_may_accumulate_and_summarize(dataset, tmp_path):
