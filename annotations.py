@@ -246,12 +246,71 @@ def annotation_findings(data: dict) -> list[Finding]:
     warnings += _scoring_field_warnings(data["annotations"]) + _decimal_size_warnings(data["images"])
     warnings += _shared_file_warnings(data["images"]) + _shared_name_warnings(data["categories"])
     warnings += _unused_category_warnings(data)
+    federated = federated_findings(data)
+    errors += [f for f in federated if f.level == "error"]
+    warnings += [f for f in federated if f.level == "warning"]
     empty = [img for img in data["images"] if img["id"] not in annotated]
     # Background images are common in sound data (COCO's train2017 holds about a thousand): a note, not a warning.
+    scored_as_lvis = any(f.level == "note" for f in federated)
+    false = ("false positives of the categories each lists as checked (neg_category_ids), the others left out"
+             if scored_as_lvis else "false positives")
     notes = [Finding("note", "image without annotations", f"{len(empty)} images have no annotations (first: "
                      f"{empty[0].get('file_name')}); training leaves them out, evaluation keeps them (detections there "
-                     f"are false positives)")] if empty else []
-    return errors + warnings + notes
+                     f"are {false})")] if empty else []
+    return errors + warnings + [f for f in federated if f.level == "note"] + notes
+
+
+# Each image's lists in a file annotated as LVIS's: the categories checked and absent, and those not all annotated;
+# and its categories' frequency groups (rare, common, frequent), which LVIS's scoring averages apart.
+FEDERATED_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
+FREQUENCY_GROUPS = ("r", "c", "f")
+
+
+def federated_findings(data: dict) -> list[Finding]:
+    """For a file whose images carry LVIS's lists (scored as LVIS's evaluation scores it when every image does):
+    lists that are no lists of category ids (errors: scoring fails on them), then images without them, ids of no
+    category, negatives the image is annotated with, categories without a frequency (warnings), and what its
+    scoring will be (a note)."""
+    listed = [img for img in data["images"] if any(key in img for key in FEDERATED_LISTS)]
+    errors = [Finding("error", "federated lists", f"image {img['id']!r}: {key} is {img.get(key)!r:.40}, not a list "
+                      f"of category ids; give one (empty where none)")
+              for img in listed for key in FEDERATED_LISTS
+              if not (isinstance(img.get(key), list) and all(type(i) is int for i in img[key]))]
+    if not listed or errors:
+        return errors
+    present: dict = {}
+    for ann in data["annotations"]:
+        present.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
+    found = _federated_list_warnings(listed, {cat["id"] for cat in data["categories"]}, present)
+    if len(listed) < len(data["images"]):
+        return found + [Finding("warning", "federated lists", f"{len(listed)} of the {len(data['images'])} images "
+                                f"carry LVIS's {' and '.join(FEDERATED_LISTS)}, the others not: scored as COCO's; "
+                                f"give every image both (empty where nothing was checked) to score it as LVIS's")]
+    lacking = [cat["id"] for cat in data["categories"] if cat.get("frequency") not in FREQUENCY_GROUPS]
+    if lacking:
+        found.append(Finding("warning", "federated lists", f"{len(lacking)} categories have no LVIS 'frequency' "
+                             f"(r, c or f; first: id {lacking[0]!r}), which scoring this file as LVIS's needs"))
+    with_instances = set().union(*present.values())
+    groups = Counter(cat.get("frequency") for cat in data["categories"] if cat["id"] in with_instances)
+    return found + [Finding("note", "federated lists", f"the file is annotated as LVIS's (each image's "
+                            f"{' and '.join(FEDERATED_LISTS)}): as a validation file, it is scored as LVIS's "
+                            f"evaluation scores it; categories with instances by frequency: rare {groups['r']}, "
+                            f"common {groups['c']}, frequent {groups['f']}")]
+
+
+def _federated_list_warnings(listed: list[dict], category_ids: set, present: dict) -> list[Finding]:
+    """Images whose LVIS lists name ids of no category, or name as checked and absent a category they have."""
+    found = []
+    for img in listed:
+        unknown = sorted({*img["neg_category_ids"], *img["not_exhaustive_category_ids"]} - category_ids)
+        if unknown:
+            found.append(Finding("warning", "federated lists", f"image {img['id']!r} lists category ids {unknown} "
+                                 f"that are not in 'categories'"))
+        contradicted = sorted(set(img["neg_category_ids"]) & present.get(img["id"], set()))
+        if contradicted:
+            found.append(Finding("warning", "federated lists", f"image {img['id']!r} lists categories {contradicted} "
+                                 f"as checked and absent (neg_category_ids), and has instances of them"))
+    return found
 
 
 def _unused_category_warnings(data: dict) -> list[Finding]:

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import utils
-from annotations import rle_areas
+from annotations import FEDERATED_LISTS, FREQUENCY_GROUPS, rle_areas
 from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
 from coco_utils import CategoryMap, id_array, labels_of, plain_id, scoring_ground_truth
 from errors import UserError
@@ -39,7 +39,6 @@ _KEYPOINT_ROWS = [(kind, iou, area, 20) for kind in ("AP", "AR")
 COCO_MAX_DETECTIONS = 100
 # LVIS's evaluation counts this many detections an image, over all categories.
 LVIS_MAX_DETECTIONS = 300
-FREQUENCY_GROUPS = ("r", "c", "f")  # LVIS's rare, common and frequent categories, by their 'frequency'
 FEDERATED_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR300", "ARs", "ARm",
                           "ARl")
 
@@ -81,9 +80,6 @@ def metric_names(iou_type: str, max_dets: int = COCO_MAX_DETECTIONS, federated: 
     return tuple(f"AR{max_dets}" if name in ("AR100", "AR300") else name for name in names)
 
 
-FEDERATED_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
-
-
 def is_federated(coco_gt: COCO) -> bool:
     """Whether a ground truth is annotated as LVIS's is: each image lists the categories checked and found absent
     (neg_category_ids) and those whose instances are not all annotated (not_exhaustive_category_ids)."""
@@ -111,8 +107,15 @@ def check_federated(coco_gt: COCO, backend: str = "auto") -> str:
         raise UserError(f"{where}, whose scoring needs image and category ids that are integers from 0 to 2**53")
     for category in coco_gt.dataset["categories"]:
         if category.get("frequency") not in FREQUENCY_GROUPS:
+            has = f"'frequency' {category['frequency']!r}" if "frequency" in category else "no 'frequency'"
             raise UserError(f"{where}, whose scoring groups the categories by 'frequency' (r, c or f), and "
-                            f"category {category['id']} has {category.get('frequency', 'none')!r}: give each one")
+                            f"category {category['id']} ({category.get('name', 'unnamed')}) has {has}: give each "
+                            f"category one")
+    for image in coco_gt.dataset["images"]:
+        for key in FEDERATED_LISTS:
+            if not (isinstance(image[key], list) and all(type(i) is int for i in image[key])):
+                raise UserError(f"{where}, and image {image.get('id')!r} has {key} {image[key]!r}: give a list of "
+                                f"category ids (empty where none)")
     return "faster"
 
 
@@ -339,6 +342,16 @@ def backend_for(coco_gt: COCO, name: str) -> str:
 
 def _faster_reads_ids(coco_gt: COCO) -> bool:
     return all(type(i) is int and 0 <= i <= 2**53 for i in (*coco_gt.getImgIds(), *coco_gt.getCatIds()))
+
+
+@cache
+def _say_scored_as_lvis(max_dets: int) -> None:
+    """Said at a process's first evaluation of a federated file, not at every one."""
+    print(f"Scored as LVIS's federated evaluation (the file lists each image's neg_category_ids and "
+          f"not_exhaustive_category_ids): an image's detections of categories it was not checked for are left "
+          f"out, unmatched ones of a category not exhaustively annotated there count neither way, at most "
+          f"{max_dets} detections an image; APr, APc and APf average the rare, common and frequent categories "
+          f"(their 'frequency')")
 
 
 @cache
@@ -606,11 +619,7 @@ class CocoEvaluator:
         """Once per evaluation: the detections whose label is no category of the files (not written, not scored),
         and that there were none at all, where so (every AP is then 0 for want of detections, not of matches)."""
         if self.federated:
-            print(f"Scored as LVIS's federated evaluation (the file lists each image's neg_category_ids and "
-                  f"not_exhaustive_category_ids): an image's detections of categories it was not checked for are "
-                  f"left out, unmatched ones of a category not exhaustively annotated there count neither way, at "
-                  f"most {self.max_dets} detections an image; APr, APc and APf average the rare, common and "
-                  f"frequent categories (their 'frequency')")
+            _say_scored_as_lvis(self.max_dets)
         if self.per_image and not any(len(encoded.scores) for encoded in self.per_image.values()):
             print(f"note: the model made no detection on any of the {len(self.per_image)} images, so every AP "
                   f"below is 0: it has not learned to detect yet (train longer, or check the learning rate and the "

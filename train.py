@@ -271,6 +271,11 @@ def check_scoring(args: argparse.Namespace, val_set: CocoDetection) -> None:
         scoring = "LVIS's, as the file is annotated as LVIS's" if federated else "COCO's"
         raise UserError(f"--best-metric {kind}/{name} is no metric of this validation file's scoring ({scoring}); "
                         f"choose one of {', '.join(f'{kind}/{n}' for n in names)}")
+    if federated and name in ("APr", "APc", "APf"):
+        group = {c["id"] for c in val_set.coco.dataset["categories"] if c["frequency"] == name[-1]}
+        if not any(ann["category_id"] in group for ann in val_set.coco.dataset["annotations"]):
+            raise UserError(f"--best-metric {kind}/{name}: no instance of the validation file is of a category of "
+                            f"frequency {name[-1]!r}, so {name} is always -1 and never improves; choose another")
 
 
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None,
@@ -658,7 +663,8 @@ def evaluate_and_check_patience(run: Run, data: Data, state: TrainingState, epoc
     then marked as stopped early)."""
     with evaluations.timed():
         metrics = evaluate_or_stop(run, data, state, epoch, best, stop)
-    if best.out_of_patience(run.args.patience):
+    # At the last epoch the run ends anyway: not stopped early, so that more --epochs can continue it
+    if epoch < run.args.epochs - 1 and best.out_of_patience(run.args.patience):
         stop_early(run, state, best)
         return metrics, True
     return metrics, False

@@ -205,7 +205,7 @@ def curves_figure(train: list[dict], evals: list[dict], val: list[dict] = ()):
         points = [(r["epoch"], r[iou_type]["AP"]) for r in evals if iou_type in r]
         if points:
             axes[2].plot(*zip(*points), marker="o", label=label)
-    axes[2].set(title="COCO AP (0.50:0.95)", xlabel="epoch")
+    axes[2].set(title="AP (0.50:0.95)", xlabel="epoch")  # COCO's or, for a file annotated as LVIS's, LVIS's
     if axes[2].lines:  # no evaluation yet: no legend to show
         axes[2].legend(fontsize=8)
     for ax in axes:

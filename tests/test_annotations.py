@@ -348,3 +348,47 @@ def test_sound_keypoints_have_no_findings():
                                               ([1, 2, 3, 3, 4, -1, 5, 5, True], 2)])
 def test_labelled_keypoints_are_the_flags_above_zero(points, labelled):
     assert annotations.labelled_keypoints(points) == labelled
+
+
+def _lvis_like() -> dict:
+    """Two images annotated as LVIS's: image 1 has a cat, checked for dogs; image 2 has nothing, checked for cats."""
+    return {"images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10, "neg_category_ids": [2],
+                        "not_exhaustive_category_ids": [1]},
+                       {"id": 2, "file_name": "b.jpg", "height": 10, "width": 10, "neg_category_ids": [1],
+                        "not_exhaustive_category_ids": []}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25,
+                             "iscrowd": 0, "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]}],
+            "categories": [{"id": 1, "name": "cat", "frequency": "f"}, {"id": 2, "name": "dog", "frequency": "r"}]}
+
+
+def _federated(data: dict) -> list[tuple[str, str]]:
+    return [(f.level, f.message) for f in annotations.annotation_findings(data) if f.kind == "federated lists"]
+
+
+def test_a_file_annotated_as_lvis_is_said_to_be_scored_so_and_its_lists_checked():
+    data = _lvis_like()
+    assert _federated(data) == [("note", "the file is annotated as LVIS's (each image's neg_category_ids and "
+                                         "not_exhaustive_category_ids): as a validation file, it is scored as LVIS's "
+                                         "evaluation scores it; categories with instances by frequency: rare 0, "
+                                         "common 0, frequent 1")]
+    empty = next(f.message for f in annotations.annotation_findings(data) if f.kind == "image without annotations")
+    assert empty.endswith("(detections there are false positives of the categories each lists as checked "
+                          "(neg_category_ids), the others left out)")
+    data["images"][0]["neg_category_ids"] = [1, 9]
+    data["categories"][1].pop("frequency")
+    assert [message for level, message in _federated(data) if level == "warning"] == [
+        "image 1 lists category ids [9] that are not in 'categories'",
+        "image 1 lists categories [1] as checked and absent (neg_category_ids), and has instances of them",
+        "1 categories have no LVIS 'frequency' (r, c or f; first: id 2), which scoring this file as LVIS's needs"]
+    data["images"][1]["not_exhaustive_category_ids"] = "1"
+    assert _federated(data) == [("error", "image 2: not_exhaustive_category_ids is '1', not a list of category ids; "
+                                          "give one (empty where none)")]
+    plain = _lvis_like()
+    del plain["images"][1]["neg_category_ids"], plain["images"][1]["not_exhaustive_category_ids"]
+    assert _federated(plain) == [("warning", "1 of the 2 images carry LVIS's neg_category_ids and "
+                                             "not_exhaustive_category_ids, the others not: scored as COCO's; give "
+                                             "every image both (empty where nothing was checked) to score it as "
+                                             "LVIS's")]
+    for image in plain["images"]:
+        image.pop("neg_category_ids", None), image.pop("not_exhaustive_category_ids", None)
+    assert _federated(plain) == []

@@ -228,7 +228,9 @@ def _val_files() -> tuple[argparse.Namespace, argparse.Namespace]:
 
     federated, plain = COCO(), COCO()
     federated.dataset = {"images": [{"id": 1, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
-                         "categories": [{"id": 1, "name": "a", "frequency": "r"}]}
+                         "categories": [{"id": 1, "name": "a", "frequency": "r"}, {"id": 2, "name": "b",
+                                                                                  "frequency": "f"}],
+                         "annotations": [{"id": 1, "image_id": 1, "category_id": 1}]}
     plain.dataset = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}]}
     return argparse.Namespace(coco=federated), argparse.Namespace(coco=plain)
 
@@ -261,14 +263,39 @@ def test_the_scoring_of_the_validation_file_is_checked_before_training(capsys):
     with pytest.raises(UserError, match="annotated as LVIS's .*, which faster-coco-eval scores: leave --coco-backend "
                                         "at auto, or give faster"):
         train.check_scoring(parse(["--coco-backend", "pycocotools"]), federated)
+    with pytest.raises(UserError, match="^--best-metric segm/APf: no instance of the validation file is of a "
+                                        "category of frequency 'f', so APf is always -1 and never improves"):
+        train.check_scoring(parse(["--best-metric", "segm/APf"]), federated)
+    federated.coco.dataset["images"][0]["not_exhaustive_category_ids"] = "1"
+    with pytest.raises(UserError, match=r"and image 1 has not_exhaustive_category_ids '1': give a list of category "
+                                        r"ids \(empty where none\)$"):
+        train.check_scoring(parse([]), federated)
+    federated.coco.dataset["images"][0]["not_exhaustive_category_ids"] = []
     federated.coco.dataset["categories"][0].pop("frequency")
-    with pytest.raises(UserError, match="groups the categories by 'frequency' .* category 1 has 'none': give each"):
+    with pytest.raises(UserError, match="groups the categories by 'frequency' .* category 1 \\(a\\) has no "
+                                        "'frequency': give each category one"):
         train.check_scoring(parse([]), federated)
     plain.coco.dataset["images"].append({"id": 2, "neg_category_ids": [], "not_exhaustive_category_ids": []})
     train.check_scoring(parse([]), plain)
     assert capsys.readouterr().out.startswith("note: 1 of the validation file's 2 images carry LVIS's "
                                               "neg_category_ids and not_exhaustive_category_ids, the others not, so "
                                               "it is scored as COCO's")
+
+
+def test_patience_running_out_at_the_last_epoch_is_no_early_stop(monkeypatch):
+    """The run ends there anyway; marked as stopped early, more --epochs could not continue it."""
+    import contextlib
+
+    stopped = []
+    monkeypatch.setattr(train, "evaluate_or_stop", lambda *given: {"segm": {"AP": 0.1}})
+    monkeypatch.setattr(train, "stop_early", lambda run, state, best: stopped.append(True))
+    run = argparse.Namespace(args=argparse.Namespace(epochs=3, patience=1))
+    best = argparse.Namespace(out_of_patience=lambda patience: True)
+    evaluations = argparse.Namespace(timed=contextlib.nullcontext)
+    assert train.evaluate_and_check_patience(run, None, None, 2, best, None, evaluations)[1] is False
+    assert not stopped
+    assert train.evaluate_and_check_patience(run, None, None, 1, best, None, evaluations)[1] is True
+    assert stopped == [True]
 
 
 def test_validation_images_of_more_instances_than_detections_kept_are_noted(capsys):
