@@ -296,7 +296,10 @@ class TensorBoardWriter:
         if record.kind != "test":
             with self._writing():
                 for name, value in _scalars(record.values).items():
-                    self.board.add_scalar(f"{record.kind}/{name}", value, record.global_step)
+                    # COCOeval's -1: no instance to score (of that size or frequency group); a point at -1 would
+                    # drag the chart down, so the metric has none that evaluation (metrics.jsonl keeps the -1)
+                    if not (record.kind == "eval" and value == -1.0):
+                        self.board.add_scalar(f"{record.kind}/{name}", value, record.global_step)
 
     def add_pictures(self, pictures: dict[str, torch.Tensor], global_step: int) -> None:
         """uint8 CHW pictures, by name."""

@@ -1,6 +1,7 @@
 """Records collected once and written by writers: metrics.jsonl appended and cut back to a checkpoint's
 position on resume, the console line, the one rule for which steps are logged."""
 
+import argparse
 import errno
 import json
 import os
@@ -216,3 +217,14 @@ def test_tensorboard_charts_ap_per_category_only_for_a_readable_number_of_catego
 def test_a_slash_in_a_category_name_adds_no_level_to_its_tensorboard_chart():
     scalars = _scalars({"segm": {"per_category": {"cup/mug": 0.25, "dog": 0.5}}})
     assert scalars == {"segm/per_category/cup\u2215mug": 0.25, "segm/per_category/dog": 0.5}
+
+
+def test_an_undefined_metric_puts_no_point_on_its_tensorboard_chart(tmp_path, monkeypatch):
+    """COCOeval's -1 (no instance of that size or frequency group) is left out of the chart, not drawn at -1."""
+    written = []
+    writer = TensorBoardWriter(tmp_path)
+    monkeypatch.setattr(TensorBoardWriter, "board", argparse.Namespace(
+        add_scalar=lambda name, value, step: written.append((name, value))))
+    writer.write(Record("eval", 0, 10, {"segm": {"AP": 0.25, "APl": -1.0}}))
+    writer.write(_train(0, 1, loss=-1.0))
+    assert written == [("eval/segm/AP", 0.25), ("train/loss", -1.0)], "a training value of -1 is a value"
