@@ -264,6 +264,7 @@ def annotation_findings(data: dict) -> list[Finding]:
 # and its categories' frequency groups (rare, common, frequent), which LVIS's scoring averages apart.
 FEDERATED_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
 FREQUENCY_GROUPS = ("r", "c", "f")
+PARTLY_FEDERATED = "partly federated"  # the kind of the finding that only some images carry the lists
 
 
 def federated_findings(data: dict) -> list[Finding]:
@@ -283,7 +284,7 @@ def federated_findings(data: dict) -> list[Finding]:
         present.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
     found = _federated_list_warnings(listed, {cat["id"] for cat in data["categories"]}, present)
     if len(listed) < len(data["images"]):
-        return found + [Finding("warning", "federated lists", f"{len(listed)} of the {len(data['images'])} images "
+        return found + [Finding("warning", PARTLY_FEDERATED, f"{len(listed)} of the {len(data['images'])} images "
                                 f"carry LVIS's {' and '.join(FEDERATED_LISTS)}, the others not: scored as COCO's; "
                                 f"give every image both (empty where nothing was checked) to score it as LVIS's")]
     lacking = [cat["id"] for cat in data["categories"] if cat.get("frequency") not in FREQUENCY_GROUPS]

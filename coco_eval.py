@@ -119,17 +119,6 @@ def check_federated(coco_gt: COCO, backend: str = "auto") -> str:
     return "faster"
 
 
-def partly_federated_note(coco_gt: COCO) -> str | None:
-    """A note where some images, not all, carry LVIS's lists: the file is then scored as COCO's."""
-    images = coco_gt.dataset.get("images", [])
-    listed = sum(all(key in image for key in FEDERATED_LISTS) for image in images)
-    if 0 < listed < len(images):
-        return (f"note: {listed} of the validation file's {len(images)} images carry LVIS's neg_category_ids and "
-                f"not_exhaustive_category_ids, the others not, so it is scored as COCO's; give every image both "
-                f"(empty lists where nothing was checked) to score it as LVIS's")
-    return None
-
-
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor], category_map: CategoryMap,
                     iou_types: tuple[str, ...]) -> dict[str, list[dict]]:
     """One image's model output as COCO result records per IoU type, with the file's category ids.

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch.utils.data
 import torchvision
 
+import utils
 from transforms import image_size
 
 
@@ -40,8 +41,8 @@ def compute_aspect_ratios(dataset: torch.utils.data.Dataset, indices: Sequence[i
     if isinstance(dataset, torchvision.datasets.CocoDetection):
         images = [dataset.coco.imgs[dataset.ids[i]] for i in indices]
         return [image["width"] / image["height"] for image in images]
-    print(f"{type(dataset).__name__} has no aspect_ratios() or get_height_and_width(i), so each of its "
-          f"{len(indices)} samples is read for its image size: this can take a while")
+    utils.print_once(f"{type(dataset).__name__} has no aspect_ratios() or get_height_and_width(i), so each of its "
+                     f"{len(indices)} samples is read for its image size: this can take a while")
     return [width / height for height, width in (image_size(dataset[i][0]) for i in indices)]
 
 

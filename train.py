@@ -36,6 +36,7 @@ import presets
 import speedups
 import utils
 from agreement import check_same_data, check_same_flags, ids_digest
+from annotations import PARTLY_FEDERATED
 from checkpoint import (
     RUN_OUTPUT_REMEDY,
     TrainingState,
@@ -54,7 +55,6 @@ from coco_eval import (
     CocoEvaluator,
     check_federated,
     metric_names,
-    partly_federated_note,
     scored_as_lvis,
 )
 from coco_utils import (
@@ -263,8 +263,8 @@ def check_scoring(args: argparse.Namespace, val_set: CocoDetection) -> None:
     federated = scored_as_lvis(val_set.coco, iou_types(args.model))
     if federated:
         check_federated(val_set.coco, args.coco_backend)
-    elif (note := partly_federated_note(val_set.coco)) is not None:
-        utils.print_once(note)
+    elif PARTLY_FEDERATED in getattr(val_set.coco, "warned", {}):  # the file check's finding, as a note here
+        utils.print_once(f"note: the validation file: {val_set.coco.warned[PARTLY_FEDERATED][1]}")
     kind, name = best_metric(args)
     names = metric_names(kind, args.eval_max_dets, federated and kind != "keypoints")
     if name not in names:

@@ -362,7 +362,8 @@ def _lvis_like() -> dict:
 
 
 def _federated(data: dict) -> list[tuple[str, str]]:
-    return [(f.level, f.message) for f in annotations.annotation_findings(data) if f.kind == "federated lists"]
+    return [(f.level, f.message) for f in annotations.annotation_findings(data)
+            if f.kind in ("federated lists", annotations.PARTLY_FEDERATED)]
 
 
 def test_a_file_annotated_as_lvis_is_said_to_be_scored_so_and_its_lists_checked():

@@ -249,7 +249,9 @@ def test_an_lvis_file_scored_at_fewer_detections_than_lvis_counts_is_noted(capsy
         "(--eval-max-dets): give both 300 for AP comparable with LVIS's\n")
 
 
-def test_the_scoring_of_the_validation_file_is_checked_before_training(capsys):
+def test_the_scoring_of_the_validation_file_is_checked_before_training(capsys, tmp_path):
+    import coco_utils
+
     federated, plain = _val_files()
     parse = train.get_args_parser().parse_args
     train.check_scoring(parse(["--best-metric", "segm/APr"]), federated)
@@ -275,11 +277,17 @@ def test_the_scoring_of_the_validation_file_is_checked_before_training(capsys):
     with pytest.raises(UserError, match="groups the categories by 'frequency' .* category 1 \\(a\\) has no "
                                         "'frequency': give each category one"):
         train.check_scoring(parse([]), federated)
-    plain.coco.dataset["images"].append({"id": 2, "neg_category_ids": [], "not_exhaustive_category_ids": []})
-    train.check_scoring(parse([]), plain)
-    assert capsys.readouterr().out.startswith("note: 1 of the validation file's 2 images carry LVIS's "
-                                              "neg_category_ids and not_exhaustive_category_ids, the others not, so "
-                                              "it is scored as COCO's")
+    partly = {"images": [{"id": 1, "file_name": "a.jpg", "height": 10, "width": 10},
+                         {"id": 2, "file_name": "b.jpg", "height": 10, "width": 10, "neg_category_ids": [],
+                          "not_exhaustive_category_ids": []}],
+              "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25,
+                               "iscrowd": 0, "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]}],
+              "categories": [{"id": 1, "name": "a"}]}
+    (tmp_path / "partly.json").write_text(json.dumps(partly))
+    train.check_scoring(parse([]), argparse.Namespace(coco=coco_utils.load_coco(tmp_path / "partly.json")))
+    assert capsys.readouterr().out.startswith("note: the validation file: 1 of the 2 images carry LVIS's "
+                                              "neg_category_ids and not_exhaustive_category_ids, the others not: "
+                                              "scored as COCO's")
 
 
 def test_patience_running_out_at_the_last_epoch_is_no_early_stop(monkeypatch):
