@@ -52,6 +52,7 @@ def _characters(path: str) -> frozenset[int]:
         return frozenset()
 
 
+PLACEHOLDER_FAMILY = "Last Resort"  # matplotlib ships one in its own fonts (LastResortHE)
 _SAID_MISSING: set[int] = set()  # characters no installed font draws, said once a process
 
 
@@ -63,7 +64,10 @@ def _font_having(needed: frozenset[int]) -> str | None:
     default = font_path()
     if default is None or needed <= _characters(default):
         return default
-    for path in sorted({entry.fname for entry in font_manager.fontManager.ttflist}):
+    # Last Resort maps every code point to a glyph naming its Unicode block: no font to write labels in.
+    candidates = {entry.fname for entry in font_manager.fontManager.ttflist
+                  if not entry.name.startswith(PLACEHOLDER_FAMILY)}
+    for path in sorted(candidates):
         if needed <= _characters(path):
             return path
     missing = needed - _characters(default) - _SAID_MISSING

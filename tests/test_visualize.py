@@ -177,8 +177,9 @@ def test_labels_of_other_scripts_are_written_in_an_installed_font_that_has_them(
 def test_characters_no_installed_font_has_are_said_once_with_the_fix(fonts, capsys):
     from visualize import font_path, label_font
 
-    fonts.ttflist[:] = [entry for entry in fonts.ttflist if "DejaVu" in entry.name]
-    assert label_font(["猫 0.93"]) == font_path() == label_font(["猫狗"])
+    fonts.ttflist[:] = [entry for entry in fonts.ttflist if "DejaVu" in entry.name or "Last Resort" in entry.name]
+    assert any("Last Resort" in entry.name for entry in fonts.ttflist), "matplotlib's own placeholder font"
+    assert label_font(["猫 0.93"]) == font_path() == label_font(["猫狗"]), "not Last Resort's block-name glyphs"
     out = capsys.readouterr().out
     assert out.count("note: no installed font draws") == 2 and "'猫'" in out and "'狗'" in out, "each once"
     assert "install a font that has them (Noto Sans CJK" in out
