@@ -218,7 +218,7 @@ def annotation_findings(data: dict) -> list[Finding]:
     images = {img["id"]: img for img in data["images"]}
     category_ids = {cat["id"] for cat in data["categories"]}
     annotated = set()
-    covered = _compressed_rles_covered(data["annotations"])
+    covered = compressed_rles_covered(data["annotations"])
     # A COCO-sized file has 860k instances: this loop is most of the check, so each one costs a few lookups
     # and the messages (their "where") are made only for the instances that have something to say.
     for ann in data["annotations"]:
@@ -547,7 +547,7 @@ def segmentation_problem(segmentation: object, height: int, width: int, covered:
                          ) -> str | None:
     """Why a non-empty segmentation cannot be drawn on a height x width image, or None: polygons are lists of
     coordinates, RLE is {'counts', 'size': [h, w]} of the image's size. covered: compressed_rle_pixels of the
-    compressed strings, computed before for many at once (_compressed_rles_covered)."""
+    compressed strings, computed before for many at once (compressed_rles_covered)."""
     if isinstance(segmentation, list):
         if not all(isinstance(polygon, list) for polygon in segmentation):
             if all(isinstance(part, dict) and "counts" in part for part in segmentation):  # as some exporters write
@@ -662,7 +662,7 @@ def rle_areas(rles: list[dict]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
-def _compressed_rles_covered(anns: list) -> dict:
+def compressed_rles_covered(anns: list) -> dict:
     """compressed_rle_pixels of every compressed RLE string in the annotations, by string, in one call (others,
     such as those of dict subclasses, are read one at a time)."""
     strings = list({seg["counts"] for ann in anns if type(seg := ann.get("segmentation")) is dict

@@ -525,20 +525,9 @@ class CocoEvaluator:
         for image_id in sorted(self.per_image):
             image = self.per_image[image_id].records(iou_type, scoring)
             if scoring and self.federated:
-                image = self._as_lvis_keeps(image_id, image, iou_type)
+                image = lvis_keeps(scoring_ground_truth(self.coco_gt, iou_type), image_id, image, self.max_dets)
             records += image
         return records
-
-    def _as_lvis_keeps(self, image_id, records: list[dict], iou_type: str) -> list[dict]:
-        """An image's max_dets records of highest score, then those of the categories it was checked for (its
-        instances' and its neg_category_ids), as LVIS's evaluation takes them. faster-coco-eval leaves the others
-        out itself, but fails on masks of an image with none of them."""
-        if len(records) > self.max_dets:
-            records = sorted(records, key=lambda record: record["score"], reverse=True)[:self.max_dets]
-        ground_truth = scoring_ground_truth(self.coco_gt, iou_type)
-        checked = {*ground_truth.imgs[image_id]["neg_category_ids"],
-                   *(ann["category_id"] for ann in ground_truth.imgToAnns[image_id])}
-        return [record for record in records if record["category_id"] in checked]
 
     def accumulate(self) -> None:
         """Score every IoU type on this rank and keep each COCOeval in coco_eval, for scripts that read its stats
@@ -571,11 +560,7 @@ class CocoEvaluator:
             metrics = {iou_type: scored[iou_type] for iou_type in self.iou_types}
         if utils.is_main_process():
             self._say_what_the_tables_leave_unsaid()
-            for iou_type, values in metrics.items():
-                print(f"IoU metric: {iou_type}")
-                names = metric_names(iou_type, self.max_dets, self.federated)
-                print(format_summary([values[name] for name in names], iou_type, self.max_dets, self.federated))
-            print(format_per_category(metrics))
+            print_tables(metrics, self.max_dets, self.federated)
         self.timings["score"] += time.perf_counter() - started
         return metrics
 
@@ -598,17 +583,11 @@ class CocoEvaluator:
                      category_ids=category_ids)
 
     def _metrics(self, iou_type: str, evaluator) -> dict:
-        """One IoU type's metrics by name, and its AP per category."""
-        names = metric_names(iou_type, self.max_dets, self.federated)
-        metrics = dict(zip(names, (float(v) for v in evaluator.stats)))
-        metrics["per_category"] = per_category_ap(evaluator, self.coco_gt)
-        return metrics
+        return named_metrics(evaluator, self.coco_gt, iou_type, self.max_dets, self.federated)
 
     def _say_what_the_tables_leave_unsaid(self) -> None:
         """Once per evaluation: the detections whose label is no category of the files (not written, not scored),
         and that there were none at all, where so (every AP is then 0 for want of detections, not of matches)."""
-        if self.federated:
-            _say_scored_as_lvis(self.max_dets)
         if self.per_image and not any(len(encoded.scores) for encoded in self.per_image.values()):
             print(f"note: the model made no detection on any of the {len(self.per_image)} images, so every AP "
                   f"below is 0: it has not learned to detect yet (train longer, or check the learning rate and the "
@@ -630,6 +609,36 @@ class CocoEvaluator:
             write_json_atomic(path, self.results(iou_type), remedy=RUN_OUTPUT_REMEDY)
             paths.append(path)
         return paths
+
+
+def lvis_keeps(ground_truth: COCO, image_id, records: list[dict], max_dets: int) -> list[dict]:
+    """An image's max_dets records of highest score, then those of the categories it was checked for (its
+    instances' and its neg_category_ids), as LVIS's evaluation takes them. faster-coco-eval leaves the others out
+    itself, but fails on masks of an image with none of them."""
+    if len(records) > max_dets:
+        records = sorted(records, key=lambda record: record["score"], reverse=True)[:max_dets]
+    checked = {*ground_truth.imgs[image_id]["neg_category_ids"],
+               *(ann["category_id"] for ann in ground_truth.imgToAnns[image_id])}
+    return [record for record in records if record["category_id"] in checked]
+
+
+def named_metrics(evaluator, coco_gt: COCO, iou_type: str, max_dets: int, federated: bool) -> dict:
+    """A scored COCOeval's metrics by name (as metrics.jsonl names them), and its AP per category."""
+    names = metric_names(iou_type, max_dets, federated)
+    metrics = dict(zip(names, (float(v) for v in evaluator.stats)))
+    metrics["per_category"] = per_category_ap(evaluator, coco_gt)
+    return metrics
+
+
+def print_tables(metrics: dict[str, dict], max_dets: int, federated: bool) -> None:
+    """The summary table of each IoU type and the table of AP per category, as an evaluation prints them."""
+    if federated:
+        _say_scored_as_lvis(max_dets)
+    for iou_type, values in metrics.items():
+        print(f"IoU metric: {iou_type}")
+        names = metric_names(iou_type, max_dets, federated)
+        print(format_summary([values[name] for name in names], iou_type, max_dets, federated))
+    print(format_per_category(metrics))
 
 
 def per_category_ap(evaluator, coco_gt: COCO) -> dict[str, float]:

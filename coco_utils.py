@@ -274,7 +274,7 @@ def _outline_area(ann: dict, height: int, width: int) -> float:
         if isinstance(segmentation, list):
             segmentation = _repaired_polygons(segmentation, "", [])
         if segmentation:
-            return float(mask_utils.area(_rle(segmentation, height, width)))
+            return float(mask_utils.area(as_compressed_rle(segmentation, height, width)))
     return float(ann["bbox"][2] * ann["bbox"][3]) if finite_box(ann.get("bbox")) else 0.0
 
 
@@ -395,7 +395,7 @@ def instance_masks(anns: list[dict], height: int, width: int) -> torch.Tensor:
     them, decoded in one call into one buffer."""
     if not anns:
         return torch.zeros((0, height, width), dtype=torch.uint8)
-    rles = [_rle(ann["segmentation"], height, width) for ann in anns]
+    rles = [as_compressed_rle(ann["segmentation"], height, width) for ann in anns]
     # decode gives (H, W, N) in column-major order: the (N, H, W) view of it costs nothing, while making it
     # row-major here would cost as much as the decoding; the engine does that on the device (to_device)
     return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
@@ -420,13 +420,13 @@ def _decoded(anns: list[dict], boxes: torch.Tensor, record: tuple, faults: list[
 
 def _decodes(segmentation, height: int, width: int) -> bool:
     try:
-        mask_utils.decode(_rle(segmentation, height, width))
+        mask_utils.decode(as_compressed_rle(segmentation, height, width))
     except ValueError:
         return False
     return True
 
 
-def _rle(segmentation, height: int, width: int) -> dict:
+def as_compressed_rle(segmentation, height: int, width: int) -> dict:
     """A segmentation (polygons, or RLE compressed or not) as compressed RLE. RLE of another size than the
     image's is refused: decoded with the others, it would be read at the first one's size (an error, or a
     mask of whatever memory follows)."""

@@ -1,0 +1,130 @@
+"""tools/score_predictions.py scores a results file as train.py's evaluation scores the same detections."""
+
+import json
+
+import pycocotools.mask as mask_utils
+import pytest
+from test_coco_eval import _federated_detections, _federated_ground_truth, _keypoint_outputs, _noisy_outputs
+
+from coco_eval import CocoEvaluator
+from coco_utils import build_dataset
+from conftest import run_cli
+from tools import score_predictions
+
+VAL = "annotations/instances_val2017.json"
+
+
+def _score(capsys, *args: str) -> tuple[int, str, str]:
+    status = score_predictions.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _write(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_a_runs_own_predictions_score_as_its_evaluation_did(dataset, tmp_path, capsys):
+    ds = build_dataset(dataset, "coco", "val", None)  # crowds, empty images, boxes the loader repairs
+    evaluator = CocoEvaluator(ds.coco, category_map=ds.category_map, backend="pycocotools")
+    evaluator.update(_noisy_outputs(ds))
+    evaluated = evaluator.summarize()
+    evaluation_tables = capsys.readouterr().out
+    bbox, segm = evaluator.write_results(tmp_path)
+    done = run_cli("tools/score_predictions.py", str(segm), str(bbox), "--data-path", str(dataset),
+                   "--coco-backend", "pycocotools", "--output", str(tmp_path / "scores.json"))
+    assert done.returncode == 0, done.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert {t: scores[t] for t in ("bbox", "segm")} == evaluated, "the same numbers, per category too"
+    assert scores["predictions"] == {"bbox": str(bbox), "segm": str(segm)} and scores["val_images"] == len(ds.ids)
+    assert evaluation_tables.split("IoU metric: bbox", 1)[1] in done.stdout, "the same tables"
+
+
+def test_keypoints_score_as_their_evaluation_did(keypoint_dataset, tmp_path, capsys):
+    ds = build_dataset(keypoint_dataset, "coco_kp", "val", None)
+    evaluator = CocoEvaluator(ds.coco, ("bbox", "keypoints"), ds.category_map, backend="pycocotools")
+    evaluator.update(_keypoint_outputs(keypoint_dataset))
+    evaluated = evaluator.summarize()
+    paths = evaluator.write_results(tmp_path)
+    status, out, err = _score(capsys, *paths, "--data-path", keypoint_dataset, "--dataset", "coco_kp",
+                              "--coco-backend", "pycocotools", "--output", tmp_path / "scores.json")
+    assert status == 0, err
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert {t: scores[t] for t in ("bbox", "keypoints")} == evaluated and evaluated["keypoints"]["AP"] > 0.5
+
+
+def test_a_file_of_boxes_and_masks_is_scored_as_both(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    polygons = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9, "bbox": a["bbox"],
+                 "segmentation": a["segmentation"]} for a in data["annotations"]]
+    sizes = {image["id"]: (image["height"], image["width"]) for image in data["images"]}
+    as_rle = [{**record, "segmentation": mask_utils.merge(mask_utils.frPyObjects(record["segmentation"],
+                                                                                 *sizes[record["image_id"]]))}
+              for record in polygons]
+    for record in as_rle:
+        record["segmentation"]["counts"] = record["segmentation"]["counts"].decode()
+    for records in (polygons, as_rle):  # Detectron2 writes RLE; polygons are taken too
+        path = _write(tmp_path / "coco_instances_results.json", records)
+        status, out, _ = _score(capsys, path, "--val-annotations", tiny_dataset / VAL, "--output",
+                                tmp_path / "scores.json")
+        assert status == 0 and "IoU metric: bbox" in out and "IoU metric: segm" in out
+        scores = json.loads((tmp_path / "scores.json").read_text())
+        assert scores["bbox"]["AP"] == scores["segm"]["AP"] == 1.0, "the ground truth itself"
+    status, out, _ = _score(capsys, path, "--val-annotations", tiny_dataset / VAL, "--iou-types", "segm")
+    assert status == 0 and "IoU metric: segm" in out and "IoU metric: bbox" not in out
+
+
+def test_an_lvis_file_is_scored_as_lvis_scores_it(tmp_path, capsys):
+    pytest.importorskip("faster_coco_eval")
+    ground_truth = _federated_ground_truth().dataset
+    for image in ground_truth["images"]:
+        image["file_name"] = f"{image['id']}.jpg"
+    records = []
+    for image_id, output in _federated_detections().items():
+        for box, label, score in zip(output["boxes"].tolist(), output["labels"].tolist(), output["scores"].tolist()):
+            records.append({"image_id": image_id, "category_id": label, "score": score,
+                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+    status, out, err = _score(capsys, _write(tmp_path / "p.json", records), "--val-annotations",
+                              _write(tmp_path / "lvis.json", ground_truth), "--eval-max-dets", "300", "--output",
+                              tmp_path / "scores.json")
+    assert status == 0, err
+    metrics = json.loads((tmp_path / "scores.json").read_text())["bbox"]
+    assert metrics["per_category"] == pytest.approx({"cat": 1.0, "dog": 1.0, "owl": 0.5, "yak": 1.0})
+    assert (metrics["AP"], metrics["APr"]) == pytest.approx((0.875, 0.75)), "as test_coco_eval's hand count"
+    assert "catIds=  r" in out and "give --eval-max-dets" not in out
+    status, out, _ = _score(capsys, tmp_path / "p.json", "--val-annotations", tmp_path / "lvis.json")
+    assert status == 0 and "this scoring counts 100: give --eval-max-dets 300 for AP comparable with LVIS's" in out
+
+
+def test_detections_of_unknown_categories_are_left_out_with_a_warning(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    records = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9, "bbox": a["bbox"]}
+               for a in data["annotations"]]
+    stray = {**records[0], "category_id": 999}
+    status, out, err = _score(capsys, _write(tmp_path / "p.json", records[:1] + [stray]), "--val-annotations",
+                              tiny_dataset / VAL)
+    assert status == 0
+    assert "1 detections have category ids that are no category of the annotation file (999: 1)" in err
+    assert "1 of the annotation file's 2 images have no detection, so their instances count as missed" in out
+
+
+def test_a_faulty_file_stops_it_in_one_line(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    records = [{"image_id": 123456, "category_id": data["categories"][0]["id"], "score": 1, "bbox": [0, 0, 5, 5]}]
+    status, out, err = _score(capsys, _write(tmp_path / "p.json", records), "--val-annotations", tiny_dataset / VAL)
+    assert status == 2 and err.count("\n") == 1 and "IoU metric" not in out
+    assert err.startswith(f"error: {tmp_path / 'p.json'}: 1 of 1 detections have an image_id that is no image of "
+                          f"the annotation file")
+
+
+def test_two_files_of_one_type_or_a_type_no_file_has_are_refused(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    boxes = _write(tmp_path / "boxes.json", [{"image_id": data["images"][0]["id"], "score": 1, "bbox": [0, 0, 5, 5],
+                                            "category_id": data["categories"][0]["id"]}])
+    status, _, err = _score(capsys, boxes, boxes, "--val-annotations", tiny_dataset / VAL)
+    assert status == 2 and "both hold bbox detections; give one file of each type" in err
+    status, _, err = _score(capsys, boxes, "--val-annotations", tiny_dataset / VAL, "--iou-types", "segm")
+    assert status == 2 and "--iou-types segm: no file's detections all carry segmentation" in err
+    status, _, err = _score(capsys, tmp_path / "none.json", "--val-annotations", tiny_dataset / VAL)
+    assert status == 2 and "none.json: no such file" in err
