@@ -197,8 +197,8 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
         help="stop when the best metric (--best-metric) has not improved for K evaluations")
     add("--best-metric", default=None, metavar="TYPE/NAME",
         help="the metric model_best.pth and --patience go by, as metrics.jsonl names it, such as bbox/AP50 or "
-             "segm/APs (default: the primary AP: segm/AP for Mask R-CNN, keypoints/AP for Keypoint R-CNN, else "
-             "bbox/AP)")
+             "segm/APs, or segm/APr for a validation file annotated as LVIS's (default: the primary AP: segm/AP "
+             "for Mask R-CNN, keypoints/AP for Keypoint R-CNN, else bbox/AP)")
     add("--print-freq", default=20, type=int,
         help="print a progress line every this many optimizer steps (and evaluation batches)")
     add("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
