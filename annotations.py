@@ -571,7 +571,9 @@ def _rle_counts_problem(counts: object, pixels: int, covered: Mapping) -> str | 
     would be whatever memory follows (a mask of values up to 255, another each run); too many fail in a loader
     worker."""
     if isinstance(counts, list):
-        if not (all(isinstance(c, int) and c >= 0 for c in counts) and sum(counts) == pixels):
+        if not all(isinstance(c, int) and c >= 0 for c in counts):
+            return "is uncompressed RLE whose counts are not all whole numbers of 0 or more"
+        if sum(counts) != pixels:
             return f"is uncompressed RLE whose counts do not add up to the image's {pixels} pixels"
     elif not isinstance(counts, (str, bytes)):
         return "has RLE counts that are neither a list of numbers nor a compressed string"

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import utils
-from annotations import FEDERATED_LISTS, FREQUENCY_GROUPS, rle_areas
+from annotations import FEDERATED_LISTS, FREQUENCY_GROUPS, PARTLY_FEDERATED, rle_areas
 from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
 from coco_utils import CategoryMap, id_array, labels_of, plain_id, scoring_ground_truth
 from errors import UserError
@@ -93,12 +93,18 @@ def scored_as_lvis(coco_gt: COCO, iou_types: Sequence[str]) -> bool:
     return "keypoints" not in iou_types and is_federated(coco_gt)
 
 
-def check_federated(coco_gt: COCO, backend: str = "auto") -> str:
+def partly_federated_note(coco_gt: COCO) -> str | None:
+    """The file check's note on a file where only some images list LVIS's categories checked (scored as COCO's
+    then), or None."""
+    warned = getattr(coco_gt, "warned", {})
+    return warned[PARTLY_FEDERATED][1] if PARTLY_FEDERATED in warned else None
+
+
+def check_federated(coco_gt: COCO, backend: str = "auto", what: str = "the validation file") -> str:
     """The back end that scores a federated file (faster-coco-eval, whose lvis_style is LVIS's evaluation;
     pycocotools has none), checked before a run trains: one installed, ids it reads, and each category's
-    frequency group."""
-    where = "the validation file is annotated as LVIS's (each image's neg_category_ids and " \
-            "not_exhaustive_category_ids)"
+    frequency group. what: the file, as the errors name it."""
+    where = f"{what} is annotated as LVIS's (each image's neg_category_ids and not_exhaustive_category_ids)"
     if backend == "pycocotools":
         raise UserError(f"{where}, which faster-coco-eval scores: leave --coco-backend at auto, or give faster")
     if resolve_backend("auto") != "faster":
@@ -620,6 +626,15 @@ def lvis_keeps(ground_truth: COCO, image_id, records: list[dict], max_dets: int)
     checked = {*ground_truth.imgs[image_id]["neg_category_ids"],
                *(ann["category_id"] for ann in ground_truth.imgToAnns[image_id])}
     return [record for record in records if record["category_id"] in checked]
+
+
+def as_lvis_keeps(ground_truth: COCO, records: list[dict], max_dets: int) -> list[dict]:
+    """lvis_keeps of every image's records."""
+    by_image: dict = {}
+    for record in records:
+        by_image.setdefault(record["image_id"], []).append(record)
+    return [kept for image_id, image in by_image.items() for kept in lvis_keeps(ground_truth, image_id, image,
+                                                                                 max_dets)]
 
 
 def named_metrics(evaluator, coco_gt: COCO, iou_type: str, max_dets: int, federated: bool) -> dict:

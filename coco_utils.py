@@ -884,13 +884,13 @@ class CompactRecords:
         return [set(flat[a:b]) for a, b in zip(starts, ends)]
 
 
-def check_person_keypoints(categories: list[dict], ann_file: Path) -> None:
+def check_person_keypoints(categories: list[dict], ann_file: Path, needs: str = "--dataset coco_kp") -> None:
     """coco_kp trains and scores COCO's 17 person keypoints (their OKS sigmas are COCO's): one category with
-    those keypoints, in that order."""
+    those keypoints, in that order. needs: what asks for them, as the error says."""
     names = coco_keypoint_names()
     if len(categories) != 1 or tuple(categories[0].get("keypoints", ())) != names:
         found = [(c.get("name"), len(c.get("keypoints", ()))) for c in categories]
-        raise UserError(f"{ann_file}: --dataset coco_kp needs one category with COCO's 17 person keypoints "
+        raise UserError(f"{ann_file}: {needs} needs one category with COCO's 17 person keypoints "
                         f"({', '.join(names[:3])}, ...), found (name, keypoints) {found}; use a COCO "
                         f"person_keypoints file or tools/make_coco_dataset.py --keypoints")
 

@@ -182,11 +182,12 @@ def add_run_flags(group: argparse._ArgumentGroup) -> None:
              "(more is faster on GPUs)")
     add("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
         help="COCOeval implementation: faster-coco-eval's C++ one when installed (auto), or pycocotools'")
-    add("--eval-max-dets", default=COCO_MAX_DETECTIONS, type=int, metavar="N",
+    add("--eval-max-dets", default=None, type=int, metavar="N",
         help=f"the most detections of an image, per category, that the box and mask scores count (COCOeval's "
-             f"maxDets, {COCO_MAX_DETECTIONS}; keypoints keep their 20): for images of more instances, with "
-             f"--detections-per-image at least N; AP and the last AR, named AR<N>, then count N; for a validation "
-             f"file annotated as LVIS's, the most of an image over all categories, as LVIS counts (300)")
+             f"maxDets, {COCO_MAX_DETECTIONS}, or with --resume the checkpoint's run's; keypoints keep their 20): "
+             f"for images of more instances, with --detections-per-image at least N; AP and the last AR, named "
+             f"AR<N>, then count N; for a validation file annotated as LVIS's, the most of an image over all "
+             f"categories, as LVIS counts (300)")
     add("--eval-interval", default=1, type=int, metavar="N",
         help="evaluate (and --val-loss) after every N-th epoch and after the last one, not after each; --patience "
              "counts evaluations")
@@ -281,7 +282,7 @@ def check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value} must be at least 1")
-    if args.eval_max_dets <= 10:  # COCOeval's other recalls count 1 and 10
+    if args.eval_max_dets is not None and args.eval_max_dets <= 10:  # COCOeval's other recalls count 1 and 10
         raise UserError(f"--eval-max-dets {args.eval_max_dets} must be more than 10 (the scores count 1 and 10 "
                         f"detections for AR1 and AR10)")
     check_size_order(args.min_size, args.max_size)
@@ -431,14 +432,18 @@ def best_metric(args: argparse.Namespace) -> tuple[str, str]:
     if args.best_metric is None:
         return next(kind for kind in ("segm", "keypoints", "bbox") if kind in types), "AP"
     kind, _, name = args.best_metric.partition("/")
+    # None: --resume's checkpoint decides it, once read (and this is asked again)
+    most = COCO_MAX_DETECTIONS if args.eval_max_dets is None else args.eval_max_dets
     # LVIS's names too: whether the validation file is scored as LVIS's is known once it is read
-    known = {*metric_names(kind, args.eval_max_dets), *metric_names(kind, args.eval_max_dets, federated=True)}
+    known = {*metric_names(kind, most), *metric_names(kind, most, federated=True)}
     if kind not in types or name not in known:
         if kind in ("bbox", "segm") and re.fullmatch(r"AR[1-9][0-9]*", name) and int(name[2:]) > 10:
+            if args.eval_max_dets is None and getattr(args, "resume", None):
+                return kind, name
             raise UserError(f"--best-metric {args.best_metric} is the recall of a run scored with --eval-max-dets "
-                            f"{name[2:]}, and this one scores up to {args.eval_max_dets} (AR{args.eval_max_dets}); "
-                            f"give --eval-max-dets {name[2:]} too, or --best-metric {kind}/AR{args.eval_max_dets}")
-        choices = ", ".join(f"{t}/{n}" for t in types for n in metric_names(t, args.eval_max_dets))
+                            f"{name[2:]}, and this one scores up to {most} (AR{most}); give --eval-max-dets "
+                            f"{name[2:]} too, or --best-metric {kind}/AR{most}")
+        choices = ", ".join(f"{t}/{n}" for t in types for n in metric_names(t, most))
         raise UserError(f"--best-metric {args.best_metric} is no metric of {args.model}'s evaluation; choose one "
                         f"of {choices}")
     return kind, name

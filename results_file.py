@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 
 from annotations import (
@@ -75,12 +78,15 @@ def checked_records(records: list[dict], coco_gt: COCO, iou_type: str, path: Pat
 
 
 def _scored_record(record: dict, coco_gt: COCO, iou_type: str) -> dict:
-    """A sound record as scoring takes it: its own fields alone, a mask as compressed RLE."""
+    """A sound record as scoring takes it: its own fields alone, a mask as compressed RLE (an empty polygon list,
+    as some exporters write an empty mask, as one of no pixels)."""
     key = GEOMETRY[iou_type]
     geometry = record[key]
     if iou_type == "segm":
         image = coco_gt.imgs[record["image_id"]]
-        rle = as_compressed_rle(geometry, image["height"], image["width"])
+        size = image["height"], image["width"]
+        rle = mask_utils.encode(np.zeros(size, dtype=np.uint8, order="F")) if geometry == [] else \
+            as_compressed_rle(geometry, *size)
         counts = rle["counts"]
         geometry = {"size": list(rle["size"]), "counts": counts.decode() if isinstance(counts, bytes) else counts}
     return {"image_id": record["image_id"], "category_id": record["category_id"], "score": record["score"],
@@ -90,32 +96,49 @@ def _scored_record(record: dict, coco_gt: COCO, iou_type: str) -> dict:
 UNKNOWN_CATEGORY = ("unknown", "")  # _record_fault's word for a sound record of no category of the file: left out
 REMEDIES = {
     "fields": "each needs image_id, category_id, score and the geometry of the IoU type scored",
+    "ids": "write the ids as the annotation file has them",
     "image": "score the predictions against the annotation file of the images they were made on",
-    "category": "give each the category id of the annotation file, a number",
     "score": "give each detection its confidence as a finite number",
     "bbox": "write boxes as COCO's [x, y, width, height] in pixels",
     "keypoints": "write keypoints as COCO's flat [x, y, v, ...] list, 3 numbers for each keypoint of the category",
-    "segm": "write masks as RLE of the image's size (pycocotools' encode) or as polygons",
+    "segm": "write masks as RLE of the image's size (pycocotools' encode) or as polygons in the image",
 }
 
 
 def _record_fault(record: dict, coco_gt: COCO, iou_type: str, covered: dict) -> tuple[str, str] | None:
-    """What is wrong with one record of a known category, or None: its kind (a key of REMEDIES) and what to say."""
+    """What is wrong with one record, or None: its kind (a key of REMEDIES, or UNKNOWN_CATEGORY) and what to
+    say of it."""
     key = GEOMETRY[iou_type]
     lacking = [name for name in ("image_id", "category_id", "score", key) if name not in record]
     if lacking:
         return "fields", f"lack {', '.join(lacking)}"
-    if not _hashable(record["category_id"]):
-        return "category", "have a category_id that is no number"
-    image = coco_gt.imgs.get(record["image_id"]) if _hashable(record["image_id"]) else None
-    if image is None:
+    fault = _id_fault(record["image_id"], coco_gt.imgs, "an image_id") or \
+        _id_fault(record["category_id"], coco_gt.cats, "a category_id")
+    if fault:
+        return fault
+    if record["image_id"] not in coco_gt.imgs:
         return "image", "have an image_id that is no image of the annotation file"
     score = record["score"]
-    if not (isinstance(score, (int, float)) and math.isfinite(score)):
+    if isinstance(score, bool) or not (isinstance(score, (int, float)) and math.isfinite(score)):
         return "score", "have a score that is no finite number"
     if record["category_id"] not in coco_gt.cats:
         return UNKNOWN_CATEGORY
+    image = coco_gt.imgs[record["image_id"]]
     return _geometry_fault(record[key], iou_type, image, coco_gt.cats[record["category_id"]], covered)
+
+
+def _id_fault(value: object, known: dict, name: str) -> tuple[str, str] | None:
+    """An id that is no number or string, or one written as the other kind than the file's ("3" for 3)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return "ids", f"have {name} that is neither a whole number nor a string"
+    if value in known:
+        return None
+    other = str(value) if isinstance(value, int) else int(value) if re.fullmatch(r"-?[0-9]+", value) else None
+    if other is not None and other in known:
+        kinds = {int: "a number", str: "a string"}
+        return "ids", (f"have {name} written as {kinds[type(value)]} where the annotation file has "
+                       f"{kinds[type(other)]} ({value!r} for {other!r})")
+    return None
 
 
 def _geometry_fault(geometry: object, iou_type: str, image: dict, category: dict, covered: dict
@@ -127,16 +150,23 @@ def _geometry_fault(geometry: object, iou_type: str, image: dict, category: dict
         count = 3 * len(category.get("keypoints", []))
         if not (isinstance(geometry, list) and len(geometry) == count and finite_coordinates(geometry)):
             return "keypoints", f"have keypoints that are not {count} numbers (x, y, v for each of the category's)"
-    if iou_type == "segm":
-        if isinstance(geometry, list) and not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                                                  for p in geometry or [None]):
-            return "segm", "have a segmentation that is no polygons of 3 points or more (x, y, x, y, ...)"
-        problem = segmentation_problem(geometry, image["height"], image["width"], covered)
+    if iou_type == "segm" and geometry != []:
+        height, width = image["height"], image["width"]
+        problem = segmentation_problem(geometry, height, width, covered)
+        if problem is None and isinstance(geometry, list):
+            problem = _polygons_problem(geometry, height, width)
         if problem:
             return "segm", f"have a segmentation that {problem}"
     return None
 
 
-def _hashable(value: object) -> bool:
-    """Whether an id can be looked up (a JSON number or string; not a list or object)."""
-    return isinstance(value, (int, str, float))
+def _polygons_problem(polygons: list[list], height: int, width: int) -> str | None:
+    """Why finite polygons cannot be drawn on the image: too few points, or points so far outside it that
+    pycocotools' drawing runs out of memory or crashes (it walks every pixel of the outline)."""
+    if not all(len(polygon) >= 6 and len(polygon) % 2 == 0 for polygon in polygons):
+        return "is no polygons of 3 points or more (x, y, x, y, ...)"
+    for polygon in polygons:
+        xs, ys = polygon[0::2], polygon[1::2]
+        if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+            return f"has polygon points far outside the {width} x {height} image (more than its size beyond it)"
+    return None

@@ -109,6 +109,16 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
         utils.print_once(f"As the checkpoint's run: {flags}")
 
 
+def take_saved_scoring(args: argparse.Namespace, saved: dict | None) -> None:
+    """--eval-max-dets left out: the checkpoint's run's (said where it is not COCO's), else COCO's; saved is the
+    checkpoint's run's arguments, None without one."""
+    if args.eval_max_dets is not None:
+        return
+    args.eval_max_dets = (saved or {}).get("eval_max_dets", COCO_MAX_DETECTIONS)
+    if args.eval_max_dets != COCO_MAX_DETECTIONS:
+        utils.print_once(f"As the checkpoint's run: --eval-max-dets {args.eval_max_dets}")
+
+
 def check_same_layout(args: argparse.Namespace, saved: dict) -> None:
     """One clear error where a resumed run's flags would lay the model out otherwise than the checkpoint's run
     did: the optimizer's state holds that layout's trainable parameters, and the next checkpoint would record

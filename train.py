@@ -36,7 +36,6 @@ import presets
 import speedups
 import utils
 from agreement import check_same_data, check_same_flags, ids_digest
-from annotations import PARTLY_FEDERATED
 from checkpoint import (
     RUN_OUTPUT_REMEDY,
     TrainingState,
@@ -55,6 +54,7 @@ from coco_eval import (
     CocoEvaluator,
     check_federated,
     metric_names,
+    partly_federated_note,
     scored_as_lvis,
 )
 from coco_utils import (
@@ -104,6 +104,7 @@ from resume import (
     note_changed_settings,
     note_other_training_images,
     read_resume_checkpoint,
+    take_saved_scoring,
     take_saved_settings,
 )
 from run_record import outcome_recorded, write_arguments
@@ -263,8 +264,8 @@ def check_scoring(args: argparse.Namespace, val_set: CocoDetection) -> None:
     federated = scored_as_lvis(val_set.coco, iou_types(args.model))
     if federated:
         check_federated(val_set.coco, args.coco_backend)
-    elif PARTLY_FEDERATED in getattr(val_set.coco, "warned", {}):  # the file check's finding, as a note here
-        utils.print_once(f"note: the validation file: {val_set.coco.warned[PARTLY_FEDERATED][1]}")
+    elif partly_federated_note(val_set.coco):  # the file check's finding, as a note here
+        utils.print_once(f"note: the validation file: {partly_federated_note(val_set.coco)}")
     kind, name = best_metric(args)
     names = metric_names(kind, args.eval_max_dets, federated and kind != "keypoints")
     if name not in names:
@@ -737,6 +738,7 @@ def main(args: argparse.Namespace) -> dict:
     model and its training state, restore the checkpoint into them, then evaluate only or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
+    take_saved_scoring(args, checkpoint["args"] if checkpoint is not None else None)
     of_another_folder = (checkpoint is not None and not args.test_only
                          and from_another_run(resume, checkpoint, run.output_dir))
     if checkpoint is not None:

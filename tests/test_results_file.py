@@ -62,9 +62,16 @@ def test_the_iou_types_are_the_geometries_every_detection_carries():
      "1 of 2 detections lack score (the first: detection 1); each needs image_id, category_id, score"),
     ("bbox", [_record(image_id=9, bbox=[0, 0, 1, 1])] * 2,
      "2 of 2 detections have an image_id that is no image of the annotation file (the first: detection 0)"),
-    ("bbox", [_record(image_id=[1], bbox=[0, 0, 1, 1])], "have an image_id that is no image"),
-    ("bbox", [_record(category_id=[3], bbox=[0, 0, 1, 1])], "have a category_id that is no number"),
+    ("bbox", [_record(image_id=[1], bbox=[0, 0, 1, 1])], "have an image_id that is neither a whole number nor"),
+    ("bbox", [_record(image_id=True, bbox=[0, 0, 1, 1])], "have an image_id that is neither a whole number nor"),
+    ("bbox", [_record(category_id=[3], bbox=[0, 0, 1, 1])], "have a category_id that is neither a whole number"),
+    ("bbox", [_record(image_id="1", bbox=[0, 0, 1, 1])],
+     "have an image_id written as a string where the annotation file has a number ('1' for 1) (the first: "
+     "detection 0); "
+     "write the ids as the annotation file has them"),
+    ("bbox", [_record(category_id="3", bbox=[0, 0, 1, 1])], "have a category_id written as a string where"),
     ("bbox", [_record(score="0.5", bbox=[0, 0, 1, 1])], "have a score that is no finite number"),
+    ("bbox", [_record(score=True, bbox=[0, 0, 1, 1])], "have a score that is no finite number"),
     ("bbox", [_record(score=float("inf"), bbox=[0, 0, 1, 1])], "have a score that is no finite number"),
     ("bbox", [_record(bbox=[0, 0, 1])], "have a bbox that is not 4 finite numbers"),
     ("bbox", [_record(bbox=[0, 0, 1, -1])],
@@ -73,7 +80,12 @@ def test_the_iou_types_are_the_geometries_every_detection_carries():
      "have a segmentation that is RLE of size [10, 8], not the image's [8, 10]"),
     ("segm", [_record(segmentation={"size": [8, 10], "counts": "1"})], "whose counts do not cover the image's 80"),
     ("segm", [_record(segmentation=[[0, 0, 4, 0]])], "is no polygons of 3 points or more"),
-    ("segm", [_record(segmentation=[])], "is no polygons of 3 points or more"),
+    ("segm", [_record(segmentation=[[1, 2, 3, 4, 1e300, 6]])],
+     "has polygon points far outside the 10 x 8 image (more than its size beyond it)"),
+    ("segm", [_record(segmentation=[[1, 2, 3, 4, 5, -9]])], "has polygon points far outside"),
+    ("segm", [_record(segmentation=[{"size": [8, 10], "counts": "P1"}])], "is RLE inside a list"),
+    ("segm", [_record(segmentation={"size": [8, 10], "counts": [40.0, 40.0]})],
+     "is uncompressed RLE whose counts are not all whole numbers of 0 or more"),
     ("keypoints", [_record(category_id=7, keypoints=[1, 1, 2])],
      "have keypoints that are not 6 numbers (x, y, v for each of the category's)"),
 ])
@@ -98,6 +110,11 @@ def test_masks_are_scored_as_compressed_rle_whatever_form_they_came_in():
     assert mask_utils.area(kept[2]["segmentation"]) == mask_utils.area(expected) == 24
     assert set(kept[0]) == {"image_id", "category_id", "score", "segmentation"}, "the box is the mask's, not given"
     assert records[1]["segmentation"] is uncompressed, "the file's records are left as they were"
+
+
+def test_an_empty_polygon_list_is_a_mask_of_no_pixels():
+    kept, _ = checked_records([_record(segmentation=[])], _ground_truth(), "segm", "p.json")
+    assert mask_utils.area(kept[0]["segmentation"]) == 0 and kept[0]["segmentation"]["size"] == [8, 10]
 
 
 def _run_counts(mask: np.ndarray) -> list[int]:

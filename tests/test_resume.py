@@ -18,6 +18,15 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
     assert resume.from_another_run(str(tmp_path / "reference.pth"), {"args": {}}, out)
 
 
+def test_eval_max_dets_left_out_is_the_checkpoints_runs_else_cocos(capsys):
+    for given, saved, taken in [(None, {"eval_max_dets": 300}, 300), (None, {}, 100), (None, None, 100),
+                                (150, {"eval_max_dets": 300}, 150)]:
+        args = argparse.Namespace(eval_max_dets=given)
+        resume.take_saved_scoring(args, saved)
+        assert args.eval_max_dets == taken, (given, saved)
+    assert capsys.readouterr().out == "As the checkpoint's run: --eval-max-dets 300\n", "said where it was taken"
+
+
 def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
     resume.check_same_scoring(argparse.Namespace(eval_max_dets=100), {}, "c.pth")  # a run before the flag: 100
     resume.check_same_scoring(argparse.Namespace(eval_max_dets=300), {"eval_max_dets": 300}, "c.pth")

@@ -97,34 +97,97 @@ def test_an_lvis_file_is_scored_as_lvis_scores_it(tmp_path, capsys):
     assert status == 0 and "this scoring counts 100: give --eval-max-dets 300 for AP comparable with LVIS's" in out
 
 
+def _boxes_of_ground_truth(data: dict) -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9, "bbox": a["bbox"]}
+            for a in data["annotations"]]
+
+
 def test_detections_of_unknown_categories_are_left_out_with_a_warning(tiny_dataset, tmp_path, capsys):
     data = json.loads((tiny_dataset / VAL).read_text())
-    records = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 0.9, "bbox": a["bbox"]}
-               for a in data["annotations"]]
+    records = _boxes_of_ground_truth(data)
     stray = {**records[0], "category_id": 999}
     status, out, err = _score(capsys, _write(tmp_path / "p.json", records[:1] + [stray]), "--val-annotations",
                               tiny_dataset / VAL)
     assert status == 0
-    assert "1 detections have category ids that are no category of the annotation file (999: 1)" in err
+    assert "1 of 2 detections have category ids that are no category of the annotation file (999: 1) and are " \
+           "left out" in err
     assert "1 of the annotation file's 2 images have no detection, so their instances count as missed" in out
+    status, _, err = _score(capsys, _write(tmp_path / "p.json", [stray]), "--val-annotations", tiny_dataset / VAL)
+    assert status == 2 and "1 of 1 detections have category ids that are no category" in err, "none left: an error"
 
 
-def test_a_faulty_file_stops_it_in_one_line(tiny_dataset, tmp_path, capsys):
+def test_mmdetections_two_files_give_boxes_from_one_and_masks_from_the_other(tiny_dataset, tmp_path, capsys):
+    """MMDetection writes each mask's box into its masks' file as well (Detectron2 writes one file of both)."""
+    data = json.loads((tiny_dataset / VAL).read_text())
+    boxes = _boxes_of_ground_truth(data)
+    masks = [{**box, "bbox": [0, 0, 1, 1], "segmentation": a["segmentation"]}  # boxes that would score 0
+             for box, a in zip(boxes, data["annotations"])]
+    paths = _write(tmp_path / "r.segm.json", masks), _write(tmp_path / "r.bbox.json", boxes)
+    status, out, err = _score(capsys, *paths, "--val-annotations", tiny_dataset / VAL, "--output",
+                              tmp_path / "scores.json")
+    assert status == 0, err
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["predictions"] == {"bbox": paths[1], "segm": paths[0]}
+    assert scores["bbox"]["AP"] == scores["segm"]["AP"] == 1.0
+    assert out.count("images have no detection") <= 1, "said once a file"
+    copy = _write(tmp_path / "copy.bbox.json", boxes)
+    status, _, err = _score(capsys, paths[1], copy, "--val-annotations", tiny_dataset / VAL)
+    assert status == 2 and "both hold bbox detections; give one file of each IoU type" in err
+
+
+def test_a_type_some_detections_lack_is_said_not_scored(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    records = _boxes_of_ground_truth(data)
+    records[0]["segmentation"] = data["annotations"][0]["segmentation"]
+    status, out, _ = _score(capsys, _write(tmp_path / "p.json", records), "--val-annotations", tiny_dataset / VAL)
+    assert status == 0 and "IoU metric: segm" not in out
+    assert f"segm is not scored from this file: {len(records) - 1} of its {len(records)} detections have no " \
+           f"segmentation" in out
+
+
+def test_a_faulty_file_stops_it_in_one_line_before_anything_is_scored(tiny_dataset, tmp_path, capsys):
     data = json.loads((tiny_dataset / VAL).read_text())
     records = [{"image_id": 123456, "category_id": data["categories"][0]["id"], "score": 1, "bbox": [0, 0, 5, 5]}]
     status, out, err = _score(capsys, _write(tmp_path / "p.json", records), "--val-annotations", tiny_dataset / VAL)
     assert status == 2 and err.count("\n") == 1 and "IoU metric" not in out
     assert err.startswith(f"error: {tmp_path / 'p.json'}: 1 of 1 detections have an image_id that is no image of "
                           f"the annotation file")
+    both = [{**box, "segmentation": a["segmentation"]} for box, a in zip(_boxes_of_ground_truth(data),
+                                                                        data["annotations"])]
+    both[-1]["segmentation"] = {"size": [1, 1], "counts": "01"}
+    status, out, err = _score(capsys, _write(tmp_path / "p.json", both), "--val-annotations", tiny_dataset / VAL)
+    assert status == 2 and "have a segmentation that is RLE of size [1, 1]" in err
+    assert out == "", "the boxes are not scored first"
 
 
-def test_two_files_of_one_type_or_a_type_no_file_has_are_refused(tiny_dataset, tmp_path, capsys):
+def test_a_keypoints_file_against_an_instances_file_says_what_scoring_needs(tiny_dataset, tmp_path, capsys):
     data = json.loads((tiny_dataset / VAL).read_text())
-    boxes = _write(tmp_path / "boxes.json", [{"image_id": data["images"][0]["id"], "score": 1, "bbox": [0, 0, 5, 5],
-                                            "category_id": data["categories"][0]["id"]}])
-    status, _, err = _score(capsys, boxes, boxes, "--val-annotations", tiny_dataset / VAL)
-    assert status == 2 and "both hold bbox detections; give one file of each type" in err
+    records = [{**box, "keypoints": [0] * 51} for box in _boxes_of_ground_truth(data)]
+    status, _, err = _score(capsys, _write(tmp_path / "p.json", records), "--val-annotations", tiny_dataset / VAL,
+                            "--iou-types", "keypoints")
+    assert status == 2 and "keypoint scoring needs one category with COCO's 17 person keypoints" in err
+
+
+def test_output_is_a_regular_file_and_links_are_written_through(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    path = _write(tmp_path / "p.json", _boxes_of_ground_truth(data))
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    status, out, err = _score(capsys, path, "--val-annotations", tiny_dataset / VAL, "--output",
+                              tmp_path / "link.json")
+    assert status == 0, err
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "target.json").read_text())["bbox"]
+    for given, message in [("/dev/null", "--output /dev/null is no regular file"),
+                           ("", "--output '' is no file name"), (str(tmp_path), "is no file name")]:
+        status, out, err = _score(capsys, path, "--val-annotations", tiny_dataset / VAL, "--output", given)
+        assert status == 2 and message in err and out == "", given
+
+
+def test_a_type_no_file_has_or_a_missing_file_is_refused(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    boxes = _write(tmp_path / "boxes.json", _boxes_of_ground_truth(data))
     status, _, err = _score(capsys, boxes, "--val-annotations", tiny_dataset / VAL, "--iou-types", "segm")
     assert status == 2 and "--iou-types segm: no file's detections all carry segmentation" in err
     status, _, err = _score(capsys, tmp_path / "none.json", "--val-annotations", tiny_dataset / VAL)
     assert status == 2 and "none.json: no such file" in err
+    status, _, err = _score(capsys, boxes, "--data-path", tmp_path)
+    assert status == 2 and "annotations/instances_val2017.json is missing; give --val-annotations FILE" in err

@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 
 import errors
 import flags
+import resume
 import train
 from coco_utils import CategoryMap, build_dataset, coco_category_names
 from conftest import SMALL, TRAIN_FLAGS, read_metrics, run_cli
@@ -80,15 +81,21 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
     assert (evaluation["epoch"], evaluation["step"]) == (trained_eval["epoch"], None)
     for iou_type in ("bbox", "segm"):  # the epoch's evaluation during training, to the last digit
         assert evaluation[iou_type] == trained_eval[iou_type], iou_type
-    # Without sizes, the checkpoint's run's sizes: the same predictions. Scoring up to 150 detections an image
-    # changes nothing where the model keeps 100, but the name of the recall at the most.
+    # Without sizes and --eval-max-dets, the checkpoint's run's: the same predictions. Scoring up to 150
+    # detections an image (as a run trained with --eval-max-dets 150 would have) changes nothing where the model
+    # keeps 100, but the name of the recall at the most.
     unsized = [flag for i, flag in enumerate(SMALL) if flag not in ("--min-size", "--max-size")
                and SMALL[i - 1] not in ("--min-size", "--max-size")]
+    saved = torch.load(out / "checkpoint.pth", weights_only=False)
+    saved["args"]["eval_max_dets"] = 150
+    torch.save(saved, tmp_path / "scored_to_150.pth")
+    del saved
     again = run_cli("train.py", "--data-path", str(dataset), "--output-dir", str(tmp_path / "again"), "--test-only",
-                    "--resume", str(out / "checkpoint.pth"), "--eval-max-dets", "150", *unsized,
-                    torch_home=torch_home)
+                    "--resume", str(tmp_path / "scored_to_150.pth"), *unsized, torch_home=torch_home)
+    (tmp_path / "scored_to_150.pth").unlink()
     assert again.returncode == 0, again.stderr
     assert "As the checkpoint's run: --min-size 96 --max-size 96" in again.stdout
+    assert "As the checkpoint's run: --eval-max-dets 150" in again.stdout
     assert again.stdout.count("Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=150 ]") == 2
     for iou_type in ("bbox", "segm"):
         name = f"predictions_{iou_type}.json"
@@ -235,9 +242,16 @@ def _val_files() -> tuple[argparse.Namespace, argparse.Namespace]:
     return argparse.Namespace(coco=federated), argparse.Namespace(coco=plain)
 
 
+def _parsed(argv: list[str]) -> argparse.Namespace:
+    """train.py's arguments as main has them before it reads the data (no checkpoint)."""
+    args = train.get_args_parser().parse_args(argv)
+    resume.take_saved_scoring(args, None)
+    return args
+
+
 def test_an_lvis_file_scored_at_fewer_detections_than_lvis_counts_is_noted(capsys):
     federated, plain = _val_files()
-    parse = train.get_args_parser().parse_args
+    parse = _parsed
     train.note_lvis_limits(parse(["--eval-max-dets", "300"]), federated, kept=300)
     train.note_lvis_limits(parse([]), plain, kept=100)
     train.note_lvis_limits(parse(["--model", "keypointrcnn_resnet50_fpn"]), federated, kept=100)
@@ -253,7 +267,7 @@ def test_the_scoring_of_the_validation_file_is_checked_before_training(capsys, t
     import coco_utils
 
     federated, plain = _val_files()
-    parse = train.get_args_parser().parse_args
+    parse = _parsed
     train.check_scoring(parse(["--best-metric", "segm/APr"]), federated)
     with pytest.raises(UserError, match=r"^--best-metric segm/APr is no metric of this validation file's scoring "
                                         r"\(COCO's\); choose one of segm/AP, segm/AP50"):
@@ -460,6 +474,12 @@ def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys
                                         r"or --best-metric segm/AR100"):
         flags.best_metric(argparse.Namespace(model="maskrcnn_resnet50_fpn", best_metric="segm/AR300",
                                              eval_max_dets=100))
+    # Left to --resume's checkpoint, whose run may have scored 300: asked again once it is read.
+    left_to_checkpoint = argparse.Namespace(model="maskrcnn_resnet50_fpn", best_metric="segm/AR300",
+                                            eval_max_dets=None, resume="c.pth")
+    assert flags.best_metric(left_to_checkpoint) == ("segm", "AR300")
+    with pytest.raises(UserError, match=r"scores up to 100 \(AR100\); give --eval-max-dets 300 too"):
+        flags.best_metric(argparse.Namespace(**{**vars(left_to_checkpoint), "resume": None}))
 
 
 @pytest.mark.parametrize("interval, epochs, evaluated", [(1, 4, [0, 1, 2, 3]), (2, 5, [1, 3, 4]), (3, 6, [2, 5]),

@@ -21,16 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotations import PARTLY_FEDERATED  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from coco_eval import (  # noqa: E402
     COCO_MAX_DETECTIONS,
     COCOEVAL_BACKENDS,
     LVIS_MAX_DETECTIONS,
+    as_lvis_keeps,
     backend_for,
     check_federated,
-    lvis_keeps,
     named_metrics,
+    partly_federated_note,
     print_tables,
     score,
     scored_as_lvis,
@@ -44,7 +44,6 @@ from coco_utils import (  # noqa: E402
     counts_for_scoring,
     load_coco,
     scoring_ground_truth,
-    split_paths,
 )
 from errors import UserError, exit_status  # noqa: E402
 from results_file import GEOMETRY, checked_records, iou_types_in, read_results  # noqa: E402
@@ -57,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("predictions", nargs="+", type=Path, help="COCO results files (JSON lists of detections)")
     parser.add_argument("--data-path", default="./datasets/coco",
                         help="dataset root whose validation annotation file scores them (as train.py's)")
-    parser.add_argument("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS))
+    parser.add_argument("--dataset", default="coco", choices=sorted(DATASET_LAYOUTS),
+                        help="--data-path's layout: coco (instances_val2017.json) or coco_kp "
+                             "(person_keypoints_val2017.json)")
     parser.add_argument("--val-annotations", default=None, metavar="FILE",
                         help="the annotation file to score against, instead of --data-path's")
     parser.add_argument("--iou-types", nargs="+", choices=list(GEOMETRY), default=None,
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(of an image over all categories for a file annotated as LVIS's), as train.py's")
     parser.add_argument("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
                         help="COCOeval's implementation: faster-coco-eval where installed (auto), or pycocotools")
-    parser.add_argument("--output", type=Path, default=None, metavar="FILE",
+    parser.add_argument("--output", default=None, metavar="FILE",
                         help="also write the metrics as JSON (as evaluation.json names them)")
     args = parser.parse_args(argv)
     if args.eval_max_dets <= 10:
@@ -76,43 +77,65 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def score_files(args: argparse.Namespace) -> None:
-    """Read, check and score the predictions files; print the tables and write --output."""
+    """Read and check the predictions files, score each IoU type, print the tables and write --output."""
     started = time.perf_counter()
+    output = _output_path(args.output)
     ann_file = _annotation_file(args)
     by_type = _records_by_type(args.predictions, args.iou_types)
     coco_gt = _ground_truth(ann_file, "keypoints" in by_type)
     federated = scored_as_lvis(coco_gt, list(by_type))
-    backend = check_federated(coco_gt, args.coco_backend) if federated else backend_for(coco_gt, args.coco_backend)
+    backend = (check_federated(coco_gt, args.coco_backend, "the annotation file") if federated
+               else backend_for(coco_gt, args.coco_backend))
     _note_scoring(coco_gt, federated, args.eval_max_dets)
+    checked = {iou_type: _checked(path, records, coco_gt, iou_type) for iou_type, (path, records) in by_type.items()}
     image_ids = coco_gt.getImgIds()
-    metrics, sources = {}, {}
-    for iou_type, (path, raw) in by_type.items():
-        records, unknown = checked_records(raw, coco_gt, iou_type, path)
-        _say_left_out(path, unknown)
+    for path in dict.fromkeys(path for path, _ in by_type.values()):  # once a file, before LVIS's cut
+        _say_images_without_detections(path, {r["image_id"] for t, (p, _) in by_type.items() if p == path
+                                               for r in checked[t]}, len(image_ids))
+    metrics = {}
+    for iou_type, records in checked.items():
         if federated:
-            records = _as_lvis_keeps(scoring_ground_truth(coco_gt, iou_type), records, args.eval_max_dets)
+            records = as_lvis_keeps(scoring_ground_truth(coco_gt, iou_type), records, args.eval_max_dets)
         evaluator = score(coco_gt, records, iou_type, image_ids, backend, copy_results=False,
                           max_dets=args.eval_max_dets, federated=federated)
         metrics[iou_type] = named_metrics(evaluator, coco_gt, iou_type, args.eval_max_dets, federated)
-        sources[iou_type] = str(path.resolve())
-        _say_images_without_detections(path, records, len(image_ids))
     print_tables(metrics, args.eval_max_dets, federated)
-    if args.output is not None:
+    if output is not None:
+        sources = {iou_type: str(path.resolve()) for iou_type, (path, _) in by_type.items()}
         record = {"time": round(time.time(), 3), "predictions": sources, "val_annotations": str(ann_file.resolve()),
                   "val_images": len(image_ids), "settings": {"eval_max_dets": args.eval_max_dets, "backend": backend},
                   "seconds": round(time.perf_counter() - started, 3)} | metrics
-        write_json_atomic(args.output, record, remedy=WRITE_REMEDY)
+        write_json_atomic(output, record, remedy=WRITE_REMEDY)
         print(f"Wrote {args.output}")
 
 
+def _output_path(given: str | None) -> Path | None:
+    """--output's file, checked before anything is scored: a regular file or none yet (a link is written
+    through to its target, which the atomic write would otherwise replace)."""
+    if given is None:
+        return None
+    path = Path(given)
+    if not given or path.is_dir():
+        raise UserError(f"--output {given!r} is no file name; give the JSON file to write, such as scores.json")
+    if path.exists() and not path.resolve().is_file():
+        raise UserError(f"--output {given} is no regular file (a device or pipe); give a file to write (the tables "
+                        f"are printed anyway)")
+    return path.resolve()
+
+
 def _annotation_file(args: argparse.Namespace) -> Path:
+    """--val-annotations, else --data-path's validation annotation file (its images are not needed)."""
     if args.val_annotations is not None:
         path = Path(args.val_annotations)
         if not path.is_file():
             raise UserError(f"--val-annotations {path} is no file; give the COCO JSON file the predictions were "
                             f"made on")
         return path
-    return split_paths(args.data_path, args.dataset, "val")[1]
+    path = Path(args.data_path) / DATASET_LAYOUTS[args.dataset]["val"][1]
+    if not path.is_file():
+        raise UserError(f"annotation file {path} is missing; give --val-annotations FILE, or a --data-path holding "
+                        f"the COCO layout")
+    return path
 
 
 def _ground_truth(ann_file: Path, keypoints: bool) -> CocoIndex:
@@ -121,41 +144,55 @@ def _ground_truth(ann_file: Path, keypoints: bool) -> CocoIndex:
     if not any(counts_for_scoring(ann) for ann in coco_gt.dataset["annotations"]):
         raise UserError(f"{ann_file}: {NOTHING_TO_SCORE}")
     if keypoints:
-        check_person_keypoints(coco_gt.dataset["categories"], ann_file)
+        check_person_keypoints(coco_gt.dataset["categories"], ann_file, needs="keypoint scoring")
         complete_keypoints(coco_gt.dataset["annotations"], ann_file)
     return coco_gt
 
 
 def _records_by_type(paths: list[Path], wanted: list[str] | None) -> dict[str, tuple[Path, list[dict]]]:
-    """Each IoU type scored, with the file that gives it and that file's records."""
-    by_type: dict[str, tuple[Path, list[dict]]] = {}
-    for path in paths:
+    """Each IoU type scored, with the file that gives it and that file's records: where two files carry a type
+    (MMDetection writes boxes into its masks' file too), the one that carries fewer other types."""
+    files = []
+    for path in dict.fromkeys(paths):
         records = read_results(path)
         if not records:
             raise UserError(f"{path} holds no detections, so there is nothing to score (every AP would be 0)")
         carried = iou_types_in(records)
+        _say_types_not_scored(path, records, carried)
         if not carried:
             raise UserError(f"{path}: its detections do not all carry a bbox, a segmentation or keypoints; give "
                             f"each the geometry of the IoU type to score")
-        for iou_type in carried if wanted is None else [t for t in carried if t in wanted]:
-            if iou_type in by_type:
-                raise UserError(f"{by_type[iou_type][0]} and {path} both hold {iou_type} detections; give one "
-                                f"file of each type (or --iou-types)")
-            by_type[iou_type] = (path, records)
+        files.append((path, records, carried))
+    by_type = {}
+    for iou_type in GEOMETRY:
+        givers = [(len(carried), path, records) for path, records, carried in files if iou_type in carried]
+        fewest = [giver for giver in givers if giver[0] == min(g[0] for g in givers)]
+        if len(fewest) > 1:
+            raise UserError(f"{fewest[0][1]} and {fewest[1][1]} both hold {iou_type} detections; give one file of "
+                            f"each IoU type")
+        if fewest and (wanted is None or iou_type in wanted):
+            by_type[iou_type] = fewest[0][1:]
     missing = [t for t in wanted or [] if t not in by_type]
     if missing:
         raise UserError(f"--iou-types {' '.join(missing)}: no file's detections all carry "
                         f"{' or '.join(GEOMETRY[t] for t in missing)}; give the file of that type")
-    return dict(sorted(by_type.items(), key=lambda item: list(GEOMETRY).index(item[0])))
+    return by_type
 
 
-def _as_lvis_keeps(ground_truth, records: list[dict], max_dets: int) -> list[dict]:
-    """The records LVIS's evaluation takes of each image (coco_eval.lvis_keeps)."""
-    per_image: dict = {}
-    for record in records:
-        per_image.setdefault(record["image_id"], []).append(record)
-    return [kept for image_id, image in per_image.items() for kept in lvis_keeps(ground_truth, image_id, image,
-                                                                                  max_dets)]
+def _checked(path: Path, records: list[dict], coco_gt: CocoIndex, iou_type: str) -> list[dict]:
+    """The records of one IoU type checked (results_file.checked_records); those of unknown categories left out
+    with a warning, or an error where that is every one."""
+    kept, unknown = checked_records(records, coco_gt, iou_type, path)
+    if not unknown:
+        return kept
+    ids = ", ".join(f"{category_id!r}: {count}" for category_id, count in sorted(unknown.items(), key=str))
+    said = f"{sum(unknown.values())} of {len(records)} detections have category ids that are no category of the " \
+           f"annotation file ({ids})"
+    if not kept:
+        raise UserError(f"{path}: {said}; write each detection's category id as the annotation file has it (a "
+                        f"model's label numbers are not the file's ids where its categories are not 1, 2, ...)")
+    print(f"warning: {path}: {said} and are left out", file=sys.stderr)
+    return kept
 
 
 def _note_scoring(coco_gt: CocoIndex, federated: bool, max_dets: int) -> None:
@@ -164,20 +201,21 @@ def _note_scoring(coco_gt: CocoIndex, federated: bool, max_dets: int) -> None:
         print(f"note: the annotation file is annotated as LVIS's, whose evaluation counts {LVIS_MAX_DETECTIONS} "
               f"detections an image, and this scoring counts {max_dets}: give --eval-max-dets {LVIS_MAX_DETECTIONS} "
               f"for AP comparable with LVIS's")
-    elif not federated and PARTLY_FEDERATED in coco_gt.warned:
-        print(f"note: the annotation file: {coco_gt.warned[PARTLY_FEDERATED][1]}")
+    elif not federated and partly_federated_note(coco_gt):
+        print(f"note: the annotation file: {partly_federated_note(coco_gt)}")
 
 
-def _say_left_out(path: Path, unknown) -> None:
-    if unknown:
-        ids = ", ".join(f"{category_id!r}: {count}" for category_id, count in sorted(unknown.items(), key=str))
-        print(f"warning: {path}: {sum(unknown.values())} detections have category ids that are no category of the "
-              f"annotation file ({ids}) and are left out; were they written with the model's label numbers?",
-              file=sys.stderr)
+def _say_types_not_scored(path: Path, records: list[dict], carried: tuple[str, ...]) -> None:
+    """A type some detections of a file carry and others lack is not scored from it: said, not left unsaid."""
+    for iou_type, key in GEOMETRY.items():
+        having = sum(key in record for record in records)
+        if iou_type not in carried and having:
+            print(f"note: {path}: {iou_type} is not scored from this file: {len(records) - having} of its "
+                  f"{len(records)} detections have no {key}")
 
 
-def _say_images_without_detections(path: Path, records: list[dict], images: int) -> None:
-    without = images - len({record["image_id"] for record in records})
+def _say_images_without_detections(path: Path, detected: set, images: int) -> None:
+    without = images - len(detected)
     if without:
         print(f"note: {path}: {without} of the annotation file's {images} images have no detection, so their "
               f"instances count as missed (predictions made on only some of the images score lower so)")
