@@ -88,20 +88,25 @@ def score_files(args: argparse.Namespace) -> None:
                else backend_for(coco_gt, args.coco_backend))
     _note_scoring(coco_gt, federated, args.eval_max_dets)
     checked = {iou_type: _checked(path, records, coco_gt, iou_type) for iou_type, (path, records) in by_type.items()}
+    sources = {iou_type: path for iou_type, (path, _) in by_type.items()}
+    del by_type  # the files' own records: at COCO's size, GBs no longer needed
     image_ids = coco_gt.getImgIds()
-    for path in dict.fromkeys(path for path, _ in by_type.values()):  # once a file, before LVIS's cut
-        _say_images_without_detections(path, {r["image_id"] for t, (p, _) in by_type.items() if p == path
+    for path in dict.fromkeys(sources.values()):  # once a file, before LVIS's cut
+        _say_images_without_detections(path, {r["image_id"] for t, p in sources.items() if p == path
                                                for r in checked[t]}, len(image_ids))
     metrics = {}
-    for iou_type, records in checked.items():
+    for iou_type in list(checked):
+        records = checked.pop(iou_type)  # held by the scoring alone, and let go with it
         if federated:
             records = as_lvis_keeps(scoring_ground_truth(coco_gt, iou_type), records, args.eval_max_dets)
         evaluator = score(coco_gt, records, iou_type, image_ids, backend, copy_results=False,
                           max_dets=args.eval_max_dets, federated=federated)
+        del records
         metrics[iou_type] = named_metrics(evaluator, coco_gt, iou_type, args.eval_max_dets, federated)
+        del evaluator
     print_tables(metrics, args.eval_max_dets, federated)
     if output is not None:
-        sources = {iou_type: str(path.resolve()) for iou_type, (path, _) in by_type.items()}
+        sources = {iou_type: str(path.resolve()) for iou_type, path in sources.items()}
         record = {"time": round(time.time(), 3), "predictions": sources, "val_annotations": str(ann_file.resolve()),
                   "val_images": len(image_ids), "settings": {"eval_max_dets": args.eval_max_dets, "backend": backend},
                   "seconds": round(time.perf_counter() - started, 3)} | metrics
