@@ -94,24 +94,32 @@ def score_files(args: argparse.Namespace) -> None:
     for path in dict.fromkeys(sources.values()):  # once a file, before LVIS's cut
         _say_images_without_detections(path, {r["image_id"] for t, p in sources.items() if p == path
                                                for r in checked[t]}, len(image_ids))
-    metrics = {}
-    for iou_type in list(checked):
-        records = checked.pop(iou_type)  # held by the scoring alone, and let go with it
-        if federated:
-            records = as_lvis_keeps(scoring_ground_truth(coco_gt, iou_type), records, args.eval_max_dets)
-        evaluator = score(coco_gt, records, iou_type, image_ids, backend, copy_results=False,
-                          max_dets=args.eval_max_dets, federated=federated)
-        del records
-        metrics[iou_type] = named_metrics(evaluator, coco_gt, iou_type, args.eval_max_dets, federated)
-        del evaluator
+    metrics = _scored(checked, coco_gt, backend, args.eval_max_dets, federated)
     print_tables(metrics, args.eval_max_dets, federated)
     if output is not None:
-        sources = {iou_type: str(path.resolve()) for iou_type, path in sources.items()}
-        record = {"time": round(time.time(), 3), "predictions": sources, "val_annotations": str(ann_file.resolve()),
-                  "val_images": len(image_ids), "settings": {"eval_max_dets": args.eval_max_dets, "backend": backend},
+        record = {"time": round(time.time(), 3),
+                  "predictions": {iou_type: str(path.resolve()) for iou_type, path in sources.items()},
+                  "val_annotations": str(ann_file.resolve()), "val_images": len(image_ids),
+                  "settings": {"eval_max_dets": args.eval_max_dets, "backend": backend},
                   "seconds": round(time.perf_counter() - started, 3)} | metrics
         write_json_atomic(output, record, remedy=WRITE_REMEDY)
         print(f"Wrote {args.output}")
+
+
+def _scored(checked: dict[str, list[dict]], coco_gt: CocoIndex, backend: str, max_dets: int, federated: bool
+            ) -> dict[str, dict]:
+    """Each IoU type's metrics (emptying checked: each type's records are let go once scored)."""
+    metrics = {}
+    for iou_type in list(checked):
+        records = checked.pop(iou_type)
+        if federated:
+            records = as_lvis_keeps(scoring_ground_truth(coco_gt, iou_type), records, max_dets)
+        evaluator = score(coco_gt, records, iou_type, coco_gt.getImgIds(), backend, copy_results=False,
+                          max_dets=max_dets, federated=federated)
+        del records
+        metrics[iou_type] = named_metrics(evaluator, coco_gt, iou_type, max_dets, federated)
+        del evaluator  # before the next type's is built
+    return metrics
 
 
 def _output_path(given: str | None) -> Path | None:
