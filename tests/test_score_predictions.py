@@ -191,3 +191,14 @@ def test_a_type_no_file_has_or_a_missing_file_is_refused(tiny_dataset, tmp_path,
     assert status == 2 and "none.json: no such file" in err
     status, _, err = _score(capsys, boxes, "--data-path", tmp_path)
     assert status == 2 and "annotations/instances_val2017.json is missing; give --val-annotations FILE" in err
+
+
+def test_predicts_file_cut_at_its_score_threshold_is_noted(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    path = _write(tmp_path / "predictions.json", _boxes_of_ground_truth(data))
+    for threshold, said in [(0.05, False), (0.5, True)]:
+        _write(tmp_path / "predict_args.json", {"model": "maskrcnn_resnet50_fpn", "score_thresh": threshold})
+        status, out, _ = _score(capsys, path, "--val-annotations", tiny_dataset / VAL)
+        assert status == 0
+        assert ("written by tools/predict.py with --score-thresh 0.5, so the detections scoring below it are not "
+                "there" in out) is said, threshold

@@ -421,6 +421,7 @@ def picture_of(image: torch.Tensor, output: dict, category_map: CategoryMap, wit
 # What decides a call's detections, recorded for a later --resume to compare with: beside the files written, and
 # as the first line of the journal (marked so), each with what it describes.
 CALL_RECORD = "predict_args.json"
+RESULTS = "predictions.json"
 SETTINGS_MARK = b"#settings\t"
 JOURNAL = "predictions.partial.jsonl"  # a line per image as it is done: what a killed call leaves for --resume
 RESULTS_REMEDY = "free space in --output-dir or choose another"
@@ -488,9 +489,9 @@ class Done:
             self._file.close()
         write_json_atomic(out / CALL_RECORD, self.settings, RESULTS_REMEDY)  # first: the journal is kept till last
         if self._lines:
-            write_atomic(out / "predictions.json", self._copy_detections, RESULTS_REMEDY)
+            write_atomic(out / RESULTS, self._copy_detections, RESULTS_REMEDY)
         else:
-            write_json_atomic(out / "predictions.json", [], RESULTS_REMEDY)
+            write_json_atomic(out / RESULTS, [], RESULTS_REMEDY)
         write_json_atomic(out / "images.json", [self.images[i] for i in sorted(self.images)], RESULTS_REMEDY)
         remove_quietly(self.journal)
         return sum(self._counts.values())
@@ -561,13 +562,13 @@ def earlier_results(done: Done, out: Path, paths: list[Path], records: list) -> 
         done.continue_journal([(index(image, done.journal), image, count, start) for image, count, start in entries],
                               end)
     else:
-        if not (out / "images.json").is_file() and not (out / "predictions.json").is_file():
+        if not (out / "images.json").is_file() and not (out / RESULTS).is_file():
             raise UserError(f"--resume: {out} holds no earlier call to continue (no journal, images.json or "
                             f"predictions.json); check --output-dir, or leave --resume out")
         check_same_settings(recorded_settings(out), done.settings, out)
         try:
             images = json.loads((out / "images.json").read_text())
-            detections = json.loads((out / "predictions.json").read_text())
+            detections = json.loads((out / RESULTS).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"--resume continues a call whose predictions.json and images.json are in {out}, and "
                             f"they cannot be read ({e}); leave --resume out to start afresh") from None

@@ -15,6 +15,7 @@ train.py's evaluation: a file annotated as LVIS's is scored as LVIS's evaluation
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ from coco_utils import (  # noqa: E402
 )
 from errors import UserError, exit_status  # noqa: E402
 from results_file import GEOMETRY, checked_records, iou_types_in, read_results  # noqa: E402
+from tools import predict  # noqa: E402
 
+EVALUATION_SCORE_THRESH = 0.05  # torchvision's R-CNNs' box_score_thresh, which --test-only keeps
 WRITE_REMEDY = "free space there, make its folder writable, or give another --output"
 
 
@@ -172,6 +175,7 @@ def _records_by_type(paths: list[Path], wanted: list[str] | None) -> dict[str, t
             raise UserError(f"{path} holds no detections, so there is nothing to score (every AP would be 0)")
         carried = iou_types_in(records)
         _say_types_not_scored(path, records, carried)
+        _say_predict_threshold(path)
         if not carried:
             raise UserError(f"{path}: its detections do not all carry a bbox, a segmentation or keypoints; give "
                             f"each the geometry of the IoU type to score")
@@ -225,6 +229,21 @@ def _say_types_not_scored(path: Path, records: list[dict], carried: tuple[str, .
         if iou_type not in carried and having:
             print(f"note: {path}: {iou_type} is not scored from this file: {len(records) - having} of its "
                   f"{len(records)} detections have no {key}")
+
+
+def _say_predict_threshold(path: Path) -> None:
+    """tools/predict.py's file keeps the detections at its --score-thresh (0.5 unless given), which AP counts
+    lower than an evaluation's, whose model keeps them from its own threshold: said where its record shows so."""
+    try:
+        settings = json.loads((path.parent / predict.CALL_RECORD).read_text()) if path.name == predict.RESULTS else {}
+    except (OSError, ValueError):
+        return
+    threshold = settings.get("score_thresh") if isinstance(settings, dict) else None
+    if isinstance(threshold, (int, float)) and threshold > EVALUATION_SCORE_THRESH:
+        print(f"note: {path} was written by tools/predict.py with --score-thresh {threshold}, so the detections "
+              f"scoring below it are not there and AP counts lower than an evaluation's (the R-CNNs keep them from "
+              f"{EVALUATION_SCORE_THRESH}): run it with --score-thresh {EVALUATION_SCORE_THRESH} for numbers "
+              f"comparable with --test-only's")
 
 
 def _say_images_without_detections(path: Path, detected: set, images: int) -> None:
