@@ -202,3 +202,17 @@ def test_predicts_file_cut_at_its_score_threshold_is_noted(tiny_dataset, tmp_pat
         assert status == 0
         assert ("written by tools/predict.py with --score-thresh 0.5, so the detections scoring below it are not "
                 "there" in out) is said, threshold
+
+
+def test_ids_that_look_zero_based_are_said_so(tmp_path, capsys):
+    categories = [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]
+    images = [{"id": 1, "height": 50, "width": 50, "file_name": "1.jpg"}]
+    anns = [{"id": i, "image_id": 1, "category_id": i, "bbox": [10 * i, 0, 8, 8], "area": 64, "iscrowd": 0}
+            for i in (1, 2, 3)]
+    ground_truth = _write(tmp_path / "gt.json", {"images": images, "annotations": anns, "categories": categories})
+    shifted = [{"image_id": 1, "category_id": a["category_id"] - 1, "score": 0.9, "bbox": a["bbox"]} for a in anns]
+    status, _, err = _score(capsys, _write(tmp_path / "p.json", shifted), "--val-annotations", ground_truth)
+    assert status == 0 and "the ids look like 0-based class indices" in err and "add 1 to each id" in err
+    status, _, err = _score(capsys, _write(tmp_path / "p.json", shifted + [{**shifted[0], "category_id": 7}]),
+                            "--val-annotations", ground_truth)
+    assert status == 0 and "0-based" not in err, "an id past the last category: not merely shifted"

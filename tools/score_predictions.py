@@ -208,6 +208,10 @@ def _checked(path: Path, records: list[dict], coco_gt: CocoIndex, iou_type: str)
     if not kept:
         raise UserError(f"{path}: {said}; write each detection's category id as the annotation file has it (a "
                         f"model's label numbers are not the file's ids where its categories are not 1, 2, ...)")
+    numbered = sorted(coco_gt.getCatIds()) == list(range(1, len(coco_gt.getCatIds()) + 1))
+    if numbered and set(unknown) == {0} and max(record["category_id"] for record in kept) < len(coco_gt.getCatIds()):
+        said += ("; the ids look like 0-based class indices where the file numbers its categories from 1, and "
+                 "then every other detection is scored as the next category: add 1 to each id")
     print(f"warning: {path}: {said} and are left out", file=sys.stderr)
     return kept
 
