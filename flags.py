@@ -438,7 +438,7 @@ def best_metric(args: argparse.Namespace) -> tuple[str, str]:
     known = {*metric_names(kind, most), *metric_names(kind, most, federated=True)}
     if kind not in types or name not in known:
         if kind in ("bbox", "segm") and re.fullmatch(r"AR[1-9][0-9]*", name) and int(name[2:]) > 10:
-            if args.eval_max_dets is None and getattr(args, "resume", None):
+            if args.eval_max_dets is None and continues_a_checkpoint(args):
                 return kind, name
             raise UserError(f"--best-metric {args.best_metric} is the recall of a run scored with --eval-max-dets "
                             f"{name[2:]}, and this one scores up to {most} (AR{most}); give --eval-max-dets "

@@ -114,7 +114,7 @@ def take_saved_scoring(args: argparse.Namespace, saved: dict | None) -> None:
     checkpoint's run's arguments, None without one."""
     if args.eval_max_dets is not None:
         return
-    args.eval_max_dets = (saved or {}).get("eval_max_dets", COCO_MAX_DETECTIONS)
+    args.eval_max_dets = (saved or {}).get("eval_max_dets") or COCO_MAX_DETECTIONS
     if args.eval_max_dets != COCO_MAX_DETECTIONS:
         utils.print_once(f"As the checkpoint's run: --eval-max-dets {args.eval_max_dets}")
 

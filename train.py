@@ -738,7 +738,7 @@ def main(args: argparse.Namespace) -> dict:
     model and its training state, restore the checkpoint into them, then evaluate only or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
-    take_saved_scoring(args, checkpoint["args"] if checkpoint is not None else None)
+    take_saved_scoring(args, checkpoint.get("args") if checkpoint is not None else None)
     of_another_folder = (checkpoint is not None and not args.test_only
                          and from_another_run(resume, checkpoint, run.output_dir))
     if checkpoint is not None:

@@ -20,7 +20,7 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
 
 def test_eval_max_dets_left_out_is_the_checkpoints_runs_else_cocos(capsys):
     for given, saved, taken in [(None, {"eval_max_dets": 300}, 300), (None, {}, 100), (None, None, 100),
-                                (150, {"eval_max_dets": 300}, 150)]:
+                                (None, {"eval_max_dets": None}, 100), (150, {"eval_max_dets": 300}, 150)]:
         args = argparse.Namespace(eval_max_dets=given)
         resume.take_saved_scoring(args, saved)
         assert args.eval_max_dets == taken, (given, saved)

@@ -478,8 +478,10 @@ def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys
     left_to_checkpoint = argparse.Namespace(model="maskrcnn_resnet50_fpn", best_metric="segm/AR300",
                                             eval_max_dets=None, resume="c.pth")
     assert flags.best_metric(left_to_checkpoint) == ("segm", "AR300")
-    with pytest.raises(UserError, match=r"scores up to 100 \(AR100\); give --eval-max-dets 300 too"):
-        flags.best_metric(argparse.Namespace(**{**vars(left_to_checkpoint), "resume": None}))
+    for no_checkpoint in (None, "auto"):  # auto in a folder without one: a new run, which scores 100
+        with pytest.raises(UserError, match=r"scores up to 100 \(AR100\); give --eval-max-dets 300 too"):
+            flags.best_metric(argparse.Namespace(**{**vars(left_to_checkpoint), "resume": no_checkpoint,
+                                                    "output_dir": str(tmp_path)}))
 
 
 @pytest.mark.parametrize("interval, epochs, evaluated", [(1, 4, [0, 1, 2, 3]), (2, 5, [1, 3, 4]), (3, 6, [2, 5]),
