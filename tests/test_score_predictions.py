@@ -216,3 +216,19 @@ def test_ids_that_look_zero_based_are_said_so(tmp_path, capsys):
     status, _, err = _score(capsys, _write(tmp_path / "p.json", shifted + [{**shifted[0], "category_id": 7}]),
                             "--val-annotations", ground_truth)
     assert status == 0 and "0-based" not in err, "an id past the last category: not merely shifted"
+
+
+def test_our_files_are_scored_at_their_runs_eval_max_dets_unless_given(tiny_dataset, tmp_path, capsys):
+    data = json.loads((tiny_dataset / VAL).read_text())
+    path = _write(tmp_path / "predictions_bbox.json", _boxes_of_ground_truth(data))
+    scored = tmp_path / "scores.json"
+    _write(tmp_path / "evaluation.json", {"settings": {"eval_max_dets": 300}})
+    status, out, _ = _score(capsys, path, "--val-annotations", tiny_dataset / VAL, "--output", scored)
+    assert status == 0 and f"As the run that wrote them ({tmp_path / 'evaluation.json'}): --eval-max-dets 300" in out
+    assert "AR300" in json.loads(scored.read_text())["bbox"]
+    status, out, _ = _score(capsys, path, "--val-annotations", tiny_dataset / VAL, "--eval-max-dets", "100",
+                            "--output", scored)
+    assert status == 0 and "As the run" not in out and "AR100" in json.loads(scored.read_text())["bbox"]
+    _write(tmp_path / "args.json", {"args": {"eval_max_dets": 150}})
+    status, _, err = _score(capsys, path, "--val-annotations", tiny_dataset / VAL)
+    assert status == 2 and "different numbers of detections (300 in" in err and "give --eval-max-dets" in err

@@ -50,6 +50,7 @@ from errors import UserError, exit_status  # noqa: E402
 from results_file import GEOMETRY, checked_records, iou_types_in, read_results  # noqa: E402
 from tools import predict  # noqa: E402
 
+EVALUATION_RECORD, RUN_RECORD = "evaluation.json", "args.json"  # --test-only's and a training run's, in their folder
 EVALUATION_SCORE_THRESH = 0.05  # torchvision's R-CNNs' box_score_thresh, which --test-only keeps
 WRITE_REMEDY = "free space there, make its folder writable, or give another --output"
 
@@ -66,15 +67,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the annotation file to score against, instead of --data-path's")
     parser.add_argument("--iou-types", nargs="+", choices=list(GEOMETRY), default=None,
                         help="score only these (default: every type the detections carry)")
-    parser.add_argument("--eval-max-dets", type=int, default=COCO_MAX_DETECTIONS, metavar="N",
+    parser.add_argument("--eval-max-dets", type=int, default=None, metavar="N",
                         help="the most detections of an image, per category, that the box and mask scores count "
-                             "(of an image over all categories for a file annotated as LVIS's), as train.py's")
+                             "(of an image over all categories for a file annotated as LVIS's), as train.py's "
+                             "(default: that of the run whose evaluation.json or args.json is beside "
+                             "predictions_*.json, else 100)")
     parser.add_argument("--coco-backend", default="auto", choices=COCOEVAL_BACKENDS,
                         help="COCOeval's implementation: faster-coco-eval where installed (auto), or pycocotools")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="also write the metrics as JSON (as evaluation.json names them)")
     args = parser.parse_args(argv)
-    if args.eval_max_dets <= 10:
+    if args.eval_max_dets is not None and args.eval_max_dets <= 10:
         parser.error(f"--eval-max-dets {args.eval_max_dets} must be more than 10 (the scores count 1 and 10 too)")
     return exit_status(lambda: score_files(args), "nothing was written")
 
@@ -85,6 +88,8 @@ def score_files(args: argparse.Namespace) -> None:
     output = _output_path(args.output)
     ann_file = _annotation_file(args)
     by_type = _records_by_type(args.predictions, args.iou_types)
+    if args.eval_max_dets is None:
+        args.eval_max_dets = _runs_eval_max_dets([path for path, _ in by_type.values()])
     coco_gt = _ground_truth(ann_file, "keypoints" in by_type)
     federated = scored_as_lvis(coco_gt, list(by_type))
     backend = (check_federated(coco_gt, args.coco_backend, "the annotation file") if federated
@@ -152,6 +157,38 @@ def _annotation_file(args: argparse.Namespace) -> Path:
         raise UserError(f"annotation file {path} is missing; give --val-annotations FILE, or a --data-path holding "
                         f"the COCO layout")
     return path
+
+
+def _runs_eval_max_dets(paths: list[Path]) -> int:
+    """--eval-max-dets left out: that of the run that wrote our predictions files (the evaluation.json of a
+    --test-only call, the args.json of a training run, in their folder), said where it is not 100; else 100."""
+    found = {}
+    for path in paths:
+        if path.name not in {f"predictions_{iou_type}.json" for iou_type in GEOMETRY}:
+            continue
+        for record, section in ((EVALUATION_RECORD, "settings"), (RUN_RECORD, "args")):
+            value = _read_value(path.parent / record, (section, "eval_max_dets"))
+            if isinstance(value, int) and not isinstance(value, bool):
+                found[str(path.parent / record)] = value
+    if len(set(found.values())) > 1:
+        said = ", ".join(f"{value} in {where}" for where, value in found.items())
+        raise UserError(f"the runs beside the predictions scored up to different numbers of detections ({said}); "
+                        f"give --eval-max-dets")
+    value = next(iter(found.values()), COCO_MAX_DETECTIONS)
+    if value != COCO_MAX_DETECTIONS:
+        print(f"As the run that wrote them ({', '.join(found)}): --eval-max-dets {value}")
+    return value
+
+
+def _read_value(path: Path, keys: tuple[str, ...]) -> object:
+    """A value inside a JSON file, None where the file, or the value, is not there."""
+    try:
+        value = json.loads(path.read_text())
+        for key in keys:
+            value = value[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value
 
 
 def _ground_truth(ann_file: Path, keypoints: bool) -> CocoIndex:
