@@ -34,6 +34,12 @@ def check_same_flags(args: argparse.Namespace) -> None:
                         f"--resume, --workers, --device, --dist-url and --[no-]reuse-freed-memory may differ)")
 
 
+def _run_digest(checkpoint: dict) -> str:
+    """A digest of the arguments of the run that wrote a checkpoint: copies of one file agree, two runs' do not."""
+    arguments = checkpoint.get("args") or {}
+    return hashlib.sha256(repr(sorted((k, plain(v)) for k, v in arguments.items())).encode()).hexdigest()
+
+
 def ids_digest(ids: Sequence) -> str:
     """A digest of every id in order, for a list or the compact NumPy array alike (NumPy's repr of an array of
     over 1,000 elements shows only its ends)."""
@@ -77,16 +83,20 @@ def check_same_data(args: argparse.Namespace, data: Data) -> None:
 
 
 def check_same_on_every_rank(checkpoint: dict | None, resume: str) -> None:
-    """Every process resumes the same position: a node that cannot see the output folder's checkpoint (not on a
-    shared filesystem) would otherwise start afresh beside ranks that resume, and train apart until a collective
-    fails."""
-    found = utils.all_gather_object(None if checkpoint is None else (checkpoint.get("epoch"), checkpoint.get("step")))
+    """Every process resumes the same position of the same run: a node that cannot see the output folder's
+    checkpoint (not on a shared filesystem) would otherwise start afresh beside ranks that resume, and train apart
+    until a collective fails; one that reads another run's checkpoint would take that run's settings (sizes,
+    --eval-max-dets) and score apart."""
+    found = utils.all_gather_object(None if checkpoint is None else
+                                    (checkpoint.get("epoch"), checkpoint.get("step"), _run_digest(checkpoint)))
     if len(set(found)) == 1:
         return
     ranks: dict = {}
     for rank, position in enumerate(found):
         ranks.setdefault(position, []).append(str(rank))
-    where = {p: "none" if p is None else f"epoch {p[0]}" + ("" if p[1] is None else f" step {p[1]}") for p in ranks}
+    runs = list(dict.fromkeys(p[2] for p in found if p is not None))  # the first found is "a run", others "another"
+    where = {p: "none" if p is None else f"epoch {p[0]}" + ("" if p[1] is None else f" step {p[1]}")
+             + ("" if len(runs) == 1 else f" of run {runs.index(p[2]) + 1}") for p in ranks}
     said = "; ".join(f"rank {', '.join(r)}: {where[p]}" for p, r in ranks.items())
     raise UserError(f"--resume {resume}: the processes found different checkpoints ({said}); every node must read "
                     f"the same file: give --output-dir on a filesystem all nodes share, or --resume one file")

@@ -1,6 +1,7 @@
 """agreement.py: what every process of a job must share (flags, data read, checkpoint found)."""
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,13 @@ def test_ranks_that_find_different_checkpoints_to_resume_stop_with_one_line(tmp_
     said = in_two_processes(tmp_path / "ends", lambda rank: agreement.check_same_on_every_rank(
         {"epoch": rank, "step": None}, "auto"))
     assert "(rank 0: epoch 0; rank 1: epoch 1)" in said[0], said
+    # Two runs' checkpoints at the same epoch: each rank would take its own run's settings.
+    said = in_two_processes(tmp_path / "runs", lambda rank: agreement.check_same_on_every_rank(
+        {"epoch": 3, "step": None, "args": {"eval_max_dets": 100 + 200 * rank, "min_size": 800}}, "a.pth"))
+    assert "(rank 0: epoch 3 of run 1; rank 1: epoch 3 of run 2)" in said[0], said
+    assert in_two_processes(tmp_path / "copies", lambda rank: agreement.check_same_on_every_rank(
+        {"epoch": 3, "step": None, "args": {"eval_max_dets": 300, "output_dir": Path("out")}}, "a.pth")
+        or "resumed alike") == {0: "resumed alike", 1: "resumed alike"}, "copies of one file"
 
 
 def test_one_process_reads_no_digest_of_its_data(monkeypatch):
