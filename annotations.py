@@ -267,6 +267,11 @@ FREQUENCY_GROUPS = ("r", "c", "f")
 PARTLY_FEDERATED = "partly federated"  # the kind of the finding that only some images carry the lists
 
 
+def is_id_list(value: object) -> bool:
+    """Whether an LVIS list is what scoring reads: a list of integer category ids."""
+    return isinstance(value, list) and all(type(i) is int for i in value)
+
+
 def federated_findings(data: dict) -> list[Finding]:
     """For a file whose images carry LVIS's lists (scored as LVIS's evaluation scores it when every image does):
     lists that are no lists of category ids (errors: scoring fails on them), then images without them, ids of no
@@ -276,7 +281,7 @@ def federated_findings(data: dict) -> list[Finding]:
     errors = [Finding("error", "federated lists", f"image {img['id']!r}: {key} is {img.get(key)!r:.40}, not a list "
                       f"of category ids; give one (empty where none)")
               for img in listed for key in FEDERATED_LISTS
-              if not (isinstance(img.get(key), list) and all(type(i) is int for i in img[key]))]
+              if not is_id_list(img.get(key))]
     if not listed or errors:
         return errors
     present: dict = {}

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import utils
-from annotations import FEDERATED_LISTS, FREQUENCY_GROUPS, PARTLY_FEDERATED, rle_areas
+from annotations import FEDERATED_LISTS, FREQUENCY_GROUPS, PARTLY_FEDERATED, is_id_list, rle_areas
 from checkpoint import RUN_OUTPUT_REMEDY, write_json_atomic
 from coco_utils import CategoryMap, id_array, labels_of, plain_id, scoring_ground_truth
 from errors import UserError
@@ -119,7 +119,7 @@ def check_federated(coco_gt: COCO, backend: str = "auto", what: str = "the valid
                             f"category one")
     for image in coco_gt.dataset["images"]:
         for key in FEDERATED_LISTS:
-            if not (isinstance(image[key], list) and all(type(i) is int for i in image[key])):
+            if not is_id_list(image[key]):
                 raise UserError(f"{where}, and image {image.get('id')!r} has {key} {image[key]!r}: give a list of "
                                 f"category ids (empty where none)")
     return "faster"

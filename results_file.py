@@ -85,8 +85,12 @@ def _scored_record(record: dict, coco_gt: COCO, iou_type: str) -> dict:
     if iou_type == "segm":
         image = coco_gt.imgs[record["image_id"]]
         size = image["height"], image["width"]
-        rle = mask_utils.encode(np.zeros(size, dtype=np.uint8, order="F")) if geometry == [] else \
-            as_compressed_rle(geometry, *size)
+        if geometry == []:
+            rle = mask_utils.encode(np.zeros(size, dtype=np.uint8, order="F"))
+        elif isinstance(geometry, dict) and isinstance(geometry["counts"], (str, bytes)):
+            rle = geometry  # compressed RLE, checked already: as_compressed_rle would check its counts again
+        else:
+            rle = as_compressed_rle(geometry, *size)
         counts = rle["counts"]
         geometry = {"size": list(rle["size"]), "counts": counts.decode() if isinstance(counts, bytes) else counts}
     return {"image_id": record["image_id"], "category_id": record["category_id"], "score": record["score"],

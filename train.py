@@ -264,8 +264,8 @@ def check_scoring(args: argparse.Namespace, val_set: CocoDetection) -> None:
     federated = scored_as_lvis(val_set.coco, iou_types(args.model))
     if federated:
         check_federated(val_set.coco, args.coco_backend)
-    elif partly_federated_note(val_set.coco):  # the file check's finding, as a note here
-        utils.print_once(f"note: the validation file: {partly_federated_note(val_set.coco)}")
+    elif (note := partly_federated_note(val_set.coco)) is not None:  # the file check's finding, said here too
+        utils.print_once(f"note: the validation file: {note}")
     kind, name = best_metric(args)
     names = metric_names(kind, args.eval_max_dets, federated and kind != "keypoints")
     if name not in names:

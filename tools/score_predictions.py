@@ -220,7 +220,8 @@ def _records_by_type(paths: list[Path], wanted: list[str] | None) -> dict[str, t
     by_type = {}
     for iou_type in GEOMETRY:
         givers = [(len(carried), path, records) for path, records, carried in files if iou_type in carried]
-        fewest = [giver for giver in givers if giver[0] == min(g[0] for g in givers)]
+        least = min((giver[0] for giver in givers), default=None)
+        fewest = [giver for giver in givers if giver[0] == least]
         if len(fewest) > 1:
             raise UserError(f"{fewest[0][1]} and {fewest[1][1]} both hold {iou_type} detections; give one file of "
                             f"each IoU type")
@@ -245,8 +246,9 @@ def _checked(path: Path, records: list[dict], coco_gt: CocoIndex, iou_type: str)
     if not kept:
         raise UserError(f"{path}: {said}; write each detection's category id as the annotation file has it (a "
                         f"model's label numbers are not the file's ids where its categories are not 1, 2, ...)")
-    numbered = sorted(coco_gt.getCatIds()) == list(range(1, len(coco_gt.getCatIds()) + 1))
-    if numbered and set(unknown) == {0} and max(record["category_id"] for record in kept) < len(coco_gt.getCatIds()):
+    category_ids = sorted(coco_gt.getCatIds())
+    numbered = category_ids == list(range(1, len(category_ids) + 1))
+    if numbered and set(unknown) == {0} and max(record["category_id"] for record in kept) < len(category_ids):
         said += ("; the ids look like 0-based class indices where the file numbers its categories from 1, and "
                  "then every other detection is scored as the next category: add 1 to each id")
     print(f"warning: {path}: {said} and are left out", file=sys.stderr)
@@ -259,8 +261,8 @@ def _note_scoring(coco_gt: CocoIndex, federated: bool, max_dets: int) -> None:
         print(f"note: the annotation file is annotated as LVIS's, whose evaluation counts {LVIS_MAX_DETECTIONS} "
               f"detections an image, and this scoring counts {max_dets}: give --eval-max-dets {LVIS_MAX_DETECTIONS} "
               f"for AP comparable with LVIS's")
-    elif not federated and partly_federated_note(coco_gt):
-        print(f"note: the annotation file: {partly_federated_note(coco_gt)}")
+    elif not federated and (note := partly_federated_note(coco_gt)) is not None:
+        print(f"note: the annotation file: {note}")
 
 
 def _say_types_not_scored(path: Path, records: list[dict], carried: tuple[str, ...]) -> None:
@@ -275,11 +277,8 @@ def _say_types_not_scored(path: Path, records: list[dict], carried: tuple[str, .
 def _say_predict_threshold(path: Path) -> None:
     """tools/predict.py's file keeps the detections at its --score-thresh (0.5 unless given), which AP counts
     lower than an evaluation's, whose model keeps them from its own threshold: said where its record shows so."""
-    try:
-        settings = json.loads((path.parent / predict.CALL_RECORD).read_text()) if path.name == predict.RESULTS else {}
-    except (OSError, ValueError):
-        return
-    threshold = settings.get("score_thresh") if isinstance(settings, dict) else None
+    threshold = _read_value(path.parent / predict.CALL_RECORD, ("score_thresh",)) if path.name == predict.RESULTS \
+        else None
     if isinstance(threshold, (int, float)) and threshold > EVALUATION_SCORE_THRESH:
         print(f"note: {path} was written by tools/predict.py with --score-thresh {threshold}, so the detections "
               f"scoring below it are not there and AP counts lower than an evaluation's (the R-CNNs keep them from "
