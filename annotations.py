@@ -548,6 +548,28 @@ def finite_coordinates(polygon: list) -> bool:
         return False
 
 
+def far_outside(height: int, width: int) -> str:
+    """What a segmentation with polygon points too far from its image is, as segmentation_problem says it."""
+    return f"has polygon points far outside the {width} x {height} image (more than its size beyond it)"
+
+
+def polygons_problem(polygons: list[list], height: int, width: int) -> str | None:
+    """Why lists of coordinates cannot be drawn on a height x width image, or None: entries that are not finite
+    numbers, or points so far outside it that pycocotools' drawing, which walks every pixel of the outline,
+    exhausts memory or crashes (from 1e8). One pass in C a polygon, as cheap as a sum: the coordinates' norm
+    is at most 2 image sides times the root of their count unless one is over 2 sides away; a polygon within
+    that is drawn at a bounded cost."""
+    reach = 2.0 * max(height, width)
+    for polygon in polygons:
+        try:
+            norm = math.hypot(*polygon)  # nan or inf for entries that are
+        except (TypeError, OverflowError):
+            return NOT_NUMBERS
+        if not norm <= reach * math.sqrt(len(polygon)):
+            return far_outside(height, width) if math.isfinite(norm) else NOT_NUMBERS
+    return None
+
+
 def segmentation_problem(segmentation: object, height: int, width: int, covered: Mapping | None = None
                          ) -> str | None:
     """Why a non-empty segmentation cannot be drawn on a height x width image, or None: polygons are lists of
@@ -560,9 +582,7 @@ def segmentation_problem(segmentation: object, height: int, width: int, covered:
                 return ("is RLE inside a list; write the {'counts', 'size'} object itself"
                         + (f" (which then {inner})" if inner else ""))
             return "is neither a list of polygons (lists of coordinates) nor RLE"
-        if not all(finite_coordinates(polygon) for polygon in segmentation):
-            return NOT_NUMBERS
-        return None
+        return polygons_problem(segmentation, height, width)
     if not isinstance(segmentation, dict) or "counts" not in segmentation:
         return "is neither polygons nor RLE {'counts', 'size': [h, w]}"
     size = segmentation.get("size")
@@ -710,19 +730,18 @@ def _undrawable(ann: dict, image: dict, problem: str) -> Finding:
 
 
 def _polygon_warnings(polygons: list, ann: dict, image: dict) -> list[Finding]:
-    """Polygons with entries that are not finite numbers, an odd number of coordinates, or fewer than 3 points
-    (TypeError where one is no list)."""
+    """Polygons that cannot be drawn (polygons_problem), with an odd number of coordinates, or with fewer than 3
+    points (TypeError where one is no list)."""
     odd = short = False
-    numbers = True
     for polygon in polygons:
         if not isinstance(polygon, list):  # an RLE or a string inside the list: not a polygon, whatever its length
             raise TypeError(polygon)
         length = len(polygon)
         odd = odd or length % 2 == 1
         short = short or length - length % 2 < 6
-        numbers = numbers and finite_coordinates(polygon)
-    if not numbers:
-        return [_undrawable(ann, image, NOT_NUMBERS)]
+    problem = polygons_problem(polygons, image["height"], image["width"])
+    if problem:
+        return [_undrawable(ann, image, problem)]
     found = []
     if odd:
         found.append(Finding("warning", "odd polygon", f"{_where(ann, image)}: polygon with an odd number of "

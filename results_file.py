@@ -158,19 +158,14 @@ def _geometry_fault(geometry: object, iou_type: str, image: dict, category: dict
         height, width = image["height"], image["width"]
         problem = segmentation_problem(geometry, height, width, covered)
         if problem is None and isinstance(geometry, list):
-            problem = _polygons_problem(geometry, height, width)
+            problem = _polygons_problem(geometry)
         if problem:
             return "segm", f"have a segmentation that {problem}"
     return None
 
 
-def _polygons_problem(polygons: list[list], height: int, width: int) -> str | None:
-    """Why finite polygons cannot be drawn on the image: too few points, or points so far outside it that
-    pycocotools' drawing runs out of memory or crashes (it walks every pixel of the outline)."""
+def _polygons_problem(polygons: list[list]) -> str | None:
+    """Why polygons that can be drawn (segmentation_problem) are no detection's outline: too few points."""
     if not all(len(polygon) >= 6 and len(polygon) % 2 == 0 for polygon in polygons):
         return "is no polygons of 3 points or more (x, y, x, y, ...)"
-    for polygon in polygons:
-        xs, ys = polygon[0::2], polygon[1::2]
-        if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
-            return f"has polygon points far outside the {width} x {height} image (more than its size beyond it)"
     return None

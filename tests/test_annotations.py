@@ -116,6 +116,9 @@ def _coco(**changes) -> dict:
      "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
     ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, [20]]])}, "warning",
      "segmentation format", "has a polygon whose coordinates are not all finite numbers"),
+    ({"annotations": lambda a: a[0].update(segmentation=[[5, 5, 20, 5, 20, 20], [1, 1, 2, 2, -1e9, 3]])},
+     "warning", "segmentation format", "has polygon points far outside the 50 x 40 image (more than its size "
+                                       "beyond it); models that learn masks and mask scoring leave it out"),
     ({"annotations": lambda a: a[0].update(id=0)}, "warning", "annotation ids",
      "1 annotation ids are not positive integers (first: 0)"),
     ({"annotations": lambda a: a[0].pop("iscrowd")}, "warning", "no iscrowd", "read as 0, not crowd regions"),
@@ -220,6 +223,24 @@ def test_compressed_rle_of_another_size_than_its_size_says_is_undrawable():
             "without encoding the mask again)")
     sound = mask_utils.encode(np.asfortranarray(np.ones((40, 50), np.uint8)))["counts"]
     assert annotations.segmentation_problem({"size": [40, 50], "counts": sound}, 40, 50) is None
+
+@pytest.mark.parametrize("polygon, problem", [
+    ([0, 0, 10, 0, 10, 8, 0, 8], None),
+    ([-20, -20, 20, -20, 20, 20, -20, 20] * 50, None),  # every point 2 sides away, the most the bound promises
+    ([0, 0, 10, 0, 10, 8, 0, 21], None),  # past 2 sides, within the norm's bound: drawn, at a bounded cost
+    ([0, 0, 10, 0, 10, 8, 0, 60], "far outside"),
+    ([0, 0, 10, 0, 10, 8, 0, 8] * 500 + [1e8, 0], "far outside"),
+    ([0, 0, 10, 0, 10, 8, -1e300, 8], "far outside"),
+    ([0, 0, 10, 0, 10, 8, float("inf"), float("nan")], "not all finite numbers"),
+    ([0, 0, 10, 0, 10, 8, 0, 10**400], "not all finite numbers"),
+    ([0, 0, 10, 0, 10, 8, 0, "8"], "not all finite numbers"),
+])
+def test_polygons_too_far_outside_the_image_to_draw_are_said_so(polygon, problem):
+    said = annotations.polygons_problem([[0, 0, 5, 0, 5, 5], polygon], 8, 10)
+    assert said is None if problem is None else problem in said
+    if problem == "far outside":
+        assert max(abs(v) for v in polygon) > 2 * 10, "said only of a point more than 2 sides away"
+
 
 @pytest.mark.parametrize("bbox, leaves", [([36, 24, 15, 15], False), ([-1, -1, 15, 15], False),
                                            ([40, 5, 15, 15], True), ([5, 30, 15, 15], True),

@@ -538,6 +538,7 @@ def test_instance_masks_refuse_rle_of_another_size():
     ({"size": [10, 10]}, "is neither polygons nor RLE"),
     ("not an outline", "is neither polygons nor RLE"),
     ([[5, 5, 20, None, 20, 20]], "has a polygon whose coordinates are not all finite numbers"),
+    ([[5, 5, 20, 5, 1e12, 20]], "has polygon points far outside the"),  # pycocotools' drawing would crash
 ])
 def test_segmentations_that_cannot_be_drawn_are_dropped_as_the_check_warns(dataset, tmp_path, segmentation,
                                                                             problem):
