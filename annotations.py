@@ -556,18 +556,21 @@ def far_outside(height: int, width: int) -> str:
 def polygons_problem(polygons: list[list], height: int, width: int) -> str | None:
     """Why lists of coordinates cannot be drawn on a height x width image, or None: entries that are not finite
     numbers, or points so far outside it that pycocotools' drawing, which walks every pixel of the outline,
-    exhausts memory or crashes (from 1e8). One pass in C a polygon, as cheap as a sum: the coordinates' norm
-    is at most 2 image sides times the root of their count unless one is over 2 sides away; a polygon within
-    that is drawn at a bounded cost."""
+    exhausts memory or crashes (from 1e8; within_reach)."""
     reach = 2.0 * max(height, width)
-    for polygon in polygons:
-        try:
-            norm = math.hypot(*polygon)  # nan or inf for entries that are
-        except (TypeError, OverflowError):
-            return NOT_NUMBERS
-        if not norm <= reach * math.sqrt(len(polygon)):
-            return far_outside(height, width) if math.isfinite(norm) else NOT_NUMBERS
-    return None
+    if all(within_reach(polygon, reach) for polygon in polygons):
+        return None
+    return far_outside(height, width) if all(finite_coordinates(p) for p in polygons) else NOT_NUMBERS
+
+
+def within_reach(polygon: list, reach: float) -> bool:
+    """Whether a polygon's entries are finite numbers whose norm is at most reach times the root of their count:
+    true of every polygon within reach of the origin, false only of one with a point beyond it, and a polygon that
+    passes is drawn at a bounded cost. One pass in C, as cheap as a sum."""
+    try:
+        return math.hypot(*polygon) <= reach * math.sqrt(len(polygon))  # nan and inf compare false
+    except (TypeError, OverflowError):  # a string, None or list among them; an int too large for a float
+        return False
 
 
 def segmentation_problem(segmentation: object, height: int, width: int, covered: Mapping | None = None
@@ -733,15 +736,17 @@ def _polygon_warnings(polygons: list, ann: dict, image: dict) -> list[Finding]:
     """Polygons that cannot be drawn (polygons_problem), with an odd number of coordinates, or with fewer than 3
     points (TypeError where one is no list)."""
     odd = short = False
+    drawable, height, width = True, image["height"], image["width"]
+    reach = 2.0 * max(height, width)
     for polygon in polygons:
         if not isinstance(polygon, list):  # an RLE or a string inside the list: not a polygon, whatever its length
             raise TypeError(polygon)
         length = len(polygon)
         odd = odd or length % 2 == 1
         short = short or length - length % 2 < 6
-    problem = polygons_problem(polygons, image["height"], image["width"])
-    if problem:
-        return [_undrawable(ann, image, problem)]
+        drawable = drawable and within_reach(polygon, reach)
+    if not drawable:
+        return [_undrawable(ann, image, polygons_problem(polygons, height, width))]
     found = []
     if odd:
         found.append(Finding("warning", "odd polygon", f"{_where(ann, image)}: polygon with an odd number of "
