@@ -98,25 +98,20 @@ SAVED_MODEL_SETTINGS = ("min_size", "max_size", "rois_per_image", "detections_pe
                         "box_score_thresh")
 
 
-def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
-    """The checkpoint's run's model settings, for those this run leaves to their defaults; says which."""
-    taken = {name: saved[name] for name in SAVED_MODEL_SETTINGS
+def take_saved_settings(args: argparse.Namespace, saved: dict | None) -> None:
+    """The settings this run leaves to their defaults, as the checkpoint's run had them (saved: its arguments,
+    None without one): the model's sizes and limits, and --eval-max-dets (else COCO's); says which it takes."""
+    saved = saved or {}
+    taken = {name: saved[name] for name in (*SAVED_MODEL_SETTINGS, "eval_max_dets")
              if getattr(args, name) is None and saved.get(name) is not None}
     for name, value in taken.items():
         setattr(args, name, value)
-    if taken:
-        flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in taken.items())
-        utils.print_once(f"As the checkpoint's run: {flags}")
-
-
-def take_saved_scoring(args: argparse.Namespace, saved: dict | None) -> None:
-    """--eval-max-dets left out: the checkpoint's run's (said where it is not COCO's), else COCO's; saved is the
-    checkpoint's run's arguments, None without one."""
-    if args.eval_max_dets is not None:
-        return
-    args.eval_max_dets = (saved or {}).get("eval_max_dets") or COCO_MAX_DETECTIONS
-    if args.eval_max_dets != COCO_MAX_DETECTIONS:
-        utils.print_once(f"As the checkpoint's run: --eval-max-dets {args.eval_max_dets}")
+    if args.eval_max_dets is None:
+        args.eval_max_dets = COCO_MAX_DETECTIONS
+    said = [f"--{name.replace('_', '-')} {value}" for name, value in taken.items()
+            if (name, value) != ("eval_max_dets", COCO_MAX_DETECTIONS)]
+    if said:
+        utils.print_once(f"As the checkpoint's run: {' '.join(said)}")
 
 
 def check_same_layout(args: argparse.Namespace, saved: dict) -> None:

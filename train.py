@@ -104,7 +104,6 @@ from resume import (
     note_changed_settings,
     note_other_training_images,
     read_resume_checkpoint,
-    take_saved_scoring,
     take_saved_settings,
 )
 from run_record import outcome_recorded, write_arguments
@@ -282,10 +281,9 @@ def check_scoring(args: argparse.Namespace, val_set: CocoDetection) -> None:
 def create_model(args: argparse.Namespace, num_classes: int, checkpoint: dict | None,
                  categories: CategoryMap) -> torch.nn.Module:
     """torchvision's model, with its weights read from local files; for a checkpoint, laid out as its run was
-    (with its sizes and settings unless given) and not read from anywhere (the checkpoint has every weight)."""
+    (the sizes and settings main took from it unless given) and not read from anywhere (the checkpoint has every
+    weight)."""
     utils.print_once(f"Creating model {args.model} with {num_classes} classes")
-    if checkpoint is not None:
-        take_saved_settings(args, checkpoint["args"])
     options = builder_options(args)
     if args.data_augmentation in presets.RESIZING_AUGMENTATIONS:
         options["_skip_resize"] = True  # in training only: evaluation images are resized by the model
@@ -738,11 +736,11 @@ def main(args: argparse.Namespace) -> dict:
     model and its training state, restore the checkpoint into them, then evaluate only or train."""
     run = start_run(args)
     checkpoint, resume = read_resume_checkpoint(args)
-    take_saved_scoring(args, checkpoint.get("args") if checkpoint is not None else None)
-    of_another_folder = (checkpoint is not None and not args.test_only
-                         and from_another_run(resume, checkpoint, run.output_dir))
     if checkpoint is not None:
         check_same_model(args, checkpoint, resume)
+    take_saved_settings(args, checkpoint.get("args") if checkpoint is not None else None)
+    of_another_folder = (checkpoint is not None and not args.test_only
+                         and from_another_run(resume, checkpoint, run.output_dir))
     if checkpoint is not None and not args.test_only:  # before anything of the folder's run is cut back
         check_continuable(checkpoint, f"--resume {resume}")  # before "nothing left", whose advice it would undo
         if checkpoint.get("stopped_early"):

@@ -21,8 +21,8 @@ def test_a_checkpoint_from_outside_the_folder_is_another_runs_unless_written_for
 def test_eval_max_dets_left_out_is_the_checkpoints_runs_else_cocos(capsys):
     for given, saved, taken in [(None, {"eval_max_dets": 300}, 300), (None, {}, 100), (None, None, 100),
                                 (None, {"eval_max_dets": None}, 100), (150, {"eval_max_dets": 300}, 150)]:
-        args = argparse.Namespace(eval_max_dets=given)
-        resume.take_saved_scoring(args, saved)
+        args = argparse.Namespace(eval_max_dets=given, **{name: None for name in resume.SAVED_MODEL_SETTINGS})
+        resume.take_saved_settings(args, saved)
         assert args.eval_max_dets == taken, (given, saved)
     assert capsys.readouterr().out == "As the checkpoint's run: --eval-max-dets 300\n", "said where it was taken"
 
@@ -44,12 +44,13 @@ def test_a_run_continued_in_its_folder_scores_as_its_evaluations_did(capsys):
 
 
 def test_a_checkpoints_evaluation_settings_are_taken_where_this_run_leaves_them_to_the_defaults(capsys):
-    args = argparse.Namespace(**{name: None for name in resume.SAVED_MODEL_SETTINGS})
+    args = argparse.Namespace(eval_max_dets=None, **{name: None for name in resume.SAVED_MODEL_SETTINGS})
     args.min_size = 80
     resume.take_saved_settings(args, {"min_size": 64, "box_score_thresh": 0.0001, "detections_per_image": 300,
-                                      "rpn_score_thresh": None})
+                                      "rpn_score_thresh": None, "eval_max_dets": 300})
     assert (args.min_size, args.box_score_thresh, args.detections_per_image) == (80, 0.0001, 300)
-    assert capsys.readouterr().out == "As the checkpoint's run: --detections-per-image 300 --box-score-thresh 0.0001\n"
+    assert capsys.readouterr().out == ("As the checkpoint's run: --detections-per-image 300 --box-score-thresh 0.0001 "
+                                       "--eval-max-dets 300\n")
 
 
 def test_a_resumed_run_says_which_training_settings_it_gives_otherwise(capsys):

@@ -245,7 +245,7 @@ def _val_files() -> tuple[argparse.Namespace, argparse.Namespace]:
 def _parsed(argv: list[str]) -> argparse.Namespace:
     """train.py's arguments as main has them before it reads the data (no checkpoint)."""
     args = train.get_args_parser().parse_args(argv)
-    resume.take_saved_scoring(args, None)
+    resume.take_saved_settings(args, None)
     return args
 
 
