@@ -500,15 +500,28 @@ def save_epoch(run: Run, state: TrainingState, epoch: int) -> None:
         prune_epoch_files(run.output_dir, run.args.keep_last, epoch)
 
 
+def validation_digest(val_set: CocoDetection) -> str:
+    """A short digest of the validation images and instances, which each evaluation's record keeps."""
+    return hashlib.sha256(repr((ids_digest(val_set.ids), val_set.instances_read())).encode()).hexdigest()[:16]
+
+
 class BestModel:
     """model_best.pth: the weights of the evaluation with the best metric (best_metric) so far (counting a resumed
-    run's), and how many evaluations have passed without a better one."""
+    run's evaluations of the same validation data, validation_digest), and how many evaluations have passed
+    without a better one."""
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
+    def __init__(self, run: Run, validation: str) -> None:
+        self.run, self.validation = run, validation
         self.kind, self.metric = best_metric(run.args)
-        # records of the metric (an evaluation of an earlier version may lack one, such as LVIS's APr)
-        records = [r for r in run.writers.records("eval") if self.metric in r.get(self.kind, {})]
+        # records of the metric (an evaluation of an earlier version may lack one, such as LVIS's APr, or the
+        # validation digest, which is then taken as this run's)
+        scored = [r for r in run.writers.records("eval") if self.metric in r.get(self.kind, {})]
+        records = [r for r in scored if r.get("validation", validation) == validation]
+        if len(records) < len(scored):  # its APs measure another set: the best of them may never be beaten
+            utils.print_once(f"note: {utils.counted(len(scored) - len(records), 'earlier evaluation')} of this run "
+                             f"scored other validation images or instances than this run reads: model_best.pth and "
+                             f"--patience leave them out"
+                             + ("" if records else ", and the next evaluation's weights replace model_best.pth"))
         history = [r[self.kind][self.metric] for r in records]
         self.best = max(history, default=None)
         self.best_epoch = records[history.index(self.best)]["epoch"] if history else None
@@ -588,7 +601,7 @@ def evaluate_epoch(run: Run, data: Data, state: TrainingState, epoch: int, best:
         utils.print_once("Evaluating the weights' moving average (model_ema)")
     evaluator, metrics, eval_model = run_evaluation(run, data, evaluated_weights(state), stop_requested)
     if run.is_main:
-        about = {"seconds": round(time.perf_counter() - started, 3)}
+        about = {"seconds": round(time.perf_counter() - started, 3), "validation": best.validation}
         evaluator.write_results(run.output_dir)
         about["new_best"] = best.update(metrics, state, epoch)
         report_evaluation(run, data, eval_model, epoch, {**metrics, **raw}, at, about)
@@ -617,7 +630,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
                            after_step=moving_average_updates(state, args.model_ema_steps))
     evaluations = EvaluationTimes(args)
     options.seconds_after = evaluations.expected_after
-    best, metrics = BestModel(run), {}
+    best, metrics = BestModel(run, validation_digest(data.val_set)), {}
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
     if saved_but_not_evaluated(run, state.epoch, state.step):
         utils.print_once(f"Evaluating epoch {state.epoch} first: the run stopped after saving it, before its "

@@ -78,6 +78,7 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
     assert evaluation["val_annotations"] == str(val_file.resolve())
     assert evaluation["val_images"] == len(json.loads(val_file.read_text())["images"])
     trained_eval = [r for r in read_metrics(out) if r["type"] == "eval"][-1]
+    assert re.fullmatch("[0-9a-f]{16}", trained_eval["validation"]), "the validation data's digest, for BestModel"
     assert (evaluation["epoch"], evaluation["step"]) == (trained_eval["epoch"], None)
     for iou_type in ("bbox", "segm"):  # the epoch's evaluation during training, to the last digit
         assert evaluation[iou_type] == trained_eval[iou_type], iou_type
@@ -436,7 +437,7 @@ def test_each_evaluation_says_whether_it_is_the_best_and_how_long_since_one_was(
     args = argparse.Namespace(patience=3, model="maskrcnn_resnet50_fpn", best_metric=None, eval_max_dets=100)
     run = argparse.Namespace(writers=writers, output_dir=tmp_path, args=args)
     state = argparse.Namespace(weights_dict=lambda: {"model": {}})
-    best = train.BestModel(run)  # a resumed run's: best at epoch 1, one evaluation since
+    best = train.BestModel(run, "v1")  # a resumed run's: best at epoch 1, one evaluation since
     assert (best.best, best.best_epoch, best.since_best) == (0.3, 1, 1)
     assert best.update({"bbox": {"AP": 0.9}, "segm": {"AP": 0.25}}, state, 3) is False
     assert capsys.readouterr().out == ("mask AP 0.2500, not above the best, 0.3000 at epoch 1: 2 evaluations without "
@@ -447,12 +448,40 @@ def test_each_evaluation_says_whether_it_is_the_best_and_how_long_since_one_was(
     assert (tmp_path / "model_best.pth").is_file() and best.since_best == 0
 
 
+def test_model_best_and_patience_compare_only_evaluations_of_the_same_validation_data(tmp_path, capsys):
+    evals = [{"epoch": 0, "segm": {"AP": 0.6}, "validation": "small"}, {"epoch": 1, "segm": {"AP": 0.2}},
+             {"epoch": 2, "segm": {"AP": 0.3}, "validation": "full"}, {"epoch": 3, "segm": {"AP": 0.1},
+                                                                      "validation": "full"}]
+    args = argparse.Namespace(patience=3, model="maskrcnn_resnet50_fpn", best_metric=None, eval_max_dets=100)
+    run = argparse.Namespace(writers=argparse.Namespace(records=lambda kind: evals), output_dir=tmp_path, args=args)
+    best = train.BestModel(run, "full")  # the first evaluation, on a subset, scored higher than any can on all
+    assert (best.best, best.best_epoch, best.since_best) == (0.3, 2, 1), "one without a digest counts as this one's"
+    assert capsys.readouterr().out == ("note: 1 earlier evaluation of this run scored other validation images or "
+                                       "instances than this run reads: model_best.pth and --patience leave them out\n")
+    best = train.BestModel(run, "another")
+    assert (best.best, best.best_epoch, best.since_best) == (0.2, 1, 0)
+    evals.pop(1)
+    best = train.BestModel(run, "another")
+    assert (best.best, best.since_best) == (None, 0)
+    assert capsys.readouterr().out.endswith("leave them out, and the next evaluation's weights replace "
+                                            "model_best.pth\n")
+
+
+def test_the_validation_digest_tells_other_images_and_instances_apart():
+    images, instances = [1, 2, 3], (5, 123)
+    val_set = argparse.Namespace(ids=images, instances_read=lambda: instances)
+    digest = train.validation_digest(val_set)
+    assert train.validation_digest(argparse.Namespace(ids=list(images), instances_read=lambda: (5, 123))) == digest
+    assert train.validation_digest(argparse.Namespace(ids=[1, 2], instances_read=lambda: instances)) != digest
+    assert train.validation_digest(argparse.Namespace(ids=images, instances_read=lambda: (5, 124))) != digest
+
+
 def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys):
     evals = [{"epoch": e, "bbox": {"AP": 0.5, "AP50": ap50}, "segm": {"AP": ap}}
              for e, (ap, ap50) in enumerate(((0.1, 0.7), (0.3, 0.6)))]
     args = argparse.Namespace(patience=None, model="maskrcnn_resnet50_fpn", best_metric="bbox/AP50", eval_max_dets=100)
     run = argparse.Namespace(writers=argparse.Namespace(records=lambda kind: evals), output_dir=tmp_path, args=args)
-    best = train.BestModel(run)
+    best = train.BestModel(run, "v1")
     assert (best.best, best.best_epoch, best.since_best) == (0.7, 0, 1), "the mask AP would say epoch 1"
     assert best.update({"bbox": {"AP": 0.1, "AP50": 0.8}, "segm": {"AP": 0.0}}, argparse.Namespace(
         weights_dict=lambda: {"model": {}}), 2) is True
