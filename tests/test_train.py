@@ -95,8 +95,9 @@ def test_test_only_resume_prints_tables_and_writes_predictions(trained, dataset,
                     "--resume", str(tmp_path / "scored_to_150.pth"), *unsized, torch_home=torch_home)
     (tmp_path / "scored_to_150.pth").unlink()
     assert again.returncode == 0, again.stderr
-    assert "As the checkpoint's run: --min-size 96 --max-size 96" in again.stdout
-    assert "As the checkpoint's run: --eval-max-dets 150" in again.stdout
+    # one line, --rois-per-image 64 of TRAIN_FLAGS too
+    assert ("As the checkpoint's run: --min-size 96 --max-size 96 --rois-per-image 64 --eval-max-dets 150\n"
+            in again.stdout)
     assert again.stdout.count("Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=150 ]") == 2
     for iou_type in ("bbox", "segm"):
         name = f"predictions_{iou_type}.json"
