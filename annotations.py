@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -265,6 +266,48 @@ def annotation_findings(data: dict) -> list[Finding]:
 FEDERATED_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
 FREQUENCY_GROUPS = ("r", "c", "f")
 PARTLY_FEDERATED = "partly federated"  # the kind of the finding that only some images carry the lists
+
+
+# What scoring reads of each entry of an annotation file (outlines and keypoints aside: an outline corrected
+# changes the area); LVIS's per-image lists are sets.
+SCORED_FIELDS = {"images": ("id", "neg_category_ids", "not_exhaustive_category_ids"), "categories": ("id", "frequency"),
+                 "annotations": ("id", "image_id", "category_id", "iscrowd", "bbox", "area")}
+ID_SETS = ("neg_category_ids", "not_exhaustive_category_ids")
+
+
+def scoring_digest(data: dict) -> str:
+    """A short digest of what scoring reads of an annotation file (SCORED_FIELDS), the same for the file written
+    otherwise: in another order of entries or keys, with 1 as 1.0."""
+    digest = hashlib.sha256()
+    for part, fields in SCORED_FIELDS.items():
+        rows = (map(_scored_annotation, data[part]) if part == "annotations"
+                else (_scored_row(entry, fields) for entry in data[part]))
+        digest.update("\n".join([part, *sorted(rows)]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _scored_row(entry: dict, fields: Sequence[str]) -> str:
+    return repr(tuple(_as_scored(entry.get(f), f in ID_SETS) for f in fields))
+
+
+def _as_scored(value: object, is_set: bool = False) -> object:
+    """A value of SCORED_FIELDS as scoring reads it: numbers as floats, lists element by element (as sets)."""
+    if isinstance(value, (int, float)):  # bools too: an iscrowd of True is 1
+        return float(value)
+    if isinstance(value, list):
+        items = [_as_scored(v) for v in value]
+        return tuple(sorted(items, key=repr) if is_set else items)
+    return value
+
+
+def _scored_annotation(ann: dict) -> str:
+    """_scored_row of an annotation, written out for the usual one (a file may hold millions)."""
+    try:
+        return repr((ann.get("id"), ann.get("image_id"), ann.get("category_id"), float(ann.get("iscrowd", 0)),
+                     tuple(map(float, ann["bbox"])), float(ann["area"])))
+    except (TypeError, ValueError, KeyError):  # fields that are no numbers (the file check said so)
+        return repr((ann.get("id"), ann.get("image_id"), ann.get("category_id"),
+                     *(_as_scored(ann.get(f)) for f in ("iscrowd", "bbox", "area"))))
 
 
 def is_id_list(value: object) -> bool:
@@ -568,7 +611,9 @@ def within_reach(polygon: list, reach: float) -> bool:
     true of every polygon within reach of the origin, false only of one with a point beyond it, and a polygon that
     passes is drawn at a bounded cost. One pass in C, as cheap as a sum."""
     try:
-        return math.hypot(*polygon) <= reach * math.sqrt(len(polygon))  # nan and inf compare false
+        # nan and inf compare false; the margin covers the roundings of hypot and sqrt (a polygon whose every
+        # entry is at reach would be refused one time in a few otherwise)
+        return math.hypot(*polygon) <= reach * math.sqrt(len(polygon)) * (1 + 1e-9)
     except (TypeError, OverflowError):  # a string, None or list among them; an int too large for a float
         return False
 

@@ -28,7 +28,6 @@ from annotations import (
     annotation_findings,
     collection_paused,
     finite_box,
-    finite_coordinates,
     image_path_problem,
     is_area,
     is_flat_polygon,
@@ -36,6 +35,7 @@ from annotations import (
     labelled_keypoints,
     read_annotation_file,
     segmentation_problem,
+    within_reach,
 )
 from errors import UserError
 from transforms import image_size
@@ -560,17 +560,19 @@ def counts_for_training(ann: dict) -> bool:
     return not (w <= 1 or h <= 1)
 
 
-def has_outline(ann: dict) -> bool:
-    """Whether a mask can be learned from the annotation: a training instance (no crowd region) with RLE or a
-    polygon of 3 points or more (not, say, a list of [x, y] pairs, which the loader leaves out)."""
+def has_outline(ann: dict, image: dict | None) -> bool:
+    """Whether a mask can be learned from the annotation of an image (None: not in the file): a training instance
+    (no crowd region) with RLE or a polygon of 3 points or more that can be drawn on it (not, say, a list of
+    [x, y] pairs, nor points far outside it, which the loader leaves out)."""
     segmentation = ann.get("segmentation")
-    if ann.get("iscrowd") or not segmentation or not counts_for_training(ann):
+    if ann.get("iscrowd") or not segmentation or not counts_for_training(ann) or image is None:
         return False
     if isinstance(segmentation, dict):
         return "counts" in segmentation
     polygons = [segmentation] if is_flat_polygon(segmentation) else segmentation
+    reach = 2.0 * max(image["height"], image["width"])
     return isinstance(polygons, list) and any(
-        isinstance(polygon, list) and len(polygon) >= 6 and finite_coordinates(polygon) for polygon in polygons)
+        isinstance(polygon, list) and len(polygon) >= 6 and within_reach(polygon, reach) for polygon in polygons)
 
 
 def trains_keypoints(anns: list[dict]) -> bool:
@@ -981,7 +983,7 @@ def build_dataset(data_path: str | Path, dataset: str, split: str, transforms,
         raise UserError(f"{ann_file} has no usable {what}; check that 'images' and 'annotations' are filled in")
     if split == "val" and not any(counts_for_scoring(a) for a in coco.dataset["annotations"]):
         raise UserError(f"{ann_file}: {NOTHING_TO_SCORE}")
-    if ds.with_masks and not any(has_outline(a) for a in coco.dataset["annotations"]):
+    if ds.with_masks and not any(has_outline(a, coco.imgs.get(a["image_id"])) for a in coco.dataset["annotations"]):
         raise UserError(f"{ann_file}: {NO_OUTLINES}, and the model learns masks; train a box model such as --model "
                         f"fasterrcnn_resnet50_fpn, or add the outlines")
     return ds

@@ -207,7 +207,8 @@ def training_findings(data: dict) -> list[Finding]:
     if not any(counts_for_training(a) for a in data["annotations"]):
         return [Finding("error", "nothing to train on", "no annotation has a box with extent (4 finite numbers, "
                                                         "width and height over 1 px), so no image trains")]
-    if not any(has_outline(a) for a in data["annotations"]):
+    images = {img["id"]: img for img in data["images"]}
+    if not any(has_outline(a, images.get(a["image_id"])) for a in data["annotations"]):
         return [Finding("warning", "no outlines", f"{NO_OUTLINES}: models that learn masks (maskrcnn_*) stop on "
                                                   f"this file, box models train on it")]
     return []
