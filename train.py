@@ -36,6 +36,7 @@ import presets
 import speedups
 import utils
 from agreement import check_same_data, check_same_flags, ids_digest
+from annotations import scoring_digest
 from checkpoint import (
     RUN_OUTPUT_REMEDY,
     TrainingState,
@@ -500,14 +501,9 @@ def save_epoch(run: Run, state: TrainingState, epoch: int) -> None:
         prune_epoch_files(run.output_dir, run.args.keep_last, epoch)
 
 
-def validation_digest(val_set: CocoDetection) -> str:
-    """A short digest of the validation images and instances, which each evaluation's record keeps."""
-    return hashlib.sha256(repr((ids_digest(val_set.ids), val_set.instances_read())).encode()).hexdigest()[:16]
-
-
 class BestModel:
     """model_best.pth: the weights of the evaluation with the best metric (best_metric) so far (counting a resumed
-    run's evaluations of the same validation data, validation_digest), and how many evaluations have passed
+    run's evaluations of the same validation data, annotations.scoring_digest), and how many evaluations have passed
     without a better one."""
 
     def __init__(self, run: Run, validation: str) -> None:
@@ -519,8 +515,8 @@ class BestModel:
         records = [r for r in scored if r.get("validation", validation) == validation]
         if len(records) < len(scored):  # its APs measure another set: the best of them may never be beaten
             utils.print_once(f"note: {utils.counted(len(scored) - len(records), 'earlier evaluation')} of this run "
-                             f"scored other validation images or instances than this run reads: model_best.pth and "
-                             f"--patience leave them out"
+                             f"scored other validation data (images, instances or categories) than this run reads: "
+                             f"model_best.pth and --patience leave them out"
                              + ("" if records else ", and the next evaluation's weights replace model_best.pth"))
         history = [r[self.kind][self.metric] for r in records]
         self.best = max(history, default=None)
@@ -630,7 +626,7 @@ def train(run: Run, data: Data, model: torch.nn.Module, state: TrainingState) ->
                            after_step=moving_average_updates(state, args.model_ema_steps))
     evaluations = EvaluationTimes(args)
     options.seconds_after = evaluations.expected_after
-    best, metrics = BestModel(run, validation_digest(data.val_set)), {}
+    best, metrics = BestModel(run, scoring_digest(data.val_set.coco.dataset)), {}
     start_epoch, start_step = state.resume_at if state.epoch >= 0 else (args.start_epoch, 0)
     if saved_but_not_evaluated(run, state.epoch, state.step):
         utils.print_once(f"Evaluating epoch {state.epoch} first: the run stopped after saving it, before its "

@@ -227,6 +227,8 @@ def test_compressed_rle_of_another_size_than_its_size_says_is_undrawable():
 @pytest.mark.parametrize("polygon, problem", [
     ([0, 0, 10, 0, 10, 8, 0, 8], None),
     ([-20, -20, 20, -20, 20, 20, -20, 20] * 50, None),  # every point 2 sides away, the most the bound promises
+    ([20, 20, 20, 20, 20, 20], None),  # where hypot and sqrt round apart
+    ([20, -20, 20, 20, -20, 20, -20, -20, 20, 20, 20, 20], None),
     ([0, 0, 10, 0, 10, 8, 0, 21], None),  # past 2 sides, within the norm's bound: drawn, at a bounded cost
     ([0, 0, 10, 0, 10, 8, 0, 60], "far outside"),
     ([0, 0, 10, 0, 10, 8, 0, 8] * 500 + [1e8, 0], "far outside"),
@@ -284,6 +286,29 @@ def test_an_iscrowd_written_as_a_string_is_an_error():
     found = annotations.annotation_findings(_coco(annotations=lambda a: a[0].update(iscrowd="0")))
     assert (found[0].level, found[0].kind) == ("error", "iscrowd")
     assert "1 annotations have an 'iscrowd' other than 0 or 1 (first: annotation 7: '0')" in found[0].message
+
+
+def test_the_scoring_digest_is_the_files_content_as_scored_however_written():
+    data = _coco()
+    data["images"].append({"id": 2, "file_name": "b.jpg", "width": 30, "height": 30})
+    data["categories"].append({"id": 1, "name": "other", "frequency": "f"})
+    data["annotations"].append({**data["annotations"][0], "id": 8, "image_id": 2, "category_id": 1})
+    data["images"][0].update(neg_category_ids=[3, 1], not_exhaustive_category_ids=[])
+    digest = annotations.scoring_digest(data)
+    rewritten = json.loads(json.dumps(data, sort_keys=True))
+    for part in ("images", "annotations", "categories"):
+        rewritten[part].reverse()
+    ann = rewritten["annotations"][0]
+    ann.update(bbox=[float(v) for v in ann["bbox"]], iscrowd=bool(ann["iscrowd"]), extra="not scored")
+    rewritten["images"][-1]["neg_category_ids"] = [1, 3]  # the first image, reversed
+    assert annotations.scoring_digest(rewritten) == digest
+    for change in (lambda d: d["images"].pop(), lambda d: d["annotations"][0]["bbox"].__setitem__(0, 99),
+                   lambda d: d["annotations"][0].update(iscrowd=1), lambda d: d["annotations"][0].update(area=1),
+                   lambda d: d["images"][0].update(neg_category_ids=[1]),
+                   lambda d: d["categories"][1].update(frequency="r")):
+        changed = json.loads(json.dumps(data))
+        change(changed)
+        assert annotations.scoring_digest(changed) != digest
 
 
 def test_a_sound_file_has_no_findings():

@@ -158,6 +158,9 @@ FAULTS = {
                            "ERROR nothing to train on", "no annotation has a box with extent"),
     "no outlines": (lambda root, d: [a.update(segmentation=[]) for a in d["annotations"] if not a["iscrowd"]],
                     "WARNING no outlines", "models that learn masks (maskrcnn_*) stop on this file"),
+    "no outline that can be drawn": (lambda root, d: [a.update(segmentation=[[0, 0, 9, 0, 1e9, 9]])
+                                                      for a in d["annotations"] if not a["iscrowd"]],
+                                     "WARNING no outlines", "models that learn masks (maskrcnn_*) stop on this file"),
 }
 
 

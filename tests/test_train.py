@@ -457,8 +457,9 @@ def test_model_best_and_patience_compare_only_evaluations_of_the_same_validation
     run = argparse.Namespace(writers=argparse.Namespace(records=lambda kind: evals), output_dir=tmp_path, args=args)
     best = train.BestModel(run, "full")  # the first evaluation, on a subset, scored higher than any can on all
     assert (best.best, best.best_epoch, best.since_best) == (0.3, 2, 1), "one without a digest counts as this one's"
-    assert capsys.readouterr().out == ("note: 1 earlier evaluation of this run scored other validation images or "
-                                       "instances than this run reads: model_best.pth and --patience leave them out\n")
+    assert capsys.readouterr().out == ("note: 1 earlier evaluation of this run scored other validation data (images, "
+                                       "instances or categories) than this run reads: model_best.pth and --patience "
+                                       "leave them out\n")
     best = train.BestModel(run, "another")
     assert (best.best, best.best_epoch, best.since_best) == (0.2, 1, 0)
     evals.pop(1)
@@ -466,15 +467,6 @@ def test_model_best_and_patience_compare_only_evaluations_of_the_same_validation
     assert (best.best, best.since_best) == (None, 0)
     assert capsys.readouterr().out.endswith("leave them out, and the next evaluation's weights replace "
                                             "model_best.pth\n")
-
-
-def test_the_validation_digest_tells_other_images_and_instances_apart():
-    images, instances = [1, 2, 3], (5, 123)
-    val_set = argparse.Namespace(ids=images, instances_read=lambda: instances)
-    digest = train.validation_digest(val_set)
-    assert train.validation_digest(argparse.Namespace(ids=list(images), instances_read=lambda: (5, 123))) == digest
-    assert train.validation_digest(argparse.Namespace(ids=[1, 2], instances_read=lambda: instances)) != digest
-    assert train.validation_digest(argparse.Namespace(ids=images, instances_read=lambda: (5, 124))) != digest
 
 
 def test_best_metric_chooses_what_model_best_and_patience_go_by(tmp_path, capsys):
