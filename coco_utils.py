@@ -35,7 +35,6 @@ from annotations import (
     labelled_keypoints,
     read_annotation_file,
     segmentation_problem,
-    within_reach,
 )
 from errors import UserError
 from transforms import image_size
@@ -562,17 +561,13 @@ def counts_for_training(ann: dict) -> bool:
 
 def has_outline(ann: dict, image: dict | None) -> bool:
     """Whether a mask can be learned from the annotation of an image (None: not in the file): a training instance
-    (no crowd region) with RLE or a polygon of 3 points or more that can be drawn on it (not, say, a list of
-    [x, y] pairs, nor points far outside it, which the loader leaves out)."""
-    segmentation = ann.get("segmentation")
-    if ann.get("iscrowd") or not segmentation or not counts_for_training(ann) or image is None:
+    (no crowd region) that the loader keeps for a model that learns masks, by its own rule (_repaired_annotation;
+    a flat polygon read as the polygon it wraps, as load_coco does)."""
+    if ann.get("iscrowd") or not ann.get("segmentation") or not counts_for_training(ann) or image is None:
         return False
-    if isinstance(segmentation, dict):
-        return "counts" in segmentation
-    polygons = [segmentation] if is_flat_polygon(segmentation) else segmentation
-    reach = 2.0 * max(image["height"], image["width"])
-    return isinstance(polygons, list) and any(
-        isinstance(polygon, list) and len(polygon) >= 6 and within_reach(polygon, reach) for polygon in polygons)
+    if is_flat_polygon(ann["segmentation"]):
+        ann = {**ann, "segmentation": [ann["segmentation"]]}
+    return _repaired_annotation(ann, (image.get("file_name"), image["height"], image["width"]), [], True) is not None
 
 
 def trains_keypoints(anns: list[dict]) -> bool:
