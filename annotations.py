@@ -306,8 +306,7 @@ def _scored_annotation(ann: dict) -> str:
         return repr((ann.get("id"), ann.get("image_id"), ann.get("category_id"), float(ann.get("iscrowd", 0)),
                      tuple(map(float, ann["bbox"])), float(ann["area"])))
     except (TypeError, ValueError, KeyError):  # fields that are no numbers (the file check said so)
-        return repr((ann.get("id"), ann.get("image_id"), ann.get("category_id"),
-                     *(_as_scored(ann.get(f)) for f in ("iscrowd", "bbox", "area"))))
+        return _scored_row(ann, SCORED_FIELDS["annotations"])
 
 
 def is_id_list(value: object) -> bool:
