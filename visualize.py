@@ -205,14 +205,32 @@ def curves_figure(train: list[dict], evals: list[dict], val: list[dict] = ()):
     axes[0].legend(fontsize=7)
     axes[1].plot(steps, [r["lr"] for r in train], color="tab:purple", marker=point)
     axes[1].set(title="learning rate", xlabel="step")
-    for iou_type, label in (("bbox", "box AP"), ("segm", "mask AP"), ("keypoints", "keypoint AP")):
-        points = [(r["epoch"], r[iou_type]["AP"]) for r in evals if iou_type in r]
-        if points:
-            axes[2].plot(*zip(*points), marker="o", label=label)
-    axes[2].set(title="AP (0.50:0.95)", xlabel="epoch")  # COCO's or, for a file annotated as LVIS's, LVIS's
+    draw_ap(axes[2], evals)
     if axes[2].lines:  # no evaluation yet: no legend to show
         axes[2].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def draw_ap(ax, evals: list[dict]) -> None:
+    """AP over epochs, a line per IoU type; evaluations of other validation data than the last one's (another
+    "validation" digest; a record without one counts as the last one's) as dashed lines, one a data set, since
+    their APs measure another set."""
+    latest = evals[-1].get("validation") if evals else None
+    by_data: dict = {}
+    for r in evals:
+        by_data.setdefault(r.get("validation", latest), []).append(r)
+    others = [records for data, records in by_data.items() if data != latest]
+    for iou_type, label in (("bbox", "box AP"), ("segm", "mask AP"), ("keypoints", "keypoint AP")):
+        points = [(r["epoch"], r[iou_type]["AP"]) for r in by_data.get(latest, []) if iou_type in r]
+        if not points:
+            continue
+        (line,) = ax.plot(*zip(*points), marker="o", label=label)
+        for n, records in enumerate(others):
+            before = [(r["epoch"], r[iou_type]["AP"]) for r in records if iou_type in r]
+            if before:
+                ax.plot(*zip(*before), "o--", color=line.get_color(), alpha=0.5,
+                        label=None if n else f"{label}, other validation data")
+    ax.set(title="AP (0.50:0.95)", xlabel="epoch")  # COCO's or, for a file annotated as LVIS's, LVIS's

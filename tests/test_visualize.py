@@ -82,6 +82,21 @@ def test_a_run_of_one_logged_step_draws_its_point():
     assert all(line.get_marker() == "None" for line in fig.axes[0].lines), "two points make lines"
 
 
+def test_aps_of_other_validation_data_are_a_line_of_their_own():
+    """A run resumed on another validation file: its APs measure another set, so one line through both misleads."""
+    train = [{"type": "train", "epoch": 0, "global_step": s, "lr": 0.01, "loss": 1.0 / s} for s in range(1, 5)]
+    evals = [{"epoch": e, "validation": data, "bbox": {"AP": 0.1 * e}, "segm": {"AP": 0.05 * e}}
+             for e, data in enumerate(["a", "a", "b", "b", "b"])]
+    evals.insert(0, {"epoch": -1, "bbox": {"AP": 0.01}, "segm": {"AP": 0.0}})  # an older record, no digest
+    lines = curves_figure(train, evals).axes[2].lines
+    solid = {line.get_label(): list(line.get_xdata()) for line in lines if line.get_linestyle() == "-"}
+    dashed = [(line.get_label(), list(line.get_xdata())) for line in lines if line.get_linestyle() == "--"]
+    assert solid == {"box AP": [-1, 2, 3, 4], "mask AP": [-1, 2, 3, 4]}, "the last evaluation's data, solid"
+    assert dashed == [("box AP, other validation data", [0, 1]), ("mask AP, other validation data", [0, 1])]
+    lines = curves_figure(train, [{**r, "validation": "a"} for r in evals]).axes[2].lines
+    assert [line.get_linestyle() for line in lines] == ["-", "-"], "one data set: one line each, as before"
+
+
 def test_pictures_and_curves_are_written_whole_or_not_at_all(tmp_path, full_disk):
     picture = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
     save_jpeg(picture, tmp_path / "epoch_1" / "a.jpg")
