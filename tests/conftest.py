@@ -25,6 +25,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from tools.make_coco_dataset import DatasetSpec, generate_dataset  # noqa: E402
+from warm_interpreter import WarmInterpreter, WarmProcess  # noqa: E402
+
+WARM = WarmInterpreter()  # CLI runs fork from it: torch and torchvision imported once a test worker
 
 # Small enough that a CPU training step takes about a second.
 SMALL = ["--min-size", "96", "--max-size", "96", "--device", "cpu", "-j", "0", "--print-freq", "1"]
@@ -227,17 +230,34 @@ def cli_env(torch_home: Path | None = None, env: dict | None = None) -> dict:
 def run_cli(script: str, *args: str, torch_home: Path | None = None, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a script of the repo in a subprocess, as a user would, and capture what it prints."""
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env=cli_env(torch_home, env), cwd=ROOT)
+    process = _start(script, args, cli_env(torch_home, env), merge_stderr=False,
+                     sigint=signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def start_cli(script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+def start_cli(script: str, *args: str, env: dict | None = None) -> subprocess.Popen | WarmProcess:
     """Start a script of the repo in the background; its output goes to a pipe. It takes a Ctrl-C (SIGINT) as a
     terminal's foreground process does, also where the tests were started in the background without job control,
     which sets SIGINT to be ignored, and Python then keeps ignoring it."""
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=cli_env(None, env), cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return _start(script, args, cli_env(None, env), merge_stderr=True, sigint=True)
+
+
+def _start(script: str, args: tuple[str, ...], env: dict, merge_stderr: bool,
+           sigint: bool) -> subprocess.Popen | WarmProcess:
+    """A run in a child of the warm interpreter (torch and torchvision imported), or else in a fresh one."""
+    argv = [str(ROOT / script), *args]
+    process = WARM.start(argv, env, ROOT, merge_stderr, sigint)
+    if process is not None:
+        return process
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint else None
+    return subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, preexec_fn=restore)
 
 
 def in_two_processes(tmp_path: Path, work) -> dict:

@@ -1,0 +1,203 @@
+"""A Python process that imports torch and torchvision once and then forks a child for each CLI run of the
+tests (conftest's run_cli and start_cli), so that a run skips the seconds those imports take. The child runs the
+script as `python script.py` would: its arguments, environment, folder, standard streams, SIGINT disposition and
+__main__, and an interpreter's own exit. Runs whose environment differs in more than LAZY_ENV, and every run where
+TESTS_FRESH_INTERPRETERS=1, start a fresh interpreter instead."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import runpy
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+# Third-party modules only: the repository's own modules are imported by each run, as a fresh interpreter would.
+PRELOADED = ("torch", "torchvision")
+# Variables read when used (or never) rather than when torch or torchvision are imported: a run may set them
+# otherwise (pytest sets PYTEST_CURRENT_TEST anew for each test).
+LAZY_ENV = {"TORCH_HOME", "PYTEST_CURRENT_TEST"}
+STATUS = struct.Struct("i")
+
+
+def serve(socket_path: str) -> None:
+    """The server: import PRELOADED, then fork a child per request until the tests close its stdin."""
+    for name in PRELOADED:
+        __import__(name)
+    if len(os.listdir("/proc/self/task")) != 1:  # a fork copies one thread: another's locks would stay held
+        sys.exit(f"{PRELOADED} started threads on import: no forking after them")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(socket_path)
+    listener.listen(64)
+    print("ready", flush=True)
+    running: dict[int, tuple[int, socket.socket]] = {}  # pidfd: (pid, the connection its status goes to)
+    while True:
+        ready, _, _ = select.select([0, listener.fileno(), *running], [], [])
+        if 0 in ready and not os.read(0, 1):
+            return  # the tests are over
+        if listener.fileno() in ready:
+            fork_a_run(listener, running)
+        for pidfd in set(ready) & set(running):
+            pid, connection = running.pop(pidfd)
+            os.close(pidfd)
+            connection.send(STATUS.pack(os.waitpid(pid, 0)[1]))
+            connection.close()
+
+
+def fork_a_run(listener: socket.socket, running: dict[int, tuple[int, socket.socket]]) -> None:
+    """Take a request (its JSON, and its stdin, stdout and stderr), fork its run, and answer with its pid."""
+    connection, _ = listener.accept()
+    message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    pid = os.fork()
+    if pid == 0:
+        for sock in [listener, connection, *(c for _, c in running.values())]:
+            sock.close()
+        for pidfd in running:
+            os.close(pidfd)
+        run_script(json.loads(message), fds)  # never returns: the child exits as its interpreter would
+    for fd in fds:
+        os.close(fd)
+    connection.send(STATUS.pack(pid))
+    running[os.pidfd_open(pid)] = (pid, connection)
+
+
+def run_script(request: dict, fds: list[int]) -> None:
+    """In the forked child: become `python script args...` with the request's streams, folder and environment,
+    run it, and leave by SystemExit (or the script's own exception) so that the interpreter shuts down as usual."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in set(fds) - {0, 1, 2}:
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    signal.signal(signal.SIGINT, signal.default_int_handler if request["sigint"] else signal.SIG_IGN)
+    sys.argv = list(request["argv"])
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    sys.exit(0)
+
+
+class WarmProcess:
+    """The client's view of a forked run: what tests use of subprocess.Popen (poll, wait, send_signal, kill,
+    communicate, stdout, returncode)."""
+
+    def __init__(self, args: list[str], connection: socket.socket, stdout, stderr) -> None:
+        self.args, self.connection, self.stdout, self.stderr = args, connection, stdout, stderr
+        self.pid = STATUS.unpack(connection.recv(STATUS.size))[0]
+        self.returncode: int | None = None
+        self._readers: dict[str, tuple[threading.Thread, list]] = {}
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self.connection], [], [], 0)[0]:
+            self._take_status()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self.connection], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self._take_status()
+        return self.returncode
+
+    def _take_status(self) -> None:
+        status = self.connection.recv(STATUS.size)
+        if len(status) != STATUS.size:
+            raise RuntimeError("the warm interpreter ended during a run")
+        self.returncode = os.waitstatus_to_exitcode(STATUS.unpack(status)[0])
+        self.connection.close()
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        """Read both pipes to their end (in threads, so that neither fills while the other is read), then wait."""
+        for name in ("stdout", "stderr"):
+            stream = getattr(self, name)
+            if stream is not None and name not in self._readers:
+                text: list = []
+                reader = threading.Thread(target=lambda s=stream, t=text: t.append(s.read()), daemon=True)
+                reader.start()
+                self._readers[name] = (reader, text)
+        for reader, _ in self._readers.values():
+            reader.join(timeout)
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(timeout)
+        return tuple(self._finished(name) for name in ("stdout", "stderr"))
+
+    def _finished(self, name: str) -> str | None:
+        if name not in self._readers:
+            return None
+        getattr(self, name).close()
+        return self._readers[name][1][0]
+
+
+class WarmInterpreter:
+    """The tests' side: starts the server on first use and asks it for runs; start() gives None where a run needs
+    a fresh interpreter (another environment, a server that could not start, or TESTS_FRESH_INTERPRETERS=1)."""
+
+    def __init__(self) -> None:
+        self.server: subprocess.Popen | None = None
+        self.env: dict | None = None
+        self.failed = os.environ.get("TESTS_FRESH_INTERPRETERS") == "1"
+
+    def start(self, argv: list[str], env: dict, cwd: Path, merge_stderr: bool, sigint: bool) -> WarmProcess | None:
+        if self.failed or (self.server is None and not self._start_server(env)):
+            return None
+        if {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)} - LAZY_ENV:
+            return None
+        read_out, write_out = os.pipe()
+        read_err, write_err = (read_out, write_out) if merge_stderr else os.pipe()
+        # the run's pipes, as Popen(text=True) reads them; closed by communicate
+        out, err = open(read_out), None if merge_stderr else open(read_err)  # noqa: SIM115
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            connection.connect(self.socket_path)
+            request = {"argv": argv, "env": env, "cwd": str(cwd), "sigint": sigint}
+            socket.send_fds(connection, [json.dumps(request).encode()], [0, write_out, write_err])
+            return WarmProcess(argv, connection, out, err)
+        except (OSError, struct.error):  # the server ended: every later run takes a fresh interpreter
+            self.failed = True
+            for stream in (connection, out, err):
+                if stream is not None:
+                    stream.close()
+            return None
+        finally:
+            for fd in {write_out, write_err}:
+                os.close(fd)
+
+    def _start_server(self, env: dict) -> bool:
+        """Start the server and wait until it is ready; False (and every run fresh) if it could not start, or if
+        its imports printed anything, which each fresh run would print and a forked one would not."""
+        folder = tempfile.mkdtemp(prefix="warm-interpreter-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        self.socket_path, self.env = os.path.join(folder, "socket"), dict(env)
+        log = Path(folder) / "server.log"
+        with open(log, "w") as stderr:
+            self.server = subprocess.Popen([sys.executable, __file__, self.socket_path], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=folder)
+        atexit.register(self.server.stdin.close)  # the server's signal to end
+        ready = select.select([self.server.stdout], [], [], 120)[0] and self.server.stdout.readline() == b"ready\n"
+        self.failed = not ready or log.stat().st_size > 0
+        return not self.failed
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
