@@ -62,6 +62,17 @@ def test_a_signal_reaches_the_run_and_ends_it_as_it_would_a_fresh_one(tmp_path, 
     assert ("KeyboardInterrupt" in output) == (sig == signal.SIGINT)
 
 
+def test_a_run_let_go_of_before_it_ends_leaves_the_server_serving(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    process = WARM.start([str(script), "wait"], cli_env(), ROOT, merge_stderr=True, sigint=True)
+    process.stdout.readline()
+    process.connection.close()  # the test's side gone, as when a test ends without waiting for its run
+    os.kill(process.pid, signal.SIGKILL)
+    again = WARM.start([str(script), "5"], cli_env(), ROOT, merge_stderr=True, sigint=True)
+    assert again is not None and again.wait(timeout=60) == 5 and not WARM.failed
+
+
 def test_a_run_in_another_environment_takes_a_fresh_interpreter(tmp_path):
     """OMP_NUM_THREADS and the like are read when torch is imported: the warm one's would be wrong."""
     assert WARM.start([str(tmp_path / "x.py")], cli_env(env={"OMP_NUM_THREADS": "2"}), ROOT, False, False) is None

@@ -7,6 +7,7 @@ TESTS_FRESH_INTERPRETERS=1, start a fresh interpreter instead."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import runpy
@@ -49,7 +50,7 @@ def serve(socket_path: str) -> None:
         for pidfd in set(ready) & set(running):
             pid, connection = running.pop(pidfd)
             os.close(pidfd)
-            connection.send(STATUS.pack(os.waitpid(pid, 0)[1]))
+            tell(connection, os.waitpid(pid, 0)[1])
             connection.close()
 
 
@@ -66,8 +67,14 @@ def fork_a_run(listener: socket.socket, running: dict[int, tuple[int, socket.soc
         run_script(json.loads(message), fds)  # never returns: the child exits as its interpreter would
     for fd in fds:
         os.close(fd)
-    connection.send(STATUS.pack(pid))
+    tell(connection, pid)
     running[os.pidfd_open(pid)] = (pid, connection)
+
+
+def tell(connection: socket.socket, number: int) -> None:
+    """Send a pid or exit status; a test may have let go of its run already, which is no fault of the server's."""
+    with contextlib.suppress(OSError):
+        connection.send(STATUS.pack(number))
 
 
 def run_script(request: dict, fds: list[int]) -> None:
