@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -69,6 +70,8 @@ def test_a_run_let_go_of_before_it_ends_leaves_the_server_serving(tmp_path):
     process.stdout.readline()
     process.connection.close()  # the test's side gone, as when a test ends without waiting for its run
     os.kill(process.pid, signal.SIGKILL)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as idle:  # a client that asks nothing
+        idle.connect(WARM.socket_path)
     again = WARM.start([str(script), "5"], cli_env(), ROOT, merge_stderr=True, sigint=True)
     assert again is not None and again.wait(timeout=60) == 5 and not WARM.failed
 

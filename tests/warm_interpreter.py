@@ -58,6 +58,11 @@ def fork_a_run(listener: socket.socket, running: dict[int, tuple[int, socket.soc
     """Take a request (its JSON, and its stdin, stdout and stderr), fork its run, and answer with its pid."""
     connection, _ = listener.accept()
     message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    if len(fds) != 3:  # a client that let go before asking
+        for fd in fds:
+            os.close(fd)
+        connection.close()
+        return
     pid = os.fork()
     if pid == 0:
         for sock in [listener, connection, *(c for _, c in running.values())]:
