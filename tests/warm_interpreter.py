@@ -1,8 +1,9 @@
 """A Python process that imports torch and torchvision once and then forks a child for each CLI run of the
 tests (conftest's run_cli and start_cli), so that a run skips the seconds those imports take. The child runs the
 script as `python script.py` would: its arguments, environment, folder, standard streams, SIGINT disposition and
-__main__, and an interpreter's own exit. Runs whose environment differs in more than LAZY_ENV, and every run where
-TESTS_FRESH_INTERPRETERS=1, start a fresh interpreter instead."""
+__main__, and an interpreter's own exit. What a fork cannot give it: its own string hash seed (every run has the
+warm interpreter's; test_utils checks, in fresh ones, that seeding does not depend on it). Runs whose environment
+differs in more than LAZY_ENV, and every run where TESTS_FRESH_INTERPRETERS=1, start a fresh interpreter instead."""
 
 from __future__ import annotations
 
