@@ -219,7 +219,7 @@ def draw_ap(ax, evals: list[dict]) -> None:
     "validation" digest; a record without one counts as the last one's) as dashed lines, one a data set, since
     their APs measure another set."""
     latest = evals[-1].get("validation") if evals else None
-    by_data: dict = {}
+    by_data: dict[str | None, list[dict]] = {}
     for r in evals:
         by_data.setdefault(r.get("validation", latest), []).append(r)
     others = [records for data, records in by_data.items() if data != latest]
@@ -228,9 +228,10 @@ def draw_ap(ax, evals: list[dict]) -> None:
         if not points:
             continue
         (line,) = ax.plot(*zip(*points), marker="o", label=label)
-        for n, records in enumerate(others):
+        other_label = f"{label}, other validation data"  # in the legend once
+        for records in others:
             before = [(r["epoch"], r[iou_type]["AP"]) for r in records if iou_type in r]
             if before:
-                ax.plot(*zip(*before), "o--", color=line.get_color(), alpha=0.5,
-                        label=None if n else f"{label}, other validation data")
+                ax.plot(*zip(*before), "o--", color=line.get_color(), alpha=0.5, label=other_label)
+                other_label = None
     ax.set(title="AP (0.50:0.95)", xlabel="epoch")  # COCO's or, for a file annotated as LVIS's, LVIS's

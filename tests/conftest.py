@@ -27,8 +27,6 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from tools.make_coco_dataset import DatasetSpec, generate_dataset  # noqa: E402
 from warm_interpreter import WarmInterpreter, WarmProcess  # noqa: E402
 
-WARM = WarmInterpreter()  # CLI runs fork from it: torch and torchvision imported once a test worker
-
 # Small enough that a CPU training step takes about a second.
 SMALL = ["--min-size", "96", "--max-size", "96", "--device", "cpu", "-j", "0", "--print-freq", "1"]
 
@@ -227,6 +225,9 @@ def cli_env(torch_home: Path | None = None, env: dict | None = None) -> dict:
     return full_env
 
 
+WARM = WarmInterpreter(cli_env())  # CLI runs fork from it: torch and torchvision imported once a test worker
+
+
 def run_cli(script: str, *args: str, torch_home: Path | None = None, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a script of the repo in a subprocess, as a user would, and capture what it prints."""
@@ -255,7 +256,8 @@ def _start(script: str, args: tuple[str, ...], env: dict, merge_stderr: bool,
     process = WARM.start(argv, env, ROOT, merge_stderr, sigint)
     if process is not None:
         return process
-    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint else None
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # which Python, and so the run, would keep
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint and ignored else None
     return subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, preexec_fn=restore)
 

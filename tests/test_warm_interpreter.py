@@ -85,8 +85,9 @@ def test_a_run_in_another_environment_takes_a_fresh_interpreter(tmp_path):
 
 def test_no_warm_interpreter_where_asked_or_where_imports_start_threads(monkeypatch):
     monkeypatch.setenv("TESTS_FRESH_INTERPRETERS", "1")
-    assert WarmInterpreter().start(["x.py"], dict(os.environ), ROOT, False, False) is None
+    assert WarmInterpreter(dict(os.environ)).start(["x.py"], dict(os.environ), ROOT, False, False) is None
     monkeypatch.delenv("TESTS_FRESH_INTERPRETERS")
-    threaded = WarmInterpreter()
-    assert threaded.start(["x.py"], {**os.environ, "OMP_NUM_THREADS": "2"}, ROOT, False, False) is None
+    threaded_env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    threaded = WarmInterpreter(threaded_env)
+    assert threaded.start(["x.py"], threaded_env, ROOT, False, False) is None
     assert threaded.failed and threaded.server.wait(timeout=60) != 0, "torch's thread pool: the server refused"
