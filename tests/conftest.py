@@ -231,8 +231,7 @@ WARM = WarmInterpreter(cli_env())  # CLI runs fork from it: torch and torchvisio
 def run_cli(script: str, *args: str, torch_home: Path | None = None, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a script of the repo in a subprocess, as a user would, and capture what it prints."""
-    process = _start(script, args, cli_env(torch_home, env), merge_stderr=False,
-                     sigint=signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    process = _start(script, args, cli_env(torch_home, env), merge_stderr=False, take_sigint=False)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -246,18 +245,19 @@ def start_cli(script: str, *args: str, env: dict | None = None) -> subprocess.Po
     """Start a script of the repo in the background; its output goes to a pipe. It takes a Ctrl-C (SIGINT) as a
     terminal's foreground process does, also where the tests were started in the background without job control,
     which sets SIGINT to be ignored, and Python then keeps ignoring it."""
-    return _start(script, args, cli_env(None, env), merge_stderr=True, sigint=True)
+    return _start(script, args, cli_env(None, env), merge_stderr=True, take_sigint=True)
 
 
 def _start(script: str, args: tuple[str, ...], env: dict, merge_stderr: bool,
-           sigint: bool) -> subprocess.Popen | WarmProcess:
-    """A run in a child of the warm interpreter (torch and torchvision imported), or else in a fresh one."""
+           take_sigint: bool) -> subprocess.Popen | WarmProcess:
+    """A run in a child of the warm interpreter (torch and torchvision imported), or else in a fresh one. It
+    ignores SIGINT where the tests do (Python keeps an inherited SIG_IGN), unless take_sigint."""
     argv = [str(ROOT / script), *args]
-    process = WARM.start(argv, env, ROOT, merge_stderr, sigint)
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not take_sigint
+    process = WARM.start(argv, env, ROOT, merge_stderr, sigint=not ignored)
     if process is not None:
         return process
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # which Python, and so the run, would keep
-    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint and ignored else None
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if take_sigint else None
     return subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, preexec_fn=restore)
 

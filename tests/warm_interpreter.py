@@ -152,9 +152,6 @@ class WarmProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
         """Read both pipes to their end (in threads, so that neither fills while the other is read), then wait;
         all within one timeout."""
